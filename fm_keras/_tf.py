@@ -1,0 +1,35 @@
+"""The one place fm_keras imports TensorFlow and Keras 2 (tf-keras).
+
+Every TensorFlow-using module does ``from fm_keras._tf import tf, keras`` so the Keras 2 check
+runs once, before any layer is defined.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+_LEGACY_ON = ("1", "true", "True", "TRUE")
+
+if "tensorflow" not in sys.modules:
+    os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
+_legacy_at_import = os.environ.get("TF_USE_LEGACY_KERAS") in _LEGACY_ON
+
+import tensorflow as tf  # noqa: E402
+
+try:
+    import tf_keras as keras  # noqa: E402
+except ImportError as err:  # pragma: no cover - tf-keras is a hard dependency
+    raise ImportError(
+        "fm_keras needs Keras 2 from the 'tf-keras' package: pip install 'tf-keras~=2.20.0'"
+    ) from err
+
+if not _legacy_at_import or not tf.keras.__name__.startswith("tf_keras"):
+    raise ImportError(
+        "fm_keras needs Keras 2, but TensorFlow was imported with Keras 3 "
+        f"(tf.keras is {tf.keras.__name__!r}). TensorFlow Recommenders breaks on Keras 3 "
+        "(tensorflow/recommenders#712). Fix: set TF_USE_LEGACY_KERAS=1 in the environment "
+        "before the first 'import tensorflow', or import fm_keras before tensorflow."
+    )
+
+__all__ = ["tf", "keras"]

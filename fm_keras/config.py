@@ -1,0 +1,439 @@
+"""Experiment and feature configuration: frozen dataclasses loaded from YAML.
+
+Validated once, at the edge: an unknown key, a wrong type or an impossible value raises
+`ConfigError` naming the file and the key (with a "did you mean" for typos). Inside the package
+only these objects travel, never raw dicts.
+
+An experiment file looks like::
+
+    data:
+      train: train.csv            # a path or glob (or a list), relative to this file
+      valid: valid.csv
+      test: test.csv
+      label: click
+      filters:                    # rows matching a filter are dropped, and counted
+        - {name: cached_exposures, column: is_cached, op: "==", value: 1}
+    features: features.yaml       # or the list inline
+    model: {task: binary, embedding_dim: 10}
+    training: {optimizer: adam, learning_rate: 0.002, pos_weight: 5.0}
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+from fm_keras.errors import ConfigError
+
+KINDS = ("categorical", "multi_hot", "numeric")
+TOWERS = ("user", "item", "context")
+NORMALIZATIONS = ("standard", "log", "min_max", "none")
+COMBINERS = ("sum", "mean", "sqrtn")
+TASKS = ("binary", "regression")
+OPTIMIZERS = ("adam", "adagrad", "ftrl", "sgd")
+FILTER_OPS = ("==", "!=", "<", "<=", ">", ">=", "in", "not_in", "is_null")
+
+# Keys that only make sense for some kinds; a key set for another kind is an error.
+_KIND_KEYS = {
+    "categorical": {"min_count", "oov_buckets", "hash_buckets"},
+    "multi_hot": {"min_count", "oov_buckets", "hash_buckets", "separator",
+                  "weight_separator", "max_len", "combiner"},
+    "numeric": {"normalization", "buckets", "default"},
+}
+
+
+@dataclass(frozen=True)
+class FeatureConfig:
+    """One raw input column and how it becomes FM features.
+
+    Attributes:
+        name: column name in the data and input name of the exported model.
+        kind: ``categorical`` (x=1 for the value), ``multi_hot`` (a list of values in one
+            column, x = the element weight) or ``numeric`` (x = the normalized value).
+        tower: ``user``, ``item`` or ``context``; context rides on the query (user) side.
+        min_count: values seen fewer times in training data go to the OOV buckets.
+        oov_buckets: hash buckets for values outside the vocabulary (never fails on a new id).
+        hash_buckets: if set, hash values into this many buckets instead of a vocabulary.
+        separator: multi_hot element separator, e.g. ``"a|b|c"``.
+        weight_separator: multi_hot optional per-element weight, e.g. ``"a:0.5|b:2"``.
+        max_len: multi_hot elements kept per row (default: the 99th percentile in training).
+        combiner: multi_hot weight normalization: ``sum`` (as given), ``mean`` (divide by the
+            weight sum), ``sqrtn`` (divide by the L2 norm of the weights).
+        normalization: numeric ``standard``, ``log`` (log1p then standard), ``min_max`` or ``none``.
+        buckets: numeric bucketization instead of a value: a number of quantile buckets or an
+            explicit sorted list of boundaries; the bucket becomes a categorical value.
+        default: numeric raw value used for missing cells (default: the training mean).
+    """
+
+    name: str
+    kind: str
+    tower: str
+    min_count: int = 1
+    oov_buckets: int = 1
+    hash_buckets: int | None = None
+    separator: str = "|"
+    weight_separator: str = ":"
+    max_len: int | None = None
+    combiner: str = "sum"
+    normalization: str = "standard"
+    buckets: int | list[float] | None = None
+    default: float | None = None
+
+    def __post_init__(self):
+        where = f"feature {self.name!r}"
+        _one_of(self.kind, KINDS, f"{where}: kind")
+        _one_of(self.tower, TOWERS, f"{where}: tower")
+        _one_of(self.normalization, NORMALIZATIONS, f"{where}: normalization")
+        _one_of(self.combiner, COMBINERS, f"{where}: combiner")
+        _at_least(self.min_count, 1, f"{where}: min_count")
+        _at_least(self.oov_buckets, 1, f"{where}: oov_buckets")
+        if self.hash_buckets is not None:
+            _at_least(self.hash_buckets, 1, f"{where}: hash_buckets")
+        if self.max_len is not None:
+            _at_least(self.max_len, 1, f"{where}: max_len")
+        if isinstance(self.buckets, int):
+            _at_least(self.buckets, 2, f"{where}: buckets")
+        elif isinstance(self.buckets, list) and self.buckets != sorted(set(self.buckets)):
+            raise ConfigError(f"{where}: buckets must be strictly increasing boundaries, "
+                              f"got {self.buckets}")
+        if self.kind == "multi_hot" and (not self.separator or self.separator == self.weight_separator):
+            raise ConfigError(f"{where}: separator must be non-empty and differ from "
+                              f"weight_separator, got {self.separator!r}")
+
+    @property
+    def query_side(self) -> bool:
+        """True for user and context features (the query side Q of the decomposition)."""
+        return self.tower != "item"
+
+
+@dataclass(frozen=True)
+class FilterConfig:
+    """Drop rows where ``column op value`` holds, e.g. cached exposures (is_cached == 1)."""
+
+    name: str
+    column: str
+    op: str
+    value: Any = None
+
+    def __post_init__(self):
+        _one_of(self.op, FILTER_OPS, f"filter {self.name!r}: op")
+        if self.op in ("in", "not_in") and not isinstance(self.value, list):
+            raise ConfigError(f"filter {self.name!r}: op {self.op!r} needs a list value, "
+                              f"got {self.value!r}")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the data is. Paths are globs, resolved relative to the experiment file."""
+
+    train: tuple[str, ...]
+    label: str
+    valid: tuple[str, ...] = ()
+    test: tuple[str, ...] = ()
+    filters: tuple[FilterConfig, ...] = ()
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The FM itself.
+
+    Attributes:
+        task: ``binary`` (logistic loss, CTR) or ``regression`` (squared loss, ratings).
+        embedding_dim: k, the factor dimension.
+        l2_embeddings: L2 on the factor rows a batch touches (frequency-adaptive).
+        l2_linear: L2 on the linear weights a batch touches.
+        init_stddev: standard deviation of the initial factors.
+    """
+
+    task: str = "binary"
+    embedding_dim: int = 10
+    l2_embeddings: float = 1e-5
+    l2_linear: float = 1e-6
+    init_stddev: float = 0.01
+
+    def __post_init__(self):
+        _one_of(self.task, TASKS, "model: task")
+        _at_least(self.embedding_dim, 1, "model: embedding_dim")
+        for name in ("l2_embeddings", "l2_linear", "init_stddev"):
+            _at_least(getattr(self, name), 0.0, f"model: {name}")
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    """How to fit.
+
+    Attributes:
+        pos_weight: weight of positive rows (the first answer to rare clicks). The exported
+            probability is corrected by -log(pos_weight).
+        class_weight: ``{0: w0, 1: w1}``; an alternative spelling of pos_weight = w1 / w0.
+        neg_sample_rate: keep each negative training row with this probability. The
+            probability is corrected by +log(neg_sample_rate).
+        early_stopping_patience: epochs without a better validation metric before stopping.
+        steps_per_execution: training steps per graph call; larger is faster on CPU.
+    """
+
+    optimizer: str = "adam"
+    learning_rate: float = 0.002
+    batch_size: int = 1024
+    epochs: int = 10
+    early_stopping_patience: int = 2
+    pos_weight: float | None = None
+    class_weight: dict[int, float] | None = None
+    neg_sample_rate: float = 1.0
+    seed: int = 42
+    steps_per_execution: int = 32
+
+    def __post_init__(self):
+        _one_of(self.optimizer, OPTIMIZERS, "training: optimizer")
+        for name in ("batch_size", "epochs", "steps_per_execution"):
+            _at_least(getattr(self, name), 1, f"training: {name}")
+        _at_least(self.early_stopping_patience, 1, "training: early_stopping_patience")
+        if not self.learning_rate > 0:
+            raise ConfigError(f"training: learning_rate must be > 0, got {self.learning_rate}")
+        if not 0 < self.neg_sample_rate <= 1:
+            raise ConfigError("training: neg_sample_rate must be in (0, 1], "
+                              f"got {self.neg_sample_rate}")
+        if self.pos_weight is not None and self.class_weight is not None:
+            raise ConfigError("training: set pos_weight or class_weight, not both")
+        if self.pos_weight is not None and not self.pos_weight > 0:
+            raise ConfigError(f"training: pos_weight must be > 0, got {self.pos_weight}")
+        if self.class_weight is not None:
+            if set(self.class_weight) != {0, 1} or min(self.class_weight.values()) <= 0:
+                raise ConfigError("training: class_weight must be {0: w0, 1: w1} with "
+                                  f"positive weights, got {self.class_weight}")
+
+    @property
+    def positive_weight_ratio(self) -> float:
+        """w1 / w0: how much more a positive row weighs than a negative one."""
+        if self.class_weight is not None:
+            return self.class_weight[1] / self.class_weight[0]
+        return self.pos_weight if self.pos_weight is not None else 1.0
+
+    @property
+    def logit_correction(self) -> float:
+        """Exact logit shift undoing positive weighting and negative downsampling.
+
+        Weighting positives by w multiplies the fitted odds by w; keeping negatives with
+        rate r multiplies them by 1/r. So the calibrated logit is
+        ``logit - log(w) + log(r)``.
+        """
+        return -math.log(self.positive_weight_ratio) + math.log(self.neg_sample_rate)
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    """Everything a training run needs, with paths already resolved."""
+
+    data: DataConfig
+    features: tuple[FeatureConfig, ...]
+    model: ModelConfig = field(default_factory=ModelConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    source: str = ""
+
+    def __post_init__(self):
+        if not self.features:
+            raise ConfigError(f"{self.source}: features: at least one feature is needed")
+        names = [f.name for f in self.features]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ConfigError(f"{self.source}: features: duplicate names {dupes}")
+        if self.data.label in names:
+            raise ConfigError(f"{self.source}: the label {self.data.label!r} is also a feature")
+
+    def feature(self, name: str) -> FeatureConfig:
+        for f in self.features:
+            if f.name == name:
+                return f
+        raise KeyError(name)
+
+    def to_dict(self) -> dict:
+        """A plain dict that `experiment_from_dict` reads back (paths stay absolute)."""
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_experiment(path: str | os.PathLike) -> ExperimentConfig:
+    """Reads and validates an experiment YAML file; relative paths are resolved against it."""
+    path = os.fspath(path)
+    raw = _read_yaml(path)
+    return experiment_from_dict(raw, base_dir=os.path.dirname(os.path.abspath(path)), source=path)
+
+
+def load_features(path: str | os.PathLike) -> tuple[FeatureConfig, ...]:
+    """Reads a feature spec YAML file (``features: [...]``)."""
+    path = os.fspath(path)
+    raw = _read_yaml(path)
+    _check_keys(raw, {"features"}, path)
+    return _features(raw.get("features"), path)
+
+
+def experiment_from_dict(raw: dict, base_dir: str = ".", source: str = "<dict>") -> ExperimentConfig:
+    _check_keys(raw, {"data", "features", "model", "training"}, source)
+    for key in ("data", "features"):
+        if key not in raw:
+            raise ConfigError(f"{source}: missing required key {key!r}")
+    features = raw["features"]
+    if isinstance(features, str):
+        features = load_features(_resolve(features, base_dir))
+    else:
+        features = _features(features, source)
+    return ExperimentConfig(
+        data=_data(raw["data"], base_dir, source),
+        features=features,
+        model=_build(ModelConfig, raw.get("model") or {}, f"{source}: model"),
+        training=_build(TrainingConfig, raw.get("training") or {}, f"{source}: training"),
+        source=source,
+    )
+
+
+def _read_yaml(path: str) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            raw = yaml.safe_load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such config file") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {' '.join(str(err).split())}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(raw).__name__}")
+    return raw
+
+
+def _features(raw, source: str) -> tuple[FeatureConfig, ...]:
+    if not isinstance(raw, list):
+        raise ConfigError(f"{source}: features must be a list, got {type(raw).__name__}")
+    out = []
+    for i, item in enumerate(raw):
+        if not isinstance(item, dict) or "name" not in item:
+            raise ConfigError(f"{source}: features[{i}] must be a mapping with a 'name'")
+        where = f"{source}: feature {item['name']!r}"
+        kind = item.get("kind")
+        if kind in _KIND_KEYS:
+            allowed = {"name", "kind", "tower"} | _KIND_KEYS[kind]
+            for key in item:
+                if key not in allowed and any(key in keys for keys in _KIND_KEYS.values()):
+                    raise ConfigError(f"{where}: key {key!r} does not apply to kind {kind!r}")
+        out.append(_build(FeatureConfig, item, where))
+    return tuple(out)
+
+
+def _data(raw, base_dir: str, source: str) -> DataConfig:
+    where = f"{source}: data"
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where} must be a mapping")
+    raw = dict(raw)
+    for key in ("train", "valid", "test"):
+        if key in raw:
+            value = raw[key]
+            paths = value if isinstance(value, list) else [value]
+            if not all(isinstance(p, str) for p in paths):
+                raise ConfigError(f"{where}: {key} must be a path/glob or a list of them")
+            raw[key] = tuple(_resolve(p, base_dir) for p in paths)
+    filters = raw.pop("filters", None) or []
+    if not isinstance(filters, list):
+        raise ConfigError(f"{where}: filters must be a list")
+    raw["filters"] = tuple(
+        _build(FilterConfig, f, f"{where}: filters[{i}]") for i, f in enumerate(filters)
+    )
+    return _build(DataConfig, raw, where)
+
+
+def _resolve(path: str, base_dir: str) -> str:
+    path = os.path.expanduser(path)
+    return path if os.path.isabs(path) else os.path.normpath(os.path.join(base_dir, path))
+
+
+def _build(cls, raw, where: str):
+    """Builds a config dataclass, checking keys and types against its annotations."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where} must be a mapping, got {type(raw).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    _check_keys(raw, set(fields), where)
+    hints = typing.get_type_hints(cls)
+    missing = [n for n, f in fields.items() if n not in raw and _required(f)]
+    if missing:
+        raise ConfigError(f"{where}: missing required key {missing[0]!r}")
+    values = {k: _coerce(v, hints[k], f"{where}: {k}") for k, v in raw.items()}
+    try:
+        return cls(**values)
+    except ConfigError as err:
+        # __post_init__ messages name the section and key; add the file they came from.
+        raise ConfigError(f"{where.split(': ')[0]}: {err}") from None
+
+
+def _required(f: dataclasses.Field) -> bool:
+    return f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+
+
+def _coerce(value, hint, where: str):
+    """Checks a YAML value against a type hint; ints are accepted where floats are wanted."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, where)
+            except ConfigError as err:
+                errors.append(err)
+        raise errors[0] if len(errors) == 1 else ConfigError(
+            f"{where}: expected {_hint_name(hint)}, got {value!r}")
+    if hint is Any:
+        return value
+    if origin in (tuple, list):
+        if isinstance(value, (list, tuple)):
+            return origin(_coerce(v, args[0], where) for v in value)
+        raise ConfigError(f"{where}: expected a list, got {value!r}")
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return {_coerce(k, args[0], where): _coerce(v, args[1], where) for k, v in value.items()}
+    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if hint is float and isinstance(value, str):
+        try:  # YAML reads 1e-5 (no dot) as a string
+            return float(value)
+        except ValueError:
+            pass
+    if isinstance(value, hint) and not (hint is int and isinstance(value, bool)):
+        return value
+    raise ConfigError(f"{where}: expected {_hint_name(hint)}, got {value!r}")
+
+
+def _hint_name(hint) -> str:
+    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+
+
+def _check_keys(raw: dict, allowed: set[str], where: str) -> None:
+    for key in raw:
+        if key not in allowed:
+            close = difflib.get_close_matches(str(key), sorted(allowed), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else f"; known keys: {sorted(allowed)}"
+            raise ConfigError(f"{where}: unknown key {key!r}{hint}")
+
+
+def _one_of(value, choices, where: str) -> None:
+    if value not in choices:
+        close = difflib.get_close_matches(str(value), choices, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ConfigError(f"{where} must be one of {list(choices)}, got {value!r}{hint}")
+
+
+def _at_least(value, low, where: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < low:
+        raise ConfigError(f"{where} must be >= {low}, got {value!r}")

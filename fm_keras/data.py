@@ -1,0 +1,221 @@
+"""Reading click logs: CSV/Parquet globs into checked columns, row filters, weights, sampling.
+
+Every problem with the input raises `DataError` naming the file and the column, so a bad log
+fails before a run directory is created. Categorical and multi-hot columns are kept as strings
+(raw values go into the model unchanged), numeric columns as float32 with NaN for a missing cell.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+from fm_keras.config import DataConfig, FeatureConfig, FilterConfig, TrainingConfig
+from fm_keras.errors import DataError
+
+_MISSING_TOKENS = frozenset({"", "nan", "NaN", "NA", "null", "None"})
+
+
+@dataclass
+class Split:
+    """One split of the data, checked and filtered.
+
+    Attributes:
+        features: column name -> array of shape [rows] (object strings or float32).
+        labels: float32 array of shape [rows], or None when the label is not required.
+        passthrough: extra columns kept as read (ids to carry into scoring output).
+        rows_read: rows before filtering.
+        dropped: filter name -> rows that filter dropped.
+        files: the files read, in order.
+    """
+
+    features: dict[str, np.ndarray]
+    labels: np.ndarray | None
+    rows_read: int
+    dropped: dict[str, int] = field(default_factory=dict)
+    files: list[str] = field(default_factory=list)
+    passthrough: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(next(iter(self.features.values())))
+
+    def take(self, mask_or_index: np.ndarray) -> Split:
+        """The rows selected by a boolean mask or an index array."""
+        pick = lambda d: {k: v[mask_or_index] for k, v in d.items()}  # noqa: E731
+        return Split(pick(self.features),
+                     None if self.labels is None else self.labels[mask_or_index],
+                     self.rows_read, dict(self.dropped), list(self.files), pick(self.passthrough))
+
+
+def expand_paths(patterns: Sequence[str], shard_index: int = 0, num_shards: int = 1) -> list[str]:
+    """Expands globs into a sorted file list; with sharding keeps every num_shards-th file."""
+    files: list[str] = []
+    for pattern in patterns:
+        matches = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
+        if not matches:
+            raise DataError(f"{pattern}: no file matches this pattern")
+        for path in matches:
+            if not os.path.isfile(path):
+                raise DataError(f"{path}: no such file")
+        files.extend(matches)
+    return files[shard_index::num_shards]
+
+
+def read_frame(path: str, columns: Sequence[str] | None = None) -> pd.DataFrame:
+    """Reads one CSV or Parquet file with every column as text; empty cells become ''."""
+    if os.path.getsize(path) == 0:
+        raise DataError(f"{path}: the file is empty")
+    try:
+        if path.endswith((".parquet", ".pq")):
+            frame = pd.read_parquet(path, columns=list(columns) if columns else None)
+            frame = frame.astype(object).where(frame.notna(), "").astype(str)
+        else:
+            frame = pd.read_csv(path, dtype=str, keep_default_na=False, na_filter=False,
+                                usecols=(lambda c: c in set(columns)) if columns else None)
+    except (ValueError, OSError) as err:
+        raise DataError(f"{path}: cannot read: {' '.join(str(err).split())[:200]}") from None
+    if columns:
+        missing = [c for c in columns if c not in frame.columns]
+        if missing:
+            raise DataError(f"{path}: missing column {missing[0]!r} "
+                            f"(the file has {list(frame.columns)[:12]})")
+    if len(frame) == 0:
+        raise DataError(f"{path}: the file has a header but no rows")
+    return frame
+
+
+def load_split(
+    patterns: Sequence[str],
+    features: Sequence[FeatureConfig],
+    label: str | None,
+    filters: Sequence[FilterConfig] = (),
+    *,
+    task: str = "binary",
+    passthrough: Sequence[str] = (),
+    shard_index: int = 0,
+    num_shards: int = 1,
+) -> Split:
+    """Reads, checks and filters the files matching `patterns`.
+
+    Args:
+        patterns: paths or globs of CSV/Parquet files.
+        features: the feature spec; every feature must be a column.
+        label: the label column, or None for unlabeled data (scoring).
+        filters: rows matching any filter are dropped and counted per filter.
+        task: ``binary`` requires labels in {0, 1}; ``regression`` any finite number.
+        passthrough: extra columns to carry along unchanged (e.g. ids).
+        shard_index, num_shards: read only this worker's share of the files.
+    """
+    files = expand_paths(patterns, shard_index, num_shards)
+    needed = [f.name for f in features] + ([label] if label else [])
+    needed += [flt.column for flt in filters] + list(passthrough)
+    needed = list(dict.fromkeys(needed))
+    parts, dropped, rows_read = [], {flt.name: 0 for flt in filters}, 0
+    for path in files:
+        frame = read_frame(path, needed)
+        rows_read += len(frame)
+        keep = np.ones(len(frame), dtype=bool)
+        for flt in filters:
+            hit = _filter_mask(frame[flt.column], flt, path) & keep
+            dropped[flt.name] += int(hit.sum())
+            keep &= ~hit
+        parts.append((path, frame[keep]))
+    columns: dict[str, np.ndarray] = {}
+    for feat in features:
+        columns[feat.name] = np.concatenate([_feature_column(f[feat.name], feat, p) for p, f in parts])
+    labels = None
+    if label:
+        labels = np.concatenate([_label_column(f[label], label, task, p) for p, f in parts])
+    extra = {c: np.concatenate([f[c].to_numpy(dtype=object) for _, f in parts]) for c in passthrough}
+    split = Split(columns, labels, rows_read, dropped, files, extra)
+    if len(split) == 0:
+        raise DataError(f"{', '.join(files)}: no rows left after filters {dropped}")
+    return split
+
+
+def load_data_split(data: DataConfig, role: str, features: Sequence[FeatureConfig],
+                    task: str) -> Split:
+    """`load_split` for the train/valid/test split named by `role` of an experiment."""
+    patterns = getattr(data, role)
+    if not patterns:
+        raise DataError(f"data: no {role!r} files configured")
+    return load_split(patterns, features, data.label, data.filters, task=task)
+
+
+def _feature_column(column: pd.Series, feat: FeatureConfig, path: str) -> np.ndarray:
+    if feat.kind != "numeric":
+        return column.to_numpy(dtype=object)
+    return _numeric(column, f"{path}: column {feat.name!r} (numeric feature)")
+
+
+def _numeric(column: pd.Series, where: str) -> np.ndarray:
+    values = pd.to_numeric(column, errors="coerce").to_numpy(dtype=np.float64)
+    bad = np.isnan(values) & ~column.isin(_MISSING_TOKENS).to_numpy()
+    if bad.any():
+        row = int(np.flatnonzero(bad)[0])
+        raise DataError(f"{where}: non-numeric value {column.iloc[row]!r} "
+                        f"at data row {column.index[row] + 1}")
+    if np.isinf(values).any():
+        row = int(np.flatnonzero(np.isinf(values))[0])
+        raise DataError(f"{where}: infinite value at data row {column.index[row] + 1}")
+    return values.astype(np.float32)
+
+
+def _label_column(column: pd.Series, label: str, task: str, path: str) -> np.ndarray:
+    where = f"{path}: label column {label!r}"
+    values = _numeric(column, where)
+    if np.isnan(values).any():
+        row = int(np.flatnonzero(np.isnan(values))[0])
+        raise DataError(f"{where}: missing label at data row {column.index[row] + 1}")
+    if task == "binary" and not np.isin(values, (0.0, 1.0)).all():
+        bad = sorted(set(values[~np.isin(values, (0.0, 1.0))].tolist()))[:5]
+        raise DataError(f"{where}: task 'binary' needs labels in {{0, 1}}, found {bad}; "
+                        "use task: regression for real-valued targets")
+    return values
+
+
+def _filter_mask(column: pd.Series, flt: FilterConfig, path: str) -> np.ndarray:
+    if flt.op == "is_null":
+        return column.isin(_MISSING_TOKENS).to_numpy()
+    values = flt.value if flt.op in ("in", "not_in") else [flt.value]
+    numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+    if numeric:
+        col = pd.to_numeric(column, errors="coerce")
+        if col.isna().all() and len(col):
+            raise DataError(f"{path}: filter {flt.name!r}: column {flt.column!r} is not numeric "
+                            f"but the filter compares it with {flt.value!r}")
+    else:
+        col, values = column, [str(v) for v in values]
+    ops = {
+        "==": lambda: col == values[0], "!=": lambda: col != values[0],
+        "<": lambda: col < values[0], "<=": lambda: col <= values[0],
+        ">": lambda: col > values[0], ">=": lambda: col >= values[0],
+        "in": lambda: col.isin(values), "not_in": lambda: ~col.isin(values),
+    }
+    return ops[flt.op]().to_numpy(dtype=bool)
+
+
+# ---------------------------------------------------------------------------------------------
+# Imbalance: weights and negative downsampling
+
+
+def sample_weights(labels: np.ndarray, training: TrainingConfig) -> np.ndarray:
+    """Per-row weights from pos_weight / class_weight; float32 of shape [rows]."""
+    if training.class_weight is not None:
+        w0, w1 = training.class_weight[0], training.class_weight[1]
+    else:
+        w0, w1 = 1.0, training.positive_weight_ratio
+    return np.where(labels > 0.5, w1, w0).astype(np.float32)
+
+
+def downsample_negatives(labels: np.ndarray, rate: float, seed: int) -> np.ndarray:
+    """Boolean mask keeping every positive and each negative with probability `rate`."""
+    if rate >= 1.0:
+        return np.ones(len(labels), dtype=bool)
+    rng = np.random.default_rng(seed)
+    return (labels > 0.5) | (rng.random(len(labels)) < rate)

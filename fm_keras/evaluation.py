@@ -1,0 +1,75 @@
+"""Offline metrics: AUC, logloss, RMSE, calibration (mean predicted vs observed, ECE)."""
+
+from __future__ import annotations
+
+import numpy as np
+from sklearn.metrics import log_loss, roc_auc_score
+
+_EPS = 1e-7
+
+
+def expected_calibration_error(labels: np.ndarray, probs: np.ndarray, bins: int = 20) -> float:
+    """ECE over equal-count bins of the predicted probability.
+
+    Equal-width bins put nearly every row of a 5% CTR into the first bin; equal-count bins
+    keep the measure informative: sum_b (n_b / n) * |mean(p_b) - mean(y_b)|.
+    """
+    order = np.argsort(probs, kind="stable")
+    total = 0.0
+    for chunk in np.array_split(order, min(bins, len(order))):
+        total += len(chunk) * abs(float(probs[chunk].mean()) - float(labels[chunk].mean()))
+    return total / len(order)
+
+
+def binary_metrics(labels: np.ndarray, probs: np.ndarray) -> dict:
+    """AUC, logloss, mean predicted vs observed rate and ECE of probabilities [rows]."""
+    labels = np.asarray(labels, dtype=np.float64)
+    probs = np.clip(np.asarray(probs, dtype=np.float64), _EPS, 1 - _EPS)
+    both = 0 < labels.sum() < len(labels)
+    observed = float(labels.mean())
+    mean_pred = float(probs.mean())
+    return {
+        "auc": float(roc_auc_score(labels, probs)) if both else None,
+        "logloss": float(log_loss(labels, probs, labels=[0, 1])),
+        "mean_predicted": mean_pred,
+        "observed_rate": observed,
+        "calibration_ratio": mean_pred / observed if observed > 0 else None,
+        "ece": expected_calibration_error(labels, probs),
+        "rows": int(len(labels)),
+    }
+
+
+def regression_metrics(labels: np.ndarray, predictions: np.ndarray) -> dict:
+    labels = np.asarray(labels, dtype=np.float64)
+    predictions = np.asarray(predictions, dtype=np.float64)
+    return {
+        "rmse": float(np.sqrt(np.mean((labels - predictions) ** 2))),
+        "mean_predicted": float(predictions.mean()),
+        "observed_mean": float(labels.mean()),
+        "rows": int(len(labels)),
+    }
+
+
+def metrics_for(task: str, labels: np.ndarray, outputs: dict[str, np.ndarray]) -> dict:
+    """Metrics of model outputs; for CTR also the raw (uncorrected) probability's metrics."""
+    if task == "regression":
+        return regression_metrics(labels, outputs["prediction"])
+    result = binary_metrics(labels, outputs["probability"])
+    if not np.allclose(outputs["probability"], outputs["raw_probability"]):
+        result["raw"] = binary_metrics(labels, outputs["raw_probability"])
+    return result
+
+
+def evaluate_run(run_dir: str, data: list[str] | str, batch_size: int = 65_536) -> dict:
+    """Loads a finished run and evaluates it on labeled files, with the run's row filters."""
+    from fm_keras.data import load_split
+    from fm_keras.training import load_run, predict_split
+
+    run = load_run(run_dir)
+    split = load_split([data] if isinstance(data, str) else data, run.config.features,
+                       run.config.data.label, run.config.data.filters, task=run.config.model.task)
+    outputs = predict_split(run.model, split, batch_size)
+    result = metrics_for(run.config.model.task, split.labels, outputs)
+    result["rows_read"] = split.rows_read
+    result["dropped"] = split.dropped
+    return result

@@ -1,0 +1,245 @@
+"""Feature preprocessing: fitted once on training data, then run inside the model graph.
+
+`fit_features` learns vocabularies, statistics and bucket boundaries from a training `Split`.
+`FeatureEncoder` is the Keras layer that turns raw values into FM inputs: for every row a fixed
+number of *slots*, each an (id, x) pair in one global id space. A categorical or numeric
+feature has one slot, a multi-hot feature `max_len` slots (unused ones have x = 0, which adds
+nothing to the FM). Because the encoder is part of the model, a saved model takes raw values.
+
+Global id layout (per feature, in spec order): [oov buckets | vocabulary], or [hash buckets],
+or [bucket ids], or a single id for a numeric value.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from fm_keras._tf import keras, tf
+from fm_keras.config import FeatureConfig
+from fm_keras.data import Split
+
+_MAX_LEN_CAP = 64  # default multi-hot max_len never exceeds this
+_STD_FLOOR = 1e-6
+
+
+@dataclass(frozen=True)
+class FittedFeature:
+    """A feature config plus what was learned from training data.
+
+    Attributes:
+        config: the feature's configuration.
+        vocabulary: kept values, most frequent first (categorical/multi_hot without hashing).
+        max_len: slots per row (multi_hot), else 1.
+        center, scale: x = (transform(v) - center) / scale for a numeric value.
+        clip_min, clip_max: raw numeric values are clipped to the range seen in training.
+        fill: raw value used for a missing numeric cell.
+        boundaries: bucket boundaries of a bucketized numeric feature.
+    """
+
+    config: FeatureConfig
+    vocabulary: tuple[str, ...] = ()
+    max_len: int = 1
+    center: float = 0.0
+    scale: float = 1.0
+    clip_min: float = -math.inf
+    clip_max: float = math.inf
+    fill: float = 0.0
+    boundaries: tuple[float, ...] = ()
+
+    @property
+    def size(self) -> int:
+        """How many ids this feature occupies in the global id space."""
+        c = self.config
+        if c.kind == "numeric":
+            return len(self.boundaries) + 1 if c.buckets is not None else 1
+        if c.hash_buckets is not None:
+            return c.hash_buckets
+        return c.oov_buckets + len(self.vocabulary)
+
+    @property
+    def slots(self) -> int:
+        return self.max_len if self.config.kind == "multi_hot" else 1
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["vocabulary"] = list(self.vocabulary)
+        d["boundaries"] = list(self.boundaries)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> FittedFeature:
+        d = dict(d)
+        d["config"] = FeatureConfig(**d["config"])
+        d["vocabulary"] = tuple(d.get("vocabulary", ()))
+        d["boundaries"] = tuple(d.get("boundaries", ()))
+        return cls(**d)
+
+
+def fit_features(configs: Sequence[FeatureConfig], train: Split) -> tuple[FittedFeature, ...]:
+    """Learns vocabularies, statistics and boundaries from the training split."""
+    return tuple(_fit_one(c, train.features[c.name]) for c in configs)
+
+
+def _fit_one(c: FeatureConfig, column: np.ndarray) -> FittedFeature:
+    if c.kind == "categorical":
+        vocab = () if c.hash_buckets else _vocabulary(pd.Series(column), c.min_count)
+        return FittedFeature(c, vocabulary=vocab)
+    if c.kind == "multi_hot":
+        tokens = pd.Series(column).str.split(c.separator, regex=False)
+        lengths = tokens.map(lambda t: sum(1 for x in t if x))
+        max_len = c.max_len or int(min(_MAX_LEN_CAP, max(1, np.percentile(lengths, 99))))
+        names = tokens.explode().str.split(c.weight_separator, n=1, regex=False).str[0]
+        vocab = () if c.hash_buckets else _vocabulary(names[names != ""], c.min_count)
+        return FittedFeature(c, vocabulary=vocab, max_len=max_len)
+    values = column.astype(np.float64)
+    seen = values[~np.isnan(values)]
+    if seen.size == 0:
+        seen = np.zeros(1)
+    fill = float(np.mean(seen)) if c.default is None else float(c.default)
+    lo, hi = float(seen.min()), float(seen.max())
+    if c.buckets is not None:
+        if isinstance(c.buckets, int):
+            bounds = np.unique(np.quantile(seen, np.linspace(0, 1, c.buckets + 1)[1:-1]))
+        else:
+            bounds = np.asarray(c.buckets, dtype=np.float64)
+        return FittedFeature(c, fill=fill, boundaries=tuple(float(b) for b in bounds))
+    if c.normalization == "min_max":
+        center, scale = lo, max(hi - lo, _STD_FLOOR)
+    elif c.normalization in ("standard", "log"):
+        t = np.log1p(np.maximum(seen, 0.0)) if c.normalization == "log" else seen
+        center, scale = float(t.mean()), max(float(t.std()), _STD_FLOOR)
+    else:
+        center, scale = 0.0, 1.0
+    return FittedFeature(c, center=center, scale=scale, clip_min=lo, clip_max=hi, fill=fill)
+
+
+def _vocabulary(values: pd.Series, min_count: int) -> tuple[str, ...]:
+    counts = values.value_counts()
+    counts = counts[counts >= min_count]
+    # Most frequent first, ties by value: the same data always gives the same ids.
+    order = sorted(zip(-counts.to_numpy(), counts.index.astype(str)))
+    return tuple(v for _, v in order)
+
+
+@keras.utils.register_keras_serializable(package="fm_keras")
+class FeatureEncoder(keras.layers.Layer):
+    """Raw feature values -> FM slots ``(ids, values)``.
+
+    Args:
+        features: fitted features, or their dicts (as `get_config` stores them).
+
+    Call args:
+        inputs: dict of raw tensors of shape [batch]: strings for categorical and multi-hot
+            features (multi-hot as ``"a|b"`` or ``"a:0.5|b:2"``), numbers for numeric ones.
+
+    Returns:
+        ``(ids, values)``: int32 and float32 tensors of shape [batch, num_slots].
+    """
+
+    def __init__(self, features: Sequence[FittedFeature | Mapping], **kwargs):
+        super().__init__(**kwargs)
+        self.features = tuple(f if isinstance(f, FittedFeature) else FittedFeature.from_dict(f)
+                              for f in features)
+        if not self.features:
+            raise ValueError("FeatureEncoder needs at least one feature, got none")
+        sizes = [f.size for f in self.features]
+        self.offsets = tuple(int(o) for o in np.cumsum([0, *sizes[:-1]]))
+        self.num_ids = int(sum(sizes))
+        self._lookups = {
+            f.config.name: keras.layers.StringLookup(
+                vocabulary=list(f.vocabulary) or None, num_oov_indices=f.config.oov_buckets,
+                output_mode="int", name=f"lookup_{f.config.name}")
+            for f in self.features
+            if f.config.kind != "numeric" and f.config.hash_buckets is None
+        }
+
+    @property
+    def num_slots(self) -> int:
+        return sum(f.slots for f in self.features)
+
+    @property
+    def slot_query_side(self) -> np.ndarray:
+        """bool [num_slots]: True where the slot belongs to the query (user+context) side."""
+        return np.concatenate([[f.config.query_side] * f.slots for f in self.features])
+
+    @property
+    def input_names(self) -> list[str]:
+        return [f.config.name for f in self.features]
+
+    def input_signature(self) -> dict[str, tf.TensorSpec]:
+        """The raw inputs as `tf.TensorSpec`s of shape [None], named after the features."""
+        return {f.config.name: tf.TensorSpec([None], tf.float32 if f.config.kind == "numeric"
+                                             else tf.string, name=f.config.name)
+                for f in self.features}
+
+    def call(self, inputs):
+        ids, values = [], []
+        for feature, offset in zip(self.features, self.offsets):
+            name = feature.config.name
+            if name not in inputs:
+                raise ValueError(f"missing input feature {name!r}; the model expects "
+                                 f"{self.input_names}")
+            i, v = self._encode(feature, inputs[name])
+            ids.append(i + offset)
+            values.append(v)
+        return tf.concat(ids, axis=1), tf.concat(values, axis=1)
+
+    def _encode(self, f: FittedFeature, raw):
+        c = f.config
+        if c.kind == "numeric":
+            x = tf.reshape(tf.cast(raw, tf.float32), [-1])
+            x = tf.where(tf.math.is_nan(x), tf.constant(f.fill, tf.float32), x)
+            if c.buckets is not None:
+                ids = tf.raw_ops.Bucketize(input=x, boundaries=list(f.boundaries))
+                return ids[:, None], tf.ones_like(x)[:, None]
+            x = tf.clip_by_value(x, f.clip_min, f.clip_max) if math.isfinite(f.clip_min) else x
+            if c.normalization == "log":
+                x = tf.math.log1p(tf.maximum(x, 0.0))
+            x = (x - f.center) / f.scale
+            return tf.zeros_like(x, tf.int32)[:, None], x[:, None]
+        raw = tf.reshape(tf.strings.as_string(raw) if raw.dtype != tf.string else raw, [-1])
+        if c.kind == "categorical":
+            return self._lookup(f, raw)[:, None], tf.ones_like(raw, tf.float32)[:, None]
+        tokens = tf.strings.split(raw, c.separator)
+        tokens = tf.ragged.boolean_mask(tokens, tf.strings.length(tokens) > 0)[:, : f.max_len]
+        parts = tf.strings.split(tokens.flat_values, c.weight_separator, maxsplit=1)
+        parts = parts.to_tensor(default_value="1", shape=[None, 2])
+        weights = tokens.with_flat_values(tf.strings.to_number(parts[:, 1], tf.float32))
+        if c.combiner == "mean":
+            weights = weights / tf.maximum(tf.reduce_sum(weights, 1, keepdims=True), 1e-12)
+        elif c.combiner == "sqrtn":
+            norm = tf.sqrt(tf.reduce_sum(tf.square(weights), 1, keepdims=True))
+            weights = weights / tf.maximum(norm, 1e-12)
+        ids = tokens.with_flat_values(self._lookup(f, parts[:, 0]))
+        return (ids.to_tensor(0, shape=[None, f.max_len]),
+                weights.to_tensor(0.0, shape=[None, f.max_len]))
+
+    def _lookup(self, f: FittedFeature, values):
+        if f.config.hash_buckets is not None:
+            return tf.cast(tf.strings.to_hash_bucket_fast(values, f.config.hash_buckets), tf.int32)
+        return tf.cast(self._lookups[f.config.name](values), tf.int32)
+
+    def encode_numpy(self, columns: Mapping[str, np.ndarray],
+                     batch_size: int = 65_536) -> tuple[np.ndarray, np.ndarray]:
+        """Encodes in-memory columns once (training data is encoded once, not per epoch)."""
+        n = len(next(iter(columns.values())))
+        ids, values = [], []
+        for start in range(0, n, batch_size):
+            chunk = {k: tf.constant(columns[k][start:start + batch_size]) for k in self.input_names}
+            i, v = self._encode_graph(chunk)
+            ids.append(i.numpy())
+            values.append(v.numpy())
+        return np.concatenate(ids), np.concatenate(values)
+
+    @tf.function
+    def _encode_graph(self, chunk):
+        return self(chunk)
+
+    def get_config(self):
+        return {**super().get_config(), "features": [f.to_dict() for f in self.features]}

@@ -1,0 +1,99 @@
+"""`FMModel`: the feature encoder and the FM layer inside a TensorFlow Recommenders model.
+
+Training runs on pre-encoded slots (the training data is encoded once, not every epoch), so
+`compute_loss` takes ``({"ids", "values"}, labels, weights)``. Calling the model takes raw
+features and returns the logit, the raw probability and the calibrated probability.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import tensorflow_recommenders as tfrs
+
+from fm_keras._tf import keras, tf
+from fm_keras.config import ModelConfig, TrainingConfig
+from fm_keras.features import FeatureEncoder, FittedFeature
+from fm_keras.layers import FactorizationMachine
+
+
+class FMModel(tfrs.Model):
+    """A Factorization Machine for CTR (``binary``) or ratings (``regression``).
+
+    Args:
+        encoder: raw features -> slots.
+        fm: the FM layer over the encoder's id space.
+        task: ``binary`` (logistic loss; AUC and logloss) or ``regression`` (squared; RMSE).
+        logit_correction: added to the logit to undo positive weighting and negative
+            downsampling (see `TrainingConfig.logit_correction`); 0 when neither is used.
+    """
+
+    def __init__(self, encoder: FeatureEncoder, fm: FactorizationMachine, task: str = "binary",
+                 logit_correction: float = 0.0, **kwargs):
+        super().__init__(**kwargs)
+        if task not in ("binary", "regression"):
+            raise ValueError(f"task must be 'binary' or 'regression', got {task!r}")
+        if fm.num_ids != encoder.num_ids:
+            raise ValueError(f"the FM layer has {fm.num_ids} ids but the encoder produces "
+                             f"{encoder.num_ids}; build both from the same features")
+        self.encoder = encoder
+        self.fm = fm
+        self.task_name = task
+        self.logit_correction = float(logit_correction)
+        if task == "binary":
+            self.task = tfrs.tasks.Ranking(
+                loss=keras.losses.BinaryCrossentropy(from_logits=True),
+                metrics=[keras.metrics.AUC(from_logits=True, name="auc", num_thresholds=2000),
+                         keras.metrics.BinaryCrossentropy(from_logits=True, name="logloss")])
+        else:
+            self.task = tfrs.tasks.Ranking(
+                loss=keras.losses.MeanSquaredError(),
+                metrics=[keras.metrics.RootMeanSquaredError(name="rmse")])
+
+    def call(self, features, training=False):
+        """Raw features (dict of [batch] tensors) -> dict of [batch] outputs."""
+        return self.outputs_from_logit(self.fm(self.encoder(features))[:, 0])
+
+    def outputs_from_logit(self, logit):
+        if self.task_name == "regression":
+            return {"prediction": logit}
+        return {"logit": logit,
+                "raw_probability": tf.sigmoid(logit),
+                "probability": tf.sigmoid(logit + self.logit_correction)}
+
+    def logits(self, ids, values):
+        """The FM score of encoded slots, shape [batch]."""
+        return self.fm((ids, values))[:, 0]
+
+    def compute_loss(self, inputs, training: bool = False):
+        encoded, labels, weights = inputs
+        logits = self.fm((encoded["ids"], encoded["values"]))
+        return self.task(labels=tf.reshape(labels, [-1, 1]), predictions=logits,
+                         sample_weight=tf.reshape(weights, [-1, 1]),
+                         compute_metrics=not training)
+
+
+def build_model(features: Sequence[FittedFeature], model: ModelConfig,
+                training: TrainingConfig | None = None) -> FMModel:
+    """Builds an `FMModel` from fitted features and the model/training configs."""
+    encoder = FeatureEncoder(features, name="encoder")
+    fm = FactorizationMachine(
+        encoder.num_ids, model.embedding_dim, l2_embeddings=model.l2_embeddings,
+        l2_linear=model.l2_linear,
+        embeddings_initializer=keras.initializers.RandomNormal(stddev=model.init_stddev),
+        name="fm")
+    correction = training.logit_correction if (training and model.task == "binary") else 0.0
+    fm_model = FMModel(encoder, fm, task=model.task, logit_correction=correction)
+    fm_model.fm((tf.zeros([1, encoder.num_slots], tf.int32), tf.zeros([1, encoder.num_slots])))
+    return fm_model
+
+
+def make_optimizer(training: TrainingConfig) -> keras.optimizers.Optimizer:
+    """The configured optimizer; FTRL is the classic choice for very sparse CTR data."""
+    lr = training.learning_rate
+    return {
+        "adam": lambda: keras.optimizers.Adam(lr),
+        "adagrad": lambda: keras.optimizers.Adagrad(lr, initial_accumulator_value=0.1),
+        "ftrl": lambda: keras.optimizers.Ftrl(lr),
+        "sgd": lambda: keras.optimizers.SGD(lr),
+    }[training.optimizer]()

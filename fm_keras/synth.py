@@ -1,0 +1,232 @@
+"""A synthetic CTR data set drawn from a planted Factorization Machine.
+
+Users and items have power-law activity and popularity. Features: user_id and user_segment
+(user tower); item_id, item_category, item_tags (multi-hot) and item_price (numeric) (item
+tower); device and hour (context). Labels are Bernoulli(sigmoid(planted FM)) with a base rate
+near 5%. A share of rows are cached exposures (``is_cached=1``): the frontend cache replayed a
+popular item and a later click was joined to it, so their labels are noise that overstates
+those items. Because the truth is known, ``oracle.json`` gives the best test AUC and logloss
+any model could reach.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from fm_keras import fsutil
+
+K_TRUE = 10
+
+
+@dataclass(frozen=True)
+class SynthSpec:
+    rows: int = 800_000
+    users: int = 20_000
+    items: int = 5_000
+    segments: int = 24
+    categories: int = 40
+    tags: int = 120
+    cached_share: float = 0.15
+    cached_items: int = 50
+    cached_click_rate: float = 0.3
+    target_rate: float = 0.05
+    seed: int = 7
+
+
+def _zipf_probs(n: int, exponent: float) -> np.ndarray:
+    p = 1.0 / np.arange(1, n + 1) ** exponent
+    return p / p.sum()
+
+
+class PlantedFM:
+    """The true model: per-feature linear weights and factors with chosen scales."""
+
+    def __init__(self, spec: SynthSpec, rng: np.random.Generator):
+        def table(n, w_scale, v_scale):
+            return rng.normal(0, w_scale, n), rng.normal(0, v_scale, (n, K_TRUE))
+
+        self.params = {
+            "user_id": table(spec.users, 0.1, 0.05),
+            "user_segment": table(spec.segments, 0.3, 0.3),
+            "item_id": table(spec.items, 0.2, 0.08),
+            "item_category": table(spec.categories, 0.3, 0.3),
+            "item_tags": table(spec.tags, 0.2, 0.3),
+            "device": table(3, 0.2, 0.3),
+            "hour": table(24, 0.15, 0.2),
+            "item_price": table(1, 0.3, 0.3),
+        }
+        self.bias = 0.0
+
+    def logit(self, rows: dict[str, np.ndarray], tag_ids: np.ndarray, tag_w: np.ndarray,
+              price_x: np.ndarray) -> np.ndarray:
+        """FM logit of rows; tags as ids [n, t] with weights [n, t] (0 = padding)."""
+        n = len(price_x)
+        lin = np.full(n, self.bias)
+        summed = np.zeros((n, K_TRUE))
+        squares = np.zeros(n)
+        slots = [(name, rows[name], np.ones(n)) for name in
+                 ("user_id", "user_segment", "item_id", "item_category", "device", "hour")]
+        slots += [("item_tags", tag_ids[:, j], tag_w[:, j]) for j in range(tag_ids.shape[1])]
+        slots.append(("item_price", np.zeros(n, dtype=np.int64), price_x))
+        for name, ids, x in slots:
+            w, v = self.params[name]
+            vx = v[ids] * x[:, None]
+            lin += w[ids] * x
+            summed += vx
+            squares += np.sum(vx ** 2, axis=1)
+        return lin + 0.5 * (np.sum(summed ** 2, axis=1) - squares)
+
+
+def generate(out_dir: str, rows: int = SynthSpec.rows, seed: int = SynthSpec.seed) -> dict:
+    """Writes train/valid/test CSVs, items.csv, features.yaml, experiment.yaml, oracle.json."""
+    if rows < 1000:
+        raise ValueError(f"--rows must be at least 1000, got {rows}")
+    spec = SynthSpec(rows=rows, seed=seed)
+    rng = np.random.default_rng(seed)
+    truth = PlantedFM(spec, rng)
+    items = _catalog(spec, rng)
+    n = spec.rows
+    user = rng.choice(spec.users, n, p=_zipf_probs(spec.users, 0.9))
+    item = rng.choice(spec.items, n, p=_zipf_probs(spec.items, 1.0))  # id 0 is the most popular
+    cached = rng.random(n) < spec.cached_share
+    item[cached] = rng.integers(0, spec.cached_items, cached.sum())  # the cache replays the head
+    user_segment = np.random.default_rng(seed + 1).integers(0, spec.segments, spec.users)
+    cols = {
+        "user_id": user, "user_segment": user_segment[user], "item_id": item,
+        "item_category": items["category"][item],
+        "device": rng.choice(3, n, p=[0.5, 0.35, 0.15]), "hour": rng.integers(0, 24, n),
+    }
+    logit = truth.logit(cols, items["tag_ids"][item], items["tag_w"][item], items["price_x"][item])
+    truth.bias = _bias_for_rate(logit[~cached], spec.target_rate)
+    prob = 1.0 / (1.0 + np.exp(-(logit + truth.bias)))
+    label = (rng.random(n) < np.where(cached, spec.cached_click_rate, prob)).astype(np.int8)
+
+    frame = pd.DataFrame({
+        "ts": np.sort(rng.integers(1_700_000_000, 1_700_000_000 + 30 * 86400, n)),
+        "user_id": [f"u{u}" for u in user],
+        "user_segment": [f"s{s}" for s in cols["user_segment"]],
+        "item_id": [f"i{i}" for i in item],
+        "item_category": [f"c{c}" for c in cols["item_category"]],
+        "item_tags": items["tags"][item],
+        "item_price": items["price"][item],
+        "device": np.array(["ios", "android", "web"])[cols["device"]],
+        "hour": cols["hour"],
+        "is_cached": cached.astype(np.int8),
+        "click": label,
+    })
+    os.makedirs(out_dir, exist_ok=True)
+    bounds = [0, int(0.8 * n), int(0.9 * n), n]
+    for name, lo, hi in zip(("train", "valid", "test"), bounds, bounds[1:]):
+        _write_csv(frame.iloc[lo:hi], os.path.join(out_dir, f"{name}.csv"))
+    _write_csv(pd.DataFrame({"item_id": [f"i{i}" for i in range(spec.items)],
+                             "item_category": [f"c{c}" for c in items["category"]],
+                             "item_tags": items["tags"], "item_price": items["price"]}),
+               os.path.join(out_dir, "items.csv"))
+    _write_text(os.path.join(out_dir, "features.yaml"), FEATURES_YAML)
+    _write_text(os.path.join(out_dir, "experiment.yaml"), EXPERIMENT_YAML)
+    test = slice(bounds[2], n)
+    oracle = _oracle(label[test], prob[test], cached[test], spec)
+    fsutil.write_json(os.path.join(out_dir, "oracle.json"), oracle)
+    return oracle
+
+
+def _catalog(spec: SynthSpec, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    category = rng.integers(0, spec.categories, spec.items)
+    max_tags = 4
+    tag_ids = np.zeros((spec.items, max_tags), dtype=np.int64)
+    tag_w = np.zeros((spec.items, max_tags))
+    tags = []
+    for i in range(spec.items):
+        count = rng.integers(1, max_tags + 1)
+        chosen = rng.choice(spec.tags, count, replace=False)
+        tag_ids[i, :count] = chosen
+        tag_w[i, :count] = 1.0 / count  # the spec's combiner: mean
+        tags.append("|".join(f"t{t}" for t in chosen))
+    log_price = rng.normal(3.0, 1.0, spec.items)
+    price = np.round(np.expm1(np.maximum(log_price, 0.05)), 2)
+    lp = np.log1p(price)
+    return {"category": category, "tag_ids": tag_ids, "tag_w": tag_w,
+            "tags": np.array(tags, dtype=object), "price": price,
+            "price_x": (lp - lp.mean()) / lp.std()}
+
+
+def _bias_for_rate(logit: np.ndarray, rate: float) -> float:
+    lo, hi = -20.0, 20.0
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        if np.mean(1 / (1 + np.exp(-(logit + mid)))) < rate:
+            lo = mid
+        else:
+            hi = mid
+    return (lo + hi) / 2
+
+
+def _oracle(label, prob, cached, spec: SynthSpec) -> dict:
+    from fm_keras.evaluation import binary_metrics
+
+    clean = binary_metrics(label[~cached], prob[~cached])
+    return {
+        "description": "metrics of the true probabilities on the user-initiated test rows "
+                       "(is_cached == 0); cached rows have noise labels",
+        "auc": clean["auc"], "logloss": clean["logloss"], "rows": clean["rows"],
+        "positive_rate": clean["observed_rate"], "ece": clean["ece"],
+        "test_rows_all": int(len(label)), "test_rows_cached": int(cached.sum()),
+        "spec": {k: getattr(spec, k) for k in spec.__dataclass_fields__},
+    }
+
+
+def _write_csv(frame: pd.DataFrame, path: str) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    frame.to_csv(tmp, index=False)
+    os.replace(tmp, path)
+
+
+def _write_text(path: str, text: str) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+FEATURES_YAML = """\
+# Feature spec of the synthetic CTR set (fm-keras synth). Preprocessing runs inside the model.
+features:
+  - {name: user_id, kind: categorical, tower: user, min_count: 2, oov_buckets: 20}
+  - {name: user_segment, kind: categorical, tower: user}
+  - {name: item_id, kind: categorical, tower: item, min_count: 2, oov_buckets: 20}
+  - {name: item_category, kind: categorical, tower: item}
+  - {name: item_tags, kind: multi_hot, tower: item, separator: "|", combiner: mean}
+  - {name: item_price, kind: numeric, tower: item, normalization: log}
+  - {name: device, kind: categorical, tower: context}
+  - {name: hour, kind: categorical, tower: context}
+"""
+
+EXPERIMENT_YAML = """\
+# Experiment for the synthetic CTR set (fm-keras synth). Paths are relative to this file.
+data:
+  train: train.csv
+  valid: valid.csv
+  test: test.csv
+  label: click
+  filters:
+    # Exposures the frontend cache replayed rather than the user: their clicks are noise.
+    - {name: cached_exposures, column: is_cached, op: "==", value: 1}
+features: features.yaml
+model:
+  task: binary
+  embedding_dim: 10
+  l2_embeddings: 1.0e-5
+  l2_linear: 1.0e-6
+training:
+  optimizer: adam
+  learning_rate: 0.002
+  batch_size: 1024
+  epochs: 10
+  early_stopping_patience: 1
+  pos_weight: 4.0          # clicks are rare: weight positives; the probability is corrected
+  seed: 42
+"""

@@ -1,0 +1,327 @@
+"""Training runs: data -> fitted features -> encoded once -> fit with early stopping -> run dir.
+
+A run directory holds::
+
+    experiment.json   the resolved experiment config
+    features.json     fitted vocabularies and statistics (the encoder is rebuilt from it)
+    checkpoints/      last and best epoch (model + optimizer), for --resume
+    state.json        epoch, best validation metric, patience counter, history
+    model/            the final (best) FM weights, written atomically
+    run.json          written last: status "complete", metrics, rows, calibration, versions
+
+A directory without a complete run.json is not a finished run: `load_run` refuses it, and
+`train(..., resume=True)` continues it from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import platform
+import sys
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from fm_keras import __version__, fsutil
+from fm_keras._tf import keras, tf
+from fm_keras.config import ExperimentConfig, experiment_from_dict
+from fm_keras.data import Split, downsample_negatives, load_data_split, sample_weights
+from fm_keras.errors import RunError, TrainingDivergedError
+from fm_keras.evaluation import metrics_for
+from fm_keras.features import FittedFeature, fit_features
+from fm_keras.model import FMModel, build_model, make_optimizer
+
+
+@dataclass
+class Run:
+    """A loaded, finished training run."""
+
+    path: str
+    config: ExperimentConfig
+    features: tuple[FittedFeature, ...]
+    model: FMModel
+    info: dict
+
+
+def log(message: str) -> None:
+    """Progress for humans goes to stderr; stdout stays free for JSON results."""
+    print(f"fm-keras: {message}", file=sys.stderr, flush=True)
+
+
+def train(config: ExperimentConfig, run_dir: str, *, resume: bool = False,
+          verbose: int | None = None) -> dict:
+    """Trains an FM as configured and writes a complete run directory.
+
+    Args:
+        config: the validated experiment.
+        run_dir: output directory; must not hold a finished run. With `resume`, an unfinished
+            one continues from its last checkpoint.
+        verbose: Keras progress (0 silent, 1 bar, 2 a line per epoch); default by tty.
+
+    Returns:
+        The run record (also written to ``run.json``).
+    """
+    started = time.time()
+    _check_run_dir(run_dir, resume)
+    task = config.model.task
+    train_split = load_data_split(config.data, "train", config.features, task)
+    valid_split = (load_data_split(config.data, "valid", config.features, task)
+                   if config.data.valid else None)
+    log(f"train: {len(train_split):,} rows from {len(train_split.files)} file(s)"
+        + _dropped_text(train_split))
+    train_split, valid_split = _holdout_if_needed(train_split, valid_split, config.training.seed)
+
+    if resume and os.path.exists(os.path.join(run_dir, "features.json")):
+        features = tuple(FittedFeature.from_dict(d)
+                         for d in fsutil.read_json(os.path.join(run_dir, "features.json")))
+    else:
+        features = fit_features(config.features, train_split)
+    keep = downsample_negatives(train_split.labels, config.training.neg_sample_rate,
+                                config.training.seed) if task == "binary" else slice(None)
+    if task == "binary" and config.training.neg_sample_rate < 1:
+        log(f"negative downsampling at rate {config.training.neg_sample_rate}: "
+            f"{int(np.sum(keep)):,} of {len(train_split):,} training rows kept")
+    train_split = train_split.take(keep)
+
+    keras.utils.set_random_seed(config.training.seed)
+    model = build_model(features, config.model, config.training)
+    t0 = time.time()
+    train_ds = _dataset(model, train_split, config, training=True)
+    valid_ds = _dataset(model, valid_split, config, training=False)
+    log(f"encoded {len(train_split):,} + {len(valid_split):,} rows into "
+        f"{model.encoder.num_slots} slots over {model.encoder.num_ids:,} ids "
+        f"in {time.time() - t0:.1f}s")
+
+    os.makedirs(run_dir, exist_ok=True)
+    fsutil.write_json(os.path.join(run_dir, "experiment.json"), config.to_dict())
+    fsutil.write_json(os.path.join(run_dir, "features.json"), [f.to_dict() for f in features])
+
+    # Validation rows are unweighted; weighted_metrics=[] says so (and silences Keras).
+    model.compile(optimizer=make_optimizer(config.training), weighted_metrics=[],
+                  steps_per_execution=config.training.steps_per_execution)
+    state = TrainingState(run_dir, model, config, resume=resume)
+    t0 = time.time()
+    if state.initial_epoch < config.training.epochs and not state.finished:
+        model.fit(train_ds, validation_data=valid_ds, epochs=config.training.epochs,
+                  initial_epoch=state.initial_epoch, callbacks=[state],
+                  verbose=(1 if sys.stdout.isatty() else 2) if verbose is None else verbose)
+    state.restore_best()
+    train_seconds = time.time() - t0
+
+    metrics = {"valid": metrics_for(task, valid_split.labels, predict_split(model, valid_split))}
+    if config.data.test:
+        test_split = load_data_split(config.data, "test", config.features, task)
+        metrics["test"] = metrics_for(task, test_split.labels, predict_split(model, test_split))
+        metrics["test"]["dropped"] = test_split.dropped
+    with fsutil.atomic_dir(os.path.join(run_dir, "model")) as tmp:
+        tf.train.Checkpoint(fm=model.fm).write(os.path.join(tmp, "weights"))
+    record = {
+        "status": "complete",
+        "task": task,
+        "logit_correction": model.logit_correction,
+        "epochs_run": len(state.history),
+        "best_epoch": state.best_epoch,
+        "history": state.history,
+        "metrics": metrics,
+        "rows": {"train": len(train_split), "valid": len(valid_split),
+                 "train_read": train_split.rows_read, "dropped": train_split.dropped},
+        "seconds": {"total": round(time.time() - started, 2), "fit": round(train_seconds, 2)},
+        "train_samples_per_second": round(
+            len(train_split) * max(1, len(state.history)) / max(train_seconds, 1e-9)),
+        "versions": _versions(),
+    }
+    fsutil.write_json(os.path.join(run_dir, "run.json"), record)
+    log(f"run complete: {run_dir}")
+    return record
+
+
+def load_run(run_dir: str) -> Run:
+    """Loads a finished run: config, fitted features and best weights."""
+    run_json = os.path.join(run_dir, "run.json")
+    if not os.path.isdir(run_dir):
+        raise RunError(f"{run_dir}: no such run directory")
+    if not os.path.exists(run_json):
+        hint = (" (it has checkpoints: continue it with 'fm-keras train --resume')"
+                if os.path.isdir(os.path.join(run_dir, "checkpoints")) else "")
+        raise RunError(f"{run_dir}: not a finished fm_keras run, run.json is missing{hint}")
+    info = fsutil.read_json(run_json)
+    if info.get("status") != "complete":
+        raise RunError(f"{run_dir}: run status is {info.get('status')!r}, not 'complete'")
+    config = experiment_from_dict(fsutil.read_json(os.path.join(run_dir, "experiment.json")),
+                                  source=os.path.join(run_dir, "experiment.json"))
+    features = tuple(FittedFeature.from_dict(d)
+                     for d in fsutil.read_json(os.path.join(run_dir, "features.json")))
+    model = build_model(features, config.model, config.training)
+    tf.train.Checkpoint(fm=model.fm).read(
+        os.path.join(run_dir, "model", "weights")).assert_existing_objects_matched()
+    return Run(run_dir, config, features, model, info)
+
+
+def predict_split(model: FMModel, split: Split, batch_size: int = 65_536) -> dict[str, np.ndarray]:
+    """Model outputs for every row of an in-memory split."""
+    ids, values = model.encoder.encode_numpy(split.features, batch_size)
+    logits = np.concatenate([
+        _logits(model, ids[i:i + batch_size], values[i:i + batch_size]).numpy()
+        for i in range(0, len(ids), batch_size)])
+    return {k: np.asarray(v) for k, v in model.outputs_from_logit(tf.constant(logits)).items()}
+
+
+@tf.function(reduce_retracing=True)
+def _logits(model, ids, values):
+    return model.logits(ids, values)
+
+
+class TrainingState(keras.callbacks.Callback):
+    """Early stopping with best-weights restore, a checkpoint per epoch, resume, divergence.
+
+    One callback owns all of it so that a resumed run continues with the same best metric and
+    patience counter it stopped with.
+    """
+
+    def __init__(self, run_dir: str, model: FMModel, config: ExperimentConfig, resume: bool):
+        super().__init__()
+        self.config = config
+        self.monitor = "val_auc" if config.model.task == "binary" else "val_rmse"
+        self.sign = 1.0 if config.model.task == "binary" else -1.0
+        self.epoch = tf.Variable(0, dtype=tf.int64, trainable=False)
+        self.checkpoint = tf.train.Checkpoint(fm=model.fm, optimizer=model.optimizer,
+                                              epoch=self.epoch)
+        ckpt_dir = os.path.join(run_dir, "checkpoints")
+        self.last = tf.train.CheckpointManager(self.checkpoint, os.path.join(ckpt_dir, "last"), 1)
+        self.best = tf.train.CheckpointManager(self.checkpoint, os.path.join(ckpt_dir, "best"), 1)
+        self.state_path = os.path.join(run_dir, "state.json")
+        self.best_value, self.best_epoch, self.wait, self.history = -math.inf, -1, 0, []
+        self.finished = False
+        if resume and self.last.latest_checkpoint:
+            self.checkpoint.restore(self.last.latest_checkpoint)
+            state = fsutil.read_json(self.state_path)
+            self.best_value, self.best_epoch = state["best_value"], state["best_epoch"]
+            self.wait, self.history, self.finished = state["wait"], state["history"], state["finished"]
+            log(f"resuming after epoch {int(self.epoch.numpy())} "
+                f"(best {self.monitor} {self.sign * self.best_value:.5f} at epoch {self.best_epoch + 1})")
+
+    @property
+    def initial_epoch(self) -> int:
+        return int(self.epoch.numpy())
+
+    def on_train_batch_end(self, batch, logs=None):
+        loss = (logs or {}).get("loss")
+        if loss is not None and not math.isfinite(float(loss)):
+            self._diverged(f"loss is {float(loss)} at step {batch}")
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs = logs or {}
+        fm = self.model.fm
+        if not all(bool(tf.reduce_all(tf.math.is_finite(w))) for w in fm.trainable_weights):
+            self._diverged("parameters are not finite")
+        value = self.sign * float(logs.get(self.monitor, math.nan))
+        if not math.isfinite(value):
+            self._diverged(f"{self.monitor} is {value}")
+        self.history.append({k: float(v) for k, v in logs.items()})
+        self.epoch.assign(epoch + 1)
+        if value > self.best_value:
+            self.best_value, self.best_epoch, self.wait = value, epoch, 0
+            self.best.save()
+        else:
+            self.wait += 1
+        self.last.save()
+        patience = self.config.training.early_stopping_patience
+        if self.wait >= patience:
+            self.model.stop_training = True
+            self.finished = True
+            log(f"early stopping after epoch {epoch + 1}: {self.monitor} has not improved for "
+                f"{self.wait} epochs; best was epoch {self.best_epoch + 1}")
+        fsutil.write_json(self.state_path, {
+            "epoch": epoch + 1, "best_value": self.best_value, "best_epoch": self.best_epoch,
+            "wait": self.wait, "history": self.history, "finished": self.finished,
+            "monitor": self.monitor})
+
+    def restore_best(self) -> None:
+        if self.best.latest_checkpoint:
+            tf.train.Checkpoint(fm=self.model.fm).read(self.best.latest_checkpoint).expect_partial()
+
+    def _diverged(self, what: str):
+        t = self.config.training
+        raise TrainingDivergedError(
+            f"training diverged: {what}. Decrease training.learning_rate (now {t.learning_rate}), "
+            f"increase model.l2_embeddings (now {self.config.model.l2_embeddings}), or check "
+            "numeric features for extreme values")
+
+
+def _dataset(model: FMModel, split: Split, config: ExperimentConfig, training: bool):
+    """Encodes a split once and serves it as batches of ``(slots, labels, weights)``.
+
+    Training batches come from a fresh full permutation every epoch, gathered in-graph from
+    the encoded arrays: an exact shuffle that costs one gather per batch, where a per-row
+    shuffle buffer would cost far more than the FM step itself.
+    """
+    ids, values = model.encoder.encode_numpy(split.features)
+    weights = (sample_weights(split.labels, config.training) if training
+               else np.ones(len(split), np.float32))
+    return batched_dataset(ids, values, split.labels, weights,
+                           config.training.batch_size if training else 8192,
+                           shuffle_seed=config.training.seed if training else None)
+
+
+def batched_dataset(ids: np.ndarray, values: np.ndarray, labels: np.ndarray,
+                    weights: np.ndarray, batch_size: int, shuffle_seed: int | None = None):
+    """A tf.data pipeline of ``({"ids", "values"}, labels, weights)`` batches.
+
+    Args:
+        ids, values: encoded slots, [rows, slots].
+        labels, weights: [rows].
+        batch_size: rows per batch (the last batch may be smaller).
+        shuffle_seed: if set, every epoch visits the rows in a new random order.
+    """
+    n = len(labels)
+    tensors = tuple(tf.constant(a) for a in (ids, values, labels, weights))
+    num_batches = -(-n // batch_size)
+    if shuffle_seed is None:
+        order = tf.data.Dataset.from_tensors(tf.range(n))
+    else:
+        order = tf.data.Dataset.from_tensors(0).map(
+            lambda _: tf.random.shuffle(tf.range(n), seed=shuffle_seed))
+    batches = order.flat_map(lambda rows: tf.data.Dataset.range(num_batches).map(
+        lambda b: rows[b * batch_size:(b + 1) * batch_size]))
+
+    def gather(rows):
+        i, v, y, w = (tf.gather(t, rows) for t in tensors)
+        return {"ids": i, "values": v}, y, w
+
+    return (batches.map(gather, num_parallel_calls=tf.data.AUTOTUNE)
+            .prefetch(tf.data.AUTOTUNE)
+            .apply(tf.data.experimental.assert_cardinality(num_batches)))
+
+
+def _holdout_if_needed(train: Split, valid: Split | None, seed: int):
+    if valid is not None:
+        return train, valid
+    log("no valid files configured: holding out 10% of the training rows for early stopping")
+    is_valid = np.random.default_rng(seed).random(len(train)) < 0.1
+    return train.take(~is_valid), train.take(is_valid)
+
+
+def _check_run_dir(run_dir: str, resume: bool) -> None:
+    if os.path.exists(os.path.join(run_dir, "run.json")):
+        raise RunError(f"{run_dir}: holds a finished run; choose another --out or delete it")
+    if resume:
+        return
+    if os.path.isdir(run_dir) and os.listdir(run_dir):
+        raise RunError(f"{run_dir}: holds an unfinished run; pass --resume to continue it, "
+                       "or delete the directory")
+
+
+def _dropped_text(split: Split) -> str:
+    if not split.dropped:
+        return ""
+    return " (filtered out: " + ", ".join(f"{k} {v:,}" for k, v in split.dropped.items()) + ")"
+
+
+def _versions() -> dict:
+    import tensorflow_recommenders as tfrs
+
+    return {"fm_keras": __version__, "tensorflow": tf.__version__,
+            "tf_keras": keras.__version__, "tensorflow_recommenders": tfrs.__version__,
+            "python": platform.python_version()}
