@@ -18,7 +18,7 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("synth", help="write a synthetic CTR data set from a planted FM")
     p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--rows", type=int, default=800_000, help="total rows (80/10/10 by time)")
+    p.add_argument("--rows", type=int, default=1_000_000, help="total rows (80/10/10 by time)")
     p.add_argument("--seed", type=int, default=7)
 
     p = sub.add_parser("train", help="train an FM from an experiment YAML")

@@ -178,6 +178,8 @@ class TrainingConfig:
             probability is corrected by +log(neg_sample_rate).
         early_stopping_patience: epochs without a better validation metric before stopping.
         steps_per_execution: training steps per graph call; larger is faster on CPU.
+        weight_decay: decoupled weight decay of the optimizer, applied to every row each step:
+            unlike the per-occurrence L2 it shrinks rarely seen ids the most.
     """
 
     optimizer: str = "adam"
@@ -190,11 +192,13 @@ class TrainingConfig:
     neg_sample_rate: float = 1.0
     seed: int = 42
     steps_per_execution: int = 32
+    weight_decay: float = 0.0
 
     def __post_init__(self):
         _one_of(self.optimizer, OPTIMIZERS, "training: optimizer")
         for name in ("batch_size", "epochs", "steps_per_execution"):
             _at_least(getattr(self, name), 1, f"training: {name}")
+        _at_least(self.weight_decay, 0.0, "training: weight_decay")
         _at_least(self.early_stopping_patience, 1, "training: early_stopping_patience")
         if not self.learning_rate > 0:
             raise ConfigError(f"training: learning_rate must be > 0, got {self.learning_rate}")
@@ -256,7 +260,13 @@ class ExperimentConfig:
 
     def to_dict(self) -> dict:
         """A plain dict that `experiment_from_dict` reads back (paths stay absolute)."""
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        d.pop("source")
+        defaults = {f.name: f.default for f in dataclasses.fields(FeatureConfig)}
+        d["features"] = [{k: v for k, v in feat.items() if v != defaults[k] or k in ("name", "kind", "tower")}
+                         for feat in d["features"]]
+        d["data"]["filters"] = list(d["data"]["filters"])
+        return d
 
 
 # ---------------------------------------------------------------------------------------------
@@ -336,7 +346,7 @@ def _data(raw, base_dir: str, source: str) -> DataConfig:
     for key in ("train", "valid", "test"):
         if key in raw:
             value = raw[key]
-            paths = value if isinstance(value, list) else [value]
+            paths = list(value) if isinstance(value, (list, tuple)) else [value]
             if not all(isinstance(p, str) for p in paths):
                 raise ConfigError(f"{where}: {key} must be a path/glob or a list of them")
             raw[key] = tuple(_resolve(p, base_dir) for p in paths)

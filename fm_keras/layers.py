@@ -5,7 +5,8 @@
 Inputs are `(ids, values)` of shape [batch, slots]: the non-zero features of each row as ids in
 one global id space and their x values. Only those rows of the tables are gathered, so a
 forward pass costs O(k * slots) per row, never O(n^2) or O(n). A slot with x = 0 (padding)
-contributes nothing.
+contributes nothing. Each non-zero id should appear once per row (the encoder gives every
+feature its own id range); an id listed twice acts as two features whose pair interacts.
 """
 
 from __future__ import annotations

@@ -90,10 +90,11 @@ def build_model(features: Sequence[FittedFeature], model: ModelConfig,
 
 def make_optimizer(training: TrainingConfig) -> keras.optimizers.Optimizer:
     """The configured optimizer; FTRL is the classic choice for very sparse CTR data."""
-    lr = training.learning_rate
+    lr, wd = training.learning_rate, training.weight_decay or None
     return {
-        "adam": lambda: keras.optimizers.Adam(lr),
-        "adagrad": lambda: keras.optimizers.Adagrad(lr, initial_accumulator_value=0.1),
-        "ftrl": lambda: keras.optimizers.Ftrl(lr),
-        "sgd": lambda: keras.optimizers.SGD(lr),
+        "adam": lambda: keras.optimizers.Adam(lr, weight_decay=wd),
+        "adagrad": lambda: keras.optimizers.Adagrad(lr, initial_accumulator_value=0.1,
+                                                    weight_decay=wd),
+        "ftrl": lambda: keras.optimizers.Ftrl(lr, weight_decay=wd),
+        "sgd": lambda: keras.optimizers.SGD(lr, weight_decay=wd),
     }[training.optimizer]()

@@ -1,0 +1,100 @@
+"""Experiment/feature YAML: defaults, path resolution, and errors that name the key."""
+
+import dataclasses
+import math
+
+import pytest
+
+from fm_keras.config import FeatureConfig, TrainingConfig, load_experiment
+from fm_keras.errors import ConfigError
+
+FEATURES = """\
+features:
+  - {name: user_id, kind: categorical, tower: user}
+  - {name: tags, kind: multi_hot, tower: item, separator: ";"}
+  - {name: price, kind: numeric, tower: item, normalization: log}
+"""
+EXPERIMENT = """\
+data:
+  train: data/train-*.csv
+  valid: [data/valid.csv]
+  label: click
+  filters:
+    - {name: cached, column: is_cached, op: "==", value: 1}
+features: features.yaml
+model: {embedding_dim: 8, l2_embeddings: 1e-4}
+training: {pos_weight: 4, neg_sample_rate: 0.5}
+"""
+
+
+def _write(tmp_path, experiment=EXPERIMENT, features=FEATURES):
+    (tmp_path / "features.yaml").write_text(features)
+    path = tmp_path / "experiment.yaml"
+    path.write_text(experiment)
+    return path
+
+
+def test_loads_with_defaults_and_resolved_paths(tmp_path):
+    config = load_experiment(_write(tmp_path))
+    assert config.data.train == (str(tmp_path / "data" / "train-*.csv"),)
+    assert config.data.filters[0].column == "is_cached"
+    assert config.model.embedding_dim == 8 and config.model.task == "binary"
+    assert config.model.l2_embeddings == 1e-4  # YAML reads 1e-4 as a string; coerced
+    assert config.feature("tags").separator == ";"
+    assert config.feature("price").query_side is False
+    assert config.training.optimizer == "adam"
+
+
+def test_logit_correction_undoes_weighting_and_downsampling():
+    t = TrainingConfig(pos_weight=4.0, neg_sample_rate=0.5)
+    assert t.logit_correction == pytest.approx(-math.log(4.0) + math.log(0.5))
+    assert TrainingConfig(class_weight={0: 0.5, 1: 2.0}).logit_correction == pytest.approx(-math.log(4))
+    assert TrainingConfig().logit_correction == 0.0
+
+
+@pytest.mark.parametrize("experiment,features,message", [
+    (EXPERIMENT.replace("label:", "lable:"), FEATURES,
+     "experiment.yaml: data: unknown key 'lable' \\(did you mean 'label'\\?\\)"),
+    (EXPERIMENT.replace("pos_weight", "pos_wieght"), FEATURES,
+     "training: unknown key 'pos_wieght' \\(did you mean 'pos_weight'\\?\\)"),
+    (EXPERIMENT, FEATURES.replace("kind: numeric", "kind: numerical"),
+     "features.yaml: feature 'price': kind must be one of .* got 'numerical' \\(did you mean 'numeric'\\?\\)"),
+    (EXPERIMENT, FEATURES.replace("separator", "seperator"),
+     "feature 'tags': unknown key 'seperator' \\(did you mean 'separator'\\?\\)"),
+    (EXPERIMENT, FEATURES.replace("normalization: log", "separator: ','"),
+     "feature 'price': key 'separator' does not apply to kind 'numeric'"),
+    (EXPERIMENT.replace("embedding_dim: 8", "embedding_dim: ten"), FEATURES,
+     "model: embedding_dim: expected int, got 'ten'"),
+    (EXPERIMENT.replace("neg_sample_rate: 0.5", "neg_sample_rate: 1.5"), FEATURES,
+     "neg_sample_rate must be in \\(0, 1\\]"),
+    (EXPERIMENT.replace('op: "=="', 'op: "=~"'), FEATURES, "experiment.yaml: filter 'cached': op must be one of"),
+    (EXPERIMENT.replace("label: click", "label: price"), FEATURES, "label 'price' is also a feature"),
+    (EXPERIMENT, FEATURES + "  - {name: price, kind: numeric, tower: item}\n", "duplicate names"),
+    ("data: [\n", FEATURES, "not valid YAML"),
+])
+def test_errors_name_file_and_key(tmp_path, experiment, features, message):
+    with pytest.raises(ConfigError, match=message):
+        load_experiment(_write(tmp_path, experiment, features))
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="nope.yaml: no such config file"):
+        load_experiment(tmp_path / "nope.yaml")
+
+
+def test_pos_weight_and_class_weight_conflict():
+    with pytest.raises(ConfigError, match="pos_weight or class_weight, not both"):
+        TrainingConfig(pos_weight=2.0, class_weight={0: 1.0, 1: 2.0})
+
+
+def test_feature_bucket_boundaries_must_increase():
+    with pytest.raises(ConfigError, match="strictly increasing"):
+        FeatureConfig("age", "numeric", "user", buckets=[30.0, 18.0])
+
+
+def test_to_dict_round_trip(tmp_path):
+    from fm_keras.config import experiment_from_dict
+
+    config = load_experiment(_write(tmp_path))
+    again = experiment_from_dict(config.to_dict(), source="x")
+    assert dataclasses.replace(again, source=config.source) == config

@@ -1,0 +1,95 @@
+"""Reading logs: checked columns, filters with counts, weights and downsampling."""
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from fm_keras.config import FeatureConfig, FilterConfig, TrainingConfig
+from fm_keras.data import downsample_negatives, load_split, sample_weights
+from fm_keras.errors import DataError
+
+FEATURES = [FeatureConfig("user", "categorical", "user"),
+            FeatureConfig("price", "numeric", "item")]
+CACHED = FilterConfig("cached_exposures", "is_cached", "==", 1)
+
+
+def _csv(tmp_path, name="a.csv", **overrides):
+    frame = pd.DataFrame({"user": ["u1", "u2", "u3", "u4"], "price": ["1.5", "", "3", "4"],
+                          "is_cached": [0, 1, 0, 1], "click": [1, 0, 0, 1], **overrides})
+    path = tmp_path / name
+    frame.to_csv(path, index=False)
+    return str(path)
+
+
+def test_reads_filters_and_counts(tmp_path):
+    split = load_split([_csv(tmp_path)], FEATURES, "click", [CACHED])
+    assert split.rows_read == 4 and len(split) == 2
+    assert split.dropped == {"cached_exposures": 2}
+    assert split.features["user"].tolist() == ["u1", "u3"]
+    assert split.labels.tolist() == [1.0, 0.0]
+
+
+def test_missing_numeric_is_nan_and_parquet_and_globs(tmp_path):
+    _csv(tmp_path, "part-0.csv")
+    pd.read_csv(_csv(tmp_path, "x.csv")).to_parquet(tmp_path / "part-1.parquet")
+    split = load_split([str(tmp_path / "part-*")], FEATURES, "click")
+    assert len(split) == 8 and len(split.files) == 2
+    assert np.isnan(split.features["price"][1])
+    assert split.features["user"][4] == "u1"
+
+
+def test_sharding_takes_every_nth_file(tmp_path):
+    for i in range(4):
+        _csv(tmp_path, f"part-{i}.csv")
+    split = load_split([str(tmp_path / "part-*.csv")], FEATURES, "click", shard_index=1, num_shards=2)
+    assert [f[-10:] for f in split.files] == ["part-1.csv", "part-3.csv"]
+
+
+@pytest.mark.parametrize("overrides,message", [
+    ({"price": ["1", "2", "abc", "4"]}, "a.csv: column 'price' \\(numeric feature\\): non-numeric value 'abc' at data row 3"),
+    ({"click": [0, 1, 2, 0]}, "a.csv: label column 'click': task 'binary' needs labels in \\{0, 1\\}, found \\[2.0\\]"),
+    ({"click": [0, 1, "", 0]}, "a.csv: label column 'click': missing label at data row 3"),
+])
+def test_bad_values_name_file_and_column(tmp_path, overrides, message):
+    with pytest.raises(DataError, match=message):
+        load_split([_csv(tmp_path, **overrides)], FEATURES, "click")
+
+
+def test_missing_column(tmp_path):
+    path = _csv(tmp_path)
+    with pytest.raises(DataError, match="a.csv: missing column 'country'"):
+        load_split([path], [*FEATURES, FeatureConfig("country", "categorical", "user")], "click")
+
+
+def test_empty_file_header_only_and_no_match(tmp_path):
+    (tmp_path / "empty.csv").write_text("")
+    (tmp_path / "header.csv").write_text("user,price,click\n")
+    with pytest.raises(DataError, match="empty.csv: the file is empty"):
+        load_split([str(tmp_path / "empty.csv")], FEATURES, "click")
+    with pytest.raises(DataError, match="header.csv: the file has a header but no rows"):
+        load_split([str(tmp_path / "header.csv")], FEATURES, "click")
+    with pytest.raises(DataError, match="no file matches"):
+        load_split([str(tmp_path / "nothing-*.csv")], FEATURES, "click")
+
+
+def test_filter_ops(tmp_path):
+    path = _csv(tmp_path)
+    cases = [("in", ["u1", "u2"], 2), ("!=", 1, 2), (">=", 3, 2), ("is_null", None, 1)]
+    for op, value, dropped in cases:
+        column = "price" if op in (">=", "is_null") else ("user" if op == "in" else "is_cached")
+        flt = FilterConfig("f", column, op, value)
+        assert load_split([path], FEATURES, "click", [flt]).dropped == {"f": dropped}, op
+
+
+def test_sample_weights():
+    labels = np.array([0, 1, 1, 0], np.float32)
+    assert sample_weights(labels, TrainingConfig(pos_weight=5.0)).tolist() == [1, 5, 5, 1]
+    weights = sample_weights(labels, TrainingConfig(class_weight={0: 0.5, 1: 2.0}))
+    assert weights.tolist() == [0.5, 2, 2, 0.5]
+
+
+def test_downsample_keeps_all_positives_and_rate_of_negatives():
+    labels = (np.arange(100_000) % 20 == 0).astype(np.float32)
+    keep = downsample_negatives(labels, 0.25, seed=0)
+    assert keep[labels == 1].all()
+    assert keep[labels == 0].mean() == pytest.approx(0.25, abs=0.01)

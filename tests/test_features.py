@@ -1,0 +1,137 @@
+"""FeatureEncoder: fitted vocabularies/statistics and raw -> slots, against NumPy."""
+
+import json
+
+import numpy as np
+import pytest
+
+from fm_keras._tf import keras, tf
+from fm_keras.config import FeatureConfig
+from fm_keras.data import Split
+from fm_keras.features import FeatureEncoder, fit_features
+
+
+def _split(**columns):
+    arrays = {k: np.asarray(v, dtype=np.float32 if isinstance(v[0], float) else object)
+              for k, v in columns.items()}
+    return Split(arrays, None, rows_read=len(next(iter(arrays.values()))))
+
+
+def _encode(encoder, **columns):
+    inputs = {k: tf.constant(v) for k, v in columns.items()}
+    ids, values = encoder(inputs)
+    return ids.numpy(), values.numpy()
+
+
+def test_categorical_vocabulary_min_count_and_oov():
+    cfg = FeatureConfig("color", "categorical", "item", min_count=2, oov_buckets=3)
+    (fitted,) = fit_features([cfg], _split(color=["red", "red", "blue", "blue", "blue", "green"]))
+    assert fitted.vocabulary == ("blue", "red")  # most frequent first; green is below min_count
+    encoder = FeatureEncoder([fitted])
+    ids, values = _encode(encoder, color=["blue", "red", "green", "never-seen"])
+    assert ids[:2, 0].tolist() == [3, 4]          # after the 3 OOV buckets
+    assert 0 <= ids[2, 0] < 3 and 0 <= ids[3, 0] < 3
+    assert values.tolist() == [[1.0]] * 4
+
+
+def test_hash_buckets_stay_in_range():
+    cfg = FeatureConfig("user", "categorical", "user", hash_buckets=7)
+    (fitted,) = fit_features([cfg], _split(user=["a", "b"]))
+    ids, _ = _encode(FeatureEncoder([fitted]), user=[f"u{i}" for i in range(100)])
+    assert fitted.size == 7 and ids.min() >= 0 and ids.max() < 7
+
+
+def test_multi_hot_weights_combiner_and_padding():
+    cfg = FeatureConfig("tags", "multi_hot", "item", max_len=3, combiner="mean")
+    (fitted,) = fit_features([cfg], _split(tags=["a|b", "b|c", "a"]))
+    encoder = FeatureEncoder([fitted])
+    ids, values = _encode(encoder, tags=["a:1|b:3", "c", "", "a|b|c|a"])
+    vocab = {v: i + 1 for i, v in enumerate(fitted.vocabulary)}  # 1 OOV bucket first
+    assert ids[0, :2].tolist() == [vocab["a"], vocab["b"]]
+    np.testing.assert_allclose(values[0], [0.25, 0.75, 0.0])      # mean of weights 1 and 3
+    np.testing.assert_allclose(values[1], [1.0, 0.0, 0.0])
+    np.testing.assert_allclose(values[2], [0.0, 0.0, 0.0])        # empty list: no features
+    np.testing.assert_allclose(values[3], [1 / 3] * 3)            # truncated to max_len
+
+
+def test_multi_hot_default_max_len_from_data():
+    cfg = FeatureConfig("tags", "multi_hot", "item", combiner="sqrtn")
+    (fitted,) = fit_features([cfg], _split(tags=["a|b"] * 50 + ["a"] * 50))
+    assert fitted.max_len == 2
+    _, values = _encode(FeatureEncoder([fitted]), tags=["a:3|b:4"])
+    np.testing.assert_allclose(values[0], [0.6, 0.8], rtol=1e-6)
+
+
+@pytest.mark.parametrize("normalization", ["standard", "log", "min_max", "none"])
+def test_numeric_normalization_matches_numpy(normalization):
+    raw = np.array([1.0, 2.0, 4.0, 8.0, 100.0])
+    cfg = FeatureConfig("price", "numeric", "item", normalization=normalization)
+    (fitted,) = fit_features([cfg], _split(price=raw.astype(np.float32).tolist()))
+    expect = {
+        "standard": (raw - raw.mean()) / raw.std(),
+        "log": (np.log1p(raw) - np.log1p(raw).mean()) / np.log1p(raw).std(),
+        "min_max": (raw - raw.min()) / (raw.max() - raw.min()),
+        "none": raw,
+    }[normalization]
+    _, values = _encode(FeatureEncoder([fitted]), price=raw.astype(np.float32))
+    np.testing.assert_allclose(values[:, 0], expect, rtol=1e-5, atol=1e-5)
+
+
+def test_numeric_missing_and_out_of_range_values_stay_finite():
+    cfg = FeatureConfig("price", "numeric", "item")
+    (fitted,) = fit_features([cfg], _split(price=[1.0, 2.0, 3.0]))
+    _, values = _encode(FeatureEncoder([fitted]), price=np.array([np.nan, 1e30, -1e30], np.float32))
+    assert values[0, 0] == pytest.approx(0.0, abs=1e-6)   # missing -> training mean -> 0
+    assert np.isfinite(values).all()
+    assert values[1, 0] == pytest.approx((3 - 2) / np.std([1, 2, 3]), rel=1e-5)  # clipped
+
+
+def test_numeric_buckets_become_categorical():
+    cfg = FeatureConfig("age", "numeric", "user", buckets=[18.0, 30.0, 50.0])
+    (fitted,) = fit_features([cfg], _split(age=[20.0, 40.0]))
+    ids, values = _encode(FeatureEncoder([fitted]), age=np.array([5, 18, 29, 49, 80], np.float32))
+    assert ids[:, 0].tolist() == [0, 1, 1, 2, 3] and fitted.size == 4
+    assert values[:, 0].tolist() == [1.0] * 5
+
+
+def test_slots_ids_offsets_and_sides():
+    configs = [FeatureConfig("user", "categorical", "user"),
+               FeatureConfig("tags", "multi_hot", "item", max_len=2),
+               FeatureConfig("hour", "categorical", "context"),
+               FeatureConfig("price", "numeric", "item")]
+    fitted = fit_features(configs, _split(user=["a", "b"], tags=["x|y", "y"], hour=["1", "2"],
+                                          price=[1.0, 2.0]))
+    encoder = FeatureEncoder(fitted)
+    assert encoder.num_slots == 5
+    assert encoder.slot_query_side.tolist() == [True, False, False, True, False]
+    ids, _ = _encode(encoder, user=["b"], tags=["y"], hour=["1"], price=np.array([1.5], np.float32))
+    assert ids[0].tolist() == [2, 3 + 1, 3, 6 + 1, 9]  # per-feature offsets 0, 3, 6, 9
+    assert encoder.num_ids == 10
+
+
+def test_missing_input_names_the_feature():
+    (fitted,) = fit_features([FeatureConfig("user", "categorical", "user")], _split(user=["a"]))
+    with pytest.raises(ValueError, match="missing input feature 'user'"):
+        FeatureEncoder([fitted])({"other": tf.constant(["a"])})
+
+
+def test_config_json_round_trip_and_saved_model(tmp_path):
+    configs = [FeatureConfig("user", "categorical", "user", min_count=1),
+               FeatureConfig("tags", "multi_hot", "item", max_len=2),
+               FeatureConfig("price", "numeric", "item", normalization="log")]
+    fitted = fit_features(configs, _split(user=["a", "b"], tags=["x|y", "y"], price=[1.0, 5.0]))
+    encoder = FeatureEncoder(fitted)
+    config = json.loads(json.dumps(keras.layers.serialize(encoder)))
+    clone = keras.layers.deserialize(config)
+    columns = dict(user=["b", "zz"], tags=["y|x", ""], price=np.array([2.0, np.nan], np.float32))
+    for got, want in zip(_encode(clone, **columns), _encode(encoder, **columns)):
+        np.testing.assert_array_equal(got, want)
+
+    module = tf.Module()
+    module.encoder = encoder
+    module.f = tf.function(lambda x: encoder(x), input_signature=[encoder.input_signature()])
+    tf.saved_model.save(module, str(tmp_path / "enc"))
+    loaded = tf.saved_model.load(str(tmp_path / "enc"))
+    inputs = {k: tf.constant(v) for k, v in columns.items()}
+    for got, want in zip(loaded.f(inputs), encoder(inputs)):
+        np.testing.assert_array_equal(got.numpy(), want.numpy())

@@ -1,0 +1,130 @@
+"""FactorizationMachine against a float64 O(n^2) NumPy reference, plus the layer contract."""
+
+import itertools
+import json
+
+import numpy as np
+import pytest
+
+from fm_keras._tf import keras, tf
+from fm_keras.layers import FactorizationMachine
+
+
+def fm_reference(bias, w, v, ids, values):
+    """Dense O(n^2) FM: y = w0 + sum_i w_i x_i + sum_{i<j} <v_i, v_j> x_i x_j (float64)."""
+    n = len(w)
+    out = []
+    for row_ids, row_values in zip(ids, values):
+        x = np.zeros(n)
+        np.add.at(x, row_ids, row_values)  # padding slots (x = 0) add nothing
+        y = bias + w @ x
+        for i, j in itertools.combinations(range(n), 2):
+            y += (v[i] @ v[j]) * x[i] * x[j]
+        out.append(y)
+    return np.array(out)
+
+
+def _layer(num_ids, k, seed=0):
+    layer = FactorizationMachine(num_ids, k)
+    layer.build(None)
+    rng = np.random.default_rng(seed)
+    layer.bias.assign(rng.normal())
+    layer.linear.assign(rng.normal(size=num_ids).astype(np.float32))
+    layer.embeddings.assign(rng.normal(scale=0.5, size=(num_ids, k)).astype(np.float32))
+    return layer
+
+
+def _inputs(kind, batch, num_ids, rng):
+    """Slots as the encoder makes them: categorical x=1, weighted multi-hot, numeric x=value."""
+    if kind == "categorical":  # one slot per field, distinct id ranges, x = 1
+        ids = np.stack([rng.integers(f * 5, f * 5 + 5, batch) for f in range(num_ids // 5)], 1)
+        return ids, np.ones(ids.shape)
+    if kind == "multi_hot":  # a 4-slot list with weights and zero-weight padding
+        ids = np.stack([rng.choice(num_ids, 4, replace=False) for _ in range(batch)])
+        values = rng.uniform(0.1, 2.0, (batch, 4)) * (rng.random((batch, 4)) < 0.7)
+        return ids, values
+    ids = np.tile(np.arange(3), (batch, 1))  # numeric: fixed ids, x = normalized value
+    return ids, rng.normal(size=(batch, 3))
+
+
+@pytest.mark.parametrize("kind,k,seed", list(itertools.product(
+    ["categorical", "multi_hot", "numeric"], [1, 4, 10], [0, 1])))
+def test_matches_pairwise_reference(kind, k, seed):
+    rng = np.random.default_rng(seed)
+    num_ids = 15
+    layer = _layer(num_ids, k, seed)
+    ids, values = _inputs(kind, 16, num_ids, rng)
+    got = layer((tf.constant(ids, tf.int32), tf.constant(values, tf.float32))).numpy()[:, 0]
+    want = fm_reference(float(layer.bias.numpy()), layer.linear.numpy().astype(np.float64),
+                        layer.embeddings.numpy().astype(np.float64), ids, values)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_mixed_row_matches_reference():
+    """One row with categorical, weighted multi-hot (with padding) and numeric slots."""
+    layer = _layer(12, 10, seed=5)
+    ids = np.array([[0, 3, 4, 4, 0, 11]])           # cat, multi-hot x3 (one pad), numeric
+    values = np.array([[1.0, 0.5, 2.0, 0.0, 0.0, -1.3]])
+    got = layer((tf.constant(ids), tf.constant(values, tf.float32))).numpy()[0, 0]
+    want = fm_reference(float(layer.bias.numpy()), layer.linear.numpy().astype(np.float64),
+                        layer.embeddings.numpy().astype(np.float64), ids, values)[0]
+    assert got == pytest.approx(want, abs=1e-4)
+
+
+def test_zero_value_slot_adds_nothing():
+    layer = _layer(10, 4)
+    ids = tf.constant([[1, 2, 3]])
+    base = layer((ids[:, :2], tf.constant([[1.0, 1.0]])))
+    padded = layer((ids, tf.constant([[1.0, 1.0, 0.0]])))
+    np.testing.assert_allclose(base.numpy(), padded.numpy(), atol=1e-6)
+
+
+def test_side_terms_decompose_the_score():
+    """bias + L_Q + L_I + P_Q + P_I + <S_Q, S_I> == FM score."""
+    layer = _layer(20, 6, seed=2)
+    rng = np.random.default_rng(2)
+    ids = tf.constant(rng.integers(0, 20, (8, 5)), tf.int32)
+    values = tf.constant(rng.normal(size=(8, 5)), tf.float32)
+    query = tf.constant([True, True, False, False, False])
+    lq, pq, sq = layer.side_terms(ids, values, query)
+    li, pi, si = layer.side_terms(ids, values, ~query)
+    total = layer.bias + lq + li + pq + pi + tf.reduce_sum(sq * si, 1)
+    np.testing.assert_allclose(total.numpy(), layer((ids, values)).numpy()[:, 0], atol=1e-4)
+
+
+def test_l2_penalizes_only_touched_rows():
+    layer = FactorizationMachine(100, 3, l2_embeddings=0.1, l2_linear=0.01)
+    layer.build(None)
+    layer.embeddings.assign(tf.ones([100, 3]))
+    layer.linear.assign(tf.ones([100]))
+    layer((tf.constant([[1, 2]]), tf.constant([[1.0, 0.0]])))  # only id 1 is non-zero
+    assert float(tf.add_n(layer.losses)) == pytest.approx(0.1 * 3 + 0.01 * 1)
+
+
+@pytest.mark.parametrize("bad", [{"num_ids": 0}, {"num_ids": 5, "embedding_dim": 0},
+                                 {"num_ids": 5, "l2_embeddings": -1.0}])
+def test_rejects_bad_arguments(bad):
+    with pytest.raises(ValueError, match="must be"):
+        FactorizationMachine(**bad)
+
+
+def test_config_json_round_trip():
+    layer = FactorizationMachine(50, 7, l2_embeddings=1e-3, l2_linear=1e-4, name="fm")
+    config = json.loads(json.dumps(keras.layers.serialize(layer)))
+    clone = keras.layers.deserialize(config)
+    assert isinstance(clone, FactorizationMachine)
+    assert clone.get_config() == layer.get_config()
+
+
+def test_save_load_same_predictions(tmp_path):
+    ids_in = keras.Input([6], dtype=tf.int32)
+    values_in = keras.Input([6], dtype=tf.float32)
+    model = keras.Model([ids_in, values_in], FactorizationMachine(30, 10)([ids_in, values_in]))
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, 30, (32, 6)).astype(np.int32)
+    values = rng.normal(size=(32, 6)).astype(np.float32)
+    before = model.predict([ids, values], verbose=0)
+    path = str(tmp_path / "fm.keras")
+    model.save(path)
+    loaded = keras.models.load_model(path)
+    np.testing.assert_allclose(loaded.predict([ids, values], verbose=0), before, atol=1e-6)

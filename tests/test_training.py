@@ -1,0 +1,105 @@
+"""Training runs end to end on small synthetic data: run dir, resume, divergence, calibration."""
+
+import dataclasses
+import os
+
+import numpy as np
+import pytest
+
+from fm_keras.config import load_experiment
+from fm_keras.errors import DataError, RunError, TrainingDivergedError
+from fm_keras.training import TrainingState, load_run, predict_split, train
+from fm_keras.data import load_data_split
+
+
+def _config(synth_dir, **training):
+    config = load_experiment(os.path.join(synth_dir, "experiment.yaml"))
+    defaults = {"epochs": 2, "steps_per_execution": 8}
+    return dataclasses.replace(
+        config, training=dataclasses.replace(config.training, **{**defaults, **training}))
+
+
+@pytest.fixture(scope="module")
+def calib_synth(tmp_path_factory):
+    """Enough rows that the test set's positive rate is known to a few percent."""
+    from fm_keras.synth import generate
+
+    out = tmp_path_factory.mktemp("calib")
+    generate(str(out), rows=150_000, seed=11)
+    return str(out)
+
+
+def test_run_directory_and_load(small_synth, tmp_path):
+    synth_dir, _ = small_synth
+    run_dir = str(tmp_path / "run")
+    record = train(_config(synth_dir), run_dir, verbose=0)
+    assert record["status"] == "complete"
+    assert sorted(os.listdir(run_dir)) == ["checkpoints", "experiment.json", "features.json",
+                                           "model", "run.json", "state.json"]
+    assert record["rows"]["dropped"]["cached_exposures"] > 0
+    assert record["metrics"]["test"]["auc"] > 0.6
+    run = load_run(run_dir)
+    test = load_data_split(run.config.data, "test", run.config.features, "binary")
+    probs = predict_split(run.model, test)["probability"]
+    from fm_keras.evaluation import binary_metrics
+    assert binary_metrics(test.labels, probs)["auc"] == pytest.approx(
+        record["metrics"]["test"]["auc"], abs=1e-6)
+    with pytest.raises(RunError, match="holds a finished run"):
+        train(_config(synth_dir), run_dir, verbose=0)
+
+
+def test_bad_data_leaves_no_run_dir(small_synth, tmp_path):
+    synth_dir, _ = small_synth
+    bad = tmp_path / "bad.csv"
+    bad.write_text("user_id,click\nu1,1\n")
+    config = _config(synth_dir)
+    config = dataclasses.replace(config, data=dataclasses.replace(config.data, train=(str(bad),)))
+    with pytest.raises(DataError, match="bad.csv: missing column"):
+        train(config, str(tmp_path / "run"), verbose=0)
+    assert not (tmp_path / "run").exists()
+
+
+def test_resume_continues_an_interrupted_run(small_synth, tmp_path, monkeypatch):
+    synth_dir, _ = small_synth
+    run_dir = str(tmp_path / "run")
+    original = TrainingState.on_epoch_end
+
+    def interrupt_after_first_epoch(self, epoch, logs=None):
+        original(self, epoch, logs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(TrainingState, "on_epoch_end", interrupt_after_first_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        train(_config(synth_dir, epochs=3), run_dir, verbose=0)
+    monkeypatch.setattr(TrainingState, "on_epoch_end", original)
+    with pytest.raises(RunError, match="not a finished fm_keras run.*--resume"):
+        load_run(run_dir)
+    with pytest.raises(RunError, match="pass --resume"):
+        train(_config(synth_dir, epochs=3), run_dir, verbose=0)
+    record = train(_config(synth_dir, epochs=3), run_dir, resume=True, verbose=0)
+    assert len(record["history"]) == 3  # epoch 1 from the first process, 2-3 resumed
+
+
+def test_early_stopping_restores_best_epoch(small_synth, tmp_path):
+    synth_dir, _ = small_synth
+    record = train(_config(synth_dir, epochs=8, early_stopping_patience=1, optimizer="adam",
+                           learning_rate=0.05), str(tmp_path / "run"), verbose=0)
+    aucs = [h["val_auc"] for h in record["history"]]
+    assert record["best_epoch"] == int(np.argmax(aucs))
+    assert record["metrics"]["valid"]["auc"] == pytest.approx(max(aucs), abs=0.01)
+
+
+def test_divergence_stops_with_advice(small_synth, tmp_path):
+    synth_dir, _ = small_synth
+    with pytest.raises(TrainingDivergedError, match="Decrease training.learning_rate"):
+        train(_config(synth_dir, optimizer="sgd", learning_rate=1e12), str(tmp_path / "run"),
+              verbose=0)
+
+
+@pytest.mark.parametrize("training", [{"pos_weight": 5.0}, {"neg_sample_rate": 0.2}])
+def test_corrected_probability_is_calibrated(calib_synth, tmp_path, training):
+    """Must show 5: the corrected mean is within 10% of the observed test positive rate."""
+    record = train(_config(calib_synth, epochs=3, **training), str(tmp_path / "run"), verbose=0)
+    test = record["metrics"]["test"]
+    assert abs(test["calibration_ratio"] - 1) < 0.10, test
+    assert abs(test["raw"]["calibration_ratio"] - 1) > 0.5  # the uncorrected one is far off
