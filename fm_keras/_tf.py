@@ -7,13 +7,10 @@ runs once, before any layer is defined.
 from __future__ import annotations
 
 import os
-import sys
 
-_LEGACY_ON = ("1", "true", "True", "TRUE")
-
-if "tensorflow" not in sys.modules:
-    os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
-_legacy_at_import = os.environ.get("TF_USE_LEGACY_KERAS") in _LEGACY_ON
+# tf.keras is resolved on first access from TF_USE_LEGACY_KERAS; once resolved to Keras 3
+# (someone touched tf.keras, or imported keras, before fm_keras) it stays Keras 3.
+os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
 
 import tensorflow as tf  # noqa: E402
 
@@ -24,7 +21,7 @@ except ImportError as err:  # pragma: no cover - tf-keras is a hard dependency
         "fm_keras needs Keras 2 from the 'tf-keras' package: pip install 'tf-keras~=2.20.0'"
     ) from err
 
-if not _legacy_at_import or not tf.keras.__name__.startswith("tf_keras"):
+if not tf.keras.__name__.startswith("tf_keras"):
     raise ImportError(
         "fm_keras needs Keras 2, but TensorFlow was imported with Keras 3 "
         f"(tf.keras is {tf.keras.__name__!r}). TensorFlow Recommenders breaks on Keras 3 "

@@ -1,0 +1,35 @@
+# Two commands on a fresh machine: `make demo` and `make test`. Each creates .venv if missing.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+DEMO   ?= demo
+ROWS   ?= 1000000
+
+.PHONY: demo test bench clean
+
+$(BIN)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $@
+
+$(BIN)/.bench-installed: $(BIN)/.installed
+	$(BIN)/python -m pip install --quiet -e '.[test,bench]'
+	touch $@
+
+demo: $(BIN)/.installed
+	$(BIN)/fm-keras synth --out $(DEMO)/data --rows $(ROWS)
+	rm -rf $(DEMO)/run
+	$(BIN)/fm-keras train --config $(DEMO)/data/experiment.yaml --out $(DEMO)/run
+	$(BIN)/fm-keras evaluate --run $(DEMO)/run --data $(DEMO)/data/test.csv
+	@echo "oracle (true probabilities) on the same test rows:"; cat $(DEMO)/data/oracle.json
+
+test: $(BIN)/.installed
+	$(BIN)/python -m pytest -q
+
+bench: $(BIN)/.bench-installed
+	$(BIN)/python benchmarks/train_throughput.py
+	$(BIN)/python benchmarks/imbalance.py
+
+clean:
+	rm -rf $(VENV) $(DEMO) runs .pytest_cache

@@ -1,0 +1,96 @@
+"""The fm-keras command: one-line errors with exit status 2, and synth -> train -> evaluate."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from fm_keras.cli import main
+
+
+def test_train_and_evaluate_print_json(small_synth, tmp_path, capsys):
+    synth_dir, _ = small_synth
+    run_dir = str(tmp_path / "run")
+    config = tmp_path / "exp.yaml"
+    config.write_text((synth_dir / "experiment.yaml").read_text().replace("epochs: 20", "epochs: 1")
+                      .replace("train.csv", str(synth_dir / "train.csv"))
+                      .replace("valid.csv", str(synth_dir / "valid.csv"))
+                      .replace("test.csv", str(synth_dir / "test.csv"))
+                      .replace("features.yaml", str(synth_dir / "features.yaml")))
+    assert main(["train", "--config", str(config), "--out", run_dir, "--quiet"]) == 0
+    trained = json.loads(capsys.readouterr().out)
+    assert trained["run"] == run_dir
+    assert main(["evaluate", "--run", run_dir, "--data", str(synth_dir / "test.csv")]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["auc"] == pytest.approx(trained["metrics"]["test"]["auc"], abs=1e-6)
+    assert {"logloss", "mean_predicted", "observed_rate", "ece", "rows", "dropped"} <= set(result)
+
+
+def _run_cli(*args, cwd):
+    return subprocess.run([sys.executable, "-m", "fm_keras.cli", *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda d: (d / "features.yaml").write_text(
+        (d / "features.yaml").read_text().replace("kind: numeric", "kind: numerc")),
+     "features.yaml: feature 'item_price': kind must be one of"),
+    (lambda d: (d / "experiment.yaml").write_text(
+        (d / "experiment.yaml").read_text().replace("pos_weight", "pos_wieght")),
+     "experiment.yaml: training: unknown key 'pos_wieght' (did you mean 'pos_weight'?)"),
+    (lambda d: (d / "train.csv").write_text(
+        (d / "train.csv").read_text().replace("item_price", "price", 1)),
+     "train.csv: missing column 'item_price'"),
+    (lambda d: (d / "train.csv").write_text(""), "train.csv: the file is empty"),
+    (lambda d: (d / "train.csv").write_text(
+        "\n".join(line if i != 5 else line.rsplit(",", 1)[0] + ",7"
+                  for i, line in enumerate((d / "train.csv").read_text().splitlines()))),
+     "train.csv: label column 'click': task 'binary' needs labels in {0, 1}, found [7.0]"),
+])
+def test_bad_input_one_line_error(small_synth, tmp_path, edit, message):
+    synth_dir, _ = small_synth
+    data = tmp_path / "data"
+    data.mkdir()
+    for name in ("train.csv", "valid.csv", "test.csv", "features.yaml", "experiment.yaml"):
+        (data / name).write_text((synth_dir / name).read_text())
+    edit(data)
+    proc = _run_cli("train", "--config", str(data / "experiment.yaml"), "--out",
+                    str(tmp_path / "run"), cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("fm-keras: error: ") and message in last, proc.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_non_numeric_value_in_numeric_feature(small_synth, tmp_path):
+    synth_dir, _ = small_synth
+    data = tmp_path / "data"
+    data.mkdir()
+    for name in ("valid.csv", "test.csv", "features.yaml", "experiment.yaml"):
+        (data / name).write_text((synth_dir / name).read_text())
+    lines = (synth_dir / "train.csv").read_text().splitlines()
+    header = lines[0].split(",")
+    row = lines[3].split(",")
+    row[header.index("item_price")] = "cheap"
+    lines[3] = ",".join(row)
+    (data / "train.csv").write_text("\n".join(lines) + "\n")
+    proc = _run_cli("train", "--config", str(data / "experiment.yaml"), "--out",
+                    str(tmp_path / "run"), cwd=tmp_path)
+    assert proc.returncode == 2
+    assert ("train.csv: column 'item_price' (numeric feature): non-numeric value 'cheap' "
+            "at data row 3") in proc.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_evaluate_unfinished_run(tmp_path):
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    proc = _run_cli("evaluate", "--run", str(tmp_path / "run"), "--data", "x.csv", cwd=tmp_path)
+    assert proc.returncode == 2
+    assert "not a finished fm_keras run" in proc.stderr and "--resume" in proc.stderr
+
+
+def test_synth_rejects_tiny_rows(tmp_path):
+    proc = _run_cli("synth", "--out", str(tmp_path / "s"), "--rows", "10", cwd=tmp_path)
+    assert proc.returncode == 2 and "--rows must be at least 1000" in proc.stderr

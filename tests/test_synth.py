@@ -1,0 +1,45 @@
+"""The synthetic set: files, rates, oracle."""
+
+import json
+
+import numpy as np
+import pandas as pd
+
+from fm_keras.config import load_experiment
+from fm_keras.synth import PlantedFM, SynthSpec
+
+
+def test_files_rates_and_oracle(small_synth):
+    out, oracle = small_synth
+    train = pd.read_csv(out / "train.csv")
+    assert {p.name for p in out.iterdir()} >= {"train.csv", "valid.csv", "test.csv", "items.csv",
+                                               "features.yaml", "experiment.yaml", "oracle.json"}
+    assert len(train) == 16_000
+    clean = train[train.is_cached == 0]
+    assert 0.03 < clean.click.mean() < 0.07                 # roughly 5% positives
+    assert 0.10 < train.is_cached.mean() < 0.20
+    assert train.ts.is_monotonic_increasing
+    assert train.item_tags.str.contains("|", regex=False).any()
+    assert json.loads((out / "oracle.json").read_text())["auc"] == oracle["auc"]
+    assert 0.7 < oracle["auc"] < 0.95
+    items = pd.read_csv(out / "items.csv")
+    assert items.item_id.is_unique and set(train.item_id) <= set(items.item_id)
+    config = load_experiment(out / "experiment.yaml")        # the written config is valid
+    assert config.data.filters[0].column == "is_cached"
+
+
+def test_planted_fm_matches_pairwise_definition():
+    rng = np.random.default_rng(0)
+    truth = PlantedFM(SynthSpec(users=5, items=5, segments=2, categories=2, tags=3), rng)
+    rows = {"user_id": np.array([1]), "user_segment": np.array([0]), "item_id": np.array([2]),
+            "item_category": np.array([1]), "device": np.array([0]), "hour": np.array([3])}
+    tag_ids, tag_w, price = np.array([[0, 2]]), np.array([[0.5, 0.5]]), np.array([0.7])
+    slots = [(n, rows[n][0], 1.0) for n in rows] + [("item_tags", 0, 0.5), ("item_tags", 2, 0.5),
+                                                     ("item_price", 0, 0.7)]
+    expected = sum(truth.params[n][0][i] * x for n, i, x in slots)
+    for a in range(len(slots)):
+        for b in range(a + 1, len(slots)):
+            (na, ia, xa), (nb, ib, xb) = slots[a], slots[b]
+            expected += truth.params[na][1][ia] @ truth.params[nb][1][ib] * xa * xb
+    got = truth.logit(rows, tag_ids, tag_w, price)[0]
+    assert abs(got - expected) < 1e-9
