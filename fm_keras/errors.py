@@ -21,3 +21,7 @@ class TrainingDivergedError(FMKerasError, RuntimeError):
 
 class RunError(FMKerasError, ValueError):
     """A run directory is missing, incomplete or not an fm_keras run."""
+
+
+class ExportError(FMKerasError, ValueError):
+    """A model cannot be exported, indexed or loaded as an fm_keras export."""

@@ -26,6 +26,7 @@ from fm_keras.data import Split
 
 _MAX_LEN_CAP = 64  # default multi-hot max_len never exceeds this
 _STD_FLOOR = 1e-6
+_NUMBER = r"\s*[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?\s*"
 
 
 @dataclass(frozen=True)
@@ -172,23 +173,38 @@ class FeatureEncoder(keras.layers.Layer):
     def input_names(self) -> list[str]:
         return [f.config.name for f in self.features]
 
-    def input_signature(self) -> dict[str, tf.TensorSpec]:
-        """The raw inputs as `tf.TensorSpec`s of shape [None], named after the features."""
-        return {f.config.name: tf.TensorSpec([None], tf.float32 if f.config.kind == "numeric"
-                                             else tf.string, name=f.config.name)
-                for f in self.features}
-
     def call(self, inputs):
+        return self.encode(inputs)
+
+    def encode(self, inputs, names: Sequence[str] | None = None):
+        """Encodes the named features (default: all) into ``(ids, values)`` [batch, slots].
+
+        With `names`, only those features' slots are produced, in spec order: the user and
+        item towers encode one side of the model each.
+        """
+        wanted = set(self.input_names if names is None else names)
         ids, values = [], []
         for feature, offset in zip(self.features, self.offsets):
             name = feature.config.name
+            if name not in wanted:
+                continue
             if name not in inputs:
                 raise ValueError(f"missing input feature {name!r}; the model expects "
-                                 f"{self.input_names}")
+                                 f"{sorted(wanted)}")
             i, v = self._encode(feature, inputs[name])
             ids.append(i + offset)
             values.append(v)
         return tf.concat(ids, axis=1), tf.concat(values, axis=1)
+
+    def side_names(self, query_side: bool) -> list[str]:
+        """Names of the query-side (user + context) or item-side features, in spec order."""
+        return [f.config.name for f in self.features if f.config.query_side == query_side]
+
+    def input_signature(self, names: Sequence[str] | None = None) -> dict[str, tf.TensorSpec]:
+        """The raw inputs as `tf.TensorSpec`s of shape [None], named after the features."""
+        return {f.config.name: tf.TensorSpec([None], tf.float32 if f.config.kind == "numeric"
+                                             else tf.string, name=f.config.name)
+                for f in self.features if names is None or f.config.name in names}
 
     def _encode(self, f: FittedFeature, raw):
         c = f.config
@@ -210,7 +226,12 @@ class FeatureEncoder(keras.layers.Layer):
         tokens = tf.ragged.boolean_mask(tokens, tf.strings.length(tokens) > 0)[:, : f.max_len]
         parts = tf.strings.split(tokens.flat_values, c.weight_separator, maxsplit=1)
         parts = parts.to_tensor(default_value="1", shape=[None, 2])
-        weights = tokens.with_flat_values(tf.strings.to_number(parts[:, 1], tf.float32))
+        # A weight that is not a finite number counts as 1: serving never fails on bad input.
+        given = parts[:, 1]
+        given = tf.where(tf.strings.regex_full_match(given, _NUMBER), given, "1")
+        weight = tf.strings.to_number(given, tf.float32)
+        weight = tf.where(tf.math.is_finite(weight), weight, 1.0)
+        weights = tokens.with_flat_values(weight)
         if c.combiner == "mean":
             weights = weights / tf.maximum(tf.reduce_sum(weights, 1, keepdims=True), 1e-12)
         elif c.combiner == "sqrtn":

@@ -1,0 +1,268 @@
+"""Vector recall: item_tower over a catalog -> a ScaNN (or brute-force) index -> a recall export.
+
+    saved_models/NAME_recall/<version>/
+        serving_default  query features                   -> item_ids, scores, probabilities
+        exclude_seen     query features + exclude_item_ids -> the same, without those items
+
+`scores` are FM logits (user_vector . item_vector + user_offset), so the order is exactly the
+ranking model's order for that user, and `probabilities` are the calibrated click
+probabilities. The ScaNN backend needs the ScaNN ops (`import scann` before loading; the
+ScaNN-enabled TF Serving); `brute_force` uses stock ops only and serves on stock TF Serving.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from fm_keras import fsutil
+from fm_keras._tf import tf
+from fm_keras.errors import ExportError
+from fm_keras.export import (METADATA, WARMUP, _check_name, _check_writable, next_version,
+                             publish, signature_info, write_warmup)
+from fm_keras.servables import load_export
+from fm_keras.training import log
+
+FORMAT_RECALL = "fm_keras.recall"
+BACKENDS = ("scann", "brute_force")
+
+
+@dataclass(frozen=True)
+class ScannParams:
+    """ScaNN settings: partitioning (tree), asymmetric hashing (AH) and exact reordering.
+
+    FM item vectors are short (k + 1 = 11 dims), which AH compresses coarsely, so recall needs
+    more leaves searched and a larger reorder set than ScaNN's defaults.
+    """
+
+    num_leaves: int
+    leaves_to_search: int
+    reorder: int
+    dimensions_per_block: int = 1
+    anisotropic_quantization_threshold: float = 0.2
+    training_sample_size: int = 100_000
+
+    @classmethod
+    def for_catalog(cls, n: int, k: int) -> ScannParams | None:
+        """Settings by catalog size; None = small enough for exact search inside ScaNN."""
+        if n <= 20_000:
+            return None
+        leaves = int(min(max(2 * math.sqrt(n), 100), n / 100))
+        return cls(num_leaves=leaves, leaves_to_search=max(10, leaves // 10),
+                   reorder=max(10 * k, 1000))
+
+
+class ScannIndex(tf.Module):
+    """A ScaNN searcher over item vectors (dot product), saved with its model."""
+
+    def __init__(self, vectors: np.ndarray, k: int, params: ScannParams | None):
+        super().__init__(name="scann_index")
+        from scann.scann_ops.py import scann_ops
+
+        self._ops = scann_ops
+        builder = scann_ops.builder(vectors, k, "dot_product")
+        if params is None:
+            builder = builder.score_brute_force()
+        else:
+            builder = builder.tree(
+                num_leaves=params.num_leaves, num_leaves_to_search=params.leaves_to_search,
+                training_sample_size=min(params.training_sample_size, len(vectors)))
+            builder = builder.score_ah(
+                params.dimensions_per_block,
+                anisotropic_quantization_threshold=params.anisotropic_quantization_threshold,
+                training_sample_size=min(params.training_sample_size, len(vectors)))
+            builder = builder.reorder(params.reorder)
+        self.state = builder.build().serialize_to_module()
+        self._pre_reorder = -1 if params is None else params.reorder
+
+    def search(self, queries, k):
+        """queries [B, d] -> (scores [B, k], indices [B, k])."""
+        searcher = self._ops.searcher_from_module(self.state)
+        result = searcher.search_batched_parallel(
+            queries, final_num_neighbors=k,
+            pre_reorder_num_neighbors=tf.maximum(self._pre_reorder, k))
+        return result.distances, result.indices
+
+
+class BruteForceIndex(tf.Module):
+    """Exact top-k by matrix product: stock TensorFlow ops only."""
+
+    def __init__(self, vectors: np.ndarray):
+        super().__init__(name="brute_force_index")
+        self.vectors = tf.Variable(vectors, trainable=False, name="item_vectors")
+
+    def search(self, queries, k):
+        scores = tf.matmul(queries, self.vectors, transpose_b=True)
+        return tf.math.top_k(scores, k=tf.minimum(k, tf.shape(self.vectors)[0]))
+
+
+class RecallServable(tf.Module):
+    """User features -> top-k item ids with FM scores; the saved recall model."""
+
+    def __init__(self, ranking, index, item_ids: np.ndarray, k: int, query_names: list[str],
+                 logit_correction: float):
+        super().__init__(name="fm_recall")
+        self.ranking = ranking  # the loaded ranking export: its user_tower is reused as is
+        self.index = index
+        self.item_ids = tf.Variable(item_ids.astype(object).astype(bytes), trainable=False,
+                                    dtype=tf.string, name="item_ids")
+        self._k = int(k)
+        self._correction = float(logit_correction)
+        user_sig = ranking.signatures["user_tower"].structured_input_signature[1]
+        inputs = {n: tf.TensorSpec(user_sig[n].shape, user_sig[n].dtype, name=n)
+                  for n in query_names}
+        exclude = {**inputs, "exclude_item_ids": tf.TensorSpec([None, None], tf.string,
+                                                               name="exclude_item_ids")}
+        self.serving_default = tf.function(self._recall, input_signature=[inputs])
+        self.exclude_seen = tf.function(self._recall_excluding, input_signature=[exclude])
+
+    def signatures(self) -> dict:
+        return {"serving_default": self.serving_default.get_concrete_function(),
+                "exclude_seen": self.exclude_seen.get_concrete_function()}
+
+    def _user(self, features):
+        out = self.ranking.signatures["user_tower"](**features)
+        return out["user_vector"], out["user_offset"]
+
+    def _outputs(self, scores, ids, offset):
+        logits = scores + offset[:, None]
+        return {"item_ids": ids, "scores": logits,
+                "probabilities": tf.sigmoid(logits + self._correction)}
+
+    def _recall(self, features):
+        vectors, offset = self._user(features)
+        scores, idx = self.index.search(vectors, self._k)
+        return self._outputs(scores, tf.gather(self.item_ids, idx), offset)
+
+    def _recall_excluding(self, features):
+        features = dict(features)
+        exclude = features.pop("exclude_item_ids")
+        vectors, offset = self._user(features)
+        # Fetch k more per excluded id, drop the excluded ones, keep the best k.
+        scores, idx = self.index.search(vectors, self._k + tf.shape(exclude)[1])
+        ids = tf.gather(self.item_ids, idx)
+        hit = tf.reduce_any(tf.equal(ids[:, :, None], exclude[:, None, :]), axis=2)
+        scores = tf.where(hit, tf.constant(-np.inf, scores.dtype), scores)
+        scores, pos = tf.math.top_k(scores, k=tf.minimum(self._k, tf.shape(scores)[1]))
+        return self._outputs(scores, tf.gather(ids, pos, batch_dims=1), offset)
+
+
+def item_vectors(ranking, catalog: dict[str, np.ndarray], batch_size: int = 65_536) -> np.ndarray:
+    """Runs item_tower over the catalog columns: [items, k + 1] float32."""
+    fn = ranking.signatures["item_tower"]
+    names = list(fn.structured_input_signature[1])
+    n = len(catalog[names[0]])
+    parts = [fn(**{k: tf.constant(catalog[k][s:s + batch_size]) for k in names})["item_vector"]
+             .numpy() for s in range(0, n, batch_size)]
+    return np.concatenate(parts).astype(np.float32)
+
+
+def read_catalog(path: str, ranking_meta: dict, id_column: str) -> tuple[np.ndarray, dict]:
+    """(item ids, item feature columns) from a CSV/Parquet catalog; errors name the column."""
+    from fm_keras.config import FeatureConfig
+    from fm_keras.data import load_split
+
+    features = [FeatureConfig(**f["config"]) for f in ranking_meta["features"]
+                if f["config"]["name"] in ranking_meta["item_features"]]
+    extra = [] if id_column in {f.name for f in features} else [id_column]
+    split = load_split([path], features, None, (), passthrough=extra)
+    ids = (split.passthrough[id_column] if extra else split.features[id_column]).astype(str)
+    if len(set(ids)) != len(ids):
+        values, counts = np.unique(ids, return_counts=True)
+        raise ExportError(f"{path}: column {id_column!r} has duplicate item ids, e.g. "
+                          f"{values[counts > 1][:3].tolist()}; one row per item")
+    columns = {k: (v.astype(str).astype(object) if v.dtype == object else v.astype(np.float32))
+               for k, v in split.features.items()}
+    return ids, columns
+
+
+def build_index(model_dir: str, items: str, name: str, base: str = "saved_models",
+                k: int = 100, backend: str = "scann", id_column: str = "item_id",
+                version: int | None = None, scann: ScannParams | None = None) -> str:
+    """Exports ``base/name/<version>``: a recall model over the catalog; returns its path."""
+    if backend not in BACKENDS:
+        raise ExportError(f"--backend must be one of {BACKENDS}, got {backend!r}")
+    if k < 1:
+        raise ExportError(f"--k must be at least 1, got {k}")
+    _check_name(name)
+    model_dir, ranking, meta = load_export(model_dir, expect="fm_keras.ranking")
+    if "item_tower" not in ranking.signatures:
+        raise ExportError(f"{model_dir}: the model has no item_tower signature (it needs both "
+                          "query-side and item features for recall)")
+    started = time.time()
+    ids, columns = read_catalog(items, meta, id_column)
+    vectors = item_vectors(ranking, columns)
+    k = min(k, len(ids))
+    params = None
+    if backend == "scann":
+        params = scann or ScannParams.for_catalog(len(ids), k)
+        index = ScannIndex(vectors, k, params)
+    else:
+        index = BruteForceIndex(vectors)
+    log(f"indexed {len(ids):,} items with {backend} "
+        f"({asdict(params) if params else 'exact'}) in {time.time() - started:.1f}s")
+    servable = RecallServable(ranking, index, ids, k, meta["query_features"],
+                              meta["calibration"]["logit_correction"])
+    out_dir = os.path.join(base, name)
+    version = next_version(out_dir) if version is None else int(version)
+    final = os.path.join(out_dir, str(version))
+    if os.path.exists(final):
+        raise ExportError(f"{final} exists already; versions are immutable")
+    _check_writable(out_dir)
+    tmp = tempfile.mkdtemp(prefix=f".tmp-{version}-", dir=out_dir)
+    try:
+        tf.saved_model.save(servable, tmp, signatures=servable.signatures())
+        custom_ops = saved_custom_ops(tmp)
+        loaded = tf.saved_model.load(tmp)
+        rows = _sample_queries(ranking, meta)
+        extra = os.path.join(tmp, "assets.extra")
+        os.makedirs(extra)
+        rows["exclude_item_ids"] = np.array([[ids[0].encode(), b""]] * 4, dtype=object)
+        write_warmup(os.path.join(extra, WARMUP), loaded.signatures, rows)
+        fsutil.write_json(os.path.join(extra, METADATA), {
+            "format": FORMAT_RECALL, "format_version": 1, "name": name, "version": version,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "ranking_model": os.path.abspath(model_dir), "ranking_version": meta.get("version"),
+            "backend": backend, "k": k, "items": len(ids), "catalog": os.path.abspath(items),
+            "id_column": id_column, "scann": asdict(params) if params else None,
+            "query_features": meta["query_features"],
+            "signatures": signature_info(loaded.signatures),
+            "calibration": meta["calibration"], "custom_ops": custom_ops,
+            "needs": "import scann before loading; ScaNN-enabled TF Serving" if custom_ops
+                     else "stock TensorFlow / TF Serving",
+            "versions": meta.get("versions", {}), "build_seconds": round(time.time() - started, 2),
+        })
+        publish(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log(f"exported {final} ({backend}, k={k}, custom ops: {custom_ops or 'none'})")
+    return final
+
+
+def _sample_queries(ranking, meta: dict, n: int = 4) -> dict[str, np.ndarray]:
+    """A few valid query rows for warmup: empty strings and zeros (the OOV / mean path)."""
+    sig = ranking.signatures["user_tower"].structured_input_signature[1]
+    return {name: (np.array([b""] * n, dtype=object) if spec.dtype == tf.string
+                   else np.zeros(n, np.float32)) for name, spec in sig.items()}
+
+
+def saved_custom_ops(saved_model_dir: str) -> list[str]:
+    """Op types in a SavedModel that stock TensorFlow does not have (e.g. ``Scann>...``)."""
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    proto = saved_model_pb2.SavedModel()
+    with open(os.path.join(saved_model_dir, "saved_model.pb"), "rb") as f:
+        proto.ParseFromString(f.read())
+    ops = set()
+    for graph in proto.meta_graphs:
+        ops.update(n.op for n in graph.graph_def.node)
+        for fn in graph.graph_def.library.function:
+            ops.update(n.op for n in fn.node_def)
+    return sorted(op for op in ops if ">" in op)
