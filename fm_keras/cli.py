@@ -1,4 +1,4 @@
-"""The `fm-keras` command line: synth, train, evaluate.
+"""The `fm-keras` command line: synth, train, evaluate, export, index, score, recommend.
 
 Errors the user can fix (bad config, bad data, unfinished runs) print one line
 ``fm-keras: error: ...`` and exit with status 2; results go to stdout as JSON.
@@ -30,6 +30,44 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="metrics of a finished run on labeled data, as JSON")
     p.add_argument("--run", required=True, help="run directory written by 'fm-keras train'")
     p.add_argument("--data", required=True, nargs="+", help="CSV/Parquet files or globs")
+
+    p = sub.add_parser("export", help="export a finished run as a versioned ranking SavedModel")
+    p.add_argument("--run", required=True, help="run directory written by 'fm-keras train'")
+    p.add_argument("--name", required=True, help="model name: writes BASE/NAME/<version>")
+    p.add_argument("--base", default="saved_models", help="model base directory")
+    p.add_argument("--version", type=int, help="version number (default: the next one)")
+
+    p = sub.add_parser("index", help="build a ScaNN (or brute-force) recall model over a catalog")
+    p.add_argument("--model", required=True, help="ranking export: saved_models/NAME[/V]")
+    p.add_argument("--items", required=True, help="item catalog (CSV/Parquet) with item features")
+    p.add_argument("--name", required=True, help="recall model name, e.g. NAME_recall")
+    p.add_argument("--base", default="saved_models", help="model base directory")
+    p.add_argument("--k", type=int, default=100, help="items returned per user")
+    p.add_argument("--backend", choices=("scann", "brute_force"), default="scann",
+                   help="scann (needs ScaNN-enabled TF Serving) or brute_force (stock ops)")
+    p.add_argument("--id-column", default="item_id", help="catalog column with the item id")
+    p.add_argument("--version", type=int, help="version number (default: the next one)")
+
+    p = sub.add_parser("score", help="batch-score CSV/Parquet files with an export's signature")
+    p.add_argument("--model", required=True, help="export: saved_models/NAME[/V]")
+    p.add_argument("--input", required=True, nargs="+", help="CSV/Parquet files or globs")
+    p.add_argument("--output", required=True, help="output file (.csv or .parquet)")
+    p.add_argument("--signature", default="serving_default",
+                   help="serving_default, user_tower, item_tower, ...")
+    p.add_argument("--batch-size", type=int, default=65_536)
+    p.add_argument("--keep", help="comma-separated input columns to copy to the output "
+                   "(default: id columns: 'id' and *_id)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    p = sub.add_parser("recommend", help="top-K items for a file of users with a recall export")
+    p.add_argument("--model", required=True, help="recall export: saved_models/NAME_recall[/V]")
+    p.add_argument("--users", required=True, nargs="+", help="CSV/Parquet of user features")
+    p.add_argument("--k", type=int, default=10, help="items per user (at most the index's k)")
+    p.add_argument("--output", required=True, help="output file (.csv or .parquet)")
+    p.add_argument("--exclude-column", help="column of '|'-separated item ids to leave out")
+    p.add_argument("--keep", help="comma-separated user columns to copy (default: id columns)")
+    p.add_argument("--batch-size", type=int, default=4096)
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser
 
 
@@ -84,7 +122,47 @@ def _evaluate(args) -> int:
     return 0
 
 
-_COMMANDS = {"synth": _synth, "train": _train, "evaluate": _evaluate}
+def _export(args) -> int:
+    from fm_keras.export import export_run
+
+    path = export_run(args.run, args.name, base=args.base, version=args.version)
+    print(json.dumps({"model": path}, indent=2))
+    return 0
+
+
+def _index(args) -> int:
+    from fm_keras.recall import build_index
+
+    path = build_index(args.model, args.items, args.name, base=args.base, k=args.k,
+                       backend=args.backend, id_column=args.id_column, version=args.version)
+    print(json.dumps({"model": path}, indent=2))
+    return 0
+
+
+def _score(args) -> int:
+    from fm_keras.scoring import run_signature
+
+    print(json.dumps(run_signature(args.model, args.input, args.output,
+                                   signature=args.signature, batch_size=args.batch_size,
+                                   keep=_columns(args.keep), progress=not args.quiet), indent=2))
+    return 0
+
+
+def _recommend(args) -> int:
+    from fm_keras.scoring import recommend
+
+    print(json.dumps(recommend(args.model, args.users, args.output, args.k,
+                               exclude_column=args.exclude_column, keep=_columns(args.keep),
+                               batch_size=args.batch_size, progress=not args.quiet), indent=2))
+    return 0
+
+
+def _columns(text: str | None) -> list[str] | None:
+    return None if text is None else [c.strip() for c in text.split(",") if c.strip()]
+
+
+_COMMANDS = {"synth": _synth, "train": _train, "evaluate": _evaluate, "export": _export,
+             "index": _index, "score": _score, "recommend": _recommend}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -142,7 +142,7 @@ def next_version(model_dir: str) -> int:
 
 
 def sample_rows(run: Run, n: int, seed: int = 0) -> dict[str, np.ndarray]:
-    """Up to `n` rows of the run's own data (test, else valid, else train), a tenth of them
+    """`n` rows drawn from the run's own data (test, else valid, else train), a tenth of them
     with values the model never saw (new ids, extreme and missing numbers)."""
     from fm_keras.data import load_data_split
 
@@ -150,7 +150,7 @@ def sample_rows(run: Run, n: int, seed: int = 0) -> dict[str, np.ndarray]:
     role = "test" if data.test else "valid" if data.valid else "train"
     split = load_data_split(data, role, run.config.features, run.config.model.task)
     rng = np.random.default_rng(seed)
-    pick = rng.choice(len(split), size=min(n, len(split)), replace=False)
+    pick = rng.choice(len(split), size=n, replace=n > len(split))
     rows = {k: v[pick] for k, v in split.features.items()}
     unseen = rng.random(len(pick)) < 0.1
     for f in run.features:

@@ -1,0 +1,357 @@
+"""Batch scoring with an export's signatures: streamed, so memory stays flat in input size.
+
+Files (CSV or Parquet, globs) are read in record batches by pyarrow, fed through a tf.data
+pipeline that prefetches the next batch while the signature runs on the current one, and
+written batch by batch to a temp file that is renamed onto the output only when complete.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+
+from fm_keras._tf import tf
+from fm_keras.data import expand_paths
+from fm_keras.errors import DataError, ExportError
+from fm_keras.servables import load_export
+
+OUTPUT_FORMATS = {".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}
+_CSV_BLOCK_BYTES = 4 << 20
+
+
+def default_keep(columns: Sequence[str]) -> list[str]:
+    """Id columns passed through by default: ``id`` and names ending in ``_id``."""
+    return [c for c in columns if c == "id" or c.endswith("_id")]
+
+
+class Progress:
+    """A progress line on stderr (bytes of input read, rows, rows/s), at most once a second."""
+
+    def __init__(self, total_bytes: int, enabled: bool = True):
+        self.total, self.enabled = max(total_bytes, 1), enabled
+        self.rows, self.done_bytes, self.started, self._last = 0, 0, time.time(), 0.0
+
+    def update(self, rows: int, done_bytes: int) -> None:
+        self.rows += rows
+        self.done_bytes = done_bytes
+        now = time.time()
+        if self.enabled and now - self._last >= 1.0:
+            self._last = now
+            self._print("\r")
+
+    def close(self, ok: bool = True) -> None:
+        if self.enabled and ok:
+            self._print("\r")
+        if self.enabled and (ok or self._last):
+            print(file=sys.stderr, flush=True)
+
+    @property
+    def rows_per_second(self) -> float:
+        return self.rows / max(time.time() - self.started, 1e-9)
+
+    def _print(self, start: str) -> None:
+        frac = min(self.done_bytes / self.total, 1.0)
+        bar = "#" * int(frac * 30)
+        print(f"{start}fm-keras: [{bar:<30s}] {frac:6.1%} {self.rows:,} rows "
+              f"{self.rows_per_second:,.0f} rows/s", end="", file=sys.stderr, flush=True)
+
+
+class _CountingFile:
+    """A binary file that counts the bytes read (for the progress bar)."""
+
+    def __init__(self, path: str):
+        self._f = open(path, "rb")
+        self.read_bytes = 0
+
+    def read(self, n=-1):
+        data = self._f.read(n)
+        self.read_bytes += len(data)
+        return data
+
+    def __getattr__(self, name):
+        return getattr(self._f, name)
+
+
+def read_batches(files: Sequence[str], types: dict[str, tf.DType], keep: Sequence[str],
+                 batch_size: int) -> Iterator[tuple[dict[str, np.ndarray], int]]:
+    """Yields ``(columns, bytes_done)`` per record batch; inputs typed as the signature wants."""
+    done = 0
+    for path in files:
+        if os.path.getsize(path) == 0:
+            raise DataError(f"{path}: the file is empty")
+        wanted = list(dict.fromkeys([*types, *keep]))
+        counting = None
+        if path.endswith((".parquet", ".pq")):
+            pf = pq.ParquetFile(path)
+            _check_columns(path, pf.schema_arrow.names, wanted)
+            batches = pf.iter_batches(batch_size=batch_size, columns=wanted)
+            meta = pf.metadata
+            sizes = [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
+            per_row = os.path.getsize(path) / max(sum(sizes), 1)
+        else:
+            counting = _CountingFile(path)
+            column_types = {n: (pa.float32() if t == tf.float32 else pa.string())
+                            for n, t in types.items()}
+            column_types.update({c: pa.string() for c in keep})
+            try:
+                reader = pacsv.open_csv(
+                    counting, read_options=pacsv.ReadOptions(block_size=_CSV_BLOCK_BYTES),
+                    convert_options=pacsv.ConvertOptions(column_types=column_types,
+                                                         strings_can_be_null=False))
+            except pa.ArrowInvalid as err:
+                raise DataError(f"{path}: cannot read: {_first_line(err)}") from None
+            _check_columns(path, reader.schema.names, wanted)
+            batches = reader
+        rows_in_file = 0
+        while True:
+            try:
+                batch = next(batches)
+            except StopIteration:
+                break
+            except (pa.ArrowInvalid, OSError) as err:
+                raise DataError(f"{path}: cannot read: {_first_line(err)}") from None
+            for start in range(0, batch.num_rows, batch_size):
+                part = batch.slice(start, batch_size)
+                rows_in_file += part.num_rows
+                here = counting.read_bytes if counting else int(rows_in_file * per_row)
+                yield {name: _column(part.column(name), types.get(name)) for name in wanted}, \
+                    done + here
+        if rows_in_file == 0:
+            raise DataError(f"{path}: the file has a header but no rows")
+        done += os.path.getsize(path)
+        if counting:
+            counting.close()
+
+
+def _check_columns(path: str, have: Sequence[str], wanted: Sequence[str]) -> None:
+    missing = [c for c in wanted if c not in have]
+    if missing:
+        raise DataError(f"{path}: missing column {missing[0]!r} (the file has "
+                        f"{list(have)[:12]}; the signature needs {list(wanted)})")
+
+
+def _column(array: pa.Array, dtype) -> np.ndarray:
+    if dtype == tf.float32:
+        array = pc.cast(array, pa.float32())
+        return pc.fill_null(array, float("nan")).to_numpy(zero_copy_only=False)
+    return pc.fill_null(pc.cast(array, pa.string()), "").to_numpy(zero_copy_only=False)
+
+
+def _first_line(err: Exception) -> str:
+    return " ".join(str(err).split())[:300]
+
+
+def output_format(path: str) -> str:
+    ext = os.path.splitext(path)[1].lower()
+    if ext not in OUTPUT_FORMATS:
+        raise ExportError(f"--output {path}: unknown format {ext or '(none)'!r}; use .csv or "
+                          ".parquet")
+    return OUTPUT_FORMATS[ext]
+
+
+def check_output(path: str) -> None:
+    """Fails before any work if the output cannot be written."""
+    output_format(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        raise ExportError(f"--output {path}: directory {directory} does not exist")
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise ExportError(f"--output {path}: directory {directory} is not writable")
+    if os.path.isdir(path):
+        raise ExportError(f"--output {path}: is a directory; give a file name")
+
+
+class TableWriter:
+    """Writes record batches to a temp file beside `path`; `commit` renames it into place."""
+
+    def __init__(self, path: str):
+        self.path, self.format = path, output_format(path)
+        self.tmp = os.path.join(os.path.dirname(os.path.abspath(path)),
+                                f".tmp-{os.getpid()}-{os.path.basename(path)}")
+        self._writer = None
+
+    def write(self, table: pa.Table) -> None:
+        if self._writer is None:
+            self._writer = (pq.ParquetWriter(self.tmp, table.schema) if self.format == "parquet"
+                            else pacsv.CSVWriter(self.tmp, table.schema))
+        self._writer.write_table(table)
+
+    def commit(self) -> None:
+        self._writer.close()
+        os.replace(self.tmp, self.path)
+
+    def abort(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+        if os.path.exists(self.tmp):
+            os.unlink(self.tmp)
+
+
+def outputs_table(keep: dict[str, np.ndarray], outputs: dict[str, np.ndarray],
+                  fmt: str) -> pa.Table:
+    """Kept input columns, then outputs; a 2-D output becomes NAME_0.. (CSV) or a list (Parquet)."""
+    columns = {k: pa.array(v, pa.string()) for k, v in keep.items()}  # bytes decode as UTF-8
+    for name in sorted(outputs):
+        value = outputs[name]
+        if value.dtype == object:
+            value = value.astype(bytes).astype(str)
+        if value.ndim == 1:
+            columns[name] = pa.array(value)
+        elif fmt == "parquet":
+            columns[name] = pa.FixedSizeListArray.from_arrays(pa.array(value.reshape(-1)),
+                                                              value.shape[1])
+        else:
+            for j in range(value.shape[1]):
+                columns[f"{name}_{j}"] = pa.array(value[:, j])
+    return pa.table(columns)
+
+
+@dataclass(frozen=True)
+class Derived:
+    """Signature inputs `outputs` = fn(columns), from the extra file `columns` (name -> dtype)."""
+
+    outputs: tuple[str, ...]
+    columns: dict[str, tf.DType]
+    fn: Callable[[dict], dict]
+
+
+def run_signature(model: str, inputs: Sequence[str], output: str, *,
+                  signature: str = "serving_default", batch_size: int = 65_536,
+                  keep: Sequence[str] | None = None, progress: bool = True,
+                  derive: Derived | None = None,
+                  to_table: Callable[[dict, dict, str], pa.Table] = outputs_table) -> dict:
+    """Streams files through one signature of an export into `output`; returns a summary.
+
+    Args:
+        model: a version or model directory of an fm_keras export.
+        inputs: CSV/Parquet paths or globs.
+        signature: the signature to run; its raw inputs must be columns of the files.
+        keep: input columns copied to the output (default: id columns).
+        derive: signature inputs computed in-graph from other columns (e.g. the exclusion
+            list of `recommend`), not read from the files.
+        to_table: builds the output rows of a batch from (kept columns, outputs, format).
+    """
+    check_output(output)
+    if batch_size < 1:
+        raise ExportError(f"--batch-size must be at least 1, got {batch_size}")
+    files = expand_paths(list(inputs))
+    version_dir, loaded, meta = load_export(model)
+    if signature not in loaded.signatures:
+        raise ExportError(f"{version_dir}: no signature {signature!r}; it has "
+                          f"{sorted(loaded.signatures)}")
+    fn = loaded.signatures[signature]
+    types = {name: spec.dtype for name, spec in fn.structured_input_signature[1].items()}
+    derived = set(derive.outputs) if derive is not None else set()
+    read_types = {**{n: t for n, t in types.items() if n not in derived},
+                  **(derive.columns if derive is not None else {})}
+    keep = list(keep) if keep is not None else default_keep(_header(files[0]))
+    fmt = output_format(output)
+    failure: list[BaseException] = []
+    batches = _guarded(read_batches(files, read_types, keep, batch_size), failure)
+
+    def score(columns, done):
+        feed = {**columns, **(derive.fn(columns) if derive else {})}
+        return {k: columns[k] for k in keep}, fn(**{n: feed[n] for n in types}), done
+
+    dataset = _dataset(batches, read_types, keep).map(score).prefetch(2)
+    writer = TableWriter(output)
+    bar = Progress(sum(os.path.getsize(f) for f in files), enabled=progress)
+    started = time.time()
+    try:
+        for kept, outputs, done in dataset:
+            kept = {k: v.numpy() for k, v in kept.items()}
+            outputs = {k: v.numpy() for k, v in outputs.items()}
+            writer.write(to_table(kept, outputs, fmt))
+            bar.update(len(next(iter(outputs.values()))), int(done))
+        if failure:
+            raise failure[0]
+        if bar.rows == 0:
+            raise DataError(f"{', '.join(files)}: no rows to score")
+        writer.commit()
+    except BaseException:
+        writer.abort()
+        bar.close(ok=False)
+        raise
+    bar.close()
+    seconds = time.time() - started
+    return {"model": version_dir, "signature": signature, "output": output,
+            "rows": bar.rows, "files": len(files), "seconds": round(seconds, 3),
+            "rows_per_second": round(bar.rows / max(seconds, 1e-9)), "format": meta.get("format")}
+
+
+def _guarded(batches: Iterator, failure: list) -> Iterator:
+    """tf.data turns a generator's exception into a TF error; keep ours to re-raise it."""
+    try:
+        yield from batches
+    except BaseException as err:  # noqa: BLE001  (re-raised by the caller)
+        failure.append(err)
+
+
+def _header(path: str) -> list[str]:
+    if path.endswith((".parquet", ".pq")):
+        return pq.ParquetFile(path).schema_arrow.names
+    with open(path, encoding="utf-8", errors="replace") as f:
+        return pacsv.read_csv(pa.py_buffer(f.readline().encode())).column_names \
+            if os.path.getsize(path) else []
+
+
+def _dataset(batches: Iterator, types: dict[str, tf.DType], keep: Sequence[str]):
+    """The batch generator as a tf.data source (the model call then runs in its map)."""
+    spec = {n: tf.TensorSpec([None], tf.float32 if t == tf.float32 else tf.string)
+            for n, t in types.items()}
+    spec.update({k: tf.TensorSpec([None], tf.string) for k in keep if k not in spec})
+
+    def gen():
+        for columns, done in batches:
+            yield {k: columns[k] for k in spec}, done
+
+    return tf.data.Dataset.from_generator(
+        gen, output_signature=(spec, tf.TensorSpec([], tf.int64)))
+
+
+def recommend(model: str, users: Sequence[str], output: str, k: int, *,
+              exclude_column: str | None = None, keep: Sequence[str] | None = None,
+              batch_size: int = 4096, progress: bool = True) -> dict:
+    """Top-k items per user row of `users` with a recall export, one output row per item.
+
+    Output columns: the kept user columns, ``rank`` (1 = best), ``item_id``, ``score`` (the
+    FM logit) and ``probability``. With `exclude_column` (a ``|``-separated list of item ids
+    per user, e.g. already seen), those items are left out.
+    """
+    _, _, meta = load_export(model, expect="fm_keras.recall")
+    if not 1 <= k <= meta["k"]:
+        raise ExportError(f"--k must be between 1 and {meta['k']} (the k this recall model was "
+                          f"indexed with; rebuild it with 'fm-keras index --k'), got {k}")
+    derive = None
+    if exclude_column:
+        derive = Derived(("exclude_item_ids",), {exclude_column: tf.string},
+                         lambda cols: {"exclude_item_ids": tf.strings.split(
+                             cols[exclude_column], "|").to_tensor("")})
+
+    def to_table(kept, outputs, fmt):
+        n = outputs["item_ids"].shape[0]
+        top = min(k, outputs["item_ids"].shape[1])
+        ids = outputs["item_ids"][:, :top]
+        found = outputs["scores"][:, :top] > -np.inf  # fewer than k items left after exclusion
+        columns = {c: pa.array(np.repeat(v, top)[found.reshape(-1)], pa.string())
+                   for c, v in kept.items()}
+        columns["rank"] = pa.array(np.tile(np.arange(1, top + 1), n)[found.reshape(-1)])
+        columns["item_id"] = pa.array(ids.reshape(-1)[found.reshape(-1)], pa.string())
+        for name, out in (("score", "scores"), ("probability", "probabilities")):
+            columns[name] = pa.array(outputs[out][:, :top].reshape(-1)[found.reshape(-1)])
+        return pa.table(columns)
+
+    summary = run_signature(model, users, output, batch_size=batch_size, keep=keep,
+                            progress=progress, derive=derive, to_table=to_table,
+                            signature="exclude_seen" if exclude_column else "serving_default")
+    summary["k"] = k
+    return summary

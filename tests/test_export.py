@@ -1,0 +1,170 @@
+"""Ranking export: layout, tower parity, fresh-process loading, unseen values, refusals."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from fm_keras.errors import ExportError
+from fm_keras.export import RankingServable, check_parity, export_run, next_version, sample_rows
+from fm_keras.training import load_run, predict_split
+
+
+def _meta(version_dir):
+    with open(os.path.join(version_dir, "assets.extra", "fm_keras.json")) as f:
+        return json.load(f)
+
+
+def test_layout_metadata_and_warmup(exports):
+    from tensorflow_serving.apis import prediction_log_pb2
+
+    version_dir = exports["ranking"]
+    assert os.path.basename(version_dir) == "1"
+    assert [d for d in os.listdir(os.path.dirname(version_dir)) if not d.isdigit()] == []
+    meta = _meta(version_dir)
+    assert meta["format"] == "fm_keras.ranking"
+    assert meta["query_features"] == ["user_id", "user_segment", "device", "hour"]
+    assert meta["item_features"] == ["item_id", "item_category", "item_tags", "item_price"]
+    assert set(meta["signatures"]) == {"serving_default", "user_tower", "item_tower"}
+    assert meta["signatures"]["item_tower"]["outputs"] == {"item_vector": "float32"}
+    assert meta["calibration"]["logit_correction"] == pytest.approx(-np.log(4.0))
+    assert meta["metrics"]["test"]["auc"] > 0.6 and meta["custom_ops"] == []
+    assert meta["parity"]["max_abs_diff"] <= 1e-4
+    warmup = os.path.join(version_dir, "assets.extra", "tf_serving_warmup_requests")
+    records = [prediction_log_pb2.PredictionLog.FromString(r.numpy())
+               for r in tf.data.TFRecordDataset(warmup)]
+    assert sorted(r.predict_log.request.model_spec.signature_name for r in records) == \
+        ["item_tower", "serving_default", "user_tower"]
+    item = next(r for r in records if r.predict_log.request.model_spec.signature_name
+                == "item_tower").predict_log.request
+    assert sorted(item.inputs) == sorted(meta["item_features"])
+
+
+def test_towers_reproduce_logit_on_10k_rows(small_run, exports):
+    """user_vector . item_vector + user_offset == logit, checked against an independent sum."""
+    run = load_run(small_run)
+    rows = sample_rows(run, 10_000, seed=5)
+    loaded = tf.saved_model.load(exports["ranking"])
+    meta = _meta(exports["ranking"])
+    batch = {k: tf.constant(v) for k, v in rows.items()}
+    logit = loaded.signatures["serving_default"](**batch)["logit"].numpy().astype(np.float64)
+    user = loaded.signatures["user_tower"](**{k: batch[k] for k in meta["query_features"]})
+    item = loaded.signatures["item_tower"](**{k: batch[k] for k in meta["item_features"]})
+    recon = (np.sum(user["user_vector"].numpy().astype(np.float64)
+                    * item["item_vector"].numpy(), axis=1) + user["user_offset"].numpy())
+    assert len(logit) == 10_000
+    np.testing.assert_allclose(recon, logit, atol=1e-4)
+    np.testing.assert_array_equal(user["user_vector"].numpy()[:, 0], 1.0)
+    # And the exported logit is the trained model's logit.
+    from fm_keras.data import Split
+
+    split = Split({k: v for k, v in rows.items()}, None, len(logit), {}, [])
+    np.testing.assert_allclose(predict_split(run.model, split)["logit"], logit, atol=1e-5)
+
+
+def test_unseen_and_bad_values_give_finite_outputs(exports):
+    loaded = tf.saved_model.load(exports["ranking"])
+    n = 6
+    rows = {
+        "user_id": ["never", "", "u1", "ü-new", " ", "u0"],
+        "user_segment": ["", "s999", "s1", "x", "s1", "s0"],
+        "device": ["fridge", "", "ios", "web", "IOS", "ios"],
+        "hour": ["25", "-1", "", "3.5", "x", "0"],
+        "item_id": ["i-new", "", "i1", "zz", "i0", "i0"],
+        "item_category": ["", "c-new", "c1", "c1", "c1", "c1"],
+        "item_tags": ["", "|||", "t1:abc|t2:1e999", "t1:nan|t3:-inf", "new:2|t1", "t1:0.5|t2:inf"],
+        "item_price": np.array([np.nan, np.inf, -np.inf, 1e38, -5.0, 0.0], np.float32),
+    }
+    batch = {k: tf.constant(v) for k, v in rows.items()}
+    for name, fn in loaded.signatures.items():
+        inputs = fn.structured_input_signature[1]
+        out = fn(**{k: batch[k] for k in inputs})
+        for key, value in out.items():
+            assert value.shape[0] == n
+            assert np.all(np.isfinite(value.numpy())), (name, key)
+
+
+FRESH = r"""
+import json, sys
+import tensorflow as tf
+{extra_import}
+path = sys.argv[1]
+loaded = tf.saved_model.load(path)
+assert "fm_keras" not in sys.modules
+results = {{}}
+for name, fn in loaded.signatures.items():
+    feed = {{}}
+    for key, spec in fn.structured_input_signature[1].items():
+        shape = [3] + [2] * (len(spec.shape) - 1)
+        feed[key] = tf.fill(shape, "x") if spec.dtype == tf.string else tf.ones(shape)
+    results[name] = sorted(fn(**feed))
+print(json.dumps(results))
+"""
+
+
+@pytest.mark.parametrize("which,extra_import", [("ranking", ""), ("scann", "import scann"),
+                                                ("brute_force", "")])
+def test_fresh_process_loads_every_signature(exports, which, extra_import):
+    env = {k: v for k, v in os.environ.items() if k != "TF_USE_LEGACY_KERAS"}
+    env["TF_CPP_MIN_LOG_LEVEL"] = "3"
+    proc = subprocess.run([sys.executable, "-c", FRESH.format(extra_import=extra_import),
+                           exports[which]], capture_output=True, text=True, env=env,
+                          cwd="/", timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    if which == "ranking":
+        assert results == {"serving_default": ["logit", "probability", "raw_probability"],
+                           "user_tower": ["user_offset", "user_vector"],
+                           "item_tower": ["item_vector"]}
+    else:
+        assert results["serving_default"] == results["exclude_seen"] == \
+            ["item_ids", "probabilities", "scores"]
+
+
+def test_saved_model_cli_lists_signatures_with_raw_inputs(exports):
+    cli = os.path.join(os.path.dirname(sys.executable), "saved_model_cli")
+    proc = subprocess.run([cli, "show", "--all", "--dir", exports["ranking"]],
+                          capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    for signature in ("serving_default", "user_tower", "item_tower"):
+        assert f"signature_def['{signature}']" in proc.stdout
+    for raw in ("user_id", "item_tags", "item_price", "device", "hour"):
+        assert f"inputs['{raw}']" in proc.stdout
+
+
+def test_refuses_a_model_that_fails_parity(small_run, tmp_path, monkeypatch):
+    def broken_item_tower(self, features):  # drops L_I + P_I: the classic decomposition bug
+        _, _, summed = self._side(features, self.item_names)
+        return {"item_vector": tf.concat([tf.zeros_like(summed[:, :1]), summed], axis=1)}
+
+    monkeypatch.setattr(RankingServable, "_item_tower", broken_item_tower)
+    with pytest.raises(ExportError, match="differs from logit"):
+        export_run(small_run, "ctr", base=str(tmp_path), parity_rows=500)
+    assert os.listdir(tmp_path / "ctr") == []  # no version, no temp directory
+
+
+def test_check_parity_reports_the_difference(small_run, exports):
+    run = load_run(small_run)
+    meta = _meta(exports["ranking"])
+    loaded = tf.saved_model.load(exports["ranking"])
+    result = check_parity(loaded, sample_rows(run, 200), meta["query_features"],
+                          meta["item_features"])
+    assert result["rows"] == 200 and result["max_abs_diff"] <= 1e-4
+
+
+def test_versions_are_immutable_and_names_checked(small_run, exports, tmp_path):
+    base = os.path.dirname(os.path.dirname(exports["ranking"]))
+    with pytest.raises(ExportError, match="exists already"):
+        export_run(small_run, "ctr", base=base, version=1)
+    for bad in ("", "12", "../x", ".hidden"):
+        with pytest.raises(ExportError, match="not a usable model name"):
+            export_run(small_run, bad, base=str(tmp_path))
+    os.makedirs(tmp_path / "m" / "3")
+    os.makedirs(tmp_path / "m" / ".tmp-4-abc")
+    assert next_version(str(tmp_path / "m")) == 4
+    assert next_version(str(tmp_path / "none")) == 1
