@@ -26,6 +26,7 @@ from fm_keras.servables import load_export
 
 OUTPUT_FORMATS = {".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}
 _CSV_BLOCK_BYTES = 4 << 20
+RECOMMEND_COLUMNS = ("rank", "item_id", "score", "probability")
 
 
 def default_keep(columns: Sequence[str]) -> list[str]:
@@ -331,6 +332,13 @@ def recommend(model: str, users: Sequence[str], output: str, k: int, *,
     if not 1 <= k <= meta["k"]:
         raise ExportError(f"--k must be between 1 and {meta['k']} (the k this recall model was "
                           f"indexed with; rebuild it with 'fm-keras index --k'), got {k}")
+    if keep is None:  # the users' id columns, minus names the output uses itself
+        keep = [c for c in default_keep(_header(expand_paths(list(users))[0]))
+                if c not in RECOMMEND_COLUMNS]
+    clash = sorted(set(keep) & set(RECOMMEND_COLUMNS))
+    if clash:
+        raise ExportError(f"--keep {clash} would clash with the output columns "
+                          f"{list(RECOMMEND_COLUMNS)}")
     derive = None
     if exclude_column:
         derive = Derived(("exclude_item_ids",), {exclude_column: tf.string},

@@ -94,3 +94,57 @@ def test_evaluate_unfinished_run(tmp_path):
 def test_synth_rejects_tiny_rows(tmp_path):
     proc = _run_cli("synth", "--out", str(tmp_path / "s"), "--rows", "10", cwd=tmp_path)
     assert proc.returncode == 2 and "--rows must be at least 1000" in proc.stderr
+
+
+def _last_error(capsys):
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) >= 1 and lines[-1].startswith("fm-keras: error: "), lines
+    return lines[-1]
+
+
+def test_export_index_score_recommend(small_run, small_synth, tmp_path, capsys):
+    synth_dir, _ = small_synth
+    base = str(tmp_path / "saved_models")
+    assert main(["export", "--run", small_run, "--name", "ctr", "--base", base]) == 0
+    ranking = json.loads(capsys.readouterr().out)["model"]
+    assert ranking == os.path.join(base, "ctr", "1")
+    assert main(["index", "--model", os.path.join(base, "ctr"), "--items",
+                 str(synth_dir / "items.csv"), "--name", "ctr_recall", "--base", base,
+                 "--k", "10", "--backend", "brute_force"]) == 0
+    recall = json.loads(capsys.readouterr().out)["model"]
+    assert main(["score", "--model", ranking, "--input", str(synth_dir / "test.csv"),
+                 "--output", str(tmp_path / "scores.parquet"), "--quiet"]) == 0
+    assert json.loads(capsys.readouterr().out)["rows"] > 1000
+    assert main(["recommend", "--model", recall, "--users", str(synth_dir / "test.csv"),
+                 "--k", "3", "--output", str(tmp_path / "recs.csv"), "--keep", "user_id",
+                 "--quiet"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["k"] == 3 and summary["rows"] > 1000
+
+
+def test_export_commands_bad_input(exports, small_synth, tmp_path, capsys):
+    synth_dir, _ = small_synth
+    base = str(tmp_path / "out")
+    items = (synth_dir / "items.csv").read_text().splitlines()
+    (tmp_path / "no_tags.csv").write_text(
+        "\n".join(",".join(c for j, c in enumerate(line.split(",")) if j != 2)
+                  for line in items) + "\n")
+    (tmp_path / "empty.csv").write_text(items[0] + "\n")
+    cases = [
+        (["score", "--model", str(synth_dir), "--input", str(synth_dir / "test.csv"),
+          "--output", str(tmp_path / "s.csv")], "not an fm_keras export"),
+        (["index", "--model", exports["ranking"], "--items", str(tmp_path / "no_tags.csv"),
+          "--name", "r", "--base", base], "missing column 'item_tags'"),
+        (["index", "--model", exports["ranking"], "--items", str(tmp_path / "empty.csv"),
+          "--name", "r", "--base", base], "empty.csv: the file has a header but no rows"),
+        (["score", "--model", exports["ranking"], "--input", str(synth_dir / "test.csv"),
+          "--output", str(tmp_path / "missing" / "s.csv")], "does not exist"),
+        (["export", "--run", str(tmp_path), "--name", "x", "--base", base],
+         "not a finished fm_keras run"),
+    ]
+    for argv, message in cases:
+        assert main(argv) == 2, argv
+        assert message in _last_error(capsys), argv
+    leftovers = [f for f in os.listdir(tmp_path) if f not in ("no_tags.csv", "empty.csv")]
+    assert leftovers in ([], ["out"]) and not any(
+        os.listdir(os.path.join(base, d)) for d in (os.listdir(base) if leftovers else []))

@@ -1,0 +1,105 @@
+"""Batch scoring and recommend: same numbers as the signatures, streamed, atomic, clear errors."""
+
+import os
+
+import numpy as np
+import pandas as pd
+import pytest
+import tensorflow as tf
+
+from fm_keras.errors import DataError, ExportError
+from fm_keras.scoring import recommend, run_signature
+from fm_keras.servables import load_export
+
+
+def _expected(exports, frame, signature="serving_default"):
+    _, loaded, _ = load_export(exports["ranking"])
+    fn = loaded.signatures[signature]
+    feed = {n: tf.constant(frame[n].to_numpy(np.float32) if s.dtype == tf.float32
+                           else frame[n].astype(str).to_numpy())
+            for n, s in fn.structured_input_signature[1].items()}
+    return {k: v.numpy() for k, v in fn(**feed).items()}
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".parquet"])
+def test_scores_equal_the_signature_in_small_batches(exports, small_synth, tmp_path, suffix):
+    test_csv = os.path.join(small_synth[0], "test.csv")
+    out = str(tmp_path / f"scores{suffix}")
+    summary = run_signature(exports["ranking"], [test_csv], out, batch_size=333,
+                            progress=False)
+    frame = pd.read_csv(test_csv, dtype={"hour": str})
+    got = pd.read_csv(out) if suffix == ".csv" else pd.read_parquet(out)
+    assert summary["rows"] == len(frame) == len(got)
+    assert list(got.columns) == ["user_id", "item_id", "logit", "probability",
+                                 "raw_probability"]
+    assert list(got["user_id"].astype(str)) == list(frame["user_id"])
+    expected = _expected(exports, frame)
+    for name in ("logit", "probability", "raw_probability"):
+        np.testing.assert_allclose(got[name], expected[name], rtol=1e-5, atol=1e-6)
+    assert [f for f in os.listdir(tmp_path) if f.startswith(".tmp")] == []
+
+
+def test_vector_signatures_and_kept_columns(exports, small_synth, tmp_path):
+    items_csv = os.path.join(small_synth[0], "items.csv")
+    out = str(tmp_path / "items.csv")
+    run_signature(exports["ranking"], [items_csv], out, signature="item_tower",
+                  keep=["item_id", "item_category"], progress=False)
+    got = pd.read_csv(out)
+    assert list(got.columns[:2]) == ["item_id", "item_category"]
+    assert [c for c in got.columns if c.startswith("item_vector_")] == \
+        [f"item_vector_{j}" for j in range(11)]
+    expected = _expected(exports, pd.read_csv(items_csv, dtype=str), "item_tower")
+    np.testing.assert_allclose(got.filter(like="item_vector_").to_numpy(),
+                               expected["item_vector"], rtol=1e-5, atol=1e-6)
+    out = str(tmp_path / "items.parquet")
+    run_signature(exports["ranking"], [items_csv], out, signature="item_tower", progress=False)
+    vectors = np.stack(pd.read_parquet(out)["item_vector"].to_numpy())
+    np.testing.assert_allclose(vectors, expected["item_vector"], rtol=1e-5, atol=1e-6)
+
+
+def test_recommend_long_format_and_exclusions(exports, small_synth, tmp_path):
+    test = pd.read_csv(os.path.join(small_synth[0], "test.csv"), dtype=str)
+    users = test.drop_duplicates("user_id").head(40).copy()
+    users["seen"] = users["item_id"] + "|i0"
+    users_csv = str(tmp_path / "users.csv")
+    users.to_csv(users_csv, index=False)
+    out = str(tmp_path / "recs.csv")
+    recommend(exports["scann"], [users_csv], out, k=5, progress=False)
+    plain = pd.read_csv(out)
+    assert len(plain) == 40 * 5
+    assert list(plain.columns) == ["user_id", "rank", "item_id", "score", "probability"]
+    assert list(plain["rank"][:5]) == [1, 2, 3, 4, 5]
+    assert (plain.groupby("user_id")["score"].apply(lambda s: s.is_monotonic_decreasing)).all()
+    recommend(exports["scann"], [users_csv], out, k=5, exclude_column="seen", progress=False)
+    excluded = pd.read_csv(out)
+    seen = dict(zip(users["user_id"], users["seen"].str.split("|")))
+    assert not any(item in seen[u] for u, item in zip(excluded["user_id"], excluded["item_id"]))
+    with pytest.raises(ExportError, match="--k must be between 1 and 20"):
+        recommend(exports["scann"], [users_csv], out, k=21)
+
+
+def test_errors_leave_nothing_behind(exports, small_synth, tmp_path):
+    test_csv = os.path.join(small_synth[0], "test.csv")
+    frame = pd.read_csv(test_csv, dtype=str)
+    bad = tmp_path / "bad.csv"
+    frame.assign(item_price=["oops"] + list(frame["item_price"][1:])).to_csv(bad, index=False)
+    out = tmp_path / "out.csv"
+    with pytest.raises(DataError, match="bad.csv: cannot read.*oops"):
+        run_signature(exports["ranking"], [str(bad)], str(out), progress=False)
+    frame.drop(columns=["device"]).to_csv(bad, index=False)
+    with pytest.raises(DataError, match="missing column 'device'"):
+        run_signature(exports["ranking"], [str(bad)], str(out), progress=False)
+    assert os.listdir(tmp_path) == ["bad.csv"]
+    with pytest.raises(ExportError, match="does not exist"):
+        run_signature(exports["ranking"], [test_csv], str(tmp_path / "no" / "x.csv"))
+    with pytest.raises(ExportError, match="unknown format"):
+        run_signature(exports["ranking"], [test_csv], str(tmp_path / "x.json"))
+    with pytest.raises(ExportError, match="no signature 'nope'"):
+        run_signature(exports["ranking"], [test_csv], str(out), signature="nope")
+    os.chmod(tmp_path, 0o500)
+    try:
+        if not os.access(tmp_path, os.W_OK):  # root can write anywhere
+            with pytest.raises(ExportError, match="not writable"):
+                run_signature(exports["ranking"], [test_csv], str(out))
+    finally:
+        os.chmod(tmp_path, 0o700)
