@@ -23,6 +23,16 @@ demo: $(BIN)/.installed
 	$(BIN)/fm-keras train --config $(DEMO)/data/experiment.yaml --out $(DEMO)/run
 	$(BIN)/fm-keras evaluate --run $(DEMO)/run --data $(DEMO)/data/test.csv
 	@echo "oracle (true probabilities) on the same test rows:"; cat $(DEMO)/data/oracle.json
+	rm -rf $(DEMO)/saved_models
+	$(BIN)/fm-keras export --run $(DEMO)/run --name ctr --base $(DEMO)/saved_models
+	$(BIN)/fm-keras index --model $(DEMO)/saved_models/ctr --items $(DEMO)/data/items.csv \
+	    --name ctr_recall --base $(DEMO)/saved_models --k 100
+	$(BIN)/fm-keras index --model $(DEMO)/saved_models/ctr --items $(DEMO)/data/items.csv \
+	    --name ctr_recall_bf --base $(DEMO)/saved_models --k 100 --backend brute_force
+	$(BIN)/fm-keras score --model $(DEMO)/saved_models/ctr --input $(DEMO)/data/test.csv \
+	    --output $(DEMO)/scores.parquet
+	$(BIN)/fm-keras recommend --model $(DEMO)/saved_models/ctr_recall --users $(DEMO)/data/test.csv \
+	    --k 10 --output $(DEMO)/recommendations.parquet
 
 test: $(BIN)/.installed
 	$(BIN)/python -m pytest -q
@@ -30,6 +40,7 @@ test: $(BIN)/.installed
 bench: $(BIN)/.bench-installed
 	$(BIN)/python benchmarks/train_throughput.py
 	$(BIN)/python benchmarks/imbalance.py
+	$(BIN)/python benchmarks/recall.py
 
 clean:
 	rm -rf $(VENV) $(DEMO) runs .pytest_cache
