@@ -54,7 +54,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, help="output file (.csv or .parquet)")
     p.add_argument("--signature", default="serving_default",
                    help="serving_default, user_tower, item_tower, ...")
-    p.add_argument("--batch-size", type=int, default=65_536)
+    p.add_argument("--batch-size", type=int, default=16_384, help="rows per signature call")
     p.add_argument("--keep", help="comma-separated input columns to copy to the output "
                    "(default: id columns: 'id' and *_id)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
