@@ -11,6 +11,8 @@ import json
 import os
 import sys
 
+from fm_keras.serving.cli import add_commands as _add_serving_commands
+
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fm-keras", description=__doc__.splitlines()[0])
@@ -30,6 +32,8 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="metrics of a finished run on labeled data, as JSON")
     p.add_argument("--run", required=True, help="run directory written by 'fm-keras train'")
     p.add_argument("--data", required=True, nargs="+", help="CSV/Parquet files or globs")
+
+    _COMMANDS.update(_add_serving_commands(sub))  # serve, query
     return parser
 
 
