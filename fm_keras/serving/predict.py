@@ -9,6 +9,7 @@ predict_util.cc so that clients see the same errors as from TF Serving.
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import numpy as np
 
@@ -85,14 +86,16 @@ def _fast_caller(function, aliases):
     except AttributeError:
         return None
     if args or sorted(kwargs) != aliases or not isinstance(outputs, dict) or not all(
-            isinstance(t, tf.Tensor) for t in outputs.values()):
+            isinstance(t, (tf.Tensor, tf.TensorSpec)) for t in outputs.values()):
         return None
     out_names = sorted(outputs)
     dtypes = [kwargs[a].dtype for a in aliases]
 
     def call(arrays):
         tensors = [tf.constant(arrays[a], dtype=d) for a, d in zip(aliases, dtypes)]
-        return dict(zip(out_names, call_flat(tensors, captured)))
+        result = call_flat(tensors, captured)
+        # a restored signature (_WrapperFunction) already packs its outputs into the dict
+        return result if isinstance(result, dict) else dict(zip(out_names, result))
 
     return call
 
@@ -157,7 +160,7 @@ def arrays_from_request(sig: Signature, inputs) -> dict[str, np.ndarray]:
                 f"Expects arg[{index}] ({alias}) to be {_dtype_name(sig.dtype_enums[alias])} "
                 f"but {_dtype_name(proto.dtype)} is provided")
         try:
-            arrays[alias] = tf.make_ndarray(proto)
+            arrays[alias] = array_from_proto(proto, sig.inputs[alias][0])
         except (TypeError, ValueError) as err:
             raise invalid_argument(f"input tensor alias {alias} is not a valid tensor: {err}") from err
     check_shapes(sig, arrays)
@@ -194,12 +197,46 @@ def run_signature(sig: Signature, arrays: dict[str, np.ndarray]) -> dict[str, np
     return {name: value.numpy() for name, value in outputs.items()}
 
 
-def fill_outputs(response_outputs, outputs: dict[str, np.ndarray], names) -> None:
-    """Writes the selected outputs into a response's ``outputs`` map as TensorProtos."""
+def array_from_proto(proto, np_dtype) -> np.ndarray:
+    """TensorProto -> NumPy, fast for the common encodings, ``tf.make_ndarray`` otherwise."""
+    shape = [d.size for d in proto.tensor_shape.dim]
+    size = math.prod(shape)
+    if proto.tensor_content and np_dtype != object:
+        return np.frombuffer(proto.tensor_content, dtype=np_dtype).reshape(shape)
+    if np_dtype == object and len(proto.string_val) == size:
+        array = np.empty(size, dtype=object)
+        array[:] = list(proto.string_val)
+        return array.reshape(shape)
+    if np_dtype == np.float32 and len(proto.float_val) == size:
+        return np.array(proto.float_val, dtype=np.float32).reshape(shape)
     from fm_keras._tf import tf
 
+    return tf.make_ndarray(proto)  # broadcast scalars, other dtypes
+
+
+_DTYPE_ENUMS: dict = {}
+
+
+def proto_from_array(array: np.ndarray, proto) -> None:
+    """Fills ``proto`` (a TensorProto) from an array; what ``tf.make_tensor_proto`` does, faster."""
+    enum = _DTYPE_ENUMS.get(array.dtype)
+    if enum is None:
+        from fm_keras._tf import tf
+
+        enum = _DTYPE_ENUMS[array.dtype] = tf.as_dtype(array.dtype).as_datatype_enum
+    proto.dtype = enum
+    for size in array.shape:
+        proto.tensor_shape.dim.add(size=size)
+    if array.dtype == object:
+        proto.string_val.extend(array.ravel().tolist())
+    else:
+        proto.tensor_content = np.ascontiguousarray(array).tobytes()
+
+
+def fill_outputs(response_outputs, outputs: dict[str, np.ndarray], names) -> None:
+    """Writes the selected outputs into a response's ``outputs`` map as TensorProtos."""
     for name in names:
-        response_outputs[name].CopyFrom(tf.make_tensor_proto(outputs[name]))
+        proto_from_array(outputs[name], response_outputs[name])
 
 
 def signature_def_map(signature_defs):

@@ -129,11 +129,40 @@ def test_bad_output_filter_and_metadata_field(stubs):
     _assert_still_serving(predict_stub)
 
 
-def test_expired_deadline(stubs):
+@pytest.fixture(scope="module")
+def batching_stub(saved_models, tmp_path_factory):
+    """A server that batches, holding a lone request up to 300 ms for company."""
+    from serving_testlib import start_server
+    from tensorflow_serving.apis import prediction_service_pb2_grpc
+
+    params = tmp_path_factory.mktemp("batching") / "batching_parameters.txt"
+    params.write_text("max_batch_size { value: 64 }\nbatch_timeout_micros { value: 300000 }\n"
+                      "max_enqueued_batches { value: 4 }\nnum_batch_threads { value: 1 }\n")
+    server = start_server(model_name="ranking", model_base_path=str(saved_models / "ranking"),
+                          enable_batching=True, batching_parameters_file=str(params))
+    channel = grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}")
+    yield prediction_service_pb2_grpc.PredictionServiceStub(channel)
+    channel.close()
+    server.stop()
+
+
+def test_batched_concurrent_predicts_get_their_own_answers(batching_stub, stubs):
+    from concurrent.futures import ThreadPoolExecutor
+
     predict_stub, _ = stubs
-    code, _ = _code(lambda: predict_stub.Predict(predict_request(), timeout=1e-6))
+    requests = [predict_request(inputs={**RANKING_ROW, "user_id": [f"user{i}"]}) for i in range(8)]
+    with ThreadPoolExecutor(8) as pool:
+        batched = list(pool.map(lambda r: batching_stub.Predict(r, timeout=10), requests))
+    for request, response in zip(requests, batched):
+        alone = predict_stub.Predict(request, timeout=10)
+        np.testing.assert_allclose(outputs(response)["logit"], outputs(alone)["logit"], rtol=1e-6)
+
+
+def test_expired_deadline(batching_stub):
+    # the request waits in the batch queue past its 50 ms deadline
+    code, _ = _code(lambda: batching_stub.Predict(predict_request(), timeout=0.05))
     assert code == grpc.StatusCode.DEADLINE_EXCEEDED
-    _assert_still_serving(predict_stub)
+    _assert_still_serving(batching_stub)
 
 
 def test_classify_on_a_predict_signature_is_a_clear_error(stubs):
