@@ -16,6 +16,7 @@ import base64
 import json
 import logging
 import re
+import socket
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -230,7 +231,14 @@ class RestApi:
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive, as TF Serving's libevent server
+    # Headers and body leave in one send (flushed after each request) and TCP_NODELAY is set:
+    # two small writes would otherwise meet Nagle + delayed ACK, a ~40 ms stall per request.
+    wbufsize = 64 * 1024
     api: RestApi = None
+
+    def setup(self):
+        super().setup()
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     def _serve(self, method):
         length = int(self.headers.get("Content-Length") or 0)
