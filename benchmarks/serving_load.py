@@ -6,7 +6,7 @@ stubs over grpc.aio, REST over keep-alive HTTP/1.1), each sending its next reque
 previous answer arrives. Both share the machine's cores, so the figures are end-to-end on one box.
 The floor is the in-process SavedModel signature call, sequential.
 
-    python benchmarks/serving_load.py [--seconds 5] [--clients 8] [--batch_clients 32]
+    python benchmarks/serving_load.py [--seconds 5] [--clients 4] [--batch_clients 32]
 """
 
 from __future__ import annotations
@@ -168,7 +168,7 @@ class Server:
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=5.0)
-    parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--clients", type=int, default=4)
     parser.add_argument("--batch_clients", type=int, default=32)
     args = parser.parse_args()
 
@@ -191,16 +191,17 @@ def main():
         results.append(result)
         print(json.dumps(result), flush=True)
 
-    c = args.clients
+    c, b = args.clients, args.batch_clients
     server = Server(base)
     try:
-        record(f"gRPC 1 row, {c} clients, no batching", 1, grpc_load(server.grpc_port, 1, c, args.seconds))
+        for n in (1, c, 2 * c):
+            record(f"gRPC 1 row, {n} clients, no batching", 1,
+                   grpc_load(server.grpc_port, 1, n, args.seconds))
         record(f"REST 1 row, {c} clients, no batching", 1, rest_load(server.rest_port, 1, c, args.seconds))
         record(f"gRPC 100 rows, {c} clients, no batching", 100,
                grpc_load(server.grpc_port, 100, c, args.seconds))
         record(f"REST 100 rows, {c} clients, no batching", 100,
                rest_load(server.rest_port, 100, c, args.seconds))
-        b = args.batch_clients
         record(f"gRPC 1 row, {b} clients, no batching", 1, grpc_load(server.grpc_port, 1, b, args.seconds))
     finally:
         server.stop()
@@ -208,10 +209,13 @@ def main():
     try:
         record(f"gRPC 1 row, {c} clients, batching", 1, grpc_load(server.grpc_port, 1, c, args.seconds))
         record(f"gRPC 1 row, {b} clients, batching", 1, grpc_load(server.grpc_port, 1, b, args.seconds))
-        record(f"gRPC 100 rows, {b} clients, batching", 100,
-               grpc_load(server.grpc_port, 100, b, args.seconds))
+        record(f"REST 1 row, {b} clients, batching", 1, rest_load(server.rest_port, 1, b, args.seconds))
     finally:
         server.stop()
+    by_name = {r["scenario"]: r for r in results}
+    ratio = (by_name[f"gRPC 1 row, {b} clients, batching"]["rows_per_s"]
+             / by_name[f"gRPC 1 row, {b} clients, no batching"]["rows_per_s"])
+    print(f"\nbatching / no batching rows/s with {b} clients (gRPC, 1 row): {ratio:.2f}x")
 
     print("\n| scenario | QPS | rows/s | p50 ms | p99 ms | errors |\n|---|---|---|---|---|---|")
     for r in results:
