@@ -81,6 +81,27 @@ class ToyRecall(tf.Module):
         return {"item_ids": tf.gather(self.item_ids, top.indices), "scores": top.values}
 
 
+class ToyScannRecall(tf.Module):
+    """Like ``ToyRecall`` but searching a TFRS ScaNN index: the export holds ``Scann>`` ops."""
+
+    def __init__(self, ranking: ToyRanking, num_items: int = 200, k: int = 10):
+        super().__init__()
+        import tensorflow_recommenders as tfrs
+
+        self.ranking = ranking
+        ids = tf.constant([f"item_{i}" for i in range(num_items)])
+        vectors = ranking.item_tower({"item_id": ids, "price": tf.ones([num_items])})["item_vector"]
+        self.scann = tfrs.layers.factorized_top_k.ScaNN(
+            k=k, num_leaves=4, num_leaves_to_search=4, num_reordering_candidates=num_items)
+        self.scann.index(vectors, ids)
+
+    @tf.function(input_signature=_spec(["user_id"]))
+    def serve(self, features):
+        user = self.ranking.user_tower(features)
+        scores, item_ids = self.scann(user["user_vector"])
+        return {"item_ids": item_ids, "scores": scores + user["user_offset"][:, None]}
+
+
 def warmup_records(requests) -> list[bytes]:
     """Serialized PredictionLog records for (signature_name, {name: array}) pairs."""
     from tensorflow_serving.apis import predict_pb2, prediction_log_pb2
@@ -130,6 +151,13 @@ def write_ranking_model(base_path: str, version: int = 1, bias: float = 0.0, **k
 
 def write_recall_model(base_path: str, version: int = 1, **kwargs) -> str:
     model = ToyRecall(ToyRanking(**kwargs))
+    return save_version(model, {"serving_default": model.serve}, base_path, version, RECALL_WARMUP)
+
+
+def write_scann_recall_model(base_path: str, version: int = 1, **kwargs) -> str:
+    """A recall export with ScaNN custom ops (needs ``import scann`` to load)."""
+    model = ToyScannRecall(ToyRanking(**kwargs))
+    model.serve({"user_id": tf.constant(["u1"])})  # a ScaNN layer must be called before saving
     return save_version(model, {"serving_default": model.serve}, base_path, version, RECALL_WARMUP)
 
 

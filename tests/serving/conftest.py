@@ -22,6 +22,18 @@ def saved_models(tmp_path_factory):
     return root
 
 
+@pytest.fixture(scope="session")
+def scann_models(saved_models, tmp_path_factory):
+    """ranking (stock ops) + ranking_recall (ScaNN ops) under one root."""
+    from fm_keras.serving import toy_models
+
+    root = tmp_path_factory.mktemp("scann_models")
+    (root / "ranking").mkdir()
+    toy_models.copy_version(str(saved_models / "ranking" / "1"), str(root / "ranking"), 1)
+    toy_models.write_scann_recall_model(str(root / "ranking_recall"), 1)
+    return root
+
+
 @pytest.fixture(scope="module")
 def server(saved_models, tmp_path_factory):
     """A server for ranking + ranking_recall from one models.config, gRPC and REST."""

@@ -8,7 +8,7 @@ import sys
 import time
 
 import pytest
-from serving_testlib import free_port
+from serving_testlib import free_port, models_config
 
 from fm_keras.cli import _parser, main
 from fm_keras.serving.client import GrpcClient
@@ -26,13 +26,15 @@ def test_serve_accepts_tf_serving_flag_forms():
         _parser().parse_args(["serve", "--enable_batching=maybe"])
 
 
-def test_serve_process_query_and_sigterm(saved_models, capsys):
+def test_serve_process_query_and_sigterm(scann_models, tmp_path, capsys):
+    """A fresh process: the ScaNN recall model loads only because the loader imports scann."""
     grpc_port, rest_port = free_port(), free_port()
+    config = tmp_path / "models.config"
+    config.write_text(models_config(scann_models))
     repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     proc = subprocess.Popen(
         [sys.executable, "-m", "fm_keras.cli", "serve", f"--port={grpc_port}",
-         f"--rest_api_port={rest_port}", "--model_name=ranking",
-         f"--model_base_path={saved_models / 'ranking'}", "--host=127.0.0.1"],
+         f"--rest_api_port={rest_port}", f"--model_config_file={config}", "--host=127.0.0.1"],
         cwd=repo, env={**os.environ, "PYTHONPATH": repo}, stderr=subprocess.PIPE, text=True)
     try:
         with GrpcClient(f"127.0.0.1:{grpc_port}", timeout=2, retries=0) as client:
@@ -52,6 +54,9 @@ def test_serve_process_query_and_sigterm(saved_models, capsys):
         assert main(["query", f"--rest=http://127.0.0.1:{rest_port}", "--model_name=ranking",
                      "--signature_name=user_tower", "--input=user_id=u1"]) == 0
         assert len(json.loads(capsys.readouterr().out)["outputs"]["user_vector"][0]) == 5
+        assert main(["query", f"--server=127.0.0.1:{grpc_port}", "--model_name=ranking_recall",
+                     "--input=user_id=u1"]) == 0
+        assert len(json.loads(capsys.readouterr().out)["item_ids"][0]) == 10
         assert main(["query", f"--server=127.0.0.1:{grpc_port}", "--model_name=nope",
                      "--status"]) == 2
         assert "NOT_FOUND" in capsys.readouterr().err
