@@ -156,3 +156,25 @@ def test_warmup_records_are_replayed_and_a_bad_one_fails_the_load(saved_models, 
             manager.lookup("ranking")
     finally:
         manager.stop()
+
+
+def test_model_config_file_is_polled(saved_models, tmp_path):
+    from serving_testlib import models_config
+
+    from fm_keras.serving.config import load_model_server_config
+
+    path = tmp_path / "models.config"
+    path.write_text(models_config(saved_models, models=("ranking",)))
+    options = ServerOptions(model_config_file=str(path), model_config_file_poll_wait_seconds=1,
+                            file_system_poll_wait_seconds=0, max_num_load_retries=0)
+    manager = ModelManager(options)
+    manager.start(load_model_server_config(str(path)))
+    try:
+        with pytest.raises(ServingError):
+            manager.lookup("ranking_recall")
+        path.write_text(models_config(saved_models, {"stable": 1}))
+        assert _wait_for(lambda: "ranking_recall" in manager.model_names())
+        assert manager.lookup("ranking_recall").version == 1
+        assert manager.lookup("ranking", label="stable").version == 1
+    finally:
+        manager.stop()
