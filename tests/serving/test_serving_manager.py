@@ -173,7 +173,8 @@ def test_model_config_file_is_polled(saved_models, tmp_path):
         with pytest.raises(ServingError):
             manager.lookup("ranking_recall")
         path.write_text(models_config(saved_models, {"stable": 1}))
-        assert _wait_for(lambda: "ranking_recall" in manager.model_names())
+        assert _wait_for(lambda: ("ranking_recall", "AVAILABLE") in [
+            (name, manager.model_status(name)[0][1]) for name in manager.model_names()])
         assert manager.lookup("ranking_recall").version == 1
         assert manager.lookup("ranking", label="stable").version == 1
     finally:
