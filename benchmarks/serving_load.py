@@ -7,6 +7,7 @@ previous answer arrives. Both share the machine's cores, so the figures are end-
 The floor is the in-process SavedModel signature call, sequential.
 
     python benchmarks/serving_load.py [--seconds 5] [--clients 4] [--batch_clients 32]
+    python benchmarks/serving_load.py --model_base_path saved_models/ranking   # a real export
 """
 
 from __future__ import annotations
@@ -31,11 +32,26 @@ from fm_keras._tf import tf  # noqa: E402
 from fm_keras.serving import toy_models  # noqa: E402
 
 
+MODEL_NAME = "ranking"
+SIGNATURE = None  # the served serving_default SignatureDef, set in main()
+
+
 def rows(n: int, seed: int = 0) -> dict:
+    """n random rows for the served model's serving_default inputs (by dtype and shape)."""
     rng = np.random.default_rng(seed)
-    return {"user_id": [f"u{i}" for i in rng.integers(0, 10_000, n)],
-            "item_id": [f"item_{i}" for i in rng.integers(0, 1_000, n)],
-            "price": rng.uniform(1, 100, n).astype(np.float32).tolist()}
+    data = {}
+    for name, info in SIGNATURE.inputs.items():
+        dtype = tf.dtypes.as_dtype(info.dtype)
+        inner = [max(d.size, 1) for d in info.tensor_shape.dim[1:]]
+        shape = [n, *inner]
+        if dtype == tf.string:
+            values = np.array([f"{name}_{i}" for i in rng.integers(0, 1_000, int(np.prod(shape)))])
+            data[name] = values.reshape(shape).tolist()
+        elif dtype.is_floating:
+            data[name] = rng.uniform(0, 10, shape).astype(dtype.as_numpy_dtype).tolist()
+        else:
+            data[name] = rng.integers(0, 100, shape).astype(dtype.as_numpy_dtype).tolist()
+    return data
 
 
 def summary(name, latencies, seconds, rows_per_request):
@@ -49,7 +65,8 @@ def summary(name, latencies, seconds, rows_per_request):
 
 def floor(model_dir, n_rows, seconds):
     fn = tf.saved_model.load(model_dir).signatures["serving_default"]
-    inputs = {k: tf.constant(v) for k, v in rows(n_rows).items()}
+    inputs = {k: tf.constant(v, dtype=fn.structured_input_signature[1][k].dtype)
+              for k, v in rows(n_rows).items()}
     fn(**inputs)
     latencies, end = [], time.perf_counter() + seconds
     while time.perf_counter() < end:
@@ -86,9 +103,10 @@ def grpc_load(port, n_rows, clients, seconds):
     from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 
     request = predict_pb2.PredictRequest()
-    request.model_spec.name = "ranking"
+    request.model_spec.name = MODEL_NAME
     for k, v in rows(n_rows).items():
-        request.inputs[k].CopyFrom(tf.make_tensor_proto(v))
+        request.inputs[k].CopyFrom(tf.make_tensor_proto(
+            v, dtype=tf.dtypes.as_dtype(SIGNATURE.inputs[k].dtype)))
 
     async def run():
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
@@ -100,7 +118,7 @@ def grpc_load(port, n_rows, clients, seconds):
 def rest_load(port, n_rows, clients, seconds):
     data = rows(n_rows)
     body = json.dumps({"instances": [{k: data[k][i] for k in data} for i in range(n_rows)]}).encode()
-    head = (f"POST /v1/models/ranking:predict HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+    head = (f"POST /v1/models/{MODEL_NAME}:predict HTTP/1.1\r\nHost: 127.0.0.1\r\n"
             f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n").encode()
 
     async def run():
@@ -142,7 +160,7 @@ class Server:
     def __init__(self, base, batching_file=None):
         self.grpc_port, self.rest_port = free_port(), free_port()
         args = [sys.executable, "-m", "fm_keras.cli", "serve", f"--port={self.grpc_port}",
-                f"--rest_api_port={self.rest_port}", "--model_name=ranking",
+                f"--rest_api_port={self.rest_port}", f"--model_name={MODEL_NAME}",
                 f"--model_base_path={base}", "--host=127.0.0.1", "--grpc_max_threads=64"]
         if batching_file:
             args += ["--enable_batching", f"--batching_parameters_file={batching_file}"]
@@ -154,7 +172,7 @@ class Server:
         with GrpcClient(f"127.0.0.1:{self.grpc_port}", timeout=2, retries=0) as client:
             for _ in range(300):
                 try:
-                    client.status("ranking")
+                    client.status(MODEL_NAME)
                     return
                 except ServingError:
                     time.sleep(0.2)
@@ -170,17 +188,33 @@ def main():
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--clients", type=int, default=4)
     parser.add_argument("--batch_clients", type=int, default=32)
+    parser.add_argument("--model_base_path", help="serve this export instead of the toy FM "
+                        "(e.g. saved_models/ranking); requests are random rows for its inputs")
+    parser.add_argument("--model_name", default="ranking")
     args = parser.parse_args()
+    global MODEL_NAME, SIGNATURE
+    MODEL_NAME = args.model_name
 
     tmp = tempfile.mkdtemp(prefix="serving-bench-")
-    base = os.path.join(tmp, "ranking")
-    model_dir = toy_models.write_ranking_model(base, 1, k=10, buckets=100_000)
+    if args.model_base_path:
+        from fm_keras.serving.manager import list_versions
+
+        base = os.path.abspath(args.model_base_path)
+        model_dir = os.path.join(base, str(list_versions(base)[-1]))
+    else:
+        base = os.path.join(tmp, "ranking")
+        model_dir = toy_models.write_ranking_model(base, 1, k=10, buckets=100_000)
+    from tensorflow.python.saved_model import loader_impl
+
+    meta = loader_impl.parse_saved_model(model_dir).meta_graphs[0]
+    SIGNATURE = meta.signature_def["serving_default"]
     batching = os.path.join(tmp, "batching.txt")
     with open(batching, "w") as f:
         f.write("max_batch_size { value: 128 }\nbatch_timeout_micros { value: 2000 }\n"
                 "max_enqueued_batches { value: 64 }\nnum_batch_threads { value: 2 }\n")
-    print(f"cpus={os.cpu_count()} seconds/scenario={args.seconds} model=FM k=10 "
-          "(3 raw features, hashed ids)", flush=True)
+    model = model_dir if args.model_base_path else "toy FM k=10 (3 raw features, hashed ids)"
+    print(f"cpus={os.cpu_count()} seconds/scenario={args.seconds} model={model} "
+          f"inputs={sorted(SIGNATURE.inputs)}", flush=True)
     results = [floor(model_dir, 1, args.seconds), floor(model_dir, 100, args.seconds)]
     print(json.dumps(results[-2]), json.dumps(results[-1]), sep="\n", flush=True)
 

@@ -209,7 +209,8 @@ class RestApi:
             request.model_spec.version_label = label
         response = get_model_metadata_pb2.GetModelMetadataResponse()
         core.model_metadata(self.manager, request, response)
-        result = json_format.MessageToDict(response, preserving_proto_field_name=True)
+        result = json_format.MessageToDict(response, preserving_proto_field_name=True,
+                                           always_print_fields_with_no_presence=True)
         result["metadata"]["signature_def"].pop("@type", None)
         return result
 
@@ -241,9 +242,17 @@ class _Handler(BaseHTTPRequestHandler):
         self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     def _serve(self, method):
-        length = int(self.headers.get("Content-Length") or 0)
-        body = self.rfile.read(length) if length > 0 else b""
-        status, content_type, text = self.api.handle(method, self.path.split("?", 1)[0], body)
+        try:
+            length = int(self.headers.get("Content-Length") or 0)
+        except ValueError:
+            length = -1
+        if length < 0:
+            status, content_type = 400, "application/json"
+            text = json.dumps({"error": "Invalid Content-Length header"})
+            self.close_connection = True
+        else:
+            body = self.rfile.read(length) if length > 0 else b""
+            status, content_type, text = self.api.handle(method, self.path.split("?", 1)[0], body)
         data = text.encode("utf-8")
         self.send_response(status)
         self.send_header("Content-Type", content_type)
