@@ -9,7 +9,7 @@ from serving_testlib import models_config, outputs, predict_request, start_serve
 from tensorflow.python.saved_model import loader_impl
 from tensorflow_serving.apis import prediction_service_pb2_grpc
 
-from fm_keras.serving import loading, toy_models
+from fm_keras.serving import loading
 from fm_keras.serving.errors import ServingError
 
 

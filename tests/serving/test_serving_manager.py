@@ -6,7 +6,7 @@ import time
 
 import grpc
 import pytest
-from serving_testlib import outputs, predict_request, start_server
+from serving_testlib import predict_request, start_server
 from tensorflow_serving.apis import (get_model_status_pb2, prediction_service_pb2_grpc,
                                      model_service_pb2_grpc)
 
