@@ -178,6 +178,12 @@ class Server:
                     time.sleep(0.2)
         raise RuntimeError("server did not become ready")
 
+    def cpu_seconds(self) -> float:
+        """User + system CPU time of the server process so far (Linux /proc)."""
+        with open(f"/proc/{self.proc.pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def stop(self):
         self.proc.terminate()
         self.proc.wait(timeout=30)
@@ -218,10 +224,17 @@ def main():
     results = [floor(model_dir, 1, args.seconds), floor(model_dir, 100, args.seconds)]
     print(json.dumps(results[-2]), json.dumps(results[-1]), sep="\n", flush=True)
 
-    def record(name, n_rows, outcome):
-        latencies, errors = outcome
+    def record(name, n_rows, load, port, clients):
+        server_cpu, client_cpu = server.cpu_seconds(), time.process_time()
+        latencies, errors = load(port, n_rows, clients, args.seconds)
+        server_cpu, client_cpu = server.cpu_seconds() - server_cpu, time.process_time() - client_cpu
         result = summary(name, latencies, args.seconds, n_rows)
         result["errors"] = len(errors)
+        # CPU per request over warm-up + measured period (requests counted only when measured,
+        # so these slightly overstate; they compare server and client cost, not absolutes)
+        n = max(len(latencies), 1) * (args.seconds + 1.0) / args.seconds
+        result["server_cpu_us"] = round(server_cpu / n * 1e6)
+        result["client_cpu_us"] = round(client_cpu / n * 1e6)
         results.append(result)
         print(json.dumps(result), flush=True)
 
@@ -230,20 +243,20 @@ def main():
     try:
         for n in (1, c, 2 * c):
             record(f"gRPC 1 row, {n} clients, no batching", 1,
-                   grpc_load(server.grpc_port, 1, n, args.seconds))
-        record(f"REST 1 row, {c} clients, no batching", 1, rest_load(server.rest_port, 1, c, args.seconds))
+                   grpc_load, server.grpc_port, n)
+        record(f"REST 1 row, {c} clients, no batching", 1, rest_load, server.rest_port, c)
         record(f"gRPC 100 rows, {c} clients, no batching", 100,
-               grpc_load(server.grpc_port, 100, c, args.seconds))
+               grpc_load, server.grpc_port, c)
         record(f"REST 100 rows, {c} clients, no batching", 100,
-               rest_load(server.rest_port, 100, c, args.seconds))
-        record(f"gRPC 1 row, {b} clients, no batching", 1, grpc_load(server.grpc_port, 1, b, args.seconds))
+               rest_load, server.rest_port, c)
+        record(f"gRPC 1 row, {b} clients, no batching", 1, grpc_load, server.grpc_port, b)
     finally:
         server.stop()
     server = Server(base, batching)
     try:
-        record(f"gRPC 1 row, {c} clients, batching", 1, grpc_load(server.grpc_port, 1, c, args.seconds))
-        record(f"gRPC 1 row, {b} clients, batching", 1, grpc_load(server.grpc_port, 1, b, args.seconds))
-        record(f"REST 1 row, {b} clients, batching", 1, rest_load(server.rest_port, 1, b, args.seconds))
+        record(f"gRPC 1 row, {c} clients, batching", 1, grpc_load, server.grpc_port, c)
+        record(f"gRPC 1 row, {b} clients, batching", 1, grpc_load, server.grpc_port, b)
+        record(f"REST 1 row, {b} clients, batching", 1, rest_load, server.rest_port, b)
     finally:
         server.stop()
     by_name = {r["scenario"]: r for r in results}
@@ -251,10 +264,12 @@ def main():
              / by_name[f"gRPC 1 row, {b} clients, no batching"]["rows_per_s"])
     print(f"\nbatching / no batching rows/s with {b} clients (gRPC, 1 row): {ratio:.2f}x")
 
-    print("\n| scenario | QPS | rows/s | p50 ms | p99 ms | errors |\n|---|---|---|---|---|---|")
+    print("\n| scenario | QPS | rows/s | p50 ms | p99 ms | errors | server CPU µs/req | "
+          "client CPU µs/req |\n|---|---|---|---|---|---|---|---|")
     for r in results:
         print(f"| {r['scenario']} | {r['qps']:,.0f} | {r['rows_per_s']:,.0f} | {r['p50_ms']:.2f} | "
-              f"{r['p99_ms']:.2f} | {r.get('errors', '-')} |")
+              f"{r['p99_ms']:.2f} | {r.get('errors', '-')} | {r.get('server_cpu_us', '-')} | "
+              f"{r.get('client_cpu_us', '-')} |")
 
 
 if __name__ == "__main__":
