@@ -214,10 +214,12 @@ class ModelManager:
                 not available (the other changes still apply).
         """
         with self._lock:
+            old_paths = {m.name: m.base_path for m in self._config.model_config_list.config} \
+                if self._config is not None else {}
             self._config = config
-            names = {m.name for m in config.model_config_list.config}
+            new_paths = {m.name: m.base_path for m in config.model_config_list.config}
             for name in list(self._loaded):
-                if name not in names:
+                if new_paths.get(name) != old_paths.get(name):  # removed, or moved elsewhere
                     self._unload_model(name)
             self.poll_once()
             errors = []

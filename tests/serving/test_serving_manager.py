@@ -179,3 +179,15 @@ def test_model_config_file_is_polled(saved_models, tmp_path):
         assert manager.lookup("ranking", label="stable").version == 1
     finally:
         manager.stop()
+
+
+def test_reload_with_a_new_base_path_serves_from_it(saved_models, tmp_path):
+    moved = str(tmp_path / "elsewhere")
+    os.makedirs(moved)
+    toy_models.copy_version(str(saved_models / "ranking" / "1"), moved, 1)
+    manager = _manager(str(saved_models / "ranking"))
+    try:
+        manager.reload_config(single_model_config("ranking", moved))
+        assert manager.lookup("ranking").path == os.path.join(moved, "1")
+    finally:
+        manager.stop()
