@@ -62,28 +62,40 @@ def test_concurrent_requests_are_merged_and_split_back():
 
 def test_full_queue_answers_unavailable_instead_of_queueing():
     model = _Model()
-    model.gate.clear()  # the worker blocks on its first batch
+    model.gate.clear()  # the worker blocks inside its first batch
     batcher = Batcher(model, BatchingOptions(max_batch_size=2, batch_timeout_micros=0,
                                              max_enqueued_batches=2, num_batch_threads=1))
+    outcomes = []
+
+    def one():
+        try:
+            batcher.submit({"x": np.zeros(1, np.float32), "id": np.array([b""], dtype=object)}, 1,
+                           timeout=30)
+            outcomes.append("OK")
+        except ServingError as err:
+            outcomes.append(err)
+
     try:
-        holder = threading.Thread(target=_submit_all, args=(batcher, 1))
-        holder.start()
-        time.sleep(0.2)  # the first request is now running (blocked)
-        results, errors = [], []
-        threads = [threading.Thread(target=lambda: results.append(_submit_all(batcher, 1)))
-                   for _ in range(8)]
+        first = threading.Thread(target=one)
+        first.start()
+        deadline = time.monotonic() + 10
+        while batcher._queued_rows and time.monotonic() < deadline:  # worker took it
+            time.sleep(0.01)
+        threads = [threading.Thread(target=one) for _ in range(8)]
         for t in threads:
             t.start()
-        time.sleep(0.3)
+        # 4 rows fit the queue (2 batches x 2 rows); the other 4 are refused at once
+        while len(outcomes) < 4 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        refused = list(outcomes)
         model.gate.set()
-        for t in threads:
+        for t in [first, *threads]:
             t.join()
-        holder.join()
     finally:
         batcher.stop()
-    errors = [e for _, errs in results for e in errs]
-    assert errors and all(e.code == "UNAVAILABLE" and "queue" in e.message for e in errors)
-    assert sum(1 for res, _ in results if res[0] is not None) == 4  # 2 batches x 2 rows queued
+    assert len(refused) == 4
+    assert all(e.code == "UNAVAILABLE" and "queue" in e.message for e in refused)
+    assert outcomes.count("OK") == 5
 
 
 def test_request_larger_than_max_batch_size_is_invalid():
