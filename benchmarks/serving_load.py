@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import atexit
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -202,6 +204,7 @@ def main():
     MODEL_NAME = args.model_name
 
     tmp = tempfile.mkdtemp(prefix="serving-bench-")
+    atexit.register(shutil.rmtree, tmp, ignore_errors=True)
     if args.model_base_path:
         from fm_keras.serving.manager import list_versions
 
