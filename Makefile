@@ -44,3 +44,13 @@ bench: $(BIN)/.bench-installed
 
 clean:
 	rm -rf $(VENV) $(DEMO) runs .pytest_cache
+
+# The TF Serving-compatible server on the exports in saved_models/ (gRPC 8500, REST 8501).
+.PHONY: serve bench-serving
+serve: $(BIN)/.installed
+	$(BIN)/fm-keras serve --port=8500 --rest_api_port=8501 \
+		--model_config_file=serving/models.local.config --file_system_poll_wait_seconds=5 \
+		--monitoring_config_file=serving/monitoring.config
+
+bench-serving: $(BIN)/.installed
+	$(BIN)/python benchmarks/serving_load.py

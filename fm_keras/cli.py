@@ -11,6 +11,8 @@ import json
 import os
 import sys
 
+from fm_keras.serving.cli import add_commands as _add_serving_commands
+
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fm-keras", description=__doc__.splitlines()[0])
@@ -68,6 +70,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--keep", help="comma-separated user columns to copy (default: id columns)")
     p.add_argument("--batch-size", type=int, default=4096)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    _COMMANDS.update(_add_serving_commands(sub))  # serve, query
     return parser
 
 

@@ -1,0 +1,171 @@
+"""``fm-keras serve`` (tensorflow_model_server's flags) and ``fm-keras query``.
+
+Flags keep TF Serving's names and forms: ``--port=8500``, ``--rest_api_port=8501``,
+``--enable_batching`` or ``--enable_batching=true``. Only ``--host`` is ours.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def _bool(text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("1", "true", "yes"):
+        return True
+    if value in ("0", "false", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def add_commands(subparsers) -> dict:
+    """Adds ``serve`` and ``query`` to the fm-keras subparsers; returns {name: handler}."""
+    from fm_keras.serving.config import ServerOptions
+
+    d = ServerOptions.__dataclass_fields__
+    p = subparsers.add_parser("serve", help="TF Serving-compatible model server (same flags)")
+    for name, kind, text in [
+            ("port", int, "gRPC port"), ("rest_api_port", int, "REST port (0: no REST API)"),
+            ("grpc_max_threads", int, "gRPC worker threads (0: auto)"),
+            ("grpc_channel_arguments", str, "k=v,... e.g. grpc.max_receive_message_length=N"),
+            ("rest_api_num_threads", int, "accepted for compatibility (threads per connection)"),
+            ("rest_api_timeout_in_ms", int, "REST request timeout"),
+            ("model_name", str, "model name (ignored with --model_config_file)"),
+            ("model_base_path", str, "directory of integer versions"),
+            ("model_config_file", str, "text-format ModelServerConfig"),
+            ("model_config_file_poll_wait_seconds", int, "re-read the config file (0: never)"),
+            ("file_system_poll_wait_seconds", int, "poll base paths for versions (0: once)"),
+            ("batching_parameters_file", str, "text-format BatchingParameters"),
+            ("monitoring_config_file", str, "text-format MonitoringConfig (Prometheus)"),
+            ("max_num_load_retries", int, "retries of a failed version load"),
+            ("load_retry_interval_micros", int, "wait between load retries"),
+            ("host", str, "fm-keras only: address to bind (default all interfaces)")]:
+        p.add_argument(f"--{name}", type=kind, default=d[name].default, help=text)
+    for name, text in [("enable_batching", "batch concurrent requests"),
+                       ("enable_model_warmup", "replay assets.extra/tf_serving_warmup_requests"),
+                       ("allow_version_labels_for_unavailable_models",
+                        "allow labels on versions that are not loaded")]:
+        p.add_argument(f"--{name}", type=_bool, nargs="?", const=True, default=d[name].default,
+                       help=text)
+
+    q = subparsers.add_parser("query", help="one request to a TF Serving (or fm-keras serve) server")
+    q.add_argument("--server", default="localhost:8500", help="gRPC host:port")
+    q.add_argument("--rest", help="use REST at this URL instead, e.g. http://localhost:8501")
+    q.add_argument("--model_name", required=True)
+    q.add_argument("--signature_name", default="")
+    q.add_argument("--version", type=int)
+    q.add_argument("--label")
+    q.add_argument("--input", action="append", default=[], metavar="NAME=V1,V2",
+                   help="an input column (repeat); numeric inputs are sent as float32 when the "
+                        "signature says so")
+    q.add_argument("--status", action="store_true", help="print the model's version status")
+    q.add_argument("--metadata", action="store_true", help="print the model's signatures")
+    q.add_argument("--timeout", type=float, default=5.0, help="seconds per call")
+    return {"serve": serve, "query": query}
+
+
+def serve(args) -> int:
+    import logging
+    import signal
+
+    from fm_keras.errors import ConfigError
+    from fm_keras.serving.config import ServerOptions
+    from fm_keras.serving.errors import ServingError
+    from fm_keras.serving.server import ModelServer
+
+    fields = ServerOptions.__dataclass_fields__
+    options = ServerOptions(**{k: getattr(args, k) for k in fields if hasattr(args, k)})
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    server = ModelServer(options)
+    try:
+        server.start()
+    except ServingError as err:
+        server.stop()
+        raise ConfigError(f"cannot start the model server: {err.message}") from err
+    except OSError as err:
+        server.stop()
+        raise ConfigError(f"cannot start the model server: {err}") from err
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: server.stop())
+    rest = f", REST on {options.host}:{server.rest_port}" if server.rest_port else ""
+    print(f"fm-keras: serving gRPC on {options.host}:{server.grpc_port}{rest}", file=sys.stderr,
+          flush=True)
+    server.wait()
+    return 0
+
+
+def _columns(specs: list[str]) -> dict[str, list[str]]:
+    from fm_keras.errors import ConfigError
+
+    columns = {}
+    for spec in specs:
+        name, sep, values = spec.partition("=")
+        if not sep or not name:
+            raise ConfigError(f"--input must be NAME=V1,V2,..., got {spec!r}")
+        columns[name] = values.split(",")
+    return columns
+
+
+def query(args) -> int:
+    from fm_keras.errors import ConfigError
+    from fm_keras.serving.errors import ServingError
+
+    columns = _columns(args.input)
+    try:
+        if args.rest:
+            result = _query_rest(args, columns)
+        else:
+            result = _query_grpc(args, columns)
+    except ServingError as err:
+        raise ConfigError(f"{err.code}: {err.message}") from err
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def _query_grpc(args, columns):
+    from google.protobuf import json_format
+
+    from fm_keras.serving.client import GrpcClient
+
+    with GrpcClient(args.server, timeout=args.timeout) as client:
+        if args.status:
+            return client.status(args.model_name, args.version)
+        signatures = client.metadata(args.model_name, args.version, args.label)
+        if args.metadata:
+            return json_format.MessageToDict(signatures, preserving_proto_field_name=True)
+        sig = signatures.signature_def[args.signature_name or "serving_default"]
+        inputs = {name: [float(v) for v in values]
+                  if name in sig.inputs and sig.inputs[name].dtype == 1 else values
+                  for name, values in columns.items()}  # 1 = DT_FLOAT
+        outputs = client.predict(args.model_name, inputs, signature=args.signature_name,
+                                 version=args.version, label=args.label)
+        return {k: [x.decode() if isinstance(x, bytes) else x for x in v.tolist()]
+                if v.dtype == object and v.ndim == 1 else _plain(v) for k, v in outputs.items()}
+
+
+def _plain(array):
+    if array.dtype == object:
+        return [[x.decode() for x in row] for row in array.tolist()]
+    return array.tolist()
+
+
+def _query_rest(args, columns):
+    from fm_keras.serving.client import RestClient
+
+    client = RestClient(args.rest, timeout=args.timeout)
+    if args.status:
+        return client.status(args.model_name, args.version)
+    if args.metadata:
+        return client.metadata(args.model_name, args.version)
+    inputs = {k: [_number(v) for v in vals] for k, vals in columns.items()}
+    return client.predict(args.model_name, inputs=inputs, signature=args.signature_name,
+                          version=args.version, label=args.label)
+
+
+def _number(text: str):
+    try:
+        return float(text)
+    except ValueError:
+        return text

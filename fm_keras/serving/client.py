@@ -1,0 +1,213 @@
+"""Clients for TF Serving and ``fm-keras serve``: gRPC (official stubs) and REST.
+
+Every call has an explicit timeout; UNAVAILABLE (gRPC) and 503 / connection refused (REST)
+are retried with exponential backoff, nothing else is. Failures raise ``ServingError`` with
+the server's status code and message, whichever transport was used.
+
+    with GrpcClient("localhost:8500", timeout=2.0) as client:
+        out = client.predict("ranking", {"user_id": ["u1"], "item_id": ["i9"], "price": [3.5]})
+        out["probability"]          # numpy array [batch]
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.error
+import urllib.request
+
+import numpy as np
+
+from fm_keras.serving.errors import HTTP_STATUS, ServingError
+
+_HTTP_TO_CODE = {}
+for _code, _http in HTTP_STATUS.items():
+    _HTTP_TO_CODE.setdefault(_http, _code)
+
+
+def _retrying(call, retries: int, backoff: float, retryable):
+    for attempt in range(retries + 1):
+        try:
+            return call()
+        except ServingError as err:
+            if not retryable(err) or attempt == retries:
+                raise
+            time.sleep(backoff * 2**attempt)
+
+
+class GrpcClient:
+    """PredictionService / ModelService client over one channel.
+
+    Args:
+        target: ``host:port`` of the gRPC API.
+        timeout: seconds per call (gRPC deadline).
+        retries: extra attempts after UNAVAILABLE.
+        backoff: first retry delay in seconds, doubled each time.
+        max_message_size: client-side limit for sent and received messages, bytes.
+    """
+
+    def __init__(self, target: str = "localhost:8500", timeout: float = 5.0, retries: int = 3,
+                 backoff: float = 0.05, max_message_size: int = 64 * 1024 * 1024):
+        import grpc
+        from tensorflow_serving.apis import model_service_pb2_grpc, prediction_service_pb2_grpc
+
+        if timeout <= 0:
+            raise ValueError(f"timeout must be > 0 seconds, got {timeout}")
+        self.timeout, self.retries, self.backoff = timeout, retries, backoff
+        self._grpc = grpc
+        self._channel = grpc.insecure_channel(target, options=[
+            ("grpc.max_send_message_length", max_message_size),
+            ("grpc.max_receive_message_length", max_message_size)])
+        self._predict = prediction_service_pb2_grpc.PredictionServiceStub(self._channel)
+        self._models = model_service_pb2_grpc.ModelServiceStub(self._channel)
+
+    def _call(self, method, request):
+        def once():
+            try:
+                return method(request, timeout=self.timeout)
+            except self._grpc.RpcError as err:
+                raise ServingError(err.code().name, err.details() or str(err)) from None
+        return _retrying(once, self.retries, self.backoff, lambda e: e.code == "UNAVAILABLE")
+
+    @staticmethod
+    def _spec(spec, model, version=None, label=None, signature=""):
+        spec.name = model
+        if version is not None:
+            spec.version.value = version
+        elif label:
+            spec.version_label = label
+        if signature:
+            spec.signature_name = signature
+
+    def predict_response(self, model: str, inputs: dict, signature: str = "",
+                         version: int | None = None, label: str | None = None,
+                         output_filter=()):
+        """The raw PredictResponse (with ``model_spec.version`` of the version that answered)."""
+        from tensorflow_serving.apis import predict_pb2
+
+        from fm_keras._tf import tf
+
+        request = predict_pb2.PredictRequest(output_filter=list(output_filter))
+        self._spec(request.model_spec, model, version, label, signature)
+        for name, value in inputs.items():
+            request.inputs[name].CopyFrom(tf.make_tensor_proto(value))
+        return self._call(self._predict.Predict, request)
+
+    def predict(self, model: str, inputs: dict, **kwargs) -> dict[str, np.ndarray]:
+        """Predict; returns {output alias: numpy array}. kwargs: see ``predict_response``."""
+        from fm_keras._tf import tf
+
+        response = self.predict_response(model, inputs, **kwargs)
+        return {name: tf.make_ndarray(proto) for name, proto in response.outputs.items()}
+
+    def metadata(self, model: str, version: int | None = None, label: str | None = None):
+        """The model's SignatureDefMap."""
+        from tensorflow_serving.apis import get_model_metadata_pb2
+
+        request = get_model_metadata_pb2.GetModelMetadataRequest(metadata_field=["signature_def"])
+        self._spec(request.model_spec, model, version, label)
+        response = self._call(self._predict.GetModelMetadata, request)
+        result = get_model_metadata_pb2.SignatureDefMap()
+        response.metadata["signature_def"].Unpack(result)
+        return result
+
+    def status(self, model: str, version: int | None = None) -> list[dict]:
+        """[{"version", "state", "error_code", "error_message"}] like the REST status."""
+        from tensorflow_serving.apis import get_model_status_pb2
+
+        request = get_model_status_pb2.GetModelStatusRequest()
+        self._spec(request.model_spec, model, version)
+        response = self._call(self._models.GetModelStatus, request)
+        State = get_model_status_pb2.ModelVersionStatus.State
+        return [{"version": s.version, "state": State.Name(s.state),
+                 "error_code": s.status.error_code, "error_message": s.status.error_message}
+                for s in response.model_version_status]
+
+    def reload_config(self, config) -> None:
+        """HandleReloadConfigRequest with a ModelServerConfig (message or text)."""
+        from google.protobuf import text_format
+        from tensorflow_serving.apis import model_management_pb2
+        from tensorflow_serving.config import model_server_config_pb2
+
+        if isinstance(config, str):
+            config = text_format.Parse(config, model_server_config_pb2.ModelServerConfig())
+        self._call(self._models.HandleReloadConfigRequest,
+                   model_management_pb2.ReloadConfigRequest(config=config))
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class RestClient:
+    """The REST API with the standard library only.
+
+    Args:
+        base_url: e.g. ``http://localhost:8501``.
+        timeout: seconds per HTTP request.
+        retries: extra attempts after 503 or a refused connection.
+        backoff: first retry delay in seconds, doubled each time.
+    """
+
+    def __init__(self, base_url: str = "http://localhost:8501", timeout: float = 5.0,
+                 retries: int = 3, backoff: float = 0.05):
+        if timeout <= 0:
+            raise ValueError(f"timeout must be > 0 seconds, got {timeout}")
+        self.base_url = base_url.rstrip("/")
+        self.timeout, self.retries, self.backoff = timeout, retries, backoff
+
+    def _request(self, path: str, body=None):
+        data = None if body is None else json.dumps(body).encode("utf-8")
+
+        def once():
+            request = urllib.request.Request(self.base_url + path, data=data,
+                                             headers={"Content-Type": "application/json"})
+            try:
+                with urllib.request.urlopen(request, timeout=self.timeout) as response:
+                    return json.loads(response.read())
+            except urllib.error.HTTPError as err:
+                text = err.read().decode("utf-8", "replace")
+                try:
+                    message = json.loads(text).get("error", text)
+                except ValueError:
+                    message = text
+                raise ServingError(_HTTP_TO_CODE.get(err.code, "UNKNOWN"), message) from None
+            except (urllib.error.URLError, ConnectionError) as err:
+                reason = getattr(err, "reason", err)
+                if isinstance(reason, TimeoutError) or "timed out" in str(reason):
+                    raise ServingError("DEADLINE_EXCEEDED", f"{path}: {reason}") from None
+                raise ServingError("UNAVAILABLE", f"{self.base_url}: {reason}") from None
+            except TimeoutError as err:
+                raise ServingError("DEADLINE_EXCEEDED", f"{path}: {err}") from None
+
+        return _retrying(once, self.retries, self.backoff, lambda e: e.code == "UNAVAILABLE")
+
+    @staticmethod
+    def _model_path(model, version=None, label=None):
+        path = f"/v1/models/{model}"
+        if version is not None:
+            path += f"/versions/{version}"
+        elif label:
+            path += f"/labels/{label}"
+        return path
+
+    def predict(self, model: str, instances=None, inputs=None, signature: str = "",
+                version: int | None = None, label: str | None = None) -> dict:
+        """Row (``instances``) or columnar (``inputs``) predict; returns the JSON reply."""
+        if (instances is None) == (inputs is None):
+            raise ValueError("pass exactly one of instances= (row format) or inputs= (columnar)")
+        body = {"instances": instances} if instances is not None else {"inputs": inputs}
+        if signature:
+            body["signature_name"] = signature
+        return self._request(self._model_path(model, version, label) + ":predict", body)
+
+    def status(self, model: str, version: int | None = None) -> dict:
+        return self._request(self._model_path(model, version))
+
+    def metadata(self, model: str, version: int | None = None) -> dict:
+        return self._request(self._model_path(model, version) + "/metadata")

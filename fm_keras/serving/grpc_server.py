@@ -1,0 +1,195 @@
+"""gRPC PredictionService and ModelService, registered from tensorflow-serving-api's stubs.
+
+Each handler turns a ``ServingError`` into the same gRPC status TF Serving returns; a deadline
+that has already passed is DEADLINE_EXCEEDED before any work; the server's message size limit
+is INT32_MAX unless ``--grpc_channel_arguments`` lowers it (then gRPC itself answers
+RESOURCE_EXHAUSTED for bigger messages).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from concurrent import futures
+
+import grpc
+from tensorflow_serving.apis import (classification_pb2, get_model_metadata_pb2,
+                                     get_model_status_pb2, inference_pb2, model_management_pb2,
+                                     model_service_pb2_grpc, predict_pb2,
+                                     prediction_service_pb2_grpc, regression_pb2)
+
+from fm_keras.serving import inference
+from fm_keras.serving.config import DEFAULT_MAX_MESSAGE_SIZE, validate_model_server_config
+from fm_keras.serving.errors import ERROR_CODE_NUMBER, ServingError, invalid_argument
+from fm_keras.serving.predict import (arrays_from_request, check_output_filter, fill_outputs,
+                                      signature_def_map)
+
+log = logging.getLogger("fm_keras.serving")
+
+
+def resolve(manager, model_spec):
+    """ModelSpec -> servable (version, label or latest)."""
+    choice = model_spec.WhichOneof("version_choice")
+    return manager.lookup(model_spec.name,
+                          model_spec.version.value if choice == "version" else None,
+                          model_spec.version_label if choice == "version_label" else None)
+
+
+def remaining(context) -> float | None:
+    """Seconds left before the client's deadline; DEADLINE_EXCEEDED if none are left."""
+    left = context.time_remaining()
+    if left is not None and left <= 0:
+        raise ServingError("DEADLINE_EXCEEDED", "Deadline Exceeded")
+    return left
+
+
+def predict(manager, request, response, timeout: float | None = None) -> None:
+    """The Predict core shared by gRPC and REST (the REST side builds a PredictRequest)."""
+    servable = resolve(manager, request.model_spec)
+    sig = servable.signature(request.model_spec.signature_name)
+    arrays = arrays_from_request(sig, request.inputs)
+    names = check_output_filter(sig, request.output_filter)
+    outputs = servable.run(sig, arrays, timeout)
+    response.model_spec.name = servable.name
+    response.model_spec.version.value = servable.version
+    response.model_spec.signature_name = sig.name
+    fill_outputs(response.outputs, outputs, names)
+
+
+def model_metadata(manager, request, response) -> None:
+    if not request.metadata_field:
+        raise invalid_argument("GetModelMetadataRequest must specify at least one metadata_field")
+    for field in request.metadata_field:
+        if field != "signature_def":
+            raise invalid_argument(f"Metadata field {field} is not supported")
+    servable = resolve(manager, request.model_spec)
+    response.model_spec.name = servable.name
+    response.model_spec.version.value = servable.version
+    response.metadata["signature_def"].Pack(signature_def_map(servable.signature_defs))
+
+
+def model_status(manager, request, response) -> None:
+    spec = request.model_spec
+    version = spec.version.value if spec.HasField("version") else None
+    State = get_model_status_pb2.ModelVersionStatus.State
+    for number, state, code, message in manager.model_status(spec.name, version):
+        entry = response.model_version_status.add(version=number, state=State.Value(state))
+        entry.status.error_code = ERROR_CODE_NUMBER[code]
+        entry.status.error_message = message
+
+
+class _Handlers:
+    """Shared by both servicers: error mapping and request metrics."""
+
+    def __init__(self, manager, metrics):
+        self.manager = manager
+        self.metrics = metrics
+
+    def call(self, context, api, model_name, fn):
+        start = time.perf_counter()
+        code = "OK"
+        try:
+            return fn()
+        except ServingError as err:
+            code = err.code
+            context.abort(grpc.StatusCode[err.code], err.message)
+        except Exception as err:  # noqa: BLE001 - answer INTERNAL, never drop the server
+            code = "INTERNAL"
+            log.exception("%s failed", api)
+            context.abort(grpc.StatusCode.INTERNAL, f"{type(err).__name__}: {err}")
+        finally:
+            if self.metrics is not None:
+                self.metrics.record_request(model_name, api, "GRPC", code,
+                                            (time.perf_counter() - start) * 1e6)
+
+
+class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer, _Handlers):
+    def Predict(self, request, context):
+        def run():
+            response = predict_pb2.PredictResponse()
+            predict(self.manager, request, response, remaining(context))
+            return response
+        return self.call(context, "predict", request.model_spec.name, run)
+
+    def GetModelMetadata(self, request, context):
+        def run():
+            response = get_model_metadata_pb2.GetModelMetadataResponse()
+            model_metadata(self.manager, request, response)
+            return response
+        return self.call(context, "metadata", request.model_spec.name, run)
+
+    def Classify(self, request, context):
+        def run():
+            remaining(context)
+            response = classification_pb2.ClassificationResponse()
+            servable = resolve(self.manager, request.model_spec)
+            inference.classify(servable, request.model_spec.signature_name, request.input,
+                               response.result)
+            response.model_spec.name, response.model_spec.version.value = servable.name, servable.version
+            return response
+        return self.call(context, "classify", request.model_spec.name, run)
+
+    def Regress(self, request, context):
+        def run():
+            remaining(context)
+            response = regression_pb2.RegressionResponse()
+            servable = resolve(self.manager, request.model_spec)
+            inference.regress(servable, request.model_spec.signature_name, request.input,
+                              response.result)
+            response.model_spec.name, response.model_spec.version.value = servable.name, servable.version
+            return response
+        return self.call(context, "regress", request.model_spec.name, run)
+
+    def MultiInference(self, request, context):
+        def run():
+            remaining(context)
+            response = inference_pb2.MultiInferenceResponse()
+            inference.multi_inference(self.manager, request, response)
+            return response
+        name = request.tasks[0].model_spec.name if request.tasks else ""
+        return self.call(context, "multi_inference", name, run)
+
+
+class ModelService(model_service_pb2_grpc.ModelServiceServicer, _Handlers):
+    def GetModelStatus(self, request, context):
+        def run():
+            response = get_model_status_pb2.GetModelStatusResponse()
+            model_status(self.manager, request, response)
+            return response
+        return self.call(context, "status", request.model_spec.name, run)
+
+    def HandleReloadConfigRequest(self, request, context):
+        def run():
+            from fm_keras.errors import ConfigError
+
+            try:
+                validate_model_server_config(request.config, "ReloadConfigRequest")
+            except ConfigError as err:
+                raise invalid_argument(str(err)) from err
+            self.manager.reload_config(request.config)
+            return model_management_pb2.ReloadConfigResponse()
+        return self.call(context, "reload_config", "", run)
+
+
+def start_grpc_server(manager, metrics, host: str, port: int, max_threads: int,
+                      channel_arguments: list[tuple]):
+    """Starts the gRPC server; returns (server, bound port)."""
+    options = [("grpc.max_receive_message_length", DEFAULT_MAX_MESSAGE_SIZE),
+               ("grpc.max_send_message_length", DEFAULT_MAX_MESSAGE_SIZE),
+               ("grpc.so_reuseport", 0)]
+    overridden = {key for key, _ in channel_arguments}
+    options = [o for o in options if o[0] not in overridden] + list(channel_arguments)
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_threads,
+                                                    thread_name_prefix="grpc"),
+                         options=options)
+    prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(
+        PredictionService(manager, metrics), server)
+    model_service_pb2_grpc.add_ModelServiceServicer_to_server(ModelService(manager, metrics), server)
+    try:
+        bound = server.add_insecure_port(f"{host}:{port}")
+    except RuntimeError:  # newer grpcio raises instead of returning 0
+        bound = 0
+    if bound == 0:
+        raise OSError(f"cannot bind gRPC port {host}:{port}")
+    server.start()
+    return server, bound

@@ -1,0 +1,363 @@
+"""Model versions: poll base paths, load, warm up, label, serve, unload — like TF Serving.
+
+Semantics (tensorflow_serving/core/availability_preserving_policy.h, file_system_storage_
+path_source.cc): each model's base path is polled for integer-named directories (others, such
+as an exporter's temp directory, are ignored); the version policy (latest N, all, specific)
+picks the aspired versions; a new version is loaded and its warmup requests replayed before it
+serves, and only then are versions that are no longer aspired unloaded. A version that fails
+to load is marked END with its error and is not retried while its directory stays; the
+versions already serving keep serving.
+
+Readers never take a lock: every change publishes a fresh immutable snapshot.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+
+from fm_keras.serving.config import BatchingOptions, ServerOptions
+from fm_keras.serving.errors import ServingError, invalid_argument, not_found
+from fm_keras.serving.predict import (Signature, arrays_from_request, find_signature,
+                                      load_signatures, run_signature)
+
+log = logging.getLogger("fm_keras.serving")
+
+WARMUP_FILE = os.path.join("assets.extra", "tf_serving_warmup_requests")
+MAX_WARMUP_RECORDS = 1000  # TF Serving reads at most this many (saved_model_warmup_util)
+START, LOADING, AVAILABLE, UNLOADING, END = "START", "LOADING", "AVAILABLE", "UNLOADING", "END"
+
+
+class Servable:
+    """One loaded version of one model."""
+
+    def __init__(self, name, version, path, loaded, signature_defs, batching, metrics):
+        self.name, self.version, self.path = name, version, path
+        self.loaded = loaded  # keeps the TF objects alive while requests hold this servable
+        self.signature_defs = signature_defs
+        self.signatures: dict[str, Signature] = load_signatures(loaded, signature_defs)
+        self._batching: BatchingOptions | None = batching
+        self._metrics = metrics
+        self._batchers = {}
+        self._lock = threading.Lock()
+
+    def signature(self, name: str) -> Signature:
+        return find_signature(self.signatures, name)
+
+    def run(self, sig: Signature, arrays, timeout: float | None = None):
+        """Runs one request, through the batching queue when batching is on."""
+        if self._batching is None or not sig.batchable:
+            return run_signature(sig, arrays)
+        batcher = self._batchers.get(sig.name)
+        if batcher is None:
+            from fm_keras.serving.batching import Batcher
+
+            with self._lock:
+                batcher = self._batchers.get(sig.name)
+                if batcher is None:
+                    on_batch = None
+                    if self._metrics is not None:
+                        on_batch = lambda rows: self._metrics.record_batch(self.name, rows)  # noqa: E731
+                    batcher = self._batchers[sig.name] = Batcher(
+                        lambda a: run_signature(sig, a), self._batching,
+                        f"{self.name}-{self.version}-{sig.name}", on_batch)
+        rows = next(iter(arrays.values())).shape[0]
+        return batcher.submit(arrays, rows, timeout)
+
+    def unload(self) -> None:
+        with self._lock:
+            for batcher in self._batchers.values():
+                batcher.stop()
+
+
+class _Published:
+    """What requests see for one model: available versions and labels (never mutated)."""
+
+    __slots__ = ("versions", "labels", "latest")
+
+    def __init__(self, versions: dict[int, Servable], labels: dict[str, int]):
+        self.versions, self.labels = versions, labels
+        self.latest = versions[max(versions)] if versions else None
+
+
+def list_versions(base_path: str) -> list[int]:
+    """Integer-named subdirectories of ``base_path``; anything else is skipped."""
+    try:
+        names = os.listdir(base_path)
+    except OSError:
+        return []
+    return sorted(int(n) for n in names
+                  if n.isdigit() and int(n) < 2**63 and os.path.isdir(os.path.join(base_path, n)))
+
+
+def aspired_versions(model_config, available_on_disk: list[int]) -> list[int]:
+    policy = model_config.model_version_policy
+    kind = policy.WhichOneof("policy_choice")
+    if kind == "all":
+        return list(available_on_disk)
+    if kind == "specific":
+        wanted = set(policy.specific.versions)
+        return [v for v in available_on_disk if v in wanted]
+    n = policy.latest.num_versions if kind == "latest" and policy.latest.num_versions else 1
+    return available_on_disk[-n:]
+
+
+class ModelManager:
+    """Loads the models of a ``ModelServerConfig`` and keeps them current."""
+
+    def __init__(self, options: ServerOptions, batching: BatchingOptions | None = None,
+                 metrics=None):
+        self._options = options
+        self._batching = batching
+        self._metrics = metrics
+        self._lock = threading.RLock()  # serialises polls and config reloads
+        self._config = None
+        self._loaded: dict[str, dict[int, Servable]] = {}
+        self._labels: dict[str, dict[str, int]] = {}
+        self._status: dict[str, dict[int, list]] = {}
+        self._failed: set[tuple[str, int]] = set()
+        self._published: dict[str, _Published] = {}
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+
+    # ----- requests ---------------------------------------------------------------------
+    def lookup(self, name: str, version: int | None = None, label: str | None = None) -> Servable:
+        """The servable for a ModelSpec, with TF Serving's NOT_FOUND / INVALID_ARGUMENT errors."""
+        published = self._published.get(name)
+        if label:
+            if published is None:
+                raise not_found(f"Servable not found for request: Latest({name})")
+            if label not in published.labels:
+                raise invalid_argument(f"Unrecognized servable version label: {label}")
+            version = published.labels[label]
+        if version is not None:
+            servable = published.versions.get(version) if published else None
+            if servable is None:
+                raise not_found(f"Servable not found for request: Specific({name}, {version})")
+            return servable
+        if published is None or published.latest is None:
+            raise not_found(f"Servable not found for request: Latest({name})")
+        return published.latest
+
+    def model_status(self, name: str, version: int | None = None) -> list[tuple]:
+        """[(version, state, error_code, error_message)], newest first (GetModelStatus)."""
+        statuses = dict(self._status.get(name, {}))
+        if not statuses:
+            raise not_found(f"Could not find any versions of model {name}")
+        if version is not None:
+            if version not in statuses:
+                raise not_found(f"Could not find version {version} of model {name}")
+            statuses = {version: statuses[version]}
+        return [(v, *statuses[v]) for v in sorted(statuses, reverse=True)]
+
+    def model_names(self) -> list[str]:
+        return sorted(self._status)
+
+    @property
+    def config(self):
+        return self._config
+
+    # ----- lifecycle --------------------------------------------------------------------
+    def start(self, config) -> None:
+        """Loads the initial versions (blocking, like TF Serving's startup), then polls."""
+        self.reload_config(config)
+        if self._options.file_system_poll_wait_seconds > 0:
+            self._spawn(self._poll_loop, "fs-poll")
+        if self._options.model_config_file and self._options.model_config_file_poll_wait_seconds > 0:
+            self._spawn(self._config_poll_loop, "config-poll")
+
+    def stop(self) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(timeout=30)
+        with self._lock:
+            for versions in self._loaded.values():
+                for servable in versions.values():
+                    servable.unload()
+
+    def _spawn(self, target, name) -> None:
+        thread = threading.Thread(target=target, name=name, daemon=True)
+        thread.start()
+        self._threads.append(thread)
+
+    def _poll_loop(self) -> None:
+        while not self._stop.wait(self._options.file_system_poll_wait_seconds):
+            try:
+                self.poll_once()
+            except Exception:  # noqa: BLE001 - the poller must survive anything
+                log.exception("file system poll failed")
+
+    def _config_poll_loop(self) -> None:
+        from fm_keras.errors import ConfigError
+        from fm_keras.serving.config import load_model_server_config
+
+        while not self._stop.wait(self._options.model_config_file_poll_wait_seconds):
+            try:
+                config = load_model_server_config(self._options.model_config_file)
+                if config.SerializeToString(deterministic=True) != self._config.SerializeToString(
+                        deterministic=True):
+                    log.info("model config file changed; reloading")
+                    self.reload_config(config)
+            except (ConfigError, ServingError) as err:
+                log.error("model config file poll: %s", err)
+            except Exception:  # noqa: BLE001
+                log.exception("model config file poll failed")
+
+    # ----- config -----------------------------------------------------------------------
+    def reload_config(self, config) -> None:
+        """Serves exactly the models in ``config`` (HandleReloadConfigRequest semantics).
+
+        Raises:
+            ServingError: FAILED_PRECONDITION when a version label names a version that is
+                not available (the other changes still apply).
+        """
+        with self._lock:
+            old_paths = {m.name: m.base_path for m in self._config.model_config_list.config} \
+                if self._config is not None else {}
+            self._config = config
+            new_paths = {m.name: m.base_path for m in config.model_config_list.config}
+            for name in list(self._loaded):
+                if new_paths.get(name) != old_paths.get(name):  # removed, or moved elsewhere
+                    self._unload_model(name)
+            self.poll_once()
+            errors = []
+            for model in config.model_config_list.config:
+                labels = dict(model.version_labels)
+                bad = [f"Request to assign label to version {v} of model {model.name}, which is "
+                       "not currently available for inference" for v in labels.values()
+                       if v not in self._loaded.get(model.name, {})]
+                if bad and not self._options.allow_version_labels_for_unavailable_models:
+                    errors.extend(bad)
+                else:
+                    self._labels[model.name] = labels
+            self._publish()
+            if errors:
+                raise ServingError("FAILED_PRECONDITION", "; ".join(errors))
+
+    def _unload_model(self, name: str) -> None:
+        for version in list(self._loaded.get(name, {})):
+            self._unload(name, version)
+        self._loaded.pop(name, None)
+        self._labels.pop(name, None)
+        self._status.pop(name, None)
+        self._failed = {key for key in self._failed if key[0] != name}
+        self._publish()
+
+    # ----- versions ---------------------------------------------------------------------
+    def poll_once(self) -> None:
+        """One pass over every model: load new aspired versions, then unload the rest."""
+        with self._lock:
+            for model in self._config.model_config_list.config:
+                self._sync_model(model)
+
+    def _sync_model(self, model) -> None:
+        name = model.name
+        base = os.path.abspath(os.path.expanduser(model.base_path))
+        on_disk = list_versions(base)
+        self._failed = {k for k in self._failed if k[0] != name or k[1] in on_disk}
+        aspired = aspired_versions(model, on_disk)
+        loaded = self._loaded.setdefault(name, {})
+        statuses = self._status.setdefault(name, {})
+        if not on_disk and not loaded:
+            log.warning("No versions of servable %s found under base path %s", name, base)
+        for version in sorted(aspired):
+            if version not in loaded and (name, version) not in self._failed:
+                self._load(name, version, os.path.join(base, str(version)))
+        # Availability-preserving: drop an unaspired version only if some aspired one serves,
+        # or if its directory is gone and nothing else would.
+        serving_aspired = [v for v in aspired if v in loaded]
+        for version in list(loaded):
+            if version not in aspired and (serving_aspired or version not in on_disk):
+                self._unload(name, version)
+        if not statuses:
+            self._status.pop(name, None)
+
+    def _load(self, name: str, version: int, path: str) -> None:
+        statuses = self._status[name]
+        statuses[version] = [LOADING, "OK", ""]
+        attempts = 1 + max(0, self._options.max_num_load_retries)
+        error = None
+        for attempt in range(attempts):
+            if self._stop.is_set():
+                return
+            try:
+                servable = self._load_servable(name, version, path)
+                break
+            except ServingError as err:
+                error = err
+                log.error("Loading servable: {name: %s version: %d} failed: %s", name, version, err)
+                if attempt + 1 < attempts and not self._stop.wait(
+                        self._options.load_retry_interval_micros / 1e6):
+                    continue
+        else:
+            statuses[version] = [END, error.code, error.message]
+            self._failed.add((name, version))
+            return
+        self._loaded[name][version] = servable
+        statuses[version] = [AVAILABLE, "OK", ""]
+        self._publish()
+        if self._metrics is not None:
+            self._metrics.inc(":tensorflow:serving:model_load_count", {"model_name": name})
+        log.info("Successfully loaded servable version {name: %s version: %d}", name, version)
+
+    def _unload(self, name: str, version: int) -> None:
+        servable = self._loaded[name].pop(version)
+        self._status[name][version] = [UNLOADING, "OK", ""]
+        self._publish()  # new requests stop seeing it; in-flight ones finish on their handle
+        servable.unload()
+        self._status[name][version] = [END, "OK", ""]
+        log.info("Unloaded servable version {name: %s version: %d}", name, version)
+
+    def _publish(self) -> None:
+        self._published = {name: _Published(dict(versions), dict(self._labels.get(name, {})))
+                            for name, versions in self._loaded.items()}
+
+    def _load_servable(self, name: str, version: int, path: str) -> Servable:
+        from fm_keras.serving.loading import load_saved_model
+
+        loaded, signature_defs = load_saved_model(path)
+        servable = Servable(name, version, path, loaded, signature_defs, self._batching,
+                            self._metrics)
+        if self._options.enable_model_warmup:
+            replay_warmup(servable)
+        return servable
+
+
+def replay_warmup(servable: Servable) -> int:
+    """Replays ``assets.extra/tf_serving_warmup_requests``; returns the number replayed.
+
+    Raises:
+        ServingError: a record is not a PredictionLog with a predict_log, or a request fails
+            (TF Serving fails the load then too).
+    """
+    path = os.path.join(servable.path, WARMUP_FILE)
+    if not os.path.exists(path):
+        return 0
+    from tensorflow_serving.apis import prediction_log_pb2
+
+    from fm_keras._tf import tf
+
+    count = 0
+    started = time.monotonic()
+    try:
+        for record in tf.data.TFRecordDataset(path).take(MAX_WARMUP_RECORDS):
+            entry = prediction_log_pb2.PredictionLog.FromString(record.numpy())
+            kind = entry.WhichOneof("log_type")
+            if kind != "predict_log":
+                raise ServingError("UNIMPLEMENTED", f"warmup record {count}: {kind} replay is not "
+                                   "supported by fm-keras serve; use predict_log records")
+            request = entry.predict_log.request
+            sig = servable.signature(request.model_spec.signature_name)
+            run_signature(sig, arrays_from_request(sig, request.inputs))
+            count += 1
+    except ServingError as err:
+        raise ServingError(err.code, f"Failed to warm up model {servable.name} version "
+                           f"{servable.version}: {err.message}") from err
+    except (tf.errors.OpError, ValueError) as err:
+        raise ServingError("INVALID_ARGUMENT", f"Failed to read warmup requests {path}: {err}") from err
+    log.info("Finished reading warmup data for model at %s. Number of warmup records read: %d. "
+             "Elapsed time (microseconds): %d.", servable.path, count,
+             (time.monotonic() - started) * 1e6)
+    return count

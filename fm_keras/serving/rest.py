@@ -1,0 +1,280 @@
+"""The HTTP/REST API: TF Serving's paths, JSON formats and status-to-HTTP mapping.
+
+    POST /v1/models/NAME[/versions/V | /labels/L]:predict   {"instances": [...]} | {"inputs": ...}
+    POST /v1/models/NAME[...]:classify | :regress           {"examples": [...]}
+    GET  /v1/models/NAME[/versions/V | /labels/L]           model status
+    GET  /v1/models/NAME[/versions/V | /labels/L]/metadata  signature defs
+Errors are ``{"error": "..."}`` with the HTTP code of the TF status (errors.HTTP_STATUS).
+JSON <-> tensor rules follow tensorflow_serving/util/json_tensor.cc: the row format returns
+``predictions``, the columnar format ``outputs``; a single output is not wrapped in an object;
+``{"b64": ...}`` carries bytes; string outputs whose alias ends in ``_bytes`` are base64.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import re
+import socket
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import numpy as np
+
+from fm_keras.serving import grpc_server as core
+from fm_keras.serving.errors import ServingError, invalid_argument
+from fm_keras.serving.predict import check_input_names, check_shapes
+
+log = logging.getLogger("fm_keras.serving")
+
+_PATH = re.compile(r"/v1/models/([^/:]+)(?:/versions/(\d+)|/labels/([^/:]+))?"
+                   r"(?::(predict|classify|regress)|(/metadata))?", re.IGNORECASE)
+
+
+def parse_json(body: bytes):
+    try:
+        return json.loads(body)
+    except RecursionError:
+        raise invalid_argument("JSON Parse error: The document is too deep (nesting)") from None
+    except (ValueError, UnicodeDecodeError) as err:
+        raise invalid_argument(f"JSON Parse error: {err}") from None
+
+
+def _strings(value, name):
+    if isinstance(value, list):
+        return [_strings(v, name) for v in value]
+    if isinstance(value, str):
+        return value.encode("utf-8")
+    if isinstance(value, dict) and set(value) == {"b64"} and isinstance(value["b64"], str):
+        try:
+            return base64.b64decode(value["b64"], validate=True)
+        except ValueError as err:
+            raise invalid_argument(f"Unable to base64 decode input {name}: {err}") from None
+    raise invalid_argument(f"JSON Value: {json.dumps(value)} Type: {type(value).__name__} is not "
+                           f"of expected type: string (input {name})")
+
+
+def to_array(value, np_dtype, name: str) -> np.ndarray:
+    """A JSON value (scalar or nested lists) -> an array of the signature's dtype."""
+    try:
+        if np_dtype == object:
+            return np.array(_strings(value, name), dtype=object)
+        array = np.asarray(value)
+        if array.dtype.kind not in "biuf":
+            raise invalid_argument(f"JSON Value: {json.dumps(value)[:200]} is not of expected type: "
+                                   f"{np.dtype(np_dtype).name} (input {name})")
+        return array.astype(np_dtype, copy=False)
+    except ValueError as err:  # ragged lists
+        raise invalid_argument(f"input {name}: {err}") from None
+
+
+def arrays_from_json(sig, body) -> tuple[dict, str]:
+    """A predict body -> ({alias: array}, "row" | "columnar")."""
+    if not isinstance(body, dict):
+        raise invalid_argument("Request body must be a JSON object")
+    if ("instances" in body) == ("inputs" in body):
+        raise invalid_argument("Missing 'inputs' or 'instances' key" if "instances" not in body else
+                               "Not formatted correctly expecting only one of 'inputs' or "
+                               "'instances' keys exists")
+    aliases = sorted(sig.inputs)
+    if "instances" in body:
+        rows, fmt = body["instances"], "row"
+        if not isinstance(rows, list) or not rows:
+            raise invalid_argument("'instances' must be a non-empty JSON list")
+        if all(isinstance(r, dict) for r in rows) and not (
+                len(aliases) == 1 and any("b64" in r for r in rows)):
+            check_input_names(sig, rows[0].keys())
+            for i, row in enumerate(rows):
+                if set(row) != set(aliases):
+                    raise invalid_argument(f"Failed to process element: {i} of 'instances' list. "
+                                           f"JSON object: {json.dumps(row)[:200]} keys differ "
+                                           f"from the signature's inputs {aliases}")
+            columns = {a: [row[a] for row in rows] for a in aliases}
+        elif len(aliases) == 1:
+            columns = {aliases[0]: rows}
+        else:
+            raise invalid_argument("Expecting object but got list at item 0 of input list")
+    else:
+        inputs, fmt = body["inputs"], "columnar"
+        if isinstance(inputs, dict) and not (len(aliases) == 1 and set(inputs) == {"b64"}):
+            check_input_names(sig, inputs.keys())
+            columns = inputs
+        elif len(aliases) == 1:
+            columns = {aliases[0]: inputs}
+        else:
+            check_input_names(sig, [])
+    arrays = {a: to_array(columns[a], sig.inputs[a][0], a) for a in aliases}
+    check_shapes(sig, arrays)
+    return arrays, fmt
+
+
+def _jsonable(name: str, array: np.ndarray):
+    if array.dtype == object:
+        encode_b64 = name.endswith("_bytes")
+
+        def conv(v):
+            if isinstance(v, list):
+                return [conv(x) for x in v]
+            if encode_b64:
+                return {"b64": base64.b64encode(v).decode("ascii")}
+            try:
+                return v.decode("utf-8")
+            except UnicodeDecodeError:
+                return {"b64": base64.b64encode(v).decode("ascii")}
+        return conv(array.tolist())
+    return array.tolist()
+
+
+def json_from_outputs(outputs: dict, fmt: str) -> dict:
+    names = sorted(outputs)
+    if fmt == "columnar":
+        if len(names) == 1:
+            return {"outputs": _jsonable(names[0], outputs[names[0]])}
+        return {"outputs": {n: _jsonable(n, outputs[n]) for n in names}}
+    values = {n: _jsonable(n, outputs[n]) for n in names}
+    if len(names) == 1:
+        return {"predictions": values[names[0]]}
+    sizes = {n: len(v) if isinstance(v, list) else None for n, v in values.items()}
+    if len(set(sizes.values())) != 1 or None in sizes.values():
+        raise invalid_argument(f"Tensors have inconsistent batch sizes for the row format "
+                               f"{sizes}; use the columnar format ('inputs')")
+    batch = next(iter(sizes.values()))
+    return {"predictions": [{n: values[n][i] for n in names} for i in range(batch)]}
+
+
+class RestApi:
+    """Request handling, independent of the HTTP server plumbing (easy to test)."""
+
+    def __init__(self, manager, metrics=None, timeout_ms: int = 30000, prometheus_path: str = ""):
+        self.manager, self.metrics = manager, metrics
+        self.timeout = timeout_ms / 1000 if timeout_ms > 0 else None
+        self.prometheus_path = prometheus_path
+
+    def handle(self, method: str, path: str, body: bytes) -> tuple[int, str, str]:
+        """Returns (HTTP status, content type, body)."""
+        if self.prometheus_path and path == self.prometheus_path and method == "GET":
+            return 200, "text/plain; version=0.0.4", self.metrics.render()
+        start, code, model = time.perf_counter(), "OK", ""
+        try:
+            match = _PATH.fullmatch(path)
+            if match is None or (method == "POST") != bool(match.group(4)) or method not in (
+                    "GET", "POST"):
+                raise invalid_argument(f"Malformed request: {method} {path}")
+            model, version, label, verb, metadata = match.groups()
+            version = int(version) if version else None
+            if verb == "predict":
+                result = self._predict(model, version, label, body)
+            elif verb:
+                result = self._examples(verb, model, version, label, body)
+            elif metadata:
+                result = self._metadata(model, version, label)
+            else:
+                result = self._status(model, version, label)
+            return 200, "application/json", json.dumps(result)
+        except ServingError as err:
+            code = err.code
+            return err.http_status, "application/json", json.dumps({"error": err.message})
+        except Exception as err:  # noqa: BLE001 - the server stays up
+            code = "INTERNAL"
+            log.exception("REST %s %s failed", method, path)
+            return 500, "application/json", json.dumps({"error": f"{type(err).__name__}: {err}"})
+        finally:
+            if self.metrics is not None and model:
+                self.metrics.record_request(model, "rest", "REST", code,
+                                            (time.perf_counter() - start) * 1e6)
+
+    def _predict(self, model, version, label, body):
+        request = parse_json(body)
+        servable = self.manager.lookup(model, version, label)
+        signature_name = request.get("signature_name", "") if isinstance(request, dict) else ""
+        sig = servable.signature(signature_name)
+        arrays, fmt = arrays_from_json(sig, request)
+        return json_from_outputs(servable.run(sig, arrays, self.timeout), fmt)
+
+    def _examples(self, verb, model, version, label, body):
+        raise ServingError("UNIMPLEMENTED", f"REST :{verb} is not supported by fm-keras serve; use "
+                           f"gRPC {verb.capitalize()} or :predict")
+
+    def _metadata(self, model, version, label):
+        from google.protobuf import json_format
+        from tensorflow_serving.apis import get_model_metadata_pb2
+
+        request = get_model_metadata_pb2.GetModelMetadataRequest(metadata_field=["signature_def"])
+        request.model_spec.name = model
+        if version is not None:
+            request.model_spec.version.value = version
+        if label:
+            request.model_spec.version_label = label
+        response = get_model_metadata_pb2.GetModelMetadataResponse()
+        core.model_metadata(self.manager, request, response)
+        result = json_format.MessageToDict(response, preserving_proto_field_name=True,
+                                           always_print_fields_with_no_presence=True)
+        result["metadata"]["signature_def"].pop("@type", None)
+        return result
+
+    def _status(self, model, version, label):
+        from google.protobuf import json_format
+        from tensorflow_serving.apis import get_model_status_pb2
+
+        if label:
+            version = self.manager.lookup(model, None, label).version
+        request = get_model_status_pb2.GetModelStatusRequest()
+        request.model_spec.name = model
+        if version is not None:
+            request.model_spec.version.value = version
+        response = get_model_status_pb2.GetModelStatusResponse()
+        core.model_status(self.manager, request, response)
+        return json_format.MessageToDict(response, preserving_proto_field_name=True,
+                                         always_print_fields_with_no_presence=True)
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # keep-alive, as TF Serving's libevent server
+    # Headers and body leave in one send (flushed after each request) and TCP_NODELAY is set:
+    # two small writes would otherwise meet Nagle + delayed ACK, a ~40 ms stall per request.
+    wbufsize = 64 * 1024
+    api: RestApi = None
+
+    def setup(self):
+        super().setup()
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def _serve(self, method):
+        try:
+            length = int(self.headers.get("Content-Length") or 0)
+        except ValueError:
+            length = -1
+        if length < 0:
+            status, content_type = 400, "application/json"
+            text = json.dumps({"error": "Invalid Content-Length header"})
+            self.close_connection = True
+        else:
+            body = self.rfile.read(length) if length > 0 else b""
+            status, content_type, text = self.api.handle(method, self.path.split("?", 1)[0], body)
+        data = text.encode("utf-8")
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_GET(self):  # noqa: N802
+        self._serve("GET")
+
+    def do_POST(self):  # noqa: N802
+        self._serve("POST")
+
+    def log_message(self, fmt, *args):
+        log.debug("REST %s", fmt % args)
+
+
+def start_rest_server(api: RestApi, host: str, port: int):
+    """Starts the HTTP server in a thread; returns (server, bound port)."""
+    handler = type("RestHandler", (_Handler,), {"api": api})
+    server = ThreadingHTTPServer((host, port), handler)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, name="rest", daemon=True)
+    thread.start()
+    return server, server.server_address[1]

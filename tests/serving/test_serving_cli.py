@@ -1,0 +1,69 @@
+"""`fm-keras serve` with TF Serving's flags in a real process, and `fm-keras query`."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from serving_testlib import free_port, models_config
+
+from fm_keras.cli import _parser, main
+from fm_keras.serving.client import GrpcClient
+from fm_keras.serving.errors import ServingError
+
+
+def test_serve_accepts_tf_serving_flag_forms():
+    args = _parser().parse_args([
+        "serve", "--port=9000", "--rest_api_port", "9001", "--model_name=m",
+        "--model_base_path=/m", "--enable_batching", "--enable_model_warmup=false",
+        "--batching_parameters_file=b.txt", "--file_system_poll_wait_seconds=5"])
+    assert (args.port, args.rest_api_port, args.model_name) == (9000, 9001, "m")
+    assert args.enable_batching is True and args.enable_model_warmup is False
+    with pytest.raises(SystemExit):
+        _parser().parse_args(["serve", "--enable_batching=maybe"])
+
+
+def test_serve_process_query_and_sigterm(scann_models, tmp_path, capsys):
+    """A fresh process: the ScaNN recall model loads only because the loader imports scann."""
+    grpc_port, rest_port = free_port(), free_port()
+    config = tmp_path / "models.config"
+    config.write_text(models_config(scann_models))
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fm_keras.cli", "serve", f"--port={grpc_port}",
+         f"--rest_api_port={rest_port}", f"--model_config_file={config}", "--host=127.0.0.1"],
+        cwd=repo, env={**os.environ, "PYTHONPATH": repo}, stderr=subprocess.PIPE, text=True)
+    try:
+        with GrpcClient(f"127.0.0.1:{grpc_port}", timeout=2, retries=0) as client:
+            deadline = time.monotonic() + 60
+            while True:
+                try:
+                    client.status("ranking")
+                    break
+                except ServingError:
+                    assert proc.poll() is None and time.monotonic() < deadline
+                    time.sleep(0.3)
+        assert main(["query", f"--server=127.0.0.1:{grpc_port}", "--model_name=ranking",
+                     "--input=user_id=u1,u2", "--input=item_id=item_1,item_2",
+                     "--input=price=1,2"]) == 0
+        out = json.loads(capsys.readouterr().out)
+        assert len(out["probability"]) == 2
+        assert main(["query", f"--rest=http://127.0.0.1:{rest_port}", "--model_name=ranking",
+                     "--signature_name=user_tower", "--input=user_id=u1"]) == 0
+        assert len(json.loads(capsys.readouterr().out)["outputs"]["user_vector"][0]) == 5
+        assert main(["query", f"--server=127.0.0.1:{grpc_port}", "--model_name=ranking_recall",
+                     "--input=user_id=u1"]) == 0
+        assert len(json.loads(capsys.readouterr().out)["item_ids"][0]) == 10
+        assert main(["query", f"--server=127.0.0.1:{grpc_port}", "--model_name=nope",
+                     "--status"]) == 2
+        assert "NOT_FOUND" in capsys.readouterr().err
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            assert proc.wait(timeout=30) == 0
+        finally:
+            proc.kill()
+            proc.stderr.close()

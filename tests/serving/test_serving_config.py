@@ -1,0 +1,87 @@
+"""Flags and TF Serving's text-format config files (the same files real TF Serving reads)."""
+
+import pathlib
+
+import pytest
+
+from fm_keras.errors import ConfigError
+from fm_keras.serving.config import (BatchingOptions, ServerOptions, load_batching_parameters,
+                                     load_model_server_config, load_monitoring_config,
+                                     parse_grpc_channel_arguments)
+
+REPO = pathlib.Path(__file__).resolve().parents[2]
+
+
+def test_repo_configs_parse():
+    config = load_model_server_config(str(REPO / "serving" / "models.config"))
+    names = [m.name for m in config.model_config_list.config]
+    assert names == ["ranking", "ranking_recall"]
+    batching = load_batching_parameters(str(REPO / "serving" / "batching_parameters.txt"))
+    assert batching.max_batch_size == 128 and batching.batch_timeout_micros > 0
+    assert load_monitoring_config(str(REPO / "serving" / "monitoring.config")) == (
+        True, "/monitoring/prometheus/metrics")
+
+
+def test_model_config_policies_and_labels(tmp_path):
+    path = tmp_path / "models.config"
+    path.write_text("""
+        model_config_list {
+          config { name: "a" base_path: "/m/a" model_platform: "tensorflow"
+                   model_version_policy { specific { versions: 3 versions: 4 } }
+                   version_labels { key: "stable" value: 3 } version_labels { key: "canary" value: 4 } }
+          config { name: "b" base_path: "/m/b" model_version_policy { all {} } }
+        }""")
+    config = load_model_server_config(str(path))
+    a, b = config.model_config_list.config
+    assert list(a.model_version_policy.specific.versions) == [3, 4]
+    assert dict(a.version_labels) == {"stable": 3, "canary": 4}
+    assert b.model_version_policy.WhichOneof("policy_choice") == "all"
+
+
+@pytest.mark.parametrize("text, words", [
+    ("model_config_list { config { name: 'a' base_path: '/x' } config { name: 'a' base_path: '/y' } }",
+     "multiple times"),
+    ("model_config_list { config { name: 'a' } }", "no base_path"),
+    ("model_config_list { config { name: 'a' base_path: '/x' bogus: 1 } }", "Invalid protobuf file"),
+])
+def test_bad_model_configs_name_the_problem(tmp_path, text, words):
+    path = tmp_path / "models.config"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=words):
+        load_model_server_config(str(path))
+
+
+def test_batching_defaults_and_partial_file(tmp_path):
+    assert load_batching_parameters(None).max_batch_size == 1000
+    path = tmp_path / "batching.txt"
+    path.write_text("max_batch_size { value: 32 }\nnum_batch_threads { value: 2 }\n")
+    params = load_batching_parameters(str(path))
+    assert (params.max_batch_size, params.num_batch_threads, params.max_enqueued_batches) == (32, 2, 10)
+    with pytest.raises(ConfigError, match="max_batch_size"):
+        BatchingOptions(max_batch_size=0)
+
+
+def test_flags_are_checked():
+    with pytest.raises(ConfigError, match="model_config_file or --model_base_path"):
+        ServerOptions()
+    with pytest.raises(ConfigError, match="cannot be same"):
+        ServerOptions(model_base_path="/m", port=8500, rest_api_port=8500)
+    assert parse_grpc_channel_arguments("grpc.max_receive_message_length=10,grpc.x=y") == [
+        ("grpc.max_receive_message_length", 10), ("grpc.x", "y")]
+    with pytest.raises(ConfigError, match="key=value"):
+        parse_grpc_channel_arguments("nonsense")
+
+
+def test_kubernetes_configmap_matches_the_config_files():
+    import yaml
+    from google.protobuf import text_format
+
+    from fm_keras.serving.config import BatchingParameters, MonitoringConfig
+    from tensorflow_serving.config import model_server_config_pb2
+
+    data = yaml.safe_load((REPO / "serving" / "k8s" / "configmap.yaml").read_text())["data"]
+    for name, message in [("models.config", model_server_config_pb2.ModelServerConfig),
+                          ("batching_parameters.txt", BatchingParameters),
+                          ("monitoring.config", MonitoringConfig)]:
+        from_file = text_format.Parse((REPO / "serving" / name).read_text(), message())
+        assert text_format.Parse(data[name], message()) == from_file, name

@@ -1,0 +1,54 @@
+"""Loading SavedModels: the ScaNN recall export next to the ranking model, custom ops, errors."""
+
+import sys
+
+import grpc
+import numpy as np
+import pytest
+from serving_testlib import models_config, outputs, predict_request, start_server
+from tensorflow.python.saved_model import loader_impl
+from tensorflow_serving.apis import prediction_service_pb2_grpc
+
+from fm_keras.serving import loading
+from fm_keras.serving.errors import ServingError
+
+
+def test_scann_export_lists_its_custom_ops(scann_models):
+    meta = loader_impl.parse_saved_model(str(scann_models / "ranking_recall" / "1")).meta_graphs[0]
+    assert {"Scann>TensorsToScann", "Scann>ScannSearchBatched"} <= loading.custom_ops(meta)
+    stock = loader_impl.parse_saved_model(str(scann_models / "ranking" / "1")).meta_graphs[0]
+    assert loading.custom_ops(stock) == set()
+
+
+def test_ranking_and_scann_recall_side_by_side_from_one_models_config(scann_models, tmp_path):
+    config = tmp_path / "models.config"
+    config.write_text(models_config(scann_models))
+    server = start_server(model_config_file=str(config))
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
+            stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+            recall = outputs(stub.Predict(predict_request("ranking_recall", {"user_id": ["u1", "u2"]}),
+                                          timeout=10))
+            assert recall["item_ids"].shape == (2, 10)
+            assert np.all(np.diff(recall["scores"], axis=1) <= 1e-6)  # best first
+            ranking = outputs(stub.Predict(predict_request(), timeout=10))
+            assert ranking["probability"].shape == (1,)
+    finally:
+        server.stop()
+
+
+def test_missing_scann_says_which_server_is_needed(monkeypatch):
+    monkeypatch.setitem(sys.modules, "scann", None)  # makes `import scann` raise ImportError
+    with pytest.raises(ServingError, match="ScaNN-enabled server") as info:
+        loading._import_scann()
+    assert info.value.code == "FAILED_PRECONDITION"
+
+
+def test_missing_and_corrupt_saved_models(tmp_path):
+    with pytest.raises(ServingError) as info:
+        loading.load_saved_model(str(tmp_path))
+    assert info.value.code == "NOT_FOUND" and str(tmp_path) in info.value.message
+    (tmp_path / "saved_model.pb").write_bytes(b"garbage")
+    with pytest.raises(ServingError) as info:
+        loading.load_saved_model(str(tmp_path))
+    assert info.value.code == "DATA_LOSS"

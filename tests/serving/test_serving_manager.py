@@ -1,0 +1,193 @@
+"""Version semantics: hot swap under load, corrupt versions, policies, labels, warmup."""
+
+import os
+import threading
+import time
+
+import grpc
+import pytest
+from serving_testlib import predict_request, start_server
+from tensorflow_serving.apis import (get_model_status_pb2, prediction_service_pb2_grpc,
+                                     model_service_pb2_grpc)
+
+from fm_keras.serving import toy_models
+from fm_keras.serving.config import ServerOptions, single_model_config
+from fm_keras.serving.errors import ServingError
+from fm_keras.serving.manager import ModelManager, list_versions, replay_warmup
+
+
+def _corrupt(base, version):
+    tmp = os.path.join(base, f".tmp-corrupt-{version}")
+    os.makedirs(tmp)
+    with open(os.path.join(tmp, "saved_model.pb"), "wb") as f:
+        f.write(b"this is not a SavedModel")
+    os.rename(tmp, os.path.join(base, str(version)))
+
+
+def _wait_for(predicate, timeout=20.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def test_hot_swap_under_load_then_corrupt_version_keeps_old(saved_models, tmp_path):
+    source = str(saved_models / "ranking" / "1")
+    base = str(tmp_path / "ranking")
+    os.makedirs(base)
+    toy_models.copy_version(source, base, 1)
+    server = start_server(model_name="ranking", model_base_path=base)
+    try:
+        channel = grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}")
+        stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+        stop = threading.Event()
+        seen = [[] for _ in range(3)]
+        failures = []
+
+        def client(i):
+            while not stop.is_set():
+                try:
+                    response = stub.Predict(predict_request(), timeout=10)
+                    seen[i].append(response.model_spec.version.value)
+                except grpc.RpcError as err:
+                    failures.append((err.code(), err.details()))
+
+        clients = [threading.Thread(target=client, args=(i,)) for i in range(3)]
+        for thread in clients:
+            thread.start()
+        try:
+            for version in (2, 3, 4):
+                time.sleep(1.0)
+                toy_models.copy_version(source, base, version)
+            assert _wait_for(lambda: all(s and s[-1] == 4 for s in seen))
+        finally:
+            stop.set()
+            for thread in clients:
+                thread.join(timeout=30)
+        assert failures == []
+        for versions in seen:
+            assert versions == sorted(versions), "served version moved backwards"
+            assert versions[0] == 1 and versions[-1] == 4
+        assert sum(map(len, seen)) > 30
+
+        _corrupt(base, 5)
+        status_stub = model_service_pb2_grpc.ModelServiceStub(channel)
+        request = get_model_status_pb2.GetModelStatusRequest()
+        request.model_spec.name = "ranking"
+
+        def statuses():
+            return {s.version: s for s in status_stub.GetModelStatus(request, timeout=10)
+                    .model_version_status}
+        assert _wait_for(lambda: 5 in statuses() and statuses()[5].state ==
+                         get_model_status_pb2.ModelVersionStatus.END)
+        failed = statuses()[5]
+        assert failed.status.error_code != 0 and os.path.join(base, "5") in failed.status.error_message
+        assert statuses()[4].state == get_model_status_pb2.ModelVersionStatus.AVAILABLE
+        assert stub.Predict(predict_request(), timeout=10).model_spec.version.value == 4
+        channel.close()
+    finally:
+        server.stop()
+
+
+def _manager(base, policy_text=""):
+    from google.protobuf import text_format
+
+    config = single_model_config("ranking", base)
+    if policy_text:
+        text_format.Parse(policy_text, config.model_config_list.config[0].model_version_policy)
+    manager = ModelManager(ServerOptions(model_base_path=base, file_system_poll_wait_seconds=0,
+                                         max_num_load_retries=0))
+    manager.start(config)
+    return manager
+
+
+@pytest.fixture(scope="module")
+def three_versions(saved_models, tmp_path_factory):
+    base = str(tmp_path_factory.mktemp("versions") / "ranking")
+    os.makedirs(base)
+    for version in (1, 2, 3):
+        toy_models.copy_version(str(saved_models / "ranking" / "1"), base, version)
+    os.makedirs(os.path.join(base, ".tmp-export-4"))  # an exporter's half-written version
+    os.makedirs(os.path.join(base, "latest"))
+    return base
+
+
+def test_non_numeric_directories_are_skipped(three_versions):
+    assert list_versions(three_versions) == [1, 2, 3]
+
+
+@pytest.mark.parametrize("policy, loaded", [
+    ("", [3]),
+    ("latest { num_versions: 2 }", [2, 3]),
+    ("all {}", [1, 2, 3]),
+    ("specific { versions: 1 versions: 3 }", [1, 3]),
+])
+def test_version_policies(three_versions, policy, loaded):
+    manager = _manager(three_versions, policy)
+    try:
+        assert [v for v, state, *_ in manager.model_status("ranking") if state == "AVAILABLE"] == \
+            sorted(loaded, reverse=True)
+        assert manager.lookup("ranking").version == max(loaded)
+        with pytest.raises(ServingError) as info:
+            manager.lookup("ranking", version=min(set(range(1, 5)) - set(loaded)))
+        assert info.value.code == "NOT_FOUND"
+    finally:
+        manager.stop()
+
+
+def test_warmup_records_are_replayed_and_a_bad_one_fails_the_load(saved_models, tmp_path):
+    manager = _manager(str(saved_models / "ranking"))
+    try:
+        assert replay_warmup(manager.lookup("ranking")) == len(toy_models.RANKING_WARMUP)
+    finally:
+        manager.stop()
+    base = str(tmp_path / "ranking")
+    model = toy_models.ToyRanking()
+    toy_models.save_version(model, {"serving_default": model.serve}, base, 1,
+                            warmup=[("no_such_signature", {"user_id": ["u1"]})])
+    manager = _manager(base)
+    try:
+        ((version, state, code, message),) = manager.model_status("ranking")
+        assert (version, state, code) == (1, "END", "FAILED_PRECONDITION")
+        assert "Failed to warm up model ranking version 1" in message
+        with pytest.raises(ServingError):
+            manager.lookup("ranking")
+    finally:
+        manager.stop()
+
+
+def test_model_config_file_is_polled(saved_models, tmp_path):
+    from serving_testlib import models_config
+
+    from fm_keras.serving.config import load_model_server_config
+
+    path = tmp_path / "models.config"
+    path.write_text(models_config(saved_models, models=("ranking",)))
+    options = ServerOptions(model_config_file=str(path), model_config_file_poll_wait_seconds=1,
+                            file_system_poll_wait_seconds=0, max_num_load_retries=0)
+    manager = ModelManager(options)
+    manager.start(load_model_server_config(str(path)))
+    try:
+        with pytest.raises(ServingError):
+            manager.lookup("ranking_recall")
+        path.write_text(models_config(saved_models, {"stable": 1}))
+        assert _wait_for(lambda: ("ranking_recall", "AVAILABLE") in [
+            (name, manager.model_status(name)[0][1]) for name in manager.model_names()])
+        assert manager.lookup("ranking_recall").version == 1
+        assert manager.lookup("ranking", label="stable").version == 1
+    finally:
+        manager.stop()
+
+
+def test_reload_with_a_new_base_path_serves_from_it(saved_models, tmp_path):
+    moved = str(tmp_path / "elsewhere")
+    os.makedirs(moved)
+    toy_models.copy_version(str(saved_models / "ranking" / "1"), moved, 1)
+    manager = _manager(str(saved_models / "ranking"))
+    try:
+        manager.reload_config(single_model_config("ranking", moved))
+        assert manager.lookup("ranking").path == os.path.join(moved, "1")
+    finally:
+        manager.stop()

@@ -1,0 +1,110 @@
+"""The REST API over loopback with plain HTTP: formats, status, metadata, errors, metrics."""
+
+import base64
+import http.client
+import json
+
+import numpy as np
+import pytest
+
+ROW = {"user_id": "u1", "item_id": "item_1", "price": 1.0}
+
+
+def _request(server, method, path, body=None, raw=None):
+    conn = http.client.HTTPConnection("127.0.0.1", server.rest_port, timeout=30)
+    try:
+        data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+        conn.request(method, path, body=data, headers={"Content-Type": "application/json"})
+        response = conn.getresponse()
+        text = response.read().decode()
+        return response.status, text
+    finally:
+        conn.close()
+
+
+def post(server, path, body=None, raw=None):
+    status, text = _request(server, "POST", path, body, raw)
+    return status, json.loads(text)
+
+
+def get(server, path):
+    status, text = _request(server, "GET", path)
+    return status, text
+
+
+def _valid_predict_works(server):
+    status, body = post(server, "/v1/models/ranking:predict", {"instances": [ROW]})
+    assert status == 200 and 0 < body["predictions"][0]["probability"] < 1
+
+
+def test_row_and_columnar_formats_agree(server):
+    status, rows = post(server, "/v1/models/ranking:predict", {"instances": [ROW, ROW]})
+    assert status == 200
+    assert set(rows["predictions"][0]) == {"probability", "logit", "raw_probability"}
+    status, cols = post(server, "/v1/models/ranking/versions/1:predict",
+                        {"inputs": {k: [v, v] for k, v in ROW.items()}})
+    assert status == 200
+    np.testing.assert_allclose(cols["outputs"]["logit"], [r["logit"] for r in rows["predictions"]])
+
+
+def test_single_input_signature_label_and_b64(server):
+    status, body = post(server, "/v1/models/ranking/labels/stable:predict",
+                        {"signature_name": "user_tower",
+                         "instances": ["u1", {"b64": base64.b64encode(b"u1").decode()}]})
+    assert status == 200
+    first, second = body["predictions"]
+    assert first == second and len(first["user_vector"]) == 5
+
+
+def test_recall_model_strings_out(server):
+    status, body = post(server, "/v1/models/ranking_recall:predict", {"inputs": {"user_id": ["u1"]}})
+    assert status == 200
+    assert body["outputs"]["item_ids"][0][0].startswith("item_")
+    assert len(body["outputs"]["scores"][0]) == 10
+
+
+def test_status_and_metadata(server):
+    status, text = get(server, "/v1/models/ranking")
+    assert status == 200
+    assert json.loads(text) == {"model_version_status": [
+        {"version": "1", "state": "AVAILABLE", "status": {"error_code": "OK", "error_message": ""}}]}
+    status, text = get(server, "/v1/models/ranking/versions/1/metadata")
+    body = json.loads(text)
+    assert status == 200 and body["model_spec"]["name"] == "ranking"
+    sigs = body["metadata"]["signature_def"]["signature_def"]
+    assert sigs["serving_default"]["inputs"]["price"]["dtype"] == "DT_FLOAT"
+    status, text = get(server, "/v1/models/nope")
+    assert status == 404 and "nope" in json.loads(text)["error"]
+
+
+@pytest.mark.parametrize("path, body, raw, http_status, words", [
+    ("/v1/models/ranking:predict", None, b"{not json", 400, ["JSON Parse error"]),
+    ("/v1/models/ranking:predict", None, b"[" * 100_000 + b"]" * 100_000, 400, ["too deep"]),
+    ("/v1/models/ranking:predict", {"instances": [{**ROW, "price": "x"}]}, None, 400, ["price"]),
+    ("/v1/models/ranking:predict", {"instances": [{"user_id": "u"}]}, None, 400, ["Missing but required"]),
+    ("/v1/models/ranking:predict", {"instances": [{**ROW, "extra": 1}]}, None, 400, ["Sent extra: {extra}"]),
+    ("/v1/models/ranking:predict", {"instances": [ROW], "inputs": {}}, None, 400, ["only one of"]),
+    ("/v1/models/ranking:predict", {"signature_name": "nope", "instances": [ROW]}, None, 400,
+     ['Serving signature key "nope" not found']),
+    ("/v1/models/unknown:predict", {"instances": [ROW]}, None, 404, ["Servable not found"]),
+    ("/v1/models/ranking/versions/9:predict", {"instances": [ROW]}, None, 404, ["Specific(ranking, 9)"]),
+    ("/v1/models/ranking/labels/canary:predict", {"instances": [ROW]}, None, 400,
+     ["Unrecognized servable version label: canary"]),
+    ("/v1/models/ranking:explode", {"instances": [ROW]}, None, 400, ["Malformed request"]),
+])
+def test_bad_requests_get_tf_serving_errors_and_server_stays_up(server, path, body, raw,
+                                                                http_status, words):
+    status, reply = post(server, path, body, raw)
+    assert status == http_status, reply
+    assert set(reply) == {"error"}
+    for word in words:
+        assert word in reply["error"]
+    _valid_predict_works(server)
+
+
+def test_prometheus_metrics_count_requests(server):
+    _valid_predict_works(server)
+    status, text = get(server, "/monitoring/prometheus/metrics")
+    assert status == 200
+    assert ':tensorflow:serving:request_count{model_name="ranking",status="OK"}' in text
+    assert ":tensorflow:serving:request_latency_bucket" in text
