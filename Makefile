@@ -33,6 +33,8 @@ demo: $(BIN)/.installed
 	    --output $(DEMO)/scores.parquet
 	$(BIN)/fm-keras recommend --model $(DEMO)/saved_models/ctr_recall --users $(DEMO)/data/test.csv \
 	    --k 10 --output $(DEMO)/recommendations.parquet
+	$(BIN)/python -m fm_keras.serving.demo --base $(DEMO)/saved_models \
+	    --users $(DEMO)/data/test.csv --items $(DEMO)/data/items.csv
 
 test: $(BIN)/.installed
 	$(BIN)/python -m pytest -q

@@ -216,8 +216,10 @@ def write_warmup(path: str, signatures, rows: Mapping[str, np.ndarray], per_sign
 
 
 def _proto_values(column: np.ndarray) -> np.ndarray:
+    """Strings as UTF-8 bytes, any shape (the exclusion list of a recall model is 2-D)."""
     if column.dtype == object:
-        return np.array([str(v).encode() for v in column], dtype=object)
+        flat = [v if isinstance(v, bytes) else str(v).encode() for v in column.ravel()]
+        return np.array(flat, dtype=object).reshape(column.shape)
     return column
 
 

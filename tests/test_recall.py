@@ -126,3 +126,27 @@ def test_catalog_errors(exports, small_synth, tmp_path):
     with pytest.raises(ExportError, match="--backend"):
         build_index(exports["ranking"], os.path.join(small_synth[0], "items.csv"), "r",
                     base=base, backend="faiss")
+
+
+@pytest.mark.parametrize("backend", ["scann", "brute_force"])
+def test_warmup_requests_replay_on_the_export(exports, backend):
+    """Each warmup record is a valid PredictRequest for its signature (TF Serving replays them
+    at load and refuses the version otherwise)."""
+    from tensorflow_serving.apis import prediction_log_pb2
+
+    _, loaded, _ = load_export(exports[backend])
+    path = os.path.join(exports[backend], "assets.extra", "tf_serving_warmup_requests")
+    records = [prediction_log_pb2.PredictionLog.FromString(r.numpy())
+               for r in tf.data.TFRecordDataset(path)]
+    assert sorted(r.predict_log.request.model_spec.signature_name for r in records) == \
+        ["exclude_seen", "serving_default"]
+    for record in records:
+        request = record.predict_log.request
+        fn = loaded.signatures[request.model_spec.signature_name]
+        specs = fn.structured_input_signature[1]
+        feed = {k: tf.make_ndarray(v) for k, v in request.inputs.items()}
+        assert sorted(feed) == sorted(specs)
+        for name, value in feed.items():
+            assert specs[name].shape.is_compatible_with(value.shape), name
+        out = fn(**{k: tf.constant(v) for k, v in feed.items()})
+        assert out["item_ids"].shape[0] == 4
