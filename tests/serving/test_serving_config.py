@@ -15,7 +15,7 @@ REPO = pathlib.Path(__file__).resolve().parents[2]
 def test_repo_configs_parse():
     config = load_model_server_config(str(REPO / "serving" / "models.config"))
     names = [m.name for m in config.model_config_list.config]
-    assert names == ["ranking", "ranking_recall"]
+    assert names == ["ctr", "ctr_recall"]
     batching = load_batching_parameters(str(REPO / "serving" / "batching_parameters.txt"))
     assert batching.max_batch_size == 128 and batching.batch_timeout_micros > 0
     assert load_monitoring_config(str(REPO / "serving" / "monitoring.config")) == (
