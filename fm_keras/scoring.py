@@ -10,7 +10,8 @@ from __future__ import annotations
 import os
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -246,6 +247,8 @@ def run_signature(model: str, inputs: Sequence[str], output: str, *,
     writer = TableWriter(output)
     bar = Progress(sum(os.path.getsize(f) for f in files), enabled=progress)
     started, done_bytes = time.time(), 0
+    # Converting and writing a batch (pyarrow, releases the GIL) overlaps the next model call.
+    write_thread, pending = ThreadPoolExecutor(max_workers=1), None
     try:
         for path in files:
             # tf.data reads and parses the next batches while the signature runs on this one.
@@ -261,7 +264,11 @@ def run_signature(model: str, inputs: Sequence[str], output: str, *,
                     raise DataError(f"{path}: cannot read: {_first_line(err.message)}") from None
                 feed = {**columns, **(derive.fn(columns) if derive else {})}
                 outputs = {k: v.numpy() for k, v in fn(**{n: feed[n] for n in types}).items()}
-                writer.write(to_table({k: columns[k].numpy() for k in keep}, outputs, fmt))
+                kept = {k: columns[k].numpy() for k in keep}
+                if pending is not None:
+                    pending.result()
+                pending = write_thread.submit(
+                    lambda kept=kept, outputs=outputs: writer.write(to_table(kept, outputs, fmt)))
                 n = len(next(iter(outputs.values())))
                 rows_in_file += n
                 bar.update(n, done_bytes + min(int(rows_in_file * per_row),
@@ -269,11 +276,21 @@ def run_signature(model: str, inputs: Sequence[str], output: str, *,
             if rows_in_file == 0:
                 raise DataError(f"{path}: the file has a header but no rows")
             done_bytes += os.path.getsize(path)
+        if pending is not None:
+            pending.result()
         writer.commit()
     except BaseException:
+        if pending is not None:
+            pending.cancel()
+            try:
+                pending.result()
+            except Exception:  # noqa: BLE001  (the first error is the one to report)
+                pass
         writer.abort()
         bar.close(ok=False)
         raise
+    finally:
+        write_thread.shutdown()
     bar.close()
     seconds = time.time() - started
     return {"model": version_dir, "signature": signature, "output": output,
