@@ -65,6 +65,16 @@ class FMModel(tfrs.Model):
         """The FM score of encoded slots, shape [batch]."""
         return self.fm((ids, values))[:, 0]
 
+    def train_step(self, inputs):
+        """TFRS's step, reporting only the losses.
+
+        Ranking metrics are computed on validation only (`compute_loss` skips them while
+        training, an AUC update costs as much as the FM step), so their training values would
+        print as misleading zeros; the progress line shows loss and the ``val_`` metrics.
+        """
+        logs = super().train_step(inputs)
+        return {k: logs[k] for k in ("loss", "regularization_loss", "total_loss")}
+
     def compute_loss(self, inputs, training: bool = False):
         encoded, labels, weights = inputs
         logits = self.fm((encoded["ids"], encoded["values"]))

@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 
 from fm_keras import fsutil
+from fm_keras.errors import ConfigError
 
 K_TRUE = 10
 
@@ -84,7 +85,7 @@ class PlantedFM:
 def generate(out_dir: str, rows: int = SynthSpec.rows, seed: int = SynthSpec.seed) -> dict:
     """Writes train/valid/test CSVs, items.csv, features.yaml, experiment.yaml, oracle.json."""
     if rows < 1000:
-        raise ValueError(f"--rows must be at least 1000, got {rows}")
+        raise ConfigError(f"--rows must be at least 1000, got {rows}")
     spec = SynthSpec(rows=rows, seed=seed)
     rng = np.random.default_rng(seed)
     truth = PlantedFM(spec, rng)
