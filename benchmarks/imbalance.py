@@ -18,6 +18,7 @@ import tempfile
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from fm_keras.config import load_experiment  # noqa: E402
+from fm_keras.evaluation import evaluate_run  # noqa: E402
 from fm_keras.synth import generate  # noqa: E402
 from fm_keras.training import train  # noqa: E402
 
@@ -53,24 +54,13 @@ def main():
         os.rmdir(run_dir)
         train(config, run_dir, verbose=0)
         # Evaluate every variant on the same clean rows: the base config's filters.
-        metrics = evaluate_run_on(run_dir, base, data)
+        metrics = evaluate_run(run_dir, os.path.join(data, "test.csv"),
+                               filters=base.data.filters)
         raw = metrics.get("raw", metrics)
         print(f"{name:34s} {metrics['auc']:7.4f} {oracle['auc'] - metrics['auc']:8.4f} "
               f"{metrics['logloss']:8.4f} {metrics['calibration_ratio']:11.3f} "
               f"{metrics['ece']:7.4f} {raw['logloss']:12.4f} {raw['calibration_ratio']:15.3f}",
               flush=True)
-
-
-def evaluate_run_on(run_dir, base, data):
-    """evaluate_run with the base experiment's filters (the user-initiated test rows)."""
-    from fm_keras.data import load_split
-    from fm_keras.evaluation import metrics_for
-    from fm_keras.training import load_run, predict_split
-
-    run = load_run(run_dir)
-    split = load_split([os.path.join(data, "test.csv")], run.config.features, base.data.label,
-                       base.data.filters)
-    return metrics_for("binary", split.labels, predict_split(run.model, split))
 
 
 if __name__ == "__main__":

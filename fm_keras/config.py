@@ -71,6 +71,9 @@ class FeatureConfig:
         buckets: numeric bucketization instead of a value: a number of quantile buckets or an
             explicit sorted list of boundaries; the bucket becomes a categorical value.
         default: numeric raw value used for missing cells (default: the training mean).
+        l2: L2 on this feature's factors and linear weights instead of the model's
+            ``l2_embeddings`` / ``l2_linear``. Id features (user_id, item_id) have many
+            parameters per row of signal and need far more than shared attributes.
     """
 
     name: str
@@ -86,9 +89,12 @@ class FeatureConfig:
     normalization: str = "standard"
     buckets: int | list[float] | None = None
     default: float | None = None
+    l2: float | None = None
 
     def __post_init__(self):
         where = f"feature {self.name!r}"
+        if self.l2 is not None:
+            _at_least(self.l2, 0.0, f"{where}: l2")
         _one_of(self.kind, KINDS, f"{where}: kind")
         _one_of(self.tower, TOWERS, f"{where}: tower")
         _one_of(self.normalization, NORMALIZATIONS, f"{where}: normalization")

@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
 import numpy as np
 from sklearn.metrics import log_loss, roc_auc_score
+
+if TYPE_CHECKING:
+    from fm_keras.config import FilterConfig
 
 _EPS = 1e-7
 
@@ -60,14 +66,24 @@ def metrics_for(task: str, labels: np.ndarray, outputs: dict[str, np.ndarray]) -
     return result
 
 
-def evaluate_run(run_dir: str, data: list[str] | str, batch_size: int = 65_536) -> dict:
-    """Loads a finished run and evaluates it on labeled files, with the run's row filters."""
+def evaluate_run(run_dir: str, data: list[str] | str, batch_size: int = 65_536,
+                 filters: Sequence[FilterConfig] | None = None) -> dict:
+    """Loads a finished run and evaluates it on labeled files.
+
+    Args:
+        run_dir: a finished run directory.
+        data: labeled CSV/Parquet files or globs.
+        batch_size: rows per prediction batch.
+        filters: row filters to apply; default (None) the run's own ``data.filters``. Pass
+            another run's filters to score several runs on the same rows, or ``()`` for none.
+    """
     from fm_keras.data import load_split
     from fm_keras.training import load_run, predict_split
 
     run = load_run(run_dir)
+    filters = run.config.data.filters if filters is None else tuple(filters)
     split = load_split([data] if isinstance(data, str) else data, run.config.features,
-                       run.config.data.label, run.config.data.filters, task=run.config.model.task)
+                       run.config.data.label, filters, task=run.config.model.task)
     outputs = predict_split(run.model, split, batch_size)
     result = metrics_for(run.config.model.task, split.labels, outputs)
     result["rows_read"] = split.rows_read

@@ -11,6 +11,8 @@ feature its own id range); an id listed twice acts as two features whose pair in
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from fm_keras._tf import keras, tf
 
 
@@ -22,7 +24,8 @@ class FactorizationMachine(keras.layers.Layer):
         num_ids: size of the global id space (rows of the linear and factor tables).
         embedding_dim: k, the factor dimension (default 10).
         l2_embeddings: L2 penalty on the factor rows a batch touches, per occurrence; it costs
-            O(k * slots) rather than O(n * k) for the whole table.
+            O(k * slots) rather than O(n * k) for the whole table. A float, or one value per
+            slot (so that, e.g., id features are regularized harder than shared attributes).
         l2_linear: the same for the linear weights.
         embeddings_initializer: initializer of the factor table.
 
@@ -33,20 +36,19 @@ class FactorizationMachine(keras.layers.Layer):
         The FM score (logit for CTR), float32 of shape [batch, 1].
     """
 
-    def __init__(self, num_ids: int, embedding_dim: int = 10, l2_embeddings: float = 0.0,
-                 l2_linear: float = 0.0, embeddings_initializer="random_normal", **kwargs):
+    def __init__(self, num_ids: int, embedding_dim: int = 10,
+                 l2_embeddings: float | Sequence[float] = 0.0,
+                 l2_linear: float | Sequence[float] = 0.0,
+                 embeddings_initializer="random_normal", **kwargs):
         super().__init__(**kwargs)
         if not isinstance(num_ids, int) or num_ids < 1:
             raise ValueError(f"num_ids must be a positive int, got {num_ids!r}")
         if not isinstance(embedding_dim, int) or embedding_dim < 1:
             raise ValueError(f"embedding_dim must be a positive int, got {embedding_dim!r}")
-        if l2_embeddings < 0 or l2_linear < 0:
-            raise ValueError("l2_embeddings and l2_linear must be >= 0, got "
-                             f"{l2_embeddings!r} and {l2_linear!r}")
         self.num_ids = num_ids
         self.embedding_dim = embedding_dim
-        self.l2_embeddings = float(l2_embeddings)
-        self.l2_linear = float(l2_linear)
+        self.l2_embeddings = _l2_value(l2_embeddings, "l2_embeddings")
+        self.l2_linear = _l2_value(l2_linear, "l2_linear")
         self.embeddings_initializer = keras.initializers.get(embeddings_initializer)
 
     def build(self, input_shape):
@@ -79,12 +81,14 @@ class FactorizationMachine(keras.layers.Layer):
         linear = tf.reduce_sum(w * values, axis=1)
         summed = tf.reduce_sum(vx, axis=1)                           # [b, k]
         pairs = 0.5 * tf.reduce_sum(tf.square(summed) - tf.reduce_sum(tf.square(vx), 1), 1)
-        if regularize and (self.l2_embeddings or self.l2_linear):
+        if regularize and (_any(self.l2_embeddings) or _any(self.l2_linear)):
             # Penalize only the rows this batch touched (x != 0), averaged over the batch.
             touched = tf.cast(tf.not_equal(values, 0.0), v.dtype)
+            l2_v = tf.constant(self.l2_embeddings, v.dtype)                # [] or [s]
+            l2_w = tf.constant(self.l2_linear, v.dtype)
             self.add_loss(tf.reduce_mean(
-                self.l2_embeddings * tf.reduce_sum(tf.reduce_sum(tf.square(v), 2) * touched, 1)
-                + self.l2_linear * tf.reduce_sum(tf.square(w) * touched, 1)))
+                tf.reduce_sum(l2_v * tf.reduce_sum(tf.square(v), 2) * touched, 1)
+                + tf.reduce_sum(l2_w * tf.square(w) * touched, 1)))
         return linear, pairs, summed
 
     def get_config(self):
@@ -96,3 +100,16 @@ class FactorizationMachine(keras.layers.Layer):
             "l2_linear": self.l2_linear,
             "embeddings_initializer": keras.initializers.serialize(self.embeddings_initializer),
         }
+
+
+def _l2_value(value, name: str) -> float | list[float]:
+    """A non-negative float, or a list of them (one per slot)."""
+    many = isinstance(value, (list, tuple))
+    values = [float(x) for x in value] if many else [float(value)]
+    if (many and not values) or any(not x >= 0 for x in values):
+        raise ValueError(f"{name} must be >= 0 (a float or one value per slot), got {value!r}")
+    return values if many else values[0]
+
+
+def _any(l2) -> bool:
+    return any(l2) if isinstance(l2, list) else bool(l2)

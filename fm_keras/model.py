@@ -65,6 +65,16 @@ class FMModel(tfrs.Model):
         """The FM score of encoded slots, shape [batch]."""
         return self.fm((ids, values))[:, 0]
 
+    def train_step(self, inputs):
+        """TFRS's step, reporting only the losses.
+
+        Ranking metrics are computed on validation only (`compute_loss` skips them while
+        training, an AUC update costs as much as the FM step), so their training values would
+        print as misleading zeros; the progress line shows loss and the ``val_`` metrics.
+        """
+        logs = super().train_step(inputs)
+        return {k: logs[k] for k in ("loss", "regularization_loss", "total_loss")}
+
     def compute_loss(self, inputs, training: bool = False):
         encoded, labels, weights = inputs
         logits = self.fm((encoded["ids"], encoded["values"]))
@@ -77,9 +87,15 @@ def build_model(features: Sequence[FittedFeature], model: ModelConfig,
                 training: TrainingConfig | None = None) -> FMModel:
     """Builds an `FMModel` from fitted features and the model/training configs."""
     encoder = FeatureEncoder(features, name="encoder")
+    l2_embeddings, l2_linear = model.l2_embeddings, model.l2_linear
+    if any(f.config.l2 is not None for f in encoder.features):
+        def per_slot(default):
+            return [default if f.config.l2 is None else f.config.l2
+                    for f in encoder.features for _ in range(f.slots)]
+        l2_embeddings, l2_linear = per_slot(l2_embeddings), per_slot(l2_linear)
     fm = FactorizationMachine(
-        encoder.num_ids, model.embedding_dim, l2_embeddings=model.l2_embeddings,
-        l2_linear=model.l2_linear,
+        encoder.num_ids, model.embedding_dim, l2_embeddings=l2_embeddings,
+        l2_linear=l2_linear,
         embeddings_initializer=keras.initializers.RandomNormal(stddev=model.init_stddev),
         name="fm")
     correction = training.logit_correction if (training and model.task == "binary") else 0.0

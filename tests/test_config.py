@@ -98,3 +98,9 @@ def test_to_dict_round_trip(tmp_path):
     config = load_experiment(_write(tmp_path))
     again = experiment_from_dict(config.to_dict(), source="x")
     assert dataclasses.replace(again, source=config.source) == config
+
+
+def test_feature_l2_is_checked():
+    assert FeatureConfig("u", "categorical", "user", l2=3.0).l2 == 3.0
+    with pytest.raises(ConfigError, match="l2"):
+        FeatureConfig("u", "categorical", "user", l2=-1.0)

@@ -40,3 +40,31 @@ def test_raw_metrics_only_when_corrected():
 
 def test_regression_rmse():
     assert regression_metrics(np.array([1.0, 2.0]), np.array([2.0, 4.0]))["rmse"] == pytest.approx(np.sqrt(2.5))
+
+
+def test_evaluate_run_with_other_filters(small_synth, tmp_path):
+    """Several runs are compared on the same rows by passing the filters explicitly."""
+    import dataclasses
+    import os
+
+    import pandas as pd
+
+    from fm_keras.config import load_experiment
+    from fm_keras.evaluation import evaluate_run
+    from fm_keras.training import train
+
+    synth_dir, _ = small_synth
+    config = load_experiment(os.path.join(synth_dir, "experiment.yaml"))
+    config = dataclasses.replace(config, training=dataclasses.replace(
+        config.training, epochs=1, steps_per_execution=8))
+    run_dir = str(tmp_path / "run")
+    train(config, run_dir, verbose=0)
+    test_csv = os.path.join(synth_dir, "test.csv")
+    cached = int(pd.read_csv(test_csv).is_cached.sum())
+    own = evaluate_run(run_dir, test_csv)                     # default: the run's own filters
+    assert own["dropped"] == {"cached_exposures": cached}
+    assert own["rows"] == own["rows_read"] - cached
+    unfiltered = evaluate_run(run_dir, test_csv, filters=())
+    assert unfiltered["dropped"] == {} and unfiltered["rows"] == own["rows_read"]
+    same = evaluate_run(run_dir, test_csv, filters=config.data.filters)
+    assert same["auc"] == pytest.approx(own["auc"], abs=1e-12)

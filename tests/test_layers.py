@@ -128,3 +128,17 @@ def test_save_load_same_predictions(tmp_path):
     model.save(path)
     loaded = keras.models.load_model(path)
     np.testing.assert_allclose(loaded.predict([ids, values], verbose=0), before, atol=1e-6)
+
+
+def test_per_slot_l2():
+    """One L2 value per slot: e.g. id slots regularized harder than shared attributes."""
+    layer = FactorizationMachine(100, 3, l2_embeddings=[0.1, 2.0, 0.1], l2_linear=[0.01, 3.0, 0.01])
+    layer.build(None)
+    layer.embeddings.assign(tf.ones([100, 3]))
+    layer.linear.assign(tf.ones([100]))
+    layer((tf.constant([[1, 2, 3]]), tf.constant([[1.0, 1.0, 0.0]])))  # slot 3 is padding
+    assert float(tf.add_n(layer.losses)) == pytest.approx((0.1 + 2.0) * 3 + (0.01 + 3.0) * 1)
+    clone = keras.layers.deserialize(json.loads(json.dumps(keras.layers.serialize(layer))))
+    assert clone.get_config() == layer.get_config()
+    with pytest.raises(ValueError, match="l2_linear must be >= 0"):
+        FactorizationMachine(10, 2, l2_linear=[0.1, -1.0])

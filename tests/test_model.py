@@ -79,3 +79,14 @@ def test_saved_model_round_trip_takes_raw_features(tmp_path):
     got, want = loaded.serve(_raw()), model(_raw())
     for key in want:
         np.testing.assert_allclose(got[key].numpy(), want[key].numpy(), atol=1e-6)
+
+
+def test_feature_l2_overrides_the_model_l2_for_its_slots():
+    import dataclasses
+
+    configs = [dataclasses.replace(CONFIGS[0], l2=2.0), *CONFIGS[1:]]
+    features = fit_features(configs, Split(dict(COLUMNS), None, 3))
+    fm = build_model(features, ModelConfig(l2_embeddings=1e-4, l2_linear=1e-5)).fm
+    assert fm.l2_embeddings == [2.0, 1e-4, 1e-4, 1e-4]         # user, tags x2, price
+    assert fm.l2_linear == [2.0, 1e-5, 1e-5, 1e-5]
+    assert _model().fm.l2_embeddings == ModelConfig().l2_embeddings  # no override: a scalar

@@ -4,9 +4,11 @@ import json
 
 import numpy as np
 import pandas as pd
+import pytest
 
 from fm_keras.config import load_experiment
-from fm_keras.synth import PlantedFM, SynthSpec
+from fm_keras.errors import ConfigError
+from fm_keras.synth import PlantedFM, SynthSpec, generate
 
 
 def test_files_rates_and_oracle(small_synth):
@@ -43,3 +45,9 @@ def test_planted_fm_matches_pairwise_definition():
             expected += truth.params[na][1][ia] @ truth.params[nb][1][ib] * xa * xb
     got = truth.logit(rows, tag_ids, tag_w, price)[0]
     assert abs(got - expected) < 1e-9
+
+
+def test_too_few_rows_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="--rows must be at least 1000, got 10"):
+        generate(str(tmp_path / "s"), rows=10)
+    assert not (tmp_path / "s").exists()

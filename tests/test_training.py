@@ -89,6 +89,16 @@ def test_early_stopping_restores_best_epoch(small_synth, tmp_path):
     assert record["metrics"]["valid"]["auc"] == pytest.approx(max(aucs), abs=0.01)
 
 
+def test_progress_shows_no_unmeasured_train_metrics(small_synth, tmp_path):
+    """Regression: train-time auc/logloss printed as 0 (TFRS computes them on validation only)."""
+    synth_dir, _ = small_synth
+    record = train(_config(synth_dir, epochs=1), str(tmp_path / "run"), verbose=0)
+    logs = record["history"][0]
+    assert {"loss", "val_auc", "val_logloss"} <= set(logs)
+    assert not {"auc", "logloss"} & set(logs)
+    assert logs["loss"] > 0 and 0.5 < logs["val_auc"] < 1
+
+
 def test_divergence_stops_with_advice(small_synth, tmp_path):
     synth_dir, _ = small_synth
     with pytest.raises(TrainingDivergedError, match="Decrease training.learning_rate"):
