@@ -119,26 +119,23 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer, _
         return self.call(context, "metadata", request.model_spec.name, run)
 
     def Classify(self, request, context):
-        def run():
-            remaining(context)
-            response = classification_pb2.ClassificationResponse()
-            servable = resolve(self.manager, request.model_spec)
-            inference.classify(servable, request.model_spec.signature_name, request.input,
-                               response.result)
-            response.model_spec.name, response.model_spec.version.value = servable.name, servable.version
-            return response
-        return self.call(context, "classify", request.model_spec.name, run)
+        return self._single_inference(context, "classify", request,
+                                      classification_pb2.ClassificationResponse, inference.classify)
 
     def Regress(self, request, context):
+        return self._single_inference(context, "regress", request,
+                                      regression_pb2.RegressionResponse, inference.regress)
+
+    def _single_inference(self, context, kind, request, response_type, infer):
+        """Classify and Regress: one signature over tf.Examples, the result into response."""
         def run():
             remaining(context)
-            response = regression_pb2.RegressionResponse()
+            response = response_type()
             servable = resolve(self.manager, request.model_spec)
-            inference.regress(servable, request.model_spec.signature_name, request.input,
-                              response.result)
+            infer(servable, request.model_spec.signature_name, request.input, response.result)
             response.model_spec.name, response.model_spec.version.value = servable.name, servable.version
             return response
-        return self.call(context, "regress", request.model_spec.name, run)
+        return self.call(context, kind, request.model_spec.name, run)
 
     def MultiInference(self, request, context):
         def run():
