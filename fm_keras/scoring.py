@@ -51,6 +51,7 @@ class Progress:
 
     def close(self, ok: bool = True) -> None:
         if self.enabled and ok:
+            self.done_bytes = self.total
             self._print("\r")
         if self.enabled and (ok or self._last):
             print(file=sys.stderr, flush=True)
