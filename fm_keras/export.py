@@ -16,6 +16,7 @@ A version is built under a non-numeric temp name and renamed into place when com
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
@@ -97,18 +98,11 @@ def export_run(run_dir: str, name: str, base: str = "saved_models",
     """
     _check_name(name)
     run = load_run(run_dir)
-    model_dir = os.path.join(base, name)
-    version = next_version(model_dir) if version is None else int(version)
-    final = os.path.join(model_dir, str(version))
-    if os.path.exists(final):
-        raise ExportError(f"{final} exists already; versions are immutable, pick another "
-                          "--version or leave it out to take the next one")
-    _check_writable(model_dir)
+    final = new_version_path(base, name, version)
     started = time.time()
     servable = RankingServable(run.model)
     rows = sample_rows(run, parity_rows)
-    tmp = tempfile.mkdtemp(prefix=f".tmp-{version}-", dir=model_dir)
-    try:
+    with building(final) as tmp:
         tf.saved_model.save(servable, tmp, signatures=servable.signatures())
         loaded = tf.saved_model.load(tmp)
         parity = check_parity(loaded, rows, servable.query_names, servable.item_names)
@@ -116,22 +110,41 @@ def export_run(run_dir: str, name: str, base: str = "saved_models",
         os.makedirs(extra)
         write_warmup(os.path.join(extra, WARMUP), loaded.signatures, rows)
         fsutil.write_json(os.path.join(extra, METADATA), _metadata(
-            run, servable, loaded, name, version, parity, time.time() - started))
-        publish(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+            run, servable, loaded, name, int(os.path.basename(final)), parity,
+            time.time() - started))
     log(f"exported {final} (parity max |diff| {parity['max_abs_diff']:.2e} "
         f"on {parity['rows']:,} rows)")
     return final
 
 
-def publish(tmp: str, final: str) -> None:
-    """Renames a complete temp version directory into place, with the usual permissions."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp made it 0700
-    os.rename(tmp, final)
+def new_version_path(base: str, name: str, version: int | None = None) -> str:
+    """``base/name/<version>`` for a new version (default: the next one); the model directory
+    is created. Raises ExportError for an existing version or an unwritable directory."""
+    model_dir = os.path.join(base, name)
+    version = next_version(model_dir) if version is None else int(version)
+    final = os.path.join(model_dir, str(version))
+    if os.path.exists(final):
+        raise ExportError(f"{final} exists already; versions are immutable, pick another "
+                          "--version or leave it out to take the next one")
+    _check_writable(model_dir)
+    return final
+
+
+@contextlib.contextmanager
+def building(final: str):
+    """Yields a temp directory with a non-numeric name beside `final`; renames it to `final`
+    (with the usual permissions) if the block succeeds, removes it otherwise."""
+    tmp = tempfile.mkdtemp(prefix=f".tmp-{os.path.basename(final)}-",
+                           dir=os.path.dirname(final))
+    try:
+        yield tmp
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp made it 0700
+        os.rename(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def next_version(model_dir: str) -> int:

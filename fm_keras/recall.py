@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import math
 import os
-import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 
@@ -24,8 +22,8 @@ import numpy as np
 from fm_keras import fsutil
 from fm_keras._tf import tf
 from fm_keras.errors import ExportError
-from fm_keras.export import (METADATA, WARMUP, _check_name, _check_writable, next_version,
-                             publish, signature_info, write_warmup)
+from fm_keras.export import (METADATA, WARMUP, _check_name, building, new_version_path,
+                             signature_info, write_warmup)
 from fm_keras.servables import load_export
 from fm_keras.training import log
 
@@ -197,6 +195,7 @@ def build_index(model_dir: str, items: str, name: str, base: str = "saved_models
     if "item_tower" not in ranking.signatures:
         raise ExportError(f"{model_dir}: the model has no item_tower signature (it needs both "
                           "query-side and item features for recall)")
+    final = new_version_path(base, name, version)
     started = time.time()
     ids, columns = read_catalog(items, meta, id_column)
     vectors = item_vectors(ranking, columns)
@@ -211,24 +210,18 @@ def build_index(model_dir: str, items: str, name: str, base: str = "saved_models
         f"({asdict(params) if params else 'exact'}) in {time.time() - started:.1f}s")
     servable = RecallServable(ranking, index, ids, k, meta["query_features"],
                               meta["calibration"]["logit_correction"])
-    out_dir = os.path.join(base, name)
-    version = next_version(out_dir) if version is None else int(version)
-    final = os.path.join(out_dir, str(version))
-    if os.path.exists(final):
-        raise ExportError(f"{final} exists already; versions are immutable")
-    _check_writable(out_dir)
-    tmp = tempfile.mkdtemp(prefix=f".tmp-{version}-", dir=out_dir)
-    try:
+    with building(final) as tmp:
         tf.saved_model.save(servable, tmp, signatures=servable.signatures())
         custom_ops = saved_custom_ops(tmp)
         loaded = tf.saved_model.load(tmp)
-        rows = _sample_queries(ranking, meta)
+        rows = _sample_queries(ranking)
         extra = os.path.join(tmp, "assets.extra")
         os.makedirs(extra)
         rows["exclude_item_ids"] = np.array([[ids[0].encode(), b""]] * 4, dtype=object)
         write_warmup(os.path.join(extra, WARMUP), loaded.signatures, rows)
         fsutil.write_json(os.path.join(extra, METADATA), {
-            "format": FORMAT_RECALL, "format_version": 1, "name": name, "version": version,
+            "format": FORMAT_RECALL, "format_version": 1, "name": name,
+            "version": int(os.path.basename(final)),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "ranking_model": os.path.abspath(model_dir), "ranking_version": meta.get("version"),
             "backend": backend, "k": k, "items": len(ids), "catalog": os.path.abspath(items),
@@ -240,15 +233,11 @@ def build_index(model_dir: str, items: str, name: str, base: str = "saved_models
                      else "stock TensorFlow / TF Serving",
             "versions": meta.get("versions", {}), "build_seconds": round(time.time() - started, 2),
         })
-        publish(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     log(f"exported {final} ({backend}, k={k}, custom ops: {custom_ops or 'none'})")
     return final
 
 
-def _sample_queries(ranking, meta: dict, n: int = 4) -> dict[str, np.ndarray]:
+def _sample_queries(ranking, n: int = 4) -> dict[str, np.ndarray]:
     """A few valid query rows for warmup: empty strings and zeros (the OOV / mean path)."""
     sig = ranking.signatures["user_tower"].structured_input_signature[1]
     return {name: (np.array([b""] * n, dtype=object) if spec.dtype == tf.string
