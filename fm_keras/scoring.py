@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 from fm_keras._tf import tf
 from fm_keras.data import expand_paths
 from fm_keras.errors import DataError, ExportError
-from fm_keras.servables import load_export
+from fm_keras.servables import export_metadata, load_export
 
 OUTPUT_FORMATS = {".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}
 RECOMMEND_COLUMNS = ("rank", "item_id", "score", "probability")
@@ -317,7 +317,7 @@ def recommend(model: str, users: Sequence[str], output: str, k: int, *,
     FM logit) and ``probability``. With `exclude_column` (a ``|``-separated list of item ids
     per user, e.g. already seen), those items are left out.
     """
-    _, _, meta = load_export(model, expect="fm_keras.recall")
+    _, meta = export_metadata(model, expect="fm_keras.recall")  # run_signature loads it
     if not 1 <= k <= meta["k"]:
         raise ExportError(f"--k must be between 1 and {meta['k']} (the k this recall model was "
                           f"indexed with; rebuild it with 'fm-keras index --k'), got {k}")

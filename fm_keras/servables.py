@@ -42,6 +42,16 @@ def read_metadata(version_dir: str) -> dict:
         raise ExportError(f"{path}: unreadable export metadata ({err})") from None
 
 
+def export_metadata(path: str, expect: str | None = None) -> tuple[str, dict]:
+    """``(version_dir, metadata)`` of an export, without loading the model (see load_export)."""
+    version_dir = resolve_version(path)
+    meta = read_metadata(version_dir)
+    if expect and meta.get("format") != expect:
+        raise ExportError(f"{version_dir}: is a {meta.get('format')!r} export, this needs a "
+                          f"{expect!r} one")
+    return version_dir, meta
+
+
 def load_export(path: str, expect: str | None = None):
     """Loads an export; returns ``(version_dir, loaded SavedModel, metadata)``.
 
@@ -49,11 +59,7 @@ def load_export(path: str, expect: str | None = None):
         path: a version directory or a model directory (its highest version is used).
         expect: the required ``format`` (``fm_keras.ranking`` or ``fm_keras.recall``).
     """
-    version_dir = resolve_version(path)
-    meta = read_metadata(version_dir)
-    if expect and meta.get("format") != expect:
-        raise ExportError(f"{version_dir}: is a {meta.get('format')!r} export, this needs a "
-                          f"{expect!r} one")
+    version_dir, meta = export_metadata(path, expect)
     if meta.get("custom_ops"):
         try:
             import scann  # noqa: F401  (registers the Scann>* ops)
