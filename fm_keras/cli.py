@@ -29,6 +29,17 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue an unfinished run in --out")
     p.add_argument("--quiet", action="store_true", help="no per-epoch progress")
 
+    p = sub.add_parser("convert", help="write CSV/Parquet logs as TFRecord shards for a cluster")
+    p.add_argument("--config", required=True, help="experiment YAML (feature spec, label, filters)")
+    p.add_argument("--input", nargs="+", help="CSV/Parquet files or globs (default: the "
+                   "experiment's train files)")
+    p.add_argument("--out", required=True, help="new directory for the shards")
+    p.add_argument("--shards", type=int, default=8,
+                   help="number of files (at least the number of workers)")
+
+    p = sub.add_parser("cluster-server", help="run TensorFlow's server for this worker/ps task "
+                       "of TF_CONFIG (parameter-server training)")
+
     p = sub.add_parser("evaluate", help="metrics of a finished run on labeled data, as JSON")
     p.add_argument("--run", required=True, help="run directory written by 'fm-keras train'")
     p.add_argument("--data", required=True, nargs="+", help="CSV/Parquet files or globs")
@@ -56,6 +67,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, help="output file (.csv or .parquet)")
     p.add_argument("--signature", default="serving_default",
                    help="serving_default, user_tower, item_tower, ...")
+    p.add_argument("--runner", help="score on Apache Beam with this runner (DirectRunner, "
+                   "DataflowRunner, FlinkRunner, SparkRunner); needs fm-keras[beam]")
+    p.add_argument("--beam_option", action="append", default=[], metavar="KEY=VALUE",
+                   help="a Beam pipeline option, e.g. project=my-proj (repeatable)")
     p.add_argument("--batch-size", type=int, default=16_384, help="rows per signature call")
     p.add_argument("--keep", help="comma-separated input columns to copy to the output "
                    "(default: id columns: 'id' and *_id)")
@@ -111,8 +126,29 @@ def _train(args) -> int:
     out = args.out or os.path.join(
         "runs", f"{os.path.splitext(os.path.basename(args.config))[0]}-{time.strftime('%Y%m%d-%H%M%S')}")
     record = train(config, out, resume=args.resume, verbose=0 if args.quiet else None)
+    if record is None:  # a non-chief task of a cluster: the chief reports the run
+        return 0
     print(json.dumps({"run": out, "best_epoch": record["best_epoch"] + 1,
                       "metrics": record["metrics"]}, indent=2))
+    return 0
+
+
+def _convert(args) -> int:
+    from fm_keras.config import load_experiment
+    from fm_keras.tfrecord import convert
+
+    config = load_experiment(args.config)
+    manifest = convert(config, args.input or list(config.data.train), args.out, args.shards)
+    print(json.dumps({"out": args.out, "rows": manifest["rows"],
+                      "shards": len(manifest["shards"]), "dropped": manifest["dropped"]},
+                     indent=2))
+    return 0
+
+
+def _cluster_server(args) -> int:
+    from fm_keras.distributed import run_server
+
+    run_server()
     return 0
 
 
@@ -143,6 +179,14 @@ def _index(args) -> int:
 def _score(args) -> int:
     from fm_keras.scoring import run_signature
 
+    if args.runner:
+        from fm_keras.beam_scoring import score_with_beam
+
+        print(json.dumps(score_with_beam(
+            args.model, args.input, args.output, runner=args.runner,
+            signature=args.signature, batch_size=args.batch_size, keep=_columns(args.keep),
+            options=args.beam_option), indent=2))
+        return 0
     print(json.dumps(run_signature(args.model, args.input, args.output,
                                    signature=args.signature, batch_size=args.batch_size,
                                    keep=_columns(args.keep), progress=not args.quiet), indent=2))
@@ -162,7 +206,8 @@ def _columns(text: str | None) -> list[str] | None:
     return None if text is None else [c.strip() for c in text.split(",") if c.strip()]
 
 
-_COMMANDS = {"synth": _synth, "train": _train, "evaluate": _evaluate, "export": _export,
+_COMMANDS = {"synth": _synth, "train": _train, "convert": _convert,
+             "cluster-server": _cluster_server, "evaluate": _evaluate, "export": _export,
              "index": _index, "score": _score, "recommend": _recommend}
 
 if __name__ == "__main__":

@@ -40,6 +40,7 @@ COMBINERS = ("sum", "mean", "sqrtn")
 TASKS = ("binary", "regression")
 OPTIMIZERS = ("adam", "adagrad", "ftrl", "sgd")
 FILTER_OPS = ("==", "!=", "<", "<=", ">", ">=", "in", "not_in", "is_null")
+STRATEGIES = ("none", "multi_worker_mirrored", "parameter_server")
 
 # Keys that only make sense for some kinds; a key set for another kind is an error.
 _KIND_KEYS = {
@@ -173,6 +174,49 @@ class ModelConfig:
 
 
 @dataclass(frozen=True)
+class DistributeConfig:
+    """Where training runs: one machine, or a TensorFlow cluster described by ``TF_CONFIG``.
+
+    Attributes:
+        strategy: ``none`` (this process), ``multi_worker_mirrored`` (data parallel: every
+            worker holds all variables, gradients are all-reduced) or ``parameter_server``
+            (variables live on parameter servers, workers train asynchronously; for tables
+            larger than one worker's memory).
+        min_shard_bytes: parameter_server: a variable is split into shards of at least this
+            many bytes (``MinSizePartitioner``), at most one shard per parameter server
+            unless `max_shards` says otherwise.
+        max_shard_bytes: parameter_server: instead, split every variable into shards of at
+            most this many bytes (``MaxSizePartitioner``): the per-variable memory budget.
+        max_shards: parameter_server: upper bound on shards per variable (default: the number
+            of parameter servers for `min_shard_bytes`; unbounded for `max_shard_bytes`).
+    """
+
+    strategy: str = "none"
+    min_shard_bytes: int = 256 << 10
+    max_shard_bytes: int | None = None
+    max_shards: int | None = None
+
+    def __post_init__(self):
+        _one_of(self.strategy, STRATEGIES, "training: distribute: strategy")
+        _at_least(self.min_shard_bytes, 1, "training: distribute: min_shard_bytes")
+        for name in ("max_shard_bytes", "max_shards"):
+            if getattr(self, name) is not None:
+                _at_least(getattr(self, name), 1, f"training: distribute: {name}")
+        changed = [n for n in ("max_shard_bytes", "max_shards") if getattr(self, n) is not None]
+        if self.min_shard_bytes != 256 << 10:
+            changed.append("min_shard_bytes")
+        if changed and self.strategy != "parameter_server":
+            raise ConfigError(f"training: distribute: {changed[0]} shards variables over "
+                              "parameter servers; it needs strategy: parameter_server, got "
+                              f"strategy: {self.strategy}")
+
+    @property
+    def cluster(self) -> bool:
+        """True when training runs on a TensorFlow cluster (TF_CONFIG is needed)."""
+        return self.strategy != "none"
+
+
+@dataclass(frozen=True)
 class TrainingConfig:
     """How to fit.
 
@@ -186,6 +230,8 @@ class TrainingConfig:
         steps_per_execution: training steps per graph call; larger is faster on CPU.
         weight_decay: decoupled weight decay of the optimizer, applied to every row each step:
             unlike the per-occurrence L2 it shrinks rarely seen ids the most.
+        distribute: the ``tf.distribute`` strategy (see `DistributeConfig`); batch_size is
+            the global batch: each of n synchronous workers takes batch_size / n rows.
     """
 
     optimizer: str = "adam"
@@ -199,6 +245,7 @@ class TrainingConfig:
     seed: int = 42
     steps_per_execution: int = 32
     weight_decay: float = 0.0
+    distribute: DistributeConfig = field(default_factory=DistributeConfig)
 
     def __post_init__(self):
         _one_of(self.optimizer, OPTIMIZERS, "training: optimizer")
@@ -411,6 +458,8 @@ def _coerce(value, hint, where: str):
             f"{where}: expected {_hint_name(hint)}, got {value!r}")
     if hint is Any:
         return value
+    if dataclasses.is_dataclass(hint) and not isinstance(value, hint):
+        return _build(hint, value, where)
     if origin in (tuple, list):
         if isinstance(value, (list, tuple)):
             return origin(_coerce(v, args[0], where) for v in value)

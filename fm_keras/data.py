@@ -110,8 +110,15 @@ def load_split(
         task: ``binary`` requires labels in {0, 1}; ``regression`` any finite number.
         passthrough: extra columns to carry along unchanged (e.g. ids).
         shard_index, num_shards: read only this worker's share of the files.
+
+    TFRecord shards written by ``fm-keras convert`` (``*.tfrecord``) are read back as they
+    were written: the filters were applied when they were converted.
     """
     files = expand_paths(patterns, shard_index, num_shards)
+    if files and all(f.endswith((".tfrecord", ".tfrecords")) for f in files):
+        from fm_keras.tfrecord import read_split
+
+        return read_split(files, features, label, task)
     needed = [f.name for f in features] + ([label] if label else [])
     needed += [flt.column for flt in filters] + list(passthrough)
     needed = list(dict.fromkeys(needed))

@@ -75,8 +75,9 @@ class FactorizationMachine(keras.layers.Layer):
         return self._terms(ids, values, regularize=False)
 
     def _terms(self, ids, values, regularize: bool):
-        w = tf.gather(self.linear, ids)                              # [b, s]
-        v = tf.gather(self.embeddings, ids)                          # [b, s, k]
+        # embedding_lookup, not gather: it also reads tables sharded over parameter servers.
+        w = tf.nn.embedding_lookup(self.linear, ids)                 # [b, s]
+        v = tf.nn.embedding_lookup(self.embeddings, ids)             # [b, s, k]
         vx = v * values[..., None]
         linear = tf.reduce_sum(w * values, axis=1)
         summed = tf.reduce_sum(vx, axis=1)                           # [b, k]

@@ -40,14 +40,17 @@ class FMModel(tfrs.Model):
         self.fm = fm
         self.task_name = task
         self.logit_correction = float(logit_correction)
+        # Per-row losses, averaged in `compute_loss` over the global batch: the same mean on one
+        # machine, and the right one when gradients are summed over synchronous replicas.
+        none = keras.losses.Reduction.NONE
         if task == "binary":
             self.task = tfrs.tasks.Ranking(
-                loss=keras.losses.BinaryCrossentropy(from_logits=True),
+                loss=keras.losses.BinaryCrossentropy(from_logits=True, reduction=none),
                 metrics=[keras.metrics.AUC(from_logits=True, name="auc", num_thresholds=2000),
                          keras.metrics.BinaryCrossentropy(from_logits=True, name="logloss")])
         else:
             self.task = tfrs.tasks.Ranking(
-                loss=keras.losses.MeanSquaredError(),
+                loss=keras.losses.MeanSquaredError(reduction=none),
                 metrics=[keras.metrics.RootMeanSquaredError(name="rmse")])
 
     def call(self, features, training=False):
@@ -66,21 +69,32 @@ class FMModel(tfrs.Model):
         return self.fm((ids, values))[:, 0]
 
     def train_step(self, inputs):
-        """TFRS's step, reporting only the losses.
+        """TFRS's step, reporting only the losses, and correct under `tf.distribute`.
 
         Ranking metrics are computed on validation only (`compute_loss` skips them while
         training, an AUC update costs as much as the FM step), so their training values would
         print as misleading zeros; the progress line shows loss and the ``val_`` metrics.
+        Under a synchronous strategy each replica's loss and regularization are divided by
+        the number of replicas, because their gradients are summed (and so are the reported
+        per-replica values: Keras sums them).
         """
-        logs = super().train_step(inputs)
-        return {k: logs[k] for k in ("loss", "regularization_loss", "total_loss")}
+        with tf.GradientTape() as tape:
+            loss = self.compute_loss(inputs, training=True)
+            regularization_loss = tf.nn.scale_regularization_loss(
+                tf.reduce_sum([tf.reduce_sum(x) for x in self.losses]))
+            total_loss = loss + regularization_loss
+        gradients = tape.gradient(total_loss, self.trainable_variables)
+        self.optimizer.apply_gradients(zip(gradients, self.trainable_variables))
+        return {"loss": loss, "regularization_loss": regularization_loss,
+                "total_loss": total_loss}
 
     def compute_loss(self, inputs, training: bool = False):
         encoded, labels, weights = inputs
         logits = self.fm((encoded["ids"], encoded["values"]))
-        return self.task(labels=tf.reshape(labels, [-1, 1]), predictions=logits,
-                         sample_weight=tf.reshape(weights, [-1, 1]),
-                         compute_metrics=not training)
+        per_row = self.task(labels=tf.reshape(labels, [-1, 1]), predictions=logits,
+                            sample_weight=tf.reshape(weights, [-1, 1]),
+                            compute_metrics=not training)
+        return tf.nn.compute_average_loss(per_row)
 
 
 def build_model(features: Sequence[FittedFeature], model: ModelConfig,

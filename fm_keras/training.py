@@ -61,8 +61,14 @@ def train(config: ExperimentConfig, run_dir: str, *, resume: bool = False,
         verbose: Keras progress (0 silent, 1 bar, 2 a line per epoch); default by tty.
 
     Returns:
-        The run record (also written to ``run.json``).
+        The run record (also written to ``run.json``). With ``training.distribute`` set to a
+        cluster strategy the run goes to `fm_keras.distributed.train_distributed`: there
+        only the chief returns the record (other tasks return None).
     """
+    if config.training.distribute.cluster:
+        from fm_keras.distributed import train_distributed
+
+        return train_distributed(config, run_dir, resume=resume, verbose=verbose)
     started = time.time()
     _check_run_dir(run_dir, resume)
     task = config.model.task

@@ -1,0 +1,266 @@
+"""Training on a TensorFlow cluster: ``tf.distribute`` strategies chosen in the experiment.
+
+``training.distribute.strategy`` picks one; the cluster comes from ``TF_CONFIG`` on every task
+(the variable Kubernetes operators and Vertex AI set), exactly as TensorFlow reads it:
+
+- ``multi_worker_mirrored``: every task is a worker and runs ``fm-keras train``; worker 0 (or
+  the ``chief``) writes the run directory, the others write to a temp directory they delete.
+  Each worker reads its own share of the TFRecord shards and takes batch_size / n rows a step.
+- ``parameter_server``: ``chief`` is the coordinator and runs ``fm-keras train``; ``worker``
+  and ``ps`` tasks run TensorFlow's own server (``fm-keras cluster-server``, or ``fm-keras
+  train`` which starts it for them). The linear and factor tables are split over the
+  parameter servers by a variable partitioner, so a table can exceed one machine's memory.
+
+Training data are TFRecord shards from ``fm-keras convert`` (which also fits the features once,
+so every task encodes alike). Checkpoints, early stopping on validation AUC, ``run.json`` and
+the ``model/`` weights are the same as on one machine: ``fm-keras export`` does not know how a
+run was trained (sharded variables are saved as whole tensors).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+
+from fm_keras import fsutil
+from fm_keras._tf import keras, tf
+from fm_keras.config import DistributeConfig, ExperimentConfig
+from fm_keras.data import expand_paths, load_data_split
+from fm_keras.errors import ConfigError
+from fm_keras.evaluation import metrics_for
+from fm_keras.features import FittedFeature
+from fm_keras.model import build_model, make_optimizer
+from fm_keras.tfrecord import fitted_features_path, is_tfrecord, read_manifest, training_dataset
+from fm_keras.training import TrainingState, _check_run_dir, _versions, log, predict_split
+
+_JOBS = {"multi_worker_mirrored": ("chief", "worker"),
+         "parameter_server": ("chief", "worker", "ps")}
+
+
+@dataclass(frozen=True)
+class ClusterTask:
+    """This process's place in the cluster, from ``TF_CONFIG``."""
+
+    cluster: dict[str, list[str]]
+    type: str
+    index: int
+
+    @property
+    def is_chief(self) -> bool:
+        """The task that writes: ``chief``, else worker 0 of a cluster without one."""
+        return self.type == "chief" or (
+            self.type == "worker" and self.index == 0 and "chief" not in self.cluster)
+
+    @property
+    def num_workers(self) -> int:
+        return len(self.cluster.get("worker", []))
+
+
+def cluster_task(strategy: str, environ=os.environ) -> ClusterTask:
+    """Reads and checks ``TF_CONFIG`` for `strategy`; errors say what to set."""
+    example = ('{"cluster": {"worker": ["host0:2222", "host1:2222"]}, '
+               '"task": {"type": "worker", "index": 0}}')
+    raw = environ.get("TF_CONFIG", "")
+    if not raw.strip():
+        raise ConfigError(f"training: distribute: strategy {strategy} needs the cluster in the "
+                          f"TF_CONFIG environment variable of every task, e.g. {example} "
+                          "(docs/distributed.md), or strategy: none for one machine")
+    try:
+        spec = json.loads(raw)
+        cluster, task = spec["cluster"], spec["task"]
+        kind, index = task["type"], int(task["index"])
+    except (ValueError, KeyError, TypeError) as err:
+        raise ConfigError(f"TF_CONFIG is malformed ({type(err).__name__}: {err}); it must be "
+                          f"JSON like {example}") from None
+    allowed = _JOBS[strategy]
+    unknown = sorted(set(cluster) - set(allowed))
+    if unknown:
+        raise ConfigError(f"TF_CONFIG: strategy {strategy} runs jobs {list(allowed)}, the "
+                          f"cluster also has {unknown}")
+    if not cluster.get("worker"):
+        raise ConfigError("TF_CONFIG: the cluster needs at least one 'worker' address")
+    if strategy == "parameter_server" and not (cluster.get("ps") and cluster.get("chief")):
+        raise ConfigError("TF_CONFIG: strategy parameter_server needs 'chief' (the coordinator "
+                          "running fm-keras train), 'worker' and 'ps' jobs in the cluster")
+    if kind not in cluster or not 0 <= index < len(cluster[kind]):
+        raise ConfigError(f"TF_CONFIG: task {kind}:{index} is not in the cluster "
+                          f"{ {k: len(v) for k, v in cluster.items()} }")
+    return ClusterTask({k: list(v) for k, v in cluster.items()}, kind, index)
+
+
+def partitioner(distribute: DistributeConfig, num_ps: int):
+    """The variable partitioner that shards the FM tables over `num_ps` parameter servers."""
+    partitioners = tf.distribute.experimental.partitioners
+    if distribute.max_shard_bytes is not None:
+        return partitioners.MaxSizePartitioner(distribute.max_shard_bytes,
+                                               max_shards=distribute.max_shards)
+    return partitioners.MinSizePartitioner(distribute.min_shard_bytes,
+                                           max_shards=distribute.max_shards or num_ps)
+
+
+def make_strategy(distribute: DistributeConfig, task: ClusterTask):
+    """The configured `tf.distribute` strategy (create it before any other TF work)."""
+    resolver = tf.distribute.cluster_resolver.TFConfigClusterResolver()
+    if distribute.strategy == "multi_worker_mirrored":
+        return tf.distribute.MultiWorkerMirroredStrategy(cluster_resolver=resolver)
+    return tf.distribute.experimental.ParameterServerStrategy(
+        resolver, variable_partitioner=partitioner(distribute, len(task.cluster["ps"])))
+
+
+def run_server(environ=os.environ) -> None:
+    """Runs TensorFlow's server for this ``worker`` or ``ps`` task of ``TF_CONFIG``; blocks."""
+    task = cluster_task("parameter_server", environ)
+    if task.type == "chief":
+        raise ConfigError("TF_CONFIG: this task is the chief; run 'fm-keras train' there, and "
+                          "'fm-keras cluster-server' on the worker and ps tasks")
+    config = tf.compat.v1.ConfigProto()
+    # Workers need a thread per concurrent step closure, also on small machines.
+    config.inter_op_parallelism_threads = max(4, task.num_workers + 1)
+    server = tf.distribute.Server(tf.train.ClusterSpec(task.cluster), job_name=task.type,
+                                  task_index=task.index, protocol="grpc", config=config,
+                                  start=True)
+    log(f"cluster server {task.type}:{task.index} listening on "
+        f"{task.cluster[task.type][task.index]}")
+    server.join()
+
+
+class Validation(keras.callbacks.Callback):
+    """Validation metrics at the end of every epoch, computed by this task on the whole valid
+    split: every worker of a synchronous cluster gets the same numbers (and so stops early
+    at the same epoch), and a coordinator needs no evaluation visits from the workers."""
+
+    def __init__(self, split, task: str):
+        super().__init__()
+        self.split, self.task = split, task
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is None:
+            return
+        metrics = metrics_for(self.task, self.split.labels, predict_split(self.model, self.split))
+        for name in ("auc", "logloss", "rmse"):
+            if metrics.get(name) is not None:
+                logs[f"val_{name}"] = metrics[name]
+
+
+class _ClusterTrainingState(TrainingState):
+    # A per-batch hook would fetch the loss every step: on a parameter-server cluster that
+    # makes the coordinator wait for each step. Divergence is caught at the epoch end.
+    on_train_batch_end = keras.callbacks.Callback.on_train_batch_end
+
+
+def train_distributed(config: ExperimentConfig, run_dir: str, *, resume: bool = False,
+                      verbose: int | None = None) -> dict | None:
+    """`fm_keras.training.train` on the cluster of ``TF_CONFIG``.
+
+    Returns the run record on the task that writes the run (the chief), None on the others.
+    On a parameter-server cluster, a worker or ps task runs the server and never returns.
+    """
+    distribute = config.training.distribute
+    task = cluster_task(distribute.strategy)
+    if distribute.strategy == "parameter_server" and task.type != "chief":
+        run_server()
+        return None
+    started = time.time()
+    strategy = make_strategy(distribute, task)
+    train_files = expand_paths(config.data.train)
+    if not all(is_tfrecord(f) for f in train_files):
+        raise ConfigError(f"{config.source}: data: train: a cluster trains from TFRecord shards; "
+                          "write them with 'fm-keras convert --config ... --out DIR --shards N' "
+                          "and set train: DIR/*.tfrecord")
+    if not config.data.valid:
+        raise ConfigError(f"{config.source}: data: valid: a cluster run needs validation files "
+                          "for early stopping (CSV, Parquet or TFRecord)")
+    manifest = read_manifest(train_files)
+    features = tuple(FittedFeature.from_dict(d)
+                     for d in fsutil.read_json(fitted_features_path(train_files)))
+    task_name = config.model.task
+    valid_split = load_data_split(config.data, "valid", config.features, task_name)
+    write_dir = run_dir if task.is_chief else tempfile.mkdtemp(prefix="fm-keras-worker-")
+    if task.is_chief:
+        _check_run_dir(run_dir, resume)
+        os.makedirs(run_dir, exist_ok=True)
+        fsutil.write_json(os.path.join(run_dir, "experiment.json"), config.to_dict())
+        fsutil.write_json(os.path.join(run_dir, "features.json"), [f.to_dict() for f in features])
+    keras.utils.set_random_seed(config.training.seed)
+    with strategy.scope():
+        model = build_model(features, config.model, config.training)
+        model.compile(optimizer=make_optimizer(config.training), weighted_metrics=[],
+                      steps_per_execution=config.training.steps_per_execution)
+    batch_size = config.training.batch_size
+    steps = max(1, manifest["rows"] // batch_size)
+    label, training = config.data.label, config.training
+    synchronous = distribute.strategy == "multi_worker_mirrored"
+
+    def dataset_fn(context: tf.distribute.InputContext):
+        if synchronous:  # shard the files per worker; each takes its part of the global batch
+            return training_dataset(
+                train_files, model.encoder, label, training,
+                context.get_per_replica_batch_size(batch_size),
+                shard_index=context.input_pipeline_id, num_shards=context.num_input_pipelines,
+                seed=training.seed + context.input_pipeline_id)
+        # Asynchronous workers each run whole steps: a fresh random order per worker.
+        return training_dataset(train_files, model.encoder, label, training, batch_size)
+
+    state = _ClusterTrainingState(write_dir, model, config, resume=resume)
+    log(f"{distribute.strategy}: task {task.type}:{task.index} of "
+        f"{ {k: len(v) for k, v in task.cluster.items()} }, {manifest['rows']:,} rows in "
+        f"{len(train_files)} shards, {steps} steps of {batch_size} per epoch"
+        + (f"; {_shards_text(model)}" if not synchronous else ""))
+    t0 = time.time()
+    if state.initial_epoch < training.epochs and not state.finished:
+        model.fit(keras.utils.experimental.DatasetCreator(dataset_fn), epochs=training.epochs,
+                  steps_per_epoch=steps, initial_epoch=state.initial_epoch,
+                  callbacks=[Validation(valid_split, task_name), state],
+                  verbose=2 if verbose is None else verbose)
+    state.restore_best()
+    fit_seconds = time.time() - t0
+    metrics = {"valid": metrics_for(task_name, valid_split.labels,
+                                    predict_split(model, valid_split))}
+    if config.data.test:
+        test_split = load_data_split(config.data, "test", config.features, task_name)
+        metrics["test"] = metrics_for(task_name, test_split.labels,
+                                      predict_split(model, test_split))
+    with fsutil.atomic_dir(os.path.join(write_dir, "model")) as tmp:
+        tf.train.Checkpoint(fm=model.fm).write(os.path.join(tmp, "weights"))
+    if not task.is_chief:
+        shutil.rmtree(write_dir, ignore_errors=True)
+        return None
+    epochs_run = len(state.history)
+    record = {
+        "status": "complete", "task": task_name, "logit_correction": model.logit_correction,
+        "epochs_run": epochs_run, "best_epoch": state.best_epoch, "history": state.history,
+        "metrics": metrics,
+        "rows": {"train": manifest["rows"], "valid": len(valid_split),
+                 "train_read": manifest["rows_read"], "dropped": manifest["dropped"]},
+        "seconds": {"total": round(time.time() - started, 2), "fit": round(fit_seconds, 2)},
+        "train_samples_per_second": round(steps * batch_size * max(1, epochs_run)
+                                          / max(fit_seconds, 1e-9)),
+        "distribute": {"strategy": distribute.strategy,
+                       "cluster": {k: len(v) for k, v in task.cluster.items()},
+                       "variables": variable_shards(model)},
+        "versions": _versions(),
+    }
+    fsutil.write_json(os.path.join(run_dir, "run.json"), record)
+    log(f"run complete: {run_dir}")
+    return record
+
+
+def variable_shards(model) -> dict[str, list[dict]]:
+    """{table: [{"shape", "device", "bytes"} per shard]} of the FM layer's variables."""
+    out = {}
+    for name in ("linear", "embeddings"):
+        var = getattr(model.fm, name)
+        parts = getattr(var, "variables", None) or [var]
+        out[name] = [{"shape": [int(d) for d in p.shape], "device": p.device,
+                      "bytes": int(p.shape.num_elements()) * p.dtype.size} for p in parts]
+    return out
+
+
+def _shards_text(model) -> str:
+    sizes = [f"{s['bytes'] / 2**20:.1f} MiB" for s in variable_shards(model)["embeddings"]]
+    return f"embeddings in {len(sizes)} shard(s) of {', '.join(sizes)}"
+
