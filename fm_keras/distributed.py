@@ -177,6 +177,12 @@ def train_distributed(config: ExperimentConfig, run_dir: str, *, resume: bool = 
     manifest = read_manifest(train_files)
     features = tuple(FittedFeature.from_dict(d)
                      for d in fsutil.read_json(fitted_features_path(train_files)))
+    if tuple(f.config for f in features) != tuple(config.features):
+        changed = [c.name for c, f in zip(config.features, features) if c != f.config] \
+            or [c.name for c in config.features]
+        raise ConfigError(f"{config.source}: features: the feature spec differs from the one "
+                          f"the TFRecord shards were converted with (first: {changed[0]!r}); "
+                          "convert again with this experiment ('fm-keras convert')")
     task_name = config.model.task
     valid_split = load_data_split(config.data, "valid", config.features, task_name)
     write_dir = run_dir if task.is_chief else tempfile.mkdtemp(prefix="fm-keras-worker-")
