@@ -1,0 +1,227 @@
+"""Batch scoring on Apache Beam: ``fm-keras score --runner DirectRunner|DataflowRunner|...``.
+
+The same export and signature as `fm_keras.scoring.run_signature`, as a Beam pipeline::
+
+    MatchFiles -> ReadMatches -> rows (CSV/Parquet, typed as the signature wants)
+      -> RunInference(KeyedModelHandler(FMModelHandler))   kept id columns ride as the key
+      -> batches -> the same columns as `fm-keras score` -> one CSV or Parquet file
+
+`FMModelHandler` is Beam's TensorFlow model handler (``TFModelHandlerTensor``: its batching,
+model sharing and metrics) with two changes: it loads the SavedModel with
+``tf.saved_model.load`` (an fm_keras export is not a Keras model; a ScaNN recall export needs
+``import scann`` first), and its inference function calls the chosen signature with a dict of
+raw-feature tensors. Rows come out in no particular order: keep an id column to join.
+
+Apache Beam is an optional dependency: ``pip install 'fm-keras[beam]'``.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import os
+import time
+from collections.abc import Sequence
+
+import numpy as np
+
+from fm_keras.errors import ExportError
+from fm_keras.scoring import check_output, default_keep, outputs_table, output_format
+
+RUNNERS = ("DirectRunner", "DataflowRunner", "FlinkRunner", "SparkRunner")
+
+
+def _beam():
+    try:
+        import apache_beam as beam
+        from apache_beam.ml.inference import tensorflow_inference  # noqa: F401
+    except ImportError as err:
+        raise ImportError(
+            "fm-keras score --runner needs Apache Beam and its TensorFlow model handler: "
+            f"pip install 'fm-keras[beam]' ({err})") from err
+    return beam
+
+
+def _handler_class():
+    from apache_beam.ml.inference.tensorflow_inference import TFModelHandlerTensor
+
+    class FMModelHandler(TFModelHandlerTensor):
+        """Beam's TF handler, loading an fm_keras export (any signature) as a SavedModel."""
+
+        def load_model(self):
+            from fm_keras.servables import load_export
+
+            return load_export(self._model_uri)[1]
+
+    return FMModelHandler
+
+
+def call_signature(model, batch, inference_args, model_id=None, *, signature: str,
+                   types: dict):
+    """RunInference's inference function: a batch of row dicts -> the signature's outputs.
+
+    Args:
+        model: the loaded SavedModel.
+        batch: rows, each ``{input name: raw value}``.
+        types: input name -> ``"float32"`` or ``"string"``.
+    """
+    from apache_beam.ml.inference.base import PredictionResult
+
+    from fm_keras._tf import tf
+
+    feed = {name: tf.constant(np.array([row[name] for row in batch],
+                                       np.float32 if kind == "float32" else object))
+            for name, kind in types.items()}
+    outputs = {k: v.numpy() for k, v in model.signatures[signature](**feed).items()}
+    return [PredictionResult(row, {k: v[i] for k, v in outputs.items()}, model_id)
+            for i, row in enumerate(batch)]
+
+
+def read_rows(readable_file, types: dict, keep: Sequence[str]):
+    """One CSV/Parquet file -> ``(kept values, {input: value})`` per row, typed as
+    `fm-keras score` reads them: numbers float32 (an empty cell NaN), everything else text."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.csv as pacsv
+    import pyarrow.parquet as pq
+
+    from fm_keras.errors import DataError
+
+    path = readable_file.metadata.path
+    with readable_file.open() as f:
+        data = f.read()
+    if path.endswith((".parquet", ".pq")):
+        table = pq.read_table(pa.py_buffer(data))
+    else:  # every column as written: ids like "007" stay "007"
+        names = pacsv.read_csv(io.BytesIO(data.split(b"\n", 1)[0] + b"\n")).column_names
+        table = pacsv.read_csv(io.BytesIO(data), convert_options=pacsv.ConvertOptions(
+            column_types={n: pa.string() for n in names}, strings_can_be_null=False,
+            quoted_strings_can_be_null=False))
+    wanted = list(dict.fromkeys([*types, *keep]))
+    missing = [c for c in wanted if c not in table.column_names]
+    if missing:
+        raise DataError(f"{path}: missing column {missing[0]!r} (the file has "
+                        f"{table.column_names[:12]}; the signature needs {list(types)})")
+    columns = {}
+    for name in wanted:
+        column = table.column(name).combine_chunks()
+        if types.get(name) == "float32":
+            if pa.types.is_string(column.type):
+                blank = pc.equal(pc.utf8_trim_whitespace(column), "")
+                column = pc.if_else(blank, pa.scalar(None, pa.string()), column)
+            column = pc.fill_null(pc.cast(column, pa.float32()), float("nan"))
+        else:
+            column = pc.fill_null(pc.cast(column, pa.string()), "")
+        columns[name] = column.to_numpy(zero_copy_only=False)
+    for i in range(table.num_rows):
+        yield (tuple(columns[k][i] for k in keep), {name: columns[name][i] for name in types})
+
+
+def rows_to_table(batch, keep: Sequence[str], dtypes: dict, fmt: str):
+    """A batch of ``(kept values, PredictionResult)`` -> the table `fm-keras score` writes."""
+    kept = {k: np.array([key[j] for key, _ in batch], object) for j, k in enumerate(keep)}
+    outputs = {name: np.array([r.inference[name] for _, r in batch], dtype)
+               for name, dtype in dtypes.items()}
+    return outputs_table(kept, outputs, fmt)
+
+
+def _csv_lines(table):
+    import pyarrow.csv as pacsv
+
+    buffer = io.BytesIO()
+    pacsv.write_csv(table, buffer, pacsv.WriteOptions(include_header=False))
+    return buffer.getvalue().decode().splitlines()
+
+
+def score_with_beam(model: str, inputs: Sequence[str], output: str, *,
+                    runner: str = "DirectRunner", signature: str = "serving_default",
+                    batch_size: int = 16_384, keep: Sequence[str] | None = None,
+                    options: Sequence[str] = ()) -> dict:
+    """Scores CSV/Parquet files with one signature of an export on a Beam runner.
+
+    Args:
+        model: a version or model directory of an fm_keras export (readable by the workers).
+        inputs: file paths or globs (any filesystem Beam reads: local, gs://, hdfs://...).
+        output: one .csv or .parquet file with the columns `fm-keras score` writes.
+        runner: DirectRunner (in-process), DataflowRunner, FlinkRunner or SparkRunner.
+        batch_size: largest batch RunInference gives the signature.
+        keep: input columns copied to the output (default: id columns of the first file).
+        options: more pipeline options as ``key=value`` (e.g. ``project=my-project``).
+
+    Returns:
+        A summary: rows, seconds, rows per second, runner.
+    """
+    beam = _beam()
+    from apache_beam.io import fileio
+    from apache_beam.metrics import Metrics
+    from apache_beam.metrics.metric import MetricsFilter
+    from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    from fm_keras._tf import tf
+    from fm_keras.data import expand_paths
+    from fm_keras.scoring import _header
+    from fm_keras.servables import load_export
+
+    if runner not in RUNNERS:
+        raise ExportError(f"--runner {runner!r} is not one of {list(RUNNERS)}")
+    bad = [o for o in options if "=" not in o]
+    if bad:
+        raise ExportError(f"--beam_option {bad[0]!r}: give KEY=VALUE, e.g. project=my-project")
+    if batch_size < 1:
+        raise ExportError(f"--batch-size must be at least 1, got {batch_size}")
+    remote = "://" in output
+    fmt = output_format(output)
+    if not remote:
+        check_output(output)
+    version_dir, loaded, _ = load_export(model)
+    if signature not in loaded.signatures:
+        raise ExportError(f"{version_dir}: no signature {signature!r}; it has "
+                          f"{sorted(loaded.signatures)}")
+    fn = loaded.signatures[signature]
+    types = {n: "float32" if s.dtype == tf.float32 else "string"
+             for n, s in fn.structured_input_signature[1].items()}
+    local_inputs = [p for p in inputs if "://" not in p]
+    files = expand_paths(local_inputs) if local_inputs else []
+    if keep is None:
+        keep = default_keep(_header(files[0])) if files else []
+    sample = {k: v.numpy() for k, v in fn(**{n: tf.constant(
+        [0.0] if t == "float32" else [""], tf.float32 if t == "float32" else tf.string)
+        for n, t in types.items()}).items()}
+    dtypes = {k: object if v.dtype == object else v.dtype for k, v in sample.items()}
+    schema = outputs_table({k: np.array([""], object) for k in keep}, sample, fmt).schema
+    handler = KeyedModelHandler(_handler_class()(
+        version_dir, max_batch_size=batch_size,
+        inference_fn=functools.partial(call_signature, signature=signature, types=types)))
+    rows = Metrics.counter("fm_keras", "rows")
+
+    def to_table(batch):
+        rows.inc(len(batch))
+        return rows_to_table(batch, keep, dtypes, fmt)
+
+    pipeline_options = PipelineOptions([f"--runner={runner}", *(f"--{o}" for o in options)])
+    started = time.time()
+    pipeline = beam.Pipeline(options=pipeline_options)
+    tables = (pipeline
+              | "Files" >> beam.Create(list(files) + [p for p in inputs if "://" in p])
+              | "Match" >> fileio.MatchAll()
+              | "Open" >> fileio.ReadMatches()
+              | "Rows" >> beam.FlatMap(read_rows, types=types, keep=list(keep))
+              | "Score" >> RunInference(handler)
+              | "Batch" >> beam.BatchElements(min_batch_size=1, max_batch_size=batch_size)
+              | "Table" >> beam.Map(to_table))
+    if fmt == "parquet":
+        tables | "Write" >> beam.io.WriteToParquetBatched(
+            output, schema, num_shards=1, shard_name_template="")
+    else:
+        (tables | "Lines" >> beam.FlatMap(_csv_lines)
+         | "Write" >> beam.io.WriteToText(output, num_shards=1, shard_name_template="",
+                                          header=",".join(f'"{n}"' for n in schema.names)))
+    result = pipeline.run()
+    result.wait_until_finish()
+    seconds = time.time() - started
+    counted = result.metrics().query(MetricsFilter().with_name("rows"))["counters"]
+    n = int(sum(c.committed or 0 for c in counted))
+    return {"model": version_dir, "signature": signature, "output": output, "runner": runner,
+            "rows": n, "files": len(files), "seconds": round(seconds, 3),
+            "rows_per_second": round(n / max(seconds, 1e-9))}
