@@ -165,7 +165,6 @@ def train_distributed(config: ExperimentConfig, run_dir: str, *, resume: bool = 
         run_server()
         return None
     started = time.time()
-    strategy = make_strategy(distribute, task)
     train_files = expand_paths(config.data.train)
     if not all(is_tfrecord(f) for f in train_files):
         raise ConfigError(f"{config.source}: data: train: a cluster trains from TFRecord shards; "
@@ -183,11 +182,14 @@ def train_distributed(config: ExperimentConfig, run_dir: str, *, resume: bool = 
         raise ConfigError(f"{config.source}: features: the feature spec differs from the one "
                           f"the TFRecord shards were converted with (first: {changed[0]!r}); "
                           "convert again with this experiment ('fm-keras convert')")
+    if task.is_chief:
+        _check_run_dir(run_dir, resume)
+    # Only now TensorFlow work: a collective strategy must come before any other.
+    strategy = make_strategy(distribute, task)
     task_name = config.model.task
     valid_split = load_data_split(config.data, "valid", config.features, task_name)
     write_dir = run_dir if task.is_chief else tempfile.mkdtemp(prefix="fm-keras-worker-")
     if task.is_chief:
-        _check_run_dir(run_dir, resume)
         os.makedirs(run_dir, exist_ok=True)
         fsutil.write_json(os.path.join(run_dir, "experiment.json"), config.to_dict())
         fsutil.write_json(os.path.join(run_dir, "features.json"), [f.to_dict() for f in features])

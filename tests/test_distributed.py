@@ -1,0 +1,217 @@
+"""Training on loopback clusters: same AUC as one machine, exports that pass the parity check,
+and a factor table sharded over parameter servers beyond a per-variable memory budget.
+
+Every task is a real `fm-keras` process with its own TF_CONFIG on free localhost ports
+(`fm_keras.loopback`), bounded in time and killed when the test ends.
+"""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import yaml
+
+from fm_keras.config import DistributeConfig
+from fm_keras.distributed import cluster_task, partitioner
+from fm_keras.errors import ConfigError
+from fm_keras.export import export_run
+from fm_keras.loopback import LoopbackCluster, cluster_spec
+from fm_keras.servables import load_export
+
+AUC_TOLERANCE = 0.01
+EPOCHS = 3
+TIMEOUT = 240
+# Must-show 2: no variable may exceed 48 MiB. user_id hashed into 2M buckets makes a factor
+# table of 2,000,000 x 10 float32 = 80 MB (76.3 MiB): one variable could not hold it, two
+# shards of 40 MB, one per parameter server, can.
+BUDGET_BYTES = 48 << 20
+BIG_BUCKETS = 2_000_000
+
+
+def _experiment(root, shards_dir, features, distribute=None, name="experiment.yaml"):
+    synth = os.path.join(root, "synth")
+    raw = {
+        "data": {"train": os.path.join(shards_dir, "*.tfrecord"),
+                 "valid": os.path.join(synth, "valid.csv"), "test": os.path.join(synth, "test.csv"),
+                 "label": "click",
+                 "filters": [{"name": "cached_exposures", "column": "is_cached", "op": "==",
+                              "value": 1}]},
+        "features": features,
+        "model": {"task": "binary", "embedding_dim": 10, "l2_embeddings": 3.0e-4,
+                  "l2_linear": 3.0e-5},
+        "training": {"optimizer": "adagrad", "learning_rate": 0.3, "batch_size": 1024,
+                     "epochs": EPOCHS, "pos_weight": 4.0, "seed": 42, "steps_per_execution": 8,
+                     "early_stopping_patience": 2, "distribute": distribute or {"strategy": "none"}},
+    }
+    path = os.path.join(root, name)
+    with open(path, "w") as f:
+        yaml.safe_dump(raw, f)
+    return path
+
+
+@pytest.fixture(scope="module")
+def cluster_data(tmp_path_factory):
+    """50k synthetic rows converted into 4 TFRecord shards, and the single-machine run on them."""
+    from fm_keras.cli import main
+    from fm_keras.config import load_experiment
+    from fm_keras.synth import generate
+    from fm_keras.training import train
+
+    root = str(tmp_path_factory.mktemp("cluster"))
+    generate(os.path.join(root, "synth"), rows=50_000, seed=5)
+    features = os.path.join(root, "synth", "features.yaml")
+    single = _experiment(root, os.path.join(root, "shards"), features)
+    assert main(["convert", "--config", single, "--input", os.path.join(root, "synth", "train.csv"),
+                 "--out", os.path.join(root, "shards"), "--shards", "4"]) == 0
+    record = train(load_experiment(single), os.path.join(root, "single"), verbose=0)
+    return {"root": root, "features": features, "single": record}
+
+
+@pytest.fixture
+def ps_cluster(tmp_path):
+    """A chief slot, 2 workers and 2 parameter servers (`fm-keras cluster-server`).
+
+    Fresh for every run: the workers keep a session's lookup tables by name, so a second
+    coordinator with other vocabularies would collide with them.
+    """
+    cluster = LoopbackCluster(cluster_spec(workers=2, ps=2, chief=True),
+                              str(tmp_path / "ps-logs"), nice=5)
+    with cluster:
+        cluster.start_servers()
+        yield cluster
+
+
+def _test_auc(run_dir):
+    with open(os.path.join(run_dir, "run.json")) as f:
+        return json.load(f)
+
+
+def _check_export(run_dir, base, name):
+    version = export_run(run_dir, name, base=base, parity_rows=2000)
+    with open(os.path.join(version, "assets.extra", "fm_keras.json")) as f:
+        parity = json.load(f)["parity"]
+    assert parity["max_abs_diff"] <= parity["tolerance"]
+    return version
+
+
+def test_multi_worker_mirrored_matches_single_machine(cluster_data, tmp_path):
+    root = cluster_data["root"]
+    config = _experiment(root, os.path.join(root, "shards"), cluster_data["features"],
+                         {"strategy": "multi_worker_mirrored"}, name="mwms.yaml")
+    run_dir = str(tmp_path / "run")
+    with LoopbackCluster(cluster_spec(workers=2), str(tmp_path / "logs"), nice=5) as cluster:
+        workers = [cluster.start("worker", i, ["train", "--config", config, "--out", run_dir,
+                                               "--quiet"]) for i in range(2)]
+        cluster.wait(workers, TIMEOUT)
+        assert "worker:1 of {'worker': 2}" in workers[1].log()
+    record = _test_auc(run_dir)
+    single = cluster_data["single"]["metrics"]["test"]["auc"]
+    assert abs(record["metrics"]["test"]["auc"] - single) < AUC_TOLERANCE, (record, single)
+    assert record["distribute"] == {**record["distribute"], "strategy": "multi_worker_mirrored",
+                                    "cluster": {"worker": 2}}
+    assert [e["val_auc"] for e in record["history"]] and record["epochs_run"] >= 2
+    # Worker 1 wrote to its own temp directory and removed it; the run has one writer.
+    assert sorted(os.listdir(run_dir)) == ["checkpoints", "experiment.json", "features.json",
+                                           "model", "run.json", "state.json"]
+    _check_export(run_dir, str(tmp_path / "models"), "mwms")
+
+
+def test_parameter_server_matches_single_machine(cluster_data, ps_cluster, tmp_path):
+    root = cluster_data["root"]
+    config = _experiment(root, os.path.join(root, "shards"), cluster_data["features"],
+                         {"strategy": "parameter_server", "min_shard_bytes": 1024},
+                         name="ps.yaml")
+    run_dir = str(tmp_path / "run")
+    chief = ps_cluster.start("chief", 0, ["train", "--config", config, "--out", run_dir, "--quiet"])
+    ps_cluster.wait([chief], TIMEOUT)
+    record = _test_auc(run_dir)
+    single = cluster_data["single"]["metrics"]["test"]["auc"]
+    assert abs(record["metrics"]["test"]["auc"] - single) < AUC_TOLERANCE, (record, single)
+    shards = record["distribute"]["variables"]["embeddings"]
+    assert sorted(s["device"].split("/")[1:4:2] for s in shards) == \
+        [["job:ps", "task:0"], ["job:ps", "task:1"]]
+    _check_export(run_dir, str(tmp_path / "models"), "ps")
+
+
+def test_sharded_table_beyond_one_variable_budget(cluster_data, ps_cluster, tmp_path):
+    from fm_keras.cli import main
+
+    root = cluster_data["root"]
+    with open(cluster_data["features"]) as f:
+        features = yaml.safe_load(f)["features"]
+    user_id = next(f for f in features if f["name"] == "user_id")
+    for key in ("min_count", "oov_buckets"):
+        user_id.pop(key, None)
+    user_id["hash_buckets"] = BIG_BUCKETS
+    config = _experiment(str(tmp_path), str(tmp_path / "shards"), features,
+                         {"strategy": "parameter_server", "max_shard_bytes": BUDGET_BYTES},
+                         name="big.yaml")
+    os.symlink(os.path.join(root, "synth"), tmp_path / "synth")
+    assert main(["convert", "--config", config, "--input", os.path.join(root, "synth", "train.csv"),
+                 "--out", str(tmp_path / "shards"), "--shards", "2"]) == 0
+    run_dir = str(tmp_path / "run")
+    before = {t.index: t.rss_bytes() for t in ps_cluster.tasks if t.type == "ps"}
+    chief = ps_cluster.start("chief", 0, ["train", "--config", config, "--out", run_dir, "--quiet"])
+    ps_cluster.wait([chief], TIMEOUT)
+    after = {t.index: t.rss_bytes() for t in ps_cluster.tasks if t.type == "ps"}
+    shards = _test_auc(run_dir)["distribute"]["variables"]["embeddings"]
+    rows = sum(s["shape"][0] for s in shards)
+    assert rows >= BIG_BUCKETS and rows * 10 * 4 > BUDGET_BYTES  # one variable would not fit
+    assert len(shards) == 2 and all(s["bytes"] <= BUDGET_BYTES for s in shards)
+    assert len({s["device"] for s in shards}) == 2  # one shard per parameter server
+    print(f"PS resident memory before/after (MiB): "
+          f"{ {i: (before[i] >> 20, after[i] >> 20) for i in before} }")
+    version = _check_export(run_dir, str(tmp_path / "models"), "big")
+    _, loaded, _ = load_export(version)
+    import tensorflow as tf
+
+    out = loaded.signatures["serving_default"](**{
+        "user_id": tf.constant(["u1", "someone-new"]), "user_segment": tf.constant(["s1", "s1"]),
+        "item_id": tf.constant(["i2", "i2"]), "item_category": tf.constant(["c3", "c3"]),
+        "item_tags": tf.constant(["t1|t2", "t1|t2"]), "item_price": tf.constant([9.5, 9.5]),
+        "device": tf.constant(["ios", "ios"]), "hour": tf.constant(["10", "10"])})
+    assert np.all((out["probability"].numpy() > 0) & (out["probability"].numpy() < 1))
+
+
+@pytest.mark.parametrize("environ, message", [
+    ({}, "needs the cluster in the TF_CONFIG"),
+    ({"TF_CONFIG": "{not json"}, "TF_CONFIG is malformed"),
+    ({"TF_CONFIG": '{"cluster": {"worker": ["a:1"]}}'}, "TF_CONFIG is malformed"),
+    ({"TF_CONFIG": '{"cluster": {"worker": ["a:1"]}, "task": {"type": "worker", "index": 3}}'},
+     "task worker:3 is not in the cluster"),
+    ({"TF_CONFIG": '{"cluster": {"worker": ["a:1"], "evaluator": ["b:1"]}, '
+                   '"task": {"type": "worker", "index": 0}}'}, "also has ['evaluator']"),
+])
+def test_tf_config_errors_say_what_to_set(environ, message):
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        cluster_task("multi_worker_mirrored", environ)
+
+
+def test_parameter_server_cluster_needs_chief_and_ps():
+    environ = {"TF_CONFIG": '{"cluster": {"worker": ["a:1"]}, "task": {"type": "worker", "index": 0}}'}
+    with pytest.raises(ConfigError, match="needs 'chief'"):
+        cluster_task("parameter_server", environ)
+    environ = {"TF_CONFIG": json.dumps({"cluster": {"chief": ["c:1"], "worker": ["a:1", "b:1"],
+                                                    "ps": ["p:1"]},
+                                        "task": {"type": "worker", "index": 1}})}
+    task = cluster_task("parameter_server", environ)
+    assert (task.type, task.index, task.is_chief, task.num_workers) == ("worker", 1, False, 2)
+
+
+def test_worker_zero_writes_without_a_chief():
+    environ = {"TF_CONFIG": '{"cluster": {"worker": ["a:1", "b:1"]}, "task": {"type": "worker", "index": 0}}'}
+    assert cluster_task("multi_worker_mirrored", environ).is_chief
+
+
+@pytest.mark.parametrize("distribute, shards", [
+    (DistributeConfig("parameter_server", max_shard_bytes=48 << 20), 2),   # 80 MB table
+    (DistributeConfig("parameter_server", max_shard_bytes=16 << 20), 5),
+    (DistributeConfig("parameter_server"), 2),                             # one per ps
+    (DistributeConfig("parameter_server", min_shard_bytes=128 << 20), 1),  # too small to split
+])
+def test_partitioner_keeps_shards_within_the_budget(distribute, shards):
+    import tensorflow as tf
+
+    split = partitioner(distribute, num_ps=2)(tf.TensorShape([BIG_BUCKETS, 10]), tf.float32)
+    assert split == [shards, 1]
