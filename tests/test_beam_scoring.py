@@ -1,0 +1,108 @@
+"""Beam RunInference on DirectRunner gives the scores `fm-keras score` gives, for any signature."""
+
+import os
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from fm_keras.cli import main
+from fm_keras.errors import ExportError
+from fm_keras.scoring import run_signature
+
+TOLERANCE = 1e-5
+
+
+@pytest.fixture(scope="module")
+def rows_with_ids(small_synth, tmp_path_factory):
+    """The test rows with a unique row_id (Beam writes rows in no particular order)."""
+    frame = pd.read_csv(os.path.join(small_synth[0], "test.csv"), dtype=str,
+                        keep_default_na=False)
+    frame.insert(0, "row_id", [f"r{i}" for i in range(len(frame))])
+    frame.loc[frame.index[::50], "item_price"] = ""  # missing numbers take the model's fill
+    path = str(tmp_path_factory.mktemp("beam") / "rows.csv")
+    frame.to_csv(path, index=False)
+    return path
+
+
+def _both(model, inputs, tmp_path, suffix, **kwargs):
+    """(fm-keras score output, Beam DirectRunner output) for the same rows, sorted by row_id."""
+    from fm_keras.beam_scoring import score_with_beam
+
+    local, beam = str(tmp_path / f"local{suffix}"), str(tmp_path / f"beam{suffix}")
+    summary = run_signature(model, inputs, local, progress=False, **kwargs)
+    beam_summary = score_with_beam(model, inputs, beam, runner="DirectRunner", batch_size=512,
+                                   **kwargs)
+    assert beam_summary["rows"] == summary["rows"]
+    read = pd.read_csv if suffix == ".csv" else pd.read_parquet
+    frames = [read(p).sort_values("row_id").reset_index(drop=True) for p in (local, beam)]
+    assert list(frames[0].columns) == list(frames[1].columns)
+    assert list(frames[0]["row_id"]) == list(frames[1]["row_id"])
+    return frames
+
+
+def test_ranking_scores_match_fm_keras_score(exports, rows_with_ids, tmp_path):
+    pytest.importorskip("apache_beam")
+    local, beam = _both(exports["ranking"], [rows_with_ids], tmp_path, ".csv",
+                        keep=["row_id", "user_id"])
+    assert list(local.columns) == ["row_id", "user_id", "logit", "probability",
+                                   "raw_probability"]
+    for name in ("logit", "probability", "raw_probability"):
+        np.testing.assert_allclose(beam[name], local[name], rtol=0, atol=TOLERANCE)
+    assert list(beam["user_id"]) == list(local["user_id"])
+
+
+def test_user_tower_vectors_match_in_parquet(exports, rows_with_ids, tmp_path):
+    pytest.importorskip("apache_beam")
+    local, beam = _both(exports["ranking"], [rows_with_ids], tmp_path, ".parquet",
+                        signature="user_tower", keep=["row_id"])
+    np.testing.assert_allclose(np.stack(beam["user_vector"]), np.stack(local["user_vector"]),
+                               rtol=0, atol=TOLERANCE)
+    np.testing.assert_allclose(beam["user_offset"], local["user_offset"], rtol=0, atol=TOLERANCE)
+
+
+@pytest.mark.parametrize("backend", ["brute_force", "scann"])
+def test_recall_signature_matches(exports, rows_with_ids, tmp_path, backend):
+    pytest.importorskip("apache_beam")
+    local, beam = _both(exports[backend], [rows_with_ids], tmp_path, ".csv", keep=["row_id"])
+    scores = [c for c in local.columns if c.startswith("scores_")]
+    assert len(scores) == 20
+    np.testing.assert_allclose(beam[scores], local[scores], rtol=0, atol=TOLERANCE)
+    ids = [c for c in local.columns if c.startswith("item_ids_")]
+    assert (beam[ids].to_numpy() == local[ids].to_numpy()).all()
+
+
+def test_cli_runner_flag(exports, rows_with_ids, tmp_path, capsys):
+    pytest.importorskip("apache_beam")
+    out = str(tmp_path / "items.csv")
+    assert main(["score", "--model", exports["ranking"], "--input", rows_with_ids,
+                 "--output", out, "--signature", "item_tower", "--runner", "DirectRunner",
+                 "--beam_option", "direct_num_workers=1", "--keep", "row_id"]) == 0
+    assert '"runner": "DirectRunner"' in capsys.readouterr().out
+    got = pd.read_csv(out)
+    assert len(got) == len(pd.read_csv(rows_with_ids)) > 1000
+    assert got.filter(like="item_vector_").shape[1] == 11
+    assert main(["score", "--model", exports["ranking"], "--input", rows_with_ids,
+                 "--output", out, "--runner", "LocalRunner"]) == 2
+    assert "is not one of" in capsys.readouterr().err
+    assert main(["score", "--model", exports["ranking"], "--input", rows_with_ids,
+                 "--output", out, "--runner", "DirectRunner", "--beam_option", "nokey"]) == 2
+    assert "KEY=VALUE" in capsys.readouterr().err
+
+
+def test_missing_beam_says_how_to_install(exports, rows_with_ids, tmp_path, monkeypatch):
+    from fm_keras.beam_scoring import score_with_beam
+
+    monkeypatch.setitem(sys.modules, "apache_beam", None)
+    with pytest.raises(ImportError, match=r"pip install 'fm-keras\[beam\]'"):
+        score_with_beam(exports["ranking"], [rows_with_ids], str(tmp_path / "x.csv"))
+
+
+def test_missing_signature_is_an_export_error(exports, rows_with_ids, tmp_path):
+    pytest.importorskip("apache_beam")
+    from fm_keras.beam_scoring import score_with_beam
+
+    with pytest.raises(ExportError, match="no signature 'nope'"):
+        score_with_beam(exports["ranking"], [rows_with_ids], str(tmp_path / "x.csv"),
+                        signature="nope")
