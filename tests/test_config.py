@@ -104,3 +104,33 @@ def test_feature_l2_is_checked():
     assert FeatureConfig("u", "categorical", "user", l2=3.0).l2 == 3.0
     with pytest.raises(ConfigError, match="l2"):
         FeatureConfig("u", "categorical", "user", l2=-1.0)
+
+
+def test_distribute_section_loads_and_round_trips(tmp_path):
+    from fm_keras.config import DistributeConfig, experiment_from_dict
+
+    text = EXPERIMENT.replace(
+        "training: {pos_weight: 4, neg_sample_rate: 0.5}",
+        "training:\n  pos_weight: 4\n  distribute: {strategy: parameter_server, "
+        "max_shard_bytes: 50331648, max_shards: 4}")
+    config = load_experiment(_write(tmp_path, text))
+    assert config.training.distribute == DistributeConfig(
+        "parameter_server", max_shard_bytes=48 << 20, max_shards=4)
+    assert config.training.distribute.cluster
+    assert experiment_from_dict(config.to_dict()).training.distribute == config.training.distribute
+    assert not load_experiment(_write(tmp_path)).training.distribute.cluster
+
+
+@pytest.mark.parametrize("distribute,message", [
+    ("{strategy: mirrored}", "distribute: strategy must be one of .* got 'mirrored'"),
+    ("{strategy: parameter_server, max_shard: 3}", "unknown key 'max_shard' \\(did you mean 'max_shards'\\?\\)"),
+    ("{strategy: multi_worker_mirrored, max_shard_bytes: 1000}",
+     "max_shard_bytes shards variables over parameter servers; it needs strategy: parameter_server"),
+    ("{strategy: parameter_server, max_shards: 0}", "max_shards must be >= 1"),
+    ("parameter_server", "distribute must be a mapping"),
+])
+def test_distribute_errors_say_the_fix(tmp_path, distribute, message):
+    text = EXPERIMENT.replace("training: {pos_weight: 4, neg_sample_rate: 0.5}",
+                              f"training: {{distribute: {distribute}}}")
+    with pytest.raises(ConfigError, match=message):
+        load_experiment(_write(tmp_path, text))
