@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import functools
 import io
-import os
 import time
 from collections.abc import Sequence
 
@@ -77,44 +76,48 @@ def call_signature(model, batch, inference_args, model_id=None, *, signature: st
             for i, row in enumerate(batch)]
 
 
-def read_rows(readable_file, types: dict, keep: Sequence[str]):
+def read_rows(readable_file, types: dict, keep: Sequence[str], chunk_rows: int = 65_536):
     """One CSV/Parquet file -> ``(kept values, {input: value})`` per row, typed as
-    `fm-keras score` reads them: numbers float32 (an empty cell NaN), everything else text."""
+    `fm-keras score` reads them: numbers float32 (an empty cell NaN), everything else text.
+    The file is streamed in chunks of `chunk_rows`, never read whole."""
     import pyarrow as pa
-    import pyarrow.compute as pc
     import pyarrow.csv as pacsv
     import pyarrow.parquet as pq
 
     from fm_keras.errors import DataError
 
     path = readable_file.metadata.path
-    with readable_file.open() as f:
-        data = f.read()
-    if path.endswith((".parquet", ".pq")):
-        table = pq.read_table(pa.py_buffer(data))
-    else:  # every column as written: ids like "007" stay "007"
-        names = pacsv.read_csv(io.BytesIO(data.split(b"\n", 1)[0] + b"\n")).column_names
-        table = pacsv.read_csv(io.BytesIO(data), convert_options=pacsv.ConvertOptions(
-            column_types={n: pa.string() for n in names}, strings_can_be_null=False,
-            quoted_strings_can_be_null=False))
     wanted = list(dict.fromkeys([*types, *keep]))
-    missing = [c for c in wanted if c not in table.column_names]
-    if missing:
-        raise DataError(f"{path}: missing column {missing[0]!r} (the file has "
-                        f"{table.column_names[:12]}; the signature needs {list(types)})")
-    columns = {}
-    for name in wanted:
-        column = table.column(name).combine_chunks()
-        if types.get(name) == "float32":
-            if pa.types.is_string(column.type):
-                blank = pc.equal(pc.utf8_trim_whitespace(column), "")
-                column = pc.if_else(blank, pa.scalar(None, pa.string()), column)
-            column = pc.fill_null(pc.cast(column, pa.float32()), float("nan"))
-        else:
-            column = pc.fill_null(pc.cast(column, pa.string()), "")
-        columns[name] = column.to_numpy(zero_copy_only=False)
-    for i in range(table.num_rows):
-        yield (tuple(columns[k][i] for k in keep), {name: columns[name][i] for name in types})
+    with readable_file.open() as f:
+        try:
+            if path.endswith((".parquet", ".pq")):
+                batches = pq.ParquetFile(f).iter_batches(batch_size=chunk_rows, columns=wanted)
+            else:  # every column as written: ids like "007" stay "007"
+                batches = pacsv.open_csv(f, convert_options=pacsv.ConvertOptions(
+                    include_columns=wanted, column_types={n: pa.string() for n in wanted},
+                    strings_can_be_null=False, quoted_strings_can_be_null=False))
+            for batch in batches:
+                columns = {name: _typed(batch.column(name), types.get(name)) for name in wanted}
+                for i in range(batch.num_rows):
+                    yield (tuple(columns[k][i] for k in keep),
+                           {name: columns[name][i] for name in types})
+        except (pa.ArrowInvalid, KeyError) as err:
+            raise DataError(f"{path}: cannot read the columns {wanted} the signature needs: "
+                            f"{' '.join(str(err).split())[:200]}") from None
+
+
+def _typed(column, kind: str | None) -> np.ndarray:
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if kind == "float32":
+        if pa.types.is_string(column.type):
+            blank = pc.equal(pc.utf8_trim_whitespace(column), "")
+            column = pc.if_else(blank, pa.scalar(None, pa.string()), column)
+        column = pc.fill_null(pc.cast(column, pa.float32()), float("nan"))
+    else:
+        column = pc.fill_null(pc.cast(column, pa.string()), "")
+    return column.to_numpy(zero_copy_only=False)
 
 
 def rows_to_table(batch, keep: Sequence[str], dtypes: dict, fmt: str):

@@ -106,3 +106,14 @@ def test_missing_signature_is_an_export_error(exports, rows_with_ids, tmp_path):
     with pytest.raises(ExportError, match="no signature 'nope'"):
         score_with_beam(exports["ranking"], [rows_with_ids], str(tmp_path / "x.csv"),
                         signature="nope")
+
+
+def test_a_file_without_the_signature_columns_fails_with_its_name(exports, tmp_path):
+    pytest.importorskip("apache_beam")
+    from fm_keras.beam_scoring import score_with_beam
+
+    bad = tmp_path / "bad.csv"
+    bad.write_text("row_id,user_id\nr1,u1\n")
+    with pytest.raises(Exception, match="bad.csv: cannot read the columns"):
+        score_with_beam(exports["ranking"], [str(bad)], str(tmp_path / "x.csv"),
+                        keep=["row_id"])
