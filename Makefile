@@ -5,12 +5,17 @@ BIN    := $(VENV)/bin
 DEMO   ?= demo
 ROWS   ?= 1000000
 
-.PHONY: demo test bench clean
+.PHONY: demo test bench bench-distributed clean
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $@
+
+# Apache Beam (batch scoring on Beam runners) moves protobuf to 6.x; see pyproject's beam extra.
+$(BIN)/.beam-installed: $(BIN)/.installed
+	$(BIN)/python -m pip install --quiet -e '.[test,beam]'
 	touch $@
 
 $(BIN)/.bench-installed: $(BIN)/.installed
@@ -43,6 +48,10 @@ bench: $(BIN)/.bench-installed
 	$(BIN)/python benchmarks/train_throughput.py
 	$(BIN)/python benchmarks/imbalance.py
 	$(BIN)/python benchmarks/recall.py
+
+# Loopback clusters (1 vs 2 workers, parameter servers), Beam vs tf.data scoring, memory.
+bench-distributed: $(BIN)/.beam-installed
+	$(BIN)/python benchmarks/distributed.py
 
 clean:
 	rm -rf $(VENV) $(DEMO) runs .pytest_cache

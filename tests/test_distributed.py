@@ -82,7 +82,7 @@ def ps_cluster(tmp_path):
         yield cluster
 
 
-def _test_auc(run_dir):
+def _run_record(run_dir):
     with open(os.path.join(run_dir, "run.json")) as f:
         return json.load(f)
 
@@ -105,7 +105,7 @@ def test_multi_worker_mirrored_matches_single_machine(cluster_data, tmp_path):
                                                "--quiet"]) for i in range(2)]
         cluster.wait(workers, TIMEOUT)
         assert "worker:1 of {'worker': 2}" in workers[1].log()
-    record = _test_auc(run_dir)
+    record = _run_record(run_dir)
     single = cluster_data["single"]["metrics"]["test"]["auc"]
     assert abs(record["metrics"]["test"]["auc"] - single) < AUC_TOLERANCE, (record, single)
     assert record["distribute"] == {**record["distribute"], "strategy": "multi_worker_mirrored",
@@ -117,25 +117,13 @@ def test_multi_worker_mirrored_matches_single_machine(cluster_data, tmp_path):
     _check_export(run_dir, str(tmp_path / "models"), "mwms")
 
 
-def test_parameter_server_matches_single_machine(cluster_data, ps_cluster, tmp_path):
-    root = cluster_data["root"]
-    config = _experiment(root, os.path.join(root, "shards"), cluster_data["features"],
-                         {"strategy": "parameter_server", "min_shard_bytes": 1024},
-                         name="ps.yaml")
-    run_dir = str(tmp_path / "run")
-    chief = ps_cluster.start("chief", 0, ["train", "--config", config, "--out", run_dir, "--quiet"])
-    ps_cluster.wait([chief], TIMEOUT)
-    record = _test_auc(run_dir)
-    single = cluster_data["single"]["metrics"]["test"]["auc"]
-    assert abs(record["metrics"]["test"]["auc"] - single) < AUC_TOLERANCE, (record, single)
-    shards = record["distribute"]["variables"]["embeddings"]
-    assert sorted(s["device"].split("/")[1:4:2] for s in shards) == \
-        [["job:ps", "task:0"], ["job:ps", "task:1"]]
-    _check_export(run_dir, str(tmp_path / "models"), "ps")
-
-
-def test_sharded_table_beyond_one_variable_budget(cluster_data, ps_cluster, tmp_path):
+def test_parameter_server_shards_a_table_beyond_one_variable_and_matches_single_machine(
+        cluster_data, ps_cluster, tmp_path):
+    """Must-shows 1 (PS part) and 2 in one cluster run: the AUC of one machine on the same
+    config, and a factor table no single variable of the budget could hold."""
     from fm_keras.cli import main
+    from fm_keras.config import load_experiment
+    from fm_keras.training import train
 
     root = cluster_data["root"]
     with open(cluster_data["features"]) as f:
@@ -144,24 +132,34 @@ def test_sharded_table_beyond_one_variable_budget(cluster_data, ps_cluster, tmp_
     for key in ("min_count", "oov_buckets"):
         user_id.pop(key, None)
     user_id["hash_buckets"] = BIG_BUCKETS
-    config = _experiment(str(tmp_path), str(tmp_path / "shards"), features,
-                         {"strategy": "parameter_server", "max_shard_bytes": BUDGET_BYTES},
-                         name="big.yaml")
     os.symlink(os.path.join(root, "synth"), tmp_path / "synth")
+    shards = str(tmp_path / "shards")
+    config = _experiment(str(tmp_path), shards, features,
+                         {"strategy": "parameter_server", "max_shard_bytes": BUDGET_BYTES},
+                         name="ps.yaml")
+    single = _experiment(str(tmp_path), shards, features, name="single.yaml")
     assert main(["convert", "--config", config, "--input", os.path.join(root, "synth", "train.csv"),
-                 "--out", str(tmp_path / "shards"), "--shards", "2"]) == 0
+                 "--out", shards, "--shards", "2"]) == 0
+    single_auc = train(load_experiment(single), str(tmp_path / "single"),
+                       verbose=0)["metrics"]["test"]["auc"]
+
     run_dir = str(tmp_path / "run")
     before = {t.index: t.rss_bytes() for t in ps_cluster.tasks if t.type == "ps"}
     chief = ps_cluster.start("chief", 0, ["train", "--config", config, "--out", run_dir, "--quiet"])
     ps_cluster.wait([chief], TIMEOUT)
     after = {t.index: t.rss_bytes() for t in ps_cluster.tasks if t.type == "ps"}
-    shards = _test_auc(run_dir)["distribute"]["variables"]["embeddings"]
-    rows = sum(s["shape"][0] for s in shards)
+    record = _run_record(run_dir)
+    assert abs(record["metrics"]["test"]["auc"] - single_auc) < AUC_TOLERANCE, (record, single_auc)
+
+    tables = record["distribute"]["variables"]["embeddings"]
+    rows = sum(s["shape"][0] for s in tables)
     assert rows >= BIG_BUCKETS and rows * 10 * 4 > BUDGET_BYTES  # one variable would not fit
-    assert len(shards) == 2 and all(s["bytes"] <= BUDGET_BYTES for s in shards)
-    assert len({s["device"] for s in shards}) == 2  # one shard per parameter server
+    assert len(tables) == 2 and all(s["bytes"] <= BUDGET_BYTES for s in tables)
+    assert sorted(s["device"].split("/")[1:4:2] for s in tables) == \
+        [["job:ps", "task:0"], ["job:ps", "task:1"]]  # one shard per parameter server
     print(f"PS resident memory before/after (MiB): "
           f"{ {i: (before[i] >> 20, after[i] >> 20) for i in before} }")
+
     version = _check_export(run_dir, str(tmp_path / "models"), "big")
     _, loaded, _ = load_export(version)
     import tensorflow as tf
@@ -171,7 +169,8 @@ def test_sharded_table_beyond_one_variable_budget(cluster_data, ps_cluster, tmp_
         "item_id": tf.constant(["i2", "i2"]), "item_category": tf.constant(["c3", "c3"]),
         "item_tags": tf.constant(["t1|t2", "t1|t2"]), "item_price": tf.constant([9.5, 9.5]),
         "device": tf.constant(["ios", "ios"]), "hour": tf.constant(["10", "10"])})
-    assert np.all((out["probability"].numpy() > 0) & (out["probability"].numpy() < 1))
+    probability = out["probability"].numpy()
+    assert np.all((probability > 0) & (probability < 1)) and probability[0] != probability[1]
 
 
 @pytest.mark.parametrize("environ, message", [
