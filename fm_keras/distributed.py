@@ -165,23 +165,7 @@ def train_distributed(config: ExperimentConfig, run_dir: str, *, resume: bool = 
         run_server()
         return None
     started = time.time()
-    train_files = expand_paths(config.data.train)
-    if not all(is_tfrecord(f) for f in train_files):
-        raise ConfigError(f"{config.source}: data: train: a cluster trains from TFRecord shards; "
-                          "write them with 'fm-keras convert --config ... --out DIR --shards N' "
-                          "and set train: DIR/*.tfrecord")
-    if not config.data.valid:
-        raise ConfigError(f"{config.source}: data: valid: a cluster run needs validation files "
-                          "for early stopping (CSV, Parquet or TFRecord)")
-    manifest = read_manifest(train_files)
-    features = tuple(FittedFeature.from_dict(d)
-                     for d in fsutil.read_json(fitted_features_path(train_files)))
-    if tuple(f.config for f in features) != tuple(config.features):
-        changed = [c.name for c, f in zip(config.features, features) if c != f.config] \
-            or [c.name for c in config.features]
-        raise ConfigError(f"{config.source}: features: the feature spec differs from the one "
-                          f"the TFRecord shards were converted with (first: {changed[0]!r}); "
-                          "convert again with this experiment ('fm-keras convert')")
+    train_files, manifest, features = _shards_and_features(config)
     if task.is_chief:
         _check_run_dir(run_dir, resume)
     # Only now TensorFlow work: a collective strategy must come before any other.
@@ -237,24 +221,55 @@ def train_distributed(config: ExperimentConfig, run_dir: str, *, resume: bool = 
     if not task.is_chief:
         shutil.rmtree(write_dir, ignore_errors=True)
         return None
+    record = _record(model, state, metrics, manifest, len(valid_split), task, distribute,
+                     steps * batch_size, {"total": round(time.time() - started, 2),
+                                          "fit": round(fit_seconds, 2)})
+    fsutil.write_json(os.path.join(run_dir, "run.json"), record)
+    log(f"run complete: {run_dir}")
+    return record
+
+
+def _shards_and_features(config: ExperimentConfig):
+    """The TFRecord shards, their manifest and fitted features; checked against `config`."""
+    train_files = expand_paths(config.data.train)
+    if not all(is_tfrecord(f) for f in train_files):
+        raise ConfigError(f"{config.source}: data: train: a cluster trains from TFRecord shards; "
+                          "write them with 'fm-keras convert --config ... --out DIR --shards N' "
+                          "and set train: DIR/*.tfrecord")
+    if not config.data.valid:
+        raise ConfigError(f"{config.source}: data: valid: a cluster run needs validation files "
+                          "for early stopping (CSV, Parquet or TFRecord)")
+    manifest = read_manifest(train_files)
+    features = tuple(FittedFeature.from_dict(d)
+                     for d in fsutil.read_json(fitted_features_path(train_files)))
+    if tuple(f.config for f in features) != tuple(config.features):
+        changed = [c.name for c, f in zip(config.features, features) if c != f.config] \
+            or [c.name for c in config.features]
+        raise ConfigError(f"{config.source}: features: the feature spec differs from the one "
+                          f"the TFRecord shards were converted with (first: {changed[0]!r}); "
+                          "convert again with this experiment ('fm-keras convert')")
+    return train_files, manifest, features
+
+
+def _record(model, state, metrics, manifest, valid_rows, task, distribute, rows_per_epoch,
+            seconds) -> dict:
+    """run.json of a cluster run: the one-machine record plus the cluster and table shards."""
     epochs_run = len(state.history)
-    record = {
-        "status": "complete", "task": task_name, "logit_correction": model.logit_correction,
+    return {
+        "status": "complete", "task": model.task_name,
+        "logit_correction": model.logit_correction,
         "epochs_run": epochs_run, "best_epoch": state.best_epoch, "history": state.history,
         "metrics": metrics,
-        "rows": {"train": manifest["rows"], "valid": len(valid_split),
+        "rows": {"train": manifest["rows"], "valid": valid_rows,
                  "train_read": manifest["rows_read"], "dropped": manifest["dropped"]},
-        "seconds": {"total": round(time.time() - started, 2), "fit": round(fit_seconds, 2)},
-        "train_samples_per_second": round(steps * batch_size * max(1, epochs_run)
-                                          / max(fit_seconds, 1e-9)),
+        "seconds": seconds,
+        "train_samples_per_second": round(rows_per_epoch * max(1, epochs_run)
+                                          / max(seconds["fit"], 1e-9)),
         "distribute": {"strategy": distribute.strategy,
                        "cluster": {k: len(v) for k, v in task.cluster.items()},
                        "variables": variable_shards(model)},
         "versions": _versions(),
     }
-    fsutil.write_json(os.path.join(run_dir, "run.json"), record)
-    log(f"run complete: {run_dir}")
-    return record
 
 
 def variable_shards(model) -> dict[str, list[dict]]:

@@ -214,3 +214,31 @@ def test_partitioner_keeps_shards_within_the_budget(distribute, shards):
 
     split = partitioner(distribute, num_ps=2)(tf.TensorShape([BIG_BUCKETS, 10]), tf.float32)
     assert split == [shards, 1]
+
+
+def test_cluster_run_needs_shards_valid_data_and_the_converted_features(
+        cluster_data, tmp_path, monkeypatch):
+    import dataclasses
+
+    from fm_keras.config import load_experiment
+    from fm_keras.loopback import tf_config
+    from fm_keras.training import train
+
+    root = cluster_data["root"]
+    monkeypatch.setenv("TF_CONFIG", tf_config(cluster_spec(workers=1), "worker", 0))
+    config = load_experiment(_experiment(root, os.path.join(root, "shards"),
+                                         cluster_data["features"],
+                                         {"strategy": "multi_worker_mirrored"}, name="checks.yaml"))
+    data = config.data
+    csv = dataclasses.replace(config, data=dataclasses.replace(
+        data, train=(os.path.join(root, "synth", "train.csv"),)))
+    with pytest.raises(ConfigError, match="trains from TFRecord shards.*fm-keras convert"):
+        train(csv, str(tmp_path / "a"))
+    with pytest.raises(ConfigError, match="needs validation files"):
+        train(dataclasses.replace(config, data=dataclasses.replace(data, valid=())),
+              str(tmp_path / "b"))
+    other = tuple(dataclasses.replace(f, l2=1.0) if f.name == "item_category" else f
+                  for f in config.features)
+    with pytest.raises(ConfigError, match="first: 'item_category'.*convert again"):
+        train(dataclasses.replace(config, features=other), str(tmp_path / "c"))
+    assert not os.path.exists(tmp_path / "a") and not os.path.exists(tmp_path / "c")
