@@ -15,9 +15,6 @@ from fm_keras.pipeline.config import PipelineConfig
 
 def build_recall(config: PipelineConfig, ranking_version_dir: str, version: int) -> dict:
     """Builds ``pusher.base/NAME_recall/<version>`` unless it exists; returns what happened."""
-    from fm_keras.pipeline.evaluator import index_params
-    from fm_keras.recall import build_index
-
     model_dir = os.path.join(config.pusher.base, config.recall_name)
     final = os.path.join(model_dir, str(version))
     if os.path.isdir(model_dir):
@@ -28,6 +25,8 @@ def build_recall(config: PipelineConfig, ranking_version_dir: str, version: int)
         return {"built": False, "version": version, "path": final,
                 "reason": f"{config.recall_name} version {version} exists already"}
     from fm_keras.data import read_frame
+    from fm_keras.pipeline.evaluator import index_params
+    from fm_keras.recall import build_index
 
     items = len(read_frame(config.data.items, ["item_id"]))
     params = index_params(config.index, items, config.index.k) if config.index.backend == "scann" \

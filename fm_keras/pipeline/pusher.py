@@ -18,9 +18,8 @@ import signal
 import tempfile
 
 from fm_keras import fsutil
-from fm_keras.export import new_version_path
-from fm_keras.servables import METADATA, resolve_version
 
+METADATA = os.path.join("assets.extra", "fm_keras.json")
 TEMP_PREFIX = ".tmp-push-"
 KILL_HOOK = "FM_KERAS_PIPELINE_KILL_DURING_PUSH"
 
@@ -63,6 +62,9 @@ def push(export_dir: str, model_fingerprint: str, base: str, name: str, run_id: 
         return {"pushed": False, "version": existing, "removed_partial": removed,
                 "path": os.path.join(model_dir, str(existing)),
                 "reason": f"this model is version {existing} already"}
+    from fm_keras.export import new_version_path  # TensorFlow: only when pushing
+    from fm_keras.servables import resolve_version
+
     final = new_version_path(base, name)
     version = int(os.path.basename(final))
     source = resolve_version(export_dir)

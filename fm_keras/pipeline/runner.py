@@ -236,8 +236,6 @@ class PipelineRun:
         return {"examples": examples, "base_model": base}, params, execute, True
 
     def _evaluator(self):
-        from fm_keras.pipeline.evaluator import blessing, recall_at_k, score_run
-
         model, examples = self._need("evaluator", "model", "examples")
         baseline = self.last_blessed(exclude_fingerprint=model.fingerprint)
         items = self.config.data.items
@@ -247,6 +245,8 @@ class PipelineRun:
                   if items else None}
 
         def execute(out):
+            from fm_keras.pipeline.evaluator import blessing, recall_at_k, score_run
+
             metrics = score_run(model.properties["run_dir"], self.config, examples.uri)
             if items and self.config.index.enabled:
                 metrics["recall"] = recall_at_k(model.properties["export_dir"], self.config,
@@ -299,8 +299,9 @@ class PipelineRun:
                 return StepResult({}, {"pushed": False}, stop="not_blessed")
             result = push(model.properties["export_dir"], model.fingerprint,
                           self.config.pusher.base, self.config.name, self.run_id)
-            serving_config.ensure_models(self.config.pusher.model_config_file,
-                                         self.config.pusher.base, [self.config.name])
+            if result["pushed"] or not os.path.exists(self.config.pusher.model_config_file):
+                serving_config.ensure_models(self.config.pusher.model_config_file,
+                                             self.config.pusher.base, [self.config.name])
             return StepResult({"pushed_model": ("PushedModel", result["path"], model.fingerprint,
                                                 {"version": result["version"],
                                                  "pushed": result["pushed"]})}, result)
@@ -318,8 +319,10 @@ class PipelineRun:
             if not self.config.index.enabled:
                 return StepResult({}, {"built": False, "reason": "index: enabled is false"})
             result = build_recall(self.config, pushed.uri, pushed.properties["version"])
-            serving_config.ensure_models(self.config.pusher.model_config_file,
-                                         self.config.pusher.base, [self.config.recall_name])
+            if result["built"] or serving_config.served_policy(
+                    self.config.pusher.model_config_file, self.config.recall_name) is None:
+                serving_config.ensure_models(self.config.pusher.model_config_file,
+                                             self.config.pusher.base, [self.config.recall_name])
             return StepResult({"recall_model": ("RecallModel", result["path"],
                                                 cache.fingerprint_json(result["path"]),
                                                 {"version": result["version"]})}, result)
