@@ -112,7 +112,8 @@ def generate_span(root: str, span: int, rows: int = 50_000, seed: int = SynthSpe
 
     Every span of one seed shares the planted FM and the item catalog; span N covers the N-th
     week after the base time and holds different rows. Two switches make a broken span for
-    pipeline tests: ``shuffle_labels`` permutes the clicks (a model learns nothing), and
+    pipeline tests: ``shuffle_labels`` permutes the clicks among cached and among other rows (the rates stay,
+    a model learns nothing), and
     ``schema_change`` renames ``item_id`` to ``item`` (a breaking schema change).
 
     Returns:
@@ -129,8 +130,11 @@ def generate_span(root: str, span: int, rows: int = 50_000, seed: int = SynthSpe
     rng = np.random.default_rng([seed, span])
     frame, _, _ = _rows(spec, truth, items, rng, start=1_700_000_000 + (span - 1) * 7 * 86400,
                         days=7)
-    if shuffle_labels:
-        frame["click"] = rng.permutation(frame["click"].to_numpy())
+    if shuffle_labels:  # within cached and user-initiated rows: the click rates stay the same
+        clicks = frame["click"].to_numpy().copy()
+        for group in (frame["is_cached"].to_numpy() == 0, frame["is_cached"].to_numpy() == 1):
+            clicks[group] = rng.permutation(clicks[group])
+        frame["click"] = clicks
     if schema_change:
         frame = frame.rename(columns={"item_id": "item"})
     out = os.path.join(root, f"span-{span}")

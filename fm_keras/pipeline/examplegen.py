@@ -2,7 +2,7 @@
 
 Reads the span's CSV/Parquet files with every column as text (so a retyped or renamed column
 reaches schema validation instead of failing here), drops rows matching the cleaning filters
-(counted per filter), drops duplicate rows (on ``dedup_keys``, or whole rows), and splits: the
+(counted per filter), drops duplicate rows (on the ``dedup_keys`` present, or whole rows), and splits: the
 last ``eval_fraction`` of the span by a time column, or by a stable hash of a key column, so a
 user's rows stay on one side. Output: ``train.parquet``, ``eval.parquet``, ``counts.json``.
 """
@@ -46,9 +46,10 @@ def run_examplegen(data: InputConfig, patterns, out_dir: str) -> dict:
         hit = _filter_mask(frame[flt.column], flt, files[0])
         counts["dropped"][flt.name] = int(hit.sum())
         frame = frame[~hit]
-    keys = list(data.dedup_keys) or columns
-    for key in keys:
-        _need(frame, key, "dedup_keys", files)
+    # A missing key column is schema validation's to report (it knows the feature spec):
+    # de-duplicate on the keys that are there.
+    keys = [k for k in data.dedup_keys if k in frame.columns] or columns
+    counts["dedup_keys_missing"] = [k for k in data.dedup_keys if k not in frame.columns]
     before = len(frame)
     frame = frame.drop_duplicates(subset=keys, keep="first")
     counts["duplicates"] = before - len(frame)

@@ -35,5 +35,5 @@ def run_trainer(config: PipelineConfig, examples_dir: str, out_dir: str,
 
     run_dir = os.path.join(out_dir, "run")
     record = train(experiment(config, examples_dir), run_dir, verbose=0, warm_start=warm_start)
-    export_dir = export_run(run_dir, CANDIDATE, base=out_dir, version=1, parity_rows=2000)
+    export_dir = export_run(run_dir, CANDIDATE, base=out_dir, version=1, parity_rows=1000)
     return {**record, "run_dir": run_dir, "export_dir": export_dir}
