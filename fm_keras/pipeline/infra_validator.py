@@ -72,7 +72,7 @@ class _server:
                 [sys.executable, "-m", "fm_keras.cli", "serve", f"--port={port}",
                  "--host=127.0.0.1", f"--model_config_file={self.config_file}",
                  "--file_system_poll_wait_seconds=0", "--max_num_load_retries=0"],
-                stdout=self.log, stderr=subprocess.STDOUT)
+                stdout=self.log, stderr=subprocess.STDOUT, env=_child_env())
             target = f"127.0.0.1:{port}"
         self._wait_available(target)
         return target
@@ -157,6 +157,17 @@ def _outputs(response) -> dict:
     from fm_keras._tf import tf
 
     return {k: tf.make_ndarray(v) for k, v in response.outputs.items()}
+
+
+def _child_env() -> dict:
+    """The environment of ``fm-keras serve``: this process's, with this fm_keras first on the
+    path, so the server runs the same code that exported the candidate."""
+    import fm_keras
+
+    env = dict(os.environ)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(fm_keras.__file__)))
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    return env
 
 
 def _free_port() -> int:
