@@ -96,6 +96,15 @@ def test_second_span_moves_server_to_2_without_failed_request(setup):
     summary = run_pipeline(setup["config"], span=2)
     assert summary["status"] == "pushed" and summary["pushed_version"] == 2, summary
     setup["times"]["span2"] = summary["seconds"]
+    from fm_keras.pipeline.metadata import MetadataStore
+
+    store = MetadataStore(os.path.join(setup["config"].root, "metadata.sqlite"))
+    try:
+        trainer = next(x for x in store.executions(store.context(summary["run_id"])["id"])
+                       if x["type"] == "trainer")
+    finally:
+        store.close()
+    assert trainer["properties"]["warm_start"]  # from version 1's model (trainer: warm_start)
     assert _wait_for(lambda: traffic.versions[-1:] == [2])
     assert _wait_for(lambda: _available(setup["target"]) == [2])
     assert traffic.failures == []
