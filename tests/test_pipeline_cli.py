@@ -29,6 +29,8 @@ def test_steps_one_by_one_with_a_run_id(pipeline_first_run, capsys):
     assert summary["run_id"] == "by-steps"
     assert [s["step"] for s in summary["steps"]] == list(STEPS)
     assert summary["status"] == "unchanged" and summary["pushed_version"] == 1
+    assert main(["pipeline", "step", "pusher", path, "--run-id", "by-steps"]) == 0
+    assert "run by-steps has ended (unchanged); not running pusher" in capsys.readouterr().err
     assert main(["pipeline", "step", "trainer", path, "--run-id", "fresh"]) == 2
     assert "needs 'examples', which no earlier step of this run produced" in \
         capsys.readouterr().err

@@ -1,5 +1,7 @@
 """Pipeline YAML: validated at the edge, errors name the key and the fix; spans on disk."""
 
+import os
+
 import pytest
 import yaml
 
@@ -67,3 +69,22 @@ def test_no_span_on_disk_is_an_error(logs, tmp_path):
                  data__input=str(tmp_path / "nothing" / "span-{SPAN}" / "*.csv"))
     with pytest.raises(ConfigError, match="no files match"):
         load_pipeline(path).latest_span()
+
+
+def test_template_is_valid_and_shows_the_defaults(tmp_path):
+    import shutil
+
+    from fm_keras.pipeline.config import (EvaluatorConfig, IndexConfig, InfraValidatorConfig,
+                                          TrainerConfig, ValidationConfig)
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    shutil.copy(f"{repo}/pipelines/template.yaml", tmp_path / "template.yaml")
+    (tmp_path / "features.yaml").write_text(
+        "features:\n  - {name: user_id, kind: categorical, tower: user}\n")
+    config = load_pipeline(tmp_path / "template.yaml")
+    assert config.evaluator == EvaluatorConfig()
+    assert config.validation == ValidationConfig()
+    assert config.index == IndexConfig()
+    assert config.infra_validator == InfraValidatorConfig()
+    assert config.trainer == TrainerConfig()
+    assert config.data.split.eval_fraction == 0.2

@@ -58,7 +58,7 @@ def _pipeline(args) -> int:
     if args.pipeline_command == "step":
         summary = run_pipeline(config, span=args.span, run_id=args.run_id, steps=(args.step,),
                                report=args.step == STEPS[-1])
-        ok = summary["status"] in OK_STATUSES + ("running",)
+        ok = summary["status"] in OK_STATUSES + ("open",)
     else:
         summary = run_pipeline(config, span=args.span)
         ok = summary["status"] in OK_STATUSES

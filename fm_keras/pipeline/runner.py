@@ -33,8 +33,9 @@ from fm_keras.pipeline.metadata import DONE, Artifact, MetadataStore
 
 STEPS = ("examplegen", "statistics", "validator", "trainer", "evaluator", "infra_validator",
          "pusher", "index_builder")
-# Run outcomes; the CLI exits 0 for the first three (a model that is not blessed is a normal
-# outcome of a retraining job) and 1 for the others.
+# Run outcomes; the CLI exits 0 for these (a model that is not blessed is a normal outcome of a
+# retraining job) and 1 for invalid_data, infra_invalid, failed. A run executed step by step
+# is "open" between steps; "running" only while a process works on it.
 OK_STATUSES = ("pushed", "unchanged", "not_blessed")
 
 
@@ -342,6 +343,11 @@ def run_pipeline(config: PipelineConfig, span: int | None = None, run_id: str | 
             if abandoned:
                 log(f"marked {abandoned} execution(s) of a killed run ABANDONED")
             run = PipelineRun(config, store, run_id=run_id, span=span)
+            ended = store.context(run.run_id)["properties"]["status"]
+            if ended not in ("running", "open"):  # a container step after the run ended
+                log(f"run {run.run_id} has ended ({ended}); not running {', '.join(steps)}")
+                return run_summary(store, store.context(run.run_id))
+            store.update_context(run.context_id, status="running")
             log(f"run {run.run_id} on span {run.span} -> {run.run_dir}")
             status = _execute(run, steps)
             summary = run.finish(status)
@@ -366,8 +372,8 @@ def _execute(run: PipelineRun, steps) -> str:
     except BaseException as err:
         run.finish("failed", error=f"{type(err).__name__}: {err}")
         raise
-    if steps != STEPS:
-        return "running" if steps[-1] != STEPS[-1] else _pushed_status(run)
+    if steps != STEPS:  # container steps: "open" until the last one
+        return "open" if steps[-1] != STEPS[-1] else _pushed_status(run)
     log(f"run {run.run_id} finished in {time.time() - started:.1f}s")
     return _pushed_status(run)
 
