@@ -5,7 +5,7 @@ import os
 import pytest
 import yaml
 
-from conftest import write_pipeline_yaml
+from pipeline_testlib import write_pipeline_yaml
 from fm_keras.errors import ConfigError
 from fm_keras.pipeline.config import load_pipeline
 

@@ -5,7 +5,7 @@ import os
 import subprocess
 import sys
 
-from conftest import write_pipeline_yaml
+from pipeline_testlib import write_pipeline_yaml
 from fm_keras import fsutil
 from fm_keras.pipeline.pusher import METADATA, TEMP_PREFIX, push, pushed_version
 

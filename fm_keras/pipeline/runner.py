@@ -103,13 +103,16 @@ class PipelineRun:
 
     def last_blessed(self, exclude_fingerprint: str | None = None,
                      exclude_examples: str | None = None) -> Artifact | None:
-        """The newest blessed Model other than ``exclude_fingerprint`` (the candidate itself)
-        and not trained on ``exclude_examples``."""
-        for blessing in self.store.artifacts("ModelBlessing"):
-            if not blessing.properties.get("blessed"):
-                continue
-            model = self.store.artifact(blessing.properties["model_id"])
-            if model.fingerprint == exclude_fingerprint or not os.path.exists(model.uri):
+        """The newest model that was blessed, infra-valid and pushed, other than
+        ``exclude_fingerprint`` (the candidate itself) and not trained on ``exclude_examples``
+        (the baseline of the evaluator and the start of a warm start)."""
+        models = {}
+        for model in self.store.artifacts("Model"):  # newest first: keep the first one
+            models.setdefault(model.fingerprint, model)
+        for pushed in self.store.artifacts("PushedModel"):
+            model = models.get(pushed.fingerprint)
+            if model is None or model.fingerprint == exclude_fingerprint \
+                    or not os.path.exists(model.uri):
                 continue
             if exclude_examples and model.properties.get("examples") == exclude_examples:
                 continue
