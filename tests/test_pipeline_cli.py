@@ -3,6 +3,8 @@ and ``synth --span``."""
 
 import json
 
+from pipeline_testlib import write_pipeline_yaml
+
 from fm_keras.cli import main
 from fm_keras.pipeline.runner import STEPS
 
@@ -44,3 +46,20 @@ def test_synth_span(tmp_path, capsys):
     assert "item" in header and "item_id" not in header
     assert (tmp_path / "items.csv").exists() and (tmp_path / "features.yaml").exists()
     assert main(["synth", "--out", str(tmp_path), "--shuffle-labels"]) == 2
+
+
+def test_failed_run_is_recorded_with_a_report(pipeline_logs, tmp_path, capsys):
+    data = {"input": f"{pipeline_logs}/span-{{SPAN}}/*.csv", "label": "click",
+            "items": f"{pipeline_logs}/items.csv",
+            "filters": [{"name": "bots", "column": "is_bot", "op": "==", "value": 1}]}
+    path = write_pipeline_yaml(tmp_path / "p.yaml", pipeline_logs, tmp_path / "root",
+                               tmp_path / "models", data=data)
+    assert main(["pipeline", "run", path, "--span", "1"]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("fm-keras: error: ") and "filter 'bots': missing column 'is_bot'" in last
+    (run_dir,) = (tmp_path / "root" / "runs").iterdir()
+    record = json.loads((run_dir / "run.json").read_text())
+    assert record["status"] == "failed" and "is_bot" in record["error"]
+    assert [(s["step"], s["state"]) for s in record["steps"]] == [("examplegen", "FAILED")]
+    assert "is_bot" in (run_dir / "report" / "index.html").read_text()
+    assert not (tmp_path / "models").exists()

@@ -46,7 +46,8 @@ def write_report(run_dir: str, summary: dict, store: MetadataStore) -> str:
     anomalies = (_read(outputs.get("anomalies")) or {}).get("anomalies")
     stats = _read(outputs.get("statistics"))
     blessing = _read(outputs.get("blessing"))
-    sections = [_outcome(summary, anomalies, blessing), _steps(summary)]
+    infra = _read(outputs.get("infra_blessing"))
+    sections = [_outcome(summary, anomalies, blessing, infra), _steps(summary)]
     if evaluation:
         sections.append(_metrics_plot(plt, evaluation, out))
         sections.append(_calibration_plot(plt, evaluation, out))
@@ -74,7 +75,7 @@ def _table(rows, header) -> str:
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
-def _outcome(summary: dict, anomalies, blessing) -> str:
+def _outcome(summary: dict, anomalies, blessing, infra) -> str:
     status = summary["status"]
     css = "ok" if status in ("pushed", "unchanged") else "fail"
     parts = [f"<h2>Outcome: <span class='{css}'>{html.escape(str(status))}</span></h2>",
@@ -86,6 +87,8 @@ def _outcome(summary: dict, anomalies, blessing) -> str:
                for a in anomalies if a["severity"] == "fail"]
     if blessing and not blessing["blessed"]:
         why = [f"not blessed: {r}" for r in blessing["reasons"]]
+    if status == "infra_invalid" and infra:
+        why = [f"infra validation: {infra.get('error')}"]
     if summary.get("error"):
         why.append(f"error: {summary['error']}")
     if why:

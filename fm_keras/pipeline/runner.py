@@ -30,6 +30,7 @@ from fm_keras.errors import ConfigError
 from fm_keras.pipeline import cache
 from fm_keras.pipeline.config import PipelineConfig
 from fm_keras.pipeline.metadata import DONE, Artifact, MetadataStore
+from fm_keras.pipeline.status import run_summary
 
 STEPS = ("examplegen", "statistics", "validator", "trainer", "evaluator", "infra_validator",
          "pusher", "index_builder")
@@ -352,29 +353,36 @@ def run_pipeline(config: PipelineConfig, span: int | None = None, run_id: str | 
                 return run_summary(store, store.context(run.run_id))
             store.update_context(run.context_id, status="running")
             log(f"run {run.run_id} on span {run.span} -> {run.run_dir}")
-            status = _execute(run, steps)
-            summary = run.finish(status)
+            try:
+                summary = run.finish(_execute(run, steps))
+            except BaseException as err:
+                summary = run.finish("failed", error=f"{type(err).__name__}: {err}")
+                if report:
+                    with contextlib.suppress(Exception):  # never hide the error itself
+                        _report(run, summary, store)
+                raise
             if report:
-                from fm_keras.pipeline.report import write_report
-
-                summary["report"] = write_report(run.run_dir, summary, store)
-                fsutil.write_json(os.path.join(run.run_dir, "run.json"), summary)
+                _report(run, summary, store)
             return summary
         finally:
             store.close()
 
 
+def _report(run: PipelineRun, summary: dict, store: MetadataStore) -> None:
+    from fm_keras.pipeline.report import write_report
+
+    summary["report"] = write_report(run.run_dir, summary, store)
+    fsutil.write_json(os.path.join(run.run_dir, "run.json"), summary)
+    log(f"report: {summary['report']}")
+
+
 def _execute(run: PipelineRun, steps) -> str:
     started = time.time()
-    try:
-        for step in steps:
-            result = run.run_step(step)
-            if result.stop:
-                log(f"stopped after {step}: {result.stop}; the served model is unchanged")
-                return result.stop
-    except BaseException as err:
-        run.finish("failed", error=f"{type(err).__name__}: {err}")
-        raise
+    for step in steps:
+        result = run.run_step(step)
+        if result.stop:
+            log(f"stopped after {step}: {result.stop}; the served model is unchanged")
+            return result.stop
     if steps != STEPS:  # container steps: "open" until the last one
         return "open" if steps[-1] != STEPS[-1] else _pushed_status(run)
     log(f"run {run.run_id} finished in {time.time() - started:.1f}s")
@@ -387,23 +395,3 @@ def _pushed_status(run: PipelineRun) -> str:
         return "not_blessed"
     return "pushed" if pushed.properties.get("pushed") else "unchanged"
 
-
-def run_summary(store: MetadataStore, context: dict) -> dict:
-    """A run's record: status, span, steps (state, seconds, cached, outcome), pushed version."""
-    steps, pushed, blessed, reasons = [], None, None, None
-    for x in store.executions(context["id"]):
-        p = x["properties"]
-        steps.append({"step": x["type"], "state": x["state"], "seconds": p.get("seconds"),
-                      "cached": p.get("cached", False), "stop": p.get("stop"),
-                      "error": p.get("error")})
-        if x["type"] == "pusher" and x["state"] in DONE:
-            pushed = p.get("version")
-        if x["type"] == "evaluator" and x["state"] in DONE:
-            blessed, reasons = p.get("blessed"), p.get("reasons")
-    props = context["properties"]
-    return {"run_id": context["name"], "status": props.get("status"), "span": props.get("span"),
-            "started": props.get("started"), "finished": props.get("finished"),
-            "seconds": round(props["finished"] - props["started"], 2)
-            if props.get("finished") else None,
-            "blessed": blessed, "not_blessed_reasons": reasons,
-            "pushed_version": pushed, "error": props.get("error"), "steps": steps}

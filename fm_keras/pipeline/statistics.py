@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import os
 
-import numpy as np
 import pandas as pd
 
 from fm_keras import fsutil
@@ -142,7 +141,3 @@ def validate(stats: dict, schema: dict, features, baseline: dict | None,
 def anomalies_fail(anomalies: list[dict]) -> list[dict]:
     return [a for a in anomalies if a["severity"] == "fail"]
 
-
-def label_rate_of(examples_dir: str, label: str, split: str = "eval") -> float:
-    frame = pd.read_parquet(os.path.join(examples_dir, f"{split}.parquet"), columns=[label])
-    return float(np.mean(pd.to_numeric(frame[label])))

@@ -1,4 +1,5 @@
-"""``pipeline status`` (runs and what serves) and ``pipeline rollback`` (pin a version)."""
+"""``pipeline status`` (runs and what serves), ``pipeline rollback`` (pin a version), and the
+record of one run (``run_summary``)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import time
 
 from fm_keras.errors import ConfigError
 from fm_keras.pipeline import serving_config
+from fm_keras.pipeline.metadata import DONE
 
 
 def rollback(model_config_file: str, name: str, to: str) -> dict:
@@ -49,7 +51,6 @@ def status(config, server: str | None = None, runs: int = 10) -> dict:
     policy and the versions on disk, and with ``server`` (host:port) the server's own
     GetModelStatus."""
     from fm_keras.pipeline.metadata import MetadataStore
-    from fm_keras.pipeline.runner import run_summary
 
     path = os.path.join(config.root, "metadata.sqlite")
     records = []
@@ -88,3 +89,24 @@ def server_status(server: str, name: str) -> list[dict] | str:
             return [{"version": s["version"], "state": s["state"]} for s in client.status(name)]
     except ServingError as err:
         return f"{err.code}: {err.message}"
+
+
+def run_summary(store, context: dict) -> dict:
+    """A run's record: status, span, steps (state, seconds, cached, outcome), pushed version."""
+    steps, pushed, blessed, reasons = [], None, None, None
+    for x in store.executions(context["id"]):
+        p = x["properties"]
+        steps.append({"step": x["type"], "state": x["state"], "seconds": p.get("seconds"),
+                      "cached": p.get("cached", False), "stop": p.get("stop"),
+                      "error": p.get("error")})
+        if x["type"] == "pusher" and x["state"] in DONE:
+            pushed = p.get("version")
+        if x["type"] == "evaluator" and x["state"] in DONE:
+            blessed, reasons = p.get("blessed"), p.get("reasons")
+    props = context["properties"]
+    return {"run_id": context["name"], "status": props.get("status"), "span": props.get("span"),
+            "started": props.get("started"), "finished": props.get("finished"),
+            "seconds": round(props["finished"] - props["started"], 2)
+            if props.get("finished") else None,
+            "blessed": blessed, "not_blessed_reasons": reasons,
+            "pushed_version": pushed, "error": props.get("error"), "steps": steps}
