@@ -52,3 +52,17 @@ def test_missing_filter_column_is_a_data_error(tmp_path):
                        filters=(FilterConfig("f", "nope", "==", 1),))
     with pytest.raises(DataError, match="filter 'f': missing column 'nope'"):
         run_examplegen(data, data.input, str(tmp_path / "out"))
+
+
+def test_parquet_input_and_hash_split(tmp_path):
+    frame = pd.DataFrame({"ts": range(500), "user_id": [f"u{i % 40}" for i in range(500)],
+                          "price": [1.5] * 500, "click": [i % 2 for i in range(500)]})
+    frame.to_parquet(tmp_path / "part-0.parquet", index=False)
+    data = InputConfig(input=(str(tmp_path / "*.parquet"),), label="click",
+                       split=SplitConfig(by="hash", column="user_id", eval_fraction=0.25))
+    counts = run_examplegen(data, data.input, str(tmp_path / "out"))
+    assert counts["rows"] == 500 and counts["duplicates"] == 0
+    train = pd.read_parquet(tmp_path / "out" / "train.parquet")
+    evaluation = pd.read_parquet(tmp_path / "out" / "eval.parquet")
+    assert not set(train["user_id"]) & set(evaluation["user_id"])
+    assert list(train.columns) == ["ts", "user_id", "price", "click"]
