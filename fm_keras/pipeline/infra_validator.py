@@ -128,10 +128,7 @@ def _query_all(target: str, frame: pd.DataFrame, timeout: float) -> dict:
             for name, sig in sorted(defs.items()):
                 if name.startswith("__"):  # e.g. __saved_model_init_op
                     continue
-                inputs = {k: (pd.to_numeric(frame[k], errors="coerce").to_numpy(np.float32)
-                              if v.dtype == 1  # DT_FLOAT
-                              else np.array([s.encode() for s in frame[k].astype(str)], object))
-                          for k, v in sig.inputs.items()}
+                inputs = {k: _input(frame, k, v) for k, v in sig.inputs.items()}
                 t0 = time.time()
                 response = client.predict_response(MODEL, inputs, signature=name)
                 outputs = _outputs(response)
@@ -151,6 +148,16 @@ def _query_all(target: str, frame: pd.DataFrame, timeout: float) -> dict:
                     "error": f"the eval data has no column {err} the model needs"}
     return {"valid": bool(signatures), "signatures": signatures,
             "error": None if signatures else "the model has no signatures"}
+
+
+def _input(frame: pd.DataFrame, name: str, info) -> np.ndarray:
+    """A signature input from eval rows; a 2-D string input no column has (a recall model's
+    ``exclude_item_ids``) gets one empty string per row, which excludes nothing."""
+    if info.dtype == 1:  # DT_FLOAT
+        return pd.to_numeric(frame[name], errors="coerce").to_numpy(np.float32)
+    if name not in frame.columns and len(info.tensor_shape.dim) == 2:
+        return np.full((len(frame), 1), b"", dtype=object)
+    return np.array([s.encode() for s in frame[name].astype(str)], dtype=object)
 
 
 def _outputs(response) -> dict:

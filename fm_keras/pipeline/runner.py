@@ -35,7 +35,7 @@ from fm_keras.pipeline.status import run_summary
 STEPS = ("examplegen", "statistics", "validator", "trainer", "evaluator", "infra_validator",
          "pusher", "index_builder")
 # Run outcomes; the CLI exits 0 for these (a model that is not blessed is a normal outcome of a
-# retraining job) and 1 for invalid_data, infra_invalid, failed. A run executed step by step
+# retraining job) and 1 for invalid_data, infra_invalid, recall_invalid, failed. A run executed step by step
 # is "open" between steps; "running" only while a process works on it.
 OK_STATUSES = ("pushed", "unchanged", "not_blessed")
 
@@ -317,13 +317,16 @@ class PipelineRun:
         from fm_keras.pipeline import serving_config
         from fm_keras.pipeline.index_builder import build_recall
 
-        (pushed,) = self._need("index_builder", "pushed_model")
+        pushed, examples = self._need("index_builder", "pushed_model", "examples")
         params = {"index": dataclasses.asdict(self.config.index), "items": self.config.data.items}
 
         def execute(out):
             if not self.config.index.enabled:
                 return StepResult({}, {"built": False, "reason": "index: enabled is false"})
-            result = build_recall(self.config, pushed.uri, pushed.properties["version"])
+            result = build_recall(self.config, pushed.uri, pushed.properties["version"], out,
+                                  examples.uri)
+            if not result["valid"]:
+                return StepResult({}, result, stop="recall_invalid")
             if result["built"] or serving_config.served_policy(
                     self.config.pusher.model_config_file, self.config.recall_name) is None:
                 serving_config.ensure_models(self.config.pusher.model_config_file,
@@ -332,7 +335,6 @@ class PipelineRun:
                                                 cache.fingerprint_json(result["path"]),
                                                 {"version": result["version"]})}, result)
         return {"pushed_model": pushed}, params, execute, False
-
 
 def run_pipeline(config: PipelineConfig, span: int | None = None, run_id: str | None = None,
                  steps: tuple[str, ...] = STEPS, report: bool = True) -> dict:
