@@ -1,4 +1,4 @@
-"""The `fm-keras` command line: synth, train, evaluate, export, index, score, recommend.
+"""The `fm-keras` command line: synthetic data, training, export, serving and pipelines.
 
 Errors the user can fix (bad config, bad data, unfinished runs) print one line
 ``fm-keras: error: ...`` and exit with status 2; results go to stdout as JSON.
@@ -11,6 +11,7 @@ import json
 import os
 import sys
 
+from fm_keras.pipeline.cli import add_commands as _add_pipeline_commands
 from fm_keras.serving.cli import add_commands as _add_serving_commands
 
 
@@ -20,8 +21,15 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("synth", help="write a synthetic CTR data set from a planted FM")
     p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--rows", type=int, default=1_000_000, help="total rows (80/10/10 by time)")
+    p.add_argument("--rows", type=int,
+                   help="total rows, 80/10/10 by time (default 1,000,000; 50,000 with --span)")
     p.add_argument("--seed", type=int, default=7)
+    p.add_argument("--span", type=int, help="write one span of logs, OUT/span-N/part-0.csv "
+                   "(same planted FM and catalog for every span), instead of train/valid/test")
+    p.add_argument("--shuffle-labels", action="store_true",
+                   help="with --span: permute the clicks (a span no model can learn)")
+    p.add_argument("--schema-change", action="store_true",
+                   help="with --span: rename item_id to item (a breaking schema change)")
 
     p = sub.add_parser("train", help="train an FM from an experiment YAML")
     p.add_argument("--config", required=True, help="experiment YAML")
@@ -87,6 +95,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
     _COMMANDS.update(_add_serving_commands(sub))  # serve, query
+    _COMMANDS.update(_add_pipeline_commands(sub))  # pipeline run | step | status | rollback
     return parser
 
 
@@ -106,10 +115,21 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _synth(args) -> int:
-    from fm_keras.synth import generate
+    from fm_keras.errors import ConfigError
+    from fm_keras.synth import generate, generate_span
 
-    oracle = generate(args.out, rows=args.rows, seed=args.seed)
-    print(f"fm-keras: wrote {args.rows:,} synthetic rows to {args.out}", file=sys.stderr)
+    if args.span is not None:
+        rows = args.rows or 50_000
+        out = generate_span(args.out, args.span, rows=rows, seed=args.seed,
+                            shuffle_labels=args.shuffle_labels, schema_change=args.schema_change)
+        print(f"fm-keras: wrote span {args.span} ({rows:,} rows) to {out}", file=sys.stderr)
+        print(json.dumps({"out": out, "span": args.span, "rows": rows}, indent=2))
+        return 0
+    if args.shuffle_labels or args.schema_change:
+        raise ConfigError("--shuffle-labels and --schema-change need --span")
+    rows = args.rows or 1_000_000
+    oracle = generate(args.out, rows=rows, seed=args.seed)
+    print(f"fm-keras: wrote {rows:,} synthetic rows to {args.out}", file=sys.stderr)
     print(json.dumps({"out": args.out, "oracle_auc": oracle["auc"],
                       "oracle_logloss": oracle["logloss"],
                       "positive_rate": oracle["positive_rate"]}, indent=2))

@@ -91,11 +91,69 @@ def generate(out_dir: str, rows: int = SynthSpec.rows, seed: int = SynthSpec.see
     truth = PlantedFM(spec, rng)
     items = _catalog(spec, rng)
     n = spec.rows
+    frame, prob, cached = _rows(spec, truth, items, rng, start=1_700_000_000, days=30)
+    label = frame["click"].to_numpy()
+    os.makedirs(out_dir, exist_ok=True)
+    bounds = [0, int(0.8 * n), int(0.9 * n), n]
+    for name, lo, hi in zip(("train", "valid", "test"), bounds, bounds[1:]):
+        _write_csv(frame.iloc[lo:hi], os.path.join(out_dir, f"{name}.csv"))
+    _write_csv(_catalog_frame(spec, items), os.path.join(out_dir, "items.csv"))
+    _write_text(os.path.join(out_dir, "features.yaml"), FEATURES_YAML)
+    _write_text(os.path.join(out_dir, "experiment.yaml"), EXPERIMENT_YAML)
+    test = slice(bounds[2], n)
+    oracle = _oracle(label[test], prob[test], cached[test], spec)
+    fsutil.write_json(os.path.join(out_dir, "oracle.json"), oracle)
+    return oracle
+
+
+def generate_span(root: str, span: int, rows: int = 50_000, seed: int = SynthSpec.seed,
+                  shuffle_labels: bool = False, schema_change: bool = False) -> str:
+    """Writes one span of logs, ``root/span-N/part-0.csv``, plus ``root/items.csv``.
+
+    Every span of one seed shares the planted FM and the item catalog; span N covers the N-th
+    week after the base time and holds different rows. Two switches make a broken span for
+    pipeline tests: ``shuffle_labels`` permutes the clicks among cached and among other rows (the rates stay,
+    a model learns nothing), and
+    ``schema_change`` renames ``item_id`` to ``item`` (a breaking schema change).
+
+    Returns:
+        The span directory.
+    """
+    if span < 1:
+        raise ConfigError(f"--span must be at least 1, got {span}")
+    if rows < 1000:
+        raise ConfigError(f"--rows must be at least 1000, got {rows}")
+    spec = SynthSpec(rows=rows, seed=seed)
+    rng = np.random.default_rng(seed)
+    truth = PlantedFM(spec, rng)  # drawn first from the seed alone: the same in every span
+    items = _catalog(spec, rng)
+    rng = np.random.default_rng([seed, span])
+    frame, _, _ = _rows(spec, truth, items, rng, start=1_700_000_000 + (span - 1) * 7 * 86400,
+                        days=7)
+    if shuffle_labels:  # within cached and user-initiated rows: the click rates stay the same
+        clicks = frame["click"].to_numpy().copy()
+        for group in (frame["is_cached"].to_numpy() == 0, frame["is_cached"].to_numpy() == 1):
+            clicks[group] = rng.permutation(clicks[group])
+        frame["click"] = clicks
+    if schema_change:
+        frame = frame.rename(columns={"item_id": "item"})
+    out = os.path.join(root, f"span-{span}")
+    os.makedirs(out, exist_ok=True)
+    _write_csv(frame, os.path.join(out, "part-0.csv"))
+    _write_csv(_catalog_frame(spec, items), os.path.join(root, "items.csv"))
+    _write_text(os.path.join(root, "features.yaml"), FEATURES_YAML)
+    return out
+
+
+def _rows(spec: SynthSpec, truth: PlantedFM, items: dict, rng: np.random.Generator,
+          start: int, days: int):
+    """(log frame sorted by time, true probabilities, cached mask) of `spec.rows` rows."""
+    n = spec.rows
     user = rng.choice(spec.users, n, p=_zipf_probs(spec.users, 0.9))
     item = rng.choice(spec.items, n, p=_zipf_probs(spec.items, 1.0))  # id 0 is the most popular
     cached = rng.random(n) < spec.cached_share
     item[cached] = rng.integers(0, spec.cached_items, cached.sum())  # the cache replays the head
-    user_segment = np.random.default_rng(seed + 1).integers(0, spec.segments, spec.users)
+    user_segment = np.random.default_rng(spec.seed + 1).integers(0, spec.segments, spec.users)
     cols = {
         "user_id": user, "user_segment": user_segment[user], "item_id": item,
         "item_category": items["category"][item],
@@ -105,9 +163,8 @@ def generate(out_dir: str, rows: int = SynthSpec.rows, seed: int = SynthSpec.see
     truth.bias = _bias_for_rate(logit[~cached], spec.target_rate)
     prob = 1.0 / (1.0 + np.exp(-(logit + truth.bias)))
     label = (rng.random(n) < np.where(cached, spec.cached_click_rate, prob)).astype(np.int8)
-
     frame = pd.DataFrame({
-        "ts": np.sort(rng.integers(1_700_000_000, 1_700_000_000 + 30 * 86400, n)),
+        "ts": np.sort(rng.integers(start, start + days * 86400, n)),
         "user_id": [f"u{u}" for u in user],
         "user_segment": [f"s{s}" for s in cols["user_segment"]],
         "item_id": [f"i{i}" for i in item],
@@ -119,20 +176,13 @@ def generate(out_dir: str, rows: int = SynthSpec.rows, seed: int = SynthSpec.see
         "is_cached": cached.astype(np.int8),
         "click": label,
     })
-    os.makedirs(out_dir, exist_ok=True)
-    bounds = [0, int(0.8 * n), int(0.9 * n), n]
-    for name, lo, hi in zip(("train", "valid", "test"), bounds, bounds[1:]):
-        _write_csv(frame.iloc[lo:hi], os.path.join(out_dir, f"{name}.csv"))
-    _write_csv(pd.DataFrame({"item_id": [f"i{i}" for i in range(spec.items)],
-                             "item_category": [f"c{c}" for c in items["category"]],
-                             "item_tags": items["tags"], "item_price": items["price"]}),
-               os.path.join(out_dir, "items.csv"))
-    _write_text(os.path.join(out_dir, "features.yaml"), FEATURES_YAML)
-    _write_text(os.path.join(out_dir, "experiment.yaml"), EXPERIMENT_YAML)
-    test = slice(bounds[2], n)
-    oracle = _oracle(label[test], prob[test], cached[test], spec)
-    fsutil.write_json(os.path.join(out_dir, "oracle.json"), oracle)
-    return oracle
+    return frame, prob, cached
+
+
+def _catalog_frame(spec: SynthSpec, items: dict) -> pd.DataFrame:
+    return pd.DataFrame({"item_id": [f"i{i}" for i in range(spec.items)],
+                         "item_category": [f"c{c}" for c in items["category"]],
+                         "item_tags": items["tags"], "item_price": items["price"]})
 
 
 def _catalog(spec: SynthSpec, rng: np.random.Generator) -> dict[str, np.ndarray]:

@@ -15,6 +15,7 @@ A directory without a complete run.json is not a finished run: `load_run` refuse
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import platform
@@ -51,7 +52,7 @@ def log(message: str) -> None:
 
 
 def train(config: ExperimentConfig, run_dir: str, *, resume: bool = False,
-          verbose: int | None = None) -> dict:
+          verbose: int | None = None, warm_start: str | None = None) -> dict:
     """Trains an FM as configured and writes a complete run directory.
 
     Args:
@@ -59,6 +60,9 @@ def train(config: ExperimentConfig, run_dir: str, *, resume: bool = False,
         run_dir: output directory; must not hold a finished run. With `resume`, an unfinished
             one continues from its last checkpoint.
         verbose: Keras progress (0 silent, 1 bar, 2 a line per epoch); default by tty.
+        warm_start: a finished run with the same feature spec to start from: its fitted
+            features (vocabularies, statistics) and weights are reused, so values it never
+            saw go to the OOV buckets.
 
     Returns:
         The run record (also written to ``run.json``). With ``training.distribute`` set to a
@@ -82,6 +86,8 @@ def train(config: ExperimentConfig, run_dir: str, *, resume: bool = False,
     if resume and os.path.exists(os.path.join(run_dir, "features.json")):
         features = tuple(FittedFeature.from_dict(d)
                          for d in fsutil.read_json(os.path.join(run_dir, "features.json")))
+    elif warm_start:
+        features = _warm_start_features(warm_start, config)
     else:
         features = fit_features(config.features, train_split)
     keep = downsample_negatives(train_split.labels, config.training.neg_sample_rate,
@@ -93,6 +99,10 @@ def train(config: ExperimentConfig, run_dir: str, *, resume: bool = False,
 
     keras.utils.set_random_seed(config.training.seed)
     model = build_model(features, config.model, config.training)
+    if warm_start and not resume:
+        tf.train.Checkpoint(fm=model.fm).read(
+            os.path.join(warm_start, "model", "weights")).expect_partial()
+        log(f"warm start from {warm_start}")
     t0 = time.time()
     train_ds = _dataset(model, train_split, config, training=True)
     valid_ds = _dataset(model, valid_split, config, training=False)
@@ -137,10 +147,26 @@ def train(config: ExperimentConfig, run_dir: str, *, resume: bool = False,
         "train_samples_per_second": round(
             len(train_split) * max(1, len(state.history)) / max(train_seconds, 1e-9)),
         "versions": _versions(),
+        "warm_start": os.path.abspath(warm_start) if warm_start else None,
     }
     fsutil.write_json(os.path.join(run_dir, "run.json"), record)
     log(f"run complete: {run_dir}")
     return record
+
+
+def _warm_start_features(warm_start: str, config: ExperimentConfig):
+    """The fitted features of the run to warm-start from; its spec must equal this one."""
+    path = os.path.join(warm_start, "features.json")
+    if not os.path.exists(os.path.join(warm_start, "run.json")):
+        raise RunError(f"{warm_start}: cannot warm-start from it: not a finished run")
+    features = tuple(FittedFeature.from_dict(d) for d in fsutil.read_json(path))
+    if tuple(f.config for f in features) != tuple(config.features):
+        raise RunError(f"{warm_start}: cannot warm-start from it: its feature spec differs "
+                       "from this experiment's; train from scratch (no warm start)")
+    if json.dumps(fsutil.read_json(os.path.join(warm_start, "experiment.json"))["model"],
+                  sort_keys=True) != json.dumps(config.to_dict()["model"], sort_keys=True):
+        raise RunError(f"{warm_start}: cannot warm-start from it: its model section differs")
+    return features
 
 
 def load_run(run_dir: str) -> Run:

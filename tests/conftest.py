@@ -51,3 +51,37 @@ def exports(small_run, small_synth, tmp_path_factory):
         "brute_force": build_index(ranking, items, "ctr_recall_bf", base=base, k=20,
                                    backend="brute_force"),
     }
+
+
+# ---------------------------------------------------------------------------------------------
+# Pipelines: small synthetic spans and a pipeline YAML writer (tests/test_pipeline_*.py).
+
+PIPELINE_ROWS = 30_000
+
+
+@pytest.fixture(scope="session")
+def pipeline_logs(tmp_path_factory):
+    """``logs/span-1`` and ``span-2`` (good), ``span-3`` (shuffled labels), ``span-4``
+    (item_id renamed), with items.csv and features.yaml; returns the logs directory."""
+    from fm_keras.synth import generate_span
+
+    logs = tmp_path_factory.mktemp("pipeline") / "logs"
+    for span, kwargs in [(1, {}), (2, {}), (3, {"shuffle_labels": True}),
+                         (4, {"schema_change": True})]:
+        generate_span(str(logs), span, rows=PIPELINE_ROWS, seed=11, **kwargs)
+    return logs
+
+
+@pytest.fixture(scope="session")
+def pipeline_first_run(pipeline_logs, tmp_path_factory):
+    """A pipeline run on span 1 (pushes version 1); returns (yaml path, summary)."""
+    from pipeline_testlib import write_pipeline_yaml
+
+    from fm_keras.pipeline.config import load_pipeline
+    from fm_keras.pipeline.runner import run_pipeline
+
+    work = tmp_path_factory.mktemp("pipeline_run")
+    path = write_pipeline_yaml(work / "pipeline.yaml", pipeline_logs, work / "root",
+                               work / "saved_models")
+    summary = run_pipeline(load_pipeline(path), span=1)
+    return path, summary

@@ -41,6 +41,9 @@ def add_commands(subparsers) -> dict:
             ("monitoring_config_file", str, "text-format MonitoringConfig (Prometheus)"),
             ("max_num_load_retries", int, "retries of a failed version load"),
             ("load_retry_interval_micros", int, "wait between load retries"),
+            ("tensorflow_session_parallelism", int, "TF op threads, intra and inter (0: auto)"),
+            ("tensorflow_intra_op_parallelism", int, "threads inside one op (0: auto)"),
+            ("tensorflow_inter_op_parallelism", int, "ops run at once (0: auto)"),
             ("host", str, "fm-keras only: address to bind (default all interfaces)")]:
         p.add_argument(f"--{name}", type=kind, default=d[name].default, help=text)
     for name, text in [("enable_batching", "batch concurrent requests"),

@@ -43,6 +43,9 @@ class ServerOptions:
     max_num_load_retries: int = 5
     load_retry_interval_micros: int = 60_000_000
     allow_version_labels_for_unavailable_models: bool = False
+    tensorflow_session_parallelism: int = 0  # 0: auto; sets intra- and inter-op threads
+    tensorflow_intra_op_parallelism: int = 0  # 0: auto; threads inside one op
+    tensorflow_inter_op_parallelism: int = 0  # 0: auto; ops run concurrently
     host: str = "0.0.0.0"  # not a TF Serving flag: tests bind 127.0.0.1
 
     def __post_init__(self):
@@ -53,9 +56,42 @@ class ServerOptions:
         for name in ("port", "rest_api_port"):
             if not 0 <= getattr(self, name) < 65536:
                 raise ConfigError(f"--{name} must be in [0, 65535], got {getattr(self, name)}")
+        for name in ("tensorflow_session_parallelism", "tensorflow_intra_op_parallelism",
+                     "tensorflow_inter_op_parallelism"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"--{name} must be >= 0 (0: auto), got {getattr(self, name)}")
         if self.file_system_poll_wait_seconds < 0:
             raise ConfigError("--file_system_poll_wait_seconds must be >= 0 "
                               f"(0 polls once), got {self.file_system_poll_wait_seconds}")
+
+
+def tf_thread_counts(opts: ServerOptions) -> tuple[int, int]:
+    """(intra, inter) op threads as main.cc picks them: both intra and inter given -> those,
+    else --tensorflow_session_parallelism for both; 0 leaves TensorFlow's own choice."""
+    if opts.tensorflow_intra_op_parallelism and opts.tensorflow_inter_op_parallelism:
+        return opts.tensorflow_intra_op_parallelism, opts.tensorflow_inter_op_parallelism
+    return opts.tensorflow_session_parallelism, opts.tensorflow_session_parallelism
+
+
+def apply_tf_threads(opts: ServerOptions) -> None:
+    """Sets TensorFlow's op thread pools; they exist once TF has run an op, so call this first."""
+    from fm_keras._tf import tf
+
+    threading = tf.config.threading
+    for count, get, put, flag in zip(
+            tf_thread_counts(opts),
+            (threading.get_intra_op_parallelism_threads, threading.get_inter_op_parallelism_threads),
+            (threading.set_intra_op_parallelism_threads, threading.set_inter_op_parallelism_threads),
+            ("intra", "inter")):
+        if not count or get() == count:
+            continue
+        try:
+            put(count)
+        except RuntimeError as err:  # the context is already initialized
+            raise ConfigError(
+                f"--tensorflow_{flag}_op_parallelism={count} cannot be applied: TensorFlow has "
+                "already started in this process; start the server in a process of its own "
+                "(fm-keras serve)") from err
 
 
 def _read(path: str, what: str) -> str:

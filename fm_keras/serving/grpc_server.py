@@ -25,6 +25,7 @@ from fm_keras.serving.predict import (arrays_from_request, check_output_filter, 
                                       signature_def_map)
 
 log = logging.getLogger("fm_keras.serving")
+_NO_DEADLINE = 86_400.0  # seconds
 
 
 def resolve(manager, model_spec):
@@ -36,11 +37,15 @@ def resolve(manager, model_spec):
 
 
 def remaining(context) -> float | None:
-    """Seconds left before the client's deadline; DEADLINE_EXCEEDED if none are left."""
+    """Seconds left before the client's deadline (None: no deadline); DEADLINE_EXCEEDED if none are left.
+
+    A call without a deadline reports an "infinite" time_remaining (~1e10 s) that
+    ``threading`` waits cannot take (OverflowError), so anything past a day counts as none.
+    """
     left = context.time_remaining()
     if left is not None and left <= 0:
         raise ServingError("DEADLINE_EXCEEDED", "Deadline Exceeded")
-    return left
+    return left if left is not None and left < _NO_DEADLINE else None
 
 
 def predict(manager, request, response, timeout: float | None = None) -> None:

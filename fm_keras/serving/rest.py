@@ -1,7 +1,7 @@
 """The HTTP/REST API: TF Serving's paths, JSON formats and status-to-HTTP mapping.
 
     POST /v1/models/NAME[/versions/V | /labels/L]:predict   {"instances": [...]} | {"inputs": ...}
-    POST /v1/models/NAME[...]:classify | :regress           {"examples": [...]}
+    POST /v1/models/NAME[...]:classify | :regress           {"context": {...}, "examples": [...]}
     GET  /v1/models/NAME[/versions/V | /labels/L]           model status
     GET  /v1/models/NAME[/versions/V | /labels/L]/metadata  signature defs
 Errors are ``{"error": "..."}`` with the HTTP code of the TF status (errors.HTTP_STATUS).
@@ -40,6 +40,44 @@ def parse_json(body: bytes):
         raise invalid_argument("JSON Parse error: The document is too deep (nesting)") from None
     except (ValueError, UnicodeDecodeError) as err:
         raise invalid_argument(f"JSON Parse error: {err}") from None
+
+
+def examples_from_json(request):
+    """TF Serving's REST example format -> an ``Input`` (json_tensor.cc FillClassificationRequest...).
+
+    ``{"context": {feature: value}, "examples": [{feature: value}, ...]}``; a value is a scalar
+    or a list of one kind: strings (bytes_list), ints (int64_list), floats (float_list), or
+    ``{"b64": ...}`` bytes.
+    """
+    from tensorflow_serving.apis import input_pb2
+
+    if not isinstance(request, dict) or not isinstance(request.get("examples"), list):
+        raise invalid_argument('Missing or invalid \'examples\' field: expected {"examples": [...]}')
+    result = input_pb2.Input()
+    context = request.get("context")
+    target = result.example_list_with_context if context is not None else result.example_list
+    if context is not None:
+        _fill_example(target.context, context, "context")
+    for i, features in enumerate(request["examples"]):
+        _fill_example(target.examples.add(), features, f"examples[{i}]")
+    return result
+
+
+def _fill_example(example, features, where: str) -> None:
+    if not isinstance(features, dict):
+        raise invalid_argument(f"{where} must be a JSON object of feature: value, got "
+                               f"{json.dumps(features)[:100]}")
+    for name, value in features.items():
+        values = value if isinstance(value, list) else [value]
+        feature = example.features.feature[name]
+        if all(isinstance(v, bool) for v in values) and values:
+            raise invalid_argument(f"{where}.{name}: booleans are not a tf.Example type")
+        if all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+            feature.int64_list.value.extend(values)
+        elif all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+            feature.float_list.value.extend(values)
+        else:
+            feature.bytes_list.value.extend(_strings(values, f"{where}.{name}"))
 
 
 def _strings(value, name):
@@ -194,8 +232,22 @@ class RestApi:
         return json_from_outputs(servable.run(sig, arrays, self.timeout), fmt)
 
     def _examples(self, verb, model, version, label, body):
-        raise ServingError("UNIMPLEMENTED", f"REST :{verb} is not supported by fm-keras serve; use "
-                           f"gRPC {verb.capitalize()} or :predict")
+        """``:classify`` / ``:regress``: {"signature_name", "context", "examples"} as in TF Serving."""
+        from fm_keras.serving import inference
+        from tensorflow_serving.apis import classification_pb2, regression_pb2
+
+        request = parse_json(body)
+        request_input = examples_from_json(request)
+        servable = self.manager.lookup(model, version, label)
+        signature_name = request.get("signature_name", "")
+        if verb == "classify":
+            result = classification_pb2.ClassificationResult()
+            inference.classify(servable, signature_name, request_input, result)
+            return {"result": [[[c.label, c.score] for c in row.classes]
+                               for row in result.classifications]}
+        result = regression_pb2.RegressionResult()
+        inference.regress(servable, signature_name, request_input, result)
+        return {"result": [r.value for r in result.regressions]}
 
     def _metadata(self, model, version, label):
         from google.protobuf import json_format

@@ -6,7 +6,7 @@ import logging
 import os
 import threading
 
-from fm_keras.serving.config import (ServerOptions, load_batching_parameters,
+from fm_keras.serving.config import (ServerOptions, apply_tf_threads, load_batching_parameters,
                                      load_model_server_config, load_monitoring_config,
                                      parse_grpc_channel_arguments, single_model_config)
 
@@ -36,6 +36,7 @@ class ModelServer:
         from fm_keras.serving.rest import RestApi, start_rest_server
 
         opts = self.options
+        apply_tf_threads(opts)
         config = (load_model_server_config(opts.model_config_file) if opts.model_config_file
                   else single_model_config(opts.model_name, opts.model_base_path))
         batching = load_batching_parameters(opts.batching_parameters_file) if opts.enable_batching else None

@@ -34,7 +34,8 @@ def test_serve_process_query_and_sigterm(scann_models, tmp_path, capsys):
     repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     proc = subprocess.Popen(
         [sys.executable, "-m", "fm_keras.cli", "serve", f"--port={grpc_port}",
-         f"--rest_api_port={rest_port}", f"--model_config_file={config}", "--host=127.0.0.1"],
+         f"--rest_api_port={rest_port}", f"--model_config_file={config}", "--host=127.0.0.1",
+         "--tensorflow_intra_op_parallelism=1", "--tensorflow_inter_op_parallelism=1"],
         cwd=repo, env={**os.environ, "PYTHONPATH": repo}, stderr=subprocess.PIPE, text=True)
     try:
         with GrpcClient(f"127.0.0.1:{grpc_port}", timeout=2, retries=0) as client:

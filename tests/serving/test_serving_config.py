@@ -1,5 +1,6 @@
 """Flags and TF Serving's text-format config files (the same files real TF Serving reads)."""
 
+import functools
 import pathlib
 
 import pytest
@@ -70,6 +71,23 @@ def test_flags_are_checked():
         ("grpc.max_receive_message_length", 10), ("grpc.x", "y")]
     with pytest.raises(ConfigError, match="key=value"):
         parse_grpc_channel_arguments("nonsense")
+
+
+def test_tf_thread_flags_follow_main_cc():
+    from fm_keras._tf import tf
+    from fm_keras.serving.config import apply_tf_threads, tf_thread_counts
+
+    opts = functools.partial(ServerOptions, model_base_path="/m")
+    assert tf_thread_counts(opts()) == (0, 0)
+    assert tf_thread_counts(opts(tensorflow_session_parallelism=2)) == (2, 2)
+    assert tf_thread_counts(opts(tensorflow_session_parallelism=2, tensorflow_intra_op_parallelism=1,
+                                 tensorflow_inter_op_parallelism=3)) == (1, 3)
+    with pytest.raises(ConfigError, match="tensorflow_inter_op_parallelism must be >= 0"):
+        opts(tensorflow_inter_op_parallelism=-1)
+    apply_tf_threads(opts())  # auto: nothing to set
+    tf.constant(1.0) + 1.0  # this process's TensorFlow runtime is up: too late to resize pools
+    with pytest.raises(ConfigError, match="tensorflow_intra_op_parallelism=7 cannot be applied.*own"):
+        apply_tf_threads(opts(tensorflow_session_parallelism=7))
 
 
 def test_kubernetes_configmap_matches_the_config_files():

@@ -158,6 +158,13 @@ def test_batched_concurrent_predicts_get_their_own_answers(batching_stub, stubs)
         np.testing.assert_allclose(outputs(response)["logit"], outputs(alone)["logit"], rtol=1e-6)
 
 
+def test_batched_predict_without_a_deadline(batching_stub):
+    # regression: a call with no deadline has an "infinite" time_remaining, which made the
+    # batch queue's wait raise OverflowError (INTERNAL) for every request
+    response = batching_stub.Predict(predict_request())
+    assert outputs(response)["probability"].shape == (1,)
+
+
 def test_expired_deadline(batching_stub):
     # the request waits in the batch queue past its 50 ms deadline
     code, _ = _code(lambda: batching_stub.Predict(predict_request(), timeout=0.05))

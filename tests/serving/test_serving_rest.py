@@ -3,6 +3,7 @@
 import base64
 import http.client
 import json
+import re
 
 import numpy as np
 import pytest
@@ -91,6 +92,9 @@ def test_status_and_metadata(server):
     ("/v1/models/ranking/labels/canary:predict", {"instances": [ROW]}, None, 400,
      ["Unrecognized servable version label: canary"]),
     ("/v1/models/ranking:explode", {"instances": [ROW]}, None, 400, ["Malformed request"]),
+    ("/v1/models/ranking:classify", {"examples": [ROW]}, None, 400,
+     ["Expected classification signature method_name to be tensorflow/serving/classify"]),
+    ("/v1/models/ranking:regress", {"instances": [ROW]}, None, 400, ["'examples'"]),
 ])
 def test_bad_requests_get_tf_serving_errors_and_server_stays_up(server, path, body, raw,
                                                                 http_status, words):
@@ -108,3 +112,80 @@ def test_prometheus_metrics_count_requests(server):
     assert status == 200
     assert ':tensorflow:serving:request_count{model_name="ranking",status="OK"}' in text
     assert ":tensorflow:serving:request_latency_bucket" in text
+
+
+def test_examples_json_becomes_tf_examples():
+    from fm_keras.serving.rest import examples_from_json
+
+    request_input = examples_from_json({
+        "context": {"user_id": "u1", "age": 31},
+        "examples": [{"item_id": "i1", "price": 2.5, "tags": ["a", "b"]},
+                     {"item_id": {"b64": base64.b64encode(b"\x00i2").decode()}, "price": [1, 2.5]}]})
+    lists = request_input.example_list_with_context
+    assert lists.context.features.feature["user_id"].bytes_list.value == [b"u1"]
+    assert lists.context.features.feature["age"].int64_list.value == [31]
+    first, second = lists.examples
+    assert first.features.feature["price"].float_list.value == [2.5]
+    assert first.features.feature["tags"].bytes_list.value == [b"a", b"b"]
+    assert second.features.feature["item_id"].bytes_list.value == [b"\x00i2"]
+    assert list(second.features.feature["price"].float_list.value) == [1.0, 2.5]
+    assert examples_from_json({"examples": [{"a": 1}]}).WhichOneof("kind") == "example_list"
+
+
+@pytest.mark.parametrize("request_body, words", [
+    ([1, 2], "'examples'"), ({"examples": [[1]]}, "examples[0] must be a JSON object"),
+    ({"examples": [{"a": True}]}, "booleans"), ({"examples": [{"a": {"x": 1}}]}, "examples[0].a"),
+])
+def test_bad_examples_json_names_the_problem(request_body, words):
+    from fm_keras.serving.errors import ServingError
+    from fm_keras.serving.rest import examples_from_json
+
+    with pytest.raises(ServingError, match=re.escape(words)) as info:
+        examples_from_json(request_body)
+    assert info.value.code == "INVALID_ARGUMENT"
+
+
+class _ExampleServable:
+    """A servable with TF Serving's classify and regress signatures (one string input)."""
+    name, version = "m", 1
+
+    def signature(self, name):
+        from fm_keras._tf import tf
+        from fm_keras.serving import inference
+        from fm_keras.serving.predict import Signature
+
+        def classify(inputs):
+            n = len(inputs)
+            return {"classes": tf.constant([[b"no", b"yes"]] * n),
+                    "scores": tf.constant([[0.25, 0.75]] * n)}
+
+        def regress(inputs):
+            return {"outputs": tf.constant([[float(len(e))] for e in np.asarray(inputs)])}
+
+        method, function = ((inference.CLASSIFY_METHOD, classify) if name == "classify"
+                            else (inference.REGRESS_METHOD, regress))
+        return Signature(name, function, {"inputs": (object, (None,))}, {}, [], method)
+
+
+class _ExampleManager:
+    def lookup(self, model, version, label):
+        return _ExampleServable()
+
+
+def test_classify_and_regress_answer_in_tf_serving_json():
+    from fm_keras._tf import tf
+    from fm_keras.serving.rest import RestApi
+
+    api = RestApi(_ExampleManager())
+    body = {"signature_name": "classify", "examples": [{"user_id": "u1"}, {"user_id": "u2"}]}
+    status, _, text = api.handle("POST", "/v1/models/m:classify", json.dumps(body).encode())
+    assert status == 200, text
+    assert json.loads(text) == {"result": [[["no", 0.25], ["yes", 0.75]]] * 2}
+    body = {"signature_name": "regress", "context": {"user_id": "u1"}, "examples": [{"x": 1.5}]}
+    status, _, text = api.handle("POST", "/v1/models/m:regress", json.dumps(body).encode())
+    assert status == 200, text
+    example = tf.train.Example()
+    example.features.feature["user_id"].bytes_list.value.append(b"u1")
+    example.features.feature["x"].float_list.value.append(1.5)
+    # the regress signature returns the serialized example's length: context merged in
+    assert json.loads(text) == {"result": [float(len(example.SerializeToString()))]}

@@ -1,0 +1,255 @@
+"""Pipeline definitions (``pipelines/*.yaml``): frozen dataclasses validated once, at the edge.
+
+Paths are resolved relative to the YAML file. ``{SPAN}`` in ``data.input`` stands for the span
+number: a run reads the newest span on disk, or the one given with ``--span``. See
+``pipelines/template.yaml`` for every key with its meaning.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import re
+from dataclasses import dataclass, field
+
+from fm_keras.config import (FeatureConfig, FilterConfig, ModelConfig, TrainingConfig, _build,
+                             _check_keys, _features, _one_of, _read_yaml, _resolve,
+                             load_features)
+from fm_keras.errors import ConfigError
+
+SEVERITIES = ("fail", "warn")
+SPLITS = ("time", "hash")
+INFRA_MODES = ("subprocess", "in_process")
+
+
+@dataclass(frozen=True)
+class SplitConfig:
+    """How ExampleGen splits a span: the last ``eval_fraction`` by time, or by key hash."""
+
+    by: str = "time"
+    column: str = "ts"
+    eval_fraction: float = 0.2
+
+    def __post_init__(self):
+        _one_of(self.by, SPLITS, "data: split: by")
+        if not 0 < self.eval_fraction < 1:
+            raise ConfigError(f"data: split: eval_fraction must be in (0, 1), got {self.eval_fraction}")
+
+
+@dataclass(frozen=True)
+class InputConfig:
+    """ExampleGen: which logs, how to clean, de-duplicate and split them."""
+
+    input: tuple[str, ...]
+    label: str
+    items: str = ""
+    filters: tuple[FilterConfig, ...] = ()
+    dedup_keys: tuple[str, ...] = ()
+    split: SplitConfig = field(default_factory=SplitConfig)
+
+
+@dataclass(frozen=True)
+class DriftCheck:
+    """An anomaly on a number: above ``max`` it is an anomaly with this severity."""
+
+    max: float
+    severity: str = "fail"
+
+    def __post_init__(self):
+        _one_of(self.severity, SEVERITIES, "validation: severity")
+
+
+@dataclass(frozen=True)
+class ValidationConfig:
+    """Severity of each anomaly found against the last validated schema.
+
+    Attributes:
+        missing_column: a schema column is missing from the new span.
+        retyped_column: a column changed type (numeric <-> string).
+        new_column: a column the schema does not have.
+        label_rate_drift: relative change of the positive rate, |new / old - 1|.
+        oov_rate_drift: increase of the share of categorical values the last schema never saw.
+    """
+
+    missing_column: str = "fail"
+    retyped_column: str = "fail"
+    new_column: str = "warn"
+    label_rate_drift: DriftCheck = DriftCheck(max=0.5, severity="fail")
+    oov_rate_drift: DriftCheck = DriftCheck(max=0.2, severity="warn")
+
+    def __post_init__(self):
+        for name in ("missing_column", "retyped_column", "new_column"):
+            _one_of(getattr(self, name), SEVERITIES, f"validation: {name}")
+
+
+@dataclass(frozen=True)
+class EvaluatorConfig:
+    """Blessing: value thresholds (None = not checked) and regression against the last blessed
+    model on the same eval rows."""
+
+    min_auc: float | None = 0.6
+    max_logloss: float | None = None
+    max_calibration_error: float | None = 0.25  # |mean predicted / observed rate - 1|
+    max_ece: float | None = None
+    min_recall_at_k: float | None = None
+    recall_queries: int = 200
+    max_auc_regression: float = 0.01
+    max_logloss_regression: float = 0.01
+
+
+@dataclass(frozen=True)
+class TrainerConfig:
+    """warm_start: start from the last blessed model's vocabularies and weights."""
+
+    warm_start: bool = False
+
+
+@dataclass(frozen=True)
+class InfraValidatorConfig:
+    """mode: ``subprocess`` (``fm-keras serve`` on a free loopback port) or ``in_process``."""
+
+    mode: str = "subprocess"
+    timeout_seconds: float = 120.0
+
+    def __post_init__(self):
+        _one_of(self.mode, INFRA_MODES, "infra_validator: mode")
+
+
+@dataclass(frozen=True)
+class PusherConfig:
+    """Where blessed models go: ``base/NAME/<version>``, and the ModelServerConfig file the
+    server polls (``--model_config_file`` with ``--model_config_file_poll_wait_seconds``)."""
+
+    base: str
+    model_config_file: str
+
+
+@dataclass(frozen=True)
+class IndexConfig:
+    """IndexBuilder: the recall model NAME_recall over ``data.items`` (None = sized by
+    catalog; set the three ScaNN numbers to force a tree + hashing index)."""
+
+    enabled: bool = True
+    k: int = 100
+    backend: str = "scann"
+    num_leaves: int | None = None
+    leaves_to_search: int | None = None
+    reorder: int | None = None
+
+    def __post_init__(self):
+        _one_of(self.backend, ("scann", "brute_force"), "index: backend")
+        given = [v is not None for v in (self.num_leaves, self.leaves_to_search, self.reorder)]
+        if any(given) and not all(given):
+            raise ConfigError("index: set num_leaves, leaves_to_search and reorder together")
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    """A whole pipeline, paths resolved."""
+
+    name: str
+    root: str
+    data: InputConfig
+    features: tuple[FeatureConfig, ...]
+    pusher: PusherConfig
+    model: ModelConfig = field(default_factory=ModelConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
+    evaluator: EvaluatorConfig = field(default_factory=EvaluatorConfig)
+    infra_validator: InfraValidatorConfig = field(default_factory=InfraValidatorConfig)
+    index: IndexConfig = field(default_factory=IndexConfig)
+    source: str = ""
+
+    @property
+    def recall_name(self) -> str:
+        return f"{self.name}_recall"
+
+    def span_patterns(self, span: int) -> tuple[str, ...]:
+        return tuple(p.replace("{SPAN}", str(span)) for p in self.data.input)
+
+    def latest_span(self) -> int | None:
+        """The highest span number with files on disk (None if no pattern has ``{SPAN}``)."""
+        spans = set()
+        for pattern in self.data.input:
+            if "{SPAN}" not in pattern:
+                return None
+            regex = re.compile(re.escape(pattern).replace(re.escape("{SPAN}"), r"(\d+)")
+                               .replace(r"\*", "[^/]*").replace(r"\?", "."))
+            for path in glob.glob(pattern.replace("{SPAN}", "*")):
+                match = regex.fullmatch(path)
+                if match:
+                    spans.add(int(match.group(1)))
+        if not spans:
+            raise ConfigError(f"{self.source}: data: input: no files match "
+                              f"{list(self.data.input)} for any span")
+        return max(spans)
+
+
+_TOP = {"name", "root", "data", "features", "model", "training", "trainer", "validation",
+        "evaluator", "infra_validator", "pusher", "index"}
+
+
+def load_pipeline(path: str | os.PathLike) -> PipelineConfig:
+    """Reads and validates a pipeline YAML; ConfigError names the key and the fix."""
+    path = os.fspath(path)
+    raw = _read_yaml(path)
+    base = os.path.dirname(os.path.abspath(path))
+    _check_keys(raw, _TOP, path)
+    for key in ("name", "root", "data", "features", "pusher"):
+        if key not in raw:
+            raise ConfigError(f"{path}: missing required key {key!r}")
+    name = raw["name"]
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z][A-Za-z0-9_-]*", name):
+        raise ConfigError(f"{path}: name must be a plain model name such as 'ctr', got {name!r}")
+    features = raw["features"]
+    features = (load_features(_resolve(features, base)) if isinstance(features, str)
+                else _features(features, path))
+    pusher = _build(PusherConfig, raw["pusher"], f"{path}: pusher")
+    pusher = PusherConfig(base=_resolve(pusher.base, base),
+                          model_config_file=_resolve(pusher.model_config_file, base))
+    validation = dict(raw.get("validation") or {})
+    for key in ("label_rate_drift", "oov_rate_drift"):
+        if key in validation:
+            validation[key] = _build(DriftCheck, validation[key], f"{path}: validation: {key}")
+    config = PipelineConfig(
+        name=name, root=_resolve(str(raw["root"]), base), data=_input(raw["data"], base, path),
+        features=features, pusher=pusher,
+        model=_build(ModelConfig, raw.get("model") or {}, f"{path}: model"),
+        training=_build(TrainingConfig, raw.get("training") or {}, f"{path}: training"),
+        trainer=_build(TrainerConfig, raw.get("trainer") or {}, f"{path}: trainer"),
+        validation=_build(ValidationConfig, validation, f"{path}: validation"),
+        evaluator=_build(EvaluatorConfig, raw.get("evaluator") or {}, f"{path}: evaluator"),
+        infra_validator=_build(InfraValidatorConfig, raw.get("infra_validator") or {},
+                               f"{path}: infra_validator"),
+        index=_build(IndexConfig, raw.get("index") or {}, f"{path}: index"),
+        source=path)
+    names = {f.name for f in features}
+    if config.data.label in names:
+        raise ConfigError(f"{path}: data: the label {config.data.label!r} is also a feature")
+    if config.index.enabled and not config.data.items:
+        raise ConfigError(f"{path}: index: enabled needs data: items (the item catalog); "
+                          "set it, or index: {enabled: false}")
+    return config
+
+
+def _input(raw, base: str, path: str) -> InputConfig:
+    where = f"{path}: data"
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where} must be a mapping")
+    raw = dict(raw)
+    if "input" not in raw:
+        raise ConfigError(f"{where}: missing required key 'input' (CSV/Parquet globs, "
+                          "e.g. logs/span-{{SPAN}}/*.csv)")
+    value = raw["input"]
+    patterns = list(value) if isinstance(value, (list, tuple)) else [value]
+    if not patterns or not all(isinstance(p, str) for p in patterns):
+        raise ConfigError(f"{where}: input must be a path/glob or a list of them")
+    raw["input"] = tuple(_resolve(p, base) for p in patterns)
+    if raw.get("items"):
+        raw["items"] = _resolve(str(raw["items"]), base)
+    raw["filters"] = tuple(_build(FilterConfig, f, f"{where}: filters[{i}]")
+                           for i, f in enumerate(raw.get("filters") or []))
+    raw["dedup_keys"] = tuple(raw.get("dedup_keys") or ())
+    raw["split"] = _build(SplitConfig, raw.get("split") or {}, f"{where}: split")
+    return _build(InputConfig, raw, where)

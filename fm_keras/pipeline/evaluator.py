@@ -1,0 +1,122 @@
+"""Evaluator: metrics of the candidate on the eval split, and the blessing.
+
+Metrics: AUC, logloss, calibration (mean predicted / observed rate), ECE, a calibration curve,
+and recall@K of the ScaNN index (the settings IndexBuilder will use) against exact search over
+the item catalog. The candidate is blessed when every configured value threshold holds and,
+if there is a last blessed model, it does not regress beyond the tolerances when both are
+scored on the same eval rows. Not blessed is an outcome with its reasons, not an error.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from fm_keras.evaluation import binary_metrics
+from fm_keras.pipeline.config import EvaluatorConfig, IndexConfig, PipelineConfig
+
+
+def calibration_curve(labels: np.ndarray, probs: np.ndarray, bins: int = 10) -> list[dict]:
+    """Equal-count bins of the predicted probability: mean predicted vs observed rate."""
+    order = np.argsort(probs, kind="stable")
+    return [{"predicted": float(probs[c].mean()), "observed": float(labels[c].mean()),
+             "rows": int(len(c))} for c in np.array_split(order, min(bins, len(order)))]
+
+
+def score_run(run_dir: str, config: PipelineConfig, examples_dir: str) -> dict:
+    """Metrics and calibration curve of a finished run on the eval split."""
+    from fm_keras.data import load_split
+    from fm_keras.training import load_run, predict_split
+
+    run = load_run(run_dir)
+    split = load_split([os.path.join(examples_dir, "eval.parquet")], config.features,
+                       config.data.label, (), task=config.model.task)
+    probs = predict_split(run.model, split)["probability"]
+    metrics = binary_metrics(split.labels, probs)
+    metrics["calibration_curve"] = calibration_curve(split.labels, probs)
+    return metrics
+
+
+def recall_at_k(export_dir: str, config: PipelineConfig, examples_dir: str) -> dict:
+    """recall@K of the index IndexBuilder would build, against exact search, on eval users."""
+    import pandas as pd
+
+    from fm_keras.recall import ScannIndex, item_vectors, read_catalog
+    from fm_keras.servables import load_export
+    from fm_keras._tf import tf
+
+    _, ranking, meta = load_export(export_dir)
+    _, columns = read_catalog(config.data.items, meta, "item_id")
+    vectors = item_vectors(ranking, columns)
+    k = min(config.index.k, len(vectors))
+    frame = pd.read_parquet(os.path.join(examples_dir, "eval.parquet"))
+    frame = frame.drop_duplicates(subset=meta["query_features"]).head(config.evaluator.recall_queries)
+    fn = ranking.signatures["user_tower"]
+    inputs = {name: tf.constant(_column(frame[name], spec.dtype))
+              for name, spec in fn.structured_input_signature[1].items()}
+    users = fn(**inputs)["user_vector"].numpy()
+    params = index_params(config.index, len(vectors), k)
+    scores, _ = ScannIndex(vectors, k, params).search(tf.constant(users), k)
+    exact = np.sort(users @ vectors.T, axis=1)[:, ::-1][:, :k]
+    # Compared by score (ties between items make ids ambiguous): a retrieved item counts when
+    # its score reaches the exact k-th best score.
+    found = np.sum(scores.numpy() >= exact[:, -1:] - 1e-5, axis=1)
+    return {"recall_at_k": float(np.mean(np.minimum(found, k) / k)), "k": k,
+            "queries": int(len(users)), "items": int(len(vectors)),
+            "index": "exact" if params is None else {"num_leaves": params.num_leaves,
+                                                     "leaves_to_search": params.leaves_to_search,
+                                                     "reorder": params.reorder}}
+
+
+def index_params(index: IndexConfig, items: int, k: int):
+    from fm_keras.recall import ScannParams
+
+    if index.num_leaves is not None:
+        return ScannParams(num_leaves=index.num_leaves, leaves_to_search=index.leaves_to_search,
+                           reorder=index.reorder)
+    return ScannParams.for_catalog(items, k)
+
+
+def _column(series, dtype):
+    import pandas as pd
+
+    if dtype.name == "string":
+        return series.astype(str).to_numpy(dtype=object)
+    return pd.to_numeric(series, errors="coerce").to_numpy(dtype=np.float32)
+
+
+def blessing(candidate: dict, baseline: dict | None, config: EvaluatorConfig) -> dict:
+    """{"blessed": bool, "checks": [...], "reasons": [failed checks in words]}."""
+    checks = []
+
+    def check(name, value, threshold, passed):
+        checks.append({"check": name, "value": value, "threshold": threshold,
+                       "passed": bool(passed)})
+
+    calibration_error = (abs(candidate["calibration_ratio"] - 1)
+                         if candidate.get("calibration_ratio") is not None else None)
+    for name, value, threshold, ok in [
+            ("min_auc", candidate.get("auc"), config.min_auc, lambda v, t: v >= t),
+            ("max_logloss", candidate["logloss"], config.max_logloss, lambda v, t: v <= t),
+            ("max_calibration_error", calibration_error, config.max_calibration_error,
+             lambda v, t: v <= t),
+            ("max_ece", candidate["ece"], config.max_ece, lambda v, t: v <= t),
+            ("min_recall_at_k", candidate.get("recall_at_k"), config.min_recall_at_k,
+             lambda v, t: v >= t)]:
+        if threshold is not None:
+            check(name, value, threshold, value is not None and ok(value, threshold))
+    if baseline is not None:
+        check("max_auc_regression", baseline["auc"] - candidate["auc"], config.max_auc_regression,
+              candidate["auc"] >= baseline["auc"] - config.max_auc_regression)
+        check("max_logloss_regression", candidate["logloss"] - baseline["logloss"],
+              config.max_logloss_regression,
+              candidate["logloss"] <= baseline["logloss"] + config.max_logloss_regression)
+    reasons = [_reason(c) for c in checks if not c["passed"]]
+    return {"blessed": not reasons, "checks": checks, "reasons": reasons,
+            "baseline": baseline is not None}
+
+
+def _reason(c: dict) -> str:
+    value = "n/a" if c["value"] is None else f"{c['value']:.4f}"
+    return f"{c['check']}: {value} vs threshold {c['threshold']}"

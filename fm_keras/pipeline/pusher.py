@@ -1,0 +1,94 @@
+"""Pusher: a blessed, infra-valid candidate becomes a new version in ``base/NAME``, atomically.
+
+The version is copied under a hidden, non-numeric name (``.tmp-push-*``) beside the numeric
+versions and renamed into place only when complete, so a server polling ``base/NAME`` never
+sees half a model; a push killed midway leaves only the hidden directory, which the next push
+removes. A model that is already a version (same model fingerprint) is not pushed again: the
+push is skipped and names that version.
+
+``FM_KERAS_PIPELINE_KILL_DURING_PUSH=1`` makes the process SIGKILL itself after copying part of
+the version: the crash test of the atomic push.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import tempfile
+
+from fm_keras import fsutil
+
+METADATA = os.path.join("assets.extra", "fm_keras.json")
+TEMP_PREFIX = ".tmp-push-"
+KILL_HOOK = "FM_KERAS_PIPELINE_KILL_DURING_PUSH"
+
+
+def remove_partial_pushes(model_dir: str) -> list[str]:
+    """Removes what killed pushes left behind (call while holding the pipeline lock)."""
+    if not os.path.isdir(model_dir):
+        return []
+    partial = [os.path.join(model_dir, d) for d in os.listdir(model_dir)
+               if d.startswith(TEMP_PREFIX)]
+    for path in partial:
+        shutil.rmtree(path, ignore_errors=True)
+    return partial
+
+
+def pushed_version(model_dir: str, model_fingerprint: str) -> int | None:
+    """The version of ``model_dir`` that holds this model, if any."""
+    if not os.path.isdir(model_dir):
+        return None
+    for name in sorted((d for d in os.listdir(model_dir) if d.isdigit()), key=int):
+        path = os.path.join(model_dir, name, METADATA)
+        if os.path.exists(path):
+            meta = fsutil.read_json(path)
+            if meta.get("pipeline", {}).get("model_fingerprint") == model_fingerprint:
+                return int(name)
+    return None
+
+
+def push(export_dir: str, model_fingerprint: str, base: str, name: str, run_id: str) -> dict:
+    """Pushes the candidate export as the next version of ``base/name``.
+
+    Returns:
+        {"pushed": True, "version", "path", "removed_partial"} or, when this model is a
+        version already, {"pushed": False, "version", "path", "reason"}.
+    """
+    model_dir = os.path.join(base, name)
+    removed = remove_partial_pushes(model_dir)
+    existing = pushed_version(model_dir, model_fingerprint)
+    if existing is not None:
+        return {"pushed": False, "version": existing, "removed_partial": removed,
+                "path": os.path.join(model_dir, str(existing)),
+                "reason": f"this model is version {existing} already"}
+    from fm_keras.export import new_version_path  # TensorFlow: only when pushing
+    from fm_keras.servables import resolve_version
+
+    final = new_version_path(base, name)
+    version = int(os.path.basename(final))
+    source = resolve_version(export_dir)
+    tmp = tempfile.mkdtemp(prefix=TEMP_PREFIX, dir=model_dir)
+    try:
+        shutil.copy2(os.path.join(source, "saved_model.pb"), tmp)
+        if os.environ.get(KILL_HOOK) == "1":
+            os.kill(os.getpid(), signal.SIGKILL)
+        for entry in sorted(os.listdir(source)):
+            src = os.path.join(source, entry)
+            if entry != "saved_model.pb":
+                (shutil.copytree if os.path.isdir(src) else shutil.copy2)(
+                    src, os.path.join(tmp, entry))
+        meta_path = os.path.join(tmp, METADATA)
+        meta = fsutil.read_json(meta_path)
+        meta.update(name=name, version=version,
+                    pipeline={"run": run_id, "model_fingerprint": model_fingerprint,
+                              "candidate": os.path.abspath(source)})
+        fsutil.write_json(meta_path, meta)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)
+        os.rename(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return {"pushed": True, "version": version, "path": final, "removed_partial": removed}

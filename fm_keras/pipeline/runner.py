@@ -1,0 +1,399 @@
+"""The pipeline runner: steps in order, each recorded in the metadata store, cached by inputs.
+
+    examplegen -> statistics -> validator -> trainer -> evaluator -> infra_validator
+        -> pusher -> index_builder
+
+Each step's cache key is the fingerprint of its parameters, its input artifacts and the
+fm_keras version; an execution with the same key whose outputs still exist is reused
+(``CACHED``). A step can stop the run with an outcome (anomalies, not blessed, infra invalid):
+the remaining steps do not run and the served model stays as it was. A run holds the pipeline
+lock (``<root>/.lock``), so runs never overlap; RUNNING leftovers of a killed run are marked
+ABANDONED and its partial push removed by the next one.
+
+A step can also run on its own (``fm-keras pipeline step NAME --run-id ID``): it takes its
+inputs from the earlier steps of that run, as a container step of a scheduler would.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import fcntl
+import os
+import secrets
+import sys
+import time
+from dataclasses import dataclass, field
+
+from fm_keras import fsutil
+from fm_keras.errors import ConfigError
+from fm_keras.pipeline import cache
+from fm_keras.pipeline.config import PipelineConfig
+from fm_keras.pipeline.metadata import DONE, Artifact, MetadataStore
+from fm_keras.pipeline.status import run_summary
+
+STEPS = ("examplegen", "statistics", "validator", "trainer", "evaluator", "infra_validator",
+         "pusher", "index_builder")
+# Run outcomes; the CLI exits 0 for these (a model that is not blessed is a normal outcome of a
+# retraining job) and 1 for invalid_data, infra_invalid, recall_invalid, failed. A run executed step by step
+# is "open" between steps; "running" only while a process works on it.
+OK_STATUSES = ("pushed", "unchanged", "not_blessed")
+
+
+@dataclass
+class StepResult:
+    """What a step produced: outputs {name: (type, uri, fingerprint, properties)},
+    properties for the execution record, and ``stop`` (a run status) to end the run."""
+
+    outputs: dict = field(default_factory=dict)
+    properties: dict = field(default_factory=dict)
+    stop: str | None = None
+
+
+def log(message: str) -> None:
+    print(f"fm-keras: pipeline: {message}", file=sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def pipeline_lock(root: str):
+    """The pipeline's exclusive lock; ConfigError if another run holds it."""
+    os.makedirs(root, exist_ok=True)
+    with open(os.path.join(root, ".lock"), "w") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ConfigError(f"{root}: another pipeline run holds the lock; wait for it "
+                              "to finish") from None
+        yield
+
+
+class PipelineRun:
+    """One run of a pipeline (a metadata context), executing steps."""
+
+    def __init__(self, config: PipelineConfig, store: MetadataStore, run_id: str | None = None,
+                 span: int | None = None):
+        self.config, self.store = config, store
+        existing = store.context(run_id) if run_id else None
+        if existing is not None:
+            self.run_id, self.context_id = run_id, existing["id"]
+            self.span = existing["properties"]["span"]
+        else:
+            self.run_id = run_id or time.strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(2)
+            self.span = span if span is not None else config.latest_span()
+            self.context_id = store.create_context("run", self.run_id, {
+                "status": "running", "span": self.span, "started": time.time(),
+                "pipeline": config.name, "source": os.path.abspath(config.source)})
+        self.run_dir = os.path.join(config.root, "runs", self.run_id)
+        os.makedirs(self.run_dir, exist_ok=True)
+
+    # ----- artifacts of this run ----------------------------------------------------------
+    def outputs(self) -> dict[str, Artifact]:
+        found = {}
+        for execution in self.store.executions(self.context_id):
+            if execution["state"] in DONE:
+                found.update(self.store.events(execution["id"], "OUTPUT"))
+        return found
+
+    def _need(self, step: str, *names: str) -> list[Artifact]:
+        outputs = self.outputs()
+        missing = [n for n in names if n not in outputs]
+        if missing:
+            raise ConfigError(f"run {self.run_id}: step {step!r} needs {missing[0]!r}, which no "
+                              "earlier step of this run produced; run the earlier steps first")
+        return [outputs[n] for n in names]
+
+    def last_blessed(self, exclude_fingerprint: str | None = None,
+                     exclude_examples: str | None = None) -> Artifact | None:
+        """The newest model that was blessed, infra-valid and pushed, other than
+        ``exclude_fingerprint`` (the candidate itself) and not trained on ``exclude_examples``
+        (the baseline of the evaluator and the start of a warm start)."""
+        models = {}
+        for model in self.store.artifacts("Model"):  # newest first: keep the first one
+            models.setdefault(model.fingerprint, model)
+        for pushed in self.store.artifacts("PushedModel"):
+            model = models.get(pushed.fingerprint)
+            if model is None or model.fingerprint == exclude_fingerprint \
+                    or not os.path.exists(model.uri):
+                continue
+            if exclude_examples and model.properties.get("examples") == exclude_examples:
+                continue
+            return model
+        return None
+
+    # ----- running steps ------------------------------------------------------------------
+    def run_step(self, step: str) -> StepResult:
+        """Runs (or reuses from the cache) one step and records it."""
+        inputs, params, execute, cacheable = getattr(self, f"_{step}")()
+        key = cache.cache_key(step, params, inputs)
+        started = time.time()
+        hit = self.store.cached(step, key) if cacheable else None
+        execution = self.store.start_execution(step, self.context_id, key, inputs,
+                                               {"params": params})
+        if hit is not None:
+            properties, outputs = hit
+            seconds = round(time.time() - started, 3)
+            self.store.finish_execution(execution, "CACHED", outputs, {
+                **properties, "seconds": seconds, "cached": True})
+            log(f"{step}: cached ({seconds:.2f}s)")
+            return StepResult(properties=properties, stop=properties.get("stop"))
+        out_dir = os.path.join(self.run_dir, step)
+        os.makedirs(out_dir, exist_ok=True)
+        log(f"{step}: running")
+        try:
+            result = execute(out_dir)
+        except BaseException as err:
+            self.store.finish_execution(execution, "FAILED", {}, {
+                "error": f"{type(err).__name__}: {err}", "seconds": round(time.time() - started, 3)})
+            raise
+        outputs = {name: self.store.put_artifact(*spec) for name, spec in result.outputs.items()}
+        seconds = round(time.time() - started, 3)
+        result.properties.update(seconds=seconds, cached=False, stop=result.stop)
+        self.store.finish_execution(execution, "COMPLETE", outputs, result.properties)
+        log(f"{step}: done in {seconds:.1f}s" + (f" -> {result.stop}" if result.stop else ""))
+        return result
+
+    def finish(self, status: str, **properties) -> dict:
+        self.store.update_context(self.context_id, status=status, finished=time.time(),
+                                  **properties)
+        summary = run_summary(self.store, self.store.context(self.run_id))
+        fsutil.write_json(os.path.join(self.run_dir, "run.json"), summary)
+        return summary
+
+    # ----- the steps: (inputs, params, execute, cacheable) ----------------------------------
+    def _examplegen(self):
+        from fm_keras.pipeline.examplegen import input_files, run_examplegen
+
+        patterns = self.config.span_patterns(self.span)
+        params = {"data": dataclasses.asdict(self.config.data), "span": self.span,
+                  "files": input_files(patterns)}
+
+        def execute(out):
+            counts = run_examplegen(self.config.data, patterns, out)
+            fp = cache.fingerprint_files([os.path.join(out, "train.parquet"),
+                                          os.path.join(out, "eval.parquet")])
+            return StepResult({"examples": ("Examples", out, fp, {"span": self.span})}, counts)
+        return {}, params, execute, True
+
+    def _statistics(self):
+        from fm_keras.pipeline.statistics import generate_statistics
+
+        (examples,) = self._need("statistics", "examples")
+        params = {"features": [dataclasses.asdict(f) for f in self.config.features],
+                  "label": self.config.data.label}
+
+        def execute(out):
+            stats, schema = generate_statistics(examples.uri, self.config.features,
+                                                self.config.data.label, out)
+            return StepResult({
+                "statistics": ("ExampleStatistics", os.path.join(out, "statistics.json"),
+                               cache.fingerprint_json(stats), {}),
+                "schema": ("Schema", os.path.join(out, "schema.json"),
+                           cache.fingerprint_json(schema), {})},
+                {"rows": stats["rows"], "label_rate": stats["label_rate"]})
+        return {"examples": examples}, params, execute, True
+
+    def _validator(self):
+        from fm_keras.pipeline.statistics import anomalies_fail, validate
+
+        examples, stats, schema = self._need("validator", "examples", "statistics", "schema")
+        baseline = next((a for a in self.store.artifacts("ValidatedSchema")
+                         if a.fingerprint != schema.fingerprint and os.path.exists(a.uri)), None)
+        params = {"validation": dataclasses.asdict(self.config.validation)}
+
+        def execute(out):
+            anomalies = validate(fsutil.read_json(stats.uri), fsutil.read_json(schema.uri),
+                                 self.config.features,
+                                 fsutil.read_json(baseline.uri) if baseline else None,
+                                 self.config.validation, examples.uri)
+            path = os.path.join(out, "anomalies.json")
+            fsutil.write_json(path, {"anomalies": anomalies,
+                                     "baseline_schema": baseline.uri if baseline else None})
+            failed = anomalies_fail(anomalies)
+            outputs = {"anomalies": ("ExampleAnomalies", path, cache.fingerprint_json(anomalies),
+                                     {"failed": len(failed), "warned": len(anomalies) - len(failed)})}
+            if not failed:
+                outputs["validated_schema"] = ("ValidatedSchema", schema.uri, schema.fingerprint, {})
+            return StepResult(outputs, {"anomalies": anomalies},
+                              stop="invalid_data" if failed else None)
+        inputs = {"statistics": stats, "schema": schema, "baseline_schema": baseline}
+        return inputs, params, execute, True
+
+    def _trainer(self):
+        from fm_keras.pipeline.trainer import run_trainer
+
+        examples, _ = self._need("trainer", "examples", "validated_schema")
+        base = (self.last_blessed(exclude_examples=examples.fingerprint)
+                if self.config.trainer.warm_start else None)
+        params = {"features": [dataclasses.asdict(f) for f in self.config.features],
+                  "model": dataclasses.asdict(self.config.model),
+                  "training": dataclasses.asdict(self.config.training)}
+
+        def execute(out):
+            record = run_trainer(self.config, examples.uri, out,
+                                 warm_start=base.properties["run_dir"] if base else None)
+            fp = cache.fingerprint_export(record["export_dir"])
+            props = {"run_dir": record["run_dir"], "export_dir": record["export_dir"],
+                     "examples": examples.fingerprint, "warm_start": base.uri if base else None}
+            return StepResult({"model": ("Model", out, fp, props)},
+                              {"history": record["history"], "best_epoch": record["best_epoch"],
+                               "metrics": record["metrics"], "rows": record["rows"],
+                               "warm_start": props["warm_start"]})
+        return {"examples": examples, "base_model": base}, params, execute, True
+
+    def _evaluator(self):
+        model, examples = self._need("evaluator", "model", "examples")
+        baseline = self.last_blessed(exclude_fingerprint=model.fingerprint)
+        items = self.config.data.items
+        params = {"evaluator": dataclasses.asdict(self.config.evaluator),
+                  "index": dataclasses.asdict(self.config.index),
+                  "items": [items, os.path.getsize(items), os.stat(items).st_mtime_ns]
+                  if items else None}
+
+        def execute(out):
+            from fm_keras.pipeline.evaluator import blessing, recall_at_k, score_run
+
+            metrics = score_run(model.properties["run_dir"], self.config, examples.uri)
+            if items and self.config.index.enabled:
+                metrics["recall"] = recall_at_k(model.properties["export_dir"], self.config,
+                                                examples.uri)
+                metrics["recall_at_k"] = metrics["recall"]["recall_at_k"]
+            base_metrics = (score_run(baseline.properties["run_dir"], self.config, examples.uri)
+                            if baseline else None)
+            verdict = blessing(metrics, base_metrics, self.config.evaluator)
+            evaluation = {"candidate": metrics, "baseline": base_metrics,
+                          "baseline_model": baseline.uri if baseline else None}
+            fsutil.write_json(os.path.join(out, "evaluation.json"), evaluation)
+            fsutil.write_json(os.path.join(out, "blessing.json"), verdict)
+            return StepResult({
+                "evaluation": ("ModelEvaluation", os.path.join(out, "evaluation.json"),
+                               cache.fingerprint_json(evaluation), {}),
+                "blessing": ("ModelBlessing", os.path.join(out, "blessing.json"),
+                             cache.fingerprint_json(verdict),
+                             {"blessed": verdict["blessed"], "model_id": model.id})},
+                {"blessed": verdict["blessed"], "reasons": verdict["reasons"]},
+                stop=None if verdict["blessed"] else "not_blessed")
+        return {"model": model, "examples": examples, "baseline_model": baseline}, params, \
+            execute, True
+
+    def _infra_validator(self):
+        from fm_keras.pipeline.infra_validator import infra_validate
+
+        model, examples, _ = self._need("infra_validator", "model", "examples", "blessing")
+        params = {"infra_validator": dataclasses.asdict(self.config.infra_validator)}
+
+        def execute(out):
+            result = infra_validate(model.properties["export_dir"], examples.uri,
+                                    self.config.infra_validator)
+            path = os.path.join(out, "infra.json")
+            fsutil.write_json(path, result)
+            return StepResult({"infra_blessing": ("InfraBlessing", path,
+                                                  cache.fingerprint_json(result["valid"]),
+                                                  {"valid": result["valid"]})},
+                              result, stop=None if result["valid"] else "infra_invalid")
+        return {"model": model, "examples": examples}, params, execute, True
+
+    def _pusher(self):
+        from fm_keras.pipeline import serving_config
+        from fm_keras.pipeline.pusher import push
+
+        model, blessed, infra = self._need("pusher", "model", "blessing", "infra_blessing")
+        params = {"base": self.config.pusher.base, "name": self.config.name}
+
+        def execute(out):
+            if not (blessed.properties.get("blessed") and infra.properties.get("valid")):
+                return StepResult({}, {"pushed": False}, stop="not_blessed")
+            result = push(model.properties["export_dir"], model.fingerprint,
+                          self.config.pusher.base, self.config.name, self.run_id)
+            if result["pushed"] or not os.path.exists(self.config.pusher.model_config_file):
+                serving_config.ensure_models(self.config.pusher.model_config_file,
+                                             self.config.pusher.base, [self.config.name])
+            return StepResult({"pushed_model": ("PushedModel", result["path"], model.fingerprint,
+                                                {"version": result["version"],
+                                                 "pushed": result["pushed"]})}, result)
+        return {"model": model, "blessing": blessed, "infra_blessing": infra}, params, \
+            execute, False
+
+    def _index_builder(self):
+        from fm_keras.pipeline import serving_config
+        from fm_keras.pipeline.index_builder import build_recall
+
+        pushed, examples = self._need("index_builder", "pushed_model", "examples")
+        params = {"index": dataclasses.asdict(self.config.index), "items": self.config.data.items}
+
+        def execute(out):
+            if not self.config.index.enabled:
+                return StepResult({}, {"built": False, "reason": "index: enabled is false"})
+            result = build_recall(self.config, pushed.uri, pushed.properties["version"], out,
+                                  examples.uri)
+            if not result["valid"]:
+                return StepResult({}, result, stop="recall_invalid")
+            if result["built"] or serving_config.served_policy(
+                    self.config.pusher.model_config_file, self.config.recall_name) is None:
+                serving_config.ensure_models(self.config.pusher.model_config_file,
+                                             self.config.pusher.base, [self.config.recall_name])
+            return StepResult({"recall_model": ("RecallModel", result["path"],
+                                                cache.fingerprint_json(result["path"]),
+                                                {"version": result["version"]})}, result)
+        return {"pushed_model": pushed}, params, execute, False
+
+def run_pipeline(config: PipelineConfig, span: int | None = None, run_id: str | None = None,
+                 steps: tuple[str, ...] = STEPS, report: bool = True) -> dict:
+    """Runs the steps of one pipeline run; returns the run summary (also in run.json)."""
+    for step in steps:
+        if step not in STEPS:
+            raise ConfigError(f"unknown step {step!r}; steps are {list(STEPS)}")
+    with pipeline_lock(config.root):
+        store = MetadataStore(os.path.join(config.root, "metadata.sqlite"))
+        try:
+            abandoned = store.abandon_running()
+            if abandoned:
+                log(f"marked {abandoned} execution(s) of a killed run ABANDONED")
+            run = PipelineRun(config, store, run_id=run_id, span=span)
+            ended = store.context(run.run_id)["properties"]["status"]
+            if ended not in ("running", "open"):  # a container step after the run ended
+                log(f"run {run.run_id} has ended ({ended}); not running {', '.join(steps)}")
+                return run_summary(store, store.context(run.run_id))
+            store.update_context(run.context_id, status="running")
+            log(f"run {run.run_id} on span {run.span} -> {run.run_dir}")
+            try:
+                summary = run.finish(_execute(run, steps))
+            except BaseException as err:
+                summary = run.finish("failed", error=f"{type(err).__name__}: {err}")
+                if report:
+                    with contextlib.suppress(Exception):  # never hide the error itself
+                        _report(run, summary, store)
+                raise
+            if report:
+                _report(run, summary, store)
+            return summary
+        finally:
+            store.close()
+
+
+def _report(run: PipelineRun, summary: dict, store: MetadataStore) -> None:
+    from fm_keras.pipeline.report import write_report
+
+    summary["report"] = write_report(run.run_dir, summary, store)
+    fsutil.write_json(os.path.join(run.run_dir, "run.json"), summary)
+    log(f"report: {summary['report']}")
+
+
+def _execute(run: PipelineRun, steps) -> str:
+    started = time.time()
+    for step in steps:
+        result = run.run_step(step)
+        if result.stop:
+            log(f"stopped after {step}: {result.stop}; the served model is unchanged")
+            return result.stop
+    if steps != STEPS:  # container steps: "open" until the last one
+        return "open" if steps[-1] != STEPS[-1] else _pushed_status(run)
+    log(f"run {run.run_id} finished in {time.time() - started:.1f}s")
+    return _pushed_status(run)
+
+
+def _pushed_status(run: PipelineRun) -> str:
+    pushed = run.outputs().get("pushed_model")
+    if pushed is None:
+        return "not_blessed"
+    return "pushed" if pushed.properties.get("pushed") else "unchanged"
+

@@ -1,0 +1,98 @@
+"""The ModelServerConfig file the server polls: which models, and which versions serve.
+
+The pipeline owns its models' entries in ``pusher.model_config_file`` (other entries are kept
+as they are). A push adds the entries with ``latest { num_versions: 1 }``; a rollback pins a
+model to one version with ``specific { versions: V }``; forward again returns to latest. The
+file is written atomically (temp file + rename), and the server re-reads it every
+``--model_config_file_poll_wait_seconds``: it loads the aspired version, then unloads the
+other one, so requests never find no version.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+from fm_keras.errors import ConfigError
+
+
+def read_config(path: str):
+    from tensorflow_serving.config import model_server_config_pb2
+
+    from fm_keras.serving.config import load_model_server_config
+
+    if not os.path.exists(path):
+        config = model_server_config_pb2.ModelServerConfig()
+        config.model_config_list.SetInParent()
+        return config
+    return load_model_server_config(path)
+
+
+def write_config(path: str, config) -> None:
+    from google.protobuf import text_format
+
+    text = ("# Written by fm-keras pipeline (push / rollback); the server polls this file.\n"
+            + text_format.MessageToString(config))
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".config", dir=directory)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def _entry(config, name: str):
+    for model in config.model_config_list.config:
+        if model.name == name:
+            return model
+    return None
+
+
+def ensure_models(path: str, base: str, names: list[str]) -> None:
+    """Adds entries (latest version) for models the file does not list yet."""
+    config = read_config(path)
+    changed = False
+    for name in names:
+        if _entry(config, name) is None:
+            model = config.model_config_list.config.add(
+                name=name, base_path=os.path.abspath(os.path.join(base, name)),
+                model_platform="tensorflow")
+            model.model_version_policy.latest.num_versions = 1
+            changed = True
+    if changed:
+        write_config(path, config)
+
+
+def set_version(path: str, names: list[str], version: int | None) -> None:
+    """Pins ``names`` to ``version`` (specific policy), or back to the latest (None)."""
+    config = read_config(path)
+    for name in names:
+        model = _entry(config, name)
+        if model is None:
+            raise ConfigError(f"{path}: lists no model {name!r}; push it first "
+                              "(fm-keras pipeline run)")
+        model.model_version_policy.Clear()
+        if version is None:
+            model.model_version_policy.latest.num_versions = 1
+        else:
+            model.model_version_policy.specific.versions.append(version)
+    write_config(path, config)
+
+
+def served_policy(path: str, name: str) -> dict | None:
+    """{"policy": "latest"|"specific"|"all", "versions": [...], "base_path"} of a model."""
+    if not os.path.exists(path):
+        return None
+    model = _entry(read_config(path), name)
+    if model is None:
+        return None
+    kind = model.model_version_policy.WhichOneof("policy_choice") or "latest"
+    versions = list(model.model_version_policy.specific.versions) if kind == "specific" else []
+    return {"policy": kind, "versions": versions, "base_path": model.base_path}

@@ -1,0 +1,143 @@
+"""StatisticsGen, SchemaGen and ExampleValidator for ExampleGen's output.
+
+Statistics per column: inferred type (numeric when every non-missing cell parses as a number),
+missing share, distinct values, numeric range, top values; the label's positive rate; and per
+categorical feature the *holdout OOV rate*: the share of eval values the train split never saw.
+The schema keeps each column's type, the label rate and each categorical feature's vocabulary.
+
+Validation compares a span with the feature spec and with the last validated schema:
+missing or retyped columns, new columns, label-rate drift (relative change of the positive
+rate), and OOV-rate drift (the share of values the last schema never saw, minus the OOV rate a
+holdout of one span already shows). Each anomaly is ``fail`` or ``warn`` as configured.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pandas as pd
+
+from fm_keras import fsutil
+from fm_keras.config import FeatureConfig
+from fm_keras.data import _MISSING_TOKENS
+from fm_keras.pipeline.config import ValidationConfig
+
+MAX_VOCABULARY = 50_000
+
+
+def column_stats(column: pd.Series) -> dict:
+    """Type, missing share, distinct count, and range (numeric) or top values (string)."""
+    present = column[~column.isin(_MISSING_TOKENS)]
+    numbers = pd.to_numeric(present, errors="coerce")
+    numeric = len(present) > 0 and not numbers.isna().any()
+    stats = {"type": "numeric" if numeric else "string",
+             "missing": float(1 - len(present) / max(len(column), 1)),
+             "distinct": int(present.nunique())}
+    if numeric:
+        stats.update(min=float(numbers.min()), max=float(numbers.max()),
+                     mean=float(numbers.mean()))
+    else:
+        top = present.value_counts().head(5)
+        stats["top"] = {str(k): int(v) for k, v in top.items()}
+    return stats
+
+
+def _values(column: pd.Series, feature: FeatureConfig) -> pd.Series:
+    """A categorical column's values; a multi-hot column's elements (weights stripped)."""
+    column = column.astype(str)
+    if feature.kind != "multi_hot":
+        return column
+    elements = column.str.split(feature.separator, regex=False).explode()
+    return elements.str.split(feature.weight_separator, n=1, regex=False).str[0]
+
+
+def generate_statistics(examples_dir: str, features, label: str, out_dir: str) -> tuple[dict, dict]:
+    """Writes ``statistics.json`` and ``schema.json``; returns (statistics, schema)."""
+    train = pd.read_parquet(os.path.join(examples_dir, "train.parquet"))
+    evaluation = pd.read_parquet(os.path.join(examples_dir, "eval.parquet"))
+    stats = {"rows": {"train": len(train), "eval": len(evaluation)},
+             "columns": {c: column_stats(train[c]) for c in train.columns},
+             "label": label, "label_rate": None, "holdout_oov_rate": {}}
+    if label in train.columns and stats["columns"][label]["type"] == "numeric":
+        stats["label_rate"] = float(pd.to_numeric(train[label]).mean())
+    vocabularies = {}
+    for f in features:
+        if f.kind == "numeric" or f.name not in train.columns:
+            continue
+        counts = _values(train[f.name], f).value_counts()
+        vocabularies[f.name] = [str(v) for v in counts.index[:MAX_VOCABULARY]]
+        if f.name in evaluation.columns and len(evaluation):
+            seen = set(counts.index)
+            stats["holdout_oov_rate"][f.name] = float(
+                (~_values(evaluation[f.name], f).isin(seen)).mean())
+    schema = {"columns": {c: s["type"] for c, s in stats["columns"].items()}, "label": label,
+              "label_rate": stats["label_rate"], "holdout_oov_rate": stats["holdout_oov_rate"],
+              "vocabularies": vocabularies}
+    os.makedirs(out_dir, exist_ok=True)
+    fsutil.write_json(os.path.join(out_dir, "statistics.json"), stats)
+    fsutil.write_json(os.path.join(out_dir, "schema.json"), schema)
+    return stats, schema
+
+
+def validate(stats: dict, schema: dict, features, baseline: dict | None,
+             config: ValidationConfig, examples_dir: str) -> list[dict]:
+    """Anomalies of a span: against the feature spec, and against ``baseline`` (the last
+    validated schema) when there is one. Each is {kind, column, severity, detail}."""
+    anomalies = []
+    columns = schema["columns"]
+
+    def add(kind, column, severity, detail):
+        anomalies.append({"kind": kind, "column": column, "severity": severity, "detail": detail})
+
+    for name in [f.name for f in features] + [schema["label"]]:
+        if name not in columns:
+            add("missing_column", name, config.missing_column,
+                f"column {name!r} (in the feature spec) is not in the data")
+    for f in features:
+        if f.kind == "numeric" and columns.get(f.name) == "string":
+            add("retyped_column", f.name, config.retyped_column,
+                f"numeric feature {f.name!r} has non-numeric values, e.g. "
+                f"{list(stats['columns'][f.name].get('top', {}))[:3]}")
+    label = schema["label"]
+    if columns.get(label) == "string":
+        add("retyped_column", label, config.retyped_column, f"label {label!r} is not numeric")
+    if baseline is None:
+        return anomalies
+    old = baseline["columns"]
+    for name in old:
+        if name not in columns and not any(a["column"] == name for a in anomalies):
+            add("missing_column", name, config.missing_column,
+                f"column {name!r} of the last schema is missing")
+    for name, kind in columns.items():
+        if name not in old:
+            add("new_column", name, config.new_column, f"column {name!r} is new")
+        elif old[name] != kind and not any(a["column"] == name for a in anomalies):
+            add("retyped_column", name, config.retyped_column,
+                f"column {name!r} was {old[name]}, is now {kind}")
+    old_rate, new_rate = baseline.get("label_rate"), schema.get("label_rate")
+    if old_rate and new_rate is not None:
+        drift = abs(new_rate / old_rate - 1)
+        if drift > config.label_rate_drift.max:
+            add("label_rate_drift", label, config.label_rate_drift.severity,
+                f"positive rate {new_rate:.4f} vs {old_rate:.4f} in the last schema "
+                f"(relative change {drift:.2f} > {config.label_rate_drift.max})")
+    train = None
+    for f in features:
+        vocabulary = baseline.get("vocabularies", {}).get(f.name)
+        if vocabulary is None or f.name not in columns:
+            continue
+        if train is None:
+            train = pd.read_parquet(os.path.join(examples_dir, "train.parquet"))
+        oov = float((~_values(train[f.name], f).isin(set(vocabulary))).mean())
+        expected = baseline.get("holdout_oov_rate", {}).get(f.name, 0.0)
+        if oov - expected > config.oov_rate_drift.max:
+            add("oov_rate_drift", f.name, config.oov_rate_drift.severity,
+                f"{oov:.1%} of {f.name!r} values are new to the last schema, against "
+                f"{expected:.1%} unseen in a holdout of its own span "
+                f"(increase {oov - expected:.2f} > {config.oov_rate_drift.max})")
+    return anomalies
+
+
+def anomalies_fail(anomalies: list[dict]) -> list[dict]:
+    return [a for a in anomalies if a["severity"] == "fail"]
+

@@ -1,0 +1,31 @@
+"""Helpers shared by the pipeline tests (tests/test_pipeline_*.py)."""
+
+
+def write_pipeline_yaml(path, logs, root, base, **sections) -> str:
+    """A small, fast pipeline definition; `sections` replace top-level YAML sections."""
+    import yaml
+
+    spec = {
+        "name": "ctr", "root": str(root),
+        "data": {"input": f"{logs}/span-{{SPAN}}/*.csv", "items": f"{logs}/items.csv",
+                 "label": "click", "dedup_keys": ["ts", "user_id", "item_id"],
+                 "filters": [{"name": "cached_exposures", "column": "is_cached", "op": "==",
+                              "value": 1}],
+                 "split": {"by": "time", "column": "ts", "eval_fraction": 0.25}},
+        "features": f"{logs}/features.yaml",
+        "model": {"embedding_dim": 8, "l2_embeddings": 3.0e-4, "l2_linear": 3.0e-5},
+        "training": {"optimizer": "adagrad", "learning_rate": 0.3, "epochs": 6,
+                     "early_stopping_patience": 2, "pos_weight": 4.0, "steps_per_execution": 16},
+        "trainer": {"warm_start": True},
+        "evaluator": {"min_auc": 0.58, "max_calibration_error": 0.5, "min_recall_at_k": 0.8,
+                      "recall_queries": 100, "max_auc_regression": 0.03,
+                      "max_logloss_regression": 0.03},
+        "infra_validator": {"mode": "in_process"},
+        "pusher": {"base": str(base), "model_config_file": str(base / "models.config")},
+        "index": {"k": 20, "backend": "scann", "num_leaves": 20, "leaves_to_search": 5,
+                  "reorder": 100},
+    }
+    spec.update(sections)
+    with open(path, "w", encoding="utf-8") as f:
+        yaml.safe_dump(spec, f)
+    return str(path)

@@ -1,0 +1,65 @@
+"""``fm-keras pipeline``: one-line errors, steps run one by one as container steps would,
+and ``synth --span``."""
+
+import json
+
+from pipeline_testlib import write_pipeline_yaml
+
+from fm_keras.cli import main
+from fm_keras.pipeline.runner import STEPS
+
+
+def test_bad_pipeline_yaml_is_one_line_exit_2(tmp_path, capsys):
+    path = tmp_path / "p.yaml"
+    path.write_text("name: ctr\nroot: r\ndata: {input: x.csv, label: click}\n"
+                    "features: []\npusher: {base: m, model_config_file: m.config}\n"
+                    "evaluator: {min_auc: high}\n")
+    assert main(["pipeline", "run", str(path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"fm-keras: error: {path}: evaluator: min_auc: expected float, got 'high'"]
+    assert main(["pipeline", "status", str(tmp_path / "missing.yaml")]) == 2
+    assert "no such config file" in capsys.readouterr().err
+
+
+def test_steps_one_by_one_with_a_run_id(pipeline_first_run, capsys):
+    path, first = pipeline_first_run
+    for step in STEPS:
+        code = main(["pipeline", "step", step, path, "--run-id", "by-steps", "--span", "1"])
+        assert code == 0, capsys.readouterr().err
+    out = capsys.readouterr().out
+    summary = json.loads(out[out.rindex('{\n  "run_id"'):])
+    assert summary["run_id"] == "by-steps"
+    assert [s["step"] for s in summary["steps"]] == list(STEPS)
+    assert summary["status"] == "unchanged" and summary["pushed_version"] == 1
+    assert main(["pipeline", "step", "pusher", path, "--run-id", "by-steps"]) == 0
+    assert "run by-steps has ended (unchanged); not running pusher" in capsys.readouterr().err
+    assert main(["pipeline", "step", "trainer", path, "--run-id", "fresh"]) == 2
+    assert "needs 'examples', which no earlier step of this run produced" in \
+        capsys.readouterr().err
+
+
+def test_synth_span(tmp_path, capsys):
+    assert main(["synth", "--out", str(tmp_path), "--span", "3", "--rows", "2000",
+                 "--schema-change"]) == 0
+    assert json.loads(capsys.readouterr().out)["span"] == 3
+    header = (tmp_path / "span-3" / "part-0.csv").read_text().splitlines()[0].split(",")
+    assert "item" in header and "item_id" not in header
+    assert (tmp_path / "items.csv").exists() and (tmp_path / "features.yaml").exists()
+    assert main(["synth", "--out", str(tmp_path), "--shuffle-labels"]) == 2
+
+
+def test_failed_run_is_recorded_with_a_report(pipeline_logs, tmp_path, capsys):
+    data = {"input": f"{pipeline_logs}/span-{{SPAN}}/*.csv", "label": "click",
+            "items": f"{pipeline_logs}/items.csv",
+            "filters": [{"name": "bots", "column": "is_bot", "op": "==", "value": 1}]}
+    path = write_pipeline_yaml(tmp_path / "p.yaml", pipeline_logs, tmp_path / "root",
+                               tmp_path / "models", data=data)
+    assert main(["pipeline", "run", path, "--span", "1"]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("fm-keras: error: ") and "filter 'bots': missing column 'is_bot'" in last
+    (run_dir,) = (tmp_path / "root" / "runs").iterdir()
+    record = json.loads((run_dir / "run.json").read_text())
+    assert record["status"] == "failed" and "is_bot" in record["error"]
+    assert [(s["step"], s["state"]) for s in record["steps"]] == [("examplegen", "FAILED")]
+    assert "is_bot" in (run_dir / "report" / "index.html").read_text()
+    assert not (tmp_path / "models").exists()

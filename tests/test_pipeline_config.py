@@ -1,0 +1,90 @@
+"""Pipeline YAML: validated at the edge, errors name the key and the fix; spans on disk."""
+
+import os
+
+import pytest
+import yaml
+
+from pipeline_testlib import write_pipeline_yaml
+from fm_keras.errors import ConfigError
+from fm_keras.pipeline.config import load_pipeline
+
+
+@pytest.fixture
+def logs(tmp_path):
+    for span in (1, 2, 10):
+        (tmp_path / "logs" / f"span-{span}").mkdir(parents=True)
+        (tmp_path / "logs" / f"span-{span}" / "part-0.csv").write_text("ts,click\n1,0\n")
+    (tmp_path / "logs" / "features.yaml").write_text(
+        "features:\n  - {name: user_id, kind: categorical, tower: user}\n"
+        "  - {name: item_id, kind: categorical, tower: item}\n")
+    return tmp_path / "logs"
+
+
+def _edit(path, **changes):
+    spec = yaml.safe_load(open(path))
+    for key, value in changes.items():
+        section, _, sub = key.partition("__")
+        if sub:
+            spec[section][sub] = value
+        else:
+            spec[section] = value
+    with open(path, "w") as f:
+        yaml.safe_dump(spec, f)
+    return path
+
+
+def test_loads_resolves_paths_and_finds_the_newest_span(logs, tmp_path):
+    path = write_pipeline_yaml(tmp_path / "p.yaml", logs, "root", tmp_path / "models")
+    config = load_pipeline(path)
+    assert config.root == str(tmp_path / "root")  # relative to the YAML file
+    assert [f.name for f in config.features] == ["user_id", "item_id"]
+    assert config.latest_span() == 10
+    assert config.span_patterns(2) == (f"{logs}/span-2/*.csv",)
+    assert config.evaluator.min_auc == 0.58 and config.infra_validator.mode == "in_process"
+    assert config.recall_name == "ctr_recall"
+
+
+@pytest.mark.parametrize("changes,message", [
+    ({"evaluator__min_acu": 0.5}, "evaluator: unknown key 'min_acu' (did you mean 'min_auc'?)"),
+    ({"validation": {"missing_column": "ignore"}}, "validation: missing_column must be one of"),
+    ({"validation": {"label_rate_drift": {"max": 0.1, "severity": "loud"}}},
+     "validation: severity must be one of ['fail', 'warn']"),
+    ({"data__split": {"by": "random"}}, "data: split: by must be one of ['time', 'hash']"),
+    ({"infra_validator": {"mode": "docker"}}, "infra_validator: mode must be one of"),
+    ({"index": {"num_leaves": 10}}, "index: set num_leaves, leaves_to_search and reorder together"),
+    ({"name": "1ctr"}, "name must be a plain model name"),
+    ({"pusher": {"base": "x"}}, "pusher: missing required key 'model_config_file'"),
+    ({"trainng": {}}, "unknown key 'trainng' (did you mean 'training'?)"),
+])
+def test_bad_config_names_the_key(logs, tmp_path, changes, message):
+    path = _edit(write_pipeline_yaml(tmp_path / "p.yaml", logs, "root", tmp_path / "m"), **changes)
+    with pytest.raises(ConfigError, match=".*") as err:
+        load_pipeline(path)
+    assert message in str(err.value) and str(path) in str(err.value)
+
+
+def test_no_span_on_disk_is_an_error(logs, tmp_path):
+    path = _edit(write_pipeline_yaml(tmp_path / "p.yaml", logs, "root", tmp_path / "m"),
+                 data__input=str(tmp_path / "nothing" / "span-{SPAN}" / "*.csv"))
+    with pytest.raises(ConfigError, match="no files match"):
+        load_pipeline(path).latest_span()
+
+
+def test_template_is_valid_and_shows_the_defaults(tmp_path):
+    import shutil
+
+    from fm_keras.pipeline.config import (EvaluatorConfig, IndexConfig, InfraValidatorConfig,
+                                          TrainerConfig, ValidationConfig)
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    shutil.copy(f"{repo}/pipelines/template.yaml", tmp_path / "template.yaml")
+    (tmp_path / "features.yaml").write_text(
+        "features:\n  - {name: user_id, kind: categorical, tower: user}\n")
+    config = load_pipeline(tmp_path / "template.yaml")
+    assert config.evaluator == EvaluatorConfig()
+    assert config.validation == ValidationConfig()
+    assert config.index == IndexConfig()
+    assert config.infra_validator == InfraValidatorConfig()
+    assert config.trainer == TrainerConfig()
+    assert config.data.split.eval_fraction == 0.2

@@ -1,0 +1,68 @@
+"""ExampleGen: filters with counts, de-duplication, time and hash splits."""
+
+import json
+
+import pandas as pd
+import pytest
+
+from fm_keras.config import FilterConfig
+from fm_keras.errors import DataError
+from fm_keras.pipeline.config import InputConfig, SplitConfig
+from fm_keras.pipeline.examplegen import run_examplegen, split_mask
+
+
+def _logs(tmp_path):
+    rows = [{"ts": 100 + i, "user_id": f"u{i % 7}", "item_id": f"i{i % 5}",
+             "is_cached": int(i % 10 == 0), "click": int(i % 3 == 0)} for i in range(100)]
+    rows += rows[:6]  # exact duplicates (a replayed log file)
+    (tmp_path / "a.csv").write_text(pd.DataFrame(rows[:60]).to_csv(index=False))
+    (tmp_path / "b.csv").write_text(pd.DataFrame(rows[60:]).to_csv(index=False))
+    return str(tmp_path / "*.csv")
+
+
+def test_filters_dedup_and_time_split(tmp_path):
+    data = InputConfig(input=(_logs(tmp_path),), label="click",
+                       filters=(FilterConfig("cached_exposures", "is_cached", "==", 1),),
+                       dedup_keys=("ts", "user_id", "item_id", "missing_key"),
+                       split=SplitConfig(by="time", column="ts", eval_fraction=0.2))
+    counts = run_examplegen(data, data.input, str(tmp_path / "out"))
+    assert counts["rows_read"] == 106
+    assert counts["dropped"] == {"cached_exposures": 11}  # 10 + the replayed row 0
+    assert counts["duplicates"] == 5
+    assert counts["dedup_keys_missing"] == ["missing_key"]
+    assert counts["rows"] == 90 and counts["train_rows"] + counts["eval_rows"] == 90
+    train = pd.read_parquet(tmp_path / "out" / "train.parquet")
+    evaluation = pd.read_parquet(tmp_path / "out" / "eval.parquet")
+    assert train["ts"].astype(int).max() < evaluation["ts"].astype(int).min()
+    assert counts["eval_rows"] == pytest.approx(18, abs=2)
+    assert json.load(open(tmp_path / "out" / "counts.json"))["duplicates"] == 5
+
+
+def test_hash_split_keeps_a_key_on_one_side():
+    frame = pd.DataFrame({"user_id": [f"u{i % 50}" for i in range(2000)]})
+    mask = split_mask(frame, "hash", "user_id", 0.3)
+    by_user = pd.Series(mask).groupby(frame["user_id"]).agg(["min", "max"])
+    assert (by_user["min"] == by_user["max"]).all()
+    assert 0.1 < mask.mean() < 0.5
+    assert (split_mask(frame, "hash", "user_id", 0.3) == mask).all()  # stable
+
+
+def test_missing_filter_column_is_a_data_error(tmp_path):
+    data = InputConfig(input=(_logs(tmp_path),), label="click",
+                       filters=(FilterConfig("f", "nope", "==", 1),))
+    with pytest.raises(DataError, match="filter 'f': missing column 'nope'"):
+        run_examplegen(data, data.input, str(tmp_path / "out"))
+
+
+def test_parquet_input_and_hash_split(tmp_path):
+    frame = pd.DataFrame({"ts": range(500), "user_id": [f"u{i % 40}" for i in range(500)],
+                          "price": [1.5] * 500, "click": [i % 2 for i in range(500)]})
+    frame.to_parquet(tmp_path / "part-0.parquet", index=False)
+    data = InputConfig(input=(str(tmp_path / "*.parquet"),), label="click",
+                       split=SplitConfig(by="hash", column="user_id", eval_fraction=0.25))
+    counts = run_examplegen(data, data.input, str(tmp_path / "out"))
+    assert counts["rows"] == 500 and counts["duplicates"] == 0
+    train = pd.read_parquet(tmp_path / "out" / "train.parquet")
+    evaluation = pd.read_parquet(tmp_path / "out" / "eval.parquet")
+    assert not set(train["user_id"]) & set(evaluation["user_id"])
+    assert list(train.columns) == ["ts", "user_id", "price", "click"]

@@ -1,0 +1,86 @@
+"""Pusher: atomic versions, skip of a model that is a version already, and a push killed midway
+(the issue's must-show 4)."""
+
+import os
+import subprocess
+import sys
+
+from pipeline_testlib import write_pipeline_yaml
+from fm_keras import fsutil
+from fm_keras.pipeline.pusher import METADATA, TEMP_PREFIX, push, pushed_version
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _fake_export(path):
+    os.makedirs(os.path.join(path, "variables"))
+    os.makedirs(os.path.join(path, "assets.extra"))
+    with open(os.path.join(path, "saved_model.pb"), "wb") as f:
+        f.write(b"graph")
+    with open(os.path.join(path, "variables", "variables.index"), "wb") as f:
+        f.write(b"weights")
+    fsutil.write_json(os.path.join(path, METADATA), {"name": "candidate", "version": 1})
+    return str(path)
+
+
+def test_push_writes_next_version_and_skips_a_model_pushed_already(tmp_path):
+    export = _fake_export(tmp_path / "candidate" / "1")
+    base = tmp_path / "saved_models"
+    os.makedirs(base / "ctr" / "3")  # an older version not made by the pipeline
+    os.makedirs(base / "ctr" / f"{TEMP_PREFIX}left-by-a-killed-push")
+    first = push(export, "fp-a", str(base), "ctr", "run-1")
+    assert first["pushed"] and first["version"] == 4
+    assert first["removed_partial"] == [str(base / "ctr" / f"{TEMP_PREFIX}left-by-a-killed-push")]
+    meta = fsutil.read_json(os.path.join(first["path"], METADATA))
+    assert (meta["name"], meta["version"]) == ("ctr", 4)
+    assert meta["pipeline"]["model_fingerprint"] == "fp-a"
+    assert open(os.path.join(first["path"], "variables", "variables.index"), "rb").read() == b"weights"
+    again = push(export, "fp-a", str(base), "ctr", "run-2")
+    assert not again["pushed"] and again["version"] == 4 and "version 4 already" in again["reason"]
+    other = push(export, "fp-b", str(base), "ctr", "run-3")
+    assert other["pushed"] and other["version"] == 5
+    assert pushed_version(str(base / "ctr"), "fp-b") == 5
+    assert sorted(os.listdir(base / "ctr")) == ["3", "4", "5"]
+
+
+def test_killed_push_leaves_no_partial_version_and_next_run_recovers(pipeline_first_run,
+                                                                    pipeline_logs, tmp_path):
+    from fm_keras.pipeline.config import load_pipeline
+    from fm_keras.pipeline.metadata import MetadataStore
+    from fm_keras.pipeline.runner import run_pipeline
+
+    first_yaml, _ = pipeline_first_run
+    first = load_pipeline(first_yaml)
+    base = tmp_path / "saved_models"
+    # Same pipeline root (metadata and cache) as the first run, another serving target: every
+    # step up to the push is cached, so the kill lands in the push quickly.
+    path = write_pipeline_yaml(tmp_path / "pipeline.yaml", pipeline_logs, first.root, base)
+    env = {**os.environ, "FM_KERAS_PIPELINE_KILL_DURING_PUSH": "1",
+           "PYTHONPATH": os.pathsep.join(p for p in (REPO, os.environ.get("PYTHONPATH")) if p)}
+    proc = subprocess.run([sys.executable, "-m", "fm_keras.cli", "pipeline", "run", path,
+                           "--span", "1"], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    assert "pusher: running" in proc.stderr
+    left = os.listdir(base / "ctr")
+    assert not [d for d in left if d.isdigit()], left
+    assert [d for d in left if d.startswith(TEMP_PREFIX)], left
+    assert not os.path.exists(base / "models.config")  # serving was never pointed at it
+
+    summary = run_pipeline(load_pipeline(path), span=1)
+    assert summary["status"] == "pushed" and summary["pushed_version"] == 1
+    assert sorted(os.listdir(base / "ctr")) == ["1"]
+    assert os.path.exists(base / "ctr" / "1" / "variables")
+    store = MetadataStore(os.path.join(first.root, "metadata.sqlite"))
+    try:
+        statuses = [c["properties"]["status"] for c in store.contexts("run")]
+    finally:
+        store.close()
+    assert "abandoned" in statuses and "running" not in statuses
+
+
+def test_pushed_version_finds_only_this_model(tmp_path):
+    export = _fake_export(tmp_path / "candidate" / "1")
+    push(export, "fp-x", str(tmp_path / "base"), "ctr", "run")
+    assert pushed_version(str(tmp_path / "base" / "ctr"), "fp-x") == 1
+    assert pushed_version(str(tmp_path / "base" / "ctr"), "fp-y") is None
+    assert pushed_version(str(tmp_path / "missing"), "fp-x") is None

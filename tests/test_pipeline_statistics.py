@@ -1,0 +1,70 @@
+"""Statistics, schema and validation: each anomaly, with its configured severity."""
+
+import pandas as pd
+
+from fm_keras.config import FeatureConfig
+from fm_keras.pipeline.config import DriftCheck, ValidationConfig
+from fm_keras.pipeline.statistics import anomalies_fail, generate_statistics, validate
+
+FEATURES = (FeatureConfig("user_id", "categorical", "user"),
+            FeatureConfig("tags", "multi_hot", "item"),
+            FeatureConfig("price", "numeric", "item"))
+
+
+def _span(tmp_path, name, users, click_every=10, price="1.5", extra=None):
+    n = 400
+    frame = pd.DataFrame({"user_id": [users[i % len(users)] for i in range(n)],
+                          "tags": ["a|b" if i % 2 else "c:0.5" for i in range(n)],
+                          "price": [price] * n,
+                          "click": [int(i % click_every == 0) for i in range(n)]})
+    if extra:
+        frame = frame.rename(columns=extra)
+    out = tmp_path / name
+    out.mkdir()
+    frame.iloc[:300].to_parquet(out / "train.parquet", index=False)
+    frame.iloc[300:].to_parquet(out / "eval.parquet", index=False)
+    stats, schema = generate_statistics(str(out), FEATURES, "click", str(out / "stats"))
+    return str(out), stats, schema
+
+
+def _kinds(anomalies):
+    return sorted((a["kind"], a["column"], a["severity"]) for a in anomalies)
+
+
+def test_statistics_and_schema(tmp_path):
+    _, stats, schema = _span(tmp_path, "s1", [f"u{i}" for i in range(20)])
+    assert schema["columns"] == {"user_id": "string", "tags": "string", "price": "numeric",
+                                 "click": "numeric"}
+    assert stats["label_rate"] == 0.1
+    assert sorted(schema["vocabularies"]["tags"]) == ["a", "b", "c"]  # elements, no weights
+    assert stats["holdout_oov_rate"]["user_id"] == 0.0
+    assert stats["columns"]["price"]["min"] == 1.5
+
+
+def test_same_data_has_no_anomalies(tmp_path):
+    users = [f"u{i}" for i in range(20)]
+    _, _, old = _span(tmp_path, "s1", users)
+    examples, stats, schema = _span(tmp_path, "s2", users)
+    assert validate(stats, schema, FEATURES, old, ValidationConfig(), examples) == []
+
+
+def test_breaking_changes_and_drift(tmp_path):
+    _, _, old = _span(tmp_path, "s1", [f"u{i}" for i in range(20)])
+    examples, stats, schema = _span(tmp_path, "s2", [f"new{i}" for i in range(20)],
+                                    click_every=4, price="cheap", extra={"tags": "tag_list"})
+    config = ValidationConfig(new_column="warn", oov_rate_drift=DriftCheck(0.2, "warn"))
+    anomalies = validate(stats, schema, FEATURES, old, config, examples)
+    assert _kinds(anomalies) == [
+        ("label_rate_drift", "click", "fail"), ("missing_column", "tags", "fail"),
+        ("new_column", "tag_list", "warn"), ("oov_rate_drift", "user_id", "warn"),
+        ("retyped_column", "price", "fail")]
+    assert [a["column"] for a in anomalies_fail(anomalies)] == ["tags", "price", "click"]
+    relaxed = ValidationConfig(missing_column="warn", retyped_column="warn",
+                               label_rate_drift=DriftCheck(2.0, "fail"))
+    assert anomalies_fail(validate(stats, schema, FEATURES, old, relaxed, examples)) == []
+
+
+def test_first_span_is_checked_against_the_feature_spec(tmp_path):
+    examples, stats, schema = _span(tmp_path, "s1", ["u1"], extra={"price": "cost"})
+    anomalies = validate(stats, schema, FEATURES, None, ValidationConfig(), examples)
+    assert _kinds(anomalies) == [("missing_column", "price", "fail")]

@@ -1,0 +1,52 @@
+"""Rollback checks the version exists and moves the recall model along; status lists runs."""
+
+import os
+
+import pytest
+
+from fm_keras.errors import ConfigError
+from fm_keras.pipeline.serving_config import ensure_models, served_policy
+from fm_keras.pipeline.status import rollback, status
+
+
+@pytest.fixture
+def served(tmp_path):
+    for name, versions in (("ctr", (1, 2, 3)), ("ctr_recall", (1, 3))):
+        for v in versions:
+            os.makedirs(tmp_path / name / str(v))
+    path = str(tmp_path / "models.config")
+    ensure_models(path, str(tmp_path), ["ctr", "ctr_recall"])
+    return path
+
+
+def test_rollback_pins_both_models_and_forward_unpins(served):
+    assert rollback(served, "ctr", "1")["models"] == ["ctr", "ctr_recall"]
+    assert served_policy(served, "ctr")["versions"] == [1]
+    assert served_policy(served, "ctr_recall")["versions"] == [1]
+    result = rollback(served, "ctr", "2")  # no recall version 2: the recall model stays
+    assert result["models"] == ["ctr"]
+    assert served_policy(served, "ctr_recall")["versions"] == [1]
+    rollback(served, "ctr", "latest")
+    assert served_policy(served, "ctr")["policy"] == "latest"
+    assert served_policy(served, "ctr_recall")["policy"] == "latest"
+
+
+@pytest.mark.parametrize("name,to,message", [
+    ("ctr", "7", "--to 7: .* does not exist; versions on disk: \\[1, 2, 3\\]"),
+    ("ctr", "last", "--to must be a version number or 'latest'"),
+    ("ranker", "1", "lists no model 'ranker'"),
+])
+def test_bad_rollback(served, name, to, message):
+    with pytest.raises(ConfigError, match=message):
+        rollback(served, name, to)
+
+
+def test_status_lists_runs_and_serving(pipeline_first_run):
+    from fm_keras.pipeline.config import load_pipeline
+
+    path, summary = pipeline_first_run
+    result = status(load_pipeline(path))
+    first = next(r for r in result["runs"] if r["run_id"] == summary["run_id"])
+    assert first["status"] == "pushed" and first["pushed_version"] == 1 and first["blessed"]
+    assert 1 in result["serving"]["ctr"]["on_disk"]
+    assert result["serving"]["ctr_recall"]["policy"] in ("latest", "specific")
