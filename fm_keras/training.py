@@ -29,7 +29,7 @@ from fm_keras import __version__, fsutil
 from fm_keras._tf import keras, tf
 from fm_keras.config import ExperimentConfig, experiment_from_dict
 from fm_keras.data import Split, downsample_negatives, load_data_split, sample_weights
-from fm_keras.errors import RunError, TrainingDivergedError
+from fm_keras.errors import ConfigError, RunError, TrainingDivergedError
 from fm_keras.evaluation import metrics_for
 from fm_keras.features import FittedFeature, fit_features
 from fm_keras.model import FMModel, build_model, make_optimizer
@@ -71,6 +71,11 @@ def train(config: ExperimentConfig, run_dir: str, *, resume: bool = False,
     """
     if config.training.distribute.cluster:
         from fm_keras.distributed import train_distributed
+
+        if warm_start:
+            raise ConfigError(f"{config.source}: training: distribute: a warm start from "
+                              f"{warm_start} runs on one machine only; set strategy: none for "
+                              "it, or train the cluster run from scratch")
 
         return train_distributed(config, run_dir, resume=resume, verbose=verbose)
     started = time.time()

@@ -241,4 +241,6 @@ def test_cluster_run_needs_shards_valid_data_and_the_converted_features(
                   for f in config.features)
     with pytest.raises(ConfigError, match="first: 'item_category'.*convert again"):
         train(dataclasses.replace(config, features=other), str(tmp_path / "c"))
-    assert not os.path.exists(tmp_path / "a") and not os.path.exists(tmp_path / "c")
+    with pytest.raises(ConfigError, match="warm start from .* runs on one machine only"):
+        train(config, str(tmp_path / "d"), warm_start=os.path.join(root, "single"))
+    assert not any(os.path.exists(tmp_path / d) for d in "acd")
