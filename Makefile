@@ -7,19 +7,16 @@ ROWS   ?= 1000000
 
 .PHONY: demo test bench bench-distributed clean pipeline-demo
 
+# The beam extra (batch scoring on Beam runners; its tests run in `make test`) moves protobuf
+# to 6.x beside TF 2.20: see pyproject.toml.
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[test]'
-	touch $@
-
-# Apache Beam (batch scoring on Beam runners) moves protobuf to 6.x; see pyproject's beam extra.
-$(BIN)/.beam-installed: $(BIN)/.installed
 	$(BIN)/python -m pip install --quiet -e '.[test,beam]'
 	touch $@
 
 $(BIN)/.bench-installed: $(BIN)/.installed
-	$(BIN)/python -m pip install --quiet -e '.[test,bench]'
+	$(BIN)/python -m pip install --quiet -e '.[test,beam,bench]'
 	touch $@
 
 demo: $(BIN)/.installed
@@ -72,7 +69,7 @@ bench: $(BIN)/.bench-installed
 	$(BIN)/python benchmarks/recall.py
 
 # Loopback clusters (1 vs 2 workers, parameter servers), Beam vs tf.data scoring, memory.
-bench-distributed: $(BIN)/.beam-installed
+bench-distributed: $(BIN)/.installed
 	$(BIN)/python benchmarks/distributed.py
 
 clean:
