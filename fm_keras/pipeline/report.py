@@ -125,12 +125,16 @@ def _metrics_plot(plt, evaluation: dict, out: str) -> str:
     ax.set_xticks(list(xs), names)
     ax.legend()
     ax.set_title("Metrics on this span's eval rows")
-    fig.tight_layout()
-    fig.savefig(os.path.join(out, "metrics.png"))
-    plt.close(fig)
+    _save(plt, fig, out, "metrics.png")
     rows = [(n, _fmt(value(cand, n)), _fmt(value(base, n))) for n in names]
     return ("<h2>Metrics vs the last blessed model</h2><img src='metrics.png'>"
             + _table(rows, ["metric", "candidate", "last blessed"]))
+
+
+def _save(plt, fig, out: str, name: str) -> None:
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, name))
+    plt.close(fig)
 
 
 def _calibration_plot(plt, evaluation: dict, out: str) -> str:
@@ -145,9 +149,7 @@ def _calibration_plot(plt, evaluation: dict, out: str) -> str:
     ax.set_xlabel("mean predicted probability")
     ax.set_ylabel("observed click rate")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(os.path.join(out, "calibration.png"))
-    plt.close(fig)
+    _save(plt, fig, out, "calibration.png")
     return "<h2>Calibration</h2><img src='calibration.png'>"
 
 
@@ -163,9 +165,7 @@ def _training_plot(plt, history: list, out: str) -> str:
     for ax in axes:
         ax.set_xlabel("epoch")
         ax.legend()
-    fig.tight_layout()
-    fig.savefig(os.path.join(out, "training.png"))
-    plt.close(fig)
+    _save(plt, fig, out, "training.png")
     return "<h2>Training curves</h2><img src='training.png'>"
 
 
@@ -180,9 +180,7 @@ def _data_section(plt, stats, counts: dict, anomalies, out: str) -> str:
         ax.barh(list(bars), list(bars.values()))
         ax.invert_yaxis()
         ax.set_xlabel("rows")
-        fig.tight_layout()
-        fig.savefig(os.path.join(out, "data.png"))
-        plt.close(fig)
+        _save(plt, fig, out, "data.png")
         parts.append("<img src='data.png'>")
     if stats:
         parts.append(f"<p>label rate (train): {_fmt(stats.get('label_rate'))}</p>")
