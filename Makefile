@@ -82,5 +82,6 @@ serve: $(BIN)/.installed
 		--model_config_file=serving/models.local.config --file_system_poll_wait_seconds=5 \
 		--monitoring_config_file=serving/monitoring.config
 
+# Load benchmark; uses h2load (apt-get install nghttp2-client) when on PATH, else Python clients.
 bench-serving: $(BIN)/.installed
 	$(BIN)/python benchmarks/serving_load.py
