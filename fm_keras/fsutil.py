@@ -13,15 +13,14 @@ _UMASK = os.umask(0)
 os.umask(_UMASK)
 
 
-def write_json(path: str, obj) -> None:
-    """Writes JSON to a temp file beside `path`, then renames it into place."""
+def write_text(path: str, text: str) -> None:
+    """Writes `text` to a temp file beside `path`, then renames it into place."""
     directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=directory)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.splitext(path)[1], dir=directory)
     try:
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the usual file mode
         with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=2, sort_keys=True)
-            f.write("\n")
+            f.write(text)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -29,6 +28,11 @@ def write_json(path: str, obj) -> None:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+def write_json(path: str, obj) -> None:
+    """Writes JSON atomically (`write_text`)."""
+    write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
 def read_json(path: str):

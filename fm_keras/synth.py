@@ -98,8 +98,8 @@ def generate(out_dir: str, rows: int = SynthSpec.rows, seed: int = SynthSpec.see
     for name, lo, hi in zip(("train", "valid", "test"), bounds, bounds[1:]):
         _write_csv(frame.iloc[lo:hi], os.path.join(out_dir, f"{name}.csv"))
     _write_csv(_catalog_frame(spec, items), os.path.join(out_dir, "items.csv"))
-    _write_text(os.path.join(out_dir, "features.yaml"), FEATURES_YAML)
-    _write_text(os.path.join(out_dir, "experiment.yaml"), EXPERIMENT_YAML)
+    fsutil.write_text(os.path.join(out_dir, "features.yaml"), FEATURES_YAML)
+    fsutil.write_text(os.path.join(out_dir, "experiment.yaml"), EXPERIMENT_YAML)
     test = slice(bounds[2], n)
     oracle = _oracle(label[test], prob[test], cached[test], spec)
     fsutil.write_json(os.path.join(out_dir, "oracle.json"), oracle)
@@ -141,7 +141,7 @@ def generate_span(root: str, span: int, rows: int = 50_000, seed: int = SynthSpe
     os.makedirs(out, exist_ok=True)
     _write_csv(frame, os.path.join(out, "part-0.csv"))
     _write_csv(_catalog_frame(spec, items), os.path.join(root, "items.csv"))
-    _write_text(os.path.join(root, "features.yaml"), FEATURES_YAML)
+    fsutil.write_text(os.path.join(root, "features.yaml"), FEATURES_YAML)
     return out
 
 
@@ -233,13 +233,6 @@ def _oracle(label, prob, cached, spec: SynthSpec) -> dict:
 def _write_csv(frame: pd.DataFrame, path: str) -> None:
     tmp = f"{path}.tmp-{os.getpid()}"
     frame.to_csv(tmp, index=False)
-    os.replace(tmp, path)
-
-
-def _write_text(path: str, text: str) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
     os.replace(tmp, path)
 
 

@@ -18,6 +18,7 @@ import time
 import numpy as np
 import pandas as pd
 
+from fm_keras.loopback import free_ports
 from fm_keras.pipeline.config import InfraValidatorConfig
 
 MODEL = "candidate"
@@ -66,7 +67,7 @@ class _server:
                 file_system_poll_wait_seconds=0, max_num_load_retries=0)).start()
             target = f"127.0.0.1:{self.server.grpc_port}"
         else:
-            port = _free_port()
+            port = free_ports(1)[0]
             self.log = tempfile.TemporaryFile(mode="w+")
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "fm_keras.cli", "serve", f"--port={port}",
@@ -176,10 +177,3 @@ def _child_env() -> dict:
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
     return env
 
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

@@ -11,8 +11,8 @@ other one, so requests never find no version.
 from __future__ import annotations
 
 import os
-import tempfile
 
+from fm_keras import fsutil
 from fm_keras.errors import ConfigError
 
 
@@ -33,19 +33,8 @@ def write_config(path: str, config) -> None:
 
     text = ("# Written by fm-keras pipeline (push / rollback); the server polls this file.\n"
             + text_format.MessageToString(config))
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".config", dir=directory)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fsutil.write_text(path, text)
 
 
 def _entry(config, name: str):

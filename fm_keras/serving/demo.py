@@ -14,13 +14,14 @@ from __future__ import annotations
 import argparse
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 
 import grpc
+
+from fm_keras.loopback import free_ports
 import numpy as np
 import pandas as pd
 from tensorflow_serving.apis import (get_model_status_pb2, model_service_pb2_grpc,
@@ -29,12 +30,6 @@ from tensorflow_serving.apis import (get_model_status_pb2, model_service_pb2_grp
 from fm_keras._tf import tf
 
 AVAILABLE = 30  # ModelVersionStatus.State.AVAILABLE
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def models_config(base: str, names: list[str]) -> str:
@@ -89,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--top", type=int, default=10)
     args = parser.parse_args(argv)
 
-    port = _free_port()
+    port = free_ports(1)[0]
     config = tempfile.NamedTemporaryFile("w", suffix=".config", delete=False)
     config.write(models_config(args.base, [args.ranking, args.recall]))
     config.close()
