@@ -20,11 +20,17 @@ def expected_calibration_error(labels: np.ndarray, probs: np.ndarray, bins: int 
     Equal-width bins put nearly every row of a 5% CTR into the first bin; equal-count bins
     keep the measure informative: sum_b (n_b / n) * |mean(p_b) - mean(y_b)|.
     """
-    order = np.argsort(probs, kind="stable")
     total = 0.0
-    for chunk in np.array_split(order, min(bins, len(order))):
-        total += len(chunk) * abs(float(probs[chunk].mean()) - float(labels[chunk].mean()))
-    return total / len(order)
+    for b in calibration_curve(labels, probs, bins):
+        total += b["rows"] * abs(b["predicted"] - b["observed"])
+    return total / len(probs)
+
+
+def calibration_curve(labels: np.ndarray, probs: np.ndarray, bins: int = 10) -> list[dict]:
+    """Equal-count bins of the predicted probability: mean predicted vs observed rate."""
+    order = np.argsort(probs, kind="stable")
+    return [{"predicted": float(probs[c].mean()), "observed": float(labels[c].mean()),
+             "rows": int(len(c))} for c in np.array_split(order, min(bins, len(order)))]
 
 
 def binary_metrics(labels: np.ndarray, probs: np.ndarray) -> dict:

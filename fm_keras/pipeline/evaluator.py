@@ -13,15 +13,8 @@ import os
 
 import numpy as np
 
-from fm_keras.evaluation import binary_metrics
+from fm_keras.evaluation import binary_metrics, calibration_curve
 from fm_keras.pipeline.config import EvaluatorConfig, IndexConfig, PipelineConfig
-
-
-def calibration_curve(labels: np.ndarray, probs: np.ndarray, bins: int = 10) -> list[dict]:
-    """Equal-count bins of the predicted probability: mean predicted vs observed rate."""
-    order = np.argsort(probs, kind="stable")
-    return [{"predicted": float(probs[c].mean()), "observed": float(labels[c].mean()),
-             "rows": int(len(c))} for c in np.array_split(order, min(bins, len(order)))]
 
 
 def score_run(run_dir: str, config: PipelineConfig, examples_dir: str) -> dict:
