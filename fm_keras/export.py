@@ -131,10 +131,14 @@ def new_version_path(base: str, name: str, version: int | None = None) -> str:
 
 
 @contextlib.contextmanager
-def building(final: str):
+def building(final: str, prefix: str | None = None):
     """Yields a temp directory with a non-numeric name beside `final`; renames it to `final`
-    (with the usual permissions) if the block succeeds, removes it otherwise."""
-    tmp = tempfile.mkdtemp(prefix=f".tmp-{os.path.basename(final)}-",
+    (with the usual permissions) if the block succeeds, removes it otherwise.
+
+    ``prefix`` (default ``.tmp-<version>-``) names the temp directory, e.g. so that a crashed
+    writer's leftovers can be recognised later.
+    """
+    tmp = tempfile.mkdtemp(prefix=prefix or f".tmp-{os.path.basename(final)}-",
                            dir=os.path.dirname(final))
     try:
         yield tmp

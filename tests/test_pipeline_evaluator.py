@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from fm_keras.pipeline.config import EvaluatorConfig, IndexConfig, load_pipeline
-from fm_keras.pipeline.evaluator import blessing, calibration_curve, recall_at_k
+from fm_keras.evaluation import calibration_curve
+from fm_keras.pipeline.evaluator import blessing, recall_at_k
 
 GOOD = {"auc": 0.75, "logloss": 0.20, "calibration_ratio": 1.05, "ece": 0.01, "recall_at_k": 0.97}
 

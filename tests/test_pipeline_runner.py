@@ -55,11 +55,12 @@ class Traffic(threading.Thread):
 def setup(pipeline_first_run, tmp_path_factory):
     """``fm-keras serve`` in its own process on the pipeline's models.config (polled every
     second), and a client thread sending requests to it."""
-    from fm_keras.pipeline.infra_validator import _child_env, _free_port
+    from fm_keras.loopback import free_ports
+    from fm_keras.pipeline.infra_validator import _child_env
 
     path, first = pipeline_first_run
     config = load_pipeline(path)
-    port = _free_port()
+    port = free_ports(1)[0]
     log = open(tmp_path_factory.mktemp("serve") / "serve.log", "w+")
     server = subprocess.Popen(
         [sys.executable, "-m", "fm_keras.cli", "serve", f"--port={port}", "--host=127.0.0.1",

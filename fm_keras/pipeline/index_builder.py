@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 
 from fm_keras.pipeline.config import PipelineConfig
 
@@ -34,6 +33,7 @@ def build_recall(config: PipelineConfig, ranking_version_dir: str, version: int,
         return {"built": False, "valid": True, "version": version, "path": final,
                 "reason": f"{config.recall_name} version {version} exists already"}
     from fm_keras.data import read_frame
+    from fm_keras.export import building
     from fm_keras.pipeline.evaluator import index_params
     from fm_keras.pipeline.infra_validator import infra_validate
     from fm_keras.recall import build_index
@@ -51,14 +51,7 @@ def build_recall(config: PipelineConfig, ranking_version_dir: str, version: int,
         return {"built": True, "valid": False, "version": version, "path": staged,
                 "error": check["error"], "infra": check}
     os.makedirs(model_dir, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".tmp-push-", dir=model_dir)
-    try:
-        os.rmdir(tmp)
-        shutil.copytree(staged, tmp)
-        os.chmod(tmp, 0o755)
-        os.rename(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with building(final, prefix=".tmp-push-") as tmp:
+        shutil.copytree(staged, tmp, dirs_exist_ok=True)
     return {"built": True, "valid": True, "version": version, "path": final,
             "signatures": sorted(check["signatures"])}

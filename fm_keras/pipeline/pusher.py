@@ -15,7 +15,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import tempfile
 
 from fm_keras import fsutil
 
@@ -62,14 +61,13 @@ def push(export_dir: str, model_fingerprint: str, base: str, name: str, run_id: 
         return {"pushed": False, "version": existing, "removed_partial": removed,
                 "path": os.path.join(model_dir, str(existing)),
                 "reason": f"this model is version {existing} already"}
-    from fm_keras.export import new_version_path  # TensorFlow: only when pushing
+    from fm_keras.export import building, new_version_path  # TensorFlow: only when pushing
     from fm_keras.servables import resolve_version
 
     final = new_version_path(base, name)
     version = int(os.path.basename(final))
     source = resolve_version(export_dir)
-    tmp = tempfile.mkdtemp(prefix=TEMP_PREFIX, dir=model_dir)
-    try:
+    with building(final, prefix=TEMP_PREFIX) as tmp:
         shutil.copy2(os.path.join(source, "saved_model.pb"), tmp)
         if os.environ.get(KILL_HOOK) == "1":
             os.kill(os.getpid(), signal.SIGKILL)
@@ -84,11 +82,4 @@ def push(export_dir: str, model_fingerprint: str, base: str, name: str, run_id: 
                     pipeline={"run": run_id, "model_fingerprint": model_fingerprint,
                               "candidate": os.path.abspath(source)})
         fsutil.write_json(meta_path, meta)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)
-        os.rename(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return {"pushed": True, "version": version, "path": final, "removed_partial": removed}
