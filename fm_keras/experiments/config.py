@@ -215,32 +215,33 @@ def check_deployment(experiment: ABExperiment) -> dict[str, str | None]:
         for model in config.model_config_list.config:
             labels[model.name] = dict(model.version_labels)
             base_paths[model.name] = model.base_path
-    out = {}
+    resolved = {}  # labels first: an unknown label is the error to report, not a missing dir
     for i, arm in enumerate(experiment.arms):
         where = f"{experiment.source}: arms[{i}] {arm.name!r}"
-        version = arm.version
-        if arm.label is not None:
-            if not experiment.model_config_file:
-                out[arm.name] = None
-                continue
-            if arm.model not in labels:
-                raise ConfigError(f"{where}: model {arm.model!r} is not in "
-                                  f"{experiment.model_config_file} (models: {sorted(labels)})")
-            if arm.label not in labels[arm.model]:
-                raise ConfigError(f"{where}: label {arm.label!r} is not a version label of model "
-                                  f"{arm.model!r} in {experiment.model_config_file} (labels: "
-                                  f"{sorted(labels[arm.model])}); add a version_labels entry "
-                                  "or fix the arm")
-            version = labels[arm.model][arm.label]
+        resolved[arm.name] = arm.version
+        if arm.label is None or not experiment.model_config_file:
+            continue
+        if arm.model not in labels:
+            raise ConfigError(f"{where}: model {arm.model!r} is not in "
+                              f"{experiment.model_config_file} (models: {sorted(labels)})")
+        if arm.label not in labels[arm.model]:
+            raise ConfigError(f"{where}: label {arm.label!r} is not a version label of model "
+                              f"{arm.model!r} in {experiment.model_config_file} (labels: "
+                              f"{sorted(labels[arm.model])}); add a version_labels entry "
+                              "or fix the arm")
+        resolved[arm.name] = labels[arm.model][arm.label]
+    out = {}
+    for i, arm in enumerate(experiment.arms):
+        version = resolved[arm.name]
         model_dir = (os.path.join(experiment.base, arm.model) if experiment.base
                      else base_paths.get(arm.model))
-        if model_dir is None:
+        if version is None or model_dir is None:
             out[arm.name] = None
             continue
         version_dir = os.path.join(model_dir, str(version))
         if not os.path.isfile(os.path.join(version_dir, "saved_model.pb")):
-            raise ConfigError(f"{where}: {arm.target} -> version {version} has no SavedModel at "
-                              f"{version_dir}; export it or fix the arm")
+            raise ConfigError(f"{experiment.source}: arms[{i}] {arm.name!r}: {arm.target} -> "
+                              f"version {version} has no SavedModel at {version_dir}; export "
+                              "it or fix the arm")
         out[arm.name] = version_dir
     return out
-

@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import html
 import io
+import os
 from collections.abc import Sequence
 
 import numpy as np
@@ -46,6 +47,7 @@ def ab_report(events: Sequence[str], experiment: ABExperiment, metric: str = "cl
     result["events"] = list(events)
     result["html"] = html_path
     if html_path:
+        os.makedirs(os.path.dirname(os.path.abspath(html_path)), exist_ok=True)
         fsutil.write_text(html_path, render_html(result, table))
     return result
 
