@@ -225,4 +225,5 @@ def _arm_summary(units: pd.DataFrame, name: str, metric: str, alpha: float) -> d
         se = float(np.sqrt(var))
     return {"arm": name, "units": len(units), "events": int(units["events"].sum()),
             "impressions": int(units["impressions"].sum()), "clicks": int(units["clicks"].sum()),
-            "value": value, "se": se, "ci_low": value - z * se, "ci_high": value + z * se}
+            "value": value, "se": se, "ci_low": float(value - z * se),
+            "ci_high": float(value + z * se)}

@@ -86,7 +86,8 @@ def render_html(result: dict, table: pd.DataFrame) -> str:
     parts.append(_table([(a["arm"], a["units"], a["events"], a["impressions"], a["clicks"],
                           f"{a['value']:.5g}", f"[{a['ci_low']:.5g}, {a['ci_high']:.5g}]")
                          for a in result["arms"]],
-                        ["arm", "units", "events", "impressions", "clicks", result["metric"],
+                        ["arm", "units", "events", "impressions", "clicks",
+                         result["metric"] + (" (CUPED-adjusted)" if result["cuped"] else ""),
                          "95% CI"]))
     parts.append(_img(plt, _arms_plot(plt, result)))
     parts.append(_img(plt, _lift_plot(plt, result)))
@@ -149,7 +150,8 @@ def _srm_plot(plt, result):
     ax.set_xticks(x, names)
     ax.set_ylabel("units")
     ax.set_title(f"Sample ratio: chi-square p = {srm['p_value']:.3g}")
-    ax.legend()
+    ax.set_ylim(0, 1.3 * max(max(srm["observed"].values()), max(srm["expected"].values())))
+    ax.legend(loc="upper center", ncol=2)
     return fig
 
 
@@ -159,7 +161,8 @@ def _distribution_plot(plt, result, table: pd.DataFrame):
     for arm in [a["arm"] for a in result["arms"]]:
         values = np.sort(table.loc[table["arm"] == arm, column].to_numpy())
         ax.step(values, np.arange(1, len(values) + 1) / len(values), where="post", label=arm)
-    ax.set_xlabel(f"{column} per unit")
+    ax.set_xlim(0, max(1.0, float(np.percentile(table[column], 99))))
+    ax.set_xlabel(f"{column} per unit (up to the 99th percentile)")
     ax.set_ylabel("share of units (CDF)")
     ax.legend()
     return fig
