@@ -25,7 +25,7 @@ def add_commands(subparsers) -> dict:
     s.add_argument("--data", required=True, help="'fm-keras synth' output directory")
     s.add_argument("--out", required=True, help="new directory: events.parquet, report.html")
     s.add_argument("--users", type=int, help="units in the experiment (default: all users)")
-    s.add_argument("--sessions", type=float, default=3.0, help="mean requests per user")
+    s.add_argument("--sessions", type=float, default=3.0, help="mean requests per user before the heaviest users are capped (3 gives ~2.4)")
     s.add_argument("--slate", type=int, default=10, help="items shown per request")
     s.add_argument("--candidates", type=int, default=100,
                    help="items recalled and re-ranked per request (at most the index's k)")

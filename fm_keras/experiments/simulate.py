@@ -4,8 +4,9 @@ The loop a production system runs, with the truth known:
 
 1. every user of the synthetic population (or a seeded sample) is assigned to an arm by the
    experiment's salted hash (``assignment.Assigner``);
-2. each user makes ``1 + Poisson(lambda_u)`` requests, lambda_u following the user's activity
-   in the logs (power law, capped at 30), each with a device and hour drawn like the logs';
+2. each user makes ``1 + Poisson(lambda_u)`` requests, lambda_u proportional to the user's
+   activity in the logs (power law) with mean ``sessions - 1``, capped at 30, each with a
+   device and hour drawn like the logs';
 3. the arm's recall export returns ``candidates`` items for the request (the FM's user
    tower + index), its ranking export scores them (``serving_default``, calibrated
    probability) and the top ``slate`` are shown;
@@ -40,7 +41,8 @@ class SimulationSpec:
 
     Attributes:
         users: units in the experiment (a seeded sample of the population; None = all).
-        sessions: mean requests per user in the experiment (and in the pre-period).
+        sessions: mean requests per user in the experiment (and in the pre-period) before
+            the heaviest users are capped at 31.
         slate: items shown per request (impressions).
         candidates: items the recall export returns and the ranking export re-ranks.
         days: experiment length; request timestamps are uniform over it.
