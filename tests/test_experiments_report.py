@@ -57,7 +57,7 @@ def test_a_failed_report_writes_no_page(tmp_path):
 
 def test_untrustworthy_results_say_so(tmp_path):
     frame = events(lift=0.0)
-    lost = (frame.arm == "b") & (frame.user_id.str[1:].astype(int) % 10 == 0)  # 10% of b
+    lost = (frame.arm == "b") & (frame.user_id.str[1:].astype(int) % 5 == 0)  # 20% of b
     path = tmp_path / "events.parquet"
     frame[~lost].to_parquet(path)
     result = ab_report([str(path)], EXPERIMENT, metric="ctr")
