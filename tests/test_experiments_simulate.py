@@ -61,6 +61,8 @@ def test_simulate_writes_one_event_per_request_by_hashed_arm(ab_file, small_synt
     assert list(events.columns) == ["user_id", "arm", "timestamp", "impressions", "clicks",
                                     "pre_period"]
     assert len(events) == sum(summary["requests"].values()) and summary["users"] == 300
+    # A/A: both arms serve the same version, so on the same requests the truth has no lift.
+    assert summary["true_lift"] == {"b": pytest.approx(0.0, abs=1e-12)}
     units = events.drop_duplicates("user_id")
     assert (units["arm"].to_numpy() == Assigner(experiment).assign(units["user_id"])).all()
     assert (events["impressions"] == 5).all() and events["clicks"].between(0, 5).all()

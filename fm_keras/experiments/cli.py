@@ -31,7 +31,10 @@ def add_commands(subparsers) -> dict:
                    help="items recalled and re-ranked per request (at most the index's k)")
     s.add_argument("--days", type=int, default=14, help="experiment length in days")
     s.add_argument("--no-pre-period", action="store_true",
-                   help="do not simulate the pre-period (no CUPED covariate)")
+                   help="do not log the pre-period clicks (no CUPED covariate)")
+    s.add_argument("--no-true-lift", action="store_true",
+                   help="skip serving the pre-period requests with the other arms (the true "
+                   "lift)")
     s.add_argument("--seed", type=int, default=0)
     _analysis_args(s)
 
@@ -77,6 +80,9 @@ def _ab(args) -> int:
     else:
         result = _simulate(args, experiment)
     print(f"fm-keras: {summary_line(result)}", file=sys.stderr)
+    for arm, lift in result.get("simulation", {}).get("true_lift", {}).items():
+        print(f"fm-keras: true lift of {arm} (planted FM, expected clicks on the same "
+              f"requests): {lift:+.2%}", file=sys.stderr)
     print(json.dumps(result, indent=2))
     return 0
 
@@ -88,7 +94,8 @@ def _simulate(args, experiment) -> dict:
 
     spec = SimulationSpec(users=args.users, sessions=args.sessions, slate=args.slate,
                           candidates=args.candidates, days=args.days,
-                          pre_period=not args.no_pre_period, seed=args.seed)
+                          pre_period=not args.no_pre_period, true_lift=not args.no_true_lift,
+                          seed=args.seed)
     if args.cuped and args.no_pre_period:
         from fm_keras.errors import ConfigError
 

@@ -47,7 +47,8 @@ class SimulationSpec:
         candidates: items the recall export returns and the ranking export re-ranks.
         days: experiment length; request timestamps are uniform over it.
         start: Unix seconds of the experiment's start.
-        pre_period: simulate each user's pre-period clicks under the control arm.
+        pre_period: log each user's pre-period clicks under the control arm (CUPED).
+        true_lift: serve the pre-period requests with every other arm too, for the true lift.
         batch_requests: requests per recall / ranking call.
         seed: seeds the users, requests and clicks.
     """
@@ -59,6 +60,7 @@ class SimulationSpec:
     days: int = 14
     start: int = 1_704_067_200
     pre_period: bool = True
+    true_lift: bool = True
     batch_requests: int = 500
     seed: int = 0
 
@@ -147,13 +149,17 @@ def simulate(experiment: ABExperiment, data_dir: str, out_events: str,
     """Runs the simulated experiment and writes the events file (see the module docstring).
 
     Args:
-        experiment: with ``base`` (and ``model_config_file`` for labels) naming the exports.
+        experiment: its arms resolvable to version directories (``base`` and, for labels,
+            ``model_config_file``; or a ``model_config_file`` alone, by its base paths).
         data_dir: a ``fm-keras synth`` output directory (oracle.json: the planted FM).
         out_events: the events file to write (.parquet or .csv), atomically.
         spec: the simulation's settings.
 
     Returns:
-        ``{"events", "users", "requests": {arm: n}, "seconds", "spec"}``.
+        ``{"events", "users", "requests": {arm: n}, "true_lift": {arm: lift}, "seconds",
+        "spec"}``; ``true_lift`` (with ``spec.true_lift``) is each arm's relative lift over
+        control in expected clicks per user, from the planted FM's probabilities, with both
+        arms serving the same (pre-period) requests: the value the experiment estimates.
     """
     from fm_keras.experiments.events import write_table
     from fm_keras.synth import load_world
@@ -162,19 +168,20 @@ def simulate(experiment: ABExperiment, data_dir: str, out_events: str,
     started = time.time()
     versions = check_deployment(experiment)
     missing = [a for a, v in versions.items() if v is None]
-    if missing or not experiment.base:
+    if missing:
         raise ConfigError(f"{experiment.source}: the simulator loads each arm's exports: give "
                           "base (the model base directory; --base) and, for labels, "
-                          f"model_config_file (--model_config_file); unresolved arms: "
-                          f"{missing or experiment.arm_names}")
+                          f"model_config_file (--model_config_file); unresolved arms: {missing}")
     world = load_world(data_dir)
     rng = np.random.default_rng(spec.seed)
     population = world.spec.users
     users = (np.arange(population) if spec.users is None or spec.users >= population
              else np.sort(rng.choice(population, spec.users, replace=False)))
     arms = Assigner(experiment).assign([f"u{u}" for u in users])
+    # The recall model lives beside the ranking model: <base>/<model>/<v> -> <base>/<recall>.
     recommenders = {a.name: ArmRecommender(versions[a.name], recall_export_for(
-        experiment.base, a, versions[a.name])) for a in experiment.arms}
+        os.path.dirname(os.path.dirname(versions[a.name])), a, versions[a.name]))
+        for a in experiment.arms}
     rate = np.minimum((spec.sessions - 1) * population * world.user_activity[users], 30.0)
     frames, counts = [], {}
     for arm in experiment.arm_names:
@@ -182,37 +189,55 @@ def simulate(experiment: ABExperiment, data_dir: str, out_events: str,
         requests = np.repeat(mine, 1 + rng.poisson(rate[arms == arm]))
         counts[arm] = len(requests)
         log(f"simulating {len(mine):,} users, {len(requests):,} requests on arm {arm!r}")
-        clicks, device, hour = _serve(world, recommenders[arm], requests, spec, rng)
+        device, hour = _contexts(world, len(requests), rng)
+        clicks, _ = _serve(world, recommenders[arm], requests, device, hour, spec, rng)
         frames.append(pd.DataFrame({
             experiment.unit: [f"u{u}" for u in requests], "arm": arm,
             "timestamp": spec.start + rng.integers(0, spec.days * DAY, len(requests)),
             "impressions": spec.slate, "clicks": clicks}))
     events = pd.concat(frames, ignore_index=True).sort_values("timestamp", kind="stable")
+    # The pre-period: every user, requests drawn the same way, served by the control arm.
+    requests = np.repeat(users, 1 + rng.poisson(rate))
+    device, hour = _contexts(world, len(requests), rng)
+    log(f"simulating the pre-period: {len(requests):,} requests on arm {experiment.control!r}")
+    clicks, expected = _serve(world, recommenders[experiment.control], requests, device, hour,
+                              spec, rng)
     if spec.pre_period:
-        requests = np.repeat(users, 1 + rng.poisson(rate))
-        log(f"simulating the pre-period: {len(requests):,} requests on arm "
-             f"{experiment.control!r}")
-        clicks, _, _ = _serve(world, recommenders[experiment.control], requests, spec, rng)
         pre = pd.Series(np.bincount(np.searchsorted(users, requests), weights=clicks,
                                     minlength=len(users)), index=[f"u{u}" for u in users])
         events["pre_period"] = pre.loc[events[experiment.unit]].to_numpy()
+    true_lift = {}
+    if spec.true_lift:  # the same pre-period requests served by every other arm
+        for arm in experiment.arm_names:
+            if arm != experiment.control:
+                log(f"the true lift: the same requests on arm {arm!r}")
+                _, counterfactual = _serve(world, recommenders[arm], requests, device, hour,
+                                           spec, rng)
+                true_lift[arm] = float(counterfactual.sum() / expected.sum() - 1)
     if events.empty:
         raise DataError(f"{data_dir}: the simulation produced no events")
     write_table(events, out_events)
     seconds = round(time.time() - started, 1)
     log(f"wrote {len(events):,} events to {out_events} in {seconds}s")
     return {"events": out_events, "users": int(len(users)), "requests": counts,
-            "seconds": seconds, "spec": asdict(spec)}
+            "true_lift": true_lift, "seconds": seconds, "spec": asdict(spec)}
 
 
-def _serve(world, recommender: ArmRecommender, users: np.ndarray,
-           spec: SimulationSpec, rng: np.random.Generator):
-    """(clicks per request, device, hour) for requests of ``users`` served by ``recommender``;
-    ``world`` is a ``synth.SyntheticWorld``."""
+def _contexts(world, n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """(device index, hour) of ``n`` requests, drawn like the logs'."""
+    return rng.choice(len(world.DEVICES), n, p=world.DEVICE_SHARES), rng.integers(0, 24, n)
+
+
+def _serve(world, recommender: ArmRecommender, users: np.ndarray, device: np.ndarray,
+           hour: np.ndarray, spec: SimulationSpec, rng: np.random.Generator):
+    """Serves requests of ``users`` in contexts (device, hour) with ``recommender``; clicks are
+    drawn from ``world`` (a ``synth.SyntheticWorld``).
+
+    Returns:
+        (clicks per request: int64 [n], expected clicks per request: float64 [n]).
+    """
     n = len(users)
-    device = rng.choice(len(world.DEVICES), n, p=world.DEVICE_SHARES)
-    hour = rng.integers(0, 24, n)
-    clicks = np.zeros(n, dtype=np.int64)
+    clicks, expected = np.zeros(n, dtype=np.int64), np.zeros(n)
     candidates = min(spec.candidates, recommender.k)
     for lo in range(0, n, spec.batch_requests):
         s = slice(lo, lo + spec.batch_requests)
@@ -222,14 +247,14 @@ def _serve(world, recommender: ArmRecommender, users: np.ndarray,
                  "device": np.array(world.DEVICES, dtype=object)[device[s]],
                  "hour": hour[s].astype(str).astype(object)}
         shown = recommender.slates(query, spec.slate, candidates)
-        ids = recommender.item_ids[shown]
-        items = np.char.lstrip(ids.astype(str), "i").astype(np.int64)
+        items = np.char.lstrip(recommender.item_ids[shown].astype(str), "i").astype(np.int64)
         b = shown.shape[0]
         p = world.click_probability(np.repeat(users[s], spec.slate), items.ravel(),
                                     np.repeat(device[s], spec.slate),
                                     np.repeat(hour[s], spec.slate)).reshape(b, spec.slate)
         clicks[s] = (rng.random(p.shape) < p).sum(axis=1)
-    return clicks, device, hour
+        expected[s] = p.sum(axis=1)
+    return clicks, expected
 
 
 def _tensors(signature_inputs: dict, columns: dict[str, np.ndarray]) -> dict:
