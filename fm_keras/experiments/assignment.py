@@ -81,19 +81,16 @@ def assign_file(experiment: ABExperiment, users: Sequence[str], output: str) -> 
         ``{"output", "units", "arms": {arm: units}}``.
 
     Raises:
-        DataError: a file without the unit column, or no units at all.
+        DataError: a file without the unit column, with empty or floating-point unit ids
+            (``events.unit_ids``), or an output that cannot be written.
     """
     from fm_keras.data import expand_paths, read_frame
     from fm_keras.errors import DataError
-    from fm_keras.experiments.events import write_table
+    from fm_keras.experiments.events import unit_ids, write_table
 
     seen: dict[str, None] = {}
     for path in expand_paths(users):
-        frame = read_frame(path)
-        if experiment.unit not in frame.columns:
-            raise DataError(f"{path}: column {experiment.unit!r} (the experiment's unit) is "
-                            f"missing; columns: {list(frame.columns)[:10]}")
-        seen.update(dict.fromkeys(frame[experiment.unit].tolist()))
+        seen.update(dict.fromkeys(unit_ids(read_frame(path), path, experiment.unit).tolist()))
     if not seen:
         raise DataError(f"{users}: no units in column {experiment.unit!r}")
     table = Assigner(experiment).frame(list(seen))
