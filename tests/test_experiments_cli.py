@@ -100,3 +100,31 @@ def test_the_installed_command_exits_2_on_a_bad_experiment(files):
     assert proc.stderr.strip().splitlines()[-1].endswith("weights sum to 1.1, not 1 (naive=0.6, "
                                                          "cleaned=0.5); make them add up to 1")
     assert not (files / "arms.csv").exists()
+
+
+def test_an_undefined_lift_is_json_null_not_nan(files, capsys):
+    # A control without clicks has no relative lift; json.dumps used to print NaN.
+    frame = pd.read_csv(files / "events.csv")
+    frame.loc[frame.arm == "naive", "clicks"] = 0
+    frame.to_csv(files / "events.csv", index=False)
+    assert main(["ab", "report", "--experiment", str(files / "ab.yaml"), "--events",
+                 str(files / "events.csv")]) == 0
+    out = capsys.readouterr().out
+    (c,) = json.loads(out, parse_constant=lambda name: pytest.fail(f"{name} in the JSON"))[
+        "comparisons"]
+    assert c["lift"] is None and c["ci_low"] is None and c["p_value"] < 1e-10
+
+
+@pytest.mark.parametrize("html", ["events.csv/report.html", "out.html"])
+def test_an_unwritable_html_path_is_one_line_exit_2(files, capsys, monkeypatch, html):
+    monkeypatch.chdir(files)
+    (files / "out.html").mkdir()
+    code = main(["ab", "report", "--experiment", "ab.yaml", "--events", "events.csv",
+                 "--html", html])
+    captured = capsys.readouterr()
+    assert code == 2 and captured.out == ""
+    assert captured.err.startswith(f"fm-keras: error: {html}: --html: cannot write")
+    assert captured.err.count("\n") == 1
+    assert sorted(p.name for p in files.iterdir()) == ["ab.yaml", "events.csv", "models.config",
+                                                       "out.html"]
+    assert list((files / "out.html").iterdir()) == []

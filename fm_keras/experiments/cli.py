@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 
@@ -70,7 +71,8 @@ def _ab(args) -> int:
     if args.ab_command == "assign":
         from fm_keras.experiments.assignment import assign_file
 
-        print(json.dumps(assign_file(experiment, args.users, args.output), indent=2))
+        print(json.dumps(assign_file(experiment, args.users, args.output), indent=2,
+                         allow_nan=False))
         return 0
     from fm_keras.experiments.report import ab_report, summary_line
 
@@ -83,8 +85,19 @@ def _ab(args) -> int:
     for arm, lift in result.get("simulation", {}).get("true_lift", {}).items():
         print(f"fm-keras: true lift of {arm} (planted FM, expected clicks on the same "
               f"requests): {lift:+.2%}", file=sys.stderr)
-    print(json.dumps(result, indent=2))
+    print(json.dumps(_finite(result), indent=2, allow_nan=False))
     return 0
+
+
+def _finite(value):
+    """The result with NaN/inf floats (undefined statistics) as None: JSON has no NaN."""
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
 
 
 def _simulate(args, experiment) -> dict:

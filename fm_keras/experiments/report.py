@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 
 from fm_keras import fsutil
+from fm_keras.errors import DataError
 from fm_keras.experiments.analysis import analyze
 from fm_keras.experiments.config import ABExperiment
 from fm_keras.experiments.events import per_unit, read_events
@@ -42,13 +43,17 @@ def ab_report(events: Sequence[str], experiment: ABExperiment, metric: str = "cl
         DataError, ConfigError: bad events or arguments (nothing is written).
     """
     source = ", ".join(events)
-    table = per_unit(read_events(events, experiment))
+    table = per_unit(read_events(events, experiment, need_pre_period=cuped))
     result = analyze(table, experiment, metric=metric, cuped=cuped, alpha=alpha, source=source)
     result["events"] = list(events)
     result["html"] = html_path
     if html_path:
-        os.makedirs(os.path.dirname(os.path.abspath(html_path)), exist_ok=True)
-        fsutil.write_text(html_path, render_html(result, table))
+        page = render_html(result, table)
+        try:
+            os.makedirs(os.path.dirname(os.path.abspath(html_path)), exist_ok=True)
+            fsutil.write_text(html_path, page)
+        except OSError as err:
+            raise DataError(f"{html_path}: --html: cannot write: {err.strerror or err}") from None
     return result
 
 
