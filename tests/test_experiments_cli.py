@@ -128,3 +128,17 @@ def test_an_unwritable_html_path_is_one_line_exit_2(files, capsys, monkeypatch, 
     assert sorted(p.name for p in files.iterdir()) == ["ab.yaml", "events.csv", "models.config",
                                                        "out.html"]
     assert list((files / "out.html").iterdir()) == []
+
+
+@pytest.mark.parametrize("out", ["data_dir", "events.csv"])
+def test_simulate_refuses_an_out_it_would_wipe(files, capsys, monkeypatch, out):
+    # --out is replaced as a whole: '--out demo/ab' used to delete the data and saved models.
+    monkeypatch.chdir(files)
+    (files / "data_dir").mkdir()
+    (files / "data_dir" / "oracle.json").write_text("{}")
+    code = main(["ab", "simulate", "--experiment", "ab.yaml", "--data", "data_dir",
+                 "--out", out])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith(f"fm-keras: error: {out}: --out: ")
+    assert (files / "data_dir" / "oracle.json").read_text() == "{}"
+    assert (files / "events.csv").stat().st_size > 0
