@@ -116,3 +116,19 @@ def test_write_table_to_an_unwritable_path_is_a_data_error(tmp_path):
         write_table(EVENTS, str(tmp_path / "d.csv"))  # a directory: was an IsADirectoryError
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d.csv", "file"]
     assert list((tmp_path / "d.csv").iterdir()) == []
+
+
+def test_a_file_matched_twice_is_read_once(tmp_path):
+    path = tmp_path / "e.csv"
+    EVENTS.to_csv(path, index=False)  # used to be summed twice: every unit's clicks doubled
+    events = read_events([str(path), str(tmp_path / "*.csv"), str(tmp_path / "." / "e.csv")],
+                         EXPERIMENT)
+    assert len(events) == len(EVENTS)
+
+
+def test_a_pre_period_that_differs_within_a_unit_is_an_error(tmp_path):
+    path = tmp_path / "e.csv"
+    EVENTS.assign(pre_period=[4.0, 5.0, 0.0, 1.0]).to_csv(path, index=False)
+    with pytest.raises(DataError, match=r"e.csv: column 'pre_period': 1 units have different "
+                                        r"values on different rows \(e.g. 'u1': 4 and 5\)"):
+        read_events([str(path)], EXPERIMENT)

@@ -50,13 +50,20 @@ def read_events(patterns: Sequence[str], experiment: ABExperiment,
     Raises:
         DataError: naming the file and column: a missing column, an empty unit id, unit ids
             stored as floats, a non-numeric, negative or out-of-range count, clicks above
-            impressions, an arm the experiment does not have, a non-finite pre_period.
+            impressions, an arm the experiment does not have, a non-finite pre_period or one
+            that differs between the rows of a unit.
+
+    A file matched twice (by a glob and by its name) is read once.
     """
     from fm_keras.data import expand_paths, read_frame
 
     unit = experiment.unit
     parts = []
+    # A file named twice (a glob and its own name) would count every event twice.
+    paths: dict[str, str] = {}
     for path in expand_paths(patterns):
+        paths.setdefault(os.path.realpath(path), path)
+    for path in paths.values():
         frame = read_frame(path)
         for column in (unit, *COLUMNS):
             if column not in frame.columns:
@@ -85,6 +92,15 @@ def read_events(patterns: Sequence[str], experiment: ABExperiment,
     events = pd.concat(parts, ignore_index=True)
     if PRE_PERIOD in events.columns and events[PRE_PERIOD].isna().any():
         events = events.drop(columns=PRE_PERIOD)  # only some files have it: not usable
+    if PRE_PERIOD in events.columns:
+        spread = events.groupby("unit")[PRE_PERIOD].agg(["min", "max"])
+        differs = spread[spread["min"] != spread["max"]]
+        if len(differs):
+            raise DataError(f"{', '.join(patterns)}: column {PRE_PERIOD!r}: {len(differs)} units "
+                            f"have different values on different rows (e.g. "
+                            f"{differs.index[0]!r}: {differs['min'].iloc[0]:g} and "
+                            f"{differs['max'].iloc[0]:g}); it is the unit's pre-experiment "
+                            "metric, the same on each of its rows")
     return events
 
 
