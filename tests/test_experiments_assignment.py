@@ -115,3 +115,11 @@ def test_assign_file_to_an_unwritable_output_is_a_data_error(tmp_path):
     pd.DataFrame({"user_id": ["u1"]}).to_csv(users, index=False)
     with pytest.raises(DataError, match="arms.csv: cannot write"):
         assign_file(experiment(), [str(users)], str(users / "arms.csv"))
+
+
+@pytest.mark.parametrize("unit", [None, "", " ", 7.0, np.float64(7), True])
+def test_a_request_without_a_usable_unit_id_is_refused(unit):
+    # They were routed as 'None', '', '7.0' (another arm than 7), 'True'.
+    with pytest.raises(ValueError, match="a unit id must be a non-empty string or an integer"):
+        Assigner(experiment()).arm(unit)
+    assert Assigner(experiment()).arm(7) == Assigner(experiment()).arm("7")

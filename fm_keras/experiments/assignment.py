@@ -52,7 +52,14 @@ class Assigner:
         self.bounds = np.cumsum([round(a.weight * experiment.buckets) for a in experiment.arms])
 
     def arm(self, unit) -> str:
-        """The arm of one unit (``str(unit)`` is hashed)."""
+        """The arm of one unit: its id as text is hashed (an int 7 is ``"7"``).
+
+        Raises:
+            ValueError: None, an empty id, or a float or bool (7.0 would be hashed as
+                ``"7.0"``, another unit than 7), as in the event files (``events.unit_ids``).
+        """
+        if unit is None or isinstance(unit, (float, bool, np.floating)) or not str(unit).strip():
+            raise ValueError(f"a unit id must be a non-empty string or an integer, got {unit!r}")
         b = bucket(self.experiment.salt, str(unit), self.experiment.buckets)
         return str(self.names[np.searchsorted(self.bounds, b, side="right")])
 
