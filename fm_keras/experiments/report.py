@@ -134,6 +134,9 @@ def _lift_plot(plt, result):
     comparisons = result["comparisons"]
     fig, ax = plt.subplots(figsize=(7, 0.8 + 0.6 * len(comparisons)))
     for i, c in enumerate(comparisons):
+        if not np.isfinite(c["lift"]):  # e.g. a control mean of 0: say so, not a blank row
+            ax.text(0, i, " relative lift undefined (control's mean is 0)", va="center")
+            continue
         ax.errorbar([100 * c["lift"]], [i], xerr=[[100 * (c["lift"] - c["ci_low"])],
                                                    [100 * (c["ci_high"] - c["lift"])]],
                     fmt="o", capsize=6, color="#258")
