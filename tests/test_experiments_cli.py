@@ -142,3 +142,17 @@ def test_simulate_refuses_an_out_it_would_wipe(files, capsys, monkeypatch, out):
     assert code == 2 and err.startswith(f"fm-keras: error: {out}: --out: ")
     assert (files / "data_dir" / "oracle.json").read_text() == "{}"
     assert (files / "events.csv").stat().st_size > 0
+
+
+@pytest.mark.parametrize("command", [
+    ["ab", "assign", "--experiment", "ab.yaml", "--users", "events.csv", "--output", "events.csv"],
+    ["ab", "report", "--experiment", "ab.yaml", "--events", "*.csv", "--html", "events.csv"],
+])
+def test_an_output_that_is_an_input_is_refused(files, capsys, monkeypatch, command):
+    # The input used to be replaced by the assignment table (or the HTML page).
+    monkeypatch.chdir(files)
+    before = (files / "events.csv").read_bytes()
+    assert main(command) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fm-keras: error: events.csv: --") and "is the input events.csv" in err
+    assert (files / "events.csv").read_bytes() == before

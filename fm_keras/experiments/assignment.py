@@ -93,8 +93,9 @@ def assign_file(experiment: ABExperiment, users: Sequence[str], output: str) -> 
     """
     from fm_keras.data import expand_paths, read_frame
     from fm_keras.errors import DataError
-    from fm_keras.experiments.events import unit_ids, write_table
+    from fm_keras.experiments.events import check_not_an_input, unit_ids, write_table
 
+    check_not_an_input(output, users, "--output")
     seen: dict[str, None] = {}
     for path in expand_paths(users):
         seen.update(dict.fromkeys(unit_ids(read_frame(path), path, experiment.unit).tolist()))

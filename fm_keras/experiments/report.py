@@ -21,7 +21,7 @@ from fm_keras import fsutil
 from fm_keras.errors import DataError
 from fm_keras.experiments.analysis import analyze
 from fm_keras.experiments.config import ABExperiment
-from fm_keras.experiments.events import per_unit, read_events
+from fm_keras.experiments.events import check_not_an_input, per_unit, read_events
 
 
 def ab_report(events: Sequence[str], experiment: ABExperiment, metric: str = "clicks_per_user",
@@ -42,6 +42,8 @@ def ab_report(events: Sequence[str], experiment: ABExperiment, metric: str = "cl
     Raises:
         DataError, ConfigError: bad events or arguments (nothing is written).
     """
+    if html_path:
+        check_not_an_input(html_path, events, "--html")
     source = ", ".join(events)
     table = per_unit(read_events(events, experiment, need_pre_period=cuped))
     result = analyze(table, experiment, metric=metric, cuped=cuped, alpha=alpha, source=source)
