@@ -122,3 +122,13 @@ def test_a_file_that_is_not_utf8_is_one_error_naming_it(tmp_path):
     with pytest.raises(ConfigError, match="not UTF-8 text") as info:
         load_ab_experiment(path)
     assert str(info.value).startswith(str(path))
+
+
+@pytest.mark.parametrize("content", [None, b"\xff\xfe model_config_list {}", b"not a proto {"])
+def test_an_unreadable_model_config_file_names_the_experiment_key(tmp_path, content):
+    if content is not None:
+        (tmp_path / "models.config").write_bytes(content)  # non-UTF-8 was a traceback
+    path = write(tmp_path, GOOD + "model_config_file: models.config\n")
+    with pytest.raises(ConfigError, match="model_config_file: ") as info:
+        load_ab_experiment(path)
+    assert str(info.value).startswith(f"{path}: model_config_file: ")

@@ -224,7 +224,10 @@ def check_deployment(experiment: ABExperiment) -> dict[str, str | None]:
     if experiment.model_config_file:
         from fm_keras.serving.config import load_model_server_config
 
-        config = load_model_server_config(experiment.model_config_file)
+        try:
+            config = load_model_server_config(experiment.model_config_file)
+        except ConfigError as err:
+            raise ConfigError(f"{experiment.source}: model_config_file: {err}") from None
         for model in config.model_config_list.config:
             labels[model.name] = dict(model.version_labels)
             base_paths[model.name] = model.base_path
