@@ -156,3 +156,20 @@ def test_an_output_that_is_an_input_is_refused(files, capsys, monkeypatch, comma
     err = capsys.readouterr().err
     assert err.startswith("fm-keras: error: events.csv: --") and "is the input events.csv" in err
     assert (files / "events.csv").read_bytes() == before
+
+
+def test_each_comparison_is_its_own_stderr_line(files, capsys):
+    text = (files / "ab.yaml").read_text().replace("weight: 0.5}\n  - {name: cleaned",
+                                                   "weight: 0.25}\n  - {name: cleaned")
+    (files / "ab3.yaml").write_text(text + "  - {name: third, model: ctr, label: third, "
+                                    "weight: 0.25}\n")
+    experiment = load_ab_experiment(files / "ab3.yaml")
+    frame = pd.read_csv(files / "events.csv")
+    frame["arm"] = Assigner(experiment).assign(frame["user_id"].tolist())
+    frame.to_csv(files / "events3.csv", index=False)
+    assert main(["ab", "report", "--experiment", str(files / "ab3.yaml"), "--events",
+                 str(files / "events3.csv")]) == 0
+    lines = capsys.readouterr().err.splitlines()
+    assert [line.split(":")[1].strip() for line in lines] == ["cleaned vs naive",
+                                                              "third vs naive"]
+    assert all(line.startswith("fm-keras: ") for line in lines)  # the second had no prefix

@@ -85,7 +85,8 @@ def _ab(args) -> int:
                            html_path=args.html)
     else:
         result = _simulate(args, experiment)
-    print(f"fm-keras: {summary_line(result)}", file=sys.stderr)
+    for line in summary_line(result).splitlines():  # one line per comparison
+        print(f"fm-keras: {line}", file=sys.stderr)
     for arm, lift in result.get("simulation", {}).get("true_lift", {}).items():
         print(f"fm-keras: true lift of {arm} (planted FM, expected clicks on the same "
               f"requests): {lift:+.2%}", file=sys.stderr)
