@@ -71,6 +71,9 @@ def test_logit_correction_undoes_weighting_and_downsampling():
     (EXPERIMENT.replace("label: click", "label: price"), FEATURES, "label 'price' is also a feature"),
     (EXPERIMENT, FEATURES + "  - {name: price, kind: numeric, tower: item}\n", "duplicate names"),
     ("data: [\n", FEATURES, "not valid YAML"),
+    # PyYAML keeps the last of a repeated key silently: the first value was lost.
+    (EXPERIMENT.replace("embedding_dim: 8", "embedding_dim: 8, embedding_dim: 16"), FEATURES,
+     "experiment.yaml: not valid YAML: key 'embedding_dim' is given twice .* line"),
 ])
 def test_errors_name_file_and_key(tmp_path, experiment, features, message):
     with pytest.raises(ConfigError, match=message):
@@ -134,3 +137,14 @@ def test_distribute_errors_say_the_fix(tmp_path, distribute, message):
                               f"training: {{distribute: {distribute}}}")
     with pytest.raises(ConfigError, match=message):
         load_experiment(_write(tmp_path, text))
+
+
+def test_yaml_merge_keys_may_be_overridden(tmp_path):
+    from fm_keras.config import read_yaml
+
+    path = tmp_path / "m.yaml"
+    path.write_text("base: &b {x: 1, y: 2}\nd:\n  <<: *b\n  y: 3\n")
+    assert read_yaml(str(path))["d"] == {"x": 1, "y": 3}
+    path.write_bytes(b"\xff\xfex: 1\n")
+    with pytest.raises(ConfigError, match="m.yaml: not UTF-8 text"):
+        read_yaml(str(path))
