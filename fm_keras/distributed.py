@@ -150,6 +150,9 @@ class _ClusterTrainingState(TrainingState):
     # A per-batch hook would fetch the loss every step: on a parameter-server cluster that
     # makes the coordinator wait for each step. Divergence is caught at the epoch end.
     on_train_batch_end = keras.callbacks.Callback.on_train_batch_end
+    # Writes of sharded/mirrored variables stay synchronous: TF's async checkpoint copies
+    # every variable to this task's host first.
+    async_checkpoints = False
 
 
 def train_distributed(config: ExperimentConfig, run_dir: str, *, resume: bool = False,

@@ -27,6 +27,7 @@ import numpy as np
 
 from fm_keras import __version__, fsutil
 from fm_keras._tf import keras, tf
+from fm_keras.checkpoints import CheckpointWriter, is_large, parameters_finite
 from fm_keras.config import ExperimentConfig, experiment_from_dict
 from fm_keras.data import Split, downsample_negatives, load_data_split, sample_weights
 from fm_keras.errors import ConfigError, RunError, TrainingDivergedError
@@ -214,8 +215,12 @@ class TrainingState(keras.callbacks.Callback):
     """Early stopping with best-weights restore, a checkpoint per epoch, resume, divergence.
 
     One callback owns all of it so that a resumed run continues with the same best metric and
-    patience counter it stopped with.
+    patience counter it stopped with. With large tables the epoch-end checks are sampled and
+    the checkpoints written in the background (`fm_keras.checkpoints`); the best checkpoint
+    holds the model weights only.
     """
+
+    async_checkpoints = True  # large tables are checkpointed in the background
 
     def __init__(self, run_dir: str, model: FMModel, config: ExperimentConfig, resume: bool):
         super().__init__()
@@ -226,8 +231,12 @@ class TrainingState(keras.callbacks.Callback):
         self.checkpoint = tf.train.Checkpoint(fm=model.fm, optimizer=model.optimizer,
                                               epoch=self.epoch)
         ckpt_dir = os.path.join(run_dir, "checkpoints")
-        self.last = tf.train.CheckpointManager(self.checkpoint, os.path.join(ckpt_dir, "last"), 1)
-        self.best = tf.train.CheckpointManager(self.checkpoint, os.path.join(ckpt_dir, "best"), 1)
+        # Large tables: sampled finite checks, asynchronous writes (fm_keras.checkpoints).
+        self.large = is_large(model.fm.trainable_weights)
+        background = self.large and self.async_checkpoints
+        self.last = CheckpointWriter(self.checkpoint, os.path.join(ckpt_dir, "last"), background)
+        self.best = CheckpointWriter(tf.train.Checkpoint(fm=model.fm),
+                                     os.path.join(ckpt_dir, "best"), background)
         self.state_path = os.path.join(run_dir, "state.json")
         self.best_value, self.best_epoch, self.wait, self.history = -math.inf, -1, 0, []
         self.finished = False
@@ -251,7 +260,7 @@ class TrainingState(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         logs = logs or {}
         fm = self.model.fm
-        if not all(bool(tf.reduce_all(tf.math.is_finite(w))) for w in fm.trainable_weights):
+        if not parameters_finite(fm.trainable_weights, seed=epoch):
             self._diverged("parameters are not finite")
         value = self.sign * float(logs.get(self.monitor, math.nan))
         if not math.isfinite(value):
@@ -276,8 +285,12 @@ class TrainingState(keras.callbacks.Callback):
             "monitor": self.monitor})
 
     def restore_best(self) -> None:
+        self.last.sync()
+        self.best.sync()
         if self.best.latest_checkpoint:
             tf.train.Checkpoint(fm=self.model.fm).read(self.best.latest_checkpoint).expect_partial()
+        if self.large and not parameters_finite(self.model.fm.trainable_weights, sampled=False):
+            self._diverged("parameters are not finite")
 
     def _diverged(self, what: str):
         t = self.config.training
