@@ -35,7 +35,8 @@ from fm_keras.evaluation import metrics_for
 from fm_keras.features import FittedFeature
 from fm_keras.model import build_model, make_optimizer
 from fm_keras.tfrecord import fitted_features_path, is_tfrecord, read_manifest, training_dataset
-from fm_keras.training import TrainingState, _check_run_dir, _versions, log, predict_split
+from fm_keras.training import (TrainingState, _check_run_dir, _versions, log, predict_split,
+                               watch_defined_metric)
 
 _JOBS = {"multi_worker_mirrored": ("chief", "worker"),
          "parameter_server": ("chief", "worker", "ps")}
@@ -209,7 +210,8 @@ def train_distributed(config: ExperimentConfig, run_dir: str, *, resume: bool = 
     if state.initial_epoch < training.epochs and not state.finished:
         model.fit(keras.utils.experimental.DatasetCreator(dataset_fn), epochs=training.epochs,
                   steps_per_epoch=steps, initial_epoch=state.initial_epoch,
-                  callbacks=[Validation(valid_split, task_name), state],
+                  callbacks=[Validation(valid_split, task_name),
+                             *watch_defined_metric(state, valid_split), state],
                   verbose=2 if verbose is None else verbose)
     state.restore_best()
     fit_seconds = time.time() - t0

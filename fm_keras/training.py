@@ -29,9 +29,10 @@ from fm_keras import __version__, fsutil
 from fm_keras._tf import keras, tf
 from fm_keras.checkpoints import CheckpointWriter, is_large, parameters_finite
 from fm_keras.config import ExperimentConfig, experiment_from_dict
-from fm_keras.data import Split, downsample_negatives, load_data_split, sample_weights
+from fm_keras.data import (Split, downsample_negatives, load_data_split, require_both_classes,
+                           sample_weights, single_class)
 from fm_keras.errors import ConfigError, RunError, TrainingDivergedError
-from fm_keras.evaluation import metrics_for
+from fm_keras.evaluation import early_stopping_monitor, metrics_for
 from fm_keras.features import FittedFeature, fit_features
 from fm_keras.model import FMModel, build_model, make_optimizer
 
@@ -87,6 +88,8 @@ def train(config: ExperimentConfig, run_dir: str, *, resume: bool = False,
                    if config.data.valid else None)
     log(f"train: {len(train_split):,} rows from {len(train_split.files)} file(s)"
         + _dropped_text(train_split))
+    if task == "binary":
+        require_both_classes(train_split, config.data.label)
     train_split, valid_split = _holdout_if_needed(train_split, valid_split, config.training.seed)
 
     if resume and os.path.exists(os.path.join(run_dir, "features.json")):
@@ -127,7 +130,8 @@ def train(config: ExperimentConfig, run_dir: str, *, resume: bool = False,
     t0 = time.time()
     if state.initial_epoch < config.training.epochs and not state.finished:
         model.fit(train_ds, validation_data=valid_ds, epochs=config.training.epochs,
-                  initial_epoch=state.initial_epoch, callbacks=[state],
+                  initial_epoch=state.initial_epoch,
+                  callbacks=[*watch_defined_metric(state, valid_split), state],
                   verbose=(1 if sys.stdout.isatty() else 2) if verbose is None else verbose)
     state.restore_best()
     train_seconds = time.time() - t0
@@ -298,6 +302,25 @@ class TrainingState(keras.callbacks.Callback):
             f"training diverged: {what}. Decrease training.learning_rate (now {t.learning_rate}), "
             f"increase model.l2_embeddings (now {self.config.model.l2_embeddings}), or check "
             "numeric features for extreme values")
+
+
+def watch_defined_metric(state: TrainingState, valid: Split) -> list[keras.callbacks.Callback]:
+    """Points `state` at validation logloss when the validation labels have one class.
+
+    AUC is undefined on one class; Keras' AUC metric would report 0.0 every epoch and early
+    stopping would keep the worst epoch. Logs a warning and returns a callback (to run before
+    `state`) that drops the meaningless ``val_auc`` from the epoch logs; else returns [].
+    """
+    monitor, sign = early_stopping_monitor(state.config.model.task, valid.labels)
+    if monitor == state.monitor:
+        return []
+    log(f"warning: {valid.files[0] if valid.files else 'validation rows'}: label column "
+        f"{state.config.data.label!r}: every validation row has label "
+        f"{single_class(valid.labels):g}, so AUC is undefined; early stopping watches "
+        f"{monitor} instead")
+    state.monitor, state.sign = monitor, sign
+    return [keras.callbacks.LambdaCallback(
+        on_epoch_end=lambda epoch, logs: (logs or {}).pop("val_auc", None))]
 
 
 def _dataset(model: FMModel, split: Split, config: ExperimentConfig, training: bool):
