@@ -81,7 +81,7 @@ def train(config: ExperimentConfig, run_dir: str, *, resume: bool = False,
 
         return train_distributed(config, run_dir, resume=resume, verbose=verbose)
     started = time.time()
-    _check_run_dir(run_dir, resume)
+    check_run_dir(run_dir, resume)
     task = config.model.task
     train_split = load_data_split(config.data, "train", config.features, task)
     valid_split = (load_data_split(config.data, "valid", config.features, task)
@@ -156,7 +156,7 @@ def train(config: ExperimentConfig, run_dir: str, *, resume: bool = False,
         "seconds": {"total": round(time.time() - started, 2), "fit": round(train_seconds, 2)},
         "train_samples_per_second": round(
             len(train_split) * max(1, len(state.history)) / max(train_seconds, 1e-9)),
-        "versions": _versions(),
+        "versions": library_versions(),
         "warm_start": os.path.abspath(warm_start) if warm_start else None,
     }
     fsutil.write_json(os.path.join(run_dir, "run.json"), record)
@@ -376,7 +376,9 @@ def _holdout_if_needed(train: Split, valid: Split | None, seed: int):
     return train.take(~is_valid), train.take(is_valid)
 
 
-def _check_run_dir(run_dir: str, resume: bool) -> None:
+def check_run_dir(run_dir: str, resume: bool) -> None:
+    """Raises `RunError` unless `run_dir` may receive a new run (or, with `resume`, continue
+    an unfinished one)."""
     if os.path.exists(os.path.join(run_dir, "run.json")):
         raise RunError(f"{run_dir}: holds a finished run; choose another --out or delete it")
     if resume:
@@ -392,7 +394,8 @@ def _dropped_text(split: Split) -> str:
     return " (filtered out: " + ", ".join(f"{k} {v:,}" for k, v in split.dropped.items()) + ")"
 
 
-def _versions() -> dict:
+def library_versions() -> dict:
+    """Versions of fm_keras and the libraries a run depends on, for run.json."""
     import tensorflow_recommenders as tfrs
 
     return {"fm_keras": __version__, "tensorflow": tf.__version__,
