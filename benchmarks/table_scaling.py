@@ -12,7 +12,7 @@ check, the checkpoints and the state file, timed on an improving epoch and a non
 one, as a share of the timed epoch.
 
     python benchmarks/table_scaling.py [--rows 500000] [--ids 10000,100000,1000000,5000000]
-        [--optimizers adam,adagrad,ftrl] [--batch-size 1024] [--stock-steps 40]
+        [--optimizers adam,adagrad,ftrl] [--batch-size 1024] [--stock-steps 40] [--zipf 1.2]
 """
 
 from __future__ import annotations
@@ -51,12 +51,20 @@ def experiment(num_ids: int, optimizer: str, batch_size: int) -> ExperimentConfi
                             ModelConfig(), training)
 
 
-def encoded_rows(rows: int, num_ids: int, seed: int = 0):
-    """Encoded slots as the encoder lays them out: field j owns ids [j*n, (j+1)*n)."""
+def encoded_rows(rows: int, num_ids: int, seed: int = 0, zipf: float | None = None):
+    """Encoded slots as the encoder lays them out: field j owns ids [j*n, (j+1)*n).
+
+    Ids are uniform in each field's range, or with `zipf` drawn by a power law of that
+    exponent (as ids are in click logs: a few hot, a long tail) over a random order of ids.
+    """
     rng = np.random.default_rng(seed)
     per_field = num_ids // FIELDS
-    ids = (rng.integers(0, per_field, size=(rows, FIELDS))
-           + np.arange(FIELDS) * per_field).astype(np.int32)
+    if zipf is None:
+        local = rng.integers(0, per_field, size=(rows, FIELDS))
+    else:
+        rank = (rng.zipf(zipf, size=(rows, FIELDS)) - 1) % per_field
+        local = rng.permutation(per_field)[rank]
+    ids = (local + np.arange(FIELDS) * per_field).astype(np.int32)
     labels = (rng.random(rows) < 0.1).astype(np.float32)
     return ids, np.ones((rows, FIELDS), np.float32), labels
 
@@ -101,16 +109,19 @@ def main():
     parser.add_argument("--ids", default="10000,100000,1000000,5000000")
     parser.add_argument("--optimizers", default="adam,adagrad,ftrl")
     parser.add_argument("--batch-size", type=int, default=1024)
+    parser.add_argument("--zipf", type=float, default=None,
+                        help="draw ids by a power law of this exponent (default: uniform)")
     parser.add_argument("--stock-steps", type=int, default=40,
                         help="steps of tf_keras' own optimizer to time (0: skip the peer)")
     args = parser.parse_args()
     sizes = [int(x) for x in args.ids.split(",")]
     print(f"rows {args.rows:,}  fields {FIELDS}  k 10  batch {args.batch_size}  "
           f"steps_per_execution {TrainingConfig().steps_per_execution}  "
+          f"ids {'zipf ' + str(args.zipf) if args.zipf else 'uniform'}  "
           f"load {os.getloadavg()[0]:.1f}  tensorflow {tf.__version__}", flush=True)
     base: dict[str, float] = {}
     for num_ids in sizes:
-        ids, values, labels = encoded_rows(args.rows, num_ids)
+        ids, values, labels = encoded_rows(args.rows, num_ids, zipf=args.zipf)
         dataset = batched_dataset(ids, values, labels, np.ones(args.rows, np.float32),
                                   args.batch_size, shuffle_seed=0)
         steps = int(dataset.cardinality())
