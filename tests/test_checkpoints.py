@@ -66,6 +66,7 @@ def _state(tmp_path):
     model = build_model(features, config.model, config.training)
     model.compile(optimizer=make_optimizer(config.training), weighted_metrics=[])
     model.optimizer.build(model.trainable_variables)
+    (tmp_path / "run").mkdir()  # as train() does: background writes create their own dirs
     state = TrainingState(str(tmp_path / "run"), model, config, resume=False)
     state.set_model(model)
     return model, state
