@@ -35,7 +35,7 @@ from fm_keras.evaluation import metrics_for
 from fm_keras.features import FittedFeature
 from fm_keras.model import build_model, make_optimizer
 from fm_keras.tfrecord import fitted_features_path, is_tfrecord, read_manifest, training_dataset
-from fm_keras.training import TrainingState, _check_run_dir, _versions, log, predict_split
+from fm_keras.training import TrainingState, check_run_dir, versions, log, predict_split
 
 _JOBS = {"multi_worker_mirrored": ("chief", "worker"),
          "parameter_server": ("chief", "worker", "ps")}
@@ -167,7 +167,7 @@ def train_distributed(config: ExperimentConfig, run_dir: str, *, resume: bool = 
     started = time.time()
     train_files, manifest, features = _shards_and_features(config)
     if task.is_chief:
-        _check_run_dir(run_dir, resume)
+        check_run_dir(run_dir, resume)
     # Only now TensorFlow work: a collective strategy must come before any other.
     strategy = make_strategy(distribute, task)
     task_name = config.model.task
@@ -268,7 +268,7 @@ def _record(model, state, metrics, manifest, valid_rows, task, distribute, rows_
         "distribute": {"strategy": distribute.strategy,
                        "cluster": {k: len(v) for k, v in task.cluster.items()},
                        "variables": variable_shards(model)},
-        "versions": _versions(),
+        "versions": versions(),
     }
 
 

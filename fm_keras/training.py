@@ -78,15 +78,22 @@ def train(config: ExperimentConfig, run_dir: str, *, resume: bool = False,
                               "it, or train the cluster run from scratch")
 
         return train_distributed(config, run_dir, resume=resume, verbose=verbose)
+    if config.model.task == "retrieval":
+        from fm_keras.retrieval import train_retrieval
+
+        if warm_start:
+            raise ConfigError(f"{config.source}: model: task: retrieval runs cannot warm-start "
+                              "yet; train from scratch")
+        return train_retrieval(config, run_dir, resume=resume, verbose=verbose)
     started = time.time()
-    _check_run_dir(run_dir, resume)
+    check_run_dir(run_dir, resume)
     task = config.model.task
     train_split = load_data_split(config.data, "train", config.features, task)
     valid_split = (load_data_split(config.data, "valid", config.features, task)
                    if config.data.valid else None)
     log(f"train: {len(train_split):,} rows from {len(train_split.files)} file(s)"
         + _dropped_text(train_split))
-    train_split, valid_split = _holdout_if_needed(train_split, valid_split, config.training.seed)
+    train_split, valid_split = holdout_if_needed(train_split, valid_split, config.training.seed)
 
     if resume and os.path.exists(os.path.join(run_dir, "features.json")):
         features = tuple(FittedFeature.from_dict(d)
@@ -151,7 +158,7 @@ def train(config: ExperimentConfig, run_dir: str, *, resume: bool = False,
         "seconds": {"total": round(time.time() - started, 2), "fit": round(train_seconds, 2)},
         "train_samples_per_second": round(
             len(train_split) * max(1, len(state.history)) / max(train_seconds, 1e-9)),
-        "versions": _versions(),
+        "versions": versions(),
         "warm_start": os.path.abspath(warm_start) if warm_start else None,
     }
     fsutil.write_json(os.path.join(run_dir, "run.json"), record)
@@ -220,8 +227,9 @@ class TrainingState(keras.callbacks.Callback):
     def __init__(self, run_dir: str, model: FMModel, config: ExperimentConfig, resume: bool):
         super().__init__()
         self.config = config
-        self.monitor = "val_auc" if config.model.task == "binary" else "val_rmse"
-        self.sign = 1.0 if config.model.task == "binary" else -1.0
+        self.monitor = {"binary": "val_auc", "regression": "val_rmse",
+                        "retrieval": "val_recall_at_k"}[config.model.task]
+        self.sign = -1.0 if config.model.task == "regression" else 1.0
         self.epoch = tf.Variable(0, dtype=tf.int64, trainable=False)
         self.checkpoint = tf.train.Checkpoint(fm=model.fm, optimizer=model.optimizer,
                                               epoch=self.epoch)
@@ -303,7 +311,8 @@ def _dataset(model: FMModel, split: Split, config: ExperimentConfig, training: b
 
 
 def batched_dataset(ids: np.ndarray, values: np.ndarray, labels: np.ndarray,
-                    weights: np.ndarray, batch_size: int, shuffle_seed: int | None = None):
+                    weights: np.ndarray, batch_size: int, shuffle_seed: int | None = None,
+                    extra: dict[str, np.ndarray] | None = None):
     """A tf.data pipeline of ``({"ids", "values"}, labels, weights)`` batches.
 
     Args:
@@ -311,8 +320,10 @@ def batched_dataset(ids: np.ndarray, values: np.ndarray, labels: np.ndarray,
         labels, weights: [rows].
         batch_size: rows per batch (the last batch may be smaller).
         shuffle_seed: if set, every epoch visits the rows in a new random order.
+        extra: more per-row arrays [rows, ...], batched into the features dict by name.
     """
     n = len(labels)
+    extra = {k: tf.constant(v) for k, v in (extra or {}).items()}
     tensors = tuple(tf.constant(a) for a in (ids, values, labels, weights))
     num_batches = -(-n // batch_size)
     if shuffle_seed is None:
@@ -325,14 +336,14 @@ def batched_dataset(ids: np.ndarray, values: np.ndarray, labels: np.ndarray,
 
     def gather(rows):
         i, v, y, w = (tf.gather(t, rows) for t in tensors)
-        return {"ids": i, "values": v}, y, w
+        return {"ids": i, "values": v, **{k: tf.gather(t, rows) for k, t in extra.items()}}, y, w
 
     return (batches.map(gather, num_parallel_calls=tf.data.AUTOTUNE)
             .prefetch(tf.data.AUTOTUNE)
             .apply(tf.data.experimental.assert_cardinality(num_batches)))
 
 
-def _holdout_if_needed(train: Split, valid: Split | None, seed: int):
+def holdout_if_needed(train: Split, valid: Split | None, seed: int):
     if valid is not None:
         return train, valid
     log("no valid files configured: holding out 10% of the training rows for early stopping")
@@ -340,7 +351,7 @@ def _holdout_if_needed(train: Split, valid: Split | None, seed: int):
     return train.take(~is_valid), train.take(is_valid)
 
 
-def _check_run_dir(run_dir: str, resume: bool) -> None:
+def check_run_dir(run_dir: str, resume: bool) -> None:
     if os.path.exists(os.path.join(run_dir, "run.json")):
         raise RunError(f"{run_dir}: holds a finished run; choose another --out or delete it")
     if resume:
@@ -356,7 +367,7 @@ def _dropped_text(split: Split) -> str:
     return " (filtered out: " + ", ".join(f"{k} {v:,}" for k, v in split.dropped.items()) + ")"
 
 
-def _versions() -> dict:
+def versions() -> dict:
     import tensorflow_recommenders as tfrs
 
     return {"fm_keras": __version__, "tensorflow": tf.__version__,

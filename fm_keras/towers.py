@@ -1,0 +1,97 @@
+"""The two towers of the FM decomposition (DESIGN.md), as Keras models and as tensor math.
+
+    user_vector = [1, S_Q]      user_offset = w0 + L_Q + P_Q      item_vector = [L_I + P_I, S_I]
+    user_vector . item_vector + user_offset == the FM logit
+
+`user_outputs` and `item_vector` compute them from one side's encoded slots; `UserTower` and
+`ItemTower` wrap them as Keras models over raw features (TFRS's query and candidate models).
+The ranking export's ``user_tower`` / ``item_tower`` signatures call the same functions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from fm_keras._tf import keras, tf
+from fm_keras.features import FeatureEncoder
+from fm_keras.layers import FactorizationMachine
+
+
+def user_outputs(fm: FactorizationMachine, ids, values) -> dict:
+    """Query-side slots -> ``user_vector`` float32 [batch, k + 1] and ``user_offset`` [batch].
+
+    Args:
+        fm: the FM layer.
+        ids, values: the query side's slots, int32 / float32 [batch, query slots].
+    """
+    linear, pairs, summed = fm.side_terms(ids, values, tf.ones_like(values, tf.bool))
+    ones = tf.ones_like(linear)[:, None]
+    return {"user_vector": tf.concat([ones, summed], axis=1),
+            "user_offset": fm.bias + linear + pairs}
+
+
+def item_vector(fm: FactorizationMachine, ids, values):
+    """Item-side slots -> ``item_vector`` float32 [batch, k + 1] = [L_I + P_I, S_I]."""
+    linear, pairs, summed = fm.side_terms(ids, values, tf.ones_like(values, tf.bool))
+    return tf.concat([(linear + pairs)[:, None], summed], axis=1)
+
+
+class _Tower(keras.Model):
+    """Raw features of one side (dict of [batch] tensors) -> that side's vectors."""
+
+    def __init__(self, encoder: FeatureEncoder, fm: FactorizationMachine, query_side: bool,
+                 **kwargs):
+        super().__init__(**kwargs)
+        self.encoder = encoder
+        self.fm = fm
+        self.feature_names = encoder.side_names(query_side=query_side)
+        if not self.feature_names:
+            side = "query-side (user/context)" if query_side else "item"
+            raise ValueError(f"the model has no {side} features, so it has no {self.name}")
+
+    def input_signature(self) -> dict[str, tf.TensorSpec]:
+        return self.encoder.input_signature(self.feature_names)
+
+    def _slots(self, features):
+        return self.encoder.encode(features, self.feature_names)
+
+
+class UserTower(_Tower):
+    """TFRS query model: user + context features -> ``{"user_vector", "user_offset"}``.
+
+    Args:
+        encoder, fm: the FMModel's encoder and FM layer (shared, not copied).
+    """
+
+    def __init__(self, encoder: FeatureEncoder, fm: FactorizationMachine, **kwargs):
+        super().__init__(encoder, fm, query_side=True, name="user_tower", **kwargs)
+
+    def call(self, features):
+        return user_outputs(self.fm, *self._slots(features))
+
+
+class ItemTower(_Tower):
+    """TFRS candidate model: item features -> ``item_vector`` float32 [batch, k + 1].
+
+    Args:
+        encoder, fm: the FMModel's encoder and FM layer (shared, not copied).
+    """
+
+    def __init__(self, encoder: FeatureEncoder, fm: FactorizationMachine, **kwargs):
+        super().__init__(encoder, fm, query_side=False, name="item_tower", **kwargs)
+
+    def call(self, features):
+        return item_vector(self.fm, *self._slots(features))
+
+
+def side_slot_order(query_side: Sequence[bool]):
+    """Int32 [slots]: gathers ``concat([query slots, item slots], 1)`` back into spec order.
+
+    The FM is a sum over slots, but per-slot L2 lists follow the spec order, so rows put
+    together from a query and a catalog item are put back in that order.
+    """
+    import numpy as np
+
+    query_side = np.asarray(query_side, bool)
+    positions = np.concatenate([np.flatnonzero(query_side), np.flatnonzero(~query_side)])
+    return tf.constant(np.argsort(positions), tf.int32)
