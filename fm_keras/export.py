@@ -159,7 +159,14 @@ def sample_rows(run: Run, n: int, seed: int = 0) -> dict[str, np.ndarray]:
 
     data = run.config.data
     role = "test" if data.test else "valid" if data.valid else "train"
-    split = load_data_split(data, role, run.config.features, run.config.model.task)
+    if run.config.model.task == "retrieval":  # item features come from the catalog
+        from fm_keras.interactions import load_catalog, load_interactions
+        from fm_keras.retrieval import catalog_path
+
+        catalog = load_catalog(catalog_path(run.config), run.config.features, data.item_id)
+        split = load_interactions(getattr(data, role), run.config, catalog)
+    else:
+        split = load_data_split(data, role, run.config.features, run.config.model.task)
     rng = np.random.default_rng(seed)
     pick = rng.choice(len(split), size=n, replace=n > len(split))
     rows = {k: v[pick] for k, v in split.features.items()}

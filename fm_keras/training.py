@@ -116,7 +116,14 @@ def train(config: ExperimentConfig, run_dir: str, *, resume: bool = False,
             os.path.join(warm_start, "model", "weights")).expect_partial()
         log(f"warm start from {warm_start}")
     t0 = time.time()
-    train_ds = _dataset(model, train_split, config, training=True)
+    if config.training.negatives.per_positive:
+        from fm_keras.negatives import SampledNegatives
+
+        negatives = SampledNegatives(config, model.encoder, train_split)
+        valid_split = negatives.with_negatives(valid_split, config.training.seed)
+        train_ds = _dataset(model, train_split, config, training=True, negatives=negatives)
+    else:
+        train_ds = _dataset(model, train_split, config, training=True)
     valid_ds = _dataset(model, valid_split, config, training=False)
     log(f"encoded {len(train_split):,} + {len(valid_split):,} rows into "
         f"{model.encoder.num_slots} slots over {model.encoder.num_ids:,} ids "
@@ -295,16 +302,21 @@ class TrainingState(keras.callbacks.Callback):
             "numeric features for extreme values")
 
 
-def _dataset(model: FMModel, split: Split, config: ExperimentConfig, training: bool):
+def _dataset(model: FMModel, split: Split, config: ExperimentConfig, training: bool,
+             negatives=None):
     """Encodes a split once and serves it as batches of ``(slots, labels, weights)``.
 
     Training batches come from a fresh full permutation every epoch, gathered in-graph from
     the encoded arrays: an exact shuffle that costs one gather per batch, where a per-row
-    shuffle buffer would cost far more than the FM step itself.
+    shuffle buffer would cost far more than the FM step itself. With `negatives`
+    (`fm_keras.negatives.SampledNegatives`) each batch gets its sampled negatives.
     """
     ids, values = model.encoder.encode_numpy(split.features)
     weights = (sample_weights(split.labels, config.training) if training
                else np.ones(len(split), np.float32))
+    if negatives is not None:
+        return negatives.dataset(ids, values, split.labels, weights, config.training.batch_size,
+                                 config.training.seed)
     return batched_dataset(ids, values, split.labels, weights,
                            config.training.batch_size if training else 8192,
                            shuffle_seed=config.training.seed if training else None)
