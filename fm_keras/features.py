@@ -262,7 +262,7 @@ class FeatureEncoder(keras.layers.Layer):
             values.append(v.numpy())
         return np.concatenate(ids), np.concatenate(values)
 
-    @tf.function
+    @tf.function(reduce_retracing=True)
     def _encode_graph(self, chunk, names):
         return self.encode(chunk, names)
 

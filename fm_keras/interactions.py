@@ -64,8 +64,11 @@ def load_catalog(path: str, features: Sequence[FeatureConfig], id_column: str) -
 
 def load_interactions(patterns: Sequence[str], config: ExperimentConfig, catalog: Catalog,
                       filters: Sequence[FilterConfig] | None = None,
-                      require_positives: bool = True) -> Split:
+                      require_positives: bool = True, use_label: bool = True) -> Split:
     """Reads a log: query-side columns, the item id, the label if configured.
+
+    With ``use_label=False`` the label is not read and every row counts (e.g. a log of items
+    to exclude: whatever a user was shown or picked).
 
     Returns:
         A `Split` with every feature column (item features gathered from the catalog),
@@ -79,7 +82,8 @@ def load_interactions(patterns: Sequence[str], config: ExperimentConfig, catalog
     data = config.data
     query = [f for f in config.features if f.query_side]
     filters = data.filters if filters is None else tuple(filters)
-    split = load_split(patterns, query, data.label, filters, task="regression",
+    split = load_split(patterns, query, data.label if use_label else None, filters,
+                       task="regression",
                        passthrough=[data.item_id])
     where = ", ".join(split.files)
     keep = np.ones(len(split), bool) if split.labels is None else split.labels > 0

@@ -43,7 +43,7 @@ from fm_keras.model import FMModel, build_model, make_optimizer
 from fm_keras.recall_metrics import exact_top_k, group_by_query, popularity_top_k, ranking_metrics
 from fm_keras.towers import item_vector, side_slot_order, user_outputs
 from fm_keras.training import (TrainingState, batched_dataset, check_run_dir, holdout_if_needed,
-                               log, versions)
+                               load_run, log, versions)
 
 MONITOR = "val_recall_at_k"
 
@@ -289,3 +289,57 @@ def _recall_tasks(config, model, catalog, train_split, valid_split) -> dict:
     seen = (keys[0], train_split) if config.training.retrieval.exclude_seen else None
     return {role: RecallTask(model, catalog, split, k, seen)
             for (role, split), k in zip(splits.items(), keys[1:])}
+
+
+def clamp_ks(ks, items: int, where: str) -> list[int]:
+    """Cut-offs above the catalog size become the catalog size, with a warning."""
+    big = [k for k in ks if k > items]
+    if big:
+        log(f"warning: {where} {big} is more than the catalog's {items:,} items; "
+            f"evaluated at {items:,}")
+    return sorted({min(int(k), items) for k in ks})
+
+
+def evaluate_recall(run_dir: str, data, items: str | None = None,
+                    ks=(10, 50, 100), exclude=None) -> dict:
+    """Recall@K, NDCG@K, HitRate@K and coverage of a finished run over a catalog.
+
+    Any run with both towers can be evaluated (binary, regression or retrieval): every
+    (query, item) pair of `data` with label > 0 (or every row, for a log without a
+    configured label) is a relevant item of that query; the whole catalog is searched
+    exactly. The popularity baseline (items ranked by their positives in the run's training
+    log) is computed on the same queries, with the same exclusions.
+
+    Args:
+        run_dir: a finished run.
+        data: interaction log files or globs.
+        items: the catalog file (default: the run's ``data.items``).
+        ks: cut-offs; those above the catalog size are clamped, with a warning.
+        exclude: optional log files: each query's items there are not recommended (e.g. the
+            training log, so that only new items count).
+
+    Returns:
+        ``{"recall@K", "ndcg@K", "hit_rate@K", "coverage@K", "queries", "popularity":
+        {...}, "catalog": {...}, "rows_read", "dropped"}``.
+    """
+    run = load_run(run_dir)
+    config = run.config
+    if items is None and not config.data.items:
+        raise ConfigError(f"{run_dir}: the run has no catalog (data: items); pass --items")
+    catalog = load_catalog(items or catalog_path(config), config.features, config.data.item_id)
+    ks = clamp_ks(ks, len(catalog), "--recall_at")
+    data = [data] if isinstance(data, str) else list(data)
+    split = load_interactions(data, config, catalog)
+    splits = [split]
+    if exclude:
+        splits.append(load_interactions([exclude] if isinstance(exclude, str) else exclude,
+                                        config, catalog, filters=(), require_positives=False,
+                                        use_label=False))
+    keys = query_keys(splits, run.model.encoder.side_names(True))
+    task = RecallTask(run.model, catalog, split, keys[0],
+                      (keys[1], splits[1]) if exclude else None)
+    counts = item_counts(load_interactions(config.data.train, config, catalog), len(catalog))
+    result = task.metrics(run.model, ks, counts)
+    result.update(catalog={"path": catalog.path, "items": len(catalog)},
+                  rows_read=split.rows_read, dropped=split.dropped)
+    return result
