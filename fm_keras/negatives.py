@@ -26,7 +26,7 @@ from fm_keras.errors import ConfigError
 from fm_keras.features import FeatureEncoder
 from fm_keras.interactions import Catalog, load_catalog, query_keys
 from fm_keras.towers import side_slot_order
-from fm_keras.training import batched_dataset, log
+from fm_keras.training import batched_dataset, epoch_seeds, log
 
 
 class SampledNegatives:
@@ -81,13 +81,15 @@ class SampledNegatives:
         logits = tf.constant(self.sampling_logits)[None, :]
         n, per = len(self.catalog), self.per_positive
 
-        def add_negatives(features, y, w):
+        def add_negatives(batch, seed):
+            features, y, w = batch
             positive = y > 0.5
             q_ids = tf.boolean_mask(tf.boolean_mask(features["ids"], positive), query_slot, axis=1)
             q_values = tf.boolean_mask(tf.boolean_mask(features["values"], positive), query_slot,
                                        axis=1)
             keys = tf.repeat(tf.boolean_mask(features["user_key"], positive), per)
-            items = tf.random.categorical(logits, tf.size(keys), dtype=tf.int32)[0]
+            items = tf.random.stateless_categorical(logits, tf.size(keys), seed,
+                                                    dtype=tf.int32)[0]
             pair = keys * n + tf.cast(items, tf.int64)
             at = tf.minimum(tf.searchsorted(pairs, pair), tf.maximum(tf.size(pairs) - 1, 0))
             seen = tf.equal(tf.gather(pairs, at), pair) if self.positive_pairs.size else \
@@ -103,7 +105,9 @@ class SampledNegatives:
 
         ds = batched_dataset(ids, values, labels, weights, batch_size, shuffle_seed=seed,
                              extra={"user_key": self.train_keys})
-        return ds.map(add_negatives, num_parallel_calls=tf.data.AUTOTUNE)
+        # Per-batch seeds drawn anew every epoch: fresh negatives, reproducible from `seed`.
+        return tf.data.Dataset.zip((ds, epoch_seeds(seed + 1))).map(
+            add_negatives, num_parallel_calls=tf.data.AUTOTUNE)
 
     def with_negatives(self, split: Split, seed: int) -> Split:
         """`split` plus N sampled label-0 rows per positive, drawn once (validation rows).

@@ -49,6 +49,11 @@ class _Tower(keras.Model):
             side = "query-side (user/context)" if query_side else "item"
             raise ValueError(f"the model has no {side} features, so it has no {self.name}")
 
+    def build(self, input_shape):
+        if not self.fm.built:  # a tower called before its FM: the FM makes its tables
+            self.fm.build(None)
+        super().build(input_shape)
+
     def input_signature(self) -> dict[str, tf.TensorSpec]:
         return self.encoder.input_signature(self.feature_names)
 

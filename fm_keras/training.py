@@ -341,8 +341,10 @@ def batched_dataset(ids: np.ndarray, values: np.ndarray, labels: np.ndarray,
     if shuffle_seed is None:
         order = tf.data.Dataset.from_tensors(tf.range(n))
     else:
-        order = tf.data.Dataset.from_tensors(0).map(
-            lambda _: tf.random.shuffle(tf.range(n), seed=shuffle_seed))
+        # A seed drawn anew each time the dataset is iterated (each epoch): a seeded
+        # tf.random.shuffle inside map would repeat the same permutation every epoch.
+        order = epoch_seeds(shuffle_seed).take(1).map(
+            lambda s: tf.random.experimental.stateless_shuffle(tf.range(n), seed=s))
     batches = order.flat_map(lambda rows: tf.data.Dataset.range(num_batches).map(
         lambda b: rows[b * batch_size:(b + 1) * batch_size]))
 
@@ -353,6 +355,12 @@ def batched_dataset(ids: np.ndarray, values: np.ndarray, labels: np.ndarray,
     return (batches.map(gather, num_parallel_calls=tf.data.AUTOTUNE)
             .prefetch(tf.data.AUTOTUNE)
             .apply(tf.data.experimental.assert_cardinality(num_batches)))
+
+
+def epoch_seeds(seed: int):
+    """An endless dataset of stateless-RNG seeds (int64 [2]), different on every iteration of
+    the dataset (every epoch) and reproducible from `seed`."""
+    return tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)
 
 
 def holdout_if_needed(train: Split, valid: Split | None, seed: int):
