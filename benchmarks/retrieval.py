@@ -96,7 +96,9 @@ def split_protocol(ml: dict[str, pd.DataFrame], work: str) -> dict:
 
 
 def fm_config(work: str, task: str, args) -> dict:
-    training = {"optimizer": "adam", "learning_rate": args.lr, "batch_size": args.batch,
+    features = [dict(f, l2=args.id_l2) if f["name"] in ("user_id", "item_id") and args.id_l2
+                else f for f in FEATURES]
+    training = {"optimizer": args.optimizer, "learning_rate": args.lr, "batch_size": args.batch,
                 "epochs": args.epochs, "early_stopping_patience": 3, "seed": args.seed}
     if task == "retrieval":
         training["retrieval"] = {"temperature": args.temperature, "recall_at": K,
@@ -108,7 +110,7 @@ def fm_config(work: str, task: str, args) -> dict:
                         learning_rate=args.binary_lr)
     return {"data": {"train": "train.csv", "valid": "valid.csv", "label": "label",
                      "items": "items.csv"},
-            "features": FEATURES,
+            "features": features,
             "model": {"task": task, "embedding_dim": args.dim, "l2_embeddings": args.l2},
             "training": training}
 
@@ -208,6 +210,8 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--dim", type=int, default=32)
     p.add_argument("--l2", type=float, default=1e-5)
+    p.add_argument("--id-l2", type=float, default=None, help="L2 of user_id and item_id")
+    p.add_argument("--optimizer", default="adam")
     p.add_argument("--lr", type=float, default=0.01)
     p.add_argument("--binary-lr", type=float, default=0.005)
     p.add_argument("--batch", type=int, default=512)

@@ -37,16 +37,21 @@ def item_vector(fm: FactorizationMachine, ids, values):
 
 
 class _Tower(keras.Model):
-    """Raw features of one side (dict of [batch] tensors) -> that side's vectors."""
+    """Raw features of one side (dict of [batch] tensors) -> that side's vectors.
 
-    def __init__(self, encoder: FeatureEncoder, fm: FactorizationMachine, query_side: bool,
-                 **kwargs):
-        super().__init__(**kwargs)
+    Subclasses say which side (`query_side`) and which function of the slots (`outputs`).
+    """
+
+    query_side: bool
+    tower_name: str
+
+    def __init__(self, encoder: FeatureEncoder, fm: FactorizationMachine, **kwargs):
+        super().__init__(name=self.tower_name, **kwargs)
         self.encoder = encoder
         self.fm = fm
-        self.feature_names = encoder.side_names(query_side=query_side)
+        self.feature_names = encoder.side_names(query_side=self.query_side)
         if not self.feature_names:
-            side = "query-side (user/context)" if query_side else "item"
+            side = "query-side (user/context)" if self.query_side else "item"
             raise ValueError(f"the model has no {side} features, so it has no {self.name}")
 
     def build(self, input_shape):
@@ -57,8 +62,8 @@ class _Tower(keras.Model):
     def input_signature(self) -> dict[str, tf.TensorSpec]:
         return self.encoder.input_signature(self.feature_names)
 
-    def _slots(self, features):
-        return self.encoder.encode(features, self.feature_names)
+    def call(self, features):
+        return type(self).outputs(self.fm, *self.encoder.encode(features, self.feature_names))
 
 
 class UserTower(_Tower):
@@ -68,11 +73,8 @@ class UserTower(_Tower):
         encoder, fm: the FMModel's encoder and FM layer (shared, not copied).
     """
 
-    def __init__(self, encoder: FeatureEncoder, fm: FactorizationMachine, **kwargs):
-        super().__init__(encoder, fm, query_side=True, name="user_tower", **kwargs)
-
-    def call(self, features):
-        return user_outputs(self.fm, *self._slots(features))
+    query_side, tower_name = True, "user_tower"
+    outputs = staticmethod(user_outputs)
 
 
 class ItemTower(_Tower):
@@ -82,11 +84,8 @@ class ItemTower(_Tower):
         encoder, fm: the FMModel's encoder and FM layer (shared, not copied).
     """
 
-    def __init__(self, encoder: FeatureEncoder, fm: FactorizationMachine, **kwargs):
-        super().__init__(encoder, fm, query_side=False, name="item_tower", **kwargs)
-
-    def call(self, features):
-        return item_vector(self.fm, *self._slots(features))
+    query_side, tower_name = False, "item_tower"
+    outputs = staticmethod(item_vector)
 
 
 def side_slot_order(query_side: Sequence[bool]):

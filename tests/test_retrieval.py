@@ -157,21 +157,3 @@ def test_log_without_positives_is_an_error(tmp_path, capsys):
     code, errors, out = _train_cli(tmp_path, data, implicit_experiment(data), capsys)
     assert code == 2 and "train.csv: no positive interactions" in errors[0]
     assert not os.path.exists(out)
-
-
-def test_catalog_missing_training_ids_warns_with_count(tmp_path, capsys):
-    import pandas as pd
-
-    data = write_implicit(str(tmp_path / "d"), users=30, items=20, per_user=4)
-    items = pd.read_csv(os.path.join(data, "items.csv"))
-    items[~items["item_id"].isin(["i0", "i1"])].to_csv(os.path.join(data, "items.csv"),
-                                                       index=False)
-    config = experiment_from_dict(implicit_experiment(data), base_dir=data)
-    catalog = load_catalog(os.path.join(data, "items.csv"), config.features, "item_id")
-    split = load_interactions(config.data.train, config, catalog)
-    err = capsys.readouterr().err
-    warning = [line for line in err.splitlines() if "not in the catalog" in line]
-    train = pd.read_csv(os.path.join(data, "train.csv"))
-    gone = train["item_id"].isin(["i0", "i1"])
-    assert len(warning) == 1 and f"{train.loc[gone, 'item_id'].nunique()} item ids" in warning[0]
-    assert split.dropped["not_in_catalog"] == int(gone.sum()) and len(split) == int((~gone).sum())
