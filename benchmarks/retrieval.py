@@ -54,7 +54,7 @@ FEATURES = [
     {"name": "genres", "kind": "multi_hot", "tower": "item", "separator": " ",
      "combiner": "sqrtn"},
     {"name": "release_year", "kind": "numeric", "tower": "item",
-     "buckets": [1950, 1970, 1980, 1990, 1994, 1996, 1997]},
+     "buckets": [1950, 1970, 1980, 1990, 1994, 1996, 1997, 1998]},
 ]
 
 

@@ -243,6 +243,7 @@ def train_retrieval(config: ExperimentConfig, run_dir: str, *, resume: bool = Fa
     train_ds = batched_dataset(ids, values, train_split.passthrough[ITEM_INDEX],
                                np.ones(len(ids), np.float32), t.batch_size, shuffle_seed=t.seed)
     tasks = _recall_tasks(config, model, catalog, train_split, valid_split)
+    recall_at = clamp_ks([r.recall_at], len(catalog), "training: retrieval: recall_at")[0]
 
     os.makedirs(run_dir, exist_ok=True)
     fsutil.write_json(os.path.join(run_dir, "experiment.json"), config.to_dict())
@@ -252,11 +253,11 @@ def train_retrieval(config: ExperimentConfig, run_dir: str, *, resume: bool = Fa
     t0 = time.time()
     if state.initial_epoch < t.epochs and not state.finished:
         model.fit(train_ds, epochs=t.epochs, initial_epoch=state.initial_epoch,
-                  callbacks=[RecallAtK(tasks["valid"], r.recall_at), state],
+                  callbacks=[RecallAtK(tasks["valid"], recall_at), state],
                   verbose=(1 if os.isatty(1) else 2) if verbose is None else verbose)
     state.restore_best()
     fit_seconds = time.time() - t0
-    ks = sorted({10, r.recall_at, 100})
+    ks = sorted({min(k, len(catalog)) for k in (10, recall_at, 100)})
     metrics = {role: task.metrics(model, ks, counts) for role, task in tasks.items()}
     with fsutil.atomic_dir(os.path.join(run_dir, "model")) as tmp:
         tf.train.Checkpoint(fm=model.fm).write(os.path.join(tmp, "weights"))
@@ -274,9 +275,9 @@ def train_retrieval(config: ExperimentConfig, run_dir: str, *, resume: bool = Fa
         "versions": versions(), "warm_start": None,
     }
     fsutil.write_json(os.path.join(run_dir, "run.json"), record)
-    log(f"run complete: {run_dir} (valid recall@{r.recall_at} "
-        f"{metrics['valid'][f'recall@{r.recall_at}']:.4f}, popularity "
-        f"{metrics['valid']['popularity'][f'recall@{r.recall_at}']:.4f})")
+    log(f"run complete: {run_dir} (valid recall@{recall_at} "
+        f"{metrics['valid'][f'recall@{recall_at}']:.4f}, popularity "
+        f"{metrics['valid']['popularity'][f'recall@{recall_at}']:.4f})")
     return record
 
 
