@@ -381,6 +381,10 @@ class ExperimentConfig:
                 "task: retrieval" if task == "retrieval" else "training: negatives") +
                 " needs the item catalog (data: {items: items.csv} with the item_id column "
                 "and the item features)")
+        if needs_items and self.training.distribute.cluster:
+            raise ConfigError(f"{where}: training: distribute: " + (
+                "task: retrieval" if task == "retrieval" else "training: negatives") +
+                " trains on one machine for now; set strategy: none")
         if self.training.negatives.per_positive > 0 and task != "binary":
             raise ConfigError(f"{where}: training: negatives: sampled negatives are for task: "
                               f"binary, got task: {task!r}")

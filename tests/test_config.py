@@ -166,3 +166,12 @@ def test_retrieval_section_loads_with_items_and_no_label(tmp_path):
 def test_retrieval_and_negatives_errors(tmp_path, replace, message):
     with pytest.raises(ConfigError, match=message):
         load_experiment(_write(tmp_path, EXPERIMENT.replace(*replace)))
+
+
+def test_retrieval_on_a_cluster_is_refused(tmp_path):
+    text = EXPERIMENT.replace("  label: click\n", "  label: click\n  items: items.csv\n").replace(
+        "model: {embedding_dim: 8, l2_embeddings: 1e-4}", "model: {task: retrieval}").replace(
+        "training: {pos_weight: 4, neg_sample_rate: 0.5}",
+        "training: {distribute: {strategy: multi_worker_mirrored}}")
+    with pytest.raises(ConfigError, match="task: retrieval trains on one machine"):
+        load_experiment(_write(tmp_path, text))
