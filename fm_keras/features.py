@@ -262,21 +262,25 @@ class FeatureEncoder(keras.layers.Layer):
             return tf.cast(tf.strings.to_hash_bucket_fast(values, f.config.hash_buckets), tf.int32)
         return tf.cast(self._lookups[f.config.name](values), tf.int32)
 
-    def encode_numpy(self, columns: Mapping[str, np.ndarray],
-                     batch_size: int = 65_536) -> tuple[np.ndarray, np.ndarray]:
-        """Encodes in-memory columns once (training data is encoded once, not per epoch)."""
-        n = len(next(iter(columns.values())))
+    def encode_numpy(self, columns: Mapping[str, np.ndarray], batch_size: int = 65_536,
+                     names: Sequence[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Encodes in-memory columns once (training data is encoded once, not per epoch).
+
+        With `names`, only those features (one side of the model), as `encode` does.
+        """
+        names = tuple(self.input_names if names is None else names)
+        n = len(columns[names[0]])
         ids, values = [], []
         for start in range(0, n, batch_size):
-            chunk = {k: tf.constant(columns[k][start:start + batch_size]) for k in self.input_names}
-            i, v = self._encode_graph(chunk)
+            chunk = {k: tf.constant(columns[k][start:start + batch_size]) for k in names}
+            i, v = self._encode_graph(chunk, names)
             ids.append(i.numpy())
             values.append(v.numpy())
         return np.concatenate(ids), np.concatenate(values)
 
-    @tf.function
-    def _encode_graph(self, chunk):
-        return self(chunk)
+    @tf.function(reduce_retracing=True)
+    def _encode_graph(self, chunk, names):
+        return self.encode(chunk, names)
 
     def get_config(self):
         return {**super().get_config(), "features": [f.to_dict() for f in self.features]}

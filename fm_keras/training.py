@@ -80,6 +80,13 @@ def train(config: ExperimentConfig, run_dir: str, *, resume: bool = False,
                               "it, or train the cluster run from scratch")
 
         return train_distributed(config, run_dir, resume=resume, verbose=verbose)
+    if config.model.task == "retrieval":
+        from fm_keras.retrieval import train_retrieval
+
+        if warm_start:
+            raise ConfigError(f"{config.source}: model: task: retrieval runs cannot warm-start "
+                              "yet; train from scratch")
+        return train_retrieval(config, run_dir, resume=resume, verbose=verbose)
     started = time.time()
     check_run_dir(run_dir, resume)
     task = config.model.task
@@ -90,7 +97,7 @@ def train(config: ExperimentConfig, run_dir: str, *, resume: bool = False,
         + _dropped_text(train_split))
     if task == "binary":
         require_both_classes(train_split, config.data.label)
-    train_split, valid_split = _holdout_if_needed(train_split, valid_split, config.training.seed)
+    train_split, valid_split = holdout_if_needed(train_split, valid_split, config.training.seed)
 
     if resume and os.path.exists(os.path.join(run_dir, "features.json")):
         features = tuple(FittedFeature.from_dict(d)
@@ -113,7 +120,14 @@ def train(config: ExperimentConfig, run_dir: str, *, resume: bool = False,
             os.path.join(warm_start, "model", "weights")).expect_partial()
         log(f"warm start from {warm_start}")
     t0 = time.time()
-    train_ds = _dataset(model, train_split, config, training=True)
+    if config.training.negatives.per_positive:
+        from fm_keras.negatives import SampledNegatives
+
+        negatives = SampledNegatives(config, model.encoder, train_split)
+        valid_split = negatives.with_negatives(valid_split, config.training.seed)
+        train_ds = _dataset(model, train_split, config, training=True, negatives=negatives)
+    else:
+        train_ds = _dataset(model, train_split, config, training=True)
     valid_ds = _dataset(model, valid_split, config, training=False)
     log(f"encoded {len(train_split):,} + {len(valid_split):,} rows into "
         f"{model.encoder.num_slots} slots over {model.encoder.num_ids:,} ids "
@@ -229,8 +243,9 @@ class TrainingState(keras.callbacks.Callback):
     def __init__(self, run_dir: str, model: FMModel, config: ExperimentConfig, resume: bool):
         super().__init__()
         self.config = config
-        self.monitor = "val_auc" if config.model.task == "binary" else "val_rmse"
-        self.sign = 1.0 if config.model.task == "binary" else -1.0
+        self.monitor = {"binary": "val_auc", "regression": "val_rmse",
+                        "retrieval": "val_recall_at_k"}[config.model.task]
+        self.sign = -1.0 if config.model.task == "regression" else 1.0
         self.epoch = tf.Variable(0, dtype=tf.int64, trainable=False)
         self.checkpoint = tf.train.Checkpoint(fm=model.fm, optimizer=model.optimizer,
                                               epoch=self.epoch)
@@ -323,23 +338,29 @@ def watch_defined_metric(state: TrainingState, valid: Split) -> list[keras.callb
         on_epoch_end=lambda epoch, logs: (logs or {}).pop("val_auc", None))]
 
 
-def _dataset(model: FMModel, split: Split, config: ExperimentConfig, training: bool):
+def _dataset(model: FMModel, split: Split, config: ExperimentConfig, training: bool,
+             negatives=None):
     """Encodes a split once and serves it as batches of ``(slots, labels, weights)``.
 
     Training batches come from a fresh full permutation every epoch, gathered in-graph from
     the encoded arrays: an exact shuffle that costs one gather per batch, where a per-row
-    shuffle buffer would cost far more than the FM step itself.
+    shuffle buffer would cost far more than the FM step itself. With `negatives`
+    (`fm_keras.negatives.SampledNegatives`) each batch gets its sampled negatives.
     """
     ids, values = model.encoder.encode_numpy(split.features)
     weights = (sample_weights(split.labels, config.training) if training
                else np.ones(len(split), np.float32))
+    if negatives is not None:
+        return negatives.dataset(ids, values, split.labels, weights, config.training.batch_size,
+                                 config.training.seed)
     return batched_dataset(ids, values, split.labels, weights,
                            config.training.batch_size if training else 8192,
                            shuffle_seed=config.training.seed if training else None)
 
 
 def batched_dataset(ids: np.ndarray, values: np.ndarray, labels: np.ndarray,
-                    weights: np.ndarray, batch_size: int, shuffle_seed: int | None = None):
+                    weights: np.ndarray, batch_size: int, shuffle_seed: int | None = None,
+                    extra: dict[str, np.ndarray] | None = None):
     """A tf.data pipeline of ``({"ids", "values"}, labels, weights)`` batches.
 
     Args:
@@ -347,28 +368,38 @@ def batched_dataset(ids: np.ndarray, values: np.ndarray, labels: np.ndarray,
         labels, weights: [rows].
         batch_size: rows per batch (the last batch may be smaller).
         shuffle_seed: if set, every epoch visits the rows in a new random order.
+        extra: more per-row arrays [rows, ...], batched into the features dict by name.
     """
     n = len(labels)
+    extra = {k: tf.constant(v) for k, v in (extra or {}).items()}
     tensors = tuple(tf.constant(a) for a in (ids, values, labels, weights))
     num_batches = -(-n // batch_size)
     if shuffle_seed is None:
         order = tf.data.Dataset.from_tensors(tf.range(n))
     else:
-        order = tf.data.Dataset.from_tensors(0).map(
-            lambda _: tf.random.shuffle(tf.range(n), seed=shuffle_seed))
+        # A seed drawn anew each time the dataset is iterated (each epoch): a seeded
+        # tf.random.shuffle inside map would repeat the same permutation every epoch.
+        order = epoch_seeds(shuffle_seed).take(1).map(
+            lambda s: tf.random.experimental.stateless_shuffle(tf.range(n), seed=s))
     batches = order.flat_map(lambda rows: tf.data.Dataset.range(num_batches).map(
         lambda b: rows[b * batch_size:(b + 1) * batch_size]))
 
     def gather(rows):
         i, v, y, w = (tf.gather(t, rows) for t in tensors)
-        return {"ids": i, "values": v}, y, w
+        return {"ids": i, "values": v, **{k: tf.gather(t, rows) for k, t in extra.items()}}, y, w
 
     return (batches.map(gather, num_parallel_calls=tf.data.AUTOTUNE)
             .prefetch(tf.data.AUTOTUNE)
             .apply(tf.data.experimental.assert_cardinality(num_batches)))
 
 
-def _holdout_if_needed(train: Split, valid: Split | None, seed: int):
+def epoch_seeds(seed: int):
+    """An endless dataset of stateless-RNG seeds (int64 [2]), different on every iteration of
+    the dataset (every epoch) and reproducible from `seed`."""
+    return tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)
+
+
+def holdout_if_needed(train: Split, valid: Split | None, seed: int):
     if valid is not None:
         return train, valid
     log("no valid files configured: holding out 10% of the training rows for early stopping")

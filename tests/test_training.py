@@ -142,3 +142,20 @@ def test_corrected_probability_is_calibrated(calib_synth, tmp_path, training):
     test = record["metrics"]["test"]
     assert abs(test["calibration_ratio"] - 1) < 0.10, test
     assert abs(test["raw"]["calibration_ratio"] - 1) > 0.5  # the uncorrected one is far off
+
+
+def test_shuffle_is_a_new_permutation_every_epoch():
+    """Regression: a seeded tf.random.shuffle inside map repeated one order every epoch."""
+    from fm_keras.training import batched_dataset
+
+    n = 50
+    ds = batched_dataset(np.arange(n, dtype=np.int32)[:, None], np.ones((n, 1), np.float32),
+                         np.zeros(n, np.float32), np.ones(n, np.float32), 20, shuffle_seed=42)
+    epochs = [np.concatenate([f["ids"].numpy().ravel() for f, _, _ in ds]) for _ in range(3)]
+    for order in epochs:
+        assert sorted(order.tolist()) == list(range(n))
+    assert not np.array_equal(epochs[0], epochs[1]) and not np.array_equal(epochs[1], epochs[2])
+    again = batched_dataset(np.arange(n, dtype=np.int32)[:, None], np.ones((n, 1), np.float32),
+                            np.zeros(n, np.float32), np.ones(n, np.float32), 20, shuffle_seed=42)
+    np.testing.assert_array_equal(
+        np.concatenate([f["ids"].numpy().ravel() for f, _, _ in again]), epochs[0])
