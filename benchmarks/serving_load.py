@@ -321,10 +321,10 @@ def main():
     tmp = tempfile.mkdtemp(prefix="serving-bench-")
     atexit.register(shutil.rmtree, tmp, ignore_errors=True)
     if args.model_base_path:
-        from fm_keras.serving.manager import list_versions
+        from fm_keras.versions import version_dirs
 
         base = os.path.abspath(args.model_base_path)
-        model_dir = os.path.join(base, str(list_versions(base)[-1]))
+        model_dir = os.path.join(base, str(version_dirs(base)[-1]))
     else:
         base = os.path.join(tmp, "ranking")
         model_dir = toy_models.write_ranking_model(base, 1, k=10, buckets=100_000)

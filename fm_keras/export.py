@@ -30,6 +30,7 @@ from fm_keras._tf import tf
 from fm_keras.errors import ExportError
 from fm_keras.model import FMModel
 from fm_keras.training import Run, load_run, log
+from fm_keras.versions import version_dirs
 
 METADATA = "fm_keras.json"
 WARMUP = "tf_serving_warmup_requests"
@@ -153,8 +154,7 @@ def building(final: str, prefix: str | None = None):
 
 def next_version(model_dir: str) -> int:
     """One more than the highest numeric version under `model_dir` (1 for none)."""
-    versions = [int(d) for d in os.listdir(model_dir) if d.isdigit()] \
-        if os.path.isdir(model_dir) else []
+    versions = version_dirs(model_dir) if os.path.isdir(model_dir) else []
     return max(versions, default=0) + 1
 
 

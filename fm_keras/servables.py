@@ -12,6 +12,7 @@ import os
 
 from fm_keras._tf import tf
 from fm_keras.errors import ExportError
+from fm_keras.versions import version_dirs
 
 METADATA = os.path.join("assets.extra", "fm_keras.json")
 
@@ -22,8 +23,7 @@ def resolve_version(path: str) -> str:
         raise ExportError(f"{path}: no such model directory")
     if os.path.exists(os.path.join(path, "saved_model.pb")):
         return path
-    versions = sorted((int(d) for d in os.listdir(path)
-                       if d.isdigit() and os.path.isdir(os.path.join(path, d))))
+    versions = version_dirs(path)
     if not versions:
         raise ExportError(f"{path}: not an fm_keras export (no saved_model.pb and no numeric "
                           "version directories); pass e.g. saved_models/NAME/1")

@@ -17,6 +17,7 @@ import shutil
 import signal
 
 from fm_keras import fsutil
+from fm_keras.versions import version_dirs
 
 METADATA = os.path.join("assets.extra", "fm_keras.json")
 TEMP_PREFIX = ".tmp-push-"
@@ -38,12 +39,12 @@ def pushed_version(model_dir: str, model_fingerprint: str) -> int | None:
     """The version of ``model_dir`` that holds this model, if any."""
     if not os.path.isdir(model_dir):
         return None
-    for name in sorted((d for d in os.listdir(model_dir) if d.isdigit()), key=int):
-        path = os.path.join(model_dir, name, METADATA)
+    for version in version_dirs(model_dir):
+        path = os.path.join(model_dir, str(version), METADATA)
         if os.path.exists(path):
             meta = fsutil.read_json(path)
             if meta.get("pipeline", {}).get("model_fingerprint") == model_fingerprint:
-                return int(name)
+                return version
     return None
 
 

@@ -13,7 +13,8 @@ from tensorflow_serving.apis import (get_model_status_pb2, prediction_service_pb
 from fm_keras.serving import toy_models
 from fm_keras.serving.config import ServerOptions, single_model_config
 from fm_keras.serving.errors import ServingError
-from fm_keras.serving.manager import ModelManager, list_versions, replay_warmup
+from fm_keras.serving.manager import ModelManager, replay_warmup
+from fm_keras.versions import version_dirs
 
 
 def _corrupt(base, version):
@@ -115,7 +116,7 @@ def three_versions(saved_models, tmp_path_factory):
 
 
 def test_non_numeric_directories_are_skipped(three_versions):
-    assert list_versions(three_versions) == [1, 2, 3]
+    assert version_dirs(three_versions) == [1, 2, 3]
 
 
 @pytest.mark.parametrize("policy, loaded", [
