@@ -29,6 +29,7 @@ from fm_keras import __version__, fsutil
 from fm_keras._tf import tf
 from fm_keras.errors import ExportError
 from fm_keras.model import FMModel
+from fm_keras.servables import FORMAT_VERSION
 from fm_keras.training import Run, load_run, log
 from fm_keras.versions import version_dirs
 
@@ -256,7 +257,7 @@ def _metadata(run: Run, servable: RankingServable, loaded, name: str, version: i
     training = run.config.training
     return {
         "format": FORMAT_RANKING,
-        "format_version": 1,
+        "format_version": FORMAT_VERSION,
         "name": name,
         "version": version,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

@@ -63,11 +63,11 @@ def push(export_dir: str, model_fingerprint: str, base: str, name: str, run_id: 
                 "path": os.path.join(model_dir, str(existing)),
                 "reason": f"this model is version {existing} already"}
     from fm_keras.export import building, new_version_path  # TensorFlow: only when pushing
-    from fm_keras.servables import resolve_version
+    from fm_keras.servables import export_metadata
 
+    source, meta = export_metadata(export_dir)  # refuses a newer export format
     final = new_version_path(base, name)
     version = int(os.path.basename(final))
-    source = resolve_version(export_dir)
     with building(final, prefix=TEMP_PREFIX) as tmp:
         shutil.copy2(os.path.join(source, "saved_model.pb"), tmp)
         if os.environ.get(KILL_HOOK) == "1":
@@ -78,7 +78,6 @@ def push(export_dir: str, model_fingerprint: str, base: str, name: str, run_id: 
                 (shutil.copytree if os.path.isdir(src) else shutil.copy2)(
                     src, os.path.join(tmp, entry))
         meta_path = os.path.join(tmp, METADATA)
-        meta = fsutil.read_json(meta_path)
         meta.update(name=name, version=version,
                     pipeline={"run": run_id, "model_fingerprint": model_fingerprint,
                               "candidate": os.path.abspath(source)})

@@ -45,6 +45,7 @@ class ServerOptions:
     max_num_load_retries: int = 5
     load_retry_interval_micros: int = 60_000_000
     allow_version_labels_for_unavailable_models: bool = False
+    allow_ops: str = ""  # not a TF Serving flag: dangerous ops accepted knowingly (A,B)
     tensorflow_session_parallelism: int = 0  # 0: auto; sets intra- and inter-op threads
     tensorflow_intra_op_parallelism: int = 0  # 0: auto; threads inside one op
     tensorflow_inter_op_parallelism: int = 0  # 0: auto; ops run concurrently

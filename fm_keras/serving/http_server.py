@@ -120,6 +120,11 @@ class _Reject(asyncio.Protocol):
         transport.close()
 
 
+def _wake(waiter: asyncio.Future) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
+
+
 def _json_response(status: int, message: str) -> web.Response:
     return web.Response(status=status, body=json.dumps({"error": message}).encode(),
                         headers={"Content-Type": "application/json"})
@@ -227,19 +232,27 @@ class RestServer:
 
     async def _call(self, method: str, path: str, body: bytes, deadline: float):
         loop = self.loop
-        try:
-            await asyncio.wait_for(self._slots.acquire(), max(0.0, deadline - loop.time()))
-        except asyncio.TimeoutError:
-            return _json_response(504, "Deadline Exceeded: no free REST worker thread within "
-                                       "--rest_api_timeout_in_ms")
+        if self._slots.locked():  # all threads busy: wait in the loop, not in a thread
+            try:
+                await asyncio.wait_for(self._slots.acquire(), max(0.0, deadline - loop.time()))
+            except asyncio.TimeoutError:
+                return _json_response(504, "Deadline Exceeded: no free REST worker thread "
+                                           "within --rest_api_timeout_in_ms")
+        else:
+            await self._slots.acquire()  # free: returns at once
         future = loop.run_in_executor(self._pool, self.api.handle, method, path, body)
-        # the slot frees when the call ends, even one whose client has given up on it
-        future.add_done_callback(lambda _: self._slots.release())
-        try:
-            status, content_type, text = await asyncio.wait_for(
-                asyncio.shield(future), max(0.0, deadline - loop.time()))
-        except asyncio.TimeoutError:
+        # The slot frees when the call ends, even one whose client has given up on it. A plain
+        # timer + waiter instead of asyncio.wait_for: no extra task per request.
+        waiter = loop.create_future()
+        future.add_done_callback(lambda _: (self._slots.release(), _wake(waiter)))
+        timer = loop.call_at(deadline, _wake, waiter)
+        await waiter
+        timer.cancel()
+        if not future.done():
             return _json_response(504, "Deadline Exceeded")
+        if future.cancelled() or future.exception() is not None:  # RestApi.handle answers
+            return _json_response(500, f"REST worker failed: {future.exception()!r}")  # errors
+        status, content_type, text = future.result()
         return web.Response(status=status, body=text.encode("utf-8"),
                             headers={"Content-Type": content_type})
 

@@ -20,6 +20,7 @@ import time
 
 from fm_keras.serving.config import BatchingOptions, ServerOptions
 from fm_keras.serving.errors import ServingError, invalid_argument, not_found
+from fm_keras.serving.opcheck import parse_allow_ops
 from fm_keras.serving.predict import (Signature, arrays_from_request, find_signature,
                                       load_signatures, run_signature)
 from fm_keras.versions import version_dirs
@@ -110,6 +111,7 @@ class ModelManager:
         self._status: dict[str, dict[int, list]] = {}
         self._failed: set[tuple[str, int]] = set()
         self._poll_errors: dict[str, str] = {}
+        self._allowed_ops = parse_allow_ops(options.allow_ops)
         self._published: dict[str, _Published] = {}
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -325,7 +327,7 @@ class ModelManager:
     def _load_servable(self, name: str, version: int, path: str) -> Servable:
         from fm_keras.serving.loading import load_saved_model
 
-        loaded, signature_defs = load_saved_model(path)
+        loaded, signature_defs = load_saved_model(path, self._allowed_ops)
         servable = Servable(name, version, path, loaded, signature_defs, self._batching,
                             self._metrics)
         if self._options.enable_model_warmup:
