@@ -207,6 +207,8 @@ class RestServer:
             body = await self._read_body(request)
         except _TooLarge as err:
             return _json_response(413, str(err))
+        except ConnectionError:  # closed (by the timeout or the client) before the body came:
+            raise asyncio.CancelledError from None  # what aiohttp itself does then, quietly
         deadline = connection.handling() if connection else loop.time() + self.timeout
         try:
             response = await self._call(request.method, request.raw_path.split("?", 1)[0], body,

@@ -136,3 +136,29 @@ def check_served_ops(meta_graph, path: str, allowed=DEFAULT_ALLOWED_OPS) -> None
 def parse_allow_ops(text: str) -> frozenset[str]:
     """``--allow_ops=A,B`` -> {A, B} (op type names, comma separated)."""
     return frozenset(op.strip() for op in text.split(",") if op.strip())
+
+
+def main(argv=None) -> int:
+    """``python -m fm_keras.serving.opcheck VERSION_DIR...``: the op sets each signature can
+    run, and the dangerous ones, as one JSON document (how serving/README.md's lists are made)."""
+    import argparse
+    import json
+
+    from tensorflow.python.saved_model import loader_impl
+
+    parser = argparse.ArgumentParser(description=main.__doc__.splitlines()[0])
+    parser.add_argument("paths", nargs="+", help="SavedModel version directories")
+    args = parser.parse_args(argv)
+    result = {}
+    for path in args.paths:
+        meta = next(m for m in loader_impl.parse_saved_model(path).meta_graphs
+                    if "serve" in m.meta_info_def.tags)
+        result[path] = {key: sorted(signature_ops(meta, key)) for key in sorted(meta.signature_def)}
+        result[path]["dangerous"] = sorted(
+            {op for ops in result[path].values() for op in ops if dangerous_kind(op)})
+    print(json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
