@@ -16,7 +16,7 @@ import time
 
 import grpc
 import pytest
-from serving_testlib import RANKING_ROW, predict_request, start_server
+from serving_testlib import predict_request, start_server, wait_for
 from tensorflow_serving.apis import (get_model_status_pb2, model_service_pb2_grpc,
                                      prediction_service_pb2_grpc)
 
@@ -60,15 +60,6 @@ def _status(port, model="ranking"):
         request = get_model_status_pb2.GetModelStatusRequest()
         request.model_spec.name = model
         return {s.version: s for s in stub.GetModelStatus(request, timeout=10).model_version_status}
-
-
-def _wait_for(predicate, timeout=30.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.1)
-    return False
 
 
 @pytest.fixture
@@ -144,7 +135,7 @@ def test_3_only_ascii_digit_directories_are_versions(saved_models, base):
     try:
         assert set(_status(server.grpc_port)) == {1}
         toy_models.copy_version(str(saved_models / "ranking" / "1"), base, 2)
-        assert _wait_for(lambda: _grpc_predict(server.grpc_port).model_spec.version.value == 2)
+        assert wait_for(lambda: _grpc_predict(server.grpc_port).model_spec.version.value == 2)
         assert set(_status(server.grpc_port)) == {1, 2}
     finally:
         server.stop()
@@ -173,7 +164,7 @@ def test_4_a_failed_base_path_listing_keeps_the_loaded_version(base, monkeypatch
                     failed.append(err.code())
                 time.sleep(0.1)
             assert failed == []
-            assert _wait_for(lambda: "Permission denied" in caplog.text)
+            assert wait_for(lambda: "Permission denied" in caplog.text)
             monkeypatch.setattr(os, "listdir", real_listdir)
             moved = base + ".away"
             os.rename(base, moved)  # a missing base path is a failed listing too
