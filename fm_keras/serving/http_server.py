@@ -222,6 +222,9 @@ class RestServer:
         length = request.content_length
         if length is not None and length > self.max_body_bytes:
             raise _TooLarge(length, self.max_body_bytes)
+        if request.headers.get("Expect", "").lower() == "100-continue":
+            # curl sends this for bodies over 1 KiB and would wait a second for the answer
+            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         if length is not None:
             return await request.content.readexactly(length) if length else b""
         chunks, size = [], 0

@@ -71,6 +71,23 @@ def test_paths_bodies_and_keep_alive(api):
         server.stop()
 
 
+def test_expect_100_continue_is_answered_before_the_body(api):
+    server = _server(api)
+    try:
+        sock = socket.create_connection(("127.0.0.1", server.port), timeout=30)
+        sock.sendall(b"POST /e HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\n"
+                     b"Expect: 100-continue\r\n\r\n")
+        assert sock.recv(4096).startswith(b"HTTP/1.1 100 Continue")
+        sock.sendall(b"body")
+        reply = b""
+        while not reply.endswith(b"}"):
+            reply += sock.recv(4096)
+        assert reply.startswith(b"HTTP/1.1 200") and b'"bytes": 4' in reply
+        sock.close()
+    finally:
+        server.stop()
+
+
 def test_body_over_the_limit_is_413_without_calling_the_api(api):
     server = _server(api, max_body_bytes=10)
     try:
