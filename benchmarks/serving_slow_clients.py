@@ -108,7 +108,8 @@ def run(base: str, tmp: str, repo: str, tag: str, args) -> dict:
             f"with_{args.partial}_partial_p99_ms": _pct(during, 99),
             "p99_ratio": round(_pct(during, 99) / _pct(alone, 99), 2),
             "partial_closed": f"{closed}/{args.partial}",
-            "last_closed_after_s": round(last, 2) if closed else None, "server_threads_before": threads_before,
+            "last_closed_after_s": round(last, 2) if closed else None,
+            "server_threads_before": threads_before,
             "server_threads_with_partial": threads_during, "after_ok": len(after) == 50}
 
 

@@ -34,8 +34,8 @@ def add_commands(subparsers) -> dict:
             ("rest_api_timeout_in_ms", int, "REST request timeout: arrival and model call"),
             ("rest_api_max_connections", int, "fm-keras only: open REST connections allowed"),
             ("rest_api_max_body_bytes", int, "fm-keras only: largest REST request body"),
-            ("allow_ops", str, "fm-keras only: file-system/print/save/py_func ops to accept "
-                               "in served signatures, e.g. ReadFile,PrintV2 (a model is a program)"),
+            ("allow_ops", str, "fm-keras only: file-system/print/save/py_func ops to accept in "
+                               "served signatures, e.g. ReadFile,PrintV2 (a model is a program)"),
             ("model_name", str, "model name (ignored with --model_config_file)"),
             ("model_base_path", str, "directory of integer versions"),
             ("model_config_file", str, "text-format ModelServerConfig"),

@@ -32,8 +32,8 @@ _NO_DEADLINE = 86_400.0  # seconds
 def resolve(manager, model_spec):
     """ModelSpec -> servable (version, label or latest)."""
     choice = model_spec.WhichOneof("version_choice")
-    return manager.lookup(model_spec.name,
-                          request_version(model_spec.version.value) if choice == "version" else None,
+    version = request_version(model_spec.version.value) if choice == "version" else None
+    return manager.lookup(model_spec.name, version,
                           model_spec.version_label if choice == "version_label" else None)
 
 

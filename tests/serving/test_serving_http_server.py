@@ -60,7 +60,8 @@ def test_paths_bodies_and_keep_alive(api):
         for i in range(3):  # one keep-alive connection, several requests
             conn.request("GET", f"/v1/models/m{i}")
             response = conn.getresponse()
-            assert response.status == 200 and json.loads(response.read())["path"] == f"/v1/models/m{i}"
+            assert response.status == 200
+            assert json.loads(response.read())["path"] == f"/v1/models/m{i}"
         conn.close()
         chunked = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
         chunked.request("POST", "/c", body=iter([b"ab", b"cde"]),
@@ -127,8 +128,8 @@ def test_a_model_call_past_the_deadline_is_504_and_threads_stay_bounded(api):
     server = _server(api, timeout_ms=1000, threads=2)
     try:
         results = []
-        clients = [threading.Thread(target=lambda: results.append(_request(server.port, path="/slow")))
-                   for _ in range(4)]
+        clients = [threading.Thread(
+            target=lambda: results.append(_request(server.port, path="/slow"))) for _ in range(4)]
         for thread in clients:
             thread.start()
         for thread in clients:

@@ -1,9 +1,9 @@
 """The TF Serving behaviour probe of issue 14, over real loopback sockets.
 
-One test per numbered item (item 8, UTF-8 ids in ``index``, is tested in tests/test_recall.py;
-item 5, the reload RSS plateau, is benchmarks/serving_reload_rss.py); each sends what the probe sent,
-checks the answer TF Serving's behaviour implies, then sends a valid request that must
-succeed. Clients are the official tensorflow-serving-api stubs and plain HTTP.
+One test per numbered item (item 8, UTF-8 ids in ``index``, belongs to tests/test_recall.py;
+item 5, the reload RSS plateau, is measured by benchmarks/serving_reload_rss.py); each sends
+what the probe sent, checks the answer TF Serving's behaviour implies, then sends a valid
+request that must succeed. Clients are the official tensorflow-serving-api stubs and plain HTTP.
 """
 
 import http.client
