@@ -236,8 +236,9 @@ class Server:
         from fm_keras.serving.client import GrpcClient
         from fm_keras.serving.errors import ServingError
 
+        deadline = time.monotonic() + 600  # TensorFlow's import alone takes a minute under load
         with GrpcClient(f"127.0.0.1:{self.grpc_port}", timeout=2, retries=0) as client:
-            for _ in range(300):
+            while time.monotonic() < deadline:
                 try:
                     client.status(MODEL_NAME)
                     return
