@@ -29,8 +29,10 @@ from fm_keras import __version__, fsutil
 from fm_keras._tf import tf
 from fm_keras.errors import ExportError
 from fm_keras.model import FMModel
+from fm_keras.servables import FORMAT_VERSION
 from fm_keras.towers import item_vector, user_outputs
 from fm_keras.training import Run, load_run, log
+from fm_keras.versions import version_dirs
 
 METADATA = "fm_keras.json"
 WARMUP = "tf_serving_warmup_requests"
@@ -147,8 +149,7 @@ def building(final: str, prefix: str | None = None):
 
 def next_version(model_dir: str) -> int:
     """One more than the highest numeric version under `model_dir` (1 for none)."""
-    versions = [int(d) for d in os.listdir(model_dir) if d.isdigit()] \
-        if os.path.isdir(model_dir) else []
+    versions = version_dirs(model_dir) if os.path.isdir(model_dir) else []
     return max(versions, default=0) + 1
 
 
@@ -257,7 +258,7 @@ def _metadata(run: Run, servable: RankingServable, loaded, name: str, version: i
     training = run.config.training
     return {
         "format": FORMAT_RANKING,
-        "format_version": 1,
+        "format_version": FORMAT_VERSION,
         "name": name,
         "version": version,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
