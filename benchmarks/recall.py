@@ -72,12 +72,29 @@ def qps(fn, users: dict[str, np.ndarray], batch: int, seconds: float = 10.0) -> 
     return done / (time.perf_counter() - started)
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--items", type=int, default=1_000_000)
+def model_arguments(parser: argparse.ArgumentParser, items: int) -> None:
+    """--items, --model, --users-file, --rows: what `prepare` needs."""
+    parser.add_argument("--items", type=int, default=items)
     parser.add_argument("--model", help="ranking export (default: train a small one)")
     parser.add_argument("--users-file", help="CSV with the query features (with --model)")
     parser.add_argument("--rows", type=int, default=200_000, help="synthetic rows to train on")
+
+
+def prepare(args, prefix: str) -> tuple[str, str, str, str]:
+    """(work dir, ranking export, users file, catalog of --items items) for a benchmark."""
+    work = tempfile.mkdtemp(prefix=prefix)
+    model, users_file = (args.model, args.users_file) if args.model else \
+        ranking_model(work, args.rows)
+    catalog = os.path.join(work, "items.csv")
+    t0 = time.time()
+    big_catalog(catalog, args.items)
+    print(f"catalog: {args.items:,} items written in {time.time() - t0:.1f}s", flush=True)
+    return work, model, users_file, catalog
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    model_arguments(parser, 1_000_000)
     parser.add_argument("--users", type=int, default=1000)
     parser.add_argument("--k", type=int, default=100)
     parser.add_argument("--batch", type=int, default=100)
@@ -87,13 +104,7 @@ def main():
     parser.add_argument("--int8", action="store_true", help="also the int8-quantized index")
     parser.add_argument("--seconds", type=float, default=10.0, help="per q/s measurement")
     args = parser.parse_args()
-    work = tempfile.mkdtemp(prefix="fm-recall-bench-")
-    model, users_file = (args.model, args.users_file) if args.model else \
-        ranking_model(work, args.rows)
-    catalog = os.path.join(work, "items.csv")
-    t0 = time.time()
-    big_catalog(catalog, args.items)
-    print(f"catalog: {args.items:,} items written in {time.time() - t0:.1f}s", flush=True)
+    work, model, users_file, catalog = prepare(args, "fm-recall-bench-")
     overrides = {"partitions_to_search": args.leaves_to_search, "rescore": args.reorder}
     variants = {"scann": ("scann", index_settings("scann", args.items, args.k, **overrides)),
                 "partitioned": ("partitioned", index_settings(

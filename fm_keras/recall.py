@@ -21,7 +21,7 @@ import numpy as np
 
 from fm_keras import fsutil
 from fm_keras._tf import tf
-from fm_keras.errors import ExportError
+from fm_keras.errors import DataError, ExportError
 from fm_keras.export import (METADATA, WARMUP, _check_name, building, new_version_path,
                              signature_info, write_warmup)
 from fm_keras.servables import load_export
@@ -211,6 +211,9 @@ def read_catalog(path: str, ranking_meta: dict, id_column: str) -> tuple[np.ndar
     extra = [] if id_column in {f.name for f in features} else [id_column]
     split = load_split([path], features, None, (), passthrough=extra)
     ids = (split.passthrough[id_column] if extra else split.features[id_column]).astype(str)
+    if np.any(ids == ""):
+        raise DataError(f"{path}: column {id_column!r}: row {int(np.argmax(ids == '')) + 2} has "
+                        "an empty item id; every item needs one")
     if len(set(ids)) != len(ids):
         values, counts = np.unique(ids, return_counts=True)
         raise ExportError(f"{path}: column {id_column!r} has duplicate item ids, e.g. "
@@ -288,12 +291,13 @@ def make_index(backend: str, vectors: np.ndarray, k: int, params=None):
 
 def build_index(model_dir: str, items: str, name: str, base: str = "saved_models",
                 k: int = 100, backend: str = "scann", id_column: str = "item_id",
-                version: int | None = None, params=None) -> str:
+                version: int | None = None, params=None, settings: dict | None = None) -> str:
     """Exports ``base/name/<version>``: a recall model over the catalog; returns its path.
 
     Args:
         backend: "scann" (ScaNN custom ops), "brute_force" or "partitioned" (stock ops).
-        params: the backend's settings (see `index_settings`); None = sized by catalog.
+        params: the backend's settings (see `index_settings`); None = sized by catalog,
+            with `settings` (keyword arguments of `index_settings`) overriding some.
 
     Raises:
         ExportError, DataError: bad arguments, catalog or model; nothing is left behind.
@@ -312,8 +316,8 @@ def build_index(model_dir: str, items: str, name: str, base: str = "saved_models
     ids, columns = read_catalog(items, meta, id_column)
     vectors = item_vectors(ranking, columns)
     k = min(k, len(ids))
-    if params is None and backend != "brute_force":
-        params = index_settings(backend, len(ids), k)
+    if params is None:
+        params = index_settings(backend, len(ids), k, **(settings or {}))
     index = make_index(backend, vectors, k, params)
     log(f"indexed {len(ids):,} items with {backend} "
         f"({asdict(params) if params else 'exact'}) in {time.time() - started:.1f}s")

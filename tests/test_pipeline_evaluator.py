@@ -64,3 +64,11 @@ def test_recall_at_k_exact_and_approximate(pipeline_first_run):
     approximate = recall_at_k(model.properties["export_dir"], coarse, examples.uri)
     assert approximate["recall_at_k"] < 0.9
     assert approximate["queries"] == config.evaluator.recall_queries
+    # The partitioned backend: exact when every block is searched, less when one is.
+    for settings, check in (({}, lambda r: r == 1.0),
+                            ({"num_leaves": 50, "leaves_to_search": 1, "reorder": 20},
+                             lambda r: r < 0.9)):
+        ivf = dataclasses.replace(config, index=IndexConfig(k=20, backend="partitioned",
+                                                            **settings))
+        result = recall_at_k(model.properties["export_dir"], ivf, examples.uri)
+        assert result["backend"] == "partitioned" and check(result["recall_at_k"]), result
