@@ -59,17 +59,22 @@ def user_batches(test_csv: str, query_names: list[str], n: int) -> dict[str, np.
     return {k: frame[k].to_numpy().astype(object) for k in query_names}
 
 
-def qps(fn, users: dict[str, np.ndarray], batch: int, seconds: float = 10.0) -> float:
+def qps(fn, users: dict[str, np.ndarray], batch: int, seconds: float = 10.0
+        ) -> tuple[float, float]:
+    """(queries per wall second, queries per CPU second of this process, all threads).
+
+    The second figure is what the machine's other jobs disturb least."""
     n = len(next(iter(users.values())))
     feeds = [{k: tf.constant(v[s:s + batch]) for k, v in users.items()}
              for s in range(0, n - batch + 1, batch)]
     fn(**feeds[0])  # warm up
-    done, started, i = 0, time.perf_counter(), 0
+    done, started, cpu, i = 0, time.perf_counter(), time.process_time(), 0
     while time.perf_counter() - started < seconds:
         fn(**feeds[i % len(feeds)])
         done += batch
         i += 1
-    return done / (time.perf_counter() - started)
+    return (done / (time.perf_counter() - started),
+            done / max(time.process_time() - cpu, 1e-9))
 
 
 def model_arguments(parser: argparse.ArgumentParser, items: int) -> None:
@@ -81,11 +86,15 @@ def model_arguments(parser: argparse.ArgumentParser, items: int) -> None:
 
 
 def prepare(args, prefix: str) -> tuple[str, str, str, str]:
-    """(work dir, ranking export, users file, catalog of --items items) for a benchmark."""
-    work = tempfile.mkdtemp(prefix=prefix)
+    """(work dir, ranking export, users file, catalog of --items items) for a benchmark;
+    with ``args.reuse`` (an earlier run's work directory) its catalog is used again."""
+    work = getattr(args, "reuse", None) or tempfile.mkdtemp(prefix=prefix)
     model, users_file = (args.model, args.users_file) if args.model else \
         ranking_model(work, args.rows)
     catalog = os.path.join(work, "items.csv")
+    if os.path.exists(catalog):
+        print(f"catalog: {catalog} (reused)", flush=True)
+        return work, model, users_file, catalog
     t0 = time.time()
     big_catalog(catalog, args.items)
     print(f"catalog: {args.items:,} items written in {time.time() - t0:.1f}s", flush=True)
@@ -103,6 +112,8 @@ def main():
     parser.add_argument("--probe", type=int, help="partitioned: blocks searched per query")
     parser.add_argument("--int8", action="store_true", help="also the int8-quantized index")
     parser.add_argument("--seconds", type=float, default=10.0, help="per q/s measurement")
+    parser.add_argument("--reuse", help="work directory of an earlier run (printed at the "
+                        "end): measure its catalog and exports again")
     args = parser.parse_args()
     work, model, users_file, catalog = prepare(args, "fm-recall-bench-")
     overrides = {"partitions_to_search": args.leaves_to_search, "rescore": args.reorder}
@@ -117,6 +128,9 @@ def main():
     built = {}
     for label, (backend, params) in variants.items():
         t0 = time.time()
+        if os.path.isdir(os.path.join(base, f"ctr_recall_{label}", "1")):  # --reuse
+            built[label] = os.path.join(base, f"ctr_recall_{label}", "1")
+            continue
         built[label] = build_index(model, catalog, f"ctr_recall_{label}", base=base,
                                    k=args.k, backend=backend, params=params)
         print(f"{label}: built and exported in {time.time() - t0:.1f}s "
@@ -138,13 +152,15 @@ def main():
         same_ids = float(np.mean([len(set(a) & set(e)) / args.k for a, e in zip(
             got[label]["item_ids"].numpy(), got["brute_force"]["item_ids"].numpy())]))
         print(f"  {label:18s} {recall:.4f} by score ({same_ids:.4f} by id)")
-    print(f"{'request':16s} " + " ".join(f"{b + ' q/s':>22s}" for b in fns))
+    print("queries/s (wall clock) | queries per CPU-second, and the ratio to brute force")
+    print(f"{'request':16s} " + " ".join(f"{b:>36s}" for b in fns))
     for label, batch in (("single user", 1), (f"batch of {args.batch}", args.batch)):
         rates = {b: qps(fn, users, batch, args.seconds) for b, fn in fns.items()}
         print(f"{label:16s} " + " ".join(
-            f"{rates[b]:10,.0f} ({rates[b] / rates['brute_force']:6.1f}x bf)" for b in fns),
-            flush=True)
-    print(f"load average at the end: {os.getloadavg()[0]:.1f}")
+            f"{wall:8,.0f} ({wall / rates['brute_force'][0]:5.1f}x) | "
+            f"{cpu:8,.0f} ({cpu / rates['brute_force'][1]:5.1f}x)"
+            for b, (wall, cpu) in rates.items()), flush=True)
+    print(f"load average at the end: {os.getloadavg()[0]:.1f}; work directory {work}")
 
 
 if __name__ == "__main__":

@@ -3,10 +3,10 @@
 Building may use any library; serving may not. At build time the item vectors are partitioned
 by k-means (scikit-learn's trainer) and laid out for gathering; the search graph is
 
-    queries [B, d] -> partition scores [B, P] -> top-n partitions -> gather their blocks
-        [B, n, S, d] -> exact inner products [B, n, S] -> tf.math.top_k
+    queries [B, d] -> block scores [B, P] -> top-n blocks -> gather them [B, n * S, d]
+        -> exact inner products [B, n * S] -> tf.math.top_k
 
-(MatMul, TopKV2, GatherV2, BatchMatMulV2, Cast, Select, ...: every op is in stock TensorFlow,
+(MatMul, TopKV2, GatherV2, BatchMatMulV2, Cast, SelectV2, ...: every op is in stock TensorFlow,
 so the export serves on the stock TF Serving image, Triton's TensorFlow backend or TF Java).
 This is the inverted-file index (IVF) of Jegou et al., "Product quantization for nearest
 neighbor search", TPAMI 2011, used for maximum inner product search (MIPS).
@@ -102,10 +102,13 @@ class PartitionedIndex(tf.Module):
         self.params = params
         centroids, blocks, ids = partition(vectors, params.num_partitions,
                                            params.training_sample_size, seed)
-        fills = np.sort((ids >= 0).sum(axis=1))
         # Probing m blocks holds at least k items when the m smallest blocks hold k.
-        self.fill_cumsum = tf.constant(np.cumsum(fills).astype(np.int32))
-        self.centroids = tf.Variable(centroids, trainable=False, name="centroids")
+        self._fill_cumsum = np.cumsum(np.sort((ids >= 0).sum(axis=1))).astype(np.int32)
+        self.fill_cumsum = tf.constant(self._fill_cumsum)
+        # A block's distance to [q/|q|, 0] in the augmented space ranks as q.c/|q| - |c|^2/2.
+        self.centroids = tf.Variable(centroids[:, :-1], trainable=False, name="centroids")
+        self.centroid_bias = tf.Variable(-0.5 * np.sum(np.square(centroids), axis=1),
+                                         trainable=False, name="centroid_bias")
         self.block_ids = tf.Variable(ids, trainable=False, name="block_ids")
         self._quantized = params.quantize == "int8"
         if self._quantized:
@@ -133,28 +136,66 @@ class PartitionedIndex(tf.Module):
         k' = min(k, items in the searched blocks); slots without an item (fewer than k items
         in the catalog) have index -1 and score -inf.
         """
-        k = tf.convert_to_tensor(k, tf.int32)
-        unit = tf.math.l2_normalize(queries, axis=1)
-        # Nearest block centroid to [q/|q|, 0] in the augmented space: max q.c - |c|^2/2.
-        near = (tf.matmul(unit, self.centroids[:, :-1], transpose_b=True)
-                - 0.5 * tf.reduce_sum(tf.square(self.centroids), axis=1))
-        # Enough blocks for k items (the smallest blocks are not full).
-        need = tf.searchsorted(self.fill_cumsum, k[None], side="left")[0] + 1
-        probe = tf.minimum(tf.maximum(self._probe, need), self.num_blocks)
-        _, chosen = tf.math.top_k(near, k=probe)  # [B, n]
-        ids = tf.reshape(tf.gather(self.block_ids, chosen), [tf.shape(queries)[0], -1])
-        blocks = tf.gather(self.blocks, chosen)  # [B, n, S, d]
+        scores, ids = self._candidates(queries, k)
         if self._quantized:
-            return self._search_quantized(queries, blocks, ids, k)
-        scores = tf.linalg.matvec(blocks, queries[:, None, :])  # [B, n, S]
-        return _top_k(tf.reshape(scores, tf.shape(ids)), ids, k)
+            return self._rescored(queries, scores, ids, k)
+        return _top_k(scores, ids, k)
 
-    def _search_quantized(self, queries, blocks, ids, k):
-        approx = tf.linalg.matvec(tf.cast(blocks, tf.float32), (queries * self.scale)[:, None, :])
-        _, short = _top_k(tf.reshape(approx, tf.shape(ids)), ids, tf.maximum(k, self._rescore))
+    def search_excluding(self, queries, k, excluded):
+        """`search` without the items `excluded` [B, n] int32 (item indices, -1 = none).
+
+        The excluded items are masked among the candidates before the top k, so the search
+        reads as many blocks as without exclusions (not k + n results as for other indexes).
+        """
+        scores, ids = self._candidates(queries, k)
+        ids = tf.where(is_member(ids, excluded), -1, ids)
+        if self._quantized:
+            return self._rescored(queries, scores, ids, k)
+        return _top_k(scores, ids, k)
+
+    def _candidates(self, queries, k):
+        """Scores [B, n * S] (exact, or int8-approximate) and item indices of the searched
+        blocks."""
+        # (Few ops: on a single query the search costs about one dispatch per op.)
+        inverse_norm = tf.math.rsqrt(tf.maximum(
+            tf.reduce_sum(tf.square(queries), axis=1, keepdims=True), 1e-30))
+        near = (tf.matmul(queries, self.centroids, transpose_b=True) * inverse_norm
+                + self.centroid_bias)  # [B, P]
+        _, chosen = tf.math.top_k(near, k=self._blocks_for(k))  # [B, n]
+        batch = tf.shape(queries)[0]
+        ids = tf.reshape(tf.gather(self.block_ids, chosen), [batch, -1])  # [B, n * S]
+        blocks = tf.reshape(tf.gather(self.blocks, chosen), [batch, -1, self.blocks.shape[-1]])
+        if self._quantized:
+            approx = tf.matmul(tf.cast(blocks, tf.float32), (queries * self.scale)[:, :, None])
+            return approx[:, :, 0], ids
+        return tf.matmul(blocks, queries[:, :, None])[:, :, 0], ids  # [B, n * S]
+
+    def _blocks_for(self, k):
+        """Blocks to search: the setting, or more so that they hold at least k items."""
+        if isinstance(k, (int, np.integer)):  # known when the graph is traced
+            need = int(np.searchsorted(self._fill_cumsum, k, side="left")) + 1
+            return min(max(self._probe, need), self.num_blocks)
+        k = tf.convert_to_tensor(k, tf.int32)
+        need = tf.searchsorted(self.fill_cumsum, k[None], side="left")[0] + 1
+        return tf.minimum(tf.maximum(self._probe, need), self.num_blocks)
+
+    def _rescored(self, queries, approx, ids, k):
+        """The best k of an int8-scored shortlist, re-scored with the float vectors."""
+        _, short = _top_k(approx, ids, tf.maximum(k, self._rescore))
         vectors = tf.gather(self.vectors, tf.maximum(short, 0))  # [B, r, d]
-        exact = tf.linalg.matvec(vectors, queries)  # [B, r]
+        exact = tf.matmul(vectors, queries[:, :, None])[:, :, 0]  # [B, r]
         return _top_k(exact, short, k)
+
+
+def is_member(values, sets):
+    """values [B, m] int32, sets [B, n] int32 -> [B, m] bool: values[b, j] in sets[b, :].
+
+    A sort and a binary search per row (O((m + n) log n)), not an [B, m, n] comparison.
+    """
+    ordered = tf.sort(tf.concat([sets, tf.fill([tf.shape(sets)[0], 1], -2)], axis=1), axis=1)
+    pos = tf.searchsorted(ordered, values, side="left")
+    pos = tf.minimum(pos, tf.shape(ordered)[1] - 1)
+    return tf.equal(tf.gather(ordered, pos, batch_dims=1), values)
 
 
 def _top_k(scores, ids, k):

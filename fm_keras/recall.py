@@ -24,6 +24,7 @@ from fm_keras._tf import tf
 from fm_keras.errors import DataError, ExportError
 from fm_keras.export import (METADATA, WARMUP, _check_name, building, new_version_path,
                              signature_info, write_warmup)
+from fm_keras.partitioned import PartitionedIndex, PartitionedParams, is_member
 from fm_keras.servables import load_export
 from fm_keras.training import log
 
@@ -164,6 +165,9 @@ class RecallServable(tf.Module):
         exclude = features.pop("exclude_item_ids")
         vectors, offset = self._user(features)
         excluded = tf.cast(self.item_index.lookup(exclude), tf.int32)  # [B, n], -1: not an item
+        if hasattr(self.index, "search_excluding"):  # masks them among its candidates
+            scores, idx = self.index.search_excluding(vectors, self._k, excluded)
+            return self._found(scores, idx, offset)
         # Search k + (most catalog items any row excludes), drop those, keep the best k.
         counts = tf.reduce_sum(tf.cast(excluded >= 0, tf.int32), axis=1)
         extra = tf.reduce_max(tf.concat([counts, [0]], axis=0))  # 0 for an empty batch
@@ -172,17 +176,6 @@ class RecallServable(tf.Module):
         scores = tf.where(hit, tf.constant(-np.inf, scores.dtype), scores)
         scores, pos = tf.math.top_k(scores, k=tf.minimum(self._k, tf.shape(scores)[1]))
         return self._found(scores, tf.gather(idx, pos, batch_dims=1), offset)
-
-
-def is_member(values, sets):
-    """values [B, m] int32, sets [B, n] int32 -> [B, m] bool: values[b, j] in sets[b, :].
-
-    A sort and a binary search per row (O((m + n) log n)), not an [B, m, n] comparison.
-    """
-    ordered = tf.sort(tf.concat([sets, tf.fill([tf.shape(sets)[0], 1], -2)], axis=1), axis=1)
-    pos = tf.searchsorted(ordered, values, side="left")
-    pos = tf.minimum(pos, tf.shape(ordered)[1] - 1)
-    return tf.equal(tf.gather(ordered, pos, batch_dims=1), values)
 
 
 def utf8(ids) -> np.ndarray:
@@ -245,8 +238,6 @@ def index_settings(backend: str, items: int, k: int, *, partitions: int | None =
     if backend == "brute_force":
         return None
     if backend == "partitioned":
-        from fm_keras.partitioned import PartitionedParams
-
         params = PartitionedParams.for_catalog(items, k)
         return replace(params, **_fields(partitions, partitions_to_search, rescore),
                        quantize=quantize)
@@ -283,8 +274,6 @@ def make_index(backend: str, vectors: np.ndarray, k: int, params=None):
     if backend == "scann":
         return ScannIndex(vectors, k, params)
     if backend == "partitioned":
-        from fm_keras.partitioned import PartitionedIndex, PartitionedParams
-
         return PartitionedIndex(vectors, params or PartitionedParams.for_catalog(len(vectors), k))
     return BruteForceIndex(vectors)
 

@@ -6,7 +6,8 @@ import pytest
 import tensorflow as tf
 
 from fm_keras.errors import ExportError
-from fm_keras.partitioned import PartitionedIndex, PartitionedParams, augment, partition
+from fm_keras.partitioned import (PartitionedIndex, PartitionedParams, augment, is_member,
+                                  partition)
 
 
 def _vectors(n, d=11, seed=0, clusters=40):
@@ -114,3 +115,30 @@ def test_settings_by_catalog_and_checks():
         PartitionedParams(0, 2)
     with pytest.raises(ExportError, match="finite"):
         PartitionedIndex(np.full((10, 3), np.nan, np.float32), PartitionedParams(2, 2))
+
+
+def test_is_member_matches_numpy():
+    rng = np.random.default_rng(0)
+    values = rng.integers(-1, 50, (6, 30)).astype(np.int32)
+    sets = rng.integers(-1, 50, (6, 12)).astype(np.int32)
+    want = np.array([np.isin(v, s) for v, s in zip(values, sets)])
+    np.testing.assert_array_equal(is_member(tf.constant(values), tf.constant(sets)).numpy(), want)
+    empty = is_member(tf.constant(values), tf.zeros([6, 0], tf.int32)).numpy()
+    assert not empty[values >= 0].any()
+
+
+@pytest.mark.parametrize("quantize", [None, "int8"])
+def test_search_excluding_masks_before_the_top_k(quantize):
+    """Excluded items never come back and the rest is the exact top k of the others (every
+    block searched); -1 in the exclusions means none."""
+    vectors, queries = _vectors(800), _queries(4)
+    index = PartitionedIndex(vectors, PartitionedParams(8, 100, quantize, 800))
+    full = _exact(queries, vectors, 800)[1]
+    excluded = np.stack([full[:, 0], full[:, 2], np.full(4, -1)], axis=1).astype(np.int32)
+    scores, ids = index.search_excluding(tf.constant(queries), 10, tf.constant(excluded))
+    for b in range(4):
+        want = [i for i in full[b] if i not in excluded[b]][:10]
+        np.testing.assert_array_equal(ids.numpy()[b], want)
+    everything = np.tile(np.arange(800, dtype=np.int32), (4, 1))
+    _, ids = index.search_excluding(tf.constant(queries), 10, tf.constant(everything))
+    assert np.all(ids.numpy() == -1)
