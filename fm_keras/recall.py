@@ -7,7 +7,9 @@
 `scores` are FM logits (user_vector . item_vector + user_offset), so the order is exactly the
 ranking model's order for that user, and `probabilities` are the calibrated click
 probabilities. The ScaNN backend needs the ScaNN ops (`import scann` before loading; the
-ScaNN-enabled TF Serving); `brute_force` uses stock ops only and serves on stock TF Serving.
+ScaNN-enabled TF Serving); `partitioned` (an IVF index, fm_keras.partitioned) and
+`brute_force` use stock ops only and serve on stock TF Serving. Empty result slots (fewer than
+k items left after exclusions) are padded with id "", score PAD_SCORE and probability 0.
 """
 
 from __future__ import annotations
