@@ -27,10 +27,12 @@ import numpy as np
 
 from fm_keras import __version__, fsutil
 from fm_keras._tf import keras, tf
+from fm_keras.checkpoints import CheckpointWriter, is_large, parameters_finite
 from fm_keras.config import ExperimentConfig, experiment_from_dict
-from fm_keras.data import Split, downsample_negatives, load_data_split, sample_weights
+from fm_keras.data import (Split, downsample_negatives, load_data_split, require_both_classes,
+                           sample_weights, single_class)
 from fm_keras.errors import ConfigError, RunError, TrainingDivergedError
-from fm_keras.evaluation import metrics_for
+from fm_keras.evaluation import early_stopping_monitor, metrics_for
 from fm_keras.features import FittedFeature, fit_features
 from fm_keras.model import FMModel, build_model, make_optimizer
 
@@ -79,13 +81,15 @@ def train(config: ExperimentConfig, run_dir: str, *, resume: bool = False,
 
         return train_distributed(config, run_dir, resume=resume, verbose=verbose)
     started = time.time()
-    _check_run_dir(run_dir, resume)
+    check_run_dir(run_dir, resume)
     task = config.model.task
     train_split = load_data_split(config.data, "train", config.features, task)
     valid_split = (load_data_split(config.data, "valid", config.features, task)
                    if config.data.valid else None)
     log(f"train: {len(train_split):,} rows from {len(train_split.files)} file(s)"
         + _dropped_text(train_split))
+    if task == "binary":
+        require_both_classes(train_split, config.data.label)
     train_split, valid_split = _holdout_if_needed(train_split, valid_split, config.training.seed)
 
     if resume and os.path.exists(os.path.join(run_dir, "features.json")):
@@ -126,7 +130,8 @@ def train(config: ExperimentConfig, run_dir: str, *, resume: bool = False,
     t0 = time.time()
     if state.initial_epoch < config.training.epochs and not state.finished:
         model.fit(train_ds, validation_data=valid_ds, epochs=config.training.epochs,
-                  initial_epoch=state.initial_epoch, callbacks=[state],
+                  initial_epoch=state.initial_epoch,
+                  callbacks=[*watch_defined_metric(state, valid_split), state],
                   verbose=(1 if sys.stdout.isatty() else 2) if verbose is None else verbose)
     state.restore_best()
     train_seconds = time.time() - t0
@@ -151,7 +156,7 @@ def train(config: ExperimentConfig, run_dir: str, *, resume: bool = False,
         "seconds": {"total": round(time.time() - started, 2), "fit": round(train_seconds, 2)},
         "train_samples_per_second": round(
             len(train_split) * max(1, len(state.history)) / max(train_seconds, 1e-9)),
-        "versions": _versions(),
+        "versions": library_versions(),
         "warm_start": os.path.abspath(warm_start) if warm_start else None,
     }
     fsutil.write_json(os.path.join(run_dir, "run.json"), record)
@@ -214,8 +219,12 @@ class TrainingState(keras.callbacks.Callback):
     """Early stopping with best-weights restore, a checkpoint per epoch, resume, divergence.
 
     One callback owns all of it so that a resumed run continues with the same best metric and
-    patience counter it stopped with.
+    patience counter it stopped with. With large tables the epoch-end checks are sampled and
+    the checkpoints written in the background (`fm_keras.checkpoints`); the best checkpoint
+    holds the model weights only.
     """
+
+    async_checkpoints = True  # large tables are checkpointed in the background
 
     def __init__(self, run_dir: str, model: FMModel, config: ExperimentConfig, resume: bool):
         super().__init__()
@@ -226,8 +235,12 @@ class TrainingState(keras.callbacks.Callback):
         self.checkpoint = tf.train.Checkpoint(fm=model.fm, optimizer=model.optimizer,
                                               epoch=self.epoch)
         ckpt_dir = os.path.join(run_dir, "checkpoints")
-        self.last = tf.train.CheckpointManager(self.checkpoint, os.path.join(ckpt_dir, "last"), 1)
-        self.best = tf.train.CheckpointManager(self.checkpoint, os.path.join(ckpt_dir, "best"), 1)
+        # Large tables: sampled finite checks, asynchronous writes (fm_keras.checkpoints).
+        self.large = is_large(model.fm.trainable_weights)
+        background = self.large and self.async_checkpoints
+        self.last = CheckpointWriter(self.checkpoint, os.path.join(ckpt_dir, "last"), background)
+        self.best = CheckpointWriter(tf.train.Checkpoint(fm=model.fm),
+                                     os.path.join(ckpt_dir, "best"), background)
         self.state_path = os.path.join(run_dir, "state.json")
         self.best_value, self.best_epoch, self.wait, self.history = -math.inf, -1, 0, []
         self.finished = False
@@ -251,7 +264,7 @@ class TrainingState(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         logs = logs or {}
         fm = self.model.fm
-        if not all(bool(tf.reduce_all(tf.math.is_finite(w))) for w in fm.trainable_weights):
+        if not parameters_finite(fm.trainable_weights, seed=epoch):
             self._diverged("parameters are not finite")
         value = self.sign * float(logs.get(self.monitor, math.nan))
         if not math.isfinite(value):
@@ -276,8 +289,12 @@ class TrainingState(keras.callbacks.Callback):
             "monitor": self.monitor})
 
     def restore_best(self) -> None:
+        self.last.sync()
+        self.best.sync()
         if self.best.latest_checkpoint:
             tf.train.Checkpoint(fm=self.model.fm).read(self.best.latest_checkpoint).expect_partial()
+        if self.large and not parameters_finite(self.model.fm.trainable_weights, sampled=False):
+            self._diverged("parameters are not finite")
 
     def _diverged(self, what: str):
         t = self.config.training
@@ -285,6 +302,25 @@ class TrainingState(keras.callbacks.Callback):
             f"training diverged: {what}. Decrease training.learning_rate (now {t.learning_rate}), "
             f"increase model.l2_embeddings (now {self.config.model.l2_embeddings}), or check "
             "numeric features for extreme values")
+
+
+def watch_defined_metric(state: TrainingState, valid: Split) -> list[keras.callbacks.Callback]:
+    """Points `state` at validation logloss when the validation labels have one class.
+
+    AUC is undefined on one class; Keras' AUC metric would report 0.0 every epoch and early
+    stopping would keep the worst epoch. Logs a warning and returns a callback (to run before
+    `state`) that drops the meaningless ``val_auc`` from the epoch logs; else returns [].
+    """
+    monitor, sign = early_stopping_monitor(state.config.model.task, valid.labels)
+    if monitor == state.monitor:
+        return []
+    log(f"warning: {valid.files[0] if valid.files else 'validation rows'}: label column "
+        f"{state.config.data.label!r}: every validation row has label "
+        f"{single_class(valid.labels):g}, so AUC is undefined; early stopping watches "
+        f"{monitor} instead")
+    state.monitor, state.sign = monitor, sign
+    return [keras.callbacks.LambdaCallback(
+        on_epoch_end=lambda epoch, logs: (logs or {}).pop("val_auc", None))]
 
 
 def _dataset(model: FMModel, split: Split, config: ExperimentConfig, training: bool):
@@ -340,7 +376,9 @@ def _holdout_if_needed(train: Split, valid: Split | None, seed: int):
     return train.take(~is_valid), train.take(is_valid)
 
 
-def _check_run_dir(run_dir: str, resume: bool) -> None:
+def check_run_dir(run_dir: str, resume: bool) -> None:
+    """Raises `RunError` unless `run_dir` may receive a new run (or, with `resume`, continue
+    an unfinished one)."""
     if os.path.exists(os.path.join(run_dir, "run.json")):
         raise RunError(f"{run_dir}: holds a finished run; choose another --out or delete it")
     if resume:
@@ -356,7 +394,8 @@ def _dropped_text(split: Split) -> str:
     return " (filtered out: " + ", ".join(f"{k} {v:,}" for k, v in split.dropped.items()) + ")"
 
 
-def _versions() -> dict:
+def library_versions() -> dict:
+    """Versions of fm_keras and the libraries a run depends on, for run.json."""
     import tensorflow_recommenders as tfrs
 
     return {"fm_keras": __version__, "tensorflow": tf.__version__,
