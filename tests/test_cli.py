@@ -110,8 +110,13 @@ def test_export_index_score_recommend(small_run, small_synth, tmp_path, capsys):
     assert ranking == os.path.join(base, "ctr", "1")
     assert main(["index", "--model", os.path.join(base, "ctr"), "--items",
                  str(synth_dir / "items.csv"), "--name", "ctr_recall", "--base", base,
-                 "--k", "10", "--backend", "brute_force"]) == 0
+                 "--k", "10", "--backend", "partitioned", "--partitions", "8",
+                 "--partitions-to-search", "3", "--quantize", "int8", "--rescore", "50"]) == 0
     recall = json.loads(capsys.readouterr().out)["model"]
+    with open(os.path.join(recall, "assets.extra", "fm_keras.json")) as f:
+        index = json.load(f)["index"]
+    assert (index["backend"], index["num_partitions"], index["partitions_to_search"],
+            index["quantize"], index["rescore"]) == ("partitioned", 8, 3, "int8", 50)
     assert main(["score", "--model", ranking, "--input", str(synth_dir / "test.csv"),
                  "--output", str(tmp_path / "scores.parquet"), "--quiet"]) == 0
     assert json.loads(capsys.readouterr().out)["rows"] > 1000
@@ -141,10 +146,12 @@ def test_export_commands_bad_input(exports, small_synth, tmp_path, capsys):
           "--output", str(tmp_path / "missing" / "s.csv")], "does not exist"),
         (["export", "--run", str(tmp_path), "--name", "x", "--base", base],
          "not a finished fm_keras run"),
+        (["index", "--model", exports["ranking"], "--items", str(synth_dir / "items.csv"),
+          "--name", "r", "--base", base, "--quantize", "int8"],
+         "--quantize is not a setting of --backend scann"),
     ]
     for argv, message in cases:
         assert main(argv) == 2, argv
         assert message in _last_error(capsys), argv
     leftovers = [f for f in os.listdir(tmp_path) if f not in ("no_tags.csv", "empty.csv")]
-    assert leftovers in ([], ["out"]) and not any(
-        os.listdir(os.path.join(base, d)) for d in (os.listdir(base) if leftovers else []))
+    assert leftovers == []  # not even an empty model directory
