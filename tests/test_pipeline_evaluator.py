@@ -97,7 +97,9 @@ def test_ann_recall_at_k_exact_and_approximate(pipeline_first_run):
     assert approximate["ann_recall_at_k"] < 0.9
     assert approximate["queries"] == config.evaluator.ann_recall_queries
     # The partitioned backend: exact when every block is searched (the default below 20k
-    # items); with one of 500 partitions searched, its ANN fidelity with those settings.
+    # items); with one of 500 partitions searched, its ANN fidelity with those settings (the
+    # search widens until it holds k items, and whether one block's neighbours already hold
+    # the exact top-20 depends on the trained vectors, so only the range is checked).
     ivf = dataclasses.replace(config, index=IndexConfig(k=20, backend="partitioned"))
     result = ann_recall_at_k(model.properties["export_dir"], ivf, examples.uri)
     assert result["backend"] == "partitioned" and result["ann_recall_at_k"] == 1.0, result
@@ -106,4 +108,4 @@ def test_ann_recall_at_k_exact_and_approximate(pipeline_first_run):
     result = ann_recall_at_k(model.properties["export_dir"], ivf, examples.uri)
     assert (result["index"]["num_partitions"], result["index"]["partitions_to_search"]) == \
         (500, 1)
-    assert 0 < result["ann_recall_at_k"] < 1.0, result
+    assert 0 < result["ann_recall_at_k"] <= 1.0, result
