@@ -158,6 +158,9 @@ class ModelConfig:
         l2_embeddings: L2 on the factor rows a batch touches (frequency-adaptive).
         l2_linear: L2 on the linear weights a batch touches.
         init_stddev: standard deviation of the initial factors.
+        l2_prior: precision of a Gaussian prior on each id's factors and linear weight: an
+            id seen n times in training gets L2 ``l2_prior / (2 n)`` per occurrence, on top of
+            the above, so rare ids are held back most (see `FactorizationMachine`).
     """
 
     task: str = "binary"
@@ -165,11 +168,12 @@ class ModelConfig:
     l2_embeddings: float = 1e-5
     l2_linear: float = 1e-6
     init_stddev: float = 0.01
+    l2_prior: float = 0.0
 
     def __post_init__(self):
         _one_of(self.task, TASKS, "model: task")
         _at_least(self.embedding_dim, 1, "model: embedding_dim")
-        for name in ("l2_embeddings", "l2_linear", "init_stddev"):
+        for name in ("l2_embeddings", "l2_linear", "init_stddev", "l2_prior"):
             _at_least(getattr(self, name), 0.0, f"model: {name}")
 
 
@@ -226,7 +230,11 @@ class TrainingConfig:
         class_weight: ``{0: w0, 1: w1}``; an alternative spelling of pos_weight = w1 / w0.
         neg_sample_rate: keep each negative training row with this probability. The
             probability is corrected by +log(neg_sample_rate).
-        early_stopping_patience: epochs without a better validation metric before stopping.
+        early_stopping_patience: epochs without a better validation metric (AUC for binary,
+            RMSE for regression) before stopping. Epochs while the training loss is still at
+            the base-rate entropy (learning has not started) do not count.
+        early_stopping_min_delta: an epoch counts as better only if it beats the best by more
+            than this (its weights are still kept if it is the best).
         steps_per_execution: training steps per graph call; larger is faster on CPU.
         weight_decay: decoupled weight decay of the optimizer, applied to every row each step:
             unlike the per-occurrence L2 it shrinks rarely seen ids the most.
@@ -239,6 +247,7 @@ class TrainingConfig:
     batch_size: int = 1024
     epochs: int = 10
     early_stopping_patience: int = 2
+    early_stopping_min_delta: float = 0.0
     pos_weight: float | None = None
     class_weight: dict[int, float] | None = None
     neg_sample_rate: float = 1.0
@@ -252,6 +261,7 @@ class TrainingConfig:
         for name in ("batch_size", "epochs", "steps_per_execution"):
             _at_least(getattr(self, name), 1, f"training: {name}")
         _at_least(self.weight_decay, 0.0, "training: weight_decay")
+        _at_least(self.early_stopping_min_delta, 0.0, "training: early_stopping_min_delta")
         _at_least(self.early_stopping_patience, 1, "training: early_stopping_patience")
         if not self.learning_rate > 0:
             raise ConfigError(f"training: learning_rate must be > 0, got {self.learning_rate}")

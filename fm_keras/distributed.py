@@ -259,6 +259,8 @@ def _record(model, state, metrics, manifest, valid_rows, task, distribute, rows_
         "status": "complete", "task": model.task_name,
         "logit_correction": model.logit_correction,
         "epochs_run": epochs_run, "best_epoch": state.best_epoch, "history": state.history,
+        "converged": state.convergence_warning() is None,
+        "warnings": [w for w in [state.convergence_warning()] if w],
         "metrics": metrics,
         "rows": {"train": manifest["rows"], "valid": valid_rows,
                  "train_read": manifest["rows_read"], "dropped": manifest["dropped"]},

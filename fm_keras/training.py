@@ -15,6 +15,7 @@ A directory without a complete run.json is not a finished run: `load_run` refuse
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -28,6 +29,7 @@ import numpy as np
 from fm_keras import __version__, fsutil
 from fm_keras._tf import keras, tf
 from fm_keras.config import ExperimentConfig, experiment_from_dict
+from fm_keras.convergence import EarlyStopping, base_loss, cap_warning
 from fm_keras.data import Split, downsample_negatives, load_data_split, sample_weights
 from fm_keras.errors import ConfigError, RunError, TrainingDivergedError
 from fm_keras.evaluation import metrics_for
@@ -122,13 +124,18 @@ def train(config: ExperimentConfig, run_dir: str, *, resume: bool = False,
     # Validation rows are unweighted; weighted_metrics=[] says so (and silences Keras).
     model.compile(optimizer=make_optimizer(config.training), weighted_metrics=[],
                   steps_per_execution=config.training.steps_per_execution)
-    state = TrainingState(run_dir, model, config, resume=resume)
+    state = TrainingState(run_dir, model, config, resume=resume, base_loss=base_loss(
+        task, train_split.labels, sample_weights(train_split.labels, config.training)))
     t0 = time.time()
     if state.initial_epoch < config.training.epochs and not state.finished:
-        model.fit(train_ds, validation_data=valid_ds, epochs=config.training.epochs,
-                  initial_epoch=state.initial_epoch, callbacks=[state],
-                  verbose=(1 if sys.stdout.isatty() else 2) if verbose is None else verbose)
+        with contextlib.redirect_stdout(sys.stderr):  # Keras prints progress to stdout
+            model.fit(train_ds, validation_data=valid_ds, epochs=config.training.epochs,
+                      initial_epoch=state.initial_epoch, callbacks=[state],
+                      verbose=(1 if sys.stderr.isatty() else 2) if verbose is None else verbose)
     state.restore_best()
+    warning = state.convergence_warning()
+    if warning:
+        log(f"warning: {warning}")
     train_seconds = time.time() - t0
 
     metrics = {"valid": metrics_for(task, valid_split.labels, predict_split(model, valid_split))}
@@ -144,6 +151,8 @@ def train(config: ExperimentConfig, run_dir: str, *, resume: bool = False,
         "logit_correction": model.logit_correction,
         "epochs_run": len(state.history),
         "best_epoch": state.best_epoch,
+        "converged": warning is None,
+        "warnings": [warning] if warning else [],
         "history": state.history,
         "metrics": metrics,
         "rows": {"train": len(train_split), "valid": len(valid_split),
@@ -214,10 +223,16 @@ class TrainingState(keras.callbacks.Callback):
     """Early stopping with best-weights restore, a checkpoint per epoch, resume, divergence.
 
     One callback owns all of it so that a resumed run continues with the same best metric and
-    patience counter it stopped with.
+    patience counter it stopped with. The stopping rule itself (min_delta, no counting before
+    learning started) is `fm_keras.convergence.EarlyStopping`; epochs are 1-based throughout.
+
+    Args:
+        base_loss: the training loss of a model that has learned only the base rate
+            (`fm_keras.convergence.base_loss`); None skips the warmup check.
     """
 
-    def __init__(self, run_dir: str, model: FMModel, config: ExperimentConfig, resume: bool):
+    def __init__(self, run_dir: str, model: FMModel, config: ExperimentConfig, resume: bool,
+                 base_loss: float | None = None):
         super().__init__()
         self.config = config
         self.monitor = "val_auc" if config.model.task == "binary" else "val_rmse"
@@ -229,19 +244,30 @@ class TrainingState(keras.callbacks.Callback):
         self.last = tf.train.CheckpointManager(self.checkpoint, os.path.join(ckpt_dir, "last"), 1)
         self.best = tf.train.CheckpointManager(self.checkpoint, os.path.join(ckpt_dir, "best"), 1)
         self.state_path = os.path.join(run_dir, "state.json")
-        self.best_value, self.best_epoch, self.wait, self.history = -math.inf, -1, 0, []
-        self.finished = False
+        t = config.training
+        self.stopper = EarlyStopping(t.early_stopping_patience, t.early_stopping_min_delta,
+                                     base_loss)
+        self.history: list[dict] = []
         if resume and self.last.latest_checkpoint:
             self.checkpoint.restore(self.last.latest_checkpoint)
             state = fsutil.read_json(self.state_path)
-            self.best_value, self.best_epoch = state["best_value"], state["best_epoch"]
-            self.wait, self.history, self.finished = state["wait"], state["history"], state["finished"]
-            log(f"resuming after epoch {int(self.epoch.numpy())} "
-                f"(best {self.monitor} {self.sign * self.best_value:.5f} at epoch {self.best_epoch + 1})")
+            self.stopper = EarlyStopping.from_dict(state["early_stopping"])
+            self.history = state["history"]
+            log(f"resuming after epoch {int(self.epoch.numpy())} (best {self.monitor} "
+                f"{self.sign * self.stopper.best_value:.5f} at epoch {self.stopper.best_epoch})")
 
     @property
     def initial_epoch(self) -> int:
         return int(self.epoch.numpy())
+
+    @property
+    def best_epoch(self) -> int:
+        """1-based epoch whose weights `restore_best` restores (0 before the first epoch)."""
+        return self.stopper.best_epoch
+
+    @property
+    def finished(self) -> bool:
+        return self.stopper.stopped
 
     def on_train_batch_end(self, batch, logs=None):
         loss = (logs or {}).get("loss")
@@ -258,22 +284,22 @@ class TrainingState(keras.callbacks.Callback):
             self._diverged(f"{self.monitor} is {value}")
         self.history.append({k: float(v) for k, v in logs.items()})
         self.epoch.assign(epoch + 1)
-        if value > self.best_value:
-            self.best_value, self.best_epoch, self.wait = value, epoch, 0
+        if self.stopper.update(epoch + 1, value, logs.get("loss")):
             self.best.save()
-        else:
-            self.wait += 1
         self.last.save()
-        patience = self.config.training.early_stopping_patience
-        if self.wait >= patience:
+        if self.stopper.stopped:
             self.model.stop_training = True
-            self.finished = True
-            log(f"early stopping after epoch {epoch + 1}: {self.monitor} has not improved for "
-                f"{self.wait} epochs; best was epoch {self.best_epoch + 1}")
+            log(f"early stopping after epoch {epoch + 1}: {self.monitor} has not improved by "
+                f"more than {self.stopper.min_delta} for {self.stopper.wait} epochs; "
+                f"best was epoch {self.best_epoch}")
         fsutil.write_json(self.state_path, {
-            "epoch": epoch + 1, "best_value": self.best_value, "best_epoch": self.best_epoch,
-            "wait": self.wait, "history": self.history, "finished": self.finished,
-            "monitor": self.monitor})
+            "epoch": epoch + 1, "best_epoch": self.best_epoch, "history": self.history,
+            "finished": self.finished, "monitor": self.monitor,
+            "early_stopping": self.stopper.to_dict()})
+
+    def convergence_warning(self) -> str | None:
+        """`cap_warning` for this run (None if it stopped early or its last epoch was no gain)."""
+        return cap_warning(self.stopper, len(self.history), self.config.training.epochs)
 
     def restore_best(self) -> None:
         if self.best.latest_checkpoint:
@@ -295,6 +321,8 @@ def _dataset(model: FMModel, split: Split, config: ExperimentConfig, training: b
     shuffle buffer would cost far more than the FM step itself.
     """
     ids, values = model.encoder.encode_numpy(split.features)
+    if training and model.fm.l2_prior:
+        model.fm.set_id_counts(np.bincount(ids[values != 0], minlength=model.fm.num_ids))
     weights = (sample_weights(split.labels, config.training) if training
                else np.ones(len(split), np.float32))
     return batched_dataset(ids, values, split.labels, weights,

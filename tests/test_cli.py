@@ -102,26 +102,6 @@ def _last_error(capsys):
     return lines[-1]
 
 
-def test_export_index_score_recommend(small_run, small_synth, tmp_path, capsys):
-    synth_dir, _ = small_synth
-    base = str(tmp_path / "saved_models")
-    assert main(["export", "--run", small_run, "--name", "ctr", "--base", base]) == 0
-    ranking = json.loads(capsys.readouterr().out)["model"]
-    assert ranking == os.path.join(base, "ctr", "1")
-    assert main(["index", "--model", os.path.join(base, "ctr"), "--items",
-                 str(synth_dir / "items.csv"), "--name", "ctr_recall", "--base", base,
-                 "--k", "10", "--backend", "brute_force"]) == 0
-    recall = json.loads(capsys.readouterr().out)["model"]
-    assert main(["score", "--model", ranking, "--input", str(synth_dir / "test.csv"),
-                 "--output", str(tmp_path / "scores.parquet"), "--quiet"]) == 0
-    assert json.loads(capsys.readouterr().out)["rows"] > 1000
-    assert main(["recommend", "--model", recall, "--users", str(synth_dir / "test.csv"),
-                 "--k", "3", "--output", str(tmp_path / "recs.csv"), "--keep", "user_id",
-                 "--quiet"]) == 0
-    summary = json.loads(capsys.readouterr().out)
-    assert summary["k"] == 3 and summary["rows"] > 1000
-
-
 def test_export_commands_bad_input(exports, small_synth, tmp_path, capsys):
     synth_dir, _ = small_synth
     base = str(tmp_path / "out")
@@ -148,3 +128,71 @@ def test_export_commands_bad_input(exports, small_synth, tmp_path, capsys):
     leftovers = [f for f in os.listdir(tmp_path) if f not in ("no_tags.csv", "empty.csv")]
     assert leftovers in ([], ["out"]) and not any(
         os.listdir(os.path.join(base, d)) for d in (os.listdir(base) if leftovers else []))
+
+
+_DRIVER = """
+import json, os, sys
+from fm_keras.cli import main
+for name, argv in json.loads(sys.argv[1]):
+    with open(name + ".out", "w") as out:       # a file: stdout is not a terminal
+        sys.stdout.flush()
+        saved = os.dup(1)
+        os.dup2(out.fileno(), 1)
+        try:
+            code = main(argv)
+        finally:
+            sys.stdout.flush()
+            os.dup2(saved, 1)
+    if code:
+        sys.exit(f"{name} exited {code}")
+"""
+
+
+def test_every_command_prints_one_json_document_on_a_pipe(small_synth, tmp_path):
+    """Issue 11 frictions: with stdout not a TTY, train/evaluate/export/index/score/recommend
+    print exactly one JSON document on stdout (Keras's 'Epoch 1/2' lines and progress bars go
+    to stderr); best_epoch is 1-based in train's JSON, run.json and state.json alike; no
+    'failed call to cuInit' line on a machine without a GPU."""
+    synth_dir, _ = small_synth
+    config = tmp_path / "exp.yaml"
+    config.write_text((synth_dir / "experiment.yaml").read_text()
+                      .replace("epochs: 40", "epochs: 2")
+                      .replace("train.csv", str(synth_dir / "train.csv"))
+                      .replace("valid.csv", str(synth_dir / "valid.csv"))
+                      .replace("test.csv", str(synth_dir / "test.csv"))
+                      .replace("features.yaml", str(synth_dir / "features.yaml")))
+    run, base, test = str(tmp_path / "run"), str(tmp_path / "models"), str(synth_dir / "test.csv")
+    commands = [
+        ("train", ["train", "--config", str(config), "--out", run]),
+        ("evaluate", ["evaluate", "--run", run, "--data", test]),
+        ("export", ["export", "--run", run, "--name", "ctr", "--base", base]),
+        ("index", ["index", "--model", f"{base}/ctr", "--items", str(synth_dir / "items.csv"),
+                   "--name", "ctr_recall", "--base", base, "--k", "5",
+                   "--backend", "brute_force"]),
+        ("score", ["score", "--model", f"{base}/ctr", "--input", test,
+                   "--output", str(tmp_path / "scores.csv")]),
+        ("recommend", ["recommend", "--model", f"{base}/ctr_recall", "--users", test,
+                       "--k", "3", "--output", str(tmp_path / "recs.csv")]),
+    ]
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    proc = subprocess.run([sys.executable, "-c", _DRIVER, json.dumps(commands)], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = {name: json.loads((tmp_path / f"{name}.out").read_text()) for name, _ in commands}
+    assert results["export"]["model"] == os.path.join(base, "ctr", "1")
+    assert results["index"]["model"] == os.path.join(base, "ctr_recall", "1")
+    assert results["score"]["rows"] > 1000
+    assert results["recommend"]["k"] == 3 and results["recommend"]["rows"] > 1000
+    assert results["evaluate"]["auc"] == pytest.approx(results["train"]["metrics"]["test"]["auc"],
+                                                       abs=1e-6)
+    assert "Epoch 1/2" in proc.stderr                     # progress went somewhere: stderr
+    with open(os.path.join(run, "run.json")) as f:
+        record = json.load(f)
+    with open(os.path.join(run, "state.json")) as f:
+        state = json.load(f)
+    aucs = [h["val_auc"] for h in record["history"]]
+    assert results["train"]["best_epoch"] == record["best_epoch"] == state["best_epoch"] \
+        == 1 + aucs.index(max(aucs))
+    import glob
+    if not glob.glob("/dev/nvidia[0-9]*"):
+        assert "cuInit" not in proc.stderr

@@ -85,7 +85,7 @@ def test_early_stopping_restores_best_epoch(small_synth, tmp_path):
     record = train(_config(synth_dir, epochs=8, early_stopping_patience=1, optimizer="adam",
                            learning_rate=0.05), str(tmp_path / "run"), verbose=0)
     aucs = [h["val_auc"] for h in record["history"]]
-    assert record["best_epoch"] == int(np.argmax(aucs))
+    assert record["best_epoch"] == int(np.argmax(aucs)) + 1  # 1-based, like the log lines
     assert record["metrics"]["valid"]["auc"] == pytest.approx(max(aucs), abs=0.01)
 
 
@@ -113,3 +113,26 @@ def test_corrected_probability_is_calibrated(calib_synth, tmp_path, training):
     test = record["metrics"]["test"]
     assert abs(test["calibration_ratio"] - 1) < 0.10, test
     assert abs(test["raw"]["calibration_ratio"] - 1) > 0.5  # the uncorrected one is far off
+
+
+def test_epoch_cap_while_improving_warns_and_is_recorded(small_synth, tmp_path, capsys):
+    """Issue 11: a run that hits training.epochs while its last epoch was its best says so."""
+    synth_dir, _ = small_synth
+    record = train(_config(synth_dir, epochs=1), str(tmp_path / "run"), verbose=0)
+    assert record["best_epoch"] == 1 and not record["converged"]
+    assert "raise training.epochs" in record["warnings"][0]
+    assert "warning: still improving at the last epoch" in capsys.readouterr().err
+    state = load_run(str(tmp_path / "run")).info
+    assert state["converged"] is False
+
+
+def test_early_stop_is_converged_and_state_agrees(small_synth, tmp_path):
+    synth_dir, _ = small_synth
+    run_dir = str(tmp_path / "run")
+    record = train(_config(synth_dir, epochs=8, early_stopping_patience=1, optimizer="adam",
+                           learning_rate=0.05), run_dir, verbose=0)
+    import json
+    with open(os.path.join(run_dir, "state.json")) as f:
+        state = json.load(f)
+    assert len(record["history"]) < 8 and record["converged"] and not record["warnings"]
+    assert state["best_epoch"] == record["best_epoch"] == state["early_stopping"]["best_epoch"]
