@@ -155,12 +155,12 @@ def test_l2_prior_matches_numpy_reference():
     layer.embeddings.assign(v)
     layer.linear.assign(w)
     counts = rng.integers(0, 50, num_ids)
-    layer.set_id_counts(counts)
+    layer.set_prior(counts)
     ids = rng.integers(0, num_ids, (5, 4))
     values = rng.uniform(0.5, 2.0, (5, 4)) * (rng.random((5, 4)) < 0.8)
     layer((tf.constant(ids), tf.constant(values, tf.float32)))
-    per_row = [sum(0.5 * tau / max(counts[i], 1) * (v[i] @ v[i] + w[i] ** 2)
-                   for i, x in zip(row_ids, row_x) if x != 0)
+    per_row = [sum(0.5 * tau / counts[i] * (v[i] @ v[i] + w[i] ** 2)
+                   for i, x in zip(row_ids, row_x) if x != 0 and counts[i] > 0)
                for row_ids, row_x in zip(ids, values)]
     assert float(tf.add_n(layer.losses)) == pytest.approx(np.mean(per_row), rel=1e-5)
     clone = keras.layers.deserialize(json.loads(json.dumps(keras.layers.serialize(layer))))
@@ -173,10 +173,10 @@ def test_l2_prior_is_off_until_counts_are_set_and_checks_them():
     layer((tf.constant([[1, 2]]), tf.constant([[1.0, 1.0]])))
     assert float(tf.add_n(layer.losses)) == 0.0         # no counts yet: no prior
     with pytest.raises(ValueError, match=r"shape \[10\]"):
-        layer.set_id_counts(np.ones(9))
+        layer.set_prior(np.ones(9))
     plain = FactorizationMachine(10, 2)
     plain.build(None)
     with pytest.raises(ValueError, match="needs l2_prior > 0"):
-        plain.set_id_counts(np.ones(10))
+        plain.set_prior(np.ones(10))
     with pytest.raises(ValueError, match="l2_prior must be >= 0"):
         FactorizationMachine(10, 2, l2_prior=-1.0)
