@@ -161,6 +161,8 @@ class ModelConfig:
         l2_prior: precision of a Gaussian prior on each id's factors and linear weight: an
             id seen n times in training gets L2 ``l2_prior / (2 n)`` per occurrence, on top of
             the above, so rare ids are held back most (see `FactorizationMachine`).
+        l2_prior_adaptive: re-estimate each feature's prior precision after every epoch
+            (empirical Bayes, `fm_keras.prior`), starting from `l2_prior`; else keep it fixed.
     """
 
     task: str = "binary"
@@ -169,6 +171,7 @@ class ModelConfig:
     l2_linear: float = 1e-6
     init_stddev: float = 0.01
     l2_prior: float = 0.0
+    l2_prior_adaptive: bool = True
 
     def __post_init__(self):
         _one_of(self.task, TASKS, "model: task")

@@ -5,16 +5,13 @@ weight and factors. One tau cannot suit every data set: id effects on a syntheti
 tenth of those of users on MovieLens, so a tau that holds the first back crushes the second.
 Bayesian FMs (Freudenthaler, Schmidt-Thieme and Rendle, "Bayesian Factorization Machines",
 NIPS workshop 2011; libFM's MCMC, Rendle, ACM TIST 2012) give each feature f its own precision
-lambda_f and infer it from the parameters. This module does the point-estimate version, type-II
-maximum likelihood (empirical Bayes) after every epoch: in a Gaussian approximation an id seen
-in n_j rows, with loss curvature h per row, has an unregularized estimate m_j (its fit at the
-current tau, un-shrunk by (n_j h + tau) / (n_j h)) distributed as N(0, 1/tau_f + 1/(n_j h)),
-and tau_f maximizes that likelihood over the feature's ids. Ids with few rows carry little
-information and barely move it; a feature whose frequent ids agree on small effects gets a
-large tau_f (strong shrinkage), one with large effects a small one. The fixed point EM would
-crawl towards is found directly.
-The linear weights and the factors get separate precisions; the factor curvature is scaled by
-the mean squared factor sum of the other slots of a row, which is what a factor multiplies.
+lambda_f and infer it from the parameters. This module does a point-estimate version after
+every epoch (`precision`): the prior variance of feature f is what the spread of its
+well-measured ids' effects says it is, once the noise of their rows is subtracted. A feature
+whose frequent ids agree on small effects gets a large precision (strong shrinkage of all its
+ids, rare ones most), one with large effects a small one. The linear weights and the factors
+get separate precisions; the factor curvature is scaled by the mean squared factor sum of the
+other slots of a row, which is what a factor multiplies.
 """
 
 from __future__ import annotations
@@ -23,51 +20,42 @@ import numpy as np
 
 from fm_keras._tf import keras
 
-# Hyperprior Gamma(alpha0, beta0) on each precision: flat (alpha0 = 1, beta0 = 0), i.e. type-II
-# maximum likelihood. libFM's MCMC uses Gamma(1, 1), whose mean of 1 pulls the precision of
-# weak id effects (true tau in the hundreds) far down when the likelihood is flat.
-ALPHA0, BETA0 = 1.0, 0.0
+MIN_IDS = 20  # well-measured ids needed before a feature's precision moves
 TAU_RANGE = (1e-3, 1e6)
 
 
 def precision(theta_sq: np.ndarray, counts: np.ndarray, curvature: float, dims: int,
               tau: float) -> float:
-    """The maximum a posteriori prior precision of one feature, from its fit at `tau`.
+    """One feature's prior precision, estimated from its well-measured ids.
 
-    Each id's fit is treated as a Gaussian posterior mean: the unregularized estimate
-    ``m_j = fit_j * (n_j h + tau) / (n_j h)`` has variance ``1/tau + 1/(n_j h)`` around 0,
-    so tau_f maximizes ``sum_j log N(m_j; 0, 1/tau + 1/(n_j h))`` plus the Gamma(alpha0,
-    beta0) hyperprior on a log grid, then refined: the fixed point EM moves towards, found
-    directly (EM itself crawls where most ids have few rows).
+    An id whose data outweighs the prior (``n_j h >= tau``) has a fit close to its
+    unregularized estimate ``m_j = fit_j * (n_j h + tau) / (n_j h)``, whose expected square is
+    ``dims * (sigma^2 + 1/(n_j h))`` (the true effect plus the noise of n_j rows). So
+    ``sigma^2 = mean_j(m_j^2 / dims - 1/(n_j h))`` over those ids (a method-of-moments
+    estimate of the prior variance; rare ids, mostly prior, say little about it), and the new
+    precision is the geometric mean of the old one and 1 / sigma^2 (damped: fits lag the
+    prior by an epoch).
 
     Args:
         theta_sq: sum of squares of each id's fitted parameters [ids] (w_j^2 or ||v_j||^2).
-        counts: training rows of each id [ids]; ids with 0 rows are left out.
+        counts: training rows of each id [ids].
         curvature: loss curvature per row and parameter (h above).
         dims: numbers per id (1 for the linear weight, k for the factors).
         tau: the precision the parameters were fitted with.
 
     Returns:
-        tau_f within `TAU_RANGE`.
+        The new precision within `TAU_RANGE`; `tau` itself when fewer than `MIN_IDS` ids are
+        well measured.
     """
-    seen = counts > 0
-    info = counts[seen].astype(np.float64) * curvature
-    if not len(info):
+    info = np.asarray(counts, np.float64) * curvature
+    measured = info >= tau
+    if int(np.sum(measured)) < MIN_IDS:
         return tau
-    ml_sq = theta_sq[seen] * ((info + tau) / info) ** 2
-
-    def log_posterior(log_tau):
-        t = np.exp(log_tau)[:, None]
-        var = 1.0 / t + 1.0 / info[None, :]
-        return (-0.5 * np.sum(dims * np.log(var) + ml_sq[None, :] / var, axis=1)
-                + (ALPHA0 - 1) * log_tau - BETA0 * t[:, 0])
-
-    lo, hi = np.log(TAU_RANGE[0]), np.log(TAU_RANGE[1])
-    for _ in range(3):  # a coarse grid, then two finer ones around its best point
-        grid = np.linspace(lo, hi, 41)
-        best = int(np.argmax(log_posterior(grid)))
-        lo, hi = grid[max(best - 1, 0)], grid[min(best + 1, len(grid) - 1)]
-    return float(np.exp((lo + hi) / 2))
+    info = info[measured]
+    ml_sq = theta_sq[measured] * ((info + tau) / info) ** 2
+    variance = float(np.mean(ml_sq / dims - 1.0 / info))
+    target = 1.0 / max(variance, 1.0 / TAU_RANGE[1])
+    return float(np.clip(np.sqrt(tau * target), *TAU_RANGE))
 
 
 def curvature(task: str, labels: np.ndarray, weights: np.ndarray) -> float:

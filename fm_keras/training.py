@@ -326,12 +326,15 @@ def _dataset(model: FMModel, split: Split, config: ExperimentConfig, training: b
     training split's `EmpiricalBayesPrior` (id counts from the encoded rows) joins `callbacks`.
     """
     ids, values = model.encoder.encode_numpy(split.features)
-    if training and model.fm.l2_prior and callbacks is not None:
-        sample = np.random.default_rng(config.training.seed).permutation(len(ids))[:4096]
-        weights = sample_weights(split.labels, config.training)
-        callbacks.append(EmpiricalBayesPrior(
-            model, np.bincount(ids[values != 0], minlength=model.fm.num_ids),
-            ids[sample], values[sample], curvature(config.model.task, split.labels, weights)))
+    if training and model.fm.l2_prior:
+        counts = np.bincount(ids[values != 0], minlength=model.fm.num_ids)
+        model.fm.set_prior(counts)
+        if config.model.l2_prior_adaptive and callbacks is not None:
+            sample = np.random.default_rng(config.training.seed).permutation(len(ids))[:4096]
+            weights = sample_weights(split.labels, config.training)
+            callbacks.append(EmpiricalBayesPrior(
+                model, counts, ids[sample], values[sample],
+                curvature(config.model.task, split.labels, weights)))
     weights = (sample_weights(split.labels, config.training) if training
                else np.ones(len(split), np.float32))
     return batched_dataset(ids, values, split.labels, weights,
