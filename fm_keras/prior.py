@@ -5,13 +5,14 @@ weight and factors. One tau cannot suit every data set: id effects on a syntheti
 tenth of those of users on MovieLens, so a tau that holds the first back crushes the second.
 Bayesian FMs (Freudenthaler, Schmidt-Thieme and Rendle, "Bayesian Factorization Machines",
 NIPS workshop 2011; libFM's MCMC, Rendle, ACM TIST 2012) give each feature f its own precision
-lambda_f and infer it from the parameters. This module does a point-estimate version after
-every epoch (`precision`): the prior variance of feature f is what the spread of its
-well-measured ids' effects says it is, once the noise of their rows is subtracted. A feature
-whose frequent ids agree on small effects gets a large precision (strong shrinkage of all its
-ids, rare ones most), one with large effects a small one. The linear weights and the factors
-get separate precisions; the factor curvature is scaled by the mean squared factor sum of the
-other slots of a row, which is what a factor multiplies.
+lambda_f with a Gamma(alpha0, beta0) hyperprior and infer it from the parameters. This module
+does a point-estimate version after every epoch (`precision`, an EM step): for the D_f numbers
+of feature f, tau_f = (alpha0 + D_f/2) / (beta0 + 1/2 sum_j (theta_j^2 + var_j)) with var_j =
+dims / (n_j h + tau_f) the posterior variance of id j (n_j rows, loss curvature h per row).
+Training starts from a strong prior (`model.l2_prior`) and each feature's precision falls to
+what its ids' effects support: far for MovieLens users, little for weak synthetic ids. The
+linear weights and the factors get separate precisions; the factor curvature is scaled by the
+mean squared factor sum of the other slots of a row, which is what a factor multiplies.
 """
 
 from __future__ import annotations
@@ -20,42 +21,38 @@ import numpy as np
 
 from fm_keras._tf import keras
 
-MIN_IDS = 20  # well-measured ids needed before a feature's precision moves
+ALPHA0 = BETA0 = 1.0  # libFM's Gamma hyperprior on each precision
+_FIXED_POINT_STEPS = 20
 TAU_RANGE = (1e-3, 1e6)
 
 
 def precision(theta_sq: np.ndarray, counts: np.ndarray, curvature: float, dims: int,
               tau: float) -> float:
-    """One feature's prior precision, estimated from its well-measured ids.
+    """One EM update of a feature's prior precision, iterated with the fit held fixed.
 
-    An id whose data outweighs the prior (``n_j h >= tau``) has a fit close to its
-    unregularized estimate ``m_j = fit_j * (n_j h + tau) / (n_j h)``, whose expected square is
-    ``dims * (sigma^2 + 1/(n_j h))`` (the true effect plus the noise of n_j rows). So
-    ``sigma^2 = mean_j(m_j^2 / dims - 1/(n_j h))`` over those ids (a method-of-moments
-    estimate of the prior variance; rare ids, mostly prior, say little about it), and the new
-    precision is the geometric mean of the old one and 1 / sigma^2 (damped: fits lag the
-    prior by an epoch).
+    ``tau = (alpha0 + D/2) / (beta0 + 1/2 sum_j (theta_j^2 + dims / (n_j h + tau)))``: the
+    fitted parameters plus each id's posterior variance (large for ids with few rows, so
+    they pull the estimate towards the prior instead of towards 0).
 
     Args:
         theta_sq: sum of squares of each id's fitted parameters [ids] (w_j^2 or ||v_j||^2).
-        counts: training rows of each id [ids].
+        counts: training rows of each id [ids]; ids with 0 rows are left out.
         curvature: loss curvature per row and parameter (h above).
         dims: numbers per id (1 for the linear weight, k for the factors).
-        tau: the precision the parameters were fitted with.
+        tau: the current precision (the starting point).
 
     Returns:
-        The new precision within `TAU_RANGE`; `tau` itself when fewer than `MIN_IDS` ids are
-        well measured.
+        The new precision within `TAU_RANGE`.
     """
-    info = np.asarray(counts, np.float64) * curvature
-    measured = info >= tau
-    if int(np.sum(measured)) < MIN_IDS:
+    seen = counts > 0
+    theta_sq, info = theta_sq[seen], counts[seen].astype(np.float64) * curvature
+    if not len(info):
         return tau
-    info = info[measured]
-    ml_sq = theta_sq[measured] * ((info + tau) / info) ** 2
-    variance = float(np.mean(ml_sq / dims - 1.0 / info))
-    target = 1.0 / max(variance, 1.0 / TAU_RANGE[1])
-    return float(np.clip(np.sqrt(tau * target), *TAU_RANGE))
+    for _ in range(_FIXED_POINT_STEPS):
+        expected = float(np.sum(theta_sq + dims / (info + tau)))
+        tau = (ALPHA0 + dims * len(info) / 2) / (BETA0 + 0.5 * expected)
+        tau = float(np.clip(tau, *TAU_RANGE))
+    return tau
 
 
 def curvature(task: str, labels: np.ndarray, weights: np.ndarray) -> float:
