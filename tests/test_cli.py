@@ -14,7 +14,9 @@ def test_train_and_evaluate_print_json(small_synth, tmp_path, capsys):
     synth_dir, _ = small_synth
     run_dir = str(tmp_path / "run")
     config = tmp_path / "exp.yaml"
-    config.write_text((synth_dir / "experiment.yaml").read_text().replace("training:\n", "training:\n  epochs: 1\n")
+    config.write_text((synth_dir / "experiment.yaml").read_text()
+                      .replace("features: features.yaml",
+                               "features: features.yaml\ntraining: {epochs: 1, batch_size: 1024}")
                       .replace("train.csv", str(synth_dir / "train.csv"))
                       .replace("valid.csv", str(synth_dir / "valid.csv"))
                       .replace("test.csv", str(synth_dir / "test.csv"))
@@ -38,8 +40,8 @@ def _run_cli(*args, cwd):
         (d / "features.yaml").read_text().replace("kind: numeric", "kind: numerc")),
      "features.yaml: feature 'item_price': kind must be one of"),
     (lambda d: (d / "experiment.yaml").write_text(
-        (d / "experiment.yaml").read_text().replace("pos_weight", "pos_wieght")),
-     "experiment.yaml: training: unknown key 'pos_wieght' (did you mean 'pos_weight'?)"),
+        (d / "experiment.yaml").read_text().replace("label: click", "lable: click")),
+     "experiment.yaml: data: unknown key 'lable' (did you mean 'label'?)"),
     (lambda d: (d / "train.csv").write_text(
         (d / "train.csv").read_text().replace("item_price", "price", 1)),
      "train.csv: missing column 'item_price'"),
@@ -156,7 +158,8 @@ def test_every_command_prints_one_json_document_on_a_pipe(small_synth, tmp_path)
     synth_dir, _ = small_synth
     config = tmp_path / "exp.yaml"
     config.write_text((synth_dir / "experiment.yaml").read_text()
-                      .replace("training:\n", "training:\n  epochs: 2\n")
+                      .replace("features: features.yaml",
+                               "features: features.yaml\ntraining: {epochs: 2, batch_size: 1024}")
                       .replace("train.csv", str(synth_dir / "train.csv"))
                       .replace("valid.csv", str(synth_dir / "valid.csv"))
                       .replace("test.csv", str(synth_dir / "test.csv"))

@@ -14,7 +14,7 @@ from fm_keras.data import load_data_split
 
 def _config(synth_dir, **training):
     config = load_experiment(os.path.join(synth_dir, "experiment.yaml"))
-    defaults = {"epochs": 2, "steps_per_execution": 8}
+    defaults = {"epochs": 2, "steps_per_execution": 8, "batch_size": 1024}  # small data: small batches
     return dataclasses.replace(
         config, training=dataclasses.replace(config.training, **{**defaults, **training}))
 
