@@ -32,7 +32,7 @@ def calib_synth(tmp_path_factory):
 def test_run_directory_and_load(small_synth, tmp_path):
     synth_dir, _ = small_synth
     run_dir = str(tmp_path / "run")
-    record = train(_config(synth_dir), run_dir, verbose=0)
+    record = train(_config(synth_dir, learning_rate=0.02), run_dir, verbose=0)  # 2 short epochs
     assert record["status"] == "complete"
     assert sorted(os.listdir(run_dir)) == ["checkpoints", "experiment.json", "features.json",
                                            "model", "run.json", "state.json"]
