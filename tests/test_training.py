@@ -120,6 +120,11 @@ def test_epoch_cap_while_improving_warns_and_is_recorded(small_synth, tmp_path, 
     synth_dir, _ = small_synth
     record = train(_config(synth_dir, epochs=1), str(tmp_path / "run"), verbose=0)
     assert record["best_epoch"] == 1 and not record["converged"]
+    # The empirical Bayes prior re-estimated every feature's precisions after the epoch.
+    config = _config(synth_dir)
+    assert set(record["prior"]) == {f.name for f in config.features}
+    assert all(0 < tau < 1e6 and tau != config.model.l2_prior
+               for p in record["prior"].values() for tau in p.values())
     assert "raise training.epochs" in record["warnings"][0]
     assert "warning: still improving at the last epoch" in capsys.readouterr().err
     state = load_run(str(tmp_path / "run")).info
