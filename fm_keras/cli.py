@@ -117,7 +117,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", tf_log_level())
     from fm_keras.errors import FMKerasError
 
     try:
@@ -128,6 +128,20 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("fm-keras: interrupted", file=sys.stderr)
         return 130
+
+
+def tf_log_level() -> str:
+    """TensorFlow's C++ log level for the commands: errors only, none without a GPU.
+
+    The pip TensorFlow build looks for CUDA at start and, on a machine without an NVIDIA
+    device, logs "failed call to cuInit ... CUDA error" at ERROR level from C++. Level 3 hides
+    it there; a GPU machine keeps level 2 (its CUDA errors are real). A failing op still
+    raises its error in Python either way. An explicit TF_CPP_MIN_LOG_LEVEL wins.
+    """
+    import glob
+
+    has_gpu = bool(glob.glob("/dev/nvidia[0-9]*")) or os.path.exists("/dev/dxg")
+    return "2" if has_gpu else "3"
 
 
 def _synth(args) -> int:
@@ -164,8 +178,8 @@ def _train(args) -> int:
     record = train(config, out, resume=args.resume, verbose=0 if args.quiet else None)
     if record is None:  # a non-chief task of a cluster: the chief reports the run
         return 0
-    print(json.dumps({"run": out, "best_epoch": record["best_epoch"] + 1,
-                      "metrics": record["metrics"]}, indent=2))
+    print(json.dumps({"run": out, "best_epoch": record["best_epoch"],
+                      "converged": record.get("converged", True), "metrics": record["metrics"]}, indent=2))
     return 0
 
 

@@ -14,8 +14,8 @@ An experiment file looks like::
       filters:                    # rows matching a filter are dropped, and counted
         - {name: cached_exposures, column: is_cached, op: "==", value: 1}
     features: features.yaml       # or the list inline
-    model: {task: binary, embedding_dim: 10}
-    training: {optimizer: adam, learning_rate: 0.002, pos_weight: 5.0}
+    model: {task: binary, embedding_dim: 10}     # optional: defaults converge untuned
+    training: {pos_weight: 5.0}
 """
 
 from __future__ import annotations
@@ -168,6 +168,11 @@ class ModelConfig:
         l2_embeddings: L2 on the factor rows a batch touches (frequency-adaptive).
         l2_linear: L2 on the linear weights a batch touches.
         init_stddev: standard deviation of the initial factors.
+        l2_prior: precision of a Gaussian prior on each id's factors and linear weight: an
+            id seen n times in training gets L2 ``l2_prior / (2 n)`` per occurrence, on top of
+            the above, so rare ids are held back most (see `FactorizationMachine`).
+        l2_prior_adaptive: re-estimate each feature's prior precision after every epoch
+            (empirical Bayes, `fm_keras.prior`), starting from `l2_prior`; else keep it fixed.
     """
 
     task: str = "binary"
@@ -175,11 +180,13 @@ class ModelConfig:
     l2_embeddings: float = 1e-5
     l2_linear: float = 1e-6
     init_stddev: float = 0.01
+    l2_prior: float = 10.0
+    l2_prior_adaptive: bool = True
 
     def __post_init__(self):
         _one_of(self.task, TASKS, "model: task")
         _at_least(self.embedding_dim, 1, "model: embedding_dim")
-        for name in ("l2_embeddings", "l2_linear", "init_stddev"):
+        for name in ("l2_embeddings", "l2_linear", "init_stddev", "l2_prior"):
             _at_least(getattr(self, name), 0.0, f"model: {name}")
 
 
@@ -286,7 +293,11 @@ class TrainingConfig:
         class_weight: ``{0: w0, 1: w1}``; an alternative spelling of pos_weight = w1 / w0.
         neg_sample_rate: keep each negative training row with this probability. The
             probability is corrected by +log(neg_sample_rate).
-        early_stopping_patience: epochs without a better validation metric before stopping.
+        early_stopping_patience: epochs without a better validation metric (AUC for binary,
+            RMSE for regression) before stopping. Epochs while the training loss is still at
+            the base-rate entropy (learning has not started) do not count.
+        early_stopping_min_delta: an epoch counts as better only if it beats the best by more
+            than this (its weights are still kept if it is the best).
         steps_per_execution: training steps per graph call; larger is faster on CPU.
         weight_decay: decoupled weight decay of the optimizer, applied to every row each step:
             unlike the per-occurrence L2 it shrinks rarely seen ids the most.
@@ -297,10 +308,11 @@ class TrainingConfig:
     """
 
     optimizer: str = "adam"
-    learning_rate: float = 0.002
-    batch_size: int = 1024
-    epochs: int = 10
-    early_stopping_patience: int = 2
+    learning_rate: float = 0.004
+    batch_size: int = 4096
+    epochs: int = 40
+    early_stopping_patience: int = 3
+    early_stopping_min_delta: float = 1e-4
     pos_weight: float | None = None
     class_weight: dict[int, float] | None = None
     neg_sample_rate: float = 1.0
@@ -316,6 +328,7 @@ class TrainingConfig:
         for name in ("batch_size", "epochs", "steps_per_execution"):
             _at_least(getattr(self, name), 1, f"training: {name}")
         _at_least(self.weight_decay, 0.0, "training: weight_decay")
+        _at_least(self.early_stopping_min_delta, 0.0, "training: early_stopping_min_delta")
         _at_least(self.early_stopping_patience, 1, "training: early_stopping_patience")
         if not self.learning_rate > 0:
             raise ConfigError(f"training: learning_rate must be > 0, got {self.learning_rate}")

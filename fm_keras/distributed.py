@@ -202,6 +202,9 @@ def train_distributed(config: ExperimentConfig, run_dir: str, *, resume: bool = 
         return training_dataset(train_files, model.encoder, label, training, batch_size)
 
     state = _ClusterTrainingState(write_dir, model, config, resume=resume)
+    if config.model.l2_prior:  # its id counts come from the one-machine encoding pass
+        log("model.l2_prior is not applied on a cluster yet (no id counts from the shards); "
+            "training with l2_embeddings / l2_linear only")
     log(f"{distribute.strategy}: task {task.type}:{task.index} of "
         f"{ {k: len(v) for k, v in task.cluster.items()} }, {manifest['rows']:,} rows in "
         f"{len(train_files)} shards, {steps} steps of {batch_size} per epoch"
@@ -264,6 +267,8 @@ def _record(model, state, metrics, manifest, valid_rows, task, distribute, rows_
         "status": "complete", "task": model.task_name,
         "logit_correction": model.logit_correction,
         "epochs_run": epochs_run, "best_epoch": state.best_epoch, "history": state.history,
+        "converged": state.convergence_warning() is None,
+        "warnings": [w for w in [state.convergence_warning()] if w],
         "metrics": metrics,
         "rows": {"train": manifest["rows"], "valid": valid_rows,
                  "train_read": manifest["rows_read"], "dropped": manifest["dropped"]},

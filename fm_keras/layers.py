@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
+
 from fm_keras._tf import keras, tf
 
 
@@ -28,6 +30,14 @@ class FactorizationMachine(keras.layers.Layer):
             slot (so that, e.g., id features are regularized harder than shared attributes).
         l2_linear: the same for the linear weights.
         embeddings_initializer: initializer of the factor table.
+        l2_prior: precision tau of a Gaussian prior N(0, 1/tau) on every id's factors and
+            linear weight, for training on N rows: an id seen n times gets L2 tau / (2 n) per
+            occurrence, so each step adds tau / (2 N) * ||theta||^2 per id in expectation (the
+            MAP objective divided by N). Rare ids are held back most, frequent ones barely (cf.
+            the frequency-aware "mini-batch aware regularization" of Zhou et al., Deep Interest
+            Network, KDD 2018). Off (0) by default; the counts come from `set_prior`, and ids
+            without a count are not penalized by it. `fm_keras.prior` re-estimates tau per
+            feature during training.
 
     Call args:
         inputs: ``(ids, values)``: int tensor [batch, slots] and float tensor [batch, slots].
@@ -39,7 +49,7 @@ class FactorizationMachine(keras.layers.Layer):
     def __init__(self, num_ids: int, embedding_dim: int = 10,
                  l2_embeddings: float | Sequence[float] = 0.0,
                  l2_linear: float | Sequence[float] = 0.0,
-                 embeddings_initializer="random_normal", **kwargs):
+                 embeddings_initializer="random_normal", l2_prior: float = 0.0, **kwargs):
         super().__init__(**kwargs)
         if not isinstance(num_ids, int) or num_ids < 1:
             raise ValueError(f"num_ids must be a positive int, got {num_ids!r}")
@@ -50,6 +60,9 @@ class FactorizationMachine(keras.layers.Layer):
         self.l2_embeddings = _l2_value(l2_embeddings, "l2_embeddings")
         self.l2_linear = _l2_value(l2_linear, "l2_linear")
         self.embeddings_initializer = keras.initializers.get(embeddings_initializer)
+        self.l2_prior = _l2_value(l2_prior, "l2_prior")
+        if isinstance(self.l2_prior, list):
+            raise ValueError(f"l2_prior must be one float, got {l2_prior!r}")
 
     def build(self, input_shape):
         self.bias = self.add_weight(name="bias", shape=[], initializer="zeros")
@@ -57,7 +70,37 @@ class FactorizationMachine(keras.layers.Layer):
         self.embeddings = self.add_weight(name="embeddings",
                                           shape=[self.num_ids, self.embedding_dim],
                                           initializer=self.embeddings_initializer)
+        if self.l2_prior:
+            # Per-id L2 per occurrence, tau / (2 n), 0 until set: saved with the weights so
+            # that a resumed run keeps the same prior.
+            self.prior_embeddings = self.add_weight(name="prior_embeddings", shape=[self.num_ids],
+                                                    initializer="zeros", trainable=False)
+            self.prior_linear = self.add_weight(name="prior_linear", shape=[self.num_ids],
+                                                initializer="zeros", trainable=False)
         super().build(input_shape)
+
+    def set_prior(self, counts, tau_embeddings=None, tau_linear=None) -> None:
+        """Sets the `l2_prior` penalty of every id from its training count.
+
+        Args:
+            counts: int array [num_ids], how many training rows hold each id (x != 0).
+            tau_embeddings, tau_linear: prior precisions of the factors and of the linear
+                weights, a float or one per id [num_ids]; default `l2_prior`.
+
+        Raises:
+            ValueError: `l2_prior` is off, or an array has the wrong shape.
+        """
+        if not self.l2_prior:
+            raise ValueError("set_prior needs l2_prior > 0")
+        counts = np.asarray(counts, dtype=np.float64)
+        if counts.shape != (self.num_ids,):
+            raise ValueError(f"counts must have shape [{self.num_ids}], got {counts.shape}")
+        for tau, var in ((tau_embeddings, self.prior_embeddings),
+                         (tau_linear, self.prior_linear)):
+            tau = np.broadcast_to(self.l2_prior if tau is None else np.asarray(tau, np.float64),
+                                  counts.shape)
+            var.assign(np.where(counts > 0, 0.5 * tau / np.maximum(counts, 1.0), 0.0)
+                       .astype(np.float32))
 
     def call(self, inputs):
         ids, values = inputs
@@ -82,7 +125,7 @@ class FactorizationMachine(keras.layers.Layer):
         linear = tf.reduce_sum(w * values, axis=1)
         summed = tf.reduce_sum(vx, axis=1)                           # [b, k]
         pairs = 0.5 * tf.reduce_sum(tf.square(summed) - tf.reduce_sum(tf.square(vx), 1), 1)
-        if regularize and (_any(self.l2_embeddings) or _any(self.l2_linear)):
+        if regularize and (_any(self.l2_embeddings) or _any(self.l2_linear) or self.l2_prior):
             # Penalize only the rows this batch touched (x != 0), averaged over the batch.
             touched = tf.cast(tf.not_equal(values, 0.0), v.dtype)
             l2_v = tf.constant(self.l2_embeddings, v.dtype)                # [] or [s]
@@ -90,6 +133,11 @@ class FactorizationMachine(keras.layers.Layer):
             self.add_loss(tf.reduce_mean(
                 tf.reduce_sum(l2_v * tf.reduce_sum(tf.square(v), 2) * touched, 1)
                 + tf.reduce_sum(l2_w * tf.square(w) * touched, 1)))
+            if self.l2_prior:
+                l2_v = tf.nn.embedding_lookup(self.prior_embeddings, ids)     # [b, s]
+                l2_w = tf.nn.embedding_lookup(self.prior_linear, ids)
+                self.add_loss(tf.reduce_mean(tf.reduce_sum(
+                    (l2_v * tf.reduce_sum(tf.square(v), 2) + l2_w * tf.square(w)) * touched, 1)))
         return linear, pairs, summed
 
     def get_config(self):
@@ -100,6 +148,7 @@ class FactorizationMachine(keras.layers.Layer):
             "l2_embeddings": self.l2_embeddings,
             "l2_linear": self.l2_linear,
             "embeddings_initializer": keras.initializers.serialize(self.embeddings_initializer),
+            "l2_prior": self.l2_prior,
         }
 
 

@@ -136,7 +136,7 @@ def build_model(features: Sequence[FittedFeature], model: ModelConfig,
         encoder.num_ids, model.embedding_dim, l2_embeddings=l2_embeddings,
         l2_linear=l2_linear,
         embeddings_initializer=keras.initializers.RandomNormal(stddev=model.init_stddev),
-        name="fm")
+        l2_prior=model.l2_prior, name="fm")
     correction = training.logit_correction if (training and model.task == "binary") else 0.0
     fm_model = FMModel(encoder, fm, task=model.task, logit_correction=correction)
     fm_model.fm((tf.zeros([1, encoder.num_slots], tf.int32), tf.zeros([1, encoder.num_slots])))

@@ -15,6 +15,7 @@ A directory without a complete run.json is not a finished run: `load_run` refuse
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -29,12 +30,14 @@ from fm_keras import __version__, fsutil
 from fm_keras._tf import keras, tf
 from fm_keras.checkpoints import CheckpointWriter, is_large, parameters_finite
 from fm_keras.config import ExperimentConfig, experiment_from_dict
+from fm_keras.convergence import EarlyStopping, base_loss, cap_warning
 from fm_keras.data import (Split, downsample_negatives, load_data_split, require_both_classes,
                            sample_weights, single_class)
 from fm_keras.errors import ConfigError, RunError, TrainingDivergedError
 from fm_keras.evaluation import early_stopping_monitor, metrics_for
 from fm_keras.features import FittedFeature, fit_features
 from fm_keras.model import FMModel, build_model, make_optimizer
+from fm_keras.prior import EmpiricalBayesPrior, curvature
 
 
 @dataclass
@@ -120,14 +123,16 @@ def train(config: ExperimentConfig, run_dir: str, *, resume: bool = False,
             os.path.join(warm_start, "model", "weights")).expect_partial()
         log(f"warm start from {warm_start}")
     t0 = time.time()
+    callbacks = []
     if config.training.negatives.per_positive:
         from fm_keras.negatives import SampledNegatives
 
         negatives = SampledNegatives(config, model.encoder, train_split)
         valid_split = negatives.with_negatives(valid_split, config.training.seed)
-        train_ds = _dataset(model, train_split, config, training=True, negatives=negatives)
+        train_ds = _dataset(model, train_split, config, training=True, negatives=negatives,
+                            callbacks=callbacks)
     else:
-        train_ds = _dataset(model, train_split, config, training=True)
+        train_ds = _dataset(model, train_split, config, training=True, callbacks=callbacks)
     valid_ds = _dataset(model, valid_split, config, training=False)
     log(f"encoded {len(train_split):,} + {len(valid_split):,} rows into "
         f"{model.encoder.num_slots} slots over {model.encoder.num_ids:,} ids "
@@ -140,14 +145,20 @@ def train(config: ExperimentConfig, run_dir: str, *, resume: bool = False,
     # Validation rows are unweighted; weighted_metrics=[] says so (and silences Keras).
     model.compile(optimizer=make_optimizer(config.training), weighted_metrics=[],
                   steps_per_execution=config.training.steps_per_execution)
-    state = TrainingState(run_dir, model, config, resume=resume)
+    state = TrainingState(run_dir, model, config, resume=resume, base_loss=base_loss(
+        task, train_split.labels, sample_weights(train_split.labels, config.training))
+        if task != "retrieval" else None)
     t0 = time.time()
     if state.initial_epoch < config.training.epochs and not state.finished:
-        model.fit(train_ds, validation_data=valid_ds, epochs=config.training.epochs,
-                  initial_epoch=state.initial_epoch,
-                  callbacks=[*watch_defined_metric(state, valid_split), state],
-                  verbose=(1 if sys.stdout.isatty() else 2) if verbose is None else verbose)
+        with contextlib.redirect_stdout(sys.stderr):  # Keras prints progress to stdout
+            model.fit(train_ds, validation_data=valid_ds, epochs=config.training.epochs,
+                      initial_epoch=state.initial_epoch,
+                      callbacks=[*callbacks, *watch_defined_metric(state, valid_split), state],
+                      verbose=(1 if sys.stderr.isatty() else 2) if verbose is None else verbose)
     state.restore_best()
+    warning = state.convergence_warning()
+    if warning:
+        log(f"warning: {warning}")
     train_seconds = time.time() - t0
 
     metrics = {"valid": metrics_for(task, valid_split.labels, predict_split(model, valid_split))}
@@ -163,6 +174,9 @@ def train(config: ExperimentConfig, run_dir: str, *, resume: bool = False,
         "logit_correction": model.logit_correction,
         "epochs_run": len(state.history),
         "best_epoch": state.best_epoch,
+        "converged": warning is None,
+        "prior": callbacks[0].precisions if callbacks else None,
+        "warnings": [warning] if warning else [],
         "history": state.history,
         "metrics": metrics,
         "rows": {"train": len(train_split), "valid": len(valid_split),
@@ -233,14 +247,20 @@ class TrainingState(keras.callbacks.Callback):
     """Early stopping with best-weights restore, a checkpoint per epoch, resume, divergence.
 
     One callback owns all of it so that a resumed run continues with the same best metric and
-    patience counter it stopped with. With large tables the epoch-end checks are sampled and
-    the checkpoints written in the background (`fm_keras.checkpoints`); the best checkpoint
-    holds the model weights only.
+    patience counter it stopped with. The stopping rule itself (min_delta, no counting before
+    learning started) is `fm_keras.convergence.EarlyStopping`; epochs are 1-based throughout.
+    With large tables the epoch-end checks are sampled and the checkpoints written in the
+    background (`fm_keras.checkpoints`); the best checkpoint holds the model weights only.
+
+    Args:
+        base_loss: the training loss of a model that has learned only the base rate
+            (`fm_keras.convergence.base_loss`); None skips the warmup check.
     """
 
     async_checkpoints = True  # large tables are checkpointed in the background
 
-    def __init__(self, run_dir: str, model: FMModel, config: ExperimentConfig, resume: bool):
+    def __init__(self, run_dir: str, model: FMModel, config: ExperimentConfig, resume: bool,
+                 base_loss: float | None = None):
         super().__init__()
         self.config = config
         self.monitor = {"binary": "val_auc", "regression": "val_rmse",
@@ -257,19 +277,30 @@ class TrainingState(keras.callbacks.Callback):
         self.best = CheckpointWriter(tf.train.Checkpoint(fm=model.fm),
                                      os.path.join(ckpt_dir, "best"), background)
         self.state_path = os.path.join(run_dir, "state.json")
-        self.best_value, self.best_epoch, self.wait, self.history = -math.inf, -1, 0, []
-        self.finished = False
+        t = config.training
+        self.stopper = EarlyStopping(t.early_stopping_patience, t.early_stopping_min_delta,
+                                     base_loss)
+        self.history: list[dict] = []
         if resume and self.last.latest_checkpoint:
             self.checkpoint.restore(self.last.latest_checkpoint)
             state = fsutil.read_json(self.state_path)
-            self.best_value, self.best_epoch = state["best_value"], state["best_epoch"]
-            self.wait, self.history, self.finished = state["wait"], state["history"], state["finished"]
-            log(f"resuming after epoch {int(self.epoch.numpy())} "
-                f"(best {self.monitor} {self.sign * self.best_value:.5f} at epoch {self.best_epoch + 1})")
+            self.stopper = EarlyStopping.from_dict(state["early_stopping"])
+            self.history = state["history"]
+            log(f"resuming after epoch {int(self.epoch.numpy())} (best {self.monitor} "
+                f"{self.sign * self.stopper.best_value:.5f} at epoch {self.stopper.best_epoch})")
 
     @property
     def initial_epoch(self) -> int:
         return int(self.epoch.numpy())
+
+    @property
+    def best_epoch(self) -> int:
+        """1-based epoch whose weights `restore_best` restores (0 before the first epoch)."""
+        return self.stopper.best_epoch
+
+    @property
+    def finished(self) -> bool:
+        return self.stopper.stopped
 
     def on_train_batch_end(self, batch, logs=None):
         loss = (logs or {}).get("loss")
@@ -286,22 +317,22 @@ class TrainingState(keras.callbacks.Callback):
             self._diverged(f"{self.monitor} is {value}")
         self.history.append({k: float(v) for k, v in logs.items()})
         self.epoch.assign(epoch + 1)
-        if value > self.best_value:
-            self.best_value, self.best_epoch, self.wait = value, epoch, 0
+        if self.stopper.update(epoch + 1, value, logs.get("loss")):
             self.best.save()
-        else:
-            self.wait += 1
         self.last.save()
-        patience = self.config.training.early_stopping_patience
-        if self.wait >= patience:
+        if self.stopper.stopped:
             self.model.stop_training = True
-            self.finished = True
-            log(f"early stopping after epoch {epoch + 1}: {self.monitor} has not improved for "
-                f"{self.wait} epochs; best was epoch {self.best_epoch + 1}")
+            log(f"early stopping after epoch {epoch + 1}: {self.monitor} has not improved by "
+                f"more than {self.stopper.min_delta} for {self.stopper.wait} epochs; "
+                f"best was epoch {self.best_epoch}")
         fsutil.write_json(self.state_path, {
-            "epoch": epoch + 1, "best_value": self.best_value, "best_epoch": self.best_epoch,
-            "wait": self.wait, "history": self.history, "finished": self.finished,
-            "monitor": self.monitor})
+            "epoch": epoch + 1, "best_epoch": self.best_epoch, "history": self.history,
+            "finished": self.finished, "monitor": self.monitor,
+            "early_stopping": self.stopper.to_dict()})
+
+    def convergence_warning(self) -> str | None:
+        """`cap_warning` for this run (None if it stopped early or its last epoch was no gain)."""
+        return cap_warning(self.stopper, len(self.history), self.config.training.epochs)
 
     def restore_best(self) -> None:
         self.last.sync()
@@ -339,15 +370,26 @@ def watch_defined_metric(state: TrainingState, valid: Split) -> list[keras.callb
 
 
 def _dataset(model: FMModel, split: Split, config: ExperimentConfig, training: bool,
-             negatives=None):
+             negatives=None, callbacks: list | None = None):
     """Encodes a split once and serves it as batches of ``(slots, labels, weights)``.
 
     Training batches come from a fresh full permutation every epoch, gathered in-graph from
     the encoded arrays: an exact shuffle that costs one gather per batch, where a per-row
     shuffle buffer would cost far more than the FM step itself. With `negatives`
-    (`fm_keras.negatives.SampledNegatives`) each batch gets its sampled negatives.
+    (`fm_keras.negatives.SampledNegatives`) each batch gets its sampled negatives. With
+    `model.l2_prior` (binary and regression), the training split's id counts set the prior and
+    its `EmpiricalBayesPrior` joins `callbacks`.
     """
     ids, values = model.encoder.encode_numpy(split.features)
+    if training and model.fm.l2_prior and config.model.task != "retrieval":
+        counts = np.bincount(ids[values != 0], minlength=model.fm.num_ids)
+        model.fm.set_prior(counts)
+        if config.model.l2_prior_adaptive and callbacks is not None:
+            sample = np.random.default_rng(config.training.seed).permutation(len(ids))[:4096]
+            weights = sample_weights(split.labels, config.training)
+            callbacks.append(EmpiricalBayesPrior(
+                model, counts, ids[sample], values[sample],
+                curvature(config.model.task, split.labels, weights)))
     weights = (sample_weights(split.labels, config.training) if training
                else np.ones(len(split), np.float32))
     if negatives is not None:

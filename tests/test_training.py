@@ -16,7 +16,7 @@ from fm_keras.data import load_data_split
 
 def _config(synth_dir, **training):
     config = load_experiment(os.path.join(synth_dir, "experiment.yaml"))
-    defaults = {"epochs": 2, "steps_per_execution": 8}
+    defaults = {"epochs": 2, "steps_per_execution": 8, "batch_size": 1024}  # small data: small batches
     return dataclasses.replace(
         config, training=dataclasses.replace(config.training, **{**defaults, **training}))
 
@@ -34,7 +34,7 @@ def calib_synth(tmp_path_factory):
 def test_run_directory_and_load(small_synth, tmp_path):
     synth_dir, _ = small_synth
     run_dir = str(tmp_path / "run")
-    record = train(_config(synth_dir), run_dir, verbose=0)
+    record = train(_config(synth_dir, learning_rate=0.02), run_dir, verbose=0)  # 2 short epochs
     assert record["status"] == "complete"
     assert sorted(os.listdir(run_dir)) == ["checkpoints", "experiment.json", "features.json",
                                            "model", "run.json", "state.json"]
@@ -114,7 +114,7 @@ def test_early_stopping_restores_best_epoch(small_synth, tmp_path):
     record = train(_config(synth_dir, epochs=8, early_stopping_patience=1, optimizer="adam",
                            learning_rate=0.05), str(tmp_path / "run"), verbose=0)
     aucs = [h["val_auc"] for h in record["history"]]
-    assert record["best_epoch"] == int(np.argmax(aucs))
+    assert record["best_epoch"] == int(np.argmax(aucs)) + 1  # 1-based, like the log lines
     assert record["metrics"]["valid"]["auc"] == pytest.approx(max(aucs), abs=0.01)
 
 
@@ -142,6 +142,34 @@ def test_corrected_probability_is_calibrated(calib_synth, tmp_path, training):
     test = record["metrics"]["test"]
     assert abs(test["calibration_ratio"] - 1) < 0.10, test
     assert abs(test["raw"]["calibration_ratio"] - 1) > 0.5  # the uncorrected one is far off
+
+
+def test_epoch_cap_while_improving_warns_and_is_recorded(small_synth, tmp_path, capsys):
+    """Issue 11: a run that hits training.epochs while its last epoch was its best says so."""
+    synth_dir, _ = small_synth
+    record = train(_config(synth_dir, epochs=1), str(tmp_path / "run"), verbose=0)
+    assert record["best_epoch"] == 1 and not record["converged"]
+    # The empirical Bayes prior re-estimated every feature's precisions after the epoch.
+    config = _config(synth_dir)
+    assert set(record["prior"]) == {f.name for f in config.features}
+    assert all(0 < tau < 1e6 and tau != config.model.l2_prior
+               for p in record["prior"].values() for tau in p.values())
+    assert "raise training.epochs" in record["warnings"][0]
+    assert "warning: still improving at the last epoch" in capsys.readouterr().err
+    state = load_run(str(tmp_path / "run")).info
+    assert state["converged"] is False
+
+
+def test_early_stop_is_converged_and_state_agrees(small_synth, tmp_path):
+    synth_dir, _ = small_synth
+    run_dir = str(tmp_path / "run")
+    record = train(_config(synth_dir, epochs=8, early_stopping_patience=1, optimizer="adam",
+                           learning_rate=0.05), run_dir, verbose=0)
+    import json
+    with open(os.path.join(run_dir, "state.json")) as f:
+        state = json.load(f)
+    assert len(record["history"]) < 8 and record["converged"] and not record["warnings"]
+    assert state["best_epoch"] == record["best_epoch"] == state["early_stopping"]["best_epoch"]
 
 
 def test_shuffle_is_a_new_permutation_every_epoch():
