@@ -51,6 +51,8 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="metrics of a finished run on labeled data, as JSON")
     p.add_argument("--run", required=True, help="run directory written by 'fm-keras train'")
     p.add_argument("--data", required=True, nargs="+", help="CSV/Parquet files or globs")
+    p.add_argument("--reliability_plot", "--reliability-plot", metavar="PATH",
+                   help="also write a reliability diagram (PNG) of the probabilities here")
 
     p = sub.add_parser("export", help="export a finished run as a versioned ranking SavedModel")
     p.add_argument("--run", required=True, help="run directory written by 'fm-keras train'")
@@ -189,7 +191,8 @@ def _cluster_server(args) -> int:
 def _evaluate(args) -> int:
     from fm_keras.evaluation import evaluate_run
 
-    print(json.dumps(evaluate_run(args.run, args.data), indent=2))
+    print(json.dumps(evaluate_run(args.run, args.data,
+                                  reliability_plot=args.reliability_plot), indent=2))
     return 0
 
 

@@ -31,6 +31,7 @@ from typing import Any
 
 import yaml
 
+from fm_keras.calibration import CHOICES as CALIBRATIONS
 from fm_keras.errors import ConfigError
 
 KINDS = ("categorical", "multi_hot", "numeric")
@@ -240,6 +241,10 @@ class TrainingConfig:
             unlike the per-occurrence L2 it shrinks rarely seen ids the most.
         distribute: the ``tf.distribute`` strategy (see `DistributeConfig`); batch_size is
             the global batch: each of n synchronous workers takes batch_size / n rows.
+        calibration: the calibrator fitted on the validation split after training (binary
+            task; see `fm_keras.calibration`): ``auto`` (none, platt or isotonic, whichever
+            has the lowest cross-fitted validation logloss), ``platt``, ``isotonic`` or
+            ``none`` (the logit correction alone).
     """
 
     optimizer: str = "adam"
@@ -255,9 +260,11 @@ class TrainingConfig:
     steps_per_execution: int = 32
     weight_decay: float = 0.0
     distribute: DistributeConfig = field(default_factory=DistributeConfig)
+    calibration: str = "auto"
 
     def __post_init__(self):
         _one_of(self.optimizer, OPTIMIZERS, "training: optimizer")
+        _one_of(self.calibration, CALIBRATIONS, "training: calibration")
         for name in ("batch_size", "epochs", "steps_per_execution"):
             _at_least(getattr(self, name), 1, f"training: {name}")
         _at_least(self.weight_decay, 0.0, "training: weight_decay")
@@ -314,6 +321,10 @@ class ExperimentConfig:
             raise ConfigError(f"{self.source}: features: duplicate names {dupes}")
         if self.data.label in names:
             raise ConfigError(f"{self.source}: the label {self.data.label!r} is also a feature")
+        if self.model.task == "regression" and self.training.calibration in ("platt", "isotonic"):
+            raise ConfigError(f"{self.source}: training: calibration: {self.training.calibration} "
+                              "calibrates click probabilities; a regression model has none. "
+                              "Remove the key (or set auto / none)")
 
     def feature(self, name: str) -> FeatureConfig:
         for f in self.features:

@@ -6,8 +6,10 @@
 
 `scores` are FM logits (user_vector . item_vector + user_offset), so the order is exactly the
 ranking model's order for that user, and `probabilities` are the calibrated click
-probabilities. The ScaNN backend needs the ScaNN ops (`import scann` before loading; the
-ScaNN-enabled TF Serving); `brute_force` uses stock ops only and serves on stock TF Serving.
+probabilities: the ranking export's calibration (its metadata's "calibration" block), applied
+in-graph to the scores, so they equal the ranking model's `probability` for the same rows.
+The ScaNN backend needs the ScaNN ops (`import scann` before loading; the ScaNN-enabled TF
+Serving); `brute_force` uses stock ops only and serves on stock TF Serving.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import numpy as np
 
 from fm_keras import fsutil
 from fm_keras._tf import tf
+from fm_keras.calibration import Calibration
 from fm_keras.errors import ExportError
 from fm_keras.export import (METADATA, WARMUP, _check_name, building, new_version_path,
                              signature_info, write_warmup)
@@ -106,14 +109,14 @@ class RecallServable(tf.Module):
     """User features -> top-k item ids with FM scores; the saved recall model."""
 
     def __init__(self, ranking, index, item_ids: np.ndarray, k: int, query_names: list[str],
-                 logit_correction: float):
+                 calibration: Calibration):
         super().__init__(name="fm_recall")
         self.ranking = ranking  # the loaded ranking export: its user_tower is reused as is
         self.index = index
         self.item_ids = tf.Variable(item_ids.astype(object).astype(bytes), trainable=False,
                                     dtype=tf.string, name="item_ids")
         self._k = int(k)
-        self._correction = float(logit_correction)
+        self._calibration = calibration
         user_sig = ranking.signatures["user_tower"].structured_input_signature[1]
         inputs = {n: tf.TensorSpec(user_sig[n].shape, user_sig[n].dtype, name=n)
                   for n in query_names}
@@ -133,7 +136,7 @@ class RecallServable(tf.Module):
     def _outputs(self, scores, ids, offset):
         logits = scores + offset[:, None]
         return {"item_ids": ids, "scores": logits,
-                "probabilities": tf.sigmoid(logits + self._correction)}
+                "probabilities": self._calibration.probability(logits)}
 
     def _recall(self, features):
         vectors, offset = self._user(features)
@@ -209,7 +212,7 @@ def build_index(model_dir: str, items: str, name: str, base: str = "saved_models
     log(f"indexed {len(ids):,} items with {backend} "
         f"({asdict(params) if params else 'exact'}) in {time.time() - started:.1f}s")
     servable = RecallServable(ranking, index, ids, k, meta["query_features"],
-                              meta["calibration"]["logit_correction"])
+                              Calibration.from_dict(meta["calibration"]))
     with building(final) as tmp:
         tf.saved_model.save(servable, tmp, signatures=servable.signatures())
         custom_ops = saved_custom_ops(tmp)

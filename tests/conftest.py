@@ -20,7 +20,8 @@ def small_synth(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def small_run(small_synth, tmp_path_factory):
-    """A finished 2-epoch run on the small synthetic set."""
+    """A finished 2-epoch run on the small synthetic set, calibrated by isotonic regression
+    (the in-graph calibrator with the most ops: every export built from it carries it)."""
     import dataclasses
 
     from fm_keras.config import load_experiment
@@ -29,7 +30,7 @@ def small_run(small_synth, tmp_path_factory):
     synth_dir, _ = small_synth
     config = load_experiment(os.path.join(synth_dir, "experiment.yaml"))
     config = dataclasses.replace(config, training=dataclasses.replace(
-        config.training, epochs=2, steps_per_execution=8))
+        config.training, epochs=2, steps_per_execution=8, calibration="isotonic"))
     run_dir = str(tmp_path_factory.mktemp("runs") / "run")
     train(config, run_dir, verbose=0)
     return run_dir

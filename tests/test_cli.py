@@ -26,6 +26,17 @@ def test_train_and_evaluate_print_json(small_synth, tmp_path, capsys):
     result = json.loads(capsys.readouterr().out)
     assert result["auc"] == pytest.approx(trained["metrics"]["test"]["auc"], abs=1e-6)
     assert {"logloss", "mean_predicted", "observed_rate", "ece", "rows", "dropped"} <= set(result)
+    plot = tmp_path / "reliability.png"
+    assert main(["evaluate", "--run", run_dir, "--data", str(synth_dir / "test.csv"),
+                 "--reliability_plot", str(plot)]) == 0
+    assert json.loads(capsys.readouterr().out)["reliability_plot"] == str(plot)
+    assert plot.read_bytes()[:4] == b"\x89PNG"
+    missing = tmp_path / "no-such-dir" / "r.png"
+    assert main(["evaluate", "--run", run_dir, "--data", str(synth_dir / "test.csv"),
+                 "--reliability_plot", str(missing)]) == 2
+    err = capsys.readouterr().err
+    assert "--reliability_plot: its directory does not exist" in err and len(err.splitlines()) == 1
+    assert not missing.parent.exists()
 
 
 def _run_cli(*args, cwd):
