@@ -37,6 +37,19 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue an unfinished run in --out")
     p.add_argument("--quiet", action="store_true", help="no per-epoch progress")
 
+    p = sub.add_parser("tune", help="hyperparameter search (Optuna) over train; a study on an "
+                       "RDB storage is shared by every process that names it")
+    p.add_argument("--config", required=True, help="experiment YAML to tune")
+    p.add_argument("--trials", type=int, required=True, help="trials this process runs")
+    p.add_argument("--storage", help="Optuna storage URL shared by processes, e.g. "
+                   "sqlite:///tune.db (default: in memory)")
+    p.add_argument("--timeout", type=float, help="start no trial after this many seconds")
+    p.add_argument("--out", help="tune directory (default: tune/<config name>-<time>)")
+    p.add_argument("--study_name", "--study-name", help="default: the config file's name")
+    p.add_argument("--search_space", "--search-space", metavar="FILE",
+                   help="YAML replacing keys of the default search space (see README)")
+    p.add_argument("--seed", type=int, help="sampler seed (default: a fresh one per process)")
+
     p = sub.add_parser("convert", help="write CSV/Parquet logs as TFRecord shards for a cluster")
     p.add_argument("--config", required=True, help="experiment YAML (feature spec, label, filters)")
     p.add_argument("--input", nargs="+", help="CSV/Parquet files or globs (default: the "
@@ -169,6 +182,22 @@ def _train(args) -> int:
     return 0
 
 
+def _tune(args) -> int:
+    import time
+
+    from fm_keras.config import load_experiment
+    from fm_keras.search_space import load_search_space
+    from fm_keras.tune import tune
+
+    config = load_experiment(args.config)
+    space = load_search_space(args.search_space, config)
+    out = args.out or os.path.join(
+        "tune", f"{os.path.splitext(os.path.basename(args.config))[0]}-{time.strftime('%Y%m%d-%H%M%S')}")
+    print(json.dumps(tune(config, out, args.trials, storage=args.storage, timeout=args.timeout,
+                          study_name=args.study_name, space=space, seed=args.seed), indent=2))
+    return 0
+
+
 def _convert(args) -> int:
     from fm_keras.config import load_experiment
     from fm_keras.tfrecord import convert
@@ -243,7 +272,7 @@ def _columns(text: str | None) -> list[str] | None:
     return None if text is None else [c.strip() for c in text.split(",") if c.strip()]
 
 
-_COMMANDS = {"synth": _synth, "train": _train, "convert": _convert,
+_COMMANDS = {"synth": _synth, "train": _train, "tune": _tune, "convert": _convert,
              "cluster-server": _cluster_server, "evaluate": _evaluate, "export": _export,
              "index": _index, "score": _score, "recommend": _recommend}
 
