@@ -49,7 +49,8 @@ def test_tune_writes_best_experiment_table_and_plot(tiny, tmp_path):
     assert os.path.exists(os.path.join(result["best"]["run"], "run.json"))
     assert sorted(os.listdir(out / "trials")) == ["trial-0", "trial-1", "trial-2"]
     # Trial 0 is the experiment as given.
-    assert json.load(open(out / "trials" / "trial-0" / "experiment.json")) == config.to_dict()
+    with open(out / "trials" / "trial-0" / "experiment.json") as f:
+        assert json.load(f) == json.loads(json.dumps(config.to_dict()))
 
 
 def test_pruning_callback_reports_and_stops():
