@@ -14,8 +14,8 @@ An experiment file looks like::
       filters:                    # rows matching a filter are dropped, and counted
         - {name: cached_exposures, column: is_cached, op: "==", value: 1}
     features: features.yaml       # or the list inline
-    model: {task: binary, embedding_dim: 10}
-    training: {optimizer: adam, learning_rate: 0.002, pos_weight: 5.0}
+    model: {task: binary, embedding_dim: 10}     # optional: defaults converge untuned
+    training: {pos_weight: 5.0}
 """
 
 from __future__ import annotations
@@ -162,6 +162,8 @@ class ModelConfig:
         l2_prior: precision of a Gaussian prior on each id's factors and linear weight: an
             id seen n times in training gets L2 ``l2_prior / (2 n)`` per occurrence, on top of
             the above, so rare ids are held back most (see `FactorizationMachine`).
+        l2_prior_adaptive: re-estimate each feature's prior precision after every epoch
+            (empirical Bayes, `fm_keras.prior`), starting from `l2_prior`; else keep it fixed.
     """
 
     task: str = "binary"
@@ -169,7 +171,8 @@ class ModelConfig:
     l2_embeddings: float = 1e-5
     l2_linear: float = 1e-6
     init_stddev: float = 0.01
-    l2_prior: float = 0.0
+    l2_prior: float = 10.0
+    l2_prior_adaptive: bool = True
 
     def __post_init__(self):
         _one_of(self.task, TASKS, "model: task")
@@ -248,11 +251,11 @@ class TrainingConfig:
     """
 
     optimizer: str = "adam"
-    learning_rate: float = 0.002
-    batch_size: int = 1024
-    epochs: int = 10
-    early_stopping_patience: int = 2
-    early_stopping_min_delta: float = 0.0
+    learning_rate: float = 0.004
+    batch_size: int = 4096
+    epochs: int = 40
+    early_stopping_patience: int = 3
+    early_stopping_min_delta: float = 1e-4
     pos_weight: float | None = None
     class_weight: dict[int, float] | None = None
     neg_sample_rate: float = 1.0

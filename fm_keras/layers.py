@@ -33,10 +33,11 @@ class FactorizationMachine(keras.layers.Layer):
         l2_prior: precision tau of a Gaussian prior N(0, 1/tau) on every id's factors and
             linear weight, for training on N rows: an id seen n times gets L2 tau / (2 n) per
             occurrence, so each step adds tau / (2 N) * ||theta||^2 per id in expectation (the
-            MAP objective divided by N). Rare ids are held back most, frequent ones barely:
-            the frequency-aware "mini-batch aware regularization" of Zhou et al., Deep
-            Interest Network, KDD 2018. Off (0) by default; needs `set_id_counts`, and ids
-            whose count was never set are not penalized by it.
+            MAP objective divided by N). Rare ids are held back most, frequent ones barely (cf.
+            the frequency-aware "mini-batch aware regularization" of Zhou et al., Deep Interest
+            Network, KDD 2018). Off (0) by default; the counts come from `set_prior`, and ids
+            without a count are not penalized by it. `fm_keras.prior` re-estimates tau per
+            feature during training.
 
     Call args:
         inputs: ``(ids, values)``: int tensor [batch, slots] and float tensor [batch, slots].
@@ -70,27 +71,36 @@ class FactorizationMachine(keras.layers.Layer):
                                           shape=[self.num_ids, self.embedding_dim],
                                           initializer=self.embeddings_initializer)
         if self.l2_prior:
-            # 1 / (training count) per id, 0 until set: saved with the weights so that a
-            # resumed run keeps the same prior.
-            self.inverse_counts = self.add_weight(name="inverse_counts", shape=[self.num_ids],
-                                                  initializer="zeros", trainable=False)
+            # Per-id L2 per occurrence, tau / (2 n), 0 until set: saved with the weights so
+            # that a resumed run keeps the same prior.
+            self.prior_embeddings = self.add_weight(name="prior_embeddings", shape=[self.num_ids],
+                                                    initializer="zeros", trainable=False)
+            self.prior_linear = self.add_weight(name="prior_linear", shape=[self.num_ids],
+                                                initializer="zeros", trainable=False)
         super().build(input_shape)
 
-    def set_id_counts(self, counts) -> None:
-        """Sets the training count of every id for `l2_prior`.
+    def set_prior(self, counts, tau_embeddings=None, tau_linear=None) -> None:
+        """Sets the `l2_prior` penalty of every id from its training count.
 
         Args:
             counts: int array [num_ids], how many training rows hold each id (x != 0).
+            tau_embeddings, tau_linear: prior precisions of the factors and of the linear
+                weights, a float or one per id [num_ids]; default `l2_prior`.
 
         Raises:
-            ValueError: `l2_prior` is off, or `counts` has the wrong shape.
+            ValueError: `l2_prior` is off, or an array has the wrong shape.
         """
-        counts = np.asarray(counts, dtype=np.float64)
         if not self.l2_prior:
-            raise ValueError("set_id_counts needs l2_prior > 0")
+            raise ValueError("set_prior needs l2_prior > 0")
+        counts = np.asarray(counts, dtype=np.float64)
         if counts.shape != (self.num_ids,):
             raise ValueError(f"counts must have shape [{self.num_ids}], got {counts.shape}")
-        self.inverse_counts.assign((1.0 / np.maximum(counts, 1.0)).astype(np.float32))
+        for tau, var in ((tau_embeddings, self.prior_embeddings),
+                         (tau_linear, self.prior_linear)):
+            tau = np.broadcast_to(self.l2_prior if tau is None else np.asarray(tau, np.float64),
+                                  counts.shape)
+            var.assign(np.where(counts > 0, 0.5 * tau / np.maximum(counts, 1.0), 0.0)
+                       .astype(np.float32))
 
     def call(self, inputs):
         ids, values = inputs
@@ -124,9 +134,10 @@ class FactorizationMachine(keras.layers.Layer):
                 tf.reduce_sum(l2_v * tf.reduce_sum(tf.square(v), 2) * touched, 1)
                 + tf.reduce_sum(l2_w * tf.square(w) * touched, 1)))
             if self.l2_prior:
-                scale = 0.5 * self.l2_prior * tf.nn.embedding_lookup(self.inverse_counts, ids)
+                l2_v = tf.nn.embedding_lookup(self.prior_embeddings, ids)     # [b, s]
+                l2_w = tf.nn.embedding_lookup(self.prior_linear, ids)
                 self.add_loss(tf.reduce_mean(tf.reduce_sum(
-                    scale * (tf.reduce_sum(tf.square(v), 2) + tf.square(w)) * touched, 1)))
+                    (l2_v * tf.reduce_sum(tf.square(v), 2) + l2_w * tf.square(w)) * touched, 1)))
         return linear, pairs, summed
 
     def get_config(self):

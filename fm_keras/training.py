@@ -36,6 +36,7 @@ from fm_keras.errors import ConfigError, RunError, TrainingDivergedError
 from fm_keras.evaluation import metrics_for
 from fm_keras.features import FittedFeature, fit_features
 from fm_keras.model import FMModel, build_model, make_optimizer
+from fm_keras.prior import EmpiricalBayesPrior, curvature
 
 
 @dataclass
@@ -115,7 +116,8 @@ def train(config: ExperimentConfig, run_dir: str, *, resume: bool = False,
             os.path.join(warm_start, "model", "weights")).expect_partial()
         log(f"warm start from {warm_start}")
     t0 = time.time()
-    train_ds = _dataset(model, train_split, config, training=True)
+    prior = []  # the empirical Bayes prior's callback, if any
+    train_ds = _dataset(model, train_split, config, training=True, callbacks=prior)
     valid_ds = _dataset(model, valid_split, config, training=False)
     log(f"encoded {len(train_split):,} + {len(valid_split):,} rows into "
         f"{model.encoder.num_slots} slots over {model.encoder.num_ids:,} ids "
@@ -134,7 +136,8 @@ def train(config: ExperimentConfig, run_dir: str, *, resume: bool = False,
     if state.initial_epoch < config.training.epochs and not state.finished:
         with contextlib.redirect_stdout(sys.stderr):  # Keras prints progress to stdout
             model.fit(train_ds, validation_data=valid_ds, epochs=config.training.epochs,
-                      initial_epoch=state.initial_epoch, callbacks=[state, *(callbacks or [])],
+                      initial_epoch=state.initial_epoch,
+                      callbacks=[*prior, state, *(callbacks or [])],
                       verbose=(1 if sys.stderr.isatty() else 2) if verbose is None else verbose)
     state.restore_best()
     warning = state.convergence_warning()
@@ -158,6 +161,7 @@ def train(config: ExperimentConfig, run_dir: str, *, resume: bool = False,
         "epochs_run": len(state.history),
         "best_epoch": state.best_epoch,
         "converged": warning is None,
+        "prior": prior[0].precisions if prior else None,
         "warnings": [warning] if warning else [],
         "history": state.history,
         "metrics": metrics,
@@ -333,16 +337,25 @@ class TrainingState(keras.callbacks.Callback):
             "numeric features for extreme values")
 
 
-def _dataset(model: FMModel, split: Split, config: ExperimentConfig, training: bool):
+def _dataset(model: FMModel, split: Split, config: ExperimentConfig, training: bool,
+             callbacks: list | None = None):
     """Encodes a split once and serves it as batches of ``(slots, labels, weights)``.
 
     Training batches come from a fresh full permutation every epoch, gathered in-graph from
     the encoded arrays: an exact shuffle that costs one gather per batch, where a per-row
-    shuffle buffer would cost far more than the FM step itself.
+    shuffle buffer would cost far more than the FM step itself. With `model.l2_prior`, the
+    training split's `EmpiricalBayesPrior` (id counts from the encoded rows) joins `callbacks`.
     """
     ids, values = model.encoder.encode_numpy(split.features)
     if training and model.fm.l2_prior:
-        model.fm.set_id_counts(np.bincount(ids[values != 0], minlength=model.fm.num_ids))
+        counts = np.bincount(ids[values != 0], minlength=model.fm.num_ids)
+        model.fm.set_prior(counts)
+        if config.model.l2_prior_adaptive and callbacks is not None:
+            sample = np.random.default_rng(config.training.seed).permutation(len(ids))[:4096]
+            weights = sample_weights(split.labels, config.training)
+            callbacks.append(EmpiricalBayesPrior(
+                model, counts, ids[sample], values[sample],
+                curvature(config.model.task, split.labels, weights)))
     weights = (sample_weights(split.labels, config.training) if training
                else np.ones(len(split), np.float32))
     return batched_dataset(ids, values, split.labels, weights,

@@ -14,7 +14,7 @@ def test_train_and_evaluate_print_json(small_synth, tmp_path, capsys):
     synth_dir, _ = small_synth
     run_dir = str(tmp_path / "run")
     config = tmp_path / "exp.yaml"
-    config.write_text((synth_dir / "experiment.yaml").read_text().replace("epochs: 40", "epochs: 1")
+    config.write_text((synth_dir / "experiment.yaml").read_text().replace("training:\n", "training:\n  epochs: 1\n")
                       .replace("train.csv", str(synth_dir / "train.csv"))
                       .replace("valid.csv", str(synth_dir / "valid.csv"))
                       .replace("test.csv", str(synth_dir / "test.csv"))
@@ -167,7 +167,7 @@ def test_every_command_prints_one_json_document_on_a_pipe(small_synth, tmp_path)
     synth_dir, _ = small_synth
     config = tmp_path / "exp.yaml"
     config.write_text((synth_dir / "experiment.yaml").read_text()
-                      .replace("epochs: 40", "epochs: 2")
+                      .replace("training:\n", "training:\n  epochs: 2\n")
                       .replace("train.csv", str(synth_dir / "train.csv"))
                       .replace("valid.csv", str(synth_dir / "valid.csv"))
                       .replace("test.csv", str(synth_dir / "test.csv"))

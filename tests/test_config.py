@@ -134,3 +134,31 @@ def test_distribute_errors_say_the_fix(tmp_path, distribute, message):
                               f"training: {{distribute: {distribute}}}")
     with pytest.raises(ConfigError, match=message):
         load_experiment(_write(tmp_path, text))
+
+
+def test_readme_lists_every_default():
+    """README's "Defaults" table names every model and training key with its real default."""
+    import dataclasses
+    import pathlib
+    import re
+
+    from fm_keras.config import ModelConfig
+
+    readme = (pathlib.Path(__file__).parent.parent / "README.md").read_text()
+    table = dict(re.findall(r"^\| `([\w.]+)`(?: / `\w+`)? \| ([^|]+) \|", readme, re.M))
+    for section, cls in (("model", ModelConfig), ("training", TrainingConfig)):
+        for f in dataclasses.fields(cls):
+            key = f"{section}.{f.name}"
+            if key in ("training.class_weight", "training.distribute"):
+                continue  # listed with pos_weight / as distribute.strategy
+            assert key in table, f"README's Defaults table lacks {key}"
+            default = f.default
+            shown = table[key].strip().strip("`")
+            if isinstance(default, (int, float)) and not isinstance(default, bool):
+                assert float(shown) == default, (key, shown, default)
+            elif default is None:
+                assert shown == "none", (key, shown)
+            elif isinstance(default, str):
+                assert shown == default, (key, shown, default)
+            else:
+                assert shown == str(default).lower(), (key, shown, default)

@@ -142,3 +142,41 @@ def test_per_slot_l2():
     assert clone.get_config() == layer.get_config()
     with pytest.raises(ValueError, match="l2_linear must be >= 0"):
         FactorizationMachine(10, 2, l2_linear=[0.1, -1.0])
+
+
+def test_l2_prior_matches_numpy_reference():
+    """l2_prior = tau: L2 tau / (2 n_id) per touched occurrence, averaged over the batch."""
+    rng = np.random.default_rng(4)
+    num_ids, k, tau = 12, 3, 7.0
+    layer = FactorizationMachine(num_ids, k, l2_prior=tau)
+    layer.build(None)
+    v = rng.normal(size=(num_ids, k)).astype(np.float32)
+    w = rng.normal(size=num_ids).astype(np.float32)
+    layer.embeddings.assign(v)
+    layer.linear.assign(w)
+    counts = rng.integers(0, 50, num_ids)
+    layer.set_prior(counts)
+    ids = rng.integers(0, num_ids, (5, 4))
+    values = rng.uniform(0.5, 2.0, (5, 4)) * (rng.random((5, 4)) < 0.8)
+    layer((tf.constant(ids), tf.constant(values, tf.float32)))
+    per_row = [sum(0.5 * tau / counts[i] * (v[i] @ v[i] + w[i] ** 2)
+                   for i, x in zip(row_ids, row_x) if x != 0 and counts[i] > 0)
+               for row_ids, row_x in zip(ids, values)]
+    assert float(tf.add_n(layer.losses)) == pytest.approx(np.mean(per_row), rel=1e-5)
+    clone = keras.layers.deserialize(json.loads(json.dumps(keras.layers.serialize(layer))))
+    assert clone.get_config()["l2_prior"] == tau
+
+
+def test_l2_prior_is_off_until_counts_are_set_and_checks_them():
+    layer = FactorizationMachine(10, 2, l2_prior=1.0)
+    layer.build(None)
+    layer((tf.constant([[1, 2]]), tf.constant([[1.0, 1.0]])))
+    assert float(tf.add_n(layer.losses)) == 0.0         # no counts yet: no prior
+    with pytest.raises(ValueError, match=r"shape \[10\]"):
+        layer.set_prior(np.ones(9))
+    plain = FactorizationMachine(10, 2)
+    plain.build(None)
+    with pytest.raises(ValueError, match="needs l2_prior > 0"):
+        plain.set_prior(np.ones(10))
+    with pytest.raises(ValueError, match="l2_prior must be >= 0"):
+        FactorizationMachine(10, 2, l2_prior=-1.0)
