@@ -104,7 +104,8 @@ class Calibration:
         x = tf.constant(self.parameters["x"], z.dtype)
         y = tf.constant(self.parameters["y"], z.dtype)
         flat = tf.clip_by_value(tf.reshape(z, [-1]), x[0], x[-1])
-        i = tf.clip_by_value(tf.searchsorted(x, flat, side="right") - 1, 0, len(self.parameters["x"]) - 2)
+        last = len(self.parameters["x"]) - 2
+        i = tf.clip_by_value(tf.searchsorted(x, flat, side="right") - 1, 0, last)
         x0, x1, y0, y1 = tf.gather(x, i), tf.gather(x, i + 1), tf.gather(y, i), tf.gather(y, i + 1)
         interpolated = tf.reshape(y0 + (flat - x0) / (x1 - x0) * (y1 - y0), tf.shape(z))
         return interpolated + TIE_SLOPE * (tf.sigmoid(z) - 0.5)
@@ -116,7 +117,8 @@ class Calibration:
             return _sigmoid(z)
         if self.method == "platt":
             return _sigmoid(self.parameters["a"] * z + self.parameters["b"])
-        return np.interp(z, self.parameters["x"], self.parameters["y"]) + TIE_SLOPE * (_sigmoid(z) - 0.5)
+        interpolated = np.interp(z, self.parameters["x"], self.parameters["y"])
+        return interpolated + TIE_SLOPE * (_sigmoid(z) - 0.5)
 
 
 _FORMULAS = {

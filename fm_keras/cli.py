@@ -191,8 +191,8 @@ def _tune(args) -> int:
 
     config = load_experiment(args.config)
     space = load_search_space(args.search_space, config)
-    out = args.out or os.path.join(
-        "tune", f"{os.path.splitext(os.path.basename(args.config))[0]}-{time.strftime('%Y%m%d-%H%M%S')}")
+    stem = os.path.splitext(os.path.basename(args.config))[0]
+    out = args.out or os.path.join("tune", f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}")
     print(json.dumps(tune(config, out, args.trials, storage=args.storage, timeout=args.timeout,
                           study_name=args.study_name, space=space, seed=args.seed), indent=2))
     return 0
