@@ -216,6 +216,7 @@ def _write_plot(path: str, study, monitor: str) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     maximize = study.direction.name == "MAXIMIZE"
     fig, ax = plt.subplots(figsize=(7, 4))
@@ -223,6 +224,8 @@ def _write_plot(path: str, study, monitor: str) -> None:
     for t in study.get_trials(deepcopy=False):
         if t.state.name == "COMPLETE":
             ax.plot(t.number, t.value, "o", color="C0", ms=5)
+            if t.user_attrs.get("baseline"):
+                ax.annotate("  the experiment as given", (t.number, t.value), fontsize=8)
             best = t.value if best is None else (max if maximize else min)(best, t.value)
         elif t.state.name == "PRUNED" and t.intermediate_values:
             last = t.intermediate_values[max(t.intermediate_values)]
@@ -233,6 +236,7 @@ def _write_plot(path: str, study, monitor: str) -> None:
     ax.step(xs, ys, where="post", color="C2", label="best so far")
     ax.plot([], [], "o", color="C0", label="complete")
     ax.plot([], [], "x", color="C3", label="pruned (last epoch reported)")
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.set_xlabel("trial")
     ax.set_ylabel(f"validation {monitor.removeprefix('val_')}")
     ax.set_title(f"fm-keras tune: study {study.study_name}")
