@@ -1,4 +1,4 @@
-"""The `fm-keras` command line: synthetic data, training, export, serving and pipelines.
+"""The `fm-keras` command line: synthetic data, training, export, serving, pipelines, A/B tests.
 
 Errors the user can fix (bad config, bad data, unfinished runs) print one line
 ``fm-keras: error: ...`` and exit with status 2; results go to stdout as JSON.
@@ -11,6 +11,7 @@ import json
 import os
 import sys
 
+from fm_keras.experiments.cli import add_commands as _add_ab_commands
 from fm_keras.pipeline.cli import add_commands as _add_pipeline_commands
 from fm_keras.serving.cli import add_commands as _add_serving_commands
 
@@ -111,6 +112,7 @@ def _parser() -> argparse.ArgumentParser:
 
     _COMMANDS.update(_add_serving_commands(sub))  # serve, query
     _COMMANDS.update(_add_pipeline_commands(sub))  # pipeline run | step | status | rollback
+    _COMMANDS.update(_add_ab_commands(sub))  # ab report | simulate | assign
     return parser
 
 

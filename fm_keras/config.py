@@ -526,3 +526,10 @@ def _one_of(value, choices, where: str) -> None:
 def _at_least(value, low, where: str) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value < low:
         raise ConfigError(f"{where} must be >= {low}, got {value!r}")
+
+
+# Public names for the other YAML loaders (pipeline, experiments): one reader, one checker.
+read_yaml = _read_yaml
+build_config = _build
+resolve_path = _resolve
+check_keys = _check_keys

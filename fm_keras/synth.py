@@ -266,3 +266,60 @@ features: features.yaml
 training:
   pos_weight: 4.0          # clicks are rare: weight positives; the probability is corrected
 """
+
+
+@dataclass
+class SyntheticWorld:
+    """The users, catalog and planted FM of one ``fm-keras synth`` data set: true click
+    probabilities for any (user, item, device, hour), e.g. to simulate an online experiment.
+
+    Attributes:
+        spec: the data set's spec (from ``oracle.json``).
+        truth: the planted FM, with the bias fitted when the data was drawn.
+        items: the catalog arrays (category, tag ids and weights, price, normalized price).
+        user_segment: int array [users]: each user's segment.
+        user_activity: float array [users], sums to 1: the share of log rows of each user.
+    """
+
+    spec: SynthSpec
+    truth: PlantedFM
+    items: dict
+    user_segment: np.ndarray
+    user_activity: np.ndarray
+
+    DEVICES = ("ios", "android", "web")
+    DEVICE_SHARES = (0.5, 0.35, 0.15)
+
+    def click_probability(self, user: np.ndarray, item: np.ndarray, device: np.ndarray,
+                          hour: np.ndarray) -> np.ndarray:
+        """P(click | shown) of user-initiated exposures; int index arrays [n] -> float64 [n].
+
+        ``device`` indexes ``DEVICES``; ids are the integers in ``u<id>`` / ``i<id>``.
+        """
+        cols = {"user_id": user, "user_segment": self.user_segment[user], "item_id": item,
+                "item_category": self.items["category"][item], "device": device, "hour": hour}
+        logit = self.truth.logit(cols, self.items["tag_ids"][item], self.items["tag_w"][item],
+                                 self.items["price_x"][item])
+        return 1.0 / (1.0 + np.exp(-logit))  # logit() adds truth.bias
+
+
+def load_world(data_dir: str) -> SyntheticWorld:
+    """Rebuilds the world of a ``generate`` data set from its ``oracle.json`` (spec and seed).
+
+    Replays the same draws as ``generate`` (the planted FM, the catalog and the rows, whose
+    user-initiated logits fix the bias), so probabilities match the written labels' exactly.
+
+    Raises:
+        ConfigError: no ``oracle.json`` (not written by ``fm-keras synth``, or a span).
+    """
+    path = os.path.join(data_dir, "oracle.json")
+    if not os.path.isfile(path):
+        raise ConfigError(f"{data_dir}: no oracle.json; pass a directory written by "
+                          "'fm-keras synth --out DIR' (without --span)")
+    spec = SynthSpec(**fsutil.read_json(path)["spec"])
+    rng = np.random.default_rng(spec.seed)
+    truth = PlantedFM(spec, rng)
+    items = _catalog(spec, rng)
+    _rows(spec, truth, items, rng, start=1_700_000_000, days=30)  # sets truth.bias
+    segment = np.random.default_rng(spec.seed + 1).integers(0, spec.segments, spec.users)
+    return SyntheticWorld(spec, truth, items, segment, _zipf_probs(spec.users, 0.9))

@@ -51,3 +51,28 @@ def test_too_few_rows_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError, match="--rows must be at least 1000, got 10"):
         generate(str(tmp_path / "s"), rows=10)
     assert not (tmp_path / "s").exists()
+
+
+def test_load_world_gives_the_true_probabilities_of_the_written_rows(small_synth, tmp_path):
+    from fm_keras.evaluation import binary_metrics
+    from fm_keras.synth import load_world
+
+    synth_dir, oracle = small_synth
+    world = load_world(str(synth_dir))
+    frame = pd.concat([pd.read_csv(synth_dir / f"{s}.csv") for s in ("train", "valid", "test")])
+    frame = frame[frame["is_cached"] == 0]
+    prob = world.click_probability(
+        frame["user_id"].str[1:].astype(int).to_numpy(),
+        frame["item_id"].str[1:].astype(int).to_numpy(),
+        frame["device"].map({d: i for i, d in enumerate(world.DEVICES)}).to_numpy(),
+        frame["hour"].to_numpy())
+    # The replayed bias puts the mean at the spec's target rate, as when the data was drawn,
+    # and the labels agree with it within sampling error.
+    assert prob.mean() == pytest.approx(world.spec.target_rate, abs=1e-3)
+    assert frame["click"].mean() == pytest.approx(prob.mean(), abs=4 * np.sqrt(0.05 / len(prob)))
+    test = pd.read_csv(synth_dir / "test.csv")
+    test_prob = prob[-int((test["is_cached"] == 0).sum()):]
+    assert binary_metrics(test[test["is_cached"] == 0]["click"].to_numpy(),
+                          test_prob)["auc"] == pytest.approx(oracle["auc"], abs=1e-9)
+    with pytest.raises(ConfigError, match="no oracle.json"):
+        load_world(str(tmp_path))

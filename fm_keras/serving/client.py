@@ -15,6 +15,7 @@ import json
 import time
 import urllib.error
 import urllib.request
+from typing import NamedTuple
 
 import numpy as np
 
@@ -209,5 +210,94 @@ class RestClient:
     def status(self, model: str, version: int | None = None) -> dict:
         return self._request(self._model_path(model, version))
 
-    def metadata(self, model: str, version: int | None = None) -> dict:
-        return self._request(self._model_path(model, version) + "/metadata")
+    def metadata(self, model: str, version: int | None = None, label: str | None = None) -> dict:
+        return self._request(self._model_path(model, version, label) + "/metadata")
+
+
+class ArmResponse(NamedTuple):
+    """A response and the arm that served it.
+
+    Attributes:
+        arm: the arm's name (log it with the request: ``fm_keras.experiments.events``).
+        model: the model name asked.
+        label: the version label asked, or None.
+        version: the version that answered (gRPC: from the response's model_spec; REST: the
+            version asked, or None for a label).
+        outputs: {output alias: numpy array} (gRPC) or the REST JSON reply.
+    """
+
+    arm: str
+    model: str
+    label: str | None
+    version: int | None
+    outputs: dict
+
+
+class ExperimentClient:
+    """Routes each request to its unit's arm: the arm's (model, version label or version).
+
+    TF Serving serves versions and labels but does not split traffic; this client does: the
+    unit id is hashed with the experiment's salt (``fm_keras.experiments.assignment``), so a
+    unit gets the same arm in every request, process and release.
+
+    Args:
+        experiment: a loaded ``fm_keras.experiments.config.ABExperiment``.
+        client: a ``GrpcClient`` or ``RestClient`` of the server that serves the arms.
+
+    Example:
+        with GrpcClient("localhost:8500") as grpc_client:
+            router = ExperimentClient(load_ab_experiment("ab.yaml"), grpc_client)
+            reply = router.predict("u42", {"user_id": ["u42"], ...})
+            log(unit="u42", arm=reply.arm, ...)
+    """
+
+    def __init__(self, experiment, client: GrpcClient | RestClient):
+        from fm_keras.experiments.assignment import Assigner
+
+        if not isinstance(client, (GrpcClient, RestClient)):
+            raise TypeError(f"client must be a GrpcClient or RestClient, got "
+                            f"{type(client).__name__}")
+        self.experiment, self.client = experiment, client
+        self.assigner = Assigner(experiment)
+
+    def arm(self, unit: str):
+        """The unit's arm (an ``Arm``)."""
+        return self.experiment.arm(self.assigner.arm(unit))
+
+    def predict(self, unit: str, inputs: dict, signature: str = "") -> ArmResponse:
+        """Predicts with the unit's arm; ``inputs`` are columns as for ``predict``.
+
+        Raises:
+            ServingError: the server's error (e.g. an unknown label: INVALID_ARGUMENT).
+        """
+        arm = self.arm(unit)
+        if isinstance(self.client, GrpcClient):
+            from fm_keras._tf import tf
+
+            response = self.client.predict_response(arm.model, inputs, signature=signature,
+                                                    version=arm.version, label=arm.label)
+            outputs = {k: tf.make_ndarray(v) for k, v in response.outputs.items()}
+            version = response.model_spec.version.value or arm.version
+        else:
+            outputs = self.client.predict(arm.model, inputs={k: np.asarray(v).tolist()
+                                                             for k, v in inputs.items()},
+                                          signature=signature, version=arm.version,
+                                          label=arm.label)
+            version = arm.version
+        return ArmResponse(arm.name, arm.model, arm.label, version, outputs)
+
+    def check(self) -> None:
+        """Asks the server for every arm's model metadata (by its label or version).
+
+        Raises:
+            ConfigError: naming the arm whose model, label or version the server does not
+                serve.
+        """
+        from fm_keras.errors import ConfigError
+
+        for arm in self.experiment.arms:
+            try:
+                self.client.metadata(arm.model, version=arm.version, label=arm.label)
+            except ServingError as err:
+                raise ConfigError(f"{self.experiment.source}: arm {arm.name!r}: the server "
+                                  f"does not serve {arm.target}: {err.code}: {err}") from None

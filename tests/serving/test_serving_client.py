@@ -50,3 +50,86 @@ def test_unavailable_is_retried_with_backoff_then_raised(make):
 def test_timeouts_must_be_positive():
     with pytest.raises(ValueError, match="timeout"):
         RestClient(timeout=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# ExperimentClient: routes each unit to its arm's version label (gRPC and REST).
+
+AB_CONFIG = """\
+model_config_list {{ config {{
+  name: "ranking" base_path: "{root}/ranking" model_platform: "tensorflow"
+  model_version_policy {{ specific {{ versions: 1 versions: 2 }} }}
+  version_labels {{ key: "control" value: 1 }} version_labels {{ key: "treatment" value: 2 }}
+}} }}
+"""
+
+
+@pytest.fixture(scope="module")
+def ab_server(tmp_path_factory):
+    """ranking/1 (bias 0) and ranking/2 (bias 5), labelled control and treatment."""
+    from serving_testlib import start_server
+
+    from fm_keras.serving import toy_models
+
+    root = tmp_path_factory.mktemp("ab_models")
+    toy_models.write_ranking_model(str(root / "ranking"), 1, bias=0.0)
+    toy_models.write_ranking_model(str(root / "ranking"), 2, bias=5.0)
+    config = root / "models.config"
+    config.write_text(AB_CONFIG.format(root=root))
+    srv = start_server(model_config_file=str(config))
+    yield srv
+    srv.stop()
+
+
+def ab_experiment(tmp_path, treatment_label="treatment"):
+    from fm_keras.experiments.config import load_ab_experiment
+
+    path = tmp_path / "ab.yaml"
+    path.write_text("name: t\nunit: user_id\nsalt: client\narms:\n"
+                    "  - {name: control, model: ranking, label: control, weight: 0.5}\n"
+                    f"  - {{name: treatment, model: ranking, label: {treatment_label}, "
+                    "weight: 0.5}\n")
+    return load_ab_experiment(path)
+
+
+@pytest.mark.parametrize("transport", ["grpc", "rest"])
+def test_experiment_client_routes_each_unit_to_its_arms_label(ab_server, tmp_path, transport):
+    from fm_keras.experiments.assignment import Assigner
+    from fm_keras.serving.client import ExperimentClient
+
+    client = (GrpcClient(f"127.0.0.1:{ab_server.grpc_port}", timeout=10) if transport == "grpc"
+              else RestClient(f"http://127.0.0.1:{ab_server.rest_port}", timeout=10))
+    experiment = ab_experiment(tmp_path)
+    router = ExperimentClient(experiment, client)
+    router.check()
+    units = [f"u{i}" for i in range(20)]
+    expected = Assigner(experiment).assign(units)
+    assert {"control", "treatment"} == set(expected)
+    for unit, arm in zip(units, expected):
+        reply = router.predict(unit, {**RANKING_ROW, "user_id": [unit]})
+        assert reply.arm == arm == router.arm(unit).name and reply.label == arm
+        outputs = reply.outputs if transport == "grpc" else reply.outputs["outputs"]
+        logit = np.ravel(outputs["logit"])[0]
+        # version 2 has bias 5: its logits are 5 above version 1's for the same row
+        one = client.predict("ranking", {**RANKING_ROW, "user_id": [unit]}, version=1) \
+            if transport == "grpc" else client.predict(
+                "ranking", inputs={**RANKING_ROW, "user_id": [unit]}, version=1)["outputs"]
+        assert logit - np.ravel(one["logit"])[0] == pytest.approx(5.0 if arm == "treatment"
+                                                                  else 0.0, abs=1e-4)
+        if transport == "grpc":
+            assert reply.version == (2 if arm == "treatment" else 1)
+    if transport == "grpc":
+        client.close()
+
+
+def test_experiment_client_check_names_an_arm_the_server_does_not_serve(ab_server, tmp_path):
+    from fm_keras.errors import ConfigError
+    from fm_keras.serving.client import ExperimentClient
+
+    experiment = ab_experiment(tmp_path, treatment_label="canary")
+    with GrpcClient(f"127.0.0.1:{ab_server.grpc_port}", timeout=10) as client:
+        with pytest.raises(ConfigError, match="arm 'treatment': the server does not serve "
+                                              "ranking@canary"):
+            ExperimentClient(experiment, client).check()
+    with pytest.raises(TypeError, match="GrpcClient or RestClient"):
+        ExperimentClient(experiment, object())
