@@ -61,8 +61,8 @@ pipeline-demo: $(BIN)/.installed
 	$(BIN)/fm-keras pipeline status pipelines/demo.yaml
 
 # The source's online experiment, reproduced (docs/experiments.md): two models on the same
-# synthetic logs - naive (raw logs: cached exposures kept, no pos_weight) and cleaned (the
-# cached-exposure filter + pos_weight) - exported as ctr/1 and ctr/2 with version labels
+# synthetic logs - naive (raw logs: cached exposures kept) and cleaned (the cached-exposure
+# filter), both with the built-in defaults - exported as ctr/1 and ctr/2 with version labels
 # naive and cleaned, indexed, and A/B tested 50/50 on the synthetic users with clicks drawn
 # from the planted FM. Ends with the lift in clicks per user and its 95% CI (stderr) and the
 # report JSON (stdout); the page: demo/ab/sim/report.html.

@@ -234,7 +234,7 @@ def logistic_regression(splits, grid=(0.01, 0.03, 0.1, 0.3, 1.0, 3.0)) -> dict:
     return {**_pick(test), "chosen": {"C": best[1]}, "valid_auc": best[0]}
 
 
-def torchfm_fm(splits, lrs=(1e-3, 3e-3, 1e-2), weight_decays=(1e-5, 1e-4, 3e-4, 1e-3),
+def torchfm_fm(splits, lrs=(1e-3, 3e-3, 1e-2), weight_decays=(1e-4, 3e-4, 1e-3, 3e-3),
                embed_dim=10, batch_size=1024, max_epochs=30, patience=2, seed=0) -> dict:
     """pytorch-fm's FM over categorical fields (genres as binary fields), grid on valid AUC."""
     if not hasattr(np, "long"):  # torchfm 0.7.0 uses np.long, removed in NumPy 2

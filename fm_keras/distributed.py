@@ -199,6 +199,9 @@ def train_distributed(config: ExperimentConfig, run_dir: str, *, resume: bool = 
         return training_dataset(train_files, model.encoder, label, training, batch_size)
 
     state = _ClusterTrainingState(write_dir, model, config, resume=resume)
+    if config.model.l2_prior:  # its id counts come from the one-machine encoding pass
+        log("model.l2_prior is not applied on a cluster yet (no id counts from the shards); "
+            "training with l2_embeddings / l2_linear only")
     log(f"{distribute.strategy}: task {task.type}:{task.index} of "
         f"{ {k: len(v) for k, v in task.cluster.items()} }, {manifest['rows']:,} rows in "
         f"{len(train_files)} shards, {steps} steps of {batch_size} per epoch"

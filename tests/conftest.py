@@ -30,7 +30,8 @@ def small_run(small_synth, tmp_path_factory):
     synth_dir, _ = small_synth
     config = load_experiment(os.path.join(synth_dir, "experiment.yaml"))
     config = dataclasses.replace(config, training=dataclasses.replace(
-        config.training, epochs=2, steps_per_execution=8, calibration="isotonic"))
+        config.training, epochs=2, steps_per_execution=8, batch_size=1024, pos_weight=4.0,
+        calibration="isotonic"))
     run_dir = str(tmp_path_factory.mktemp("runs") / "run")
     train(config, run_dir, verbose=0)
     return run_dir

@@ -10,15 +10,23 @@ import pytest
 from fm_keras.cli import main
 
 
-def test_train_and_evaluate_print_json(small_synth, tmp_path, capsys):
-    synth_dir, _ = small_synth
-    run_dir = str(tmp_path / "run")
+def _short_experiment(synth_dir, tmp_path, epochs):
+    """synth's experiment with absolute paths, a few epochs and small batches (20k rows)."""
     config = tmp_path / "exp.yaml"
-    config.write_text((synth_dir / "experiment.yaml").read_text().replace("training:\n", "training:\n  epochs: 1\n")
+    config.write_text((synth_dir / "experiment.yaml").read_text()
+                      .replace("features: features.yaml", "features: features.yaml\n"
+                               f"training: {{epochs: {epochs}, batch_size: 1024}}")
                       .replace("train.csv", str(synth_dir / "train.csv"))
                       .replace("valid.csv", str(synth_dir / "valid.csv"))
                       .replace("test.csv", str(synth_dir / "test.csv"))
                       .replace("features.yaml", str(synth_dir / "features.yaml")))
+    return config
+
+
+def test_train_and_evaluate_print_json(small_synth, tmp_path, capsys):
+    synth_dir, _ = small_synth
+    run_dir = str(tmp_path / "run")
+    config = _short_experiment(synth_dir, tmp_path, epochs=1)
     assert main(["train", "--config", str(config), "--out", run_dir, "--quiet"]) == 0
     trained = json.loads(capsys.readouterr().out)
     assert trained["run"] == run_dir
@@ -49,8 +57,8 @@ def _run_cli(*args, cwd):
         (d / "features.yaml").read_text().replace("kind: numeric", "kind: numerc")),
      "features.yaml: feature 'item_price': kind must be one of"),
     (lambda d: (d / "experiment.yaml").write_text(
-        (d / "experiment.yaml").read_text().replace("pos_weight", "pos_wieght")),
-     "experiment.yaml: training: unknown key 'pos_wieght' (did you mean 'pos_weight'?)"),
+        (d / "experiment.yaml").read_text().replace("label: click", "lable: click")),
+     "experiment.yaml: data: unknown key 'lable' (did you mean 'label'?)"),
     (lambda d: (d / "train.csv").write_text(
         (d / "train.csv").read_text().replace("item_price", "price", 1)),
      "train.csv: missing column 'item_price'"),
@@ -165,13 +173,7 @@ def test_every_command_prints_one_json_document_on_a_pipe(small_synth, tmp_path)
     to stderr); best_epoch is 1-based in train's JSON, run.json and state.json alike; no
     'failed call to cuInit' line on a machine without a GPU."""
     synth_dir, _ = small_synth
-    config = tmp_path / "exp.yaml"
-    config.write_text((synth_dir / "experiment.yaml").read_text()
-                      .replace("training:\n", "training:\n  epochs: 2\n")
-                      .replace("train.csv", str(synth_dir / "train.csv"))
-                      .replace("valid.csv", str(synth_dir / "valid.csv"))
-                      .replace("test.csv", str(synth_dir / "test.csv"))
-                      .replace("features.yaml", str(synth_dir / "features.yaml")))
+    config = _short_experiment(synth_dir, tmp_path, epochs=2)
     run, base, test = str(tmp_path / "run"), str(tmp_path / "models"), str(synth_dir / "test.csv")
     commands = [
         ("train", ["train", "--config", str(config), "--out", run]),

@@ -39,7 +39,7 @@ def _experiment(root, shards_dir, features, distribute=None, name="experiment.ya
                               "value": 1}]},
         "features": features,
         "model": {"task": "binary", "embedding_dim": 10, "l2_embeddings": 3.0e-4,
-                  "l2_linear": 3.0e-5},
+                  "l2_linear": 3.0e-5, "l2_prior": 0.0},  # a cluster trains without the prior
         "training": {"optimizer": "adagrad", "learning_rate": 0.3, "batch_size": 1024,
                      "epochs": EPOCHS, "pos_weight": 4.0, "seed": 42, "steps_per_execution": 8,
                      "early_stopping_patience": 2, "distribute": distribute or {"strategy": "none"}},

@@ -56,7 +56,7 @@ def test_evaluate_run_with_other_filters(small_synth, tmp_path):
     synth_dir, _ = small_synth
     config = load_experiment(os.path.join(synth_dir, "experiment.yaml"))
     config = dataclasses.replace(config, training=dataclasses.replace(
-        config.training, epochs=1, steps_per_execution=8))
+        config.training, epochs=1, steps_per_execution=8, batch_size=1024))
     run_dir = str(tmp_path / "run")
     train(config, run_dir, verbose=0)
     test_csv = os.path.join(synth_dir, "test.csv")

@@ -14,7 +14,7 @@ from fm_keras.data import load_data_split
 
 def _config(synth_dir, **training):
     config = load_experiment(os.path.join(synth_dir, "experiment.yaml"))
-    defaults = {"epochs": 2, "steps_per_execution": 8}
+    defaults = {"epochs": 2, "steps_per_execution": 8, "batch_size": 1024}  # small data: small batches
     return dataclasses.replace(
         config, training=dataclasses.replace(config.training, **{**defaults, **training}))
 
@@ -32,7 +32,7 @@ def calib_synth(tmp_path_factory):
 def test_run_directory_and_load(small_synth, tmp_path):
     synth_dir, _ = small_synth
     run_dir = str(tmp_path / "run")
-    record = train(_config(synth_dir), run_dir, verbose=0)
+    record = train(_config(synth_dir, learning_rate=0.02), run_dir, verbose=0)  # 2 short epochs
     assert record["status"] == "complete"
     assert sorted(os.listdir(run_dir)) == ["checkpoints", "experiment.json", "features.json",
                                            "model", "run.json", "state.json"]
