@@ -19,11 +19,14 @@ over- or under-confident on new data). Methods:
   joined by near-vertical steps (where a float-noise change of the logit, ~1e-7 between the
   graph and NumPy, would move the probability by 1e-5). Knots at block centres are strictly
   increasing and spread each step over the blocks; knots closer than ``MIN_KNOT_GAP``
-  (logit) are merged, weighted by rows. Beyond the outer knots ``TIE_SLOPE * (sigmoid(z) -
-  0.5)`` is added everywhere: a tiny strictly increasing term that keeps distinct logits at
-  distinct probabilities there (it moves a probability by less than ``TIE_SLOPE / 2``). In
-  float32, logits closer than about 1e-3 can still share a probability; the order of items
-  is given by ``logit`` / ``scores``, which calibration never touches.
+  (logit) are merged, weighted by rows. Beyond the outer knots the interpolation is flat, so
+  ``TIE_SLOPE * (z - c)`` (c the middle of the knots) is added to its logit:
+  p = sigmoid(logit(interp(z)) + TIE_SLOPE * (z - c)), strictly increasing everywhere and in
+  (0, 1) at any base rate. It changes the odds by less than 0.5% within 5 logits of c, and
+  keeps float32 probabilities distinct for logits more than ~1e-4 apart (an additive 1e-5
+  term in probability space tied logits 4e-3 apart, which cost a weak model's test AUC 0.02
+  on 2k rows). The order of items is given by ``logit`` / ``scores``, which calibration
+  never touches.
 
 ``auto`` chooses among none, platt and isotonic by validation logloss with 2-fold
 cross-fitting: each candidate is fitted on one half of the validation rows and scored on the
@@ -44,7 +47,8 @@ import numpy as np
 
 METHODS = ("none", "platt", "isotonic")
 CHOICES = ("auto", *METHODS)
-TIE_SLOPE = 1e-5
+TIE_SLOPE = 1e-3
+Y_EPS = 1e-6
 MIN_KNOT_GAP = 0.05
 _LOGLOSS_EPS = 1e-7
 
@@ -58,7 +62,7 @@ class Calibration:
         method: ``none``, ``platt`` or ``isotonic``.
         parameters: ``{}`` for none; ``{"a", "b"}`` for platt; ``{"x", "y"}`` for isotonic:
             knots, x strictly increasing corrected logits and y non-decreasing probabilities
-            in [TIE_SLOPE, 1 - TIE_SLOPE], both float32-exact.
+            in [Y_EPS, 1 - Y_EPS], both float32-exact.
         fit: how it was chosen (rows, cross-fitted logloss per candidate); informative only.
     """
 
@@ -107,8 +111,9 @@ class Calibration:
         last = len(self.parameters["x"]) - 2
         i = tf.clip_by_value(tf.searchsorted(x, flat, side="right") - 1, 0, last)
         x0, x1, y0, y1 = tf.gather(x, i), tf.gather(x, i + 1), tf.gather(y, i), tf.gather(y, i + 1)
-        interpolated = tf.reshape(y0 + (flat - x0) / (x1 - x0) * (y1 - y0), tf.shape(z))
-        return interpolated + TIE_SLOPE * (tf.sigmoid(z) - 0.5)
+        p = tf.reshape(y0 + (flat - x0) / (x1 - x0) * (y1 - y0), tf.shape(z))
+        centre = tf.cast((self.parameters["x"][0] + self.parameters["x"][-1]) / 2, z.dtype)
+        return tf.sigmoid(tf.math.log(p) - tf.math.log1p(-p) + TIE_SLOPE * (z - centre))
 
     def probability_numpy(self, logit: np.ndarray) -> np.ndarray:
         """The NumPy reference of `probability` (float64)."""
@@ -117,15 +122,16 @@ class Calibration:
             return _sigmoid(z)
         if self.method == "platt":
             return _sigmoid(self.parameters["a"] * z + self.parameters["b"])
-        interpolated = np.interp(z, self.parameters["x"], self.parameters["y"])
-        return interpolated + TIE_SLOPE * (_sigmoid(z) - 0.5)
+        x, y = self.parameters["x"], self.parameters["y"]
+        p = np.interp(z, x, y)
+        return _sigmoid(np.log(p) - np.log1p(-p) + TIE_SLOPE * (z - (x[0] + x[-1]) / 2))
 
 
 _FORMULAS = {
     "none": "sigmoid(logit + logit_correction)",
     "platt": "sigmoid(a * (logit + logit_correction) + b)",
-    "isotonic": "interp(logit + logit_correction; x, y) "
-                f"+ {TIE_SLOPE} * (sigmoid(logit + logit_correction) - 0.5)",
+    "isotonic": "sigmoid(logit(interp(z; x, y)) + " f"{TIE_SLOPE} * (z - (x[0] + x[-1]) / 2)), "
+                "z = logit + logit_correction",
 }
 
 
@@ -189,7 +195,7 @@ def _fit_isotonic(z: np.ndarray, y: np.ndarray) -> dict:
 
     order = np.argsort(z, kind="stable")
     zs = z[order]
-    level = IsotonicRegression(y_min=TIE_SLOPE, y_max=1 - TIE_SLOPE).fit_transform(zs, y[order])
+    level = IsotonicRegression(y_min=Y_EPS, y_max=1 - Y_EPS).fit_transform(zs, y[order])
     starts = np.flatnonzero(np.concatenate([[True], np.diff(level) > 0]))
     counts = np.diff(np.append(starts, len(zs))).astype(np.float64)
     blocks = [[c, v, n] for c, v, n in zip(np.add.reduceat(zs, starts) / counts,

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from fm_keras.calibration import (MIN_KNOT_GAP, TIE_SLOPE, Calibration, fit_calibration,
-                                  write_reliability_plot)
+from fm_keras.calibration import (MIN_KNOT_GAP, TIE_SLOPE, Y_EPS, Calibration,
+                                  fit_calibration, write_reliability_plot)
 
 
 def _data(n, seed, truth=lambda z: 1 / (1 + np.exp(-z))):
@@ -48,7 +48,7 @@ def _centered_isotonic_reference(z, y):
             blocks[-1] = [a + b for a, b in zip(blocks[-1], last)]
     knots = []  # [centre, level, rows]
     for sz, sy, n in blocks:
-        level = min(max(sy / n, TIE_SLOPE), 1 - TIE_SLOPE)
+        level = min(max(sy / n, Y_EPS), 1 - Y_EPS)
         if knots and knots[-1][1] == level:
             c, _, m = knots.pop()
             sz, n = sz + c * m, n + m
@@ -73,9 +73,23 @@ def test_isotonic_is_centered_isotonic_regression_plus_the_tie_slope(seed):
     assert np.all(np.diff(cal.parameters["x"]) >= MIN_KNOT_GAP * (1 - 1e-6))
     assert np.all(np.diff(cal.parameters["y"]) > 0)
     grid = np.linspace(-10, 10, 2001)
-    np.testing.assert_allclose(cal.probability_numpy(grid),
-                               np.interp(grid, x_ref, y_ref) + TIE_SLOPE * (
-                                   1 / (1 + np.exp(-grid)) - 0.5), atol=1e-6)
+    iso = np.interp(grid, x_ref, y_ref)
+    odds = iso / (1 - iso) * np.exp(TIE_SLOPE * (grid - (x_ref[0] + x_ref[-1]) / 2))
+    np.testing.assert_allclose(cal.probability_numpy(grid), odds / (1 + odds), atol=1e-6)
+    # The tie-break moves the odds by < 0.5% within 5 logits of the knots' middle.
+    near = np.abs(grid - (x_ref[0] + x_ref[-1]) / 2) < 5
+    np.testing.assert_allclose(cal.probability_numpy(grid)[near], iso[near], rtol=5e-3)
+
+
+def test_isotonic_keeps_close_logits_apart_in_float32():
+    """A weak model's logits crowd beyond the outer knots: they must not tie (a tie would
+    cost AUC on the probability)."""
+    z, y = _data(20_000, 3, truth=lambda z: np.where(z < 0, 0.02, 0.15))  # CTR-like rates
+    cal = fit_calibration(z, y, "isotonic")
+    steps = np.arange(1, 200, dtype=np.float32) * 2e-3
+    for logits in (np.float32(cal.parameters["x"][0]) - steps[::-1],
+                   np.float32(cal.parameters["x"][-1]) + steps):
+        assert np.all(np.diff(cal.probability(tf.constant(logits)).numpy()) > 0)
 
 
 def test_logit_correction_is_applied_before_the_calibrator():
