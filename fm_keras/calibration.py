@@ -19,7 +19,9 @@ over- or under-confident on new data). Methods:
   joined by near-vertical steps (where a float-noise change of the logit, ~1e-7 between the
   graph and NumPy, would move the probability by 1e-5). Knots at block centres are strictly
   increasing and spread each step over the blocks; knots closer than ``MIN_KNOT_GAP``
-  (logit) are merged, weighted by rows. Beyond the outer knots the interpolation is flat, so
+  (logit), and blocks of under 1% of the rows (at least 20: the extreme blocks of a few rows
+  are all-negative or all-positive and would predict 0 or 1), are merged, weighted by rows.
+  Computed in float64 in-graph, returned as float32. Beyond the outer knots the interpolation is flat, so
   ``TIE_SLOPE * (z - c)`` (c the middle of the knots) is added to its logit:
   p = sigmoid(logit(interp(z)) + TIE_SLOPE * (z - c)), strictly increasing everywhere and in
   (0, 1) at any base rate. It changes the odds by less than 0.5% within 5 logits of c, and
@@ -50,6 +52,8 @@ CHOICES = ("auto", *METHODS)
 TIE_SLOPE = 1e-3
 Y_EPS = 1e-6
 MIN_KNOT_GAP = 0.05
+MIN_BLOCK_SHARE = 0.01
+MIN_BLOCK_ROWS = 20
 _LOGLOSS_EPS = 1e-7
 
 
@@ -105,15 +109,17 @@ class Calibration:
         if self.method == "platt":
             a, b = (tf.cast(self.parameters[k], z.dtype) for k in ("a", "b"))
             return tf.sigmoid(a * z + b)
-        x = tf.constant(self.parameters["x"], z.dtype)
-        y = tf.constant(self.parameters["y"], z.dtype)
+        dtype, z = z.dtype, tf.cast(z, tf.float64)  # float64 inside: float32 out within 1 ulp
+        x = tf.constant(self.parameters["x"], tf.float64)
+        y = tf.constant(self.parameters["y"], tf.float64)
         flat = tf.clip_by_value(tf.reshape(z, [-1]), x[0], x[-1])
         last = len(self.parameters["x"]) - 2
         i = tf.clip_by_value(tf.searchsorted(x, flat, side="right") - 1, 0, last)
         x0, x1, y0, y1 = tf.gather(x, i), tf.gather(x, i + 1), tf.gather(y, i), tf.gather(y, i + 1)
         p = tf.reshape(y0 + (flat - x0) / (x1 - x0) * (y1 - y0), tf.shape(z))
-        centre = tf.cast((self.parameters["x"][0] + self.parameters["x"][-1]) / 2, z.dtype)
-        return tf.sigmoid(tf.math.log(p) - tf.math.log1p(-p) + TIE_SLOPE * (z - centre))
+        centre = (self.parameters["x"][0] + self.parameters["x"][-1]) / 2
+        logit = tf.math.log(p) - tf.math.log1p(-p) + TIE_SLOPE * (z - centre)
+        return tf.cast(tf.sigmoid(logit), dtype)
 
     def probability_numpy(self, logit: np.ndarray) -> np.ndarray:
         """The NumPy reference of `probability` (float64)."""
@@ -188,9 +194,10 @@ def _fit_platt(z: np.ndarray, y: np.ndarray) -> dict | None:
 
 def _fit_isotonic(z: np.ndarray, y: np.ndarray) -> dict:
     """Centered isotonic regression: the pool-adjacent-violators fit (scikit-learn), one knot
-    per block at its rows' mean z with the block's level, knots closer than MIN_KNOT_GAP
-    merged (row-weighted: the merged level lies between the two, so levels stay strictly
-    increasing)."""
+    per block at its rows' mean z with the block's level; a knot closer than MIN_KNOT_GAP to
+    the previous one, or a block of fewer than MIN_BLOCK_SHARE of the rows (the extreme
+    blocks of a few rows are all-negative or all-positive), is merged into its neighbour
+    (row-weighted: the merged level lies between the two, so levels stay increasing)."""
     from sklearn.isotonic import IsotonicRegression
 
     order = np.argsort(z, kind="stable")
@@ -200,10 +207,14 @@ def _fit_isotonic(z: np.ndarray, y: np.ndarray) -> dict:
     counts = np.diff(np.append(starts, len(zs))).astype(np.float64)
     blocks = [[c, v, n] for c, v, n in zip(np.add.reduceat(zs, starts) / counts,
                                            level[starts], counts)]
+    min_rows = max(MIN_BLOCK_ROWS, MIN_BLOCK_SHARE * len(zs))
     knots = []
-    for block in blocks:
-        knots.append(block)
-        while len(knots) > 1 and knots[-1][0] - knots[-2][0] < MIN_KNOT_GAP:
+    for block in blocks + [None]:  # None: the end, where a small last block is merged
+        if block is not None:
+            knots.append(block)
+        while len(knots) > 1 and (knots[-1][0] - knots[-2][0] < MIN_KNOT_GAP
+                                  or knots[-2][2] < min_rows
+                                  or (block is None and knots[-1][2] < min_rows)):
             (c1, v1, n1), (c2, v2, n2) = knots.pop(-2), knots.pop()
             knots.append([(c1 * n1 + c2 * n2) / (n1 + n2), (v1 * n1 + v2 * n2) / (n1 + n2),
                           n1 + n2])

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from fm_keras.calibration import (MIN_KNOT_GAP, TIE_SLOPE, Y_EPS, Calibration,
-                                  fit_calibration, write_reliability_plot)
+from fm_keras.calibration import (MIN_BLOCK_ROWS, MIN_BLOCK_SHARE, MIN_KNOT_GAP, TIE_SLOPE,
+                                  Y_EPS, Calibration, fit_calibration,
+                                  write_reliability_plot)
 
 
 def _data(n, seed, truth=lambda z: 1 / (1 + np.exp(-z))):
@@ -38,7 +39,8 @@ def test_platt_recovers_the_planted_slope_and_intercept():
 
 def _centered_isotonic_reference(z, y):
     """Slow and obvious: pool adjacent violators, clip, pool equal levels, knots at block
-    centres, then merge knots closer than MIN_KNOT_GAP (row-weighted)."""
+    centres, then merge (row-weighted) knots closer than MIN_KNOT_GAP and blocks of fewer
+    than max(MIN_BLOCK_ROWS, MIN_BLOCK_SHARE * rows) rows."""
     order = np.argsort(z)
     blocks = []  # [sum z, sum y, rows]
     for zi, yi in zip(z[order], y[order]):
@@ -53,13 +55,21 @@ def _centered_isotonic_reference(z, y):
             c, _, m = knots.pop()
             sz, n = sz + c * m, n + m
         knots.append([sz / n, level, n])
-    merged = []
+    merged, min_rows = [], max(MIN_BLOCK_ROWS, MIN_BLOCK_SHARE * len(z))
+
+    def merge_last_two():
+        (c1, v1, n1), (c2, v2, n2) = merged.pop(-2), merged.pop()
+        merged.append([(c1 * n1 + c2 * n2) / (n1 + n2), (v1 * n1 + v2 * n2) / (n1 + n2),
+                       n1 + n2])
+
     for k in knots:
         merged.append(k)
-        while len(merged) > 1 and merged[-1][0] - merged[-2][0] < MIN_KNOT_GAP:
-            (c1, v1, n1), (c2, v2, n2) = merged.pop(-2), merged.pop()
-            merged.append([(c1 * n1 + c2 * n2) / (n1 + n2), (v1 * n1 + v2 * n2) / (n1 + n2),
-                           n1 + n2])
+        while len(merged) > 1 and (merged[-1][0] - merged[-2][0] < MIN_KNOT_GAP
+                                   or merged[-2][2] < min_rows):
+            merge_last_two()
+    while len(merged) > 1 and (merged[-1][2] < min_rows
+                               or merged[-1][0] - merged[-2][0] < MIN_KNOT_GAP):
+        merge_last_two()
     return np.array([k[0] for k in merged]), np.array([k[1] for k in merged])
 
 
@@ -72,6 +82,7 @@ def test_isotonic_is_centered_isotonic_regression_plus_the_tie_slope(seed):
     np.testing.assert_allclose(cal.parameters["y"], y_ref, rtol=1e-6, atol=1e-7)
     assert np.all(np.diff(cal.parameters["x"]) >= MIN_KNOT_GAP * (1 - 1e-6))
     assert np.all(np.diff(cal.parameters["y"]) > 0)
+    assert 0.01 < cal.parameters["y"][0] and cal.parameters["y"][-1] < 0.99  # no 0/1 extremes
     grid = np.linspace(-10, 10, 2001)
     iso = np.interp(grid, x_ref, y_ref)
     odds = iso / (1 - iso) * np.exp(TIE_SLOPE * (grid - (x_ref[0] + x_ref[-1]) / 2))
