@@ -91,6 +91,7 @@ bench: $(BIN)/.bench-installed
 	$(BIN)/python benchmarks/train_throughput.py
 	$(BIN)/python benchmarks/imbalance.py
 	$(BIN)/python benchmarks/recall.py
+	$(BIN)/python benchmarks/retrieval.py   # MovieLens-100K recall (downloads the recbole wheel)
 
 # Loopback clusters (1 vs 2 workers, parameter servers), Beam vs tf.data scoring, memory.
 bench-distributed: $(BIN)/.installed

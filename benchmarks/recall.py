@@ -6,6 +6,7 @@ against exact search (by score: an item counts if its score reaches the exact k-
 queries/s for single-user and batched requests, both exports called in this process.
 
     python benchmarks/recall.py [--items 1000000] [--model saved_models/ctr] [--users 1000]
+        [--task retrieval]   # the model trained as two towers (task: retrieval) instead
 """
 
 from __future__ import annotations
@@ -32,12 +33,17 @@ from fm_keras.synth import SynthSpec, _catalog, generate  # noqa: E402
 from fm_keras.training import train  # noqa: E402
 
 
-def ranking_model(work: str, rows: int) -> tuple[str, str]:
-    """A small trained ranking export and its test file (users to query)."""
+def ranking_model(work: str, rows: int, task: str = "binary") -> tuple[str, str]:
+    """A small trained ranking export and its test file (users to query); with
+    ``task="retrieval"`` the FM is trained as two towers on the clicks (`task: retrieval`)."""
     data = os.path.join(work, "data")
     generate(data, rows=rows, seed=7)
     config = load_experiment(os.path.join(data, "experiment.yaml"))
     config = dataclasses.replace(config, training=dataclasses.replace(config.training, epochs=3))
+    if task == "retrieval":
+        config = dataclasses.replace(
+            config, model=dataclasses.replace(config.model, task="retrieval"),
+            data=dataclasses.replace(config.data, items=(os.path.join(data, "items.csv"),)))
     train(config, os.path.join(work, "run"), verbose=0)
     return export_run(os.path.join(work, "run"), "ctr", base=os.path.join(work, "models")), \
         os.path.join(data, "test.csv")
@@ -76,6 +82,8 @@ def main():
     parser.add_argument("--model", help="ranking export (default: train a small one)")
     parser.add_argument("--users-file", help="CSV with the query features (with --model)")
     parser.add_argument("--rows", type=int, default=200_000, help="synthetic rows to train on")
+    parser.add_argument("--task", choices=("binary", "retrieval"), default="binary",
+                        help="the objective of the model trained when --model is not given")
     parser.add_argument("--users", type=int, default=1000)
     parser.add_argument("--k", type=int, default=100)
     parser.add_argument("--batch", type=int, default=100)
@@ -84,7 +92,7 @@ def main():
     args = parser.parse_args()
     work = tempfile.mkdtemp(prefix="fm-recall-bench-")
     model, users_file = (args.model, args.users_file) if args.model else \
-        ranking_model(work, args.rows)
+        ranking_model(work, args.rows, args.task)
     catalog = os.path.join(work, "items.csv")
     t0 = time.time()
     big_catalog(catalog, args.items)

@@ -215,8 +215,9 @@ def free_port():
 class Server:
     """`fm-keras serve` in a process of its own, with Prometheus metrics on."""
 
-    def __init__(self, base, tmp, batching_file=None, extra_flags=()):
+    def __init__(self, base, tmp, batching_file=None, extra_flags=(), repo=REPO):
         self.grpc_port, self.rest_port = free_port(), free_port()
+        self.repo = repo
         monitoring = os.path.join(tmp, "monitoring.config")
         with open(monitoring, "w") as f:
             f.write('prometheus_config { enable: true, path: "/monitoring/prometheus/metrics" }\n')
@@ -229,13 +230,15 @@ class Server:
         self._start(args)
 
     def _start(self, args):
-        self.proc = subprocess.Popen(args, cwd=REPO, env={**os.environ, "PYTHONPATH": REPO},
+        repo = getattr(self, "repo", REPO)
+        self.proc = subprocess.Popen(args, cwd=repo, env={**os.environ, "PYTHONPATH": repo},
                                      stderr=subprocess.DEVNULL)
         from fm_keras.serving.client import GrpcClient
         from fm_keras.serving.errors import ServingError
 
+        deadline = time.monotonic() + 600  # TensorFlow's import alone takes a minute under load
         with GrpcClient(f"127.0.0.1:{self.grpc_port}", timeout=2, retries=0) as client:
-            for _ in range(300):
+            while time.monotonic() < deadline:
                 try:
                     client.status(MODEL_NAME)
                     return
@@ -312,6 +315,10 @@ def main():
                         default="h2load" if shutil.which("h2load") else "python")
     parser.add_argument("--server_flag", action="append", default=[],
                         help="extra `fm-keras serve` flag, e.g. --server_flag=--tensorflow_session_parallelism=1")
+    parser.add_argument("--rest_only", action="store_true",
+                        help="only the REST scenarios (no floor, ceiling or gRPC)")
+    parser.add_argument("--baseline_repo", help="also run the REST scenarios on the server of "
+                        "this checkout (e.g. the main branch), in the same run: peer comparison")
     args = parser.parse_args()
     global MODEL_NAME, SIGNATURE
     MODEL_NAME = args.model_name
@@ -321,10 +328,10 @@ def main():
     tmp = tempfile.mkdtemp(prefix="serving-bench-")
     atexit.register(shutil.rmtree, tmp, ignore_errors=True)
     if args.model_base_path:
-        from fm_keras.serving.manager import list_versions
+        from fm_keras.versions import version_dirs
 
         base = os.path.abspath(args.model_base_path)
-        model_dir = os.path.join(base, str(list_versions(base)[-1]))
+        model_dir = os.path.join(base, str(version_dirs(base)[-1]))
     else:
         base = os.path.join(tmp, "ranking")
         model_dir = toy_models.write_ranking_model(base, 1, k=10, buckets=100_000)
@@ -342,8 +349,10 @@ def main():
     print(f"cpus={os.cpu_count()} seconds/scenario={args.seconds} model={model} "
           f"load_generator={args.load_generator} server_flags={args.server_flag} "
           f"inputs={sorted(SIGNATURE.inputs)}", flush=True)
-    results = [floor(model_dir, 1, args.seconds), floor(model_dir, 100, args.seconds)]
-    print(json.dumps(results[-2]), json.dumps(results[-1]), sep="\n", flush=True)
+    results = []
+    if not args.rest_only:
+        results += [floor(model_dir, 1, args.seconds), floor(model_dir, 100, args.seconds)]
+        print(json.dumps(results[-2]), json.dumps(results[-1]), sep="\n", flush=True)
 
     def record(name, n_rows, load, port, clients):
         server_cpu, client_cpu = server.cpu_seconds(), _client_cpu()
@@ -361,6 +370,26 @@ def main():
         print(json.dumps(result), flush=True)
 
     c, b = args.clients, args.batch_clients
+    if args.rest_only:
+        repos = [("", REPO)] + ([("baseline ", os.path.abspath(args.baseline_repo))]
+                                if args.baseline_repo else [])
+        for _ in range(2):  # twice, alternating, so a change of machine load hits both
+            for tag, repo in repos:
+                server = Server(base, tmp, extra_flags=args.server_flag, repo=repo)
+                try:
+                    record(f"{tag}REST 1 row, {c} clients, no batching", 1, rest_send,
+                           server.rest_port, c)
+                    record(f"{tag}REST 100 rows, {c} clients, no batching", 100, rest_send,
+                           server.rest_port, c)
+                finally:
+                    server.stop()
+                server = Server(base, tmp, batching, extra_flags=args.server_flag, repo=repo)
+                try:
+                    record(f"{tag}REST 1 row, {b} clients, batching", 1, rest_send,
+                           server.rest_port, b)
+                finally:
+                    server.stop()
+        return _print_table(results)
     server = ConstantServer()
     try:
         record(f"ceiling: constant-response Python gRPC server, 1 row, {b} clients", 1,
@@ -388,7 +417,10 @@ def main():
     ratio = (by_name[f"gRPC 1 row, {b} clients, batching"]["rows_per_s"]
              / by_name[f"gRPC 1 row, {b} clients, no batching"]["rows_per_s"])
     print(f"\nbatching / no batching rows/s with {b} clients (gRPC, 1 row): {ratio:.2f}x")
+    _print_table(results)
 
+
+def _print_table(results):
     print("\n| scenario | QPS | rows/s | p50 ms | p99 ms | errors | server CPU µs/req | "
           "client CPU µs/req |\n|---|---|---|---|---|---|---|---|")
     for r in results:

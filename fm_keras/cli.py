@@ -67,6 +67,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, nargs="+", help="CSV/Parquet files or globs")
     p.add_argument("--reliability_plot", "--reliability-plot", metavar="PATH",
                    help="also write a reliability diagram (PNG) of the probabilities here")
+    p.add_argument("--items", help="item catalog: report Recall@K, NDCG@K, HitRate@K and "
+                   "coverage over it (exact search) beside the popularity baseline (default "
+                   "for a retrieval run: its data.items)")
+    p.add_argument("--recall_at", default="10,50,100", help="comma-separated K values")
+    p.add_argument("--exclude", nargs="+", help="logs whose (user, item) pairs are not "
+                   "recommended, e.g. the training log")
 
     p = sub.add_parser("export", help="export a finished run as a versioned ranking SavedModel")
     p.add_argument("--run", required=True, help="run directory written by 'fm-keras train'")
@@ -220,8 +226,25 @@ def _cluster_server(args) -> int:
 
 
 def _evaluate(args) -> int:
+    from fm_keras.errors import ConfigError
     from fm_keras.evaluation import evaluate_run
+    from fm_keras.fsutil import read_json
 
+    run_json = os.path.join(args.run, "run.json")
+    retrieval = os.path.exists(run_json) and read_json(run_json).get("task") == "retrieval"
+    if args.items or retrieval or args.exclude:
+        from fm_keras.retrieval import evaluate_recall
+
+        try:
+            ks = [int(k) for k in args.recall_at.split(",") if k.strip()]
+        except ValueError:
+            ks = []
+        if not ks or min(ks) < 1:
+            raise ConfigError(f"--recall_at: expected positive integers like 10,50,100, "
+                              f"got {args.recall_at!r}")
+        print(json.dumps(evaluate_recall(args.run, args.data, args.items, ks, args.exclude),
+                         indent=2))
+        return 0
     print(json.dumps(evaluate_run(args.run, args.data,
                                   reliability_plot=args.reliability_plot), indent=2))
     return 0

@@ -38,7 +38,8 @@ KINDS = ("categorical", "multi_hot", "numeric")
 TOWERS = ("user", "item", "context")
 NORMALIZATIONS = ("standard", "log", "min_max", "none")
 COMBINERS = ("sum", "mean", "sqrtn")
-TASKS = ("binary", "regression")
+TASKS = ("binary", "regression", "retrieval")
+SAMPLERS = ("uniform", "popularity")
 OPTIMIZERS = ("adam", "adagrad", "ftrl", "sgd")
 FILTER_OPS = ("==", "!=", "<", "<=", ">", ">=", "in", "not_in", "is_null")
 STRATEGIES = ("none", "multi_worker_mirrored", "parameter_server")
@@ -140,13 +141,21 @@ class FilterConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    """Where the data is. Paths are globs, resolved relative to the experiment file."""
+    """Where the data is. Paths are globs, resolved relative to the experiment file.
+
+    ``label`` is required for ``binary`` and ``regression``; for ``retrieval`` it is optional
+    (rows with label <= 0 are dropped). ``items`` is the item catalog (one row per item: the
+    ``item_id`` column and the item features), needed by ``retrieval`` and by sampled
+    negatives.
+    """
 
     train: tuple[str, ...]
-    label: str
+    label: str | None = None
     valid: tuple[str, ...] = ()
     test: tuple[str, ...] = ()
     filters: tuple[FilterConfig, ...] = ()
+    items: tuple[str, ...] = ()
+    item_id: str = "item_id"
 
 
 @dataclass(frozen=True)
@@ -154,7 +163,8 @@ class ModelConfig:
     """The FM itself.
 
     Attributes:
-        task: ``binary`` (logistic loss, CTR) or ``regression`` (squared loss, ratings).
+        task: ``binary`` (logistic loss, CTR), ``regression`` (squared loss, ratings) or
+            ``retrieval`` (two towers, softmax over the catalog; see `RetrievalConfig`).
         embedding_dim: k, the factor dimension.
         l2_embeddings: L2 on the factor rows a batch touches (frequency-adaptive).
         l2_linear: L2 on the linear weights a batch touches.
@@ -225,6 +235,56 @@ class DistributeConfig:
 
 
 @dataclass(frozen=True)
+class NegativesConfig:
+    """Negatives sampled from the item catalog for pointwise training on implicit logs.
+
+    Attributes:
+        per_positive: catalog items drawn per positive row, every epoch afresh; an item the
+            user has a positive for is discarded. 0 = off.
+        sampler: ``uniform`` over the catalog, or ``popularity`` (proportional to the item's
+            count of training positives, plus one).
+    """
+
+    per_positive: int = 0
+    sampler: str = "uniform"
+
+    def __post_init__(self):
+        _at_least(self.per_positive, 0, "training: negatives: per_positive")
+        _one_of(self.sampler, SAMPLERS, "training: negatives: sampler")
+
+
+@dataclass(frozen=True)
+class RetrievalConfig:
+    """The two-tower objective of ``task: retrieval`` (tfrs.tasks.Retrieval).
+
+    Attributes:
+        temperature: the softmax temperature (scores are divided by it).
+        logq_correction: subtract log(sampling probability) of each candidate (Yi et al.,
+            RecSys 2019), from the item frequencies of the training log.
+        catalog_negatives: extra negatives per batch drawn uniformly from the catalog,
+            shared by every query of the batch (mixed negative sampling, Yang et al., WWW 2020).
+        remove_accidental_hits: a candidate with the same item as the positive is not a
+            negative.
+        recall_at: K of the validation Recall@K that early stopping watches.
+        exclude_seen: validation and test recall leave out each user's training items.
+    """
+
+    temperature: float = 1.0
+    logq_correction: bool = True
+    catalog_negatives: int = 0
+    remove_accidental_hits: bool = True
+    recall_at: int = 50
+    exclude_seen: bool = True
+
+    def __post_init__(self):
+        if not self.temperature > 0:
+            raise ConfigError(f"training: retrieval: temperature must be > 0, "
+                              f"got {self.temperature}")
+        _at_least(self.catalog_negatives, 0, "training: retrieval: catalog_negatives")
+        _at_least(self.recall_at, 1, "training: retrieval: recall_at")
+
+
+@dataclass(frozen=True)
 class TrainingConfig:
     """How to fit.
 
@@ -244,6 +304,8 @@ class TrainingConfig:
             unlike the per-occurrence L2 it shrinks rarely seen ids the most.
         distribute: the ``tf.distribute`` strategy (see `DistributeConfig`); batch_size is
             the global batch: each of n synchronous workers takes batch_size / n rows.
+        negatives: catalog-sampled negatives for ``task: binary`` (see `NegativesConfig`).
+        retrieval: the ``task: retrieval`` objective (see `RetrievalConfig`).
         calibration: the calibrator fitted on the validation split after training (binary
             task; see `fm_keras.calibration`): ``auto`` (none, platt or isotonic, whichever
             has the lowest cross-fitted validation logloss), ``platt``, ``isotonic`` or
@@ -263,6 +325,8 @@ class TrainingConfig:
     steps_per_execution: int = 32
     weight_decay: float = 0.0
     distribute: DistributeConfig = field(default_factory=DistributeConfig)
+    negatives: NegativesConfig = field(default_factory=NegativesConfig)
+    retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
     calibration: str = "auto"
 
     def __post_init__(self):
@@ -324,10 +388,38 @@ class ExperimentConfig:
             raise ConfigError(f"{self.source}: features: duplicate names {dupes}")
         if self.data.label in names:
             raise ConfigError(f"{self.source}: the label {self.data.label!r} is also a feature")
-        if self.model.task == "regression" and self.training.calibration in ("platt", "isotonic"):
+        if self.model.task != "binary" and self.training.calibration in ("platt", "isotonic"):
             raise ConfigError(f"{self.source}: training: calibration: {self.training.calibration} "
-                              "calibrates click probabilities; a regression model has none. "
-                              "Remove the key (or set auto / none)")
+                              "is fitted on click labels (task: binary); a "
+                              f"{self.model.task} model has none. Remove the key (or set "
+                              "auto / none)")
+        self._check_task()
+
+    def _check_task(self) -> None:
+        task, where = self.model.task, self.source
+        if self.data.label is None and task != "retrieval":
+            raise ConfigError(f"{where}: data: label: task {task!r} needs a label column "
+                              "(only task: retrieval reads a log without one)")
+        needs_items = task == "retrieval" or self.training.negatives.per_positive > 0
+        if needs_items and not self.data.items:
+            raise ConfigError(f"{where}: data: items: " + (
+                "task: retrieval" if task == "retrieval" else "training: negatives") +
+                " needs the item catalog (data: {items: items.csv} with the item_id column "
+                "and the item features)")
+        if needs_items and self.training.distribute.cluster:
+            raise ConfigError(f"{where}: training: distribute: " + (
+                "task: retrieval" if task == "retrieval" else "training: negatives") +
+                " trains on one machine for now; set strategy: none")
+        if self.training.negatives.per_positive > 0 and task != "binary":
+            raise ConfigError(f"{where}: training: negatives: sampled negatives are for task: "
+                              f"binary, got task: {task!r}")
+        if needs_items:
+            sides = {f.query_side for f in self.features}
+            for side, words in ((True, "query-side (tower: user or context)"),
+                                (False, "item (tower: item)")):
+                if side not in sides:
+                    raise ConfigError(f"{where}: features: {task} training needs at least one "
+                                      f"{words} feature, found none")
 
     def feature(self, name: str) -> FeatureConfig:
         for f in self.features:
@@ -420,7 +512,7 @@ def _data(raw, base_dir: str, source: str) -> DataConfig:
     if not isinstance(raw, dict):
         raise ConfigError(f"{where} must be a mapping")
     raw = dict(raw)
-    for key in ("train", "valid", "test"):
+    for key in ("train", "valid", "test", "items"):
         if key in raw:
             value = raw[key]
             paths = list(value) if isinstance(value, (list, tuple)) else [value]

@@ -154,6 +154,29 @@ def load_data_split(data: DataConfig, role: str, features: Sequence[FeatureConfi
     return load_split(patterns, features, data.label, data.filters, task=task)
 
 
+def require_both_classes(split: Split, label: str) -> None:
+    """Raises `DataError` when a binary label column has a single class in `split`.
+
+    A CTR model trained without a single click (or without a non-click) learns only the
+    constant; the run would complete and export it. Call it on the training split.
+    """
+    only = single_class(split.labels)
+    if only is not None:
+        files = split.files[0] + (f" (and {len(split.files) - 1} more)"
+                                  if len(split.files) > 1 else "")
+        raise DataError(f"{files}: label column {label!r}: every training row has label "
+                        f"{only:g}; a binary model needs both clicks (1) and non-clicks (0): "
+                        "check the label column and data.filters")
+
+
+def single_class(labels: np.ndarray | None) -> float | None:
+    """The label value every row shares, or None when there are two classes (or no rows)."""
+    if labels is None or len(labels) == 0:
+        return None
+    first = float(labels[0])
+    return first if bool(np.all(labels == first)) else None
+
+
 def _feature_column(column: pd.Series, feat: FeatureConfig, path: str) -> np.ndarray:
     if feat.kind != "numeric":
         return column.to_numpy(dtype=object)

@@ -35,8 +35,8 @@ from fm_keras.evaluation import metrics_for
 from fm_keras.features import FittedFeature
 from fm_keras.model import build_model, make_optimizer
 from fm_keras.tfrecord import fitted_features_path, is_tfrecord, read_manifest, training_dataset
-from fm_keras.training import (TrainingState, _check_run_dir, _versions, calibrate, log,
-                               predict_split)
+from fm_keras.training import (TrainingState, calibrate, check_run_dir, library_versions, log,
+                               predict_split, watch_defined_metric)
 
 _JOBS = {"multi_worker_mirrored": ("chief", "worker"),
          "parameter_server": ("chief", "worker", "ps")}
@@ -151,6 +151,9 @@ class _ClusterTrainingState(TrainingState):
     # A per-batch hook would fetch the loss every step: on a parameter-server cluster that
     # makes the coordinator wait for each step. Divergence is caught at the epoch end.
     on_train_batch_end = keras.callbacks.Callback.on_train_batch_end
+    # Writes of sharded/mirrored variables stay synchronous: TF's async checkpoint copies
+    # every variable to this task's host first.
+    async_checkpoints = False
 
 
 def train_distributed(config: ExperimentConfig, run_dir: str, *, resume: bool = False,
@@ -168,7 +171,7 @@ def train_distributed(config: ExperimentConfig, run_dir: str, *, resume: bool = 
     started = time.time()
     train_files, manifest, features = _shards_and_features(config)
     if task.is_chief:
-        _check_run_dir(run_dir, resume)
+        check_run_dir(run_dir, resume)
     # Only now TensorFlow work: a collective strategy must come before any other.
     strategy = make_strategy(distribute, task)
     task_name = config.model.task
@@ -210,7 +213,8 @@ def train_distributed(config: ExperimentConfig, run_dir: str, *, resume: bool = 
     if state.initial_epoch < training.epochs and not state.finished:
         model.fit(keras.utils.experimental.DatasetCreator(dataset_fn), epochs=training.epochs,
                   steps_per_epoch=steps, initial_epoch=state.initial_epoch,
-                  callbacks=[Validation(valid_split, task_name), state],
+                  callbacks=[Validation(valid_split, task_name),
+                             *watch_defined_metric(state, valid_split), state],
                   verbose=2 if verbose is None else verbose)
     state.restore_best()
     fit_seconds = time.time() - t0
@@ -276,7 +280,7 @@ def _record(model, state, metrics, manifest, valid_rows, task, distribute, rows_
         "distribute": {"strategy": distribute.strategy,
                        "cluster": {k: len(v) for k, v in task.cluster.items()},
                        "variables": variable_shards(model)},
-        "versions": _versions(),
+        "versions": library_versions(),
     }
 
 

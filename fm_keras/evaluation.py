@@ -73,6 +73,21 @@ def metrics_for(task: str, labels: np.ndarray, outputs: dict[str, np.ndarray]) -
     return result
 
 
+def early_stopping_monitor(task: str, valid_labels: np.ndarray) -> tuple[str, float]:
+    """The validation metric early stopping watches and its sign (+1: higher is better).
+
+    CTR watches ``val_auc``, except when the validation labels have one class: AUC is then
+    undefined (never 0), and ``val_logloss`` is watched instead. Regression watches
+    ``val_rmse``.
+    """
+    if task == "regression":
+        return "val_rmse", -1.0
+    labels = np.asarray(valid_labels)
+    if len(labels) and np.all(labels == labels[0]):
+        return "val_logloss", -1.0
+    return "val_auc", 1.0
+
+
 def evaluate_run(run_dir: str, data: list[str] | str, batch_size: int = 65_536,
                  filters: Sequence[FilterConfig] | None = None,
                  reliability_plot: str | None = None) -> dict:

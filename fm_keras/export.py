@@ -30,7 +30,10 @@ from fm_keras import __version__, fsutil
 from fm_keras._tf import tf
 from fm_keras.errors import ExportError
 from fm_keras.model import FMModel
+from fm_keras.servables import FORMAT_VERSION
+from fm_keras.towers import item_vector, user_outputs
 from fm_keras.training import Run, load_run, log
+from fm_keras.versions import version_dirs
 
 METADATA = "fm_keras.json"
 WARMUP = "tf_serving_warmup_requests"
@@ -74,19 +77,12 @@ class RankingServable(tf.Module):
         return {"probability": self._calibration.probability(logit), "logit": logit,
                 "raw_probability": tf.sigmoid(logit)}
 
-    def _side(self, features, names):
-        ids, values = self.encoder.encode(features, names)
-        return self.fm.side_terms(ids, values, tf.ones_like(values, tf.bool))
-
     def _user_tower(self, features):
-        linear, pairs, summed = self._side(features, self.query_names)
-        ones = tf.ones_like(linear)[:, None]
-        return {"user_vector": tf.concat([ones, summed], axis=1),
-                "user_offset": self.fm.bias + linear + pairs}
+        return user_outputs(self.fm, *self.encoder.encode(features, self.query_names))
 
     def _item_tower(self, features):
-        linear, pairs, summed = self._side(features, self.item_names)
-        return {"item_vector": tf.concat([(linear + pairs)[:, None], summed], axis=1)}
+        return {"item_vector": item_vector(self.fm,
+                                           *self.encoder.encode(features, self.item_names))}
 
 
 def export_run(run_dir: str, name: str, base: str = "saved_models",
@@ -154,8 +150,7 @@ def building(final: str, prefix: str | None = None):
 
 def next_version(model_dir: str) -> int:
     """One more than the highest numeric version under `model_dir` (1 for none)."""
-    versions = [int(d) for d in os.listdir(model_dir) if d.isdigit()] \
-        if os.path.isdir(model_dir) else []
+    versions = version_dirs(model_dir) if os.path.isdir(model_dir) else []
     return max(versions, default=0) + 1
 
 
@@ -166,7 +161,14 @@ def sample_rows(run: Run, n: int, seed: int = 0) -> dict[str, np.ndarray]:
 
     data = run.config.data
     role = "test" if data.test else "valid" if data.valid else "train"
-    split = load_data_split(data, role, run.config.features, run.config.model.task)
+    if run.config.model.task == "retrieval":  # item features come from the catalog
+        from fm_keras.interactions import load_catalog, load_interactions
+        from fm_keras.retrieval import catalog_path
+
+        catalog = load_catalog(catalog_path(run.config), run.config.features, data.item_id)
+        split = load_interactions(getattr(data, role), run.config, catalog)
+    else:
+        split = load_data_split(data, role, run.config.features, run.config.model.task)
     rng = np.random.default_rng(seed)
     pick = rng.choice(len(split), size=n, replace=n > len(split))
     rows = {k: v[pick] for k, v in split.features.items()}
@@ -257,7 +259,7 @@ def _metadata(run: Run, servable: RankingServable, loaded, name: str, version: i
     training = run.config.training
     return {
         "format": FORMAT_RANKING,
-        "format_version": 1,
+        "format_version": FORMAT_VERSION,
         "name": name,
         "version": version,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

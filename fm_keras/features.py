@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -26,7 +27,20 @@ from fm_keras.data import Split
 
 _MAX_LEN_CAP = 64  # default multi-hot max_len never exceeds this
 _STD_FLOOR = 1e-6
-_NUMBER = r"\s*[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?\s*"
+# A finite decimal number, in ASCII classes so that Python's re and TensorFlow's RE2 agree.
+_SPACE = r"[ \t\n\r\f\v]*"
+_NUMBER = _SPACE + r"[-+]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][-+]?[0-9]+)?" + _SPACE
+
+
+def weighted_token_pattern(weight_separator: str) -> str:
+    """Regex of a multi-hot token with a weight: ``(name)<sep>(number)``, split at the LAST
+    separator. A token whose text after its last separator is not a number has no weight:
+    the whole token is the value (``tag:t81`` is the value ``tag:t81``, weight 1).
+
+    The same pattern runs in Python (`re`, fitting vocabularies) and in the graph (RE2), so
+    both read a token alike.
+    """
+    return "(?s)^(.*)" + re.escape(weight_separator) + "(" + _NUMBER + ")$"
 
 
 @dataclass(frozen=True)
@@ -95,7 +109,8 @@ def _fit_one(c: FeatureConfig, column: np.ndarray) -> FittedFeature:
         tokens = pd.Series(column).str.split(c.separator, regex=False)
         lengths = tokens.map(lambda t: sum(1 for x in t if x))
         max_len = c.max_len or int(min(_MAX_LEN_CAP, max(1, np.percentile(lengths, 99))))
-        names = tokens.explode().str.split(c.weight_separator, n=1, regex=False).str[0]
+        names = tokens.explode().dropna().str.replace(
+            weighted_token_pattern(c.weight_separator), r"\1", regex=True)
         vocab = () if c.hash_buckets else _vocabulary(names[names != ""], c.min_count)
         return FittedFeature(c, vocabulary=vocab, max_len=max_len)
     values = column.astype(np.float64)
@@ -224,11 +239,12 @@ class FeatureEncoder(keras.layers.Layer):
             return self._lookup(f, raw)[:, None], tf.ones_like(raw, tf.float32)[:, None]
         tokens = tf.strings.split(raw, c.separator)
         tokens = tf.ragged.boolean_mask(tokens, tf.strings.length(tokens) > 0)[:, : f.max_len]
-        parts = tf.strings.split(tokens.flat_values, c.weight_separator, maxsplit=1)
-        parts = parts.to_tensor(default_value="1", shape=[None, 2])
-        # A weight that is not a finite number counts as 1: serving never fails on bad input.
-        given = parts[:, 1]
-        given = tf.where(tf.strings.regex_full_match(given, _NUMBER), given, "1")
+        # "name<sep>number" has a weight; any other token is a value of weight 1, whole.
+        flat = tokens.flat_values
+        pattern = weighted_token_pattern(c.weight_separator)
+        weighted = tf.strings.regex_full_match(flat, pattern)
+        names = tf.strings.regex_replace(flat, pattern, r"\1")
+        given = tf.where(weighted, tf.strings.regex_replace(flat, pattern, r"\2"), "1")
         weight = tf.strings.to_number(given, tf.float32)
         weight = tf.where(tf.math.is_finite(weight), weight, 1.0)
         weights = tokens.with_flat_values(weight)
@@ -237,7 +253,7 @@ class FeatureEncoder(keras.layers.Layer):
         elif c.combiner == "sqrtn":
             norm = tf.sqrt(tf.reduce_sum(tf.square(weights), 1, keepdims=True))
             weights = weights / tf.maximum(norm, 1e-12)
-        ids = tokens.with_flat_values(self._lookup(f, parts[:, 0]))
+        ids = tokens.with_flat_values(self._lookup(f, names))
         return (ids.to_tensor(0, shape=[None, f.max_len]),
                 weights.to_tensor(0.0, shape=[None, f.max_len]))
 
@@ -246,21 +262,25 @@ class FeatureEncoder(keras.layers.Layer):
             return tf.cast(tf.strings.to_hash_bucket_fast(values, f.config.hash_buckets), tf.int32)
         return tf.cast(self._lookups[f.config.name](values), tf.int32)
 
-    def encode_numpy(self, columns: Mapping[str, np.ndarray],
-                     batch_size: int = 65_536) -> tuple[np.ndarray, np.ndarray]:
-        """Encodes in-memory columns once (training data is encoded once, not per epoch)."""
-        n = len(next(iter(columns.values())))
+    def encode_numpy(self, columns: Mapping[str, np.ndarray], batch_size: int = 65_536,
+                     names: Sequence[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Encodes in-memory columns once (training data is encoded once, not per epoch).
+
+        With `names`, only those features (one side of the model), as `encode` does.
+        """
+        names = tuple(self.input_names if names is None else names)
+        n = len(columns[names[0]])
         ids, values = [], []
         for start in range(0, n, batch_size):
-            chunk = {k: tf.constant(columns[k][start:start + batch_size]) for k in self.input_names}
-            i, v = self._encode_graph(chunk)
+            chunk = {k: tf.constant(columns[k][start:start + batch_size]) for k in names}
+            i, v = self._encode_graph(chunk, names)
             ids.append(i.numpy())
             values.append(v.numpy())
         return np.concatenate(ids), np.concatenate(values)
 
-    @tf.function
-    def _encode_graph(self, chunk):
-        return self(chunk)
+    @tf.function(reduce_retracing=True)
+    def _encode_graph(self, chunk, names):
+        return self.encode(chunk, names)
 
     def get_config(self):
         return {**super().get_config(), "features": [f.to_dict() for f in self.features]}

@@ -16,15 +16,22 @@ from fm_keras.calibration import Calibration
 from fm_keras.config import ModelConfig, TrainingConfig
 from fm_keras.features import FeatureEncoder, FittedFeature
 from fm_keras.layers import FactorizationMachine
+from fm_keras.optimizers import LazyAdam, SparseAdagrad, SparseFtrl
+from fm_keras.towers import ItemTower, UserTower
 
 
 class FMModel(tfrs.Model):
-    """A Factorization Machine for CTR (``binary``) or ratings (``regression``).
+    """A Factorization Machine for CTR (``binary``), ratings (``regression``) or recall.
+
+    ``user_tower`` and ``item_tower`` are the two towers of the decomposition as Keras models
+    (TFRS's query and candidate models); ``fm_keras.retrieval.RetrievalModel`` trains them
+    with ``tfrs.tasks.Retrieval`` (``task: retrieval``).
 
     Args:
         encoder: raw features -> slots.
         fm: the FM layer over the encoder's id space.
-        task: ``binary`` (logistic loss; AUC and logloss) or ``regression`` (squared; RMSE).
+        task: ``binary`` (logistic loss; AUC and logloss), ``regression`` (squared; RMSE) or
+            ``retrieval`` (outputs as ``binary``; trained by ``RetrievalModel``).
         calibration: logit -> probability: the logit correction undoing positive weighting
             and negative downsampling (see `TrainingConfig.logit_correction`), then the
             calibrator fitted on validation data at the end of training (`fm_keras.calibration`;
@@ -34,8 +41,8 @@ class FMModel(tfrs.Model):
     def __init__(self, encoder: FeatureEncoder, fm: FactorizationMachine, task: str = "binary",
                  calibration: Calibration | None = None, **kwargs):
         super().__init__(**kwargs)
-        if task not in ("binary", "regression"):
-            raise ValueError(f"task must be 'binary' or 'regression', got {task!r}")
+        if task not in ("binary", "regression", "retrieval"):
+            raise ValueError(f"task must be 'binary', 'regression' or 'retrieval', got {task!r}")
         if fm.num_ids != encoder.num_ids:
             raise ValueError(f"the FM layer has {fm.num_ids} ids but the encoder produces "
                              f"{encoder.num_ids}; build both from the same features")
@@ -51,10 +58,28 @@ class FMModel(tfrs.Model):
                 loss=keras.losses.BinaryCrossentropy(from_logits=True, reduction=none),
                 metrics=[keras.metrics.AUC(from_logits=True, name="auc", num_thresholds=2000),
                          keras.metrics.BinaryCrossentropy(from_logits=True, name="logloss")])
-        else:
+        elif task == "regression":
             self.task = tfrs.tasks.Ranking(
                 loss=keras.losses.MeanSquaredError(reduction=none),
                 metrics=[keras.metrics.RootMeanSquaredError(name="rmse")])
+        has_towers = all(encoder.side_names(side) for side in (True, False))
+        self._towers = (UserTower(encoder, fm), ItemTower(encoder, fm)) if has_towers else None
+
+    @property
+    def user_tower(self) -> UserTower:
+        """Raw user + context features -> ``{"user_vector", "user_offset"}`` (Keras model)."""
+        return self._tower(0)
+
+    @property
+    def item_tower(self) -> ItemTower:
+        """Raw item features -> ``item_vector`` [batch, k + 1] (Keras model)."""
+        return self._tower(1)
+
+    def _tower(self, which: int):
+        if self._towers is None:
+            raise ValueError("the model has no towers: it needs both query-side (user/context) "
+                             "and item features")
+        return self._towers[which]
 
     def call(self, features, training=False):
         """Raw features (dict of [batch] tensors) -> dict of [batch] outputs."""
@@ -135,12 +160,15 @@ def build_model(features: Sequence[FittedFeature], model: ModelConfig,
 
 
 def make_optimizer(training: TrainingConfig) -> keras.optimizers.Optimizer:
-    """The configured optimizer; FTRL is the classic choice for very sparse CTR data."""
+    """The configured optimizer; FTRL is the classic choice for very sparse CTR data.
+
+    Adam, Adagrad and FTRL update only the table rows a step touches (`fm_keras.optimizers`),
+    so a step costs the same with 10k or 5M ids.
+    """
     lr, wd = training.learning_rate, training.weight_decay or None
     return {
-        "adam": lambda: keras.optimizers.Adam(lr, weight_decay=wd),
-        "adagrad": lambda: keras.optimizers.Adagrad(lr, initial_accumulator_value=0.1,
-                                                    weight_decay=wd),
-        "ftrl": lambda: keras.optimizers.Ftrl(lr, weight_decay=wd),
+        "adam": lambda: LazyAdam(lr, weight_decay=wd),
+        "adagrad": lambda: SparseAdagrad(lr, initial_accumulator_value=0.1, weight_decay=wd),
+        "ftrl": lambda: SparseFtrl(lr, weight_decay=wd),
         "sgd": lambda: keras.optimizers.SGD(lr, weight_decay=wd),
     }[training.optimizer]()

@@ -27,7 +27,7 @@ from fm_keras.calibration import Calibration
 from fm_keras.errors import ExportError
 from fm_keras.export import (METADATA, WARMUP, _check_name, building, new_version_path,
                              signature_info, write_warmup)
-from fm_keras.servables import load_export
+from fm_keras.servables import FORMAT_VERSION, load_export
 from fm_keras.training import log
 
 FORMAT_RECALL = "fm_keras.recall"
@@ -223,7 +223,7 @@ def build_index(model_dir: str, items: str, name: str, base: str = "saved_models
         rows["exclude_item_ids"] = np.array([[ids[0].encode(), b""]] * 4, dtype=object)
         write_warmup(os.path.join(extra, WARMUP), loaded.signatures, rows)
         fsutil.write_json(os.path.join(extra, METADATA), {
-            "format": FORMAT_RECALL, "format_version": 1, "name": name,
+            "format": FORMAT_RECALL, "format_version": FORMAT_VERSION, "name": name,
             "version": int(os.path.basename(final)),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "ranking_model": os.path.abspath(model_dir), "ranking_version": meta.get("version"),

@@ -12,8 +12,12 @@ import os
 
 from fm_keras._tf import tf
 from fm_keras.errors import ExportError
+from fm_keras.versions import version_dirs
 
 METADATA = os.path.join("assets.extra", "fm_keras.json")
+# The newest export format this package reads (``format_version`` in fm_keras.json; the
+# exporters write this number). A reader refuses a newer one instead of misreading it.
+FORMAT_VERSION = 1
 
 
 def resolve_version(path: str) -> str:
@@ -22,8 +26,7 @@ def resolve_version(path: str) -> str:
         raise ExportError(f"{path}: no such model directory")
     if os.path.exists(os.path.join(path, "saved_model.pb")):
         return path
-    versions = sorted((int(d) for d in os.listdir(path)
-                       if d.isdigit() and os.path.isdir(os.path.join(path, d))))
+    versions = version_dirs(path)
     if not versions:
         raise ExportError(f"{path}: not an fm_keras export (no saved_model.pb and no numeric "
                           "version directories); pass e.g. saved_models/NAME/1")
@@ -42,10 +45,41 @@ def read_metadata(version_dir: str) -> dict:
         raise ExportError(f"{path}: unreadable export metadata ({err})") from None
 
 
+def check_format_version(meta: dict, version_dir: str) -> None:
+    """Refuses export metadata whose ``format_version`` is newer than ``FORMAT_VERSION``.
+
+    Raises:
+        ExportError: naming the export's format version (and the package versions that wrote
+            it) and the one this fm_keras understands.
+    """
+    found = meta.get("format_version", FORMAT_VERSION)
+    if not isinstance(found, int) or isinstance(found, bool) or found < 1:
+        raise ExportError(f"{version_dir}: {METADATA}: format_version {found!r} is not a "
+                          "positive integer")
+    if found > FORMAT_VERSION:
+        from fm_keras import __version__
+
+        written = meta.get("versions", {}).get("fm_keras_export") or meta.get(
+            "versions", {}).get("fm_keras", "unknown")
+        raise ExportError(
+            f"{version_dir}: {METADATA}: export format_version {found} (written by fm_keras "
+            f"{written}) is newer than format_version {FORMAT_VERSION} that this fm_keras "
+            f"{__version__} understands; upgrade fm_keras or re-export with this one")
+
+
 def export_metadata(path: str, expect: str | None = None) -> tuple[str, dict]:
-    """``(version_dir, metadata)`` of an export, without loading the model (see load_export)."""
+    """``(version_dir, metadata)`` of an export, without loading the model (see load_export).
+
+    The one gate of every reader of an export (score, recommend, index, the pipeline):
+    it checks the format version and, with ``expect``, the format.
+
+    Raises:
+        ExportError: not an export, unreadable metadata, a newer format_version, or the
+            wrong format.
+    """
     version_dir = resolve_version(path)
     meta = read_metadata(version_dir)
+    check_format_version(meta, version_dir)
     if expect and meta.get("format") != expect:
         raise ExportError(f"{version_dir}: is a {meta.get('format')!r} export, this needs a "
                           f"{expect!r} one")

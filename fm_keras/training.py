@@ -29,11 +29,13 @@ import numpy as np
 from fm_keras import __version__, fsutil
 from fm_keras._tf import keras, tf
 from fm_keras.calibration import Calibration, fit_calibration
+from fm_keras.checkpoints import CheckpointWriter, is_large, parameters_finite
 from fm_keras.config import ExperimentConfig, TrainingConfig, experiment_from_dict
 from fm_keras.convergence import EarlyStopping, base_loss, cap_warning
-from fm_keras.data import Split, downsample_negatives, load_data_split, sample_weights
+from fm_keras.data import (Split, downsample_negatives, load_data_split, require_both_classes,
+                           sample_weights, single_class)
 from fm_keras.errors import ConfigError, RunError, TrainingDivergedError
-from fm_keras.evaluation import metrics_for
+from fm_keras.evaluation import early_stopping_monitor, metrics_for
 from fm_keras.features import FittedFeature, fit_features
 from fm_keras.model import FMModel, build_model, make_optimizer
 from fm_keras.prior import EmpiricalBayesPrior, curvature
@@ -85,15 +87,24 @@ def train(config: ExperimentConfig, run_dir: str, *, resume: bool = False,
                               "it, or train the cluster run from scratch")
 
         return train_distributed(config, run_dir, resume=resume, verbose=verbose)
+    if config.model.task == "retrieval":
+        from fm_keras.retrieval import train_retrieval
+
+        if warm_start:
+            raise ConfigError(f"{config.source}: model: task: retrieval runs cannot warm-start "
+                              "yet; train from scratch")
+        return train_retrieval(config, run_dir, resume=resume, verbose=verbose)
     started = time.time()
-    _check_run_dir(run_dir, resume)
+    check_run_dir(run_dir, resume)
     task = config.model.task
     train_split = load_data_split(config.data, "train", config.features, task)
     valid_split = (load_data_split(config.data, "valid", config.features, task)
                    if config.data.valid else None)
     log(f"train: {len(train_split):,} rows from {len(train_split.files)} file(s)"
         + _dropped_text(train_split))
-    train_split, valid_split = _holdout_if_needed(train_split, valid_split, config.training.seed)
+    if task == "binary":
+        require_both_classes(train_split, config.data.label)
+    train_split, valid_split = holdout_if_needed(train_split, valid_split, config.training.seed)
 
     if resume and os.path.exists(os.path.join(run_dir, "features.json")):
         features = tuple(FittedFeature.from_dict(d)
@@ -117,7 +128,15 @@ def train(config: ExperimentConfig, run_dir: str, *, resume: bool = False,
         log(f"warm start from {warm_start}")
     t0 = time.time()
     prior = []  # the empirical Bayes prior's callback, if any
-    train_ds = _dataset(model, train_split, config, training=True, callbacks=prior)
+    if config.training.negatives.per_positive:
+        from fm_keras.negatives import SampledNegatives
+
+        negatives = SampledNegatives(config, model.encoder, train_split)
+        valid_split = negatives.with_negatives(valid_split, config.training.seed)
+        train_ds = _dataset(model, train_split, config, training=True, negatives=negatives,
+                            callbacks=prior)
+    else:
+        train_ds = _dataset(model, train_split, config, training=True, callbacks=prior)
     valid_ds = _dataset(model, valid_split, config, training=False)
     log(f"encoded {len(train_split):,} + {len(valid_split):,} rows into "
         f"{model.encoder.num_slots} slots over {model.encoder.num_ids:,} ids "
@@ -131,13 +150,15 @@ def train(config: ExperimentConfig, run_dir: str, *, resume: bool = False,
     model.compile(optimizer=make_optimizer(config.training), weighted_metrics=[],
                   steps_per_execution=config.training.steps_per_execution)
     state = TrainingState(run_dir, model, config, resume=resume, base_loss=base_loss(
-        task, train_split.labels, sample_weights(train_split.labels, config.training)))
+        task, train_split.labels, sample_weights(train_split.labels, config.training))
+        if task != "retrieval" else None)
     t0 = time.time()
     if state.initial_epoch < config.training.epochs and not state.finished:
         with contextlib.redirect_stdout(sys.stderr):  # Keras prints progress to stdout
             model.fit(train_ds, validation_data=valid_ds, epochs=config.training.epochs,
                       initial_epoch=state.initial_epoch,
-                      callbacks=[*prior, state, *(callbacks or [])],
+                      callbacks=[*prior, *watch_defined_metric(state, valid_split), state,
+                                 *(callbacks or [])],
                       verbose=(1 if sys.stderr.isatty() else 2) if verbose is None else verbose)
     state.restore_best()
     warning = state.convergence_warning()
@@ -170,7 +191,7 @@ def train(config: ExperimentConfig, run_dir: str, *, resume: bool = False,
         "seconds": {"total": round(time.time() - started, 2), "fit": round(train_seconds, 2)},
         "train_samples_per_second": round(
             len(train_split) * max(1, len(state.history)) / max(train_seconds, 1e-9)),
-        "versions": _versions(),
+        "versions": library_versions(),
         "warm_start": os.path.abspath(warm_start) if warm_start else None,
     }
     fsutil.write_json(os.path.join(run_dir, "run.json"), record)
@@ -249,24 +270,33 @@ class TrainingState(keras.callbacks.Callback):
     One callback owns all of it so that a resumed run continues with the same best metric and
     patience counter it stopped with. The stopping rule itself (min_delta, no counting before
     learning started) is `fm_keras.convergence.EarlyStopping`; epochs are 1-based throughout.
+    With large tables the epoch-end checks are sampled and the checkpoints written in the
+    background (`fm_keras.checkpoints`); the best checkpoint holds the model weights only.
 
     Args:
         base_loss: the training loss of a model that has learned only the base rate
             (`fm_keras.convergence.base_loss`); None skips the warmup check.
     """
 
+    async_checkpoints = True  # large tables are checkpointed in the background
+
     def __init__(self, run_dir: str, model: FMModel, config: ExperimentConfig, resume: bool,
                  base_loss: float | None = None):
         super().__init__()
         self.config = config
-        self.monitor = "val_auc" if config.model.task == "binary" else "val_rmse"
-        self.sign = 1.0 if config.model.task == "binary" else -1.0
+        self.monitor = {"binary": "val_auc", "regression": "val_rmse",
+                        "retrieval": "val_recall_at_k"}[config.model.task]
+        self.sign = -1.0 if config.model.task == "regression" else 1.0
         self.epoch = tf.Variable(0, dtype=tf.int64, trainable=False)
         self.checkpoint = tf.train.Checkpoint(fm=model.fm, optimizer=model.optimizer,
                                               epoch=self.epoch)
         ckpt_dir = os.path.join(run_dir, "checkpoints")
-        self.last = tf.train.CheckpointManager(self.checkpoint, os.path.join(ckpt_dir, "last"), 1)
-        self.best = tf.train.CheckpointManager(self.checkpoint, os.path.join(ckpt_dir, "best"), 1)
+        # Large tables: sampled finite checks, asynchronous writes (fm_keras.checkpoints).
+        self.large = is_large(model.fm.trainable_weights)
+        background = self.large and self.async_checkpoints
+        self.last = CheckpointWriter(self.checkpoint, os.path.join(ckpt_dir, "last"), background)
+        self.best = CheckpointWriter(tf.train.Checkpoint(fm=model.fm),
+                                     os.path.join(ckpt_dir, "best"), background)
         self.state_path = os.path.join(run_dir, "state.json")
         t = config.training
         self.stopper = EarlyStopping(t.early_stopping_patience, t.early_stopping_min_delta,
@@ -301,7 +331,7 @@ class TrainingState(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         logs = logs or {}
         fm = self.model.fm
-        if not all(bool(tf.reduce_all(tf.math.is_finite(w))) for w in fm.trainable_weights):
+        if not parameters_finite(fm.trainable_weights, seed=epoch):
             self._diverged("parameters are not finite")
         value = self.sign * float(logs.get(self.monitor, math.nan))
         if not math.isfinite(value):
@@ -326,8 +356,12 @@ class TrainingState(keras.callbacks.Callback):
         return cap_warning(self.stopper, len(self.history), self.config.training.epochs)
 
     def restore_best(self) -> None:
+        self.last.sync()
+        self.best.sync()
         if self.best.latest_checkpoint:
             tf.train.Checkpoint(fm=self.model.fm).read(self.best.latest_checkpoint).expect_partial()
+        if self.large and not parameters_finite(self.model.fm.trainable_weights, sampled=False):
+            self._diverged("parameters are not finite")
 
     def _diverged(self, what: str):
         t = self.config.training
@@ -337,17 +371,38 @@ class TrainingState(keras.callbacks.Callback):
             "numeric features for extreme values")
 
 
+def watch_defined_metric(state: TrainingState, valid: Split) -> list[keras.callbacks.Callback]:
+    """Points `state` at validation logloss when the validation labels have one class.
+
+    AUC is undefined on one class; Keras' AUC metric would report 0.0 every epoch and early
+    stopping would keep the worst epoch. Logs a warning and returns a callback (to run before
+    `state`) that drops the meaningless ``val_auc`` from the epoch logs; else returns [].
+    """
+    monitor, sign = early_stopping_monitor(state.config.model.task, valid.labels)
+    if monitor == state.monitor:
+        return []
+    log(f"warning: {valid.files[0] if valid.files else 'validation rows'}: label column "
+        f"{state.config.data.label!r}: every validation row has label "
+        f"{single_class(valid.labels):g}, so AUC is undefined; early stopping watches "
+        f"{monitor} instead")
+    state.monitor, state.sign = monitor, sign
+    return [keras.callbacks.LambdaCallback(
+        on_epoch_end=lambda epoch, logs: (logs or {}).pop("val_auc", None))]
+
+
 def _dataset(model: FMModel, split: Split, config: ExperimentConfig, training: bool,
-             callbacks: list | None = None):
+             negatives=None, callbacks: list | None = None):
     """Encodes a split once and serves it as batches of ``(slots, labels, weights)``.
 
     Training batches come from a fresh full permutation every epoch, gathered in-graph from
     the encoded arrays: an exact shuffle that costs one gather per batch, where a per-row
-    shuffle buffer would cost far more than the FM step itself. With `model.l2_prior`, the
-    training split's `EmpiricalBayesPrior` (id counts from the encoded rows) joins `callbacks`.
+    shuffle buffer would cost far more than the FM step itself. With `negatives`
+    (`fm_keras.negatives.SampledNegatives`) each batch gets its sampled negatives. With
+    `model.l2_prior` (binary and regression), the training split's id counts set the prior and
+    its `EmpiricalBayesPrior` joins `callbacks`.
     """
     ids, values = model.encoder.encode_numpy(split.features)
-    if training and model.fm.l2_prior:
+    if training and model.fm.l2_prior and config.model.task != "retrieval":
         counts = np.bincount(ids[values != 0], minlength=model.fm.num_ids)
         model.fm.set_prior(counts)
         if config.model.l2_prior_adaptive and callbacks is not None:
@@ -358,13 +413,17 @@ def _dataset(model: FMModel, split: Split, config: ExperimentConfig, training: b
                 curvature(config.model.task, split.labels, weights)))
     weights = (sample_weights(split.labels, config.training) if training
                else np.ones(len(split), np.float32))
+    if negatives is not None:
+        return negatives.dataset(ids, values, split.labels, weights, config.training.batch_size,
+                                 config.training.seed)
     return batched_dataset(ids, values, split.labels, weights,
                            config.training.batch_size if training else 8192,
                            shuffle_seed=config.training.seed if training else None)
 
 
 def batched_dataset(ids: np.ndarray, values: np.ndarray, labels: np.ndarray,
-                    weights: np.ndarray, batch_size: int, shuffle_seed: int | None = None):
+                    weights: np.ndarray, batch_size: int, shuffle_seed: int | None = None,
+                    extra: dict[str, np.ndarray] | None = None):
     """A tf.data pipeline of ``({"ids", "values"}, labels, weights)`` batches.
 
     Args:
@@ -372,28 +431,38 @@ def batched_dataset(ids: np.ndarray, values: np.ndarray, labels: np.ndarray,
         labels, weights: [rows].
         batch_size: rows per batch (the last batch may be smaller).
         shuffle_seed: if set, every epoch visits the rows in a new random order.
+        extra: more per-row arrays [rows, ...], batched into the features dict by name.
     """
     n = len(labels)
+    extra = {k: tf.constant(v) for k, v in (extra or {}).items()}
     tensors = tuple(tf.constant(a) for a in (ids, values, labels, weights))
     num_batches = -(-n // batch_size)
     if shuffle_seed is None:
         order = tf.data.Dataset.from_tensors(tf.range(n))
     else:
-        order = tf.data.Dataset.from_tensors(0).map(
-            lambda _: tf.random.shuffle(tf.range(n), seed=shuffle_seed))
+        # A seed drawn anew each time the dataset is iterated (each epoch): a seeded
+        # tf.random.shuffle inside map would repeat the same permutation every epoch.
+        order = epoch_seeds(shuffle_seed).take(1).map(
+            lambda s: tf.random.experimental.stateless_shuffle(tf.range(n), seed=s))
     batches = order.flat_map(lambda rows: tf.data.Dataset.range(num_batches).map(
         lambda b: rows[b * batch_size:(b + 1) * batch_size]))
 
     def gather(rows):
         i, v, y, w = (tf.gather(t, rows) for t in tensors)
-        return {"ids": i, "values": v}, y, w
+        return {"ids": i, "values": v, **{k: tf.gather(t, rows) for k, t in extra.items()}}, y, w
 
     return (batches.map(gather, num_parallel_calls=tf.data.AUTOTUNE)
             .prefetch(tf.data.AUTOTUNE)
             .apply(tf.data.experimental.assert_cardinality(num_batches)))
 
 
-def _holdout_if_needed(train: Split, valid: Split | None, seed: int):
+def epoch_seeds(seed: int):
+    """An endless dataset of stateless-RNG seeds (int64 [2]), different on every iteration of
+    the dataset (every epoch) and reproducible from `seed`."""
+    return tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)
+
+
+def holdout_if_needed(train: Split, valid: Split | None, seed: int):
     if valid is not None:
         return train, valid
     log("no valid files configured: holding out 10% of the training rows for early stopping")
@@ -401,7 +470,9 @@ def _holdout_if_needed(train: Split, valid: Split | None, seed: int):
     return train.take(~is_valid), train.take(is_valid)
 
 
-def _check_run_dir(run_dir: str, resume: bool) -> None:
+def check_run_dir(run_dir: str, resume: bool) -> None:
+    """Raises `RunError` unless `run_dir` may receive a new run (or, with `resume`, continue
+    an unfinished one)."""
     if os.path.exists(os.path.join(run_dir, "run.json")):
         raise RunError(f"{run_dir}: holds a finished run; choose another --out or delete it")
     if resume:
@@ -417,7 +488,8 @@ def _dropped_text(split: Split) -> str:
     return " (filtered out: " + ", ".join(f"{k} {v:,}" for k, v in split.dropped.items()) + ")"
 
 
-def _versions() -> dict:
+def library_versions() -> dict:
+    """Versions of fm_keras and the libraries a run depends on, for run.json."""
     import tensorflow_recommenders as tfrs
 
     return {"fm_keras": __version__, "tensorflow": tf.__version__,

@@ -11,11 +11,12 @@ from fm_keras.cli import main
 
 
 def _short_experiment(synth_dir, tmp_path, epochs):
-    """synth's experiment with absolute paths, a few epochs and small batches (20k rows)."""
+    """synth's experiment with absolute paths, a few epochs, small batches and big steps
+    (20k rows: a model that learns something in one or two epochs)."""
     config = tmp_path / "exp.yaml"
     config.write_text((synth_dir / "experiment.yaml").read_text()
                       .replace("features: features.yaml", "features: features.yaml\n"
-                               f"training: {{epochs: {epochs}, batch_size: 1024}}")
+                               f"training: {{epochs: {epochs}, batch_size: 1024, learning_rate: 0.02}}")
                       .replace("train.csv", str(synth_dir / "train.csv"))
                       .replace("valid.csv", str(synth_dir / "valid.csv"))
                       .replace("test.csv", str(synth_dir / "test.csv"))
@@ -32,7 +33,8 @@ def test_train_and_evaluate_print_json(small_synth, tmp_path, capsys):
     assert trained["run"] == run_dir
     assert main(["evaluate", "--run", run_dir, "--data", str(synth_dir / "test.csv")]) == 0
     result = json.loads(capsys.readouterr().out)
-    assert result["auc"] == pytest.approx(trained["metrics"]["test"]["auc"], abs=1e-6)
+    # Near-tied scores of a barely trained model can swap under float noise: 1e-5, not exact.
+    assert result["auc"] == pytest.approx(trained["metrics"]["test"]["auc"], abs=1e-5)
     assert {"logloss", "mean_predicted", "observed_rate", "ece", "rows", "dropped"} <= set(result)
     plot = tmp_path / "reliability.png"
     assert main(["evaluate", "--run", run_dir, "--data", str(synth_dir / "test.csv"),
@@ -200,7 +202,7 @@ def test_every_command_prints_one_json_document_on_a_pipe(small_synth, tmp_path)
     assert results["recommend"]["k"] == 3 and results["recommend"]["rows"] > 1000
     assert results["tune"]["best"]["trial"] == 0 and results["tune"]["trials"] == {"complete": 1}
     assert results["evaluate"]["auc"] == pytest.approx(results["train"]["metrics"]["test"]["auc"],
-                                                       abs=1e-6)
+                                                       abs=1e-5)
     assert "Epoch 1/2" in proc.stderr                     # progress went somewhere: stderr
     with open(os.path.join(run, "run.json")) as f:
         record = json.load(f)

@@ -149,8 +149,8 @@ def test_readme_lists_every_default():
     for section, cls in (("model", ModelConfig), ("training", TrainingConfig)):
         for f in dataclasses.fields(cls):
             key = f"{section}.{f.name}"
-            if key in ("training.class_weight", "training.distribute"):
-                continue  # listed with pos_weight / as distribute.strategy
+            if key == "training.class_weight" or f.default is dataclasses.MISSING:
+                continue  # listed with pos_weight; nested sections have their own docs
             assert key in table, f"README's Defaults table lacks {key}"
             default = f.default
             shown = table[key].strip().strip("`")
@@ -162,3 +162,44 @@ def test_readme_lists_every_default():
                 assert shown == default, (key, shown, default)
             else:
                 assert shown == str(default).lower(), (key, shown, default)
+
+
+def test_retrieval_section_loads_with_items_and_no_label(tmp_path):
+    text = EXPERIMENT.replace("  label: click\n", "  items: data/items.csv\n").replace(
+        "model: {embedding_dim: 8, l2_embeddings: 1e-4}",
+        "model: {task: retrieval}").replace(
+        "training: {pos_weight: 4, neg_sample_rate: 0.5}",
+        "training: {retrieval: {temperature: 0.5, catalog_negatives: 64, recall_at: 20}}")
+    config = load_experiment(_write(tmp_path, text))
+    assert config.data.label is None and config.data.items == (str(tmp_path / "data/items.csv"),)
+    r = config.training.retrieval
+    assert (r.temperature, r.catalog_negatives, r.recall_at, r.logq_correction) == \
+        (0.5, 64, 20, True)
+    assert load_experiment(_write(tmp_path, text)).to_dict() == config.to_dict()
+
+
+@pytest.mark.parametrize("replace,message", [
+    (("  label: click\n", ""), "data: label: task 'binary' needs a label column"),
+    (("training: {pos_weight: 4, neg_sample_rate: 0.5}",
+      "training: {negatives: {per_positive: 4}}"),
+     "data: items: training: negatives needs the item catalog"),
+    (("training: {pos_weight: 4, neg_sample_rate: 0.5}",
+      "training: {negatives: {per_positive: 2, sampler: popular}}"),
+     "training: negatives: sampler must be one of .*did you mean 'popularity'"),
+    (("training: {pos_weight: 4, neg_sample_rate: 0.5}",
+      "training: {retrieval: {temperature: 0}}"), "training: retrieval: temperature must be > 0"),
+    (("model: {embedding_dim: 8, l2_embeddings: 1e-4}", "model: {task: retrieval}"),
+     "data: items: task: retrieval needs the item catalog"),
+])
+def test_retrieval_and_negatives_errors(tmp_path, replace, message):
+    with pytest.raises(ConfigError, match=message):
+        load_experiment(_write(tmp_path, EXPERIMENT.replace(*replace)))
+
+
+def test_retrieval_on_a_cluster_is_refused(tmp_path):
+    text = EXPERIMENT.replace("  label: click\n", "  label: click\n  items: items.csv\n").replace(
+        "model: {embedding_dim: 8, l2_embeddings: 1e-4}", "model: {task: retrieval}").replace(
+        "training: {pos_weight: 4, neg_sample_rate: 0.5}",
+        "training: {distribute: {strategy: multi_worker_mirrored}}")
+    with pytest.raises(ConfigError, match="task: retrieval trains on one machine"):
+        load_experiment(_write(tmp_path, text))

@@ -5,7 +5,8 @@ import pandas as pd
 import pytest
 
 from fm_keras.config import FeatureConfig, FilterConfig, TrainingConfig
-from fm_keras.data import downsample_negatives, load_split, sample_weights
+from fm_keras.data import (downsample_negatives, load_split, require_both_classes,
+                           sample_weights, single_class)
 from fm_keras.errors import DataError
 
 FEATURES = [FeatureConfig("user", "categorical", "user"),
@@ -93,3 +94,14 @@ def test_downsample_keeps_all_positives_and_rate_of_negatives():
     keep = downsample_negatives(labels, 0.25, seed=0)
     assert keep[labels == 1].all()
     assert keep[labels == 0].mean() == pytest.approx(0.25, abs=0.01)
+
+
+def test_single_class_training_labels_are_an_error(tmp_path):
+    split = load_split([_csv(tmp_path, click=[0, 0, 0, 0])], FEATURES, "click")
+    assert single_class(split.labels) == 0.0
+    with pytest.raises(DataError, match=r"a\.csv: label column 'click': every training row has "
+                                        r"label 0; a binary model needs both"):
+        require_both_classes(split, "click")
+    split.labels[1] = 1.0  # two classes: fine
+    assert single_class(split.labels) is None
+    require_both_classes(split, "click")

@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from fm_keras.evaluation import binary_metrics, expected_calibration_error, metrics_for, regression_metrics
+from fm_keras.evaluation import (binary_metrics, early_stopping_monitor,
+                                 expected_calibration_error, metrics_for, regression_metrics)
 
 
 def test_binary_metrics_against_numpy():
@@ -68,3 +69,11 @@ def test_evaluate_run_with_other_filters(small_synth, tmp_path):
     assert unfiltered["dropped"] == {} and unfiltered["rows"] == own["rows_read"]
     same = evaluate_run(run_dir, test_csv, filters=config.data.filters)
     assert same["auc"] == pytest.approx(own["auc"], abs=1e-12)
+
+
+def test_early_stopping_falls_back_to_logloss_when_auc_is_undefined():
+    assert early_stopping_monitor("binary", np.array([0.0, 1.0, 0.0])) == ("val_auc", 1.0)
+    assert early_stopping_monitor("binary", np.zeros(5)) == ("val_logloss", -1.0)
+    assert early_stopping_monitor("binary", np.ones(5)) == ("val_logloss", -1.0)
+    assert early_stopping_monitor("regression", np.ones(5)) == ("val_rmse", -1.0)
+    assert binary_metrics(np.zeros(4), np.full(4, 0.2))["auc"] is None   # never 0

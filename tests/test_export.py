@@ -12,6 +12,7 @@ import tensorflow as tf
 from fm_keras.errors import ExportError
 from fm_keras.export import RankingServable, check_parity, export_run, next_version, sample_rows
 from fm_keras.training import load_run, predict_split
+from fm_keras.towers import item_vector
 
 
 def _meta(version_dir):
@@ -164,8 +165,8 @@ def test_saved_model_cli_lists_signatures_with_raw_inputs(exports):
 
 def test_refuses_a_model_that_fails_parity(small_run, tmp_path, monkeypatch):
     def broken_item_tower(self, features):  # drops L_I + P_I: the classic decomposition bug
-        _, _, summed = self._side(features, self.item_names)
-        return {"item_vector": tf.concat([tf.zeros_like(summed[:, :1]), summed], axis=1)}
+        vector = item_vector(self.fm, *self.encoder.encode(features, self.item_names))
+        return {"item_vector": tf.concat([tf.zeros_like(vector[:, :1]), vector[:, 1:]], axis=1)}
 
     monkeypatch.setattr(RankingServable, "_item_tower", broken_item_tower)
     with pytest.raises(ExportError, match="differs from logit"):

@@ -54,6 +54,28 @@ def test_multi_hot_weights_combiner_and_padding():
     np.testing.assert_allclose(values[3], [1 / 3] * 3)            # truncated to max_len
 
 
+# (raw token, the value it names, its weight): a weight only after the LAST ':' and only when
+# that text is a number; otherwise the whole token is the value (issue 13).
+TOKENS = [("tag:t81", "tag:t81", 1.0), ("tag:t9", "tag:t9", 1.0), ("a:0.5", "a", 0.5),
+          ("b:x:2", "b:x", 2.0), ("c:", "c:", 1.0), ("d:1e-1", "d", 0.1), ("e: 3 ", "e", 3.0),
+          ("f:2:g", "f:2:g", 1.0), ("h:-.5", "h", -0.5), ("i:inf", "i:inf", 1.0),
+          ("j:1.5.2", "j:1.5.2", 1.0), (":4", "", 4.0)]
+
+
+def test_multi_hot_weight_only_after_the_last_separator_in_both_paths():
+    cfg = FeatureConfig("tags", "multi_hot", "item", max_len=1)
+    raw = [t for t, _, _ in TOKENS]
+    (fitted,) = fit_features([cfg], _split(tags=raw))
+    named = {n for _, n, _ in TOKENS if n}
+    assert set(fitted.vocabulary) == named                        # NumPy/pandas fit path
+    ids, values = _encode(FeatureEncoder([fitted]), tags=raw)     # in-graph path
+    vocab = {v: i + 1 for i, v in enumerate(fitted.vocabulary)}
+    for (token, name, weight), i, v in zip(TOKENS, ids[:, 0], values[:, 0]):
+        assert i == vocab.get(name, 0), token                      # same value, not OOV
+        assert v == pytest.approx(weight), token
+    assert ids[0, 0] != ids[1, 0]                                 # tag:t81 vs tag:t9
+
+
 def test_multi_hot_default_max_len_from_data():
     cfg = FeatureConfig("tags", "multi_hot", "item", combiner="sqrtn")
     (fitted,) = fit_features([cfg], _split(tags=["a|b"] * 50 + ["a"] * 50))

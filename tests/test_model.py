@@ -90,3 +90,18 @@ def test_feature_l2_overrides_the_model_l2_for_its_slots():
     assert fm.l2_embeddings == [2.0, 1e-4, 1e-4, 1e-4]         # user, tags x2, price
     assert fm.l2_linear == [2.0, 1e-5, 1e-5, 1e-5]
     assert _model().fm.l2_embeddings == ModelConfig().l2_embeddings  # no override: a scalar
+
+
+def test_towers_need_both_sides():
+    import numpy as np
+
+    from fm_keras.config import FeatureConfig, ModelConfig
+    from fm_keras.data import Split
+    from fm_keras.features import fit_features
+    from fm_keras.model import build_model
+
+    split = Split({"user_id": np.array(["a", "b"], object)}, None, 2)
+    model = build_model(fit_features([FeatureConfig("user_id", "categorical", "user")], split),
+                        ModelConfig())
+    with pytest.raises(ValueError, match="no towers: it needs both query-side"):
+        model.user_tower

@@ -5,8 +5,10 @@ import os
 import subprocess
 import sys
 
+import pytest
 from pipeline_testlib import write_pipeline_yaml
 from fm_keras import fsutil
+from fm_keras.errors import ExportError
 from fm_keras.pipeline.pusher import METADATA, TEMP_PREFIX, push, pushed_version
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -84,3 +86,12 @@ def test_pushed_version_finds_only_this_model(tmp_path):
     assert pushed_version(str(tmp_path / "base" / "ctr"), "fp-x") == 1
     assert pushed_version(str(tmp_path / "base" / "ctr"), "fp-y") is None
     assert pushed_version(str(tmp_path / "missing"), "fp-x") is None
+
+
+def test_push_refuses_a_newer_export_format(tmp_path):
+    export = _fake_export(tmp_path / "candidate" / "1")
+    fsutil.write_json(os.path.join(export, METADATA), {"format_version": 99,
+                                                       "versions": {"fm_keras_export": "9.9.9"}})
+    with pytest.raises(ExportError, match="format_version 99 .*newer than format_version 1"):
+        push(export, "fp", str(tmp_path / "saved_models"), "ctr", "run")
+    assert not os.path.exists(tmp_path / "saved_models" / "ctr" / "1")

@@ -37,3 +37,60 @@ def test_not_an_export(tmp_path, exports):
         load_export(str(broken))
     with pytest.raises(ExportError, match="this needs a 'fm_keras.recall' one"):
         load_export(exports["ranking"], expect="fm_keras.recall")
+
+
+def _newer_format(source, target):
+    """A copy of an export whose fm_keras.json says format_version 99, written by 9.9.9."""
+    import json
+
+    shutil.copytree(source, target)
+    meta_path = os.path.join(target, "assets.extra", "fm_keras.json")
+    with open(meta_path) as f:
+        meta = json.load(f)
+    meta["format_version"] = 99
+    meta["versions"] = {k: "9.9.9" for k in meta.get("versions", {})} or {"fm_keras": "9.9.9"}
+    with open(meta_path, "w") as f:
+        json.dump(meta, f)
+    return str(target)
+
+
+def test_a_newer_export_format_is_refused_by_every_reader(exports, small_synth, tmp_path, capsys):
+    """Issue 14 item 7: score, recommend and index refuse it, naming both format versions."""
+    from fm_keras.cli import main
+    from fm_keras.servables import FORMAT_VERSION
+
+    synth_dir, _ = small_synth
+    recall = _newer_format(exports["brute_force"], tmp_path / "recall" / "1")
+    ranking = _newer_format(exports["ranking"], tmp_path / "ranking" / "1")
+    with pytest.raises(ExportError, match=f"format_version 99 .*9.9.9.* newer than format_version "
+                                          f"{FORMAT_VERSION}"):
+        load_export(recall)
+    for argv in (["recommend", "--model", recall, "--users", str(synth_dir / "test.csv"),
+                  "--k", "3", "--output", str(tmp_path / "recs.csv"), "--quiet"],
+                 ["score", "--model", ranking, "--input", str(synth_dir / "test.csv"),
+                  "--output", str(tmp_path / "scores.csv"), "--quiet"],
+                 ["index", "--model", ranking, "--items", str(synth_dir / "items.csv"),
+                  "--name", "r", "--base", str(tmp_path / "out")]):
+        assert main(argv) == 2, argv
+        error = capsys.readouterr().err.strip().splitlines()[-1]
+        assert error.startswith("fm-keras: error: ") and "format_version 99" in error, error
+        assert f"format_version {FORMAT_VERSION} that this fm_keras" in error
+    assert not [f for f in os.listdir(tmp_path) if f not in ("recall", "ranking")]
+    # and the valid export next to it still works
+    assert main(["recommend", "--model", exports["brute_force"], "--users",
+                 str(synth_dir / "test.csv"), "--k", "3", "--output", str(tmp_path / "ok.csv"),
+                 "--quiet"]) == 0
+
+
+@pytest.mark.parametrize("value", [0, "1", 1.5, True])
+def test_a_bad_format_version_is_refused(exports, tmp_path, value):
+    import json
+
+    copy = tmp_path / "ctr"
+    shutil.copytree(exports["ranking"], copy)
+    meta_path = copy / "assets.extra" / "fm_keras.json"
+    meta = json.loads(meta_path.read_text())
+    meta["format_version"] = value
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(ExportError, match="format_version .* is not a positive integer"):
+        load_export(str(copy))

@@ -1,9 +1,11 @@
 """Training runs end to end on small synthetic data: run dir, resume, divergence, calibration."""
 
 import dataclasses
+import json
 import os
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from fm_keras.config import load_experiment
@@ -70,6 +72,33 @@ def test_bad_data_leaves_no_run_dir(small_synth, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def _with_split(config, role, path):
+    return dataclasses.replace(config, data=dataclasses.replace(config.data, **{role: (path,)}))
+
+
+def test_single_class_training_labels_fail_before_the_run_dir(small_synth, tmp_path):
+    synth_dir, _ = small_synth
+    frame = pd.read_csv(os.path.join(synth_dir, "train.csv"))
+    frame[frame["click"] == 0].to_csv(tmp_path / "no_clicks.csv", index=False)
+    config = _with_split(_config(synth_dir), "train", str(tmp_path / "no_clicks.csv"))
+    with pytest.raises(DataError, match="no_clicks.csv: label column 'click': every training row"):
+        train(config, str(tmp_path / "run"), verbose=0)
+    assert not (tmp_path / "run").exists()
+
+
+def test_single_class_validation_stops_on_logloss(small_synth, tmp_path, capsys):
+    synth_dir, _ = small_synth
+    frame = pd.read_csv(os.path.join(synth_dir, "valid.csv"))
+    frame[frame["click"] == 0].to_csv(tmp_path / "valid0.csv", index=False)
+    config = _with_split(_config(synth_dir), "valid", str(tmp_path / "valid0.csv"))
+    record = train(config, str(tmp_path / "run"), verbose=0)
+    assert "AUC is undefined; early stopping watches val_logloss" in capsys.readouterr().err
+    state = json.loads((tmp_path / "run" / "state.json").read_text())
+    assert state["monitor"] == "val_logloss"
+    assert all("val_auc" not in epoch and epoch["val_logloss"] > 0 for epoch in record["history"])
+    assert record["metrics"]["valid"]["auc"] is None
+
+
 def test_resume_continues_an_interrupted_run(small_synth, tmp_path, monkeypatch):
     synth_dir, _ = small_synth
     run_dir = str(tmp_path / "run")
@@ -131,6 +160,11 @@ def test_epoch_cap_while_improving_warns_and_is_recorded(small_synth, tmp_path, 
     synth_dir, _ = small_synth
     record = train(_config(synth_dir, epochs=1), str(tmp_path / "run"), verbose=0)
     assert record["best_epoch"] == 1 and not record["converged"]
+    # The empirical Bayes prior re-estimated every feature's precisions after the epoch.
+    config = _config(synth_dir)
+    assert set(record["prior"]) == {f.name for f in config.features}
+    assert all(0 < tau < 1e6 and tau != config.model.l2_prior
+               for p in record["prior"].values() for tau in p.values())
     assert "raise training.epochs" in record["warnings"][0]
     assert "warning: still improving at the last epoch" in capsys.readouterr().err
     state = load_run(str(tmp_path / "run")).info
@@ -147,3 +181,20 @@ def test_early_stop_is_converged_and_state_agrees(small_synth, tmp_path):
         state = json.load(f)
     assert len(record["history"]) < 8 and record["converged"] and not record["warnings"]
     assert state["best_epoch"] == record["best_epoch"] == state["early_stopping"]["best_epoch"]
+
+
+def test_shuffle_is_a_new_permutation_every_epoch():
+    """Regression: a seeded tf.random.shuffle inside map repeated one order every epoch."""
+    from fm_keras.training import batched_dataset
+
+    n = 50
+    ds = batched_dataset(np.arange(n, dtype=np.int32)[:, None], np.ones((n, 1), np.float32),
+                         np.zeros(n, np.float32), np.ones(n, np.float32), 20, shuffle_seed=42)
+    epochs = [np.concatenate([f["ids"].numpy().ravel() for f, _, _ in ds]) for _ in range(3)]
+    for order in epochs:
+        assert sorted(order.tolist()) == list(range(n))
+    assert not np.array_equal(epochs[0], epochs[1]) and not np.array_equal(epochs[1], epochs[2])
+    again = batched_dataset(np.arange(n, dtype=np.int32)[:, None], np.ones((n, 1), np.float32),
+                            np.zeros(n, np.float32), np.ones(n, np.float32), 20, shuffle_seed=42)
+    np.testing.assert_array_equal(
+        np.concatenate([f["ids"].numpy().ravel() for f, _, _ in again]), epochs[0])

@@ -131,10 +131,10 @@ def recall_export_for(base: str, arm: Arm, ranking_dir: str) -> str:
         ConfigError: none of its versions was indexed from that ranking version.
     """
     from fm_keras.servables import read_metadata
+    from fm_keras.versions import version_dirs
 
     model_dir = os.path.join(base, arm.recall)
-    versions = sorted((int(v) for v in os.listdir(model_dir) if v.isdigit()), reverse=True) \
-        if os.path.isdir(model_dir) else []
+    versions = version_dirs(model_dir)[::-1] if os.path.isdir(model_dir) else []
     for v in versions:
         meta = read_metadata(os.path.join(model_dir, str(v)))
         if os.path.abspath(meta.get("ranking_model", "")) == os.path.abspath(ranking_dir):

@@ -91,10 +91,19 @@ class EvaluatorConfig:
     max_logloss: float | None = None
     max_calibration_error: float | None = 0.25  # |mean predicted / observed rate - 1|
     max_ece: float | None = None
-    min_recall_at_k: float | None = None
-    recall_queries: int = 200
+    min_ann_recall_at_k: float | None = None  # ANN fidelity: ScaNN top-K vs exact search
+    ann_recall_queries: int = 200
     max_auc_regression: float = 0.01
     max_logloss_regression: float = 0.01
+    # task: retrieval is blessed on the model's Recall@K over the catalog (exact search, each
+    # user's train items excluded) instead of AUC / logloss / calibration.
+    recall_at: int = 50
+    min_recall: float | None = None
+    max_recall_regression: float = 0.01
+
+    def __post_init__(self):
+        if isinstance(self.recall_at, bool) or self.recall_at < 1:
+            raise ConfigError(f"evaluator: recall_at must be >= 1, got {self.recall_at!r}")
 
 
 @dataclass(frozen=True)
@@ -215,6 +224,21 @@ _TOP = {"name", "root", "data", "features", "model", "training", "trainer", "val
         "evaluator", "infra_validator", "pusher", "index"}
 
 
+# Keys renamed when the model's Recall@K (task: retrieval) arrived: these measure the ANN
+# index against exact search, not the model.
+RENAMED_EVALUATOR_KEYS = {"min_recall_at_k": "min_ann_recall_at_k",
+                          "recall_queries": "ann_recall_queries"}
+
+
+def _evaluator_keys(raw, path: str):
+    for old, new in RENAMED_EVALUATOR_KEYS.items():
+        if isinstance(raw, dict) and old in raw:
+            raise ConfigError(f"{path}: evaluator: {old} is now {new} (the ScaNN index's recall "
+                              "against exact search, i.e. ANN fidelity); rename the key. The "
+                              "model's own Recall@K (task: retrieval) is min_recall")
+    return raw
+
+
 def load_pipeline(path: str | os.PathLike) -> PipelineConfig:
     """Reads and validates a pipeline YAML; ConfigError names the key and the fix."""
     path = os.fspath(path)
@@ -244,7 +268,8 @@ def load_pipeline(path: str | os.PathLike) -> PipelineConfig:
         training=_build(TrainingConfig, raw.get("training") or {}, f"{path}: training"),
         trainer=_build(TrainerConfig, raw.get("trainer") or {}, f"{path}: trainer"),
         validation=_build(ValidationConfig, validation, f"{path}: validation"),
-        evaluator=_build(EvaluatorConfig, raw.get("evaluator") or {}, f"{path}: evaluator"),
+        evaluator=_build(EvaluatorConfig, _evaluator_keys(raw.get("evaluator") or {}, path),
+                         f"{path}: evaluator"),
         infra_validator=_build(InfraValidatorConfig, raw.get("infra_validator") or {},
                                f"{path}: infra_validator"),
         index=_build(IndexConfig, raw.get("index") or {}, f"{path}: index"),

@@ -17,6 +17,7 @@ import shutil
 import signal
 
 from fm_keras import fsutil
+from fm_keras.versions import version_dirs
 
 METADATA = os.path.join("assets.extra", "fm_keras.json")
 TEMP_PREFIX = ".tmp-push-"
@@ -38,12 +39,12 @@ def pushed_version(model_dir: str, model_fingerprint: str) -> int | None:
     """The version of ``model_dir`` that holds this model, if any."""
     if not os.path.isdir(model_dir):
         return None
-    for name in sorted((d for d in os.listdir(model_dir) if d.isdigit()), key=int):
-        path = os.path.join(model_dir, name, METADATA)
+    for version in version_dirs(model_dir):
+        path = os.path.join(model_dir, str(version), METADATA)
         if os.path.exists(path):
             meta = fsutil.read_json(path)
             if meta.get("pipeline", {}).get("model_fingerprint") == model_fingerprint:
-                return int(name)
+                return version
     return None
 
 
@@ -62,11 +63,11 @@ def push(export_dir: str, model_fingerprint: str, base: str, name: str, run_id: 
                 "path": os.path.join(model_dir, str(existing)),
                 "reason": f"this model is version {existing} already"}
     from fm_keras.export import building, new_version_path  # TensorFlow: only when pushing
-    from fm_keras.servables import resolve_version
+    from fm_keras.servables import export_metadata
 
+    source, meta = export_metadata(export_dir)  # refuses a newer export format
     final = new_version_path(base, name)
     version = int(os.path.basename(final))
-    source = resolve_version(export_dir)
     with building(final, prefix=TEMP_PREFIX) as tmp:
         shutil.copy2(os.path.join(source, "saved_model.pb"), tmp)
         if os.environ.get(KILL_HOOK) == "1":
@@ -77,7 +78,6 @@ def push(export_dir: str, model_fingerprint: str, base: str, name: str, run_id: 
                 (shutil.copytree if os.path.isdir(src) else shutil.copy2)(
                     src, os.path.join(tmp, entry))
         meta_path = os.path.join(tmp, METADATA)
-        meta = fsutil.read_json(meta_path)
         meta.update(name=name, version=version,
                     pipeline={"run": run_id, "model_fingerprint": model_fingerprint,
                               "candidate": os.path.abspath(source)})

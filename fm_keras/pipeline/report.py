@@ -106,8 +106,8 @@ def _steps(summary: dict) -> str:
 
 
 def _metrics_plot(plt, evaluation: dict, out: str) -> str:
+    """One panel per metric (each its own scale, so a candidate-vs-blessed difference shows)."""
     cand, base = evaluation["candidate"], evaluation.get("baseline")
-    names = ["auc", "logloss", "ece", "calibration_error", "recall_at_k"]
 
     def value(m, name):
         if m is None:
@@ -116,17 +116,25 @@ def _metrics_plot(plt, evaluation: dict, out: str) -> str:
             return abs(m["calibration_ratio"] - 1) if m.get("calibration_ratio") else None
         return m.get(name)
 
-    fig, ax = plt.subplots(figsize=(8, 3.5))
-    xs = range(len(names))
-    ax.bar([x - 0.2 for x in xs], [value(cand, n) or 0 for n in names], 0.4, label="candidate")
-    if base:
-        ax.bar([x + 0.2 for x in xs], [value(base, n) or 0 for n in names], 0.4,
-               label="last blessed")
-    ax.set_xticks(list(xs), names)
-    ax.legend()
-    ax.set_title("Metrics on this span's eval rows")
+    names = [n for n in ("recall", "auc", "logloss", "ece", "calibration_error",
+                         "ann_recall_at_k") if value(cand, n) is not None]
+    labels = {"recall": f"Recall@{cand.get('recall_at', 'K')}",
+              "ann_recall_at_k": "ANN recall@K (vs exact)"}
+    fig, axes = plt.subplots(1, max(len(names), 1), figsize=(2.2 * max(len(names), 1), 3.2),
+                             squeeze=False)
+    for ax, name in zip(axes[0], names):
+        bars = [("candidate", value(cand, name))]
+        if base and value(base, name) is not None:
+            bars.append(("last blessed", value(base, name)))
+        ax.bar([b[0] for b in bars], [b[1] for b in bars], color=["C0", "C1"][:len(bars)])
+        low, high = min(b[1] for b in bars), max(b[1] for b in bars)
+        pad = max((high - low) * 0.5, abs(high) * 0.02, 1e-6)
+        ax.set_ylim(max(low - pad, 0.0) if low >= 0 else low - pad, high + pad)
+        ax.set_title(labels.get(name, name), fontsize=9)
+        ax.tick_params(axis="x", labelsize=7)
+    fig.suptitle("Metrics on this span's eval rows", fontsize=10)
     _save(plt, fig, out, "metrics.png")
-    rows = [(n, _fmt(value(cand, n)), _fmt(value(base, n))) for n in names]
+    rows = [(labels.get(n, n), _fmt(value(cand, n)), _fmt(value(base, n))) for n in names]
     return ("<h2>Metrics vs the last blessed model</h2><img src='metrics.png'>"
             + _table(rows, ["metric", "candidate", "last blessed"]))
 

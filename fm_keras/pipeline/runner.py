@@ -252,13 +252,13 @@ class PipelineRun:
                   if items else None}
 
         def execute(out):
-            from fm_keras.pipeline.evaluator import blessing, recall_at_k, score_run
+            from fm_keras.pipeline.evaluator import ann_recall_at_k, blessing, score_run
 
             metrics = score_run(model.properties["run_dir"], self.config, examples.uri)
             if items and self.config.index.enabled:
-                metrics["recall"] = recall_at_k(model.properties["export_dir"], self.config,
-                                                examples.uri)
-                metrics["recall_at_k"] = metrics["recall"]["recall_at_k"]
+                metrics["ann_recall"] = ann_recall_at_k(model.properties["export_dir"],
+                                                        self.config, examples.uri)
+                metrics["ann_recall_at_k"] = metrics["ann_recall"]["ann_recall_at_k"]
             base_metrics = (score_run(baseline.properties["run_dir"], self.config, examples.uri)
                             if baseline else None)
             verdict = blessing(metrics, base_metrics, self.config.evaluator)

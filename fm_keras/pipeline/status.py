@@ -9,6 +9,7 @@ import time
 from fm_keras.errors import ConfigError
 from fm_keras.pipeline import serving_config
 from fm_keras.pipeline.metadata import DONE
+from fm_keras.versions import parse_version, version_dirs
 
 
 def rollback(model_config_file: str, name: str, to: str) -> dict:
@@ -24,9 +25,10 @@ def rollback(model_config_file: str, name: str, to: str) -> dict:
                           "model the pipeline pushed")
     version = None
     if to != "latest":
-        if not to.isdigit():
-            raise ConfigError(f"--to must be a version number or 'latest', got {to!r}")
-        version = int(to)
+        try:
+            version = parse_version(to)
+        except ValueError as err:
+            raise ConfigError(f"--to must be a version number or 'latest': {err}") from None
         path = os.path.join(policy["base_path"], str(version))
         if not os.path.isdir(path):
             raise ConfigError(f"--to {version}: {path} does not exist; versions on disk: "
@@ -43,7 +45,7 @@ def rollback(model_config_file: str, name: str, to: str) -> dict:
 def _versions(base_path: str) -> list[int]:
     if not os.path.isdir(base_path):
         return []
-    return sorted(int(d) for d in os.listdir(base_path) if d.isdigit())
+    return version_dirs(base_path)
 
 
 def status(config, server: str | None = None, runs: int = 10) -> dict:

@@ -22,7 +22,8 @@ def experiment(config: PipelineConfig, examples_dir: str) -> ExperimentConfig:
     on the examples (already cleaned, so no filters)."""
     return ExperimentConfig(
         data=DataConfig(train=(os.path.join(examples_dir, "train.parquet"),),
-                        label=config.data.label),
+                        label=config.data.label,
+                        items=(config.data.items,) if config.data.items else ()),
         features=config.features, model=config.model, training=config.training,
         source=config.source)
 

@@ -29,8 +29,10 @@ class ServerOptions:
     grpc_max_threads: int = 0  # 0: auto (4 per core, at least 8)
     grpc_channel_arguments: str = ""
     rest_api_port: int = 0  # 0: no REST API
-    rest_api_num_threads: int = 0  # 0: auto
+    rest_api_num_threads: int = 0  # 0: auto (4 per core, at least 32): model-call threads
     rest_api_timeout_in_ms: int = 30000
+    rest_api_max_connections: int = 1000  # not a TF Serving flag: open REST connections
+    rest_api_max_body_bytes: int = 256 * 2**20  # not a TF Serving flag: REST request body
     model_name: str = "default"
     model_base_path: str = ""
     model_config_file: str = ""
@@ -43,6 +45,7 @@ class ServerOptions:
     max_num_load_retries: int = 5
     load_retry_interval_micros: int = 60_000_000
     allow_version_labels_for_unavailable_models: bool = False
+    allow_ops: str = ""  # not a TF Serving flag: dangerous ops accepted knowingly (A,B)
     tensorflow_session_parallelism: int = 0  # 0: auto; sets intra- and inter-op threads
     tensorflow_intra_op_parallelism: int = 0  # 0: auto; threads inside one op
     tensorflow_inter_op_parallelism: int = 0  # 0: auto; ops run concurrently
@@ -56,8 +59,12 @@ class ServerOptions:
         for name in ("port", "rest_api_port"):
             if not 0 <= getattr(self, name) < 65536:
                 raise ConfigError(f"--{name} must be in [0, 65535], got {getattr(self, name)}")
+        for name in ("rest_api_timeout_in_ms", "rest_api_max_connections",
+                     "rest_api_max_body_bytes"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"--{name} must be > 0, got {getattr(self, name)}")
         for name in ("tensorflow_session_parallelism", "tensorflow_intra_op_parallelism",
-                     "tensorflow_inter_op_parallelism"):
+                     "tensorflow_inter_op_parallelism", "rest_api_num_threads"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{name} must be >= 0 (0: auto), got {getattr(self, name)}")
         if self.file_system_poll_wait_seconds < 0:

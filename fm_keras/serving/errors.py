@@ -64,3 +64,17 @@ def not_found(message: str) -> ServingError:
 
 def failed_precondition(message: str) -> ServingError:
     return ServingError("FAILED_PRECONDITION", message)
+
+
+def request_version(value) -> int:
+    """A requested version (REST path text or gRPC int64) -> int, else INVALID_ARGUMENT.
+
+    The one version-id check of every API: ``fm_keras.versions.parse_version`` (ASCII digits,
+    within int64, not negative).
+    """
+    from fm_keras.versions import parse_version
+
+    try:
+        return parse_version(value)
+    except ValueError as err:
+        raise invalid_argument(f"Invalid version: {err}") from None

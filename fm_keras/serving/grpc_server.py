@@ -20,7 +20,8 @@ from tensorflow_serving.apis import (classification_pb2, get_model_metadata_pb2,
 
 from fm_keras.serving import inference
 from fm_keras.serving.config import DEFAULT_MAX_MESSAGE_SIZE, validate_model_server_config
-from fm_keras.serving.errors import ERROR_CODE_NUMBER, ServingError, invalid_argument
+from fm_keras.serving.errors import (ERROR_CODE_NUMBER, ServingError, invalid_argument,
+                                     request_version)
 from fm_keras.serving.predict import (arrays_from_request, check_output_filter, fill_outputs,
                                       signature_def_map)
 
@@ -31,8 +32,8 @@ _NO_DEADLINE = 86_400.0  # seconds
 def resolve(manager, model_spec):
     """ModelSpec -> servable (version, label or latest)."""
     choice = model_spec.WhichOneof("version_choice")
-    return manager.lookup(model_spec.name,
-                          model_spec.version.value if choice == "version" else None,
+    version = request_version(model_spec.version.value) if choice == "version" else None
+    return manager.lookup(model_spec.name, version,
                           model_spec.version_label if choice == "version_label" else None)
 
 
@@ -75,7 +76,7 @@ def model_metadata(manager, request, response) -> None:
 
 def model_status(manager, request, response) -> None:
     spec = request.model_spec
-    version = spec.version.value if spec.HasField("version") else None
+    version = request_version(spec.version.value) if spec.HasField("version") else None
     State = get_model_status_pb2.ModelVersionStatus.State
     for number, state, code, message in manager.model_status(spec.name, version):
         entry = response.model_version_status.add(version=number, state=State.Value(state))

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from fm_keras.serving.errors import ServingError, invalid_argument
+from fm_keras.serving.errors import ServingError, invalid_argument, request_version
 from fm_keras.serving.predict import run_signature
 
 CLASSIFY_METHOD = "tensorflow/serving/classify"
@@ -95,8 +95,8 @@ def multi_inference(manager, request, response) -> None:
     if len(set(signatures)) != len(signatures):
         raise invalid_argument("Duplicate evaluation of signature: " + ",".join(signatures))
     first = request.tasks[0].model_spec
-    servable = manager.lookup(first.name, first.version.value if first.HasField("version") else None,
-                              first.version_label or None)
+    version = request_version(first.version.value) if first.HasField("version") else None
+    servable = manager.lookup(first.name, version, first.version_label or None)
     for task in request.tasks:
         entry = response.results.add()
         entry.model_spec.name = servable.name

@@ -8,9 +8,13 @@ fails on such a model with "Op type not registered 'Scann>...'".
 
 from __future__ import annotations
 
+import logging
 import os
 
 from fm_keras.serving.errors import ServingError
+from fm_keras.serving.opcheck import check_served_ops
+
+log = logging.getLogger("fm_keras.serving")
 
 SCANN_HINT = ("this model uses ScaNN custom ops (Scann>...): it needs the ScaNN-enabled server "
               "(pip install 'scann[tf]' here; the ScaNN-enabled TF Serving image in production), "
@@ -32,15 +36,20 @@ def _import_scann() -> None:
         raise ServingError("FAILED_PRECONDITION", f"cannot import scann ({err}): {SCANN_HINT}") from err
 
 
-def load_saved_model(path: str):
-    """Loads a SavedModel for serving.
+def load_saved_model(path: str, allowed_ops=frozenset()):
+    """Loads a SavedModel for serving, after checking the ops its signatures can run.
+
+    Args:
+        path: a version directory.
+        allowed_ops: dangerous op types accepted anyway (``--allow_ops``; see opcheck).
 
     Returns:
         (loaded object, {signature key: SignatureDef}) from the MetaGraph tagged ``serve``.
 
     Raises:
-        ServingError: NOT_FOUND (no SavedModel there), DATA_LOSS (unparseable), or the TF
-            error's code, with a message that names the path.
+        ServingError: NOT_FOUND (no SavedModel there), DATA_LOSS (unparseable),
+            FAILED_PRECONDITION (a dangerous op that is not allowed), or the TF error's code,
+            with a message that names the path.
     """
     from tensorflow.python.saved_model import loader_impl
 
@@ -56,6 +65,8 @@ def load_saved_model(path: str):
         raise ServingError("NOT_FOUND", f"Could not find meta graph def matching supplied tags: "
                            f"{{ serve }} in SavedModel at {path}")
     meta = metas[0]
+    check_served_ops(meta, path, allowed_ops)  # before anything of the model runs
+    warn_newer_export_format(path)
     if any(op.startswith("Scann>") for op in custom_ops(meta)):
         _import_scann()
     try:
@@ -69,6 +80,23 @@ def load_saved_model(path: str):
             code = _code_name(err.error_code)
         raise ServingError(code, f"Failed to load SavedModel at {path}: {message}") from err
     return loaded, dict(meta.signature_def)
+
+
+def warn_newer_export_format(path: str) -> None:
+    """Logs a warning when an fm_keras export is newer than this package understands.
+
+    ``fm-keras serve`` serves any SavedModel by its SignatureDefs, so it does not refuse it
+    (``score``/``recommend``/the pipeline do); other SavedModels have no fm_keras.json.
+    """
+    from fm_keras.errors import ExportError
+    from fm_keras.servables import METADATA, check_format_version, read_metadata
+
+    if not os.path.exists(os.path.join(path, METADATA)):
+        return
+    try:
+        check_format_version(read_metadata(path), path)
+    except ExportError as err:
+        log.warning("%s; serving it by its SignatureDefs anyway", err)
 
 
 def _code_name(error_code: int) -> str:

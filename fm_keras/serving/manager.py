@@ -20,8 +20,10 @@ import time
 
 from fm_keras.serving.config import BatchingOptions, ServerOptions
 from fm_keras.serving.errors import ServingError, invalid_argument, not_found
+from fm_keras.serving.opcheck import parse_allow_ops
 from fm_keras.serving.predict import (Signature, arrays_from_request, find_signature,
                                       load_signatures, run_signature)
+from fm_keras.versions import version_dirs
 
 log = logging.getLogger("fm_keras.serving")
 
@@ -82,16 +84,6 @@ class _Published:
         self.latest = versions[max(versions)] if versions else None
 
 
-def list_versions(base_path: str) -> list[int]:
-    """Integer-named subdirectories of ``base_path``; anything else is skipped."""
-    try:
-        names = os.listdir(base_path)
-    except OSError:
-        return []
-    return sorted(int(n) for n in names
-                  if n.isdigit() and int(n) < 2**63 and os.path.isdir(os.path.join(base_path, n)))
-
-
 def aspired_versions(model_config, available_on_disk: list[int]) -> list[int]:
     policy = model_config.model_version_policy
     kind = policy.WhichOneof("policy_choice")
@@ -118,6 +110,8 @@ class ModelManager:
         self._labels: dict[str, dict[str, int]] = {}
         self._status: dict[str, dict[int, list]] = {}
         self._failed: set[tuple[str, int]] = set()
+        self._poll_errors: dict[str, str] = {}
+        self._allowed_ops = parse_allow_ops(options.allow_ops)
         self._published: dict[str, _Published] = {}
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -255,7 +249,15 @@ class ModelManager:
     def _sync_model(self, model) -> None:
         name = model.name
         base = os.path.abspath(os.path.expanduser(model.base_path))
-        on_disk = list_versions(base)
+        try:
+            on_disk = version_dirs(base)
+        except OSError as err:
+            # As TF Serving's file system source: a failed poll changes nothing, so the loaded
+            # versions keep serving (an unreadable or briefly missing base path must not
+            # unload a model that is answering requests).
+            self._log_poll_error(name, f"{base}: {err.strerror or err}")
+            return
+        self._poll_errors.pop(name, None)
         self._failed = {k for k in self._failed if k[0] != name or k[1] in on_disk}
         aspired = aspired_versions(model, on_disk)
         loaded = self._loaded.setdefault(name, {})
@@ -273,6 +275,14 @@ class ModelManager:
                 self._unload(name, version)
         if not statuses:
             self._status.pop(name, None)
+
+    def _log_poll_error(self, name: str, error: str) -> None:
+        """Logs a base path listing failure once per distinct error (polls run every second)."""
+        if self._poll_errors.get(name) != error:
+            self._poll_errors[name] = error
+            serving = sorted(self._loaded.get(name, {}))
+            log.error("File system poll for servable %s failed: %s; keeping the loaded "
+                      "versions %s serving", name, error, serving)
 
     def _load(self, name: str, version: int, path: str) -> None:
         statuses = self._status[name]
@@ -317,7 +327,7 @@ class ModelManager:
     def _load_servable(self, name: str, version: int, path: str) -> Servable:
         from fm_keras.serving.loading import load_saved_model
 
-        loaded, signature_defs = load_saved_model(path)
+        loaded, signature_defs = load_saved_model(path, self._allowed_ops)
         servable = Servable(name, version, path, loaded, signature_defs, self._batching,
                             self._metrics)
         if self._options.enable_model_warmup:

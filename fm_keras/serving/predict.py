@@ -159,6 +159,7 @@ def arrays_from_request(sig: Signature, inputs) -> dict[str, np.ndarray]:
             raise invalid_argument(
                 f"Expects arg[{index}] ({alias}) to be {_dtype_name(sig.dtype_enums[alias])} "
                 f"but {_dtype_name(proto.dtype)} is provided")
+        check_tensor_proto(proto, alias)
         try:
             arrays[alias] = array_from_proto(proto, sig.inputs[alias][0])
         except (TypeError, ValueError) as err:
@@ -197,8 +198,67 @@ def run_signature(sig: Signature, arrays: dict[str, np.ndarray]) -> dict[str, np
     return {name: value.numpy() for name, value in outputs.items()}
 
 
+# DataType enum -> (repeated field of the values, proto values per element, bytes per element)
+_VALUE_FIELDS = {
+    1: ("float_val", 1, 4), 2: ("double_val", 1, 8), 3: ("int_val", 1, 4), 4: ("int_val", 1, 1),
+    5: ("int_val", 1, 2), 6: ("int_val", 1, 1), 7: ("string_val", 1, None),
+    8: ("scomplex_val", 2, 8), 9: ("int64_val", 1, 8), 10: ("bool_val", 1, 1),
+    14: ("half_val", 1, 2), 17: ("int_val", 1, 2), 18: ("dcomplex_val", 2, 16),
+    19: ("half_val", 1, 2), 22: ("uint32_val", 1, 4), 23: ("uint64_val", 1, 8),
+}
+# A single value broadcasts to the whole shape (as tf.make_ndarray and TF's Tensor::FromProto
+# do); beyond this many elements that is an allocation the request did not pay for.
+MAX_BROADCAST_ELEMENTS = 2**24
+
+
+def check_tensor_proto(proto, alias: str) -> int:
+    """Validates a request TensorProto before anything is allocated; returns its element count.
+
+    A shape must be known, with dims >= 0; its element count must match the data carried:
+    ``tensor_content`` of exactly count x element-size bytes, or exactly count values in the
+    dtype's repeated field (one value may broadcast up to ``MAX_BROADCAST_ELEMENTS``; none
+    only for an empty tensor). Without this a dim of -1 was inferred by ``reshape`` and a
+    string tensor claiming 2**62 elements with no values reached a MemoryError.
+
+    Raises:
+        ServingError: INVALID_ARGUMENT naming the input alias, the shape and what was sent.
+    """
+    where = f"input tensor alias {alias}"
+    if proto.tensor_shape.unknown_rank:
+        raise invalid_argument(f"{where}: a request tensor must have a known shape (unknown_rank)")
+    dims = [d.size for d in proto.tensor_shape.dim]
+    if any(d < 0 for d in dims):
+        raise invalid_argument(f"{where}: shape {dims} has a negative dimension; request tensors "
+                               "need every dimension given")
+    count = math.prod(dims)  # exact (Python ints), so 2**62 x 2**62 cannot wrap
+    field, per_element, itemsize = _VALUE_FIELDS.get(proto.dtype, (None, 1, None))
+    if proto.tensor_content:
+        if itemsize is None:
+            raise invalid_argument(f"{where}: tensor_content is not valid for "
+                                   f"{_dtype_name(proto.dtype)}")
+        if len(proto.tensor_content) != count * itemsize:
+            raise invalid_argument(
+                f"{where}: shape {dims} needs {count} elements ({count * itemsize} bytes of "
+                f"tensor_content), got {len(proto.tensor_content)} bytes")
+        return count
+    if field is None:
+        raise invalid_argument(f"{where}: unsupported dtype {_dtype_name(proto.dtype)}")
+    values = len(getattr(proto, field))
+    if values % per_element:
+        raise invalid_argument(f"{where}: {field} holds {values} numbers, not whole elements")
+    values //= per_element
+    if values == count or (values == 1 and count <= MAX_BROADCAST_ELEMENTS):
+        return count
+    raise invalid_argument(
+        f"{where}: shape {dims} has {count} elements but {field} holds {values} values "
+        f"(give one value per element, or one value for at most {MAX_BROADCAST_ELEMENTS})")
+
+
 def array_from_proto(proto, np_dtype) -> np.ndarray:
-    """TensorProto -> NumPy, fast for the common encodings, ``tf.make_ndarray`` otherwise."""
+    """TensorProto -> NumPy, fast for the common encodings, ``tf.make_ndarray`` otherwise.
+
+    Call ``check_tensor_proto`` first: this trusts the shape.
+    """
     shape = [d.size for d in proto.tensor_shape.dim]
     size = math.prod(shape)
     if proto.tensor_content and np_dtype != object:

@@ -8,6 +8,7 @@ Errors are ``{"error": "..."}`` with the HTTP code of the TF status (errors.HTTP
 JSON <-> tensor rules follow tensorflow_serving/util/json_tensor.cc: the row format returns
 ``predictions``, the columnar format ``outputs``; a single output is not wrapped in an object;
 ``{"b64": ...}`` carries bytes; string outputs whose alias ends in ``_bytes`` are base64.
+The HTTP server around it (timeouts, limits, threads) is ``http_server.RestServer``.
 """
 
 from __future__ import annotations
@@ -16,20 +17,17 @@ import base64
 import json
 import logging
 import re
-import socket
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 
 from fm_keras.serving import grpc_server as core
-from fm_keras.serving.errors import ServingError, invalid_argument
+from fm_keras.serving.errors import ServingError, invalid_argument, request_version
 from fm_keras.serving.predict import check_input_names, check_shapes
 
 log = logging.getLogger("fm_keras.serving")
 
-_PATH = re.compile(r"/v1/models/([^/:]+)(?:/versions/(\d+)|/labels/([^/:]+))?"
+_PATH = re.compile(r"/v1/models/([^/:]+)(?:/versions/([^/:]+)|/labels/([^/:]+))?"
                    r"(?::(predict|classify|regress)|(/metadata))?", re.IGNORECASE)
 
 
@@ -201,7 +199,7 @@ class RestApi:
                     "GET", "POST"):
                 raise invalid_argument(f"Malformed request: {method} {path}")
             model, version, label, verb, metadata = match.groups()
-            version = int(version) if version else None
+            version = request_version(version) if version else None
             if verb == "predict":
                 result = self._predict(model, version, label, body)
             elif verb:
@@ -280,53 +278,3 @@ class RestApi:
         core.model_status(self.manager, request, response)
         return json_format.MessageToDict(response, preserving_proto_field_name=True,
                                          always_print_fields_with_no_presence=True)
-
-
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"  # keep-alive, as TF Serving's libevent server
-    # Headers and body leave in one send (flushed after each request) and TCP_NODELAY is set:
-    # two small writes would otherwise meet Nagle + delayed ACK, a ~40 ms stall per request.
-    wbufsize = 64 * 1024
-    api: RestApi = None
-
-    def setup(self):
-        super().setup()
-        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-    def _serve(self, method):
-        try:
-            length = int(self.headers.get("Content-Length") or 0)
-        except ValueError:
-            length = -1
-        if length < 0:
-            status, content_type = 400, "application/json"
-            text = json.dumps({"error": "Invalid Content-Length header"})
-            self.close_connection = True
-        else:
-            body = self.rfile.read(length) if length > 0 else b""
-            status, content_type, text = self.api.handle(method, self.path.split("?", 1)[0], body)
-        data = text.encode("utf-8")
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def do_GET(self):  # noqa: N802
-        self._serve("GET")
-
-    def do_POST(self):  # noqa: N802
-        self._serve("POST")
-
-    def log_message(self, fmt, *args):
-        log.debug("REST %s", fmt % args)
-
-
-def start_rest_server(api: RestApi, host: str, port: int):
-    """Starts the HTTP server in a thread; returns (server, bound port)."""
-    handler = type("RestHandler", (_Handler,), {"api": api})
-    server = ThreadingHTTPServer((host, port), handler)
-    server.daemon_threads = True
-    thread = threading.Thread(target=server.serve_forever, name="rest", daemon=True)
-    thread.start()
-    return server, server.server_address[1]

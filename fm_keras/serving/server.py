@@ -33,7 +33,8 @@ class ModelServer:
         from fm_keras.serving.grpc_server import start_grpc_server
         from fm_keras.serving.manager import ModelManager
         from fm_keras.serving.metrics import Metrics
-        from fm_keras.serving.rest import RestApi, start_rest_server
+        from fm_keras.serving.http_server import start_rest_server
+        from fm_keras.serving.rest import RestApi
 
         opts = self.options
         apply_tf_threads(opts)
@@ -52,7 +53,10 @@ class ModelServer:
         if rest or (rest is None and opts.rest_api_port):
             api = RestApi(self.manager, metrics, opts.rest_api_timeout_in_ms,
                           prometheus_path if prometheus else "")
-            self._rest, self.rest_port = start_rest_server(api, opts.host, opts.rest_api_port)
+            self._rest, self.rest_port = start_rest_server(
+                api, opts.host, opts.rest_api_port, opts.rest_api_timeout_in_ms,
+                opts.rest_api_num_threads or max(32, 4 * (os.cpu_count() or 1)),
+                opts.rest_api_max_connections, opts.rest_api_max_body_bytes)
             log.info("Exporting HTTP/REST API at:%s:%d ...", opts.host, self.rest_port)
         return self
 
@@ -61,8 +65,7 @@ class ModelServer:
             return
         self._stopped.set()
         if self._rest is not None:
-            self._rest.shutdown()
-            self._rest.server_close()
+            self._rest.stop()
         if self._grpc is not None:
             self._grpc.stop(grace).wait()
         if self.manager is not None:

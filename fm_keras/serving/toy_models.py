@@ -102,6 +102,25 @@ class ToyScannRecall(tf.Module):
         return {"item_ids": item_ids, "scores": scores + user["user_offset"][:, None]}
 
 
+class ToyFileAccess(tf.Module):
+    """A hostile model (issue 14): its signature reads a file, writes one and prints.
+
+    Served, each call would copy ``source`` to ``target`` on the server host and print the
+    source's contents to the log; ``fm-keras serve`` must refuse it at load.
+    """
+
+    def __init__(self, source: str, target: str):
+        super().__init__()
+        self.source, self.target = source, target
+
+    @tf.function(input_signature=_spec(["user_id"]))
+    def serve(self, features):
+        contents = tf.io.read_file(self.source)
+        tf.print("model read:", contents)
+        tf.io.write_file(self.target, contents)
+        return {"length": tf.strings.length(features["user_id"])}
+
+
 def warmup_records(requests) -> list[bytes]:
     """Serialized PredictionLog records for (signature_name, {name: array}) pairs."""
     from tensorflow_serving.apis import predict_pb2, prediction_log_pb2
@@ -159,6 +178,13 @@ def write_scann_recall_model(base_path: str, version: int = 1, **kwargs) -> str:
     model = ToyScannRecall(ToyRanking(**kwargs))
     model.serve({"user_id": tf.constant(["u1"])})  # a ScaNN layer must be called before saving
     return save_version(model, {"serving_default": model.serve}, base_path, version, RECALL_WARMUP)
+
+
+def write_file_access_model(base_path: str, source: str, target: str, version: int = 1) -> str:
+    """A ``ToyFileAccess`` version, with a warmup record (which would run it at load)."""
+    model = ToyFileAccess(source, target)
+    return save_version(model, {"serving_default": model.serve}, base_path, version,
+                        [("serving_default", {"user_id": ["u1"]})])
 
 
 def copy_version(source: str, base_path: str, version: int) -> str:

@@ -1,6 +1,7 @@
 """Helpers shared by the serving tests: configs, servers, requests (official stubs only)."""
 
 import socket
+import time
 
 from fm_keras.serving.config import ServerOptions
 
@@ -59,3 +60,13 @@ def outputs(response):
     from fm_keras._tf import tf
 
     return {name: tf.make_ndarray(proto) for name, proto in response.outputs.items()}
+
+
+def wait_for(predicate, timeout=30.0) -> bool:
+    """Polls ``predicate`` every 0.1 s until it is true (True) or ``timeout`` seconds pass."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.1)
+    return False

@@ -6,14 +6,15 @@ import time
 
 import grpc
 import pytest
-from serving_testlib import predict_request, start_server
+from serving_testlib import predict_request, start_server, wait_for
 from tensorflow_serving.apis import (get_model_status_pb2, prediction_service_pb2_grpc,
                                      model_service_pb2_grpc)
 
 from fm_keras.serving import toy_models
 from fm_keras.serving.config import ServerOptions, single_model_config
 from fm_keras.serving.errors import ServingError
-from fm_keras.serving.manager import ModelManager, list_versions, replay_warmup
+from fm_keras.serving.manager import ModelManager, replay_warmup
+from fm_keras.versions import version_dirs
 
 
 def _corrupt(base, version):
@@ -22,15 +23,6 @@ def _corrupt(base, version):
     with open(os.path.join(tmp, "saved_model.pb"), "wb") as f:
         f.write(b"this is not a SavedModel")
     os.rename(tmp, os.path.join(base, str(version)))
-
-
-def _wait_for(predicate, timeout=20.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.1)
-    return False
 
 
 def test_hot_swap_under_load_then_corrupt_version_keeps_old(saved_models, tmp_path):
@@ -61,7 +53,7 @@ def test_hot_swap_under_load_then_corrupt_version_keeps_old(saved_models, tmp_pa
             for version in (2, 3, 4):
                 time.sleep(1.0)
                 toy_models.copy_version(source, base, version)
-            assert _wait_for(lambda: all(s and s[-1] == 4 for s in seen))
+            assert wait_for(lambda: all(s and s[-1] == 4 for s in seen))
         finally:
             stop.set()
             for thread in clients:
@@ -80,7 +72,7 @@ def test_hot_swap_under_load_then_corrupt_version_keeps_old(saved_models, tmp_pa
         def statuses():
             return {s.version: s for s in status_stub.GetModelStatus(request, timeout=10)
                     .model_version_status}
-        assert _wait_for(lambda: 5 in statuses() and statuses()[5].state ==
+        assert wait_for(lambda: 5 in statuses() and statuses()[5].state ==
                          get_model_status_pb2.ModelVersionStatus.END)
         failed = statuses()[5]
         assert failed.status.error_code != 0 and os.path.join(base, "5") in failed.status.error_message
@@ -115,7 +107,7 @@ def three_versions(saved_models, tmp_path_factory):
 
 
 def test_non_numeric_directories_are_skipped(three_versions):
-    assert list_versions(three_versions) == [1, 2, 3]
+    assert version_dirs(three_versions) == [1, 2, 3]
 
 
 @pytest.mark.parametrize("policy, loaded", [
@@ -173,7 +165,7 @@ def test_model_config_file_is_polled(saved_models, tmp_path):
         with pytest.raises(ServingError):
             manager.lookup("ranking_recall")
         path.write_text(models_config(saved_models, {"stable": 1}))
-        assert _wait_for(lambda: ("ranking_recall", "AVAILABLE") in [
+        assert wait_for(lambda: ("ranking_recall", "AVAILABLE") in [
             (name, manager.model_status(name)[0][1]) for name in manager.model_names()])
         assert manager.lookup("ranking_recall").version == 1
         assert manager.lookup("ranking", label="stable").version == 1

@@ -1,0 +1,292 @@
+"""The REST front end: HTTP/1.1 on aiohttp, the model call in a bounded thread pool.
+
+``RestApi.handle`` (rest.py) does the work; this module is the plumbing around it, with the
+protections a Python ``http.server`` lacked (issue 14, item 9):
+
+- **Request timeout** (``--rest_api_timeout_in_ms``, TF Serving's flag, default 30 s). A
+  request must arrive completely within the timeout from its first byte (a connection that
+  sends nothing, or headers without the end of the body, is closed when it runs out), and the
+  model call gets what is left of it (then 504 DEADLINE_EXCEEDED). An idle keep-alive
+  connection is closed after the same timeout, as TF Serving's libevent server does.
+- **Bounded work.** The blocking TensorFlow call runs on at most ``--rest_api_num_threads``
+  threads; requests beyond that wait in the event loop (not in a thread) until a slot frees or
+  their deadline passes. At most ``--rest_api_max_connections`` connections are open; more are
+  answered 503 and closed.
+- **Body size limit** (``--rest_api_max_body_bytes``): a larger body is 413 before it is read.
+
+aiohttp parses HTTP (keep-alive, chunked bodies, ``Expect: 100-continue``, header limits).
+Each connection's aiohttp protocol is wrapped by ``_Connection``, which sees every byte
+arrive and so can time out requests whose headers never finish (aiohttp calls the handler
+only after the headers).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import json
+import logging
+import threading
+
+from aiohttp import web
+
+log = logging.getLogger("fm_keras.serving")
+
+_WAITING, _RECEIVING, _HANDLING = 0, 1, 2
+_REJECT = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+           b"Connection: close\r\nContent-Length: %d\r\n\r\n%s")
+
+
+class _Connection(asyncio.Protocol):
+    """One client connection: aiohttp's protocol plus the request deadline.
+
+    States: WAITING (no byte of a request yet; the timer is the keep-alive timeout),
+    RECEIVING (the timer runs from the request's first byte), HANDLING (the request has fully
+    arrived; the handler owns the deadline). The timer closes the connection.
+    """
+
+    __slots__ = ("front", "inner", "transport", "state", "started", "timer")
+
+    def __init__(self, front: "RestServer", inner):
+        self.front, self.inner = front, inner
+        self.transport = self.timer = None
+        self.state, self.started = _RECEIVING, 0.0
+
+    def _arm(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+        self.started = self.front.loop.time()
+        self.timer = self.front.loop.call_at(self.started + self.front.timeout, self._expire)
+
+    def _expire(self) -> None:
+        self.timer = None
+        if self.state != _HANDLING and self.transport is not None:
+            log.debug("REST: closing a connection idle or incomplete for %.1f s",
+                      self.front.timeout)
+            self.transport.close()
+
+    def handling(self) -> float:
+        """The request has arrived: stop the timer; returns its deadline (loop time)."""
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        self.state = _HANDLING
+        return self.started + self.front.timeout
+
+    def waiting(self) -> None:
+        """The answer is written: the connection may idle until the keep-alive timeout."""
+        if self.transport is not None and not self.transport.is_closing():
+            self.state = _WAITING
+            self._arm()
+
+    # asyncio.Protocol, delegated to aiohttp's RequestHandler
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        self.front.connections[self.inner] = self
+        self._arm()  # a connection that sends nothing is an incomplete request too
+        self.inner.connection_made(transport)
+
+    def data_received(self, data: bytes) -> None:
+        if self.state == _WAITING:
+            self.state = _RECEIVING
+            self._arm()
+        self.inner.data_received(data)
+
+    def eof_received(self):
+        return self.inner.eof_received()
+
+    def connection_lost(self, exc) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        self.transport = None
+        self.front.connections.pop(self.inner, None)
+        self.inner.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        self.inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.inner.resume_writing()
+
+
+class _Reject(asyncio.Protocol):
+    """Over the connection limit: 503 and close."""
+
+    def connection_made(self, transport) -> None:
+        body = json.dumps({"error": "Too many open connections to the REST API "
+                                    "(--rest_api_max_connections)"}).encode()
+        transport.write(_REJECT % (len(body), body))
+        transport.close()
+
+
+def _wake(waiter: asyncio.Future) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
+
+
+def _json_response(status: int, message: str) -> web.Response:
+    return web.Response(status=status, body=json.dumps({"error": message}).encode(),
+                        headers={"Content-Type": "application/json"})
+
+
+class RestServer:
+    """Serves a ``RestApi`` on an asyncio event loop in a thread of its own.
+
+    Args:
+        api: the request handler (``RestApi``).
+        host: address to bind; port: 0 picks a free one (see ``port`` after ``start``).
+        timeout_ms: request timeout in milliseconds (> 0).
+        threads: threads for model calls (> 0).
+        max_connections: open connections allowed (> 0).
+        max_body_bytes: largest request body accepted (> 0).
+    """
+
+    def __init__(self, api, host: str, port: int, timeout_ms: int, threads: int,
+                 max_connections: int, max_body_bytes: int):
+        for name, value in (("timeout_ms", timeout_ms), ("threads", threads),
+                            ("max_connections", max_connections),
+                            ("max_body_bytes", max_body_bytes)):
+            if value <= 0:
+                raise ValueError(f"RestServer {name} must be > 0, got {value}")
+        self.api, self.host, self.port = api, host, port
+        self.timeout = timeout_ms / 1000
+        self.threads, self.max_connections, self.max_body_bytes = (
+            threads, max_connections, max_body_bytes)
+        self.connections: dict = {}
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self._pool = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="rest")
+        self._slots = None
+        self._server = self._aiohttp = None
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> int:
+        """Binds and starts serving; returns the bound port.
+
+        Raises:
+            OSError: the address cannot be bound.
+        """
+        ready = concurrent.futures.Future()
+        self._thread = threading.Thread(target=self._run, args=(ready,), name="rest", daemon=True)
+        self._thread.start()
+        self.port = ready.result()
+        return self.port
+
+    def _run(self, ready: concurrent.futures.Future) -> None:
+        self.loop = asyncio.new_event_loop()
+        asyncio.set_event_loop(self.loop)
+        try:
+            self.loop.run_until_complete(self._listen())
+        except BaseException as err:  # noqa: BLE001 - handed to start()
+            ready.set_exception(err)
+            self.loop.close()
+            return
+        ready.set_result(self._server.sockets[0].getsockname()[1])
+        try:
+            self.loop.run_forever()
+        finally:
+            self.loop.run_until_complete(self.loop.shutdown_asyncgens())
+            self.loop.close()
+
+    async def _listen(self) -> None:
+        self._slots = asyncio.Semaphore(self.threads)
+        self._aiohttp = web.Server(self._handle, access_log=None,
+                                   keepalive_timeout=self.timeout)
+        self._server = await self.loop.create_server(self._protocol, self.host, self.port,
+                                                     reuse_address=True, backlog=1024)
+
+    def _protocol(self) -> asyncio.Protocol:
+        if len(self.connections) >= self.max_connections:
+            return _Reject()
+        return _Connection(self, self._aiohttp())
+
+    async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        loop = self.loop
+        connection = self.connections.get(request.protocol)
+        try:
+            body = await self._read_body(request)
+        except _TooLarge as err:
+            return _json_response(413, str(err))
+        except ConnectionError:  # closed (by the timeout or the client) before the body came:
+            raise asyncio.CancelledError from None  # what aiohttp itself does then, quietly
+        deadline = connection.handling() if connection else loop.time() + self.timeout
+        try:
+            response = await self._call(request.method, request.raw_path.split("?", 1)[0], body,
+                                        deadline)
+        finally:
+            if connection is not None:
+                connection.waiting()
+        return response
+
+    async def _read_body(self, request) -> bytes:
+        length = request.content_length
+        if length is not None and length > self.max_body_bytes:
+            raise _TooLarge(length, self.max_body_bytes)
+        if request.headers.get("Expect", "").lower() == "100-continue":
+            # curl sends this for bodies over 1 KiB and would wait a second for the answer
+            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        if length is not None:
+            return await request.content.readexactly(length) if length else b""
+        chunks, size = [], 0
+        async for chunk in request.content.iter_any():  # chunked transfer encoding
+            size += len(chunk)
+            if size > self.max_body_bytes:
+                raise _TooLarge(size, self.max_body_bytes)
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    async def _call(self, method: str, path: str, body: bytes, deadline: float):
+        loop = self.loop
+        if self._slots.locked():  # all threads busy: wait in the loop, not in a thread
+            try:
+                await asyncio.wait_for(self._slots.acquire(), max(0.0, deadline - loop.time()))
+            except asyncio.TimeoutError:
+                return _json_response(504, "Deadline Exceeded: no free REST worker thread "
+                                           "within --rest_api_timeout_in_ms")
+        else:
+            await self._slots.acquire()  # free: returns at once
+        future = loop.run_in_executor(self._pool, self.api.handle, method, path, body)
+        # The slot frees when the call ends, even one whose client has given up on it. A plain
+        # timer + waiter instead of asyncio.wait_for: no extra task per request.
+        waiter = loop.create_future()
+        future.add_done_callback(lambda _: (self._slots.release(), _wake(waiter)))
+        timer = loop.call_at(deadline, _wake, waiter)
+        await waiter
+        timer.cancel()
+        if not future.done():
+            return _json_response(504, "Deadline Exceeded")
+        if future.cancelled() or future.exception() is not None:  # RestApi.handle answers
+            return _json_response(500, f"REST worker failed: {future.exception()!r}")  # errors
+        status, content_type, text = future.result()
+        return web.Response(status=status, body=text.encode("utf-8"),
+                            headers={"Content-Type": content_type})
+
+    def stop(self) -> None:
+        """Stops listening, closes every connection and the event loop; idempotent."""
+        if self.loop is None or self.loop.is_closed():
+            return
+
+        async def close():
+            self._server.close()
+            for connection in list(self.connections.values()):
+                if connection.transport is not None:
+                    connection.transport.close()
+            await self._aiohttp.shutdown(1.0)
+            self.loop.stop()
+
+        asyncio.run_coroutine_threadsafe(close(), self.loop)
+        self._thread.join(timeout=10)
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+class _TooLarge(Exception):
+    def __init__(self, size: int, limit: int):
+        super().__init__(f"Request body of {size} bytes is larger than the limit of {limit} "
+                         "bytes (--rest_api_max_body_bytes)")
+
+
+def start_rest_server(api, host: str, port: int, timeout_ms: int, threads: int,
+                      max_connections: int, max_body_bytes: int) -> tuple[RestServer, int]:
+    """Starts a ``RestServer``; returns (server, bound port)."""
+    server = RestServer(api, host, port, timeout_ms, threads, max_connections, max_body_bytes)
+    return server, server.start()

@@ -1,0 +1,62 @@
+"""Model version numbers: one parser and one version-directory rule for every reader.
+
+TF Serving's versions are int64 (``ModelSpec.version`` is an ``Int64Value``) and its file
+system source counts a directory as a version only when its whole name parses as one
+(tensorflow_serving/sources/storage_path/file_system_storage_path_source.cc). Python's
+``str.isdigit`` also accepts non-ASCII digits such as ``²`` or ``٣`` that ``int()`` rejects or
+reads differently, so the rule here is explicit: ASCII ``0-9`` only, within int64.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+MAX_VERSION = 2**63 - 1
+_ASCII_DIGITS = re.compile(r"[0-9]+\Z", re.ASCII)
+
+
+def parse_version(text: str | int) -> int:
+    """A version id as text (or an int, range-checked) -> int.
+
+    Args:
+        text: e.g. ``"3"`` from a REST path or a directory name, or an int from a proto.
+
+    Returns:
+        The version, in [0, 2**63 - 1].
+
+    Raises:
+        ValueError: not ASCII digits, negative, or beyond int64 (the message names the text).
+    """
+    if isinstance(text, int) and not isinstance(text, bool):
+        if not 0 <= text <= MAX_VERSION:
+            raise ValueError(f"version {text} is outside [0, {MAX_VERSION}]")
+        return text
+    if not isinstance(text, str) or not _ASCII_DIGITS.match(text):
+        raise ValueError(f"version {text!r} is not a non-negative integer (ASCII digits 0-9)")
+    value = int(text)
+    if value > MAX_VERSION:
+        raise ValueError(f"version {text!r} is out of range for int64 (max {MAX_VERSION})")
+    return value
+
+
+def is_version_name(name: str) -> bool:
+    """True when a directory name is a version number (ASCII digits, within int64)."""
+    try:
+        parse_version(name)
+    except ValueError:
+        return False
+    return True
+
+
+def version_dirs(base_path: str) -> list[int]:
+    """The version numbers of ``base_path``'s version directories, ascending.
+
+    Anything else (an exporter's ``.tmp-*`` directory, ``²``, files) is ignored.
+
+    Raises:
+        OSError: the base path cannot be listed (missing, permission denied); callers decide
+            whether that means "no versions" or "keep what is loaded".
+    """
+    return sorted(parse_version(name) for name in os.listdir(base_path)
+                  if is_version_name(name) and os.path.isdir(os.path.join(base_path, name)))

@@ -1,0 +1,159 @@
+"""task: retrieval: the two-tower loss against NumPy, training, export parity, recall, bad input."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from conftest import implicit_experiment, write_implicit
+from fm_keras._tf import tf
+from fm_keras.cli import main
+from fm_keras.config import RetrievalConfig, experiment_from_dict
+from fm_keras.features import fit_features
+from fm_keras.interactions import load_catalog, load_interactions
+from fm_keras.model import build_model
+from fm_keras.retrieval import RetrievalModel, candidate_log_q, clamp_ks
+
+
+def _softmax_loss_reference(u, c, log_q, items, temperature):
+    """Per-row CE of the in-batch softmax: scores u.c / T - log q, accidental hits masked."""
+    scores = u @ c.T / temperature - log_q[None, :]
+    b = len(u)
+    for i in range(b):
+        for j in range(c.shape[0]):
+            if j != i and items[j] == items[i]:
+                scores[i, j] = -np.inf
+    scores -= scores.max(1, keepdims=True)
+    log_p = scores - np.log(np.exp(scores).sum(1, keepdims=True))
+    return -log_p[np.arange(b), np.arange(b)]
+
+
+@pytest.mark.parametrize("logq,temperature", [(True, 1.0), (False, 0.5), (True, 0.2)])
+def test_loss_matches_numpy_softmax_with_logq_and_accidental_hits(implicit_data, logq,
+                                                                   temperature):
+    config = experiment_from_dict(implicit_experiment(implicit_data), base_dir=implicit_data)
+    catalog = load_catalog(os.path.join(implicit_data, "items.csv"), config.features, "item_id")
+    train = load_interactions(config.data.train, config, catalog)
+    base = build_model(fit_features(config.features, train), config.model, config.training)
+    rng = np.random.default_rng(0)
+    base.fm.embeddings.assign(rng.normal(0, 0.3, base.fm.embeddings.shape))
+    base.fm.linear.assign(rng.normal(0, 0.3, base.fm.linear.shape))
+    r = RetrievalConfig(temperature=temperature, logq_correction=logq)
+    model = RetrievalModel(base.encoder, base.fm, r)
+    item_names = model.encoder.side_names(False)
+    cat_ids, cat_values = model.encoder.encode_numpy(catalog.columns, names=item_names)
+    log_q = np.log(rng.uniform(0.001, 0.1, len(catalog))).astype(np.float32)
+    model.use_catalog(cat_ids, cat_values, log_q)
+    items = np.array([3, 7, 3, 11, 20, 7])  # two accidental hits
+    q_ids, q_values = model.encoder.encode_numpy(
+        {n: train.features[n][:6] for n in model.encoder.side_names(True)},
+        names=model.encoder.side_names(True))
+    loss = model.compute_loss(({"ids": q_ids, "values": q_values}, items,
+                               np.ones(6, np.float32))).numpy()
+    u = model.user_tower({n: tf.constant(train.features[n][:6])
+                          for n in model.encoder.side_names(True)})["user_vector"].numpy()
+    c = model.item_tower({n: tf.constant(catalog.columns[n][items]) for n in item_names}).numpy()
+    expected = _softmax_loss_reference(u.astype(np.float64), c.astype(np.float64),
+                                       log_q[items] if logq else np.zeros(6), items, temperature)
+    assert loss == pytest.approx(expected.mean(), rel=1e-4)
+
+
+def test_candidate_log_q_is_frequency_plus_uniform_share():
+    counts = np.array([6.0, 3.0, 1.0, 0.0])
+    assert np.exp(candidate_log_q(counts, 10, 0)) == pytest.approx([0.6, 0.3, 0.1, 1e-12])
+    assert np.exp(candidate_log_q(counts, 10, 20)) == pytest.approx(
+        [0.6 + 0.5, 0.3 + 0.5, 0.1 + 0.5, 0.5])
+
+
+def test_trained_model_beats_popularity_and_reports_metrics(retrieval_run):
+    _, record = retrieval_run
+    assert record["task"] == "retrieval" and record["logit_correction"] == 0.0
+    valid = record["metrics"]["valid"]
+    assert set(valid) >= {"recall@10", "ndcg@10", "hit_rate@10", "coverage@10", "popularity"}
+    # Users pick their segment's genre: a fitted model finds it, popularity cannot.
+    assert record["metrics"]["test"]["recall@10"] > 1.5 * \
+        record["metrics"]["test"]["popularity"]["recall@10"]
+    assert "val_recall_at_k" in record["history"][0]
+
+
+def test_export_parity_and_python_towers_equal_signatures(retrieval_run, implicit_data,
+                                                          tmp_path):
+    from fm_keras.export import export_run
+    from fm_keras.training import load_run
+
+    run_dir, _ = retrieval_run
+    version = export_run(run_dir, "rec", base=str(tmp_path), parity_rows=500)
+    meta = json.load(open(os.path.join(version, "assets.extra", "fm_keras.json")))
+    assert meta["parity"]["max_abs_diff"] < 1e-4
+    loaded = tf.saved_model.load(version)
+    model = load_run(run_dir).model
+    users = {"user_id": tf.constant(["u1", "u2", "nobody"]), "segment": tf.constant(["s1", "", "s3"])}
+    items = {"item_id": tf.constant(["i0", "i5", "new"]), "genre": tf.constant(["g0", "g0", "x"])}
+    got_u, want_u = model.user_tower(users), loaded.signatures["user_tower"](**users)
+    for key in ("user_vector", "user_offset"):
+        np.testing.assert_allclose(got_u[key].numpy(), want_u[key].numpy(), atol=1e-5)
+    np.testing.assert_allclose(model.item_tower(items).numpy(),
+                               loaded.signatures["item_tower"](**items)["item_vector"].numpy(),
+                               atol=1e-5)
+
+
+def test_evaluate_cli_prints_recall_and_popularity(retrieval_run, implicit_data, capsys):
+    run_dir, _ = retrieval_run
+    argv = ["evaluate", "--run", run_dir, "--data", os.path.join(implicit_data, "test.csv"),
+            "--items", os.path.join(implicit_data, "items.csv"), "--recall_at", "5,10,500",
+            "--exclude", os.path.join(implicit_data, "train.csv")]
+    assert main(argv) == 0
+    out = capsys.readouterr()
+    result = json.loads(out.out)
+    assert "--recall_at [500] is more than the catalog's 60 items; evaluated at 60" in out.err
+    assert result["recall@60"] == 1.0  # the whole catalog, minus nothing relevant
+    for k in (5, 10):
+        assert 0 <= result[f"recall@{k}"] <= 1 and f"ndcg@{k}" in result["popularity"]
+
+
+def test_clamp_ks():
+    assert clamp_ks([10, 50, 100], 60, "K") == [10, 50, 60]
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input: one line, exit 2, nothing left in --out.
+
+def _train_cli(tmp_path, data_dir, raw, capsys):
+    import yaml
+
+    config = os.path.join(data_dir, "bad.yaml")
+    with open(config, "w") as f:
+        yaml.safe_dump(raw, f)
+    out = str(tmp_path / "run")
+    code = main(["train", "--config", config, "--out", out, "--quiet"])
+    err = capsys.readouterr().err.strip().splitlines()
+    return code, [line for line in err if line.startswith("fm-keras: error")], out
+
+
+@pytest.mark.parametrize("change,message", [
+    (lambda r: r.update(features=[f for f in r["features"] if f["tower"] != "item"]),
+     "features: retrieval training needs at least one item \\(tower: item\\) feature"),
+    (lambda r: r.update(features=[f for f in r["features"] if f["tower"] == "item"]),
+     "features: retrieval training needs at least one query-side"),
+    (lambda r: r["data"].pop("items"), "data: items: task: retrieval needs the item catalog"),
+])
+def test_bad_config_one_line_error(implicit_data, tmp_path, capsys, change, message):
+    raw = implicit_experiment(implicit_data)
+    change(raw)
+    code, errors, out = _train_cli(tmp_path, implicit_data, raw, capsys)
+    assert code == 2 and len(errors) == 1
+    assert errors[0].startswith("fm-keras: error: ") and __import__("re").search(message, errors[0])
+    assert not os.path.exists(out)
+
+
+def test_log_without_positives_is_an_error(tmp_path, capsys):
+    data = write_implicit(str(tmp_path / "d"), users=10, items=10, per_user=3)
+    import pandas as pd
+
+    for name in ("train", "valid", "test"):
+        path = os.path.join(data, f"{name}.csv")
+        pd.read_csv(path).assign(click=0).to_csv(path, index=False)
+    code, errors, out = _train_cli(tmp_path, data, implicit_experiment(data), capsys)
+    assert code == 2 and "train.csv: no positive interactions" in errors[0]
+    assert not os.path.exists(out)

@@ -1,0 +1,44 @@
+"""Version numbers: the one parser (ASCII digits, int64) and the version-directory rule."""
+
+import os
+
+import pytest
+
+from fm_keras.versions import MAX_VERSION, is_version_name, parse_version, version_dirs
+
+
+@pytest.mark.parametrize("text, value", [("0", 0), ("7", 7), ("0012", 12),
+                                         (str(MAX_VERSION), MAX_VERSION), (3, 3)])
+def test_valid_versions(text, value):
+    assert parse_version(text) == value
+    assert is_version_name(str(text))
+
+
+@pytest.mark.parametrize("text, words", [
+    ("18446744073709551616", "out of range for int64"),
+    (str(MAX_VERSION + 1), "out of range for int64"),
+    ("²", "ASCII digits"),  # str.isdigit() is True, int() raises
+    ("٣", "ASCII digits"),  # Arabic-Indic three: int() would read 3
+    ("1e3", "ASCII digits"), ("-1", "ASCII digits"), (" 1", "ASCII digits"), ("", "ASCII digits"),
+    ("1\n", "ASCII digits"), (-1, "outside"), (2**63, "outside"), (None, "ASCII digits"),
+])
+def test_invalid_versions_name_the_text(text, words):
+    with pytest.raises(ValueError, match=words):
+        parse_version(text)
+    assert not is_version_name(text if isinstance(text, str) else "x")
+
+
+def test_version_dirs_keeps_only_version_directories(tmp_path):
+    for name in ["1", "10", "2", "²", "٣", ".tmp-3-x", "latest", "9223372036854775808"]:
+        (tmp_path / name).mkdir()
+    (tmp_path / "4").write_text("a file, not a version")
+    assert version_dirs(str(tmp_path)) == [1, 2, 10]
+
+
+def test_version_dirs_raises_when_the_base_path_cannot_be_listed(tmp_path):
+    with pytest.raises(OSError):
+        version_dirs(str(tmp_path / "missing"))
+    (tmp_path / "file").write_text("")
+    with pytest.raises(OSError):
+        version_dirs(str(tmp_path / "file"))
+    assert not os.path.exists(tmp_path / "missing")
