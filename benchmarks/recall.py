@@ -1,12 +1,14 @@
-"""Recall benchmark: the ScaNN recall export vs the brute-force one on a large catalog.
+"""Recall benchmark: ScaNN, partitioned (IVF, stock ops) and brute-force recall exports.
 
-Builds both recall exports over the same synthetic catalog (default 1M items, features drawn
-like `fm-keras synth`'s catalog, new ids), then for the same users measures recall@k of ScaNN
-against exact search (by score: an item counts if its score reaches the exact k-th score) and
-queries/s for single-user and batched requests, both exports called in this process.
+Builds the recall exports over the same synthetic catalog (default 1M items, features drawn
+like `fm-keras synth`'s catalog, new ids), then for the same users measures recall@k of each
+approximate backend against exact search (by score: an item counts if its score reaches the
+exact k-th score) and queries/s for single-user and batched requests, every export called
+through its serving_default signature in this process, in one run.
 
     python benchmarks/recall.py [--items 1000000] [--model saved_models/ctr] [--users 1000]
         [--task retrieval]   # the model trained as two towers (task: retrieval) instead
+        [--int8]   # also the partitioned index with int8 blocks
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import tensorflow as tf  # noqa: E402
 
 from fm_keras.config import load_experiment  # noqa: E402
 from fm_keras.export import export_run  # noqa: E402
-from fm_keras.recall import ScannParams, build_index  # noqa: E402
+from fm_keras.recall import build_index, index_settings  # noqa: E402
 from fm_keras.servables import load_export  # noqa: E402
 from fm_keras.synth import SynthSpec, _catalog, generate  # noqa: E402
 from fm_keras.training import train  # noqa: E402
@@ -63,71 +65,110 @@ def user_batches(test_csv: str, query_names: list[str], n: int) -> dict[str, np.
     return {k: frame[k].to_numpy().astype(object) for k in query_names}
 
 
-def qps(fn, users: dict[str, np.ndarray], batch: int, seconds: float = 10.0) -> float:
+def qps(fn, users: dict[str, np.ndarray], batch: int, seconds: float = 10.0
+        ) -> tuple[float, float]:
+    """(queries per wall second, queries per CPU second of this process, all threads).
+
+    The second figure is what the machine's other jobs disturb least."""
     n = len(next(iter(users.values())))
     feeds = [{k: tf.constant(v[s:s + batch]) for k, v in users.items()}
              for s in range(0, n - batch + 1, batch)]
     fn(**feeds[0])  # warm up
-    done, started, i = 0, time.perf_counter(), 0
+    done, started, cpu, i = 0, time.perf_counter(), time.process_time(), 0
     while time.perf_counter() - started < seconds:
         fn(**feeds[i % len(feeds)])
         done += batch
         i += 1
-    return done / (time.perf_counter() - started)
+    return (done / (time.perf_counter() - started),
+            done / max(time.process_time() - cpu, 1e-9))
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--items", type=int, default=1_000_000)
+def model_arguments(parser: argparse.ArgumentParser, items: int) -> None:
+    """--items, --model, --users-file, --rows, --task: what `prepare` needs."""
+    parser.add_argument("--items", type=int, default=items)
     parser.add_argument("--model", help="ranking export (default: train a small one)")
     parser.add_argument("--users-file", help="CSV with the query features (with --model)")
     parser.add_argument("--rows", type=int, default=200_000, help="synthetic rows to train on")
     parser.add_argument("--task", choices=("binary", "retrieval"), default="binary",
                         help="the objective of the model trained when --model is not given")
-    parser.add_argument("--users", type=int, default=1000)
-    parser.add_argument("--k", type=int, default=100)
-    parser.add_argument("--batch", type=int, default=100)
-    parser.add_argument("--leaves-to-search", type=int, help="override the tuned setting")
-    parser.add_argument("--reorder", type=int, help="override the tuned setting")
-    args = parser.parse_args()
-    work = tempfile.mkdtemp(prefix="fm-recall-bench-")
+
+
+def prepare(args, prefix: str) -> tuple[str, str, str, str]:
+    """(work dir, ranking export, users file, catalog of --items items) for a benchmark;
+    with ``args.reuse`` (an earlier run's work directory) its catalog is used again."""
+    work = getattr(args, "reuse", None) or tempfile.mkdtemp(prefix=prefix)
     model, users_file = (args.model, args.users_file) if args.model else \
         ranking_model(work, args.rows, args.task)
     catalog = os.path.join(work, "items.csv")
+    if os.path.exists(catalog):
+        print(f"catalog: {catalog} (reused)", flush=True)
+        return work, model, users_file, catalog
     t0 = time.time()
     big_catalog(catalog, args.items)
     print(f"catalog: {args.items:,} items written in {time.time() - t0:.1f}s", flush=True)
-    params = ScannParams.for_catalog(args.items, args.k)
-    if params and (args.leaves_to_search or args.reorder):
-        params = dataclasses.replace(params, leaves_to_search=args.leaves_to_search
-                                     or params.leaves_to_search,
-                                     reorder=args.reorder or params.reorder)
+    return work, model, users_file, catalog
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    model_arguments(parser, 1_000_000)
+    parser.add_argument("--users", type=int, default=1000)
+    parser.add_argument("--k", type=int, default=100)
+    parser.add_argument("--batch", type=int, default=100)
+    parser.add_argument("--leaves-to-search", type=int, help="ScaNN: override the tuned setting")
+    parser.add_argument("--reorder", type=int, help="ScaNN: override the tuned setting")
+    parser.add_argument("--probe", type=int, help="partitioned: blocks searched per query")
+    parser.add_argument("--int8", action="store_true", help="also the int8-quantized index")
+    parser.add_argument("--seconds", type=float, default=10.0, help="per q/s measurement")
+    parser.add_argument("--reuse", help="work directory of an earlier run (printed at the "
+                        "end): measure its catalog and exports again")
+    args = parser.parse_args()
+    work, model, users_file, catalog = prepare(args, "fm-recall-bench-")
+    overrides = {"partitions_to_search": args.leaves_to_search, "rescore": args.reorder}
+    variants = {"scann": ("scann", index_settings("scann", args.items, args.k, **overrides)),
+                "partitioned": ("partitioned", index_settings(
+                    "partitioned", args.items, args.k, partitions_to_search=args.probe)),
+                "brute_force": ("brute_force", None)}
+    if args.int8:
+        variants["partitioned_int8"] = ("partitioned", index_settings(
+            "partitioned", args.items, args.k, partitions_to_search=args.probe, quantize="int8"))
     base = os.path.join(work, "models")
     built = {}
-    for backend in ("scann", "brute_force"):
+    for label, (backend, params) in variants.items():
         t0 = time.time()
-        built[backend] = build_index(model, catalog, f"ctr_recall_{backend}", base=base,
-                                     k=args.k, backend=backend, scann=params)
-        print(f"{backend}: built and exported in {time.time() - t0:.1f}s", flush=True)
+        if os.path.isdir(os.path.join(base, f"ctr_recall_{label}", "1")):  # --reuse
+            built[label] = os.path.join(base, f"ctr_recall_{label}", "1")
+            continue
+        built[label] = build_index(model, catalog, f"ctr_recall_{label}", base=base,
+                                   k=args.k, backend=backend, params=params)
+        print(f"{label}: built and exported in {time.time() - t0:.1f}s "
+              f"({dataclasses.asdict(params) if params else 'exact'})", flush=True)
     fns = {b: load_export(p)[1].signatures["serving_default"] for b, p in built.items()}
     meta = load_export(model)[2]
     users = user_batches(users_file, meta["query_features"], args.users)
     feed = {k: tf.constant(v) for k, v in users.items()}
     got = {b: fn(**feed) for b, fn in fns.items()}
     exact = got["brute_force"]["scores"].numpy()
-    approx = got["scann"]["scores"].numpy()
     kth = exact[:, -1:]
-    recall = float(np.mean(np.sum(approx >= kth - 1e-5, axis=1) / args.k))
-    same_ids = float(np.mean([len(set(a) & set(e)) / args.k for a, e in zip(
-        got["scann"]["item_ids"].numpy(), got["brute_force"]["item_ids"].numpy())]))
-    print(f"\nScaNN settings: {dataclasses.asdict(params) if params else 'exact'}")
-    print(f"recall@{args.k} vs exact search over {len(exact):,} users: {recall:.4f} by score "
-          f"({same_ids:.4f} by id)")
-    print(f"{'request':22s} {'ScaNN q/s':>10s} {'brute force q/s':>16s} {'ratio':>7s}")
+    print(f"\nrecall@{args.k} vs exact search over {len(exact):,} users, "
+          f"{args.items:,} items (uptime: {os.getloadavg()[0]:.1f} load)")
+    for label in fns:
+        if label == "brute_force":
+            continue
+        approx = got[label]["scores"].numpy()
+        recall = float(np.mean(np.sum(approx >= kth - 1e-5, axis=1) / args.k))
+        same_ids = float(np.mean([len(set(a) & set(e)) / args.k for a, e in zip(
+            got[label]["item_ids"].numpy(), got["brute_force"]["item_ids"].numpy())]))
+        print(f"  {label:18s} {recall:.4f} by score ({same_ids:.4f} by id)")
+    print("queries/s (wall clock) | queries per CPU-second, and the ratio to brute force")
+    print(f"{'request':16s} " + " ".join(f"{b:>36s}" for b in fns))
     for label, batch in (("single user", 1), (f"batch of {args.batch}", args.batch)):
-        rates = {b: qps(fn, users, batch) for b, fn in fns.items()}
-        print(f"{label:22s} {rates['scann']:10,.0f} {rates['brute_force']:16,.0f} "
-              f"{rates['scann'] / rates['brute_force']:6.1f}x", flush=True)
+        rates = {b: qps(fn, users, batch, args.seconds) for b, fn in fns.items()}
+        print(f"{label:16s} " + " ".join(
+            f"{wall:8,.0f} ({wall / rates['brute_force'][0]:5.1f}x) | "
+            f"{cpu:8,.0f} ({cpu / rates['brute_force'][1]:5.1f}x)"
+            for b, (wall, cpu) in rates.items()), flush=True)
+    print(f"load average at the end: {os.getloadavg()[0]:.1f}; work directory {work}")
 
 
 if __name__ == "__main__":

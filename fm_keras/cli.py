@@ -80,14 +80,22 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--base", default="saved_models", help="model base directory")
     p.add_argument("--version", type=int, help="version number (default: the next one)")
 
-    p = sub.add_parser("index", help="build a ScaNN (or brute-force) recall model over a catalog")
+    p = sub.add_parser("index", help="build a recall model (ScaNN, partitioned or brute force) over a catalog")
     p.add_argument("--model", required=True, help="ranking export: saved_models/NAME[/V]")
     p.add_argument("--items", required=True, help="item catalog (CSV/Parquet) with item features")
     p.add_argument("--name", required=True, help="recall model name, e.g. NAME_recall")
     p.add_argument("--base", default="saved_models", help="model base directory")
     p.add_argument("--k", type=int, default=100, help="items returned per user")
-    p.add_argument("--backend", choices=("scann", "brute_force"), default="scann",
-                   help="scann (needs ScaNN-enabled TF Serving) or brute_force (stock ops)")
+    p.add_argument("--backend", choices=("scann", "brute_force", "partitioned"),
+                   default="scann", help="scann (needs ScaNN-enabled TF Serving), partitioned "
+                   "(IVF with stock ops: any TF Serving) or brute_force (stock ops, exact)")
+    p.add_argument("--partitions", type=int, help="k-means partitions (ScaNN: num_leaves; "
+                   "default: sized by catalog)")
+    p.add_argument("--partitions-to-search", type=int,
+                   help="partitions searched per query (ScaNN: leaves_to_search)")
+    p.add_argument("--rescore", type=int, help="candidates re-scored exactly (ScaNN: reorder; "
+                   "partitioned: the int8 shortlist)")
+    p.add_argument("--quantize", choices=("int8",), help="partitioned: int8 blocks")
     p.add_argument("--id-column", default="item_id", help="catalog column with the item id")
     p.add_argument("--version", type=int, help="version number (default: the next one)")
 
@@ -261,8 +269,11 @@ def _export(args) -> int:
 def _index(args) -> int:
     from fm_keras.recall import build_index
 
+    settings = {"partitions": args.partitions, "partitions_to_search": args.partitions_to_search,
+                "rescore": args.rescore, "quantize": args.quantize}
     path = build_index(args.model, args.items, args.name, base=args.base, k=args.k,
-                       backend=args.backend, id_column=args.id_column, version=args.version)
+                       backend=args.backend, id_column=args.id_column, version=args.version,
+                       settings={k: v for k, v in settings.items() if v is not None})
     print(json.dumps({"model": path}, indent=2))
     return 0
 

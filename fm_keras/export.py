@@ -115,8 +115,9 @@ def export_run(run_dir: str, name: str, base: str = "saved_models",
 
 
 def new_version_path(base: str, name: str, version: int | None = None) -> str:
-    """``base/name/<version>`` for a new version (default: the next one); the model directory
-    is created. Raises ExportError for an existing version or an unwritable directory."""
+    """``base/name/<version>`` for a new version (default: the next one). Nothing is created
+    (`building` creates the directories). Raises ExportError for an existing version or a
+    directory that cannot be written."""
     model_dir = os.path.join(base, name)
     version = next_version(model_dir) if version is None else int(version)
     final = os.path.join(model_dir, str(version))
@@ -130,13 +131,19 @@ def new_version_path(base: str, name: str, version: int | None = None) -> str:
 @contextlib.contextmanager
 def building(final: str, prefix: str | None = None):
     """Yields a temp directory with a non-numeric name beside `final`; renames it to `final`
-    (with the usual permissions) if the block succeeds, removes it otherwise.
+    (with the usual permissions) if the block succeeds, removes it otherwise, together with
+    the parent directories it had to create (a failed export leaves no empty model directory).
 
     ``prefix`` (default ``.tmp-<version>-``) names the temp directory, e.g. so that a crashed
     writer's leftovers can be recognised later.
     """
-    tmp = tempfile.mkdtemp(prefix=prefix or f".tmp-{os.path.basename(final)}-",
-                           dir=os.path.dirname(final))
+    created = _make_parents(os.path.dirname(os.path.abspath(final)))
+    try:
+        tmp = tempfile.mkdtemp(prefix=prefix or f".tmp-{os.path.basename(final)}-",
+                               dir=os.path.dirname(final))
+    except BaseException:
+        _remove_empty(created)
+        raise
     try:
         yield tmp
         umask = os.umask(0)
@@ -145,7 +152,25 @@ def building(final: str, prefix: str | None = None):
         os.rename(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        _remove_empty(created)
         raise
+
+
+def _make_parents(directory: str) -> list[str]:
+    """Creates `directory` and its missing parents; returns the created ones, deepest first."""
+    missing = []
+    while not os.path.isdir(directory):
+        missing.append(directory)
+        directory = os.path.dirname(directory)
+    for path in reversed(missing):
+        os.makedirs(path, exist_ok=True)
+    return missing
+
+
+def _remove_empty(directories: list[str]) -> None:
+    for path in directories:  # deepest first; a directory another writer filled stays
+        with contextlib.suppress(OSError):
+            os.rmdir(path)
 
 
 def next_version(model_dir: str) -> int:
@@ -297,9 +322,15 @@ def _check_name(name: str) -> None:
 
 
 def _check_writable(directory: str) -> None:
-    try:
-        os.makedirs(directory, exist_ok=True)
-    except OSError as err:
-        raise ExportError(f"{directory}: cannot create the model directory ({err.strerror})")
-    if not os.access(directory, os.W_OK | os.X_OK):
-        raise ExportError(f"{directory}: not writable")
+    """`directory` (or, if missing, the nearest existing parent that would hold it) is a
+    writable directory."""
+    existing = os.path.abspath(directory)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise ExportError(f"{directory}: cannot create the model directory ({existing} is not "
+                          "a directory)")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ExportError(f"{directory}: not writable" if existing == os.path.abspath(directory)
+                          else f"{directory}: cannot create the model directory ({existing} "
+                          "is not writable)")

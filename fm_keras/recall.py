@@ -9,7 +9,9 @@ ranking model's order for that user, and `probabilities` are the calibrated clic
 probabilities: the ranking export's calibration (its metadata's "calibration" block), applied
 in-graph to the scores, so they equal the ranking model's `probability` for the same rows.
 The ScaNN backend needs the ScaNN ops (`import scann` before loading; the ScaNN-enabled TF
-Serving); `brute_force` uses stock ops only and serves on stock TF Serving.
+Serving); `partitioned` (an IVF index, fm_keras.partitioned) and `brute_force` use stock ops
+only and serve on stock TF Serving. Empty result slots (fewer than k items left after
+exclusions) are padded with id "", score PAD_SCORE and probability 0.
 """
 
 from __future__ import annotations
@@ -17,21 +19,24 @@ from __future__ import annotations
 import math
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 
 from fm_keras import fsutil
 from fm_keras._tf import tf
 from fm_keras.calibration import Calibration
-from fm_keras.errors import ExportError
+from fm_keras.errors import DataError, ExportError
 from fm_keras.export import (METADATA, WARMUP, _check_name, building, new_version_path,
                              signature_info, write_warmup)
+from fm_keras.partitioned import PartitionedIndex, PartitionedParams, is_member
 from fm_keras.servables import FORMAT_VERSION, load_export
 from fm_keras.training import log
 
 FORMAT_RECALL = "fm_keras.recall"
-BACKENDS = ("scann", "brute_force")
+BACKENDS = ("scann", "brute_force", "partitioned")
+# Score of an empty result slot: float32's lowest finite value (JSON has no -Infinity).
+PAD_SCORE = float(np.finfo(np.float32).min)
 
 
 @dataclass(frozen=True)
@@ -106,15 +111,24 @@ class BruteForceIndex(tf.Module):
 
 
 class RecallServable(tf.Module):
-    """User features -> top-k item ids with FM scores; the saved recall model."""
+    """User features -> top-k item ids with FM scores; the saved recall model.
+
+    Both signatures return k slots per user. A slot without an item (the catalog minus a
+    user's excluded items holds fewer than k) has item id "", score PAD_SCORE and probability
+    0 (finite, so a REST response stays valid JSON); excluded ids never come back.
+    """
 
     def __init__(self, ranking, index, item_ids: np.ndarray, k: int, query_names: list[str],
                  calibration: Calibration):
         super().__init__(name="fm_recall")
         self.ranking = ranking  # the loaded ranking export: its user_tower is reused as is
         self.index = index
-        self.item_ids = tf.Variable(item_ids.astype(object).astype(bytes), trainable=False,
-                                    dtype=tf.string, name="item_ids")
+        encoded = utf8(item_ids)
+        self.item_ids = tf.Variable(encoded, trainable=False, dtype=tf.string, name="item_ids")
+        # Excluded ids -> item indices once, so exclusion is an integer set test per row.
+        self.item_index = tf.lookup.StaticHashTable(tf.lookup.KeyValueTensorInitializer(
+            tf.constant(encoded, tf.string), tf.range(len(encoded), dtype=tf.int64)), -1)
+        self._items = len(encoded)
         self._k = int(k)
         self._calibration = calibration
         user_sig = ranking.signatures["user_tower"].structured_input_signature[1]
@@ -138,22 +152,41 @@ class RecallServable(tf.Module):
         return {"item_ids": ids, "scores": logits,
                 "probabilities": self._calibration.probability(logits)}
 
+    def _found(self, scores, idx, offset):
+        """Outputs of the slots that hold an item (idx >= 0, finite score), pads elsewhere."""
+        found = tf.logical_and(idx >= 0, scores > -np.inf)
+        out = self._outputs(scores, tf.gather(self.item_ids, tf.maximum(idx, 0)), offset)
+        return {"item_ids": tf.where(found, out["item_ids"], ""),
+                "scores": tf.where(found, out["scores"], PAD_SCORE),
+                "probabilities": tf.where(found, out["probabilities"], 0.0)}
+
     def _recall(self, features):
         vectors, offset = self._user(features)
         scores, idx = self.index.search(vectors, self._k)
-        return self._outputs(scores, tf.gather(self.item_ids, idx), offset)
+        return self._found(scores, idx, offset)
 
     def _recall_excluding(self, features):
         features = dict(features)
         exclude = features.pop("exclude_item_ids")
         vectors, offset = self._user(features)
-        # Fetch k more per excluded id, drop the excluded ones, keep the best k.
-        scores, idx = self.index.search(vectors, self._k + tf.shape(exclude)[1])
-        ids = tf.gather(self.item_ids, idx)
-        hit = tf.reduce_any(tf.equal(ids[:, :, None], exclude[:, None, :]), axis=2)
+        excluded = tf.cast(self.item_index.lookup(exclude), tf.int32)  # [B, n], -1: not an item
+        if hasattr(self.index, "search_excluding"):  # masks them among its candidates
+            scores, idx = self.index.search_excluding(vectors, self._k, excluded)
+            return self._found(scores, idx, offset)
+        # Search k + (most catalog items any row excludes), drop those, keep the best k.
+        counts = tf.reduce_sum(tf.cast(excluded >= 0, tf.int32), axis=1)
+        extra = tf.reduce_max(tf.concat([counts, [0]], axis=0))  # 0 for an empty batch
+        scores, idx = self.index.search(vectors, tf.minimum(self._k + extra, self._items))
+        hit = is_member(idx, excluded)
         scores = tf.where(hit, tf.constant(-np.inf, scores.dtype), scores)
         scores, pos = tf.math.top_k(scores, k=tf.minimum(self._k, tf.shape(scores)[1]))
-        return self._outputs(scores, tf.gather(ids, pos, batch_dims=1), offset)
+        return self._found(scores, tf.gather(idx, pos, batch_dims=1), offset)
+
+
+def utf8(ids) -> np.ndarray:
+    """Item ids as UTF-8 bytes (object array), whatever their script."""
+    return np.array([i if isinstance(i, bytes) else str(i).encode("utf-8") for i in ids],
+                    dtype=object)
 
 
 def item_vectors(ranking, catalog: dict[str, np.ndarray], batch_size: int = 65_536) -> np.ndarray:
@@ -176,6 +209,9 @@ def read_catalog(path: str, ranking_meta: dict, id_column: str) -> tuple[np.ndar
     extra = [] if id_column in {f.name for f in features} else [id_column]
     split = load_split([path], features, None, (), passthrough=extra)
     ids = (split.passthrough[id_column] if extra else split.features[id_column]).astype(str)
+    if np.any(ids == ""):
+        raise DataError(f"{path}: column {id_column!r}: row {int(np.argmax(ids == '')) + 2} has "
+                        "an empty item id; every item needs one")
     if len(set(ids)) != len(ids):
         values, counts = np.unique(ids, return_counts=True)
         raise ExportError(f"{path}: column {id_column!r} has duplicate item ids, e.g. "
@@ -185,10 +221,81 @@ def read_catalog(path: str, ranking_meta: dict, id_column: str) -> tuple[np.ndar
     return ids, columns
 
 
+def index_settings(backend: str, items: int, k: int, *, partitions: int | None = None,
+                   partitions_to_search: int | None = None, rescore: int | None = None,
+                   quantize: str | None = None):
+    """A backend's settings sized by catalog (``for_catalog``), with the given ones overridden.
+
+    ``partitions`` / ``partitions_to_search`` / ``rescore`` are ScaNN's num_leaves /
+    leaves_to_search / reorder, and the partitioned index's k-means partitions / blocks
+    searched / int8 shortlist. Returns ScannParams, PartitionedParams or None (exact search).
+
+    Raises:
+        ExportError: a setting the backend does not have, or an incomplete ScaNN tree.
+    """
+    given = {"--partitions": partitions, "--partitions-to-search": partitions_to_search,
+             "--rescore": rescore, "--quantize": quantize}
+    given = {flag: v for flag, v in given.items() if v is not None}
+    unknown = sorted(given) if backend == "brute_force" else \
+        ["--quantize"] if backend == "scann" and quantize is not None else []
+    if unknown:
+        raise ExportError(f"{unknown[0]} is not a setting of --backend {backend}")
+    if backend == "brute_force":
+        return None
+    if backend == "partitioned":
+        params = PartitionedParams.for_catalog(items, k)
+        return replace(params, **_fields(partitions, partitions_to_search, rescore),
+                       quantize=quantize)
+    params = ScannParams.for_catalog(items, k)
+    if not given:
+        return params
+    if params is None and (partitions is None or partitions_to_search is None):
+        raise ExportError(f"a ScaNN tree over {items:,} items needs both --partitions and "
+                          "--partitions-to-search (it is searched exactly by default)")
+    params = params or ScannParams(num_leaves=partitions, leaves_to_search=partitions_to_search,
+                                   reorder=max(10 * k, 1000))
+    fields = _fields(partitions, partitions_to_search, rescore)
+    names = {"num_partitions": "num_leaves", "partitions_to_search": "leaves_to_search",
+             "rescore": "reorder"}
+    return replace(params, **{names[f]: v for f, v in fields.items()})
+
+
+def _fields(partitions, partitions_to_search, rescore) -> dict:
+    given = {"num_partitions": partitions, "partitions_to_search": partitions_to_search,
+             "rescore": rescore}
+    return {f: v for f, v in given.items() if v is not None}
+
+
+def make_index(backend: str, vectors: np.ndarray, k: int, params=None):
+    """The search structure of `backend` over item vectors [N, d]: an object with
+    ``search(queries [B, d], k) -> (scores [B, k], indices [B, k])``.
+
+    Args:
+        params: ScannParams (scann), PartitionedParams (partitioned) or None (sized by
+            catalog; brute force has none).
+    """
+    if backend not in BACKENDS:
+        raise ExportError(f"--backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "scann":
+        return ScannIndex(vectors, k, params)
+    if backend == "partitioned":
+        return PartitionedIndex(vectors, params or PartitionedParams.for_catalog(len(vectors), k))
+    return BruteForceIndex(vectors)
+
+
 def build_index(model_dir: str, items: str, name: str, base: str = "saved_models",
                 k: int = 100, backend: str = "scann", id_column: str = "item_id",
-                version: int | None = None, scann: ScannParams | None = None) -> str:
-    """Exports ``base/name/<version>``: a recall model over the catalog; returns its path."""
+                version: int | None = None, params=None, settings: dict | None = None) -> str:
+    """Exports ``base/name/<version>``: a recall model over the catalog; returns its path.
+
+    Args:
+        backend: "scann" (ScaNN custom ops), "brute_force" or "partitioned" (stock ops).
+        params: the backend's settings (see `index_settings`); None = sized by catalog,
+            with `settings` (keyword arguments of `index_settings`) overriding some.
+
+    Raises:
+        ExportError, DataError: bad arguments, catalog or model; nothing is left behind.
+    """
     if backend not in BACKENDS:
         raise ExportError(f"--backend must be one of {BACKENDS}, got {backend!r}")
     if k < 1:
@@ -203,24 +310,22 @@ def build_index(model_dir: str, items: str, name: str, base: str = "saved_models
     ids, columns = read_catalog(items, meta, id_column)
     vectors = item_vectors(ranking, columns)
     k = min(k, len(ids))
-    params = None
-    if backend == "scann":
-        params = scann or ScannParams.for_catalog(len(ids), k)
-        index = ScannIndex(vectors, k, params)
-    else:
-        index = BruteForceIndex(vectors)
+    if params is None:
+        params = index_settings(backend, len(ids), k, **(settings or {}))
+    index = make_index(backend, vectors, k, params)
     log(f"indexed {len(ids):,} items with {backend} "
         f"({asdict(params) if params else 'exact'}) in {time.time() - started:.1f}s")
     servable = RecallServable(ranking, index, ids, k, meta["query_features"],
                               Calibration.from_dict(meta["calibration"]))
     with building(final) as tmp:
         tf.saved_model.save(servable, tmp, signatures=servable.signatures())
-        custom_ops = saved_custom_ops(tmp)
+        ops = saved_ops(tmp)
+        custom_ops = [op for op in ops if ">" in op]
         loaded = tf.saved_model.load(tmp)
         rows = _sample_queries(ranking)
         extra = os.path.join(tmp, "assets.extra")
         os.makedirs(extra)
-        rows["exclude_item_ids"] = np.array([[ids[0].encode(), b""]] * 4, dtype=object)
+        rows["exclude_item_ids"] = np.array([[ids[0].encode("utf-8"), b""]] * 4, dtype=object)
         write_warmup(os.path.join(extra, WARMUP), loaded.signatures, rows)
         fsutil.write_json(os.path.join(extra, METADATA), {
             "format": FORMAT_RECALL, "format_version": FORMAT_VERSION, "name": name,
@@ -228,16 +333,26 @@ def build_index(model_dir: str, items: str, name: str, base: str = "saved_models
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "ranking_model": os.path.abspath(model_dir), "ranking_version": meta.get("version"),
             "backend": backend, "k": k, "items": len(ids), "catalog": os.path.abspath(items),
-            "id_column": id_column, "scann": asdict(params) if params else None,
+            "id_column": id_column,
+            "scann": asdict(params) if backend == "scann" and params else None,
+            "index": {"backend": backend, **(asdict(params) if params else {}),
+                      **_layout(index)},
             "query_features": meta["query_features"],
             "signatures": signature_info(loaded.signatures),
-            "calibration": meta["calibration"], "custom_ops": custom_ops,
+            "calibration": meta["calibration"], "ops": ops, "custom_ops": custom_ops,
+            "pad": {"item_id": "", "score": PAD_SCORE, "probability": 0.0},
             "needs": "import scann before loading; ScaNN-enabled TF Serving" if custom_ops
                      else "stock TensorFlow / TF Serving",
             "versions": meta.get("versions", {}), "build_seconds": round(time.time() - started, 2),
         })
     log(f"exported {final} ({backend}, k={k}, custom ops: {custom_ops or 'none'})")
     return final
+
+
+def _layout(index) -> dict:
+    if not hasattr(index, "num_blocks"):
+        return {}
+    return {"blocks": index.num_blocks, "block_size": index.block_size}
 
 
 def _sample_queries(ranking, n: int = 4) -> dict[str, np.ndarray]:
@@ -247,8 +362,9 @@ def _sample_queries(ranking, n: int = 4) -> dict[str, np.ndarray]:
                    else np.zeros(n, np.float32)) for name, spec in sig.items()}
 
 
-def saved_custom_ops(saved_model_dir: str) -> list[str]:
-    """Op types in a SavedModel that stock TensorFlow does not have (e.g. ``Scann>...``)."""
+def saved_ops(saved_model_dir: str) -> list[str]:
+    """Every op type in a SavedModel's graphs and functions, sorted; custom ops (e.g.
+    ``Scann>ScannSearchBatched``) have a ``>`` in their name."""
     from tensorflow.core.protobuf import saved_model_pb2
 
     proto = saved_model_pb2.SavedModel()
@@ -259,4 +375,4 @@ def saved_custom_ops(saved_model_dir: str) -> list[str]:
         ops.update(n.op for n in graph.graph_def.node)
         for fn in graph.graph_def.library.function:
             ops.update(n.op for n in fn.node_def)
-    return sorted(op for op in ops if ">" in op)
+    return sorted(ops)

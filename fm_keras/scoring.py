@@ -188,16 +188,15 @@ def outputs_table(keep: dict[str, np.ndarray], outputs: dict[str, np.ndarray],
     columns = {k: pa.array(v, pa.string()) for k, v in keep.items()}  # bytes decode as UTF-8
     for name in sorted(outputs):
         value = outputs[name]
-        if value.dtype == object:
-            value = value.astype(bytes).astype(str)
+        kind = pa.string() if value.dtype == object else None  # bytes decode as UTF-8
         if value.ndim == 1:
-            columns[name] = pa.array(value)
+            columns[name] = pa.array(value, kind)
         elif fmt == "parquet":
-            columns[name] = pa.FixedSizeListArray.from_arrays(pa.array(value.reshape(-1)),
+            columns[name] = pa.FixedSizeListArray.from_arrays(pa.array(value.reshape(-1), kind),
                                                               value.shape[1])
         else:
             for j in range(value.shape[1]):
-                columns[f"{name}_{j}"] = pa.array(value[:, j])
+                columns[f"{name}_{j}"] = pa.array(value[:, j], kind)
     return pa.table(columns)
 
 
@@ -315,7 +314,8 @@ def recommend(model: str, users: Sequence[str], output: str, k: int, *,
 
     Output columns: the kept user columns, ``rank`` (1 = best), ``item_id``, ``score`` (the
     FM logit) and ``probability``. With `exclude_column` (a ``|``-separated list of item ids
-    per user, e.g. already seen), those items are left out.
+    per user, e.g. already seen), those items are left out; a user with fewer than k items
+    left gets fewer rows.
     """
     _, meta = export_metadata(model, expect="fm_keras.recall")  # run_signature loads it
     if not 1 <= k <= meta["k"]:
@@ -338,7 +338,7 @@ def recommend(model: str, users: Sequence[str], output: str, k: int, *,
         n = outputs["item_ids"].shape[0]
         top = min(k, outputs["item_ids"].shape[1])
         ids = outputs["item_ids"][:, :top]
-        found = outputs["scores"][:, :top] > -np.inf  # fewer than k items left after exclusion
+        found = ids != b""  # a pad slot: fewer than k items left after exclusion
         columns = {c: pa.array(np.repeat(v, top)[found.reshape(-1)], pa.string())
                    for c, v in kept.items()}
         columns["rank"] = pa.array(np.tile(np.arange(1, top + 1), n)[found.reshape(-1)])

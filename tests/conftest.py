@@ -40,7 +40,8 @@ def small_run(small_synth, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def exports(small_run, small_synth, tmp_path_factory):
-    """The ranking export of `small_run` and its ScaNN and brute-force recall exports."""
+    """The ranking export of `small_run` and its ScaNN, brute-force and partitioned recall
+    exports (k = 20 over the 5k-item catalog: every backend searches it exactly)."""
     from fm_keras.export import export_run
     from fm_keras.recall import build_index
 
@@ -53,6 +54,8 @@ def exports(small_run, small_synth, tmp_path_factory):
         "scann": build_index(ranking, items, "ctr_recall", base=base, k=20),
         "brute_force": build_index(ranking, items, "ctr_recall_bf", base=base, k=20,
                                    backend="brute_force"),
+        "partitioned": build_index(ranking, items, "ctr_recall_ivf", base=base, k=20,
+                                   backend="partitioned"),
     }
 
 

@@ -123,6 +123,31 @@ def _last_error(capsys):
     return lines[-1]
 
 
+def test_export_index_score_recommend(small_run, small_synth, tmp_path, capsys):
+    synth_dir, _ = small_synth
+    base = str(tmp_path / "saved_models")
+    assert main(["export", "--run", small_run, "--name", "ctr", "--base", base]) == 0
+    ranking = json.loads(capsys.readouterr().out)["model"]
+    assert ranking == os.path.join(base, "ctr", "1")
+    assert main(["index", "--model", os.path.join(base, "ctr"), "--items",
+                 str(synth_dir / "items.csv"), "--name", "ctr_recall", "--base", base,
+                 "--k", "10", "--backend", "partitioned", "--partitions", "8",
+                 "--partitions-to-search", "3", "--quantize", "int8", "--rescore", "50"]) == 0
+    recall = json.loads(capsys.readouterr().out)["model"]
+    with open(os.path.join(recall, "assets.extra", "fm_keras.json")) as f:
+        index = json.load(f)["index"]
+    assert (index["backend"], index["num_partitions"], index["partitions_to_search"],
+            index["quantize"], index["rescore"]) == ("partitioned", 8, 3, "int8", 50)
+    assert main(["score", "--model", ranking, "--input", str(synth_dir / "test.csv"),
+                 "--output", str(tmp_path / "scores.parquet"), "--quiet"]) == 0
+    assert json.loads(capsys.readouterr().out)["rows"] > 1000
+    assert main(["recommend", "--model", recall, "--users", str(synth_dir / "test.csv"),
+                 "--k", "3", "--output", str(tmp_path / "recs.csv"), "--keep", "user_id",
+                 "--quiet"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["k"] == 3 and summary["rows"] > 1000
+
+
 def test_export_commands_bad_input(exports, small_synth, tmp_path, capsys):
     synth_dir, _ = small_synth
     base = str(tmp_path / "out")
@@ -142,6 +167,9 @@ def test_export_commands_bad_input(exports, small_synth, tmp_path, capsys):
           "--output", str(tmp_path / "missing" / "s.csv")], "does not exist"),
         (["export", "--run", str(tmp_path), "--name", "x", "--base", base],
          "not a finished fm_keras run"),
+        (["index", "--model", exports["ranking"], "--items", str(synth_dir / "items.csv"),
+          "--name", "r", "--base", base, "--quantize", "int8"],
+         "--quantize is not a setting of --backend scann"),
     ]
     for argv, message in cases:
         assert main(argv) == 2, argv

@@ -71,6 +71,9 @@ def test_logit_correction_undoes_weighting_and_downsampling():
     (EXPERIMENT.replace("label: click", "label: price"), FEATURES, "label 'price' is also a feature"),
     (EXPERIMENT, FEATURES + "  - {name: price, kind: numeric, tower: item}\n", "duplicate names"),
     ("data: [\n", FEATURES, "not valid YAML"),
+    # PyYAML keeps the last of a repeated key silently: the first value was lost.
+    (EXPERIMENT.replace("embedding_dim: 8", "embedding_dim: 8, embedding_dim: 16"), FEATURES,
+     "experiment.yaml: not valid YAML: key 'embedding_dim' is given twice .* line"),
 ])
 def test_errors_name_file_and_key(tmp_path, experiment, features, message):
     with pytest.raises(ConfigError, match=message):
@@ -162,6 +165,17 @@ def test_readme_lists_every_default():
                 assert shown == default, (key, shown, default)
             else:
                 assert shown == str(default).lower(), (key, shown, default)
+
+
+def test_yaml_merge_keys_may_be_overridden(tmp_path):
+    from fm_keras.config import read_yaml
+
+    path = tmp_path / "m.yaml"
+    path.write_text("base: &b {x: 1, y: 2}\nd:\n  <<: *b\n  y: 3\n")
+    assert read_yaml(str(path))["d"] == {"x": 1, "y": 3}
+    path.write_bytes(b"\xff\xfex: 1\n")
+    with pytest.raises(ConfigError, match="m.yaml: not UTF-8 text"):
+        read_yaml(str(path))
 
 
 def test_retrieval_section_loads_with_items_and_no_label(tmp_path):

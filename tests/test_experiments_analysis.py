@@ -215,3 +215,19 @@ def test_bad_metric_and_cuped_arguments():
         analyze(table, experiment(), metric="ctr", cuped=True)
     with pytest.raises(DataError, match="pre_period"):
         analyze(table, experiment(), cuped=True)
+
+
+def test_an_arm_with_one_unit_is_an_error_naming_it():
+    # Its variance is undefined: the report used to print NaN (invalid JSON).
+    table = unit_table(np.random.default_rng(9), 500)
+    table = pd.concat([table[table.arm == "control"], table[table.arm == "treatment"].head(1)])
+    with pytest.raises(DataError, match="ev.csv: arm 'treatment' has events of only 1 unit"):
+        analyze(table, experiment(), check_assignment=False, source="ev.csv")
+
+
+def test_ctr_of_an_arm_without_impressions_is_an_error_naming_it():
+    table = unit_table(np.random.default_rng(10), 500)
+    table.loc[table.arm == "control", ["impressions", "clicks"]] = 0  # was ZeroDivisionError
+    with pytest.raises(DataError, match="column 'impressions': arm 'control' has 0 impressions"):
+        analyze(table, experiment(), metric="ctr", check_assignment=False, source="ev.csv")
+    assert analyze(table, experiment(), check_assignment=False)["arms"][0]["value"] == 0.0

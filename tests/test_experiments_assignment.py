@@ -95,3 +95,31 @@ def test_assign_file_without_the_unit_column_names_it(tmp_path):
     with pytest.raises(DataError, match=r"users.csv: column 'user_id' \(the experiment's unit\)"):
         assign_file(experiment(), [str(users)], str(tmp_path / "arms.csv"))
     assert not (tmp_path / "arms.csv").exists()
+
+
+@pytest.mark.parametrize("ids, message", [
+    (pd.array([7, None], dtype="Int64"), "column 'user_id': 1 empty unit ids"),
+    ([7.0, 8.0], "column 'user_id': unit ids are floating point"),
+])
+def test_assign_file_rejects_empty_and_float_unit_ids(tmp_path, ids, message):
+    # Both used to be assigned silently: '' as a unit, and 7.0 as '7.0' (another arm than 7).
+    users = tmp_path / "users.parquet"
+    pd.DataFrame({"user_id": ids}).to_parquet(users, index=False)
+    with pytest.raises(DataError, match=message):
+        assign_file(experiment(), [str(users)], str(tmp_path / "arms.csv"))
+    assert not (tmp_path / "arms.csv").exists()
+
+
+def test_assign_file_to_an_unwritable_output_is_a_data_error(tmp_path):
+    users = tmp_path / "users.csv"
+    pd.DataFrame({"user_id": ["u1"]}).to_csv(users, index=False)
+    with pytest.raises(DataError, match="arms.csv: cannot write"):
+        assign_file(experiment(), [str(users)], str(users / "arms.csv"))
+
+
+@pytest.mark.parametrize("unit", [None, "", " ", 7.0, np.float64(7), True])
+def test_a_request_without_a_usable_unit_id_is_refused(unit):
+    # They were routed as 'None', '', '7.0' (another arm than 7), 'True'.
+    with pytest.raises(ValueError, match="a unit id must be a non-empty string or an integer"):
+        Assigner(experiment()).arm(unit)
+    assert Assigner(experiment()).arm(7) == Assigner(experiment()).arm("7")

@@ -100,3 +100,76 @@ def test_the_installed_command_exits_2_on_a_bad_experiment(files):
     assert proc.stderr.strip().splitlines()[-1].endswith("weights sum to 1.1, not 1 (naive=0.6, "
                                                          "cleaned=0.5); make them add up to 1")
     assert not (files / "arms.csv").exists()
+
+
+def test_an_undefined_lift_is_json_null_not_nan(files, capsys):
+    # A control without clicks has no relative lift; json.dumps used to print NaN.
+    frame = pd.read_csv(files / "events.csv")
+    frame.loc[frame.arm == "naive", "clicks"] = 0
+    frame.to_csv(files / "events.csv", index=False)
+    assert main(["ab", "report", "--experiment", str(files / "ab.yaml"), "--events",
+                 str(files / "events.csv")]) == 0
+    out = capsys.readouterr().out
+    (c,) = json.loads(out, parse_constant=lambda name: pytest.fail(f"{name} in the JSON"))[
+        "comparisons"]
+    assert c["lift"] is None and c["ci_low"] is None and c["p_value"] < 1e-10
+
+
+@pytest.mark.parametrize("html", ["events.csv/report.html", "out.html"])
+def test_an_unwritable_html_path_is_one_line_exit_2(files, capsys, monkeypatch, html):
+    monkeypatch.chdir(files)
+    (files / "out.html").mkdir()
+    code = main(["ab", "report", "--experiment", "ab.yaml", "--events", "events.csv",
+                 "--html", html])
+    captured = capsys.readouterr()
+    assert code == 2 and captured.out == ""
+    assert captured.err.startswith(f"fm-keras: error: {html}: --html: cannot write")
+    assert captured.err.count("\n") == 1
+    assert sorted(p.name for p in files.iterdir()) == ["ab.yaml", "events.csv", "models.config",
+                                                       "out.html"]
+    assert list((files / "out.html").iterdir()) == []
+
+
+@pytest.mark.parametrize("out", ["data_dir", "events.csv"])
+def test_simulate_refuses_an_out_it_would_wipe(files, capsys, monkeypatch, out):
+    # --out is replaced as a whole: '--out demo/ab' used to delete the data and saved models.
+    monkeypatch.chdir(files)
+    (files / "data_dir").mkdir()
+    (files / "data_dir" / "oracle.json").write_text("{}")
+    code = main(["ab", "simulate", "--experiment", "ab.yaml", "--data", "data_dir",
+                 "--out", out])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith(f"fm-keras: error: {out}: --out: ")
+    assert (files / "data_dir" / "oracle.json").read_text() == "{}"
+    assert (files / "events.csv").stat().st_size > 0
+
+
+@pytest.mark.parametrize("command", [
+    ["ab", "assign", "--experiment", "ab.yaml", "--users", "events.csv", "--output", "events.csv"],
+    ["ab", "report", "--experiment", "ab.yaml", "--events", "*.csv", "--html", "events.csv"],
+])
+def test_an_output_that_is_an_input_is_refused(files, capsys, monkeypatch, command):
+    # The input used to be replaced by the assignment table (or the HTML page).
+    monkeypatch.chdir(files)
+    before = (files / "events.csv").read_bytes()
+    assert main(command) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fm-keras: error: events.csv: --") and "is the input events.csv" in err
+    assert (files / "events.csv").read_bytes() == before
+
+
+def test_each_comparison_is_its_own_stderr_line(files, capsys):
+    text = (files / "ab.yaml").read_text().replace("weight: 0.5}\n  - {name: cleaned",
+                                                   "weight: 0.25}\n  - {name: cleaned")
+    (files / "ab3.yaml").write_text(text + "  - {name: third, model: ctr, label: third, "
+                                    "weight: 0.25}\n")
+    experiment = load_ab_experiment(files / "ab3.yaml")
+    frame = pd.read_csv(files / "events.csv")
+    frame["arm"] = Assigner(experiment).assign(frame["user_id"].tolist())
+    frame.to_csv(files / "events3.csv", index=False)
+    assert main(["ab", "report", "--experiment", str(files / "ab3.yaml"), "--events",
+                 str(files / "events3.csv")]) == 0
+    lines = capsys.readouterr().err.splitlines()
+    assert [line.split(":")[1].strip() for line in lines] == ["cleaned vs naive",
+                                                              "third vs naive"]
+    assert all(line.startswith("fm-keras: ") for line in lines)  # the second had no prefix

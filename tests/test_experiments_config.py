@@ -63,6 +63,11 @@ def test_a_valid_file_loads_with_the_first_arm_as_control(tmp_path):
     (("salt: s1", "salt: s1\ncontrol: nope", 1), "control: 'nope' is not an arm"),
     (("name: cleaned", "name: naive", 1), "arm names must be unique"),
     (("unit: user_id\n", "", 1), "missing required key 'unit'"),
+    (("salt: s1", "salt: s1\nbuckets: 100000000000000000000000", 1),
+     "buckets must be in 2..4,294,967,296"),  # was an OverflowError traceback
+    (("label: naive,", "label: '',", 1), "arm 'naive': label must be a version label"),
+    (("unit: user_id", "unit: arm", 1), "unit: 'arm' is a column of the event schema"),
+    (("unit: user_id", "unit: clicks", 1), "unit: 'clicks' is a column of the event schema"),
 ])
 def test_bad_files_raise_one_error_naming_the_file_and_key(tmp_path, change, message):
     path = write(tmp_path, GOOD.replace(*change))
@@ -109,3 +114,21 @@ def test_without_a_deployment_labels_are_not_checked(tmp_path):
 
     exp = load_ab_experiment(write(tmp_path, GOOD))
     assert check_deployment(exp) == {"naive": None, "cleaned": None}
+
+
+def test_a_file_that_is_not_utf8_is_one_error_naming_it(tmp_path):
+    path = tmp_path / "ab.yaml"
+    path.write_bytes(b"\xff\xfename: x\n")  # was a UnicodeDecodeError traceback
+    with pytest.raises(ConfigError, match="not UTF-8 text") as info:
+        load_ab_experiment(path)
+    assert str(info.value).startswith(str(path))
+
+
+@pytest.mark.parametrize("content", [None, b"\xff\xfe model_config_list {}", b"not a proto {"])
+def test_an_unreadable_model_config_file_names_the_experiment_key(tmp_path, content):
+    if content is not None:
+        (tmp_path / "models.config").write_bytes(content)  # non-UTF-8 was a traceback
+    path = write(tmp_path, GOOD + "model_config_file: models.config\n")
+    with pytest.raises(ConfigError, match="model_config_file: ") as info:
+        load_ab_experiment(path)
+    assert str(info.value).startswith(f"{path}: model_config_file: ")

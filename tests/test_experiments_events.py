@@ -5,6 +5,7 @@ import pytest
 
 from fm_keras.errors import DataError
 from fm_keras.experiments.config import ABExperiment, Arm
+from fm_keras.experiments.assignment import Assigner
 from fm_keras.experiments.events import per_unit, read_events, write_table
 
 EXPERIMENT = ABExperiment(name="t", unit="user_id", salt="s", control="a", arms=(
@@ -42,6 +43,19 @@ def test_pre_period_is_optional(tmp_path):
     (lambda f: f.assign(impressions=[10, -1, 10, 5]), "column 'impressions': must be whole"),
     (lambda f: f.assign(timestamp=["x", 1, 2, 3]), "column 'timestamp': not a number: 'x'"),
     (lambda f: f.assign(arm=["a", "a", "b", "z"]), r"column 'arm': \['z'\] are not arms"),
+    # Out-of-range counts used to be cast to int64 garbage (a wrong error, or a silent result).
+    (lambda f: f.assign(impressions=["10", "1e30", "10", "5"]),
+     r"column 'impressions': must be whole numbers in 0..2,147,483,647, got '1e30' \(row 1\)"),
+    (lambda f: f.assign(impressions=["inf", "10", "10", "5"]), "'impressions': .* got 'inf'"),
+    (lambda f: f.assign(impressions=[10, 10, 10, 2**40], clicks=[1, 2, 0, 2**40]),
+     "column 'impressions': must be whole numbers"),
+    (lambda f: f.assign(timestamp=[1e20, 1, 2, 3]), "column 'timestamp': must be whole numbers"),
+    (lambda f: f.assign(pre_period=[4.0, float("inf"), 0.0, 1.0]),
+     "column 'pre_period': must be a finite number"),
+    (lambda f: f.assign(pre_period=[4.0, 1e308, 0.0, 1.0]),
+     "column 'pre_period': must be a finite number"),
+    (lambda f: f.assign(user_id=["u1", "", "u2", "u3"]),
+     r"column 'user_id': 1 empty unit ids \(first at row 1\)"),
 ])
 def test_bad_events_name_the_file_and_column(tmp_path, change, message):
     path = tmp_path / "bad.csv"
@@ -55,3 +69,66 @@ def test_write_table_wants_a_known_extension_and_leaves_nothing_half_written(tmp
     with pytest.raises(DataError, match=".csv or .parquet"):
         write_table(EVENTS, str(tmp_path / "e.json"))
     assert list(tmp_path.iterdir()) == []
+
+
+def test_float_unit_ids_in_parquet_are_an_error(tmp_path):
+    # A null in an integer id column makes pandas write float64: 7 would be hashed as '7.0'.
+    path = tmp_path / "e.parquet"
+    EVENTS.assign(user_id=[7.0, 7.0, 8.0, 9.0]).to_parquet(path, index=False)
+    with pytest.raises(DataError, match=r"e.parquet: column 'user_id': unit ids are floating"):
+        read_events([str(path)], EXPERIMENT)
+    EVENTS.assign(user_id=pd.array([7, 7, None, 9], dtype="Int64")).to_parquet(path, index=False)
+    with pytest.raises(DataError, match="column 'user_id': 1 empty unit ids"):
+        read_events([str(path)], EXPERIMENT)
+
+
+def test_an_integer_id_is_the_same_unit_in_csv_and_parquet_and_007_is_not_7(tmp_path):
+    frame = EVENTS.assign(user_id=[7, 7, 8, 9], arm="a")
+    frame.to_csv(tmp_path / "e.csv", index=False)
+    frame.to_parquet(tmp_path / "e.parquet", index=False)
+    ids_csv = read_events([str(tmp_path / "e.csv")], EXPERIMENT)["unit"].tolist()
+    ids_parquet = read_events([str(tmp_path / "e.parquet")], EXPERIMENT)["unit"].tolist()
+    assert ids_csv == ids_parquet == ["7", "7", "8", "9"]
+    (tmp_path / "z.csv").write_text("user_id,arm,timestamp,impressions,clicks\n007,a,1,1,0\n")
+    assert read_events([str(tmp_path / "z.csv")], EXPERIMENT)["unit"].tolist() == ["007"]
+    assigner = Assigner(EXPERIMENT)
+    assert assigner.arm(7) == assigner.arm("7")
+    assert [assigner.arm(u) for u in ("007", "7", "7.0")] != [assigner.arm("7")] * 3
+
+
+def test_cuped_needs_pre_period_in_every_row(tmp_path):
+    path = tmp_path / "e.csv"
+    EVENTS.assign(pre_period=[4.0, None, 0.0, 1.0]).to_csv(path, index=False)
+    assert "pre_period" not in read_events([str(path)], EXPERIMENT).columns  # not CUPED: fine
+    with pytest.raises(DataError, match=r"e.csv: column 'pre_period': 1 empty cells"):
+        read_events([str(path)], EXPERIMENT, need_pre_period=True)
+    EVENTS.drop(columns="pre_period").to_csv(path, index=False)
+    with pytest.raises(DataError, match=r"e.csv: column 'pre_period' is missing"):
+        read_events([str(path)], EXPERIMENT, need_pre_period=True)
+
+
+def test_write_table_to_an_unwritable_path_is_a_data_error(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(DataError, match="cannot write"):
+        write_table(EVENTS, str(tmp_path / "file" / "e.csv"))  # was a FileExistsError
+    (tmp_path / "d.csv").mkdir()
+    with pytest.raises(DataError, match="cannot write"):
+        write_table(EVENTS, str(tmp_path / "d.csv"))  # a directory: was an IsADirectoryError
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.csv", "file"]
+    assert list((tmp_path / "d.csv").iterdir()) == []
+
+
+def test_a_file_matched_twice_is_read_once(tmp_path):
+    path = tmp_path / "e.csv"
+    EVENTS.to_csv(path, index=False)  # used to be summed twice: every unit's clicks doubled
+    events = read_events([str(path), str(tmp_path / "*.csv"), str(tmp_path / "." / "e.csv")],
+                         EXPERIMENT)
+    assert len(events) == len(EVENTS)
+
+
+def test_a_pre_period_that_differs_within_a_unit_is_an_error(tmp_path):
+    path = tmp_path / "e.csv"
+    EVENTS.assign(pre_period=[4.0, 5.0, 0.0, 1.0]).to_csv(path, index=False)
+    with pytest.raises(DataError, match=r"e.csv: column 'pre_period': 1 units have different "
+                                        r"values on different rows \(e.g. 'u1': 4 and 5\)"):
+        read_events([str(path)], EXPERIMENT)

@@ -63,3 +63,20 @@ def test_untrustworthy_results_say_so(tmp_path):
     result = ab_report([str(path)], EXPERIMENT, metric="ctr")
     assert result["srm"]["flagged"] and not result["trustworthy"]
     assert "UNTRUSTWORTHY" in summary_line(result)
+
+
+def test_an_undefined_lift_is_labelled_on_the_page(tmp_path, monkeypatch):
+    import matplotlib.axes
+
+    frame = events()
+    frame.loc[frame.arm == "a", "clicks"] = 0  # control mean 0: the lift is undefined
+    path = tmp_path / "events.csv"
+    frame.to_csv(path, index=False)
+    texts = []
+    original = matplotlib.axes.Axes.text
+    monkeypatch.setattr(matplotlib.axes.Axes, "text",
+                        lambda self, x, y, s, *a, **k: texts.append(s) or original(
+                            self, x, y, s, *a, **k))
+    result = ab_report([str(path)], EXPERIMENT, html_path=str(tmp_path / "r.html"))
+    assert np.isnan(result["comparisons"][0]["lift"])
+    assert any("relative lift undefined" in t for t in texts)  # was a blank plot

@@ -102,3 +102,9 @@ def test_ab_simulate_command_prints_the_report(ab_file, small_synth, tmp_path, c
     assert result["simulation"]["users"] == 200 and result["cuped"] is not None
     assert sorted(os.listdir(out)) == ["events.parquet", "report.html"]
     assert result["html"] == str(out / "report.html")
+
+
+@pytest.mark.parametrize("field", ["sessions", "slate", "days"])
+def test_a_nan_spec_value_is_an_error(field):
+    with pytest.raises(ConfigError, match=f"--{field} must be >= 1"):  # NaN used to pass
+        SimulationSpec(**{field: float("nan")})

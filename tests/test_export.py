@@ -170,8 +170,12 @@ def test_refuses_a_model_that_fails_parity(small_run, tmp_path, monkeypatch):
 
     monkeypatch.setattr(RankingServable, "_item_tower", broken_item_tower)
     with pytest.raises(ExportError, match="differs from logit"):
+        export_run(small_run, "ctr", base=str(tmp_path / "new"), parity_rows=500)
+    assert os.listdir(tmp_path) == []  # no version, no temp directory, no model/base directory
+    (tmp_path / "ctr").mkdir()  # a model directory that was there stays
+    with pytest.raises(ExportError, match="differs from logit"):
         export_run(small_run, "ctr", base=str(tmp_path), parity_rows=500)
-    assert os.listdir(tmp_path / "ctr") == []  # no version, no temp directory
+    assert os.listdir(tmp_path / "ctr") == []
 
 
 def test_check_parity_reports_the_difference(small_run, exports):

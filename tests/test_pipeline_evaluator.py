@@ -96,3 +96,14 @@ def test_ann_recall_at_k_exact_and_approximate(pipeline_first_run):
     approximate = ann_recall_at_k(model.properties["export_dir"], coarse, examples.uri)
     assert approximate["ann_recall_at_k"] < 0.9
     assert approximate["queries"] == config.evaluator.ann_recall_queries
+    # The partitioned backend: exact when every block is searched (the default below 20k
+    # items); with one of 500 partitions searched, its ANN fidelity with those settings.
+    ivf = dataclasses.replace(config, index=IndexConfig(k=20, backend="partitioned"))
+    result = ann_recall_at_k(model.properties["export_dir"], ivf, examples.uri)
+    assert result["backend"] == "partitioned" and result["ann_recall_at_k"] == 1.0, result
+    ivf = dataclasses.replace(config, index=IndexConfig(
+        k=20, backend="partitioned", num_leaves=500, leaves_to_search=1, reorder=20))
+    result = ann_recall_at_k(model.properties["export_dir"], ivf, examples.uri)
+    assert (result["index"]["num_partitions"], result["index"]["partitions_to_search"]) == \
+        (500, 1)
+    assert 0 < result["ann_recall_at_k"] < 1.0, result

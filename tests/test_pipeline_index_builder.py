@@ -29,3 +29,28 @@ def test_recall_version_is_checked_and_pushed_once(pipeline_first_run, tmp_path)
     assert not result["built"] and "exists already" in result["reason"]
     assert os.stat(os.path.join(recall, "1", "saved_model.pb")).st_mtime_ns == stamp
     assert sorted(os.listdir(recall)) == ["1"]
+
+
+def test_partitioned_backend_is_built_checked_and_pushed(pipeline_first_run, tmp_path):
+    """index: {backend: partitioned}: the stock-op recall model passes the server check."""
+    import dataclasses
+    import json
+
+    from fm_keras.pipeline.metadata import MetadataStore
+
+    path, _ = pipeline_first_run
+    config = load_pipeline(path)
+    store = MetadataStore(os.path.join(config.root, "metadata.sqlite"))
+    try:
+        examples = store.artifacts("Examples")[-1]
+    finally:
+        store.close()
+    config = dataclasses.replace(
+        config, index=dataclasses.replace(config.index, backend="partitioned"),
+        pusher=dataclasses.replace(config.pusher, base=str(tmp_path / "pushed")))
+    result = build_recall(config, os.path.join(load_pipeline(path).pusher.base, "ctr", "1"), 1,
+                          str(tmp_path / "staging"), examples.uri)
+    assert result["built"] and result["valid"], result
+    with open(os.path.join(result["path"], "assets.extra", "fm_keras.json")) as f:
+        meta = json.load(f)
+    assert meta["backend"] == "partitioned" and meta["custom_ops"] == []

@@ -1,7 +1,10 @@
-"""Recall exports: exact agreement with the ranking model, ScaNN recall, exclusions, errors."""
+"""Recall exports: exact agreement with the ranking model, ScaNN recall, exclusions, pads,
+UTF-8 ids, stock ops in a fresh process, errors."""
 
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pandas as pd
@@ -10,8 +13,8 @@ import tensorflow as tf
 
 from fm_keras.calibration import Calibration
 from fm_keras.errors import DataError, ExportError
-from fm_keras.recall import (BruteForceIndex, ScannIndex, ScannParams, build_index,
-                             item_vectors, read_catalog)
+from fm_keras.recall import (PAD_SCORE, BruteForceIndex, ScannIndex, ScannParams, build_index,
+                             index_settings, item_vectors, read_catalog)
 from fm_keras.servables import load_export
 
 USERS = {"user_id": ["u1", "u7", "u-new"], "user_segment": ["s1", "s3", ""],
@@ -38,10 +41,14 @@ def _ranking_scores(exports, synth_dir):
     return items["item_id"].to_numpy(), np.stack(scores)
 
 
-@pytest.mark.parametrize("backend", ["brute_force", "scann"])
+BACKENDS = ["brute_force", "scann", "partitioned"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_top_k_is_the_ranking_models_top_k(exports, small_synth, backend):
-    """Both backends on a 5k catalog are exact (ScaNN picks brute force for small catalogs):
-    ids and scores equal the ranking model's top 20 over every catalog item."""
+    """Every backend on a 5k catalog is exact (ScaNN picks brute force for small catalogs, the
+    partitioned index searches every block): ids and scores equal the ranking model's top 20
+    over every catalog item (u-new is a user the model never saw)."""
     ids, scores = _ranking_scores(exports, small_synth[0])
     out = _recall(exports[backend])
     for u in range(len(USERS["user_id"])):
@@ -68,26 +75,118 @@ def test_top_k_is_the_ranking_models_top_k(exports, small_synth, backend):
     np.testing.assert_allclose(out["probabilities"][0], ranked, atol=1e-6)
 
 
-def test_exclude_seen_leaves_out_the_given_items(exports):
-    first = _recall(exports["scann"])
-    seen = np.array([[first["item_ids"][u][0], first["item_ids"][u][3], b""]
+def test_partitioned_equals_brute_force(exports):
+    """Top-K parity on a small catalog (every block searched): identical ids, equal scores and
+    probabilities, for both signatures, seen and unseen users."""
+    seen = np.array([[b"item_3", b"", b"no-such-item"]] * 3, dtype=object)
+    for signature, extra in (("serving_default", {}),
+                             ("exclude_seen", {"exclude_item_ids": seen})):
+        want = _recall(exports["brute_force"], signature, **extra)
+        got = _recall(exports["partitioned"], signature, **extra)
+        np.testing.assert_array_equal(got["item_ids"], want["item_ids"])
+        for key in ("scores", "probabilities"):
+            np.testing.assert_allclose(got[key], want[key], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_exclude_seen_leaves_out_the_given_items(exports, backend):
+    first = _recall(exports[backend])
+    seen = np.array([[first["item_ids"][u][0], first["item_ids"][u][3], b"", b"unknown"]
                      for u in range(3)], dtype=object)
-    out = _recall(exports["scann"], "exclude_seen", exclude_item_ids=seen)
+    out = _recall(exports[backend], "exclude_seen", exclude_item_ids=seen)
     for u in range(3):
         assert not set(seen[u]) & set(out["item_ids"][u])
         kept = [i for i in first["item_ids"][u] if i not in set(seen[u])]
         assert list(out["item_ids"][u][:len(kept)]) == kept
     assert out["item_ids"].shape == (3, 20)
+    # No exclusions (an empty [B, 0] list, or only pads) is serving_default.
+    for empty in (np.zeros((3, 0), dtype=object), np.array([[b""]] * 3, dtype=object)):
+        none = _recall(exports[backend], "exclude_seen", exclude_item_ids=empty)
+        np.testing.assert_array_equal(none["item_ids"], first["item_ids"])
+        np.testing.assert_allclose(none["scores"], first["scores"], rtol=1e-6)
 
 
-def test_metadata_lists_custom_ops(exports):
-    def meta(which):
-        with open(os.path.join(exports[which], "assets.extra", "fm_keras.json")) as f:
-            return json.load(f)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_excluding_every_item_returns_pads(exports, small_synth, backend):
+    """Fewer than k items left: excluded ids never come back; empty slots are "" with the
+    finite pad score and probability 0 (JSON-safe)."""
+    items = pd.read_csv(os.path.join(small_synth[0], "items.csv"), dtype=str)["item_id"]
+    every = np.array([items.to_numpy().astype(object)] * 3)
+    out = _recall(exports[backend], "exclude_seen", exclude_item_ids=every)
+    assert np.all(out["item_ids"] == b"") and out["item_ids"].shape == (3, 20)
+    assert np.all(out["scores"] == np.float32(PAD_SCORE)) and np.all(out["probabilities"] == 0)
+    all_but = every.copy()
+    all_but[1, 17] = b""  # user 1 may still get item 17
+    out = _recall(exports[backend], "exclude_seen", exclude_item_ids=all_but)
+    assert out["item_ids"][1, 0] == items[17].encode() and np.all(out["item_ids"][1, 1:] == b"")
+    assert np.isfinite(out["scores"]).all() and out["scores"][1, 0] > PAD_SCORE
 
-    assert meta("scann")["custom_ops"] == ["Scann>ScannSearchBatched", "Scann>TensorsToScann"]
-    assert meta("brute_force")["custom_ops"] == []
-    assert meta("scann")["items"] == 5000 and meta("scann")["k"] == 20
+
+def _meta(path):
+    with open(os.path.join(path, "assets.extra", "fm_keras.json")) as f:
+        return json.load(f)
+
+
+def test_metadata_lists_ops_and_custom_ops(exports):
+    assert _meta(exports["scann"])["custom_ops"] == ["Scann>ScannSearchBatched",
+                                                     "Scann>TensorsToScann"]
+    assert _meta(exports["brute_force"])["custom_ops"] == []
+    meta = _meta(exports["partitioned"])
+    assert meta["custom_ops"] == [] and meta["needs"] == "stock TensorFlow / TF Serving"
+    assert {"TopKV2", "GatherV2", "BatchMatMulV2"} <= set(meta["ops"])
+    assert meta["index"]["backend"] == "partitioned" and meta["index"]["block_size"] >= 8
+    assert meta["pad"] == {"item_id": "", "score": PAD_SCORE, "probability": 0.0}
+    assert _meta(exports["scann"])["items"] == 5000 and _meta(exports["scann"])["k"] == 20
+
+
+FRESH_PROCESS = """
+import json, sys
+import tensorflow as tf
+from tensorflow.python.framework import op_def_registry
+path, meta = sys.argv[1], json.load(open(sys.argv[2]))
+unknown = [op for op in meta["ops"] if op_def_registry.get(op) is None]
+loaded = tf.saved_model.load(path)
+users = {"user_id": ["u1", "u-new"], "user_segment": ["s1", ""], "device": ["ios", "web"],
+         "hour": ["3", "12"]}
+out = loaded.signatures["serving_default"](**{k: tf.constant(v) for k, v in users.items()})
+seen = tf.constant([[b"item_1", b""], [b"", b""]])
+excl = loaded.signatures["exclude_seen"](exclude_item_ids=seen,
+                                         **{k: tf.constant(v) for k, v in users.items()})
+print(json.dumps({"unknown": unknown, "shape": out["item_ids"].shape.as_list(),
+                  "excl": excl["item_ids"].shape.as_list(),
+                  "modules": sorted(m for m in sys.modules if m.split(".")[0] in
+                                    ("scann", "fm_keras"))}))
+"""
+
+
+@pytest.mark.parametrize("backend", ["partitioned", "brute_force"])
+def test_stock_op_export_loads_in_a_fresh_process(exports, backend):
+    """The export's op list is a subset of TensorFlow's registered ops (no custom op library),
+    and the model loads and answers in a process that never imports scann or fm_keras."""
+    path = exports[backend]
+    meta_path = os.path.join(path, "assets.extra", "fm_keras.json")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run([sys.executable, "-c", FRESH_PROCESS, path, meta_path], cwd="/",
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result == {"unknown": [], "shape": [2, 20], "excl": [2, 20], "modules": []}
+    assert len(_meta(path)["ops"]) > 10
+
+
+def test_index_settings_overrides():
+    ivf = index_settings("partitioned", 1_000_000, 100, partitions_to_search=7, quantize="int8")
+    assert (ivf.num_partitions, ivf.partitions_to_search, ivf.quantize) == (2000, 7, "int8")
+    tree = index_settings("scann", 1_000_000, 100, rescore=500)
+    assert (tree.num_leaves, tree.reorder) == (2000, 500)
+    assert index_settings("scann", 5000, 20) is None
+    assert index_settings("scann", 5000, 20, partitions=10, partitions_to_search=2).num_leaves == 10
+    with pytest.raises(ExportError, match="--quantize is not a setting of --backend scann"):
+        index_settings("scann", 1_000_000, 100, quantize="int8")
+    with pytest.raises(ExportError, match="--partitions is not a setting of --backend brute"):
+        index_settings("brute_force", 1000, 10, partitions=3)
+    with pytest.raises(ExportError, match="needs both --partitions"):
+        index_settings("scann", 5000, 20, rescore=10)
 
 
 def test_scann_partitioned_index_recall_against_exact():
@@ -143,7 +242,7 @@ def test_catalog_errors(exports, small_synth, tmp_path):
                     base=base, backend="faiss")
 
 
-@pytest.mark.parametrize("backend", ["scann", "brute_force"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_warmup_requests_replay_on_the_export(exports, backend):
     """Each warmup record is a valid PredictRequest for its signature (TF Serving replays them
     at load and refuses the version otherwise)."""
@@ -165,3 +264,121 @@ def test_warmup_requests_replay_on_the_export(exports, backend):
             assert specs[name].shape.is_compatible_with(value.shape), name
         out = fn(**{k: tf.constant(v) for k, v in feed.items()})
         assert out["item_ids"].shape[0] == 4
+
+
+def _small_catalog(tmp_path, small_synth, ids, name="items.csv"):
+    items = pd.read_csv(os.path.join(small_synth[0], "items.csv"), dtype=str).head(len(ids))
+    items["item_id"] = ids
+    path = tmp_path / name
+    items.to_csv(path, index=False)
+    return str(path)
+
+
+def test_utf8_item_ids_in_and_out(exports, small_synth, tmp_path):
+    """Ids in any script: index, both signatures, exclusion and `recommend` output (issue 14
+    item 8: 'ascii' codec errors)."""
+    from fm_keras.scoring import recommend
+
+    ids = ["café-☕", "商品1", "plain", "ñandú"]
+    catalog = _small_catalog(tmp_path, small_synth, ids)
+    path = build_index(exports["ranking"], catalog, "utf8", base=str(tmp_path / "m"),
+                       backend="partitioned", k=4)
+    out = _recall(path)
+    assert sorted(i.decode("utf-8") for i in out["item_ids"][0]) == sorted(ids)
+    seen = np.array([["café-☕".encode(), "商品1".encode()]] * 3, dtype=object)
+    out = _recall(path, "exclude_seen", exclude_item_ids=seen)
+    assert sorted(i.decode() for i in out["item_ids"][0] if i) == ["plain", "ñandú"]
+    users = tmp_path / "users.csv"
+    pd.DataFrame({**{k: v[:1] for k, v in USERS.items()}, "seen": ["商品1|café-☕"]}).to_csv(
+        users, index=False)
+    recs = str(tmp_path / "recs.csv")
+    recommend(path, [str(users)], recs, k=4, exclude_column="seen", progress=False)
+    got = pd.read_csv(recs, dtype=str, encoding="utf-8")
+    assert sorted(got["item_id"]) == ["plain", "ñandú"] and list(got["rank"]) == ["1", "2"]
+
+
+def test_failed_index_leaves_no_directory(exports, small_synth, tmp_path):
+    """A failed `index` leaves neither the version nor a model (or base) directory it created;
+    an existing model directory stays as it was."""
+    base = tmp_path / "new_base"
+    bad = _small_catalog(tmp_path, small_synth, ["a", "", "c"], "bad.csv")
+    with pytest.raises(DataError, match="empty item id"):
+        build_index(exports["ranking"], bad, "r", base=str(base))
+    assert not base.exists()
+    good = _small_catalog(tmp_path, small_synth, ["a", "b", "c"], "good.csv")
+    with pytest.raises(ExportError, match="--quantize is not a setting"):
+        build_index(exports["ranking"], good, "r", base=str(base), settings={"quantize": "int8"})
+    assert not base.exists()
+    (base / "r").mkdir(parents=True)
+    with pytest.raises(ExportError, match="--partitions is not a setting"):
+        build_index(exports["ranking"], good, "r", base=str(base), backend="brute_force",
+                    settings={"partitions": 2})
+    assert os.listdir(base / "r") == []
+
+
+def _strict_json(text):
+    def refuse(name):
+        raise ValueError(f"not JSON: {name}")
+    return json.loads(text, parse_constant=refuse)
+
+
+@pytest.fixture(scope="module")
+def tiny_server(exports, small_synth, tmp_path_factory):
+    """`fm-keras serve` (gRPC + REST) over 3-item recall models of every backend."""
+    from fm_keras.serving.config import ServerOptions
+    from fm_keras.serving.server import ModelServer
+
+    root = tmp_path_factory.mktemp("tiny")
+    catalog = _small_catalog(root, small_synth, ["i0", "i1", "i2"])
+    config = ["model_config_list {"]
+    for backend in BACKENDS:
+        build_index(exports["ranking"], catalog, backend, base=str(root), k=3, backend=backend)
+        config += [f' config {{ name: "{backend}" base_path: "{root / backend}" '
+                   'model_platform: "tensorflow" }']
+    (root / "models.config").write_text("\n".join(config + ["}"]) + "\n")
+    server = ModelServer(ServerOptions(port=0, host="127.0.0.1",
+                                       model_config_file=str(root / "models.config"),
+                                       file_system_poll_wait_seconds=1)).start(rest=True)
+    yield server
+    server.stop()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_tiny_catalog_over_grpc_and_rest(tiny_server, backend):
+    """3 items, 2 excluded, K = 3 (issue 12 item 5): one item and two pads, never an excluded
+    id, and a REST body that a strict JSON parser accepts."""
+    import http.client
+
+    import grpc
+    from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
+
+    user = {k: v[:1] for k, v in USERS.items()}
+    request = predict_pb2.PredictRequest()
+    request.model_spec.name = backend
+    request.model_spec.signature_name = "exclude_seen"
+    for name, value in user.items():
+        request.inputs[name].CopyFrom(tf.make_tensor_proto(value))
+    request.inputs["exclude_item_ids"].CopyFrom(tf.make_tensor_proto([["i0", "i1"]]))
+    with grpc.insecure_channel(f"127.0.0.1:{tiny_server.grpc_port}") as channel:
+        stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+        response = stub.Predict(request, timeout=60)
+    out = {k: tf.make_ndarray(v) for k, v in response.outputs.items()}
+    assert out["item_ids"].tolist() == [[b"i2", b"", b""]]
+    assert out["scores"][0, 0] > PAD_SCORE and np.all(out["scores"][0, 1:] == np.float32(PAD_SCORE))
+    assert out["probabilities"][0, 1:].tolist() == [0.0, 0.0]
+
+    body = {"signature_name": "exclude_seen",
+            "instances": [{**{k: v[0] for k, v in user.items()},
+                           "exclude_item_ids": ["i0", "i1"]}]}
+    conn = http.client.HTTPConnection("127.0.0.1", tiny_server.rest_port, timeout=60)
+    try:
+        conn.request("POST", f"/v1/models/{backend}:predict", body=json.dumps(body),
+                     headers={"Content-Type": "application/json"})
+        reply = conn.getresponse()
+        status, text = reply.status, reply.read().decode("utf-8")
+    finally:
+        conn.close()
+    assert status == 200, text
+    row = _strict_json(text)["predictions"][0]
+    assert row["item_ids"] == ["i2", "", ""] and row["probabilities"][1:] == [0.0, 0.0]
+    assert row["scores"][1:] == [pytest.approx(PAD_SCORE)] * 2

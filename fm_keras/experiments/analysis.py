@@ -170,7 +170,11 @@ def analyze(table: pd.DataFrame, experiment: ABExperiment, metric: str = "clicks
 
     Raises:
         ConfigError: an unknown metric, or CUPED with ``ctr``.
-        DataError: an arm without events, or CUPED without a pre_period column.
+        DataError: an arm without events or with fewer than 2 units, ``ctr`` with an arm
+            without impressions, or CUPED without a pre_period column.
+
+    A statistic that is undefined on valid data (the lift over a control whose mean is 0, the
+    p-value of two constant arms) is NaN; ``fm-keras ab`` prints it as JSON ``null``.
     """
     if metric not in METRICS:
         raise ConfigError(f"--metric must be one of {list(METRICS)}, got {metric!r}")
@@ -184,9 +188,16 @@ def analyze(table: pd.DataFrame, experiment: ABExperiment, metric: str = "clicks
     contaminated = int(table.loc[arms_of_unit > 1, "unit"].nunique())
     units = table[arms_of_unit == 1].copy()
     for name in experiment.arm_names:
-        if not (units["arm"] == name).any():
+        arm_units = units[units["arm"] == name]
+        if arm_units.empty:
             raise DataError(f"{source}: arm {name!r} has no events (arms with events: "
                             f"{sorted(set(units['arm']))}); check the logging of that arm")
+        if len(arm_units) < 2:
+            raise DataError(f"{source}: arm {name!r} has events of only {len(arm_units)} unit; "
+                            "a variance needs at least 2 units per arm")
+        if metric == "ctr" and arm_units["impressions"].sum() == 0:
+            raise DataError(f"{source}: column 'impressions': arm {name!r} has 0 impressions, "
+                            "so its ctr is undefined; use --metric clicks_per_user")
     mismatches = None
     if check_assignment:
         from fm_keras.experiments.assignment import Assigner
@@ -200,13 +211,16 @@ def analyze(table: pd.DataFrame, experiment: ABExperiment, metric: str = "clicks
         y = units["value"].to_numpy(float)
         theta = cuped_theta(y, x)
         units["value"] = y - theta * (x - x.mean())
-        cuped_info = {"theta": theta, "variance_reduction": float(
-            1 - np.var(units["value"], ddof=1) / np.var(y, ddof=1))}
+        with np.errstate(divide="ignore", invalid="ignore"):  # constant Y: NaN
+            cuped_info = {"theta": theta, "variance_reduction": float(
+                1 - np.var(units["value"], ddof=1) / np.var(y, ddof=1))}
     counts = units["arm"].value_counts()
     srm = srm_check({a: int(counts.get(a, 0)) for a in experiment.arm_names}, experiment.weights)
-    arms = [_arm_summary(units[units["arm"] == a], a, metric, alpha) for a in experiment.arm_names]
-    comparisons = [compare_arms(units, a, experiment.control, metric, alpha)
-                   for a in experiment.arm_names if a != experiment.control]
+    with np.errstate(divide="ignore", invalid="ignore"):  # undefined statistics become NaN
+        arms = [_arm_summary(units[units["arm"] == a], a, metric, alpha)
+                for a in experiment.arm_names]
+        comparisons = [compare_arms(units, a, experiment.control, metric, alpha)
+                       for a in experiment.arm_names if a != experiment.control]
     checks = {"units_in_several_arms": contaminated, "assignment_mismatches": mismatches}
     trustworthy = not srm["flagged"] and contaminated == 0 and not mismatches
     return {"experiment": experiment.name, "metric": metric, "cuped": cuped_info,

@@ -52,7 +52,14 @@ class Assigner:
         self.bounds = np.cumsum([round(a.weight * experiment.buckets) for a in experiment.arms])
 
     def arm(self, unit) -> str:
-        """The arm of one unit (``str(unit)`` is hashed)."""
+        """The arm of one unit: its id as text is hashed (an int 7 is ``"7"``).
+
+        Raises:
+            ValueError: None, an empty id, or a float or bool (7.0 would be hashed as
+                ``"7.0"``, another unit than 7), as in the event files (``events.unit_ids``).
+        """
+        if unit is None or isinstance(unit, (float, bool, np.floating)) or not str(unit).strip():
+            raise ValueError(f"a unit id must be a non-empty string or an integer, got {unit!r}")
         b = bucket(self.experiment.salt, str(unit), self.experiment.buckets)
         return str(self.names[np.searchsorted(self.bounds, b, side="right")])
 
@@ -81,19 +88,17 @@ def assign_file(experiment: ABExperiment, users: Sequence[str], output: str) -> 
         ``{"output", "units", "arms": {arm: units}}``.
 
     Raises:
-        DataError: a file without the unit column, or no units at all.
+        DataError: a file without the unit column, with empty or floating-point unit ids
+            (``events.unit_ids``), or an output that cannot be written.
     """
     from fm_keras.data import expand_paths, read_frame
     from fm_keras.errors import DataError
-    from fm_keras.experiments.events import write_table
+    from fm_keras.experiments.events import check_not_an_input, unit_ids, write_table
 
+    check_not_an_input(output, users, "--output")
     seen: dict[str, None] = {}
     for path in expand_paths(users):
-        frame = read_frame(path)
-        if experiment.unit not in frame.columns:
-            raise DataError(f"{path}: column {experiment.unit!r} (the experiment's unit) is "
-                            f"missing; columns: {list(frame.columns)[:10]}")
-        seen.update(dict.fromkeys(frame[experiment.unit].tolist()))
+        seen.update(dict.fromkeys(unit_ids(read_frame(path), path, experiment.unit).tolist()))
     if not seen:
         raise DataError(f"{users}: no units in column {experiment.unit!r}")
     table = Assigner(experiment).frame(list(seen))

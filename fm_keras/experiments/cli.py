@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
+
+
+SIMULATION_FILES = ("events.parquet", "report.html")  # all that `ab simulate --out` holds
 
 
 def add_commands(subparsers) -> dict:
@@ -23,7 +27,8 @@ def add_commands(subparsers) -> dict:
                        "the arms' exports; clicks from the planted FM; then report")
     _experiment_args(s)
     s.add_argument("--data", required=True, help="'fm-keras synth' output directory")
-    s.add_argument("--out", required=True, help="new directory: events.parquet, report.html")
+    s.add_argument("--out", required=True, help="new directory (or a previous simulation's, which is "
+                   "replaced): events.parquet, report.html")
     s.add_argument("--users", type=int, help="units in the experiment (default: all users)")
     s.add_argument("--sessions", type=float, default=3.0, help="mean requests per user before the heaviest users are capped (3 gives ~2.4)")
     s.add_argument("--slate", type=int, default=10, help="items shown per request")
@@ -70,7 +75,8 @@ def _ab(args) -> int:
     if args.ab_command == "assign":
         from fm_keras.experiments.assignment import assign_file
 
-        print(json.dumps(assign_file(experiment, args.users, args.output), indent=2))
+        print(json.dumps(assign_file(experiment, args.users, args.output), indent=2,
+                         allow_nan=False))
         return 0
     from fm_keras.experiments.report import ab_report, summary_line
 
@@ -79,16 +85,29 @@ def _ab(args) -> int:
                            html_path=args.html)
     else:
         result = _simulate(args, experiment)
-    print(f"fm-keras: {summary_line(result)}", file=sys.stderr)
+    for line in summary_line(result).splitlines():  # one line per comparison
+        print(f"fm-keras: {line}", file=sys.stderr)
     for arm, lift in result.get("simulation", {}).get("true_lift", {}).items():
         print(f"fm-keras: true lift of {arm} (planted FM, expected clicks on the same "
               f"requests): {lift:+.2%}", file=sys.stderr)
-    print(json.dumps(result, indent=2))
+    print(json.dumps(_finite(result), indent=2, allow_nan=False))
     return 0
+
+
+def _finite(value):
+    """The result with NaN/inf floats (undefined statistics) as None: JSON has no NaN."""
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
 
 
 def _simulate(args, experiment) -> dict:
     from fm_keras import fsutil
+    from fm_keras.errors import ConfigError
     from fm_keras.experiments.report import ab_report
     from fm_keras.experiments.simulate import SimulationSpec, simulate
 
@@ -97,9 +116,16 @@ def _simulate(args, experiment) -> dict:
                           pre_period=not args.no_pre_period, true_lift=not args.no_true_lift,
                           seed=args.seed)
     if args.cuped and args.no_pre_period:
-        from fm_keras.errors import ConfigError
-
         raise ConfigError("--cuped needs the pre-period: drop --no-pre-period")
+    # --out is replaced as a whole: it may only be new or a previous simulation's output.
+    if os.path.isfile(args.out):
+        raise ConfigError(f"{args.out}: --out: is a file; give a new directory")
+    others = sorted(set(os.listdir(args.out)) - set(SIMULATION_FILES)) \
+        if os.path.isdir(args.out) else []
+    if others:
+        raise ConfigError(f"{args.out}: --out: holds {others[:5]}, which the simulation would "
+                          f"delete (it replaces the directory with {list(SIMULATION_FILES)}); "
+                          "give a new directory")
     with fsutil.atomic_dir(args.out) as tmp:
         events = os.path.join(tmp, "events.parquet")
         simulation = simulate(experiment, args.data, events, spec)

@@ -36,6 +36,12 @@ from fm_keras.config import build_config, check_keys, read_yaml, resolve_path
 from fm_keras.errors import ConfigError
 
 BUCKETS = 10_000
+MAX_BUCKETS = 2**32  # the hash keeps 64 bits: the modulo bias stays below 2^-32 per bucket
+# The event log's columns besides the unit's (fm_keras.experiments.events): the unit's
+# column cannot have one of these names.
+EVENT_COLUMNS = ("arm", "timestamp", "impressions", "clicks")
+PRE_PERIOD = "pre_period"
+RESERVED_COLUMNS = (*EVENT_COLUMNS, PRE_PERIOD)
 _NAME = re.compile(r"[A-Za-z][A-Za-z0-9_.-]*")
 
 
@@ -71,6 +77,9 @@ class Arm:
             raise ConfigError(f"{where}: give exactly one of label (a version label) or "
                               f"version (a number), got label={self.label!r}, "
                               f"version={self.version!r}")
+        if self.label is not None and not self.label.strip():
+            raise ConfigError(f"{where}: label must be a version label such as 'canary', "
+                              f"got {self.label!r}")
         if self.version is not None and self.version < 1:
             raise ConfigError(f"{where}: version must be >= 1, got {self.version}")
         if not 0 < self.weight <= 1:
@@ -120,8 +129,12 @@ class ABExperiment:
         if not self.unit or not self.salt:
             raise ConfigError(f"unit and salt must be non-empty, got unit={self.unit!r}, "
                               f"salt={self.salt!r}")
-        if self.buckets < 2:
-            raise ConfigError(f"buckets must be >= 2, got {self.buckets}")
+        if not 2 <= self.buckets <= MAX_BUCKETS:
+            raise ConfigError(f"buckets must be in 2..{MAX_BUCKETS:,}, got {self.buckets}")
+        if self.unit in RESERVED_COLUMNS:
+            raise ConfigError(f"unit: {self.unit!r} is a column of the event schema "
+                              f"{list(RESERVED_COLUMNS)}; name the unit's own column, such as "
+                              "'user_id'")
         if len(self.arms) < 2:
             raise ConfigError(f"arms: an experiment needs at least 2 arms, got {len(self.arms)}")
         names = [a.name for a in self.arms]
@@ -211,7 +224,10 @@ def check_deployment(experiment: ABExperiment) -> dict[str, str | None]:
     if experiment.model_config_file:
         from fm_keras.serving.config import load_model_server_config
 
-        config = load_model_server_config(experiment.model_config_file)
+        try:
+            config = load_model_server_config(experiment.model_config_file)
+        except ConfigError as err:
+            raise ConfigError(f"{experiment.source}: model_config_file: {err}") from None
         for model in config.model_config_list.config:
             labels[model.name] = dict(model.version_labels)
             base_paths[model.name] = model.base_path

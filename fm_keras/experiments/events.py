@@ -23,41 +23,58 @@ import numpy as np
 import pandas as pd
 
 from fm_keras.errors import DataError
-from fm_keras.experiments.config import ABExperiment
+from fm_keras.experiments.config import EVENT_COLUMNS, PRE_PERIOD, ABExperiment
 
-COLUMNS = ("arm", "timestamp", "impressions", "clicks")
-PRE_PERIOD = "pre_period"
+COLUMNS = EVENT_COLUMNS
+# Per-row bounds: one request shows at most 2^31 - 1 items (so per-unit sums stay exact in
+# int64); timestamps and the pre-period metric stay where float64 holds integers exactly.
+MAX_COUNT = 2**31 - 1
+MAX_TIMESTAMP = 2**53
+MAX_PRE_PERIOD = 1e15
 
 
-def read_events(patterns: Sequence[str], experiment: ABExperiment) -> pd.DataFrame:
+def read_events(patterns: Sequence[str], experiment: ABExperiment,
+                need_pre_period: bool = False) -> pd.DataFrame:
     """Reads and checks event files.
 
     Args:
         patterns: CSV/Parquet files or globs.
         experiment: names the unit column and the arms.
+        need_pre_period: every file must have a ``pre_period`` column without empty cells
+            (CUPED); otherwise a file without it, or with empty cells, drops the column.
 
     Returns:
         A frame with columns unit (str), arm (str), timestamp (int64), impressions (int64),
         clicks (int64) and, when every file has it, pre_period (float64).
 
     Raises:
-        DataError: naming the file and column: a missing column, a non-numeric or negative
-            count, clicks above impressions, an arm the experiment does not have.
+        DataError: naming the file and column: a missing column, an empty unit id, unit ids
+            stored as floats, a non-numeric, negative or out-of-range count, clicks above
+            impressions, an arm the experiment does not have, a non-finite pre_period or one
+            that differs between the rows of a unit.
+
+    A file matched twice (by a glob and by its name) is read once.
     """
     from fm_keras.data import expand_paths, read_frame
 
     unit = experiment.unit
     parts = []
+    # A file named twice (a glob and its own name) would count every event twice.
+    paths: dict[str, str] = {}
     for path in expand_paths(patterns):
+        paths.setdefault(os.path.realpath(path), path)
+    for path in paths.values():
         frame = read_frame(path)
         for column in (unit, *COLUMNS):
             if column not in frame.columns:
                 what = " (the experiment's unit)" if column == unit else ""
                 raise DataError(f"{path}: column {column!r}{what} is missing; the file has "
                                 f"{list(frame.columns)[:12]} (schema: docs/experiments.md)")
-        out = pd.DataFrame({"unit": frame[unit].astype(str), "arm": frame["arm"].astype(str)})
-        for column in ("timestamp", "impressions", "clicks"):
-            out[column] = _counts(frame[column], path, column)
+        out = pd.DataFrame({"unit": unit_ids(frame, path, unit),
+                            "arm": frame["arm"].astype(str)})
+        for column, maximum in (("timestamp", MAX_TIMESTAMP), ("impressions", MAX_COUNT),
+                                ("clicks", MAX_COUNT)):
+            out[column] = _counts(frame[column], path, column, maximum)
         bad = out["clicks"] > out["impressions"]
         if bad.any():
             raise DataError(f"{path}: column 'clicks': {int(bad.sum())} rows have more clicks "
@@ -67,12 +84,54 @@ def read_events(patterns: Sequence[str], experiment: ABExperiment) -> pd.DataFra
             raise DataError(f"{path}: column 'arm': {unknown[:5]} are not arms of "
                             f"{experiment.source} (arms: {experiment.arm_names})")
         if PRE_PERIOD in frame.columns:
-            out[PRE_PERIOD] = _numbers(frame[PRE_PERIOD], path, PRE_PERIOD)
+            out[PRE_PERIOD] = _pre_period(frame[PRE_PERIOD], path, need_pre_period)
+        elif need_pre_period:
+            raise DataError(f"{path}: column {PRE_PERIOD!r} is missing: --cuped needs each "
+                            "unit's pre-period metric on every row")
         parts.append(out)
     events = pd.concat(parts, ignore_index=True)
     if PRE_PERIOD in events.columns and events[PRE_PERIOD].isna().any():
         events = events.drop(columns=PRE_PERIOD)  # only some files have it: not usable
+    if PRE_PERIOD in events.columns:
+        spread = events.groupby("unit")[PRE_PERIOD].agg(["min", "max"])
+        differs = spread[spread["min"] != spread["max"]]
+        if len(differs):
+            raise DataError(f"{', '.join(patterns)}: column {PRE_PERIOD!r}: {len(differs)} units "
+                            f"have different values on different rows (e.g. "
+                            f"{differs.index[0]!r}: {differs['min'].iloc[0]:g} and "
+                            f"{differs['max'].iloc[0]:g}); it is the unit's pre-experiment "
+                            "metric, the same on each of its rows")
     return events
+
+
+def unit_ids(frame: pd.DataFrame, path: str, unit: str) -> pd.Series:
+    """The unit column of a file read by ``data.read_frame``, as the text that is hashed.
+
+    Ids are hashed as text exactly: ``"007"`` and ``"7"`` are different units; a Parquet
+    integer column is its decimal text (7 -> ``"7"``, the same unit as the CSV cell ``7``).
+
+    Raises:
+        DataError: naming the file and column: the column is missing, has empty ids, or is a
+            Parquet floating-point column (7.0 would print as ``"7.0"``, another unit than 7).
+    """
+    if unit not in frame.columns:
+        raise DataError(f"{path}: column {unit!r} (the experiment's unit) is missing; the file "
+                        f"has {list(frame.columns)[:12]}")
+    if path.endswith((".parquet", ".pq")):
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        kind = pq.read_schema(path).field(unit).type
+        if pa.types.is_floating(kind):
+            raise DataError(f"{path}: column {unit!r}: unit ids are floating point ({kind}): "
+                            "7.0 would be hashed as '7.0', another unit than 7; store the ids "
+                            "as integers or strings")
+    ids = frame[unit].astype(str)
+    empty = (ids.str.strip() == "").to_numpy()
+    if empty.any():
+        raise DataError(f"{path}: column {unit!r}: {int(empty.sum())} empty unit ids (first at "
+                        f"row {int(np.argmax(empty))}); every row needs its unit")
+    return ids
 
 
 def per_unit(events: pd.DataFrame) -> pd.DataFrame:
@@ -91,23 +150,46 @@ def per_unit(events: pd.DataFrame) -> pd.DataFrame:
 
 
 def write_table(frame: pd.DataFrame, path: str) -> None:
-    """Writes a frame as CSV or Parquet (by extension) to a temp file, then renames it."""
+    """Writes a frame as CSV or Parquet (by extension) to a temp file, then renames it.
+
+    Raises:
+        DataError: another extension, or the path cannot be written (nothing is left behind).
+    """
     if not path.endswith((".csv", ".parquet", ".pq")):
         raise DataError(f"{path}: the output must end in .csv or .parquet")
     directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.splitext(path)[1], dir=directory)
-    os.close(fd)
+    tmp = None
     try:
+        os.makedirs(directory, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.splitext(path)[1],
+                                   dir=directory)
+        os.close(fd)
         if path.endswith(".csv"):
             frame.to_csv(tmp, index=False)
         else:
             frame.to_parquet(tmp, index=False)
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
+    except BaseException as err:
+        if tmp and os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(err, OSError):
+            raise DataError(f"{path}: cannot write: {err.strerror or err}") from None
         raise
+
+
+def check_not_an_input(output: str, patterns: Sequence[str], option: str) -> None:
+    """Refuses an output path that is one of the input files (it would be replaced).
+
+    Raises:
+        DataError: naming the output, the option and the input it would overwrite.
+    """
+    from fm_keras.data import expand_paths
+
+    target = os.path.realpath(output)
+    for path in expand_paths(patterns):
+        if os.path.realpath(path) == target:
+            raise DataError(f"{output}: {option}: is the input {path}, which it would "
+                            "overwrite; write elsewhere")
 
 
 def _numbers(column: pd.Series, path: str, name: str) -> np.ndarray:
@@ -118,11 +200,27 @@ def _numbers(column: pd.Series, path: str, name: str) -> np.ndarray:
     return values.to_numpy(dtype=np.float64)
 
 
-def _counts(column: pd.Series, path: str, name: str) -> np.ndarray:
+def _counts(column: pd.Series, path: str, name: str, maximum: int) -> np.ndarray:
     values = _numbers(column, path, name)
     if np.isnan(values).any():
         raise DataError(f"{path}: column {name!r}: {int(np.isnan(values).sum())} empty cells")
-    if (values < 0).any() or (values != np.round(values)).any():
-        raise DataError(f"{path}: column {name!r}: must be whole numbers >= 0, got "
-                        f"{values[(values < 0) | (values != np.round(values))][0]!r}")
+    bad = (values < 0) | (values > maximum) | (values != np.round(values))
+    if bad.any():
+        raise DataError(f"{path}: column {name!r}: must be whole numbers in 0..{maximum:,}, "
+                        f"got {column[bad].iloc[0]!r} (row {int(np.argmax(bad))})")
     return values.astype(np.int64)
+
+
+def _pre_period(column: pd.Series, path: str, required: bool) -> np.ndarray:
+    values = _numbers(column, path, PRE_PERIOD)
+    empty = np.isnan(values)
+    if required and empty.any():
+        raise DataError(f"{path}: column {PRE_PERIOD!r}: {int(empty.sum())} empty cells (first "
+                        f"at row {int(np.argmax(empty))}); --cuped needs every unit's "
+                        "pre-period metric")
+    bad = ~empty & ~(np.abs(values) <= MAX_PRE_PERIOD)
+    if bad.any():
+        raise DataError(f"{path}: column {PRE_PERIOD!r}: must be a finite number within "
+                        f"+-{MAX_PRE_PERIOD:g}, got {column[bad].iloc[0]!r} "
+                        f"(row {int(np.argmax(bad))})")
+    return values

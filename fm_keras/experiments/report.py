@@ -18,9 +18,10 @@ import numpy as np
 import pandas as pd
 
 from fm_keras import fsutil
+from fm_keras.errors import DataError
 from fm_keras.experiments.analysis import analyze
 from fm_keras.experiments.config import ABExperiment
-from fm_keras.experiments.events import per_unit, read_events
+from fm_keras.experiments.events import check_not_an_input, per_unit, read_events
 
 
 def ab_report(events: Sequence[str], experiment: ABExperiment, metric: str = "clicks_per_user",
@@ -41,14 +42,20 @@ def ab_report(events: Sequence[str], experiment: ABExperiment, metric: str = "cl
     Raises:
         DataError, ConfigError: bad events or arguments (nothing is written).
     """
+    if html_path:
+        check_not_an_input(html_path, events, "--html")
     source = ", ".join(events)
-    table = per_unit(read_events(events, experiment))
+    table = per_unit(read_events(events, experiment, need_pre_period=cuped))
     result = analyze(table, experiment, metric=metric, cuped=cuped, alpha=alpha, source=source)
     result["events"] = list(events)
     result["html"] = html_path
     if html_path:
-        os.makedirs(os.path.dirname(os.path.abspath(html_path)), exist_ok=True)
-        fsutil.write_text(html_path, render_html(result, table))
+        page = render_html(result, table)
+        try:
+            os.makedirs(os.path.dirname(os.path.abspath(html_path)), exist_ok=True)
+            fsutil.write_text(html_path, page)
+        except OSError as err:
+            raise DataError(f"{html_path}: --html: cannot write: {err.strerror or err}") from None
     return result
 
 
@@ -129,6 +136,9 @@ def _lift_plot(plt, result):
     comparisons = result["comparisons"]
     fig, ax = plt.subplots(figsize=(7, 0.8 + 0.6 * len(comparisons)))
     for i, c in enumerate(comparisons):
+        if not np.isfinite(c["lift"]):  # e.g. a control mean of 0: say so, not a blank row
+            ax.text(0, i, " relative lift undefined (control's mean is 0)", va="center")
+            continue
         ax.errorbar([100 * c["lift"]], [i], xerr=[[100 * (c["lift"] - c["ci_low"])],
                                                    [100 * (c["ci_high"] - c["lift"])]],
                     fmt="o", capsize=6, color="#258")

@@ -67,7 +67,7 @@ class SimulationSpec:
     def __post_init__(self):
         for name, low in (("sessions", 1.0), ("slate", 1), ("candidates", 1), ("days", 1),
                           ("batch_requests", 1)):
-            if getattr(self, name) < low:
+            if not getattr(self, name) >= low:  # NaN fails too
                 raise ConfigError(f"--{name} must be >= {low}, got {getattr(self, name)}")
         if self.users is not None and self.users < 2:
             raise ConfigError(f"--users must be >= 2, got {self.users}")

@@ -161,7 +161,8 @@ class PusherConfig:
 @dataclass(frozen=True)
 class IndexConfig:
     """IndexBuilder: the recall model NAME_recall over ``data.items`` (None = sized by
-    catalog; set the three ScaNN numbers to force a tree + hashing index)."""
+    catalog; set the three ScaNN numbers to force a tree + hashing index; for the
+    ``partitioned`` backend they are its partitions, partitions searched and int8 shortlist)."""
 
     enabled: bool = True
     k: int = 100
@@ -171,7 +172,7 @@ class IndexConfig:
     reorder: int | None = None
 
     def __post_init__(self):
-        _one_of(self.backend, ("scann", "brute_force"), "index: backend")
+        _one_of(self.backend, ("scann", "brute_force", "partitioned"), "index: backend")
         given = [v is not None for v in (self.num_leaves, self.leaves_to_search, self.reorder)]
         if any(given) and not all(given):
             raise ConfigError("index: set num_leaves, leaves_to_search and reorder together")

@@ -1,18 +1,19 @@
 """Evaluator: metrics of the candidate on the eval split, and the blessing.
 
 Metrics: AUC, logloss, calibration (mean predicted / observed rate), ECE, a calibration curve,
-and `ann_recall_at_k`: the ANN fidelity of the ScaNN index (the settings IndexBuilder will use),
-its top-K against exact search over the item catalog. A ``task: retrieval`` model is measured
-and blessed on its own Recall@K over the catalog instead (exact search; each user's train
-items excluded), beside the popularity baseline. The candidate is blessed when every
-configured value threshold holds and, if there is a last blessed model, it does not regress
-beyond the tolerances when both are scored on the same eval rows. Not blessed is an outcome
-with its reasons, not an error.
+and `ann_recall_at_k`: the ANN fidelity of the approximate index (ScaNN or partitioned: the
+backend and settings IndexBuilder will use; brute force is exact), its top-K against exact
+search over the item catalog. A ``task: retrieval`` model is measured and blessed on its own
+Recall@K over the catalog instead (exact search; each user's train items excluded), beside the
+popularity baseline. The candidate is blessed when every configured value threshold holds and,
+if there is a last blessed model, it does not regress beyond the tolerances when both are
+scored on the same eval rows. Not blessed is an outcome with its reasons, not an error.
 """
 
 from __future__ import annotations
 
 import os
+from dataclasses import asdict
 
 import numpy as np
 
@@ -55,7 +56,7 @@ def ann_recall_at_k(export_dir: str, config: PipelineConfig, examples_dir: str) 
     (how many of the exact top-K the index returns), on eval users. Not the model's recall."""
     import pandas as pd
 
-    from fm_keras.recall import ScannIndex, item_vectors, read_catalog
+    from fm_keras.recall import item_vectors, make_index, read_catalog
     from fm_keras.servables import load_export
     from fm_keras._tf import tf
 
@@ -70,25 +71,26 @@ def ann_recall_at_k(export_dir: str, config: PipelineConfig, examples_dir: str) 
               for name, spec in fn.structured_input_signature[1].items()}
     users = fn(**inputs)["user_vector"].numpy()
     params = index_params(config.index, len(vectors), k)
-    scores, _ = ScannIndex(vectors, k, params).search(tf.constant(users), k)
+    scores, _ = make_index(config.index.backend, vectors, k, params).search(
+        tf.constant(users), k)
     exact = np.sort(users @ vectors.T, axis=1)[:, ::-1][:, :k]
     # Compared by score (ties between items make ids ambiguous): a retrieved item counts when
     # its score reaches the exact k-th best score.
     found = np.sum(scores.numpy() >= exact[:, -1:] - 1e-5, axis=1)
     return {"ann_recall_at_k": float(np.mean(np.minimum(found, k) / k)), "k": k,
             "queries": int(len(users)), "items": int(len(vectors)),
-            "index": "exact" if params is None else {"num_leaves": params.num_leaves,
-                                                     "leaves_to_search": params.leaves_to_search,
-                                                     "reorder": params.reorder}}
+            "backend": config.index.backend,
+            "index": "exact" if params is None else asdict(params)}
 
 
 def index_params(index: IndexConfig, items: int, k: int):
-    from fm_keras.recall import ScannParams
+    """The settings IndexBuilder builds with: sized by catalog unless the config sets them."""
+    from fm_keras.recall import index_settings
 
-    if index.num_leaves is not None:
-        return ScannParams(num_leaves=index.num_leaves, leaves_to_search=index.leaves_to_search,
-                           reorder=index.reorder)
-    return ScannParams.for_catalog(items, k)
+    if index.backend == "brute_force":
+        return None
+    return index_settings(index.backend, items, k, partitions=index.num_leaves,
+                          partitions_to_search=index.leaves_to_search, rescore=index.reorder)
 
 
 def _column(series, dtype):

@@ -39,13 +39,12 @@ def build_recall(config: PipelineConfig, ranking_version_dir: str, version: int,
     from fm_keras.recall import build_index
 
     items = len(read_frame(config.data.items, ["item_id"]))
-    params = (index_params(config.index, items, config.index.k)
-              if config.index.backend == "scann" else None)
+    params = index_params(config.index, items, config.index.k)
     staged = os.path.join(staging, config.recall_name, str(version))
     if os.path.exists(staged):  # a rerun of this step in the same run
         shutil.rmtree(staged)
     build_index(ranking_version_dir, config.data.items, config.recall_name, base=staging,
-                k=config.index.k, backend=config.index.backend, version=version, scann=params)
+                k=config.index.k, backend=config.index.backend, version=version, params=params)
     check = infra_validate(staged, examples_dir, config.infra_validator)
     if not check["valid"]:
         return {"built": True, "valid": False, "version": version, "path": staged,

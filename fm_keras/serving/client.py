@@ -269,6 +269,7 @@ class ExperimentClient:
 
         Raises:
             ServingError: the server's error (e.g. an unknown label: INVALID_ARGUMENT).
+            ValueError: a unit id that is None, empty or a float (``Assigner.arm``).
         """
         arm = self.arm(unit)
         if isinstance(self.client, GrpcClient):

@@ -107,6 +107,9 @@ def _read(path: str, what: str) -> str:
             return f.read()
     except OSError as err:
         raise ConfigError(f"cannot read {what} {path!r}: {err.strerror}") from err
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"cannot read {what} {path!r}: not UTF-8 text ({err.reason} at byte "
+                          f"{err.start})") from err
 
 
 def _parse_text(text: str, message, path: str):

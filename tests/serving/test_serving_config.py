@@ -103,3 +103,10 @@ def test_kubernetes_configmap_matches_the_config_files():
                           ("monitoring.config", MonitoringConfig)]:
         from_file = text_format.Parse((REPO / "serving" / name).read_text(), message())
         assert text_format.Parse(data[name], message()) == from_file, name
+
+
+def test_a_model_config_file_that_is_not_utf8_is_a_config_error(tmp_path):
+    path = tmp_path / "models.config"
+    path.write_bytes(b"\xff\xfe model_config_list {}")  # was a UnicodeDecodeError traceback
+    with pytest.raises(ConfigError, match="cannot read model config file .*: not UTF-8 text"):
+        load_model_server_config(str(path))

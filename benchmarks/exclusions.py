@@ -1,0 +1,77 @@
+"""`fm-keras recommend` with and without exclusions, per recall backend, in one run.
+
+Builds a recall export per backend over one synthetic catalog (features drawn like
+`fm-keras synth`'s catalog), writes a users file whose `seen` column lists --seen random
+catalog ids per user ('|'-separated), and runs `recommend` (the CLI's code path: CSV in, CSV
+out) over the same users without and with `--exclude-column seen`; prints users/s of both
+(`recommend`'s own figure: reading, searching and writing, without the model load) and their
+ratio.
+
+    python benchmarks/exclusions.py [--items 100000] [--users 1000] [--seen 600] [--k 10]
+        [--model saved_models/ctr/1 --users-file data/test.csv] [--backends scann,brute_force]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from fm_keras.recall import build_index  # noqa: E402
+from fm_keras.scoring import recommend  # noqa: E402
+from fm_keras.servables import export_metadata  # noqa: E402
+from recall import model_arguments, prepare  # noqa: E402  (benchmarks/recall.py)
+
+
+def users_file(path: str, test_csv: str, query_names: list[str], n: int, items: int,
+               seen: int, seed: int = 0) -> None:
+    rng = np.random.default_rng(seed)
+    frame = pd.read_csv(test_csv, dtype=str).drop_duplicates("user_id")
+    frame = frame.sample(n, replace=len(frame) < n, random_state=seed)[query_names]
+    frame["seen"] = ["|".join(f"b{i}" for i in rng.choice(items, seen, replace=False))
+                     for _ in range(n)]
+    frame.to_csv(path, index=False)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    model_arguments(parser, 100_000)
+    parser.add_argument("--users", type=int, default=1000)
+    parser.add_argument("--seen", type=int, default=600, help="excluded ids per user")
+    parser.add_argument("--k", type=int, default=10, help="items per user")
+    parser.add_argument("--index-k", type=int, default=100, help="k the index is built with")
+    parser.add_argument("--backends", default="scann,partitioned,brute_force")
+    parser.add_argument("--repeat", type=int, default=2, help="runs per case (best is kept)")
+    args = parser.parse_args()
+    work, model, test_csv, catalog = prepare(args, "fm-exclusions-bench-")
+    users = os.path.join(work, "users.csv")
+    users_file(users, test_csv, export_metadata(model)[1]["query_features"], args.users,
+               args.items, args.seen)
+    print(f"{args.users:,} users x {args.seen} excluded ids, {args.items:,} items, k={args.k}")
+    print(f"{'backend':12s} {'no exclusions users/s':>22s} {'with exclusions':>16s} {'ratio':>6s}")
+    for backend in args.backends.split(","):
+        path = build_index(model, catalog, f"recall_{backend}", base=os.path.join(work, "m"),
+                           k=args.index_k, backend=backend)
+        rates = {}
+        for column in (None, "seen"):
+            best = 0.0
+            for _ in range(args.repeat):
+                out = os.path.join(work, f"recs-{backend}-{column}.csv")
+                summary = recommend(path, [users], out, args.k, exclude_column=column,
+                                    progress=False)
+                # users/s of the streaming part (model load and first call excluded)
+                best = max(best, summary["rows"] / summary["seconds"])
+            rates[column] = best
+            rows = len(pd.read_csv(out, usecols=["rank"]))
+            assert rows == args.users * args.k, (backend, column, rows, summary)
+        print(f"{backend:12s} {rates[None]:22,.0f} {rates['seen']:16,.0f} "
+              f"{rates['seen'] / rates[None]:6.2f}  (load {os.getloadavg()[0]:.1f})", flush=True)
+
+
+if __name__ == "__main__":
+    main()
