@@ -16,6 +16,12 @@ fetched at run time into ``--cache-dir`` (reused if present) with ``pip download
 forbids redistribution: nothing of it is committed.
 
     python benchmarks/movielens.py [--cache-dir ~/.cache/fm-keras/movielens] [--json-out F]
+                                   [--tune N [--tune-seed S]]
+
+``--tune N`` adds the row "fm_keras after tune": `fm_keras.tune` (N Optuna trials over the
+default search space, trial 0 the defaults) on the same splits, reporting the best trial's
+run (chosen on validation AUC), and checks issue 11's Must show 2: validation AUC >= the
+defaults', test AUC >= the best tuned peer's, defaults' test AUC within 0.005 of tune's.
 
 Hooks for other harnesses (e.g. a row for fm_keras after ``fm-keras tune``):
 `write_experiment(out_dir, cache_dir)` writes the split CSVs and a defaults-only experiment
@@ -155,6 +161,44 @@ def run_fm_keras(experiment: str | dict, run_dir: str, base_dir: str = ".") -> d
             "fit_seconds": record["seconds"]["fit"]}
 
 
+def run_fm_keras_tune(experiment: str, out_dir: str, trials: int, seed: int = 0) -> dict:
+    """`fm_keras.tune` on an experiment YAML; test metrics of the best trial's run.
+
+    Returns:
+        ``{"auc", "logloss", "ece", "valid_auc", "chosen", "trials", "tune_seconds"}``: the
+        best trial (by validation AUC) with its values, and the trial states.
+    """
+    from fm_keras import fsutil
+    from fm_keras.config import load_experiment
+    from fm_keras.tune import tune
+
+    summary = tune(load_experiment(experiment), out_dir, trials, seed=seed,
+                   study_name="movielens")
+    record = fsutil.read_json(os.path.join(summary["best"]["run"], "run.json"))
+    test = record["metrics"]["test"]
+    return {"auc": test["auc"], "logloss": test["logloss"], "ece": test["ece"],
+            "valid_auc": record["metrics"]["valid"]["auc"],
+            "chosen": {"trial": summary["best"]["trial"], "baseline": summary["best"]["baseline"],
+                       **summary["best"]["params"]},
+            "trials": summary["trials"], "tune_seconds": summary["seconds"]}
+
+
+def tune_checks(results: dict, tuned: str, defaults: str, peers: list[str]) -> dict:
+    """Issue 11 Must show 2 on one run's results: each check with the numbers behind it."""
+    best_peer = max(peers, key=lambda p: results[p]["auc"]) if peers else None
+    t, d = results[tuned], results[defaults]
+    checks = {
+        "tune valid AUC >= defaults'": [t["valid_auc"], d["valid_auc"],
+                                        t["valid_auc"] >= d["valid_auc"]],
+        "defaults' test AUC within 0.005 of tune's": [d["auc"], t["auc"],
+                                                       abs(d["auc"] - t["auc"]) <= 0.005],
+    }
+    if best_peer:
+        checks[f"tune test AUC >= best tuned peer's ({best_peer})"] = [
+            t["auc"], results[best_peer]["auc"], t["auc"] >= results[best_peer]["auc"]]
+    return checks
+
+
 def _lr_design(splits):
     from scipy import sparse
     from sklearn.preprocessing import MultiLabelBinarizer, OneHotEncoder
@@ -259,6 +303,9 @@ def main(argv=None) -> int:
                         help="where the recbole wheel and the extracted files are kept")
     parser.add_argument("--json-out", help="also write the results here as JSON")
     parser.add_argument("--peers", default="lr,torchfm", help="comma-separated: lr, torchfm")
+    parser.add_argument("--tune", type=int, default=0, metavar="N",
+                        help="also run fm-keras tune with N trials (the 'after tune' row)")
+    parser.add_argument("--tune-seed", type=int, default=0, help="the tune sampler's seed")
     args = parser.parse_args(argv)
 
     work = tempfile.mkdtemp(prefix="fm-movielens-")
@@ -274,6 +321,15 @@ def main(argv=None) -> int:
     t0 = time.time()
     results["fm_keras (defaults)"] = run_fm_keras(experiment, os.path.join(work, "run"))
     results["fm_keras (defaults)"]["seconds"] = round(time.time() - t0, 1)
+    run_json = os.path.join(work, "run", "run.json")
+    with open(run_json, encoding="utf-8") as f:
+        results["fm_keras (defaults)"]["valid_auc"] = json.load(f)["metrics"]["valid"]["auc"]
+    if args.tune:
+        tuned = f"fm_keras after tune ({args.tune} trials)"
+        t0 = time.time()
+        results[tuned] = run_fm_keras_tune(experiment, os.path.join(work, "tune"), args.tune,
+                                           args.tune_seed)
+        results[tuned]["seconds"] = round(time.time() - t0, 1)
     peers = {"lr": ("logistic regression (C on valid)", logistic_regression),
              "torchfm": ("torchfm FM (grid on valid)", torchfm_fm)}
     for key in [p.strip() for p in args.peers.split(",") if p.strip()]:
@@ -287,9 +343,16 @@ def main(argv=None) -> int:
         chosen = r.get("chosen") or {k: r[k] for k in ("best_epoch", "epochs_run") if k in r}
         print(f"{name:<36} {r['auc']:>9.4f} {r['logloss']:>9.4f} {r['ece']:>7.4f}  "
               f"{json.dumps(chosen)}")
+    checks = None
+    if args.tune:
+        ran = [name for key, (name, _) in peers.items() if name in results]
+        checks = tune_checks(results, tuned, "fm_keras (defaults)", ran)
+        for name, (ours, other, ok) in checks.items():
+            print(f"{'PASS' if ok else 'FAIL'}  {name}: {ours:.4f} vs {other:.4f}")
     if args.json_out:
         with open(args.json_out, "w", encoding="utf-8") as f:
-            json.dump({"rows": rows, "results": results, "load": os.getloadavg()}, f, indent=2)
+            json.dump({"rows": rows, "results": results, "tune_checks": checks,
+                       "load": os.getloadavg()}, f, indent=2)
     return 0
 
 

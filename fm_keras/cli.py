@@ -38,6 +38,19 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue an unfinished run in --out")
     p.add_argument("--quiet", action="store_true", help="no per-epoch progress")
 
+    p = sub.add_parser("tune", help="hyperparameter search (Optuna) over train; a study on an "
+                       "RDB storage is shared by every process that names it")
+    p.add_argument("--config", required=True, help="experiment YAML to tune")
+    p.add_argument("--trials", type=int, required=True, help="trials this process runs")
+    p.add_argument("--storage", help="Optuna storage URL shared by processes, e.g. "
+                   "sqlite:///tune.db (default: in memory)")
+    p.add_argument("--timeout", type=float, help="start no trial after this many seconds")
+    p.add_argument("--out", help="tune directory (default: tune/<config name>-<time>)")
+    p.add_argument("--study_name", "--study-name", help="default: the config file's name")
+    p.add_argument("--search_space", "--search-space", metavar="FILE",
+                   help="YAML replacing keys of the default search space (see README)")
+    p.add_argument("--seed", type=int, help="sampler seed (default: a fresh one per process)")
+
     p = sub.add_parser("convert", help="write CSV/Parquet logs as TFRecord shards for a cluster")
     p.add_argument("--config", required=True, help="experiment YAML (feature spec, label, filters)")
     p.add_argument("--input", nargs="+", help="CSV/Parquet files or globs (default: the "
@@ -52,6 +65,8 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="metrics of a finished run on labeled data, as JSON")
     p.add_argument("--run", required=True, help="run directory written by 'fm-keras train'")
     p.add_argument("--data", required=True, nargs="+", help="CSV/Parquet files or globs")
+    p.add_argument("--reliability_plot", "--reliability-plot", metavar="PATH",
+                   help="also write a reliability diagram (PNG) of the probabilities here")
     p.add_argument("--items", help="item catalog: report Recall@K, NDCG@K, HitRate@K and "
                    "coverage over it (exact search) beside the popularity baseline (default "
                    "for a retrieval run: its data.items)")
@@ -183,6 +198,22 @@ def _train(args) -> int:
     return 0
 
 
+def _tune(args) -> int:
+    import time
+
+    from fm_keras.config import load_experiment
+    from fm_keras.search_space import load_search_space
+    from fm_keras.tune import tune
+
+    config = load_experiment(args.config)
+    space = load_search_space(args.search_space, config)
+    stem = os.path.splitext(os.path.basename(args.config))[0]
+    out = args.out or os.path.join("tune", f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}")
+    print(json.dumps(tune(config, out, args.trials, storage=args.storage, timeout=args.timeout,
+                          study_name=args.study_name, space=space, seed=args.seed), indent=2))
+    return 0
+
+
 def _convert(args) -> int:
     from fm_keras.config import load_experiment
     from fm_keras.tfrecord import convert
@@ -222,7 +253,8 @@ def _evaluate(args) -> int:
         print(json.dumps(evaluate_recall(args.run, args.data, args.items, ks, args.exclude),
                          indent=2))
         return 0
-    print(json.dumps(evaluate_run(args.run, args.data), indent=2))
+    print(json.dumps(evaluate_run(args.run, args.data,
+                                  reliability_plot=args.reliability_plot), indent=2))
     return 0
 
 
@@ -276,7 +308,7 @@ def _columns(text: str | None) -> list[str] | None:
     return None if text is None else [c.strip() for c in text.split(",") if c.strip()]
 
 
-_COMMANDS = {"synth": _synth, "train": _train, "convert": _convert,
+_COMMANDS = {"synth": _synth, "train": _train, "tune": _tune, "convert": _convert,
              "cluster-server": _cluster_server, "evaluate": _evaluate, "export": _export,
              "index": _index, "score": _score, "recommend": _recommend}
 

@@ -31,6 +31,7 @@ from typing import Any
 
 import yaml
 
+from fm_keras.calibration import CHOICES as CALIBRATIONS
 from fm_keras.errors import ConfigError
 
 KINDS = ("categorical", "multi_hot", "numeric")
@@ -305,6 +306,10 @@ class TrainingConfig:
             the global batch: each of n synchronous workers takes batch_size / n rows.
         negatives: catalog-sampled negatives for ``task: binary`` (see `NegativesConfig`).
         retrieval: the ``task: retrieval`` objective (see `RetrievalConfig`).
+        calibration: the calibrator fitted on the validation split after training (binary
+            task; see `fm_keras.calibration`): ``auto`` (none, platt or isotonic, whichever
+            has the lowest cross-fitted validation logloss), ``platt``, ``isotonic`` or
+            ``none`` (the logit correction alone).
     """
 
     optimizer: str = "adam"
@@ -322,9 +327,11 @@ class TrainingConfig:
     distribute: DistributeConfig = field(default_factory=DistributeConfig)
     negatives: NegativesConfig = field(default_factory=NegativesConfig)
     retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
+    calibration: str = "auto"
 
     def __post_init__(self):
         _one_of(self.optimizer, OPTIMIZERS, "training: optimizer")
+        _one_of(self.calibration, CALIBRATIONS, "training: calibration")
         for name in ("batch_size", "epochs", "steps_per_execution"):
             _at_least(getattr(self, name), 1, f"training: {name}")
         _at_least(self.weight_decay, 0.0, "training: weight_decay")
@@ -381,6 +388,11 @@ class ExperimentConfig:
             raise ConfigError(f"{self.source}: features: duplicate names {dupes}")
         if self.data.label in names:
             raise ConfigError(f"{self.source}: the label {self.data.label!r} is also a feature")
+        if self.model.task != "binary" and self.training.calibration in ("platt", "isotonic"):
+            raise ConfigError(f"{self.source}: training: calibration: {self.training.calibration} "
+                              "is fitted on click labels (task: binary); a "
+                              f"{self.model.task} model has none. Remove the key (or set "
+                              "auto / none)")
         self._check_task()
 
     def _check_task(self) -> None:

@@ -35,7 +35,7 @@ from fm_keras.evaluation import metrics_for
 from fm_keras.features import FittedFeature
 from fm_keras.model import build_model, make_optimizer
 from fm_keras.tfrecord import fitted_features_path, is_tfrecord, read_manifest, training_dataset
-from fm_keras.training import (TrainingState, check_run_dir, library_versions, log,
+from fm_keras.training import (TrainingState, calibrate, check_run_dir, library_versions, log,
                                predict_split, watch_defined_metric)
 
 _JOBS = {"multi_worker_mirrored": ("chief", "worker"),
@@ -218,6 +218,7 @@ def train_distributed(config: ExperimentConfig, run_dir: str, *, resume: bool = 
                   verbose=2 if verbose is None else verbose)
     state.restore_best()
     fit_seconds = time.time() - t0
+    calibrate(model, valid_split, training)
     metrics = {"valid": metrics_for(task_name, valid_split.labels,
                                     predict_split(model, valid_split))}
     if config.data.test:
@@ -266,6 +267,7 @@ def _record(model, state, metrics, manifest, valid_rows, task, distribute, rows_
     return {
         "status": "complete", "task": model.task_name,
         "logit_correction": model.logit_correction,
+        "calibration": model.calibration.to_dict(),
         "epochs_run": epochs_run, "best_epoch": state.best_epoch, "history": state.history,
         "converged": state.convergence_warning() is None,
         "warnings": [w for w in [state.convergence_warning()] if w],

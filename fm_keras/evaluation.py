@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -88,7 +89,8 @@ def early_stopping_monitor(task: str, valid_labels: np.ndarray) -> tuple[str, fl
 
 
 def evaluate_run(run_dir: str, data: list[str] | str, batch_size: int = 65_536,
-                 filters: Sequence[FilterConfig] | None = None) -> dict:
+                 filters: Sequence[FilterConfig] | None = None,
+                 reliability_plot: str | None = None) -> dict:
     """Loads a finished run and evaluates it on labeled files.
 
     Args:
@@ -97,11 +99,23 @@ def evaluate_run(run_dir: str, data: list[str] | str, batch_size: int = 65_536,
         batch_size: rows per prediction batch.
         filters: row filters to apply; default (None) the run's own ``data.filters``. Pass
             another run's filters to score several runs on the same rows, or ``()`` for none.
+        reliability_plot: if set, a PNG path for the reliability diagram of the calibrated
+            (and the raw) probability (`fm_keras.calibration.write_reliability_plot`).
+
+    Raises:
+        ConfigError: the plot's directory does not exist, or the run is not a binary model.
     """
     from fm_keras.data import load_split
+    from fm_keras.errors import ConfigError
     from fm_keras.training import load_run, predict_split
 
+    if reliability_plot and not os.path.isdir(os.path.dirname(os.path.abspath(reliability_plot))):
+        raise ConfigError(f"{reliability_plot}: --reliability_plot: its directory does not exist")
     run = load_run(run_dir)
+    if reliability_plot and run.config.model.task != "binary":
+        raise ConfigError(f"{run_dir}: --reliability_plot: the run is a "
+                          f"{run.config.model.task} model; a reliability diagram needs "
+                          "probabilities (task binary)")
     filters = run.config.data.filters if filters is None else tuple(filters)
     split = load_split([data] if isinstance(data, str) else data, run.config.features,
                        run.config.data.label, filters, task=run.config.model.task)
@@ -109,4 +123,12 @@ def evaluate_run(run_dir: str, data: list[str] | str, batch_size: int = 65_536,
     result = metrics_for(run.config.model.task, split.labels, outputs)
     result["rows_read"] = split.rows_read
     result["dropped"] = split.dropped
+    if reliability_plot:
+        from fm_keras.calibration import write_reliability_plot
+
+        write_reliability_plot(reliability_plot, split.labels, outputs["probability"],
+                               outputs["raw_probability"],
+                               title=f"{os.path.basename(os.path.normpath(run_dir))}: "
+                                     f"calibration {run.model.calibration.method}")
+        result["reliability_plot"] = reliability_plot
     return result

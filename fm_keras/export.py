@@ -3,6 +3,7 @@
     saved_models/NAME/<version>/
         saved_model.pb, variables/        signatures, all taking raw feature values:
             serving_default  all features  -> probability, logit, raw_probability
+                             (probability = the run's calibrator, in-graph: fm_keras.calibration)
             user_tower       query features -> user_vector [B, k+1], user_offset [B]
             item_tower       item features  -> item_vector [B, k+1]
         assets.extra/fm_keras.json              feature spec, versions, calibration, metrics
@@ -49,7 +50,7 @@ class RankingServable(tf.Module):
         self.encoder = model.encoder
         self.fm = model.fm
         self._task = model.task_name
-        self._correction = model.logit_correction
+        self._calibration = model.calibration
         self.query_names = model.encoder.side_names(query_side=True)
         self.item_names = model.encoder.side_names(query_side=False)
         self.serving_default = tf.function(
@@ -73,7 +74,7 @@ class RankingServable(tf.Module):
         logit = self.fm((ids, values))[:, 0]
         if self._task == "regression":
             return {"prediction": logit}
-        return {"probability": tf.sigmoid(logit + self._correction), "logit": logit,
+        return {"probability": self._calibration.probability(logit), "logit": logit,
                 "raw_probability": tf.sigmoid(logit)}
 
     def _user_tower(self, features):
@@ -294,11 +295,10 @@ def _metadata(run: Run, servable: RankingServable, loaded, name: str, version: i
         "query_features": servable.query_names,
         "item_features": servable.item_names,
         "signatures": signature_info(loaded.signatures),
-        "calibration": {"logit_correction": run.model.logit_correction,
+        "calibration": {**run.model.calibration.to_dict(),
                         "pos_weight": training.pos_weight,
                         "class_weight": training.class_weight,
-                        "neg_sample_rate": training.neg_sample_rate,
-                        "probability": "sigmoid(logit + logit_correction)"},
+                        "neg_sample_rate": training.neg_sample_rate},
         "metrics": run.info.get("metrics", {}),
         "parity": parity,
         "custom_ops": [],

@@ -14,13 +14,18 @@ os.umask(_UMASK)
 
 
 def write_text(path: str, text: str) -> None:
-    """Writes `text` to a temp file beside `path`, then renames it into place."""
+    """Writes `text` (UTF-8) to a temp file beside `path`, then renames it into place."""
+    write_bytes(path, text.encode("utf-8"))
+
+
+def write_bytes(path: str, data: bytes) -> None:
+    """Writes `data` to a temp file beside `path`, then renames it into place."""
     directory = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.splitext(path)[1], dir=directory)
     try:
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the usual file mode
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 import tensorflow_recommenders as tfrs
 
 from fm_keras._tf import keras, tf
+from fm_keras.calibration import Calibration
 from fm_keras.config import ModelConfig, TrainingConfig
 from fm_keras.features import FeatureEncoder, FittedFeature
 from fm_keras.layers import FactorizationMachine
@@ -31,12 +32,14 @@ class FMModel(tfrs.Model):
         fm: the FM layer over the encoder's id space.
         task: ``binary`` (logistic loss; AUC and logloss), ``regression`` (squared; RMSE) or
             ``retrieval`` (outputs as ``binary``; trained by ``RetrievalModel``).
-        logit_correction: added to the logit to undo positive weighting and negative
-            downsampling (see `TrainingConfig.logit_correction`); 0 when neither is used.
+        calibration: logit -> probability: the logit correction undoing positive weighting
+            and negative downsampling (see `TrainingConfig.logit_correction`), then the
+            calibrator fitted on validation data at the end of training (`fm_keras.calibration`;
+            training sets it). Default: sigmoid(logit).
     """
 
     def __init__(self, encoder: FeatureEncoder, fm: FactorizationMachine, task: str = "binary",
-                 logit_correction: float = 0.0, **kwargs):
+                 calibration: Calibration | None = None, **kwargs):
         super().__init__(**kwargs)
         if task not in ("binary", "regression", "retrieval"):
             raise ValueError(f"task must be 'binary', 'regression' or 'retrieval', got {task!r}")
@@ -46,7 +49,7 @@ class FMModel(tfrs.Model):
         self.encoder = encoder
         self.fm = fm
         self.task_name = task
-        self.logit_correction = float(logit_correction)
+        self.calibration = calibration or Calibration()
         # Per-row losses, averaged in `compute_loss` over the global batch: the same mean on one
         # machine, and the right one when gradients are summed over synchronous replicas.
         none = keras.losses.Reduction.NONE
@@ -82,12 +85,20 @@ class FMModel(tfrs.Model):
         """Raw features (dict of [batch] tensors) -> dict of [batch] outputs."""
         return self.outputs_from_logit(self.fm(self.encoder(features))[:, 0])
 
+    @property
+    def logit_correction(self) -> float:
+        """The logit shift undoing positive weighting and negative downsampling."""
+        return self.calibration.logit_correction
+
     def outputs_from_logit(self, logit):
+        """[batch] logits -> dict of [batch] outputs: the calibrated `probability`, the
+        `raw_probability` sigmoid(logit), and the `logit` itself (``prediction`` for
+        regression)."""
         if self.task_name == "regression":
             return {"prediction": logit}
         return {"logit": logit,
                 "raw_probability": tf.sigmoid(logit),
-                "probability": tf.sigmoid(logit + self.logit_correction)}
+                "probability": self.calibration.probability(logit)}
 
     def logits(self, ids, values):
         """The FM score of encoded slots, shape [batch]."""
@@ -123,8 +134,12 @@ class FMModel(tfrs.Model):
 
 
 def build_model(features: Sequence[FittedFeature], model: ModelConfig,
-                training: TrainingConfig | None = None) -> FMModel:
-    """Builds an `FMModel` from fitted features and the model/training configs."""
+                training: TrainingConfig | None = None,
+                calibration: Calibration | None = None) -> FMModel:
+    """Builds an `FMModel` from fitted features and the model/training configs.
+
+    `calibration` defaults to the training config's logit correction alone (no calibrator).
+    """
     encoder = FeatureEncoder(features, name="encoder")
     l2_embeddings, l2_linear = model.l2_embeddings, model.l2_linear
     if any(f.config.l2 is not None for f in encoder.features):
@@ -138,7 +153,8 @@ def build_model(features: Sequence[FittedFeature], model: ModelConfig,
         embeddings_initializer=keras.initializers.RandomNormal(stddev=model.init_stddev),
         l2_prior=model.l2_prior, name="fm")
     correction = training.logit_correction if (training and model.task == "binary") else 0.0
-    fm_model = FMModel(encoder, fm, task=model.task, logit_correction=correction)
+    fm_model = FMModel(encoder, fm, task=model.task,
+                       calibration=calibration or Calibration(logit_correction=correction))
     fm_model.fm((tf.zeros([1, encoder.num_slots], tf.int32), tf.zeros([1, encoder.num_slots])))
     return fm_model
 

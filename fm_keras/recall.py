@@ -6,10 +6,12 @@
 
 `scores` are FM logits (user_vector . item_vector + user_offset), so the order is exactly the
 ranking model's order for that user, and `probabilities` are the calibrated click
-probabilities. The ScaNN backend needs the ScaNN ops (`import scann` before loading; the
-ScaNN-enabled TF Serving); `partitioned` (an IVF index, fm_keras.partitioned) and
-`brute_force` use stock ops only and serve on stock TF Serving. Empty result slots (fewer than
-k items left after exclusions) are padded with id "", score PAD_SCORE and probability 0.
+probabilities: the ranking export's calibration (its metadata's "calibration" block), applied
+in-graph to the scores, so they equal the ranking model's `probability` for the same rows.
+The ScaNN backend needs the ScaNN ops (`import scann` before loading; the ScaNN-enabled TF
+Serving); `partitioned` (an IVF index, fm_keras.partitioned) and `brute_force` use stock ops
+only and serve on stock TF Serving. Empty result slots (fewer than k items left after
+exclusions) are padded with id "", score PAD_SCORE and probability 0.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import numpy as np
 
 from fm_keras import fsutil
 from fm_keras._tf import tf
+from fm_keras.calibration import Calibration
 from fm_keras.errors import DataError, ExportError
 from fm_keras.export import (METADATA, WARMUP, _check_name, building, new_version_path,
                              signature_info, write_warmup)
@@ -116,7 +119,7 @@ class RecallServable(tf.Module):
     """
 
     def __init__(self, ranking, index, item_ids: np.ndarray, k: int, query_names: list[str],
-                 logit_correction: float):
+                 calibration: Calibration):
         super().__init__(name="fm_recall")
         self.ranking = ranking  # the loaded ranking export: its user_tower is reused as is
         self.index = index
@@ -127,7 +130,7 @@ class RecallServable(tf.Module):
             tf.constant(encoded, tf.string), tf.range(len(encoded), dtype=tf.int64)), -1)
         self._items = len(encoded)
         self._k = int(k)
-        self._correction = float(logit_correction)
+        self._calibration = calibration
         user_sig = ranking.signatures["user_tower"].structured_input_signature[1]
         inputs = {n: tf.TensorSpec(user_sig[n].shape, user_sig[n].dtype, name=n)
                   for n in query_names}
@@ -147,7 +150,7 @@ class RecallServable(tf.Module):
     def _outputs(self, scores, ids, offset):
         logits = scores + offset[:, None]
         return {"item_ids": ids, "scores": logits,
-                "probabilities": tf.sigmoid(logits + self._correction)}
+                "probabilities": self._calibration.probability(logits)}
 
     def _found(self, scores, idx, offset):
         """Outputs of the slots that hold an item (idx >= 0, finite score), pads elsewhere."""
@@ -313,7 +316,7 @@ def build_index(model_dir: str, items: str, name: str, base: str = "saved_models
     log(f"indexed {len(ids):,} items with {backend} "
         f"({asdict(params) if params else 'exact'}) in {time.time() - started:.1f}s")
     servable = RecallServable(ranking, index, ids, k, meta["query_features"],
-                              meta["calibration"]["logit_correction"])
+                              Calibration.from_dict(meta["calibration"]))
     with building(final) as tmp:
         tf.saved_model.save(servable, tmp, signatures=servable.signatures())
         ops = saved_ops(tmp)

@@ -28,8 +28,9 @@ import numpy as np
 
 from fm_keras import __version__, fsutil
 from fm_keras._tf import keras, tf
+from fm_keras.calibration import Calibration, fit_calibration
 from fm_keras.checkpoints import CheckpointWriter, is_large, parameters_finite
-from fm_keras.config import ExperimentConfig, experiment_from_dict
+from fm_keras.config import ExperimentConfig, TrainingConfig, experiment_from_dict
 from fm_keras.convergence import EarlyStopping, base_loss, cap_warning
 from fm_keras.data import (Split, downsample_negatives, load_data_split, require_both_classes,
                            sample_weights, single_class)
@@ -57,7 +58,8 @@ def log(message: str) -> None:
 
 
 def train(config: ExperimentConfig, run_dir: str, *, resume: bool = False,
-          verbose: int | None = None, warm_start: str | None = None) -> dict:
+          verbose: int | None = None, warm_start: str | None = None,
+          callbacks: list | None = None) -> dict:
     """Trains an FM as configured and writes a complete run directory.
 
     Args:
@@ -68,6 +70,8 @@ def train(config: ExperimentConfig, run_dir: str, *, resume: bool = False,
         warm_start: a finished run with the same feature spec to start from: its fitted
             features (vocabularies, statistics) and weights are reused, so values it never
             saw go to the OOV buckets.
+        callbacks: extra Keras callbacks, called after the run's own (early stopping,
+            checkpoints) each epoch, e.g. `fm_keras.tune`'s pruning on the validation metric.
 
     Returns:
         The run record (also written to ``run.json``). With ``training.distribute`` set to a
@@ -123,16 +127,16 @@ def train(config: ExperimentConfig, run_dir: str, *, resume: bool = False,
             os.path.join(warm_start, "model", "weights")).expect_partial()
         log(f"warm start from {warm_start}")
     t0 = time.time()
-    callbacks = []
+    prior = []  # the empirical Bayes prior's callback, if any
     if config.training.negatives.per_positive:
         from fm_keras.negatives import SampledNegatives
 
         negatives = SampledNegatives(config, model.encoder, train_split)
         valid_split = negatives.with_negatives(valid_split, config.training.seed)
         train_ds = _dataset(model, train_split, config, training=True, negatives=negatives,
-                            callbacks=callbacks)
+                            callbacks=prior)
     else:
-        train_ds = _dataset(model, train_split, config, training=True, callbacks=callbacks)
+        train_ds = _dataset(model, train_split, config, training=True, callbacks=prior)
     valid_ds = _dataset(model, valid_split, config, training=False)
     log(f"encoded {len(train_split):,} + {len(valid_split):,} rows into "
         f"{model.encoder.num_slots} slots over {model.encoder.num_ids:,} ids "
@@ -153,13 +157,15 @@ def train(config: ExperimentConfig, run_dir: str, *, resume: bool = False,
         with contextlib.redirect_stdout(sys.stderr):  # Keras prints progress to stdout
             model.fit(train_ds, validation_data=valid_ds, epochs=config.training.epochs,
                       initial_epoch=state.initial_epoch,
-                      callbacks=[*callbacks, *watch_defined_metric(state, valid_split), state],
+                      callbacks=[*prior, *watch_defined_metric(state, valid_split), state,
+                                 *(callbacks or [])],
                       verbose=(1 if sys.stderr.isatty() else 2) if verbose is None else verbose)
     state.restore_best()
     warning = state.convergence_warning()
     if warning:
         log(f"warning: {warning}")
     train_seconds = time.time() - t0
+    calibrate(model, valid_split, config.training)
 
     metrics = {"valid": metrics_for(task, valid_split.labels, predict_split(model, valid_split))}
     if config.data.test:
@@ -172,10 +178,11 @@ def train(config: ExperimentConfig, run_dir: str, *, resume: bool = False,
         "status": "complete",
         "task": task,
         "logit_correction": model.logit_correction,
+        "calibration": model.calibration.to_dict(),
         "epochs_run": len(state.history),
         "best_epoch": state.best_epoch,
         "converged": warning is None,
-        "prior": callbacks[0].precisions if callbacks else None,
+        "prior": prior[0].precisions if prior else None,
         "warnings": [warning] if warning else [],
         "history": state.history,
         "metrics": metrics,
@@ -190,6 +197,18 @@ def train(config: ExperimentConfig, run_dir: str, *, resume: bool = False,
     fsutil.write_json(os.path.join(run_dir, "run.json"), record)
     log(f"run complete: {run_dir}")
     return record
+
+
+def calibrate(model: FMModel, valid_split: Split, training: TrainingConfig) -> None:
+    """Fits ``model.calibration`` on the validation rows (binary task; after the best weights
+    are restored): the configured ``training.calibration`` on the corrected logit."""
+    if model.task_name != "binary":
+        return
+    model.calibration = fit_calibration(
+        predict_split(model, valid_split)["logit"], valid_split.labels, training.calibration,
+        model.logit_correction, training.seed)
+    log(f"calibration: {model.calibration.method} (fitted on {len(valid_split):,} "
+        "validation rows)")
 
 
 def _warm_start_features(warm_start: str, config: ExperimentConfig):
@@ -223,7 +242,9 @@ def load_run(run_dir: str) -> Run:
                                   source=os.path.join(run_dir, "experiment.json"))
     features = tuple(FittedFeature.from_dict(d)
                      for d in fsutil.read_json(os.path.join(run_dir, "features.json")))
-    model = build_model(features, config.model, config.training)
+    calibration = (Calibration.from_dict(info["calibration"]) if "calibration" in info
+                   else None)
+    model = build_model(features, config.model, config.training, calibration)
     tf.train.Checkpoint(fm=model.fm).read(
         os.path.join(run_dir, "model", "weights")).assert_existing_objects_matched()
     return Run(run_dir, config, features, model, info)

@@ -20,7 +20,8 @@ def small_synth(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def small_run(small_synth, tmp_path_factory):
-    """A finished 2-epoch run on the small synthetic set."""
+    """A finished 2-epoch run on the small synthetic set, calibrated by isotonic regression
+    (the in-graph calibrator with the most ops: every export built from it carries it)."""
     import dataclasses
 
     from fm_keras.config import load_experiment
@@ -30,7 +31,8 @@ def small_run(small_synth, tmp_path_factory):
     config = load_experiment(os.path.join(synth_dir, "experiment.yaml"))
     config = dataclasses.replace(config, training=dataclasses.replace(
         config.training, epochs=2, steps_per_execution=8, batch_size=1024, pos_weight=4.0,
-        learning_rate=0.02))  # two short epochs on 16k rows: big steps
+        learning_rate=0.02,  # two short epochs on 16k rows: big steps
+        calibration="isotonic"))
     run_dir = str(tmp_path_factory.mktemp("runs") / "run")
     train(config, run_dir, verbose=0)
     return run_dir

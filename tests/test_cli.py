@@ -36,6 +36,17 @@ def test_train_and_evaluate_print_json(small_synth, tmp_path, capsys):
     # Near-tied scores of a barely trained model can swap under float noise: 1e-5, not exact.
     assert result["auc"] == pytest.approx(trained["metrics"]["test"]["auc"], abs=1e-5)
     assert {"logloss", "mean_predicted", "observed_rate", "ece", "rows", "dropped"} <= set(result)
+    plot = tmp_path / "reliability.png"
+    assert main(["evaluate", "--run", run_dir, "--data", str(synth_dir / "test.csv"),
+                 "--reliability_plot", str(plot)]) == 0
+    assert json.loads(capsys.readouterr().out)["reliability_plot"] == str(plot)
+    assert plot.read_bytes()[:4] == b"\x89PNG"
+    missing = tmp_path / "no-such-dir" / "r.png"
+    assert main(["evaluate", "--run", run_dir, "--data", str(synth_dir / "test.csv"),
+                 "--reliability_plot", str(missing)]) == 2
+    err = capsys.readouterr().err
+    assert "--reliability_plot: its directory does not exist" in err and len(err.splitlines()) == 1
+    assert not missing.parent.exists()
 
 
 def _run_cli(*args, cwd):
@@ -186,8 +197,8 @@ for name, argv in json.loads(sys.argv[1]):
 
 
 def test_every_command_prints_one_json_document_on_a_pipe(small_synth, tmp_path):
-    """Issue 11 frictions: with stdout not a TTY, train/evaluate/export/index/score/recommend
-    print exactly one JSON document on stdout (Keras's 'Epoch 1/2' lines and progress bars go
+    """Issue 11 frictions: with stdout not a TTY, train/evaluate/export/index/score/recommend/
+    tune print exactly one JSON document on stdout (Keras's 'Epoch 1/2' lines and progress bars go
     to stderr); best_epoch is 1-based in train's JSON, run.json and state.json alike; no
     'failed call to cuInit' line on a machine without a GPU."""
     synth_dir, _ = small_synth
@@ -204,6 +215,8 @@ def test_every_command_prints_one_json_document_on_a_pipe(small_synth, tmp_path)
                    "--output", str(tmp_path / "scores.csv")]),
         ("recommend", ["recommend", "--model", f"{base}/ctr_recall", "--users", test,
                        "--k", "3", "--output", str(tmp_path / "recs.csv")]),
+        ("tune", ["tune", "--config", str(config), "--trials", "1",
+                  "--out", str(tmp_path / "tune")]),
     ]
     env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
     proc = subprocess.run([sys.executable, "-c", _DRIVER, json.dumps(commands)], cwd=tmp_path,
@@ -214,6 +227,7 @@ def test_every_command_prints_one_json_document_on_a_pipe(small_synth, tmp_path)
     assert results["index"]["model"] == os.path.join(base, "ctr_recall", "1")
     assert results["score"]["rows"] > 1000
     assert results["recommend"]["k"] == 3 and results["recommend"]["rows"] > 1000
+    assert results["tune"]["best"]["trial"] == 0 and results["tune"]["trials"] == {"complete": 1}
     assert results["evaluate"]["auc"] == pytest.approx(results["train"]["metrics"]["test"]["auc"],
                                                        abs=1e-5)
     assert "Epoch 1/2" in proc.stderr                     # progress went somewhere: stderr

@@ -67,6 +67,31 @@ def test_towers_reproduce_logit_on_10k_rows(small_run, exports):
     np.testing.assert_allclose(predict_split(run.model, split)["logit"], logit, atol=1e-5)
 
 
+def test_exported_probability_is_the_in_process_calibrated_probability(small_run, exports):
+    """Must show 3: serving_default's probability == the run's calibrated probability (1e-6),
+    and the metadata's calibration block is the run's calibrator."""
+    from fm_keras.calibration import Calibration
+    from fm_keras.data import Split
+
+    run = load_run(small_run)
+    meta = _meta(exports["ranking"])
+    assert meta["calibration"]["method"] == "isotonic" == run.model.calibration.method
+    assert Calibration.from_dict(meta["calibration"]) == run.model.calibration
+    rows = sample_rows(run, 5000, seed=9)
+    loaded = tf.saved_model.load(exports["ranking"])
+    out = loaded.signatures["serving_default"](**{k: tf.constant(v) for k, v in rows.items()})
+    split = Split(dict(rows), None, 5000, {}, [])
+    in_process = predict_split(run.model, split)
+    np.testing.assert_allclose(out["probability"].numpy(), in_process["probability"], atol=1e-6)
+    np.testing.assert_allclose(out["raw_probability"].numpy(),
+                               1 / (1 + np.exp(-out["logit"].numpy().astype(np.float64))),
+                               atol=1e-6)
+    np.testing.assert_allclose(out["probability"].numpy(),
+                               run.model.calibration.probability_numpy(out["logit"].numpy()),
+                               atol=1e-6)
+    assert not np.allclose(out["probability"].numpy(), out["raw_probability"].numpy(), atol=1e-3)
+
+
 def test_unseen_and_bad_values_give_finite_outputs(exports):
     loaded = tf.saved_model.load(exports["ranking"])
     n = 6

@@ -56,12 +56,24 @@ def test_loads_resolves_paths_and_finds_the_newest_span(logs, tmp_path):
     ({"name": "1ctr"}, "name must be a plain model name"),
     ({"pusher": {"base": "x"}}, "pusher: missing required key 'model_config_file'"),
     ({"trainng": {}}, "unknown key 'trainng' (did you mean 'training'?)"),
+    ({"trainer": {"tune": {"trials": 0}}}, "trainer: tune: trials must be >= 1, got 0"),
+    ({"trainer": {"tune": {"trails": 3}}}, "trainer: tune: unknown key 'trails'"),
+    ({"trainer": {"warm_start": True, "tune": {"trials": 3}}},
+     "trainer: warm_start and tune exclude each other"),
 ])
 def test_bad_config_names_the_key(logs, tmp_path, changes, message):
     path = _edit(write_pipeline_yaml(tmp_path / "p.yaml", logs, "root", tmp_path / "m"), **changes)
     with pytest.raises(ConfigError, match=".*") as err:
         load_pipeline(path)
     assert message in str(err.value) and str(path) in str(err.value)
+
+
+def test_trainer_tune_budget(logs, tmp_path):
+    from fm_keras.pipeline.config import TuneConfig
+
+    path = _edit(write_pipeline_yaml(tmp_path / "p.yaml", logs, "root", tmp_path / "m"),
+                 trainer={"tune": {"trials": 3, "timeout_s": 60}})
+    assert load_pipeline(path).trainer.tune == TuneConfig(trials=3, timeout_s=60.0)
 
 
 def test_no_span_on_disk_is_an_error(logs, tmp_path):

@@ -34,3 +34,28 @@ def test_warm_start_needs_the_same_feature_spec(pipeline_first_run, tmp_path):
         train(experiment(changed, examples.uri), str(tmp_path / "run"), verbose=0,
               warm_start=model.properties["run_dir"])
     assert not os.path.exists(tmp_path / "run" / "run.json")
+
+
+def test_trainer_tunes_first_under_a_budget(pipeline_first_run, tmp_path):
+    """trainer: {tune: {trials: 2}}: two trials (the first: the pipeline's own settings),
+    the candidate exported from the best trial's run."""
+    from fm_keras.pipeline.config import TrainerConfig, TuneConfig
+    from fm_keras.pipeline.metadata import MetadataStore
+    from fm_keras.pipeline.trainer import run_trainer
+
+    path, _ = pipeline_first_run
+    config = load_pipeline(path)
+    store = MetadataStore(os.path.join(config.root, "metadata.sqlite"))
+    try:
+        examples = store.artifacts("Examples")[-1]
+    finally:
+        store.close()
+    config = dataclasses.replace(
+        config, trainer=TrainerConfig(tune=TuneConfig(trials=2, seed=1)),
+        training=dataclasses.replace(config.training, epochs=2))
+    record = run_trainer(config, examples.uri, str(tmp_path))
+    assert record["tune"]["trials"] == {"complete": 2}
+    assert record["run_dir"] == record["tune"]["best"]["run"]
+    assert sorted(os.listdir(tmp_path / "tune" / "trials")) == ["trial-0", "trial-1"]
+    assert os.path.exists(tmp_path / "candidate" / "1" / "saved_model.pb")
+    assert record["metrics"]["valid"]["auc"] > 0.55

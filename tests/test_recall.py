@@ -11,6 +11,7 @@ import pandas as pd
 import pytest
 import tensorflow as tf
 
+from fm_keras.calibration import Calibration
 from fm_keras.errors import DataError, ExportError
 from fm_keras.recall import (PAD_SCORE, BruteForceIndex, ScannIndex, ScannParams, build_index,
                              index_settings, item_vectors, read_catalog)
@@ -56,8 +57,22 @@ def test_top_k_is_the_ranking_models_top_k(exports, small_synth, backend):
         got_ids = out["item_ids"][u].astype(str)
         lookup = dict(zip(ids, scores[u]))
         np.testing.assert_allclose([lookup[i] for i in got_ids], out["scores"][u], atol=1e-4)
+    # probabilities: the ranking run's calibration (isotonic after the pos_weight correction)
+    # of the scores, as in NumPy, and as the ranking export's own `probability` of those rows.
+    calibration = Calibration.from_dict(load_export(exports[backend])[2]["calibration"])
+    assert calibration.method == "isotonic" and calibration.logit_correction == -np.log(4.0)
     np.testing.assert_allclose(out["probabilities"],
-                               1 / (1 + np.exp(-(out["scores"] - np.log(4.0)))), rtol=1e-5)
+                               calibration.probability_numpy(out["scores"]), atol=1e-6)
+    _, ranking, _ = load_export(exports["ranking"])
+    items = pd.read_csv(os.path.join(small_synth[0], "items.csv"), dtype=str).set_index("item_id")
+    got_ids = out["item_ids"][0].astype(str)
+    feed = {k: tf.constant([v[0]] * len(got_ids)) for k, v in USERS.items()}
+    feed.update({c: tf.constant(items.loc[got_ids, c].to_numpy())
+                 for c in ("item_category", "item_tags")})
+    feed["item_id"] = tf.constant(got_ids.astype(object))
+    feed["item_price"] = tf.constant(items.loc[got_ids, "item_price"].astype(np.float32).to_numpy())
+    ranked = ranking.signatures["serving_default"](**feed)["probability"].numpy()
+    np.testing.assert_allclose(out["probabilities"][0], ranked, atol=1e-6)
 
 
 def test_partitioned_equals_brute_force(exports):

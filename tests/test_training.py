@@ -40,6 +40,17 @@ def test_run_directory_and_load(small_synth, tmp_path):
                                            "model", "run.json", "state.json"]
     assert record["rows"]["dropped"]["cached_exposures"] > 0
     assert record["metrics"]["test"]["auc"] > 0.6
+    # The calibrator (auto) is chosen on cross-fitted validation logloss, stored in run.json
+    # and used by the loaded run's probability.
+    cal = record["calibration"]
+    assert cal["method"] == min(cal["fit"]["cross_fitted_logloss"],
+                                key=lambda m: cal["fit"]["cross_fitted_logloss"][m] or np.inf)
+    run = load_run(run_dir)
+    assert run.model.calibration.to_dict() == cal
+    valid = load_data_split(run.config.data, "valid", run.config.features, "binary")
+    out = predict_split(run.model, valid)
+    np.testing.assert_allclose(out["probability"],
+                               run.model.calibration.probability_numpy(out["logit"]), atol=1e-6)
     run = load_run(run_dir)
     test = load_data_split(run.config.data, "test", run.config.features, "binary")
     probs = predict_split(run.model, test)["probability"]

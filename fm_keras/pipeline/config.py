@@ -107,10 +107,35 @@ class EvaluatorConfig:
 
 
 @dataclass(frozen=True)
+class TuneConfig:
+    """A tuning budget for the Trainer (like TFX's Tuner ahead of its Trainer): `trials`
+    Optuna trials over the default search space (`fm_keras.search_space`; trial 0 is the
+    pipeline's own training settings), starting none after `timeout_s` seconds."""
+
+    trials: int
+    timeout_s: float | None = None
+    seed: int = 0
+
+    def __post_init__(self):
+        if isinstance(self.trials, bool) or self.trials < 1:
+            raise ConfigError(f"trainer: tune: trials must be >= 1, got {self.trials!r}")
+        if self.timeout_s is not None and not self.timeout_s > 0:
+            raise ConfigError(f"trainer: tune: timeout_s must be > 0, got {self.timeout_s!r}")
+
+
+@dataclass(frozen=True)
 class TrainerConfig:
-    """warm_start: start from the last blessed model's vocabularies and weights."""
+    """warm_start: start from the last blessed model's vocabularies and weights.
+    tune: search hyperparameters first (`TuneConfig`) and train the candidate with the best;
+    the candidate is the best trial's run."""
 
     warm_start: bool = False
+    tune: TuneConfig | None = None
+
+    def __post_init__(self):
+        if self.warm_start and self.tune is not None:
+            raise ConfigError("trainer: warm_start and tune exclude each other (a warm start "
+                              "keeps the last model's embedding_dim and vocabularies); set one")
 
 
 @dataclass(frozen=True)

@@ -227,6 +227,8 @@ class PipelineRun:
         params = {"features": [dataclasses.asdict(f) for f in self.config.features],
                   "model": dataclasses.asdict(self.config.model),
                   "training": dataclasses.asdict(self.config.training)}
+        if self.config.trainer.tune is not None:
+            params["tune"] = dataclasses.asdict(self.config.trainer.tune)
 
         def execute(out):
             record = run_trainer(self.config, examples.uri, out,

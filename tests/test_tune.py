@@ -1,0 +1,134 @@
+"""fm-keras tune: results written, the baseline trial, pruning, a study shared by two
+processes, and bad input that leaves nothing behind."""
+
+import json
+import os
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pandas as pd
+import pytest
+
+from fm_keras.cli import main
+from fm_keras.config import load_experiment
+from fm_keras.search_space import load_search_space
+from fm_keras.tune import BEST_EXPERIMENT, PLOT, TRIALS_CSV, PruneOnValidation, tune
+
+SPACE = ("optimizer: [adagrad]\nlearning_rate: {low: 0.05, high: 0.5, log: true}\n"
+         "embedding_dim: [4, 8]\nbatch_size: 1024\nl2_linear: null\nfeature_l2: null\n")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A 6,000-row synthetic set, an experiment of 2 epochs and a small search space."""
+    from fm_keras.synth import generate
+
+    out = tmp_path_factory.mktemp("tune")
+    generate(str(out), rows=6000, seed=5)
+    text = (out / "experiment.yaml").read_text()
+    (out / "experiment.yaml").write_text(text.replace("epochs: 40", "epochs: 2"))
+    (out / "space.yaml").write_text(SPACE)
+    return out
+
+
+def test_tune_writes_best_experiment_table_and_plot(tiny, tmp_path):
+    config = load_experiment(tiny / "experiment.yaml")
+    space = load_search_space(str(tiny / "space.yaml"), config)
+    out = tmp_path / "tune"
+    result = tune(config, str(out), 3, space=space, seed=0)
+    assert result["trials"] == {"complete": 3} and result["storage"] == "in-memory"
+    table = pd.read_csv(out / TRIALS_CSV)
+    assert list(table["number"]) == [0, 1, 2]
+    assert table["user_attrs_baseline"].fillna(False).tolist() == [True, False, False]
+    assert result["best"]["value"] == pytest.approx(table["value"].max())
+    assert (out / PLOT).read_bytes()[:4] == b"\x89PNG"
+    # The best experiment is a loadable YAML with the best trial's values; its run exists.
+    best = load_experiment(out / BEST_EXPERIMENT)
+    assert best.to_dict() == space.apply(config, result["best"]["params"]).to_dict()
+    assert os.path.exists(os.path.join(result["best"]["run"], "run.json"))
+    assert sorted(os.listdir(out / "trials")) == ["trial-0", "trial-1", "trial-2"]
+    # Trial 0 is the experiment as given.
+    with open(out / "trials" / "trial-0" / "experiment.json") as f:
+        assert json.load(f) == json.loads(json.dumps(config.to_dict()))
+
+
+def test_pruning_callback_reports_and_stops():
+    class Trial:
+        def __init__(self):
+            self.reported = []
+
+        def report(self, value, step):
+            self.reported.append((step, value))
+
+        def should_prune(self):
+            return len(self.reported) >= 2
+
+    trial = Trial()
+    callback = PruneOnValidation(trial, "val_auc")
+    callback.set_model(SimpleNamespace(stop_training=False))
+    callback.on_epoch_end(0, {"val_auc": 0.6, "loss": 0.5})
+    assert not callback.model.stop_training and callback.pruned_at is None
+    callback.on_epoch_end(1, {"val_auc": float("nan")})  # not a value: not reported
+    callback.on_epoch_end(2, {"val_auc": 0.61})
+    assert trial.reported == [(0, 0.6), (2, 0.61)]
+    assert callback.model.stop_training and callback.pruned_at == 2
+
+
+def _cli(*args, cwd):
+    env = {**os.environ, "PYTHONPATH": os.getcwd() + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    return subprocess.Popen([sys.executable, "-m", "fm_keras.cli", *args], cwd=cwd, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_two_processes_share_one_study(tiny, tmp_path):
+    """Must show 2: two `fm-keras tune` on one sqlite storage: one study, no trial repeated
+    (numbers, run directories and values all distinct), one best."""
+    import optuna
+
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    procs = [_cli("tune", "--config", str(tiny / "experiment.yaml"), "--trials", "2",
+                  "--storage", storage, "--study_name", "shared", "--search_space",
+                  str(tiny / "space.yaml"), "--out", str(tmp_path / name), cwd=tmp_path)
+             for name in ("a", "b")]
+    results = []
+    for proc in procs:
+        stdout, stderr = proc.communicate(timeout=600)
+        assert proc.returncode == 0, stderr[-2000:]
+        results.append(json.loads(stdout))  # stdout is one JSON document
+    study = optuna.load_study(study_name="shared", storage=storage)
+    trials = study.get_trials()
+    assert sorted(t.number for t in trials) == [0, 1, 2, 3]
+    trained = [t for t in trials if "duplicate_of" not in t.user_attrs]
+    assert len({t.user_attrs["run_dir"] for t in trained}) == len(trained)
+    values = [json.dumps(t.params, sort_keys=True) + str(t.user_attrs.get("baseline"))
+              for t in trained]
+    assert len(set(values)) == len(values)
+    assert sum(bool(t.user_attrs.get("baseline")) for t in trained) == 1
+    assert len({os.path.dirname(t.user_attrs["run_dir"]) for t in trained}) == 2  # both worked
+    last = [r for r in results if "running" not in r["trials"]]
+    assert last and all(r["best"]["trial"] == study.best_trial.number for r in last)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--search_space", "bad.yaml"], "bad.yaml: unknown search-space key 'lerning_rate'"),
+    (["--trials", "0"], "--trials must be at least 1, got 0"),
+    (["--storage", "sqlite:////no/such/dir/study.db"],
+     "--storage sqlite:////no/such/dir/study.db: cannot open the study storage"),
+    (["--timeout", "-1"], "--timeout must be > 0 seconds"),
+])
+def test_bad_input_is_one_line_exit_2_nothing_written(tiny, tmp_path, capsys, monkeypatch,
+                                                     args, message):
+    """Must show 5."""
+    (tmp_path / "bad.yaml").write_text("lerning_rate: [0.1]\n")
+    args = ["--trials", "1", *args] if "--trials" not in args else args
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "out"
+    assert main(["tune", "--config", str(tiny / "experiment.yaml"), "--out", str(out),
+                 *args]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.startswith("fm-keras: error: ") and message in captured.err
+    assert len(captured.err.strip().splitlines()) == 1
+    assert not out.exists() and sorted(os.listdir(tmp_path)) == ["bad.yaml"]
+
