@@ -1,5 +1,7 @@
 """Helpers shared by the pipeline tests (tests/test_pipeline_*.py)."""
 
+import os
+
 
 def write_pipeline_yaml(path, logs, root, base, **sections) -> str:
     """A small, fast pipeline definition; `sections` replace top-level YAML sections."""
@@ -32,3 +34,14 @@ def write_pipeline_yaml(path, logs, root, base, **sections) -> str:
     with open(path, "w", encoding="utf-8") as f:
         yaml.safe_dump(spec, f)
     return str(path)
+
+
+def last_examples(config):
+    """The newest Examples artifact of a pipeline's metadata store (ExampleGen's output)."""
+    from fm_keras.pipeline.metadata import MetadataStore
+
+    store = MetadataStore(os.path.join(config.root, "metadata.sqlite"))
+    try:
+        return store.artifacts("Examples")[-1]
+    finally:
+        store.close()

@@ -4,6 +4,7 @@ import os
 
 from fm_keras.pipeline.config import load_pipeline
 from fm_keras.pipeline.index_builder import build_recall
+from pipeline_testlib import last_examples
 
 
 def test_recall_version_is_checked_and_pushed_once(pipeline_first_run, tmp_path):
@@ -36,15 +37,9 @@ def test_partitioned_backend_is_built_checked_and_pushed(pipeline_first_run, tmp
     import dataclasses
     import json
 
-    from fm_keras.pipeline.metadata import MetadataStore
-
     path, _ = pipeline_first_run
     config = load_pipeline(path)
-    store = MetadataStore(os.path.join(config.root, "metadata.sqlite"))
-    try:
-        examples = store.artifacts("Examples")[-1]
-    finally:
-        store.close()
+    examples = last_examples(config)
     config = dataclasses.replace(
         config, index=dataclasses.replace(config.index, backend="partitioned"),
         pusher=dataclasses.replace(config.pusher, base=str(tmp_path / "pushed")))

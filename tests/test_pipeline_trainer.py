@@ -8,6 +8,7 @@ import pytest
 from fm_keras.errors import RunError
 from fm_keras.pipeline.config import load_pipeline
 from fm_keras.pipeline.trainer import experiment
+from pipeline_testlib import last_examples
 
 
 def test_experiment_reads_the_examples_without_filters(pipeline_first_run):
@@ -40,16 +41,11 @@ def test_trainer_tunes_first_under_a_budget(pipeline_first_run, tmp_path):
     """trainer: {tune: {trials: 2}}: two trials (the first: the pipeline's own settings),
     the candidate exported from the best trial's run."""
     from fm_keras.pipeline.config import TrainerConfig, TuneConfig
-    from fm_keras.pipeline.metadata import MetadataStore
     from fm_keras.pipeline.trainer import run_trainer
 
     path, _ = pipeline_first_run
     config = load_pipeline(path)
-    store = MetadataStore(os.path.join(config.root, "metadata.sqlite"))
-    try:
-        examples = store.artifacts("Examples")[-1]
-    finally:
-        store.close()
+    examples = last_examples(config)
     config = dataclasses.replace(
         config, trainer=TrainerConfig(tune=TuneConfig(trials=2, seed=1)),
         training=dataclasses.replace(config.training, epochs=2))
