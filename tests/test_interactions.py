@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import implicit_experiment, write_implicit
+from retrieval_testlib import implicit_experiment, write_implicit
 from fm_keras.config import experiment_from_dict
 from fm_keras.data import Split
 from fm_keras.errors import DataError

@@ -5,7 +5,7 @@ import os
 import numpy as np
 import pytest
 
-from conftest import implicit_experiment
+from retrieval_testlib import implicit_experiment
 from fm_keras._tf import keras
 from fm_keras.config import experiment_from_dict
 from fm_keras.data import load_data_split

@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 
-from conftest import implicit_experiment, write_implicit
+from retrieval_testlib import implicit_experiment, write_implicit
 from fm_keras._tf import tf
 from fm_keras.cli import main
 from fm_keras.config import RetrievalConfig, experiment_from_dict
