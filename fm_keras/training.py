@@ -102,7 +102,8 @@ def train(config: ExperimentConfig, run_dir: str, *, resume: bool = False,
                    if config.data.valid else None)
     log(f"train: {len(train_split):,} rows from {len(train_split.files)} file(s)"
         + _dropped_text(train_split))
-    if task == "binary":
+    if task == "binary" and not config.training.negatives.per_positive:
+        # With sampled negatives an all-positive interaction log is the expected input.
         require_both_classes(train_split, config.data.label)
     train_split, valid_split = holdout_if_needed(train_split, valid_split, config.training.seed)
 

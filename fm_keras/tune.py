@@ -70,15 +70,24 @@ def open_storage(url: str | None):
     import optuna
 
     kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
-    for attempt in range(3):  # processes starting together may race to create the tables
+    attempts = 5
+    for attempt in range(attempts):  # processes starting together race to create the tables
         try:
             return optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
         except Exception as err:  # noqa: BLE001 (SQLAlchemy and drivers raise many types)
-            if attempt == 2 or "already exists" not in str(err):
+            if attempt == attempts - 1 or not _lost_schema_race(err):
                 first = (str(err).strip().splitlines() or [type(err).__name__])[0]
                 raise ConfigError(f"--storage {url}: cannot open the study storage: "
                                   f"{first[:200]}") from None
             time.sleep(1 + attempt)
+
+
+def _lost_schema_race(err: Exception) -> bool:
+    """True for the errors of a process that created the study tables at the same moment as
+    another one (a table, or Alembic's version row, was written by the other process)."""
+    text = str(err)
+    return any(s in text for s in ("already exists", "UNIQUE constraint failed",
+                                   "duplicate key value", "database is locked"))
 
 
 def tune(config: ExperimentConfig, out: str, trials: int, *, storage: str | None = None,
