@@ -7,6 +7,7 @@ fails before a run directory is created. Categorical and multi-hot columns are k
 
 from __future__ import annotations
 
+import difflib
 import glob
 import os
 from collections.abc import Sequence
@@ -82,11 +83,30 @@ def read_frame(path: str, columns: Sequence[str] | None = None) -> pd.DataFrame:
     if columns:
         missing = [c for c in columns if c not in frame.columns]
         if missing:
-            raise DataError(f"{path}: missing column {missing[0]!r} "
-                            f"(the file has {list(frame.columns)[:12]})")
+            raise DataError(f"{path}: missing column {missing[0]!r}"
+                            f"{_column_hint(path, missing[0])}")
     if len(frame) == 0:
         raise DataError(f"{path}: the file has a header but no rows")
     return frame
+
+
+def read_header(path: str) -> list[str]:
+    """The column names of one CSV or Parquet file (its header or schema), without its rows."""
+    try:
+        if path.endswith((".parquet", ".pq")):
+            import pyarrow.parquet as pq  # noqa: PLC0415 (pandas' Parquet engine)
+            return list(pq.read_schema(path).names)
+        return list(pd.read_csv(path, dtype=str, nrows=0).columns)
+    except (ValueError, OSError) as err:
+        raise DataError(f"{path}: cannot read: {' '.join(str(err).split())[:200]}") from None
+
+
+def _column_hint(path: str, column: str) -> str:
+    """' (did you mean ...?; the file has [...])' from the file's header, not the columns read."""
+    header = read_header(path)
+    close = difflib.get_close_matches(column, header, n=1)
+    hint = f"did you mean {close[0]!r}?; " if close else ""
+    return f" ({hint}the file has {header[:12]}{' ...' if len(header) > 12 else ''})"
 
 
 def load_split(

@@ -105,3 +105,12 @@ def test_single_class_training_labels_are_an_error(tmp_path):
     split.labels[1] = 1.0  # two classes: fine
     assert single_class(split.labels) is None
     require_both_classes(split, "click")
+
+
+def test_missing_column_lists_the_files_header_and_a_close_match(tmp_path):
+    path = _csv(tmp_path)
+    with pytest.raises(DataError) as err:
+        load_split([path], FEATURES, "clik")
+    message = str(err.value)
+    assert "missing column 'clik' (did you mean 'click'?" in message
+    assert "'click']" in message  # the header as written, not only the columns asked for
