@@ -175,7 +175,7 @@ def test_evaluate_log_without_the_label_column_counts_every_row(retrieval_run, i
     assert results[1]["queries"] == results[0]["queries"] > 0
 
 
-def test_train_cli_stdout_is_one_json_document(implicit_data, tmp_path, capsys):
+def test_train_cli_stdout_is_one_json_document_and_records_convergence(implicit_data, tmp_path, capsys):
     import yaml
 
     config = os.path.join(implicit_data, "one_epoch.yaml")
@@ -184,5 +184,12 @@ def test_train_cli_stdout_is_one_json_document(implicit_data, tmp_path, capsys):
     out = str(tmp_path / "run")
     assert main(["train", "--config", config, "--out", out]) == 0  # Keras progress on
     captured = capsys.readouterr()
-    assert json.loads(captured.out)["run"] == out
+    result = json.loads(captured.out)
+    assert result["run"] == out
     assert "val_recall_at_k" in captured.err  # the epoch line went to stderr
+    # Its only epoch was a gain: the epoch cap, not early stopping, ended it.
+    with open(os.path.join(out, "run.json")) as f:
+        record = json.load(f)
+    assert result["converged"] is False and record["converged"] is False
+    assert "raise training.epochs" in record["warnings"][0] and "raise training.epochs" in \
+        captured.err
