@@ -74,7 +74,7 @@ def read_frame(path: str, columns: Sequence[str] | None = None) -> pd.DataFrame:
     try:
         if path.endswith((".parquet", ".pq")):
             frame = pd.read_parquet(path, columns=list(columns) if columns else None)
-            frame = frame.astype(object).where(frame.notna(), "").astype(str)
+            frame = pd.DataFrame({name: _as_text(frame[name]) for name in frame.columns})
         else:
             frame = pd.read_csv(path, dtype=str, keep_default_na=False, na_filter=False,
                                 usecols=(lambda c: c in set(columns)) if columns else None)
@@ -88,6 +88,19 @@ def read_frame(path: str, columns: Sequence[str] | None = None) -> pd.DataFrame:
     if len(frame) == 0:
         raise DataError(f"{path}: the file has a header but no rows")
     return frame
+
+
+def _as_text(column: pd.Series) -> np.ndarray:
+    """A Parquet column as text, '' for nulls. Floats are written as Arrow casts them (900.0 ->
+    '900', as `score` reads them), so an id column stored as float (pandas' int with nulls)
+    matches the ids of a CSV or an int column instead of landing in an OOV bucket."""
+    if pd.api.types.is_float_dtype(column):
+        import pyarrow as pa  # noqa: PLC0415 (pandas' Parquet engine)
+        import pyarrow.compute as pc  # noqa: PLC0415
+
+        text = pc.cast(pa.array(column, from_pandas=True), pa.string())
+        return pc.fill_null(text, "").to_numpy(zero_copy_only=False).astype(object)
+    return column.astype(object).where(column.notna(), "").astype(str).to_numpy()
 
 
 def read_header(path: str) -> list[str]:
