@@ -7,6 +7,7 @@ fails before a run directory is created. Categorical and multi-hot columns are k
 
 from __future__ import annotations
 
+import difflib
 import glob
 import os
 from collections.abc import Sequence
@@ -73,7 +74,7 @@ def read_frame(path: str, columns: Sequence[str] | None = None) -> pd.DataFrame:
     try:
         if path.endswith((".parquet", ".pq")):
             frame = pd.read_parquet(path, columns=list(columns) if columns else None)
-            frame = frame.astype(object).where(frame.notna(), "").astype(str)
+            frame = pd.DataFrame({name: _as_text(frame[name]) for name in frame.columns})
         else:
             frame = pd.read_csv(path, dtype=str, keep_default_na=False, na_filter=False,
                                 usecols=(lambda c: c in set(columns)) if columns else None)
@@ -82,11 +83,43 @@ def read_frame(path: str, columns: Sequence[str] | None = None) -> pd.DataFrame:
     if columns:
         missing = [c for c in columns if c not in frame.columns]
         if missing:
-            raise DataError(f"{path}: missing column {missing[0]!r} "
-                            f"(the file has {list(frame.columns)[:12]})")
+            raise DataError(f"{path}: missing column {missing[0]!r}"
+                            f"{_column_hint(path, missing[0])}")
     if len(frame) == 0:
         raise DataError(f"{path}: the file has a header but no rows")
     return frame
+
+
+def _as_text(column: pd.Series) -> np.ndarray:
+    """A Parquet column as text, '' for nulls. Floats are written as Arrow casts them (900.0 ->
+    '900', as `score` reads them), so an id column stored as float (pandas' int with nulls)
+    matches the ids of a CSV or an int column instead of landing in an OOV bucket."""
+    if pd.api.types.is_float_dtype(column):
+        import pyarrow as pa  # noqa: PLC0415 (pandas' Parquet engine)
+        import pyarrow.compute as pc  # noqa: PLC0415
+
+        text = pc.cast(pa.array(column, from_pandas=True), pa.string())
+        return pc.fill_null(text, "").to_numpy(zero_copy_only=False).astype(object)
+    return column.astype(object).where(column.notna(), "").astype(str).to_numpy()
+
+
+def read_header(path: str) -> list[str]:
+    """The column names of one CSV or Parquet file (its header or schema), without its rows."""
+    try:
+        if path.endswith((".parquet", ".pq")):
+            import pyarrow.parquet as pq  # noqa: PLC0415 (pandas' Parquet engine)
+            return list(pq.read_schema(path).names)
+        return list(pd.read_csv(path, dtype=str, nrows=0).columns)
+    except (ValueError, OSError) as err:
+        raise DataError(f"{path}: cannot read: {' '.join(str(err).split())[:200]}") from None
+
+
+def _column_hint(path: str, column: str) -> str:
+    """' (did you mean ...?; the file has [...])' from the file's header, not the columns read."""
+    header = read_header(path)
+    close = difflib.get_close_matches(column, header, n=1)
+    hint = f"did you mean {close[0]!r}?; " if close else ""
+    return f" ({hint}the file has {header[:12]}{' ...' if len(header) > 12 else ''})"
 
 
 def load_split(

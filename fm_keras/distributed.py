@@ -19,9 +19,11 @@ run was trained (sharded variables are saved as whole tensors).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -211,11 +213,13 @@ def train_distributed(config: ExperimentConfig, run_dir: str, *, resume: bool = 
         + (f"; {_shards_text(model)}" if not synchronous else ""))
     t0 = time.time()
     if state.initial_epoch < training.epochs and not state.finished:
-        model.fit(keras.utils.experimental.DatasetCreator(dataset_fn), epochs=training.epochs,
-                  steps_per_epoch=steps, initial_epoch=state.initial_epoch,
-                  callbacks=[Validation(valid_split, task_name),
-                             *watch_defined_metric(state, valid_split), state],
-                  verbose=2 if verbose is None else verbose)
+        with contextlib.redirect_stdout(sys.stderr):  # Keras prints progress to stdout
+            model.fit(keras.utils.experimental.DatasetCreator(dataset_fn),
+                      epochs=training.epochs, steps_per_epoch=steps,
+                      initial_epoch=state.initial_epoch,
+                      callbacks=[Validation(valid_split, task_name),
+                                 *watch_defined_metric(state, valid_split), state],
+                      verbose=2 if verbose is None else verbose)
     state.restore_best()
     fit_seconds = time.time() - t0
     calibrate(model, valid_split, training)

@@ -25,7 +25,9 @@ catalog (exact search).
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
 import time
 
 import numpy as np
@@ -34,7 +36,7 @@ import tensorflow_recommenders as tfrs
 from fm_keras import fsutil
 from fm_keras._tf import keras, tf
 from fm_keras.config import ExperimentConfig, RetrievalConfig
-from fm_keras.data import Split, expand_paths
+from fm_keras.data import Split, expand_paths, read_header
 from fm_keras.errors import ConfigError
 from fm_keras.features import FittedFeature, fit_features
 from fm_keras.interactions import (ITEM_INDEX, Catalog, item_counts, load_catalog,
@@ -252,10 +254,14 @@ def train_retrieval(config: ExperimentConfig, run_dir: str, *, resume: bool = Fa
     state = TrainingState(run_dir, model, config, resume=resume)
     t0 = time.time()
     if state.initial_epoch < t.epochs and not state.finished:
-        model.fit(train_ds, epochs=t.epochs, initial_epoch=state.initial_epoch,
-                  callbacks=[RecallAtK(tasks["valid"], recall_at), state],
-                  verbose=(1 if os.isatty(1) else 2) if verbose is None else verbose)
+        with contextlib.redirect_stdout(sys.stderr):  # Keras prints progress to stdout
+            model.fit(train_ds, epochs=t.epochs, initial_epoch=state.initial_epoch,
+                      callbacks=[RecallAtK(tasks["valid"], recall_at), state],
+                      verbose=(1 if sys.stderr.isatty() else 2) if verbose is None else verbose)
     state.restore_best()
+    warning = state.convergence_warning()
+    if warning:
+        log(f"warning: {warning}")
     fit_seconds = time.time() - t0
     ks = sorted({min(k, len(catalog)) for k in (10, recall_at, 100)})
     metrics = {role: task.metrics(model, ks, counts) for role, task in tasks.items()}
@@ -264,6 +270,7 @@ def train_retrieval(config: ExperimentConfig, run_dir: str, *, resume: bool = Fa
     record = {
         "status": "complete", "task": "retrieval", "logit_correction": 0.0,
         "epochs_run": len(state.history), "best_epoch": state.best_epoch,
+        "converged": warning is None, "warnings": [warning] if warning else [],
         "history": state.history, "metrics": metrics,
         "rows": {"train": len(train_split), "valid": len(valid_split),
                  "train_read": train_split.rows_read, "dropped": train_split.dropped},
@@ -306,8 +313,8 @@ def evaluate_recall(run_dir: str, data, items: str | None = None,
     """Recall@K, NDCG@K, HitRate@K and coverage of a finished run over a catalog.
 
     Any run with both towers can be evaluated (binary, regression or retrieval): every
-    (query, item) pair of `data` with label > 0 (or every row, for a log without a
-    configured label) is a relevant item of that query; the whole catalog is searched
+    (query, item) pair of `data` with label > 0 (or every row, for a run without a
+    configured label or a log without the label column) is a relevant item of that query; the whole catalog is searched
     exactly. The popularity baseline (items ranked by their positives in the run's training
     log) is computed on the same queries, with the same exclusions.
 
@@ -330,7 +337,10 @@ def evaluate_recall(run_dir: str, data, items: str | None = None,
     catalog = load_catalog(items or catalog_path(config), config.features, config.data.item_id)
     ks = clamp_ks(ks, len(catalog), "--recall_at")
     data = [data] if isinstance(data, str) else list(data)
-    split = load_interactions(data, config, catalog)
+    label = config.data.label
+    files = expand_paths(data)
+    split = load_interactions(files, config, catalog, use_label=bool(label) and any(
+        label in read_header(path) for path in files))
     splits = [split]
     if exclude:
         splits.append(load_interactions([exclude] if isinstance(exclude, str) else exclude,

@@ -105,3 +105,23 @@ def test_single_class_training_labels_are_an_error(tmp_path):
     split.labels[1] = 1.0  # two classes: fine
     assert single_class(split.labels) is None
     require_both_classes(split, "click")
+
+
+def test_missing_column_lists_the_files_header_and_a_close_match(tmp_path):
+    path = _csv(tmp_path)
+    with pytest.raises(DataError) as err:
+        load_split([path], FEATURES, "clik")
+    message = str(err.value)
+    assert "missing column 'clik' (did you mean 'click'?" in message
+    assert "'click']" in message  # the header as written, not only the columns asked for
+
+
+def test_parquet_float_ids_read_like_csv_and_score(tmp_path):
+    # pandas stores an int id column with a null as float: 900.0 must be the id '900', as in
+    # a CSV and as `score` (Arrow) reads it, not '900.0' (an OOV id at evaluation).
+    path = str(tmp_path / "a.parquet")
+    pd.DataFrame({"user": [900.0, 7.0, None, 1.5], "price": [1.5, 2.0, 3.0, 4.0],
+                  "click": [1, 0, 0, 1]}).to_parquet(path)
+    split = load_split([path], FEATURES, "click")
+    assert list(split.features["user"]) == ["900", "7", "", "1.5"]
+    np.testing.assert_allclose(split.features["price"], [1.5, 2.0, 3.0, 4.0])

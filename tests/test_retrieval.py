@@ -157,3 +157,39 @@ def test_log_without_positives_is_an_error(tmp_path, capsys):
     code, errors, out = _train_cli(tmp_path, data, implicit_experiment(data), capsys)
     assert code == 2 and "train.csv: no positive interactions" in errors[0]
     assert not os.path.exists(out)
+
+
+def test_evaluate_log_without_the_label_column_counts_every_row(retrieval_run, implicit_data,
+                                                                 tmp_path, capsys):
+    import pandas as pd
+
+    run_dir, _ = retrieval_run
+    labelled = os.path.join(implicit_data, "test.csv")
+    unlabelled = str(tmp_path / "picks.csv")
+    pd.read_csv(labelled, dtype=str).drop(columns=["click"]).to_csv(unlabelled, index=False)
+    results = []
+    for data in (labelled, unlabelled):
+        assert main(["evaluate", "--run", run_dir, "--data", data, "--recall_at", "5"]) == 0
+        results.append(json.loads(capsys.readouterr().out))
+    assert results[1]["recall@5"] == results[0]["recall@5"]  # every test row has click = 1
+    assert results[1]["queries"] == results[0]["queries"] > 0
+
+
+def test_train_cli_stdout_is_one_json_document_and_records_convergence(implicit_data, tmp_path, capsys):
+    import yaml
+
+    config = os.path.join(implicit_data, "one_epoch.yaml")
+    with open(config, "w") as f:
+        yaml.safe_dump(implicit_experiment(implicit_data, epochs=1), f)
+    out = str(tmp_path / "run")
+    assert main(["train", "--config", config, "--out", out]) == 0  # Keras progress on
+    captured = capsys.readouterr()
+    result = json.loads(captured.out)
+    assert result["run"] == out
+    assert "val_recall_at_k" in captured.err  # the epoch line went to stderr
+    # Its only epoch was a gain: the epoch cap, not early stopping, ended it.
+    with open(os.path.join(out, "run.json")) as f:
+        record = json.load(f)
+    assert result["converged"] is False and record["converged"] is False
+    assert "raise training.epochs" in record["warnings"][0] and "raise training.epochs" in \
+        captured.err
