@@ -309,7 +309,10 @@ def build_index(model_dir: str, items: str, name: str, base: str = "saved_models
     started = time.time()
     ids, columns = read_catalog(items, meta, id_column)
     vectors = item_vectors(ranking, columns)
-    k = min(k, len(ids))
+    if k > len(ids):
+        log(f"warning: --k {k} is larger than the catalog ({len(ids):,} items): the recall "
+            f"model returns at most {len(ids):,} items")
+        k = len(ids)
     if params is None:
         params = index_settings(backend, len(ids), k, **(settings or {}))
     index = make_index(backend, vectors, k, params)

@@ -382,3 +382,11 @@ def test_tiny_catalog_over_grpc_and_rest(tiny_server, backend):
     row = _strict_json(text)["predictions"][0]
     assert row["item_ids"] == ["i2", "", ""] and row["probabilities"][1:] == [0.0, 0.0]
     assert row["scores"][1:] == [pytest.approx(PAD_SCORE)] * 2
+
+
+def test_k_above_the_catalog_is_clamped_with_a_warning(exports, small_synth, tmp_path, capsys):
+    catalog = _small_catalog(tmp_path, small_synth, ["a", "b", "c"])
+    path = build_index(exports["ranking"], catalog, "clamped", base=str(tmp_path / "m"),
+                       backend="brute_force", k=50)
+    assert "--k 50 is larger than the catalog (3 items)" in capsys.readouterr().err
+    assert _recall(path)["item_ids"].shape[1] == 3
