@@ -220,7 +220,7 @@ def train_distributed(config: ExperimentConfig, run_dir: str, *, resume: bool = 
                       callbacks=[Validation(valid_split, task_name),
                                  *watch_defined_metric(state, valid_split), state],
                       verbose=2 if verbose is None else verbose)
-    state.restore_best()
+    convergence = state.finish()
     fit_seconds = time.time() - t0
     calibrate(model, valid_split, training)
     metrics = {"valid": metrics_for(task_name, valid_split.labels,
@@ -234,9 +234,9 @@ def train_distributed(config: ExperimentConfig, run_dir: str, *, resume: bool = 
     if not task.is_chief:
         shutil.rmtree(write_dir, ignore_errors=True)
         return None
-    record = _record(model, state, metrics, manifest, len(valid_split), task, distribute,
-                     steps * batch_size, {"total": round(time.time() - started, 2),
-                                          "fit": round(fit_seconds, 2)})
+    record = _record(model, state, convergence, metrics, manifest, len(valid_split), task,
+                     distribute, steps * batch_size, {"total": round(time.time() - started, 2),
+                                                      "fit": round(fit_seconds, 2)})
     fsutil.write_json(os.path.join(run_dir, "run.json"), record)
     log(f"run complete: {run_dir}")
     return record
@@ -264,8 +264,8 @@ def _shards_and_features(config: ExperimentConfig):
     return train_files, manifest, features
 
 
-def _record(model, state, metrics, manifest, valid_rows, task, distribute, rows_per_epoch,
-            seconds) -> dict:
+def _record(model, state, convergence, metrics, manifest, valid_rows, task, distribute,
+            rows_per_epoch, seconds) -> dict:
     """run.json of a cluster run: the one-machine record plus the cluster and table shards."""
     epochs_run = len(state.history)
     return {
@@ -273,8 +273,7 @@ def _record(model, state, metrics, manifest, valid_rows, task, distribute, rows_
         "logit_correction": model.logit_correction,
         "calibration": model.calibration.to_dict(),
         "epochs_run": epochs_run, "best_epoch": state.best_epoch, "history": state.history,
-        "converged": state.convergence_warning() is None,
-        "warnings": [w for w in [state.convergence_warning()] if w],
+        **convergence,
         "metrics": metrics,
         "rows": {"train": manifest["rows"], "valid": valid_rows,
                  "train_read": manifest["rows_read"], "dropped": manifest["dropped"]},

@@ -258,10 +258,7 @@ def train_retrieval(config: ExperimentConfig, run_dir: str, *, resume: bool = Fa
             model.fit(train_ds, epochs=t.epochs, initial_epoch=state.initial_epoch,
                       callbacks=[RecallAtK(tasks["valid"], recall_at), state],
                       verbose=(1 if sys.stderr.isatty() else 2) if verbose is None else verbose)
-    state.restore_best()
-    warning = state.convergence_warning()
-    if warning:
-        log(f"warning: {warning}")
+    convergence = state.finish()
     fit_seconds = time.time() - t0
     ks = sorted({min(k, len(catalog)) for k in (10, recall_at, 100)})
     metrics = {role: task.metrics(model, ks, counts) for role, task in tasks.items()}
@@ -270,7 +267,7 @@ def train_retrieval(config: ExperimentConfig, run_dir: str, *, resume: bool = Fa
     record = {
         "status": "complete", "task": "retrieval", "logit_correction": 0.0,
         "epochs_run": len(state.history), "best_epoch": state.best_epoch,
-        "converged": warning is None, "warnings": [warning] if warning else [],
+        **convergence,
         "history": state.history, "metrics": metrics,
         "rows": {"train": len(train_split), "valid": len(valid_split),
                  "train_read": train_split.rows_read, "dropped": train_split.dropped},

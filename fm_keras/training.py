@@ -161,10 +161,7 @@ def train(config: ExperimentConfig, run_dir: str, *, resume: bool = False,
                       callbacks=[*prior, *watch_defined_metric(state, valid_split), state,
                                  *(callbacks or [])],
                       verbose=(1 if sys.stderr.isatty() else 2) if verbose is None else verbose)
-    state.restore_best()
-    warning = state.convergence_warning()
-    if warning:
-        log(f"warning: {warning}")
+    convergence = state.finish()
     train_seconds = time.time() - t0
     calibrate(model, valid_split, config.training)
 
@@ -182,9 +179,8 @@ def train(config: ExperimentConfig, run_dir: str, *, resume: bool = False,
         "calibration": model.calibration.to_dict(),
         "epochs_run": len(state.history),
         "best_epoch": state.best_epoch,
-        "converged": warning is None,
+        **convergence,
         "prior": prior[0].precisions if prior else None,
-        "warnings": [warning] if warning else [],
         "history": state.history,
         "metrics": metrics,
         "rows": {"train": len(train_split), "valid": len(valid_split),
@@ -355,6 +351,15 @@ class TrainingState(keras.callbacks.Callback):
     def convergence_warning(self) -> str | None:
         """`cap_warning` for this run (None if it stopped early or its last epoch was no gain)."""
         return cap_warning(self.stopper, len(self.history), self.config.training.epochs)
+
+    def finish(self) -> dict:
+        """Ends the fit: restores the best weights, logs the epoch-cap warning if the run was
+        still improving, and returns run.json's ``{"converged", "warnings"}``."""
+        self.restore_best()
+        warning = self.convergence_warning()
+        if warning:
+            log(f"warning: {warning}")
+        return {"converged": warning is None, "warnings": [warning] if warning else []}
 
     def restore_best(self) -> None:
         self.last.sync()
