@@ -174,6 +174,9 @@ class ModelConfig:
             the above, so rare ids are held back most (see `FactorizationMachine`).
         l2_prior_adaptive: re-estimate each feature's prior precision after every epoch
             (empirical Bayes, `fm_keras.prior`), starting from `l2_prior`; else keep it fixed.
+        l2_prior_validation: with `l2_prior_adaptive`, follow each re-estimate with a line
+            search of every feature's precisions on the validation loss
+            (`fm_keras.prior_search`; cf. libFM's SGDA, Rendle WSDM 2012).
     """
 
     task: str = "binary"
@@ -183,6 +186,7 @@ class ModelConfig:
     init_stddev: float = 0.01
     l2_prior: float = 10.0
     l2_prior_adaptive: bool = True
+    l2_prior_validation: bool = True
 
     def __post_init__(self):
         _one_of(self.task, TASKS, "model: task")

@@ -13,6 +13,10 @@ Training starts from a strong prior (`model.l2_prior`) and each feature's precis
 what its ids' effects support: far for MovieLens users, little for weak synthetic ids. The
 linear weights and the factors get separate precisions; the factor curvature is scaled by the
 mean squared factor sum of the other slots of a row, which is what a factor multiplies.
+
+EM alone barely moves when each id carries little information (its posterior is mostly
+prior): with validation rows (`model.l2_prior_validation`) each EM step is followed by a line
+search of every precision on the validation loss (`fm_keras.prior_search`).
 """
 
 from __future__ import annotations
@@ -20,10 +24,12 @@ from __future__ import annotations
 import numpy as np
 
 from fm_keras._tf import keras
+from fm_keras.prior_search import Slots, search
 
 ALPHA0 = BETA0 = 1.0  # libFM's Gamma hyperprior on each precision
 _FIXED_POINT_STEPS = 20
 TAU_RANGE = (1e-3, 1e6)
+MAX_VALIDATION_ROWS = 200_000  # the line search's cost per epoch is linear in them
 
 
 def precision(theta_sq: np.ndarray, counts: np.ndarray, curvature: float, dims: int,
@@ -77,6 +83,12 @@ class EmpiricalBayesPrior(keras.callbacks.Callback):
         ids, values: a sample of encoded training rows [rows, slots] (a few thousand suffice),
             for the factor curvature.
         curvature_per_row: `curvature` of the training labels and weights.
+        task: ``binary`` or ``regression`` (the validation loss of the line search).
+
+    The line search (`fm_keras.prior_search.search`) runs once `search_on` has given it the
+    validation rows. It rescales the weights it re-regularizes, after Keras has computed the
+    epoch's validation metrics: the epoch's checkpoint holds the rescaled weights, whose
+    validation loss is lower than the logged one.
 
     Attributes:
         precisions: feature name -> ``{"linear": tau_w, "embeddings": tau_v}``, the last
@@ -84,8 +96,10 @@ class EmpiricalBayesPrior(keras.callbacks.Callback):
     """
 
     def __init__(self, model, counts: np.ndarray, ids: np.ndarray, values: np.ndarray,
-                 curvature_per_row: float):
+                 curvature_per_row: float, task: str = "binary"):
         super().__init__()
+        self.task = task
+        self.validation: Slots | None = None
         self.fm_model = model
         self.counts = np.asarray(counts, np.float64)
         self.sample = (np.asarray(ids), np.asarray(values, np.float64))
@@ -96,6 +110,16 @@ class EmpiricalBayesPrior(keras.callbacks.Callback):
         self.precisions = {name: {"linear": tau, "embeddings": tau} for name, _, _ in self.groups}
         model.fm.set_prior(self.counts)
 
+    def search_on(self, validation: Slots, seed: int = 0) -> None:
+        """Follows every EM step with a line search of the precisions on `validation` (a
+        sample of `MAX_VALIDATION_ROWS` rows of it when larger, drawn with `seed`)."""
+        if len(validation.labels) > MAX_VALIDATION_ROWS:
+            keep = np.sort(np.random.default_rng(seed).permutation(
+                len(validation.labels))[:MAX_VALIDATION_ROWS])
+            validation = Slots(validation.ids[keep], validation.values[keep],
+                               validation.labels[keep], validation.offset)
+        self.validation = validation
+
     def on_epoch_end(self, epoch, logs=None):
         fm = self.fm_model.fm
         w = fm.linear.numpy().astype(np.float64)
@@ -105,12 +129,24 @@ class EmpiricalBayesPrior(keras.callbacks.Callback):
         vx = v[ids] * values[..., None]                                      # [r, s, k]
         others = vx.sum(1, keepdims=True) - vx
         factor_h = self.h * float(np.mean(np.sum(others ** 2, -1)[values != 0])) / k
-        tau_w, tau_v = np.empty_like(self.counts), np.empty_like(self.counts)
+        factor_h = max(factor_h, 1e-12)
         for name, start, size in self.groups:
             part = slice(start, start + size)
             tau = self.precisions[name]
             tau["linear"] = precision(w[part] ** 2, self.counts[part], self.h, 1, tau["linear"])
             tau["embeddings"] = precision(np.sum(v[part] ** 2, 1), self.counts[part],
-                                          max(factor_h, 1e-12), k, tau["embeddings"])
-            tau_w[part], tau_v[part] = tau["linear"], tau["embeddings"]
+                                          factor_h, k, tau["embeddings"])
+        if self.validation is not None:
+            groups = [(name, slice(start, start + size)) for name, start, size in self.groups]
+            info = {"linear": self.counts * self.h, "embeddings": self.counts * factor_h}
+            w, v, self.precisions = search(self.task, float(fm.bias.numpy()), w, v,
+                                           self.validation, groups, info, self.precisions,
+                                           TAU_RANGE)
+            fm.linear.assign(w.astype(np.float32))
+            fm.embeddings.assign(v.astype(np.float32))
+        tau_w, tau_v = np.empty_like(self.counts), np.empty_like(self.counts)
+        for name, start, size in self.groups:
+            part = slice(start, start + size)
+            tau_w[part] = self.precisions[name]["linear"]
+            tau_v[part] = self.precisions[name]["embeddings"]
         fm.set_prior(self.counts, tau_embeddings=tau_v, tau_linear=tau_w)

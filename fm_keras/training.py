@@ -39,6 +39,7 @@ from fm_keras.evaluation import early_stopping_monitor, metrics_for
 from fm_keras.features import FittedFeature, fit_features
 from fm_keras.model import FMModel, build_model, make_optimizer
 from fm_keras.prior import EmpiricalBayesPrior, curvature
+from fm_keras.prior_search import Slots
 
 
 @dataclass
@@ -139,6 +140,10 @@ def train(config: ExperimentConfig, run_dir: str, *, resume: bool = False,
     else:
         train_ds = _dataset(model, train_split, config, training=True, callbacks=prior)
     valid_ds = _dataset(model, valid_split, config, training=False)
+    if prior and config.model.l2_prior_validation:
+        prior[0].search_on(Slots(*model.encoder.encode_numpy(valid_split.features),
+                                 valid_split.labels, model.logit_correction),
+                            config.training.seed)
     log(f"encoded {len(train_split):,} + {len(valid_split):,} rows into "
         f"{model.encoder.num_slots} slots over {model.encoder.num_ids:,} ids "
         f"in {time.time() - t0:.1f}s")
@@ -416,7 +421,7 @@ def _dataset(model: FMModel, split: Split, config: ExperimentConfig, training: b
             weights = sample_weights(split.labels, config.training)
             callbacks.append(EmpiricalBayesPrior(
                 model, counts, ids[sample], values[sample],
-                curvature(config.model.task, split.labels, weights)))
+                curvature(config.model.task, split.labels, weights), config.model.task))
     weights = (sample_weights(split.labels, config.training) if training
                else np.ones(len(split), np.float32))
     if negatives is not None:

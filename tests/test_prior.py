@@ -33,3 +33,44 @@ def test_curvature_is_the_weighted_bernoulli_variance():
     weights = np.array([3.0, 1, 1, 1])                                 # pos_weight 3: p = 1/2
     assert curvature("binary", labels, weights) == pytest.approx(1.5 * 0.25)
     assert curvature("regression", labels, np.ones(4)) == 2.0
+
+
+def test_callback_applies_the_validation_search_to_the_layer():
+    """With validation rows, the epoch-end update rescales the layer's tables as
+    `prior_search.search` says and sets each id's L2 to tau / (2 n) from its chosen precision;
+    a noise feature ends up held back harder than EM alone would hold it."""
+    from types import SimpleNamespace
+
+    from fm_keras.layers import FactorizationMachine
+    from fm_keras.prior import EmpiricalBayesPrior
+    from fm_keras.prior_search import Slots
+
+    rng = np.random.default_rng(0)
+    n_noise, n_attr, k, rows = 200, 10, 2, 20_000
+    fm = FactorizationMachine(n_noise + n_attr, k, l2_prior=10.0)
+    fm((np.zeros([1, 2], np.int32), np.zeros([1, 2], np.float32)))
+    w_attr = rng.normal(0, 1.0, n_attr)
+    fm.linear.assign(np.concatenate([rng.normal(0, 0.5, n_noise), w_attr]).astype(np.float32))
+    fm.embeddings.assign(rng.normal(0, 0.01, (n_noise + n_attr, k)).astype(np.float32))
+    ids = np.stack([rng.integers(0, n_noise, rows), n_noise + rng.integers(0, n_attr, rows)], 1)
+    values = np.ones(ids.shape, np.float32)
+    labels = (rng.random(rows) < 1 / (1 + np.exp(-w_attr[ids[:, 1] - n_noise]))).astype(float)
+    features = [SimpleNamespace(config=SimpleNamespace(name=name), size=size)
+                for name, size in (("noise", n_noise), ("attr", n_attr))]
+    model = SimpleNamespace(fm=fm, encoder=SimpleNamespace(features=features,
+                                                           offsets=[0, n_noise]))
+    counts = np.bincount(ids.ravel(), minlength=n_noise + n_attr)
+
+    em_only = EmpiricalBayesPrior(model, counts, ids[:500], values[:500], 0.2)
+    em_only.on_epoch_end(0)
+    fm.set_prior(counts)  # back to the start for the second callback
+    searched = EmpiricalBayesPrior(model, counts, ids[:500], values[:500], 0.2)
+    searched.search_on(Slots(ids, values, labels))
+    before = fm.linear.numpy().copy()
+    searched.on_epoch_end(0)
+    tau = searched.precisions
+    assert tau["noise"]["linear"] > 4 * em_only.precisions["noise"]["linear"]
+    after = fm.linear.numpy()
+    assert np.sqrt(np.mean(after[:n_noise] ** 2)) < 0.5 * np.sqrt(np.mean(before[:n_noise] ** 2))
+    np.testing.assert_allclose(fm.prior_linear.numpy()[:n_noise],
+                               0.5 * tau["noise"]["linear"] / counts[:n_noise], rtol=1e-5)
