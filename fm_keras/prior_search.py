@@ -40,23 +40,6 @@ class Slots:
     offset: float = 0.0
 
 
-def fm_logits(bias: float, w: np.ndarray, v: np.ndarray, ids: np.ndarray,
-              values: np.ndarray) -> np.ndarray:
-    """NumPy FM score of encoded rows (`fm_keras.layers.FactorizationMachine`'s math).
-
-    Args:
-        bias: w0. w: linear weights [num_ids]. v: factors [num_ids, k].
-        ids: int [rows, slots]. values: float [rows, slots].
-
-    Returns:
-        float64 [rows].
-    """
-    vx = v[ids] * values[..., None]
-    summed = vx.sum(1)
-    return (bias + np.sum(w[ids] * values, 1)
-            + 0.5 * (np.sum(summed ** 2, 1) - np.sum(vx ** 2, (1, 2))))
-
-
 def loss(task: str, logits: np.ndarray, labels: np.ndarray) -> float:
     """Mean logloss (binary, from logits) or mean squared error (regression)."""
     if task == "regression":
