@@ -75,7 +75,7 @@ def curvature(task: str, labels: np.ndarray, weights: np.ndarray) -> float:
 
 
 class EmpiricalBayesPrior(keras.callbacks.Callback):
-    """Re-estimates each feature's `l2_prior` precisions after every epoch (see module doc).
+    """Re-estimates each feature's `l2_prior` precisions between epochs (see module doc).
 
     Args:
         model: the `FMModel` (its ``fm`` layer must have ``l2_prior > 0``).
@@ -85,10 +85,10 @@ class EmpiricalBayesPrior(keras.callbacks.Callback):
         curvature_per_row: `curvature` of the training labels and weights.
         task: ``binary`` or ``regression`` (the validation loss of the line search).
 
-    The line search (`fm_keras.prior_search.search`) runs once `search_on` has given it the
-    validation rows. It rescales the weights it re-regularizes, after Keras has computed the
-    epoch's validation metrics: the epoch's checkpoint holds the rescaled weights, whose
-    validation loss is lower than the logged one.
+    The update runs at the start of every epoch after the first, from the fit so far, rather
+    than at the end of one: the line search (`fm_keras.prior_search.search`, once `search_on`
+    has given it the validation rows) rescales the weights, and an epoch's validation metrics
+    and its checkpoint must describe the same weights.
 
     Attributes:
         precisions: feature name -> ``{"linear": tau_w, "embeddings": tau_v}``, the last
@@ -120,7 +120,13 @@ class EmpiricalBayesPrior(keras.callbacks.Callback):
                                validation.labels[keep], validation.offset)
         self.validation = validation
 
-    def on_epoch_end(self, epoch, logs=None):
+    def on_epoch_begin(self, epoch, logs=None):
+        if epoch > 0:
+            self.update()
+
+    def update(self) -> None:
+        """EM step of every feature's precisions, then the validation line search (if on);
+        sets the layer's per-id L2 from them."""
         fm = self.fm_model.fm
         w = fm.linear.numpy().astype(np.float64)
         v = fm.embeddings.numpy().astype(np.float64)

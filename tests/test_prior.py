@@ -36,7 +36,7 @@ def test_curvature_is_the_weighted_bernoulli_variance():
 
 
 def test_callback_applies_the_validation_search_to_the_layer():
-    """With validation rows, the epoch-end update rescales the layer's tables as
+    """With validation rows, the update between epochs rescales the layer's tables as
     `prior_search.search` says and sets each id's L2 to tau / (2 n) from its chosen precision;
     a noise feature ends up held back harder than EM alone would hold it."""
     from types import SimpleNamespace
@@ -62,12 +62,12 @@ def test_callback_applies_the_validation_search_to_the_layer():
     counts = np.bincount(ids.ravel(), minlength=n_noise + n_attr)
 
     em_only = EmpiricalBayesPrior(model, counts, ids[:500], values[:500], 0.2)
-    em_only.on_epoch_end(0)
+    em_only.update()
     fm.set_prior(counts)  # back to the start for the second callback
     searched = EmpiricalBayesPrior(model, counts, ids[:500], values[:500], 0.2)
     searched.search_on(Slots(ids, values, labels))
     before = fm.linear.numpy().copy()
-    searched.on_epoch_end(0)
+    searched.update()
     tau = searched.precisions
     assert tau["noise"]["linear"] > 4 * em_only.precisions["noise"]["linear"]
     after = fm.linear.numpy()
