@@ -160,11 +160,10 @@ def test_epoch_cap_while_improving_warns_and_is_recorded(small_synth, tmp_path, 
     synth_dir, _ = small_synth
     record = train(_config(synth_dir, epochs=1), str(tmp_path / "run"), verbose=0)
     assert record["best_epoch"] == 1 and not record["converged"]
-    # The empirical Bayes prior re-estimated every feature's precisions after the epoch.
+    # The empirical Bayes prior is re-estimated between epochs: after one, none yet.
     config = _config(synth_dir)
     assert set(record["prior"]) == {f.name for f in config.features}
-    assert all(0 < tau < 1e6 and tau != config.model.l2_prior
-               for p in record["prior"].values() for tau in p.values())
+    assert all(tau == config.model.l2_prior for p in record["prior"].values() for tau in p.values())
     assert "raise training.epochs" in record["warnings"][0]
     assert "warning: still improving at the last epoch" in capsys.readouterr().err
     state = load_run(str(tmp_path / "run")).info
@@ -181,6 +180,10 @@ def test_early_stop_is_converged_and_state_agrees(small_synth, tmp_path):
         state = json.load(f)
     assert len(record["history"]) < 8 and record["converged"] and not record["warnings"]
     assert state["best_epoch"] == record["best_epoch"] == state["early_stopping"]["best_epoch"]
+    # The empirical Bayes prior (EM + validation line search) re-estimated every precision.
+    l2_prior = _config(synth_dir).model.l2_prior
+    assert all(0 < tau < 1e6 and tau != l2_prior
+               for p in record["prior"].values() for tau in p.values())
 
 
 def test_shuffle_is_a_new_permutation_every_epoch():
