@@ -215,6 +215,14 @@ class FeatureEncoder(keras.layers.Layer):
         """Names of the query-side (user + context) or item-side features, in spec order."""
         return [f.config.name for f in self.features if f.config.query_side == query_side]
 
+    def query_key_names(self) -> list[str]:
+        """Names whose values identify a query (whose items are relevant or seen): the user
+        tower's features. Context features (time, device, page...) change from one request
+        to the next and are not part of who asks; with no user-tower feature every
+        query-side feature is."""
+        users = [f.config.name for f in self.features if f.config.tower == "user"]
+        return users or self.side_names(query_side=True)
+
     def input_signature(self, names: Sequence[str] | None = None) -> dict[str, tf.TensorSpec]:
         """The raw inputs as `tf.TensorSpec`s of shape [None], named after the features."""
         return {f.config.name: tf.TensorSpec([None], tf.float32 if f.config.kind == "numeric"

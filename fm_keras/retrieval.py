@@ -145,6 +145,17 @@ class RecallTask:
             empty = np.zeros(0, np.int64)
             self.exclude = [lookup.get(q, empty) for q in queries.tolist()]
 
+    @classmethod
+    def of(cls, model: FMModel, catalog: Catalog, split: Split,
+           seen: Split | None = None) -> "RecallTask":
+        """The task over `split`'s queries, each identified by its user-tower values
+        (`FeatureEncoder.query_key_names`: a context feature such as the hour does not make a
+        new query); a query's context values are those of its first row in `split`. `seen`
+        (e.g. the training log) lists items each query must not be recommended."""
+        splits = [split] if seen is None else [split, seen]
+        keys = query_keys(splits, model.encoder.query_key_names())
+        return cls(model, catalog, split, keys[0], None if seen is None else (keys[1], seen))
+
     def top_k(self, model: FMModel, k: int) -> np.ndarray:
         """The model's top-k catalog indices per query, int64 [queries, min(k, items)]."""
         users = _user_vectors(model, *self.query_slots)
@@ -289,11 +300,8 @@ def _recall_tasks(config, model, catalog, train_split, valid_split) -> dict:
     splits = {"valid": valid_split}
     if config.data.test:
         splits["test"] = load_interactions(config.data.test, config, catalog)
-    names = model.encoder.side_names(True)
-    keys = query_keys([train_split, *splits.values()], names)
-    seen = (keys[0], train_split) if config.training.retrieval.exclude_seen else None
-    return {role: RecallTask(model, catalog, split, k, seen)
-            for (role, split), k in zip(splits.items(), keys[1:])}
+    seen = train_split if config.training.retrieval.exclude_seen else None
+    return {role: RecallTask.of(model, catalog, split, seen) for role, split in splits.items()}
 
 
 def clamp_ks(ks, items: int, where: str) -> list[int]:
@@ -338,14 +346,12 @@ def evaluate_recall(run_dir: str, data, items: str | None = None,
     files = expand_paths(data)
     split = load_interactions(files, config, catalog, use_label=bool(label) and any(
         label in read_header(path) for path in files))
-    splits = [split]
+    seen = None
     if exclude:
-        splits.append(load_interactions([exclude] if isinstance(exclude, str) else exclude,
-                                        config, catalog, filters=(), require_positives=False,
-                                        use_label=False))
-    keys = query_keys(splits, run.model.encoder.side_names(True))
-    task = RecallTask(run.model, catalog, split, keys[0],
-                      (keys[1], splits[1]) if exclude else None)
+        seen = load_interactions([exclude] if isinstance(exclude, str) else exclude,
+                                 config, catalog, filters=(), require_positives=False,
+                                 use_label=False)
+    task = RecallTask.of(run.model, catalog, split, seen)
     counts = item_counts(load_interactions(config.data.train, config, catalog), len(catalog))
     result = task.metrics(run.model, ks, counts)
     result.update(catalog={"path": catalog.path, "items": len(catalog)},

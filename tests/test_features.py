@@ -131,6 +131,15 @@ def test_slots_ids_offsets_and_sides():
     assert encoder.num_ids == 10
 
 
+def test_query_key_names_are_the_user_tower_or_every_query_side_feature():
+    def encoder(*towers):
+        configs = [FeatureConfig(f"f{i}", "categorical", t) for i, t in enumerate(towers)]
+        return FeatureEncoder(fit_features(configs, _split(**{c.name: ["a"] for c in configs})))
+
+    assert encoder("user", "context", "item", "user").query_key_names() == ["f0", "f3"]
+    assert encoder("context", "item").query_key_names() == ["f0"]
+
+
 def test_missing_input_names_the_feature():
     (fitted,) = fit_features([FeatureConfig("user", "categorical", "user")], _split(user=["a"]))
     with pytest.raises(ValueError, match="missing input feature 'user'"):
