@@ -85,6 +85,9 @@ class FittedFeature:
         d = dataclasses.asdict(self)
         d["vocabulary"] = list(self.vocabulary)
         d["boundaries"] = list(self.boundaries)
+        for key in ("clip_min", "clip_max"):  # strict JSON has no Infinity: no clip is null
+            if not math.isfinite(d[key]):
+                d[key] = None
         return d
 
     @classmethod
@@ -93,6 +96,10 @@ class FittedFeature:
         d["config"] = FeatureConfig(**d["config"])
         d["vocabulary"] = tuple(d.get("vocabulary", ()))
         d["boundaries"] = tuple(d.get("boundaries", ()))
+        if d.get("clip_min") is None:
+            d["clip_min"] = -math.inf
+        if d.get("clip_max") is None:
+            d["clip_max"] = math.inf
         return cls(**d)
 
 
