@@ -39,7 +39,7 @@ from fm_keras.config import ExperimentConfig, RetrievalConfig
 from fm_keras.data import Split, expand_paths, read_header
 from fm_keras.errors import ConfigError
 from fm_keras.features import FittedFeature, fit_features
-from fm_keras.interactions import (ITEM_INDEX, Catalog, item_counts, load_catalog,
+from fm_keras.interactions import (ITEM_INDEX, WEIGHT, Catalog, item_counts, load_catalog,
                                    load_interactions, query_keys)
 from fm_keras.model import FMModel, build_model, make_optimizer
 from fm_keras.recall_metrics import exact_top_k, group_by_query, popularity_top_k, ranking_metrics
@@ -253,8 +253,9 @@ def train_retrieval(config: ExperimentConfig, run_dir: str, *, resume: bool = Fa
         candidate_log_q(counts, t.batch_size, r.catalog_negatives))
     query_names = model.encoder.side_names(True)
     ids, values = model.encoder.encode_numpy(train_split.features, names=query_names)
-    train_ds = batched_dataset(ids, values, train_split.passthrough[ITEM_INDEX],
-                               np.ones(len(ids), np.float32), t.batch_size, shuffle_seed=t.seed)
+    weights = train_split.passthrough.get(WEIGHT, np.ones(len(ids), np.float32))
+    train_ds = batched_dataset(ids, values, train_split.passthrough[ITEM_INDEX], weights,
+                               t.batch_size, shuffle_seed=t.seed)
     tasks = _recall_tasks(config, model, catalog, train_split, valid_split)
     recall_at = clamp_ks([r.recall_at], len(catalog), "training: retrieval: recall_at")[0]
 

@@ -29,9 +29,10 @@ def _softmax_loss_reference(u, c, log_q, items, temperature):
     return -log_p[np.arange(b), np.arange(b)]
 
 
-@pytest.mark.parametrize("logq,temperature", [(True, 1.0), (False, 0.5), (True, 0.2)])
+@pytest.mark.parametrize("logq,temperature,weighted", [(True, 1.0, False), (False, 0.5, False),
+                                                      (True, 0.2, True)])
 def test_loss_matches_numpy_softmax_with_logq_and_accidental_hits(implicit_data, logq,
-                                                                   temperature):
+                                                                   temperature, weighted):
     config = experiment_from_dict(implicit_experiment(implicit_data), base_dir=implicit_data)
     catalog = load_catalog(os.path.join(implicit_data, "items.csv"), config.features, "item_id")
     train = load_interactions(config.data.train, config, catalog)
@@ -49,14 +50,15 @@ def test_loss_matches_numpy_softmax_with_logq_and_accidental_hits(implicit_data,
     q_ids, q_values = model.encoder.encode_numpy(
         {n: train.features[n][:6] for n in model.encoder.side_names(True)},
         names=model.encoder.side_names(True))
-    loss = model.compute_loss(({"ids": q_ids, "values": q_values}, items,
-                               np.ones(6, np.float32))).numpy()
+    weights = (np.array([0.5, 2.0, 1.0, 0.0, 3.0, 1.0], np.float32) if weighted
+               else np.ones(6, np.float32))  # data: weight (e.g. recency)
+    loss = model.compute_loss(({"ids": q_ids, "values": q_values}, items, weights)).numpy()
     u = model.user_tower({n: tf.constant(train.features[n][:6])
                           for n in model.encoder.side_names(True)})["user_vector"].numpy()
     c = model.item_tower({n: tf.constant(catalog.columns[n][items]) for n in item_names}).numpy()
     expected = _softmax_loss_reference(u.astype(np.float64), c.astype(np.float64),
                                        log_q[items] if logq else np.zeros(6), items, temperature)
-    assert loss == pytest.approx(expected.mean(), rel=1e-4)
+    assert loss == pytest.approx((weights * expected).mean(), rel=1e-4)
 
 
 def test_a_context_feature_does_not_split_a_users_queries_or_lose_exclusions(implicit_data,
