@@ -74,6 +74,12 @@ class RetrievalModel(FMModel):
         self._slot_order = side_slot_order(encoder.slot_query_side)
         self._catalog = None
 
+    @property
+    def trainable_weights(self):
+        # The global bias adds one constant to every candidate's score: the softmax cancels it,
+        # so it has no gradient (and the optimizer would warn about it every epoch).
+        return [w for w in super().trainable_weights if w is not self.fm.bias]
+
     def use_catalog(self, ids: np.ndarray, values: np.ndarray, log_q: np.ndarray) -> None:
         """The candidates: encoded item slots [items, item slots] and log q(item) [items]."""
         self._catalog = (tf.constant(ids, tf.int32), tf.constant(values, tf.float32),

@@ -87,6 +87,17 @@ def test_a_context_feature_does_not_split_a_users_queries_or_lose_exclusions(imp
     assert sum(len(e) for e in task.exclude) == sum(len(seen[u]) for u in users)
 
 
+def test_the_global_bias_is_not_trained_the_softmax_cancels_it(implicit_data):
+    config = experiment_from_dict(implicit_experiment(implicit_data), base_dir=implicit_data)
+    catalog = load_catalog(os.path.join(implicit_data, "items.csv"), config.features, "item_id")
+    train = load_interactions(config.data.train, config, catalog)
+    base = build_model(fit_features(config.features, train), config.model, config.training)
+    model = RetrievalModel(base.encoder, base.fm)
+    names = {w.name for w in model.trainable_weights}
+    assert base.fm.bias.name not in names
+    assert names == {w.name for w in base.fm.trainable_weights} - {base.fm.bias.name}
+
+
 def test_candidate_log_q_is_frequency_plus_uniform_share():
     counts = np.array([6.0, 3.0, 1.0, 0.0])
     assert np.exp(candidate_log_q(counts, 10, 0)) == pytest.approx([0.6, 0.3, 0.1, 1e-12])
