@@ -179,7 +179,7 @@ class ModelConfig:
         l2_prior: precision of a Gaussian prior on each id's factors and linear weight: an
             id seen n times in training gets L2 ``l2_prior / (2 n)`` per occurrence, on top of
             the above, so rare ids are held back most (see `FactorizationMachine`).
-        l2_prior_adaptive: re-estimate each feature's prior precision after every epoch
+        l2_prior_adaptive: re-estimate each feature's prior precision between epochs
             (empirical Bayes, `fm_keras.prior`), starting from `l2_prior`; else keep it fixed.
         l2_prior_validation: with `l2_prior_adaptive`, follow each re-estimate with a line
             search of every feature's precisions on the validation loss

@@ -6,7 +6,7 @@ tenth of those of users on MovieLens, so a tau that holds the first back crushes
 Bayesian FMs (Freudenthaler, Schmidt-Thieme and Rendle, "Bayesian Factorization Machines",
 NIPS workshop 2011; libFM's MCMC, Rendle, ACM TIST 2012) give each feature f its own precision
 lambda_f with a Gamma(alpha0, beta0) hyperprior and infer it from the parameters. This module
-does a point-estimate version after every epoch (`precision`, an EM step): for the D_f numbers
+does a point-estimate version between epochs (`precision`, an EM step): for the D_f numbers
 of feature f, tau_f = (alpha0 + D_f/2) / (beta0 + 1/2 sum_j (theta_j^2 + var_j)) with var_j =
 dims / (n_j h + tau_f) the posterior variance of id j (n_j rows, loss curvature h per row).
 Training starts from a strong prior (`model.l2_prior`) and each feature's precision falls to

@@ -7,16 +7,18 @@ synthetic set it settles at tau ~20-30 for ids whose planted effects correspond 
 ~100-2500, so the ids keep fitting noise. libFM's adaptive regularization (SGDA; Rendle,
 "Learning Recommender Systems with Adaptive Regularization", WSDM 2012) instead moves each
 feature group's lambda by the gradient of the validation loss. This module does the same with a
-line search per group: after every epoch, for each feature and for its linear weights and its
+line search per group: between epochs, for each feature and for its linear weights and its
 factors in turn, it tries multiplying the precision tau by each of `MULTIPLIERS`, predicts the
 fit under the new prior with the ridge (MAP) response of each id,
 
     theta_j(tau') = theta_j(tau) * (info_j + tau) / (info_j + tau'),   info_j = n_j * h,
 
 scores the validation rows with it, and keeps the precision (and the rescaled parameters) with
-the lowest validation logloss (RMSE for regression). Groups are visited one at a time, each
-given the others' choices (coordinate descent); a change must gain more than `MIN_GAIN`
-(relative) so that noise on the validation rows does not move the prior.
+the lowest validation logloss (mean squared error for regression). Groups are visited one at
+a time, each given the others' choices (coordinate descent); a change must gain more than
+`MIN_GAIN` (relative) so that noise on the validation rows does not move the prior. These are
+the rows early stopping and the calibrator already use: 2 hyperparameters per feature, on a
+coarse grid; the test split stays untouched.
 """
 
 from __future__ import annotations
