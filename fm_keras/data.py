@@ -19,7 +19,8 @@ import pandas as pd
 from fm_keras.config import DataConfig, FeatureConfig, FilterConfig, TrainingConfig
 from fm_keras.errors import DataError
 
-_MISSING_TOKENS = frozenset({"", "nan", "NaN", "NA", "null", "None"})
+# Cells that mean 'missing' (pandas' own NA detection is off: the reader uses these).
+MISSING_TOKENS = frozenset({"", "nan", "NaN", "NA", "null", "None"})
 
 
 @dataclass
@@ -161,7 +162,7 @@ def load_split(
         rows_read += len(frame)
         keep = np.ones(len(frame), dtype=bool)
         for flt in filters:
-            hit = _filter_mask(frame[flt.column], flt, path) & keep
+            hit = filter_mask(frame[flt.column], flt, path) & keep
             dropped[flt.name] += int(hit.sum())
             keep &= ~hit
         parts.append((path, frame[keep]))
@@ -218,7 +219,7 @@ def _feature_column(column: pd.Series, feat: FeatureConfig, path: str) -> np.nda
 
 def _numeric(column: pd.Series, where: str) -> np.ndarray:
     values = pd.to_numeric(column, errors="coerce").to_numpy(dtype=np.float64)
-    bad = np.isnan(values) & ~column.isin(_MISSING_TOKENS).to_numpy()
+    bad = np.isnan(values) & ~column.isin(MISSING_TOKENS).to_numpy()
     if bad.any():
         row = int(np.flatnonzero(bad)[0])
         raise DataError(f"{where}: non-numeric value {column.iloc[row]!r} "
@@ -242,9 +243,11 @@ def _label_column(column: pd.Series, label: str, task: str, path: str) -> np.nda
     return values
 
 
-def _filter_mask(column: pd.Series, flt: FilterConfig, path: str) -> np.ndarray:
+def filter_mask(column: pd.Series, flt: FilterConfig, path: str) -> np.ndarray:
+    """Rows of `column` [rows] (raw strings) that `flt` matches, bool [rows]; errors name
+    `path`."""
     if flt.op == "is_null":
-        return column.isin(_MISSING_TOKENS).to_numpy()
+        return column.isin(MISSING_TOKENS).to_numpy()
     values = flt.value if flt.op in ("in", "not_in") else [flt.value]
     numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
     if numeric:

@@ -89,7 +89,7 @@ def generate(out_dir: str, rows: int = SynthSpec.rows, seed: int = SynthSpec.see
     spec = SynthSpec(rows=rows, seed=seed)
     rng = np.random.default_rng(seed)
     truth = PlantedFM(spec, rng)
-    items = _catalog(spec, rng)
+    items = item_catalog(spec, rng)
     n = spec.rows
     frame, prob, cached = _rows(spec, truth, items, rng, start=1_700_000_000, days=30)
     label = frame["click"].to_numpy()
@@ -126,7 +126,7 @@ def generate_span(root: str, span: int, rows: int = 50_000, seed: int = SynthSpe
     spec = SynthSpec(rows=rows, seed=seed)
     rng = np.random.default_rng(seed)
     truth = PlantedFM(spec, rng)  # drawn first from the seed alone: the same in every span
-    items = _catalog(spec, rng)
+    items = item_catalog(spec, rng)
     rng = np.random.default_rng([seed, span])
     frame, _, _ = _rows(spec, truth, items, rng, start=1_700_000_000 + (span - 1) * 7 * 86400,
                         days=7)
@@ -185,7 +185,9 @@ def _catalog_frame(spec: SynthSpec, items: dict) -> pd.DataFrame:
                          "item_tags": items["tags"], "item_price": items["price"]})
 
 
-def _catalog(spec: SynthSpec, rng: np.random.Generator) -> dict[str, np.ndarray]:
+def item_catalog(spec: SynthSpec, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """The planted item catalog of `spec`: per-item arrays [items] (category, tags, price ...)
+    drawn from `rng`."""
     category = rng.integers(0, spec.categories, spec.items)
     max_tags = 4
     tag_ids = np.zeros((spec.items, max_tags), dtype=np.int64)
@@ -319,7 +321,7 @@ def load_world(data_dir: str) -> SyntheticWorld:
     spec = SynthSpec(**fsutil.read_json(path)["spec"])
     rng = np.random.default_rng(spec.seed)
     truth = PlantedFM(spec, rng)
-    items = _catalog(spec, rng)
+    items = item_catalog(spec, rng)
     _rows(spec, truth, items, rng, start=1_700_000_000, days=30)  # sets truth.bias
     segment = np.random.default_rng(spec.seed + 1).integers(0, spec.segments, spec.users)
     return SyntheticWorld(spec, truth, items, segment, _zipf_probs(spec.users, 0.9))
