@@ -133,16 +133,23 @@ class BestWeights:
 
     def __init__(self, variables: Sequence[tf.Variable]):
         self.live = list(variables)
-        self.copies = [tf.Variable(v.read_value(), trainable=False) for v in self.live]
+        # Zeros, not the live values: a variable made from another's value shares its buffer
+        # until the next update copies it (copy-on-write), one more copy inside a train step.
+        self.copies = [tf.Variable(tf.zeros(v.shape, v.dtype), trainable=False)
+                       for v in self.live]
         self.trackable = tf.train.Checkpoint(**{f"w{i}": c for i, c in enumerate(self.copies)})
 
     def save(self) -> None:
-        """Copies the current weights in (a real copy: adding 0 gives a new buffer, where an
-        assign of the variable itself would share it and defer the copy to the next update)."""
+        """Copies the current weights in: O(weights) memory traffic, no allocation.
+
+        ``copy[...].assign`` writes into the copy's own buffer; ``copy.assign(live)`` would
+        share the live buffer and move the copy into the next train step (copy-on-write), and
+        ``live + 0`` would allocate a new table-sized buffer every time.
+        """
         for copy, live in zip(self.copies, self.live):
-            copy.assign(live.read_value() + tf.zeros((), live.dtype))
+            copy[...].assign(live)
 
     def restore(self) -> None:
-        """Puts the copied weights back into the model."""
+        """Puts the copied weights back into the model (in place, as `save`)."""
         for copy, live in zip(self.copies, self.live):
-            live.assign(copy.read_value())
+            live[...].assign(copy)
