@@ -137,6 +137,7 @@ class BestWeights:
         # until the next update copies it (copy-on-write), one more copy inside a train step.
         self.copies = [tf.Variable(tf.zeros(v.shape, v.dtype), trainable=False)
                        for v in self.live]
+        self.save()  # once now, before training: the first copy costs more than later ones
         self.trackable = tf.train.Checkpoint(**{f"w{i}": c for i, c in enumerate(self.copies)})
 
     def save(self) -> None:

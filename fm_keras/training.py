@@ -301,6 +301,7 @@ class TrainingState(keras.callbacks.Callback):
         background = self.large and self.async_checkpoints
         self.best_weights, self.best, tracked = None, None, {}
         if self.best_in_memory:
+            # The trainable weights: the l2_prior penalties shape the loss, not the outputs.
             self.best_weights = BestWeights(model.fm.trainable_weights)
             tracked["best"] = self.best_weights.trackable
         else:
