@@ -123,6 +123,9 @@ class BestWeights:
     Args:
         variables: the model weights to copy (e.g. ``model.fm.trainable_weights``).
 
+    Raises:
+        ValueError: `variables` is empty (a model not built yet).
+
     Attributes:
         trackable: the copies as a `tf.train.Checkpoint` node: give it to the run's checkpoint
             (``tf.train.Checkpoint(..., best=best.trackable)``) to save and restore them.
@@ -133,6 +136,9 @@ class BestWeights:
 
     def __init__(self, variables: Sequence[tf.Variable]):
         self.live = list(variables)
+        if not self.live:
+            raise ValueError("BestWeights got no variables: build the model before training "
+                             "starts (call it once), then create the callback")
         # Zeros, not the live values: a variable made from another's value shares its buffer
         # until the next update copies it (copy-on-write), one more copy inside a train step.
         self.copies = [tf.Variable(tf.zeros(v.shape, v.dtype), trainable=False)

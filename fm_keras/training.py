@@ -324,7 +324,6 @@ class TrainingState(keras.callbacks.Callback):
             state = json.loads(saved) if saved else fsutil.read_json(self.state_path)
             self.stopper = EarlyStopping.from_dict(state["early_stopping"])
             self.history = state["history"]
-            self.monitor = state.get("monitor", self.monitor)
             self.checkpoint_epoch = int(self.epoch.numpy())
             log(f"resuming after epoch {self.checkpoint_epoch}, the checkpoint's (best "
                 f"{self.monitor} {self.sign * self.stopper.best_value:.5f} at epoch "

@@ -103,6 +103,11 @@ def test_best_weights_copy_restore_and_checkpoint(tmp_path):
     np.testing.assert_array_equal(other.copies[0].numpy(), saved[0])
 
 
+def test_best_weights_of_an_unbuilt_model_is_an_error():
+    with pytest.raises(ValueError, match="build the model"):
+        BestWeights([])
+
+
 def _epochs(state, aucs, first=0):
     for epoch, auc in enumerate(aucs, start=first):
         state.on_epoch_end(epoch, {"loss": 0.3, "val_auc": auc})
