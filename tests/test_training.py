@@ -10,7 +10,7 @@ import pytest
 
 from fm_keras.config import load_experiment
 from fm_keras.errors import DataError, RunError, TrainingDivergedError
-from fm_keras.training import TrainingState, load_run, predict_split, train
+from fm_keras.training import TrainingState, check_run_dir, load_run, predict_split, train
 from fm_keras.data import load_data_split
 
 
@@ -160,6 +160,13 @@ def test_resume_from_a_checkpoint_older_than_the_last_epoch(small_synth, tmp_pat
     straight = train(config, str(tmp_path / "straight"), verbose=0)
     assert record["metrics"]["valid"]["auc"] == pytest.approx(
         straight["metrics"]["valid"]["auc"], abs=0.02)
+
+
+def test_a_run_dir_with_other_files_is_refused_without_suggesting_resume(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(RunError, match="is not empty and holds no fm-keras run; choose a new"):
+        check_run_dir(str(tmp_path), resume=False)
+    assert os.listdir(tmp_path) == ["notes.txt"]
 
 
 def test_early_stopping_restores_best_epoch(small_synth, tmp_path):
