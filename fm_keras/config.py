@@ -39,6 +39,7 @@ TOWERS = ("user", "item", "context")
 NORMALIZATIONS = ("standard", "log", "min_max", "none")
 COMBINERS = ("sum", "mean", "sqrtn")
 TASKS = ("binary", "regression", "retrieval")
+OUT_OF_CORE = ("auto", "true", "false")
 SAMPLERS = ("uniform", "popularity")
 OPTIMIZERS = ("adam", "adagrad", "ftrl", "sgd")
 FILTER_OPS = ("==", "!=", "<", "<=", ">", ">=", "in", "not_in", "is_null")
@@ -156,6 +157,13 @@ class DataConfig:
     filters: tuple[FilterConfig, ...] = ()
     items: tuple[str, ...] = ()
     item_id: str = "item_id"
+    out_of_core: str = "auto"
+    out_of_core_mb: float = 256.0
+    shard_dir: str | None = None
+
+    def __post_init__(self):
+        _one_of(self.out_of_core, OUT_OF_CORE, "data: out_of_core")
+        _at_least(self.out_of_core_mb, 0.0, "data: out_of_core_mb")
 
 
 @dataclass(frozen=True)
@@ -540,6 +548,10 @@ def _data(raw, base_dir: str, source: str) -> DataConfig:
             if not all(isinstance(p, str) for p in paths):
                 raise ConfigError(f"{where}: {key} must be a path/glob or a list of them")
             raw[key] = tuple(_resolve(p, base_dir) for p in paths)
+    if isinstance(raw.get("out_of_core"), bool):  # YAML reads true/false as booleans
+        raw["out_of_core"] = str(raw["out_of_core"]).lower()
+    if isinstance(raw.get("shard_dir"), str):
+        raw["shard_dir"] = _resolve(raw["shard_dir"], base_dir)
     filters = raw.pop("filters", None) or []
     if not isinstance(filters, list):
         raise ConfigError(f"{where}: filters must be a list")
