@@ -22,14 +22,8 @@ import subprocess
 import sys
 import time
 
-CHILD = """
-import resource, runpy, sys
-sys.argv = sys.argv[1:]
-try:
-    runpy.run_module("fm_keras.cli", run_name="__main__")
-finally:
-    print("peak_rss_kib", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)
-"""
+from scoring import CHILD  # noqa: E402  (benchmarks/scoring.py: fm-keras, then its peak RSS)
+
 VALID_ROWS = 100_000
 
 

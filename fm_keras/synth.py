@@ -83,7 +83,12 @@ class PlantedFM:
 
 
 def generate(out_dir: str, rows: int = SynthSpec.rows, seed: int = SynthSpec.seed) -> dict:
-    """Writes train/valid/test CSVs, items.csv, features.yaml, experiment.yaml, oracle.json."""
+    """Writes train/valid/test CSVs, items.csv, features.yaml, experiment.yaml, oracle.json.
+
+    Rows are drawn and written `BLOCK_ROWS` at a time (each block in its own consecutive time
+    window, the planted bias fitted on the first), so memory does not grow with `rows`; a set
+    of up to `BLOCK_ROWS` rows is one block.
+    """
     if rows < 1000:
         raise ConfigError(f"--rows must be at least 1000, got {rows}")
     spec = SynthSpec(rows=rows, seed=seed)

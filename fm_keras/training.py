@@ -7,6 +7,7 @@ A run directory holds::
     checkpoints/      last and best epoch (model + optimizer), for --resume
     state.json        epoch, best validation metric, patience counter, history
     model/            the final (best) FM weights, written atomically
+    shards/           out of core only: the encoded training rows (`fm_keras.out_of_core`)
     run.json          written last: status "complete", metrics, rows, calibration, versions
 
 A directory without a complete run.json is not a finished run: `load_run` refuses it, and
