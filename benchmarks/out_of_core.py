@@ -10,6 +10,10 @@ Must show: peak RSS at the largest size <= 1.5x the peak at the smallest (out of
 samples/s at the largest >= 0.8x the in-memory path at the smallest.
 
     python benchmarks/out_of_core.py --rows 1000000,5000000,20000000 --work /tmp/fm-ooc-bench
+
+``--formats ROWS`` instead compares the two on-disk formats' input pipelines alone (rows/s
+reading one epoch, no training) on the first ROWS training rows: the TFRecord Examples of
+``fm-keras convert`` (parsed and encoded every batch) and the encoded shards.
 """
 
 from __future__ import annotations
@@ -72,13 +76,61 @@ def train(work: str, name: str, train_csv: str, valid_csv: str, features: str, m
             "log": [line for line in proc.stderr.splitlines() if "fm-keras:" in line][:8]}
 
 
+def compare_formats(work: str, rows: int, repeats: int = 3) -> None:
+    """Input pipeline rows/s: TFRecord Examples (parse + encode per batch) vs encoded shards."""
+    import yaml
+
+    from fm_keras import out_of_core, tfrecord
+    from fm_keras.config import load_experiment
+    from fm_keras.features import FeatureEncoder
+
+    synth_dir = os.path.join(work, "synth")
+    train_csv = os.path.join(work, f"train-{rows}.csv")
+    head(os.path.join(synth_dir, "train.csv"), train_csv, rows)
+    config_path = os.path.join(work, f"formats-{rows}.yaml")
+    with open(config_path, "w") as f:
+        yaml.safe_dump({"data": {"train": train_csv, "valid": os.path.join(work, "valid.csv"),
+                                 "label": "click"},
+                        "features": os.path.join(synth_dir, "features.yaml")}, f)
+    config = load_experiment(config_path)
+    out = os.path.join(work, f"formats-{rows}")
+    shutil.rmtree(out, ignore_errors=True)
+    tfrecord.convert(config, [train_csv], os.path.join(out, "tfrecord"), shards=8)
+    fit = out_of_core.fit_pass(config)
+    encoder = FeatureEncoder(fit.features)
+    shards = out_of_core.write_shards(config, encoder, os.path.join(out, "shards"), fit)
+    files = sorted(os.path.join(out, "tfrecord", f) for f in os.listdir(os.path.join(
+        out, "tfrecord")) if tfrecord.is_tfrecord(f))
+    batch = config.training.batch_size
+    pipelines = {
+        "tfrecord Examples (convert)": lambda: tfrecord.training_dataset(
+            files, encoder, "click", config.training, batch, seed=1).take(rows // batch),
+        "encoded shards (out of core)": lambda: out_of_core.shard_dataset(
+            shards, config.training, seed=1),
+    }
+    for name, make in pipelines.items():
+        rates = []
+        for _ in range(repeats):
+            dataset, seen, t0 = make(), 0, time.time()
+            for _, labels, _ in dataset:
+                seen += int(labels.shape[0])
+            rates.append(seen / (time.time() - t0))
+        print(f"{name:32s} rows/s per epoch: {', '.join(f'{r:,.0f}' for r in rates)}")
+    print(f"load {os.getloadavg()}")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", default="1000000,5000000,20000000",
                         help="training rows (read, before the cached-exposure filter)")
     parser.add_argument("--work", default="/tmp/fm-ooc-bench", help="data and runs go here")
     parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--formats", type=int, default=0,
+                        help="compare the input pipelines of the two formats on this many rows")
     args = parser.parse_args()
+    if args.formats:
+        compare_formats(args.work, args.formats)
+        return
     sizes = sorted(int(r) for r in args.rows.split(","))
     os.makedirs(args.work, exist_ok=True)
     print(f"free disk under {args.work}: {shutil.disk_usage(args.work).free / 2**30:.1f} GiB; "
