@@ -148,6 +148,18 @@ class DataConfig:
     (rows with label <= 0 are dropped). ``items`` is the item catalog (one row per item: the
     ``item_id`` column and the item features), needed by ``retrieval`` and by sampled
     negatives.
+
+    ``weight`` names an optional column of per-row sample weights (finite, >= 0; task
+    ``retrieval``): a row's share of the loss. The common use is recency, e.g. a weight of
+    ``0.5 ** (age_days / half_life_days)`` so that what users pick now counts more than what
+    they picked a year ago (item popularity drifts). The logQ correction still uses the raw
+    item frequencies: it corrects how candidates are sampled, which weights do not change.
+
+    Out of core: ``out_of_core`` is ``auto`` (out of core when the training files hold more
+    than ``out_of_core_mb`` MiB), ``true`` or ``false``. Out of core, vocabularies and
+    statistics are fitted in one streaming pass, the rows are encoded once to binary shards
+    under ``<run>/shards`` (or under ``shard_dir``, a cache reused by runs of the same data and
+    features) and streamed every epoch, so memory stays flat in rows (`fm_keras.out_of_core`).
     """
 
     train: tuple[str, ...]
@@ -157,6 +169,7 @@ class DataConfig:
     filters: tuple[FilterConfig, ...] = ()
     items: tuple[str, ...] = ()
     item_id: str = "item_id"
+    weight: str | None = None
     out_of_core: str = "auto"
     out_of_core_mb: float = 256.0
     shard_dir: str | None = None
@@ -408,6 +421,10 @@ class ExperimentConfig:
         if self.data.label is None and task != "retrieval":
             raise ConfigError(f"{where}: data: label: task {task!r} needs a label column "
                               "(only task: retrieval reads a log without one)")
+        if self.data.weight is not None and task != "retrieval":
+            raise ConfigError(f"{where}: data: weight: per-row weights are read by task: "
+                              f"retrieval for now, got task: {task!r}; for binary, "
+                              "training: pos_weight / class_weight weigh the classes")
         needs_items = task == "retrieval" or self.training.negatives.per_positive > 0
         if needs_items and not self.data.items:
             raise ConfigError(f"{where}: data: items: " + (

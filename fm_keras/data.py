@@ -130,6 +130,7 @@ def load_split(
     *,
     task: str = "binary",
     passthrough: Sequence[str] = (),
+    weight: str | None = None,
     shard_index: int = 0,
     num_shards: int = 1,
 ) -> Split:
@@ -142,6 +143,8 @@ def load_split(
         filters: rows matching any filter are dropped and counted per filter.
         task: ``binary`` requires labels in {0, 1}; ``regression`` any finite number.
         passthrough: extra columns to carry along unchanged (e.g. ids).
+        weight: a column of per-row sample weights, read into ``passthrough[weight]`` as
+            float32 [rows]; each must be a finite number >= 0.
         shard_index, num_shards: read only this worker's share of the files.
 
     TFRecord shards written by ``fm-keras convert`` (``*.tfrecord``) are read back as they
@@ -153,7 +156,7 @@ def load_split(
 
         return read_split(files, features, label, task)
     blocks = list(iter_blocks(files, features, label, filters, task=task,
-                              passthrough=passthrough, block_rows=None))
+                              passthrough=passthrough, weight=weight, block_rows=None))
     last = blocks[-1]
     join = lambda key: {k: np.concatenate([getattr(b, key)[k] for b in blocks])  # noqa: E731
                         for k in getattr(last, key)}
@@ -173,6 +176,7 @@ def iter_blocks(
     *,
     task: str = "binary",
     passthrough: Sequence[str] = (),
+    weight: str | None = None,
     block_rows: int | None = 262_144,
 ) -> Iterator[Split]:
     """Reads CSV/Parquet `files` in blocks of rows, checked and filtered as `load_split` does.
@@ -183,7 +187,7 @@ def iter_blocks(
 
     Args:
         files: CSV/Parquet paths (`expand_paths` output), read in order.
-        features, label, filters, task, passthrough: as for `load_split`.
+        features, label, filters, task, passthrough, weight: as for `load_split`.
         block_rows: rows read at a time per file; None reads each file whole.
 
     Yields:
@@ -195,7 +199,7 @@ def iter_blocks(
             (naming the file, column and data row).
     """
     needed = [f.name for f in features] + ([label] if label else [])
-    needed += [flt.column for flt in filters] + list(passthrough)
+    needed += [flt.column for flt in filters] + list(passthrough) + ([weight] if weight else [])
     needed = list(dict.fromkeys(needed))
     dropped, rows_read = {flt.name: 0 for flt in filters}, 0
     for path in files:
@@ -207,11 +211,13 @@ def iter_blocks(
                 dropped[flt.name] += int(hit.sum())
                 keep &= ~hit
             frame = frame[keep]
+            extra = {c: frame[c].to_numpy(dtype=object) for c in passthrough}
+            if weight:
+                extra[weight] = _weight_column(frame[weight], weight, path)
             yield Split(
                 {f.name: _feature_column(frame[f.name], f, path) for f in features},
                 _label_column(frame[label], label, task, path) if label else None,
-                rows_read, dict(dropped), [path],
-                {c: frame[c].to_numpy(dtype=object) for c in passthrough})
+                rows_read, dict(dropped), [path], extra)
 
 
 def _read_frames(path: str, columns: Sequence[str], block_rows: int | None
@@ -312,6 +318,17 @@ def _label_column(column: pd.Series, label: str, task: str, path: str) -> np.nda
         bad = sorted(set(values[~np.isin(values, (0.0, 1.0))].tolist()))[:5]
         raise DataError(f"{where}: task 'binary' needs labels in {{0, 1}}, found {bad}; "
                         "use task: regression for real-valued targets")
+    return values
+
+
+def _weight_column(column: pd.Series, name: str, path: str) -> np.ndarray:
+    where = f"{path}: column {name!r} (data: weight)"
+    values = _numeric(column, where)
+    bad = ~(values >= 0)  # NaN (missing) too
+    if bad.any():
+        row = int(np.flatnonzero(bad)[0])
+        raise DataError(f"{where}: {column.iloc[row]!r} at data row {column.index[row] + 1} "
+                        "is not a weight (a finite number >= 0)")
     return values
 
 
