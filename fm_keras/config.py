@@ -39,6 +39,7 @@ TOWERS = ("user", "item", "context")
 NORMALIZATIONS = ("standard", "log", "min_max", "none")
 COMBINERS = ("sum", "mean", "sqrtn")
 TASKS = ("binary", "regression", "retrieval")
+OUT_OF_CORE = ("auto", "true", "false")
 SAMPLERS = ("uniform", "popularity")
 OPTIMIZERS = ("adam", "adagrad", "ftrl", "sgd")
 FILTER_OPS = ("==", "!=", "<", "<=", ">", ">=", "in", "not_in", "is_null")
@@ -153,6 +154,12 @@ class DataConfig:
     ``0.5 ** (age_days / half_life_days)`` so that what users pick now counts more than what
     they picked a year ago (item popularity drifts). The logQ correction still uses the raw
     item frequencies: it corrects how candidates are sampled, which weights do not change.
+
+    Out of core: ``out_of_core`` is ``auto`` (out of core when the training files hold more
+    than ``out_of_core_mb`` MiB), ``true`` or ``false``. Out of core, vocabularies and
+    statistics are fitted in one streaming pass, the rows are encoded once to binary shards
+    under ``<run>/shards`` (or under ``shard_dir``, a cache reused by runs of the same data and
+    features) and streamed every epoch, so memory stays flat in rows (`fm_keras.out_of_core`).
     """
 
     train: tuple[str, ...]
@@ -163,6 +170,13 @@ class DataConfig:
     items: tuple[str, ...] = ()
     item_id: str = "item_id"
     weight: str | None = None
+    out_of_core: str = "auto"
+    out_of_core_mb: float = 256.0
+    shard_dir: str | None = None
+
+    def __post_init__(self):
+        _one_of(self.out_of_core, OUT_OF_CORE, "data: out_of_core")
+        _at_least(self.out_of_core_mb, 0.0, "data: out_of_core_mb")
 
 
 @dataclass(frozen=True)
@@ -554,6 +568,10 @@ def _data(raw, base_dir: str, source: str) -> DataConfig:
             if not all(isinstance(p, str) for p in paths):
                 raise ConfigError(f"{where}: {key} must be a path/glob or a list of them")
             raw[key] = tuple(resolve_path(p, base_dir) for p in paths)
+    if isinstance(raw.get("out_of_core"), bool):  # YAML reads true/false as booleans
+        raw["out_of_core"] = str(raw["out_of_core"]).lower()
+    if isinstance(raw.get("shard_dir"), str):
+        raw["shard_dir"] = resolve_path(raw["shard_dir"], base_dir)
     filters = raw.pop("filters", None) or []
     if not isinstance(filters, list):
         raise ConfigError(f"{where}: filters must be a list")
