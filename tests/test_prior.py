@@ -35,6 +35,14 @@ def test_curvature_is_the_weighted_bernoulli_variance():
     assert curvature("regression", labels, np.ones(4)) == 2.0
 
 
+def test_curvature_of_a_label_histogram_equals_the_expanded_labels():
+    labels = np.array([0.0] * 70 + [1.0] * 30)
+    weights = np.where(labels > 0.5, 4.0, 1.0)
+    assert curvature("binary", np.array([0.0, 1.0]), np.array([1.0, 4.0]),
+                     np.array([70, 30])) == pytest.approx(curvature("binary", labels, weights),
+                                                          rel=1e-12)
+
+
 def test_callback_applies_the_validation_search_to_the_layer():
     """With validation rows, the update between epochs rescales the layer's tables as
     `prior_search.search` says and sets each id's L2 to tau / (2 n) from its chosen precision;
