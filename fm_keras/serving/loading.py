@@ -14,6 +14,7 @@ import functools
 import gc
 import logging
 import os
+import weakref
 
 from fm_keras.serving.errors import ServingError
 from fm_keras.serving.opcheck import check_served_ops
@@ -83,7 +84,38 @@ def load_saved_model(path: str, allowed_ops=frozenset()):
         if isinstance(err, tf.errors.OpError):
             code = _code_name(err.error_code)
         raise ServingError(code, f"Failed to load SavedModel at {path}: {message}") from err
+    destroy_resources_when_freed(loaded)
     return loaded, dict(meta.signature_def)
+
+
+def destroy_resources_when_freed(loaded) -> None:
+    """Destroys a loaded SavedModel's restored resources (lookup tables, ScaNN searchers)
+    once the loaded object is garbage collected.
+
+    TensorFlow never destroys them itself (``RestoredResource``: "TODO(b/124205571): Solve
+    destruction of resources"): they stay in the process's resource manager after the model
+    is gone, ~3 MB per load of a ranking export with 7 vocabulary tables (issue 14, item 5).
+    The finalizer runs only when nothing refers to the model any more, so never under a
+    request that is still running on it.
+    """
+    from tensorflow.python.trackable.resource import RestoredResource
+
+    from fm_keras._tf import tf
+
+    handles = [obj.resource_handle for obj in tf.train.TrackableView(loaded).descendants()
+               if isinstance(obj, RestoredResource)]
+    if handles:
+        weakref.finalize(loaded, _destroy_resources, handles)
+
+
+def _destroy_resources(handles) -> None:
+    from fm_keras._tf import tf
+
+    for handle in handles:
+        try:
+            tf.raw_ops.DestroyResourceOp(resource=handle, ignore_lookup_error=True)
+        except Exception as err:  # noqa: BLE001 - a finalizer must not raise
+            log.warning("could not destroy a resource of an unloaded model: %s", err)
 
 
 def warn_newer_export_format(path: str) -> None:
