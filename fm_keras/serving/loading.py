@@ -152,10 +152,16 @@ def release_memory() -> None:
     Python runs after an unpredictable number of allocations: across config reloads RSS rose
     in a sawtooth between full collections (toy models: 634 -> 695 MB and 51 -> 321 eager
     functions over 20 reload cycles; issue 14, item 5). ``gc.collect()`` frees them at once;
-    glibc's ``malloc_trim`` then hands the freed heap pages back to the system. A collection
-    holds the GIL for its duration (tens of ms for a server's ~330k objects), once per unload.
+    the eager kernel cache is cleared of the unloaded functions' kernels; glibc's
+    ``malloc_trim`` then hands the freed heap pages back to the system. A collection holds the
+    GIL for its duration, once per unload.
     """
+    from tensorflow.python.eager import context
+
     gc.collect()
+    # The eager kernel cache keeps an entry per function name, and a new load has new names:
+    # the unloaded ones would stay forever. Live models' kernels are rebuilt on their next call.
+    context.context().clear_kernel_cache()
     trim = _malloc_trim()
     if trim is not None:
         trim(0)
