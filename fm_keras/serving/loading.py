@@ -150,7 +150,7 @@ def release_memory() -> None:
     A loaded SavedModel's Python objects hold reference cycles, so they (and the functions they
     registered in TensorFlow's eager context) are freed only by a full collection, which
     Python runs after an unpredictable number of allocations: across config reloads RSS rose
-    in a sawtooth between full collections (toy models: 634 -> 695 MB and 51 -> 321 eager
+    in a sawtooth between full collections (toy models: 634 -> 695 MB and 70 -> 313 eager
     functions over 20 reload cycles; issue 14, item 5). ``gc.collect()`` frees them at once;
     the eager kernel cache is cleared of the unloaded functions' kernels; glibc's
     ``malloc_trim`` then hands the freed heap pages back to the system. A collection holds the
