@@ -7,9 +7,11 @@ protections a Python ``http.server`` lacked (issue 14, item 9):
   hand-off to a pool thread and back, which cost ~110 µs of CPU per request and a GIL wait on
   each crossing (~30% of the 1-row QPS of the old thread-per-connection server; BENCHMARKS.md,
   "REST: model calls inline"). Cheap means: no server-side batching, a body of at most
-  ``INLINE_MAX_BODY_BYTES``, and calls on the same path lately (an exponential moving average,
-  ``cost_seconds``) took at most ``INLINE_MAX_SECONDS``, which bounds how long one request can
-  hold up the others. Every other call runs on a pool of ``--rest_api_num_threads`` threads
+  ``INLINE_MAX_BODY_BYTES``, and the fastest of the last ``_RECENT_CALLS`` calls on the same
+  path took at most ``INLINE_MAX_SECONDS``, which bounds how long one request can hold up the
+  others. (The fastest, not an average: a call preempted on a busy machine, or waiting for the
+  GIL in the pool, measures long although the model is cheap; with a moving average the path
+  went to the pool on a loaded machine and stayed there.) Every other call runs on a pool of ``--rest_api_num_threads`` threads
   (a batched call waits there for the batch, while the loop reads the next requests).
 - **Request timeout** (``--rest_api_timeout_in_ms``, TF Serving's flag, default 30 s). A
   request must arrive completely within the timeout from its first byte (a connection that
@@ -31,6 +33,7 @@ only after the headers).
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import json
 import logging
@@ -43,8 +46,8 @@ log = logging.getLogger("fm_keras.serving")
 
 INLINE_MAX_BODY_BYTES = 64 * 1024  # a 1,000-row request to a small model is ~70 KiB of JSON
 INLINE_MAX_SECONDS = 0.005  # the longest a cheap call may hold up the other connections
-_COST_WEIGHT = 0.2  # weight of the newest call in the moving average of a path's call time
-_MAX_COST_PATHS = 1024  # the paths are the client's: forget them all beyond this many
+_RECENT_CALLS = 16  # call times kept per path
+_MAX_PATHS = 1024  # the paths are the client's: forget them all beyond this many
 
 _WAITING, _RECEIVING, _HANDLING = 0, 1, 2
 _REJECT = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
@@ -180,7 +183,7 @@ class RestServer:
         self.threads, self.max_connections, self.max_body_bytes = (
             threads, max_connections, max_body_bytes)
         self.batching = batching
-        self.cost_seconds: dict[str, float] = {}  # path -> moving average of its call time
+        self._recent: dict[str, collections.deque] = {}  # path -> its last call times (s)
         self.connections: dict = {}
         self.loop: asyncio.AbstractEventLoop | None = None
         self._pool = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="rest")
@@ -269,15 +272,20 @@ class RestServer:
     def inline(self, path: str, body_bytes: int) -> bool:
         """Whether a request's model call runs on the event loop's thread (see the module doc)."""
         return (not self.batching and body_bytes <= INLINE_MAX_BODY_BYTES
-                and self.cost_seconds.get(path, 0.0) <= INLINE_MAX_SECONDS)
+                and self.call_seconds(path) <= INLINE_MAX_SECONDS)
+
+    def call_seconds(self, path: str) -> float:
+        """The fastest of the path's recent model calls, in seconds (0 before the first)."""
+        recent = self._recent.get(path)
+        return min(recent) if recent else 0.0
 
     def _record_cost(self, path: str, seconds: float) -> None:
-        old = self.cost_seconds.get(path)
-        if old is None and len(self.cost_seconds) >= _MAX_COST_PATHS:
-            self.cost_seconds.clear()
-        # the first call sets the average, so that one slow call moves the next to the pool
-        self.cost_seconds[path] = seconds if old is None else (
-            old + _COST_WEIGHT * (seconds - old))
+        recent = self._recent.get(path)
+        if recent is None:
+            if len(self._recent) >= _MAX_PATHS:
+                self._recent.clear()
+            recent = self._recent[path] = collections.deque(maxlen=_RECENT_CALLS)
+        recent.append(seconds)
 
     def _call_inline(self, method: str, path: str, body: bytes, deadline: float):
         start = time.perf_counter()

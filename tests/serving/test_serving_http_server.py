@@ -154,12 +154,12 @@ def test_cheap_calls_run_on_the_loop_thread_and_slow_or_large_ones_in_the_pool(a
         for _ in range(3):
             assert _request(server.port, path="/cheap")[0] == 200
         assert api.threads == ["rest"] * 3  # the event loop's thread: no hand-off
-        assert server.cost_seconds["/cheap"] < INLINE_MAX_SECONDS
+        assert server.call_seconds("/cheap") < INLINE_MAX_SECONDS
         assert _request(server.port, body=b"x" * (INLINE_MAX_BODY_BYTES + 1))[0] == 200
         assert api.threads[-1].startswith("rest_")  # a large body: a pool thread
         assert _request(server.port, path="/sleep")[0] == 200  # cost unknown yet: inline
         assert api.threads[-1] == "rest"
-        assert server.cost_seconds["/sleep"] >= 0.3
+        assert server.call_seconds("/sleep") >= 0.3
         assert _request(server.port, path="/sleep")[0] == 200  # known to be slow: the pool
         assert api.threads[-1].startswith("rest_")
         assert _request(server.port, path="/cheap")[0] == 200  # per path
