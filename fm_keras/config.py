@@ -175,7 +175,7 @@ class DataConfig:
     shard_dir: str | None = None
 
     def __post_init__(self):
-        _one_of(self.out_of_core, OUT_OF_CORE, "data: out_of_core")
+        check_one_of(self.out_of_core, OUT_OF_CORE, "data: out_of_core")
         _at_least(self.out_of_core_mb, 0.0, "data: out_of_core_mb")
 
 
