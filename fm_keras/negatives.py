@@ -53,7 +53,6 @@ class SampledNegatives:
         self.encoder = encoder
         self.per_positive = config.training.negatives.per_positive
         self.catalog: Catalog = load_catalog(catalog_path(config), config.features, item_id)
-        self.query_names = encoder.side_names(query_side=True)
         self.item_names = encoder.side_names(query_side=False)
         index = self.catalog.index_of(train.features[item_id])
         positive = (train.labels > 0.5) & (index >= 0)
@@ -64,10 +63,28 @@ class SampledNegatives:
         counts = np.bincount(index[positive], minlength=len(self.catalog)).astype(np.float64)
         self.sampling_logits = (np.log(counts + 1.0) if config.training.negatives.sampler
                                 == "popularity" else np.zeros(len(self.catalog))).astype(np.float32)
-        self.train_keys = query_keys([train], self.query_names)[0]
+        self.key_names = encoder.query_key_names()
+        self.train_keys = query_keys([train], self.key_names)[0]
         n = len(self.catalog)
         self.positive_pairs = np.unique(self.train_keys[positive] * n + index[positive])
         self.item_index = index
+
+    def epoch_labels(self, labels: np.ndarray, weights: np.ndarray
+                     ) -> tuple[np.ndarray, np.ndarray]:
+        """The labels and weights of one epoch of `dataset`: the log's rows plus N label-0
+        rows of weight 1 per positive (for the base-rate loss of early stopping's warmup; a
+        draw that hits one of the user's positives gets weight 0 in training, which this
+        ignores: few in a catalog of any size).
+
+        Args:
+            labels, weights: float [rows] of the training log.
+
+        Returns:
+            float64 arrays [rows + N * positives].
+        """
+        extra = self.per_positive * int(np.sum(labels > 0.5))
+        return (np.concatenate([labels, np.zeros(extra)]),
+                np.concatenate([weights, np.ones(extra)]))
 
     def dataset(self, ids: np.ndarray, values: np.ndarray, labels: np.ndarray,
                 weights: np.ndarray, batch_size: int, seed: int):
@@ -117,7 +134,7 @@ class SampledNegatives:
         rng = np.random.default_rng(seed)
         n = len(self.catalog)
         index = self.catalog.index_of(split.features[self.config.data.item_id])
-        keys = query_keys([split], self.query_names)[0]
+        keys = query_keys([split], self.key_names)[0]
         positive = np.flatnonzero(split.labels > 0.5)
         rows = np.repeat(positive, self.per_positive)
         p = np.exp(self.sampling_logits.astype(np.float64))
