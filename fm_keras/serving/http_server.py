@@ -5,14 +5,14 @@ protections a Python ``http.server`` lacked (issue 14, item 9):
 
 - **Where the model call runs.** A cheap call runs inline on the event loop's thread: no
   hand-off to a pool thread and back, which cost ~110 µs of CPU per request and a GIL wait on
-  each crossing (~30% of the 1-row QPS of the old thread-per-connection server; BENCHMARKS.md,
-  "REST: model calls inline"). Cheap means: no server-side batching, a body of at most
-  ``INLINE_MAX_BODY_BYTES``, and the fastest of the last ``_RECENT_CALLS`` calls on the same
-  path took at most ``INLINE_MAX_SECONDS``, which bounds how long one request can hold up the
-  others. (The fastest, not an average: a call preempted on a busy machine, or waiting for the
-  GIL in the pool, measures long although the model is cheap; with a moving average the path
-  went to the pool on a loaded machine and stayed there.) Every other call runs on a pool of ``--rest_api_num_threads`` threads
-  (a batched call waits there for the batch, while the loop reads the next requests).
+  each crossing (BENCHMARKS.md, "REST: model calls inline on the event loop"). Cheap means:
+  no server-side batching, a body of at most ``INLINE_MAX_BODY_BYTES``, and the fastest of the
+  last ``_RECENT_CALLS`` calls on the same path took at most ``INLINE_MAX_SECONDS``, which
+  bounds how long one request can hold up the others. (The fastest, not an average: a call
+  preempted on a busy machine, or waiting for the GIL in the pool, measures long although the
+  model is cheap; with a moving average the path went to the pool on a loaded machine and
+  stayed there.) Every other call runs on a pool of ``--rest_api_num_threads`` threads (a
+  batched call waits there for the batch, while the loop reads the next requests).
 - **Request timeout** (``--rest_api_timeout_in_ms``, TF Serving's flag, default 30 s). A
   request must arrive completely within the timeout from its first byte (a connection that
   sends nothing, or headers without the end of the body, is closed when it runs out), and the
