@@ -147,6 +147,12 @@ class DataConfig:
     (rows with label <= 0 are dropped). ``items`` is the item catalog (one row per item: the
     ``item_id`` column and the item features), needed by ``retrieval`` and by sampled
     negatives.
+
+    ``weight`` names an optional column of per-row sample weights (finite, >= 0; task
+    ``retrieval``): a row's share of the loss. The common use is recency, e.g. a weight of
+    ``0.5 ** (age_days / half_life_days)`` so that what users pick now counts more than what
+    they picked a year ago (item popularity drifts). The logQ correction still uses the raw
+    item frequencies: it corrects how candidates are sampled, which weights do not change.
     """
 
     train: tuple[str, ...]
@@ -156,6 +162,7 @@ class DataConfig:
     filters: tuple[FilterConfig, ...] = ()
     items: tuple[str, ...] = ()
     item_id: str = "item_id"
+    weight: str | None = None
 
 
 @dataclass(frozen=True)
@@ -400,6 +407,10 @@ class ExperimentConfig:
         if self.data.label is None and task != "retrieval":
             raise ConfigError(f"{where}: data: label: task {task!r} needs a label column "
                               "(only task: retrieval reads a log without one)")
+        if self.data.weight is not None and task != "retrieval":
+            raise ConfigError(f"{where}: data: weight: per-row weights are read by task: "
+                              f"retrieval for now, got task: {task!r}; for binary, "
+                              "training: pos_weight / class_weight weigh the classes")
         needs_items = task == "retrieval" or self.training.negatives.per_positive > 0
         if needs_items and not self.data.items:
             raise ConfigError(f"{where}: data: items: " + (

@@ -130,6 +130,7 @@ def load_split(
     *,
     task: str = "binary",
     passthrough: Sequence[str] = (),
+    weight: str | None = None,
     shard_index: int = 0,
     num_shards: int = 1,
 ) -> Split:
@@ -142,6 +143,8 @@ def load_split(
         filters: rows matching any filter are dropped and counted per filter.
         task: ``binary`` requires labels in {0, 1}; ``regression`` any finite number.
         passthrough: extra columns to carry along unchanged (e.g. ids).
+        weight: a column of per-row sample weights, read into ``passthrough[weight]`` as
+            float32 [rows]; each must be a finite number >= 0.
         shard_index, num_shards: read only this worker's share of the files.
 
     TFRecord shards written by ``fm-keras convert`` (``*.tfrecord``) are read back as they
@@ -153,7 +156,7 @@ def load_split(
 
         return read_split(files, features, label, task)
     needed = [f.name for f in features] + ([label] if label else [])
-    needed += [flt.column for flt in filters] + list(passthrough)
+    needed += [flt.column for flt in filters] + list(passthrough) + ([weight] if weight else [])
     needed = list(dict.fromkeys(needed))
     parts, dropped, rows_read = [], {flt.name: 0 for flt in filters}, 0
     for path in files:
@@ -172,6 +175,8 @@ def load_split(
     if label:
         labels = np.concatenate([_label_column(f[label], label, task, p) for p, f in parts])
     extra = {c: np.concatenate([f[c].to_numpy(dtype=object) for _, f in parts]) for c in passthrough}
+    if weight:
+        extra[weight] = np.concatenate([_weight_column(f[weight], weight, p) for p, f in parts])
     split = Split(columns, labels, rows_read, dropped, files, extra)
     if len(split) == 0:
         raise DataError(f"{', '.join(files)}: no rows left after filters {dropped}")
@@ -239,6 +244,17 @@ def _label_column(column: pd.Series, label: str, task: str, path: str) -> np.nda
         bad = sorted(set(values[~np.isin(values, (0.0, 1.0))].tolist()))[:5]
         raise DataError(f"{where}: task 'binary' needs labels in {{0, 1}}, found {bad}; "
                         "use task: regression for real-valued targets")
+    return values
+
+
+def _weight_column(column: pd.Series, name: str, path: str) -> np.ndarray:
+    where = f"{path}: column {name!r} (data: weight)"
+    values = _numeric(column, where)
+    bad = ~(values >= 0)  # NaN (missing) too
+    if bad.any():
+        row = int(np.flatnonzero(bad)[0])
+        raise DataError(f"{where}: {column.iloc[row]!r} at data row {column.index[row] + 1} "
+                        "is not a weight (a finite number >= 0)")
     return values
 
 

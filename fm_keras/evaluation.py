@@ -111,6 +111,9 @@ def evaluate_run(run_dir: str, data: list[str] | str, batch_size: int = 65_536,
 
     if reliability_plot and not os.path.isdir(os.path.dirname(os.path.abspath(reliability_plot))):
         raise ConfigError(f"{reliability_plot}: --reliability_plot: its directory does not exist")
+    if reliability_plot and not reliability_plot.lower().endswith(".png"):
+        raise ConfigError(f"{reliability_plot}: --reliability_plot: the diagram is a PNG; "
+                          "name the file *.png")
     run = load_run(run_dir)
     if reliability_plot and run.config.model.task != "binary":
         raise ConfigError(f"{run_dir}: --reliability_plot: the run is a "

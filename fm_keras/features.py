@@ -85,6 +85,9 @@ class FittedFeature:
         d = dataclasses.asdict(self)
         d["vocabulary"] = list(self.vocabulary)
         d["boundaries"] = list(self.boundaries)
+        for key in ("clip_min", "clip_max"):  # strict JSON has no Infinity: no clip is null
+            if not math.isfinite(d[key]):
+                d[key] = None
         return d
 
     @classmethod
@@ -93,6 +96,10 @@ class FittedFeature:
         d["config"] = FeatureConfig(**d["config"])
         d["vocabulary"] = tuple(d.get("vocabulary", ()))
         d["boundaries"] = tuple(d.get("boundaries", ()))
+        if d.get("clip_min") is None:
+            d["clip_min"] = -math.inf
+        if d.get("clip_max") is None:
+            d["clip_max"] = math.inf
         return cls(**d)
 
 
@@ -214,6 +221,14 @@ class FeatureEncoder(keras.layers.Layer):
     def side_names(self, query_side: bool) -> list[str]:
         """Names of the query-side (user + context) or item-side features, in spec order."""
         return [f.config.name for f in self.features if f.config.query_side == query_side]
+
+    def query_key_names(self) -> list[str]:
+        """Names whose values identify a query (whose items are relevant or seen): the user
+        tower's features. Context features (time, device, page...) change from one request
+        to the next and are not part of who asks; with no user-tower feature every
+        query-side feature is."""
+        users = [f.config.name for f in self.features if f.config.tower == "user"]
+        return users or self.side_names(query_side=True)
 
     def input_signature(self, names: Sequence[str] | None = None) -> dict[str, tf.TensorSpec]:
         """The raw inputs as `tf.TensorSpec`s of shape [None], named after the features."""

@@ -26,6 +26,7 @@ from fm_keras.data import Split, load_split
 from fm_keras.errors import DataError
 
 ITEM_INDEX = "item_index"  # Split.passthrough key: the row's catalog index
+WEIGHT = "weight"  # Split.passthrough key: the row's sample weight (data.weight), float32
 
 
 @dataclass(frozen=True)
@@ -72,20 +73,26 @@ def load_interactions(patterns: Sequence[str], config: ExperimentConfig, catalog
 
     Returns:
         A `Split` with every feature column (item features gathered from the catalog),
-        ``labels`` None, ``passthrough[ITEM_INDEX]`` the catalog index [rows] and
-        ``dropped`` counting filtered rows, ``label<=0`` rows and ``not_in_catalog`` rows.
+        ``labels`` None, ``passthrough[ITEM_INDEX]`` the catalog index [rows],
+        ``passthrough[WEIGHT]`` the ``data.weight`` column (float32 [rows]) when one is
+        configured, and ``dropped`` counting filtered rows, ``label<=0`` rows and
+        ``not_in_catalog`` rows.
 
     Raises:
-        DataError: a file or column is missing or bad, or (with `require_positives`) no
+        DataError: a file or column is missing or bad (a weight that is not a finite number
+            >= 0 is named by file, row and column), or (with `require_positives`) no
             positive row is left.
     """
     data = config.data
     query = [f for f in config.features if f.query_side]
     filters = data.filters if filters is None else tuple(filters)
+    weight = data.weight if use_label else None
     split = load_split(patterns, query, data.label if use_label else None, filters,
                        task="regression",
-                       passthrough=[data.item_id])
+                       passthrough=[data.item_id], weight=weight)
     where = ", ".join(split.files)
+    if weight:
+        split.passthrough[WEIGHT] = split.passthrough.pop(weight)
     keep = np.ones(len(split), bool) if split.labels is None else split.labels > 0
     dropped = dict(split.dropped)
     if split.labels is not None:
@@ -108,8 +115,10 @@ def load_interactions(patterns: Sequence[str], config: ExperimentConfig, catalog
     columns = dict(split.features)
     for name, values in catalog.columns.items():
         columns[name] = values[index]
-    return Split(columns, None, split.rows_read, dropped, split.files,
-                 {ITEM_INDEX: index.astype(np.int64)})
+    passthrough = {ITEM_INDEX: index.astype(np.int64)}
+    if weight:
+        passthrough[WEIGHT] = split.passthrough[WEIGHT]
+    return Split(columns, None, split.rows_read, dropped, split.files, passthrough)
 
 
 def query_keys(splits: Sequence[Split], names: Sequence[str]) -> list[np.ndarray]:

@@ -53,7 +53,6 @@ class SampledNegatives:
         self.encoder = encoder
         self.per_positive = config.training.negatives.per_positive
         self.catalog: Catalog = load_catalog(catalog_path(config), config.features, item_id)
-        self.query_names = encoder.side_names(query_side=True)
         self.item_names = encoder.side_names(query_side=False)
         index = self.catalog.index_of(train.features[item_id])
         positive = (train.labels > 0.5) & (index >= 0)
@@ -64,7 +63,8 @@ class SampledNegatives:
         counts = np.bincount(index[positive], minlength=len(self.catalog)).astype(np.float64)
         self.sampling_logits = (np.log(counts + 1.0) if config.training.negatives.sampler
                                 == "popularity" else np.zeros(len(self.catalog))).astype(np.float32)
-        self.train_keys = query_keys([train], self.query_names)[0]
+        self.key_names = encoder.query_key_names()
+        self.train_keys = query_keys([train], self.key_names)[0]
         n = len(self.catalog)
         self.positive_pairs = np.unique(self.train_keys[positive] * n + index[positive])
         self.item_index = index
@@ -117,7 +117,7 @@ class SampledNegatives:
         rng = np.random.default_rng(seed)
         n = len(self.catalog)
         index = self.catalog.index_of(split.features[self.config.data.item_id])
-        keys = query_keys([split], self.query_names)[0]
+        keys = query_keys([split], self.key_names)[0]
         positive = np.flatnonzero(split.labels > 0.5)
         rows = np.repeat(positive, self.per_positive)
         p = np.exp(self.sampling_logits.astype(np.float64))

@@ -39,7 +39,7 @@ from fm_keras.config import ExperimentConfig, RetrievalConfig
 from fm_keras.data import Split, expand_paths, read_header
 from fm_keras.errors import ConfigError
 from fm_keras.features import FittedFeature, fit_features
-from fm_keras.interactions import (ITEM_INDEX, Catalog, item_counts, load_catalog,
+from fm_keras.interactions import (ITEM_INDEX, WEIGHT, Catalog, item_counts, load_catalog,
                                    load_interactions, query_keys)
 from fm_keras.model import FMModel, build_model, make_optimizer
 from fm_keras.recall_metrics import exact_top_k, group_by_query, popularity_top_k, ranking_metrics
@@ -73,6 +73,12 @@ class RetrievalModel(FMModel):
             remove_accidental_hits=retrieval.remove_accidental_hits)
         self._slot_order = side_slot_order(encoder.slot_query_side)
         self._catalog = None
+
+    @property
+    def trainable_weights(self):
+        # The global bias adds one constant to every candidate's score: the softmax cancels it,
+        # so it has no gradient (and the optimizer would warn about it every epoch).
+        return [w for w in super().trainable_weights if w is not self.fm.bias]
 
     def use_catalog(self, ids: np.ndarray, values: np.ndarray, log_q: np.ndarray) -> None:
         """The candidates: encoded item slots [items, item slots] and log q(item) [items]."""
@@ -144,6 +150,17 @@ class RecallTask:
             lookup = dict(zip(seen_queries.tolist(), seen_items))
             empty = np.zeros(0, np.int64)
             self.exclude = [lookup.get(q, empty) for q in queries.tolist()]
+
+    @classmethod
+    def of(cls, model: FMModel, catalog: Catalog, split: Split,
+           seen: Split | None = None) -> "RecallTask":
+        """The task over `split`'s queries, each identified by its user-tower values
+        (`FeatureEncoder.query_key_names`: a context feature such as the hour does not make a
+        new query); a query's context values are those of its first row in `split`. `seen`
+        (e.g. the training log) lists items each query must not be recommended."""
+        splits = [split] if seen is None else [split, seen]
+        keys = query_keys(splits, model.encoder.query_key_names())
+        return cls(model, catalog, split, keys[0], None if seen is None else (keys[1], seen))
 
     def top_k(self, model: FMModel, k: int) -> np.ndarray:
         """The model's top-k catalog indices per query, int64 [queries, min(k, items)]."""
@@ -242,8 +259,9 @@ def train_retrieval(config: ExperimentConfig, run_dir: str, *, resume: bool = Fa
         candidate_log_q(counts, t.batch_size, r.catalog_negatives))
     query_names = model.encoder.side_names(True)
     ids, values = model.encoder.encode_numpy(train_split.features, names=query_names)
-    train_ds = batched_dataset(ids, values, train_split.passthrough[ITEM_INDEX],
-                               np.ones(len(ids), np.float32), t.batch_size, shuffle_seed=t.seed)
+    weights = train_split.passthrough.get(WEIGHT, np.ones(len(ids), np.float32))
+    train_ds = batched_dataset(ids, values, train_split.passthrough[ITEM_INDEX], weights,
+                               t.batch_size, shuffle_seed=t.seed)
     tasks = _recall_tasks(config, model, catalog, train_split, valid_split)
     recall_at = clamp_ks([r.recall_at], len(catalog), "training: retrieval: recall_at")[0]
 
@@ -289,11 +307,8 @@ def _recall_tasks(config, model, catalog, train_split, valid_split) -> dict:
     splits = {"valid": valid_split}
     if config.data.test:
         splits["test"] = load_interactions(config.data.test, config, catalog)
-    names = model.encoder.side_names(True)
-    keys = query_keys([train_split, *splits.values()], names)
-    seen = (keys[0], train_split) if config.training.retrieval.exclude_seen else None
-    return {role: RecallTask(model, catalog, split, k, seen)
-            for (role, split), k in zip(splits.items(), keys[1:])}
+    seen = train_split if config.training.retrieval.exclude_seen else None
+    return {role: RecallTask.of(model, catalog, split, seen) for role, split in splits.items()}
 
 
 def clamp_ks(ks, items: int, where: str) -> list[int]:
@@ -338,14 +353,12 @@ def evaluate_recall(run_dir: str, data, items: str | None = None,
     files = expand_paths(data)
     split = load_interactions(files, config, catalog, use_label=bool(label) and any(
         label in read_header(path) for path in files))
-    splits = [split]
+    seen = None
     if exclude:
-        splits.append(load_interactions([exclude] if isinstance(exclude, str) else exclude,
-                                        config, catalog, filters=(), require_positives=False,
-                                        use_label=False))
-    keys = query_keys(splits, run.model.encoder.side_names(True))
-    task = RecallTask(run.model, catalog, split, keys[0],
-                      (keys[1], splits[1]) if exclude else None)
+        seen = load_interactions([exclude] if isinstance(exclude, str) else exclude,
+                                 config, catalog, filters=(), require_positives=False,
+                                 use_label=False)
+    task = RecallTask.of(run.model, catalog, split, seen)
     counts = item_counts(load_interactions(config.data.train, config, catalog), len(catalog))
     result = task.metrics(run.model, ks, counts)
     result.update(catalog={"path": catalog.path, "items": len(catalog)},

@@ -47,6 +47,12 @@ def test_train_and_evaluate_print_json(small_synth, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "--reliability_plot: its directory does not exist" in err and len(err.splitlines()) == 1
     assert not missing.parent.exists()
+    text = tmp_path / "r.txt"
+    assert main(["evaluate", "--run", run_dir, "--data", str(synth_dir / "test.csv"),
+                 "--reliability_plot", str(text)]) == 2
+    err = capsys.readouterr().err
+    assert "the diagram is a PNG; name the file *.png" in err and len(err.splitlines()) == 1
+    assert not text.exists()
 
 
 def _run_cli(*args, cwd):

@@ -204,6 +204,8 @@ def test_retrieval_section_loads_with_items_and_no_label(tmp_path):
       "training: {retrieval: {temperature: 0}}"), "training: retrieval: temperature must be > 0"),
     (("model: {embedding_dim: 8, l2_embeddings: 1e-4}", "model: {task: retrieval}"),
      "data: items: task: retrieval needs the item catalog"),
+    (("  label: click\n", "  label: click\n  weight: recency\n"),
+     "data: weight: per-row weights are read by task: retrieval for now, got task: 'binary'"),
 ])
 def test_retrieval_and_negatives_errors(tmp_path, replace, message):
     with pytest.raises(ConfigError, match=message):

@@ -131,6 +131,15 @@ def test_slots_ids_offsets_and_sides():
     assert encoder.num_ids == 10
 
 
+def test_query_key_names_are_the_user_tower_or_every_query_side_feature():
+    def encoder(*towers):
+        configs = [FeatureConfig(f"f{i}", "categorical", t) for i, t in enumerate(towers)]
+        return FeatureEncoder(fit_features(configs, _split(**{c.name: ["a"] for c in configs})))
+
+    assert encoder("user", "context", "item", "user").query_key_names() == ["f0", "f3"]
+    assert encoder("context", "item").query_key_names() == ["f0"]
+
+
 def test_missing_input_names_the_feature():
     (fitted,) = fit_features([FeatureConfig("user", "categorical", "user")], _split(user=["a"]))
     with pytest.raises(ValueError, match="missing input feature 'user'"):
@@ -143,7 +152,7 @@ def test_config_json_round_trip_and_saved_model(tmp_path):
                FeatureConfig("price", "numeric", "item", normalization="log")]
     fitted = fit_features(configs, _split(user=["a", "b"], tags=["x|y", "y"], price=[1.0, 5.0]))
     encoder = FeatureEncoder(fitted)
-    config = json.loads(json.dumps(keras.layers.serialize(encoder)))
+    config = json.loads(json.dumps(keras.layers.serialize(encoder), allow_nan=False))  # strict
     clone = keras.layers.deserialize(config)
     columns = dict(user=["b", "zz"], tags=["y|x", ""], price=np.array([2.0, np.nan], np.float32))
     for got, want in zip(_encode(clone, **columns), _encode(encoder, **columns)):

@@ -10,8 +10,8 @@ from retrieval_testlib import implicit_experiment, write_implicit
 from fm_keras.config import experiment_from_dict
 from fm_keras.data import Split
 from fm_keras.errors import DataError
-from fm_keras.interactions import (ITEM_INDEX, item_counts, load_catalog, load_interactions,
-                                   query_keys)
+from fm_keras.interactions import (ITEM_INDEX, WEIGHT, item_counts, load_catalog,
+                                   load_interactions, query_keys)
 
 
 @pytest.fixture()
@@ -35,6 +35,28 @@ def test_item_features_come_from_the_catalog_and_label_zero_rows_are_dropped(dat
     assert [genre[i] for i in split.features["item_id"]] == list(split.features["genre"])
     np.testing.assert_array_equal(catalog.ids[split.passthrough[ITEM_INDEX]],
                                   split.features["item_id"])
+
+
+def test_weight_column_is_read_and_checked_per_row(data):
+    path = os.path.join(data, "train.csv")
+    log = pd.read_csv(path)
+    log["recency"] = 0.5 ** (np.arange(len(log)) / 10.0)
+    log.loc[0, "click"] = 0  # dropped with its weight
+    log.to_csv(path, index=False)
+    raw = implicit_experiment(data)
+    raw["data"]["weight"] = "recency"
+    config = experiment_from_dict(raw, base_dir=data)
+    catalog = load_catalog(os.path.join(data, "items.csv"), config.features, "item_id")
+    split = load_interactions(config.data.train, config, catalog)
+    np.testing.assert_allclose(split.passthrough[WEIGHT], log["recency"][1:], rtol=1e-6)
+    assert split.passthrough[WEIGHT].dtype == np.float32 and "recency" not in split.features
+    for bad in ("-1", "", "inf", "often"):
+        log["recency"] = log["recency"].astype(object)
+        log.loc[3, "recency"] = bad
+        log.to_csv(path, index=False)
+        with pytest.raises(DataError, match=rf"train.csv: column 'recency' \(data: weight\): .*"
+                                            "data row 4"):
+            load_interactions(config.data.train, config, catalog)
 
 
 def test_catalog_missing_training_ids_warns_once_with_the_count(data, capsys):

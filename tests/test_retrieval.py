@@ -13,7 +13,7 @@ from fm_keras.config import RetrievalConfig, experiment_from_dict
 from fm_keras.features import fit_features
 from fm_keras.interactions import load_catalog, load_interactions
 from fm_keras.model import build_model
-from fm_keras.retrieval import RetrievalModel, candidate_log_q, clamp_ks
+from fm_keras.retrieval import RecallTask, RetrievalModel, candidate_log_q, clamp_ks
 
 
 def _softmax_loss_reference(u, c, log_q, items, temperature):
@@ -29,9 +29,10 @@ def _softmax_loss_reference(u, c, log_q, items, temperature):
     return -log_p[np.arange(b), np.arange(b)]
 
 
-@pytest.mark.parametrize("logq,temperature", [(True, 1.0), (False, 0.5), (True, 0.2)])
+@pytest.mark.parametrize("logq,temperature,weighted", [(True, 1.0, False), (False, 0.5, False),
+                                                      (True, 0.2, True)])
 def test_loss_matches_numpy_softmax_with_logq_and_accidental_hits(implicit_data, logq,
-                                                                   temperature):
+                                                                   temperature, weighted):
     config = experiment_from_dict(implicit_experiment(implicit_data), base_dir=implicit_data)
     catalog = load_catalog(os.path.join(implicit_data, "items.csv"), config.features, "item_id")
     train = load_interactions(config.data.train, config, catalog)
@@ -49,14 +50,52 @@ def test_loss_matches_numpy_softmax_with_logq_and_accidental_hits(implicit_data,
     q_ids, q_values = model.encoder.encode_numpy(
         {n: train.features[n][:6] for n in model.encoder.side_names(True)},
         names=model.encoder.side_names(True))
-    loss = model.compute_loss(({"ids": q_ids, "values": q_values}, items,
-                               np.ones(6, np.float32))).numpy()
+    weights = (np.array([0.5, 2.0, 1.0, 0.0, 3.0, 1.0], np.float32) if weighted
+               else np.ones(6, np.float32))  # data: weight (e.g. recency)
+    loss = model.compute_loss(({"ids": q_ids, "values": q_values}, items, weights)).numpy()
     u = model.user_tower({n: tf.constant(train.features[n][:6])
                           for n in model.encoder.side_names(True)})["user_vector"].numpy()
     c = model.item_tower({n: tf.constant(catalog.columns[n][items]) for n in item_names}).numpy()
     expected = _softmax_loss_reference(u.astype(np.float64), c.astype(np.float64),
                                        log_q[items] if logq else np.zeros(6), items, temperature)
-    assert loss == pytest.approx(expected.mean(), rel=1e-4)
+    assert loss == pytest.approx((weights * expected).mean(), rel=1e-4)
+
+
+def test_a_context_feature_does_not_split_a_users_queries_or_lose_exclusions(implicit_data,
+                                                                            tmp_path):
+    import pandas as pd
+
+    for name in ("items", "train", "valid"):  # a different hour on every log row
+        frame = pd.read_csv(os.path.join(implicit_data, f"{name}.csv"))
+        if name != "items":
+            frame["hour"] = np.arange(len(frame)) % 24
+        frame.to_csv(tmp_path / f"{name}.csv", index=False)
+    raw = implicit_experiment(tmp_path)
+    raw["data"].pop("test")
+    raw["features"] = raw["features"] + [{"name": "hour", "kind": "categorical",
+                                          "tower": "context"}]
+    config = experiment_from_dict(raw, base_dir=str(tmp_path))
+    catalog = load_catalog(str(tmp_path / "items.csv"), config.features, "item_id")
+    train, valid = (load_interactions(path, config, catalog)
+                    for path in (config.data.train, config.data.valid))
+    model = build_model(fit_features(config.features, train), config.model, config.training)
+    assert model.encoder.query_key_names() == ["user_id", "segment"]
+    task = RecallTask.of(model, catalog, valid, seen=train)
+    users = sorted(set(valid.features["user_id"]))
+    assert len(task.relevant) == len(users)  # one query per user, not one per row
+    seen = {u: set(train.features["item_id"][train.features["user_id"] == u]) for u in users}
+    assert sum(len(e) for e in task.exclude) == sum(len(seen[u]) for u in users)
+
+
+def test_the_global_bias_is_not_trained_the_softmax_cancels_it(implicit_data):
+    config = experiment_from_dict(implicit_experiment(implicit_data), base_dir=implicit_data)
+    catalog = load_catalog(os.path.join(implicit_data, "items.csv"), config.features, "item_id")
+    train = load_interactions(config.data.train, config, catalog)
+    base = build_model(fit_features(config.features, train), config.model, config.training)
+    model = RetrievalModel(base.encoder, base.fm)
+    names = {w.name for w in model.trainable_weights}
+    assert base.fm.bias.name not in names
+    assert names == {w.name for w in base.fm.trainable_weights} - {base.fm.bias.name}
 
 
 def test_candidate_log_q_is_frequency_plus_uniform_share():
