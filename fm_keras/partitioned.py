@@ -46,7 +46,7 @@ from fm_keras.errors import ExportError
 
 QUANTIZE = (None, "int8")
 # Slots read per result at the default setting: 40 * 100 = 32 blocks of 128 for 1M items gave
-# recall@100 1.0 (BENCHMARKS.md); half of that still gave 0.9998.
+# recall@100 1.0 (BENCHMARKS.md); half of that still gave 0.9995.
 SLOTS_PER_K = 40
 
 

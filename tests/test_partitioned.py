@@ -7,7 +7,7 @@ import tensorflow as tf
 
 from fm_keras.errors import ExportError
 from fm_keras.partitioned import (PartitionedIndex, PartitionedParams, augment, bisect,
-                                  block_slots, is_member, partition)
+                                  block_slots, inner_products, is_member, partition)
 
 
 def _vectors(n, d=11, seed=0, clusters=40):
@@ -162,3 +162,23 @@ def test_search_excluding_masks_before_the_top_k(quantize):
     everything = np.tile(np.arange(800, dtype=np.int32), (4, 1))
     _, ids = index.search_excluding(tf.constant(queries), 10, tf.constant(everything))
     assert np.all(ids.numpy() == -1)
+
+
+def test_inner_products_matches_numpy():
+    rng = np.random.default_rng(0)
+    rows, queries = rng.normal(size=(3, 50, 11)), rng.normal(size=(3, 11))
+    got = inner_products(tf.constant(rows, tf.float32), tf.constant(queries, tf.float32))
+    np.testing.assert_allclose(got.numpy(), np.einsum("bmd,bd->bm", rows, queries), rtol=1e-5,
+                               atol=1e-5)
+
+
+@pytest.mark.parametrize("quantize", [None, "int8"])
+def test_search_graph_has_no_batch_matmul_nor_shape_arithmetic(quantize):
+    """Regression (issue 16): oneDNN's BatchMatMulV2 took ~430 us of a single-user call for the
+    block scores; with k known at tracing, every shape but the batch is static."""
+    index = PartitionedIndex(_vectors(3000), PartitionedParams(20, 4, quantize, 200))
+    fn = tf.function(lambda q: index.search(q, 50),
+                     input_signature=[tf.TensorSpec([None, 11], tf.float32)])
+    ops = {op.type for op in fn.get_concrete_function().graph.get_operations()}
+    assert not ops & {"BatchMatMulV2", "BatchMatMulV3", "Einsum", "Shape", "Minimum"}, ops
+    assert {"MatMul", "TopKV2", "ResourceGather", "Sum"} <= ops
