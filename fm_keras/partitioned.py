@@ -6,7 +6,7 @@ by k-means (scikit-learn's trainer) and laid out for gathering; the search graph
     queries [B, d] -> block scores [B, P] -> top-n blocks -> gather them [B, n * S, d]
         -> exact inner products [B, n * S] -> tf.math.top_k
 
-(MatMul, TopKV2, ResourceGather, BatchMatMulV2, SelectV2, ...: every op is stock TensorFlow,
+(MatMul, TopKV2, ResourceGather, Mul, Sum, SelectV2, ...: every op is stock TensorFlow,
 and every shape but the batch is static, so the graph holds no shape arithmetic;
 the export serves on the stock TF Serving image, Triton's TensorFlow backend or TF Java). No
 XLA (`jit_compile`): stock TF Serving refuses XLA:CPU functions unless started with
@@ -24,8 +24,8 @@ the nearest neighbour of [q, 0] is the item with the largest q . x. k-means runs
 vectors (BENCHMARKS.md measures it against plain k-means).
 
 Layout: every k-means partition is cut by recursive bisection along principal axes into
-balanced blocks of at most S slots (S = a quarter of the mean partition size, so a block is
-compact and at least half full), each with its own centroid; every block is padded to S slots
+blocks of at most S slots (S = a quarter of the mean partition size; the blocks cut from one
+partition are near-equal, so each is compact and at least half full), each with its own centroid; every block is padded to S slots
 (id -1). Small blocks buy recall per slot read: on the 1M-item catalog of BENCHMARKS.md, 32
 blocks of 128 slots (4,096 items read) reach the recall@100 that 31 blocks of 504 slots did.
 A query ranks the blocks by q . c (c = the block's mean item vector; the nearest augmented
