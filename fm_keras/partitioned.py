@@ -25,9 +25,10 @@ vectors (BENCHMARKS.md measures it against plain k-means).
 
 Layout: every k-means partition is cut by recursive bisection along principal axes into
 blocks of at most S slots (S = a quarter of the mean partition size; the blocks cut from one
-partition are near-equal, so each is compact and at least half full), each with its own centroid; every block is padded to S slots
-(id -1). Small blocks buy recall per slot read: on the 1M-item catalog of BENCHMARKS.md, 32
-blocks of 128 slots (4,096 items read) reach the recall@100 that 31 blocks of 504 slots did.
+partition are near-equal, so each is compact and at least half full), each with its own
+centroid; every block is padded to S slots (id -1). Small blocks buy recall per slot read: on
+the 1M-item catalog of BENCHMARKS.md, 32 blocks of 128 slots (4,096 items read) reach the
+recall@100 that 31 blocks of 504 slots did.
 A query ranks the blocks by q . c (c = the block's mean item vector; the nearest augmented
 centroid gave the same recall there, with five more ops over [B, blocks]). Optional int8
 quantization of the blocks (one scale per dimension) scores a shortlist approximately and
