@@ -150,9 +150,11 @@ def train(config: ExperimentConfig, run_dir: str, *, resume: bool = False,
     # Validation rows are unweighted; weighted_metrics=[] says so (and silences Keras).
     model.compile(optimizer=make_optimizer(config.training), weighted_metrics=[],
                   steps_per_execution=config.training.steps_per_execution)
-    state = TrainingState(run_dir, model, config, resume=resume, base_loss=base_loss(
-        task, train_split.labels, sample_weights(train_split.labels, config.training))
-        if task != "retrieval" else None)
+    labels, weights = train_split.labels, sample_weights(train_split.labels, config.training)
+    if config.training.negatives.per_positive:  # what an epoch trains on: sampled rows too
+        labels, weights = negatives.epoch_labels(labels, weights)
+    state = TrainingState(run_dir, model, config, resume=resume,
+                          base_loss=base_loss(task, labels, weights))
     t0 = time.time()
     if state.initial_epoch < config.training.epochs and not state.finished:
         with contextlib.redirect_stdout(sys.stderr):  # Keras prints progress to stdout
