@@ -163,7 +163,7 @@ def score_with_beam(model: str, inputs: Sequence[str], output: str, *,
 
     from fm_keras._tf import tf
     from fm_keras.data import expand_paths
-    from fm_keras.scoring import _header
+    from fm_keras.scoring import file_columns
     from fm_keras.servables import load_export
 
     if runner not in RUNNERS:
@@ -187,7 +187,7 @@ def score_with_beam(model: str, inputs: Sequence[str], output: str, *,
     local_inputs = [p for p in inputs if "://" not in p]
     files = expand_paths(local_inputs) if local_inputs else []
     if keep is None:
-        keep = default_keep(_header(files[0])) if files else []
+        keep = default_keep(file_columns(files[0])) if files else []
     sample = {k: v.numpy() for k, v in fn(**{n: tf.constant(
         [0.0] if t == "float32" else [""], tf.float32 if t == "float32" else tf.string)
         for n, t in types.items()}).items()}

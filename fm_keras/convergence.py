@@ -27,13 +27,16 @@ import numpy as np
 STARTED_SHARE = 0.01
 
 
-def base_loss(task: str, labels: np.ndarray, weights: np.ndarray | None = None) -> float:
+def base_loss(task: str, labels: np.ndarray, weights: np.ndarray | None = None,
+              counts: np.ndarray | None = None) -> float:
     """The training loss of a model that has learned nothing but the base rate (or mean).
 
     Args:
         task: ``binary`` (logistic loss) or ``regression`` (squared loss).
         labels: array [rows]; {0, 1} for binary.
         weights: per-row training weights [rows] (e.g. pos_weight); default all 1.
+        counts: rows per entry of `labels` [rows] (a label histogram, as out-of-core training
+            keeps); default all 1.
 
     Returns:
         mean_i(w_i * loss(y_i, c)) for the best constant c, as Keras reports the training loss
@@ -43,12 +46,15 @@ def base_loss(task: str, labels: np.ndarray, weights: np.ndarray | None = None) 
     """
     labels = np.asarray(labels, dtype=np.float64)
     weights = np.ones_like(labels) if weights is None else np.asarray(weights, np.float64)
+    if counts is not None:  # a histogram: each entry stands for counts[i] rows
+        weights = weights * np.asarray(counts, np.float64)
+    rows = float(len(labels) if counts is None else np.sum(counts))
     p = float(np.sum(weights * labels) / np.sum(weights))
     if task == "regression":
-        return float(np.mean(weights * (labels - p) ** 2))
+        return float(np.sum(weights * (labels - p) ** 2)) / rows
     if p <= 0.0 or p >= 1.0:
         return 0.0
-    return float(np.mean(weights)) * -(p * math.log(p) + (1 - p) * math.log(1 - p))
+    return float(np.sum(weights)) / rows * -(p * math.log(p) + (1 - p) * math.log(1 - p))
 
 
 @dataclass

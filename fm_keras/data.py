@@ -10,7 +10,7 @@ from __future__ import annotations
 import difflib
 import glob
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -19,7 +19,8 @@ import pandas as pd
 from fm_keras.config import DataConfig, FeatureConfig, FilterConfig, TrainingConfig
 from fm_keras.errors import DataError
 
-_MISSING_TOKENS = frozenset({"", "nan", "NaN", "NA", "null", "None"})
+# Cells that mean 'missing' (pandas' own NA detection is off: the reader uses these).
+MISSING_TOKENS = frozenset({"", "nan", "NaN", "NA", "null", "None"})
 
 
 @dataclass
@@ -155,32 +156,106 @@ def load_split(
         from fm_keras.tfrecord import read_split
 
         return read_split(files, features, label, task)
+    blocks = list(iter_blocks(files, features, label, filters, task=task,
+                              passthrough=passthrough, weight=weight, block_rows=None))
+    last = blocks[-1]
+    join = lambda key: {k: np.concatenate([getattr(b, key)[k] for b in blocks])  # noqa: E731
+                        for k in getattr(last, key)}
+    labels = np.concatenate([b.labels for b in blocks]) if label else None
+    split = Split(join("features"), labels, last.rows_read, last.dropped, files,
+                  join("passthrough"))
+    if len(split) == 0:
+        raise DataError(f"{', '.join(files)}: no rows left after filters {split.dropped}")
+    return split
+
+
+def iter_blocks(
+    files: Sequence[str],
+    features: Sequence[FeatureConfig],
+    label: str | None,
+    filters: Sequence[FilterConfig] = (),
+    *,
+    task: str = "binary",
+    passthrough: Sequence[str] = (),
+    weight: str | None = None,
+    block_rows: int | None = 262_144,
+) -> Iterator[Split]:
+    """Reads CSV/Parquet `files` in blocks of rows, checked and filtered as `load_split` does.
+
+    Memory is bounded by `block_rows`, not by the size of the files: the streaming pass of
+    out-of-core training (`fm_keras.out_of_core`) fits its vocabularies and writes its shards
+    from these blocks. `load_split` is these blocks concatenated.
+
+    Args:
+        files: CSV/Parquet paths (`expand_paths` output), read in order.
+        features, label, filters, task, passthrough, weight: as for `load_split`.
+        block_rows: rows read at a time per file; None reads each file whole.
+
+    Yields:
+        One `Split` per block, after the filters (it may have no rows). ``rows_read`` and
+        ``dropped`` count everything read so far, so the last block's are the totals.
+
+    Raises:
+        DataError: a file is empty or unreadable, a column is missing, or a value is bad
+            (naming the file, column and data row).
+    """
     needed = [f.name for f in features] + ([label] if label else [])
     needed += [flt.column for flt in filters] + list(passthrough) + ([weight] if weight else [])
     needed = list(dict.fromkeys(needed))
-    parts, dropped, rows_read = [], {flt.name: 0 for flt in filters}, 0
+    dropped, rows_read = {flt.name: 0 for flt in filters}, 0
     for path in files:
-        frame = read_frame(path, needed)
-        rows_read += len(frame)
-        keep = np.ones(len(frame), dtype=bool)
-        for flt in filters:
-            hit = _filter_mask(frame[flt.column], flt, path) & keep
-            dropped[flt.name] += int(hit.sum())
-            keep &= ~hit
-        parts.append((path, frame[keep]))
-    columns: dict[str, np.ndarray] = {}
-    for feat in features:
-        columns[feat.name] = np.concatenate([_feature_column(f[feat.name], feat, p) for p, f in parts])
-    labels = None
-    if label:
-        labels = np.concatenate([_label_column(f[label], label, task, p) for p, f in parts])
-    extra = {c: np.concatenate([f[c].to_numpy(dtype=object) for _, f in parts]) for c in passthrough}
-    if weight:
-        extra[weight] = np.concatenate([_weight_column(f[weight], weight, p) for p, f in parts])
-    split = Split(columns, labels, rows_read, dropped, files, extra)
-    if len(split) == 0:
-        raise DataError(f"{', '.join(files)}: no rows left after filters {dropped}")
-    return split
+        for frame in _read_frames(path, needed, block_rows):
+            rows_read += len(frame)
+            keep = np.ones(len(frame), dtype=bool)
+            for flt in filters:
+                hit = filter_mask(frame[flt.column], flt, path) & keep
+                dropped[flt.name] += int(hit.sum())
+                keep &= ~hit
+            frame = frame[keep]
+            extra = {c: frame[c].to_numpy(dtype=object) for c in passthrough}
+            if weight:
+                extra[weight] = _weight_column(frame[weight], weight, path)
+            yield Split(
+                {f.name: _feature_column(frame[f.name], f, path) for f in features},
+                _label_column(frame[label], label, task, path) if label else None,
+                rows_read, dict(dropped), [path], extra)
+
+
+def _read_frames(path: str, columns: Sequence[str], block_rows: int | None
+                 ) -> Iterator[pd.DataFrame]:
+    """`read_frame` in blocks of `block_rows` (None: the whole file); the frames' index is the
+    0-based data row in the file, so errors name the row as `read_frame`'s do."""
+    if block_rows is None or os.path.getsize(path) == 0:
+        yield read_frame(path, columns)
+        return
+    read_header_checked(path, columns)
+    start = 0
+    try:
+        if path.endswith((".parquet", ".pq")):
+            import pyarrow.parquet as pq  # noqa: PLC0415 (pandas' Parquet engine)
+
+            batches = (batch.to_pandas() for batch in pq.ParquetFile(path).iter_batches(
+                block_rows, columns=list(columns)))
+            batches = (pd.DataFrame({c: _as_text(b[c]) for c in b.columns}) for b in batches)
+        else:
+            batches = pd.read_csv(path, dtype=str, keep_default_na=False, na_filter=False,
+                                  usecols=lambda c: c in set(columns), chunksize=block_rows)
+        for frame in batches:
+            frame.index = pd.RangeIndex(start, start + len(frame))
+            start += len(frame)
+            yield frame
+    except (ValueError, OSError) as err:
+        raise DataError(f"{path}: cannot read: {' '.join(str(err).split())[:200]}") from None
+    if start == 0:
+        raise DataError(f"{path}: the file has a header but no rows")
+
+
+def read_header_checked(path: str, columns: Sequence[str]) -> None:
+    """Raises `DataError` naming the first of `columns` that the file's header lacks."""
+    header = set(read_header(path))
+    missing = [c for c in columns if c not in header]
+    if missing:
+        raise DataError(f"{path}: missing column {missing[0]!r}{_column_hint(path, missing[0])}")
 
 
 def load_data_split(data: DataConfig, role: str, features: Sequence[FeatureConfig],
@@ -223,7 +298,7 @@ def _feature_column(column: pd.Series, feat: FeatureConfig, path: str) -> np.nda
 
 def _numeric(column: pd.Series, where: str) -> np.ndarray:
     values = pd.to_numeric(column, errors="coerce").to_numpy(dtype=np.float64)
-    bad = np.isnan(values) & ~column.isin(_MISSING_TOKENS).to_numpy()
+    bad = np.isnan(values) & ~column.isin(MISSING_TOKENS).to_numpy()
     if bad.any():
         row = int(np.flatnonzero(bad)[0])
         raise DataError(f"{where}: non-numeric value {column.iloc[row]!r} "
@@ -258,9 +333,11 @@ def _weight_column(column: pd.Series, name: str, path: str) -> np.ndarray:
     return values
 
 
-def _filter_mask(column: pd.Series, flt: FilterConfig, path: str) -> np.ndarray:
+def filter_mask(column: pd.Series, flt: FilterConfig, path: str) -> np.ndarray:
+    """Rows of `column` [rows] (raw strings) that `flt` matches, bool [rows]; errors name
+    `path`."""
     if flt.op == "is_null":
-        return column.isin(_MISSING_TOKENS).to_numpy()
+        return column.isin(MISSING_TOKENS).to_numpy()
     values = flt.value if flt.op in ("in", "not_in") else [flt.value]
     numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
     if numeric:

@@ -1,6 +1,7 @@
 """Feature preprocessing: fitted once on training data, then run inside the model graph.
 
-`fit_features` learns vocabularies, statistics and bucket boundaries from a training `Split`.
+`fit_features` learns vocabularies, statistics and bucket boundaries from a training `Split`
+(or its blocks, in one streaming pass: `fm_keras.fitting`).
 `FeatureEncoder` is the Keras layer that turns raw values into FM inputs: for every row a fixed
 number of *slots*, each an (id, x) pair in one global id space. A categorical or numeric
 feature has one slot, a multi-hot feature `max_len` slots (unused ones have x = 0, which adds
@@ -14,34 +15,15 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
-import pandas as pd
 
 from fm_keras._tf import keras, tf
 from fm_keras.config import FeatureConfig
 from fm_keras.data import Split
-
-_MAX_LEN_CAP = 64  # default multi-hot max_len never exceeds this
-_STD_FLOOR = 1e-6
-# A finite decimal number, in ASCII classes so that Python's re and TensorFlow's RE2 agree.
-_SPACE = r"[ \t\n\r\f\v]*"
-_NUMBER = _SPACE + r"[-+]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][-+]?[0-9]+)?" + _SPACE
-
-
-def weighted_token_pattern(weight_separator: str) -> str:
-    """Regex of a multi-hot token with a weight: ``(name)<sep>(number)``, split at the LAST
-    separator. A token whose text after its last separator is not a number has no weight:
-    the whole token is the value (``tag:t81`` is the value ``tag:t81``, weight 1).
-
-    The same pattern runs in Python (`re`, fitting vocabularies) and in the graph (RE2), so
-    both read a token alike.
-    """
-    return "(?s)^(.*)" + re.escape(weight_separator) + "(" + _NUMBER + ")$"
-
+from fm_keras.fitting import FeatureFitter, weighted_token_pattern
 
 @dataclass(frozen=True)
 class FittedFeature:
@@ -103,51 +85,19 @@ class FittedFeature:
         return cls(**d)
 
 
-def fit_features(configs: Sequence[FeatureConfig], train: Split) -> tuple[FittedFeature, ...]:
-    """Learns vocabularies, statistics and boundaries from the training split."""
-    return tuple(_fit_one(c, train.features[c.name]) for c in configs)
+def fit_features(configs: Sequence[FeatureConfig],
+                 train: Split | Iterable[Split]) -> tuple[FittedFeature, ...]:
+    """Learns vocabularies, statistics and boundaries from the training rows.
 
-
-def _fit_one(c: FeatureConfig, column: np.ndarray) -> FittedFeature:
-    if c.kind == "categorical":
-        vocab = () if c.hash_buckets else _vocabulary(pd.Series(column), c.min_count)
-        return FittedFeature(c, vocabulary=vocab)
-    if c.kind == "multi_hot":
-        tokens = pd.Series(column).str.split(c.separator, regex=False)
-        lengths = tokens.map(lambda t: sum(1 for x in t if x))
-        max_len = c.max_len or int(min(_MAX_LEN_CAP, max(1, np.percentile(lengths, 99))))
-        names = tokens.explode().dropna().str.replace(
-            weighted_token_pattern(c.weight_separator), r"\1", regex=True)
-        vocab = () if c.hash_buckets else _vocabulary(names[names != ""], c.min_count)
-        return FittedFeature(c, vocabulary=vocab, max_len=max_len)
-    values = column.astype(np.float64)
-    seen = values[~np.isnan(values)]
-    if seen.size == 0:
-        seen = np.zeros(1)
-    fill = float(np.mean(seen)) if c.default is None else float(c.default)
-    lo, hi = float(seen.min()), float(seen.max())
-    if c.buckets is not None:
-        if isinstance(c.buckets, int):
-            bounds = np.unique(np.quantile(seen, np.linspace(0, 1, c.buckets + 1)[1:-1]))
-        else:
-            bounds = np.asarray(c.buckets, dtype=np.float64)
-        return FittedFeature(c, fill=fill, boundaries=tuple(float(b) for b in bounds))
-    if c.normalization == "min_max":
-        center, scale = lo, max(hi - lo, _STD_FLOOR)
-    elif c.normalization in ("standard", "log"):
-        t = np.log1p(np.maximum(seen, 0.0)) if c.normalization == "log" else seen
-        center, scale = float(t.mean()), max(float(t.std()), _STD_FLOOR)
-    else:
-        center, scale = 0.0, 1.0
-    return FittedFeature(c, center=center, scale=scale, clip_min=lo, clip_max=hi, fill=fill)
-
-
-def _vocabulary(values: pd.Series, min_count: int) -> tuple[str, ...]:
-    counts = values.value_counts()
-    counts = counts[counts >= min_count]
-    # Most frequent first, ties by value: the same data always gives the same ids.
-    order = sorted(zip(-counts.to_numpy(), counts.index.astype(str)))
-    return tuple(v for _, v in order)
+    Args:
+        configs: the feature spec.
+        train: the training split, or its blocks (`fm_keras.data.iter_blocks`): both give
+            the same fitted features exactly (`fm_keras.fitting.FeatureFitter`).
+    """
+    fitter = FeatureFitter(configs)
+    for block in [train] if isinstance(train, Split) else train:
+        fitter.update(block.features)
+    return tuple(FittedFeature(c, **fields) for c, fields in zip(configs, fitter.finish()))
 
 
 @keras.utils.register_keras_serializable(package="fm_keras")

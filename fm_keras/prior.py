@@ -55,17 +55,22 @@ def precision(theta_sq: np.ndarray, counts: np.ndarray, curvature: float, dims: 
     return tau
 
 
-def curvature(task: str, labels: np.ndarray, weights: np.ndarray) -> float:
+def curvature(task: str, labels: np.ndarray, weights: np.ndarray,
+              counts: np.ndarray | None = None) -> float:
     """Mean per-row second derivative of the training loss at the base rate.
 
     Binary: mean(w) * p (1 - p) with p the weighted positive rate (logistic loss);
-    regression: 2 (Keras's mean squared error).
+    regression: 2 (Keras's mean squared error). With `counts`, entry i of `labels` and
+    `weights` stands for counts[i] rows (a label histogram).
     """
     if task == "regression":
         return 2.0
     weights = np.asarray(weights, np.float64)
+    rows = float(len(weights) if counts is None else np.sum(counts))
+    if counts is not None:
+        weights = weights * np.asarray(counts, np.float64)
     p = float(np.sum(weights * labels) / np.sum(weights))
-    return float(np.mean(weights)) * max(p * (1 - p), 1e-6)
+    return float(np.sum(weights)) / rows * max(p * (1 - p), 1e-6)
 
 
 class EmpiricalBayesPrior(keras.callbacks.Callback):

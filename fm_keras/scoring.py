@@ -79,7 +79,7 @@ def file_dataset(path: str, types: dict[str, tf.DType], keep: Sequence[str],
     if os.path.getsize(path) == 0:
         raise DataError(f"{path}: the file is empty")
     wanted = list(dict.fromkeys([*types, *keep]))
-    header = _header(path)
+    header = file_columns(path)
     _check_columns(path, header, wanted)
     if path.endswith((".parquet", ".pq")):
         return _parquet_dataset(path, types, wanted, batch_size)
@@ -238,7 +238,7 @@ def run_signature(model: str, inputs: Sequence[str], output: str, *,
     derived = set(derive.outputs) if derive is not None else set()
     read_types = {**{n: t for n, t in types.items() if n not in derived},
                   **(derive.columns if derive is not None else {})}
-    keep = list(keep) if keep is not None else default_keep(_header(files[0]))
+    keep = list(keep) if keep is not None else default_keep(file_columns(files[0]))
     fmt = output_format(output)
     warm = time.time()
     fn(**{n: tf.constant([0.0] if t == tf.float32 else [""], t) if n not in derived
@@ -299,7 +299,9 @@ def run_signature(model: str, inputs: Sequence[str], output: str, *,
             "rows_per_second": round(bar.rows / max(seconds, 1e-9)), "format": meta.get("format")}
 
 
-def _header(path: str) -> list[str]:
+def file_columns(path: str) -> list[str]:
+    """Column names of a CSV (its header line) or Parquet file (its schema); [] for an empty
+    file."""
     if path.endswith((".parquet", ".pq")):
         return pq.ParquetFile(path).schema_arrow.names
     with open(path, encoding="utf-8", errors="replace") as f:
@@ -322,7 +324,7 @@ def recommend(model: str, users: Sequence[str], output: str, k: int, *,
         raise ExportError(f"--k must be between 1 and {meta['k']} (the k this recall model was "
                           f"indexed with; rebuild it with 'fm-keras index --k'), got {k}")
     if keep is None:  # the users' id columns, minus names the output uses itself
-        keep = [c for c in default_keep(_header(expand_paths(list(users))[0]))
+        keep = [c for c in default_keep(file_columns(expand_paths(list(users))[0]))
                 if c not in RECOMMEND_COLUMNS]
     clash = sorted(set(keep) & set(RECOMMEND_COLUMNS))
     if clash:

@@ -12,7 +12,7 @@ any model could reach.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import pandas as pd
@@ -83,25 +83,41 @@ class PlantedFM:
 
 
 def generate(out_dir: str, rows: int = SynthSpec.rows, seed: int = SynthSpec.seed) -> dict:
-    """Writes train/valid/test CSVs, items.csv, features.yaml, experiment.yaml, oracle.json."""
+    """Writes train/valid/test CSVs, items.csv, features.yaml, experiment.yaml, oracle.json.
+
+    Rows are drawn and written `BLOCK_ROWS` at a time (each block in its own consecutive time
+    window, the planted bias fitted on the first), so memory does not grow with `rows`; a set
+    of up to `BLOCK_ROWS` rows is one block.
+    """
     if rows < 1000:
         raise ConfigError(f"--rows must be at least 1000, got {rows}")
     spec = SynthSpec(rows=rows, seed=seed)
     rng = np.random.default_rng(seed)
     truth = PlantedFM(spec, rng)
-    items = _catalog(spec, rng)
+    items = item_catalog(spec, rng)
     n = spec.rows
-    frame, prob, cached = _rows(spec, truth, items, rng, start=1_700_000_000, days=30)
-    label = frame["click"].to_numpy()
     os.makedirs(out_dir, exist_ok=True)
     bounds = [0, int(0.8 * n), int(0.9 * n), n]
-    for name, lo, hi in zip(("train", "valid", "test"), bounds, bounds[1:]):
-        _write_csv(frame.iloc[lo:hi], os.path.join(out_dir, f"{name}.csv"))
+    names = [os.path.join(out_dir, f"{name}.csv") for name in ("train", "valid", "test")]
+    test_rows = []  # (label, prob, cached) of the test rows, for the oracle
+    for lo, hi, first in _blocks(n):
+        # One block at a time: memory is one block's, whatever the rows. The bias is fitted
+        # on the first block; later blocks keep it (one block is the whole set up to 1M).
+        frame, prob, cached = _rows(replace(spec, rows=hi - lo), truth, items, rng,
+                                    start=1_700_000_000 + 30 * 86400 * lo // n,
+                                    days=30 * (hi - lo) / n, fit_bias=first)
+        for path, a, b in zip(names, bounds, bounds[1:]):
+            if max(a, lo) < min(b, hi):  # append to a split begun in an earlier block
+                _write_csv(frame.iloc[max(a, lo) - lo:min(b, hi) - lo], path, append=a < lo)
+        t = max(bounds[2], lo) - lo
+        if t < hi - lo:
+            test_rows.append((frame["click"].to_numpy()[t:], prob[t:], cached[t:]))
+        del frame
+    label, prob, cached = (np.concatenate(parts) for parts in zip(*test_rows))
     _write_csv(_catalog_frame(spec, items), os.path.join(out_dir, "items.csv"))
     fsutil.write_text(os.path.join(out_dir, "features.yaml"), FEATURES_YAML)
     fsutil.write_text(os.path.join(out_dir, "experiment.yaml"), EXPERIMENT_YAML)
-    test = slice(bounds[2], n)
-    oracle = _oracle(label[test], prob[test], cached[test], spec)
+    oracle = _oracle(label, prob, cached, spec)
     fsutil.write_json(os.path.join(out_dir, "oracle.json"), oracle)
     return oracle
 
@@ -126,7 +142,7 @@ def generate_span(root: str, span: int, rows: int = 50_000, seed: int = SynthSpe
     spec = SynthSpec(rows=rows, seed=seed)
     rng = np.random.default_rng(seed)
     truth = PlantedFM(spec, rng)  # drawn first from the seed alone: the same in every span
-    items = _catalog(spec, rng)
+    items = item_catalog(spec, rng)
     rng = np.random.default_rng([seed, span])
     frame, _, _ = _rows(spec, truth, items, rng, start=1_700_000_000 + (span - 1) * 7 * 86400,
                         days=7)
@@ -145,9 +161,21 @@ def generate_span(root: str, span: int, rows: int = 50_000, seed: int = SynthSpe
     return out
 
 
+BLOCK_ROWS = 1_000_000  # rows drawn and written at a time
+
+
+def _blocks(n: int):
+    """(lo, hi, is_first) row ranges of at most `BLOCK_ROWS` rows covering [0, n)."""
+    for lo in range(0, n, BLOCK_ROWS):
+        yield lo, min(n, lo + BLOCK_ROWS), lo == 0
+
+
 def _rows(spec: SynthSpec, truth: PlantedFM, items: dict, rng: np.random.Generator,
-          start: int, days: int):
-    """(log frame sorted by time, true probabilities, cached mask) of `spec.rows` rows."""
+          start: int, days: float, fit_bias: bool = True):
+    """(log frame sorted by time, true probabilities, cached mask) of `spec.rows` rows.
+
+    With `fit_bias`, ``truth.bias`` is set so that the user-initiated rows click at
+    ``spec.target_rate``; else the bias already set is kept (later blocks of a large set)."""
     n = spec.rows
     user = rng.choice(spec.users, n, p=_zipf_probs(spec.users, 0.9))
     item = rng.choice(spec.items, n, p=_zipf_probs(spec.items, 1.0))  # id 0 is the most popular
@@ -159,12 +187,14 @@ def _rows(spec: SynthSpec, truth: PlantedFM, items: dict, rng: np.random.Generat
         "item_category": items["category"][item],
         "device": rng.choice(3, n, p=[0.5, 0.35, 0.15]), "hour": rng.integers(0, 24, n),
     }
-    logit = truth.logit(cols, items["tag_ids"][item], items["tag_w"][item], items["price_x"][item])
-    truth.bias = _bias_for_rate(logit[~cached], spec.target_rate)
+    logit = truth.logit(cols, items["tag_ids"][item], items["tag_w"][item],
+                        items["price_x"][item]) - truth.bias  # the bias is added below
+    if fit_bias:
+        truth.bias = _bias_for_rate(logit[~cached], spec.target_rate)
     prob = 1.0 / (1.0 + np.exp(-(logit + truth.bias)))
     label = (rng.random(n) < np.where(cached, spec.cached_click_rate, prob)).astype(np.int8)
     frame = pd.DataFrame({
-        "ts": np.sort(rng.integers(start, start + days * 86400, n)),
+        "ts": np.sort(rng.integers(start, start + int(days * 86400), n)),
         "user_id": [f"u{u}" for u in user],
         "user_segment": [f"s{s}" for s in cols["user_segment"]],
         "item_id": [f"i{i}" for i in item],
@@ -185,7 +215,9 @@ def _catalog_frame(spec: SynthSpec, items: dict) -> pd.DataFrame:
                          "item_tags": items["tags"], "item_price": items["price"]})
 
 
-def _catalog(spec: SynthSpec, rng: np.random.Generator) -> dict[str, np.ndarray]:
+def item_catalog(spec: SynthSpec, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """The planted item catalog of `spec`: per-item arrays [items] (category, tags, price ...)
+    drawn from `rng`."""
     category = rng.integers(0, spec.categories, spec.items)
     max_tags = 4
     tag_ids = np.zeros((spec.items, max_tags), dtype=np.int64)
@@ -230,9 +262,13 @@ def _oracle(label, prob, cached, spec: SynthSpec) -> dict:
     }
 
 
-def _write_csv(frame: pd.DataFrame, path: str) -> None:
+def _write_csv(frame: pd.DataFrame, path: str, append: bool = False) -> None:
+    """Writes `frame` to a temp file renamed to `path`; with `append`, adds its rows (no
+    header) to the existing `path` the same way."""
     tmp = f"{path}.tmp-{os.getpid()}"
-    frame.to_csv(tmp, index=False)
+    if append:
+        os.replace(path, tmp)
+    frame.to_csv(tmp, index=False, header=not append, mode="a" if append else "w")
     os.replace(tmp, path)
 
 
@@ -319,7 +355,9 @@ def load_world(data_dir: str) -> SyntheticWorld:
     spec = SynthSpec(**fsutil.read_json(path)["spec"])
     rng = np.random.default_rng(spec.seed)
     truth = PlantedFM(spec, rng)
-    items = _catalog(spec, rng)
-    _rows(spec, truth, items, rng, start=1_700_000_000, days=30)  # sets truth.bias
+    items = item_catalog(spec, rng)
+    first = min(spec.rows, BLOCK_ROWS)  # generate fits the bias on its first block
+    _rows(replace(spec, rows=first), truth, items, rng, start=1_700_000_000,
+          days=30 * first / spec.rows)  # sets truth.bias
     segment = np.random.default_rng(spec.seed + 1).integers(0, spec.segments, spec.users)
     return SyntheticWorld(spec, truth, items, segment, _zipf_probs(spec.users, 0.9))

@@ -7,6 +7,7 @@ A run directory holds::
     checkpoints/      last and best epoch (model + optimizer), for --resume
     state.json        epoch, best validation metric, patience counter, history
     model/            the final (best) FM weights, written atomically
+    shards/           out of core only: the encoded training rows (`fm_keras.out_of_core`)
     run.json          written last: status "complete", metrics, rows, calibration, versions
 
 A directory without a complete run.json is not a finished run: `load_run` refuses it, and
@@ -26,10 +27,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fm_keras import __version__, fsutil
+from fm_keras import __version__, fsutil, out_of_core
 from fm_keras._tf import keras, tf
 from fm_keras.calibration import Calibration, fit_calibration
-from fm_keras.checkpoints import CheckpointWriter, is_large, parameters_finite
+from fm_keras.checkpoints import (LARGE_CHECKPOINT_SECONDS, BestWeights, CheckpointWriter,
+                                  checkpoint_due, is_large, parameters_finite)
 from fm_keras.config import ExperimentConfig, TrainingConfig, experiment_from_dict
 from fm_keras.convergence import EarlyStopping, base_loss, cap_warning
 from fm_keras.data import (Split, downsample_negatives, load_data_split, require_both_classes,
@@ -39,6 +41,7 @@ from fm_keras.evaluation import early_stopping_monitor, metrics_for
 from fm_keras.features import FittedFeature, fit_features
 from fm_keras.model import FMModel, build_model, make_optimizer
 from fm_keras.prior import EmpiricalBayesPrior, curvature
+from fm_keras.progress import log
 
 
 @dataclass
@@ -50,11 +53,6 @@ class Run:
     features: tuple[FittedFeature, ...]
     model: FMModel
     info: dict
-
-
-def log(message: str) -> None:
-    """Progress for humans goes to stderr; stdout stays free for JSON results."""
-    print(f"fm-keras: {message}", file=sys.stderr, flush=True)
 
 
 def train(config: ExperimentConfig, run_dir: str, *, resume: bool = False,
@@ -97,29 +95,25 @@ def train(config: ExperimentConfig, run_dir: str, *, resume: bool = False,
     started = time.time()
     check_run_dir(run_dir, resume)
     task = config.model.task
-    train_split = load_data_split(config.data, "train", config.features, task)
-    valid_split = (load_data_split(config.data, "valid", config.features, task)
-                   if config.data.valid else None)
-    log(f"train: {len(train_split):,} rows from {len(train_split.files)} file(s)"
-        + _dropped_text(train_split))
-    if task == "binary" and not config.training.negatives.per_positive:
-        # With sampled negatives an all-positive interaction log is the expected input.
-        require_both_classes(train_split, config.data.label)
-    train_split, valid_split = holdout_if_needed(train_split, valid_split, config.training.seed)
-
+    ooc, why = out_of_core.choose(config)
+    log(f"{'out-of-core' if ooc else 'in-memory'} training: {why}")
     if resume and os.path.exists(os.path.join(run_dir, "features.json")):
-        features = tuple(FittedFeature.from_dict(d)
-                         for d in fsutil.read_json(os.path.join(run_dir, "features.json")))
-    elif warm_start:
-        features = _warm_start_features(warm_start, config)
+        given = tuple(FittedFeature.from_dict(d)
+                      for d in fsutil.read_json(os.path.join(run_dir, "features.json")))
     else:
-        features = fit_features(config.features, train_split)
-    keep = downsample_negatives(train_split.labels, config.training.neg_sample_rate,
-                                config.training.seed) if task == "binary" else slice(None)
-    if task == "binary" and config.training.neg_sample_rate < 1:
-        log(f"negative downsampling at rate {config.training.neg_sample_rate}: "
-            f"{int(np.sum(keep)):,} of {len(train_split):,} training rows kept")
-    train_split = train_split.take(keep)
+        given = _warm_start_features(warm_start, config) if warm_start else None
+    label_counts = None  # out of core, the labels are a histogram: distinct values, rows
+    if ooc:
+        valid_split = load_data_split(config.data, "valid", config.features, task)
+        fit = out_of_core.fit_pass(config, given)
+        features, rows = fit.features, {"train_read": fit.rows_read, "dropped": fit.dropped}
+        log(f"train: {fit.rows:,} rows from {len(fit.files)} file(s)" + _dropped_text(fit))
+        if task == "binary":
+            require_both_classes(Split({}, fit.labels, fit.rows, files=fit.files),
+                                 config.data.label)
+    else:
+        train_split, valid_split, features = _in_memory_splits(config, given)
+        rows = {"train_read": train_split.rows_read, "dropped": train_split.dropped}
 
     keras.utils.set_random_seed(config.training.seed)
     model = build_model(features, config.model, config.training)
@@ -129,7 +123,15 @@ def train(config: ExperimentConfig, run_dir: str, *, resume: bool = False,
         log(f"warm start from {warm_start}")
     t0 = time.time()
     prior = []  # the empirical Bayes prior's callback, if any
-    if config.training.negatives.per_positive:
+    if ooc:
+        shards = out_of_core.write_shards(config, model.encoder,
+                                          out_of_core.shard_directory(config, run_dir, fit), fit)
+        labels, label_counts = shards.labels, shards.label_counts
+        _attach_prior(model, config, shards.counts, shards.sample_ids, shards.sample_values,
+                      labels, label_counts, prior)
+        train_ds = out_of_core.shard_dataset(shards, config.training, config.training.seed)
+        rows["train"] = shards.rows
+    elif config.training.negatives.per_positive:
         from fm_keras.negatives import SampledNegatives
 
         negatives = SampledNegatives(config, model.encoder, train_split)
@@ -138,8 +140,10 @@ def train(config: ExperimentConfig, run_dir: str, *, resume: bool = False,
                             callbacks=prior)
     else:
         train_ds = _dataset(model, train_split, config, training=True, callbacks=prior)
+    if not ooc:
+        labels, rows["train"] = train_split.labels, len(train_split)
     valid_ds = _dataset(model, valid_split, config, training=False)
-    log(f"encoded {len(train_split):,} + {len(valid_split):,} rows into "
+    log(f"encoded {rows['train']:,} + {len(valid_split):,} rows into "
         f"{model.encoder.num_slots} slots over {model.encoder.num_ids:,} ids "
         f"in {time.time() - t0:.1f}s")
 
@@ -150,11 +154,11 @@ def train(config: ExperimentConfig, run_dir: str, *, resume: bool = False,
     # Validation rows are unweighted; weighted_metrics=[] says so (and silences Keras).
     model.compile(optimizer=make_optimizer(config.training), weighted_metrics=[],
                   steps_per_execution=config.training.steps_per_execution)
-    labels, weights = train_split.labels, sample_weights(train_split.labels, config.training)
+    weights = sample_weights(labels, config.training)
     if config.training.negatives.per_positive:  # what an epoch trains on: sampled rows too
         labels, weights = negatives.epoch_labels(labels, weights)
     state = TrainingState(run_dir, model, config, resume=resume,
-                          base_loss=base_loss(task, labels, weights))
+                          base_loss=base_loss(task, labels, weights, label_counts))
     t0 = time.time()
     if state.initial_epoch < config.training.epochs and not state.finished:
         with contextlib.redirect_stdout(sys.stderr):  # Keras prints progress to stdout
@@ -185,17 +189,40 @@ def train(config: ExperimentConfig, run_dir: str, *, resume: bool = False,
         "prior": prior[0].precisions if prior else None,
         "history": state.history,
         "metrics": metrics,
-        "rows": {"train": len(train_split), "valid": len(valid_split),
-                 "train_read": train_split.rows_read, "dropped": train_split.dropped},
+        "rows": {**rows, "valid": len(valid_split)},
+        "out_of_core": {"enabled": ooc, "reason": why,
+                        "shards": shards.directory if ooc else None},
         "seconds": {"total": round(time.time() - started, 2), "fit": round(train_seconds, 2)},
         "train_samples_per_second": round(
-            len(train_split) * max(1, len(state.history)) / max(train_seconds, 1e-9)),
+            rows["train"] * max(1, len(state.history)) / max(train_seconds, 1e-9)),
         "versions": library_versions(),
         "warm_start": os.path.abspath(warm_start) if warm_start else None,
     }
     fsutil.write_json(os.path.join(run_dir, "run.json"), record)
     log(f"run complete: {run_dir}")
     return record
+
+
+def _in_memory_splits(config: ExperimentConfig, features: tuple[FittedFeature, ...] | None):
+    """Reads train and valid into memory, checks the labels, holds out valid if none is
+    configured, fits the features (unless given) and downsamples the negatives."""
+    task = config.model.task
+    train_split = load_data_split(config.data, "train", config.features, task)
+    valid_split = (load_data_split(config.data, "valid", config.features, task)
+                   if config.data.valid else None)
+    log(f"train: {len(train_split):,} rows from {len(train_split.files)} file(s)"
+        + _dropped_text(train_split))
+    if task == "binary" and not config.training.negatives.per_positive:
+        # With sampled negatives an all-positive interaction log is the expected input.
+        require_both_classes(train_split, config.data.label)
+    train_split, valid_split = holdout_if_needed(train_split, valid_split, config.training.seed)
+    features = features or fit_features(config.features, train_split)
+    keep = downsample_negatives(train_split.labels, config.training.neg_sample_rate,
+                                config.training.seed) if task == "binary" else slice(None)
+    if task == "binary" and config.training.neg_sample_rate < 1:
+        log(f"negative downsampling at rate {config.training.neg_sample_rate}: "
+            f"{int(np.sum(keep)):,} of {len(train_split):,} training rows kept")
+    return train_split.take(keep), valid_split, features
 
 
 def calibrate(model: FMModel, valid_split: Split, training: TrainingConfig) -> None:
@@ -264,13 +291,20 @@ def _logits(model, ids, values):
 
 
 class TrainingState(keras.callbacks.Callback):
-    """Early stopping with best-weights restore, a checkpoint per epoch, resume, divergence.
+    """Early stopping with best-weights restore, checkpoints, resume, divergence.
 
     One callback owns all of it so that a resumed run continues with the same best metric and
     patience counter it stopped with. The stopping rule itself (min_delta, no counting before
     learning started) is `fm_keras.convergence.EarlyStopping`; epochs are 1-based throughout.
-    With large tables the epoch-end checks are sampled and the checkpoints written in the
-    background (`fm_keras.checkpoints`); the best checkpoint holds the model weights only.
+
+    The best epoch's weights are an in-memory copy (`fm_keras.checkpoints.BestWeights`). The
+    run's checkpoint (weights, optimizer, best copy, run state) is written every epoch for
+    small tables; with large tables every `checkpoint_seconds` of training and at the last
+    epoch, in the background, and the epoch-end finite check is sampled
+    (`fm_keras.checkpoints`). ``state.json`` is written every epoch and says which epoch the
+    checkpoint holds (``checkpoint_epoch``); `--resume` continues after that epoch, with the
+    early-stopping state and history saved with it: the epochs trained after the checkpoint
+    are trained again.
 
     Args:
         base_loss: the training loss of a model that has learned only the base rate
@@ -278,6 +312,8 @@ class TrainingState(keras.callbacks.Callback):
     """
 
     async_checkpoints = True  # large tables are checkpointed in the background
+    best_in_memory = True  # the best weights as an in-memory copy, else a checkpoint per best
+    checkpoint_seconds = LARGE_CHECKPOINT_SECONDS  # large tables: at most this often
 
     def __init__(self, run_dir: str, model: FMModel, config: ExperimentConfig, resume: bool,
                  base_loss: float | None = None):
@@ -287,27 +323,39 @@ class TrainingState(keras.callbacks.Callback):
                         "retrieval": "val_recall_at_k"}[config.model.task]
         self.sign = -1.0 if config.model.task == "regression" else 1.0
         self.epoch = tf.Variable(0, dtype=tf.int64, trainable=False)
-        self.checkpoint = tf.train.Checkpoint(fm=model.fm, optimizer=model.optimizer,
-                                              epoch=self.epoch)
+        self.run_state = tf.Variable("", dtype=tf.string, trainable=False)
         ckpt_dir = os.path.join(run_dir, "checkpoints")
-        # Large tables: sampled finite checks, asynchronous writes (fm_keras.checkpoints).
         self.large = is_large(model.fm.trainable_weights)
         background = self.large and self.async_checkpoints
+        self.best_weights, self.best, tracked = None, None, {}
+        if self.best_in_memory:
+            # The trainable weights: the l2_prior penalties shape the loss, not the outputs.
+            self.best_weights = BestWeights(model.fm.trainable_weights)
+            tracked["best"] = self.best_weights.trackable
+        else:
+            self.best = CheckpointWriter(tf.train.Checkpoint(fm=model.fm),
+                                         os.path.join(ckpt_dir, "best"), background)
+        self.checkpoint = tf.train.Checkpoint(fm=model.fm, optimizer=model.optimizer,
+                                              epoch=self.epoch, run_state=self.run_state,
+                                              **tracked)
         self.last = CheckpointWriter(self.checkpoint, os.path.join(ckpt_dir, "last"), background)
-        self.best = CheckpointWriter(tf.train.Checkpoint(fm=model.fm),
-                                     os.path.join(ckpt_dir, "best"), background)
         self.state_path = os.path.join(run_dir, "state.json")
         t = config.training
         self.stopper = EarlyStopping(t.early_stopping_patience, t.early_stopping_min_delta,
                                      base_loss)
         self.history: list[dict] = []
+        self.checkpoint_epoch = 0
+        self._checkpointed_at = time.monotonic()
         if resume and self.last.latest_checkpoint:
             self.checkpoint.restore(self.last.latest_checkpoint)
-            state = fsutil.read_json(self.state_path)
+            saved = self.run_state.numpy().decode()
+            state = json.loads(saved) if saved else fsutil.read_json(self.state_path)
             self.stopper = EarlyStopping.from_dict(state["early_stopping"])
             self.history = state["history"]
-            log(f"resuming after epoch {int(self.epoch.numpy())} (best {self.monitor} "
-                f"{self.sign * self.stopper.best_value:.5f} at epoch {self.stopper.best_epoch})")
+            self.checkpoint_epoch = int(self.epoch.numpy())
+            log(f"resuming after epoch {self.checkpoint_epoch}, the checkpoint's (best "
+                f"{self.monitor} {self.sign * self.stopper.best_value:.5f} at epoch "
+                f"{self.stopper.best_epoch})")
 
     @property
     def initial_epoch(self) -> int:
@@ -321,6 +369,9 @@ class TrainingState(keras.callbacks.Callback):
     @property
     def finished(self) -> bool:
         return self.stopper.stopped
+
+    def on_train_begin(self, logs=None):
+        self._checkpointed_at = time.monotonic()  # the interval counts training time only
 
     def on_train_batch_end(self, batch, logs=None):
         loss = (logs or {}).get("loss")
@@ -338,17 +389,30 @@ class TrainingState(keras.callbacks.Callback):
         self.history.append({k: float(v) for k, v in logs.items()})
         self.epoch.assign(epoch + 1)
         if self.stopper.update(epoch + 1, value, logs.get("loss")):
-            self.best.save()
-        self.last.save()
+            if self.best_weights is not None:
+                self.best_weights.save()
+            else:
+                self.best.save()
         if self.stopper.stopped:
             self.model.stop_training = True
             log(f"early stopping after epoch {epoch + 1}: {self.monitor} has not improved by "
                 f"more than {self.stopper.min_delta} for {self.stopper.wait} epochs; "
                 f"best was epoch {self.best_epoch}")
-        fsutil.write_json(self.state_path, {
-            "epoch": epoch + 1, "best_epoch": self.best_epoch, "history": self.history,
-            "finished": self.finished, "monitor": self.monitor,
-            "early_stopping": self.stopper.to_dict()})
+        last_epoch = self.stopper.stopped or epoch + 1 >= self.config.training.epochs
+        if checkpoint_due(self.large, last_epoch, time.monotonic() - self._checkpointed_at,
+                          self.checkpoint_seconds):
+            self.run_state.assign(json.dumps(self.state_dict()))
+            self.last.save()
+            self.checkpoint_epoch = epoch + 1
+            self._checkpointed_at = time.monotonic()
+        fsutil.write_json(self.state_path,
+                          {**self.state_dict(), "checkpoint_epoch": self.checkpoint_epoch})
+
+    def state_dict(self) -> dict:
+        """The run state a checkpoint holds: epoch, best epoch, history, early stopping."""
+        return {"epoch": int(self.epoch.numpy()), "best_epoch": self.best_epoch,
+                "history": self.history, "finished": self.finished, "monitor": self.monitor,
+                "early_stopping": self.stopper.to_dict()}
 
     def convergence_warning(self) -> str | None:
         """`cap_warning` for this run (None if it stopped early or its last epoch was no gain)."""
@@ -364,10 +428,17 @@ class TrainingState(keras.callbacks.Callback):
         return {"converged": warning is None, "warnings": [warning] if warning else []}
 
     def restore_best(self) -> None:
+        """Puts the best epoch's weights back (if an epoch ran) after the checkpoint writes
+        finished; with large tables checks every element of them."""
         self.last.sync()
-        self.best.sync()
-        if self.best.latest_checkpoint:
-            tf.train.Checkpoint(fm=self.model.fm).read(self.best.latest_checkpoint).expect_partial()
+        if self.best_weights is not None:
+            if self.best_epoch:
+                self.best_weights.restore()
+        else:
+            self.best.sync()
+            if self.best.latest_checkpoint:
+                tf.train.Checkpoint(fm=self.model.fm).read(
+                    self.best.latest_checkpoint).expect_partial()
         if self.large and not parameters_finite(self.model.fm.trainable_weights, sampled=False):
             self._diverged("parameters are not finite")
 
@@ -410,15 +481,10 @@ def _dataset(model: FMModel, split: Split, config: ExperimentConfig, training: b
     its `EmpiricalBayesPrior` joins `callbacks`.
     """
     ids, values = model.encoder.encode_numpy(split.features)
-    if training and model.fm.l2_prior and config.model.task != "retrieval":
-        counts = np.bincount(ids[values != 0], minlength=model.fm.num_ids)
-        model.fm.set_prior(counts)
-        if config.model.l2_prior_adaptive and callbacks is not None:
-            sample = np.random.default_rng(config.training.seed).permutation(len(ids))[:4096]
-            weights = sample_weights(split.labels, config.training)
-            callbacks.append(EmpiricalBayesPrior(
-                model, counts, ids[sample], values[sample],
-                curvature(config.model.task, split.labels, weights)))
+    if training:
+        sample = np.random.default_rng(config.training.seed).permutation(len(ids))[:4096]
+        _attach_prior(model, config, np.bincount(ids[values != 0], minlength=model.fm.num_ids),
+                      ids[sample], values[sample], split.labels, None, callbacks)
     weights = (sample_weights(split.labels, config.training) if training
                else np.ones(len(split), np.float32))
     if negatives is not None:
@@ -427,6 +493,22 @@ def _dataset(model: FMModel, split: Split, config: ExperimentConfig, training: b
     return batched_dataset(ids, values, split.labels, weights,
                            config.training.batch_size if training else 8192,
                            shuffle_seed=config.training.seed if training else None)
+
+
+def _attach_prior(model: FMModel, config: ExperimentConfig, counts: np.ndarray,
+                  sample_ids: np.ndarray, sample_values: np.ndarray, labels: np.ndarray,
+                  label_counts: np.ndarray | None, callbacks: list | None) -> None:
+    """Sets `model.l2_prior`'s id counts [num_ids] and, if adaptive, adds the
+    `EmpiricalBayesPrior` (fed a sample of encoded rows) to `callbacks`. `labels` are the
+    training labels, or with `label_counts` their histogram (distinct values, rows)."""
+    if not model.fm.l2_prior or config.model.task == "retrieval":
+        return
+    model.fm.set_prior(counts)
+    if config.model.l2_prior_adaptive and callbacks is not None:
+        weights = sample_weights(labels, config.training)
+        callbacks.append(EmpiricalBayesPrior(
+            model, counts, sample_ids, sample_values,
+            curvature(config.model.task, labels, weights, label_counts)))
 
 
 def batched_dataset(ids: np.ndarray, values: np.ndarray, labels: np.ndarray,

@@ -1,0 +1,347 @@
+"""Out-of-core training on one machine: memory flat in rows.
+
+Two streaming passes over the training files, then every epoch from disk::
+
+    pass 1  data.iter_blocks -> fitting.FeatureFitter      vocabularies, statistics, labels
+    pass 2  data.iter_blocks -> FeatureEncoder -> shards   rows encoded once
+    epochs  shards -> interleave -> shuffle (chunks) -> batches of (ids, values), label, weight
+
+Only blocks of rows, the vocabularies and a shuffle buffer are ever in memory; the in-memory
+path (`fm_keras.training`) holds every row. ``data.out_of_core`` chooses: ``auto`` goes out of
+core when the training files hold more than ``data.out_of_core_mb`` MiB.
+
+A shard directory (``<run>/shards``, or a cache under ``data.shard_dir``) is written under a
+temp name and renamed when complete::
+
+    part-00000-of-00008.bin ...  fixed-length records of `chunk_rows` encoded rows; a row is
+                                 int32 ids [slots], float32 values [slots], float32 label
+                                 (a NaN label pads the last record of a file)
+    counts.npy                   training rows per id (the l2_prior's counts)
+    sample.npz                   a uniform sample of encoded rows (the empirical Bayes prior)
+    shards.json                  manifest: rows, slots, chunk_rows, files, label histogram
+
+Rows are shuffled within each block before they are spread over the files, and the reader
+shuffles chunks of `chunk_rows` rows through a buffer: an approximate shuffle (the in-memory
+path's is exact) at the cost of one decode per batch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import time
+from collections import Counter
+from dataclasses import dataclass
+
+import numpy as np
+
+from fm_keras import fsutil
+from fm_keras.config import ExperimentConfig, TrainingConfig
+from fm_keras.data import downsample_negatives, expand_paths, iter_blocks
+from fm_keras.errors import ConfigError, DataError
+from fm_keras.features import FittedFeature, fit_features
+from fm_keras.progress import log
+from fm_keras.tfrecord import is_tfrecord
+
+MANIFEST = "shards.json"
+NUM_FILES = 8
+SAMPLE_ROWS = 4096
+SHUFFLE_ROWS = 262_144  # rows the reader's chunk shuffle buffer holds
+
+
+def choose(config: ExperimentConfig) -> tuple[bool, str]:
+    """Whether this experiment trains out of core, and why (for the log and run.json).
+
+    Raises:
+        ConfigError: ``out_of_core: true`` with a combination it does not support.
+    """
+    data = config.data
+    files = expand_paths(data.train)
+    size = sum(os.path.getsize(f) for f in files)
+    unsupported = _unsupported(config, files)
+    if data.out_of_core == "false":
+        return False, "data.out_of_core is false"
+    if data.out_of_core == "true":
+        if unsupported:
+            raise ConfigError(f"{config.source}: data: out_of_core: {unsupported}; set "
+                              "out_of_core: false (or auto) for this experiment")
+        return True, "data.out_of_core is true"
+    over = size > data.out_of_core_mb * 2**20
+    text = f"training files {size / 2**20:,.1f} MiB {'>' if over else '<='} " \
+           f"data.out_of_core_mb {data.out_of_core_mb:g}"
+    if over and unsupported:
+        return False, f"{text}, but {unsupported}"
+    return over, text
+
+
+def _unsupported(config: ExperimentConfig, files: list[str]) -> str | None:
+    if config.model.task == "retrieval":
+        return "task retrieval trains in memory only"
+    if config.training.negatives.per_positive:
+        return "sampled negatives (training.negatives) need the rows in memory"
+    if any(is_tfrecord(f) for f in files):
+        return "TFRecord training files train in memory (or on a cluster)"
+    if not config.data.valid:
+        return ("it needs data.valid files (the 10% holdout of the training rows is in-memory "
+                "only)")
+    return None
+
+
+@dataclass(frozen=True)
+class StreamFit:
+    """What the first pass learned: fitted features and the training rows' labels.
+
+    Attributes:
+        features: fitted features.
+        rows, rows_read: rows after and before the filters.
+        dropped: filter name -> rows it dropped.
+        labels, label_counts: the label histogram (distinct labels, rows per label).
+        files: training files read.
+    """
+
+    features: tuple[FittedFeature, ...]
+    rows: int
+    rows_read: int
+    dropped: dict
+    labels: np.ndarray
+    label_counts: np.ndarray
+    files: list[str]
+
+
+def fit_pass(config: ExperimentConfig, features: tuple[FittedFeature, ...] | None = None,
+             block_rows: int = 262_144) -> StreamFit:
+    """Pass 1: reads the training files in blocks, fits the features (unless `features` is
+    given: a resumed or warm-started run) and counts the labels. Nothing is written.
+
+    Raises:
+        DataError: a bad file or value (file, column, row), or no rows after the filters.
+    """
+    data, started = config.data, time.time()
+    files = expand_paths(data.train)
+    labels: Counter = Counter()
+    last = None
+
+    def blocks():
+        nonlocal last
+        for block in iter_blocks(files, config.features, data.label, data.filters,
+                                 task=config.model.task, block_rows=block_rows):
+            values, counts = np.unique(block.labels, return_counts=True)
+            labels.update(dict(zip(values.tolist(), counts.tolist())))
+            last = block
+            yield block
+
+    given = features is not None
+    if not given:
+        features = fit_features(config.features, blocks())
+    else:
+        for _ in blocks():
+            pass
+    rows = sum(labels.values())
+    if rows == 0:
+        raise DataError(f"{', '.join(files)}: no rows left after filters {last.dropped}")
+    distinct = np.array(sorted(labels), dtype=np.float64)
+    log(f"streamed {rows:,} training rows from {len(files)} file(s) in blocks of "
+        f"{block_rows:,} in {time.time() - started:.1f}s"
+        + ("" if given else ", features fitted"))
+    return StreamFit(tuple(features), rows, last.rows_read, last.dropped, distinct,
+                     np.array([labels[v] for v in distinct], dtype=np.int64), files)
+
+
+@dataclass(frozen=True)
+class Shards:
+    """An encoded shard directory (see the module doc) and what training needs from it."""
+
+    directory: str
+    manifest: dict
+    counts: np.ndarray
+    sample_ids: np.ndarray
+    sample_values: np.ndarray
+
+    @property
+    def rows(self) -> int:
+        return int(self.manifest["rows"])
+
+    @property
+    def labels(self) -> np.ndarray:
+        return np.asarray(self.manifest["labels"], dtype=np.float64)
+
+    @property
+    def label_counts(self) -> np.ndarray:
+        return np.asarray(self.manifest["label_counts"], dtype=np.int64)
+
+    @classmethod
+    def open(cls, directory: str) -> Shards:
+        manifest = fsutil.read_json(os.path.join(directory, MANIFEST))
+        sample = np.load(os.path.join(directory, "sample.npz"))
+        return cls(directory, manifest, np.load(os.path.join(directory, "counts.npy")),
+                   sample["ids"], sample["values"])
+
+
+def chunk_rows(batch_size: int) -> int:
+    """Rows per shard record: the largest divisor of `batch_size` up to 256, so a batch is a
+    whole number of records."""
+    return max(d for d in range(1, min(256, batch_size) + 1) if batch_size % d == 0)
+
+
+def shard_directory(config: ExperimentConfig, run_dir: str, fit: StreamFit) -> str:
+    """``<run>/shards``, or with ``data.shard_dir`` a cache entry named by a fingerprint of the
+    training files (path, size, mtime), the fitted features, label, filters, task, negative
+    rate, seed and record size: a later run of the same data and spec reuses it."""
+    if config.data.shard_dir is None:
+        return os.path.join(run_dir, "shards")
+    t = config.training
+    key = {"files": [[f, os.path.getsize(f), os.stat(f).st_mtime_ns] for f in fit.files],
+           "features": [f.to_dict() for f in fit.features], "label": config.data.label,
+           "filters": [str(f) for f in config.data.filters], "task": config.model.task,
+           "neg_sample_rate": t.neg_sample_rate, "seed": t.seed,
+           "chunk_rows": chunk_rows(t.batch_size)}
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    return os.path.join(config.data.shard_dir, f"shards-{digest}")
+
+
+def write_shards(config: ExperimentConfig, encoder, directory: str, fit: StreamFit,
+                 block_rows: int = 262_144) -> Shards:
+    """Pass 2: encodes the training rows once into `directory` (reused if complete).
+
+    Negative downsampling (``training.neg_sample_rate``) drops rows here, once, as the
+    in-memory path does. The directory appears only when complete: a failed pass leaves
+    nothing behind.
+    """
+    if os.path.exists(os.path.join(directory, MANIFEST)):
+        log(f"reusing encoded shards {directory}")
+        return Shards.open(directory)
+    started, t = time.time(), config.training
+    chunk, slots = chunk_rows(t.batch_size), encoder.num_slots
+    rng = np.random.default_rng(t.seed)
+    counts = np.zeros(encoder.num_ids, dtype=np.int64)
+    labels: Counter = Counter()
+    sample = _BottomK(SAMPLE_ROWS, rng)
+    rows = 0
+    names = [f"part-{i:05d}-of-{NUM_FILES:05d}.bin" for i in range(NUM_FILES)]
+    with fsutil.atomic_dir(directory) as tmp:
+        outs = [open(os.path.join(tmp, n), "wb") for n in names]
+        try:
+            for block in iter_blocks(fit.files, config.features, config.data.label,
+                                     config.data.filters, task=config.model.task,
+                                     block_rows=block_rows):
+                if not len(block.labels):
+                    continue
+                y = block.labels
+                if config.model.task == "binary" and t.neg_sample_rate < 1.0:
+                    block = block.take(downsample_negatives(y, t.neg_sample_rate,
+                                                            int(rng.integers(2**31))))
+                    y = block.labels
+                ids, values = encoder.encode_numpy(block.features)
+                order = rng.permutation(len(y))  # mix the block before spreading it
+                ids, values, y = ids[order], values[order], y[order]
+                counts += np.bincount(ids[values != 0], minlength=encoder.num_ids)
+                distinct, n = np.unique(y, return_counts=True)
+                labels.update(dict(zip(distinct.tolist(), n.tolist())))
+                sample.add(ids, values)
+                records = _records(ids, values, y)
+                for out, part in zip(outs, np.array_split(records, NUM_FILES)):
+                    out.write(part.tobytes())
+                rows += len(y)
+            rows_per_file = [out.tell() // (4 * (2 * slots + 1)) for out in outs]
+            for out, n in zip(outs, rows_per_file):  # pad to whole records: NaN labels
+                pad = -n % chunk
+                out.write(_records(np.zeros((pad, slots), np.int32),
+                                   np.zeros((pad, slots), np.float32),
+                                   np.full(pad, np.nan, np.float32)).tobytes())
+        finally:
+            for out in outs:
+                out.close()
+        if rows == 0:
+            raise DataError(f"{', '.join(fit.files)}: no training rows left after negative "
+                            f"downsampling at rate {t.neg_sample_rate}")
+        distinct = sorted(labels)
+        manifest = {"rows": rows, "slots": slots, "chunk_rows": chunk,
+                    "files": [{"file": n, "rows": r} for n, r in zip(names, rows_per_file)],
+                    "labels": distinct, "label_counts": [labels[v] for v in distinct],
+                    "num_ids": encoder.num_ids, "source": fit.files,
+                    "seconds": round(time.time() - started, 2)}
+        np.save(os.path.join(tmp, "counts.npy"), counts)
+        np.savez(os.path.join(tmp, "sample.npz"), ids=sample.ids, values=sample.values)
+        fsutil.write_json(os.path.join(tmp, MANIFEST), manifest)
+    size = sum(os.path.getsize(os.path.join(directory, n)) for n in names)
+    log(f"encoded {rows:,} rows into {NUM_FILES} shards of {slots} slots ({size / 2**20:,.0f} "
+        f"MiB) in {time.time() - started:.1f}s: {directory}")
+    return Shards.open(directory)
+
+
+def _records(ids: np.ndarray, values: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Rows as int32 [rows, 2 * slots + 1]: ids, then the bits of values and label."""
+    out = np.empty((len(labels), 2 * ids.shape[1] + 1), dtype=np.int32)
+    slots = ids.shape[1]
+    out[:, :slots] = ids
+    out[:, slots:2 * slots] = np.ascontiguousarray(values, np.float32).view(np.int32)
+    out[:, -1] = np.ascontiguousarray(labels, np.float32).view(np.int32)
+    return out
+
+
+class _BottomK:
+    """A uniform sample of k rows without replacement: the rows with the k smallest random
+    keys seen so far (bottom-k sampling)."""
+
+    def __init__(self, k: int, rng: np.random.Generator):
+        self.k, self.rng = k, rng
+        self.keys = np.empty(0)
+        self.ids = self.values = None
+
+    def add(self, ids: np.ndarray, values: np.ndarray) -> None:
+        keys = self.rng.random(len(ids))
+        if self.ids is not None:
+            keys = np.concatenate([self.keys, keys])
+            ids, values = np.concatenate([self.ids, ids]), np.concatenate([self.values, values])
+        keep = np.argsort(keys, kind="stable")[:self.k]
+        self.keys, self.ids, self.values = keys[keep], ids[keep], values[keep]
+
+
+def shard_dataset(shards: Shards, training: TrainingConfig, seed: int | None = None):
+    """One epoch of the shards as a tf.data pipeline of ``({"ids", "values"}, labels,
+    weights)`` batches of ``training.batch_size`` rows (fewer where a record has padding).
+
+    Args:
+        shards: the encoded shards.
+        training: batch size and the sample weights (pos_weight / class_weight).
+        seed: shuffle seed: every epoch visits the files and chunks in a new order,
+            reproducible from it.
+    """
+    from fm_keras._tf import tf
+
+    m = shards.manifest
+    slots, chunk = m["slots"], m["chunk_rows"]
+    if training.batch_size % chunk:
+        raise ConfigError(f"training: batch_size {training.batch_size} is not a multiple of the "
+                          f"shards' {chunk} rows per record ({shards.directory}); delete the "
+                          "shards to write them again")
+    width = 2 * slots + 1
+    files = [os.path.join(shards.directory, f["file"]) for f in m["files"]]
+    records = sum(math.ceil(f["rows"] / chunk) for f in m["files"])
+    per_batch = training.batch_size // chunk
+    if training.class_weight is not None:
+        w0, w1 = training.class_weight[0], training.class_weight[1]
+    else:
+        w0, w1 = 1.0, training.positive_weight_ratio
+
+    def decode(raw):
+        rows = tf.reshape(tf.io.decode_raw(raw, tf.int32), [-1, width])
+        labels = tf.bitcast(rows[:, -1], tf.float32)
+        keep = tf.math.logical_not(tf.math.is_nan(labels))  # padding rows have NaN labels
+        rows, labels = tf.boolean_mask(rows, keep), tf.boolean_mask(labels, keep)
+        features = {"ids": rows[:, :slots],
+                    "values": tf.bitcast(rows[:, slots:2 * slots], tf.float32)}
+        return features, labels, tf.where(labels > 0.5, w1, w0)
+
+    dataset = tf.data.Dataset.from_tensor_slices(files).shuffle(len(files), seed=seed)
+    dataset = dataset.interleave(
+        lambda f: tf.data.FixedLengthRecordDataset(f, 4 * width * chunk,
+                                                   buffer_size=1 << 20),
+        cycle_length=min(4, len(files)), num_parallel_calls=tf.data.AUTOTUNE,
+        deterministic=True)
+    return (dataset.shuffle(max(1, SHUFFLE_ROWS // chunk), seed=seed)
+            .batch(per_batch).map(decode, num_parallel_calls=tf.data.AUTOTUNE)
+            .prefetch(tf.data.AUTOTUNE)
+            .apply(tf.data.experimental.assert_cardinality(math.ceil(records / per_batch))))
