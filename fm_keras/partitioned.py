@@ -6,8 +6,11 @@ by k-means (scikit-learn's trainer) and laid out for gathering; the search graph
     queries [B, d] -> block scores [B, P] -> top-n blocks -> gather them [B, n * S, d]
         -> exact inner products [B, n * S] -> tf.math.top_k
 
-(MatMul, TopKV2, GatherV2, BatchMatMulV2, Cast, SelectV2, ...: every op is in stock TensorFlow,
-so the export serves on the stock TF Serving image, Triton's TensorFlow backend or TF Java).
+(MatMul, TopKV2, ResourceGather, Mul, Sum, SelectV2, ...: every op is stock TensorFlow,
+and every shape but the batch is static, so the graph holds no shape arithmetic;
+the export serves on the stock TF Serving image, Triton's TensorFlow backend or TF Java). No
+XLA (`jit_compile`): stock TF Serving refuses XLA:CPU functions unless started with
+--xla_cpu_compilation_enabled.
 This is the inverted-file index (IVF) of Jegou et al., "Product quantization for nearest
 neighbor search", TPAMI 2011, used for maximum inner product search (MIPS).
 
@@ -18,12 +21,17 @@ the MIPS -> nearest-neighbour reduction of Bachrach et al., "Speeding up the Xbo
 system using a Euclidean transformation for inner-product spaces", RecSys 2014: every item x
 gets an extra coordinate sqrt(M^2 - |x|^2) (M = the largest norm), so all items have norm M and
 the nearest neighbour of [q, 0] is the item with the largest q . x. k-means runs on those
-vectors and a query picks the partitions nearest to [q/|q|, 0] in that space (BENCHMARKS.md
-measures it against plain k-means with inner-product partition scores).
+vectors (BENCHMARKS.md measures it against plain k-means).
 
-Layout: a k-means partition larger than the block size S is cut along its principal axis into
-several blocks, each with its own centroid; every block is padded to S slots (id -1). Optional
-int8 quantization of the blocks (one scale per dimension) scores a shortlist approximately and
+Layout: every k-means partition is cut by recursive bisection along principal axes into
+blocks of at most S slots (S = a quarter of the mean partition size; the blocks cut from one
+partition are near-equal, so each is compact and at least half full), each with its own
+centroid; every block is padded to S slots (id -1). Small blocks buy recall per slot read: on
+the 1M-item catalog of BENCHMARKS.md, 32 blocks of 128 slots (4,096 items read) reach the
+recall@100 that 31 blocks of 504 slots did.
+A query ranks the blocks by q . c (c = the block's mean item vector; the nearest augmented
+centroid gave the same recall there, with five more ops over [B, blocks]). Optional int8
+quantization of the blocks (one scale per dimension) scores a shortlist approximately and
 re-scores it exactly with the float vectors.
 """
 
@@ -38,6 +46,9 @@ from fm_keras._tf import tf
 from fm_keras.errors import ExportError
 
 QUANTIZE = (None, "int8")
+# Slots read per result at the default setting: 40 * 100 = 32 blocks of 128 for 1M items gave
+# recall@100 1.0 (BENCHMARKS.md); half of that still gave 0.9995.
+SLOTS_PER_K = 40
 
 
 @dataclass(frozen=True)
@@ -71,14 +82,14 @@ class PartitionedParams:
 
     @classmethod
     def for_catalog(cls, n: int, k: int) -> PartitionedParams:
-        """Settings by catalog size (n items, top k); every block is searched below 20k items
-        (exact search). Tuned on a 1M-item catalog, BENCHMARKS.md."""
+        """Settings by catalog size (n items, top k); every block is searched up to 20k items
+        (exact search: there are at most n blocks). Above, blocks holding about SLOTS_PER_K * k
+        slots are searched; tuned on a 1M-item catalog, BENCHMARKS.md."""
         if n <= 20_000:
-            parts = max(1, min(64, n // 256))
-            return cls(num_partitions=parts, partitions_to_search=4 * parts)
+            return cls(num_partitions=max(1, min(64, n // 256)), partitions_to_search=n)
         parts = int(min(max(2 * math.sqrt(n), 100), n / 100))
-        return cls(num_partitions=parts, partitions_to_search=max(20, parts // 64),
-                   rescore=max(10 * k, 1000))
+        probe = max(20, math.ceil(SLOTS_PER_K * k / block_slots(n, parts)))
+        return cls(num_partitions=parts, partitions_to_search=probe, rescore=max(10 * k, 1000))
 
 
 class PartitionedIndex(tf.Module):
@@ -105,10 +116,9 @@ class PartitionedIndex(tf.Module):
         # Probing m blocks holds at least k items when the m smallest blocks hold k.
         self._fill_cumsum = np.cumsum(np.sort((ids >= 0).sum(axis=1))).astype(np.int32)
         self.fill_cumsum = tf.constant(self._fill_cumsum)
-        # A block's distance to [q/|q|, 0] in the augmented space ranks as q.c/|q| - |c|^2/2.
-        self.centroids = tf.Variable(centroids[:, :-1], trainable=False, name="centroids")
-        self.centroid_bias = tf.Variable(-0.5 * np.sum(np.square(centroids), axis=1),
-                                         trainable=False, name="centroid_bias")
+        # [d, P]: q @ centroids is a plain MatMul (a transposed operand costs twice as much).
+        self.centroids = tf.Variable(np.ascontiguousarray(centroids.T), trainable=False,
+                                     name="centroids")
         self.block_ids = tf.Variable(ids, trainable=False, name="block_ids")
         self._quantized = params.quantize == "int8"
         if self._quantized:
@@ -156,19 +166,14 @@ class PartitionedIndex(tf.Module):
     def _candidates(self, queries, k):
         """Scores [B, n * S] (exact, or int8-approximate) and item indices of the searched
         blocks."""
-        # (Few ops: on a single query the search costs about one dispatch per op.)
-        inverse_norm = tf.math.rsqrt(tf.maximum(
-            tf.reduce_sum(tf.square(queries), axis=1, keepdims=True), 1e-30))
-        near = (tf.matmul(queries, self.centroids, transpose_b=True) * inverse_norm
-                + self.centroid_bias)  # [B, P]
-        _, chosen = tf.math.top_k(near, k=self._blocks_for(k))  # [B, n]
-        batch = tf.shape(queries)[0]
-        ids = tf.reshape(tf.gather(self.block_ids, chosen), [batch, -1])  # [B, n * S]
-        blocks = tf.reshape(tf.gather(self.blocks, chosen), [batch, -1, self.blocks.shape[-1]])
+        n = self._blocks_for(k)
+        slots = n * self.block_size if isinstance(n, int) else -1  # static when k is
+        _, chosen = tf.math.top_k(tf.matmul(queries, self.centroids), k=n)  # [B, n]
+        ids = tf.reshape(tf.gather(self.block_ids, chosen), [-1, slots])  # [B, n * S]
+        blocks = tf.reshape(tf.gather(self.blocks, chosen), [-1, slots, self.blocks.shape[-1]])
         if self._quantized:
-            approx = tf.matmul(tf.cast(blocks, tf.float32), (queries * self.scale)[:, :, None])
-            return approx[:, :, 0], ids
-        return tf.matmul(blocks, queries[:, :, None])[:, :, 0], ids  # [B, n * S]
+            return inner_products(tf.cast(blocks, tf.float32), queries * self.scale), ids
+        return inner_products(blocks, queries), ids  # [B, n * S]
 
     def _blocks_for(self, k):
         """Blocks to search: the setting, or more so that they hold at least k items."""
@@ -181,10 +186,21 @@ class PartitionedIndex(tf.Module):
 
     def _rescored(self, queries, approx, ids, k):
         """The best k of an int8-scored shortlist, re-scored with the float vectors."""
-        _, short = _top_k(approx, ids, tf.maximum(k, self._rescore))
+        wide = max(k, self._rescore) if isinstance(k, int) else tf.maximum(k, self._rescore)
+        _, short = _top_k(approx, ids, wide)
         vectors = tf.gather(self.vectors, tf.maximum(short, 0))  # [B, r, d]
-        exact = tf.matmul(vectors, queries[:, :, None])[:, :, 0]  # [B, r]
+        exact = inner_products(vectors, queries)  # [B, r]
         return _top_k(exact, short, k)
+
+
+def inner_products(rows, queries):
+    """rows [B, m, d], queries [B, d] -> [B, m]: rows[b] . queries[b].
+
+    A multiply and a sum, not a batched matmul: oneDNN's BatchMatMulV2 (TensorFlow's default
+    CPU kernel on x86) costs several times more for these [m, d] x [d, 1] products with a small
+    d (BENCHMARKS.md).
+    """
+    return tf.reduce_sum(rows * queries[:, None, :], axis=2)
 
 
 def is_member(values, sets):
@@ -201,7 +217,12 @@ def is_member(values, sets):
 def _top_k(scores, ids, k):
     """Best k by score among slots with an item (id >= 0); -> (scores, ids)."""
     scores = tf.where(ids >= 0, scores, tf.constant(-np.inf, scores.dtype))
-    best, pos = tf.math.top_k(scores, k=tf.minimum(k, tf.shape(scores)[1]))
+    slots = scores.shape[1]
+    if isinstance(k, int) and slots is not None:  # static: no shape ops in the graph
+        k = min(k, slots)
+    else:
+        k = tf.minimum(k, tf.shape(scores)[1])
+    best, pos = tf.math.top_k(scores, k=k)
     return best, tf.gather(ids, pos, batch_dims=1)
 
 
@@ -219,34 +240,44 @@ def partition(vectors: np.ndarray, num_partitions: int, sample: int = 100_000,
     """k-means partitions of the augmented vectors laid out as padded blocks.
 
     Returns:
-        centroids [P, d + 1] float32 (augmented space), blocks [P, S, d] float32 (item
-        vectors, zero pads) and ids [P, S] int32 (item index, -1 pads); P >= the number of
-        non-empty k-means partitions (a large one is split into several blocks).
+        centroids [P, d] float32 (each block's mean item vector), blocks [P, S, d] float32
+        (item vectors, zero pads) and ids [P, S] int32 (item index, -1 pads); P >= the number
+        of non-empty k-means partitions (a partition of m items becomes ceil(m / S) blocks).
     """
     points = augment(vectors)
     n = len(points)
     labels = _kmeans_labels(points, min(num_partitions, n), sample, seed)
-    size = _block_size(n, num_partitions)
+    size = block_slots(n, num_partitions)
     groups = []
     for members in np.split(np.argsort(labels, kind="stable"),
                             np.cumsum(np.bincount(labels))[:-1]):
-        if len(members) > size:  # cut along its principal axis, so each block stays compact
-            centred = points[members] - points[members].mean(axis=0)
-            axis = np.linalg.svd(centred, full_matrices=False)[2][0]
-            members = members[np.argsort(centred @ axis, kind="stable")]
-        groups.extend(members[s:s + size] for s in range(0, len(members), size))
-    groups = [g for g in groups if len(g)]
+        if len(members):
+            groups.extend(bisect(points, members, size))
     ids = np.full((len(groups), size), -1, np.int32)
     for b, g in enumerate(groups):
         ids[b, :len(g)] = g
-    centroids = np.stack([points[g].mean(axis=0) for g in groups]).astype(np.float32)
+    centroids = np.stack([vectors[g].mean(axis=0) for g in groups]).astype(np.float32)
     blocks = np.where((ids >= 0)[:, :, None], vectors[np.maximum(ids, 0)], 0.0)
     return centroids, blocks.astype(np.float32), ids
 
 
-def _block_size(n: int, num_partitions: int) -> int:
-    """Block slots: the mean partition size rounded up to a multiple of 8."""
-    return max(8, 8 * math.ceil(n / num_partitions / 8))
+def bisect(points: np.ndarray, members: np.ndarray, size: int) -> list[np.ndarray]:
+    """`members` (row indices of `points` [N, D]) cut into ceil(m / size) blocks of about
+    m / ceil(m / size) items each (at most `size`) by recursive bisection along the principal
+    axis, so that each block is compact; -> list of index arrays."""
+    count = -(-len(members) // size)
+    if count <= 1:
+        return [members]
+    centred = points[members] - points[members].mean(axis=0)
+    axis = np.linalg.svd(centred, full_matrices=False)[2][0]
+    members = members[np.argsort(centred @ axis, kind="stable")]
+    cut = len(members) * (count // 2) // count  # blocks on each side stay balanced
+    return bisect(points, members[:cut], size) + bisect(points, members[cut:], size)
+
+
+def block_slots(n: int, num_partitions: int) -> int:
+    """Block slots S: a quarter of the mean partition size, rounded up to a multiple of 8."""
+    return max(8, 8 * math.ceil(n / num_partitions / 32))
 
 
 def _kmeans_labels(points: np.ndarray, clusters: int, sample: int, seed: int) -> np.ndarray:

@@ -6,8 +6,8 @@ import pytest
 import tensorflow as tf
 
 from fm_keras.errors import ExportError
-from fm_keras.partitioned import (PartitionedIndex, PartitionedParams, augment, is_member,
-                                  partition)
+from fm_keras.partitioned import (PartitionedIndex, PartitionedParams, augment, bisect,
+                                  block_slots, inner_products, is_member, partition)
 
 
 def _vectors(n, d=11, seed=0, clusters=40):
@@ -64,10 +64,29 @@ def test_layout_holds_every_item_once():
     centroids, blocks, ids = partition(vectors, 30, seed=0)
     real = ids[ids >= 0]
     assert sorted(real.tolist()) == list(range(5000))
-    assert blocks.shape == (len(ids), ids.shape[1], 11) and centroids.shape == (len(ids), 12)
+    assert blocks.shape == (len(ids), ids.shape[1], 11) and centroids.shape == (len(ids), 11)
     np.testing.assert_array_equal(blocks[ids >= 0], vectors[real])
     assert np.all(blocks[ids < 0] == 0)
-    assert ids.shape[1] % 8 == 0 and ids.shape[1] >= 5000 / 30
+    assert ids.shape[1] == block_slots(5000, 30) == 48  # a quarter of 5000 / 30, to 8s
+    means = np.array([vectors[row[row >= 0]].mean(axis=0) for row in ids])
+    np.testing.assert_allclose(centroids, means, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("m,size", [(1, 8), (128, 128), (129, 128), (256, 200), (1001, 128),
+                                    (4999, 64)])
+def test_bisect_cuts_balanced_compact_blocks(m, size):
+    """ceil(m / size) blocks of at most `size` items, sizes within one item of each other, every
+    member once; each cut is along the principal axis (two separated clouds stay apart)."""
+    rng = np.random.default_rng(0)
+    points = rng.normal(0, 1, (m, 4))
+    points[: m // 2, 0] += 50.0  # two clouds far apart along the first axis
+    blocks = bisect(points, np.arange(m), size)
+    sizes = [len(b) for b in blocks]
+    assert len(blocks) == -(-m // size) and max(sizes) <= size and max(sizes) - min(sizes) <= 1
+    assert sorted(np.concatenate(blocks).tolist()) == list(range(m))
+    if len(blocks) == 2 and m % 2 == 0:
+        assert {tuple(np.sort(b)) for b in blocks} == {tuple(range(m // 2)),
+                                                       tuple(range(m // 2, m))}
 
 
 def test_augment_turns_inner_products_into_distances():
@@ -109,6 +128,7 @@ def test_settings_by_catalog_and_checks():
     assert small.partitions_to_search >= small.num_partitions  # exact
     big = PartitionedParams.for_catalog(1_000_000, 100)
     assert big.num_partitions == 2000 and big.partitions_to_search < big.num_partitions
+    assert big.partitions_to_search * block_slots(1_000_000, 2000) == 32 * 128  # 40 slots per k
     with pytest.raises(ExportError, match="--quantize"):
         PartitionedParams(10, 2, quantize="int4")
     with pytest.raises(ExportError, match="at least 1"):
@@ -142,3 +162,23 @@ def test_search_excluding_masks_before_the_top_k(quantize):
     everything = np.tile(np.arange(800, dtype=np.int32), (4, 1))
     _, ids = index.search_excluding(tf.constant(queries), 10, tf.constant(everything))
     assert np.all(ids.numpy() == -1)
+
+
+def test_inner_products_matches_numpy():
+    rng = np.random.default_rng(0)
+    rows, queries = rng.normal(size=(3, 50, 11)), rng.normal(size=(3, 11))
+    got = inner_products(tf.constant(rows, tf.float32), tf.constant(queries, tf.float32))
+    np.testing.assert_allclose(got.numpy(), np.einsum("bmd,bd->bm", rows, queries), rtol=1e-5,
+                               atol=1e-5)
+
+
+@pytest.mark.parametrize("quantize", [None, "int8"])
+def test_search_graph_has_no_batch_matmul_nor_shape_arithmetic(quantize):
+    """Regression (issue 16): oneDNN's BatchMatMulV2 took ~430 us of a single-user call for the
+    block scores; with k known at tracing, every shape but the batch is static."""
+    index = PartitionedIndex(_vectors(3000), PartitionedParams(20, 4, quantize, 200))
+    fn = tf.function(lambda q: index.search(q, 50),
+                     input_signature=[tf.TensorSpec([None, 11], tf.float32)])
+    ops = {op.type for op in fn.get_concrete_function().graph.get_operations()}
+    assert not ops & {"BatchMatMulV2", "BatchMatMulV3", "Einsum", "Shape", "Minimum"}, ops
+    assert {"MatMul", "TopKV2", "ResourceGather", "Sum"} <= ops

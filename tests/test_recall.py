@@ -133,7 +133,7 @@ def test_metadata_lists_ops_and_custom_ops(exports):
     assert _meta(exports["brute_force"])["custom_ops"] == []
     meta = _meta(exports["partitioned"])
     assert meta["custom_ops"] == [] and meta["needs"] == "stock TensorFlow / TF Serving"
-    assert {"TopKV2", "GatherV2", "BatchMatMulV2"} <= set(meta["ops"])
+    assert {"TopKV2", "GatherV2", "ResourceGather", "Sum"} <= set(meta["ops"])
     assert meta["index"]["backend"] == "partitioned" and meta["index"]["block_size"] >= 8
     assert meta["pad"] == {"item_id": "", "score": PAD_SCORE, "probability": 0.0}
     assert _meta(exports["scann"])["items"] == 5000 and _meta(exports["scann"])["k"] == 20

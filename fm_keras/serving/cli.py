@@ -30,7 +30,7 @@ def add_commands(subparsers) -> dict:
             ("port", int, "gRPC port"), ("rest_api_port", int, "REST port (0: no REST API)"),
             ("grpc_max_threads", int, "gRPC worker threads (0: auto)"),
             ("grpc_channel_arguments", str, "k=v,... e.g. grpc.max_receive_message_length=N"),
-            ("rest_api_num_threads", int, "threads for REST model calls (0: auto)"),
+            ("rest_api_num_threads", int, "threads for REST model calls not run inline (0: auto)"),
             ("rest_api_timeout_in_ms", int, "REST request timeout: arrival and model call"),
             ("rest_api_max_connections", int, "fm-keras only: open REST connections allowed"),
             ("rest_api_max_body_bytes", int, "fm-keras only: largest REST request body"),

@@ -1,17 +1,27 @@
-"""The REST front end: HTTP/1.1 on aiohttp, the model call in a bounded thread pool.
+"""The REST front end: HTTP/1.1 on aiohttp, on one event loop; slow model calls in a pool.
 
 ``RestApi.handle`` (rest.py) does the work; this module is the plumbing around it, with the
 protections a Python ``http.server`` lacked (issue 14, item 9):
 
+- **Where the model call runs.** A cheap call runs inline on the event loop's thread: no
+  hand-off to a pool thread and back, which cost ~110 µs of CPU per request and a GIL wait on
+  each crossing (BENCHMARKS.md, "REST: model calls inline on the event loop"). Cheap means:
+  no server-side batching, a body of at most ``INLINE_MAX_BODY_BYTES``, and the fastest of the
+  last ``_RECENT_CALLS`` calls on the same path took at most ``INLINE_MAX_SECONDS``, which
+  bounds how long one request can hold up the others. (The fastest, not an average: a call
+  preempted on a busy machine, or waiting for the GIL in the pool, measures long although the
+  model is cheap; with a moving average the path went to the pool on a loaded machine and
+  stayed there.) Every other call runs on a pool of ``--rest_api_num_threads`` threads (a
+  batched call waits there for the batch, while the loop reads the next requests).
 - **Request timeout** (``--rest_api_timeout_in_ms``, TF Serving's flag, default 30 s). A
   request must arrive completely within the timeout from its first byte (a connection that
   sends nothing, or headers without the end of the body, is closed when it runs out), and the
-  model call gets what is left of it (then 504 DEADLINE_EXCEEDED). An idle keep-alive
+  model call gets what is left of it (then 504 DEADLINE_EXCEEDED; an inline call, which cannot
+  be interrupted, is answered 504 if it ends past the deadline). An idle keep-alive
   connection is closed after the same timeout, as TF Serving's libevent server does.
-- **Bounded work.** The blocking TensorFlow call runs on at most ``--rest_api_num_threads``
-  threads; requests beyond that wait in the event loop (not in a thread) until a slot frees or
-  their deadline passes. At most ``--rest_api_max_connections`` connections are open; more are
-  answered 503 and closed.
+- **Bounded work.** The pool has ``--rest_api_num_threads`` threads; requests beyond that wait
+  in the event loop (not in a thread) until a slot frees or their deadline passes. At most
+  ``--rest_api_max_connections`` connections are open; more are answered 503 and closed.
 - **Body size limit** (``--rest_api_max_body_bytes``): a larger body is 413 before it is read.
 
 aiohttp parses HTTP (keep-alive, chunked bodies, ``Expect: 100-continue``, header limits).
@@ -23,14 +33,21 @@ only after the headers).
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import json
 import logging
 import threading
+import time
 
 from aiohttp import web
 
 log = logging.getLogger("fm_keras.serving")
+
+INLINE_MAX_BODY_BYTES = 64 * 1024  # a 1,000-row request to a small model is ~70 KiB of JSON
+INLINE_MAX_SECONDS = 0.005  # the longest a cheap call may hold up the other connections
+_RECENT_CALLS = 16  # call times kept per path
+_MAX_PATHS = 1024  # the paths are the client's: forget them all beyond this many
 
 _WAITING, _RECEIVING, _HANDLING = 0, 1, 2
 _REJECT = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
@@ -53,23 +70,26 @@ class _Connection(asyncio.Protocol):
         self.state, self.started = _RECEIVING, 0.0
 
     def _arm(self) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
+        # The timer is not moved per request (a cancel and a new heap entry each time cost ~10%
+        # of the loop's time per request): it stays at its earlier, sooner time and, when it
+        # fires, checks whether the deadline has moved since.
         self.started = self.front.loop.time()
-        self.timer = self.front.loop.call_at(self.started + self.front.timeout, self._expire)
+        if self.timer is None:
+            self.timer = self.front.loop.call_at(self.started + self.front.timeout, self._expire)
 
     def _expire(self) -> None:
         self.timer = None
-        if self.state != _HANDLING and self.transport is not None:
-            log.debug("REST: closing a connection idle or incomplete for %.1f s",
-                      self.front.timeout)
-            self.transport.close()
+        if self.state == _HANDLING or self.transport is None:
+            return  # waiting() arms it again
+        due = self.started + self.front.timeout
+        if self.front.loop.time() < due:
+            self.timer = self.front.loop.call_at(due, self._expire)
+            return
+        log.debug("REST: closing a connection idle or incomplete for %.1f s", self.front.timeout)
+        self.transport.close()
 
     def handling(self) -> float:
-        """The request has arrived: stop the timer; returns its deadline (loop time)."""
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
+        """The request has arrived: the timer leaves it open; returns its deadline (loop time)."""
         self.state = _HANDLING
         return self.started + self.front.timeout
 
@@ -120,6 +140,13 @@ class _Reject(asyncio.Protocol):
         transport.close()
 
 
+def _timed(function, *args):
+    """(seconds, function(*args)): a pool call's duration, its wait for the pool excluded."""
+    start = time.perf_counter()
+    result = function(*args)
+    return time.perf_counter() - start, result
+
+
 def _wake(waiter: asyncio.Future) -> None:
     if not waiter.done():
         waiter.set_result(None)
@@ -137,13 +164,15 @@ class RestServer:
         api: the request handler (``RestApi``).
         host: address to bind; port: 0 picks a free one (see ``port`` after ``start``).
         timeout_ms: request timeout in milliseconds (> 0).
-        threads: threads for model calls (> 0).
+        threads: threads for the model calls that do not run inline (> 0).
         max_connections: open connections allowed (> 0).
         max_body_bytes: largest request body accepted (> 0).
+        batching: model calls wait in a server-side batch queue (``--enable_batching``): all
+            of them run in the pool.
     """
 
     def __init__(self, api, host: str, port: int, timeout_ms: int, threads: int,
-                 max_connections: int, max_body_bytes: int):
+                 max_connections: int, max_body_bytes: int, batching: bool = False):
         for name, value in (("timeout_ms", timeout_ms), ("threads", threads),
                             ("max_connections", max_connections),
                             ("max_body_bytes", max_body_bytes)):
@@ -153,6 +182,8 @@ class RestServer:
         self.timeout = timeout_ms / 1000
         self.threads, self.max_connections, self.max_body_bytes = (
             threads, max_connections, max_body_bytes)
+        self.batching = batching
+        self._recent: dict[str, collections.deque] = {}  # path -> its last call times (s)
         self.connections: dict = {}
         self.loop: asyncio.AbstractEventLoop | None = None
         self._pool = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="rest")
@@ -210,9 +241,12 @@ class RestServer:
         except ConnectionError:  # closed (by the timeout or the client) before the body came:
             raise asyncio.CancelledError from None  # what aiohttp itself does then, quietly
         deadline = connection.handling() if connection else loop.time() + self.timeout
+        method, path = request.method, request.raw_path.split("?", 1)[0]
         try:
-            response = await self._call(request.method, request.raw_path.split("?", 1)[0], body,
-                                        deadline)
+            if self.inline(path, len(body)):
+                response = self._call_inline(method, path, body, deadline)
+            else:
+                response = await self._call(method, path, body, deadline)
         finally:
             if connection is not None:
                 connection.waiting()
@@ -235,6 +269,38 @@ class RestServer:
             chunks.append(chunk)
         return b"".join(chunks)
 
+    def inline(self, path: str, body_bytes: int) -> bool:
+        """Whether a request's model call runs on the event loop's thread (see the module doc)."""
+        return (not self.batching and body_bytes <= INLINE_MAX_BODY_BYTES
+                and self.call_seconds(path) <= INLINE_MAX_SECONDS)
+
+    def call_seconds(self, path: str) -> float:
+        """The fastest of the path's recent model calls, in seconds (0 before the first)."""
+        recent = self._recent.get(path)
+        return min(recent) if recent else 0.0
+
+    def _record_cost(self, path: str, seconds: float) -> None:
+        recent = self._recent.get(path)
+        if recent is None:
+            if len(self._recent) >= _MAX_PATHS:
+                self._recent.clear()
+            recent = self._recent[path] = collections.deque(maxlen=_RECENT_CALLS)
+        recent.append(seconds)
+
+    def _call_inline(self, method: str, path: str, body: bytes, deadline: float):
+        start = time.perf_counter()
+        try:
+            status, content_type, text = self.api.handle(method, path, body)
+        except Exception as err:  # noqa: BLE001 - RestApi.handle answers its errors itself
+            log.exception("REST %s %s failed", method, path)
+            return _json_response(500, f"REST handler failed: {err!r}")
+        finally:
+            self._record_cost(path, time.perf_counter() - start)
+        if self.loop.time() > deadline:
+            return _json_response(504, "Deadline Exceeded")
+        return web.Response(status=status, body=text.encode("utf-8"),
+                            headers={"Content-Type": content_type})
+
     async def _call(self, method: str, path: str, body: bytes, deadline: float):
         loop = self.loop
         if self._slots.locked():  # all threads busy: wait in the loop, not in a thread
@@ -245,7 +311,7 @@ class RestServer:
                                            "within --rest_api_timeout_in_ms")
         else:
             await self._slots.acquire()  # free: returns at once
-        future = loop.run_in_executor(self._pool, self.api.handle, method, path, body)
+        future = loop.run_in_executor(self._pool, _timed, self.api.handle, method, path, body)
         # The slot frees when the call ends, even one whose client has given up on it. A plain
         # timer + waiter instead of asyncio.wait_for: no extra task per request.
         waiter = loop.create_future()
@@ -257,7 +323,8 @@ class RestServer:
             return _json_response(504, "Deadline Exceeded")
         if future.cancelled() or future.exception() is not None:  # RestApi.handle answers
             return _json_response(500, f"REST worker failed: {future.exception()!r}")  # errors
-        status, content_type, text = future.result()
+        seconds, (status, content_type, text) = future.result()
+        self._record_cost(path, seconds)
         return web.Response(status=status, body=text.encode("utf-8"),
                             headers={"Content-Type": content_type})
 
@@ -286,7 +353,9 @@ class _TooLarge(Exception):
 
 
 def start_rest_server(api, host: str, port: int, timeout_ms: int, threads: int,
-                      max_connections: int, max_body_bytes: int) -> tuple[RestServer, int]:
+                      max_connections: int, max_body_bytes: int,
+                      batching: bool = False) -> tuple[RestServer, int]:
     """Starts a ``RestServer``; returns (server, bound port)."""
-    server = RestServer(api, host, port, timeout_ms, threads, max_connections, max_body_bytes)
+    server = RestServer(api, host, port, timeout_ms, threads, max_connections, max_body_bytes,
+                        batching)
     return server, server.start()

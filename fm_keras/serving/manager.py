@@ -20,6 +20,7 @@ import time
 
 from fm_keras.serving.config import BatchingOptions, ServerOptions
 from fm_keras.serving.errors import ServingError, invalid_argument, not_found
+from fm_keras.serving.loading import release_memory
 from fm_keras.serving.opcheck import parse_allow_ops
 from fm_keras.serving.predict import (Signature, arrays_from_request, find_signature,
                                       load_signatures, run_signature)
@@ -317,7 +318,9 @@ class ModelManager:
         self._status[name][version] = [UNLOADING, "OK", ""]
         self._publish()  # new requests stop seeing it; in-flight ones finish on their handle
         servable.unload()
+        del servable
         self._status[name][version] = [END, "OK", ""]
+        release_memory()
         log.info("Unloaded servable version {name: %s version: %d}", name, version)
 
     def _publish(self) -> None:

@@ -56,7 +56,8 @@ class ModelServer:
             self._rest, self.rest_port = start_rest_server(
                 api, opts.host, opts.rest_api_port, opts.rest_api_timeout_in_ms,
                 opts.rest_api_num_threads or max(32, 4 * (os.cpu_count() or 1)),
-                opts.rest_api_max_connections, opts.rest_api_max_body_bytes)
+                opts.rest_api_max_connections, opts.rest_api_max_body_bytes,
+                batching=batching is not None)
             log.info("Exporting HTTP/REST API at:%s:%d ...", opts.host, self.rest_port)
         return self
 

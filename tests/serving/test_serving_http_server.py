@@ -8,20 +8,25 @@ import time
 
 import pytest
 
-from fm_keras.serving.http_server import RestServer
+from fm_keras.serving.http_server import INLINE_MAX_BODY_BYTES, INLINE_MAX_SECONDS, RestServer
 
 
 class _Api:
-    """RestApi's interface: echoes the request; ``/slow`` blocks until released."""
+    """RestApi's interface: echoes the request; ``/slow`` blocks until released, ``/sleep``
+    sleeps 0.3 s. ``threads`` records the thread each call ran on."""
 
     def __init__(self):
         self.release = threading.Event()
         self.calls = 0
+        self.threads = []
 
     def handle(self, method, path, body):
         self.calls += 1
+        self.threads.append(threading.current_thread().name)
         if path == "/slow":
             self.release.wait(30)
+        if path == "/sleep":
+            time.sleep(0.3)
         return 200, "application/json", json.dumps({"method": method, "path": path,
                                                     "bytes": len(body)})
 
@@ -125,7 +130,7 @@ def test_connections_over_the_limit_get_503(api):
 
 
 def test_a_model_call_past_the_deadline_is_504_and_threads_stay_bounded(api):
-    server = _server(api, timeout_ms=1000, threads=2)
+    server = _server(api, timeout_ms=1000, threads=2, batching=True)  # every call in the pool
     try:
         results = []
         clients = [threading.Thread(
@@ -139,6 +144,65 @@ def test_a_model_call_past_the_deadline_is_504_and_threads_stay_bounded(api):
         assert api.calls == 2  # two threads; the other two waited in the event loop
         api.release.set()
         assert _request(server.port)[0] == 200
+    finally:
+        server.stop()
+
+
+def test_cheap_calls_run_on_the_loop_thread_and_slow_or_large_ones_in_the_pool(api):
+    server = _server(api, max_body_bytes=2 * INLINE_MAX_BODY_BYTES)
+    try:
+        for _ in range(3):
+            assert _request(server.port, path="/cheap")[0] == 200
+        assert api.threads == ["rest"] * 3  # the event loop's thread: no hand-off
+        assert server.call_seconds("/cheap") < INLINE_MAX_SECONDS
+        assert _request(server.port, body=b"x" * (INLINE_MAX_BODY_BYTES + 1))[0] == 200
+        assert api.threads[-1].startswith("rest_")  # a large body: a pool thread
+        assert _request(server.port, path="/sleep")[0] == 200  # cost unknown yet: inline
+        assert api.threads[-1] == "rest"
+        assert server.call_seconds("/sleep") >= 0.3
+        assert _request(server.port, path="/sleep")[0] == 200  # known to be slow: the pool
+        assert api.threads[-1].startswith("rest_")
+        assert _request(server.port, path="/cheap")[0] == 200  # per path
+        assert api.threads[-1] == "rest"
+    finally:
+        server.stop()
+
+
+def test_with_batching_every_call_runs_in_the_pool(api):
+    server = _server(api, batching=True)
+    try:
+        for _ in range(2):
+            assert _request(server.port, path="/cheap")[0] == 200
+        assert all(name.startswith("rest_") for name in api.threads)
+    finally:
+        server.stop()
+
+
+def test_an_inline_call_that_ends_past_the_deadline_is_504(api):
+    server = _server(api, timeout_ms=100)
+    try:
+        status, body = _request(server.port, path="/sleep")  # 0.3 s, inline (cost unknown)
+        assert status == 504 and "Deadline Exceeded" in body["error"]
+        assert api.threads == ["rest"]
+        assert _request(server.port, path="/cheap")[0] == 200
+    finally:
+        server.stop()
+
+
+def test_a_keep_alive_connection_times_out_from_its_last_request_not_its_first(api):
+    server = _server(api, timeout_ms=2000)
+    try:
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+        for _ in range(3):  # the last request 2.4 s after the first, 1.2 s after the one before
+            conn.request("GET", "/v1/models/m")
+            response = conn.getresponse()
+            assert response.status == 200
+            response.read()
+            time.sleep(1.2)
+        conn.close()
+        idle = socket.create_connection(("127.0.0.1", server.port), timeout=30)
+        assert idle.recv(1) == b""  # closed by the server after the timeout (not never)
+        idle.close()
     finally:
         server.stop()
 

@@ -1,5 +1,6 @@
 """Version semantics: hot swap under load, corrupt versions, policies, labels, warmup."""
 
+import gc
 import os
 import threading
 import time
@@ -83,15 +84,19 @@ def test_hot_swap_under_load_then_corrupt_version_keeps_old(saved_models, tmp_pa
         server.stop()
 
 
-def _manager(base, policy_text=""):
+def _config(base, policy_text=""):
     from google.protobuf import text_format
 
     config = single_model_config("ranking", base)
     if policy_text:
         text_format.Parse(policy_text, config.model_config_list.config[0].model_version_policy)
+    return config
+
+
+def _manager(base, policy_text=""):
     manager = ModelManager(ServerOptions(model_base_path=base, file_system_poll_wait_seconds=0,
                                          max_num_load_retries=0))
-    manager.start(config)
+    manager.start(_config(base, policy_text))
     return manager
 
 
@@ -126,6 +131,30 @@ def test_version_policies(three_versions, policy, loaded):
             manager.lookup("ranking", version=min(set(range(1, 5)) - set(loaded)))
         assert info.value.code == "NOT_FOUND"
     finally:
+        manager.stop()
+
+
+def test_an_unloaded_version_is_freed_at_once_so_reloads_do_not_pile_up(three_versions):
+    """Issue 14, item 5: a loaded SavedModel is a web of reference cycles. Before the unload
+    collected them, each reload cycle left its objects and eager functions behind until
+    Python's next full collection (RSS rose in a sawtooth). Automatic collection is off here,
+    so only the unload's own collection can free them."""
+    from tensorflow.python.eager import context
+
+    manager = _manager(three_versions, "specific { versions: 1 }")
+    gc.disable()
+    try:
+        functions, objects = [], []
+        for cycle in range(6):
+            manager.reload_config(_config(three_versions,
+                                          f"specific {{ versions: {2 - cycle % 2} }}"))
+            assert manager.lookup("ranking").version == 2 - cycle % 2
+            functions.append(len(context.context().list_function_names()))
+            objects.append(len(gc.get_objects()))
+        assert functions[2:] == [functions[1]] * 4, functions
+        assert max(objects[2:]) - objects[1] < 1000, objects  # a load is ~25k objects
+    finally:
+        gc.enable()
         manager.stop()
 
 
