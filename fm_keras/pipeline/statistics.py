@@ -19,7 +19,7 @@ import pandas as pd
 
 from fm_keras import fsutil
 from fm_keras.config import FeatureConfig
-from fm_keras.data import _MISSING_TOKENS
+from fm_keras.reading import MISSING_TOKENS
 from fm_keras.pipeline.config import ValidationConfig
 
 MAX_VOCABULARY = 50_000
@@ -27,7 +27,7 @@ MAX_VOCABULARY = 50_000
 
 def column_stats(column: pd.Series) -> dict:
     """Type, missing share, distinct count, and range (numeric) or top values (string)."""
-    present = column[~column.isin(_MISSING_TOKENS)]
+    present = column[~column.isin(MISSING_TOKENS)]
     numbers = pd.to_numeric(present, errors="coerce")
     numeric = len(present) > 0 and not numbers.isna().any()
     stats = {"type": "numeric" if numeric else "string",
