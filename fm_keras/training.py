@@ -521,6 +521,9 @@ def check_run_dir(run_dir: str, resume: bool) -> None:
     if resume:
         return
     if os.path.isdir(run_dir) and os.listdir(run_dir):
+        if not os.path.exists(os.path.join(run_dir, "experiment.json")):
+            raise RunError(f"{run_dir}: is not empty and holds no fm-keras run; choose a new "
+                           "or empty --out")
         raise RunError(f"{run_dir}: holds an unfinished run; pass --resume to continue it, "
                        "or delete the directory")
 

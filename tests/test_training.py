@@ -10,7 +10,7 @@ import pytest
 
 from fm_keras.config import load_experiment
 from fm_keras.errors import DataError, RunError, TrainingDivergedError
-from fm_keras.training import TrainingState, load_run, predict_split, train
+from fm_keras.training import TrainingState, check_run_dir, load_run, predict_split, train
 from fm_keras.data import load_data_split
 
 
@@ -118,6 +118,13 @@ def test_resume_continues_an_interrupted_run(small_synth, tmp_path, monkeypatch)
         train(_config(synth_dir, epochs=3), run_dir, verbose=0)
     record = train(_config(synth_dir, epochs=3), run_dir, resume=True, verbose=0)
     assert len(record["history"]) == 3  # epoch 1 from the first process, 2-3 resumed
+
+
+def test_a_run_dir_with_other_files_is_refused_without_suggesting_resume(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(RunError, match="is not empty and holds no fm-keras run; choose a new"):
+        check_run_dir(str(tmp_path), resume=False)
+    assert os.listdir(tmp_path) == ["notes.txt"]
 
 
 def test_early_stopping_restores_best_epoch(small_synth, tmp_path):
