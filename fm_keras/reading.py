@@ -31,7 +31,7 @@ from fm_keras.errors import DataError
 
 MISSING_TOKENS = ("", "nan", "NaN", "NA", "null", "None")
 PARQUET_EXTENSIONS = (".parquet", ".pq")
-_CSV_BLOCK_BYTES = 4 << 20
+_CSV_BLOCK_BYTES = 1 << 20
 
 
 def is_parquet(path: str) -> bool:
@@ -90,7 +90,8 @@ def record_batches(path: str, columns: Sequence[str] | None = None,
                 parse_options=_parse_options(bad_rows.append),
                 convert_options=pacsv.ConvertOptions(
                     include_columns=names, column_types={n: pa.string() for n in names},
-                    strings_can_be_null=False, quoted_strings_can_be_null=False))
+                    strings_can_be_null=False, quoted_strings_can_be_null=False),
+                memory_pool=_pool())
         for batch in _rebatch(pending, block_rows):
             yield start, batch
             start += batch.num_rows
@@ -162,6 +163,16 @@ def numbers(array: pa.Array | pa.ChunkedArray, where: str,
         bad = int(np.flatnonzero(infinite)[0])
         raise DataError(f"{where}: infinite value at data row {_row(rows, bad) + 1}")
     return out.astype(np.float32)
+
+
+def _pool() -> pa.MemoryPool:
+    """jemalloc where pyarrow has it: with the default mimalloc, the streaming CSV reader's
+    peak memory grew with the file (+35 MiB from 0.8M to 2.4M rows); with jemalloc it is flat
+    (`BENCHMARKS.md`, "Batch scoring: one reader")."""
+    try:
+        return pa.jemalloc_memory_pool()
+    except (NotImplementedError, pa.ArrowNotImplementedError):
+        return pa.default_memory_pool()
 
 
 def _first_unparsable(text: pa.Array) -> int:

@@ -87,7 +87,9 @@ def read_batches(path: str, types: dict[str, tf.DType], keep: Sequence[str],
     """
     wanted = list(dict.fromkeys([*types, *keep]))
     check_columns(path, read_header(path), wanted)
-    for first, batch in record_batches(path, wanted, batch_size):
+    # Two stages on two threads (with the caller's `_prefetched`): pyarrow parses the next
+    # batch while this one becomes tensors.
+    for first, batch in _prefetched(record_batches(path, wanted, batch_size)):
         yield {name: tf.constant(numbers(batch.column(name), f"{path}: column {name!r}", first))
                if types.get(name) == tf.float32 else _string_tensor(batch.column(name))
                for name in wanted}
