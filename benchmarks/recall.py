@@ -31,7 +31,7 @@ from fm_keras.config import load_experiment  # noqa: E402
 from fm_keras.export import export_run  # noqa: E402
 from fm_keras.recall import build_index, index_settings  # noqa: E402
 from fm_keras.servables import load_export  # noqa: E402
-from fm_keras.synth import SynthSpec, _catalog, generate  # noqa: E402
+from fm_keras.synth import SynthSpec, item_catalog, generate  # noqa: E402
 from fm_keras.training import train  # noqa: E402
 
 
@@ -53,7 +53,7 @@ def ranking_model(work: str, rows: int, task: str = "binary") -> tuple[str, str]
 
 def big_catalog(path: str, n: int, seed: int = 1) -> None:
     spec = dataclasses.replace(SynthSpec(), items=n)
-    items = _catalog(spec, np.random.default_rng(seed))
+    items = item_catalog(spec, np.random.default_rng(seed))
     pd.DataFrame({"item_id": [f"b{i}" for i in range(n)],
                   "item_category": [f"c{c}" for c in items["category"]],
                   "item_tags": items["tags"], "item_price": items["price"]}).to_csv(path,

@@ -8,23 +8,31 @@ warm-up epoch, and the ratio to the smallest table. ``--stock-steps N`` times N 
 tf_keras' own Adam/Adagrad/FTRL on the same model and rows in the same run (the peer).
 
 Epoch-end work is the training callback's (`fm_keras.training.TrainingState`): the finite
-check, the checkpoints and the state file, timed on an improving epoch and a non-improving
-one, as a share of the timed epoch.
+check, the best-weights copy, the checkpoint and the state file. It is timed on an improving
+and a non-improving epoch without a checkpoint, and on the epochs that write one (the first
+save of a run also builds TensorFlow's asynchronous-checkpoint copies; later ones reuse them);
+large tables write one every `TrainingState.checkpoint_seconds` of training (600 s), small
+ones every epoch. The amortized share is the mean epoch-end work per epoch over that
+interval, as a share of the timed epoch. The validation pass (Keras' evaluation of
+`--valid-rows` rows at the end of each epoch; O(rows), not O(table)) is timed too.
 
     python benchmarks/table_scaling.py [--rows 500000] [--ids 10000,100000,1000000,5000000]
         [--optimizers adam,adagrad,ftrl] [--batch-size 1024] [--stock-steps 40] [--zipf 1.2]
+        [--valid-rows ROWS/10]
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import math
 import os
 import shutil
 import tempfile
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("AUTOGRAPH_VERBOSITY", "0")
 
 import numpy as np  # noqa: E402
 
@@ -46,7 +54,7 @@ def experiment(num_ids: int, optimizer: str, batch_size: int) -> ExperimentConfi
     features = tuple(FeatureConfig(f"f{j}", "categorical", "user" if j < 4 else "item",
                                    hash_buckets=num_ids // FIELDS) for j in range(FIELDS))
     training = TrainingConfig(optimizer=optimizer, learning_rate=LEARNING_RATES[optimizer],
-                              batch_size=batch_size)
+                              batch_size=batch_size, epochs=100, early_stopping_patience=100)
     return ExperimentConfig(DataConfig(train=("unused.csv",), label="click"), features,
                             ModelConfig(), training)
 
@@ -78,29 +86,64 @@ def time_steps(model, dataset, steps: int | None = None) -> float:
     return (time.perf_counter() - start) / count
 
 
-def epoch_end_seconds(model, config: ExperimentConfig) -> tuple[float, float, float]:
-    """TrainingState.on_epoch_end on an improving, then a non-improving epoch.
+def epoch_end_seconds(model, config: ExperimentConfig) -> dict[str, float]:
+    """TrainingState.on_epoch_end on the epochs of a run, in seconds.
 
-    Returns (improving, not improving, background) seconds: the first two block training;
-    the third is the longest wait for a background (asynchronous) checkpoint write to finish
-    after its epoch end returned, which in a run overlaps the next epoch.
+    Returns {"improving_first", "improving", "flat"}: epoch ends without a checkpoint (the
+    run's first new best, a later one, then none);
+    {"checkpoint_first", "checkpoint"}: the first and a later epoch end that writes the
+    checkpoint; "background": the longest wait for a background write to finish after its
+    epoch end returned (in a run it overlaps the next epoch); "checkpoint_seconds": the
+    interval of checkpoints for this model's table (0: every epoch); "setup": building the
+    callback before training (the best-weights copies).
     """
     run_dir = tempfile.mkdtemp(prefix="fm-bench-run-")
     try:
+        start = time.perf_counter()
         state = TrainingState(run_dir, model, config, resume=False)
+        setup = time.perf_counter() - start
+        interval = state.checkpoint_seconds if state.large else 0.0
         state.set_model(model)
-        blocking, background = [], 0.0
-        for epoch, auc in enumerate((0.70, 0.69)):
+        state.on_train_begin()
+        out, background = {"checkpoint_seconds": interval, "setup": setup}, 0.0
+        epochs = (("improving_first", False), ("improving", False), ("flat", False),
+                  ("checkpoint_first", True), ("checkpoint", True))
+        for epoch, (name, due) in enumerate(epochs):
+            if not state.large and not due:
+                continue  # small tables checkpoint every epoch: the checkpoint rows say it
+            state.checkpoint_seconds = 0.0 if due else math.inf
             start = time.perf_counter()
+            auc = 0.70 + 0.01 * epoch if name.startswith("improving") else 0.6 - 0.01 * epoch
             state.on_epoch_end(epoch, {"loss": 0.3, "val_auc": auc, "val_logloss": 0.3})
-            blocking.append(time.perf_counter() - start)
+            out[name] = time.perf_counter() - start
             start = time.perf_counter()
             state.last.sync()
-            state.best.sync()
             background = max(background, time.perf_counter() - start)
-        return blocking[0], blocking[1], background
+        out["background"] = background
+        for name in ("improving_first", "improving", "flat"):
+            out.setdefault(name, out["checkpoint"])
+        return out
     finally:
         shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def amortized_share(ends: dict[str, float], epoch_s: float) -> float:
+    """Mean epoch-end work per epoch over one checkpoint interval, as a share of the epoch."""
+    if not ends["checkpoint_seconds"]:
+        return ends["checkpoint"] / epoch_s
+    epochs = max(1, math.ceil(ends["checkpoint_seconds"] / epoch_s))
+    plain = max(ends["improving_first"], ends["improving"], ends["flat"])
+    return (plain * (epochs - 1) + ends["checkpoint_first"]) / epochs / epoch_s
+
+
+def validation_seconds(model, rows: int, num_ids: int, zipf: float | None) -> float:
+    """One validation pass over `rows` rows (batches of 8192, as training's)."""
+    ids, values, labels = encoded_rows(rows, num_ids, seed=1, zipf=zipf)
+    dataset = batched_dataset(ids, values, labels, np.ones(rows, np.float32), 8192)
+    model.evaluate(dataset.take(1), verbose=0)  # tracing
+    start = time.perf_counter()
+    model.evaluate(dataset, verbose=0)
+    return time.perf_counter() - start
 
 
 def main():
@@ -113,7 +156,10 @@ def main():
                         help="draw ids by a power law of this exponent (default: uniform)")
     parser.add_argument("--stock-steps", type=int, default=40,
                         help="steps of tf_keras' own optimizer to time (0: skip the peer)")
+    parser.add_argument("--valid-rows", type=int, default=None,
+                        help="rows of the timed validation pass (default: rows / 10)")
     args = parser.parse_args()
+    valid_rows = args.valid_rows or args.rows // 10
     sizes = [int(x) for x in args.ids.split(",")]
     print(f"rows {args.rows:,}  fields {FIELDS}  k 10  batch {args.batch_size}  "
           f"steps_per_execution {TrainingConfig().steps_per_execution}  "
@@ -135,15 +181,26 @@ def main():
             time_steps(model, dataset, min(steps, 64))  # warm-up: tracing, slot creation
             per_step = time_steps(model, dataset)
             base.setdefault(name, per_step)
-            improving, flat, background = epoch_end_seconds(model, config)
+            ends = epoch_end_seconds(model, config)
+            valid_s = validation_seconds(model, valid_rows, num_ids, args.zipf)
             epoch_s = per_step * steps
+            plain = max(ends["improving_first"], ends["improving"], ends["flat"])
+            every = (f"every {ends['checkpoint_seconds']:.0f} s" if ends["checkpoint_seconds"]
+                     else "every epoch")
             line = (f"ids {num_ids:>9,}  {name:8s} {per_step * 1e3:7.3f} ms/step "
                     f"({args.batch_size / per_step:>9,.0f} samples/s, "
                     f"{per_step / base[name]:.2f}x the {sizes[0]:,}-id step)  "
-                    f"epoch {epoch_s:6.2f}s  epoch-end {improving * 1e3:6.0f} / "
-                    f"{flat * 1e3:6.0f} ms (improving / not; "
-                    f"{100 * max(improving, flat) / epoch_s:.1f}% of the epoch; background "
-                    f"write {background * 1e3:.0f} ms)")
+                    f"epoch {epoch_s:6.2f}s  epoch-end {ends['improving_first'] * 1e3:5.0f} / "
+                    f"{ends['improving'] * 1e3:5.0f} / {ends['flat'] * 1e3:5.0f} ms (first "
+                    "best / a later best / no gain, "
+                    f"{100 * plain / epoch_s:.1f}% of the epoch)  checkpoint {every}: "
+                    f"{ends['checkpoint_first'] * 1e3:5.0f} first / "
+                    f"{ends['checkpoint'] * 1e3:5.0f} ms, background write "
+                    f"{ends['background'] * 1e3:.0f} ms  setup {ends['setup'] * 1e3:.0f} ms  "
+                    "amortized "
+                    f"{100 * amortized_share(ends, epoch_s):.1f}%  validation pass "
+                    f"({valid_rows:,} rows) {valid_s * 1e3:.0f} ms "
+                    f"({100 * valid_s / epoch_s:.1f}%)")
             if args.stock_steps:
                 model.compile(optimizer=STOCK[name](LEARNING_RATES[name]),
                               weighted_metrics=[],

@@ -1,19 +1,27 @@
 """Epoch-end work that stays small next to an epoch when the tables hold millions of ids.
 
-A training run checks its parameters and writes two checkpoints every epoch (`TrainingState`
-in `fm_keras.training`). Done naively both cost O(table): at 5M ids and k = 10 the Adam state
-is ~660 MB, and a synchronous write of it took seconds, more than the epoch's steps. Here:
+A training run checks its parameters, keeps the best epoch's weights and checkpoints itself
+(`TrainingState` in `fm_keras.training`). Done naively each costs O(table) in I/O every
+epoch: at 5M ids and k = 10 the Adam state is ~660 MB, and writing it took seconds, more than
+the epoch's steps. Here:
 
 - `parameters_finite` checks every element of small variables, and a fixed random sample of
   rows of large tables. A row only changes on a step that touches it, and a non-finite row
   makes the loss of the next batch that reads it non-finite (checked every step) and the
   validation metric non-finite; the full check runs once, on the final weights.
+- `BestWeights` keeps the best epoch's weights as an in-memory copy (one memory copy of the
+  model weights per improving epoch, no I/O; Keras' ``EarlyStopping(restore_best_weights)``
+  keeps a NumPy copy the same way). The copy is part of the run's checkpoint, so a resumed
+  run restores the best weights it had.
+- `checkpoint_due`: small tables are checkpointed every epoch; large ones every
+  `LARGE_CHECKPOINT_SECONDS` of training (tf.estimator's ``save_checkpoints_secs`` default)
+  and at the last epoch, so a checkpoint's cost is spread over many epochs. The checkpoint
+  holds the run state (epoch, early stopping, history) too, so `--resume` continues from the
+  epoch the checkpoint holds, whatever ``state.json`` says.
 - `CheckpointWriter` writes asynchronously when the tables are large: the save copies the
   variables in memory and returns, the files are written by a background thread while the
   next epoch trains (`tf.train.CheckpointOptions(experimental_enable_async_checkpoint=True)`);
   `sync` waits for it. Small tables keep synchronous writes.
-- The best-epoch checkpoint holds only the model weights (what `restore_best` reads), not
-  the optimizer slots: a third of the bytes with Adam.
 """
 
 from __future__ import annotations
@@ -26,6 +34,8 @@ from fm_keras._tf import tf
 # sampled and checkpoints are written asynchronously.
 LARGE_VARIABLE_ELEMENTS = 1 << 22
 SAMPLED_ROWS = 4096
+# Large tables are checkpointed at most this often (seconds of training), and at the end.
+LARGE_CHECKPOINT_SECONDS = 600.0
 
 
 def is_large(variables: Sequence[tf.Variable]) -> bool:
@@ -87,3 +97,66 @@ class CheckpointWriter:
         """Waits until an asynchronous save is on disk."""
         if self.asynchronous:
             self.checkpoint.sync()
+
+
+def checkpoint_due(large: bool, last_epoch: bool, seconds_since_checkpoint: float,
+                   every_seconds: float | None = None) -> bool:
+    """Whether this epoch end writes the run's checkpoint.
+
+    Args:
+        large: the model has a large table (`is_large`).
+        last_epoch: no epoch follows (the epoch cap, or early stopping).
+        seconds_since_checkpoint: training time since the last checkpoint (or the start).
+        every_seconds: the interval for large tables; default `LARGE_CHECKPOINT_SECONDS`.
+
+    Returns:
+        True for every epoch of a small model; for a large one at the last epoch and once
+        `every_seconds` have passed.
+    """
+    every = LARGE_CHECKPOINT_SECONDS if every_seconds is None else every_seconds
+    return not large or last_epoch or seconds_since_checkpoint >= every
+
+
+class BestWeights:
+    """An in-memory copy of the best epoch's weights, saved with the run's checkpoint.
+
+    Args:
+        variables: the model weights to copy (e.g. ``model.fm.trainable_weights``).
+
+    Raises:
+        ValueError: `variables` is empty (a model not built yet).
+
+    Attributes:
+        trackable: the copies as a `tf.train.Checkpoint` node: give it to the run's checkpoint
+            (``tf.train.Checkpoint(..., best=best.trackable)``) to save and restore them.
+
+    The copies are non-trainable variables of the same shapes and dtypes: one more copy of the
+    weights in memory.
+    """
+
+    def __init__(self, variables: Sequence[tf.Variable]):
+        self.live = list(variables)
+        if not self.live:
+            raise ValueError("BestWeights got no variables: build the model before training "
+                             "starts (call it once), then create the callback")
+        # Zeros, not the live values: a variable made from another's value shares its buffer
+        # until the next update copies it (copy-on-write), one more copy inside a train step.
+        self.copies = [tf.Variable(tf.zeros(v.shape, v.dtype), trainable=False)
+                       for v in self.live]
+        self.save()  # once now, before training: the first copy costs more than later ones
+        self.trackable = tf.train.Checkpoint(**{f"w{i}": c for i, c in enumerate(self.copies)})
+
+    def save(self) -> None:
+        """Copies the current weights in: O(weights) memory traffic, no allocation.
+
+        ``copy[...].assign`` writes into the copy's own buffer; ``copy.assign(live)`` would
+        share the live buffer and move the copy into the next train step (copy-on-write), and
+        ``live + 0`` would allocate a new table-sized buffer every time.
+        """
+        for copy, live in zip(self.copies, self.live):
+            copy[...].assign(live)
+
+    def restore(self) -> None:
+        """Puts the copied weights back into the model (in place, as `save`)."""
+        for copy, live in zip(self.copies, self.live):
+            live[...].assign(copy)

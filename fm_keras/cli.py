@@ -16,7 +16,8 @@ from fm_keras.pipeline.cli import add_commands as _add_pipeline_commands
 from fm_keras.serving.cli import add_commands as _add_serving_commands
 
 
-def _parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
+    """The ``fm-keras`` argument parser (every subcommand)."""
     parser = argparse.ArgumentParser(prog="fm-keras", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -131,7 +132,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", tf_log_level())
     from fm_keras.errors import FMKerasError
 

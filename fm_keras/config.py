@@ -99,10 +99,10 @@ class FeatureConfig:
         where = f"feature {self.name!r}"
         if self.l2 is not None:
             _at_least(self.l2, 0.0, f"{where}: l2")
-        _one_of(self.kind, KINDS, f"{where}: kind")
-        _one_of(self.tower, TOWERS, f"{where}: tower")
-        _one_of(self.normalization, NORMALIZATIONS, f"{where}: normalization")
-        _one_of(self.combiner, COMBINERS, f"{where}: combiner")
+        check_one_of(self.kind, KINDS, f"{where}: kind")
+        check_one_of(self.tower, TOWERS, f"{where}: tower")
+        check_one_of(self.normalization, NORMALIZATIONS, f"{where}: normalization")
+        check_one_of(self.combiner, COMBINERS, f"{where}: combiner")
         _at_least(self.min_count, 1, f"{where}: min_count")
         _at_least(self.oov_buckets, 1, f"{where}: oov_buckets")
         if self.hash_buckets is not None:
@@ -134,7 +134,7 @@ class FilterConfig:
     value: Any = None
 
     def __post_init__(self):
-        _one_of(self.op, FILTER_OPS, f"filter {self.name!r}: op")
+        check_one_of(self.op, FILTER_OPS, f"filter {self.name!r}: op")
         if self.op in ("in", "not_in") and not isinstance(self.value, list):
             raise ConfigError(f"filter {self.name!r}: op {self.op!r} needs a list value, "
                               f"got {self.value!r}")
@@ -175,7 +175,7 @@ class DataConfig:
     shard_dir: str | None = None
 
     def __post_init__(self):
-        _one_of(self.out_of_core, OUT_OF_CORE, "data: out_of_core")
+        check_one_of(self.out_of_core, OUT_OF_CORE, "data: out_of_core")
         _at_least(self.out_of_core_mb, 0.0, "data: out_of_core_mb")
 
 
@@ -206,7 +206,7 @@ class ModelConfig:
     l2_prior_adaptive: bool = True
 
     def __post_init__(self):
-        _one_of(self.task, TASKS, "model: task")
+        check_one_of(self.task, TASKS, "model: task")
         _at_least(self.embedding_dim, 1, "model: embedding_dim")
         for name in ("l2_embeddings", "l2_linear", "init_stddev", "l2_prior"):
             _at_least(getattr(self, name), 0.0, f"model: {name}")
@@ -236,7 +236,7 @@ class DistributeConfig:
     max_shards: int | None = None
 
     def __post_init__(self):
-        _one_of(self.strategy, STRATEGIES, "training: distribute: strategy")
+        check_one_of(self.strategy, STRATEGIES, "training: distribute: strategy")
         _at_least(self.min_shard_bytes, 1, "training: distribute: min_shard_bytes")
         for name in ("max_shard_bytes", "max_shards"):
             if getattr(self, name) is not None:
@@ -271,7 +271,7 @@ class NegativesConfig:
 
     def __post_init__(self):
         _at_least(self.per_positive, 0, "training: negatives: per_positive")
-        _one_of(self.sampler, SAMPLERS, "training: negatives: sampler")
+        check_one_of(self.sampler, SAMPLERS, "training: negatives: sampler")
 
 
 @dataclass(frozen=True)
@@ -351,8 +351,8 @@ class TrainingConfig:
     calibration: str = "auto"
 
     def __post_init__(self):
-        _one_of(self.optimizer, OPTIMIZERS, "training: optimizer")
-        _one_of(self.calibration, CALIBRATIONS, "training: calibration")
+        check_one_of(self.optimizer, OPTIMIZERS, "training: optimizer")
+        check_one_of(self.calibration, CALIBRATIONS, "training: calibration")
         for name in ("batch_size", "epochs", "steps_per_execution"):
             _at_least(getattr(self, name), 1, f"training: {name}")
         _at_least(self.weight_decay, 0.0, "training: weight_decay")
@@ -470,33 +470,33 @@ class ExperimentConfig:
 def load_experiment(path: str | os.PathLike) -> ExperimentConfig:
     """Reads and validates an experiment YAML file; relative paths are resolved against it."""
     path = os.fspath(path)
-    raw = _read_yaml(path)
+    raw = read_yaml(path)
     return experiment_from_dict(raw, base_dir=os.path.dirname(os.path.abspath(path)), source=path)
 
 
 def load_features(path: str | os.PathLike) -> tuple[FeatureConfig, ...]:
     """Reads a feature spec YAML file (``features: [...]``)."""
     path = os.fspath(path)
-    raw = _read_yaml(path)
-    _check_keys(raw, {"features"}, path)
-    return _features(raw.get("features"), path)
+    raw = read_yaml(path)
+    check_keys(raw, {"features"}, path)
+    return features_from_list(raw.get("features"), path)
 
 
 def experiment_from_dict(raw: dict, base_dir: str = ".", source: str = "<dict>") -> ExperimentConfig:
-    _check_keys(raw, {"data", "features", "model", "training"}, source)
+    check_keys(raw, {"data", "features", "model", "training"}, source)
     for key in ("data", "features"):
         if key not in raw:
             raise ConfigError(f"{source}: missing required key {key!r}")
     features = raw["features"]
     if isinstance(features, str):
-        features = load_features(_resolve(features, base_dir))
+        features = load_features(resolve_path(features, base_dir))
     else:
-        features = _features(features, source)
+        features = features_from_list(features, source)
     return ExperimentConfig(
         data=_data(raw["data"], base_dir, source),
         features=features,
-        model=_build(ModelConfig, raw.get("model") or {}, f"{source}: model"),
-        training=_build(TrainingConfig, raw.get("training") or {}, f"{source}: training"),
+        model=build_config(ModelConfig, raw.get("model") or {}, f"{source}: model"),
+        training=build_config(TrainingConfig, raw.get("training") or {}, f"{source}: training"),
         source=source,
     )
 
@@ -518,7 +518,9 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
-def _read_yaml(path: str) -> dict:
+def read_yaml(path: str) -> dict:
+    """A YAML mapping from `path`; `ConfigError` naming the file (and line) if it is missing,
+    malformed, not a mapping or repeats a key."""
     try:
         with open(path, encoding="utf-8") as f:
             raw = yaml.load(f, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader
@@ -535,7 +537,8 @@ def _read_yaml(path: str) -> dict:
     return raw
 
 
-def _features(raw, source: str) -> tuple[FeatureConfig, ...]:
+def features_from_list(raw, source: str) -> tuple[FeatureConfig, ...]:
+    """`FeatureConfig`s from a YAML ``features:`` list; `ConfigError` naming `source`."""
     if not isinstance(raw, list):
         raise ConfigError(f"{source}: features must be a list, got {type(raw).__name__}")
     out = []
@@ -549,7 +552,7 @@ def _features(raw, source: str) -> tuple[FeatureConfig, ...]:
             for key in item:
                 if key not in allowed and any(key in keys for keys in _KIND_KEYS.values()):
                     raise ConfigError(f"{where}: key {key!r} does not apply to kind {kind!r}")
-        out.append(_build(FeatureConfig, item, where))
+        out.append(build_config(FeatureConfig, item, where))
     return tuple(out)
 
 
@@ -564,31 +567,32 @@ def _data(raw, base_dir: str, source: str) -> DataConfig:
             paths = list(value) if isinstance(value, (list, tuple)) else [value]
             if not all(isinstance(p, str) for p in paths):
                 raise ConfigError(f"{where}: {key} must be a path/glob or a list of them")
-            raw[key] = tuple(_resolve(p, base_dir) for p in paths)
+            raw[key] = tuple(resolve_path(p, base_dir) for p in paths)
     if isinstance(raw.get("out_of_core"), bool):  # YAML reads true/false as booleans
         raw["out_of_core"] = str(raw["out_of_core"]).lower()
     if isinstance(raw.get("shard_dir"), str):
-        raw["shard_dir"] = _resolve(raw["shard_dir"], base_dir)
+        raw["shard_dir"] = resolve_path(raw["shard_dir"], base_dir)
     filters = raw.pop("filters", None) or []
     if not isinstance(filters, list):
         raise ConfigError(f"{where}: filters must be a list")
     raw["filters"] = tuple(
-        _build(FilterConfig, f, f"{where}: filters[{i}]") for i, f in enumerate(filters)
+        build_config(FilterConfig, f, f"{where}: filters[{i}]") for i, f in enumerate(filters)
     )
-    return _build(DataConfig, raw, where)
+    return build_config(DataConfig, raw, where)
 
 
-def _resolve(path: str, base_dir: str) -> str:
+def resolve_path(path: str, base_dir: str) -> str:
+    """`path` with ``~`` expanded, relative paths taken from `base_dir` (the YAML's folder)."""
     path = os.path.expanduser(path)
     return path if os.path.isabs(path) else os.path.normpath(os.path.join(base_dir, path))
 
 
-def _build(cls, raw, where: str):
+def build_config(cls, raw, where: str):
     """Builds a config dataclass, checking keys and types against its annotations."""
     if not isinstance(raw, dict):
         raise ConfigError(f"{where} must be a mapping, got {type(raw).__name__}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    _check_keys(raw, set(fields), where)
+    check_keys(raw, set(fields), where)
     hints = typing.get_type_hints(cls)
     missing = [n for n, f in fields.items() if n not in raw and _required(f)]
     if missing:
@@ -625,7 +629,7 @@ def _coerce(value, hint, where: str):
     if hint is Any:
         return value
     if dataclasses.is_dataclass(hint) and not isinstance(value, hint):
-        return _build(hint, value, where)
+        return build_config(hint, value, where)
     if origin in (tuple, list):
         if isinstance(value, (list, tuple)):
             return origin(_coerce(v, args[0], where) for v in value)
@@ -650,7 +654,8 @@ def _hint_name(hint) -> str:
     return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
 
 
-def _check_keys(raw: dict, allowed: set[str], where: str) -> None:
+def check_keys(raw: dict, allowed: set[str], where: str) -> None:
+    """`ConfigError` at `where` for a key of `raw` not in `allowed`, with a close match."""
     for key in raw:
         if key not in allowed:
             close = difflib.get_close_matches(str(key), sorted(allowed), n=1)
@@ -658,7 +663,8 @@ def _check_keys(raw: dict, allowed: set[str], where: str) -> None:
             raise ConfigError(f"{where}: unknown key {key!r}{hint}")
 
 
-def _one_of(value, choices, where: str) -> None:
+def check_one_of(value, choices, where: str) -> None:
+    """`ConfigError` at `where` unless `value` is one of `choices`, with a close match."""
     if value not in choices:
         close = difflib.get_close_matches(str(value), choices, n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
@@ -668,10 +674,3 @@ def _one_of(value, choices, where: str) -> None:
 def _at_least(value, low, where: str) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value < low:
         raise ConfigError(f"{where} must be >= {low}, got {value!r}")
-
-
-# Public names for the other YAML loaders (pipeline, experiments): one reader, one checker.
-read_yaml = _read_yaml
-build_config = _build
-resolve_path = _resolve
-check_keys = _check_keys

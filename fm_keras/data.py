@@ -174,7 +174,7 @@ def iter_blocks(
             rows_read += len(frame)
             keep = np.ones(len(frame), dtype=bool)
             for flt in filters:
-                hit = _filter_mask(frame[flt.column], flt, path) & keep
+                hit = filter_mask(frame[flt.column], flt, path) & keep
                 dropped[flt.name] += int(hit.sum())
                 keep &= ~hit
             frame = frame[keep]
@@ -272,7 +272,9 @@ def _weight_column(column: pd.Series, name: str, path: str) -> np.ndarray:
     return values
 
 
-def _filter_mask(column: pd.Series, flt: FilterConfig, path: str) -> np.ndarray:
+def filter_mask(column: pd.Series, flt: FilterConfig, path: str) -> np.ndarray:
+    """Rows of `column` [rows] (raw strings) that `flt` matches, bool [rows]; errors name
+    `path`."""
     if flt.op == "is_null":
         return column.isin(MISSING_TOKENS).to_numpy()
     values = flt.value if flt.op in ("in", "not_in") else [flt.value]

@@ -154,8 +154,11 @@ class _ClusterTrainingState(TrainingState):
     # makes the coordinator wait for each step. Divergence is caught at the epoch end.
     on_train_batch_end = keras.callbacks.Callback.on_train_batch_end
     # Writes of sharded/mirrored variables stay synchronous: TF's async checkpoint copies
-    # every variable to this task's host first.
+    # every variable to this task's host first. For the same reason the best weights are a
+    # checkpoint (not a copy held by this task), and the run is checkpointed every epoch.
     async_checkpoints = False
+    best_in_memory = False
+    checkpoint_seconds = 0.0
 
 
 def train_distributed(config: ExperimentConfig, run_dir: str, *, resume: bool = False,

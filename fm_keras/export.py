@@ -93,7 +93,7 @@ def export_run(run_dir: str, name: str, base: str = "saved_models",
         ExportError: the name or version is unusable, or the written model fails the
             tower parity check (nothing is left behind then).
     """
-    _check_name(name)
+    check_model_name(name)
     run = load_run(run_dir)
     final = new_version_path(base, name, version)
     started = time.time()
@@ -315,7 +315,8 @@ def _feature_summary(f) -> dict:
     return summary
 
 
-def _check_name(name: str) -> None:
+def check_model_name(name: str) -> None:
+    """`ExportError` unless `name` can name a model directory (plain, non-numeric)."""
     if not name or name.isdigit() or os.sep in name or name.startswith("."):
         raise ExportError(f"--name {name!r} is not a usable model name: give a plain, "
                           "non-numeric directory name such as 'ctr'")

@@ -69,6 +69,23 @@ class SampledNegatives:
         self.positive_pairs = np.unique(self.train_keys[positive] * n + index[positive])
         self.item_index = index
 
+    def epoch_labels(self, labels: np.ndarray, weights: np.ndarray
+                     ) -> tuple[np.ndarray, np.ndarray]:
+        """The labels and weights of one epoch of `dataset`: the log's rows plus N label-0
+        rows of weight 1 per positive (for the base-rate loss of early stopping's warmup; a
+        draw that hits one of the user's positives gets weight 0 in training, which this
+        ignores: few in a catalog of any size).
+
+        Args:
+            labels, weights: float [rows] of the training log.
+
+        Returns:
+            float64 arrays [rows + N * positives].
+        """
+        extra = self.per_positive * int(np.sum(labels > 0.5))
+        return (np.concatenate([labels, np.zeros(extra)]),
+                np.concatenate([weights, np.ones(extra)]))
+
     def dataset(self, ids: np.ndarray, values: np.ndarray, labels: np.ndarray,
                 weights: np.ndarray, batch_size: int, seed: int):
         """The training batches of `batched_dataset` (rows of the training split, encoded)

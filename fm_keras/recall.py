@@ -27,7 +27,7 @@ from fm_keras import fsutil
 from fm_keras._tf import tf
 from fm_keras.calibration import Calibration
 from fm_keras.errors import DataError, ExportError
-from fm_keras.export import (METADATA, WARMUP, _check_name, building, new_version_path,
+from fm_keras.export import (METADATA, WARMUP, check_model_name, building, new_version_path,
                              signature_info, write_warmup)
 from fm_keras.partitioned import PartitionedIndex, PartitionedParams, is_member
 from fm_keras.servables import FORMAT_VERSION, load_export
@@ -300,7 +300,7 @@ def build_index(model_dir: str, items: str, name: str, base: str = "saved_models
         raise ExportError(f"--backend must be one of {BACKENDS}, got {backend!r}")
     if k < 1:
         raise ExportError(f"--k must be at least 1, got {k}")
-    _check_name(name)
+    check_model_name(name)
     model_dir, ranking, meta = load_export(model_dir, expect="fm_keras.ranking")
     if "item_tower" not in ranking.signatures:
         raise ExportError(f"{model_dir}: the model has no item_tower signature (it needs both "

@@ -94,7 +94,7 @@ def generate(out_dir: str, rows: int = SynthSpec.rows, seed: int = SynthSpec.see
     spec = SynthSpec(rows=rows, seed=seed)
     rng = np.random.default_rng(seed)
     truth = PlantedFM(spec, rng)
-    items = _catalog(spec, rng)
+    items = item_catalog(spec, rng)
     n = spec.rows
     os.makedirs(out_dir, exist_ok=True)
     bounds = [0, int(0.8 * n), int(0.9 * n), n]
@@ -142,7 +142,7 @@ def generate_span(root: str, span: int, rows: int = 50_000, seed: int = SynthSpe
     spec = SynthSpec(rows=rows, seed=seed)
     rng = np.random.default_rng(seed)
     truth = PlantedFM(spec, rng)  # drawn first from the seed alone: the same in every span
-    items = _catalog(spec, rng)
+    items = item_catalog(spec, rng)
     rng = np.random.default_rng([seed, span])
     frame, _, _ = _rows(spec, truth, items, rng, start=1_700_000_000 + (span - 1) * 7 * 86400,
                         days=7)
@@ -215,7 +215,9 @@ def _catalog_frame(spec: SynthSpec, items: dict) -> pd.DataFrame:
                          "item_tags": items["tags"], "item_price": items["price"]})
 
 
-def _catalog(spec: SynthSpec, rng: np.random.Generator) -> dict[str, np.ndarray]:
+def item_catalog(spec: SynthSpec, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """The planted item catalog of `spec`: per-item arrays [items] (category, tags, price ...)
+    drawn from `rng`."""
     category = rng.integers(0, spec.categories, spec.items)
     max_tags = 4
     tag_ids = np.zeros((spec.items, max_tags), dtype=np.int64)
@@ -353,7 +355,7 @@ def load_world(data_dir: str) -> SyntheticWorld:
     spec = SynthSpec(**fsutil.read_json(path)["spec"])
     rng = np.random.default_rng(spec.seed)
     truth = PlantedFM(spec, rng)
-    items = _catalog(spec, rng)
+    items = item_catalog(spec, rng)
     first = min(spec.rows, BLOCK_ROWS)  # generate fits the bias on its first block
     _rows(replace(spec, rows=first), truth, items, rng, start=1_700_000_000,
           days=30 * first / spec.rows)  # sets truth.bias

@@ -30,7 +30,8 @@ import numpy as np
 from fm_keras import __version__, fsutil, out_of_core
 from fm_keras._tf import keras, tf
 from fm_keras.calibration import Calibration, fit_calibration
-from fm_keras.checkpoints import CheckpointWriter, is_large, parameters_finite
+from fm_keras.checkpoints import (LARGE_CHECKPOINT_SECONDS, BestWeights, CheckpointWriter,
+                                  checkpoint_due, is_large, parameters_finite)
 from fm_keras.config import ExperimentConfig, TrainingConfig, experiment_from_dict
 from fm_keras.convergence import EarlyStopping, base_loss, cap_warning
 from fm_keras.data import (Split, downsample_negatives, load_data_split, require_both_classes,
@@ -153,9 +154,11 @@ def train(config: ExperimentConfig, run_dir: str, *, resume: bool = False,
     # Validation rows are unweighted; weighted_metrics=[] says so (and silences Keras).
     model.compile(optimizer=make_optimizer(config.training), weighted_metrics=[],
                   steps_per_execution=config.training.steps_per_execution)
-    state = TrainingState(run_dir, model, config, resume=resume, base_loss=base_loss(
-        task, labels, sample_weights(labels, config.training), label_counts)
-        if task != "retrieval" else None)
+    weights = sample_weights(labels, config.training)
+    if config.training.negatives.per_positive:  # what an epoch trains on: sampled rows too
+        labels, weights = negatives.epoch_labels(labels, weights)
+    state = TrainingState(run_dir, model, config, resume=resume,
+                          base_loss=base_loss(task, labels, weights, label_counts))
     t0 = time.time()
     if state.initial_epoch < config.training.epochs and not state.finished:
         with contextlib.redirect_stdout(sys.stderr):  # Keras prints progress to stdout
@@ -288,13 +291,20 @@ def _logits(model, ids, values):
 
 
 class TrainingState(keras.callbacks.Callback):
-    """Early stopping with best-weights restore, a checkpoint per epoch, resume, divergence.
+    """Early stopping with best-weights restore, checkpoints, resume, divergence.
 
     One callback owns all of it so that a resumed run continues with the same best metric and
     patience counter it stopped with. The stopping rule itself (min_delta, no counting before
     learning started) is `fm_keras.convergence.EarlyStopping`; epochs are 1-based throughout.
-    With large tables the epoch-end checks are sampled and the checkpoints written in the
-    background (`fm_keras.checkpoints`); the best checkpoint holds the model weights only.
+
+    The best epoch's weights are an in-memory copy (`fm_keras.checkpoints.BestWeights`). The
+    run's checkpoint (weights, optimizer, best copy, run state) is written every epoch for
+    small tables; with large tables every `checkpoint_seconds` of training and at the last
+    epoch, in the background, and the epoch-end finite check is sampled
+    (`fm_keras.checkpoints`). ``state.json`` is written every epoch and says which epoch the
+    checkpoint holds (``checkpoint_epoch``); `--resume` continues after that epoch, with the
+    early-stopping state and history saved with it: the epochs trained after the checkpoint
+    are trained again.
 
     Args:
         base_loss: the training loss of a model that has learned only the base rate
@@ -302,6 +312,8 @@ class TrainingState(keras.callbacks.Callback):
     """
 
     async_checkpoints = True  # large tables are checkpointed in the background
+    best_in_memory = True  # the best weights as an in-memory copy, else a checkpoint per best
+    checkpoint_seconds = LARGE_CHECKPOINT_SECONDS  # large tables: at most this often
 
     def __init__(self, run_dir: str, model: FMModel, config: ExperimentConfig, resume: bool,
                  base_loss: float | None = None):
@@ -311,27 +323,39 @@ class TrainingState(keras.callbacks.Callback):
                         "retrieval": "val_recall_at_k"}[config.model.task]
         self.sign = -1.0 if config.model.task == "regression" else 1.0
         self.epoch = tf.Variable(0, dtype=tf.int64, trainable=False)
-        self.checkpoint = tf.train.Checkpoint(fm=model.fm, optimizer=model.optimizer,
-                                              epoch=self.epoch)
+        self.run_state = tf.Variable("", dtype=tf.string, trainable=False)
         ckpt_dir = os.path.join(run_dir, "checkpoints")
-        # Large tables: sampled finite checks, asynchronous writes (fm_keras.checkpoints).
         self.large = is_large(model.fm.trainable_weights)
         background = self.large and self.async_checkpoints
+        self.best_weights, self.best, tracked = None, None, {}
+        if self.best_in_memory:
+            # The trainable weights: the l2_prior penalties shape the loss, not the outputs.
+            self.best_weights = BestWeights(model.fm.trainable_weights)
+            tracked["best"] = self.best_weights.trackable
+        else:
+            self.best = CheckpointWriter(tf.train.Checkpoint(fm=model.fm),
+                                         os.path.join(ckpt_dir, "best"), background)
+        self.checkpoint = tf.train.Checkpoint(fm=model.fm, optimizer=model.optimizer,
+                                              epoch=self.epoch, run_state=self.run_state,
+                                              **tracked)
         self.last = CheckpointWriter(self.checkpoint, os.path.join(ckpt_dir, "last"), background)
-        self.best = CheckpointWriter(tf.train.Checkpoint(fm=model.fm),
-                                     os.path.join(ckpt_dir, "best"), background)
         self.state_path = os.path.join(run_dir, "state.json")
         t = config.training
         self.stopper = EarlyStopping(t.early_stopping_patience, t.early_stopping_min_delta,
                                      base_loss)
         self.history: list[dict] = []
+        self.checkpoint_epoch = 0
+        self._checkpointed_at = time.monotonic()
         if resume and self.last.latest_checkpoint:
             self.checkpoint.restore(self.last.latest_checkpoint)
-            state = fsutil.read_json(self.state_path)
+            saved = self.run_state.numpy().decode()
+            state = json.loads(saved) if saved else fsutil.read_json(self.state_path)
             self.stopper = EarlyStopping.from_dict(state["early_stopping"])
             self.history = state["history"]
-            log(f"resuming after epoch {int(self.epoch.numpy())} (best {self.monitor} "
-                f"{self.sign * self.stopper.best_value:.5f} at epoch {self.stopper.best_epoch})")
+            self.checkpoint_epoch = int(self.epoch.numpy())
+            log(f"resuming after epoch {self.checkpoint_epoch}, the checkpoint's (best "
+                f"{self.monitor} {self.sign * self.stopper.best_value:.5f} at epoch "
+                f"{self.stopper.best_epoch})")
 
     @property
     def initial_epoch(self) -> int:
@@ -345,6 +369,9 @@ class TrainingState(keras.callbacks.Callback):
     @property
     def finished(self) -> bool:
         return self.stopper.stopped
+
+    def on_train_begin(self, logs=None):
+        self._checkpointed_at = time.monotonic()  # the interval counts training time only
 
     def on_train_batch_end(self, batch, logs=None):
         loss = (logs or {}).get("loss")
@@ -362,17 +389,30 @@ class TrainingState(keras.callbacks.Callback):
         self.history.append({k: float(v) for k, v in logs.items()})
         self.epoch.assign(epoch + 1)
         if self.stopper.update(epoch + 1, value, logs.get("loss")):
-            self.best.save()
-        self.last.save()
+            if self.best_weights is not None:
+                self.best_weights.save()
+            else:
+                self.best.save()
         if self.stopper.stopped:
             self.model.stop_training = True
             log(f"early stopping after epoch {epoch + 1}: {self.monitor} has not improved by "
                 f"more than {self.stopper.min_delta} for {self.stopper.wait} epochs; "
                 f"best was epoch {self.best_epoch}")
-        fsutil.write_json(self.state_path, {
-            "epoch": epoch + 1, "best_epoch": self.best_epoch, "history": self.history,
-            "finished": self.finished, "monitor": self.monitor,
-            "early_stopping": self.stopper.to_dict()})
+        last_epoch = self.stopper.stopped or epoch + 1 >= self.config.training.epochs
+        if checkpoint_due(self.large, last_epoch, time.monotonic() - self._checkpointed_at,
+                          self.checkpoint_seconds):
+            self.run_state.assign(json.dumps(self.state_dict()))
+            self.last.save()
+            self.checkpoint_epoch = epoch + 1
+            self._checkpointed_at = time.monotonic()
+        fsutil.write_json(self.state_path,
+                          {**self.state_dict(), "checkpoint_epoch": self.checkpoint_epoch})
+
+    def state_dict(self) -> dict:
+        """The run state a checkpoint holds: epoch, best epoch, history, early stopping."""
+        return {"epoch": int(self.epoch.numpy()), "best_epoch": self.best_epoch,
+                "history": self.history, "finished": self.finished, "monitor": self.monitor,
+                "early_stopping": self.stopper.to_dict()}
 
     def convergence_warning(self) -> str | None:
         """`cap_warning` for this run (None if it stopped early or its last epoch was no gain)."""
@@ -388,10 +428,17 @@ class TrainingState(keras.callbacks.Callback):
         return {"converged": warning is None, "warnings": [warning] if warning else []}
 
     def restore_best(self) -> None:
+        """Puts the best epoch's weights back (if an epoch ran) after the checkpoint writes
+        finished; with large tables checks every element of them."""
         self.last.sync()
-        self.best.sync()
-        if self.best.latest_checkpoint:
-            tf.train.Checkpoint(fm=self.model.fm).read(self.best.latest_checkpoint).expect_partial()
+        if self.best_weights is not None:
+            if self.best_epoch:
+                self.best_weights.restore()
+        else:
+            self.best.sync()
+            if self.best.latest_checkpoint:
+                tf.train.Checkpoint(fm=self.model.fm).read(
+                    self.best.latest_checkpoint).expect_partial()
         if self.large and not parameters_finite(self.model.fm.trainable_weights, sampled=False):
             self._diverged("parameters are not finite")
 

@@ -1,11 +1,15 @@
-"""Epoch-end work for large tables: sampled finite checks, background checkpoint writes."""
+"""Epoch-end work for large tables: sampled finite checks, the best weights in memory,
+checkpoints by time and in the background, resume from the checkpoint's epoch."""
+
+import json
 
 import numpy as np
 import pytest
 
 from fm_keras import checkpoints
 from fm_keras._tf import tf
-from fm_keras.checkpoints import CheckpointWriter, is_large, parameters_finite
+from fm_keras.checkpoints import (BestWeights, CheckpointWriter, checkpoint_due, is_large,
+                                  parameters_finite)
 from fm_keras.config import DataConfig, ExperimentConfig, FeatureConfig, TrainingConfig
 from fm_keras.errors import TrainingDivergedError
 from fm_keras.features import FittedFeature
@@ -58,44 +62,110 @@ def test_writer_saves_and_reads_back(tmp_path, asynchronous):
     assert len([p for p in (tmp_path / "ck").iterdir() if p.name.endswith(".index")]) == 1
 
 
-def _state(tmp_path):
+def _state(tmp_path, epochs: int = 10, resume: bool = False):
     features = (FittedFeature(FeatureConfig("f", "categorical", "user", hash_buckets=64)),)
     config = ExperimentConfig(DataConfig(train=("unused.csv",), label="click"),
                               tuple(f.config for f in features),
-                              training=TrainingConfig(optimizer="adam"))
+                              training=TrainingConfig(optimizer="adam", epochs=epochs,
+                                                      early_stopping_patience=5))
     model = build_model(features, config.model, config.training)
     model.compile(optimizer=make_optimizer(config.training), weighted_metrics=[])
     model.optimizer.build(model.trainable_variables)
-    (tmp_path / "run").mkdir()  # as train() does: background writes create their own dirs
-    state = TrainingState(str(tmp_path / "run"), model, config, resume=False)
+    (tmp_path / "run").mkdir(exist_ok=True)  # as train() does
+    state = TrainingState(str(tmp_path / "run"), model, config, resume=resume)
     state.set_model(model)
     return model, state
 
 
-def test_training_state_checkpoints_large_tables_in_the_background(tmp_path, small_threshold):
-    model, state = _state(tmp_path)
-    assert state.large and state.last.asynchronous and state.best.asynchronous
+def test_checkpoint_due_every_epoch_for_small_tables_by_time_for_large_ones():
+    assert checkpoint_due(large=False, last_epoch=False, seconds_since_checkpoint=0.0)
+    assert not checkpoint_due(large=True, last_epoch=False, seconds_since_checkpoint=599.0)
+    assert checkpoint_due(large=True, last_epoch=False, seconds_since_checkpoint=600.0)
+    assert checkpoint_due(large=True, last_epoch=True, seconds_since_checkpoint=0.0)
+    assert checkpoint_due(True, False, 5.0, every_seconds=5.0)
+    assert not checkpoint_due(True, False, 4.9, every_seconds=5.0)
+
+
+def test_best_weights_copy_restore_and_checkpoint(tmp_path):
+    live = [tf.Variable(np.arange(8, dtype=np.float32).reshape(4, 2)), tf.Variable([1.0])]
+    best = BestWeights(live)
+    best.save()
+    saved = [v.numpy().copy() for v in live]
+    live[0].scatter_add(tf.IndexedSlices(tf.ones([1, 2]), tf.constant([2])))  # in place
+    live[1].assign([5.0])
+    np.testing.assert_array_equal(best.copies[0].numpy(), saved[0])  # a copy, not an alias
+    path = tf.train.Checkpoint(best=best.trackable).write(str(tmp_path / "ck"))
+    best.restore()
+    for v, want in zip(live, saved):
+        np.testing.assert_array_equal(v.numpy(), want)
+    other = BestWeights([tf.Variable(tf.zeros([4, 2])), tf.Variable([0.0])])
+    tf.train.Checkpoint(best=other.trackable).read(path).assert_existing_objects_matched()
+    np.testing.assert_array_equal(other.copies[0].numpy(), saved[0])
+
+
+def test_best_weights_of_an_unbuilt_model_is_an_error():
+    with pytest.raises(ValueError, match="build the model"):
+        BestWeights([])
+
+
+def _epochs(state, aucs, first=0):
+    for epoch, auc in enumerate(aucs, start=first):
+        state.on_epoch_end(epoch, {"loss": 0.3, "val_auc": auc})
+
+
+def test_large_tables_checkpoint_by_time_and_at_the_last_epoch(tmp_path, small_threshold):
+    model, state = _state(tmp_path, epochs=4)
+    assert state.large and state.last.asynchronous
+    state.on_train_begin()
+    _epochs(state, [0.7])  # improving, but no checkpoint due: the best is a copy in memory
     best = model.fm.embeddings.numpy().copy()
-    state.on_epoch_end(0, {"loss": 0.3, "val_auc": 0.7})
     model.fm.embeddings.assign_add(tf.ones_like(model.fm.embeddings))
-    state.on_epoch_end(1, {"loss": 0.3, "val_auc": 0.6})   # worse: best stays epoch 1
+    _epochs(state, [0.6, 0.65], first=1)
+    state.last.sync()
+    assert state.last.latest_checkpoint is None
+    saved = json.loads((tmp_path / "run" / "state.json").read_text())
+    assert saved["epoch"] == 3 and saved["checkpoint_epoch"] == 0 and saved["best_epoch"] == 1
+    _epochs(state, [0.6], first=3)  # the last epoch (training.epochs = 4): checkpointed
     state.restore_best()
     np.testing.assert_array_equal(model.fm.embeddings.numpy(), best)
-    # The best checkpoint holds the weights only; the last one the optimizer slots too.
-    best_keys = {k for k, _ in tf.train.list_variables(state.best.latest_checkpoint)}
-    last_keys = {k for k, _ in tf.train.list_variables(state.last.latest_checkpoint)}
-    assert not any(k.startswith("optimizer") for k in best_keys)
-    assert any(k.startswith("optimizer") for k in last_keys)
+    keys = {k for k, _ in tf.train.list_variables(state.last.latest_checkpoint)}
+    assert any(k.startswith("optimizer") for k in keys) and any(k.startswith("best/") for k in keys)
+    assert json.loads((tmp_path / "run" / "state.json").read_text())["checkpoint_epoch"] == 4
+
+
+def test_resume_continues_after_the_epoch_the_checkpoint_holds(tmp_path, small_threshold):
+    """state.json is written every epoch, the checkpoint every few: resume follows the
+    checkpoint (its weights, optimizer, best copy and early-stopping state together)."""
+    model, state = _state(tmp_path, epochs=6)
+    state.checkpoint_seconds = 0.0  # every epoch for now
+    _epochs(state, [0.7, 0.72])
+    state.last.sync()
+    at_checkpoint = [v.numpy().copy() for v in model.fm.trainable_weights]
+    state.checkpoint_seconds = float("inf")
+    model.fm.embeddings.assign_add(tf.ones_like(model.fm.embeddings))
+    _epochs(state, [0.8], first=2)  # a new best, trained but not checkpointed
+    assert json.loads((tmp_path / "run" / "state.json").read_text())["epoch"] == 3
+
+    again, resumed = _state(tmp_path, epochs=6, resume=True)
+    assert resumed.initial_epoch == 2 and resumed.checkpoint_epoch == 2
+    assert len(resumed.history) == 2 and resumed.best_epoch == 2
+    assert resumed.stopper.best_value == pytest.approx(0.72)
+    for v, want in zip(again.fm.trainable_weights, at_checkpoint):
+        np.testing.assert_array_equal(v.numpy(), want)
+    for v in again.fm.trainable_weights:
+        v.assign(tf.zeros_like(v))
+    resumed.restore_best()  # the best copy (epoch 2's) came back with the checkpoint
+    for v, want in zip(again.fm.trainable_weights, at_checkpoint):
+        np.testing.assert_array_equal(v.numpy(), want)
 
 
 def test_final_full_check_catches_what_sampling_missed(tmp_path, small_threshold):
     model, state = _state(tmp_path)
-    state.on_epoch_end(0, {"loss": 0.3, "val_auc": 0.7})
-    state.best.sync()
-    values = model.fm.embeddings.numpy()
+    _epochs(state, [0.7])
+    copy = next(c for c, v in zip(state.best_weights.copies, state.best_weights.live)
+                if v is model.fm.embeddings)
+    values = copy.numpy()
     values[-1, 0] = np.nan
-    state.best = CheckpointWriter(tf.train.Checkpoint(fm=model.fm), str(tmp_path / "bad"), False)
-    model.fm.embeddings.assign(values)
-    state.best.save()
+    copy.assign(values)
     with pytest.raises(TrainingDivergedError, match="not finite"):
         state.restore_best()

@@ -69,3 +69,16 @@ def test_rejects_bad_arguments(kwargs):
     with pytest.raises(ValueError):
         EarlyStopping(**kwargs)
 
+
+
+@pytest.mark.parametrize("task", ["binary", "regression"])
+def test_base_loss_of_a_label_histogram_equals_the_expanded_labels(task):
+    # Out-of-core training keeps the labels as a histogram (distinct value, rows).
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 2, 500).astype(float) if task == "binary" else \
+        rng.integers(1, 6, 500).astype(float)
+    weights = np.where(labels > 0.5, 3.0, 1.0) if task == "binary" else np.ones(500)
+    values, counts = np.unique(labels, return_counts=True)
+    value_weights = np.where(values > 0.5, 3.0, 1.0) if task == "binary" else np.ones(len(values))
+    assert base_loss(task, values, value_weights, counts) == pytest.approx(
+        base_loss(task, labels, weights), rel=1e-12)

@@ -54,7 +54,7 @@ def test_weight_column_is_read_and_checked_per_row(data):
         log["recency"] = log["recency"].astype(object)
         log.loc[3, "recency"] = bad
         log.to_csv(path, index=False)
-        with pytest.raises(DataError, match=rf"train.csv: column 'recency' \(data: weight\): .*"
+        with pytest.raises(DataError, match=r"train.csv: column 'recency' \(data: weight\): .*"
                                             "data row 4"):
             load_interactions(config.data.train, config, catalog)
 

@@ -118,6 +118,22 @@ def test_item_id_must_be_an_item_feature(implicit_data):
         SampledNegatives(config, model.encoder, train)
 
 
+def test_epoch_labels_are_what_an_epoch_trains_on(implicit_data):
+    from fm_keras.convergence import base_loss
+
+    _, train, model, negatives = _setup(implicit_data)
+    batches = _epoch(negatives, model, train)
+    y = np.concatenate([b[2] for b in batches])
+    w = np.concatenate([b[3] for b in batches])
+    labels, weights = negatives.epoch_labels(train.labels, np.ones(len(train)))
+    assert sorted(labels.tolist()) == sorted(y.tolist())
+    assert weights.sum() >= w.sum() > 0.8 * weights.sum()  # weight 0: a draw hit a positive
+    # An implicit log is all positives: its own base rate would make the warmup never end.
+    assert base_loss("binary", train.labels) == 0.0
+    assert base_loss("binary", labels, weights) == pytest.approx(
+        -(0.25 * np.log(0.25) + 0.75 * np.log(0.75)))  # 1 positive per PER = 3 negatives
+
+
 def test_binary_training_with_negatives_has_a_validation_auc(implicit_data, tmp_path):
     from fm_keras.training import train
 

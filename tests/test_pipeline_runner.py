@@ -56,7 +56,7 @@ def setup(pipeline_first_run, tmp_path_factory):
     """``fm-keras serve`` in its own process on the pipeline's models.config (polled every
     second), and a client thread sending requests to it."""
     from fm_keras.loopback import free_ports
-    from fm_keras.pipeline.infra_validator import _child_env
+    from fm_keras.pipeline.infra_validator import child_env
 
     path, first = pipeline_first_run
     config = load_pipeline(path)
@@ -66,7 +66,7 @@ def setup(pipeline_first_run, tmp_path_factory):
         [sys.executable, "-m", "fm_keras.cli", "serve", f"--port={port}", "--host=127.0.0.1",
          f"--model_config_file={config.pusher.model_config_file}",
          "--model_config_file_poll_wait_seconds=1", "--file_system_poll_wait_seconds=1",
-         "--max_num_load_retries=0"], stdout=log, stderr=subprocess.STDOUT, env=_child_env())
+         "--max_num_load_retries=0"], stdout=log, stderr=subprocess.STDOUT, env=child_env())
     target = f"127.0.0.1:{port}"
     try:
         assert _wait_for(lambda: _available(target) == [1], timeout=120), _tail(log)

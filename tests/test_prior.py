@@ -33,3 +33,11 @@ def test_curvature_is_the_weighted_bernoulli_variance():
     weights = np.array([3.0, 1, 1, 1])                                 # pos_weight 3: p = 1/2
     assert curvature("binary", labels, weights) == pytest.approx(1.5 * 0.25)
     assert curvature("regression", labels, np.ones(4)) == 2.0
+
+
+def test_curvature_of_a_label_histogram_equals_the_expanded_labels():
+    labels = np.array([0.0] * 70 + [1.0] * 30)
+    weights = np.where(labels > 0.5, 4.0, 1.0)
+    assert curvature("binary", np.array([0.0, 1.0]), np.array([1.0, 4.0]),
+                     np.array([70, 30])) == pytest.approx(curvature("binary", labels, weights),
+                                                          rel=1e-12)

@@ -120,6 +120,48 @@ def test_resume_continues_an_interrupted_run(small_synth, tmp_path, monkeypatch)
     assert len(record["history"]) == 3  # epoch 1 from the first process, 2-3 resumed
 
 
+def test_resume_from_a_checkpoint_older_than_the_last_epoch(small_synth, tmp_path, monkeypatch,
+                                                            capsys):
+    """Issue 13: large tables are checkpointed every few epochs, not every epoch. A run stopped
+    after epoch 2 whose checkpoint holds epoch 1 resumes after epoch 1: epoch 2 is trained
+    again, and the run ends as good as an uninterrupted one (not bit-equal: a new process
+    starts the per-epoch shuffle over)."""
+    from fm_keras import training
+
+    synth_dir, _ = small_synth
+    config = _config(synth_dir, epochs=3, early_stopping_patience=10)
+    run_dir = str(tmp_path / "run")
+    ends = []
+
+    def first_epoch_only(large, last_epoch, seconds, every):
+        ends.append(1)
+        return last_epoch or len(ends) == 1
+
+    original = TrainingState.on_epoch_end
+
+    def interrupt_after_second_epoch(self, epoch, logs=None):
+        original(self, epoch, logs)
+        if epoch == 1:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(training, "checkpoint_due", first_epoch_only)
+    monkeypatch.setattr(TrainingState, "on_epoch_end", interrupt_after_second_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        train(config, run_dir, verbose=0)
+    state = json.loads((tmp_path / "run" / "state.json").read_text())
+    assert state["epoch"] == 2 and state["checkpoint_epoch"] == 1
+    monkeypatch.setattr(TrainingState, "on_epoch_end", original)
+    capsys.readouterr()
+    record = train(config, run_dir, resume=True, verbose=0)
+    assert "resuming after epoch 1, the checkpoint's" in capsys.readouterr().err
+    assert len(record["history"]) == 3
+    assert record["history"][0] == state["history"][0]  # epoch 1 from the checkpoint
+    monkeypatch.setattr(training, "checkpoint_due", lambda *args: True)
+    straight = train(config, str(tmp_path / "straight"), verbose=0)
+    assert record["metrics"]["valid"]["auc"] == pytest.approx(
+        straight["metrics"]["valid"]["auc"], abs=0.02)
+
+
 def test_a_run_dir_with_other_files_is_refused_without_suggesting_resume(tmp_path):
     (tmp_path / "notes.txt").write_text("mine")
     with pytest.raises(RunError, match="is not empty and holds no fm-keras run; choose a new"):

@@ -12,9 +12,9 @@ import os
 import re
 from dataclasses import dataclass, field
 
-from fm_keras.config import (FeatureConfig, FilterConfig, ModelConfig, TrainingConfig, _build,
-                             _check_keys, _features, _one_of, _read_yaml, _resolve,
-                             load_features)
+from fm_keras.config import (FeatureConfig, FilterConfig, ModelConfig, TrainingConfig,
+                             build_config, check_keys, check_one_of, features_from_list,
+                             load_features, read_yaml, resolve_path)
 from fm_keras.errors import ConfigError
 
 SEVERITIES = ("fail", "warn")
@@ -31,7 +31,7 @@ class SplitConfig:
     eval_fraction: float = 0.2
 
     def __post_init__(self):
-        _one_of(self.by, SPLITS, "data: split: by")
+        check_one_of(self.by, SPLITS, "data: split: by")
         if not 0 < self.eval_fraction < 1:
             raise ConfigError(f"data: split: eval_fraction must be in (0, 1), got {self.eval_fraction}")
 
@@ -56,7 +56,7 @@ class DriftCheck:
     severity: str = "fail"
 
     def __post_init__(self):
-        _one_of(self.severity, SEVERITIES, "validation: severity")
+        check_one_of(self.severity, SEVERITIES, "validation: severity")
 
 
 @dataclass(frozen=True)
@@ -79,7 +79,7 @@ class ValidationConfig:
 
     def __post_init__(self):
         for name in ("missing_column", "retyped_column", "new_column"):
-            _one_of(getattr(self, name), SEVERITIES, f"validation: {name}")
+            check_one_of(getattr(self, name), SEVERITIES, f"validation: {name}")
 
 
 @dataclass(frozen=True)
@@ -146,7 +146,7 @@ class InfraValidatorConfig:
     timeout_seconds: float = 120.0
 
     def __post_init__(self):
-        _one_of(self.mode, INFRA_MODES, "infra_validator: mode")
+        check_one_of(self.mode, INFRA_MODES, "infra_validator: mode")
 
 
 @dataclass(frozen=True)
@@ -172,7 +172,7 @@ class IndexConfig:
     reorder: int | None = None
 
     def __post_init__(self):
-        _one_of(self.backend, ("scann", "brute_force", "partitioned"), "index: backend")
+        check_one_of(self.backend, ("scann", "brute_force", "partitioned"), "index: backend")
         given = [v is not None for v in (self.num_leaves, self.leaves_to_search, self.reorder)]
         if any(given) and not all(given):
             raise ConfigError("index: set num_leaves, leaves_to_search and reorder together")
@@ -243,9 +243,9 @@ def _evaluator_keys(raw, path: str):
 def load_pipeline(path: str | os.PathLike) -> PipelineConfig:
     """Reads and validates a pipeline YAML; ConfigError names the key and the fix."""
     path = os.fspath(path)
-    raw = _read_yaml(path)
+    raw = read_yaml(path)
     base = os.path.dirname(os.path.abspath(path))
-    _check_keys(raw, _TOP, path)
+    check_keys(raw, _TOP, path)
     for key in ("name", "root", "data", "features", "pusher"):
         if key not in raw:
             raise ConfigError(f"{path}: missing required key {key!r}")
@@ -253,27 +253,28 @@ def load_pipeline(path: str | os.PathLike) -> PipelineConfig:
     if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z][A-Za-z0-9_-]*", name):
         raise ConfigError(f"{path}: name must be a plain model name such as 'ctr', got {name!r}")
     features = raw["features"]
-    features = (load_features(_resolve(features, base)) if isinstance(features, str)
-                else _features(features, path))
-    pusher = _build(PusherConfig, raw["pusher"], f"{path}: pusher")
-    pusher = PusherConfig(base=_resolve(pusher.base, base),
-                          model_config_file=_resolve(pusher.model_config_file, base))
+    features = (load_features(resolve_path(features, base)) if isinstance(features, str)
+                else features_from_list(features, path))
+    pusher = build_config(PusherConfig, raw["pusher"], f"{path}: pusher")
+    pusher = PusherConfig(base=resolve_path(pusher.base, base),
+                          model_config_file=resolve_path(pusher.model_config_file, base))
     validation = dict(raw.get("validation") or {})
     for key in ("label_rate_drift", "oov_rate_drift"):
         if key in validation:
-            validation[key] = _build(DriftCheck, validation[key], f"{path}: validation: {key}")
+            validation[key] = build_config(DriftCheck, validation[key],
+                                           f"{path}: validation: {key}")
     config = PipelineConfig(
-        name=name, root=_resolve(str(raw["root"]), base), data=_input(raw["data"], base, path),
+        name=name, root=resolve_path(str(raw["root"]), base), data=_input(raw["data"], base, path),
         features=features, pusher=pusher,
-        model=_build(ModelConfig, raw.get("model") or {}, f"{path}: model"),
-        training=_build(TrainingConfig, raw.get("training") or {}, f"{path}: training"),
-        trainer=_build(TrainerConfig, raw.get("trainer") or {}, f"{path}: trainer"),
-        validation=_build(ValidationConfig, validation, f"{path}: validation"),
-        evaluator=_build(EvaluatorConfig, _evaluator_keys(raw.get("evaluator") or {}, path),
+        model=build_config(ModelConfig, raw.get("model") or {}, f"{path}: model"),
+        training=build_config(TrainingConfig, raw.get("training") or {}, f"{path}: training"),
+        trainer=build_config(TrainerConfig, raw.get("trainer") or {}, f"{path}: trainer"),
+        validation=build_config(ValidationConfig, validation, f"{path}: validation"),
+        evaluator=build_config(EvaluatorConfig, _evaluator_keys(raw.get("evaluator") or {}, path),
                          f"{path}: evaluator"),
-        infra_validator=_build(InfraValidatorConfig, raw.get("infra_validator") or {},
+        infra_validator=build_config(InfraValidatorConfig, raw.get("infra_validator") or {},
                                f"{path}: infra_validator"),
-        index=_build(IndexConfig, raw.get("index") or {}, f"{path}: index"),
+        index=build_config(IndexConfig, raw.get("index") or {}, f"{path}: index"),
         source=path)
     names = {f.name for f in features}
     if config.data.label in names:
@@ -296,11 +297,11 @@ def _input(raw, base: str, path: str) -> InputConfig:
     patterns = list(value) if isinstance(value, (list, tuple)) else [value]
     if not patterns or not all(isinstance(p, str) for p in patterns):
         raise ConfigError(f"{where}: input must be a path/glob or a list of them")
-    raw["input"] = tuple(_resolve(p, base) for p in patterns)
+    raw["input"] = tuple(resolve_path(p, base) for p in patterns)
     if raw.get("items"):
-        raw["items"] = _resolve(str(raw["items"]), base)
-    raw["filters"] = tuple(_build(FilterConfig, f, f"{where}: filters[{i}]")
+        raw["items"] = resolve_path(str(raw["items"]), base)
+    raw["filters"] = tuple(build_config(FilterConfig, f, f"{where}: filters[{i}]")
                            for i, f in enumerate(raw.get("filters") or []))
     raw["dedup_keys"] = tuple(raw.get("dedup_keys") or ())
-    raw["split"] = _build(SplitConfig, raw.get("split") or {}, f"{where}: split")
-    return _build(InputConfig, raw, where)
+    raw["split"] = build_config(SplitConfig, raw.get("split") or {}, f"{where}: split")
+    return build_config(InputConfig, raw, where)

@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from fm_keras import fsutil
-from fm_keras.data import _filter_mask, expand_paths, read_frame
+from fm_keras.data import filter_mask, expand_paths, read_frame
 from fm_keras.errors import DataError
 from fm_keras.pipeline.config import InputConfig
 
@@ -43,7 +43,7 @@ def run_examplegen(data: InputConfig, patterns, out_dir: str) -> dict:
               "dropped": {}}
     for flt in data.filters:
         _need(frame, flt.column, f"filter {flt.name!r}", files)
-        hit = _filter_mask(frame[flt.column], flt, files[0])
+        hit = filter_mask(frame[flt.column], flt, files[0])
         counts["dropped"][flt.name] = int(hit.sum())
         frame = frame[~hit]
     # A missing key column is schema validation's to report (it knows the feature spec):

@@ -73,7 +73,7 @@ class _server:
                 [sys.executable, "-m", "fm_keras.cli", "serve", f"--port={port}",
                  "--host=127.0.0.1", f"--model_config_file={self.config_file}",
                  "--file_system_poll_wait_seconds=0", "--max_num_load_retries=0"],
-                stdout=self.log, stderr=subprocess.STDOUT, env=_child_env())
+                stdout=self.log, stderr=subprocess.STDOUT, env=child_env())
             target = f"127.0.0.1:{port}"
         self._wait_available(target)
         return target
@@ -167,7 +167,7 @@ def _outputs(response) -> dict:
     return {k: tf.make_ndarray(v) for k, v in response.outputs.items()}
 
 
-def _child_env() -> dict:
+def child_env() -> dict:
     """The environment of ``fm-keras serve``: this process's, with this fm_keras first on the
     path, so the server runs the same code that exported the candidate."""
     import fm_keras

@@ -10,20 +10,20 @@ import time
 import pytest
 from serving_testlib import free_port, models_config
 
-from fm_keras.cli import _parser, main
+from fm_keras.cli import build_parser, main
 from fm_keras.serving.client import GrpcClient
 from fm_keras.serving.errors import ServingError
 
 
 def test_serve_accepts_tf_serving_flag_forms():
-    args = _parser().parse_args([
+    args = build_parser().parse_args([
         "serve", "--port=9000", "--rest_api_port", "9001", "--model_name=m",
         "--model_base_path=/m", "--enable_batching", "--enable_model_warmup=false",
         "--batching_parameters_file=b.txt", "--file_system_poll_wait_seconds=5"])
     assert (args.port, args.rest_api_port, args.model_name) == (9000, 9001, "m")
     assert args.enable_batching is True and args.enable_model_warmup is False
     with pytest.raises(SystemExit):
-        _parser().parse_args(["serve", "--enable_batching=maybe"])
+        build_parser().parse_args(["serve", "--enable_batching=maybe"])
 
 
 def test_serve_process_query_and_sigterm(scann_models, tmp_path, capsys):
