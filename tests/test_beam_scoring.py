@@ -118,6 +118,7 @@ def test_a_file_without_the_signature_columns_fails_with_its_name(exports, tmp_p
 
     bad = tmp_path / "bad.csv"
     bad.write_text("row_id,user_id\nr1,u1\n")
-    with pytest.raises(Exception, match="bad.csv: missing column '\w+' \(the file has \['row_id', 'user_id'\]"):
+    with pytest.raises(Exception,
+                       match=r"bad.csv: missing column '\w+' \(the file has \['row_id', 'user_id'\]"):
         score_with_beam(exports["ranking"], [str(bad)], str(tmp_path / "x.csv"),
                         keep=["row_id"])
