@@ -17,8 +17,12 @@ Apache Beam is an optional dependency: ``pip install 'fm-keras[beam]'``.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import io
+import os
+import shutil
+import tempfile
 import time
 from collections.abc import Sequence
 
@@ -77,47 +81,42 @@ def call_signature(model, batch, inference_args, model_id=None, *, signature: st
 
 
 def read_rows(readable_file, types: dict, keep: Sequence[str], chunk_rows: int = 65_536):
-    """One CSV/Parquet file -> ``(kept values, {input: value})`` per row, typed as
-    `fm-keras score` reads them: numbers float32 (an empty cell NaN), everything else text.
-    The file is streamed in chunks of `chunk_rows`, never read whole."""
-    import pyarrow as pa
-    import pyarrow.csv as pacsv
-    import pyarrow.parquet as pq
+    """One CSV/Parquet file -> ``(kept values, {input: value})`` per row, read by
+    `fm_keras.reading` as `fm-keras score` and `fm-keras train` read it: float32 inputs by its
+    numeric rule (a missing token is NaN), everything else the text as written. The file is
+    streamed in chunks of `chunk_rows`, never read whole.
 
-    from fm_keras.errors import DataError
+    A file on a remote filesystem is copied to a local temp file first (the reader needs a
+    path; the copy is streamed and deleted after).
+    """
+    from fm_keras.reading import numbers, read_header, record_batches, texts
+    from fm_keras.scoring import check_columns
 
     path = readable_file.metadata.path
     wanted = list(dict.fromkeys([*types, *keep]))
-    with readable_file.open() as f:
-        try:
-            if path.endswith((".parquet", ".pq")):
-                batches = pq.ParquetFile(f).iter_batches(batch_size=chunk_rows, columns=wanted)
-            else:  # every column as written: ids like "007" stay "007"
-                batches = pacsv.open_csv(f, convert_options=pacsv.ConvertOptions(
-                    include_columns=wanted, column_types={n: pa.string() for n in wanted},
-                    strings_can_be_null=False, quoted_strings_can_be_null=False))
-            for batch in batches:
-                columns = {name: _typed(batch.column(name), types.get(name)) for name in wanted}
-                for i in range(batch.num_rows):
-                    yield (tuple(columns[k][i] for k in keep),
-                           {name: columns[name][i] for name in types})
-        except (pa.ArrowInvalid, KeyError) as err:
-            raise DataError(f"{path}: cannot read the columns {wanted} the signature needs: "
-                            f"{' '.join(str(err).split())[:200]}") from None
+    with _local_copy(readable_file) as local:
+        check_columns(path, read_header(local), wanted)
+        for first, batch in record_batches(local, wanted, chunk_rows):
+            columns = {name: numbers(batch.column(name), f"{path}: column {name!r}", first)
+                       if types.get(name) == "float32" else texts(batch.column(name))
+                       for name in wanted}
+            for i in range(batch.num_rows):
+                yield (tuple(columns[k][i] for k in keep),
+                       {name: columns[name][i] for name in types})
 
 
-def _typed(column, kind: str | None) -> np.ndarray:
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
-    if kind == "float32":
-        if pa.types.is_string(column.type):
-            blank = pc.equal(pc.utf8_trim_whitespace(column), "")
-            column = pc.if_else(blank, pa.scalar(None, pa.string()), column)
-        column = pc.fill_null(pc.cast(column, pa.float32()), float("nan"))
-    else:
-        column = pc.fill_null(pc.cast(column, pa.string()), "")
-    return column.to_numpy(zero_copy_only=False)
+@contextlib.contextmanager
+def _local_copy(readable_file):
+    """The file's local path (a local file), or a streamed copy of a remote one."""
+    path = readable_file.metadata.path
+    if "://" not in path:
+        yield path
+        return
+    suffix = os.path.splitext(path)[1]
+    with tempfile.NamedTemporaryFile(suffix=suffix) as tmp, readable_file.open() as src:
+        shutil.copyfileobj(src, tmp, 1 << 20)
+        tmp.flush()
+        yield tmp.name
 
 
 def rows_to_table(batch, keep: Sequence[str], dtypes: dict, fmt: str):
@@ -163,7 +162,7 @@ def score_with_beam(model: str, inputs: Sequence[str], output: str, *,
 
     from fm_keras._tf import tf
     from fm_keras.data import expand_paths
-    from fm_keras.scoring import file_columns
+    from fm_keras.reading import read_header
     from fm_keras.servables import load_export
 
     if runner not in RUNNERS:
@@ -187,7 +186,7 @@ def score_with_beam(model: str, inputs: Sequence[str], output: str, *,
     local_inputs = [p for p in inputs if "://" not in p]
     files = expand_paths(local_inputs) if local_inputs else []
     if keep is None:
-        keep = default_keep(file_columns(files[0])) if files else []
+        keep = default_keep(read_header(files[0])) if files else []
     sample = {k: v.numpy() for k, v in fn(**{n: tf.constant(
         [0.0] if t == "float32" else [""], tf.float32 if t == "float32" else tf.string)
         for n, t in types.items()}).items()}

@@ -15,12 +15,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 
 from fm_keras.config import DataConfig, FeatureConfig, FilterConfig, TrainingConfig
 from fm_keras.errors import DataError
+from fm_keras.reading import MISSING_TOKENS, numbers, read_header, record_batches, texts
 
-# Cells that mean 'missing' (pandas' own NA detection is off: the reader uses these).
-MISSING_TOKENS = frozenset({"", "nan", "NaN", "NA", "null", "None"})
 
 
 @dataclass
@@ -69,50 +69,16 @@ def expand_paths(patterns: Sequence[str], shard_index: int = 0, num_shards: int 
 
 
 def read_frame(path: str, columns: Sequence[str] | None = None) -> pd.DataFrame:
-    """Reads one CSV or Parquet file with every column as text; empty cells become ''."""
-    if os.path.getsize(path) == 0:
-        raise DataError(f"{path}: the file is empty")
-    try:
-        if path.endswith((".parquet", ".pq")):
-            frame = pd.read_parquet(path, columns=list(columns) if columns else None)
-            frame = pd.DataFrame({name: _as_text(frame[name]) for name in frame.columns})
-        else:
-            frame = pd.read_csv(path, dtype=str, keep_default_na=False, na_filter=False,
-                                usecols=(lambda c: c in set(columns)) if columns else None)
-    except (ValueError, OSError) as err:
-        raise DataError(f"{path}: cannot read: {' '.join(str(err).split())[:200]}") from None
+    """Reads one CSV or Parquet file whole, every column as text (`fm_keras.reading`'s rules;
+    a null cell is ''), the frame's index the 0-based data row."""
     if columns:
-        missing = [c for c in columns if c not in frame.columns]
-        if missing:
-            raise DataError(f"{path}: missing column {missing[0]!r}"
-                            f"{_column_hint(path, missing[0])}")
-    if len(frame) == 0:
-        raise DataError(f"{path}: the file has a header but no rows")
-    return frame
+        read_header_checked(path, columns)
+    return next(_read_frames(path, columns, None))
 
 
-def _as_text(column: pd.Series) -> np.ndarray:
-    """A Parquet column as text, '' for nulls. Floats are written as Arrow casts them (900.0 ->
-    '900', as `score` reads them), so an id column stored as float (pandas' int with nulls)
-    matches the ids of a CSV or an int column instead of landing in an OOV bucket."""
-    if pd.api.types.is_float_dtype(column):
-        import pyarrow as pa  # noqa: PLC0415 (pandas' Parquet engine)
-        import pyarrow.compute as pc  # noqa: PLC0415
-
-        text = pc.cast(pa.array(column, from_pandas=True), pa.string())
-        return pc.fill_null(text, "").to_numpy(zero_copy_only=False).astype(object)
-    return column.astype(object).where(column.notna(), "").astype(str).to_numpy()
-
-
-def read_header(path: str) -> list[str]:
-    """The column names of one CSV or Parquet file (its header or schema), without its rows."""
-    try:
-        if path.endswith((".parquet", ".pq")):
-            import pyarrow.parquet as pq  # noqa: PLC0415 (pandas' Parquet engine)
-            return list(pq.read_schema(path).names)
-        return list(pd.read_csv(path, dtype=str, nrows=0).columns)
-    except (ValueError, OSError) as err:
-        raise DataError(f"{path}: cannot read: {' '.join(str(err).split())[:200]}") from None
+def _text_frame(batch, first_row: int) -> pd.DataFrame:
+    return pd.DataFrame({name: texts(batch.column(name)) for name in batch.schema.names},
+                        index=pd.RangeIndex(first_row, first_row + batch.num_rows))
 
 
 def _column_hint(path: str, column: str) -> str:
@@ -221,33 +187,13 @@ def iter_blocks(
                 rows_read, dict(dropped), [path], extra)
 
 
-def _read_frames(path: str, columns: Sequence[str], block_rows: int | None
+def _read_frames(path: str, columns: Sequence[str] | None, block_rows: int | None
                  ) -> Iterator[pd.DataFrame]:
-    """`read_frame` in blocks of `block_rows` (None: the whole file); the frames' index is the
-    0-based data row in the file, so errors name the row as `read_frame`'s do."""
-    if block_rows is None or os.path.getsize(path) == 0:
-        yield read_frame(path, columns)
-        return
-    read_header_checked(path, columns)
-    start = 0
-    try:
-        if path.endswith((".parquet", ".pq")):
-            import pyarrow.parquet as pq  # noqa: PLC0415 (pandas' Parquet engine)
-
-            batches = (batch.to_pandas() for batch in pq.ParquetFile(path).iter_batches(
-                block_rows, columns=list(columns)))
-            batches = (pd.DataFrame({c: _as_text(b[c]) for c in b.columns}) for b in batches)
-        else:
-            batches = pd.read_csv(path, dtype=str, keep_default_na=False, na_filter=False,
-                                  usecols=lambda c: c in set(columns), chunksize=block_rows)
-        for frame in batches:
-            frame.index = pd.RangeIndex(start, start + len(frame))
-            start += len(frame)
-            yield frame
-    except (ValueError, OSError) as err:
-        raise DataError(f"{path}: cannot read: {' '.join(str(err).split())[:200]}") from None
-    if start == 0:
-        raise DataError(f"{path}: the file has a header but no rows")
+    """The file in frames of text columns of `block_rows` rows (None: the whole file); the
+    frames' index is the 0-based data row in the file, so errors name the row."""
+    read_header_checked(path, columns or [])
+    for first_row, batch in record_batches(path, columns, block_rows):
+        yield _text_frame(batch, first_row)
 
 
 def read_header_checked(path: str, columns: Sequence[str]) -> None:
@@ -297,16 +243,9 @@ def _feature_column(column: pd.Series, feat: FeatureConfig, path: str) -> np.nda
 
 
 def _numeric(column: pd.Series, where: str) -> np.ndarray:
-    values = pd.to_numeric(column, errors="coerce").to_numpy(dtype=np.float64)
-    bad = np.isnan(values) & ~column.isin(MISSING_TOKENS).to_numpy()
-    if bad.any():
-        row = int(np.flatnonzero(bad)[0])
-        raise DataError(f"{where}: non-numeric value {column.iloc[row]!r} "
-                        f"at data row {column.index[row] + 1}")
-    if np.isinf(values).any():
-        row = int(np.flatnonzero(np.isinf(values))[0])
-        raise DataError(f"{where}: infinite value at data row {column.index[row] + 1}")
-    return values.astype(np.float32)
+    """`fm_keras.reading.numbers` of a text column of a frame (index: the data rows)."""
+    return numbers(pa.array(column.to_numpy(dtype=object), pa.string()), where,
+                   column.index.to_numpy())
 
 
 def _label_column(column: pd.Series, label: str, task: str, path: str) -> np.ndarray:

@@ -1,8 +1,9 @@
 """Batch scoring with an export's signatures: streamed, so memory stays flat in input size.
 
-Files (CSV or Parquet, globs) are read in record batches by pyarrow, fed through a tf.data
-pipeline that prefetches the next batch while the signature runs on the current one, and
-written batch by batch to a temp file that is renamed onto the output only when complete.
+Files (CSV or Parquet, globs) are read in record batches by `fm_keras.reading` (the reader and
+cell rules of training), the next batch read on a thread while the signature runs on the
+current one, and written batch by batch to a temp file that is renamed onto the output only
+when complete.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import os
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -22,6 +23,7 @@ import pyarrow.parquet as pq
 
 from fm_keras._tf import tf
 from fm_keras.data import expand_paths
+from fm_keras.reading import as_text, numbers, read_header, record_batches
 from fm_keras.errors import DataError, ExportError
 from fm_keras.servables import export_metadata, load_export
 
@@ -67,45 +69,52 @@ class Progress:
               f"{self.rows_per_second:,.0f} rows/s", end="", file=sys.stderr, flush=True)
 
 
-def file_dataset(path: str, types: dict[str, tf.DType], keep: Sequence[str],
-                 batch_size: int) -> tf.data.Dataset:
-    """One file as a tf.data.Dataset of column batches, typed as the signature wants.
+def read_batches(path: str, types: dict[str, tf.DType], keep: Sequence[str],
+                 batch_size: int) -> Iterator[dict[str, tf.Tensor]]:
+    """One file as batches of column tensors, typed as the signature wants.
 
-    CSV lines are parsed a batch at a time by `tf.io.decode_csv` (no Python objects per cell,
-    two batches in parallel; one row per line, as `fm-keras synth` and most log writers
-    produce); Parquet is read
-    by pyarrow row group by row group. Missing cells become "" or NaN (the model's fill).
+    The file is read by `fm_keras.reading` (the reader and cell rules of `fm-keras train`):
+    float32 inputs follow its numeric rule (a missing token is NaN, the model's fill; a
+    non-number is a `DataError` naming the file, column and data row), string inputs are the
+    cells as written. Text columns go from Arrow's buffers to a string tensor in C++ (one
+    `tf.strings.substr` of the batch's bytes), never through Python objects per cell.
+
+    Yields:
+        ``{column: tensor of shape [rows]}``, float32 or string, at most `batch_size` rows.
+
+    Raises:
+        DataError: the file is empty or unreadable, lacks a column, or a cell breaks a rule.
     """
-    if os.path.getsize(path) == 0:
-        raise DataError(f"{path}: the file is empty")
     wanted = list(dict.fromkeys([*types, *keep]))
-    header = file_columns(path)
-    _check_columns(path, header, wanted)
-    if path.endswith((".parquet", ".pq")):
-        return _parquet_dataset(path, types, wanted, batch_size)
-    order = sorted(wanted, key=header.index)
-    defaults = [tf.constant(np.nan, tf.float32) if types.get(n) == tf.float32
-                else tf.constant("", tf.string) for n in order]
-    select = [header.index(n) for n in order]
-
-    def parse(lines):
-        lines = tf.boolean_mask(lines, tf.strings.length(lines) > 0)  # blank lines
-        return dict(zip(order, tf.io.decode_csv(lines, defaults, select_cols=select)))
-
-    # (A per-line Dataset.filter would cost ~20 us a row; masking a whole batch is free.)
-    lines = tf.data.TextLineDataset(path).skip(1)
-    return lines.batch(batch_size).map(parse, num_parallel_calls=2, deterministic=True)
+    check_columns(path, read_header(path), wanted)
+    # Two stages on two threads (with the caller's `_prefetched`): pyarrow parses the next
+    # batch while this one becomes tensors.
+    for first, batch in _prefetched(record_batches(path, wanted, batch_size)):
+        yield {name: tf.constant(numbers(batch.column(name), f"{path}: column {name!r}", first))
+               if types.get(name) == tf.float32 else _string_tensor(batch.column(name))
+               for name in wanted}
 
 
-def _parquet_dataset(path, types, wanted, batch_size) -> tf.data.Dataset:
-    spec = {n: tf.TensorSpec([None], tf.float32 if types.get(n) == tf.float32 else tf.string)
-            for n in wanted}
+def _string_tensor(array: pa.Array) -> tf.Tensor:
+    """An Arrow text column as a tf.string tensor of shape [rows] ("" for a null)."""
+    array = as_text(array)
+    if pa.types.is_large_string(array.type):
+        array = pc.cast(array, pa.string())
+    _, offsets, data = array.buffers()
+    offsets = np.frombuffer(offsets, np.int32, count=len(array) + 1, offset=array.offset * 4)
+    start, end = int(offsets[0]), int(offsets[-1])
+    text = memoryview(data)[start:end].tobytes() if data is not None else b""
+    return tf.strings.substr(tf.constant(text), offsets[:-1] - start, np.diff(offsets))
 
-    def batches():
-        for batch in pq.ParquetFile(path).iter_batches(batch_size=batch_size, columns=wanted):
-            yield {n: _column(batch.column(n), types.get(n)) for n in wanted}
 
-    return tf.data.Dataset.from_generator(batches, output_signature=spec)
+def _prefetched(batches: Iterator) -> Iterator:
+    """`batches`, the next one read on a thread while the caller works on this one (pyarrow
+    and TF release the GIL); an error of the reader is raised where the batch is taken."""
+    with ThreadPoolExecutor(max_workers=1) as reader:
+        ahead = reader.submit(next, batches, None)
+        while (batch := ahead.result()) is not None:
+            ahead = reader.submit(next, batches, None)
+            yield batch
 
 
 def _bytes_per_row(path: str) -> float:
@@ -118,22 +127,12 @@ def _bytes_per_row(path: str) -> float:
     return len(sample) / max(sample.count(b"\n"), 1)
 
 
-def _check_columns(path: str, have: Sequence[str], wanted: Sequence[str]) -> None:
+def check_columns(path: str, have: Sequence[str], wanted: Sequence[str]) -> None:
+    """Raises `DataError` naming the first of the signature's columns `wanted` not in `have`."""
     missing = [c for c in wanted if c not in have]
     if missing:
         raise DataError(f"{path}: missing column {missing[0]!r} (the file has "
                         f"{list(have)[:12]}; the signature needs {list(wanted)})")
-
-
-def _column(array: pa.Array, dtype) -> np.ndarray:
-    if dtype == tf.float32:
-        array = pc.cast(array, pa.float32())
-        return pc.fill_null(array, float("nan")).to_numpy(zero_copy_only=False)
-    return pc.fill_null(pc.cast(array, pa.string()), "").to_numpy(zero_copy_only=False)
-
-
-def _first_line(err: Exception) -> str:
-    return " ".join(str(err).split())[:300]
 
 
 def output_format(path: str) -> str:
@@ -238,7 +237,7 @@ def run_signature(model: str, inputs: Sequence[str], output: str, *,
     derived = set(derive.outputs) if derive is not None else set()
     read_types = {**{n: t for n, t in types.items() if n not in derived},
                   **(derive.columns if derive is not None else {})}
-    keep = list(keep) if keep is not None else default_keep(file_columns(files[0]))
+    keep = list(keep) if keep is not None else default_keep(read_header(files[0]))
     fmt = output_format(output)
     warm = time.time()
     fn(**{n: tf.constant([0.0] if t == tf.float32 else [""], t) if n not in derived
@@ -251,17 +250,9 @@ def run_signature(model: str, inputs: Sequence[str], output: str, *,
     write_thread, pending = ThreadPoolExecutor(max_workers=1), None
     try:
         for path in files:
-            # tf.data reads and parses the next batches while the signature runs on this one.
-            dataset = file_dataset(path, read_types, keep, batch_size).prefetch(2)
+            # The next batch is read and parsed while the signature runs on this one.
             per_row, rows_in_file = _bytes_per_row(path), 0
-            batches = iter(dataset)
-            while True:
-                try:
-                    columns = next(batches)
-                except StopIteration:
-                    break
-                except tf.errors.OpError as err:
-                    raise DataError(f"{path}: cannot read: {_first_line(err.message)}") from None
+            for columns in _prefetched(read_batches(path, read_types, keep, batch_size)):
                 feed = {**columns, **(derive.fn(columns) if derive else {})}
                 outputs = {k: v.numpy() for k, v in fn(**{n: feed[n] for n in types}).items()}
                 kept = {k: columns[k].numpy() for k in keep}
@@ -273,8 +264,6 @@ def run_signature(model: str, inputs: Sequence[str], output: str, *,
                 rows_in_file += n
                 bar.update(n, done_bytes + min(int(rows_in_file * per_row),
                                                os.path.getsize(path)))
-            if rows_in_file == 0:
-                raise DataError(f"{path}: the file has a header but no rows")
             done_bytes += os.path.getsize(path)
         if pending is not None:
             pending.result()
@@ -299,16 +288,6 @@ def run_signature(model: str, inputs: Sequence[str], output: str, *,
             "rows_per_second": round(bar.rows / max(seconds, 1e-9)), "format": meta.get("format")}
 
 
-def file_columns(path: str) -> list[str]:
-    """Column names of a CSV (its header line) or Parquet file (its schema); [] for an empty
-    file."""
-    if path.endswith((".parquet", ".pq")):
-        return pq.ParquetFile(path).schema_arrow.names
-    with open(path, encoding="utf-8", errors="replace") as f:
-        return pacsv.read_csv(pa.py_buffer(f.readline().encode())).column_names \
-            if os.path.getsize(path) else []
-
-
 def recommend(model: str, users: Sequence[str], output: str, k: int, *,
               exclude_column: str | None = None, keep: Sequence[str] | None = None,
               batch_size: int = 4096, progress: bool = True) -> dict:
@@ -324,7 +303,7 @@ def recommend(model: str, users: Sequence[str], output: str, k: int, *,
         raise ExportError(f"--k must be between 1 and {meta['k']} (the k this recall model was "
                           f"indexed with; rebuild it with 'fm-keras index --k'), got {k}")
     if keep is None:  # the users' id columns, minus names the output uses itself
-        keep = [c for c in default_keep(file_columns(expand_paths(list(users))[0]))
+        keep = [c for c in default_keep(read_header(expand_paths(list(users))[0]))
                 if c not in RECOMMEND_COLUMNS]
     clash = sorted(set(keep) & set(RECOMMEND_COLUMNS))
     if clash:

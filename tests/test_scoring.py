@@ -7,6 +7,8 @@ import pandas as pd
 import pytest
 import tensorflow as tf
 
+from fm_keras.config import FeatureConfig
+from fm_keras.data import load_split
 from fm_keras.errors import DataError, ExportError
 from fm_keras.scoring import recommend, run_signature
 from fm_keras.servables import load_export
@@ -84,7 +86,8 @@ def test_errors_leave_nothing_behind(exports, small_synth, tmp_path):
     bad = tmp_path / "bad.csv"
     frame.assign(item_price=["oops"] + list(frame["item_price"][1:])).to_csv(bad, index=False)
     out = tmp_path / "out.csv"
-    with pytest.raises(DataError, match="bad.csv: cannot read.*oops"):
+    with pytest.raises(DataError, match="bad.csv: column 'item_price': non-numeric value "
+                                        "'oops' at data row 1"):
         run_signature(exports["ranking"], [str(bad)], str(out), progress=False)
     frame.drop(columns=["device"]).to_csv(bad, index=False)
     with pytest.raises(DataError, match="missing column 'device'"):
@@ -103,3 +106,57 @@ def test_errors_leave_nothing_behind(exports, small_synth, tmp_path):
                 run_signature(exports["ranking"], [test_csv], str(out))
     finally:
         os.chmod(tmp_path, 0o700)
+
+
+def _quirky_rows(small_synth, tmp_path, name="quirky.csv"):
+    """Test rows with the inputs of issue 13 that `score` once rejected or misread: NA, null,
+    None and "" numeric cells, a quoted field with a line break, multi-hot tokens with ':'."""
+    frame = pd.read_csv(os.path.join(small_synth[0], "test.csv"), dtype=str,
+                        keep_default_na=False).head(60).copy()
+    frame.loc[0:3, "item_price"] = ["NA", "null", "None", ""]
+    frame.loc[4, "user_id"] = "u1\nu2"  # pandas quotes it; the record spans two lines
+    frame.loc[5, "item_tags"] = "tag:t81|tag:t9"
+    frame.loc[6, "item_tags"] = "t8:0.5|t9"
+    path = str(tmp_path / name)
+    frame.to_csv(path, index=False, lineterminator="\r\n")
+    return path
+
+
+def test_score_reads_quirky_cells_as_training_does(exports, small_synth, tmp_path):
+    path = _quirky_rows(small_synth, tmp_path)
+    out = str(tmp_path / "scores.csv")
+    summary = run_signature(exports["ranking"], [path], out, batch_size=16, progress=False)
+    assert summary["rows"] == 60
+    _, loaded, _ = load_export(exports["ranking"])
+    fn = loaded.signatures["serving_default"]
+    specs = fn.structured_input_signature[1]
+    # Training's reader (load_split) gives the signature its inputs: the same numbers.
+    split = load_split([path], [FeatureConfig(n, "numeric" if s.dtype == tf.float32
+                                              else "categorical", "user")
+                                for n, s in specs.items()], None, passthrough=["user_id"])
+    assert np.isnan(split.features["item_price"][:4]).all()
+    assert split.passthrough["user_id"][4] == "u1\nu2"
+    expected = {k: v.numpy() for k, v in fn(**{n: tf.constant(split.features[n])
+                                                for n in specs}).items()}
+    got = pd.read_csv(out, dtype={"user_id": str}, keep_default_na=False)
+    assert got["user_id"][4] == "u1\nu2"
+    for name in ("logit", "probability"):
+        np.testing.assert_allclose(got[name], expected[name], rtol=1e-5, atol=1e-6)
+
+
+def test_recommend_reads_quirky_user_files_as_training_does(exports, small_synth, tmp_path):
+    path = _quirky_rows(small_synth, tmp_path, "users.csv")
+    out = str(tmp_path / "recs.csv")
+    recommend(exports["scann"], [path], out, k=3, progress=False)
+    got = pd.read_csv(out, dtype={"user_id": str}, keep_default_na=False)
+    assert len(got) == 60 * 3
+    assert got["user_id"][12] == "u1\nu2"
+    _, loaded, _ = load_export(exports["scann"])
+    fn = loaded.signatures["serving_default"]
+    specs = fn.structured_input_signature[1]
+    split = load_split([path], [FeatureConfig(n, "numeric" if s.dtype == tf.float32
+                                              else "categorical", "user")
+                                for n, s in specs.items()], None)
+    expected = fn(**{n: tf.constant(split.features[n]) for n in specs})
+    want = expected["item_ids"].numpy()[:, :3].reshape(-1).astype(str)
+    assert got["item_id"].tolist() == want.tolist()

@@ -19,7 +19,7 @@ import pandas as pd
 
 from fm_keras import fsutil
 from fm_keras.config import FeatureConfig
-from fm_keras.data import MISSING_TOKENS
+from fm_keras.reading import MISSING_TOKENS
 from fm_keras.pipeline.config import ValidationConfig
 
 MAX_VOCABULARY = 50_000

@@ -1,0 +1,263 @@
+"""One reader for CSV and Parquet files, with one set of cell rules for every command.
+
+train, evaluate, convert, score, recommend, Beam scoring and the pipeline's ExampleGen all read
+their files here, so a file means the same thing to each of them:
+
+- CSV (RFC 4180, read by pyarrow's streaming C++ reader): UTF-8 with or without a byte-order
+  mark; LF or CRLF line ends; fields quoted with ``"`` may hold the delimiter, ``""`` and line
+  breaks; blank lines are skipped; every cell is read as the text written (``007`` and ``1e3``
+  stay ``"007"`` and ``"1e3"``: ids are never retyped). Parquet columns keep their types; text
+  is asked of them through `as_text`.
+- A text cell is taken as written, an absent (null) one is ``""``.
+- A numeric cell (`numbers`) is a number as Arrow parses it (``1``, ``-2.5``, ``.5``, ``1e3``,
+  ``+1``; spaces around it are ignored), or missing (NaN) when it is one of `MISSING_TOKENS`;
+  anything else, or an infinite number, is an error naming the file, column and data row.
+- Problems raise `DataError` naming the file and, where known, the line (CSV), data row
+  (1-based, the header not counted) and column.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+
+from fm_keras.errors import DataError
+
+MISSING_TOKENS = ("", "nan", "NaN", "NA", "null", "None")
+PARQUET_EXTENSIONS = (".parquet", ".pq")
+_CSV_BLOCK_BYTES = 1 << 20
+
+
+def is_parquet(path: str) -> bool:
+    return path.endswith(PARQUET_EXTENSIONS)
+
+
+def read_header(path: str) -> list[str]:
+    """The column names of one CSV or Parquet file (its header or schema), without its rows.
+
+    Raises:
+        DataError: the file is empty or cannot be read.
+    """
+    if os.path.getsize(path) == 0:
+        raise DataError(f"{path}: the file is empty")
+    try:
+        if is_parquet(path):
+            return list(pq.read_schema(path).names)
+        skip = pacsv.ParseOptions(newlines_in_values=True, invalid_row_handler=lambda r: "skip")
+        with pacsv.open_csv(path, parse_options=skip) as reader:  # the rows are not checked
+            return list(reader.schema.names)
+    except (pa.ArrowException, OSError) as err:
+        raise DataError(f"{path}: cannot read: {_one_line(err)}") from None
+
+
+def record_batches(path: str, columns: Sequence[str] | None = None,
+                   block_rows: int | None = 65_536) -> Iterator[tuple[int, pa.RecordBatch]]:
+    """Streams one file as Arrow record batches of at most `block_rows` rows.
+
+    Args:
+        path: a CSV or Parquet file (``.parquet``/``.pq``; anything else is read as CSV).
+        columns: the columns to read (every column when None); the caller checks that the
+            header has them (`read_header`).
+        block_rows: rows per batch; None reads the whole file as one batch.
+
+    Yields:
+        ``(first_row, batch)``: the 0-based data row of the batch's first row, and the batch.
+        CSV columns are ``string``; Parquet columns keep their types. Memory is bounded by
+        `block_rows` (and pyarrow's read-ahead), not by the size of the file.
+
+    Raises:
+        DataError: the file is empty, has a header but no rows, is not valid UTF-8, or a row
+            has a different number of fields than the header (naming the line).
+    """
+    if os.path.getsize(path) == 0:
+        raise DataError(f"{path}: the file is empty")
+    bad_rows: list = []
+    start = 0
+    try:
+        if is_parquet(path):
+            pending = pq.ParquetFile(path).iter_batches(
+                block_rows or 65_536, columns=list(columns) if columns else None)
+        else:
+            names = list(columns) if columns else read_header(path)
+            pending = pacsv.open_csv(
+                path, read_options=pacsv.ReadOptions(block_size=_CSV_BLOCK_BYTES),
+                parse_options=_parse_options(bad_rows.append),
+                convert_options=pacsv.ConvertOptions(
+                    include_columns=names, column_types={n: pa.string() for n in names},
+                    strings_can_be_null=False, quoted_strings_can_be_null=False),
+                memory_pool=_pool())
+        for batch in _rebatch(pending, block_rows):
+            yield start, batch
+            start += batch.num_rows
+    except pa.ArrowInvalid as err:
+        raise DataError(_invalid(path, err, bad_rows)) from None
+    except (pa.ArrowException, OSError) as err:
+        raise DataError(f"{path}: cannot read: {_one_line(err)}") from None
+    if start == 0:
+        raise DataError(f"{path}: the file has a header but no rows")
+
+
+def as_text(array: pa.Array | pa.ChunkedArray) -> pa.Array:
+    """A column as Arrow ``string``, ``""`` for a null.
+
+    Numbers are written as Arrow casts them (900.0 -> ``"900"``), so an id column that
+    Parquet stores as float (pandas' int with nulls) gives the same ids as a CSV file.
+    """
+    if isinstance(array, pa.ChunkedArray):
+        array = array.combine_chunks()
+    if not pa.types.is_string(array.type):
+        array = pc.cast(array, pa.string())
+    return pc.fill_null(array, "") if array.null_count else array
+
+
+def texts(array: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """`as_text` as a NumPy object array of Python strings, shape [rows]."""
+    return as_text(array).to_numpy(zero_copy_only=False).astype(object)
+
+
+def numbers(array: pa.Array | pa.ChunkedArray, where: str,
+            rows: int | np.ndarray = 0) -> np.ndarray:
+    """A column as float32 numbers, NaN where a cell is missing (see the module's rules).
+
+    Args:
+        array: text (CSV) or numeric (Parquet) cells, shape [rows].
+        where: what to call the column in an error, e.g. ``"f.csv: column 'age'"``.
+        rows: the 0-based data row of the first cell (int), or of every cell (int array),
+            for the error message.
+
+    Returns:
+        float32 array of shape [rows].
+
+    Raises:
+        DataError: a cell is neither a number nor a missing token, or is infinite; the
+            message names `where`, the cell and its 1-based data row.
+    """
+    if isinstance(array, pa.ChunkedArray):
+        array = array.combine_chunks()
+    if pa.types.is_string(array.type) or pa.types.is_large_string(array.type):
+        text = pc.utf8_trim_whitespace(array)
+        missing = pc.fill_null(pc.is_in(text, value_set=pa.array(MISSING_TOKENS)), True)
+        text = pc.if_else(missing, pa.scalar(None, pa.string()), text)
+        try:
+            values = pc.cast(text, pa.float64())
+        except pa.ArrowInvalid:
+            bad = _first_unparsable(text)
+            raise DataError(f"{where}: non-numeric value {array[bad].as_py()!r} "
+                            f"at data row {_row(rows, bad) + 1}") from None
+    elif pa.types.is_null(array.type):
+        values = pa.nulls(len(array), pa.float64())
+    else:
+        try:
+            values = pc.cast(array, pa.float64())
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+            raise DataError(f"{where}: a column of type {array.type} is not numeric") from None
+    out = pc.fill_null(values, np.nan).to_numpy(zero_copy_only=False)
+    infinite = np.isinf(out)
+    if infinite.any():
+        bad = int(np.flatnonzero(infinite)[0])
+        raise DataError(f"{where}: infinite value at data row {_row(rows, bad) + 1}")
+    return out.astype(np.float32)
+
+
+def _pool() -> pa.MemoryPool:
+    """jemalloc where pyarrow has it: with the default mimalloc, the streaming CSV reader's
+    peak memory grew with the file (+35 MiB from 0.8M to 2.4M rows); with jemalloc it is flat
+    (`BENCHMARKS.md`, "Batch scoring: one reader")."""
+    try:
+        return pa.jemalloc_memory_pool()
+    except (NotImplementedError, pa.ArrowNotImplementedError):
+        return pa.default_memory_pool()
+
+
+def _first_unparsable(text: pa.Array) -> int:
+    """Index of the first cell Arrow cannot cast to a number: a bisection of casts (C++),
+    so the cell that failed is the one the rule rejects, found without a Python loop."""
+    lo, hi = 0, len(text)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        try:
+            pc.cast(text.slice(lo, mid - lo), pa.float64())
+            lo = mid
+        except pa.ArrowInvalid:
+            hi = mid
+    return lo
+
+
+def _row(rows: int | np.ndarray, index: int) -> int:
+    return int(rows + index) if np.isscalar(rows) else int(rows[index])
+
+
+def _parse_options(on_invalid=None) -> pacsv.ParseOptions:
+    def handler(row):
+        on_invalid(row)
+        return "error"
+
+    return pacsv.ParseOptions(newlines_in_values=True,
+                              invalid_row_handler=handler if on_invalid else None)
+
+
+def _rebatch(batches, rows: int | None) -> Iterator[pa.RecordBatch]:
+    """Batches of exactly `rows` rows (the last one shorter) from batches of any size."""
+    held: list[pa.RecordBatch] = []
+    count = 0
+    for batch in batches:
+        if batch.num_rows == 0:
+            continue
+        held.append(batch)
+        count += batch.num_rows
+        while rows is not None and count >= rows:
+            table = pa.Table.from_batches(held)
+            yield _one_batch(table.slice(0, rows))
+            rest = table.slice(rows)
+            held, count = rest.to_batches(), rest.num_rows
+    if count:
+        yield _one_batch(pa.Table.from_batches(held))
+
+
+def _one_batch(table: pa.Table) -> pa.RecordBatch:
+    return table.combine_chunks().to_batches()[0] if table.num_rows else \
+        pa.RecordBatch.from_pylist([], table.schema)
+
+
+def _invalid(path: str, err: pa.ArrowInvalid, bad_rows: list) -> str:
+    """The message for a CSV that pyarrow rejects, with the line found by a scan of the file
+    (pyarrow does not know line numbers once fields may hold line breaks)."""
+    if bad_rows:
+        row = bad_rows[0]
+        line = _find_line(path, lambda text: text.rstrip(b"\r\n") == row.text.encode())
+        text = row.text if len(row.text) <= 80 else row.text[:77] + "..."
+        return (f"{path}: {f'line {line}: ' if line else ''}{row.actual_columns} fields where "
+                f"the header has {row.expected_columns} ({text!r}; a field holding the "
+                "delimiter or a line break must be quoted with \"\")")
+    message = _one_line(err)
+    if "UTF8" in message:
+        line = _find_line(path, _not_utf8)
+        return (f"{path}: {f'line {line}: ' if line else ''}not UTF-8 text; re-encode the file, "
+                f"e.g. iconv -f latin1 -t utf-8 ({message})")
+    return f"{path}: cannot read: {message}"
+
+
+def _find_line(path: str, matches) -> int | None:
+    with open(path, "rb") as f:
+        for number, text in enumerate(f, start=1):
+            if matches(text):
+                return number
+    return None
+
+
+def _not_utf8(text: bytes) -> bool:
+    try:
+        text.decode("utf-8")
+        return False
+    except UnicodeDecodeError:
+        return True
+
+
+def _one_line(err: Exception) -> str:
+    return " ".join(str(err).split())[:200]

@@ -1,0 +1,192 @@
+"""One reader: every command's read path gives the same cells, and the cells the file holds.
+
+The property test writes generated quirky CSV files (quoting, BOM, CRLF, missing tokens,
+unicode, numeric-looking ids, multi-line quoted records, ':' inside multi-hot tokens) and reads
+each through the read path of every command: train and evaluate (`load_split`), out-of-core
+training (`iter_blocks` in small blocks), score and recommend (`scoring.read_batches`), Beam
+scoring (`beam_scoring.read_rows`) and the pipeline's ExampleGen (its Parquet output read back).
+"""
+
+import math
+import os
+import types
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from fm_keras._tf import tf
+from fm_keras.config import FeatureConfig
+from fm_keras.data import iter_blocks, load_split
+from fm_keras.errors import DataError
+from fm_keras.features import FeatureEncoder, fit_features
+from fm_keras.pipeline.config import InputConfig, SplitConfig
+from fm_keras.pipeline.examplegen import run_examplegen
+from fm_keras.reading import MISSING_TOKENS, numbers, read_header, record_batches
+from fm_keras.scoring import read_batches
+
+FEATURES = (FeatureConfig("user_id", "categorical", "user"),
+            FeatureConfig("tags", "multi_hot", "item"),
+            FeatureConfig("price", "numeric", "item"))
+TEXT = ("user_id", "tags")
+
+QUIRKY_TEXT = ["007", "1e3", "0x1F", "NA", "null", "None", "", " spaced ", "a,b", 'say "hi"',
+               "two\nlines", "crlf\r\ninside", "café", "日本語", "😀", "tag:t81|tag:t9",
+               "a:0.5|b:2", "t1|t2|t3"]
+QUIRKY_NUMBERS = ["1", "-2.5", " 3 ", "1e3", ".5", "+4", "007", "NA", "null", "None", "",
+                  "nan", "NaN"]
+
+
+def _expected_number(cell: str) -> float:
+    cell = cell.strip()
+    return math.nan if cell in MISSING_TOKENS else float(np.float32(float(cell)))
+
+
+def _write_csv(path, header, rows, *, bom, newline, quote_all):
+    def field(cell):
+        if quote_all or any(c in cell for c in ',"\r\n'):
+            return '"' + cell.replace('"', '""') + '"'
+        return cell
+
+    text = newline.join(",".join(field(c) for c in row) for row in [header, *rows]) + newline
+    with open(path, "wb") as f:
+        f.write((b"\xef\xbb\xbf" if bom else b"") + text.encode("utf-8"))
+
+
+text_cells = st.one_of(st.sampled_from(QUIRKY_TEXT),
+                       st.text(st.characters(blacklist_categories=("Cs", "Cc")), max_size=5))
+number_cells = st.one_of(st.sampled_from(QUIRKY_NUMBERS),
+                         st.floats(-1e30, 1e30, allow_nan=False).map(repr))
+rows_strategy = st.lists(st.tuples(text_cells, text_cells, number_cells, st.sampled_from("01")),
+                         min_size=2, max_size=12)
+
+
+class _ReadableFile:
+    """What Beam's ReadMatches gives `read_rows`: the file's metadata.path and open()."""
+
+    def __init__(self, path):
+        self.metadata = types.SimpleNamespace(path=path)
+        self._path = path
+
+    def open(self):
+        return open(self._path, "rb")
+
+
+def _through_every_path(path, tmp):
+    """{path name: DataFrame of row, user_id, tags, price (float32), ordered by row}."""
+    from fm_keras.beam_scoring import read_rows
+
+    out = {}
+    split = load_split([path], FEATURES, "click", passthrough=["row"])
+    out["train/evaluate"] = pd.DataFrame({"row": split.passthrough["row"], **split.features})
+    blocks = list(iter_blocks([path], FEATURES, "click", passthrough=["row"], block_rows=3))
+    out["out-of-core"] = pd.DataFrame(
+        {"row": np.concatenate([b.passthrough["row"] for b in blocks]),
+         **{f.name: np.concatenate([b.features[f.name] for b in blocks]) for f in FEATURES}})
+    sig = {"user_id": tf.string, "tags": tf.string, "price": tf.float32}
+    batches = list(read_batches(path, sig, ["row"], batch_size=4))
+    out["score/recommend"] = pd.DataFrame(
+        {n: np.concatenate([b[n].numpy() for b in batches]) for n in ["row", *sig]})
+    for n in ("row", *TEXT):
+        out["score/recommend"][n] = [v.decode("utf-8") for v in out["score/recommend"][n]]
+    beam = list(read_rows(_ReadableFile(path), {"user_id": "string", "tags": "string",
+                                                "price": "float32"}, ["row"], chunk_rows=5))
+    out["beam"] = pd.DataFrame([{"row": key[0], **values} for key, values in beam])
+    gen = os.path.join(tmp, "examplegen")
+    run_examplegen(InputConfig(input=(path,), label="click", dedup_keys=("row",),
+                               split=SplitConfig(by="hash", column="row", eval_fraction=0.5)),
+                   [path], gen)
+    parts = [load_split([os.path.join(gen, f"{s}.parquet")], FEATURES, "click",
+                        passthrough=["row"]) for s in ("train", "eval")
+             if len(pd.read_parquet(os.path.join(gen, f"{s}.parquet")))]
+    out["examplegen"] = pd.concat(
+        [pd.DataFrame({"row": p.passthrough["row"], **p.features}) for p in parts])
+    return {k: v.assign(row=v["row"].astype(int)).sort_values("row").reset_index(drop=True)
+            for k, v in out.items()}
+
+
+@settings(max_examples=15, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(rows=rows_strategy, bom=st.booleans(), newline=st.sampled_from(["\n", "\r\n"]),
+       quote_all=st.booleans())
+def test_every_command_reads_quirky_csv_alike(tmp_path_factory, rows, bom, newline, quote_all):
+    tmp = str(tmp_path_factory.mktemp("quirky"))
+    path = os.path.join(tmp, "logs.csv")
+    header = ["row", "user_id", "tags", "price", "click"]
+    _write_csv(path, header, [(str(i), *r) for i, r in enumerate(rows)], bom=bom,
+               newline=newline, quote_all=quote_all)
+    frames = _through_every_path(path, tmp)
+
+    expected = pd.DataFrame({"row": range(len(rows)), "user_id": [r[0] for r in rows],
+                             "tags": [r[1] for r in rows],
+                             "price": [_expected_number(r[2]) for r in rows]})
+    fitted = fit_features(FEATURES, load_split([path], FEATURES, "click"))
+    encoder = FeatureEncoder(fitted)
+
+    def encoded(frame):
+        ids, values = encoder({"user_id": tf.constant(frame["user_id"].tolist()),
+                               "tags": tf.constant(frame["tags"].tolist()),
+                               "price": tf.constant(frame["price"].to_numpy(np.float32))})
+        return ids.numpy(), values.numpy()
+
+    want_ids, want_values = encoded(expected)
+    for name, frame in frames.items():
+        assert frame["row"].tolist() == expected["row"].tolist(), name
+        for column in TEXT:
+            assert frame[column].tolist() == expected[column].tolist(), (name, column)
+        np.testing.assert_array_equal(frame["price"].to_numpy(np.float32),
+                                      expected["price"].to_numpy(np.float32), err_msg=name)
+        ids, values = encoded(frame)
+        np.testing.assert_array_equal(ids, want_ids, err_msg=name)
+        np.testing.assert_array_equal(values, want_values, err_msg=name)
+
+
+def test_numbers_rule_matches_a_python_reference():
+    cells = [*QUIRKY_NUMBERS, "1e-3", "-0", "3.4e38"]
+    got = numbers(pa.array(cells), "f.csv: column 'x'")
+    want = np.array([_expected_number(c) for c in cells], np.float32)
+    np.testing.assert_array_equal(got, want)
+    assert got.dtype == np.float32
+    parquet = numbers(pa.array([1, None, 3], pa.int64()), "f.parquet: column 'x'")
+    np.testing.assert_array_equal(parquet, np.array([1, np.nan, 3], np.float32))
+
+
+@pytest.mark.parametrize("cells, message", [
+    (["1", "2", "x1", "4"], "f.csv: column 'x': non-numeric value 'x1' at data row 13"),
+    (["1", "1,5"], "non-numeric value '1,5' at data row 12"),
+    (["1", "inf"], "f.csv: column 'x': infinite value at data row 12"),
+    (["1e400"], "infinite value at data row 11"),
+])
+def test_numbers_errors_name_the_cell_and_data_row(cells, message):
+    with pytest.raises(DataError, match=message.replace("(", r"\(")):
+        numbers(pa.array(cells), "f.csv: column 'x'", rows=10)
+
+
+def test_csv_errors_name_the_line(tmp_path):
+    extra = tmp_path / "extra.csv"
+    extra.write_bytes(b'a,b\n1,x\n2,"quoted\nnewline"\n3,y,z\n')
+    with pytest.raises(DataError, match=r"extra.csv: line 5: 3 fields where the header has 2"):
+        list(record_batches(str(extra)))
+    latin = tmp_path / "latin.csv"
+    latin.write_bytes(b"a,b\n1,ok\n2,caf\xe9\n")
+    with pytest.raises(DataError, match=r"latin.csv: line 3: not UTF-8 text; re-encode"):
+        list(record_batches(str(latin)))
+    (tmp_path / "empty.csv").write_bytes(b"")
+    with pytest.raises(DataError, match="the file is empty"):
+        read_header(str(tmp_path / "empty.csv"))
+    (tmp_path / "header.csv").write_bytes(b"a,b\r\n")
+    with pytest.raises(DataError, match="has a header but no rows"):
+        list(record_batches(str(tmp_path / "header.csv")))
+
+
+def test_batches_hold_block_rows_and_count_data_rows(tmp_path):
+    path = tmp_path / "rows.csv"
+    path.write_text("a,b\n" + "".join(f'{i},"x\n{i}"\n' for i in range(10)))
+    got = [(first, batch.num_rows) for first, batch in record_batches(str(path), ["b"], 4)]
+    assert got == [(0, 4), (4, 4), (8, 2)]
+    whole = [batch for _, batch in record_batches(str(path), None, None)]
+    assert len(whole) == 1 and whole[0].column("b")[9].as_py() == "x\n9"
+    assert read_header(str(path)) == ["a", "b"]
