@@ -85,7 +85,7 @@ ab-demo: $(BIN)/.installed
 	    --model_config_file $(AB)/models.config --data $(AB)/data --out $(AB)/sim --cuped
 
 test: $(BIN)/.installed
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=15
 
 bench: $(BIN)/.bench-installed
 	$(BIN)/python benchmarks/train_throughput.py
