@@ -124,44 +124,36 @@ def candidate_log_q(counts: np.ndarray, batch_size: int, catalog_negatives: int)
 class RecallTask:
     """Recall@K of a model over the catalog, on one split's queries (exact search).
 
+    A query is identified by its user-tower values (`FeatureEncoder.query_key_names`: a
+    context feature such as the hour does not make a new query); its context values are those
+    of its first row in `split`.
+
     Args:
         model: the model (its encoder names the query and item features).
         catalog: the catalog; item vectors are computed from it on each call.
         split: interactions (`load_interactions`): the queries and their relevant items.
-        keys: int64 [rows] query keys of `split` (`query_keys`).
-        seen: optional ``(keys, split)`` whose items each query must not be recommended
-            (e.g. its training items), with keys from the same `query_keys` call.
+        seen: optional interactions (e.g. the training log) whose items each query must not
+            be recommended.
     """
 
-    def __init__(self, model: FMModel, catalog: Catalog, split: Split, keys: np.ndarray,
-                 seen: tuple[np.ndarray, Split] | None = None):
+    def __init__(self, model: FMModel, catalog: Catalog, split: Split, seen: Split | None = None):
         enc = model.encoder
         self.query_names = enc.side_names(query_side=True)
         self.item_names = enc.side_names(query_side=False)
         self.catalog_slots = enc.encode_numpy(catalog.columns, names=self.item_names)
         self.num_items = len(catalog)
-        queries, self.relevant = group_by_query(keys, split.passthrough[ITEM_INDEX])
-        first = np.searchsorted(np.sort(keys), queries)
-        rows = np.argsort(keys, kind="stable")[first]
+        keys = query_keys([split] if seen is None else [split, seen], enc.query_key_names())
+        queries, self.relevant = group_by_query(keys[0], split.passthrough[ITEM_INDEX])
+        first = np.searchsorted(np.sort(keys[0]), queries)
+        rows = np.argsort(keys[0], kind="stable")[first]
         self.query_slots = enc.encode_numpy({n: split.features[n][rows] for n in self.query_names},
                                             names=self.query_names)
         self.exclude = None
         if seen is not None:
-            seen_queries, seen_items = group_by_query(seen[0], seen[1].passthrough[ITEM_INDEX])
+            seen_queries, seen_items = group_by_query(keys[1], seen.passthrough[ITEM_INDEX])
             lookup = dict(zip(seen_queries.tolist(), seen_items))
             empty = np.zeros(0, np.int64)
             self.exclude = [lookup.get(q, empty) for q in queries.tolist()]
-
-    @classmethod
-    def of(cls, model: FMModel, catalog: Catalog, split: Split,
-           seen: Split | None = None) -> "RecallTask":
-        """The task over `split`'s queries, each identified by its user-tower values
-        (`FeatureEncoder.query_key_names`: a context feature such as the hour does not make a
-        new query); a query's context values are those of its first row in `split`. `seen`
-        (e.g. the training log) lists items each query must not be recommended."""
-        splits = [split] if seen is None else [split, seen]
-        keys = query_keys(splits, model.encoder.query_key_names())
-        return cls(model, catalog, split, keys[0], None if seen is None else (keys[1], seen))
 
     def top_k(self, model: FMModel, k: int) -> np.ndarray:
         """The model's top-k catalog indices per query, int64 [queries, min(k, items)]."""
@@ -309,7 +301,7 @@ def _recall_tasks(config, model, catalog, train_split, valid_split) -> dict:
     if config.data.test:
         splits["test"] = load_interactions(config.data.test, config, catalog)
     seen = train_split if config.training.retrieval.exclude_seen else None
-    return {role: RecallTask.of(model, catalog, split, seen) for role, split in splits.items()}
+    return {role: RecallTask(model, catalog, split, seen) for role, split in splits.items()}
 
 
 def clamp_ks(ks, items: int, where: str) -> list[int]:
@@ -359,7 +351,7 @@ def evaluate_recall(run_dir: str, data, items: str | None = None,
         seen = load_interactions([exclude] if isinstance(exclude, str) else exclude,
                                  config, catalog, filters=(), require_positives=False,
                                  use_label=False)
-    task = RecallTask.of(run.model, catalog, split, seen)
+    task = RecallTask(run.model, catalog, split, seen)
     counts = item_counts(load_interactions(config.data.train, config, catalog), len(catalog))
     result = task.metrics(run.model, ks, counts)
     result.update(catalog={"path": catalog.path, "items": len(catalog)},

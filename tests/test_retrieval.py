@@ -80,7 +80,7 @@ def test_a_context_feature_does_not_split_a_users_queries_or_lose_exclusions(imp
                     for path in (config.data.train, config.data.valid))
     model = build_model(fit_features(config.features, train), config.model, config.training)
     assert model.encoder.query_key_names() == ["user_id", "segment"]
-    task = RecallTask.of(model, catalog, valid, seen=train)
+    task = RecallTask(model, catalog, valid, seen=train)
     users = sorted(set(valid.features["user_id"]))
     assert len(task.relevant) == len(users)  # one query per user, not one per row
     seen = {u: set(train.features["item_id"][train.features["user_id"] == u]) for u in users}
