@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 
 from fm_keras._tf import tf
 from fm_keras.data import expand_paths
-from fm_keras.reading import as_text, numbers, read_header, record_batches
+from fm_keras.reading import as_text, is_parquet, numbers, read_header, record_batches
 from fm_keras.errors import DataError, ExportError
 from fm_keras.servables import export_metadata, load_export
 
@@ -120,7 +120,7 @@ def _prefetched(batches: Iterator) -> Iterator:
 def _bytes_per_row(path: str) -> float:
     """For the progress bar: average bytes per row from the first MiB (CSV) or the footer."""
     size = os.path.getsize(path)
-    if path.endswith((".parquet", ".pq")):
+    if is_parquet(path):
         return size / max(pq.ParquetFile(path).metadata.num_rows, 1)
     with open(path, "rb") as f:
         sample = f.read(1 << 20)

@@ -24,6 +24,7 @@ import pandas as pd
 
 from fm_keras.errors import DataError
 from fm_keras.experiments.config import EVENT_COLUMNS, PRE_PERIOD, ABExperiment
+from fm_keras.reading import is_parquet
 
 COLUMNS = EVENT_COLUMNS
 # Per-row bounds: one request shows at most 2^31 - 1 items (so per-unit sums stay exact in
@@ -117,7 +118,7 @@ def unit_ids(frame: pd.DataFrame, path: str, unit: str) -> pd.Series:
     if unit not in frame.columns:
         raise DataError(f"{path}: column {unit!r} (the experiment's unit) is missing; the file "
                         f"has {list(frame.columns)[:12]}")
-    if path.endswith((".parquet", ".pq")):
+    if is_parquet(path):
         import pyarrow as pa
         import pyarrow.parquet as pq
 
