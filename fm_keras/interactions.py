@@ -91,8 +91,6 @@ def load_interactions(patterns: Sequence[str], config: ExperimentConfig, catalog
                        task="regression",
                        passthrough=[data.item_id], weight=weight)
     where = ", ".join(split.files)
-    if weight:
-        split.passthrough[WEIGHT] = split.passthrough.pop(weight)
     keep = np.ones(len(split), bool) if split.labels is None else split.labels > 0
     dropped = dict(split.dropped)
     if split.labels is not None:
@@ -117,7 +115,7 @@ def load_interactions(patterns: Sequence[str], config: ExperimentConfig, catalog
         columns[name] = values[index]
     passthrough = {ITEM_INDEX: index.astype(np.int64)}
     if weight:
-        passthrough[WEIGHT] = split.passthrough[WEIGHT]
+        passthrough[WEIGHT] = split.passthrough[weight]
     return Split(columns, None, split.rows_read, dropped, split.files, passthrough)
 
 
