@@ -126,10 +126,10 @@ class FeatureEncoder(keras.layers.Layer):
         self.num_ids = int(sum(sizes))
         self._lookups = {
             f.config.name: keras.layers.StringLookup(
-                vocabulary=list(f.vocabulary) or None, num_oov_indices=f.config.oov_buckets,
+                vocabulary=list(f.vocabulary), num_oov_indices=f.config.oov_buckets,
                 output_mode="int", name=f"lookup_{f.config.name}")
             for f in self.features
-            if f.config.kind != "numeric" and f.config.hash_buckets is None
+            if f.config.kind != "numeric" and f.config.hash_buckets is None and f.vocabulary
         }
 
     @property
@@ -225,6 +225,10 @@ class FeatureEncoder(keras.layers.Layer):
     def _lookup(self, f: FittedFeature, values):
         if f.config.hash_buckets is not None:
             return tf.cast(tf.strings.to_hash_bucket_fast(values, f.config.hash_buckets), tf.int32)
+        if not f.vocabulary:
+            # No value was kept (e.g. the column is empty in the training rows): every value
+            # is out of vocabulary, hashed into the oov buckets exactly as StringLookup does.
+            return tf.cast(tf.strings.to_hash_bucket_fast(values, f.config.oov_buckets), tf.int32)
         return tf.cast(self._lookups[f.config.name](values), tf.int32)
 
     def encode_numpy(self, columns: Mapping[str, np.ndarray], batch_size: int = 65_536,

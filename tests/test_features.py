@@ -166,3 +166,28 @@ def test_config_json_round_trip_and_saved_model(tmp_path):
     inputs = {k: tf.constant(v) for k, v in columns.items()}
     for got, want in zip(loaded.f(inputs), encoder(inputs)):
         np.testing.assert_array_equal(got.numpy(), want.numpy())
+
+
+def test_a_feature_with_no_kept_value_maps_every_value_to_the_oov_buckets(tmp_path):
+    # A column that is empty (or below min_count) in every training row keeps no vocabulary;
+    # its values then hash into the oov buckets as StringLookup's own oov path does.
+    configs = [FeatureConfig("tags", "multi_hot", "item", max_len=2, oov_buckets=3),
+               FeatureConfig("city", "categorical", "user", min_count=5, oov_buckets=3)]
+    fitted = fit_features(configs, _split(tags=["", ""], city=["x", "y"]))
+    assert [f.vocabulary for f in fitted] == [(), ()] and [f.size for f in fitted] == [3, 3]
+    encoder = FeatureEncoder(fitted)
+    columns = dict(tags=["a|b", ""], city=["x", "new"])
+    ids, values = _encode(encoder, **columns)
+    tags = tf.strings.to_hash_bucket_fast(["a", "b"], 3).numpy()
+    city = tf.strings.to_hash_bucket_fast(["x", "new"], 3).numpy()
+    np.testing.assert_array_equal(ids, [[tags[0], tags[1], 3 + city[0]], [0, 0, 3 + city[1]]])
+    np.testing.assert_array_equal(values, [[1, 1, 1], [0, 0, 1]])
+
+    module = tf.Module()
+    module.encoder = encoder
+    module.f = tf.function(lambda x: encoder(x), input_signature=[encoder.input_signature()])
+    tf.saved_model.save(module, str(tmp_path / "enc"))
+    got_ids, got_values = tf.saved_model.load(str(tmp_path / "enc")).f(
+        {k: tf.constant(v) for k, v in columns.items()})
+    np.testing.assert_array_equal(got_ids.numpy(), ids)
+    np.testing.assert_array_equal(got_values.numpy(), values)
