@@ -44,6 +44,7 @@ import numpy as np
 
 from fm_keras._tf import tf
 from fm_keras.errors import ExportError
+from fm_keras.exclusion import is_member
 
 QUANTIZE = (None, "int8")
 # Slots read per result at the default setting: 40 * 100 = 32 blocks of 128 for 1M items gave
@@ -201,17 +202,6 @@ def inner_products(rows, queries):
     d (BENCHMARKS.md).
     """
     return tf.reduce_sum(rows * queries[:, None, :], axis=2)
-
-
-def is_member(values, sets):
-    """values [B, m] int32, sets [B, n] int32 -> [B, m] bool: values[b, j] in sets[b, :].
-
-    A sort and a binary search per row (O((m + n) log n)), not an [B, m, n] comparison.
-    """
-    ordered = tf.sort(tf.concat([sets, tf.fill([tf.shape(sets)[0], 1], -2)], axis=1), axis=1)
-    pos = tf.searchsorted(ordered, values, side="left")
-    pos = tf.minimum(pos, tf.shape(ordered)[1] - 1)
-    return tf.equal(tf.gather(ordered, pos, batch_dims=1), values)
 
 
 def _top_k(scores, ids, k):

@@ -27,9 +27,10 @@ from fm_keras import fsutil
 from fm_keras._tf import tf
 from fm_keras.calibration import Calibration
 from fm_keras.errors import DataError, ExportError
+from fm_keras.exclusion import ItemIndex, drop_excluded, is_member, slack
 from fm_keras.export import (METADATA, WARMUP, check_model_name, building, new_version_path,
                              signature_info, write_warmup)
-from fm_keras.partitioned import PartitionedIndex, PartitionedParams, is_member
+from fm_keras.partitioned import PartitionedIndex, PartitionedParams
 from fm_keras.servables import FORMAT_VERSION, load_export
 from fm_keras.training import log
 
@@ -125,9 +126,8 @@ class RecallServable(tf.Module):
         self.index = index
         encoded = utf8(item_ids)
         self.item_ids = tf.Variable(encoded, trainable=False, dtype=tf.string, name="item_ids")
-        # Excluded ids -> item indices once, so exclusion is an integer set test per row.
-        self.item_index = tf.lookup.StaticHashTable(tf.lookup.KeyValueTensorInitializer(
-            tf.constant(encoded, tf.string), tf.range(len(encoded), dtype=tf.int64)), -1)
+        # Excluded ids -> item indices (64-bit fingerprints), so exclusion is an integer test.
+        self.item_index = ItemIndex(encoded)
         self._items = len(encoded)
         self._k = int(k)
         self._calibration = calibration
@@ -166,21 +166,42 @@ class RecallServable(tf.Module):
         return self._found(scores, idx, offset)
 
     def _recall_excluding(self, features):
+        """Searches k + slack(k) candidates and drops the excluded ones (fm_keras.exclusion);
+        rows with more than slack(k) excluded items among them are searched again with room
+        for all of their excluded items."""
         features = dict(features)
-        exclude = features.pop("exclude_item_ids")
+        ids = features.pop("exclude_item_ids")
         vectors, offset = self._user(features)
-        excluded = tf.cast(self.item_index.lookup(exclude), tf.int32)  # [B, n], -1: not an item
-        if hasattr(self.index, "search_excluding"):  # masks them among its candidates
-            scores, idx = self.index.search_excluding(vectors, self._k, excluded)
-            return self._found(scores, idx, offset)
-        # Search k + (most catalog items any row excludes), drop those, keep the best k.
+        excluded = self.item_index(ids)  # [B, n] int32, -1: not an item
+        wide = min(self._k + slack(self._k), self._items)
+        scores, idx = self.index.search(vectors, wide)
+        kept = drop_excluded(scores, idx, ids, excluded, self.item_ids, self._k,
+                             complete=tf.constant(wide >= self._items))
+        rows = tf.where(kept.short)[:, 0]
+
+        def again():
+            # Fingerprint matches confirmed by string: a wrong one must not drop an item.
+            sub = tf.gather(excluded, rows)
+            same = tf.equal(tf.gather(self.item_ids, tf.maximum(sub, 0)), tf.gather(ids, rows))
+            redo = self._searched_excluding(tf.gather(vectors, rows), tf.where(same, sub, -1))
+            return tuple(tf.tensor_scatter_nd_update(t, rows[:, None], r)
+                         for t, r in zip((kept.scores, kept.indices), redo))
+
+        scores, idx = tf.cond(tf.size(rows) > 0, again, lambda: (kept.scores, kept.indices))
+        return self._found(scores, idx, offset)
+
+    def _searched_excluding(self, vectors, excluded):
+        """Top k without the `excluded` item indices [B, n] (-1: none): the index masks them
+        among its candidates, or k + (most excluded items of a row) are searched and dropped."""
+        if hasattr(self.index, "search_excluding"):
+            return self.index.search_excluding(vectors, self._k, excluded)
         counts = tf.reduce_sum(tf.cast(excluded >= 0, tf.int32), axis=1)
         extra = tf.reduce_max(tf.concat([counts, [0]], axis=0))  # 0 for an empty batch
         scores, idx = self.index.search(vectors, tf.minimum(self._k + extra, self._items))
         hit = is_member(idx, excluded)
         scores = tf.where(hit, tf.constant(-np.inf, scores.dtype), scores)
         scores, pos = tf.math.top_k(scores, k=tf.minimum(self._k, tf.shape(scores)[1]))
-        return self._found(scores, tf.gather(idx, pos, batch_dims=1), offset)
+        return scores, tf.gather(idx, pos, batch_dims=1)
 
 
 def utf8(ids) -> np.ndarray:

@@ -13,7 +13,6 @@ import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
@@ -70,7 +69,8 @@ class Progress:
 
 
 def read_batches(path: str, types: dict[str, tf.DType], keep: Sequence[str],
-                 batch_size: int) -> Iterator[dict[str, tf.Tensor]]:
+                 batch_size: int, derived: dict[str, tuple[str, Callable]] | None = None
+                 ) -> Iterator[dict[str, tf.Tensor]]:
     """One file as batches of column tensors, typed as the signature wants.
 
     The file is read by `fm_keras.reading` (the reader and cell rules of `fm-keras train`):
@@ -79,20 +79,26 @@ def read_batches(path: str, types: dict[str, tf.DType], keep: Sequence[str],
     cells as written. Text columns go from Arrow's buffers to a string tensor in C++ (one
     `tf.strings.substr` of the batch's bytes), never through Python objects per cell.
 
+    `derived` adds values computed from a column's Arrow array: ``{name: (column, fn)}``
+    yields ``name: fn(column's array)`` (e.g. `split_ids` of a list column).
+
     Yields:
         ``{column: tensor of shape [rows]}``, float32 or string, at most `batch_size` rows.
 
     Raises:
         DataError: the file is empty or unreadable, lacks a column, or a cell breaks a rule.
     """
-    wanted = list(dict.fromkeys([*types, *keep]))
+    derived = derived or {}
+    wanted = list(dict.fromkeys([*types, *keep, *(c for c, _ in derived.values())]))
     check_columns(path, read_header(path), wanted)
     # Two stages on two threads (with the caller's `_prefetched`): pyarrow parses the next
     # batch while this one becomes tensors.
     for first, batch in _prefetched(record_batches(path, wanted, batch_size)):
-        yield {name: tf.constant(numbers(batch.column(name), f"{path}: column {name!r}", first))
-               if types.get(name) == tf.float32 else _string_tensor(batch.column(name))
-               for name in wanted}
+        yield {**{name: tf.constant(numbers(batch.column(name), f"{path}: column {name!r}",
+                                            first))
+                  if types.get(name) == tf.float32 else _string_tensor(batch.column(name))
+                  for name in [*types, *keep]},
+               **{name: fn(batch.column(column)) for name, (column, fn) in derived.items()}}
 
 
 def _string_tensor(array: pa.Array) -> tf.Tensor:
@@ -104,7 +110,62 @@ def _string_tensor(array: pa.Array) -> tf.Tensor:
     offsets = np.frombuffer(offsets, np.int32, count=len(array) + 1, offset=array.offset * 4)
     start, end = int(offsets[0]), int(offsets[-1])
     text = memoryview(data)[start:end].tobytes() if data is not None else b""
-    return tf.strings.substr(tf.constant(text), offsets[:-1] - start, np.diff(offsets))
+    return tf.strings.substr(_scalar(text), offsets[:-1] - start, np.diff(offsets))
+
+
+def _scalar(text: bytes) -> tf.Tensor:
+    """Bytes as a scalar tf.string, through a 0-d object array: `tf.constant(bytes)` costs
+    ~2.5 ms per MB more (measured on 4 MB)."""
+    return tf.constant(np.array(text, dtype=object))
+
+
+def split_ids(array: pa.Array, sep: str = "|") -> tf.Tensor:
+    """A text column of `sep`-separated lists ("a|b|c") as a [rows, width] string tensor,
+    padded with "" (width: the longest list; empty items and null cells give no entries).
+
+    The separators are found with NumPy in the column's Arrow buffer and every item is cut
+    from it by one `tf.strings.substr`: a third less CPU than `tf.strings.split` of the column
+    tensor and `to_tensor` (600 ids per row, BENCHMARKS.md).
+    """
+    array = as_text(array)
+    if pa.types.is_large_string(array.type):
+        array = pc.cast(array, pa.string())
+    if array.null_count:
+        array = pc.fill_null(array, "")
+    _, offsets, data = array.buffers()
+    bounds = np.frombuffer(offsets, np.int32, count=len(array) + 1, offset=array.offset * 4)
+    start = int(bounds[0])
+    bounds = bounds - start
+    raw = np.frombuffer(data, np.uint8, count=int(bounds[-1]), offset=start) \
+        if data is not None else np.zeros(0, np.uint8)
+    seps = np.flatnonzero(raw == ord(sep)).astype(np.int32)
+    first = np.searchsorted(seps, bounds)  # per row: index of its first separator
+    counts = np.diff(first) + 1  # items per row (a row without separators holds one)
+    head = first[:-1] + np.arange(len(array))  # flat index of each row's first item
+    tail = head + counts - 1  # ... and of its last
+    begin = np.empty(len(seps) + len(array), np.int32)
+    end = np.empty_like(begin)
+    inner = np.ones(len(begin), bool)
+    inner[head] = False
+    begin[head], begin[inner] = bounds[:-1], seps + 1
+    inner[:] = True
+    inner[tail] = False
+    end[tail], end[inner] = bounds[1:], seps
+    length = end - begin
+    if not length.all():  # empty items ("a||b", "") give no entry
+        some = length > 0
+        rows = np.repeat(np.arange(len(array)), counts)[some]
+        begin, length = begin[some], length[some]
+        counts = np.bincount(rows, minlength=len(array))
+    width = int(counts.max()) if len(array) else 0
+    slot = np.arange(len(begin)) + np.repeat(np.arange(len(array)) * width -
+                                             (np.cumsum(counts) - counts), counts)
+    pos = np.zeros(len(array) * width, np.int32)
+    size = np.zeros(len(array) * width, np.int32)
+    pos[slot], size[slot] = begin, length
+    text = _scalar(raw.tobytes())
+    shape = (len(array), width)
+    return tf.strings.substr(text, pos.reshape(shape), size.reshape(shape))
 
 
 def _prefetched(batches: Iterator) -> Iterator:
@@ -199,19 +260,13 @@ def outputs_table(keep: dict[str, np.ndarray], outputs: dict[str, np.ndarray],
     return pa.table(columns)
 
 
-@dataclass(frozen=True)
-class Derived:
-    """Signature inputs `outputs` = fn(columns), from the extra file `columns` (name -> dtype)."""
 
-    outputs: tuple[str, ...]
-    columns: dict[str, tf.DType]
-    fn: Callable[[dict], dict]
 
 
 def run_signature(model: str, inputs: Sequence[str], output: str, *,
                   signature: str = "serving_default", batch_size: int = 16_384,
                   keep: Sequence[str] | None = None, progress: bool = True,
-                  derive: Derived | None = None,
+                  derive: dict[str, tuple[str, Callable]] | None = None,
                   to_table: Callable[[dict, dict, str], pa.Table] = outputs_table) -> dict:
     """Streams files through one signature of an export into `output`; returns a summary.
 
@@ -220,8 +275,9 @@ def run_signature(model: str, inputs: Sequence[str], output: str, *,
         inputs: CSV/Parquet paths or globs.
         signature: the signature to run; its raw inputs must be columns of the files.
         keep: input columns copied to the output (default: id columns).
-        derive: signature inputs computed in-graph from other columns (e.g. the exclusion
-            list of `recommend`), not read from the files.
+        derive: signature inputs computed from a column of the files, not read as they are:
+            ``{input: (column, fn of its Arrow array)}`` (e.g. the exclusion lists of
+            `recommend`).
         to_table: builds the output rows of a batch from (kept columns, outputs, format).
     """
     check_output(output)
@@ -234,9 +290,8 @@ def run_signature(model: str, inputs: Sequence[str], output: str, *,
                           f"{sorted(loaded.signatures)}")
     fn = loaded.signatures[signature]
     types = {name: spec.dtype for name, spec in fn.structured_input_signature[1].items()}
-    derived = set(derive.outputs) if derive is not None else set()
-    read_types = {**{n: t for n, t in types.items() if n not in derived},
-                  **(derive.columns if derive is not None else {})}
+    derived = set(derive or {})
+    read_types = {n: t for n, t in types.items() if n not in derived}
     keep = list(keep) if keep is not None else default_keep(read_header(files[0]))
     fmt = output_format(output)
     warm = time.time()
@@ -252,9 +307,8 @@ def run_signature(model: str, inputs: Sequence[str], output: str, *,
         for path in files:
             # The next batch is read and parsed while the signature runs on this one.
             per_row, rows_in_file = _bytes_per_row(path), 0
-            for columns in _prefetched(read_batches(path, read_types, keep, batch_size)):
-                feed = {**columns, **(derive.fn(columns) if derive else {})}
-                outputs = {k: v.numpy() for k, v in fn(**{n: feed[n] for n in types}).items()}
+            for columns in _prefetched(read_batches(path, read_types, keep, batch_size, derive)):
+                outputs = {k: v.numpy() for k, v in fn(**{n: columns[n] for n in types}).items()}
                 kept = {k: columns[k].numpy() for k in keep}
                 if pending is not None:
                     pending.result()
@@ -310,10 +364,8 @@ def recommend(model: str, users: Sequence[str], output: str, k: int, *,
         raise ExportError(f"--keep {clash} would clash with the output columns "
                           f"{list(RECOMMEND_COLUMNS)}")
     derive = None
-    if exclude_column:
-        derive = Derived(("exclude_item_ids",), {exclude_column: tf.string},
-                         lambda cols: {"exclude_item_ids": tf.strings.split(
-                             cols[exclude_column], "|").to_tensor("")})
+    if exclude_column:  # "a|b|c" -> [rows, longest list] ids, "" pads
+        derive = {"exclude_item_ids": (exclude_column, split_ids)}
 
     def to_table(kept, outputs, fmt):
         n = outputs["item_ids"].shape[0]

@@ -7,7 +7,7 @@ import tensorflow as tf
 
 from fm_keras.errors import ExportError
 from fm_keras.partitioned import (PartitionedIndex, PartitionedParams, augment, bisect,
-                                  block_slots, inner_products, is_member, partition)
+                                  block_slots, inner_products, partition)
 
 
 def _vectors(n, d=11, seed=0, clusters=40):
@@ -135,16 +135,6 @@ def test_settings_by_catalog_and_checks():
         PartitionedParams(0, 2)
     with pytest.raises(ExportError, match="finite"):
         PartitionedIndex(np.full((10, 3), np.nan, np.float32), PartitionedParams(2, 2))
-
-
-def test_is_member_matches_numpy():
-    rng = np.random.default_rng(0)
-    values = rng.integers(-1, 50, (6, 30)).astype(np.int32)
-    sets = rng.integers(-1, 50, (6, 12)).astype(np.int32)
-    want = np.array([np.isin(v, s) for v, s in zip(values, sets)])
-    np.testing.assert_array_equal(is_member(tf.constant(values), tf.constant(sets)).numpy(), want)
-    empty = is_member(tf.constant(values), tf.zeros([6, 0], tf.int32)).numpy()
-    assert not empty[values >= 0].any()
 
 
 @pytest.mark.parametrize("quantize", [None, "int8"])

@@ -107,6 +107,29 @@ def test_exclude_seen_leaves_out_the_given_items(exports, backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_exclude_seen_equals_the_reference_on_many_exclusions(exports, small_synth, backend):
+    """600 excluded ids per user against a NumPy reference (the ranking model's scores of the
+    items left): user 0 excludes its own top 40 (more than the slack searched: its row is
+    searched again), user 1 random items with duplicates and unknown ids, user 2 none."""
+    ids, scores = _ranking_scores(exports, small_synth[0])
+    rng = np.random.default_rng(0)
+    top = np.argsort(-scores[0])[:40]
+    seen = [np.concatenate([ids[top], rng.choice(ids, 560)]),
+            np.concatenate([rng.choice(ids, 590), ["nope"] * 5, ids[:5]]),
+            np.array([""] * 600)]
+    out = _recall(exports[backend], "exclude_seen",
+                  exclude_item_ids=np.array(seen).astype(object))
+    for u in range(3):
+        left = ~np.isin(ids, seen[u])
+        want = np.sort(scores[u][left])[::-1][:20]
+        np.testing.assert_allclose(out["scores"][u], want, atol=1e-4)
+        got = out["item_ids"][u].astype(str)
+        assert not set(got) & set(seen[u]) and len(set(got)) == 20
+        lookup = dict(zip(ids, scores[u]))
+        np.testing.assert_allclose([lookup[i] for i in got], out["scores"][u], atol=1e-4)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_excluding_every_item_returns_pads(exports, small_synth, backend):
     """Fewer than k items left: excluded ids never come back; empty slots are "" with the
     finite pad score and probability 0 (JSON-safe)."""

@@ -4,13 +4,14 @@ import os
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pytest
 import tensorflow as tf
 
 from fm_keras.config import FeatureConfig
 from fm_keras.data import load_split
 from fm_keras.errors import DataError, ExportError
-from fm_keras.scoring import recommend, run_signature
+from fm_keras.scoring import recommend, run_signature, split_ids
 from fm_keras.servables import load_export
 
 
@@ -78,6 +79,24 @@ def test_recommend_long_format_and_exclusions(exports, small_synth, tmp_path):
     assert not any(item in seen[u] for u, item in zip(excluded["user_id"], excluded["item_id"]))
     with pytest.raises(ExportError, match="--k must be between 1 and 20"):
         recommend(exports["scann"], [users_csv], out, k=21)
+
+
+def test_split_ids_equals_python_split():
+    """Random '|' lists with empty items, empty and null cells, non-ASCII ids and sliced
+    arrays: the rows of `split_ids` are str.split's non-empty items, padded with ""."""
+    rng = np.random.default_rng(0)
+    for trial in range(200):
+        cells = [None if r < 0.1 else "" if r < 0.2 else
+                 "|".join(rng.choice(["a", "bb", "", "é", "x1"], rng.integers(1, 5)))
+                 for r in rng.random(rng.integers(0, 6))]
+        array = pa.array(cells, pa.string())
+        if len(cells) > 2 and trial % 2:
+            array = array.slice(1)
+        want = [[t.encode() for t in (c or "").split("|") if t] for c in array.to_pylist()]
+        got = split_ids(array).numpy()
+        assert got.shape == (len(want), max([len(w) for w in want], default=0))
+        for row, items in zip(got, want):
+            assert list(row[:len(items)]) == items and all(v == b"" for v in row[len(items):])
 
 
 def test_errors_leave_nothing_behind(exports, small_synth, tmp_path):

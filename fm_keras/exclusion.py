@@ -1,0 +1,133 @@
+"""Leaving a user's excluded items out of a top-k search, exactly, with stock TensorFlow ops.
+
+The `exclude_seen` signature of a recall export gets [B, n] item ids per call (e.g. 600 items a
+user has seen) and must never return one of them. Per call:
+
+1. ids -> item indices (`ItemIndex`): the 64-bit FarmHash fingerprints of the catalog ids
+   (`tf.strings.to_hash_bucket_fast`, the same op at build and serve time) are keys of an int64
+   `StaticHashTable`; hashing and looking up an int64 costs a third of a string-keyed lookup.
+   A fingerprint match is not yet an id match (an id outside the catalog may share a
+   fingerprint); `drop_excluded` confirms every candidate it drops by string.
+2. The index is searched for k + `slack(k)` candidates, not k + n (ScaNN: 45 vs 28 ms CPU for
+   1,000 queries at n = 600).
+3. Membership of the [B, K] candidates in the row's n excluded indices (`member_positions`):
+   a sort of the n indices and a binary search per row; a matched candidate is dropped when
+   the id at the matched position equals its own (the string confirmation, on hits only).
+4. Rows where fewer than k candidates survive (more than `slack(k)` excluded items among the
+   row's top K), or where a fingerprint matched a different id, are reported
+   (`Dropped.short`); the caller searches those rows again with room for every excluded item
+   and every match confirmed by string.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+
+from fm_keras._tf import tf
+from fm_keras.errors import ExportError
+
+# to_hash_bucket_fast(x, FINGERPRINT_BUCKETS) = Fingerprint64(x) mod (2^63 - 1): int64, >= 0.
+FINGERPRINT_BUCKETS = 2**63 - 1
+
+
+def slack(k: int) -> int:
+    """Extra candidates searched beyond k so that excluded ones can be dropped: k // 4, at
+    least 16 (random exclusions of 600 of 100k items leave 0-3 among the top 125)."""
+    return max(16, k // 4)
+
+
+def fingerprints(ids: np.ndarray) -> np.ndarray:
+    """UTF-8 item ids (object array of bytes) -> their int64 fingerprints [N], as served."""
+    return tf.strings.to_hash_bucket_fast(tf.constant(ids, tf.string),
+                                          FINGERPRINT_BUCKETS).numpy()
+
+
+class ItemIndex(tf.Module):
+    """Item ids -> catalog indices through 64-bit fingerprints (stock ops only).
+
+    Args:
+        ids: the catalog's item ids, UTF-8 bytes (object array [N]); row i is item index i.
+
+    Raises:
+        ExportError: two catalog ids share a fingerprint (about N^2 / 2^64: never seen; the
+            message names them).
+    """
+
+    def __init__(self, ids: np.ndarray):
+        super().__init__(name="item_index")
+        keys = fingerprints(ids)
+        order = np.argsort(keys, kind="stable")
+        same = np.flatnonzero(np.diff(keys[order]) == 0)
+        if len(same):
+            a, b = ids[order[same[0]]], ids[order[same[0] + 1]]
+            raise ExportError(f"item ids {a!r} and {b!r} share a 64-bit fingerprint; rename one "
+                              "of them")
+        self.table = tf.lookup.StaticHashTable(tf.lookup.KeyValueTensorInitializer(
+            tf.constant(keys, tf.int64), tf.range(len(keys), dtype=tf.int32)), -1)
+
+    def __call__(self, ids):
+        """ids [B, n] string -> [B, n] int32: the catalog index whose fingerprint each id has,
+        -1 for none ("" and unknown ids). Unconfirmed: see `drop_excluded`."""
+        return self.table.lookup(tf.strings.to_hash_bucket_fast(ids, FINGERPRINT_BUCKETS))
+
+
+def member_positions(values, sets):
+    """values [B, m] int32, sets [B, n] int32 -> [B, m] int32: a position j with
+    sets[b, j] == values[b, i], or -1 (none).
+
+    A sort and a binary search per row (O((m + n) log n)), not an [B, m, n] comparison.
+    """
+    rows, n = tf.shape(sets)[0], tf.shape(sets)[1]
+    padded = tf.concat([sets, tf.fill([rows, 1], -2)], axis=1)  # n = 0 still has a slot
+    order = tf.argsort(padded, axis=1)
+    ordered = tf.gather(padded, order, batch_dims=1)
+    pos = tf.minimum(tf.searchsorted(ordered, values, side="left"), n)
+    found = tf.equal(tf.gather(ordered, pos, batch_dims=1), values)
+    return tf.where(found, tf.gather(order, pos, batch_dims=1), -1)
+
+
+def is_member(values, sets):
+    """values [B, m] int32, sets [B, n] int32 -> [B, m] bool: values[b, i] in sets[b, :]."""
+    return member_positions(values, sets) >= 0
+
+
+class Dropped(NamedTuple):
+    """`drop_excluded`'s result: the best k survivors and the rows that ran short."""
+
+    scores: tf.Tensor  # [B, k'] float32, -inf where no item
+    indices: tf.Tensor  # [B, k'] int32, -1 where no item
+    short: tf.Tensor  # [B] bool: fewer than k survivors among candidates that were not all
+
+
+def drop_excluded(scores, indices, ids, excluded, item_ids, k, complete) -> Dropped:
+    """The best k candidates that are not among each row's excluded ids (compared as strings).
+
+    Args:
+        scores: [B, K] float32 candidate scores, indices: [B, K] int32 item indices (-1: none).
+        ids: [B, n] string excluded ids; excluded: their `ItemIndex` indices [B, n] int32.
+        item_ids: [N] string, the catalog ids by index.
+        k: results wanted (k <= K).
+        complete: scalar bool, True when the candidates are every item the index can return
+            (then a short row is final, not a row to search again).
+
+    Returns:
+        `Dropped`. A candidate is dropped iff its index is among the row's excluded indices
+        and the id at that position equals its id. A row where the two differ (an id outside
+        the catalog with a catalog id's fingerprint) is returned as short, so that the caller
+        searches it again with every fingerprint match confirmed.
+    """
+    entry = member_positions(indices, excluded)  # [B, K]
+    matched = (entry >= 0) & (indices >= 0)
+    names = tf.gather(item_ids, tf.maximum(indices, 0))
+    named = tf.cond(tf.shape(ids)[1] > 0, lambda: ids, lambda: tf.fill([tf.shape(ids)[0], 1], ""))
+    hit = matched & tf.equal(tf.gather(named, tf.maximum(entry, 0), batch_dims=1), names)
+    suspect = tf.reduce_any(matched & ~hit, axis=1)
+    keep = (indices >= 0) & ~hit
+    best, pos = tf.math.top_k(tf.where(keep, scores, tf.constant(-np.inf, scores.dtype)),
+                              k=tf.minimum(k, tf.shape(scores)[1]))
+    chosen = tf.where(tf.gather(keep, pos, batch_dims=1), tf.gather(indices, pos, batch_dims=1),
+                      -1)
+    left = tf.reduce_sum(tf.cast(keep, tf.int32), axis=1)
+    return Dropped(best, chosen, suspect | ((left < k) & tf.logical_not(complete)))

@@ -1,0 +1,111 @@
+"""Exclusions: fingerprint id -> index map, the membership test and `drop_excluded` against a
+brute-force NumPy set check (random cases with duplicates, -1 pads, all-excluded rows, empty
+batches and a forged fingerprint match)."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from fm_keras.errors import ExportError
+from fm_keras.exclusion import (ItemIndex, drop_excluded, fingerprints, is_member,
+                                member_positions, slack)
+
+CATALOG = np.array([f"i{j}".encode() for j in range(60)], dtype=object)
+
+
+def test_member_positions_match_numpy():
+    """Random rows with duplicates and -1 on both sides: a found position holds the value,
+    -1 exactly when the value is not in the row."""
+    rng = np.random.default_rng(0)
+    for rows, m, n in [(6, 30, 12), (5, 7, 40), (1, 1, 1), (3, 9, 0), (0, 4, 5)]:
+        values = rng.integers(-1, 50, (rows, m)).astype(np.int32)
+        sets = rng.integers(-1, 50, (rows, n)).astype(np.int32)
+        got = member_positions(tf.constant(values), tf.constant(sets)).numpy()
+        assert got.shape == (rows, m)
+        for b in range(rows):
+            for i, v in enumerate(values[b]):
+                if v in sets[b]:
+                    assert sets[b, got[b, i]] == v
+                else:
+                    assert got[b, i] == -1
+        want = np.array([np.isin(v, s) for v, s in zip(values, sets)]).reshape(rows, m)
+        np.testing.assert_array_equal(is_member(tf.constant(values), tf.constant(sets)).numpy(),
+                                      want)
+
+
+def test_item_index_maps_ids_by_fingerprint():
+    index = ItemIndex(CATALOG)
+    ids = tf.constant([[b"i3", b"", b"unknown", b"i59"], [b"i0", b"i0", b"i3", b""]])
+    np.testing.assert_array_equal(index(ids).numpy(), [[3, -1, -1, 59], [0, 0, 3, -1]])
+    assert index(tf.zeros([0, 3], tf.string)).shape == (0, 3)
+    keys = fingerprints(CATALOG)
+    assert keys.dtype == np.int64 and len(set(keys)) == len(CATALOG) and (keys >= 0).all()
+
+
+def test_item_index_refuses_a_fingerprint_collision(monkeypatch):
+    monkeypatch.setattr("fm_keras.exclusion.fingerprints",
+                        lambda ids: np.array([7, 8, 7], np.int64))
+    with pytest.raises(ExportError, match=r"b'a' and b'c' share a 64-bit fingerprint"):
+        ItemIndex(np.array([b"a", b"b", b"c"], dtype=object))
+
+
+def _reference(scores, indices, ids, k):
+    """Brute force: per row, candidates in score order whose id is not among the row's ids."""
+    out = []
+    for b in range(len(scores)):
+        seen = set(ids[b]) - {b""}
+        order = np.argsort(-scores[b], kind="stable")
+        out.append([int(indices[b, j]) for j in order
+                    if indices[b, j] >= 0 and CATALOG[indices[b, j]] not in seen][:k])
+    return out
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_drop_excluded_equals_a_set_check(seed):
+    """Random candidate lists (some rows with -1 slots, some with every candidate excluded),
+    excluded lists with duplicates, unknown ids and "" pads: the kept items are the reference's,
+    in score order, and `short` flags exactly the rows with fewer than k left."""
+    rng = np.random.default_rng(seed)
+    rows, wide, k, n = 7, 12, 5, 9
+    indices = np.stack([rng.choice(60, wide, replace=False) for _ in range(rows)]).astype(np.int32)
+    indices[1, 8:] = -1
+    scores = rng.normal(size=(rows, wide)).astype(np.float32)
+    ids = CATALOG[rng.integers(0, 60, (rows, n))]
+    ids[0, :3] = [b"", b"unknown", ids[0, 3]]  # pad, unknown id, duplicate
+    ids[2] = CATALOG[indices[2, :n]]  # the best part of row 2's candidates excluded
+    ids[3, 0] = ids[3, 1] = CATALOG[indices[3, 0]]
+    excluded = ItemIndex(CATALOG)(tf.constant(ids))
+    got = drop_excluded(tf.constant(scores), tf.constant(indices), tf.constant(ids), excluded,
+                        tf.constant(CATALOG), k, tf.constant(False))
+    want = _reference(scores, indices, ids, k)
+    for b in range(rows):
+        kept = got.indices.numpy()[b]
+        assert list(kept[:len(want[b])]) == want[b] and np.all(kept[len(want[b]):] == -1)
+        assert got.short.numpy()[b] == (len(want[b]) < k)
+        assert np.all(np.isneginf(got.scores.numpy()[b, len(want[b]):]))
+    complete = drop_excluded(tf.constant(scores), tf.constant(indices), tf.constant(ids),
+                             excluded, tf.constant(CATALOG), k, tf.constant(True))
+    assert not complete.short.numpy().any()
+
+
+def test_drop_excluded_edge_shapes_and_forged_matches():
+    """An empty batch, no excluded ids ([B, 0]), and a fingerprint match whose string differs
+    (an id outside the catalog): that candidate is kept and its row flagged to be searched
+    again with every match confirmed."""
+    catalog = tf.constant(CATALOG)
+    scores = tf.constant([[3.0, 2.0, 1.0]])
+    indices = tf.constant([[4, 5, 6]], tf.int32)
+    none = drop_excluded(scores, indices, tf.zeros([1, 0], tf.string), tf.zeros([1, 0], tf.int32),
+                         catalog, 2, tf.constant(False))
+    assert none.indices.numpy().tolist() == [[4, 5]] and not none.short.numpy()[0]
+    empty = drop_excluded(tf.zeros([0, 3]), tf.zeros([0, 3], tf.int32),
+                          tf.zeros([0, 2], tf.string), tf.zeros([0, 2], tf.int32), catalog, 2,
+                          tf.constant(False))
+    assert empty.indices.shape == (0, 2) and empty.short.shape == (0,)
+    forged = drop_excluded(scores, indices, tf.constant([[b"not-i5", b"i6"]]),
+                           tf.constant([[5, 6]], tf.int32), catalog, 2, tf.constant(False))
+    assert forged.indices.numpy().tolist() == [[4, 5]] and forged.short.numpy()[0]
+
+
+def test_slack_grows_with_k():
+    assert slack(10) == 16 and slack(100) == 25 and slack(1000) == 250
