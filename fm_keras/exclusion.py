@@ -131,3 +131,18 @@ def drop_excluded(scores, indices, ids, excluded, item_ids, k, complete) -> Drop
                       -1)
     left = tf.reduce_sum(tf.cast(keep, tf.int32), axis=1)
     return Dropped(best, chosen, suspect | ((left < k) & tf.logical_not(complete)))
+
+
+def search_excluding(index, queries, k, excluded, items):
+    """Top k of `index` without the item indices `excluded` [B, n] int32 (-1: none), exact with
+    room for every excluded item: the index masks them among its candidates
+    (``index.search_excluding``, the partitioned index), or k + (most excluded items of a row)
+    are searched and the excluded dropped. -> (scores [B, k], indices [B, k])."""
+    if hasattr(index, "search_excluding"):
+        return index.search_excluding(queries, k, excluded)
+    counts = tf.reduce_sum(tf.cast(excluded >= 0, tf.int32), axis=1)
+    extra = tf.reduce_max(tf.concat([counts, [0]], axis=0))  # 0 for an empty batch
+    scores, idx = index.search(queries, tf.minimum(k + extra, items))
+    scores = tf.where(is_member(idx, excluded), tf.constant(-np.inf, scores.dtype), scores)
+    scores, pos = tf.math.top_k(scores, k=tf.minimum(k, tf.shape(scores)[1]))
+    return scores, tf.gather(idx, pos, batch_dims=1)

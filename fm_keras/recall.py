@@ -27,7 +27,7 @@ from fm_keras import fsutil
 from fm_keras._tf import tf
 from fm_keras.calibration import Calibration
 from fm_keras.errors import DataError, ExportError
-from fm_keras.exclusion import ItemIndex, drop_excluded, is_member, slack
+from fm_keras.exclusion import ItemIndex, drop_excluded, search_excluding, slack
 from fm_keras.export import (METADATA, WARMUP, check_model_name, building, new_version_path,
                              signature_info, write_warmup)
 from fm_keras.partitioned import PartitionedIndex, PartitionedParams
@@ -183,25 +183,13 @@ class RecallServable(tf.Module):
             # Fingerprint matches confirmed by string: a wrong one must not drop an item.
             sub = tf.gather(excluded, rows)
             same = tf.equal(tf.gather(self.item_ids, tf.maximum(sub, 0)), tf.gather(ids, rows))
-            redo = self._searched_excluding(tf.gather(vectors, rows), tf.where(same, sub, -1))
+            redo = search_excluding(self.index, tf.gather(vectors, rows), self._k,
+                                    tf.where(same, sub, -1), self._items)
             return tuple(tf.tensor_scatter_nd_update(t, rows[:, None], r)
                          for t, r in zip((kept.scores, kept.indices), redo))
 
         scores, idx = tf.cond(tf.size(rows) > 0, again, lambda: (kept.scores, kept.indices))
         return self._found(scores, idx, offset)
-
-    def _searched_excluding(self, vectors, excluded):
-        """Top k without the `excluded` item indices [B, n] (-1: none): the index masks them
-        among its candidates, or k + (most excluded items of a row) are searched and dropped."""
-        if hasattr(self.index, "search_excluding"):
-            return self.index.search_excluding(vectors, self._k, excluded)
-        counts = tf.reduce_sum(tf.cast(excluded >= 0, tf.int32), axis=1)
-        extra = tf.reduce_max(tf.concat([counts, [0]], axis=0))  # 0 for an empty batch
-        scores, idx = self.index.search(vectors, tf.minimum(self._k + extra, self._items))
-        hit = is_member(idx, excluded)
-        scores = tf.where(hit, tf.constant(-np.inf, scores.dtype), scores)
-        scores, pos = tf.math.top_k(scores, k=tf.minimum(self._k, tf.shape(scores)[1]))
-        return scores, tf.gather(idx, pos, batch_dims=1)
 
 
 def utf8(ids) -> np.ndarray:

@@ -8,7 +8,7 @@ import tensorflow as tf
 
 from fm_keras.errors import ExportError
 from fm_keras.exclusion import (ItemIndex, drop_excluded, fingerprints, is_member,
-                                member_positions, slack)
+                                member_positions, search_excluding, slack)
 
 CATALOG = np.array([f"i{j}".encode() for j in range(60)], dtype=object)
 
@@ -109,3 +109,27 @@ def test_drop_excluded_edge_shapes_and_forged_matches():
 
 def test_slack_grows_with_k():
     assert slack(10) == 16 and slack(100) == 25 and slack(1000) == 250
+
+
+def test_search_excluding_with_room_for_every_excluded_item():
+    """The retry path on an index without its own masking (brute force): the exact top k of
+    the items left, -inf slots when fewer are left, an empty batch."""
+    from fm_keras.recall import BruteForceIndex
+
+    rng = np.random.default_rng(0)
+    vectors = rng.normal(size=(50, 4)).astype(np.float32)
+    queries = rng.normal(size=(3, 4)).astype(np.float32)
+    order = np.argsort(-(queries @ vectors.T), axis=1, kind="stable")
+    excluded = np.full((3, 48), -1, np.int32)
+    excluded[0, :30] = order[0, :30]  # the best 30 of user 0
+    excluded[1, :10] = rng.choice(50, 10)
+    excluded[2, :48] = order[2, :48]  # two items left for user 2
+    index = BruteForceIndex(vectors)
+    scores, got = search_excluding(index, tf.constant(queries), 5, tf.constant(excluded), 50)
+    for b in range(3):
+        want = [i for i in order[b] if i not in excluded[b]][:5]
+        assert list(got.numpy()[b][:len(want)]) == want
+    # user 2: two items, then slots scored -inf (the servable's pads)
+    assert np.isfinite(scores.numpy()[2, :2]).all() and np.isneginf(scores.numpy()[2, 2:]).all()
+    none = search_excluding(index, tf.zeros([0, 4]), 5, tf.zeros([0, 3], tf.int32), 50)
+    assert none[1].shape[0] == 0
