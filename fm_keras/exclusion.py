@@ -8,8 +8,8 @@ user has seen) and must never return one of them. Per call:
    `StaticHashTable`; hashing and looking up an int64 costs a third of a string-keyed lookup.
    A fingerprint match is not yet an id match (an id outside the catalog may share a
    fingerprint); `drop_excluded` confirms every candidate it drops by string.
-2. The index is searched for k + `slack(k)` candidates, not k + n (ScaNN: 45 vs 28 ms CPU for
-   1,000 queries at n = 600).
+2. The index is searched for k + `slack(k)` candidates, not k + n (ScaNN, 1,000 queries of the
+   BENCHMARKS.md run: 46 ms CPU for 610 results, 28 for 100).
 3. Membership of the [B, K] candidates in the row's n excluded indices (`member_positions`):
    a sort of the n indices and a binary search per row; a matched candidate is dropped when
    the id at the matched position equals its own (the string confirmation, on hits only).
