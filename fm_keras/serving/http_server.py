@@ -23,8 +23,8 @@ this module is the plumbing around it, with the protections a Python ``http.serv
   sends nothing, or headers without the end of the body, is closed when it runs out), and the
   model call gets what is left of it (then 504 DEADLINE_EXCEEDED; an inline call, which cannot
   be interrupted, is answered 504 if it ends past the deadline; an awaited batched call is
-  answered 504 at the deadline, and its batch, if already running, finishes unheard). An idle keep-alive
-  connection is closed after the same timeout, as TF Serving's libevent server does.
+  answered 504 at the deadline, and its batch, if already running, finishes unheard). An idle
+  keep-alive connection is closed after the same timeout, as TF Serving's libevent server does.
 - **Bounded work.** The pool has ``--rest_api_num_threads`` threads; requests beyond that wait
   in the event loop (not in a thread) until a slot frees or their deadline passes. At most
   ``--rest_api_max_connections`` connections are open; more are answered 503 and closed.

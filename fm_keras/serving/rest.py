@@ -256,8 +256,8 @@ class RestApi:
             if verb == "predict":
                 request = parse_json(body)
                 servable = self.manager.lookup(model, version, label)
-                signature_name = request.get("signature_name", "") if isinstance(request, dict) else ""
-                sig = servable.signature(signature_name)
+                sig = servable.signature(request.get("signature_name", "")
+                                         if isinstance(request, dict) else "")
                 arrays, fmt = arrays_from_json(sig, request)
                 return Call(method, path, model, start, servable=servable, sig=sig,
                             arrays=arrays, fmt=fmt)

@@ -240,5 +240,7 @@ def test_awaited_requests_are_refused_at_once_like_blocking_ones():
         full, large = asyncio.run(main())
     finally:
         batcher.stop()
-    assert full.code == "UNAVAILABLE" and "queue to which this task was submitted is full" in full.message
-    assert large.code == "INVALID_ARGUMENT" and "Task size 3 is larger than maximum" in large.message
+    assert full.code == "UNAVAILABLE"
+    assert "queue to which this task was submitted is full" in full.message
+    assert large.code == "INVALID_ARGUMENT"
+    assert "Task size 3 is larger than maximum" in large.message
