@@ -58,9 +58,11 @@ def convert(config: ExperimentConfig, inputs: Sequence[str], out: str, shards: i
         raise DataError(f"{out}: not empty; converting writes a new directory, choose another "
                         "--out or delete it")
     if config.model.task == "retrieval" or config.training.negatives.per_positive:
-        raise ConfigError(f"{config.source}: convert writes encoded rows for task binary or "
-                          "regression without sampled negatives; this experiment trains in "
-                          "memory from its CSV/Parquet files")
+        key = ("model: task: retrieval" if config.model.task == "retrieval"
+               else "training: negatives")
+        raise ConfigError(f"{config.source}: {key}: this experiment trains in memory from its "
+                          "CSV/Parquet files; convert writes encoded rows for task binary or "
+                          "regression without sampled negatives")
     config = dataclasses.replace(config, data=dataclasses.replace(config.data,
                                                                   train=tuple(inputs)))
     fit = fit_pass(config)
