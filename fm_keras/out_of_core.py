@@ -340,8 +340,9 @@ def shard_dataset(shards: Shards, training: TrainingConfig, seed: int | None = N
             A batch holds fewer rows where a record has padding.
         shard_index, num_shards: this reader takes files ``[shard_index::num_shards]`` (one
             synchronous worker of ``num_shards``).
-        repeat: endless (a cluster's ``steps_per_epoch`` sets the epoch), else one epoch of
-            known cardinality.
+        repeat: endless batches of exactly `batch_size` rows, of static shape (a cluster's
+            ``steps_per_epoch`` sets the epoch; synchronous workers must all-gather sparse
+            gradients of equal shapes), else one epoch of known cardinality.
 
     Raises:
         ConfigError: `batch_size` is not a multiple of the shards' rows per record.
@@ -390,8 +391,8 @@ def shard_dataset(shards: Shards, training: TrainingConfig, seed: int | None = N
         cycle_length=min(4, len(files)), num_parallel_calls=tf.data.AUTOTUNE,
         deterministic=True)
     dataset = (dataset.shuffle(max(1, SHUFFLE_ROWS // chunk), seed=seed)
-               .batch(per_batch).map(decode, num_parallel_calls=tf.data.AUTOTUNE)
-               .prefetch(tf.data.AUTOTUNE))
-    if repeat:
-        return dataset
-    return dataset.apply(tf.data.experimental.assert_cardinality(math.ceil(records / per_batch)))
+               .batch(per_batch).map(decode, num_parallel_calls=tf.data.AUTOTUNE))
+    if repeat:  # the padding made some batches short: slice whole ones, one copy
+        return dataset.rebatch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+    return (dataset.prefetch(tf.data.AUTOTUNE)
+            .apply(tf.data.experimental.assert_cardinality(math.ceil(records / per_batch))))
