@@ -11,8 +11,9 @@ user has seen) and must never return one of them. Per call:
 2. The index is searched for k + `slack(k)` candidates, not k + n (ScaNN, 1,000 queries of the
    BENCHMARKS.md run: 46 ms CPU for 610 results, 28 for 100).
 3. Membership of the [B, K] candidates in the row's n excluded indices (`member_positions`):
-   a sort of the n indices and a binary search per row; a matched candidate is dropped when
-   the id at the matched position equals its own (the string confirmation, on hits only).
+   a sort of the shorter side (the K candidates when K < n) and a binary search of the other
+   in it per row; a matched candidate is dropped when the id at the matched position equals
+   its own (the string confirmation, on hits only).
 4. Rows where fewer than k candidates survive (more than `slack(k)` excluded items among the
    row's top K), or where a fingerprint matched a different id, are reported
    (`Dropped.short`); the caller searches those rows again with room for every excluded item
@@ -74,18 +75,52 @@ class ItemIndex(tf.Module):
 
 
 def member_positions(values, sets):
-    """values [B, m] int32, sets [B, n] int32 -> [B, m] int32: a position j with
+    """values [B, m] int32, sets [B, n] int32 -> [B, m] int32: the first position j with
     sets[b, j] == values[b, i], or -1 (none).
 
-    A sort and a binary search per row (O((m + n) log n)), not an [B, m, n] comparison.
+    Every value is compared, -1 included (a -1 value finds a -1 in its row's set). A sort of
+    the shorter side per row and a binary search of the longer side in it
+    (O((m + n) log min(m, n))), not an [B, m, n] comparison: for ScaNN's 125 candidates
+    against 600 excluded ids, sorting the candidates costs 17 ms CPU per 1,000 rows where
+    sorting the ids cost 32 (BENCHMARKS.md, exclusions).
+
+    Raises:
+        InvalidArgumentError: values and sets differ in B.
     """
+    values, sets = tf.convert_to_tensor(values), tf.convert_to_tensor(sets)
+    m, n = tf.shape(values)[1], tf.shape(sets)[1]
+    return tf.cond(m < n, lambda: _positions_sorting_values(values, sets),
+                   lambda: _positions_sorting_sets(values, sets))
+
+
+def _positions_sorting_sets(values, sets):
+    """`member_positions` by a (stable) sort of each row's set and a search of its values."""
     rows, n = tf.shape(sets)[0], tf.shape(sets)[1]
     padded = tf.concat([sets, tf.fill([rows, 1], -2)], axis=1)  # n = 0 still has a slot
-    order = tf.argsort(padded, axis=1)
+    order = tf.argsort(padded, axis=1, stable=True)  # equal ids: smallest position first
     ordered = tf.gather(padded, order, batch_dims=1)
     pos = tf.minimum(tf.searchsorted(ordered, values, side="left"), n)
-    found = tf.equal(tf.gather(ordered, pos, batch_dims=1), values)
-    return tf.where(found, tf.gather(order, pos, batch_dims=1), -1)
+    at = tf.gather(order, pos, batch_dims=1)
+    return tf.where(tf.equal(tf.gather(ordered, pos, batch_dims=1), values) & (at < n), at, -1)
+
+
+def _positions_sorting_values(values, sets):
+    """`member_positions` by a sort of each row's values and a search of its set in them.
+
+    A set entry found at sorted slot p (the first of the run of equal values) gives p its
+    position j; a slot keeps the smallest such j (a segment minimum over the hits only), and
+    every value reads the slot of its run's first element, so duplicates answer alike.
+    """
+    rows, m, n = tf.shape(values)[0], tf.shape(values)[1], tf.shape(sets)[1]
+    ordered = tf.concat([tf.sort(values, axis=1), tf.fill([rows, 1], values.dtype.max)], axis=1)
+    slot = tf.searchsorted(ordered, sets, side="left")  # [B, n] in [0, m]; m: read by none
+    hit = tf.equal(tf.gather(ordered, slot, batch_dims=1), sets)
+    found = tf.cast(tf.where(hit), tf.int32)  # [H, 2]: (row, j) of the hits
+    first = tf.math.unsorted_segment_min(  # empty slots: int32 max
+        found[:, 1], found[:, 0] * (m + 1) + tf.gather_nd(slot, found), rows * (m + 1))
+    pos = tf.gather(tf.reshape(first, [rows, m + 1]),
+                    tf.searchsorted(ordered, values, side="left"), batch_dims=1)
+    return tf.where(pos < n, pos, -1)
 
 
 def is_member(values, sets):

@@ -13,24 +13,53 @@ from fm_keras.exclusion import (ItemIndex, drop_excluded, fingerprints, is_membe
 CATALOG = np.array([f"i{j}".encode() for j in range(60)], dtype=object)
 
 
-def test_member_positions_match_numpy():
-    """Random rows with duplicates and -1 on both sides: a found position holds the value,
-    -1 exactly when the value is not in the row."""
-    rng = np.random.default_rng(0)
-    for rows, m, n in [(6, 30, 12), (5, 7, 40), (1, 1, 1), (3, 9, 0), (0, 4, 5)]:
-        values = rng.integers(-1, 50, (rows, m)).astype(np.int32)
-        sets = rng.integers(-1, 50, (rows, n)).astype(np.int32)
-        got = member_positions(tf.constant(values), tf.constant(sets)).numpy()
-        assert got.shape == (rows, m)
-        for b in range(rows):
-            for i, v in enumerate(values[b]):
-                if v in sets[b]:
-                    assert sets[b, got[b, i]] == v
-                else:
-                    assert got[b, i] == -1
-        want = np.array([np.isin(v, s) for v, s in zip(values, sets)]).reshape(rows, m)
-        np.testing.assert_array_equal(is_member(tf.constant(values), tf.constant(sets)).numpy(),
-                                      want)
+def _first_positions(values, sets):
+    """NumPy reference: the first j with sets[b, j] == values[b, i], else -1."""
+    out = np.full(values.shape, -1, np.int32)
+    for b in range(len(values)):
+        for i, v in enumerate(values[b]):
+            where = np.flatnonzero(sets[b] == v)
+            out[b, i] = where[0] if len(where) else -1
+    return out
+
+
+# (rows, m values, n set entries): fewer values than set entries (the values are sorted),
+# more or as many (the sets are sorted), empty sets, no values, an empty batch.
+SHAPES = [(6, 30, 12), (5, 7, 40), (4, 20, 20), (1, 1, 1), (3, 9, 0), (3, 0, 9), (0, 4, 5),
+          (0, 5, 4), (8, 125, 600)]
+
+
+@pytest.mark.parametrize("rows,m,n", SHAPES)
+def test_member_positions_match_numpy(rows, m, n):
+    """Random rows with duplicates and -1 on both sides (a -1 value finds a -1 of its set):
+    the first position holding the value, -1 exactly when it is not in the row, alike for
+    every duplicate."""
+    rng = np.random.default_rng(rows * 1000 + m * 10 + n)
+    high = max(8, (m + n) // 2)  # dense enough for duplicates and hits on both sides
+    values = rng.integers(-1, high, (rows, m)).astype(np.int32)
+    sets = rng.integers(-1, high, (rows, n)).astype(np.int32)
+    want = _first_positions(values, sets)
+    got = member_positions(tf.constant(values), tf.constant(sets)).numpy()
+    assert got.shape == (rows, m) and got.dtype == np.int32
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(is_member(tf.constant(values), tf.constant(sets)).numpy(),
+                                  want >= 0)
+
+
+def test_member_positions_extremes_and_unknown_shapes():
+    """int32 extremes and -2 (the sorted-set pad) as values, all -1 sets, and both directions
+    traced with unknown m and n (as in an export's signature)."""
+    top, low = np.iinfo(np.int32).max, np.iinfo(np.int32).min
+    values = np.array([[top, low, -2, -1, 5, 5]], np.int32)
+    cases = [np.array([[5, -1, top, 5, 7, -1, 9, 9, low]], np.int32),  # n > m
+             np.array([[-1, -1, -1]], np.int32),  # n < m, only pads
+             np.array([[9, 5, top]], np.int32)]
+    traced = tf.function(member_positions, input_signature=[
+        tf.TensorSpec([None, None], tf.int32), tf.TensorSpec([None, None], tf.int32)])
+    for sets in cases:
+        want = _first_positions(values, sets)
+        np.testing.assert_array_equal(member_positions(values, sets).numpy(), want)
+        np.testing.assert_array_equal(traced(values, sets).numpy(), want)
 
 
 def test_item_index_maps_ids_by_fingerprint():
