@@ -155,9 +155,11 @@ def drop_excluded(scores, indices, ids, excluded, item_ids, k, complete) -> Drop
     """
     entry = member_positions(indices, excluded)  # [B, K]
     matched = (entry >= 0) & (indices >= 0)
-    names = tf.gather(item_ids, tf.maximum(indices, 0))
-    named = tf.cond(tf.shape(ids)[1] > 0, lambda: ids, lambda: tf.fill([tf.shape(ids)[0], 1], ""))
-    hit = matched & tf.equal(tf.gather(named, tf.maximum(entry, 0), batch_dims=1), names)
+    at = tf.where(matched)  # [H, 2]: only the matches are compared as strings
+    same = tf.equal(tf.gather(item_ids, tf.gather_nd(indices, at)),
+                    tf.gather_nd(ids, tf.stack([at[:, 0], tf.cast(tf.gather_nd(entry, at),
+                                                                  at.dtype)], axis=1)))
+    hit = tf.scatter_nd(at, tf.cast(same, tf.int32), tf.shape(matched, out_type=at.dtype)) > 0
     suspect = tf.reduce_any(matched & ~hit, axis=1)
     keep = (indices >= 0) & ~hit
     best, pos = tf.math.top_k(tf.where(keep, scores, tf.constant(-np.inf, scores.dtype)),
