@@ -81,8 +81,8 @@ def member_positions(values, sets):
     Every value is compared, -1 included (a -1 value finds a -1 in its row's set). A sort of
     the shorter side per row and a binary search of the longer side in it
     (O((m + n) log min(m, n))), not an [B, m, n] comparison: for ScaNN's 125 candidates
-    against 600 excluded ids, sorting the candidates costs 17 ms CPU per 1,000 rows where
-    sorting the ids cost 32 (BENCHMARKS.md, exclusions).
+    against 600 excluded ids, sorting the candidates costs 16 ms CPU per 1,000 rows where
+    sorting the ids costs 31 (BENCHMARKS.md, exclusions).
 
     Raises:
         InvalidArgumentError: values and sets differ in B.
