@@ -27,8 +27,9 @@ every step instead.
 Each sparse update reads the touched rows of the variable once (`tf.gather`) and writes them
 once (``scatter_update`` of the new rows; the base optimizer has summed duplicate indices, so
 the rows are distinct). TensorFlow's ``scatter_update`` copies whole rows, while its
-``scatter_sub``/``scatter_add`` apply an elementwise expression row by row and were 3-10x
-slower on a 5M-row table (benchmarks/table_scaling.py, BENCHMARKS.md "Row writes").
+``scatter_sub``/``scatter_add`` apply an elementwise expression row by row: on 8k rows of a
+5M-row table a ``scatter_sub`` cost ~3x a gather plus a ``scatter_update``
+(benchmarks/row_writes.py, BENCHMARKS.md "Row writes").
 
 All three work under `tf.distribute` (each replica's update runs through the strategy's
 ``extended.update``, with the variable's local copy) and checkpoint their slot variables
