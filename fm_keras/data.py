@@ -19,7 +19,9 @@ import pyarrow as pa
 
 from fm_keras.config import DataConfig, FeatureConfig, FilterConfig, TrainingConfig
 from fm_keras.errors import DataError
-from fm_keras.reading import MISSING_TOKENS, numbers, read_header, record_batches, texts
+from fm_keras.libsvm import check_features
+from fm_keras.reading import (MISSING_TOKENS, missing_columns, numbers, read_header,
+                              record_batches, texts)
 
 
 
@@ -170,6 +172,7 @@ def iter_blocks(
     needed = list(dict.fromkeys(needed))
     dropped, rows_read = {flt.name: 0 for flt in filters}, 0
     for path in files:
+        check_features(path, features)
         for frame in _read_frames(path, needed, block_rows):
             rows_read += len(frame)
             keep = np.ones(len(frame), dtype=bool)
@@ -198,8 +201,7 @@ def _read_frames(path: str, columns: Sequence[str] | None, block_rows: int | Non
 
 def read_header_checked(path: str, columns: Sequence[str]) -> None:
     """Raises `DataError` naming the first of `columns` that the file's header lacks."""
-    header = set(read_header(path))
-    missing = [c for c in columns if c not in header]
+    missing = missing_columns(path, columns)
     if missing:
         raise DataError(f"{path}: missing column {missing[0]!r}{_column_hint(path, missing[0])}")
 
