@@ -287,3 +287,72 @@ def test_a_libsvm_column_must_be_a_weighted_multi_hot_feature(tmp_path):
     with pytest.raises(DataError, match=r"a.libsvm: missing column 'feature' \(did you mean "
                                         r"'features'\?"):
         load_split([str(path)], [FeatureConfig("feature", "multi_hot", "user")], "label")
+
+
+def _ffm_logs(path, rows, seed):
+    """A small libFFM click log: field 0 the user, 1 the item (weighted), 2 two context tags;
+    clicks from the user's and the item's biases. Returns the lines."""
+    rng = np.random.default_rng(seed)
+    user, item = rng.integers(0, 30, rows), rng.integers(0, 30, rows)
+    logit = (user % 3 - 1.0) + (item % 4 - 1.5)
+    click = rng.random(rows) < 1 / (1 + np.exp(-logit))
+    lines = [f"{int(c)} 0:u{u}:1 1:i{i}:{1 + i % 2} 2:t{i % 5}:1 2:t{u % 7}:0.5"
+             for c, u, i in zip(click, user, item)]
+    _write(path, "\n".join(lines) + "\n")
+    return lines
+
+
+def test_train_evaluate_and_score_a_libffm_log(tmp_path, capsys):
+    """fm-keras train, evaluate and score on libFFM files; score gives the same outputs for
+    the libFFM file and for a CSV file of the same cells."""
+    import json
+
+    from fm_keras.cli import main
+
+    for name, rows, seed in (("train", 3000, 1), ("valid", 600, 2), ("test", 600, 3)):
+        _ffm_logs(tmp_path / f"{name}.ffm", rows, seed)
+    (tmp_path / "exp.yaml").write_text(
+        "data: {train: train.ffm, valid: valid.ffm, test: test.ffm, label: label}\n"
+        "features:\n"
+        "  - {name: field_0, kind: multi_hot, tower: user}\n"
+        "  - {name: field_1, kind: multi_hot, tower: item}\n"
+        "  - {name: field_2, kind: multi_hot, tower: context}\n"
+        "training: {epochs: 2, batch_size: 256, learning_rate: 0.05}\n")
+    run = str(tmp_path / "run")
+    assert main(["train", "--config", str(tmp_path / "exp.yaml"), "--out", run, "--quiet"]) == 0
+    trained = json.loads(capsys.readouterr().out)
+    assert main(["evaluate", "--run", run, "--data", str(tmp_path / "test.ffm")]) == 0
+    evaluated = json.loads(capsys.readouterr().out)
+    assert evaluated["rows"] == 600
+    assert evaluated["auc"] == pytest.approx(trained["metrics"]["test"]["auc"], abs=1e-5)
+    assert main(["export", "--run", run, "--name", "ctr", "--base", str(tmp_path / "m")]) == 0
+    capsys.readouterr()
+    cells = next(record_batches(str(tmp_path / "test.ffm"), ["field_0", "field_1", "field_2"],
+                                None))[1]
+    pd.DataFrame(cells.to_pydict()).to_csv(tmp_path / "test.csv", index=False)
+    scores = {}
+    for name in ("test.ffm", "test.csv"):
+        out = str(tmp_path / f"{name}.scores.csv")
+        assert main(["score", "--model", str(tmp_path / "m" / "ctr"), "--input",
+                     str(tmp_path / name), "--output", out, "--quiet"]) == 0
+        scores[name] = pd.read_csv(out)
+    assert len(scores["test.ffm"]) == 600
+    pd.testing.assert_frame_equal(scores["test.ffm"], scores["test.csv"])
+
+
+def test_a_bad_line_stops_train_with_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    _write(tmp_path / "train.libsvm", "1 a:1 b:2\n0 a:1\n1 b:0.5 c\n")
+    (tmp_path / "exp.yaml").write_text(
+        "data: {train: train.libsvm, label: label}\n"
+        "features: [{name: features, kind: multi_hot, tower: user}]\n")
+    proc = subprocess.run([sys.executable, "-m", "fm_keras.cli", "train", "--config",
+                           str(tmp_path / "exp.yaml"), "--out", str(tmp_path / "run")],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"fm-keras: error: {tmp_path / 'train.libsvm'}: line 3: token 'c' is not idx:val "
+        "(a libSVM line is 'label idx:val idx:val ...')")
+    assert not (tmp_path / "run").exists()
