@@ -1,4 +1,4 @@
-"""Reading click logs: CSV/Parquet globs into checked columns, row filters, weights, sampling.
+"""Reading click logs: CSV/Parquet/libSVM/libFFM globs into checked columns, row filters, weights, sampling.
 
 Every problem with the input raises `DataError` naming the file and the column, so a bad log
 fails before a run directory is created. Categorical and multi-hot columns are kept as strings
@@ -106,7 +106,7 @@ def load_split(
     """Reads, checks and filters the files matching `patterns`.
 
     Args:
-        patterns: paths or globs of CSV/Parquet files.
+        patterns: paths or globs of CSV, Parquet, libSVM or libFFM files (`fm_keras.reading`).
         features: the feature spec; every feature must be a column.
         label: the label column, or None for unlabeled data (scoring).
         filters: rows matching any filter are dropped and counted per filter.
@@ -148,14 +148,14 @@ def iter_blocks(
     weight: str | None = None,
     block_rows: int | None = 262_144,
 ) -> Iterator[Split]:
-    """Reads CSV/Parquet `files` in blocks of rows, checked and filtered as `load_split` does.
+    """Reads data `files` (`fm_keras.reading`) in blocks of rows, checked and filtered as `load_split` does.
 
     Memory is bounded by `block_rows`, not by the size of the files: the streaming pass of
     out-of-core training (`fm_keras.out_of_core`) fits its vocabularies and writes its shards
     from these blocks. `load_split` is these blocks concatenated.
 
     Args:
-        files: CSV/Parquet paths (`expand_paths` output), read in order.
+        files: CSV/Parquet/libSVM/libFFM paths (`expand_paths` output), read in order.
         features, label, filters, task, passthrough, weight: as for `load_split`.
         block_rows: rows read at a time per file; None reads each file whole.
 

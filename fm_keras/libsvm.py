@@ -114,7 +114,7 @@ def parse_lines(lines: pa.Array, fmt: str, columns: Sequence[str] | None, path: 
     for name in columns:
         if not is_column(fmt, name):
             raise DataError(f"{path}: missing column {name!r} (a {NAMES[fmt]} file has "
-                            f"{missing_hint(fmt)})")
+                            f"{_columns_hint(fmt)})")
         arrays.append(block.label if name == LABEL else block.column(name))
     return pa.RecordBatch.from_arrays(arrays, names=list(columns)), fields
 
@@ -140,7 +140,7 @@ def check_features(path: str, features: Sequence[FeatureConfig]) -> None:
                 f"{SEPARATOR!r} and weight_separator {WEIGHT_SEPARATOR!r} (the defaults)")
 
 
-def missing_hint(fmt: str) -> str:
+def _columns_hint(fmt: str) -> str:
     """The columns a `fmt` file has, in words, for an error message."""
     return (f"{LABEL!r} and {FEATURES!r}" if fmt == "libsvm" else
             f"{LABEL!r} and {FIELD_PREFIX}<n> for each field n")
@@ -180,11 +180,12 @@ class _Block:
     def _problem(self, position: int, message: str, line: int | None = None) -> None:
         if line is None:  # the line of a token (an empty line has no bytes, no tokens)
             line = int(np.searchsorted(self.offsets, position, "right") - 1)
-        self._problems.append((position, line, f"{self.path}: line {self.first_line + line}: "
-                                         f"{message} (a {NAMES[self.fmt]} line is {_LINE[self.fmt]!r})"))
+        where = f"{self.path}: line {self.first_line + line}"
+        self._problems.append((position, line, f"{where}: {message} (a {NAMES[self.fmt]} line "
+                                               f"is {_LINE[self.fmt]!r})"))
 
     def _token_problem(self, bad: np.ndarray, message) -> None:
-        """Reports the first token of mask `bad`; `message(token text, index)` says what."""
+        """Reports the first token of mask `bad`; `message(index)` says what is wrong."""
         if bad.any():
             i = int(np.flatnonzero(bad)[0])
             token = _text(self.data[self.start[i]:self.end[i]])
