@@ -10,7 +10,6 @@ ids (``007`` stays ``"007"``), numbers as ``+4``, ``.5``, ``1e3``.
 import itertools
 import os
 import re
-import types
 
 import numpy as np
 import pandas as pd
@@ -30,6 +29,7 @@ from fm_keras.pipeline.config import InputConfig, SplitConfig
 from fm_keras.pipeline.examplegen import run_examplegen
 from fm_keras.reading import missing_columns, read_header, record_batches
 from fm_keras.scoring import read_batches
+from reading_testlib import ReadableFile
 
 SPACE = " \t\v\f\r"  # what separates tokens (ASCII only: a unicode space is part of an idx)
 NUMBER_TEXTS = ["1", "-2.5", "1e3", ".5", "+4", "007", "0", "3.", "1E-2", "-0", "2e+2"]
@@ -93,17 +93,6 @@ def _write(path, text, bom=False):
         f.write((b"\xef\xbb\xbf" if bom else b"") + text.encode("utf-8"))
 
 
-class _ReadableFile:
-    """What Beam's ReadMatches gives `read_rows`: the file's metadata.path and open()."""
-
-    def __init__(self, path):
-        self.metadata = types.SimpleNamespace(path=path)
-        self._path = path
-
-    def open(self):
-        return open(self._path, "rb")
-
-
 def _through_every_path(path, features, tmp):
     """{command's read path: DataFrame of label (float32) and the feature columns}, each in
     file order, except Beam's and ExampleGen's (returned sorted by every column)."""
@@ -121,7 +110,7 @@ def _through_every_path(path, features, tmp):
     batches = list(read_batches(path, sig, [], batch_size=4))
     frame = pd.DataFrame({n: np.concatenate([b[n].numpy() for b in batches]) for n in sig})
     out["score/recommend"] = frame.assign(**{n: [v.decode() for v in frame[n]] for n in names})
-    beam = read_rows(_ReadableFile(path), {"label": "float32", **dict.fromkeys(names, "string")},
+    beam = read_rows(ReadableFile(path), {"label": "float32", **dict.fromkeys(names, "string")},
                      [], chunk_rows=5)
     out["beam"] = pd.DataFrame([values for _, values in beam])
     gen = os.path.join(tmp, "examplegen")
@@ -166,25 +155,25 @@ PROPERTY = settings(max_examples=12, deadline=None,
                                            HealthCheck.too_slow])
 
 
+def _write_and_check(tmp_path_factory, fmt, generated, name):
+    text, bom = generated
+    tmp = str(tmp_path_factory.mktemp(fmt))
+    path = os.path.join(tmp, name)
+    _write(path, text, bom)
+    _check_every_path(path, fmt, text, tmp)
+
+
 @PROPERTY
 @given(generated=files("libsvm"))
 @example(generated=("1 007:1 a\u00a0b:.5\r\n0\r\n", True))  # unicode space inside an idx
 def test_every_command_reads_a_libsvm_file_alike(tmp_path_factory, generated):
-    text, bom = generated
-    tmp = str(tmp_path_factory.mktemp("libsvm"))
-    path = os.path.join(tmp, "logs.libsvm")
-    _write(path, text, bom)
-    _check_every_path(path, "libsvm", text, tmp)
+    _write_and_check(tmp_path_factory, "libsvm", generated, "logs.libsvm")
 
 
 @PROPERTY
 @given(generated=files("libffm"))
 def test_every_command_reads_a_libffm_file_alike(tmp_path_factory, generated):
-    text, bom = generated
-    tmp = str(tmp_path_factory.mktemp("libffm"))
-    path = os.path.join(tmp, "logs.ffm")
-    _write(path, text, bom)
-    _check_every_path(path, "libffm", text, tmp)
+    _write_and_check(tmp_path_factory, "libffm", generated, "logs.ffm")
 
 
 @settings(max_examples=40, deadline=None)
