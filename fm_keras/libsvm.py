@@ -110,13 +110,13 @@ def parse_lines(lines: pa.Array, fmt: str, columns: Sequence[str] | None, path: 
     if columns is None:
         columns = [LABEL, FEATURES] if fmt == "libsvm" else \
             [LABEL, *(field_column(f) for f in fields)]
-    arrays = []
     for name in columns:
         if not is_column(fmt, name):
             raise DataError(f"{path}: missing column {name!r} (a {NAMES[fmt]} file has "
                             f"{_columns_hint(fmt)})")
-        arrays.append(block.label if name == LABEL else block.column(name))
-    return pa.RecordBatch.from_arrays(arrays, names=list(columns)), fields
+    lists = block.columns([name for name in columns if name != LABEL])
+    return pa.RecordBatch.from_arrays([block.label if name == LABEL else lists[name]
+                                       for name in columns], names=list(columns)), fields
 
 
 def check_features(path: str, features: Sequence[FeatureConfig]) -> None:
@@ -169,13 +169,24 @@ class _Block:
         if self._problems:
             raise DataError(min(self._problems)[2])
 
-    def column(self, name: str) -> pa.Array:
-        """The multi-hot text column `name` (``features`` or ``field_<n>``), [lines]."""
-        if name == FEATURES:
-            return _join(self.data, self.start, self.end, self.line, self.lines)
-        take = self.field == int(name[len(FIELD_PREFIX):])
-        return _join(self.data, self.first_colon[take] + 1, self.end[take], self.line[take],
-                     self.lines)
+    def columns(self, names: Sequence[str]) -> dict[str, pa.Array]:
+        """The multi-hot text columns `names` (``features`` or ``field_<n>``), each [lines]:
+        one gather of the tokens wanted, in (column, line) order; each column is a slice."""
+        if self.fmt == "libsvm":
+            number = {name: 0 for name in names}
+            group, payload = np.zeros(len(self.start), np.int64), self.start
+        else:
+            number = {name: int(name[len(FIELD_PREFIX):]) for name in names}
+            group, payload = self.field, self.first_colon + 1
+        wanted = np.unique(np.array(list(number.values()), np.int64))
+        rank = np.searchsorted(wanted, group)  # each token's column among `wanted`
+        found = rank < len(wanted)
+        found[found] = wanted[rank[found]] == group[found]
+        order = np.flatnonzero(found)[np.argsort(rank[found], kind="stable")]
+        joined = _join(self.data, payload[order], self.end[order],
+                       rank[order] * self.lines + self.line[order], len(wanted) * self.lines)
+        return {name: joined.slice(int(np.searchsorted(wanted, n)) * self.lines, self.lines)
+                for name, n in number.items()}
 
     def _problem(self, position: int, message: str, line: int | None = None) -> None:
         if line is None:  # the line of a token (an empty line has no bytes, no tokens)
@@ -293,7 +304,8 @@ def _gather(data: np.ndarray, start: np.ndarray, end: np.ndarray) -> pa.Array:
 
 def _join(data: np.ndarray, start: np.ndarray, end: np.ndarray, line: np.ndarray,
           lines: int) -> pa.Array:
-    """Per line, its tokens [start, end) joined by the separator: string [lines].
+    """Per line, its tokens [start, end) joined by the separator: string [lines]; `line`
+    [tokens] ascending (any grouping of tokens into rows, e.g. (column, line)).
 
     Each token but a line's first is copied with the byte before it (a space or the field's
     ':'), which becomes the separator, so the join is one gather.
