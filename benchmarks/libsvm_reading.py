@@ -7,6 +7,8 @@ libFFM file of the same tokens over --fields fields, and each as CSV: ``label,fe
 reader makes of those lines. Then reads each file through `fm_keras.reading.record_batches` (the
 block reader every command uses) and `fm_keras.data.load_split` (train/evaluate), alternating
 formats, --rounds times, and prints rows/s per round and the median, as one JSON document.
+The peer: a per-line Python loop (str.split, float() of the label and each value, "|".join)
+over the libSVM file, which checks less than the reader does.
 
     python benchmarks/libsvm_reading.py [--rows 1000000 --tokens 20 --fields 10 --rounds 3]
 """
@@ -87,6 +89,21 @@ def reader_rows_per_second(path: str, columns: list[str]) -> float:
     return rows / (time.perf_counter() - started)
 
 
+def python_loop_rows_per_second(path: str) -> float:
+    """The peer: the libSVM file parsed line by line in Python (label and values checked by
+    float(), the features joined by '|'), the columns kept as lists."""
+    started, labels, features = time.perf_counter(), [], []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            tokens = line.split()
+            float(tokens[0])
+            for token in tokens[1:]:
+                float(token.rsplit(":", 1)[1])
+            labels.append(tokens[0])
+            features.append("|".join(tokens[1:]))
+    return len(labels) / (time.perf_counter() - started)
+
+
 def load_split_rows_per_second(path: str, features: list[FeatureConfig]) -> float:
     started = time.perf_counter()
     split = load_split([path], features, "label")
@@ -108,11 +125,14 @@ def main() -> None:
     ffm_columns = ["label", *(f"field_{g}" for g in range(args.fields))]
     columns.update({"libffm": ffm_columns, "csv (libffm's cells)": ffm_columns})
     figures: dict = {name: {"reader": [], "load_split": []} for name in paths}
+    figures["libsvm"]["python loop"] = []
     for round_ in range(args.rounds):
         for name, path in paths.items():
             features = [FeatureConfig(c, "multi_hot", "user") for c in columns[name][1:]]
             figures[name]["reader"].append(round(reader_rows_per_second(path, columns[name])))
             figures[name]["load_split"].append(round(load_split_rows_per_second(path, features)))
+            if name == "libsvm":
+                figures[name]["python loop"].append(round(python_loop_rows_per_second(path)))
             print(f"fm-keras: round {round_ + 1} {name}: {figures[name]}", file=sys.stderr)
     result = {"rows": args.rows, "tokens_per_row": args.tokens, "fields": args.fields,
               "load_average": os.getloadavg(),
