@@ -18,10 +18,10 @@ become the columns of a CSV file with a header, which the rest of fm_keras reads
   ``""`` in a line without that field. Any ``field_<n>`` is a column of every libFFM file.
 
 Rules (one per problem, each an error naming the file, the line and the token): tokens are
-separated by spaces or tabs; a line is never blank; the label and every ``val`` are numbers by
-the multi-hot weight rule (`fm_keras.fitting.NUMBER`: ``1``, ``-2.5``, ``.5``, ``1e3``, ``+1``)
-and finite as float32; ``idx`` is any text without ``:``, ``|`` or spaces (``007`` stays
-``"007"``), never empty. No comments, no ``qid:``.
+separated by ASCII spaces and tabs; a line is never blank; the label and every ``val`` are
+numbers by the multi-hot weight rule (`fm_keras.fitting.NUMBER`: ``1``, ``-2.5``, ``.5``,
+``1e3``, ``+1``) and finite as float32; ``idx`` is any text without ``:``, ``|`` or spaces
+(``007`` stays ``"007"``), never empty. No comments, no ``qid:``.
 
 The parse runs over a block's bytes with NumPy (no Python loop per line or token).
 """
