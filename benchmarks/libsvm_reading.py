@@ -8,18 +8,25 @@ reader makes of those lines. Then reads each file through `fm_keras.reading.reco
 block reader every command uses) and `fm_keras.data.load_split` (train/evaluate), alternating
 formats, --rounds times, and prints rows/s per round and the median, as one JSON document.
 The peer: a per-line Python loop (str.split, float() of the label and each value, "|".join)
-over the libSVM file, which checks less than the reader does.
+over the libSVM file, which checks less than the reader does. --baseline REF also reads the
+libSVM and libFFM files with the parser of git revision REF (its fm_keras/libsvm.py in place of
+the current one), alternating with the current parser in each round.
 
     python benchmarks/libsvm_reading.py [--rows 1000000 --tokens 20 --fields 10 --rounds 3]
+                                        [--baseline 690c45e]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib.util
 import json
 import os
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -27,6 +34,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
+from fm_keras import reading
 from fm_keras.config import FeatureConfig
 from fm_keras.data import load_split
 from fm_keras.reading import record_batches
@@ -110,12 +118,38 @@ def load_split_rows_per_second(path: str, features: list[FeatureConfig]) -> floa
     return len(split) / (time.perf_counter() - started)
 
 
+def baseline_parser(ref: str):
+    """The fm_keras/libsvm.py of git revision `ref`, imported as a module of its own."""
+    source = subprocess.run(["git", "show", f"{ref}:fm_keras/libsvm.py"], check=True,
+                            capture_output=True, text=True,
+                            cwd=os.path.dirname(os.path.abspath(__file__))).stdout
+    with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as f:
+        f.write(source)
+    spec = importlib.util.spec_from_file_location(f"libsvm_{ref}", f.name)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    os.unlink(f.name)
+    return module
+
+
+@contextlib.contextmanager
+def parser_of(module):
+    """The reader parses libSVM/libFFM lines with `module` (None: the current parser)."""
+    current = reading.libsvm
+    reading.libsvm = module or current
+    try:
+        yield
+    finally:
+        reading.libsvm = current
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=1_000_000)
     parser.add_argument("--tokens", type=int, default=20, help="idx:val tokens per line")
     parser.add_argument("--fields", type=int, default=10, help="libFFM fields")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--baseline", help="also read with the parser of this git revision")
     parser.add_argument("--cache", default=os.path.join(os.path.expanduser("~"), ".cache",
                                                         "fm-keras-bench", "libsvm"))
     args = parser.parse_args()
@@ -126,11 +160,21 @@ def main() -> None:
     columns.update({"libffm": ffm_columns, "csv (libffm's cells)": ffm_columns})
     figures: dict = {name: {"reader": [], "load_split": []} for name in paths}
     figures["libsvm"]["python loop"] = []
+    runs = [(name, path, None) for name, path in paths.items()]
+    if args.baseline:
+        old = baseline_parser(args.baseline)
+        for fmt in ("libsvm", "libffm"):
+            name = f"{fmt} (parser of {args.baseline})"
+            figures[name] = {"reader": [], "load_split": []}
+            columns[name] = columns[fmt]
+            runs.insert([r[0] for r in runs].index(fmt) + 1, (name, paths[fmt], old))
     for round_ in range(args.rounds):
-        for name, path in paths.items():
+        for name, path, module in runs:
             features = [FeatureConfig(c, "multi_hot", "user") for c in columns[name][1:]]
-            figures[name]["reader"].append(round(reader_rows_per_second(path, columns[name])))
-            figures[name]["load_split"].append(round(load_split_rows_per_second(path, features)))
+            with parser_of(module):
+                figures[name]["reader"].append(round(reader_rows_per_second(path, columns[name])))
+                figures[name]["load_split"].append(
+                    round(load_split_rows_per_second(path, features)))
             if name == "libsvm":
                 figures[name]["python loop"].append(round(python_loop_rows_per_second(path)))
             print(f"fm-keras: round {round_ + 1} {name}: {figures[name]}", file=sys.stderr)

@@ -177,9 +177,8 @@ def _first_bad_line(lines: pa.Array, fmt: str) -> int | None:
     """The 0-based index of the first line that breaks a rule, or None: an RE2 match of every
     line, then float32's range where a number may leave it."""
     good = pc.match_substring_regex(lines, _GOOD_LINE[fmt]).to_numpy(zero_copy_only=False)
-    candidates = np.flatnonzero(good)
-    maybe = pc.match_substring_regex(lines.take(pa.array(candidates)), _MAYBE_HUGE)
-    maybe = candidates[maybe.to_numpy(zero_copy_only=False)]
+    maybe = np.flatnonzero(good & pc.match_substring_regex(lines, _MAYBE_HUGE).to_numpy(
+        zero_copy_only=False))
     if len(maybe):
         split = pc.ascii_split_whitespace(pc.ascii_trim_whitespace(lines.take(pa.array(maybe))))
         parts = pc.split_pattern(pc.list_flatten(split), WEIGHT_SEPARATOR, max_splits=1,
@@ -237,8 +236,9 @@ def _field_cells(tokens: pa.Array, starts: np.ndarray, columns: Sequence[str] | 
     """The ``field_<n>`` cells of a block's ``field:idx:val`` tokens (`starts`: each line's
     first token), and the block's sorted field numbers, int64."""
     parts = pc.list_flatten(pc.split_pattern(tokens, WEIGHT_SEPARATOR, max_splits=1))
-    field = pc.cast(parts.take(pa.array(np.arange(0, len(parts), 2))), pa.int64()).to_numpy()
-    fields = np.unique(field)
+    field = pc.cast(parts.take(pa.array(np.arange(0, len(parts), 2))), pa.int64())
+    fields = np.sort(pc.unique(field).to_numpy())
+    field = field.to_numpy()
     names = [field_column(f) for f in fields] if columns is None else \
         [name for name in columns if name != LABEL]
     wanted = np.unique(np.array([int(name[len(FIELD_PREFIX):]) for name in names
@@ -248,7 +248,9 @@ def _field_cells(tokens: pa.Array, starts: np.ndarray, columns: Sequence[str] | 
     found = rank < len(wanted)
     found[found] = wanted[rank[found]] == field[found]
     line = np.repeat(np.arange(lines), np.diff(starts))
-    order = np.flatnonzero(found)[np.argsort(rank[found], kind="stable")]  # (column, line)
+    order = np.flatnonzero(found)[  # (column, line) order; a radix sort of int16 ranks
+        np.argsort(rank[found].astype(np.int16 if len(wanted) < 2**15 else np.int64),
+                   kind="stable")]
     group = rank[order] * lines + line[order]
     group_starts = np.zeros(len(wanted) * lines + 1, np.int64)
     np.cumsum(np.bincount(group, minlength=len(wanted) * lines), out=group_starts[1:])
