@@ -2,7 +2,7 @@
 reading the same cells and encoded ids, and the one-line errors (file, line, token).
 
 The reference reads a file the obvious way (a loop over lines and tokens); the parser under test
-works on a block's bytes with NumPy. Generated files carry the quirks a real one can: a
+works on a block's lines with pyarrow's kernels. Generated files carry the quirks a real one can: a
 byte-order mark, CRLF, tabs and runs of spaces, unicode (also unicode spaces) and numeric-looking
 ids (``007`` stays ``"007"``), numbers as ``+4``, ``.5``, ``1e3``.
 """
@@ -214,7 +214,8 @@ def test_parse_matches_the_reference_in_any_blocks(generated, block):
 def test_values_are_read_by_the_multi_hot_weight_rule():
     """Every short string over the characters of numbers is a value exactly when
     `fm_keras.fitting.NUMBER` (the encoder's weight rule) matches it: the parser's fast
-    path (a character check and Arrow's cast) accepts the same strings as the regex."""
+    path (Arrow's RE2 match of the line, its float32 cast where a number has an exponent)
+    accepts the same strings as Python's regex."""
     pattern = re.compile(NUMBER)
     for size in range(1, 5):
         for chars in itertools.product("01.eE+-", repeat=size):
