@@ -6,7 +6,8 @@ libFFM file of the same tokens over --fields fields, and each as CSV: ``label,fe
 ``features`` the tokens joined by ``|``, and ``label,field_0,...``: the cells the libSVM/libFFM
 reader makes of those lines. Then reads each file through `fm_keras.reading.record_batches` (the
 block reader every command uses) and `fm_keras.data.load_split` (train/evaluate), alternating
-formats, --rounds times, and prints rows/s per round and the median, as one JSON document.
+formats, --rounds times, and prints rows/s per round (the reader's also per CPU second) and
+the median, as one JSON document.
 The peer: a per-line Python loop (str.split, float() of the label and each value, "|".join)
 over the libSVM file, which checks less than the reader does. --baseline REF also reads the
 libSVM and libFFM files with the parser of git revision REF (its fm_keras/libsvm.py in place of
@@ -90,11 +91,13 @@ def make_files(cache: str, rows: int, tokens: int, fields: int, seed: int = 0) -
     return paths
 
 
-def reader_rows_per_second(path: str, columns: list[str]) -> float:
-    started, rows = time.perf_counter(), 0
+def reader_rows_per_second(path: str, columns: list[str]) -> tuple[float, float]:
+    """Rows per second of wall time and of this process's CPU time (all its threads: less
+    sensitive than wall time to other jobs on the machine)."""
+    started, cpu, rows = time.perf_counter(), time.process_time(), 0
     for _, batch in record_batches(path, columns, 65_536):
         rows += batch.num_rows
-    return rows / (time.perf_counter() - started)
+    return rows / (time.perf_counter() - started), rows / (time.process_time() - cpu)
 
 
 def python_loop_rows_per_second(path: str) -> float:
@@ -158,21 +161,24 @@ def main() -> None:
     columns = {"libsvm": ["label", "features"], "csv (libsvm's cells)": ["label", "features"]}
     ffm_columns = ["label", *(f"field_{g}" for g in range(args.fields))]
     columns.update({"libffm": ffm_columns, "csv (libffm's cells)": ffm_columns})
-    figures: dict = {name: {"reader": [], "load_split": []} for name in paths}
+    figures: dict = {name: {"reader": [], "reader (CPU)": [], "load_split": []}
+                     for name in paths}
     figures["libsvm"]["python loop"] = []
     runs = [(name, path, None) for name, path in paths.items()]
     if args.baseline:
         old = baseline_parser(args.baseline)
         for fmt in ("libsvm", "libffm"):
             name = f"{fmt} (parser of {args.baseline})"
-            figures[name] = {"reader": [], "load_split": []}
+            figures[name] = {"reader": [], "reader (CPU)": [], "load_split": []}
             columns[name] = columns[fmt]
             runs.insert([r[0] for r in runs].index(fmt) + 1, (name, paths[fmt], old))
     for round_ in range(args.rounds):
         for name, path, module in runs:
             features = [FeatureConfig(c, "multi_hot", "user") for c in columns[name][1:]]
             with parser_of(module):
-                figures[name]["reader"].append(round(reader_rows_per_second(path, columns[name])))
+                wall, cpu = reader_rows_per_second(path, columns[name])
+                figures[name]["reader"].append(round(wall))
+                figures[name]["reader (CPU)"].append(round(cpu))
                 figures[name]["load_split"].append(
                     round(load_split_rows_per_second(path, features)))
             if name == "libsvm":
