@@ -1,8 +1,8 @@
 """Scale-out figures: training rows/s on loopback clusters, Beam vs tf.data scoring, memory.
 
-In one run, on the same synthetic rows converted to TFRecord shards:
+In one run, on the same synthetic rows converted once (`fm-keras convert`: encoded shards):
 
-1. training: one machine (`strategy: none`), MultiWorkerMirrored with 1 and with 2 workers
+1. training: one machine (`strategy: none`, out of core from the same shards), MultiWorkerMirrored with 1 and with 2 workers
    (same input pipeline, so 1 vs 2 is the scaling figure), and ParameterServer with 2 workers
    and 2 parameter servers; rows/s over the fit (validation each epoch included) and test AUC;
 2. scoring the test rows with `fm-keras score` (tf.data) and with Beam RunInference on
@@ -39,7 +39,7 @@ TIMEOUT = 1800
 def experiment(root: str, distribute: dict, epochs: int, name: str) -> str:
     synth = os.path.join(root, "synth")
     raw = {
-        "data": {"train": os.path.join(root, "shards", "*.tfrecord"),
+        "data": {"train": os.path.join(root, "shards", "shards.json"),
                  "valid": os.path.join(synth, "valid.csv"), "test": os.path.join(synth, "test.csv"),
                  "label": "click",
                  "filters": [{"name": "cached_exposures", "column": "is_cached", "op": "==",

@@ -11,9 +11,12 @@ samples/s at the largest >= 0.8x the in-memory path at the smallest.
 
     python benchmarks/out_of_core.py --rows 1000000,5000000,20000000 --work /tmp/fm-ooc-bench
 
-``--formats ROWS`` instead compares the two on-disk formats' input pipelines alone (rows/s
-reading one epoch, no training) on the first ROWS training rows: the TFRecord Examples of
-``fm-keras convert`` (parsed and encoded every batch) and the encoded shards.
+``--convert`` instead runs ``fm-keras convert`` (the same two streaming passes, writing the
+shard directory a cluster reads) on the first N rows at each size, each in a fresh process,
+and prints its peak RSS: flat in rows. It needs the synth/ directory of an earlier run (or
+``fm-keras synth --out WORK/synth``)::
+
+    python benchmarks/out_of_core.py --convert --rows 1000000,5000000 --work /tmp/fm-ooc-bench
 """
 
 from __future__ import annotations
@@ -44,6 +47,20 @@ def head(src: str, dst: str, rows: int) -> None:
     os.replace(dst + ".tmp", dst)
 
 
+def run_cli(*args: str) -> tuple[str, str, int, float]:
+    """`fm-keras ARGS` in a fresh process: (stdout, stderr, peak RSS KiB, wall seconds)."""
+    started = time.time()
+    proc = subprocess.run([sys.executable, "-c", CHILD, "fm-keras", *args],
+                          capture_output=True, text=True, check=False,
+                          env={**os.environ, "TF_USE_LEGACY_KERAS": "1"})
+    wall = time.time() - started
+    if proc.returncode != 0:
+        raise SystemExit(proc.stderr[-3000:])
+    peak = next(int(line.split()[1]) for line in proc.stderr.splitlines()
+                if line.startswith("peak_rss_kib"))
+    return proc.stdout, proc.stderr, peak, wall
+
+
 def train(work: str, name: str, train_csv: str, valid_csv: str, features: str, mode: str,
           epochs: int) -> dict:
     """One `fm-keras train` in a fresh process; returns run.json figures and peak RSS."""
@@ -56,16 +73,7 @@ def train(work: str, name: str, train_csv: str, valid_csv: str, features: str, m
                    "features": features, "training": {"epochs": epochs}}, f)
     run_dir = os.path.join(work, "runs", name)
     shutil.rmtree(run_dir, ignore_errors=True)
-    started = time.time()
-    proc = subprocess.run([sys.executable, "-c", CHILD, "fm-keras", "train", "--config", config,
-                           "--out", run_dir],
-                          capture_output=True, text=True, check=False,
-                          env={**os.environ, "TF_USE_LEGACY_KERAS": "1"})
-    wall = time.time() - started
-    if proc.returncode != 0:
-        raise SystemExit(proc.stderr[-3000:])
-    peak = next(int(line.split()[1]) for line in proc.stderr.splitlines()
-                if line.startswith("peak_rss_kib"))
+    _, stderr, peak, wall = run_cli("train", "--config", config, "--out", run_dir)
     record = json.load(open(os.path.join(run_dir, "run.json")))
     shutil.rmtree(os.path.join(run_dir, "shards"), ignore_errors=True)  # GBs at 20M rows
     return {"run": name, "mode": mode, "rows_read": record["rows"]["train_read"],
@@ -73,50 +81,50 @@ def train(work: str, name: str, train_csv: str, valid_csv: str, features: str, m
             "peak_rss_mib": round(peak / 1024), "samples_per_s": record["train_samples_per_second"],
             "fit_s": record["seconds"]["fit"], "wall_s": round(wall, 1),
             "valid_auc": round(record["metrics"]["valid"]["auc"], 4),
-            "log": [line for line in proc.stderr.splitlines() if "fm-keras:" in line][:8]}
+            "log": [line for line in stderr.splitlines() if "fm-keras:" in line][:8]}
 
 
-def compare_formats(work: str, rows: int, repeats: int = 3) -> None:
-    """Input pipeline rows/s: TFRecord Examples (parse + encode per batch) vs encoded shards."""
-    import yaml
-
-    from fm_keras import out_of_core, tfrecord
-    from fm_keras.config import load_experiment
-    from fm_keras.features import FeatureEncoder
-
-    synth_dir = os.path.join(work, "synth")
-    train_csv = os.path.join(work, f"train-{rows}.csv")
-    head(os.path.join(synth_dir, "train.csv"), train_csv, rows)
-    config_path = os.path.join(work, f"formats-{rows}.yaml")
-    with open(config_path, "w") as f:
-        yaml.safe_dump({"data": {"train": train_csv, "valid": os.path.join(work, "valid.csv"),
-                                 "label": "click"},
-                        "features": os.path.join(synth_dir, "features.yaml")}, f)
-    config = load_experiment(config_path)
-    out = os.path.join(work, f"formats-{rows}")
+def convert(work: str, n: int, train_csv: str, valid_csv: str, features: str,
+            shards: int = 8) -> dict:
+    """One `fm-keras convert` of `train_csv` in a fresh process; its peak RSS, time and rows."""
+    config = os.path.join(work, f"convert-{n}.yaml")
+    with open(config, "w") as f:
+        json.dump({"data": {"train": train_csv, "valid": valid_csv, "label": "click",
+                            "filters": [{"name": "cached_exposures", "column": "is_cached",
+                                         "op": "==", "value": 1}]},
+                   "features": features}, f)
+    out = os.path.join(work, f"converted-{n}")
     shutil.rmtree(out, ignore_errors=True)
-    tfrecord.convert(config, [train_csv], os.path.join(out, "tfrecord"), shards=8)
-    fit = out_of_core.fit_pass(config)
-    encoder = FeatureEncoder(fit.features)
-    shards = out_of_core.write_shards(config, encoder, os.path.join(out, "shards"), fit)
-    files = sorted(os.path.join(out, "tfrecord", f) for f in os.listdir(os.path.join(
-        out, "tfrecord")) if tfrecord.is_tfrecord(f))
-    batch = config.training.batch_size
-    pipelines = {
-        "tfrecord Examples (convert)": lambda: tfrecord.training_dataset(
-            files, encoder, "click", config.training, batch, seed=1).take(rows // batch),
-        "encoded shards (out of core)": lambda: out_of_core.shard_dataset(
-            shards, config.training, seed=1),
-    }
-    for name, make in pipelines.items():
-        rates = []
-        for _ in range(repeats):
-            dataset, seen, t0 = make(), 0, time.time()
-            for _, labels, _ in dataset:
-                seen += int(labels.shape[0])
-            rates.append(seen / (time.time() - t0))
-        print(f"{name:32s} rows/s per epoch: {', '.join(f'{r:,.0f}' for r in rates)}")
-    print(f"load {os.getloadavg()}")
+    stdout, _, peak, wall = run_cli("convert", "--config", config, "--out", out,
+                                 "--shards", str(shards))
+    result = json.loads(stdout)
+    size = sum(os.path.getsize(os.path.join(out, f)) for f in os.listdir(out))
+    shutil.rmtree(out, ignore_errors=True)
+    return {"rows_read": result["rows_read"], "rows": result["rows"],
+            "peak_rss_mib": round(peak / 1024), "wall_s": round(wall, 1),
+            "rows_read_per_s": round(result["rows_read"] / wall), "shard_mib": round(size / 2**20)}
+
+
+def convert_sizes(work: str, sizes: list[int], shards: int) -> None:
+    """`fm-keras convert` at each size: peak RSS must stay flat in rows (two streaming passes)."""
+    synth_dir = os.path.join(work, "synth")
+    valid = os.path.join(work, "valid.csv")
+    head(os.path.join(synth_dir, "valid.csv"), valid, VALID_ROWS)
+    results = []
+    for n in sizes:
+        train_csv = os.path.join(work, f"train-{n}.csv")
+        head(os.path.join(synth_dir, "train.csv"), train_csv, n)
+        results.append({"size": n, **convert(work, n, train_csv, valid,
+                                             os.path.join(synth_dir, "features.yaml"), shards)})
+        print(json.dumps(results[-1]), file=sys.stderr)
+    print(f"{'rows read':>11s} {'rows written':>13s} {'peak RSS MiB':>13s} {'wall s':>7s} "
+          f"{'rows read/s':>12s} {'shards MiB':>11s}")
+    for r in results:
+        print(f"{r['rows_read']:>11,} {r['rows']:>13,} {r['peak_rss_mib']:>13,} "
+              f"{r['wall_s']:>7.1f} {r['rows_read_per_s']:>12,} {r['shard_mib']:>11,}")
+    ratio = round(results[-1]["peak_rss_mib"] / results[0]["peak_rss_mib"], 3)
+    print(json.dumps({"results": results, "rss_ratio_largest_vs_smallest": ratio,
+                      "load": os.getloadavg()}, indent=1))
 
 
 def main():
@@ -125,14 +133,16 @@ def main():
                         help="training rows (read, before the cached-exposure filter)")
     parser.add_argument("--work", default="/tmp/fm-ooc-bench", help="data and runs go here")
     parser.add_argument("--epochs", type=int, default=1)
-    parser.add_argument("--formats", type=int, default=0,
-                        help="compare the input pipelines of the two formats on this many rows")
+    parser.add_argument("--convert", action="store_true",
+                        help="run 'fm-keras convert' at each size instead of training (the "
+                        "work directory must already hold synth/ large enough)")
+    parser.add_argument("--shards", type=int, default=8, help="--convert: shard files")
     args = parser.parse_args()
-    if args.formats:
-        compare_formats(args.work, args.formats)
-        return
     sizes = sorted(int(r) for r in args.rows.split(","))
     os.makedirs(args.work, exist_ok=True)
+    if args.convert:
+        convert_sizes(args.work, sizes, args.shards)
+        return
     print(f"free disk under {args.work}: {shutil.disk_usage(args.work).free / 2**30:.1f} GiB; "
           f"load {os.getloadavg()}", file=sys.stderr)
     synth_dir = os.path.join(args.work, "synth")

@@ -48,7 +48,8 @@ from fm_keras._tf import tf  # noqa: E402
 from fm_keras.config import experiment_from_dict  # noqa: E402
 from fm_keras.recall_metrics import exact_top_k, group_by_query, popularity_top_k, \
     ranking_metrics  # noqa: E402
-from fm_keras.training import load_run, train  # noqa: E402
+from fm_keras.runs import load_run  # noqa: E402
+from fm_keras.training import train  # noqa: E402
 
 WHEEL = "recbole-1.2.1-py3-none-any.whl"
 K = 50

@@ -25,7 +25,7 @@ from fm_keras._tf import keras, tf  # noqa: E402
 from fm_keras.config import ModelConfig, TrainingConfig  # noqa: E402
 from fm_keras.features import fit_features  # noqa: E402
 from fm_keras.model import build_model, make_optimizer  # noqa: E402
-from fm_keras.training import batched_dataset  # noqa: E402
+from fm_keras.batches import batched_dataset  # noqa: E402
 
 LEARNING_RATES = {"adam": 0.002, "adagrad": 0.1, "ftrl": 0.1}
 

@@ -7,7 +7,7 @@ SparseAdagrad, SparseFtrl) the benchmark reports the time per step of one timed 
 warm-up epoch, and the ratio to the smallest table. ``--stock-steps N`` times N steps of
 tf_keras' own Adam/Adagrad/FTRL on the same model and rows in the same run (the peer).
 
-Epoch-end work is the training callback's (`fm_keras.training.TrainingState`): the finite
+Epoch-end work is the training callback's (`fm_keras.runs.TrainingState`): the finite
 check, the best-weights copy, the checkpoint and the state file. It is timed on an improving
 and a non-improving epoch without a checkpoint, and on the epochs that write one (the first
 save of a run also builds TensorFlow's asynchronous-checkpoint copies; later ones reuse them);
@@ -41,7 +41,8 @@ from fm_keras.config import (DataConfig, ExperimentConfig, FeatureConfig,  # noq
                              ModelConfig, TrainingConfig)
 from fm_keras.features import FittedFeature  # noqa: E402
 from fm_keras.model import build_model, make_optimizer  # noqa: E402
-from fm_keras.training import TrainingState, batched_dataset  # noqa: E402
+from fm_keras.batches import batched_dataset  # noqa: E402
+from fm_keras.runs import TrainingState  # noqa: E402
 
 FIELDS = 8
 LEARNING_RATES = {"adam": 0.002, "adagrad": 0.1, "ftrl": 0.1}

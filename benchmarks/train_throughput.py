@@ -27,7 +27,7 @@ from fm_keras.data import load_split  # noqa: E402
 from fm_keras.features import fit_features  # noqa: E402
 from fm_keras.model import build_model, make_optimizer  # noqa: E402
 from fm_keras.synth import generate  # noqa: E402
-from fm_keras.training import batched_dataset  # noqa: E402
+from fm_keras.batches import batched_dataset  # noqa: E402
 
 FIELDS = ["user_id", "user_segment", "item_id", "item_category", "first_tag", "price_bucket",
           "device", "hour"]

@@ -25,7 +25,7 @@ _LAZY = {
     "FeatureConfig": "fm_keras.config",
     "load_experiment": "fm_keras.config",
     "train": "fm_keras.training",
-    "load_run": "fm_keras.training",
+    "load_run": "fm_keras.runs",
     "evaluate_run": "fm_keras.evaluation",
 }
 

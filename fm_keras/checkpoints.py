@@ -1,7 +1,7 @@
 """Epoch-end work that stays small next to an epoch when the tables hold millions of ids.
 
 A training run checks its parameters, keeps the best epoch's weights and checkpoints itself
-(`TrainingState` in `fm_keras.training`). Done naively each costs O(table) in I/O every
+(`TrainingState` in `fm_keras.runs`). Done naively each costs O(table) in I/O every
 epoch: at 5M ids and k = 10 the Adam state is ~660 MB, and writing it took seconds, more than
 the epoch's steps. Here:
 

@@ -52,13 +52,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="YAML replacing keys of the default search space (see README)")
     p.add_argument("--seed", type=int, help="sampler seed (default: a fresh one per process)")
 
-    p = sub.add_parser("convert", help="write CSV/Parquet logs as TFRecord shards for a cluster")
+    p = sub.add_parser("convert", help="encode CSV/Parquet logs once into a shard directory "
+                       "that one machine (out of core) and a cluster train from")
     p.add_argument("--config", required=True, help="experiment YAML (feature spec, label, filters)")
     p.add_argument("--input", nargs="+", help="CSV/Parquet files or globs (default: the "
                    "experiment's train files)")
-    p.add_argument("--out", required=True, help="new directory for the shards")
+    p.add_argument("--out", required=True, help="new directory for the shards (then set "
+                   "data: train: OUT/shards.json)")
     p.add_argument("--shards", type=int, default=8,
-                   help="number of files (at least the number of workers)")
+                   help="number of files (at least the number of synchronous workers)")
 
     p = sub.add_parser("cluster-server", help="run TensorFlow's server for this worker/ps task "
                        "of TF_CONFIG (parameter-server training)")
@@ -219,12 +221,13 @@ def _tune(args) -> int:
 
 def _convert(args) -> int:
     from fm_keras.config import load_experiment
-    from fm_keras.tfrecord import convert
+    from fm_keras.convert import convert
 
     config = load_experiment(args.config)
     manifest = convert(config, args.input or list(config.data.train), args.out, args.shards)
-    print(json.dumps({"out": args.out, "rows": manifest["rows"],
-                      "shards": len(manifest["shards"]), "dropped": manifest["dropped"]},
+    print(json.dumps({"out": args.out, "train": os.path.join(args.out, "shards.json"),
+                      "rows": manifest["rows"], "rows_read": manifest["rows_read"],
+                      "shards": len(manifest["files"]), "dropped": manifest["dropped"]},
                      indent=2))
     return 0
 

@@ -11,7 +11,7 @@ keep it from ending a run too soon or too late without a word:
 - Epoch cap: a run that reaches ``training.epochs`` while its last epoch was still its best is
   not converged; `cap_warning` says so, and the run records it.
 
-Pure Python, no TensorFlow: the Keras callback in `fm_keras.training` feeds it numbers.
+Pure Python, no TensorFlow: the Keras callback in `fm_keras.runs` feeds it numbers.
 """
 
 from __future__ import annotations
@@ -132,3 +132,18 @@ def cap_warning(stopper: EarlyStopping, epochs_run: int, epochs: int) -> str | N
         return None
     return (f"still improving at the last epoch ({epochs_run}); raise training.epochs "
             f"(now {epochs}) or the learning rate")
+
+
+def early_stopping_monitor(task: str, valid_labels: np.ndarray) -> tuple[str, float]:
+    """The validation metric early stopping watches and its sign (+1: higher is better).
+
+    CTR watches ``val_auc``, except when the validation labels have one class: AUC is then
+    undefined (never 0), and ``val_logloss`` is watched instead. Regression watches
+    ``val_rmse``.
+    """
+    if task == "regression":
+        return "val_rmse", -1.0
+    labels = np.asarray(valid_labels)
+    if len(labels) and np.all(labels == labels[0]):
+        return "val_logloss", -1.0
+    return "val_auc", 1.0

@@ -22,6 +22,7 @@ from fm_keras.errors import DataError
 from fm_keras.libsvm import check_features
 from fm_keras.reading import (MISSING_TOKENS, missing_columns, numbers, read_header,
                               record_batches, texts)
+from fm_keras.tfrecord import is_tfrecord, read_examples
 
 
 
@@ -116,14 +117,13 @@ def load_split(
             float32 [rows]; each must be a finite number >= 0.
         shard_index, num_shards: read only this worker's share of the files.
 
-    TFRecord shards written by ``fm-keras convert`` (``*.tfrecord``) are read back as they
-    were written: the filters were applied when they were converted.
+    TFRecord files of ``tf.train.Example`` rows (``*.tfrecord``, `fm_keras.tfrecord`) are read
+    whole, without filters or passthrough columns.
     """
     files = expand_paths(patterns, shard_index, num_shards)
-    if files and all(f.endswith((".tfrecord", ".tfrecords")) for f in files):
-        from fm_keras.tfrecord import read_split
-
-        return read_split(files, features, label, task)
+    if files and all(is_tfrecord(f) for f in files):
+        columns, labels = read_examples(files, features, label, task)
+        return Split(columns, labels, len(next(iter(columns.values()))), {}, list(files))
     blocks = list(iter_blocks(files, features, label, filters, task=task,
                               passthrough=passthrough, weight=weight, block_rows=None))
     last = blocks[-1]

@@ -5,14 +5,15 @@
 
 - ``multi_worker_mirrored``: every task is a worker and runs ``fm-keras train``; worker 0 (or
   the ``chief``) writes the run directory, the others write to a temp directory they delete.
-  Each worker reads its own share of the TFRecord shards and takes batch_size / n rows a step.
+  Each worker reads its own share of the shard files and takes batch_size / n rows a step.
 - ``parameter_server``: ``chief`` is the coordinator and runs ``fm-keras train``; ``worker``
   and ``ps`` tasks run TensorFlow's own server (``fm-keras cluster-server``, or ``fm-keras
   train`` which starts it for them). The linear and factor tables are split over the
   parameter servers by a variable partitioner, so a table can exceed one machine's memory.
 
-Training data are TFRecord shards from ``fm-keras convert`` (which also fits the features once,
-so every task encodes alike). Checkpoints, early stopping on validation AUC, ``run.json`` and
+Training data are the encoded shard directory of ``fm-keras convert`` (`fm_keras.convert`: the
+same directory one machine trains from out of core; the features are fitted once, so every task
+encodes alike), named by its manifest in ``data.train``. Checkpoints, early stopping on validation AUC, ``run.json`` and
 the ``model/`` weights are the same as on one machine: ``fm-keras export`` does not know how a
 run was trained (sharded variables are saved as whole tensors).
 """
@@ -31,14 +32,17 @@ from dataclasses import dataclass
 from fm_keras import fsutil
 from fm_keras._tf import keras, tf
 from fm_keras.config import DistributeConfig, ExperimentConfig
-from fm_keras.data import expand_paths, load_data_split
-from fm_keras.errors import ConfigError
+from fm_keras.convert import HINT as CONVERT_HINT
+from fm_keras.convert import converted_shards
+from fm_keras.data import load_data_split
+from fm_keras.errors import ConfigError, DataError
 from fm_keras.evaluation import metrics_for
-from fm_keras.features import FittedFeature
 from fm_keras.model import build_model, make_optimizer
-from fm_keras.tfrecord import fitted_features_path, is_tfrecord, read_manifest, training_dataset
-from fm_keras.training import (TrainingState, calibrate, check_run_dir, library_versions, log,
-                               predict_split, watch_defined_metric)
+from fm_keras.out_of_core import Shards, shard_dataset
+from fm_keras.tfrecord import is_tfrecord
+from fm_keras.progress import log
+from fm_keras.runs import (TrainingState, calibrate, check_run_dir, library_versions, predict_split,
+                           watch_defined_metric)
 
 _JOBS = {"multi_worker_mirrored": ("chief", "worker"),
          "parameter_server": ("chief", "worker", "ps")}
@@ -174,7 +178,8 @@ def train_distributed(config: ExperimentConfig, run_dir: str, *, resume: bool = 
         run_server()
         return None
     started = time.time()
-    train_files, manifest, features = _shards_and_features(config)
+    shards = cluster_shards(config, task)
+    features, manifest = shards.features, shards.manifest
     if task.is_chief:
         check_run_dir(run_dir, resume)
     # Only now TensorFlow work: a collective strategy must come before any other.
@@ -193,26 +198,26 @@ def train_distributed(config: ExperimentConfig, run_dir: str, *, resume: bool = 
                       steps_per_execution=config.training.steps_per_execution)
     batch_size = config.training.batch_size
     steps = max(1, manifest["rows"] // batch_size)
-    label, training = config.data.label, config.training
+    training = config.training
     synchronous = distribute.strategy == "multi_worker_mirrored"
 
     def dataset_fn(context: tf.distribute.InputContext):
         if synchronous:  # shard the files per worker; each takes its part of the global batch
-            return training_dataset(
-                train_files, model.encoder, label, training,
-                context.get_per_replica_batch_size(batch_size),
+            return shard_dataset(
+                shards, training, training.seed + context.input_pipeline_id,
+                batch_size=context.get_per_replica_batch_size(batch_size),
                 shard_index=context.input_pipeline_id, num_shards=context.num_input_pipelines,
-                seed=training.seed + context.input_pipeline_id)
+                repeat=True)
         # Asynchronous workers each run whole steps: a fresh random order per worker.
-        return training_dataset(train_files, model.encoder, label, training, batch_size)
+        return shard_dataset(shards, training, batch_size=batch_size, repeat=True)
 
     state = _ClusterTrainingState(write_dir, model, config, resume=resume)
-    if config.model.l2_prior:  # its id counts come from the one-machine encoding pass
-        log("model.l2_prior is not applied on a cluster yet (no id counts from the shards); "
-            "training with l2_embeddings / l2_linear only")
+    if config.model.l2_prior:
+        log("model.l2_prior is not applied on a cluster yet; training with l2_embeddings / "
+            "l2_linear only")
     log(f"{distribute.strategy}: task {task.type}:{task.index} of "
         f"{ {k: len(v) for k, v in task.cluster.items()} }, {manifest['rows']:,} rows in "
-        f"{len(train_files)} shards, {steps} steps of {batch_size} per epoch"
+        f"{len(manifest['files'])} shard files, {steps} steps of {batch_size} per epoch"
         + (f"; {_shards_text(model)}" if not synchronous else ""))
     t0 = time.time()
     if state.initial_epoch < training.epochs and not state.finished:
@@ -245,26 +250,38 @@ def train_distributed(config: ExperimentConfig, run_dir: str, *, resume: bool = 
     return record
 
 
-def _shards_and_features(config: ExperimentConfig):
-    """The TFRecord shards, their manifest and fitted features; checked against `config`."""
-    train_files = expand_paths(config.data.train)
-    if not all(is_tfrecord(f) for f in train_files):
-        raise ConfigError(f"{config.source}: data: train: a cluster trains from TFRecord shards; "
-                          "write them with 'fm-keras convert --config ... --out DIR --shards N' "
-                          "and set train: DIR/*.tfrecord")
-    if not config.data.valid:
-        raise ConfigError(f"{config.source}: data: valid: a cluster run needs validation files "
-                          "for early stopping (CSV, Parquet or TFRecord)")
-    manifest = read_manifest(train_files)
-    features = tuple(FittedFeature.from_dict(d)
-                     for d in fsutil.read_json(fitted_features_path(train_files)))
-    if tuple(f.config for f in features) != tuple(config.features):
-        changed = [c.name for c, f in zip(config.features, features) if c != f.config] \
-            or [c.name for c in config.features]
-        raise ConfigError(f"{config.source}: features: the feature spec differs from the one "
-                          f"the TFRecord shards were converted with (first: {changed[0]!r}); "
-                          "convert again with this experiment ('fm-keras convert')")
-    return train_files, manifest, features
+def cluster_shards(config: ExperimentConfig, task: ClusterTask) -> Shards:
+    """The converted shard directory of ``data.train``, checked against `config` and, for a
+    synchronous cluster, against its readers: a file per worker, a per-worker batch of whole
+    records. Pure Python: it runs before the strategy, which must come before any TF work.
+
+    Raises:
+        ConfigError: no shard directory (or TFRecord Examples of an older convert), another
+            feature spec / label / task / neg_sample_rate, no valid files, or a batch size
+            the workers cannot split into whole records.
+        DataError: fewer shard files than synchronous workers.
+    """
+    where = f"{config.source}: data: train"
+    if any(is_tfrecord(p) for p in config.data.train):
+        raise ConfigError(f"{where}: TFRecord Examples (from an older 'fm-keras convert') are "
+                          "no longer training data for a cluster; convert the CSV/Parquet logs "
+                          f"again: {CONVERT_HINT}")
+    shards = converted_shards(config)
+    if shards is None:
+        raise ConfigError(f"{where}: a cluster trains from the encoded shards of 'fm-keras "
+                          f"convert'; {CONVERT_HINT}")
+    if config.training.distribute.strategy != "multi_worker_mirrored":
+        return shards
+    readers = len(task.cluster.get("chief", [])) + task.num_workers
+    batch, chunk = config.training.batch_size, shards.manifest["chunk_rows"]
+    if batch % readers or (batch // readers) % chunk:
+        raise ConfigError(f"{config.source}: training: batch_size: {batch} rows over {readers} "
+                          f"synchronous workers is not a whole number of the shards' {chunk}-row "
+                          f"records per worker; use a multiple of {readers * chunk}")
+    if len(shards.manifest["files"]) < readers:
+        raise DataError(f"{shards.directory}: {len(shards.manifest['files'])} shard file(s) for "
+                        f"{readers} synchronous workers; convert with --shards {readers} or more")
+    return shards
 
 
 def _record(model, state, convergence, metrics, manifest, valid_rows, task, distribute,

@@ -9,6 +9,10 @@ from typing import TYPE_CHECKING
 import numpy as np
 from sklearn.metrics import log_loss, roc_auc_score
 
+from fm_keras import fsutil
+from fm_keras.data import load_split
+from fm_keras.errors import ConfigError
+
 if TYPE_CHECKING:
     from fm_keras.config import FilterConfig
 
@@ -73,21 +77,6 @@ def metrics_for(task: str, labels: np.ndarray, outputs: dict[str, np.ndarray]) -
     return result
 
 
-def early_stopping_monitor(task: str, valid_labels: np.ndarray) -> tuple[str, float]:
-    """The validation metric early stopping watches and its sign (+1: higher is better).
-
-    CTR watches ``val_auc``, except when the validation labels have one class: AUC is then
-    undefined (never 0), and ``val_logloss`` is watched instead. Regression watches
-    ``val_rmse``.
-    """
-    if task == "regression":
-        return "val_rmse", -1.0
-    labels = np.asarray(valid_labels)
-    if len(labels) and np.all(labels == labels[0]):
-        return "val_logloss", -1.0
-    return "val_auc", 1.0
-
-
 def evaluate_run(run_dir: str, data: list[str] | str, batch_size: int = 65_536,
                  filters: Sequence[FilterConfig] | None = None,
                  reliability_plot: str | None = None) -> dict:
@@ -100,14 +89,12 @@ def evaluate_run(run_dir: str, data: list[str] | str, batch_size: int = 65_536,
         filters: row filters to apply; default (None) the run's own ``data.filters``. Pass
             another run's filters to score several runs on the same rows, or ``()`` for none.
         reliability_plot: if set, a PNG path for the reliability diagram of the calibrated
-            (and the raw) probability (`fm_keras.calibration.write_reliability_plot`).
+            (and the raw) probability (`write_reliability_plot`).
 
     Raises:
         ConfigError: the plot's directory does not exist, or the run is not a binary model.
     """
-    from fm_keras.data import load_split
-    from fm_keras.errors import ConfigError
-    from fm_keras.training import load_run, predict_split
+    from fm_keras.runs import load_run, predict_split  # TensorFlow: the metrics do without
 
     if reliability_plot and not os.path.isdir(os.path.dirname(os.path.abspath(reliability_plot))):
         raise ConfigError(f"{reliability_plot}: --reliability_plot: its directory does not exist")
@@ -127,11 +114,57 @@ def evaluate_run(run_dir: str, data: list[str] | str, batch_size: int = 65_536,
     result["rows_read"] = split.rows_read
     result["dropped"] = split.dropped
     if reliability_plot:
-        from fm_keras.calibration import write_reliability_plot
-
         write_reliability_plot(reliability_plot, split.labels, outputs["probability"],
                                outputs["raw_probability"],
                                title=f"{os.path.basename(os.path.normpath(run_dir))}: "
                                      f"calibration {run.model.calibration.method}")
         result["reliability_plot"] = reliability_plot
     return result
+
+
+def write_reliability_plot(path: str, labels: np.ndarray, probs: np.ndarray,
+                           raw_probs: np.ndarray | None = None, bins: int = 20,
+                           title: str = "") -> None:
+    """A reliability diagram (PNG): observed rate against mean predicted probability.
+
+    Uses the equal-count bins of `calibration_curve` (the ones ECE is
+    computed from), the diagonal of perfect calibration, and below it the histogram of the
+    predictions. Written atomically.
+
+    Args:
+        path: output PNG path; its directory must exist.
+        labels, probs: 0/1 labels and calibrated probabilities, [rows].
+        raw_probs: optionally the uncalibrated probabilities, drawn for comparison.
+        bins: number of equal-count bins.
+        title: plot title (ECE is appended).
+    """
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax, hist) = plt.subplots(2, 1, figsize=(5, 6.5), height_ratios=[3, 1], sharex=True)
+    top = 0.0
+    for name, p in (("probability", probs), ("raw_probability", raw_probs)):
+        if p is None:
+            continue
+        curve = calibration_curve(labels, p, bins)
+        xs, ys = [b["predicted"] for b in curve], [b["observed"] for b in curve]
+        ece = expected_calibration_error(labels, p, bins)
+        ax.plot(xs, ys, "o-" if name == "probability" else "s--", ms=4,
+                label=f"{name} (ECE {ece:.4f})")
+        hist.hist(p, bins=50, histtype="step", label=name)
+        top = max(top, max(xs), max(ys))
+    ax.plot([0, top * 1.05], [0, top * 1.05], "k:", label="perfectly calibrated")
+    ax.set_ylabel("observed positive rate")
+    ax.set_title(title or f"Reliability diagram ({bins} equal-count bins)")
+    ax.legend(loc="upper left")
+    hist.set_xlabel("predicted probability")
+    hist.set_ylabel("rows")
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    plt.close(fig)
+    fsutil.write_bytes(path, buffer.getvalue())

@@ -31,8 +31,9 @@ from fm_keras._tf import tf
 from fm_keras.errors import ExportError
 from fm_keras.model import FMModel
 from fm_keras.servables import FORMAT_VERSION
+from fm_keras.progress import log
+from fm_keras.runs import Run, load_run
 from fm_keras.towers import item_vector, user_outputs
-from fm_keras.training import Run, load_run, log
 from fm_keras.versions import version_dirs
 
 METADATA = "fm_keras.json"

@@ -23,7 +23,7 @@ import pandas as pd
 
 from fm_keras.config import ExperimentConfig, FeatureConfig, FilterConfig
 from fm_keras.data import Split, load_split
-from fm_keras.errors import DataError
+from fm_keras.errors import DataError, ExportError
 
 ITEM_INDEX = "item_index"  # Split.passthrough key: the row's catalog index
 WEIGHT = "weight"  # Split.passthrough key: the row's sample weight (data.weight), float32
@@ -54,13 +54,30 @@ class Catalog:
 
 def load_catalog(path: str, features: Sequence[FeatureConfig], id_column: str) -> Catalog:
     """Reads the catalog's id column and item features; DataError names the column."""
-    from fm_keras.recall import read_catalog
-
     item = [f for f in features if not f.query_side]
     meta = {"features": [{"config": dataclasses.asdict(f)} for f in item],
             "item_features": [f.name for f in item]}
     ids, columns = read_catalog(path, meta, id_column)
     return Catalog(ids, columns, path)
+
+
+def read_catalog(path: str, ranking_meta: dict, id_column: str) -> tuple[np.ndarray, dict]:
+    """(item ids, item feature columns) from a CSV/Parquet catalog; errors name the column."""
+    features = [FeatureConfig(**f["config"]) for f in ranking_meta["features"]
+                if f["config"]["name"] in ranking_meta["item_features"]]
+    extra = [] if id_column in {f.name for f in features} else [id_column]
+    split = load_split([path], features, None, (), passthrough=extra)
+    ids = (split.passthrough[id_column] if extra else split.features[id_column]).astype(str)
+    if np.any(ids == ""):
+        raise DataError(f"{path}: column {id_column!r}: row {int(np.argmax(ids == '')) + 2} has "
+                        "an empty item id; every item needs one")
+    if len(set(ids)) != len(ids):
+        values, counts = np.unique(ids, return_counts=True)
+        raise ExportError(f"{path}: column {id_column!r} has duplicate item ids, e.g. "
+                          f"{values[counts > 1][:3].tolist()}; one row per item")
+    columns = {k: (v.astype(str).astype(object) if v.dtype == object else v.astype(np.float32))
+               for k, v in split.features.items()}
+    return ids, columns
 
 
 def load_interactions(patterns: Sequence[str], config: ExperimentConfig, catalog: Catalog,

@@ -20,13 +20,15 @@ from __future__ import annotations
 import numpy as np
 
 from fm_keras._tf import tf
+from fm_keras.batches import batched_dataset, epoch_seeds
 from fm_keras.config import ExperimentConfig
 from fm_keras.data import Split
 from fm_keras.errors import ConfigError
 from fm_keras.features import FeatureEncoder
 from fm_keras.interactions import Catalog, load_catalog, query_keys
+from fm_keras.progress import log
+from fm_keras.retrieval import catalog_path
 from fm_keras.towers import side_slot_order
-from fm_keras.training import batched_dataset, epoch_seeds, log
 
 
 class SampledNegatives:
@@ -42,8 +44,6 @@ class SampledNegatives:
     """
 
     def __init__(self, config: ExperimentConfig, encoder: FeatureEncoder, train: Split):
-        from fm_keras.retrieval import catalog_path
-
         self.config = config
         item_id = config.data.item_id
         if item_id not in encoder.side_names(query_side=False):

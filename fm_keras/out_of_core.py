@@ -1,4 +1,4 @@
-"""Out-of-core training on one machine: memory flat in rows.
+"""Encoded shards on disk: out-of-core training on one machine, and the data of a cluster.
 
 Two streaming passes over the training files, then every epoch from disk::
 
@@ -8,17 +8,22 @@ Two streaming passes over the training files, then every epoch from disk::
 
 Only blocks of rows, the vocabularies and a shuffle buffer are ever in memory; the in-memory
 path (`fm_keras.training`) holds every row. ``data.out_of_core`` chooses: ``auto`` goes out of
-core when the training files hold more than ``data.out_of_core_mb`` MiB.
+core when the training files hold more than ``data.out_of_core_mb`` MiB. ``fm-keras convert``
+(`fm_keras.convert`) writes the same directory once for many runs, on one machine or a cluster
+(`shard_dataset` gives each synchronous worker its own files).
 
-A shard directory (``<run>/shards``, or a cache under ``data.shard_dir``) is written under a
-temp name and renamed when complete::
+A shard directory (``<run>/shards``, a cache under ``data.shard_dir``, or the output of
+``convert``) is written under a temp name and renamed when complete::
 
     part-00000-of-00008.bin ...  fixed-length records of `chunk_rows` encoded rows; a row is
                                  int32 ids [slots], float32 values [slots], float32 label
                                  (a NaN label pads the last record of a file)
     counts.npy                   training rows per id (the l2_prior's counts)
     sample.npz                   a uniform sample of encoded rows (the empirical Bayes prior)
-    shards.json                  manifest: rows, slots, chunk_rows, files, label histogram
+    features.json                the fitted features the rows were encoded with
+    shards.json                  manifest: rows (read, dropped per filter, written), slots,
+                                 chunk_rows, files, label histogram, and what the encoding
+                                 depends on (label, task, neg_sample_rate, batch_size)
 
 Rows are shuffled within each block before they are spread over the files, and the reader
 shuffles chunks of `chunk_rows` rows through a buffer: an approximate shuffle (the in-memory
@@ -46,6 +51,7 @@ from fm_keras.progress import log
 from fm_keras.tfrecord import is_tfrecord
 
 MANIFEST = "shards.json"
+FEATURES = "features.json"
 NUM_FILES = 8
 SAMPLE_ROWS = 4096
 SHUFFLE_ROWS = 262_144  # rows the reader's chunk shuffle buffer holds
@@ -82,7 +88,7 @@ def _unsupported(config: ExperimentConfig, files: list[str]) -> str | None:
     if config.training.negatives.per_positive:
         return "sampled negatives (training.negatives) need the rows in memory"
     if any(is_tfrecord(f) for f in files):
-        return "TFRecord training files train in memory (or on a cluster)"
+        return "TFRecord Example training files train in memory"
     if not config.data.valid:
         return ("it needs data.valid files (the 10% holdout of the training rows is in-memory "
                 "only)")
@@ -171,6 +177,12 @@ class Shards:
     def label_counts(self) -> np.ndarray:
         return np.asarray(self.manifest["label_counts"], dtype=np.int64)
 
+    @property
+    def features(self) -> tuple[FittedFeature, ...]:
+        """The fitted features the rows were encoded with (features.json)."""
+        return tuple(FittedFeature.from_dict(d) for d in
+                     fsutil.read_json(os.path.join(self.directory, FEATURES)))
+
     @classmethod
     def open(cls, directory: str) -> Shards:
         manifest = fsutil.read_json(os.path.join(directory, MANIFEST))
@@ -202,12 +214,20 @@ def shard_directory(config: ExperimentConfig, run_dir: str, fit: StreamFit) -> s
 
 
 def write_shards(config: ExperimentConfig, encoder, directory: str, fit: StreamFit,
-                 block_rows: int = 262_144) -> Shards:
+                 block_rows: int = 262_144, num_files: int | None = None) -> Shards:
     """Pass 2: encodes the training rows once into `directory` (reused if complete).
 
     Negative downsampling (``training.neg_sample_rate``) drops rows here, once, as the
     in-memory path does. The directory appears only when complete: a failed pass leaves
-    nothing behind.
+    nothing behind. Memory: one block of `block_rows` rows, the id counts and the sample.
+
+    Args:
+        config: the experiment (label, filters, task, training.batch_size / neg_sample_rate
+            / seed).
+        encoder: a `FeatureEncoder` of ``fit.features``.
+        directory: the shard directory to write.
+        fit: pass 1's result (the files and fitted features).
+        num_files: shard files (default `NUM_FILES`); each block's rows are spread over all.
     """
     if os.path.exists(os.path.join(directory, MANIFEST)):
         log(f"reusing encoded shards {directory}")
@@ -219,7 +239,8 @@ def write_shards(config: ExperimentConfig, encoder, directory: str, fit: StreamF
     labels: Counter = Counter()
     sample = _BottomK(SAMPLE_ROWS, rng)
     rows = 0
-    names = [f"part-{i:05d}-of-{NUM_FILES:05d}.bin" for i in range(NUM_FILES)]
+    num_files = num_files or NUM_FILES
+    names = [f"part-{i:05d}-of-{num_files:05d}.bin" for i in range(num_files)]
     with fsutil.atomic_dir(directory) as tmp:
         outs = [open(os.path.join(tmp, n), "wb") for n in names]
         try:
@@ -241,7 +262,7 @@ def write_shards(config: ExperimentConfig, encoder, directory: str, fit: StreamF
                 labels.update(dict(zip(distinct.tolist(), n.tolist())))
                 sample.add(ids, values)
                 records = _records(ids, values, y)
-                for out, part in zip(outs, np.array_split(records, NUM_FILES)):
+                for out, part in zip(outs, np.array_split(records, num_files)):
                     out.write(part.tobytes())
                 rows += len(y)
             rows_per_file = [out.tell() // (4 * (2 * slots + 1)) for out in outs]
@@ -257,16 +278,20 @@ def write_shards(config: ExperimentConfig, encoder, directory: str, fit: StreamF
             raise DataError(f"{', '.join(fit.files)}: no training rows left after negative "
                             f"downsampling at rate {t.neg_sample_rate}")
         distinct = sorted(labels)
-        manifest = {"rows": rows, "slots": slots, "chunk_rows": chunk,
+        manifest = {"rows": rows, "rows_read": fit.rows_read, "dropped": fit.dropped,
+                    "slots": slots, "chunk_rows": chunk,
                     "files": [{"file": n, "rows": r} for n, r in zip(names, rows_per_file)],
                     "labels": distinct, "label_counts": [labels[v] for v in distinct],
-                    "num_ids": encoder.num_ids, "source": fit.files,
+                    "num_ids": encoder.num_ids, "label": config.data.label,
+                    "task": config.model.task, "neg_sample_rate": t.neg_sample_rate,
+                    "batch_size": t.batch_size, "source": fit.files,
                     "seconds": round(time.time() - started, 2)}
         np.save(os.path.join(tmp, "counts.npy"), counts)
         np.savez(os.path.join(tmp, "sample.npz"), ids=sample.ids, values=sample.values)
+        fsutil.write_json(os.path.join(tmp, FEATURES), [f.to_dict() for f in fit.features])
         fsutil.write_json(os.path.join(tmp, MANIFEST), manifest)
     size = sum(os.path.getsize(os.path.join(directory, n)) for n in names)
-    log(f"encoded {rows:,} rows into {NUM_FILES} shards of {slots} slots ({size / 2**20:,.0f} "
+    log(f"encoded {rows:,} rows into {num_files} shards of {slots} slots ({size / 2**20:,.0f} "
         f"MiB) in {time.time() - started:.1f}s: {directory}")
     return Shards.open(directory)
 
@@ -299,28 +324,50 @@ class _BottomK:
         self.keys, self.ids, self.values = keys[keep], ids[keep], values[keep]
 
 
-def shard_dataset(shards: Shards, training: TrainingConfig, seed: int | None = None):
-    """One epoch of the shards as a tf.data pipeline of ``({"ids", "values"}, labels,
-    weights)`` batches of ``training.batch_size`` rows (fewer where a record has padding).
+def shard_dataset(shards: Shards, training: TrainingConfig, seed: int | None = None, *,
+                  batch_size: int | None = None, shard_index: int = 0, num_shards: int = 1,
+                  repeat: bool = False):
+    """The shards as a tf.data pipeline of ``({"ids", "values"}, labels, weights)`` batches:
+    ids int32 [rows, slots], values float32 [rows, slots], labels and weights float32 [rows].
 
     Args:
         shards: the encoded shards.
         training: batch size and the sample weights (pos_weight / class_weight).
         seed: shuffle seed: every epoch visits the files and chunks in a new order,
-            reproducible from it.
+            reproducible from it; None draws a new order every run.
+        batch_size: rows per batch (default ``training.batch_size``; a synchronous worker
+            takes its share of the global batch); a multiple of the shards' ``chunk_rows``.
+            A batch holds fewer rows where a record has padding.
+        shard_index, num_shards: this reader takes files ``[shard_index::num_shards]`` (one
+            synchronous worker of ``num_shards``).
+        repeat: endless batches of exactly `batch_size` rows, of static shape (a cluster's
+            ``steps_per_epoch`` sets the epoch; synchronous workers must all-gather sparse
+            gradients of equal shapes), else one epoch of known cardinality.
+
+    Raises:
+        ConfigError: `batch_size` is not a multiple of the shards' rows per record.
+        DataError: this reader's files hold no rows (fewer files than readers).
     """
     from fm_keras._tf import tf
 
     m = shards.manifest
     slots, chunk = m["slots"], m["chunk_rows"]
-    if training.batch_size % chunk:
-        raise ConfigError(f"training: batch_size {training.batch_size} is not a multiple of the "
-                          f"shards' {chunk} rows per record ({shards.directory}); delete the "
-                          "shards to write them again")
+    batch_size = batch_size or training.batch_size
+    if batch_size % chunk:
+        raise ConfigError(f"training: batch_size: {batch_size} rows per batch"
+                          f"{' per worker' if num_shards > 1 else ''} is not a multiple of the "
+                          f"{chunk} rows per record of the shards in {shards.directory} (written "
+                          f"for batch_size {m.get('batch_size', '?')}); choose a batch size whose "
+                          "share is a multiple of it, or write the shards again")
     width = 2 * slots + 1
-    files = [os.path.join(shards.directory, f["file"]) for f in m["files"]]
-    records = sum(math.ceil(f["rows"] / chunk) for f in m["files"])
-    per_batch = training.batch_size // chunk
+    mine = m["files"][shard_index::num_shards]
+    if not sum(f["rows"] for f in mine):
+        raise DataError(f"{shards.directory}: {len(m['files'])} shard file(s) for {num_shards} "
+                        f"readers: reader {shard_index} has no rows; write the shards with "
+                        f"at least as many files ('fm-keras convert --shards {num_shards}' or more)")
+    files = [os.path.join(shards.directory, f["file"]) for f in mine]
+    records = sum(math.ceil(f["rows"] / chunk) for f in mine)
+    per_batch = batch_size // chunk
     if training.class_weight is not None:
         w0, w1 = training.class_weight[0], training.class_weight[1]
     else:
@@ -336,12 +383,16 @@ def shard_dataset(shards: Shards, training: TrainingConfig, seed: int | None = N
         return features, labels, tf.where(labels > 0.5, w1, w0)
 
     dataset = tf.data.Dataset.from_tensor_slices(files).shuffle(len(files), seed=seed)
+    if repeat:
+        dataset = dataset.repeat()
     dataset = dataset.interleave(
         lambda f: tf.data.FixedLengthRecordDataset(f, 4 * width * chunk,
                                                    buffer_size=1 << 20),
         cycle_length=min(4, len(files)), num_parallel_calls=tf.data.AUTOTUNE,
         deterministic=True)
-    return (dataset.shuffle(max(1, SHUFFLE_ROWS // chunk), seed=seed)
-            .batch(per_batch).map(decode, num_parallel_calls=tf.data.AUTOTUNE)
-            .prefetch(tf.data.AUTOTUNE)
+    dataset = (dataset.shuffle(max(1, SHUFFLE_ROWS // chunk), seed=seed)
+               .batch(per_batch).map(decode, num_parallel_calls=tf.data.AUTOTUNE))
+    if repeat:  # the padding made some batches short: slice whole ones, one copy
+        return dataset.rebatch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+    return (dataset.prefetch(tf.data.AUTOTUNE)
             .apply(tf.data.experimental.assert_cardinality(math.ceil(records / per_batch))))

@@ -26,12 +26,13 @@ import numpy as np
 from fm_keras import fsutil
 from fm_keras._tf import tf
 from fm_keras.calibration import Calibration
-from fm_keras.errors import DataError, ExportError
+from fm_keras.errors import ExportError
 from fm_keras.export import (METADATA, WARMUP, check_model_name, building, new_version_path,
                              signature_info, write_warmup)
+from fm_keras.interactions import read_catalog
 from fm_keras.partitioned import PartitionedIndex, PartitionedParams, is_member
+from fm_keras.progress import log
 from fm_keras.servables import FORMAT_VERSION, load_export
-from fm_keras.training import log
 
 FORMAT_RECALL = "fm_keras.recall"
 BACKENDS = ("scann", "brute_force", "partitioned")
@@ -197,28 +198,6 @@ def item_vectors(ranking, catalog: dict[str, np.ndarray], batch_size: int = 65_5
     parts = [fn(**{k: tf.constant(catalog[k][s:s + batch_size]) for k in names})["item_vector"]
              .numpy() for s in range(0, n, batch_size)]
     return np.concatenate(parts).astype(np.float32)
-
-
-def read_catalog(path: str, ranking_meta: dict, id_column: str) -> tuple[np.ndarray, dict]:
-    """(item ids, item feature columns) from a CSV/Parquet catalog; errors name the column."""
-    from fm_keras.config import FeatureConfig
-    from fm_keras.data import load_split
-
-    features = [FeatureConfig(**f["config"]) for f in ranking_meta["features"]
-                if f["config"]["name"] in ranking_meta["item_features"]]
-    extra = [] if id_column in {f.name for f in features} else [id_column]
-    split = load_split([path], features, None, (), passthrough=extra)
-    ids = (split.passthrough[id_column] if extra else split.features[id_column]).astype(str)
-    if np.any(ids == ""):
-        raise DataError(f"{path}: column {id_column!r}: row {int(np.argmax(ids == '')) + 2} has "
-                        "an empty item id; every item needs one")
-    if len(set(ids)) != len(ids):
-        values, counts = np.unique(ids, return_counts=True)
-        raise ExportError(f"{path}: column {id_column!r} has duplicate item ids, e.g. "
-                          f"{values[counts > 1][:3].tolist()}; one row per item")
-    columns = {k: (v.astype(str).astype(object) if v.dtype == object else v.astype(np.float32))
-               for k, v in split.features.items()}
-    return ids, columns
 
 
 def index_settings(backend: str, items: int, k: int, *, partitions: int | None = None,

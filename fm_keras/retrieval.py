@@ -35,6 +35,7 @@ import tensorflow_recommenders as tfrs
 
 from fm_keras import fsutil
 from fm_keras._tf import keras, tf
+from fm_keras.batches import batched_dataset, holdout_if_needed
 from fm_keras.config import ExperimentConfig, RetrievalConfig
 from fm_keras.data import Split, expand_paths
 from fm_keras.errors import ConfigError
@@ -45,8 +46,8 @@ from fm_keras.model import FMModel, build_model, make_optimizer
 from fm_keras.reading import read_header
 from fm_keras.recall_metrics import exact_top_k, group_by_query, popularity_top_k, ranking_metrics
 from fm_keras.towers import item_vector, side_slot_order, user_outputs
-from fm_keras.training import (TrainingState, batched_dataset, check_run_dir, holdout_if_needed,
-                               library_versions, load_run, log)
+from fm_keras.progress import log
+from fm_keras.runs import TrainingState, check_run_dir, library_versions, load_run
 
 MONITOR = "val_recall_at_k"
 

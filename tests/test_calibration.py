@@ -2,15 +2,13 @@
 auto's choice on held-out rows, serialization, the reliability plot."""
 
 import itertools
-import os
 
 import numpy as np
 import pytest
 import tensorflow as tf
 
 from fm_keras.calibration import (MIN_BLOCK_ROWS, MIN_BLOCK_SHARE, MIN_KNOT_GAP, TIE_SLOPE,
-                                  Y_EPS, Calibration, fit_calibration,
-                                  write_reliability_plot)
+                                  Y_EPS, Calibration, fit_calibration)
 
 
 def _data(n, seed, truth=lambda z: 1 / (1 + np.exp(-z))):
@@ -175,11 +173,3 @@ def test_round_trips_through_json():
         np.testing.assert_array_equal(back.probability_numpy(z), cal.probability_numpy(z))
     assert Calibration.from_dict({"logit_correction": -1.0}) == Calibration(-1.0)
 
-
-def test_reliability_plot_is_a_png_written_atomically(tmp_path):
-    z, y = _data(5000, 9)
-    path = str(tmp_path / "reliability.png")
-    write_reliability_plot(path, y, 1 / (1 + np.exp(-z)), 1 / (1 + np.exp(-2 * z)))
-    with open(path, "rb") as f:
-        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
-    assert os.listdir(tmp_path) == ["reliability.png"]

@@ -14,7 +14,7 @@ from fm_keras.config import DataConfig, ExperimentConfig, FeatureConfig, Trainin
 from fm_keras.errors import TrainingDivergedError
 from fm_keras.features import FittedFeature
 from fm_keras.model import build_model, make_optimizer
-from fm_keras.training import TrainingState
+from fm_keras.runs import TrainingState
 
 
 @pytest.fixture

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from fm_keras.convergence import EarlyStopping, base_loss, cap_warning
+from fm_keras.convergence import EarlyStopping, base_loss, cap_warning, early_stopping_monitor
 
 
 def test_base_loss_matches_numpy_reference():
@@ -82,3 +82,10 @@ def test_base_loss_of_a_label_histogram_equals_the_expanded_labels(task):
     value_weights = np.where(values > 0.5, 3.0, 1.0) if task == "binary" else np.ones(len(values))
     assert base_loss(task, values, value_weights, counts) == pytest.approx(
         base_loss(task, labels, weights), rel=1e-12)
+
+
+def test_early_stopping_falls_back_to_logloss_when_auc_is_undefined():
+    assert early_stopping_monitor("binary", np.array([0.0, 1.0, 0.0])) == ("val_auc", 1.0)
+    assert early_stopping_monitor("binary", np.zeros(5)) == ("val_logloss", -1.0)
+    assert early_stopping_monitor("binary", np.ones(5)) == ("val_logloss", -1.0)
+    assert early_stopping_monitor("regression", np.ones(5)) == ("val_rmse", -1.0)

@@ -1,10 +1,12 @@
-"""Metrics against direct NumPy computations."""
+"""Metrics against direct NumPy computations; evaluating a run; the reliability plot."""
+
+import os
 
 import numpy as np
 import pytest
 
-from fm_keras.evaluation import (binary_metrics, early_stopping_monitor,
-                                 expected_calibration_error, metrics_for, regression_metrics)
+from fm_keras.evaluation import (binary_metrics, expected_calibration_error, metrics_for,
+                                 regression_metrics, write_reliability_plot)
 
 
 def test_binary_metrics_against_numpy():
@@ -46,7 +48,6 @@ def test_regression_rmse():
 def test_evaluate_run_with_other_filters(small_synth, tmp_path):
     """Several runs are compared on the same rows by passing the filters explicitly."""
     import dataclasses
-    import os
 
     import pandas as pd
 
@@ -71,9 +72,16 @@ def test_evaluate_run_with_other_filters(small_synth, tmp_path):
     assert same["auc"] == pytest.approx(own["auc"], abs=1e-12)
 
 
-def test_early_stopping_falls_back_to_logloss_when_auc_is_undefined():
-    assert early_stopping_monitor("binary", np.array([0.0, 1.0, 0.0])) == ("val_auc", 1.0)
-    assert early_stopping_monitor("binary", np.zeros(5)) == ("val_logloss", -1.0)
-    assert early_stopping_monitor("binary", np.ones(5)) == ("val_logloss", -1.0)
-    assert early_stopping_monitor("regression", np.ones(5)) == ("val_rmse", -1.0)
-    assert binary_metrics(np.zeros(4), np.full(4, 0.2))["auc"] is None   # never 0
+def test_reliability_plot_is_a_png_written_atomically(tmp_path):
+    rng = np.random.default_rng(9)
+    z = rng.normal(-1.0, 2.0, 5000)
+    y = (rng.random(5000) < 1 / (1 + np.exp(-z))).astype(np.float32)
+    path = str(tmp_path / "reliability.png")
+    write_reliability_plot(path, y, 1 / (1 + np.exp(-z)), 1 / (1 + np.exp(-2 * z)))
+    with open(path, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    assert os.listdir(tmp_path) == ["reliability.png"]
+
+
+def test_auc_of_one_class_is_undefined_never_zero():
+    assert binary_metrics(np.zeros(4), np.full(4, 0.2))["auc"] is None

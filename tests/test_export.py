@@ -11,7 +11,7 @@ import tensorflow as tf
 
 from fm_keras.errors import ExportError
 from fm_keras.export import RankingServable, check_parity, export_run, next_version, sample_rows
-from fm_keras.training import load_run, predict_split
+from fm_keras.runs import load_run, predict_split
 from fm_keras.towers import item_vector
 
 

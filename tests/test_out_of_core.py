@@ -131,3 +131,29 @@ def test_bad_input_or_a_failed_pass_leaves_nothing(small_synth, tmp_path, monkey
         out_of_core.write_shards(config, FeatureEncoder(fit.features), str(run_dir / "shards"),
                                  fit, block_rows=4000)
     assert os.listdir(run_dir) == []  # no shards, no temp directory
+
+
+def test_a_cluster_reader_takes_its_files_in_whole_batches_of_static_shape(small_synth, tmp_path):
+    """Regression: synchronous workers all-gather sparse gradients; a batch shortened by a
+    record's padding on one worker only aborted the collective ("Shape mismatch")."""
+    synth_dir, _ = small_synth
+    config = _config(synth_dir, filters=())
+    config = dataclasses.replace(config, training=dataclasses.replace(
+        config.training, neg_sample_rate=1.0, batch_size=600))  # records of 200 rows
+    fit = out_of_core.fit_pass(config)
+    shards = out_of_core.write_shards(config, FeatureEncoder(fit.features), str(tmp_path / "s"),
+                                      fit, num_files=3)
+    assert [f["rows"] % 200 for f in shards.manifest["files"]] != [0, 0, 0]  # padded records
+    for worker, files in ((0, [0, 2]), (1, [1])):
+        data = out_of_core.shard_dataset(shards, config.training, seed=1, batch_size=400,
+                                         shard_index=worker, num_shards=2, repeat=True)
+        assert data.element_spec[0]["ids"].shape == (400, shards.manifest["slots"])
+        rows = sum(shards.manifest["files"][i]["rows"] for i in files)
+        labels = np.concatenate([y.numpy() for _, y, _ in data.take(3 * rows // 400 + 1)])
+        assert not np.isnan(labels).any() and len(labels) > 3 * rows  # endless, no padding
+    with pytest.raises(DataError, match="reader 3 has no rows.*--shards 4"):
+        out_of_core.shard_dataset(shards, config.training, batch_size=200, shard_index=3,
+                                  num_shards=4, repeat=True)
+    with pytest.raises(ConfigError, match="300 rows per batch per worker is not a multiple of "
+                                          "the 200 rows per record"):
+        out_of_core.shard_dataset(shards, config.training, batch_size=300, num_shards=2)

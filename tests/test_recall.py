@@ -13,8 +13,9 @@ import tensorflow as tf
 
 from fm_keras.calibration import Calibration
 from fm_keras.errors import DataError, ExportError
+from fm_keras.interactions import read_catalog
 from fm_keras.recall import (PAD_SCORE, BruteForceIndex, ScannIndex, ScannParams, build_index,
-                             index_settings, item_vectors, read_catalog)
+                             index_settings, item_vectors)
 from fm_keras.servables import load_export
 
 USERS = {"user_id": ["u1", "u7", "u-new"], "user_segment": ["s1", "s3", ""],

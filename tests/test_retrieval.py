@@ -119,7 +119,7 @@ def test_trained_model_beats_popularity_and_reports_metrics(retrieval_run):
 def test_export_parity_and_python_towers_equal_signatures(retrieval_run, implicit_data,
                                                           tmp_path):
     from fm_keras.export import export_run
-    from fm_keras.training import load_run
+    from fm_keras.runs import load_run
 
     run_dir, _ = retrieval_run
     version = export_run(run_dir, "rec", base=str(tmp_path), parity_rows=500)

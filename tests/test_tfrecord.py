@@ -1,7 +1,6 @@
-"""fm-keras convert: TFRecord shards that read back as the same rows, typed from the spec."""
+"""TFRecord Examples as input: read back as the same rows, typed from the spec; bad files fail
+with the file named."""
 
-import dataclasses
-import json
 import os
 
 import numpy as np
@@ -11,86 +10,63 @@ import tensorflow as tf
 from fm_keras.config import load_experiment
 from fm_keras.data import load_split
 from fm_keras.errors import DataError
-from fm_keras.features import FittedFeature, fit_features
-from fm_keras.model import build_model
-from fm_keras.tfrecord import convert, read_split, training_dataset
+from fm_keras.tfrecord import example_spec, is_tfrecord, read_examples
+
+
+def _write_examples(path, split, features, label):
+    """One Example per row, typed as TFX's ExampleGen writes CSV columns of this spec."""
+    with tf.io.TFRecordWriter(path) as writer:
+        for i in range(len(split)):
+            feature = {}
+            for f in features:
+                value = split.features[f.name][i]
+                feature[f.name] = (tf.train.Feature(float_list=tf.train.FloatList(value=[value]))
+                                   if f.kind == "numeric" else tf.train.Feature(
+                                       bytes_list=tf.train.BytesList(value=[str(value).encode()])))
+            feature[label] = tf.train.Feature(float_list=tf.train.FloatList(
+                value=[split.labels[i]]))
+            writer.write(tf.train.Example(
+                features=tf.train.Features(feature=feature)).SerializeToString())
 
 
 @pytest.fixture(scope="module")
-def converted(small_synth, tmp_path_factory):
+def examples(small_synth, tmp_path_factory):
     synth_dir, _ = small_synth
     config = load_experiment(os.path.join(synth_dir, "experiment.yaml"))
-    out = str(tmp_path_factory.mktemp("tfr") / "shards")
-    manifest = convert(config, [os.path.join(synth_dir, "train.csv")], out, shards=3)
-    return config, out, manifest
+    csv = load_split([os.path.join(synth_dir, "valid.csv")], config.features, "click")
+    out = tmp_path_factory.mktemp("tfr")
+    halves = np.array_split(np.arange(len(csv)), 2)
+    for i, rows in enumerate(halves):
+        _write_examples(str(out / f"part-{i}.tfrecord"), csv.take(rows), config.features, "click")
+    return config, csv, str(out)
 
 
-def test_shards_read_back_as_the_filtered_rows(converted, small_synth):
-    config, out, manifest = converted
-    csv = load_split([os.path.join(small_synth[0], "train.csv")], config.features,
-                     config.data.label, config.data.filters)
-    files = sorted(os.path.join(out, f) for f in os.listdir(out) if f.endswith(".tfrecord"))
-    assert [os.path.basename(f) for f in files] == [
-        f"part-0000{i}-of-00003.tfrecord" for i in range(3)]
-    assert manifest["rows"] == len(csv) == sum(s["rows"] for s in manifest["shards"])
-    assert manifest["dropped"] == csv.dropped and csv.dropped["cached_exposures"] > 0
-    back = load_split([os.path.join(out, "*.tfrecord")], config.features, config.data.label)
+def test_examples_read_back_as_the_rows(examples):
+    config, csv, out = examples
+    back = load_split([os.path.join(out, "*.tfrecord")], config.features, "click")
+    assert back.files == [os.path.join(out, f"part-{i}.tfrecord") for i in range(2)]
     np.testing.assert_array_equal(back.labels, csv.labels)
     for f in config.features:
-        if f.kind == "numeric":
+        if f.kind == "numeric":  # a missing number travels as NaN
             np.testing.assert_array_equal(back.features[f.name], csv.features[f.name])
         else:
             assert list(back.features[f.name]) == list(csv.features[f.name]), f.name
 
 
-def test_examples_are_typed_from_the_feature_spec(converted):
-    config, out, _ = converted
-    record = next(iter(tf.data.TFRecordDataset(os.path.join(out, "part-00000-of-00003.tfrecord"))))
-    example = tf.train.Example.FromString(record.numpy()).features.feature
+def test_spec_types_and_missing_defaults(examples):
+    config, _, _ = examples
+    spec = example_spec(config.features, "click")
     for f in config.features:
-        assert example[f.name].WhichOneof("kind") == (
-            "float_list" if f.kind == "numeric" else "bytes_list"), f.name
-    assert example["click"].WhichOneof("kind") == "float_list"
-    assert "is_cached" not in example  # filters were applied, their columns are not needed
+        assert spec[f.name].dtype == (tf.float32 if f.kind == "numeric" else tf.string), f.name
+    assert spec["click"].dtype == tf.float32
+    assert is_tfrecord("a/b.tfrecord") and is_tfrecord("b.tfrecords") and not is_tfrecord("b.csv")
 
 
-def test_fitted_features_travel_with_the_shards(converted):
-    config, out, _ = converted
-    with open(os.path.join(out, "features.json")) as f:
-        stored = [FittedFeature.from_dict(d) for d in json.load(f)]
-    refit = fit_features(config.features, read_split(
-        [os.path.join(out, n) for n in sorted(os.listdir(out)) if n.endswith(".tfrecord")],
-        config.features, config.data.label))
-    assert tuple(stored) == refit
-
-
-def test_training_dataset_shards_files_per_worker_and_weights_positives(converted):
-    config, out, manifest = converted
-    files = sorted(os.path.join(out, f) for f in os.listdir(out) if f.endswith(".tfrecord"))
-    with open(os.path.join(out, "features.json")) as f:
-        features = [FittedFeature.from_dict(d) for d in json.load(f)]
-    model = build_model(features, config.model, config.training)
-    training = dataclasses.replace(config.training, pos_weight=4.0)
-    seen = []
-    for worker in range(2):
-        data = training_dataset(files, model.encoder, "click", training, 256,
-                                shard_index=worker, num_shards=2, seed=1)
-        slots, labels, weights = next(iter(data))
-        assert slots["ids"].shape == (256, model.encoder.num_slots)
-        np.testing.assert_array_equal(weights.numpy(), np.where(labels.numpy() > 0.5, 4.0, 1.0))
-        seen.append(files[worker::2])
-    assert seen == [files[0::2], files[1::2]]
-    with pytest.raises(DataError, match="convert with --shards >= 4"):
-        training_dataset(files, model.encoder, "click", training, 256, shard_index=3,
-                         num_shards=4)
-
-
-def test_convert_refuses_a_used_directory_and_too_many_shards(converted, small_synth, tmp_path):
-    config, out, _ = converted
-    train_csv = os.path.join(small_synth[0], "train.csv")
-    with pytest.raises(DataError, match="not empty"):
-        convert(config, [train_csv], out, shards=2)
-    with pytest.raises(DataError, match="more than the"):
-        convert(config, [train_csv], str(tmp_path / "x"), shards=10**7)
-    with pytest.raises(DataError, match="positive number"):
-        convert(config, [train_csv], str(tmp_path / "y"), shards=0)
+def test_files_that_are_not_examples_of_the_spec_name_the_file(examples, tmp_path):
+    config, _, out = examples
+    bad = tmp_path / "bad.tfrecord"
+    bad.write_bytes(b"not a tfrecord at all")
+    with pytest.raises(DataError, match="bad.tfrecord: cannot read as TFRecord Examples"):
+        read_examples([str(bad)], config.features, "click")
+    with pytest.raises(DataError, match="cannot read as TFRecord Examples"):  # no such label
+        read_examples([os.path.join(out, "part-0.tfrecord")], config.features, "clicked")

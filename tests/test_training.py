@@ -10,8 +10,9 @@ import pytest
 
 from fm_keras.config import load_experiment
 from fm_keras.errors import DataError, RunError, TrainingDivergedError
-from fm_keras.training import TrainingState, check_run_dir, load_run, predict_split, train
 from fm_keras.data import load_data_split
+from fm_keras.runs import TrainingState, load_run, predict_split
+from fm_keras.training import train
 
 
 def _config(synth_dir, **training):
@@ -126,7 +127,7 @@ def test_resume_from_a_checkpoint_older_than_the_last_epoch(small_synth, tmp_pat
     after epoch 2 whose checkpoint holds epoch 1 resumes after epoch 1: epoch 2 is trained
     again, and the run ends as good as an uninterrupted one (not bit-equal: a new process
     starts the per-epoch shuffle over)."""
-    from fm_keras import training
+    from fm_keras import runs
 
     synth_dir, _ = small_synth
     config = _config(synth_dir, epochs=3, early_stopping_patience=10)
@@ -144,7 +145,7 @@ def test_resume_from_a_checkpoint_older_than_the_last_epoch(small_synth, tmp_pat
         if epoch == 1:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(training, "checkpoint_due", first_epoch_only)
+    monkeypatch.setattr(runs, "checkpoint_due", first_epoch_only)
     monkeypatch.setattr(TrainingState, "on_epoch_end", interrupt_after_second_epoch)
     with pytest.raises(KeyboardInterrupt):
         train(config, run_dir, verbose=0)
@@ -156,17 +157,10 @@ def test_resume_from_a_checkpoint_older_than_the_last_epoch(small_synth, tmp_pat
     assert "resuming after epoch 1, the checkpoint's" in capsys.readouterr().err
     assert len(record["history"]) == 3
     assert record["history"][0] == state["history"][0]  # epoch 1 from the checkpoint
-    monkeypatch.setattr(training, "checkpoint_due", lambda *args: True)
+    monkeypatch.setattr(runs, "checkpoint_due", lambda *args: True)
     straight = train(config, str(tmp_path / "straight"), verbose=0)
     assert record["metrics"]["valid"]["auc"] == pytest.approx(
         straight["metrics"]["valid"]["auc"], abs=0.02)
-
-
-def test_a_run_dir_with_other_files_is_refused_without_suggesting_resume(tmp_path):
-    (tmp_path / "notes.txt").write_text("mine")
-    with pytest.raises(RunError, match="is not empty and holds no fm-keras run; choose a new"):
-        check_run_dir(str(tmp_path), resume=False)
-    assert os.listdir(tmp_path) == ["notes.txt"]
 
 
 def test_early_stopping_restores_best_epoch(small_synth, tmp_path):
@@ -234,19 +228,3 @@ def test_early_stop_is_converged_and_state_agrees(small_synth, tmp_path):
     assert all(0 < tau < 1e6 and tau != l2_prior
                for p in record["prior"].values() for tau in p.values())
 
-
-def test_shuffle_is_a_new_permutation_every_epoch():
-    """Regression: a seeded tf.random.shuffle inside map repeated one order every epoch."""
-    from fm_keras.training import batched_dataset
-
-    n = 50
-    ds = batched_dataset(np.arange(n, dtype=np.int32)[:, None], np.ones((n, 1), np.float32),
-                         np.zeros(n, np.float32), np.ones(n, np.float32), 20, shuffle_seed=42)
-    epochs = [np.concatenate([f["ids"].numpy().ravel() for f, _, _ in ds]) for _ in range(3)]
-    for order in epochs:
-        assert sorted(order.tolist()) == list(range(n))
-    assert not np.array_equal(epochs[0], epochs[1]) and not np.array_equal(epochs[1], epochs[2])
-    again = batched_dataset(np.arange(n, dtype=np.int32)[:, None], np.ones((n, 1), np.float32),
-                            np.zeros(n, np.float32), np.ones(n, np.float32), 20, shuffle_seed=42)
-    np.testing.assert_array_equal(
-        np.concatenate([f["ids"].numpy().ravel() for f, _, _ in again]), epochs[0])

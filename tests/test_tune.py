@@ -26,8 +26,9 @@ def tiny(tmp_path_factory):
 
     out = tmp_path_factory.mktemp("tune")
     generate(str(out), rows=6000, seed=5)
-    text = (out / "experiment.yaml").read_text()
-    (out / "experiment.yaml").write_text(text.replace("epochs: 40", "epochs: 2"))
+    with open(out / "experiment.yaml", "a") as f:
+        f.write("training: {epochs: 2}\n")
+    assert load_experiment(out / "experiment.yaml").training.epochs == 2
     (out / "space.yaml").write_text(SPACE)
     return out
 

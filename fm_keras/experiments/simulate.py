@@ -86,7 +86,7 @@ class ArmRecommender:
     """
 
     def __init__(self, ranking_dir: str, recall_dir: str, catalog: str | None = None):
-        from fm_keras.recall import read_catalog
+        from fm_keras.interactions import read_catalog
         from fm_keras.servables import load_export
 
         _, self.ranking, meta = load_export(ranking_dir, expect="fm_keras.ranking")
@@ -163,7 +163,7 @@ def simulate(experiment: ABExperiment, data_dir: str, out_events: str,
     """
     from fm_keras.experiments.events import write_table
     from fm_keras.synth import load_world
-    from fm_keras.training import log
+    from fm_keras.progress import log
 
     started = time.time()
     versions = check_deployment(experiment)

@@ -24,7 +24,7 @@ from fm_keras.pipeline.config import EvaluatorConfig, IndexConfig, PipelineConfi
 def score_run(run_dir: str, config: PipelineConfig, examples_dir: str) -> dict:
     """Metrics and calibration curve of a finished run on the eval split."""
     from fm_keras.data import load_split
-    from fm_keras.training import load_run, predict_split
+    from fm_keras.runs import load_run, predict_split
 
     run = load_run(run_dir)
     if config.model.task == "retrieval":
@@ -56,7 +56,8 @@ def ann_recall_at_k(export_dir: str, config: PipelineConfig, examples_dir: str) 
     (how many of the exact top-K the index returns), on eval users. Not the model's recall."""
     import pandas as pd
 
-    from fm_keras.recall import item_vectors, make_index, read_catalog
+    from fm_keras.interactions import read_catalog
+    from fm_keras.recall import item_vectors, make_index
     from fm_keras.servables import load_export
     from fm_keras._tf import tf
 

@@ -1,7 +1,8 @@
 """The REST front end: HTTP/1.1 on aiohttp, on one event loop; slow model calls in a pool.
 
-``RestApi.handle`` (rest.py) does the work; this module is the plumbing around it, with the
-protections a Python ``http.server`` lacked (issue 14, item 9):
+``RestApi`` (rest.py) does the work (``handle``, or its steps: parse, model call, answer);
+this module is the plumbing around it, with the protections a Python ``http.server`` lacked
+(issue 14, item 9):
 
 - **Where the model call runs.** A cheap call runs inline on the event loop's thread: no
   hand-off to a pool thread and back, which cost ~110 µs of CPU per request and a GIL wait on
@@ -11,14 +12,19 @@ protections a Python ``http.server`` lacked (issue 14, item 9):
   bounds how long one request can hold up the others. (The fastest, not an average: a call
   preempted on a busy machine, or waiting for the GIL in the pool, measures long although the
   model is cheap; with a moving average the path went to the pool on a loaded machine and
-  stayed there.) Every other call runs on a pool of ``--rest_api_num_threads`` threads (a
-  batched call waits there for the batch, while the loop reads the next requests).
+  stayed there.) With server-side batching a request of at most ``INLINE_MAX_BODY_BYTES`` is
+  parsed on the loop and its batched call awaited there: ``Batcher.submit_async``'s future,
+  which the batch thread completes (one thread crossing each way, as ``http.server``'s
+  connection thread blocking in the batch queue had; a hand-off to a pool thread that then
+  blocked cost ~32% of the QPS, BENCHMARKS.md). Every other call (large, slow, or not
+  batched: classify, regress) runs on a pool of ``--rest_api_num_threads`` threads.
 - **Request timeout** (``--rest_api_timeout_in_ms``, TF Serving's flag, default 30 s). A
   request must arrive completely within the timeout from its first byte (a connection that
   sends nothing, or headers without the end of the body, is closed when it runs out), and the
   model call gets what is left of it (then 504 DEADLINE_EXCEEDED; an inline call, which cannot
-  be interrupted, is answered 504 if it ends past the deadline). An idle keep-alive
-  connection is closed after the same timeout, as TF Serving's libevent server does.
+  be interrupted, is answered 504 if it ends past the deadline; an awaited batched call is
+  answered 504 at the deadline, and its batch, if already running, finishes unheard). An idle
+  keep-alive connection is closed after the same timeout, as TF Serving's libevent server does.
 - **Bounded work.** The pool has ``--rest_api_num_threads`` threads; requests beyond that wait
   in the event loop (not in a thread) until a slot frees or their deadline passes. At most
   ``--rest_api_max_connections`` connections are open; more are answered 503 and closed.
@@ -35,6 +41,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
+import functools
 import json
 import logging
 import threading
@@ -152,6 +159,13 @@ def _wake(waiter: asyncio.Future) -> None:
         waiter.set_result(None)
 
 
+def _response(reply: tuple[int, str, str]) -> web.Response:
+    """A ``RestApi`` reply (HTTP status, content type, body text) -> an aiohttp response."""
+    status, content_type, text = reply
+    return web.Response(status=status, body=text.encode("utf-8"),
+                        headers={"Content-Type": content_type})
+
+
 def _json_response(status: int, message: str) -> web.Response:
     return web.Response(status=status, body=json.dumps({"error": message}).encode(),
                         headers={"Content-Type": "application/json"})
@@ -167,8 +181,8 @@ class RestServer:
         threads: threads for the model calls that do not run inline (> 0).
         max_connections: open connections allowed (> 0).
         max_body_bytes: largest request body accepted (> 0).
-        batching: model calls wait in a server-side batch queue (``--enable_batching``): all
-            of them run in the pool.
+        batching: model calls wait in a server-side batch queue (``--enable_batching``):
+            none runs inline; small predicts are awaited on the loop, the rest run in the pool.
     """
 
     def __init__(self, api, host: str, port: int, timeout_ms: int, threads: int,
@@ -245,8 +259,11 @@ class RestServer:
         try:
             if self.inline(path, len(body)):
                 response = self._call_inline(method, path, body, deadline)
+            elif self.batching and len(body) <= INLINE_MAX_BODY_BYTES:
+                response = await self._call_batched(method, path, body, deadline)
             else:
-                response = await self._call(method, path, body, deadline)
+                response = await self._call(
+                    functools.partial(self.api.handle, method, path, body), path, deadline)
         finally:
             if connection is not None:
                 connection.waiting()
@@ -298,10 +315,27 @@ class RestServer:
             self._record_cost(path, time.perf_counter() - start)
         if self.loop.time() > deadline:
             return _json_response(504, "Deadline Exceeded")
-        return web.Response(status=status, body=text.encode("utf-8"),
-                            headers={"Content-Type": content_type})
+        return _response((status, content_type, text))
 
-    async def _call(self, method: str, path: str, body: bytes, deadline: float):
+    async def _call_batched(self, method: str, path: str, body: bytes, deadline: float):
+        """Parses on the loop and awaits the batch (the batch thread wakes the loop itself)."""
+        call = self.api.parse(method, path, body)
+        if isinstance(call, tuple):  # answered without a model call (or a bad request)
+            return _response(call)
+        try:
+            future = call.submit(deadline)
+        except Exception as err:  # noqa: BLE001 - refused at once: queue full, too large
+            return _response(self.api.answer(call, error=err))
+        if future is None:  # not batched (classify, regress, no batch dimension): the pool
+            return await self._call(functools.partial(self.api.complete, call), path, deadline)
+        try:
+            outputs = await future
+        except Exception as err:  # noqa: BLE001 - DEADLINE_EXCEEDED, the run's error
+            return _response(self.api.answer(call, error=err))
+        return _response(self.api.answer(call, outputs))
+
+    async def _call(self, work, path: str, deadline: float):
+        """Runs ``work()`` (-> a reply) on a pool thread, waiting for a free one on the loop."""
         loop = self.loop
         if self._slots.locked():  # all threads busy: wait in the loop, not in a thread
             try:
@@ -311,7 +345,7 @@ class RestServer:
                                            "within --rest_api_timeout_in_ms")
         else:
             await self._slots.acquire()  # free: returns at once
-        future = loop.run_in_executor(self._pool, _timed, self.api.handle, method, path, body)
+        future = loop.run_in_executor(self._pool, _timed, work)
         # The slot frees when the call ends, even one whose client has given up on it. A plain
         # timer + waiter instead of asyncio.wait_for: no extra task per request.
         waiter = loop.create_future()
@@ -323,10 +357,9 @@ class RestServer:
             return _json_response(504, "Deadline Exceeded")
         if future.cancelled() or future.exception() is not None:  # RestApi.handle answers
             return _json_response(500, f"REST worker failed: {future.exception()!r}")  # errors
-        seconds, (status, content_type, text) = future.result()
+        seconds, reply = future.result()
         self._record_cost(path, seconds)
-        return web.Response(status=status, body=text.encode("utf-8"),
-                            headers={"Content-Type": content_type})
+        return _response(reply)
 
     def stop(self) -> None:
         """Stops listening, closes every connection and the event loop; idempotent."""

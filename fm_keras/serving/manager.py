@@ -51,8 +51,25 @@ class Servable:
 
     def run(self, sig: Signature, arrays, timeout: float | None = None):
         """Runs one request, through the batching queue when batching is on."""
-        if self._batching is None or not sig.batchable:
+        batcher = self._batcher(sig)
+        if batcher is None:
             return run_signature(sig, arrays)
+        return batcher.submit(arrays, _batch_rows(arrays), timeout)
+
+    def submit_async(self, sig: Signature, arrays, deadline: float | None):
+        """``run`` for a coroutine: an asyncio future of the outputs when the call is batched
+        (``Batcher.submit_async``; ``deadline`` in the running loop's time), else None (then
+        call ``run``: an unbatched call has nothing to wait for)."""
+        batcher = self._batcher(sig)
+        if batcher is None:
+            return None
+        return batcher.submit_async(arrays, _batch_rows(arrays), deadline)
+
+    def _batcher(self, sig: Signature):
+        """The signature's ``Batcher`` (made on first use), or None when its calls run directly
+        (batching off, or an input without a batch dimension)."""
+        if self._batching is None or not sig.batchable:
+            return None
         batcher = self._batchers.get(sig.name)
         if batcher is None:
             from fm_keras.serving.batching import Batcher
@@ -66,13 +83,17 @@ class Servable:
                     batcher = self._batchers[sig.name] = Batcher(
                         lambda a: run_signature(sig, a), self._batching,
                         f"{self.name}-{self.version}-{sig.name}", on_batch)
-        rows = next(iter(arrays.values())).shape[0]
-        return batcher.submit(arrays, rows, timeout)
+        return batcher
 
     def unload(self) -> None:
         with self._lock:
             for batcher in self._batchers.values():
                 batcher.stop()
+
+
+def _batch_rows(arrays: dict) -> int:
+    """A batchable request's batch size: dim 0 of its inputs (``check_shapes`` made them agree)."""
+    return next(iter(arrays.values())).shape[0]
 
 
 class _Published:

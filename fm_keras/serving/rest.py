@@ -180,8 +180,48 @@ def json_from_outputs(outputs: dict, fmt: str) -> dict:
     return {"predictions": [{n: values[n][i] for n in names} for i in range(batch)]}
 
 
+class Call:
+    """A request parsed by ``RestApi.parse`` whose model call is still to run.
+
+    A predict carries its servable, signature, input arrays and reply format; a classify or
+    regress carries ``work``, the whole call (it is never batched).
+    """
+
+    __slots__ = ("method", "path", "model", "start", "work", "servable", "sig", "arrays", "fmt")
+
+    def __init__(self, method, path, model, start, work=None, servable=None, sig=None,
+                 arrays=None, fmt=None):
+        self.method, self.path, self.model, self.start = method, path, model, start
+        self.work, self.servable, self.sig, self.arrays, self.fmt = (
+            work, servable, sig, arrays, fmt)
+
+    def run(self, timeout: float | None):
+        """The model call on this thread (blocking in the batch queue when batching is on)."""
+        if self.work is not None:
+            return self.work()
+        return self.servable.run(self.sig, self.arrays, timeout)
+
+    def submit(self, deadline: float | None):
+        """The model call as an asyncio future when it is batched (``Servable.submit_async``,
+        ``deadline`` in the running loop's time), else None: call ``run`` instead.
+
+        Raises:
+            ServingError: a request the batch queue refuses at once (too large, queue full).
+        """
+        if self.work is not None:
+            return None
+        return self.servable.submit_async(self.sig, self.arrays, deadline)
+
+
 class RestApi:
-    """Request handling, independent of the HTTP server plumbing (easy to test)."""
+    """Request handling, independent of the HTTP server plumbing (easy to test).
+
+    ``handle`` answers a request on the calling thread. It is three steps, which the HTTP
+    server also takes apart to await a batched call on its event loop instead of blocking a
+    thread: ``parse`` (path, JSON, validation: a ``Call``, or the whole reply when no model
+    runs or the request is bad), the model call (``Call.run`` or ``Call.submit``), and
+    ``answer`` (outputs or error -> reply). Replies are (HTTP status, content type, body).
+    """
 
     def __init__(self, manager, metrics=None, timeout_ms: int = 30000, prometheus_path: str = ""):
         self.manager, self.metrics = manager, metrics
@@ -190,9 +230,22 @@ class RestApi:
 
     def handle(self, method: str, path: str, body: bytes) -> tuple[int, str, str]:
         """Returns (HTTP status, content type, body)."""
+        call = self.parse(method, path, body)
+        return self.complete(call) if isinstance(call, Call) else call
+
+    def complete(self, call: Call) -> tuple[int, str, str]:
+        """Runs a parsed call on this thread and answers it."""
+        try:
+            outputs = call.run(self.timeout)
+        except Exception as err:  # noqa: BLE001 - answered as TF Serving does (500 if unknown)
+            return self.answer(call, error=err)
+        return self.answer(call, outputs)
+
+    def parse(self, method: str, path: str, body: bytes) -> Call | tuple[int, str, str]:
+        """A predict, classify or regress -> its ``Call``; anything else -> its reply."""
         if self.prometheus_path and path == self.prometheus_path and method == "GET":
             return 200, "text/plain; version=0.0.4", self.metrics.render()
-        start, code, model = time.perf_counter(), "OK", ""
+        start, model = time.perf_counter(), ""
         try:
             match = _PATH.fullmatch(path)
             if match is None or (method == "POST") != bool(match.group(4)) or method not in (
@@ -201,33 +254,48 @@ class RestApi:
             model, version, label, verb, metadata = match.groups()
             version = request_version(version) if version else None
             if verb == "predict":
-                result = self._predict(model, version, label, body)
-            elif verb:
-                result = self._examples(verb, model, version, label, body)
-            elif metadata:
-                result = self._metadata(model, version, label)
-            else:
-                result = self._status(model, version, label)
-            return 200, "application/json", json.dumps(result)
-        except ServingError as err:
-            code = err.code
-            return err.http_status, "application/json", json.dumps({"error": err.message})
+                request = parse_json(body)
+                servable = self.manager.lookup(model, version, label)
+                sig = servable.signature(request.get("signature_name", "")
+                                         if isinstance(request, dict) else "")
+                arrays, fmt = arrays_from_json(sig, request)
+                return Call(method, path, model, start, servable=servable, sig=sig,
+                            arrays=arrays, fmt=fmt)
+            if verb:
+                return Call(method, path, model, start,
+                            work=lambda: self._examples(verb, model, version, label, body))
+            result = (self._metadata(model, version, label) if metadata
+                      else self._status(model, version, label))
+            return self._reply(method, path, model, start, result)
         except Exception as err:  # noqa: BLE001 - the server stays up
-            code = "INTERNAL"
-            log.exception("REST %s %s failed", method, path)
-            return 500, "application/json", json.dumps({"error": f"{type(err).__name__}: {err}"})
-        finally:
-            if self.metrics is not None and model:
-                self.metrics.record_request(model, "rest", "REST", code,
-                                            (time.perf_counter() - start) * 1e6)
+            return self._reply(method, path, model, start, error=err)
 
-    def _predict(self, model, version, label, body):
-        request = parse_json(body)
-        servable = self.manager.lookup(model, version, label)
-        signature_name = request.get("signature_name", "") if isinstance(request, dict) else ""
-        sig = servable.signature(signature_name)
-        arrays, fmt = arrays_from_json(sig, request)
-        return json_from_outputs(servable.run(sig, arrays, self.timeout), fmt)
+    def answer(self, call: Call, outputs=None, error: Exception | None = None):
+        """The reply to a call that returned ``outputs`` or raised ``error``."""
+        result = None
+        if error is None:
+            try:
+                result = json_from_outputs(outputs, call.fmt) if call.fmt else outputs
+            except Exception as err:  # noqa: BLE001 - e.g. outputs the row format cannot hold
+                error = err
+        return self._reply(call.method, call.path, call.model, call.start, result, error)
+
+    def _reply(self, method, path, model, start, result=None, error=None):
+        code = "OK"
+        if error is None:
+            reply = 200, "application/json", json.dumps(result)
+        elif isinstance(error, ServingError):
+            code = error.code
+            reply = error.http_status, "application/json", json.dumps({"error": error.message})
+        else:
+            code = "INTERNAL"
+            log.error("REST %s %s failed", method, path, exc_info=error)
+            reply = 500, "application/json", json.dumps(
+                {"error": f"{type(error).__name__}: {error}"})
+        if self.metrics is not None and model:
+            self.metrics.record_request(model, "rest", "REST", code,
+                                        (time.perf_counter() - start) * 1e6)
+        return reply
 
     def _examples(self, verb, model, version, label, body):
         """``:classify`` / ``:regress``: {"signature_name", "context", "examples"} as in TF Serving."""

@@ -122,3 +122,125 @@ def test_deadline_while_queued():
         first.join()
     finally:
         batcher.stop()
+
+
+def _one_row(i):
+    return {"x": np.full(1, i, dtype=np.float32), "id": np.array([b"r%d" % i], dtype=object)}
+
+
+def test_awaited_and_blocking_requests_share_one_batch():
+    import asyncio
+
+    model = _Model()
+    batcher = Batcher(model, BatchingOptions(max_batch_size=8, batch_timeout_micros=10_000_000,
+                                             num_batch_threads=1))  # runs when 8 rows are in
+    blocking = [None] * 4
+
+    def submit(i):
+        blocking[i] = batcher.submit(_one_row(i), 1, timeout=30)
+
+    async def main():
+        futures = [batcher.submit_async(_one_row(10 + i), 1) for i in range(4)]
+        threads = [threading.Thread(target=submit, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        results = await asyncio.wait_for(asyncio.gather(*futures), 30)
+        for t in threads:
+            t.join()
+        return results
+
+    try:
+        awaited = asyncio.run(main())
+    finally:
+        batcher.stop()
+    assert model.batches == [8]
+    assert [float(r["y"][0]) for r in awaited] == [20, 22, 24, 26]
+    assert [float(r["y"][0]) for r in blocking] == [0, 2, 4, 6]
+    assert list(awaited[1]["id"]) == [b"r11"]
+
+
+def test_awaited_requests_past_their_deadline_or_cancelled_leave_the_worker_serving():
+    import asyncio
+
+    model = _Model()
+    model.gate.clear()
+    batcher = Batcher(model, BatchingOptions(max_batch_size=1, batch_timeout_micros=0,
+                                             num_batch_threads=1))
+    loop_errors = []
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        loop.set_exception_handler(lambda _, context: loop_errors.append(context))
+        running = batcher.submit_async(_one_row(1), 1, loop.time() + 0.05)
+        queued = batcher.submit_async(_one_row(2), 1, loop.time() + 0.05)
+        cancelled = batcher.submit_async(_one_row(3), 1)
+        cancelled.cancel()
+        for future in (running, queued):
+            with pytest.raises(ServingError) as info:
+                await future
+            assert info.value.code == "DEADLINE_EXCEEDED"
+        model.gate.set()  # the running batch ends after its future failed; 2 is dropped, 3 runs
+        after = await asyncio.wait_for(batcher.submit_async(_one_row(4), 1, loop.time() + 30), 30)
+        await asyncio.sleep(0.1)  # let the loop resolve what is left
+        return after
+
+    try:
+        after = asyncio.run(main())
+    finally:
+        batcher.stop()
+    assert float(after["y"][0]) == 8
+    assert model.batches == [1, 1, 1]  # 1, 3 (cancelled: its waiter, not its batch) and 4
+    assert loop_errors == []  # no callback touched a future that was already done
+
+
+def test_a_closed_event_loop_does_not_stop_the_worker():
+    import asyncio
+
+    model = _Model()
+    model.gate.clear()
+    batcher = Batcher(model, BatchingOptions(max_batch_size=1, batch_timeout_micros=0,
+                                             num_batch_threads=1))
+
+    async def abandon():
+        batcher.submit_async(_one_row(1), 1)  # the loop closes before the batch ends
+
+    try:
+        asyncio.run(abandon())
+        model.gate.set()
+        result = batcher.submit(_one_row(2), 1, timeout=30)
+    finally:
+        batcher.stop()
+    assert float(result["y"][0]) == 4
+
+
+def test_awaited_requests_are_refused_at_once_like_blocking_ones():
+    import asyncio
+
+    model = _Model()
+    model.gate.clear()
+    batcher = Batcher(model, BatchingOptions(max_batch_size=2, batch_timeout_micros=0,
+                                             max_enqueued_batches=1, num_batch_threads=1))
+
+    async def main():
+        first = batcher.submit_async(_one_row(0), 1)
+        while batcher._queued_rows:  # the worker took it and blocks inside the run
+            await asyncio.sleep(0.01)
+        queued = [batcher.submit_async(_one_row(i), 1) for i in (1, 2)]  # 2 rows fit
+        refusals = []
+        for rows in (1, 3):
+            arrays = {k: np.repeat(v, rows) for k, v in _one_row(9).items()}
+            with pytest.raises(ServingError) as info:
+                batcher.submit_async(arrays, rows)
+            refusals.append(info.value)
+        model.gate.set()
+        await asyncio.wait_for(asyncio.gather(first, *queued), 30)
+        return refusals
+
+    try:
+        full, large = asyncio.run(main())
+    finally:
+        batcher.stop()
+    assert full.code == "UNAVAILABLE"
+    assert "queue to which this task was submitted is full" in full.message
+    assert large.code == "INVALID_ARGUMENT"
+    assert "Task size 3 is larger than maximum" in large.message

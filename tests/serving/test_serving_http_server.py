@@ -6,29 +6,72 @@ import socket
 import threading
 import time
 
+import numpy as np
 import pytest
 
+from fm_keras.serving.batching import Batcher
+from fm_keras.serving.config import BatchingOptions
 from fm_keras.serving.http_server import INLINE_MAX_BODY_BYTES, INLINE_MAX_SECONDS, RestServer
+
+
+class _Call:
+    """A parsed stub request; ``/batched`` goes through a real ``Batcher``."""
+
+    def __init__(self, api, method, path, body):
+        self.api, self.method, self.path, self.body = api, method, path, body
+
+    def submit(self, deadline):
+        if self.path != "/batched":
+            return None
+        return self.api.batcher.submit_async({"x": np.array([len(self.body)])}, 1, deadline)
 
 
 class _Api:
     """RestApi's interface: echoes the request; ``/slow`` blocks until released, ``/sleep``
-    sleeps 0.3 s. ``threads`` records the thread each call ran on."""
+    sleeps 0.3 s, ``/batched`` doubles the body's length in a batch (its model waits for
+    ``batch_gate``). ``threads`` records the thread each unbatched call ran on, ``batches`` the
+    size and thread of each batch."""
 
     def __init__(self):
-        self.release = threading.Event()
+        self.release, self.batch_gate = threading.Event(), threading.Event()
+        self.batch_started = threading.Event()
+        self.batch_gate.set()
         self.calls = 0
-        self.threads = []
+        self.threads, self.batches = [], []
+        self.batcher = Batcher(self._model, BatchingOptions(
+            max_batch_size=8, batch_timeout_micros=100_000, max_enqueued_batches=1,
+            num_batch_threads=1))
+
+    def _model(self, arrays):
+        self.batch_started.set()
+        self.batch_gate.wait(30)
+        self.batches.append((len(arrays["x"]), threading.current_thread().name))
+        return {"y": arrays["x"] * 2}
 
     def handle(self, method, path, body):
+        return self.complete(self.parse(method, path, body))
+
+    def parse(self, method, path, body):
+        if path == "/answered":  # no model call
+            return 200, "application/json", json.dumps({"parsed": True})
+        return _Call(self, method, path, body)
+
+    def complete(self, call):
         self.calls += 1
         self.threads.append(threading.current_thread().name)
-        if path == "/slow":
+        if call.path == "/slow":
             self.release.wait(30)
-        if path == "/sleep":
+        if call.path == "/sleep":
             time.sleep(0.3)
-        return 200, "application/json", json.dumps({"method": method, "path": path,
-                                                    "bytes": len(body)})
+        return self.answer(call, {"method": call.method, "path": call.path,
+                                  "bytes": len(call.body)})
+
+    def answer(self, call, outputs=None, error=None):
+        if error is not None:
+            return error.http_status, "application/json", json.dumps({"error": error.message})
+        if "y" in outputs:
+            outputs = {"y": int(outputs["y"][0]), "thread": threading.current_thread().name}
+        return 200, "application/json", json.dumps(outputs)
 
 
 @pytest.fixture
@@ -36,6 +79,8 @@ def api():
     stub = _Api()
     yield stub
     stub.release.set()
+    stub.batch_gate.set()
+    stub.batcher.stop()
 
 
 def _server(api, **kw):
@@ -168,12 +213,85 @@ def test_cheap_calls_run_on_the_loop_thread_and_slow_or_large_ones_in_the_pool(a
         server.stop()
 
 
-def test_with_batching_every_call_runs_in_the_pool(api):
+def test_with_batching_unbatched_calls_run_in_the_pool(api):
     server = _server(api, batching=True)
     try:
         for _ in range(2):
             assert _request(server.port, path="/cheap")[0] == 200
-        assert all(name.startswith("rest_") for name in api.threads)
+        assert api.threads and all(name.startswith("rest_") for name in api.threads)
+        assert _request(server.port, path="/answered") == (200, {"parsed": True})
+        assert api.calls == 2  # answered by parse: no model call, no thread
+    finally:
+        server.stop()
+
+
+def _concurrently(port, bodies, path="/batched"):
+    results = [None] * len(bodies)
+
+    def one(i):
+        results[i] = _request(port, path=path, body=bodies[i])
+
+    clients = [threading.Thread(target=one, args=(i,)) for i in range(len(bodies))]
+    for thread in clients:
+        thread.start()
+    for thread in clients:
+        thread.join(60)
+    return results
+
+
+def test_batched_calls_are_awaited_on_the_loop_not_in_a_pool_thread(api):
+    server = _server(api, batching=True)
+    try:
+        results = _concurrently(server.port, [b"x" * (i + 1) for i in range(6)])
+        assert [r[0] for r in results] == [200] * 6
+        assert [r[1]["y"] for r in results] == [2 * (i + 1) for i in range(6)]  # each its own
+        assert {r[1]["thread"] for r in results} == {"rest"}  # answered on the loop's thread
+        assert api.threads == []  # no pool thread took part
+        assert sum(size for size, _ in api.batches) == 6 and len(api.batches) < 6  # merged
+        assert all(name.startswith("batch-") for _, name in api.batches)
+    finally:
+        server.stop()
+
+
+def test_a_batched_call_past_the_deadline_is_504_and_the_batch_thread_survives(api):
+    server = _server(api, timeout_ms=1000, batching=True)
+    try:
+        api.batch_gate.clear()
+        running = _request(server.port, path="/batched", body=b"a")  # its batch outlives it
+        queued = _request(server.port, path="/batched", body=b"bb")  # waits behind that batch
+        for status, body in (running, queued):
+            assert status == 504 and "Deadline exceeded" in body["error"]
+        api.batch_gate.set()  # the batch ends after its future was answered; "bb" is dropped
+        assert _request(server.port, path="/batched", body=b"ccc")[1]["y"] == 6
+        assert [size for size, _ in api.batches] == [1, 1]  # "a", then "ccc": "bb" never ran
+    finally:
+        server.stop()
+
+
+def test_a_full_batch_queue_is_503_in_tf_serving_words(api):
+    server = _server(api, batching=True)
+    try:
+        api.batch_gate.clear()  # the first batch blocks; the queue holds one batch of 8 rows
+        results = []
+        clients = [threading.Thread(target=lambda: results.append(
+            _request(server.port, path="/batched", body=b"1")))]
+        clients[0].start()
+        assert api.batch_started.wait(30)
+        clients += [threading.Thread(target=lambda: results.append(
+            _request(server.port, path="/batched", body=b"22"))) for _ in range(9)]
+        for thread in clients[1:]:
+            thread.start()
+        deadline = time.monotonic() + 30
+        while not results and time.monotonic() < deadline:  # the refusal comes at once
+            time.sleep(0.01)
+        api.batch_gate.set()
+        for thread in clients:
+            thread.join(60)
+        assert sorted(status for status, _ in results) == [200] * 9 + [503]
+        refused = next(body for status, body in results if status == 503)
+        assert refused["error"] == ("The batch scheduling queue to which this task was "
+                                    "submitted is full")
+        assert _request(server.port, path="/batched", body=b"1")[0] == 200
     finally:
         server.stop()
 

@@ -189,3 +189,63 @@ def test_classify_and_regress_answer_in_tf_serving_json():
     example.features.feature["x"].float_list.value.append(1.5)
     # the regress signature returns the serialized example's length: context merged in
     assert json.loads(text) == {"result": [float(len(example.SerializeToString()))]}
+
+
+@pytest.fixture(scope="module")
+def batching_server(saved_models, tmp_path_factory):
+    """REST with server-side batching: a lone request waits up to 300 ms for company."""
+    from serving_testlib import start_server
+
+    root = tmp_path_factory.mktemp("rest_batching")
+    params = root / "batching_parameters.txt"
+    params.write_text("max_batch_size { value: 64 }\nbatch_timeout_micros { value: 300000 }\n"
+                      "max_enqueued_batches { value: 4 }\nnum_batch_threads { value: 1 }\n")
+    monitoring = root / "monitoring.config"
+    monitoring.write_text('prometheus_config { enable: true, path: "/metrics" }\n')
+    srv = start_server(model_name="ranking", model_base_path=str(saved_models / "ranking"),
+                       enable_batching=True, batching_parameters_file=str(params),
+                       monitoring_config_file=str(monitoring))
+    yield srv
+    srv.stop()
+
+
+def test_batched_rest_predicts_get_their_own_answers(batching_server, server):
+    from concurrent.futures import ThreadPoolExecutor
+
+    bodies = [{"instances": [{**ROW, "user_id": f"user{i}", "price": float(i)}] * (1 + i % 2)}
+              for i in range(8)]
+    bodies.append({"inputs": {k: [v] for k, v in ROW.items()}})  # the columnar format too
+    with ThreadPoolExecutor(len(bodies)) as pool:
+        batched = list(pool.map(lambda b: post(batching_server, "/v1/models/ranking:predict", b),
+                                bodies))
+    for body, (status, reply) in zip(bodies, batched):
+        alone_status, alone = post(server, "/v1/models/ranking:predict", body)
+        assert status == alone_status == 200, reply
+        assert reply.keys() == alone.keys()
+        if "predictions" in reply:
+            assert len(reply["predictions"]) == len(body["instances"])
+            np.testing.assert_allclose([r["logit"] for r in reply["predictions"]],
+                                       [r["logit"] for r in alone["predictions"]], rtol=1e-6)
+        else:
+            np.testing.assert_allclose(reply["outputs"]["logit"], alone["outputs"]["logit"],
+                                       rtol=1e-6)
+    status, text = get(batching_server, "/metrics")
+    assert status == 200
+    sizes = re.search(r'processed_batch_size_sum\{model_name="ranking"\} (\S+)', text)
+    counts = re.search(r'processed_batch_size_count\{model_name="ranking"\} (\S+)', text)
+    assert float(sizes.group(1)) == 13 and float(counts.group(1)) < len(bodies)  # merged
+    assert ':tensorflow:serving:request_count{model_name="ranking",status="OK"} 9' in text
+
+
+def test_batched_rest_errors_answer_like_tf_serving(batching_server):
+    status, reply = post(batching_server, "/v1/models/ranking:predict",
+                         {"instances": [{**ROW, "extra": 1}]})
+    assert status == 400 and "Sent extra: {extra}" in reply["error"]
+    status, reply = post(batching_server, "/v1/models/ranking:predict",
+                         {"instances": [ROW] * 65})  # more rows than max_batch_size
+    assert status == 400 and reply["error"] == ("Task size 65 is larger than maximum input "
+                                                "batch size 64")
+    status, reply = post(batching_server, "/v1/models/ranking:classify", {"examples": [ROW]})
+    assert status == 400 and "Expected classification signature" in reply["error"]
+    status, reply = post(batching_server, "/v1/models/ranking:predict", {"instances": [ROW]})
+    assert status == 200 and len(reply["predictions"]) == 1

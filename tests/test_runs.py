@@ -1,0 +1,46 @@
+"""The run directory's contract without training: which directories may receive a run, and
+what `load_run` refuses (a finished run's round trip: tests/test_training.py)."""
+
+import json
+import os
+
+import pytest
+
+from fm_keras.errors import RunError
+from fm_keras.runs import check_run_dir, library_versions, load_run
+
+
+def test_a_run_dir_with_other_files_is_refused_without_suggesting_resume(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(RunError, match="is not empty and holds no fm-keras run; choose a new"):
+        check_run_dir(str(tmp_path), resume=False)
+    assert os.listdir(tmp_path) == ["notes.txt"]
+
+
+def test_finished_and_unfinished_runs(tmp_path):
+    check_run_dir(str(tmp_path / "new"), resume=False)  # a new directory is fine
+    check_run_dir(str(tmp_path), resume=False)  # so is an empty one
+    (tmp_path / "experiment.json").write_text("{}")
+    with pytest.raises(RunError, match="unfinished run; pass --resume"):
+        check_run_dir(str(tmp_path), resume=False)
+    check_run_dir(str(tmp_path), resume=True)
+    (tmp_path / "run.json").write_text("{}")
+    for resume in (False, True):
+        with pytest.raises(RunError, match="holds a finished run"):
+            check_run_dir(str(tmp_path), resume=resume)
+
+
+def test_load_run_refuses_what_is_not_a_finished_run(tmp_path):
+    with pytest.raises(RunError, match="no such run directory"):
+        load_run(str(tmp_path / "missing"))
+    (tmp_path / "checkpoints").mkdir()
+    with pytest.raises(RunError, match="run.json is missing.*'fm-keras train --resume'"):
+        load_run(str(tmp_path))
+    (tmp_path / "run.json").write_text(json.dumps({"status": "failed"}))
+    with pytest.raises(RunError, match="run status is 'failed', not 'complete'"):
+        load_run(str(tmp_path))
+
+
+def test_library_versions_name_what_a_run_depends_on():
+    assert set(library_versions()) == {"fm_keras", "tensorflow", "tf_keras",
+                                       "tensorflow_recommenders", "python"}
