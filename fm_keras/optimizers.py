@@ -28,7 +28,7 @@ Each sparse update reads the touched rows of the variable once (`tf.gather`) and
 once (``scatter_update`` of the new rows; the base optimizer has summed duplicate indices, so
 the rows are distinct). TensorFlow's ``scatter_update`` copies whole rows, while its
 ``scatter_sub``/``scatter_add`` apply an elementwise expression row by row: on 8k rows of a
-5M-row table a ``scatter_sub`` cost ~3x a gather plus a ``scatter_update``
+5M-row table a ``scatter_sub`` cost 1.6-2.9x a gather plus a ``scatter_update``
 (benchmarks/row_writes.py, BENCHMARKS.md "Row writes").
 
 All three work under `tf.distribute` (each replica's update runs through the strategy's

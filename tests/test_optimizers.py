@@ -112,7 +112,7 @@ def test_sparse_steps_match_numpy_reference(case):
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_sparse_step_writes_rows_with_one_scatter_update_per_table(case):
-    # scatter_sub/scatter_add apply an elementwise expression row by row and cost 3-10x a
+    # scatter_sub/scatter_add apply an elementwise expression row by row and cost 6-11x a
     # scatter_update of the new rows on a 5M-row table: each table (the variable and every
     # slot) is written by one ResourceScatterUpdate, never by an arithmetic scatter.
     make, _ = CASES[case]
