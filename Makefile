@@ -4,6 +4,8 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 DEMO   ?= demo
 ROWS   ?= 1000000
+# Test processes (pytest-xdist); each builds the session fixtures it needs. 1: one process.
+TEST_WORKERS ?= 2
 
 .PHONY: demo test bench bench-distributed clean pipeline-demo ab-demo
 
@@ -85,7 +87,7 @@ ab-demo: $(BIN)/.installed
 	    --model_config_file $(AB)/models.config --data $(AB)/data --out $(AB)/sim --cuped
 
 test: $(BIN)/.installed
-	$(BIN)/python -m pytest -q --durations=15
+	$(BIN)/python -m pytest -q --durations=15 -n $(TEST_WORKERS) --dist loadfile
 
 bench: $(BIN)/.bench-installed
 	$(BIN)/python benchmarks/train_throughput.py

@@ -89,13 +89,13 @@ def read_rows(readable_file, types: dict, keep: Sequence[str], chunk_rows: int =
     A file on a remote filesystem is copied to a local temp file first (the reader needs a
     path; the copy is streamed and deleted after).
     """
-    from fm_keras.reading import numbers, read_header, record_batches, texts
+    from fm_keras.reading import numbers, record_batches, texts
     from fm_keras.scoring import check_columns
 
     path = readable_file.metadata.path
     wanted = list(dict.fromkeys([*types, *keep]))
     with _local_copy(readable_file) as local:
-        check_columns(path, read_header(local), wanted)
+        check_columns(path, wanted, local)
         for first, batch in record_batches(local, wanted, chunk_rows):
             columns = {name: numbers(batch.column(name), f"{path}: column {name!r}", first)
                        if types.get(name) == "float32" else texts(batch.column(name))

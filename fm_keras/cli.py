@@ -67,7 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("evaluate", help="metrics of a finished run on labeled data, as JSON")
     p.add_argument("--run", required=True, help="run directory written by 'fm-keras train'")
-    p.add_argument("--data", required=True, nargs="+", help="CSV/Parquet files or globs")
+    p.add_argument("--data", required=True, nargs="+",
+                   help="CSV/Parquet/libSVM/libFFM files or globs")
     p.add_argument("--reliability_plot", "--reliability-plot", metavar="PATH",
                    help="also write a reliability diagram (PNG) of the probabilities here")
     p.add_argument("--items", help="item catalog: report Recall@K, NDCG@K, HitRate@K and "
@@ -104,7 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("score", help="batch-score CSV/Parquet files with an export's signature")
     p.add_argument("--model", required=True, help="export: saved_models/NAME[/V]")
-    p.add_argument("--input", required=True, nargs="+", help="CSV/Parquet files or globs")
+    p.add_argument("--input", required=True, nargs="+",
+                   help="CSV/Parquet/libSVM/libFFM files or globs")
     p.add_argument("--output", required=True, help="output file (.csv or .parquet)")
     p.add_argument("--signature", default="serving_default",
                    help="serving_default, user_tower, item_tower, ...")

@@ -1,4 +1,4 @@
-"""Reading click logs: CSV/Parquet globs into checked columns, row filters, weights, sampling.
+"""Reading click logs: CSV/Parquet/libSVM/libFFM globs into checked columns, row filters, weights, sampling.
 
 Every problem with the input raises `DataError` naming the file and the column, so a bad log
 fails before a run directory is created. Categorical and multi-hot columns are kept as strings
@@ -19,7 +19,9 @@ import pyarrow as pa
 
 from fm_keras.config import DataConfig, FeatureConfig, FilterConfig, TrainingConfig
 from fm_keras.errors import DataError
-from fm_keras.reading import MISSING_TOKENS, numbers, read_header, record_batches, texts
+from fm_keras.libsvm import check_features
+from fm_keras.reading import (MISSING_TOKENS, missing_columns, numbers, read_header,
+                              record_batches, texts)
 from fm_keras.tfrecord import is_tfrecord, read_examples
 
 
@@ -105,7 +107,7 @@ def load_split(
     """Reads, checks and filters the files matching `patterns`.
 
     Args:
-        patterns: paths or globs of CSV/Parquet files.
+        patterns: paths or globs of CSV, Parquet, libSVM or libFFM files (`fm_keras.reading`).
         features: the feature spec; every feature must be a column.
         label: the label column, or None for unlabeled data (scoring).
         filters: rows matching any filter are dropped and counted per filter.
@@ -146,14 +148,14 @@ def iter_blocks(
     weight: str | None = None,
     block_rows: int | None = 262_144,
 ) -> Iterator[Split]:
-    """Reads CSV/Parquet `files` in blocks of rows, checked and filtered as `load_split` does.
+    """Reads data `files` (`fm_keras.reading`) in blocks of rows, checked and filtered as `load_split` does.
 
     Memory is bounded by `block_rows`, not by the size of the files: the streaming pass of
     out-of-core training (`fm_keras.out_of_core`) fits its vocabularies and writes its shards
     from these blocks. `load_split` is these blocks concatenated.
 
     Args:
-        files: CSV/Parquet paths (`expand_paths` output), read in order.
+        files: CSV/Parquet/libSVM/libFFM paths (`expand_paths` output), read in order.
         features, label, filters, task, passthrough, weight: as for `load_split`.
         block_rows: rows read at a time per file; None reads each file whole.
 
@@ -170,6 +172,7 @@ def iter_blocks(
     needed = list(dict.fromkeys(needed))
     dropped, rows_read = {flt.name: 0 for flt in filters}, 0
     for path in files:
+        check_features(path, features)
         for frame in _read_frames(path, needed, block_rows):
             rows_read += len(frame)
             keep = np.ones(len(frame), dtype=bool)
@@ -198,8 +201,7 @@ def _read_frames(path: str, columns: Sequence[str] | None, block_rows: int | Non
 
 def read_header_checked(path: str, columns: Sequence[str]) -> None:
     """Raises `DataError` naming the first of `columns` that the file's header lacks."""
-    header = set(read_header(path))
-    missing = [c for c in columns if c not in header]
+    missing = missing_columns(path, columns)
     if missing:
         raise DataError(f"{path}: missing column {missing[0]!r}{_column_hint(path, missing[0])}")
 

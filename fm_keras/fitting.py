@@ -28,9 +28,10 @@ from fm_keras.config import FeatureConfig
 CHUNK = 65_536  # non-missing numeric values merged at a time (fixed: results are exact)
 MAX_LEN_CAP = 64  # default multi-hot max_len never exceeds this
 STD_FLOOR = 1e-6
-# A finite decimal number, in ASCII classes so that Python's re and TensorFlow's RE2 agree.
+# A finite decimal number, in ASCII classes so that Python's re, TensorFlow's RE2 and Arrow's
+# RE2 agree (the multi-hot weight rule; `fm_keras.libsvm` reads values by it too).
 _SPACE = r"[ \t\n\r\f\v]*"
-_NUMBER = _SPACE + r"[-+]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][-+]?[0-9]+)?" + _SPACE
+NUMBER = _SPACE + r"[-+]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][-+]?[0-9]+)?" + _SPACE
 
 
 def weighted_token_pattern(weight_separator: str) -> str:
@@ -41,7 +42,7 @@ def weighted_token_pattern(weight_separator: str) -> str:
     The same pattern runs in Python (`re`, fitting vocabularies) and in the graph (RE2), so
     both read a token alike.
     """
-    return "(?s)^(.*)" + re.escape(weight_separator) + "(" + _NUMBER + ")$"
+    return "(?s)^(.*)" + re.escape(weight_separator) + "(" + NUMBER + ")$"
 
 
 def histogram_quantiles(values: np.ndarray, counts: np.ndarray, q) -> np.ndarray:

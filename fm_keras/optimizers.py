@@ -24,6 +24,13 @@ to the same rows: the touched rows of a sparse gradient (as Addons' decoupled we
 does on sparse updates), every element of a dense one. tf_keras applies it to the whole table
 every step instead.
 
+Each sparse update reads the touched rows of the variable once (`tf.gather`) and writes them
+once (``scatter_update`` of the new rows; the base optimizer has summed duplicate indices, so
+the rows are distinct). TensorFlow's ``scatter_update`` copies whole rows, while its
+``scatter_sub``/``scatter_add`` apply an elementwise expression row by row: on 8k rows of a
+5M-row table a ``scatter_sub`` cost 1.6-2.9x a gather plus a ``scatter_update``
+(benchmarks/row_writes.py, BENCHMARKS.md "Row writes").
+
 All three work under `tf.distribute` (each replica's update runs through the strategy's
 ``extended.update``, with the variable's local copy) and checkpoint their slot variables
 like the classes they extend.
@@ -48,11 +55,12 @@ class _RowwiseUpdates:
     def update_step(self, gradient, variable):
         decay = self.weight_decay is not None and self._use_weight_decay(variable)
         if isinstance(gradient, tf.IndexedSlices):
+            indices = gradient.indices
+            rows = tf.gather(variable, indices)
             if decay:
-                rows = tf.gather(variable, gradient.indices)
-                variable.scatter_update(tf.IndexedSlices(
-                    rows * (1.0 - self._decay_rate(variable)), gradient.indices))
-            self._sparse_update(gradient.values, gradient.indices, variable)
+                rows = rows * (1.0 - self._decay_rate(variable))
+            variable.scatter_update(tf.IndexedSlices(
+                self._sparse_update(gradient.values, indices, variable, rows), indices))
             return
         if decay:
             variable.assign_sub(variable * self._decay_rate(variable))
@@ -65,7 +73,19 @@ class _RowwiseUpdates:
     def _slot(self, slots, variable):
         return slots[self._index_dict[self._var_key(variable)]]
 
-    def _sparse_update(self, values, indices, variable):
+    def _sparse_update(self, values, indices, variable, rows):
+        """Updates the slots of the touched rows; returns the rows' new values.
+
+        Args:
+            values: the summed gradient rows, [touched, ...] (the variable's row shape).
+            indices: the distinct touched rows, int [touched].
+            variable: the variable (its slots are looked up by it; it is written by the
+                caller).
+            rows: the variable's current values of those rows, weight decay applied.
+
+        Returns:
+            The new values of the rows, shaped like `rows`.
+        """
         raise NotImplementedError
 
 
@@ -94,7 +114,7 @@ class LazyAdam(_RowwiseUpdates, keras.optimizers.Adam):
         super().__init__(learning_rate=learning_rate, beta_1=beta_1, beta_2=beta_2,
                          epsilon=epsilon, name=name, **kwargs)
 
-    def _sparse_update(self, values, indices, variable):
+    def _sparse_update(self, values, indices, variable, rows):
         dtype = variable.dtype
         step = tf.cast(self.iterations + 1, dtype)
         beta_1, beta_2 = tf.cast(self.beta_1, dtype), tf.cast(self.beta_2, dtype)
@@ -108,8 +128,7 @@ class LazyAdam(_RowwiseUpdates, keras.optimizers.Adam):
         v_rows = beta_2 * tf.gather(v, indices) + (1 - beta_2) * tf.square(values)
         m.scatter_update(tf.IndexedSlices(m_rows, indices))
         v.scatter_update(tf.IndexedSlices(v_rows, indices))
-        variable.scatter_sub(tf.IndexedSlices(
-            alpha * m_rows / (tf.sqrt(v_rows) + epsilon), indices))
+        return rows - alpha * m_rows / (tf.sqrt(v_rows) + epsilon)
 
 
 @keras.utils.register_keras_serializable(package="fm_keras")
@@ -128,13 +147,12 @@ class SparseAdagrad(_RowwiseUpdates, keras.optimizers.Adagrad):
                          initial_accumulator_value=initial_accumulator_value,
                          epsilon=epsilon, name=name, **kwargs)
 
-    def _sparse_update(self, values, indices, variable):
+    def _sparse_update(self, values, indices, variable, rows):
         acc = self._slot(self._accumulators, variable)
         acc_rows = tf.gather(acc, indices) + tf.square(values)
         acc.scatter_update(tf.IndexedSlices(acc_rows, indices))
         lr = tf.cast(self.learning_rate, variable.dtype)
-        variable.scatter_sub(tf.IndexedSlices(
-            lr * values / tf.sqrt(acc_rows + self.epsilon), indices))
+        return rows - lr * values / tf.sqrt(acc_rows + self.epsilon)
 
 
 @keras.utils.register_keras_serializable(package="fm_keras")
@@ -155,13 +173,13 @@ class SparseFtrl(_RowwiseUpdates, keras.optimizers.Ftrl):
     def __init__(self, learning_rate=0.001, name="SparseFtrl", **kwargs):
         super().__init__(learning_rate=learning_rate, name=name, **kwargs)
 
-    def _sparse_update(self, values, indices, variable):
+    def _sparse_update(self, values, indices, variable, rows):
         dtype = variable.dtype
         lr = tf.cast(self.learning_rate, dtype)
         power = -self.learning_rate_power
         l2 = self.l2_regularization_strength + self.beta / (2.0 * lr)
         n, z = self._slot(self._accumulators, variable), self._slot(self._linears, variable)
-        var_rows, n_rows = tf.gather(variable, indices), tf.gather(n, indices)
+        var_rows, n_rows = rows, tf.gather(n, indices)
         shrunk = values + 2 * self.l2_shrinkage_regularization_strength * var_rows
         n_new = n_rows + tf.square(values)
         z_rows = tf.gather(z, indices) + shrunk - (
@@ -170,5 +188,4 @@ class SparseFtrl(_RowwiseUpdates, keras.optimizers.Ftrl):
         quadratic = tf.pow(n_new, power) / lr + 2 * l2
         z.scatter_update(tf.IndexedSlices(z_rows, indices))
         n.scatter_update(tf.IndexedSlices(n_new, indices))
-        variable.scatter_update(tf.IndexedSlices(
-            (tf.clip_by_value(z_rows, -l1, l1) - z_rows) / quadratic, indices))
+        return (tf.clip_by_value(z_rows, -l1, l1) - z_rows) / quadratic

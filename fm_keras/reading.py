@@ -12,12 +12,16 @@ their files here, so a file means the same thing to each of them:
 - A numeric cell (`numbers`) is a number as Arrow parses it (``1``, ``-2.5``, ``.5``, ``1e3``,
   ``+1``; spaces around it are ignored), or missing (NaN) when it is one of `MISSING_TOKENS`;
   anything else, or an infinite number, is an error naming the file, column and data row.
+- libSVM (``.libsvm``/``.svm``) and libFFM (``.libffm``/``.ffm``) text files are read as the
+  columns ``label`` and ``features`` (libSVM) or ``label`` and ``field_<n>`` (libFFM), multi-hot
+  text cells (`fm_keras.libsvm`); their data row N is line N.
 - Problems raise `DataError` naming the file and, where known, the line (CSV), data row
   (1-based, the header not counted) and column.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Iterator, Sequence
 
@@ -27,6 +31,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
+from fm_keras import libsvm
 from fm_keras.errors import DataError
 
 MISSING_TOKENS = ("", "nan", "NaN", "NA", "null", "None")
@@ -39,13 +44,22 @@ def is_parquet(path: str) -> bool:
 
 
 def read_header(path: str) -> list[str]:
-    """The column names of one CSV or Parquet file (its header or schema), without its rows.
+    """The column names of one file (its header or schema), without its rows.
+
+    A libFFM file's are ``label`` and the ``field_<n>`` its lines have: a pass over the file
+    (once per file version in a process); `missing_columns` checks names without it.
 
     Raises:
         DataError: the file is empty or cannot be read.
     """
     if os.path.getsize(path) == 0:
         raise DataError(f"{path}: the file is empty")
+    fmt = libsvm.text_format(path)
+    if fmt == "libsvm":
+        return [libsvm.LABEL, libsvm.FEATURES]
+    if fmt == "libffm":
+        stat = os.stat(path)
+        return list(_libffm_header(path, stat.st_size, stat.st_mtime_ns))
     try:
         if is_parquet(path):
             return list(pq.read_schema(path).names)
@@ -56,12 +70,26 @@ def read_header(path: str) -> list[str]:
         raise DataError(f"{path}: cannot read: {_one_line(err)}") from None
 
 
+def missing_columns(path: str, columns: Sequence[str]) -> list[str]:
+    """The names in `columns` that the file lacks, in order.
+
+    A libFFM file has every ``field_<n>`` (a line without field n has ``""`` there), so this
+    checks a libFFM file's names without reading it.
+    """
+    fmt = libsvm.text_format(path)
+    if fmt is not None:
+        return [c for c in columns if not libsvm.is_column(fmt, c)]
+    header = set(read_header(path))
+    return [c for c in columns if c not in header]
+
+
 def record_batches(path: str, columns: Sequence[str] | None = None,
                    block_rows: int | None = 65_536) -> Iterator[tuple[int, pa.RecordBatch]]:
     """Streams one file as Arrow record batches of at most `block_rows` rows.
 
     Args:
-        path: a CSV or Parquet file (``.parquet``/``.pq``; anything else is read as CSV).
+        path: a CSV, Parquet (``.parquet``/``.pq``), libSVM (``.libsvm``/``.svm``) or libFFM
+            (``.libffm``/``.ffm``) file; any other name is read as CSV.
         columns: the columns to read (every column when None); the caller checks that the
             header has them (`read_header`).
         block_rows: rows per batch; None reads the whole file as one batch.
@@ -73,10 +101,17 @@ def record_batches(path: str, columns: Sequence[str] | None = None,
 
     Raises:
         DataError: the file is empty, has a header but no rows, is not valid UTF-8, or a row
-            has a different number of fields than the header (naming the line).
+            has a different number of fields than the header (naming the line); for libSVM
+            and libFFM, any problem of `fm_keras.libsvm.parse_lines` (naming line and token).
     """
     if os.path.getsize(path) == 0:
         raise DataError(f"{path}: the file is empty")
+    fmt = libsvm.text_format(path)
+    if fmt is not None:
+        if fmt == "libffm" and columns is None:
+            columns = read_header(path)  # every block gets the same columns
+        yield from _rebatch_numbered(_text_batches(path, fmt, columns), block_rows)
+        return
     bad_rows: list = []
     start = 0
     try:
@@ -101,6 +136,53 @@ def record_batches(path: str, columns: Sequence[str] | None = None,
         raise DataError(f"{path}: cannot read: {_one_line(err)}") from None
     if start == 0:
         raise DataError(f"{path}: the file has a header but no rows")
+
+
+def _text_batches(path: str, fmt: str, columns: Sequence[str] | None
+                  ) -> Iterator[tuple[pa.RecordBatch, np.ndarray]]:
+    """The blocks of a libSVM/libFFM file parsed (`fm_keras.libsvm.parse_lines`), with the
+    libFFM fields of each. The lines are read by pyarrow's CSV reader as one column (no
+    quoting; the delimiter a control character, \\x1f, that text does not hold)."""
+    bad_rows: list = []
+    line = 1
+    try:
+        with pacsv.open_csv(
+                path, read_options=pacsv.ReadOptions(block_size=_CSV_BLOCK_BYTES,
+                                                     column_names=["line"]),
+                parse_options=pacsv.ParseOptions(
+                    delimiter="\x1f", quote_char=False, escape_char=False,
+                    ignore_empty_lines=False,
+                    invalid_row_handler=lambda row: bad_rows.append(row) or "error"),
+                convert_options=pacsv.ConvertOptions(
+                    column_types={"line": pa.string()}, strings_can_be_null=False),
+                memory_pool=_pool()) as lines:
+            for batch in lines:
+                if batch.num_rows:
+                    yield libsvm.parse_lines(batch.column(0), fmt, columns, path, line)
+                    line += batch.num_rows
+    except pa.ArrowInvalid as err:
+        if bad_rows:
+            at = _find_line(path, lambda text: b"\x1f" in text)
+            raise DataError(f"{path}: line {at}: holds the control character \\x1f") from None
+        raise DataError(_invalid(path, err, [])) from None
+    except (pa.ArrowException, OSError) as err:
+        raise DataError(f"{path}: cannot read: {_one_line(err)}") from None
+
+
+def _rebatch_numbered(parsed, rows: int | None) -> Iterator[tuple[int, pa.RecordBatch]]:
+    start = 0
+    for batch in _rebatch((batch for batch, _ in parsed), rows):
+        yield start, batch
+        start += batch.num_rows
+
+
+@functools.lru_cache(maxsize=64)
+def _libffm_header(path: str, size: int, mtime_ns: int) -> tuple[str, ...]:
+    """``label`` and the fields of a libFFM file (a checked pass over it), by file version."""
+    fields: set[int] = set()
+    for _, block_fields in _text_batches(path, "libffm", [libsvm.LABEL]):
+        fields.update(block_fields.tolist())
+    return (libsvm.LABEL, *(libsvm.field_column(f) for f in sorted(fields)))
 
 
 def as_text(array: pa.Array | pa.ChunkedArray) -> pa.Array:

@@ -22,7 +22,8 @@ import pyarrow.parquet as pq
 
 from fm_keras._tf import tf
 from fm_keras.data import expand_paths
-from fm_keras.reading import as_text, is_parquet, numbers, read_header, record_batches
+from fm_keras.reading import (as_text, is_parquet, missing_columns, numbers, read_header,
+                              record_batches)
 from fm_keras.errors import DataError, ExportError
 from fm_keras.servables import export_metadata, load_export
 
@@ -90,7 +91,7 @@ def read_batches(path: str, types: dict[str, tf.DType], keep: Sequence[str],
     """
     derived = derived or {}
     wanted = list(dict.fromkeys([*types, *keep, *(c for c, _ in derived.values())]))
-    check_columns(path, read_header(path), wanted)
+    check_columns(path, wanted)
     # Two stages on two threads (with the caller's `_prefetched`): pyarrow parses the next
     # batch while this one becomes tensors.
     for first, batch in _prefetched(record_batches(path, wanted, batch_size)):
@@ -188,12 +189,13 @@ def _bytes_per_row(path: str) -> float:
     return len(sample) / max(sample.count(b"\n"), 1)
 
 
-def check_columns(path: str, have: Sequence[str], wanted: Sequence[str]) -> None:
-    """Raises `DataError` naming the first of the signature's columns `wanted` not in `have`."""
-    missing = [c for c in wanted if c not in have]
+def check_columns(path: str, wanted: Sequence[str], local: str | None = None) -> None:
+    """Raises `DataError` naming the first of the signature's columns `wanted` that the file
+    lacks (`local`: where the file at `path` is read from, when it is a copy)."""
+    missing = missing_columns(local or path, wanted)
     if missing:
         raise DataError(f"{path}: missing column {missing[0]!r} (the file has "
-                        f"{list(have)[:12]}; the signature needs {list(wanted)})")
+                        f"{read_header(local or path)[:12]}; the signature needs {list(wanted)})")
 
 
 def output_format(path: str) -> str:

@@ -9,7 +9,6 @@ scoring (`beam_scoring.read_rows`) and the pipeline's ExampleGen (its Parquet ou
 
 import math
 import os
-import types
 
 import numpy as np
 import pandas as pd
@@ -27,6 +26,7 @@ from fm_keras.pipeline.config import InputConfig, SplitConfig
 from fm_keras.pipeline.examplegen import run_examplegen
 from fm_keras.reading import MISSING_TOKENS, numbers, read_header, record_batches
 from fm_keras.scoring import read_batches
+from reading_testlib import ReadableFile
 
 FEATURES = (FeatureConfig("user_id", "categorical", "user"),
             FeatureConfig("tags", "multi_hot", "item"),
@@ -64,17 +64,6 @@ rows_strategy = st.lists(st.tuples(text_cells, text_cells, number_cells, st.samp
                          min_size=2, max_size=12)
 
 
-class _ReadableFile:
-    """What Beam's ReadMatches gives `read_rows`: the file's metadata.path and open()."""
-
-    def __init__(self, path):
-        self.metadata = types.SimpleNamespace(path=path)
-        self._path = path
-
-    def open(self):
-        return open(self._path, "rb")
-
-
 def _through_every_path(path, tmp):
     """{path name: DataFrame of row, user_id, tags, price (float32), ordered by row}."""
     from fm_keras.beam_scoring import read_rows
@@ -92,7 +81,7 @@ def _through_every_path(path, tmp):
         {n: np.concatenate([b[n].numpy() for b in batches]) for n in ["row", *sig]})
     for n in ("row", *TEXT):
         out["score/recommend"][n] = [v.decode("utf-8") for v in out["score/recommend"][n]]
-    beam = list(read_rows(_ReadableFile(path), {"user_id": "string", "tags": "string",
+    beam = list(read_rows(ReadableFile(path), {"user_id": "string", "tags": "string",
                                                 "price": "float32"}, ["row"], chunk_rows=5))
     out["beam"] = pd.DataFrame([{"row": key[0], **values} for key, values in beam])
     gen = os.path.join(tmp, "examplegen")
