@@ -9,6 +9,7 @@ fails on such a model with "Op type not registered 'Scann>...'".
 
 from __future__ import annotations
 
+import collections
 import ctypes
 import functools
 import gc
@@ -70,6 +71,7 @@ def load_saved_model(path: str, allowed_ops=frozenset()):
         raise ServingError("NOT_FOUND", f"Could not find meta graph def matching supplied tags: "
                            f"{{ serve }} in SavedModel at {path}")
     meta = metas[0]
+    destroy_freed_resources()  # earlier models' tables, before this one's are restored
     check_served_ops(meta, path, allowed_ops)  # before anything of the model runs
     warn_newer_export_format(path)
     if any(op.startswith("Scann>") for op in custom_ops(meta)):
@@ -90,13 +92,15 @@ def load_saved_model(path: str, allowed_ops=frozenset()):
 
 def destroy_resources_when_freed(loaded) -> None:
     """Destroys a loaded SavedModel's restored resources (lookup tables, ScaNN searchers)
-    once the loaded object is garbage collected.
+    after the loaded object is garbage collected, at the next `destroy_freed_resources`.
 
     TensorFlow never destroys them itself (``RestoredResource``: "TODO(b/124205571): Solve
     destruction of resources"): they stay in the process's resource manager after the model
     is gone, ~3 MB per load of a ranking export with 7 vocabulary tables (issue 14, item 5).
     The finalizer runs only when nothing refers to the model any more, so never under a
-    request that is still running on it.
+    request that is still running on it. It only queues the handles: a collection can run
+    the finalizer inside any TensorFlow call, e.g. while a graph is being traced with the
+    graph's lock held, where running an op would deadlock (or land in that graph).
     """
     from tensorflow.python.trackable.resource import RestoredResource
 
@@ -105,17 +109,31 @@ def destroy_resources_when_freed(loaded) -> None:
     handles = [obj.resource_handle for obj in tf.train.TrackableView(loaded).descendants()
                if isinstance(obj, RestoredResource)]
     if handles:
-        weakref.finalize(loaded, _destroy_resources, handles)
+        weakref.finalize(loaded, _FREED.extend, handles)
 
 
-def _destroy_resources(handles) -> None:
+# Resource handles of collected models, waiting for `destroy_freed_resources`. A deque: the
+# finalizer may append from any thread.
+_FREED: collections.deque = collections.deque()
+
+
+def destroy_freed_resources() -> int:
+    """Destroys the resources of the models collected so far (eagerly); returns how many.
+
+    Called where no graph is being built: each `release_memory` (an unload) and each load.
+    """
     from fm_keras._tf import tf
 
-    for handle in handles:
-        try:
-            tf.raw_ops.DestroyResourceOp(resource=handle, ignore_lookup_error=True)
-        except Exception as err:  # noqa: BLE001 - a finalizer must not raise
-            log.warning("could not destroy a resource of an unloaded model: %s", err)
+    destroyed = 0
+    with tf.init_scope():
+        while _FREED:
+            handle = _FREED.popleft()
+            try:
+                tf.raw_ops.DestroyResourceOp(resource=handle, ignore_lookup_error=True)
+                destroyed += 1
+            except Exception as err:  # noqa: BLE001 - the next resource still goes
+                log.warning("could not destroy a resource of an unloaded model: %s", err)
+    return destroyed
 
 
 def warn_newer_export_format(path: str) -> None:
@@ -159,6 +177,7 @@ def release_memory() -> None:
     from tensorflow.python.eager import context
 
     gc.collect()
+    destroy_freed_resources()
     # The eager kernel cache keeps an entry per function name, and a new load has new names:
     # the unloaded ones would stay forever. Live models' kernels are rebuilt on their next call.
     context.context().clear_kernel_cache()

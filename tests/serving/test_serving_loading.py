@@ -89,7 +89,40 @@ def test_a_freed_models_lookup_tables_are_destroyed_and_its_copy_keeps_serving(t
     assert int(tf.raw_ops.LookupTableSizeV2(table_handle=handle)) == 2
     del loaded
     gc.collect()
+    assert int(tf.raw_ops.LookupTableSizeV2(table_handle=handle)) == 2  # queued, not yet
+    loading.release_memory()  # what an unload runs
     with pytest.raises(tf.errors.NotFoundError):
         tf.raw_ops.LookupTableSizeV2(table_handle=handle)
     result = copy.signatures["serving_default"](key=tf.constant(["b", "z"]))
     assert result["id"].numpy().tolist() == [2, -1]
+
+
+def test_a_model_collected_while_a_graph_is_traced_runs_no_op_there(tmp_path):
+    """A collection can free a model inside any TensorFlow call: in `fm-keras export` after a
+    parity load, one came while `tf.saved_model.save` traced a signature with the graph's
+    lock held, and the finalizer's destroy op deadlocked the process. Now the finalizer only
+    queues; the next load (or unload) destroys."""
+    import gc
+
+    from tensorflow.python.trackable.resource import RestoredResource
+
+    from fm_keras._tf import tf
+
+    path = str(tmp_path / "lookup")
+    _table_model(path)
+    loaded, _ = loading.load_saved_model(path)
+    handle = next(obj.resource_handle for obj in tf.train.TrackableView(loaded).descendants()
+                  if isinstance(obj, RestoredResource))
+    del loaded
+
+    @tf.function
+    def traced(x):
+        gc.collect()  # the model is freed here, while this graph is being built
+        return x + 1
+
+    graph = traced.get_concrete_function(tf.TensorSpec([], tf.int32)).graph
+    assert not [op.type for op in graph.get_operations() if "Destroy" in op.type]
+    assert int(tf.raw_ops.LookupTableSizeV2(table_handle=handle)) == 2
+    loading.load_saved_model(path)  # the next load destroys the freed model's table
+    with pytest.raises(tf.errors.NotFoundError):
+        tf.raw_ops.LookupTableSizeV2(table_handle=handle)
