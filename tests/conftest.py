@@ -87,17 +87,11 @@ def pipeline_logs(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def pipeline_first_run(pipeline_logs, tmp_path_factory):
-    """A pipeline run on span 1 (pushes version 1); returns (yaml path, summary)."""
-    from pipeline_testlib import write_pipeline_yaml
+    """`first_pipeline_run`, shared by the tests that only read it or run span 1 again (a
+    module that runs later spans makes its own: the order of modules is not fixed)."""
+    from pipeline_testlib import first_pipeline_run
 
-    from fm_keras.pipeline.config import load_pipeline
-    from fm_keras.pipeline.runner import run_pipeline
-
-    work = tmp_path_factory.mktemp("pipeline_run")
-    path = write_pipeline_yaml(work / "pipeline.yaml", pipeline_logs, work / "root",
-                               work / "saved_models")
-    summary = run_pipeline(load_pipeline(path), span=1)
-    return path, summary
+    return first_pipeline_run(pipeline_logs, tmp_path_factory.mktemp("pipeline_run"))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -45,3 +45,14 @@ def last_examples(config):
         return store.artifacts("Examples")[-1]
     finally:
         store.close()
+
+
+def first_pipeline_run(pipeline_logs, work):
+    """A pipeline (root, serving target) of its own under `work`, run on span 1 (pushes
+    version 1); returns (yaml path, summary)."""
+    from fm_keras.pipeline.config import load_pipeline
+    from fm_keras.pipeline.runner import run_pipeline
+
+    path = write_pipeline_yaml(work / "pipeline.yaml", pipeline_logs, work / "root",
+                               work / "saved_models")
+    return path, run_pipeline(load_pipeline(path), span=1)

@@ -52,13 +52,16 @@ class Traffic(threading.Thread):
 
 
 @pytest.fixture(scope="module")
-def setup(pipeline_first_run, tmp_path_factory):
-    """``fm-keras serve`` in its own process on the pipeline's models.config (polled every
-    second), and a client thread sending requests to it."""
+def setup(pipeline_logs, tmp_path_factory):
+    """A pipeline of its own run on span 1 (this module pushes spans 2-4 into it), ``fm-keras
+    serve`` in its own process on its models.config (polled every second), and a client
+    thread sending requests to it."""
+    from pipeline_testlib import first_pipeline_run
+
     from fm_keras.loopback import free_ports
     from fm_keras.pipeline.infra_validator import child_env
 
-    path, first = pipeline_first_run
+    path, first = first_pipeline_run(pipeline_logs, tmp_path_factory.mktemp("pipeline_run"))
     config = load_pipeline(path)
     port = free_ports(1)[0]
     log = open(tmp_path_factory.mktemp("serve") / "serve.log", "w+")
