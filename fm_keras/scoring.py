@@ -262,9 +262,6 @@ def outputs_table(keep: dict[str, np.ndarray], outputs: dict[str, np.ndarray],
     return pa.table(columns)
 
 
-
-
-
 def run_signature(model: str, inputs: Sequence[str], output: str, *,
                   signature: str = "serving_default", batch_size: int = 16_384,
                   keep: Sequence[str] | None = None, progress: bool = True,

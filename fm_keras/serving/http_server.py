@@ -307,7 +307,7 @@ class RestServer:
     def _call_inline(self, method: str, path: str, body: bytes, deadline: float):
         start = time.perf_counter()
         try:
-            status, content_type, text = self.api.handle(method, path, body)
+            reply = self.api.handle(method, path, body)
         except Exception as err:  # noqa: BLE001 - RestApi.handle answers its errors itself
             log.exception("REST %s %s failed", method, path)
             return _json_response(500, f"REST handler failed: {err!r}")
@@ -315,7 +315,7 @@ class RestServer:
             self._record_cost(path, time.perf_counter() - start)
         if self.loop.time() > deadline:
             return _json_response(504, "Deadline Exceeded")
-        return _response((status, content_type, text))
+        return _response(reply)
 
     async def _call_batched(self, method: str, path: str, body: bytes, deadline: float):
         """Parses on the loop and awaits the batch (the batch thread wakes the loop itself)."""

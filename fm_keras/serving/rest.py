@@ -14,10 +14,12 @@ The HTTP server around it (timeouts, limits, threads) is ``http_server.RestServe
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 import logging
 import re
 import time
+from collections.abc import Callable
 
 import numpy as np
 
@@ -180,6 +182,7 @@ def json_from_outputs(outputs: dict, fmt: str) -> dict:
     return {"predictions": [{n: values[n][i] for n in names} for i in range(batch)]}
 
 
+@dataclasses.dataclass(slots=True)
 class Call:
     """A request parsed by ``RestApi.parse`` whose model call is still to run.
 
@@ -187,13 +190,15 @@ class Call:
     regress carries ``work``, the whole call (it is never batched).
     """
 
-    __slots__ = ("method", "path", "model", "start", "work", "servable", "sig", "arrays", "fmt")
-
-    def __init__(self, method, path, model, start, work=None, servable=None, sig=None,
-                 arrays=None, fmt=None):
-        self.method, self.path, self.model, self.start = method, path, model, start
-        self.work, self.servable, self.sig, self.arrays, self.fmt = (
-            work, servable, sig, arrays, fmt)
+    method: str
+    path: str
+    model: str
+    start: float  # time.perf_counter() when the request arrived
+    work: Callable | None = None
+    servable: object = None
+    sig: object = None
+    arrays: dict | None = None
+    fmt: str | None = None
 
     def run(self, timeout: float | None):
         """The model call on this thread (blocking in the batch queue when batching is on)."""
