@@ -1,4 +1,5 @@
-"""Reading click logs: CSV/Parquet/libSVM/libFFM globs into checked columns, row filters, weights, sampling.
+"""Reading click logs: CSV/Parquet/libSVM/libFFM globs into checked columns, row filters,
+weights, sampling.
 
 Every problem with the input raises `DataError` naming the file and the column, so a bad log
 fails before a run directory is created. Categorical and multi-hot columns are kept as strings
@@ -148,7 +149,8 @@ def iter_blocks(
     weight: str | None = None,
     block_rows: int | None = 262_144,
 ) -> Iterator[Split]:
-    """Reads data `files` (`fm_keras.reading`) in blocks of rows, checked and filtered as `load_split` does.
+    """Reads data `files` (`fm_keras.reading`) in blocks of rows, checked and filtered as
+    `load_split` does.
 
     Memory is bounded by `block_rows`, not by the size of the files: the streaming pass of
     out-of-core training (`fm_keras.out_of_core`) fits its vocabularies and writes its shards

@@ -13,9 +13,10 @@
 
 Training data are the encoded shard directory of ``fm-keras convert`` (`fm_keras.convert`: the
 same directory one machine trains from out of core; the features are fitted once, so every task
-encodes alike), named by its manifest in ``data.train``. Checkpoints, early stopping on validation AUC, ``run.json`` and
-the ``model/`` weights are the same as on one machine: ``fm-keras export`` does not know how a
-run was trained (sharded variables are saved as whole tensors).
+encodes alike), named by its manifest in ``data.train``. Checkpoints, early stopping on
+validation AUC, ``run.json`` and the ``model/`` weights are the same as on one machine:
+``fm-keras export`` does not know how a run was trained (sharded variables are saved as whole
+tensors).
 """
 
 from __future__ import annotations
