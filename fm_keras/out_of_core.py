@@ -32,6 +32,7 @@ path's is exact) at the cost of one decode per batch.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -177,9 +178,10 @@ class Shards:
     def label_counts(self) -> np.ndarray:
         return np.asarray(self.manifest["label_counts"], dtype=np.int64)
 
-    @property
+    @functools.cached_property
     def features(self) -> tuple[FittedFeature, ...]:
-        """The fitted features the rows were encoded with (features.json)."""
+        """The fitted features the rows were encoded with (features.json, read once: its
+        vocabularies can be large)."""
         return tuple(FittedFeature.from_dict(d) for d in
                      fsutil.read_json(os.path.join(self.directory, FEATURES)))
 
