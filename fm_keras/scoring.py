@@ -143,30 +143,21 @@ def split_ids(array: pa.Array, sep: str = "|") -> tf.Tensor:
     first = np.searchsorted(seps, bounds)  # per row: index of its first separator
     counts = np.diff(first) + 1  # items per row (a row without separators holds one)
     head = first[:-1] + np.arange(len(array))  # flat index of each row's first item
-    tail = head + counts - 1  # ... and of its last
-    begin = np.empty(len(seps) + len(array), np.int32)
-    end = np.empty_like(begin)
-    inner = np.ones(len(begin), bool)
-    inner[head] = False
-    begin[head], begin[inner] = bounds[:-1], seps + 1
-    inner[:] = True
-    inner[tail] = False
-    end[tail], end[inner] = bounds[1:], seps
+    end = np.insert(seps, first[1:], bounds[1:])  # a row's last item ends where the row does
+    begin = np.empty_like(end)
+    begin[1:] = end[:-1] + 1  # an item starts after the separator ending the one before ...
+    begin[head] = bounds[:-1]  # ... or where its row starts
     length = end - begin
     if not length.all():  # empty items ("a||b", "") give no entry
         some = length > 0
-        rows = np.repeat(np.arange(len(array)), counts)[some]
+        counts = np.add.reduceat(some, head, dtype=np.int64) if len(array) else counts
         begin, length = begin[some], length[some]
-        counts = np.bincount(rows, minlength=len(array))
     width = int(counts.max()) if len(array) else 0
-    slot = np.arange(len(begin)) + np.repeat(np.arange(len(array)) * width -
-                                             (np.cumsum(counts) - counts), counts)
-    pos = np.zeros(len(array) * width, np.int32)
-    size = np.zeros(len(array) * width, np.int32)
-    pos[slot], size[slot] = begin, length
-    text = _scalar(raw.tobytes())
-    shape = (len(array), width)
-    return tf.strings.substr(text, pos.reshape(shape), size.reshape(shape))
+    filled = np.arange(width) < counts[:, None]  # [rows, width]: the slots holding an item
+    pos = np.zeros((len(array), width), np.int32)
+    size = np.zeros((len(array), width), np.int32)
+    pos[filled], size[filled] = begin, length  # row-major: the items in order
+    return tf.strings.substr(_scalar(raw.tobytes()), pos, size)
 
 
 def _prefetched(batches: Iterator) -> Iterator:
