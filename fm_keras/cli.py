@@ -135,11 +135,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(BaseException):
+    """Raised in the main thread by SIGTERM while a command runs, so that it unwinds as on
+    Ctrl-C: temp files and directories are removed, nothing half-written stays behind."""
+
+
+def _terminate(signum, frame):
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Runs one command. Exit status: 0, 2 for bad input (one line on stderr), 130 on SIGINT,
+    143 on SIGTERM (what Kubernetes, Airflow and `timeout` send to stop a job)."""
+    import signal
+    import threading
+
     args = build_parser().parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", tf_log_level())
     from fm_keras.errors import FMKerasError
 
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
     try:
         return _COMMANDS[args.command](args)
     except FMKerasError as err:
@@ -148,6 +164,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("fm-keras: interrupted", file=sys.stderr)
         return 130
+    except Terminated:
+        print("fm-keras: terminated", file=sys.stderr)
+        return 128 + signal.SIGTERM
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def tf_log_level() -> str:

@@ -247,3 +247,37 @@ def test_every_command_prints_one_json_document_on_a_pipe(small_synth, tmp_path)
     import glob
     if not glob.glob("/dev/nvidia[0-9]*"):
         assert "cuInit" not in proc.stderr
+
+
+def test_sigterm_unwinds_score_and_leaves_no_temp_file(exports, small_synth, tmp_path, capsys,
+                                                      monkeypatch):
+    """SIGTERM (a cancelled job) used to kill `score` on the spot, leaving its
+    .tmp-<pid>-<output> behind; it now unwinds like Ctrl-C: exit 143, nothing written."""
+    import signal
+
+    from fm_keras import scoring
+
+    write = scoring.TableWriter.write
+
+    def write_then_sigterm(self, table):
+        write(self, table)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(scoring.TableWriter, "write", write_then_sigterm)
+    synth_dir, _ = small_synth
+    out = tmp_path / "out"
+    out.mkdir()
+    def ignore(signum, frame):  # the handler in place before (without main's, a no-op)
+        pass
+
+    before = signal.signal(signal.SIGTERM, ignore)
+    try:
+        status = main(["score", "--model", exports["ranking"], "--input",
+                       str(synth_dir / "test.csv"), "--output", str(out / "scores.parquet"),
+                       "--batch-size", "64", "--quiet"])
+        assert signal.getsignal(signal.SIGTERM) is ignore
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    assert status == 143
+    assert capsys.readouterr().err.strip().splitlines()[-1] == "fm-keras: terminated"
+    assert os.listdir(out) == []
