@@ -281,3 +281,18 @@ def test_sigterm_unwinds_score_and_leaves_no_temp_file(exports, small_synth, tmp
     assert status == 143
     assert capsys.readouterr().err.strip().splitlines()[-1] == "fm-keras: terminated"
     assert os.listdir(out) == []
+
+
+def test_evaluate_refuses_options_it_would_ignore(small_run, small_synth, tmp_path, capsys):
+    """--recall_at on a CTR run without --items printed AUC only; --reliability_plot with
+    --items printed Recall@K and drew nothing. Both are now one-line errors."""
+    synth_dir, _ = small_synth
+    test, items = str(synth_dir / "test.csv"), str(synth_dir / "items.csv")
+    assert main(["evaluate", "--run", small_run, "--data", test, "--recall_at", "10"]) == 2
+    assert _last_error(capsys).endswith(
+        "--recall_at: Recall@K of a CTR run is over a catalog; pass --items")
+    plot = tmp_path / "r.png"
+    assert main(["evaluate", "--run", small_run, "--data", test, "--items", items,
+                 "--reliability_plot", str(plot)]) == 2
+    assert "--reliability_plot: the diagram is of click probabilities" in _last_error(capsys)
+    assert not plot.exists()
