@@ -152,6 +152,24 @@ def trained_rows(num_ids: int, *ids: np.ndarray, counts: np.ndarray | None = Non
     return mask
 
 
+def saved_trained_rows(path: str, num_ids: int, name: str = "best") -> np.ndarray | None:
+    """The `trained` mask of the `BestWeights` saved under `name` in the checkpoint `path`.
+
+    A resumed run builds its copy from it rather than from its data: the saved copy only fits
+    the rows it was taken of (and a checkpoint without rows holds whole copies).
+
+    Returns:
+        bool [num_ids], or None when the saved copies are whole.
+    """
+    key = f"{name}/rows/.ATTRIBUTES/VARIABLE_VALUE"
+    reader = tf.train.load_checkpoint(path)
+    if not reader.has_tensor(key):
+        return None
+    mask = np.zeros(num_ids, bool)
+    mask[reader.get_tensor(key)] = True
+    return mask
+
+
 class BestWeights:
     """An in-memory copy of the best epoch's weights, saved with the run's checkpoint.
 

@@ -32,7 +32,8 @@ from fm_keras import __version__, fsutil
 from fm_keras._tf import keras, tf
 from fm_keras.calibration import Calibration, fit_calibration
 from fm_keras.checkpoints import (LARGE_CHECKPOINT_SECONDS, BestWeights, CheckpointWriter,
-                                  checkpoint_due, is_large, parameters_finite)
+                                  checkpoint_due, is_large, parameters_finite,
+                                  saved_trained_rows)
 from fm_keras.config import ExperimentConfig, TrainingConfig, experiment_from_dict
 from fm_keras.convergence import EarlyStopping, cap_warning, early_stopping_monitor
 from fm_keras.data import Split, single_class
@@ -182,9 +183,12 @@ class TrainingState(keras.callbacks.Callback):
         if self.best_in_memory:
             # The trainable weights: the l2_prior penalties shape the loss, not the outputs.
             t = config.training
-            whole = t.optimizer == "sgd" and t.weight_decay  # tf_keras decays every row
-            self.best_weights = BestWeights(model.fm.trainable_weights,
-                                            None if whole else trained_rows)
+            if t.optimizer == "sgd" and t.weight_decay:  # tf_keras decays every row
+                trained_rows = None
+            latest = resume and tf.train.latest_checkpoint(os.path.join(ckpt_dir, "last"))
+            if latest:  # the saved copy's rows, whatever the data holds now
+                trained_rows = saved_trained_rows(latest, model.fm.num_ids)
+            self.best_weights = BestWeights(model.fm.trainable_weights, trained_rows)
             tracked["best"] = self.best_weights.trackable
         else:
             self.best = CheckpointWriter(tf.train.Checkpoint(fm=model.fm),

@@ -9,7 +9,7 @@ import pytest
 from fm_keras import checkpoints
 from fm_keras._tf import tf
 from fm_keras.checkpoints import (BestWeights, CheckpointWriter, checkpoint_due, is_large,
-                                  parameters_finite, trained_rows)
+                                  parameters_finite, saved_trained_rows, trained_rows)
 from fm_keras.config import DataConfig, ExperimentConfig, FeatureConfig, TrainingConfig
 from fm_keras.errors import TrainingDivergedError
 from fm_keras.features import FittedFeature
@@ -232,11 +232,26 @@ def test_resume_restores_a_partial_best_copy(tmp_path, small_threshold, partial_
     train_an_epoch(model)
     _epochs(state, [0.6], first=1)
     state.last.sync()
-    again, resumed = _state(tmp_path, epochs=6, resume=True, trained=trained)
-    train_an_epoch(again)
-    resumed.restore_best()
-    for v, want in zip(again.fm.trainable_weights, best):
-        np.testing.assert_array_equal(v.numpy(), want)
+    # The copy is rebuilt on the checkpoint's rows, even if the data now trains others.
+    for now in (trained, None, np.arange(64) < 5):
+        again, resumed = _state(tmp_path, epochs=6, resume=True, trained=now)
+        np.testing.assert_array_equal(resumed.best_weights.rows.numpy(), np.flatnonzero(trained))
+        train_an_epoch(again)
+        resumed.restore_best()
+        for v, want in zip(again.fm.trainable_weights, best):
+            np.testing.assert_array_equal(v.numpy(), want)
+
+
+def test_resume_from_whole_copies_stays_whole(tmp_path, small_threshold, partial_copies):
+    """A checkpoint whose best copy is whole (no rows saved: a small table, or an earlier
+    fm-keras) resumes with whole copies."""
+    model, state = _state(tmp_path, epochs=6)
+    state.checkpoint_seconds = 0.0
+    _epochs(state, [0.7])
+    state.last.sync()
+    assert saved_trained_rows(state.last.latest_checkpoint, model.fm.num_ids) is None
+    _, resumed = _state(tmp_path, epochs=6, resume=True, trained=np.arange(64) < 5)
+    assert resumed.best_weights.rows is None
 
 
 def test_final_full_check_catches_what_sampling_missed(tmp_path, small_threshold):

@@ -232,3 +232,51 @@ def test_train_cli_stdout_is_one_json_document_and_records_convergence(implicit_
     assert result["converged"] is False and record["converged"] is False
     assert "raise training.epochs" in record["warnings"][0] and "raise training.epochs" in \
         captured.err
+
+
+def test_trained_rows_cover_the_catalog_items_an_epoch_trains(tmp_path, monkeypatch):
+    """The catalog's items that no interaction holds are trained too (sampled candidates):
+    the rows of the best-weights copy cover every row an epoch changes."""
+    import pandas as pd
+
+    from fm_keras import checkpoints, retrieval
+    from fm_keras.runs import TrainingState
+    from fm_keras.training import train
+
+    data = write_implicit(str(tmp_path / "data"))
+    catalog = pd.read_csv(os.path.join(data, "items.csv"))
+    pd.concat([catalog, pd.DataFrame({"item_id": [f"new{j}" for j in range(20)],
+                                      "genre": "g_new"})]).to_csv(
+        os.path.join(data, "items.csv"), index=False)
+    monkeypatch.setattr(checkpoints, "PARTIAL_COPY_MIN_ELEMENTS", 0)
+    monkeypatch.setattr(checkpoints, "PARTIAL_COPY_MAX_SHARE", 1.0)
+    seen = {}
+
+    class Recording(TrainingState):
+        def __init__(self, run_dir, model, config, resume, **kwargs):
+            super().__init__(run_dir, model, config, resume, **kwargs)
+            seen.update(trained=kwargs["trained_rows"], state=self,
+                        before=[v.numpy().copy() for v in model.fm.trainable_weights])
+
+        def on_epoch_end(self, epoch, logs=None):
+            if epoch == 0:
+                seen["after"] = [v.numpy().copy() for v in self.model.fm.trainable_weights]
+            super().on_epoch_end(epoch, logs)
+
+    monkeypatch.setattr(retrieval, "TrainingState", Recording)
+    train(experiment_from_dict(implicit_experiment(data, epochs=1), base_dir=data),
+          str(tmp_path / "run"), verbose=0)
+    trained = seen["trained"]
+    changed = np.zeros(len(trained), bool)
+    for b, a in zip(seen["before"], seen["after"]):
+        if b.ndim and b.shape[0] == len(trained):
+            changed |= (b != a).reshape(len(trained), -1).any(1)
+    assert seen["state"].best_weights.rows is not None
+    assert changed.any() and not np.any(changed & ~trained)
+    query_and_items = np.zeros(len(trained), bool)  # the ids of the interactions alone
+    encoder, log = seen["state"].model.encoder, pd.read_csv(os.path.join(data, "train.csv"))
+    for side in (True, False):
+        names = encoder.side_names(side)
+        ids, _ = encoder.encode_numpy({n: log[n].to_numpy() for n in names}, names=names)
+        query_and_items[ids.ravel()] = True
+    assert np.any(changed & ~query_and_items)  # rows of catalog items no interaction holds
