@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from retrieval_testlib import implicit_experiment, write_implicit
+from trained_rows_testlib import changed_rows, record_trained_rows, with_new_catalog_items
 from fm_keras._tf import tf
 from fm_keras.cli import main
 from fm_keras.config import RetrievalConfig, experiment_from_dict
@@ -239,38 +240,16 @@ def test_trained_rows_cover_the_catalog_items_an_epoch_trains(tmp_path, monkeypa
     the rows of the best-weights copy cover every row an epoch changes."""
     import pandas as pd
 
-    from fm_keras import checkpoints, retrieval
-    from fm_keras.runs import TrainingState
+    from fm_keras import retrieval
     from fm_keras.training import train
 
     data = write_implicit(str(tmp_path / "data"))
-    catalog = pd.read_csv(os.path.join(data, "items.csv"))
-    pd.concat([catalog, pd.DataFrame({"item_id": [f"new{j}" for j in range(20)],
-                                      "genre": "g_new"})]).to_csv(
-        os.path.join(data, "items.csv"), index=False)
-    monkeypatch.setattr(checkpoints, "PARTIAL_COPY_MIN_ELEMENTS", 0)
-    monkeypatch.setattr(checkpoints, "PARTIAL_COPY_MAX_SHARE", 1.0)
-    seen = {}
-
-    class Recording(TrainingState):
-        def __init__(self, run_dir, model, config, resume, **kwargs):
-            super().__init__(run_dir, model, config, resume, **kwargs)
-            seen.update(trained=kwargs["trained_rows"], state=self,
-                        before=[v.numpy().copy() for v in model.fm.trainable_weights])
-
-        def on_epoch_end(self, epoch, logs=None):
-            if epoch == 0:
-                seen["after"] = [v.numpy().copy() for v in self.model.fm.trainable_weights]
-            super().on_epoch_end(epoch, logs)
-
-    monkeypatch.setattr(retrieval, "TrainingState", Recording)
+    with_new_catalog_items(data)
+    seen = record_trained_rows(monkeypatch, retrieval)
     train(experiment_from_dict(implicit_experiment(data, epochs=1), base_dir=data),
           str(tmp_path / "run"), verbose=0)
     trained = seen["trained"]
-    changed = np.zeros(len(trained), bool)
-    for b, a in zip(seen["before"], seen["after"]):
-        if b.ndim and b.shape[0] == len(trained):
-            changed |= (b != a).reshape(len(trained), -1).any(1)
+    changed = changed_rows(*seen["epochs"], len(trained))
     assert seen["state"].best_weights.rows is not None
     assert changed.any() and not np.any(changed & ~trained)
     query_and_items = np.zeros(len(trained), bool)  # the ids of the interactions alone

@@ -8,6 +8,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from trained_rows_testlib import changed_rows, record_trained_rows, with_new_catalog_items
+from fm_keras import training
 from fm_keras.config import load_experiment
 from fm_keras.errors import DataError, RunError, TrainingDivergedError
 from fm_keras.data import load_data_split
@@ -230,53 +232,16 @@ def test_early_stop_is_converged_and_state_agrees(small_synth, tmp_path):
 
 
 
-def _record_trained_rows(monkeypatch) -> dict:
-    """Makes every table big enough for a partial best-weights copy and records what training
-    gives `TrainingState`: the trained-rows mask, the l2_prior counts it was built from, the
-    state, and the FM weights before training and at every epoch end."""
-    from fm_keras import checkpoints, training
-
-    monkeypatch.setattr(checkpoints, "PARTIAL_COPY_MIN_ELEMENTS", 0)
-    monkeypatch.setattr(checkpoints, "PARTIAL_COPY_MAX_SHARE", 1.0)
-    seen = {}
-
-    def recording(num_ids, *ids, counts=None):
-        seen["counts"] = counts
-        return checkpoints.trained_rows(num_ids, *ids, counts=counts)
-
-    class Recording(TrainingState):
-        def __init__(self, run_dir, model, config, resume, **kwargs):
-            super().__init__(run_dir, model, config, resume, **kwargs)
-            seen.update(trained=kwargs["trained_rows"], state=self,
-                        epochs=[[v.numpy().copy() for v in model.fm.trainable_weights]])
-
-        def on_epoch_end(self, epoch, logs=None):
-            super().on_epoch_end(epoch, logs)
-            seen["epochs"].append([v.numpy().copy() for v in self.model.fm.trainable_weights])
-
-    monkeypatch.setattr(training, "trained_rows", recording)
-    monkeypatch.setattr(training, "TrainingState", Recording)
-    return seen
-
-
-def _changed_rows(before, after, num_ids: int) -> np.ndarray:
-    """bool [num_ids]: rows of the id tables that differ between two weight snapshots."""
-    changed = np.zeros(num_ids, bool)
-    for b, a in zip(before, after):
-        if b.ndim and b.shape[0] == num_ids:
-            changed |= (b != a).reshape(num_ids, -1).any(1)
-    return changed
-
 
 def test_trained_rows_cover_every_row_an_epoch_changes(small_synth, tmp_path, monkeypatch):
     """FTRL zeroes a row looked up with x = 0 (multi-hot padding) and weight decay shrinks
     it: those ids are trained rows too, not only the counted ones."""
     synth_dir, _ = small_synth
-    seen = _record_trained_rows(monkeypatch)
+    seen = record_trained_rows(monkeypatch, training)
     train(_config(synth_dir, epochs=1, optimizer="ftrl", weight_decay=0.01),
           str(tmp_path / "run"), verbose=0)
     trained = seen["trained"]
-    changed = _changed_rows(*seen["epochs"], len(trained))
+    changed = changed_rows(*seen["epochs"], len(trained))
     assert seen["state"].best_weights.rows is not None  # the copy was partial
     assert changed.any() and not trained.all()
     assert not np.any(changed & ~trained)
@@ -291,15 +256,13 @@ def test_sampled_negatives_restore_the_best_epoch_from_a_partial_copy(tmp_path, 
     from fm_keras.config import experiment_from_dict
 
     data = write_implicit(str(tmp_path / "data"))
-    catalog = pd.read_csv(os.path.join(data, "items.csv"))
-    extra = pd.DataFrame({"item_id": [f"new{j}" for j in range(20)], "genre": "g_new"})
-    pd.concat([catalog, extra]).to_csv(os.path.join(data, "items.csv"), index=False)
-    seen = _record_trained_rows(monkeypatch)
+    with_new_catalog_items(data)
+    seen = record_trained_rows(monkeypatch, training)
     raw = implicit_experiment(data, task="binary", epochs=5, early_stopping_patience=2,
                               learning_rate=0.2, negatives={"per_positive": 2})
     record = train(experiment_from_dict(raw, base_dir=data), str(tmp_path / "run"), verbose=0)
     trained = seen["trained"]
-    changed = _changed_rows(seen["epochs"][0], seen["epochs"][1], len(trained))
+    changed = changed_rows(seen["epochs"][0], seen["epochs"][1], len(trained))
     assert seen["state"].best_weights.rows is not None
     assert not np.any(changed & ~trained)
     assert np.any(changed & ~(seen["counts"] > 0))  # catalog items no training row holds
