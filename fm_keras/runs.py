@@ -32,7 +32,8 @@ from fm_keras import __version__, fsutil
 from fm_keras._tf import keras, tf
 from fm_keras.calibration import Calibration, fit_calibration
 from fm_keras.checkpoints import (LARGE_CHECKPOINT_SECONDS, BestWeights, CheckpointWriter,
-                                  checkpoint_due, is_large, parameters_finite)
+                                  checkpoint_due, is_large, parameters_finite,
+                                  saved_trained_rows)
 from fm_keras.config import ExperimentConfig, TrainingConfig, experiment_from_dict
 from fm_keras.convergence import EarlyStopping, cap_warning, early_stopping_monitor
 from fm_keras.data import Split, single_class
@@ -156,6 +157,10 @@ class TrainingState(keras.callbacks.Callback):
     Args:
         base_loss: the training loss of a model that has learned only the base rate
             (`fm_keras.convergence.base_loss`); None skips the warmup check.
+        trained_rows: bool [num_ids], the rows of the id tables an epoch can change
+            (`fm_keras.checkpoints.trained_rows`): the best-weights copy of a large table
+            holds only those. None (unknown) copies whole tables; so does plain SGD with
+            weight decay, which tf_keras applies to every row.
     """
 
     async_checkpoints = True  # large tables are checkpointed in the background
@@ -163,7 +168,7 @@ class TrainingState(keras.callbacks.Callback):
     checkpoint_seconds = LARGE_CHECKPOINT_SECONDS  # large tables: at most this often
 
     def __init__(self, run_dir: str, model: FMModel, config: ExperimentConfig, resume: bool,
-                 base_loss: float | None = None):
+                 base_loss: float | None = None, trained_rows: np.ndarray | None = None):
         super().__init__()
         self.config = config
         self.monitor = {"binary": "val_auc", "regression": "val_rmse",
@@ -177,7 +182,13 @@ class TrainingState(keras.callbacks.Callback):
         self.best_weights, self.best, tracked = None, None, {}
         if self.best_in_memory:
             # The trainable weights: the l2_prior penalties shape the loss, not the outputs.
-            self.best_weights = BestWeights(model.fm.trainable_weights)
+            t = config.training
+            if t.optimizer == "sgd" and t.weight_decay:  # tf_keras decays every row
+                trained_rows = None
+            latest = resume and tf.train.latest_checkpoint(os.path.join(ckpt_dir, "last"))
+            if latest:  # the saved copy's rows, whatever the data holds now
+                trained_rows = saved_trained_rows(latest, model.fm.num_ids)
+            self.best_weights = BestWeights(model.fm.trainable_weights, trained_rows)
             tracked["best"] = self.best_weights.trackable
         else:
             self.best = CheckpointWriter(tf.train.Checkpoint(fm=model.fm),
