@@ -9,11 +9,16 @@ without the model load) and their ratio per backend.
 
     python benchmarks/exclusions.py [--items 100000] [--users 1000] [--seen 600] [--k 10]
         [--model saved_models/ctr/1 --users-file data/test.csv] [--backends scann,brute_force]
+        [--reuse WORK_DIR]
+
+--reuse measures an earlier run's catalog and recall exports again (their work directory, printed
+at the end), e.g. under ``chrt -f 10`` to stand in for a quiet machine on a busy one.
 """
 
 from __future__ import annotations
 
 import argparse
+import glob
 import os
 
 os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
@@ -47,6 +52,8 @@ def main():
     parser.add_argument("--index-k", type=int, default=100, help="k the index is built with")
     parser.add_argument("--backends", default="scann,partitioned,brute_force")
     parser.add_argument("--repeat", type=int, default=2, help="runs per case (best is kept)")
+    parser.add_argument("--reuse", help="work directory of an earlier run: its catalog and "
+                        "recall exports are measured again, not rebuilt")
     args = parser.parse_args()
     work, model, test_csv, catalog = prepare(args, "fm-exclusions-bench-")
     users = os.path.join(work, "users.csv")
@@ -56,8 +63,11 @@ def main():
     print(f"{'backend':12s} {'no exclusions users/s':>22s} {'with exclusions':>16s} {'ratio':>6s}")
     ratios = {}
     for backend in args.backends.split(","):
-        path = build_index(model, catalog, f"recall_{backend}", base=os.path.join(work, "m"),
-                           k=args.index_k, backend=backend)
+        built = sorted(glob.glob(os.path.join(work, "m", f"recall_{backend}", "*")),
+                       key=lambda p: int(os.path.basename(p)))
+        path = built[-1] if args.reuse and built else build_index(
+            model, catalog, f"recall_{backend}", base=os.path.join(work, "m"), k=args.index_k,
+            backend=backend)
         rates = {None: 0.0, "seen": 0.0}
         for _ in range(args.repeat):  # alternating, so that a load change hits both alike
             for column in (None, "seen"):
@@ -73,6 +83,7 @@ def main():
               f"{ratios[backend]:6.2f}  (load {os.getloadavg()[0]:.1f})", flush=True)
     print("users/s with exclusions / without (issue 12 asks >= 0.5): " +
           ", ".join(f"{b} {r:.2f}" for b, r in ratios.items()))
+    print(f"work directory (--reuse): {work}")
 
 if __name__ == "__main__":
     main()
