@@ -29,6 +29,7 @@ from fm_keras.distributed import train_distributed
 from fm_keras.errors import ConfigError, RunError
 from fm_keras.evaluation import metrics_for
 from fm_keras.features import FittedFeature, fit_features
+from fm_keras.layers import require_table_layout
 from fm_keras.model import FMModel, build_model, make_optimizer
 from fm_keras.negatives import SampledNegatives
 from fm_keras.prior import EmpiricalBayesPrior, curvature
@@ -59,7 +60,17 @@ def train(config: ExperimentConfig, run_dir: str, *, resume: bool = False,
         The run record (also written to ``run.json``). With ``training.distribute`` set to a
         cluster strategy the run goes to `fm_keras.distributed.train_distributed`: there
         only the chief returns the record (other tasks return None).
+
+    Raises:
+        RunError: among others, `resume` or `warm_start` of a checkpoint in the FM's layout
+            before its per-id ``table`` (`fm_keras.layers.require_table_layout`).
     """
+    if resume:
+        last = tf.train.latest_checkpoint(os.path.join(run_dir, "checkpoints", "last"))
+        if last:
+            require_table_layout(last, "--resume")
+    if warm_start:
+        require_table_layout(os.path.join(warm_start, "model", "weights"), "--warm-start")
     if config.training.distribute.cluster:
         if warm_start:
             raise ConfigError(f"{config.source}: training: distribute: a warm start from "

@@ -29,8 +29,8 @@ def _layer(num_ids, k, seed=0):
     layer.build(None)
     rng = np.random.default_rng(seed)
     layer.bias.assign(rng.normal())
-    layer.linear.assign(rng.normal(size=num_ids).astype(np.float32))
-    layer.embeddings.assign(rng.normal(scale=0.5, size=(num_ids, k)).astype(np.float32))
+    layer.assign_parameters(linear=rng.normal(size=num_ids),
+                            embeddings=rng.normal(scale=0.5, size=(num_ids, k)))
     return layer
 
 
@@ -95,8 +95,7 @@ def test_side_terms_decompose_the_score():
 def test_l2_penalizes_only_touched_rows():
     layer = FactorizationMachine(100, 3, l2_embeddings=0.1, l2_linear=0.01)
     layer.build(None)
-    layer.embeddings.assign(tf.ones([100, 3]))
-    layer.linear.assign(tf.ones([100]))
+    layer.assign_parameters(linear=np.ones(100), embeddings=np.ones([100, 3]))
     layer((tf.constant([[1, 2]]), tf.constant([[1.0, 0.0]])))  # only id 1 is non-zero
     assert float(tf.add_n(layer.losses)) == pytest.approx(0.1 * 3 + 0.01 * 1)
 
@@ -134,8 +133,7 @@ def test_per_slot_l2():
     """One L2 value per slot: e.g. id slots regularized harder than shared attributes."""
     layer = FactorizationMachine(100, 3, l2_embeddings=[0.1, 2.0, 0.1], l2_linear=[0.01, 3.0, 0.01])
     layer.build(None)
-    layer.embeddings.assign(tf.ones([100, 3]))
-    layer.linear.assign(tf.ones([100]))
+    layer.assign_parameters(linear=np.ones(100), embeddings=np.ones([100, 3]))
     layer((tf.constant([[1, 2, 3]]), tf.constant([[1.0, 1.0, 0.0]])))  # slot 3 is padding
     assert float(tf.add_n(layer.losses)) == pytest.approx((0.1 + 2.0) * 3 + (0.01 + 3.0) * 1)
     clone = keras.layers.deserialize(json.loads(json.dumps(keras.layers.serialize(layer))))
@@ -152,8 +150,7 @@ def test_l2_prior_matches_numpy_reference():
     layer.build(None)
     v = rng.normal(size=(num_ids, k)).astype(np.float32)
     w = rng.normal(size=num_ids).astype(np.float32)
-    layer.embeddings.assign(v)
-    layer.linear.assign(w)
+    layer.assign_parameters(linear=w, embeddings=v)
     counts = rng.integers(0, 50, num_ids)
     layer.set_prior(counts)
     ids = rng.integers(0, num_ids, (5, 4))

@@ -228,3 +228,29 @@ def test_early_stop_is_converged_and_state_agrees(small_synth, tmp_path):
     assert all(0 < tau < 1e6 and tau != l2_prior
                for p in record["prior"].values() for tau in p.values())
 
+
+
+def _old_layout_checkpoint(path):
+    """A checkpoint as fm-keras wrote it before the per-id table: fm/linear, fm/embeddings."""
+    import tensorflow as tf
+
+    old = tf.train.Checkpoint(linear=tf.Variable(tf.zeros([4])),
+                              embeddings=tf.Variable(tf.zeros([4, 2])))
+    return tf.train.Checkpoint(fm=old).write(path)
+
+
+def test_old_table_layout_checkpoints_fail_resume_and_warm_start_in_one_line(small_synth,
+                                                                              tmp_path):
+    synth_dir, _ = small_synth
+    run_dir = tmp_path / "run"
+    _old_layout_checkpoint(str(run_dir / "checkpoints" / "last" / "ckpt-1"))
+    (run_dir / "checkpoints" / "last" / "checkpoint").write_text(
+        'model_checkpoint_path: "ckpt-1"\n')
+    with pytest.raises(RunError, match=r"fm/linear, fm/embeddings: .*train a new run without "
+                                       r"--resume$"):
+        train(_config(synth_dir), str(run_dir), resume=True, verbose=0)
+    old_run = tmp_path / "old"
+    _old_layout_checkpoint(str(old_run / "model" / "weights"))
+    with pytest.raises(RunError, match="without --warm-start$"):
+        train(_config(synth_dir), str(tmp_path / "new"), warm_start=str(old_run), verbose=0)
+    assert not (tmp_path / "new").exists()
