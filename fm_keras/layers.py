@@ -101,7 +101,8 @@ class FactorizationMachine(keras.layers.Layer):
             ValueError: an array has the wrong shape.
         """
         table = self.table.numpy()
-        for name, value, cols in (("linear", linear, 0), ("embeddings", embeddings, slice(1, None))):
+        columns = (("linear", linear, 0), ("embeddings", embeddings, slice(1, None)))
+        for name, value, cols in columns:
             if value is None:
                 continue
             value = np.asarray(value, np.float32)
@@ -212,8 +213,11 @@ class _TableInitializer:
         self.embeddings_initializer = embeddings_initializer
 
     def __call__(self, shape, dtype=None, **kwargs):
-        factors = self.embeddings_initializer([shape[0], shape[1] - 1], dtype=dtype, **kwargs)
-        return tf.concat([tf.zeros([shape[0], 1], factors.dtype), factors], axis=1)
+        # A table sharded over parameter servers is initialized shard by shard: the shard's
+        # shape comes as `partition_shape` (its offset, passed on, varies the random draws).
+        rows, cols = kwargs.pop("partition_shape", shape)
+        factors = self.embeddings_initializer([rows, cols - 1], dtype=dtype, **kwargs)
+        return tf.concat([tf.zeros([rows, 1], factors.dtype), factors], axis=1)
 
 
 def _norms(k: int, dtype):
