@@ -6,8 +6,9 @@ the rows a batch touches, not on the table: for each optimizer (fm_keras' row-wi
 SparseAdagrad, SparseFtrl) the benchmark reports the time per step of one timed epoch after a
 warm-up epoch (the fastest of ``--repeats`` timed epochs: on a shared machine the minimum is
 the figure least inflated by other processes), and the ratio to the smallest table, in wall
-time and in the process' CPU time (which other processes inflate less). ``--stock-steps N`` times N steps of tf_keras' own Adam/Adagrad/FTRL on the same model and
-rows in the same run (the peer).
+time and in the process' CPU time (which other processes inflate less). ``--stock-steps N``
+times N steps of tf_keras' own Adam/Adagrad/FTRL on the same model and rows in the same run
+(the peer).
 
 Epoch-end work is the training callback's (`fm_keras.runs.TrainingState`): the finite
 check, the best-weights copy, the checkpoint and the state file. It is timed on an improving
