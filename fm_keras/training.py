@@ -74,7 +74,7 @@ def train(config: ExperimentConfig, run_dir: str, *, resume: bool = False,
                               "yet; train from scratch")
         return train_retrieval(config, run_dir, resume=resume, verbose=verbose)
     started = time.time()
-    check_run_dir(run_dir, resume)
+    check_run_dir(run_dir, resume, config)
     task = config.model.task
     converted = converted_shards(config)
     if converted:
