@@ -74,7 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--items", help="item catalog: report Recall@K, NDCG@K, HitRate@K and "
                    "coverage over it (exact search) beside the popularity baseline (default "
                    "for a retrieval run: its data.items)")
-    p.add_argument("--recall_at", default="10,50,100", help="comma-separated K values")
+    p.add_argument("--recall_at", help="comma-separated K values (default 10,50,100); a CTR "
+                   "run needs --items for them")
     p.add_argument("--exclude", nargs="+", help="logs whose (user, item) pairs are not "
                    "recommended, e.g. the training log")
 
@@ -135,11 +136,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(BaseException):
+    """Raised in the main thread by SIGTERM while a command runs, so that it unwinds as on
+    Ctrl-C: temp files and directories are removed, nothing half-written stays behind."""
+
+
+def _terminate(signum, frame):
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Runs one command. Exit status: 0, 2 for bad input (one line on stderr), 130 on SIGINT,
+    143 on SIGTERM (what Kubernetes, Airflow and `timeout` send to stop a job)."""
+    import signal
+    import threading
+
     args = build_parser().parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", tf_log_level())
     from fm_keras.errors import FMKerasError
 
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
     try:
         return _COMMANDS[args.command](args)
     except FMKerasError as err:
@@ -148,6 +165,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("fm-keras: interrupted", file=sys.stderr)
         return 130
+    except Terminated:
+        print("fm-keras: terminated", file=sys.stderr)
+        return 128 + signal.SIGTERM
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def tf_log_level() -> str:
@@ -246,16 +269,24 @@ def _evaluate(args) -> int:
 
     run_json = os.path.join(args.run, "run.json")
     retrieval = os.path.exists(run_json) and read_json(run_json).get("task") == "retrieval"
-    if args.items or retrieval or args.exclude:
+    recall = bool(args.items or retrieval or args.exclude)
+    if recall and args.reliability_plot:
+        raise ConfigError("--reliability_plot: the diagram is of click probabilities, not drawn "
+                          "with Recall@K (--items, --exclude or a retrieval run); evaluate "
+                          "without them for it")
+    if not recall and args.recall_at is not None:
+        raise ConfigError("--recall_at: Recall@K of a CTR run is over a catalog; pass --items")
+    if recall:
         from fm_keras.retrieval import evaluate_recall
 
+        recall_at = args.recall_at or "10,50,100"
         try:
-            ks = [int(k) for k in args.recall_at.split(",") if k.strip()]
+            ks = [int(k) for k in recall_at.split(",") if k.strip()]
         except ValueError:
             ks = []
         if not ks or min(ks) < 1:
             raise ConfigError(f"--recall_at: expected positive integers like 10,50,100, "
-                              f"got {args.recall_at!r}")
+                              f"got {recall_at!r}")
         print(json.dumps(evaluate_recall(args.run, args.data, args.items, ks, args.exclude),
                          indent=2))
         return 0

@@ -325,8 +325,10 @@ class TrainingConfig:
         early_stopping_min_delta: an epoch counts as better only if it beats the best by more
             than this (its weights are still kept if it is the best).
         steps_per_execution: training steps per graph call; larger is faster on CPU.
-        weight_decay: decoupled weight decay of the optimizer, applied to every row each step:
-            unlike the per-occurrence L2 it shrinks rarely seen ids the most.
+        weight_decay: decoupled weight decay of the optimizer (Loshchilov & Hutter 2019). The
+            row-wise optimizers (adam, adagrad, ftrl; `fm_keras.optimizers`) decay the rows a
+            step touches, with their update; sgd decays every row each step, so it shrinks
+            rarely seen ids the most.
         distribute: the ``tf.distribute`` strategy (see `DistributeConfig`); batch_size is
             the global batch: each of n synchronous workers takes batch_size / n rows.
         negatives: catalog-sampled negatives for ``task: binary`` (see `NegativesConfig`).

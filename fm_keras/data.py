@@ -259,9 +259,11 @@ def _label_column(column: pd.Series, label: str, task: str, path: str) -> np.nda
         row = int(np.flatnonzero(np.isnan(values))[0])
         raise DataError(f"{where}: missing label at data row {column.index[row] + 1}")
     if task == "binary" and not np.isin(values, (0.0, 1.0)).all():
-        bad = sorted(set(values[~np.isin(values, (0.0, 1.0))].tolist()))[:5]
-        raise DataError(f"{where}: task 'binary' needs labels in {{0, 1}}, found {bad}; "
-                        "use task: regression for real-valued targets")
+        outside = ~np.isin(values, (0.0, 1.0))
+        bad = sorted(set(values[outside].tolist()))[:5]
+        row = column.index[int(np.argmax(outside))] + 1
+        raise DataError(f"{where}: task 'binary' needs labels in {{0, 1}}, found {bad} (first "
+                        f"at data row {row}); use task: regression for real-valued targets")
     return values
 
 

@@ -182,7 +182,7 @@ def train_distributed(config: ExperimentConfig, run_dir: str, *, resume: bool = 
     shards = cluster_shards(config, task)
     features, manifest = shards.features, shards.manifest
     if task.is_chief:
-        check_run_dir(run_dir, resume)
+        check_run_dir(run_dir, resume, config)
     # Only now TensorFlow work: a collective strategy must come before any other.
     strategy = make_strategy(distribute, task)
     task_name = config.model.task

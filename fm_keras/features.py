@@ -131,6 +131,10 @@ class FeatureEncoder(keras.layers.Layer):
             for f in self.features
             if f.config.kind != "numeric" and f.config.hash_buckets is None and f.vocabulary
         }
+        # No weights of its own (the lookups' tables come from the vocabularies above), so the
+        # layer is built here: the export calls `encode`, not the layer, and an unbuilt layer
+        # is saved with a "Skipping full serialization" warning per export.
+        self.built = True
 
     @property
     def num_slots(self) -> int:

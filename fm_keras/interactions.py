@@ -69,8 +69,8 @@ def read_catalog(path: str, ranking_meta: dict, id_column: str) -> tuple[np.ndar
     split = load_split([path], features, None, (), passthrough=extra)
     ids = (split.passthrough[id_column] if extra else split.features[id_column]).astype(str)
     if np.any(ids == ""):
-        raise DataError(f"{path}: column {id_column!r}: row {int(np.argmax(ids == '')) + 2} has "
-                        "an empty item id; every item needs one")
+        raise DataError(f"{path}: column {id_column!r}: empty item id at data row "
+                        f"{int(np.argmax(ids == '')) + 1}; every item needs one")
     if len(set(ids)) != len(ids):
         values, counts = np.unique(ids, return_counts=True)
         raise ExportError(f"{path}: column {id_column!r} has duplicate item ids, e.g. "

@@ -17,6 +17,8 @@ with a fixed seed, so the metric compares epochs on the same rows.
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 from fm_keras._tf import tf
@@ -69,6 +71,12 @@ class SampledNegatives:
         self.positive_pairs = np.unique(self.train_keys[positive] * n + index[positive])
         self.item_index = index
 
+    @functools.cached_property
+    def catalog_slots(self) -> tuple[np.ndarray, np.ndarray]:
+        """The catalog's items encoded once: item-side ids int32 [items, item slots] and
+        values float32 (the ids a drawn negative trains, with its query side)."""
+        return self.encoder.encode_numpy(self.catalog.columns, names=self.item_names)
+
     def epoch_labels(self, labels: np.ndarray, weights: np.ndarray
                      ) -> tuple[np.ndarray, np.ndarray]:
         """The labels and weights of one epoch of `dataset`: the log's rows plus N label-0
@@ -90,8 +98,7 @@ class SampledNegatives:
                 weights: np.ndarray, batch_size: int, seed: int):
         """The training batches of `batched_dataset` (rows of the training split, encoded)
         with N sampled negatives per positive appended to each batch."""
-        cat_ids, cat_values = (tf.constant(a) for a in self.encoder.encode_numpy(
-            self.catalog.columns, names=self.item_names))
+        cat_ids, cat_values = (tf.constant(a) for a in self.catalog_slots)
         query_slot = tf.constant(self.encoder.slot_query_side)
         order = side_slot_order(self.encoder.slot_query_side)
         pairs = tf.constant(self.positive_pairs, tf.int64)

@@ -19,6 +19,8 @@ A shard directory (``<run>/shards``, a cache under ``data.shard_dir``, or the ou
                                  int32 ids [slots], float32 values [slots], float32 label
                                  (a NaN label pads the last record of a file)
     counts.npy                   training rows per id (the l2_prior's counts)
+    zero_value_ids.npy           the ids of slots with x = 0 (padding): with the counted ids,
+                                 the table rows an epoch trains (`checkpoints.trained_rows`)
     sample.npz                   a uniform sample of encoded rows (the empirical Bayes prior)
     features.json                the fitted features the rows were encoded with
     shards.json                  manifest: rows (read, dropped per filter, written), slots,
@@ -53,6 +55,7 @@ from fm_keras.tfrecord import is_tfrecord
 
 MANIFEST = "shards.json"
 FEATURES = "features.json"
+ZERO_VALUE_IDS = "zero_value_ids.npy"
 NUM_FILES = 8
 SAMPLE_ROWS = 4096
 SHUFFLE_ROWS = 262_144  # rows the reader's chunk shuffle buffer holds
@@ -165,6 +168,7 @@ class Shards:
     counts: np.ndarray
     sample_ids: np.ndarray
     sample_values: np.ndarray
+    zero_value_ids: np.ndarray | None = None  # None: shards written before they were kept
 
     @property
     def rows(self) -> int:
@@ -189,8 +193,10 @@ class Shards:
     def open(cls, directory: str) -> Shards:
         manifest = fsutil.read_json(os.path.join(directory, MANIFEST))
         sample = np.load(os.path.join(directory, "sample.npz"))
+        zero = os.path.join(directory, ZERO_VALUE_IDS)
         return cls(directory, manifest, np.load(os.path.join(directory, "counts.npy")),
-                   sample["ids"], sample["values"])
+                   sample["ids"], sample["values"],
+                   np.load(zero) if os.path.exists(zero) else None)
 
 
 def chunk_rows(batch_size: int) -> int:
@@ -238,6 +244,7 @@ def write_shards(config: ExperimentConfig, encoder, directory: str, fit: StreamF
     chunk, slots = chunk_rows(t.batch_size), encoder.num_slots
     rng = np.random.default_rng(t.seed)
     counts = np.zeros(encoder.num_ids, dtype=np.int64)
+    zero_value = np.zeros(encoder.num_ids, dtype=bool)
     labels: Counter = Counter()
     sample = _BottomK(SAMPLE_ROWS, rng)
     rows = 0
@@ -260,6 +267,7 @@ def write_shards(config: ExperimentConfig, encoder, directory: str, fit: StreamF
                 order = rng.permutation(len(y))  # mix the block before spreading it
                 ids, values, y = ids[order], values[order], y[order]
                 counts += np.bincount(ids[values != 0], minlength=encoder.num_ids)
+                zero_value[ids[values == 0]] = True
                 distinct, n = np.unique(y, return_counts=True)
                 labels.update(dict(zip(distinct.tolist(), n.tolist())))
                 sample.add(ids, values)
@@ -289,6 +297,7 @@ def write_shards(config: ExperimentConfig, encoder, directory: str, fit: StreamF
                     "batch_size": t.batch_size, "source": fit.files,
                     "seconds": round(time.time() - started, 2)}
         np.save(os.path.join(tmp, "counts.npy"), counts)
+        np.save(os.path.join(tmp, ZERO_VALUE_IDS), np.flatnonzero(zero_value))
         np.savez(os.path.join(tmp, "sample.npz"), ids=sample.ids, values=sample.values)
         fsutil.write_json(os.path.join(tmp, FEATURES), [f.to_dict() for f in fit.features])
         fsutil.write_json(os.path.join(tmp, MANIFEST), manifest)

@@ -36,6 +36,7 @@ import tensorflow_recommenders as tfrs
 from fm_keras import fsutil
 from fm_keras._tf import keras, tf
 from fm_keras.batches import batched_dataset, holdout_if_needed
+from fm_keras.checkpoints import trained_rows
 from fm_keras.config import ExperimentConfig, RetrievalConfig
 from fm_keras.data import Split, expand_paths
 from fm_keras.errors import ConfigError
@@ -229,7 +230,7 @@ def train_retrieval(config: ExperimentConfig, run_dir: str, *, resume: bool = Fa
         ConfigError, DataError: before anything is written to `run_dir`.
     """
     started = time.time()
-    check_run_dir(run_dir, resume)
+    check_run_dir(run_dir, resume, config)
     t = config.training
     r = t.retrieval
     catalog = load_catalog(catalog_path(config), config.features, config.data.item_id)
@@ -248,9 +249,10 @@ def train_retrieval(config: ExperimentConfig, run_dir: str, *, resume: bool = Fa
     base = build_model(features, config.model, t)
     model = RetrievalModel(base.encoder, base.fm, r)
     counts = item_counts(train_split, len(catalog))
-    model.use_catalog(*model.encoder.encode_numpy(
-        catalog.columns, names=model.encoder.side_names(False)),
-        candidate_log_q(counts, t.batch_size, r.catalog_negatives))
+    catalog_ids, catalog_values = model.encoder.encode_numpy(
+        catalog.columns, names=model.encoder.side_names(False))
+    model.use_catalog(catalog_ids, catalog_values,
+                      candidate_log_q(counts, t.batch_size, r.catalog_negatives))
     query_names = model.encoder.side_names(True)
     ids, values = model.encoder.encode_numpy(train_split.features, names=query_names)
     weights = train_split.passthrough.get(WEIGHT, np.ones(len(ids), np.float32))
@@ -263,7 +265,9 @@ def train_retrieval(config: ExperimentConfig, run_dir: str, *, resume: bool = Fa
     fsutil.write_json(os.path.join(run_dir, "experiment.json"), config.to_dict())
     fsutil.write_json(features_path, [f.to_dict() for f in features])
     model.compile(optimizer=make_optimizer(t), steps_per_execution=t.steps_per_execution)
-    state = TrainingState(run_dir, model, config, resume=resume)
+    # An epoch trains the query rows and the catalog's items (positives and sampled ones).
+    state = TrainingState(run_dir, model, config, resume=resume,
+                          trained_rows=trained_rows(model.fm.num_ids, ids, catalog_ids))
     t0 = time.time()
     if state.initial_epoch < t.epochs and not state.finished:
         with contextlib.redirect_stdout(sys.stderr):  # Keras prints progress to stdout

@@ -32,7 +32,8 @@ from fm_keras import __version__, fsutil
 from fm_keras._tf import keras, tf
 from fm_keras.calibration import Calibration, fit_calibration
 from fm_keras.checkpoints import (LARGE_CHECKPOINT_SECONDS, BestWeights, CheckpointWriter,
-                                  checkpoint_due, is_large, parameters_finite)
+                                  checkpoint_due, is_large, parameters_finite,
+                                  saved_trained_rows)
 from fm_keras.config import ExperimentConfig, TrainingConfig, experiment_from_dict
 from fm_keras.convergence import EarlyStopping, cap_warning, early_stopping_monitor
 from fm_keras.data import Split, single_class
@@ -53,12 +54,40 @@ class Run:
     info: dict
 
 
-def check_run_dir(run_dir: str, resume: bool) -> None:
+# What a resumed run may change: a run stopped by its epoch cap continues with a higher one.
+RESUMABLE_CHANGES = frozenset({("training", "epochs")})
+
+
+def check_run_dir(run_dir: str, resume: bool, config: ExperimentConfig | None = None) -> None:
     """Raises `RunError` unless `run_dir` may receive a new run (or, with `resume`, continue
-    an unfinished one)."""
+    an unfinished one with the same experiment).
+
+    Args:
+        run_dir: the run directory (``--out``).
+        resume: continue the unfinished run there.
+        config: the experiment to run. With `resume`, it must equal the run's
+            ``experiment.json`` except for `RESUMABLE_CHANGES` (its checkpoints were written
+            for that model and data); without `config` that is not checked.
+
+    Raises:
+        RunError: `run_dir` is a file; holds a finished run; is not empty and holds no run or
+            an unfinished one (without `resume`); or, with `resume`, holds a run of another
+            experiment (the message names the first differing key).
+    """
+    if os.path.exists(run_dir) and not os.path.isdir(run_dir):
+        raise RunError(f"{run_dir}: is a file, not a run directory; choose another --out")
     if os.path.exists(os.path.join(run_dir, "run.json")):
         raise RunError(f"{run_dir}: holds a finished run; choose another --out or delete it")
     if resume:
+        stored = os.path.join(run_dir, "experiment.json")
+        if config is not None and os.path.exists(stored):
+            difference = _first_difference(fsutil.read_json(stored),
+                                           json.loads(json.dumps(config.to_dict())), ())
+            if difference:
+                key, was, now = difference
+                raise RunError(f"{stored}: {key}: the run was started with {_short(was)}, "
+                               f"this experiment has {_short(now)}; resume with the run's "
+                               "experiment or train into a new --out")
         return
     if os.path.isdir(run_dir) and os.listdir(run_dir):
         if not os.path.exists(os.path.join(run_dir, "experiment.json")):
@@ -66,6 +95,35 @@ def check_run_dir(run_dir: str, resume: bool) -> None:
                            "or empty --out")
         raise RunError(f"{run_dir}: holds an unfinished run; pass --resume to continue it, "
                        "or delete the directory")
+
+
+def _first_difference(was, now, path: tuple) -> tuple[str, object, object] | None:
+    """The first key path (dotted, list items by index) where two JSON documents differ, with
+    both values; None if they are equal outside `RESUMABLE_CHANGES`."""
+    if path in RESUMABLE_CHANGES:
+        return None
+    if isinstance(was, dict) and isinstance(now, dict):
+        for key in sorted(set(was) | set(now)):
+            found = _first_difference(was.get(key), now.get(key), (*path, key))
+            if found:
+                return found
+        return None
+    if isinstance(was, list) and isinstance(now, list) and len(was) == len(now):
+        for i, (a, b) in enumerate(zip(was, now)):
+            found = _first_difference(a, b, (*path, str(i)))
+            if found:
+                return found
+        return None
+    return None if was == now else (".".join(path) or "experiment", was, now)
+
+
+def _short(value) -> str:
+    """A value for a one-line message: scalars as written, lists and mappings by size."""
+    if isinstance(value, list):
+        return f"a list of {len(value)}"
+    if isinstance(value, dict):
+        return f"a mapping of {len(value)} keys"
+    return repr(value)
 
 
 def library_versions() -> dict:
@@ -156,6 +214,10 @@ class TrainingState(keras.callbacks.Callback):
     Args:
         base_loss: the training loss of a model that has learned only the base rate
             (`fm_keras.convergence.base_loss`); None skips the warmup check.
+        trained_rows: bool [num_ids], the rows of the id tables an epoch can change
+            (`fm_keras.checkpoints.trained_rows`): the best-weights copy of a large table
+            holds only those. None (unknown) copies whole tables; so does plain SGD with
+            weight decay, which tf_keras applies to every row.
     """
 
     async_checkpoints = True  # large tables are checkpointed in the background
@@ -163,7 +225,7 @@ class TrainingState(keras.callbacks.Callback):
     checkpoint_seconds = LARGE_CHECKPOINT_SECONDS  # large tables: at most this often
 
     def __init__(self, run_dir: str, model: FMModel, config: ExperimentConfig, resume: bool,
-                 base_loss: float | None = None):
+                 base_loss: float | None = None, trained_rows: np.ndarray | None = None):
         super().__init__()
         self.config = config
         self.monitor = {"binary": "val_auc", "regression": "val_rmse",
@@ -177,7 +239,13 @@ class TrainingState(keras.callbacks.Callback):
         self.best_weights, self.best, tracked = None, None, {}
         if self.best_in_memory:
             # The trainable weights: the l2_prior penalties shape the loss, not the outputs.
-            self.best_weights = BestWeights(model.fm.trainable_weights)
+            t = config.training
+            if t.optimizer == "sgd" and t.weight_decay:  # tf_keras decays every row
+                trained_rows = None
+            latest = resume and tf.train.latest_checkpoint(os.path.join(ckpt_dir, "last"))
+            if latest:  # the saved copy's rows, whatever the data holds now
+                trained_rows = saved_trained_rows(latest, model.fm.num_ids)
+            self.best_weights = BestWeights(model.fm.trainable_weights, trained_rows)
             tracked["best"] = self.best_weights.trackable
         else:
             self.best = CheckpointWriter(tf.train.Checkpoint(fm=model.fm),

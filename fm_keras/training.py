@@ -20,6 +20,7 @@ import numpy as np
 from fm_keras import fsutil, out_of_core
 from fm_keras._tf import keras, tf
 from fm_keras.batches import batched_dataset, holdout_if_needed
+from fm_keras.checkpoints import trained_rows
 from fm_keras.config import ExperimentConfig
 from fm_keras.convergence import base_loss
 from fm_keras.convert import converted_shards, fitted_features
@@ -84,7 +85,7 @@ def train(config: ExperimentConfig, run_dir: str, *, resume: bool = False,
                               "yet; train from scratch")
         return train_retrieval(config, run_dir, resume=resume, verbose=verbose)
     started = time.time()
-    check_run_dir(run_dir, resume)
+    check_run_dir(run_dir, resume, config)
     task = config.model.task
     converted = converted_shards(config)
     if converted:
@@ -134,18 +135,20 @@ def train(config: ExperimentConfig, run_dir: str, *, resume: bool = False,
         labels, label_counts = shards.labels, shards.label_counts
         _attach_prior(model, config, shards.counts, shards.sample_ids, shards.sample_values,
                       labels, label_counts, prior)
+        trained = (None if shards.zero_value_ids is None else  # shards of an older version
+                   trained_rows(model.fm.num_ids, shards.zero_value_ids, counts=shards.counts))
         train_ds = out_of_core.shard_dataset(shards, config.training, config.training.seed)
         rows["train"] = shards.rows
     elif config.training.negatives.per_positive:
         negatives = SampledNegatives(config, model.encoder, train_split)
         valid_split = negatives.with_negatives(valid_split, config.training.seed)
-        train_ds = _dataset(model, train_split, config, training=True, negatives=negatives,
-                            callbacks=prior)
+        train_ds, trained = _dataset(model, train_split, config, training=True,
+                                     negatives=negatives, callbacks=prior)
     else:
-        train_ds = _dataset(model, train_split, config, training=True, callbacks=prior)
+        train_ds, trained = _dataset(model, train_split, config, training=True, callbacks=prior)
     if not ooc:
         labels, rows["train"] = train_split.labels, len(train_split)
-    valid_ds = _dataset(model, valid_split, config, training=False)
+    valid_ds, _ = _dataset(model, valid_split, config, training=False)
     if prior and config.model.l2_prior_validation:
         prior[0].search_on(Slots(*model.encoder.encode_numpy(valid_split.features),
                                  valid_split.labels, model.logit_correction),
@@ -165,7 +168,8 @@ def train(config: ExperimentConfig, run_dir: str, *, resume: bool = False,
     if config.training.negatives.per_positive:  # what an epoch trains on: sampled rows too
         labels, weights = negatives.epoch_labels(labels, weights)
     state = TrainingState(run_dir, model, config, resume=resume,
-                          base_loss=base_loss(task, labels, weights, label_counts))
+                          base_loss=base_loss(task, labels, weights, label_counts),
+                          trained_rows=trained)
     t0 = time.time()
     if state.initial_epoch < config.training.epochs and not state.finished:
         with contextlib.redirect_stdout(sys.stderr):  # Keras prints progress to stdout
@@ -249,7 +253,9 @@ def _warm_start_features(warm_start: str, config: ExperimentConfig):
 
 def _dataset(model: FMModel, split: Split, config: ExperimentConfig, training: bool,
              negatives=None, callbacks: list | None = None):
-    """Encodes a split once and serves it as batches of ``(slots, labels, weights)``.
+    """Encodes a split once and serves it as batches of ``(slots, labels, weights)``;
+    returns the dataset and, for training, the `trained_rows` mask of its rows (and of the
+    catalog `negatives` draws from), else None.
 
     Training batches come from a fresh full permutation every epoch, gathered in-graph from
     the encoded arrays: an exact shuffle that costs one gather per batch, where a per-row
@@ -259,18 +265,23 @@ def _dataset(model: FMModel, split: Split, config: ExperimentConfig, training: b
     its `EmpiricalBayesPrior` joins `callbacks`.
     """
     ids, values = model.encoder.encode_numpy(split.features)
+    trained = None
     if training:
         sample = np.random.default_rng(config.training.seed).permutation(len(ids))[:4096]
-        _attach_prior(model, config, np.bincount(ids[values != 0], minlength=model.fm.num_ids),
-                      ids[sample], values[sample], split.labels, None, callbacks)
+        counts = np.bincount(ids[values != 0], minlength=model.fm.num_ids)
+        _attach_prior(model, config, counts, ids[sample], values[sample], split.labels, None,
+                      callbacks)
+        trained = trained_rows(model.fm.num_ids, ids[values == 0],
+                               *([negatives.catalog_slots[0]] if negatives else []),
+                               counts=counts)
     weights = (sample_weights(split.labels, config.training) if training
                else np.ones(len(split), np.float32))
     if negatives is not None:
         return negatives.dataset(ids, values, split.labels, weights, config.training.batch_size,
-                                 config.training.seed)
+                                 config.training.seed), trained
     return batched_dataset(ids, values, split.labels, weights,
                            config.training.batch_size if training else 8192,
-                           shuffle_seed=config.training.seed if training else None)
+                           shuffle_seed=config.training.seed if training else None), trained
 
 
 def _attach_prior(model: FMModel, config: ExperimentConfig, counts: np.ndarray,

@@ -9,7 +9,7 @@ import pytest
 from fm_keras import checkpoints
 from fm_keras._tf import tf
 from fm_keras.checkpoints import (BestWeights, CheckpointWriter, checkpoint_due, is_large,
-                                  parameters_finite)
+                                  parameters_finite, saved_trained_rows, trained_rows)
 from fm_keras.config import DataConfig, ExperimentConfig, FeatureConfig, TrainingConfig
 from fm_keras.errors import TrainingDivergedError
 from fm_keras.features import FittedFeature
@@ -62,7 +62,7 @@ def test_writer_saves_and_reads_back(tmp_path, asynchronous):
     assert len([p for p in (tmp_path / "ck").iterdir() if p.name.endswith(".index")]) == 1
 
 
-def _state(tmp_path, epochs: int = 10, resume: bool = False):
+def _state(tmp_path, epochs: int = 10, resume: bool = False, trained=None):
     features = (FittedFeature(FeatureConfig("f", "categorical", "user", hash_buckets=64)),)
     config = ExperimentConfig(DataConfig(train=("unused.csv",), label="click"),
                               tuple(f.config for f in features),
@@ -72,7 +72,8 @@ def _state(tmp_path, epochs: int = 10, resume: bool = False):
     model.compile(optimizer=make_optimizer(config.training), weighted_metrics=[])
     model.optimizer.build(model.trainable_variables)
     (tmp_path / "run").mkdir(exist_ok=True)  # as train() does
-    state = TrainingState(str(tmp_path / "run"), model, config, resume=resume)
+    state = TrainingState(str(tmp_path / "run"), model, config, resume=resume,
+                          trained_rows=trained)
     state.set_model(model)
     return model, state
 
@@ -101,6 +102,60 @@ def test_best_weights_copy_restore_and_checkpoint(tmp_path):
     other = BestWeights([tf.Variable(tf.zeros([4, 2])), tf.Variable([0.0])])
     tf.train.Checkpoint(best=other.trackable).read(path).assert_existing_objects_matched()
     np.testing.assert_array_equal(other.copies[0].numpy(), saved[0])
+
+
+@pytest.fixture
+def partial_copies(monkeypatch):
+    """Tables of any size get partial best-weights copies (the real threshold is 4M elements)."""
+    monkeypatch.setattr(checkpoints, "PARTIAL_COPY_MIN_ELEMENTS", 0)
+
+
+def test_trained_rows_are_the_counted_ids_and_every_given_id():
+    counts = np.array([0, 3, 0, 0, 1, 0, 0, 0])
+    zero_value_ids = np.array([[0, 0], [5, 0]])  # any shape
+    catalog = np.array([6])
+    want = np.zeros(8, bool)
+    want[[1, 4]] = True                          # counted (x != 0)
+    want[[0, 5, 6]] = True                       # looked up with x = 0, drawn from the catalog
+    np.testing.assert_array_equal(
+        trained_rows(8, zero_value_ids, catalog, counts=counts), want)
+    np.testing.assert_array_equal(trained_rows(8, np.array([2, 2, 7])),
+                                  np.isin(np.arange(8), [2, 7]))
+
+
+def test_partial_copy_holds_the_trained_rows_and_restores_them_exactly(tmp_path,
+                                                                       partial_copies):
+    rng = np.random.default_rng(0)
+    table = tf.Variable(rng.normal(size=(10, 3)).astype(np.float32))
+    linear = tf.Variable(rng.normal(size=10).astype(np.float32))
+    bias = tf.Variable(0.5)
+    trained = np.isin(np.arange(10), [1, 4, 7])
+    best = BestWeights([table, linear, bias], trained)
+    assert best.partial == [True, True, False]
+    assert best.copies[0].shape == (3, 3) and best.copies[1].shape == (3,)
+    saved = [v.numpy().copy() for v in (table, linear, bias)]
+    # What an epoch does: the trained rows (and dense variables) change, no other row.
+    table.scatter_add(tf.IndexedSlices(tf.ones([3, 3]), tf.constant([1, 4, 7])))
+    linear.scatter_update(tf.IndexedSlices(tf.constant([9.0, 9.0]), tf.constant([4, 7])))
+    bias.assign(2.0)
+    path = tf.train.Checkpoint(best=best.trackable).write(str(tmp_path / "ck"))
+    best.restore()
+    for v, want in zip((table, linear, bias), saved):
+        np.testing.assert_array_equal(v.numpy(), want)
+    # The copy and its rows round-trip through a checkpoint into the same rows.
+    table.scatter_add(tf.IndexedSlices(tf.ones([3, 3]), tf.constant([1, 4, 7])))
+    other = BestWeights([table, linear, bias], trained)
+    tf.train.Checkpoint(best=other.trackable).read(path).assert_existing_objects_matched()
+    other.restore()
+    np.testing.assert_array_equal(table.numpy(), saved[0])
+
+
+def test_whole_copies_without_a_row_set_or_when_it_covers_most_rows(partial_copies):
+    table = tf.Variable(tf.ones([10, 3]))
+    assert BestWeights([table]).rows is None
+    most = np.arange(10) < 6                     # 60% > PARTIAL_COPY_MAX_SHARE
+    assert BestWeights([table], most).partial == [False]
+    assert BestWeights([table], np.arange(12) < 2).partial == [False]  # not this table's rows
 
 
 def test_best_weights_of_an_unbuilt_model_is_an_error():
@@ -157,6 +212,46 @@ def test_resume_continues_after_the_epoch_the_checkpoint_holds(tmp_path, small_t
     resumed.restore_best()  # the best copy (epoch 2's) came back with the checkpoint
     for v, want in zip(again.fm.trainable_weights, at_checkpoint):
         np.testing.assert_array_equal(v.numpy(), want)
+
+
+def test_resume_restores_a_partial_best_copy(tmp_path, small_threshold, partial_copies):
+    """The trained rows' copy is saved with the checkpoint and restored after a resume."""
+    trained = np.arange(64) % 3 == 0  # of the 64 hash buckets of feature f
+    model, state = _state(tmp_path, epochs=6, trained=trained)
+    assert state.best_weights.rows is not None
+    rows = tf.constant(np.flatnonzero(trained))
+
+    def train_an_epoch(m):  # changes the trained rows only, as a training epoch does
+        for v in (m.fm.table,):
+            v.scatter_add(tf.IndexedSlices(tf.ones([len(rows), *v.shape[1:]]), rows))
+
+    state.checkpoint_seconds = 0.0
+    train_an_epoch(model)
+    _epochs(state, [0.7])
+    best = [v.numpy().copy() for v in model.fm.trainable_weights]
+    train_an_epoch(model)
+    _epochs(state, [0.6], first=1)
+    state.last.sync()
+    # The copy is rebuilt on the checkpoint's rows, even if the data now trains others.
+    for now in (trained, None, np.arange(64) < 5):
+        again, resumed = _state(tmp_path, epochs=6, resume=True, trained=now)
+        np.testing.assert_array_equal(resumed.best_weights.rows.numpy(), np.flatnonzero(trained))
+        train_an_epoch(again)
+        resumed.restore_best()
+        for v, want in zip(again.fm.trainable_weights, best):
+            np.testing.assert_array_equal(v.numpy(), want)
+
+
+def test_resume_from_whole_copies_stays_whole(tmp_path, small_threshold, partial_copies):
+    """A checkpoint whose best copy is whole (no rows saved: a small table, or an earlier
+    fm-keras) resumes with whole copies."""
+    model, state = _state(tmp_path, epochs=6)
+    state.checkpoint_seconds = 0.0
+    _epochs(state, [0.7])
+    state.last.sync()
+    assert saved_trained_rows(state.last.latest_checkpoint, model.fm.num_ids) is None
+    _, resumed = _state(tmp_path, epochs=6, resume=True, trained=np.arange(64) < 5)
+    assert resumed.best_weights.rows is None
 
 
 def test_final_full_check_catches_what_sampling_missed(tmp_path, small_threshold):

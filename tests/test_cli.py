@@ -247,3 +247,52 @@ def test_every_command_prints_one_json_document_on_a_pipe(small_synth, tmp_path)
     import glob
     if not glob.glob("/dev/nvidia[0-9]*"):
         assert "cuInit" not in proc.stderr
+
+
+def test_sigterm_unwinds_score_and_leaves_no_temp_file(exports, small_synth, tmp_path, capsys,
+                                                      monkeypatch):
+    """SIGTERM (a cancelled job) used to kill `score` on the spot, leaving its
+    .tmp-<pid>-<output> behind; it now unwinds like Ctrl-C: exit 143, nothing written."""
+    import signal
+
+    from fm_keras import scoring
+
+    write = scoring.TableWriter.write
+
+    def write_then_sigterm(self, table):
+        write(self, table)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(scoring.TableWriter, "write", write_then_sigterm)
+    synth_dir, _ = small_synth
+    out = tmp_path / "out"
+    out.mkdir()
+    def ignore(signum, frame):  # the handler in place before (without main's, a no-op)
+        pass
+
+    before = signal.signal(signal.SIGTERM, ignore)
+    try:
+        status = main(["score", "--model", exports["ranking"], "--input",
+                       str(synth_dir / "test.csv"), "--output", str(out / "scores.parquet"),
+                       "--batch-size", "64", "--quiet"])
+        assert signal.getsignal(signal.SIGTERM) is ignore
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    assert status == 143
+    assert capsys.readouterr().err.strip().splitlines()[-1] == "fm-keras: terminated"
+    assert os.listdir(out) == []
+
+
+def test_evaluate_refuses_options_it_would_ignore(small_run, small_synth, tmp_path, capsys):
+    """--recall_at on a CTR run without --items printed AUC only; --reliability_plot with
+    --items printed Recall@K and drew nothing. Both are now one-line errors."""
+    synth_dir, _ = small_synth
+    test, items = str(synth_dir / "test.csv"), str(synth_dir / "items.csv")
+    assert main(["evaluate", "--run", small_run, "--data", test, "--recall_at", "10"]) == 2
+    assert _last_error(capsys).endswith(
+        "--recall_at: Recall@K of a CTR run is over a catalog; pass --items")
+    plot = tmp_path / "r.png"
+    assert main(["evaluate", "--run", small_run, "--data", test, "--items", items,
+                 "--reliability_plot", str(plot)]) == 2
+    assert "--reliability_plot: the diagram is of click probabilities" in _last_error(capsys)
+    assert not plot.exists()

@@ -48,7 +48,7 @@ def test_sharding_takes_every_nth_file(tmp_path):
 
 @pytest.mark.parametrize("overrides,message", [
     ({"price": ["1", "2", "abc", "4"]}, "a.csv: column 'price' \\(numeric feature\\): non-numeric value 'abc' at data row 3"),
-    ({"click": [0, 1, 2, 0]}, "a.csv: label column 'click': task 'binary' needs labels in \\{0, 1\\}, found \\[2.0\\]"),
+    ({"click": [0, 1, 2, 0]}, "a.csv: label column 'click': task 'binary' needs labels in \\{0, 1\\}, found \\[2.0\\] \\(first at data row 3\\)"),
     ({"click": [0, 1, "", 0]}, "a.csv: label column 'click': missing label at data row 3"),
 ])
 def test_bad_values_name_file_and_column(tmp_path, overrides, message):

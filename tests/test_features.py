@@ -191,3 +191,29 @@ def test_a_feature_with_no_kept_value_maps_every_value_to_the_oov_buckets(tmp_pa
         {k: tf.constant(v) for k, v in columns.items()})
     np.testing.assert_array_equal(got_ids.numpy(), ids)
     np.testing.assert_array_equal(got_values.numpy(), values)
+
+
+def test_encoder_is_built_and_saves_without_the_unbuilt_layer_warning(tmp_path):
+    """The export calls `encode`, never the layer: an unbuilt encoder made TF log
+    "Skipping full serialization of TF-Keras layer ... because it is not built" per export."""
+    import logging
+
+    (fitted,) = fit_features([FeatureConfig("user", "categorical", "user")], _split(user=["a", "b"]))
+    encoder = FeatureEncoder([fitted])
+    module = tf.Module()
+    module.encoder = encoder
+    module.encode = tf.function(lambda user: encoder.encode({"user": user})[0],
+                                input_signature=[tf.TensorSpec([None], tf.string)])
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    tf.get_logger().addHandler(handler)
+    try:
+        tf.saved_model.save(module, str(tmp_path / "m"))
+    finally:
+        tf.get_logger().removeHandler(handler)
+    assert encoder.built
+    assert not [r for r in records if "not built" in r.getMessage()]
+    loaded = tf.saved_model.load(str(tmp_path / "m"))
+    assert loaded.encode(tf.constant(["a", "b", "zz"])).numpy().tolist() == \
+        _encode(encoder, user=["a", "b", "zz"])[0].tolist()

@@ -76,6 +76,17 @@ def test_catalog_missing_training_ids_warns_once_with_the_count(data, capsys):
     assert split.dropped["not_in_catalog"] == int(gone.sum()) and len(split) == int((~gone).sum())
 
 
+@pytest.mark.parametrize("suffix", ["csv", "parquet"])
+def test_catalog_empty_item_id_names_its_data_row(data, suffix):
+    items = pd.read_csv(os.path.join(data, "items.csv"), dtype=str)
+    items.loc[2, "item_id"] = ""
+    path = os.path.join(data, f"items.{suffix}")
+    items.to_csv(path, index=False) if suffix == "csv" else items.to_parquet(path, index=False)
+    with pytest.raises(DataError, match=f"items.{suffix}: column 'item_id': empty item id at "
+                                        "data row 3; every item needs one"):
+        load_catalog(path, _config(data).features, "item_id")
+
+
 def test_no_positives_is_a_data_error(data):
     path = os.path.join(data, "train.csv")
     pd.read_csv(path).assign(click=0).to_csv(path, index=False)

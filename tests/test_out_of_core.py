@@ -69,10 +69,15 @@ def test_shards_hold_exactly_the_encoded_rows(small_synth, tmp_path):
     np.testing.assert_array_equal(got_w, np.where(got_y > 0.5, 4.0, 1.0))
     np.testing.assert_array_equal(shards.counts, np.bincount(ids[values != 0],
                                                              minlength=encoder.num_ids))
+    # The ids looked up with x = 0 (multi-hot padding): with the counted ones, the trained rows.
+    np.testing.assert_array_equal(shards.zero_value_ids, np.unique(ids[values == 0]))
+    assert len(shards.zero_value_ids)
     assert shards.labels.tolist() == [0.0, 1.0]
     assert shards.label_counts.tolist() == np.bincount(split.labels.astype(int)).tolist()
     again = out_of_core.write_shards(config, encoder, str(tmp_path / "s"), fit)
     assert again.manifest == shards.manifest  # complete shards are reused
+    os.remove(tmp_path / "s" / out_of_core.ZERO_VALUE_IDS)  # shards of an older version
+    assert out_of_core.Shards.open(str(tmp_path / "s")).zero_value_ids is None
 
 
 def test_a_run_trains_resumes_and_exports(small_synth, tmp_path):

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from retrieval_testlib import implicit_experiment, write_implicit
+from trained_rows_testlib import changed_rows, record_trained_rows, with_new_catalog_items
 from fm_keras._tf import tf
 from fm_keras.cli import main
 from fm_keras.config import RetrievalConfig, experiment_from_dict
@@ -232,3 +233,29 @@ def test_train_cli_stdout_is_one_json_document_and_records_convergence(implicit_
     assert result["converged"] is False and record["converged"] is False
     assert "raise training.epochs" in record["warnings"][0] and "raise training.epochs" in \
         captured.err
+
+
+def test_trained_rows_cover_the_catalog_items_an_epoch_trains(tmp_path, monkeypatch):
+    """The catalog's items that no interaction holds are trained too (sampled candidates):
+    the rows of the best-weights copy cover every row an epoch changes."""
+    import pandas as pd
+
+    from fm_keras import retrieval
+    from fm_keras.training import train
+
+    data = write_implicit(str(tmp_path / "data"))
+    with_new_catalog_items(data)
+    seen = record_trained_rows(monkeypatch, retrieval)
+    train(experiment_from_dict(implicit_experiment(data, epochs=1), base_dir=data),
+          str(tmp_path / "run"), verbose=0)
+    trained = seen["trained"]
+    changed = changed_rows(*seen["epochs"], len(trained))
+    assert seen["state"].best_weights.rows is not None
+    assert changed.any() and not np.any(changed & ~trained)
+    query_and_items = np.zeros(len(trained), bool)  # the ids of the interactions alone
+    encoder, log = seen["state"].model.encoder, pd.read_csv(os.path.join(data, "train.csv"))
+    for side in (True, False):
+        names = encoder.side_names(side)
+        ids, _ = encoder.encode_numpy({n: log[n].to_numpy() for n in names}, names=names)
+        query_and_items[ids.ravel()] = True
+    assert np.any(changed & ~query_and_items)  # rows of catalog items no interaction holds

@@ -8,6 +8,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from trained_rows_testlib import changed_rows, record_trained_rows, with_new_catalog_items
+from fm_keras import training
 from fm_keras.config import load_experiment
 from fm_keras.errors import DataError, RunError, TrainingDivergedError
 from fm_keras.data import load_data_split
@@ -254,3 +256,42 @@ def test_old_table_layout_checkpoints_fail_resume_and_warm_start_in_one_line(sma
     with pytest.raises(RunError, match="without --warm-start$"):
         train(_config(synth_dir), str(tmp_path / "new"), warm_start=str(old_run), verbose=0)
     assert not (tmp_path / "new").exists()
+
+
+def test_trained_rows_cover_every_row_an_epoch_changes(small_synth, tmp_path, monkeypatch):
+    """FTRL zeroes a row looked up with x = 0 (multi-hot padding) and weight decay shrinks
+    it: those ids are trained rows too, not only the counted ones."""
+    synth_dir, _ = small_synth
+    seen = record_trained_rows(monkeypatch, training)
+    train(_config(synth_dir, epochs=1, optimizer="ftrl", weight_decay=0.01),
+          str(tmp_path / "run"), verbose=0)
+    trained = seen["trained"]
+    changed = changed_rows(*seen["epochs"], len(trained))
+    assert seen["state"].best_weights.rows is not None  # the copy was partial
+    assert changed.any() and not trained.all()
+    assert not np.any(changed & ~trained)
+    assert np.any(changed & ~(seen["counts"] > 0))  # the x = 0 ids count
+
+
+def test_sampled_negatives_restore_the_best_epoch_from_a_partial_copy(tmp_path, monkeypatch):
+    """Negatives drawn from the catalog train its items that no training row holds; the
+    best epoch's weights come back exactly from the copy of the trained rows."""
+    from retrieval_testlib import implicit_experiment, write_implicit
+
+    from fm_keras.config import experiment_from_dict
+
+    data = write_implicit(str(tmp_path / "data"))
+    with_new_catalog_items(data)
+    seen = record_trained_rows(monkeypatch, training)
+    raw = implicit_experiment(data, task="binary", epochs=5, early_stopping_patience=2,
+                              learning_rate=0.2, negatives={"per_positive": 2})
+    record = train(experiment_from_dict(raw, base_dir=data), str(tmp_path / "run"), verbose=0)
+    trained = seen["trained"]
+    changed = changed_rows(seen["epochs"][0], seen["epochs"][1], len(trained))
+    assert seen["state"].best_weights.rows is not None
+    assert not np.any(changed & ~trained)
+    assert np.any(changed & ~(seen["counts"] > 0))  # catalog items no training row holds
+    final = [v.numpy() for v in load_run(str(tmp_path / "run")).model.fm.trainable_weights]
+    assert record["best_epoch"] < len(seen["epochs"]) - 1  # a later epoch was undone
+    for got, want in zip(final, seen["epochs"][record["best_epoch"]]):
+        np.testing.assert_array_equal(got, want)

@@ -142,10 +142,8 @@ def _query_grpc(args, columns):
         signatures = client.metadata(args.model_name, args.version, args.label)
         if args.metadata:
             return json_format.MessageToDict(signatures, preserving_proto_field_name=True)
-        sig = signatures.signature_def[args.signature_name or "serving_default"]
-        inputs = {name: [float(v) for v in values]
-                  if name in sig.inputs and sig.inputs[name].dtype == 1 else values
-                  for name, values in columns.items()}  # 1 = DT_FLOAT
+        signatures = json_format.MessageToDict(signatures, preserving_proto_field_name=True)
+        inputs = typed_inputs(columns, signature_inputs(signatures, args.signature_name))
         outputs = client.predict(args.model_name, inputs, signature=args.signature_name,
                                  version=args.version, label=args.label)
         return {k: [x.decode() if isinstance(x, bytes) else x for x in v.tolist()]
@@ -164,15 +162,54 @@ def _query_rest(args, columns):
     client = RestClient(args.rest, timeout=args.timeout)
     if args.status:
         return client.status(args.model_name, args.version)
+    metadata = client.metadata(args.model_name, args.version, args.label)
     if args.metadata:
-        return client.metadata(args.model_name, args.version)
-    inputs = {k: [_number(v) for v in vals] for k, vals in columns.items()}
+        return metadata
+    signatures = metadata.get("metadata", {}).get("signature_def", {})
+    inputs = typed_inputs(columns, signature_inputs(signatures, args.signature_name))
     return client.predict(args.model_name, inputs=inputs, signature=args.signature_name,
                           version=args.version, label=args.label)
 
 
-def _number(text: str):
-    try:
-        return float(text)
-    except ValueError:
-        return text
+def signature_inputs(signatures: dict, name: str) -> dict:
+    """The ``inputs`` of one signature of a SignatureDefMap as JSON (the REST metadata's
+    ``signature_def``, or the gRPC one through `json_format.MessageToDict`); ``{}`` when the
+    signature is not there (the server then answers the request with its own error)."""
+    return signatures.get("signature_def", {}).get(name or "serving_default", {}).get("inputs", {})
+
+
+def typed_inputs(columns: dict[str, list[str]], inputs: dict) -> dict[str, list]:
+    """`fm-keras query`'s ``--input NAME=V1,V2`` columns typed by the signature, the same for
+    gRPC and REST.
+
+    Args:
+        columns: {input name: the comma-separated values as text}, one value per row.
+        inputs: the signature's inputs as JSON (`signature_inputs`): ``dtype`` and
+            ``tensor_shape.dim``.
+
+    Returns:
+        {name: values}: float numbers for a ``DT_FLOAT`` input, text otherwise (an id ``007``
+        stays ``"007"``); for an input of rank 2 (the recall export's ``exclude_item_ids``)
+        each value is a ``|``-separated list, padded with ``""`` to the longest.
+
+    Raises:
+        ConfigError: a value of a ``DT_FLOAT`` input that is not a number.
+    """
+    from fm_keras.errors import ConfigError
+
+    typed = {}
+    for name, values in columns.items():
+        spec = inputs.get(name, {})
+        cells = values
+        if len(spec.get("tensor_shape", {}).get("dim", [])) == 2:
+            rows = [value.split("|") if value else [] for value in values]
+            width = max(1, *(len(row) for row in rows))
+            cells = [row + [""] * (width - len(row)) for row in rows]
+        if spec.get("dtype") == "DT_FLOAT":
+            try:
+                cells = [float(v) for v in cells]
+            except ValueError:
+                raise ConfigError(f"--input {name}: {values} are not all numbers (the signature "
+                                  "takes float32)") from None
+        typed[name] = cells
+    return typed

@@ -11,6 +11,8 @@ import pytest
 from serving_testlib import free_port, models_config
 
 from fm_keras.cli import build_parser, main
+from fm_keras.errors import ConfigError
+from fm_keras.serving.cli import typed_inputs
 from fm_keras.serving.client import GrpcClient
 from fm_keras.serving.errors import ServingError
 
@@ -68,3 +70,28 @@ def test_serve_process_query_and_sigterm(scann_models, tmp_path, capsys):
         finally:
             proc.kill()
             proc.stderr.close()
+
+
+def test_query_types_inputs_by_the_signature():
+    inputs = {"user_id": {"dtype": "DT_STRING", "tensor_shape": {"dim": [{"size": "-1"}]}},
+              "price": {"dtype": "DT_FLOAT", "tensor_shape": {"dim": [{"size": "-1"}]}},
+              "exclude_item_ids": {"dtype": "DT_STRING",
+                                   "tensor_shape": {"dim": [{"size": "-1"}, {"size": "-1"}]}}}
+    typed = typed_inputs({"user_id": ["007", "1e3"], "price": ["1", "2.5"],
+                          "exclude_item_ids": ["a|b|c", ""], "extra": ["3"]}, inputs)
+    assert typed == {"user_id": ["007", "1e3"], "price": [1.0, 2.5],
+                     "exclude_item_ids": [["a", "b", "c"], ["", "", ""]], "extra": ["3"]}
+    assert typed_inputs({"exclude_item_ids": ["", ""]}, inputs) == {"exclude_item_ids": [[""], [""]]}
+    with pytest.raises(ConfigError, match="--input price: \\['1', 'x'\\] are not all numbers"):
+        typed_inputs({"price": ["1", "x"]}, inputs)
+
+
+def test_query_over_rest_sends_numeric_looking_ids_as_text_like_grpc(server, capsys):
+    """MovieLens ids are digits: REST sent user_id=7 as the number 7.0 (INVALID_ARGUMENT)."""
+    flags = ["--model_name=ranking", "--input=user_id=7,007", "--input=item_id=1,2",
+             "--input=price=1,2"]
+    assert main(["query", f"--server=127.0.0.1:{server.grpc_port}", *flags]) == 0
+    grpc_out = json.loads(capsys.readouterr().out)
+    assert main(["query", f"--rest=http://127.0.0.1:{server.rest_port}", *flags]) == 0
+    rest_out = json.loads(capsys.readouterr().out)["outputs"]
+    assert rest_out["probability"] == pytest.approx(grpc_out["probability"], abs=1e-6)
