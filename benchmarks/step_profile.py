@@ -20,6 +20,7 @@ import argparse
 import collections
 import glob
 import os
+import shutil
 import tempfile
 import time
 
@@ -88,6 +89,7 @@ def op_profile(run, iterator, calls: int = 2) -> tuple[collections.Counter, coll
     space = xplane_pb2.XSpace()
     with open(glob.glob(os.path.join(logdir, "**", "*.xplane.pb"), recursive=True)[0], "rb") as f:
         space.ParseFromString(f.read())
+    shutil.rmtree(logdir, ignore_errors=True)
     by_type, by_name = collections.Counter(), collections.Counter()
     steps = calls * LOOP
     for plane in space.planes:
