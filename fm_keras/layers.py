@@ -206,6 +206,46 @@ def require_table_layout(checkpoint: str, use: str) -> None:
                        f"fm/table); {use} cannot read it: train a new run without {use}")
 
 
+_OLD_LAYOUT = "fm/{}/.ATTRIBUTES/VARIABLE_VALUE"
+
+
+def read_weights(fm: FactorizationMachine, checkpoint: str, partial: bool = False) -> None:
+    """Reads a run's weights checkpoint (``model/weights``, ``tf.train.Checkpoint(fm=...)``)
+    into `fm`, in this layout or in the two-table layout of runs written before the per-id
+    ``table`` (``fm/linear`` [ids], ``fm/embeddings`` [ids, k] and, with ``l2_prior``,
+    ``fm/prior_linear`` / ``fm/prior_embeddings`` [ids]), which it converts: old finished
+    runs still evaluate, export and warm-start. (Their optimizer slots are another layout
+    too; `require_table_layout` refuses them for ``--resume``.)
+
+    Args:
+        fm: a built layer of the checkpoint's shapes.
+        checkpoint: the checkpoint path (prefix).
+        partial: allow `fm` variables the checkpoint lacks (a warm start); else every one of
+            them must be there.
+
+    Raises:
+        tf.errors.NotFoundError: no checkpoint at `checkpoint`.
+        ValueError: a shape differs from `fm`'s, or (not `partial`) a variable is missing.
+    """
+    names = {name for name, _ in tf.train.list_variables(checkpoint)}
+    if _OLD_LAYOUT.format("table") in names or _OLD_LAYOUT.format("embeddings") not in names:
+        status = tf.train.Checkpoint(fm=fm).read(checkpoint)
+        status.expect_partial() if partial else status.assert_existing_objects_matched()
+        return
+
+    def old(name):
+        return tf.train.load_variable(checkpoint, _OLD_LAYOUT.format(name))
+
+    fm.bias.assign(old("bias"))
+    fm.assign_parameters(linear=old("linear"), embeddings=old("embeddings"))
+    if fm.l2_prior:
+        if _OLD_LAYOUT.format("prior_linear") in names:
+            fm.prior.assign(np.stack([old("prior_linear"), old("prior_embeddings")], axis=1))
+        elif not partial:
+            raise ValueError(f"{checkpoint}: holds no fm/prior_linear, fm/prior_embeddings for "
+                             "this model's l2_prior")
+
+
 class _TableInitializer:
     """`table`'s initial value: linear weights 0, factors from the factor initializer."""
 

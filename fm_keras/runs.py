@@ -39,6 +39,7 @@ from fm_keras.convergence import EarlyStopping, cap_warning, early_stopping_moni
 from fm_keras.data import Split, single_class
 from fm_keras.errors import RunError, TrainingDivergedError
 from fm_keras.features import FittedFeature
+from fm_keras.layers import read_weights
 from fm_keras.model import FMModel, build_model
 from fm_keras.progress import log
 
@@ -159,8 +160,7 @@ def load_run(run_dir: str) -> Run:
     calibration = (Calibration.from_dict(info["calibration"]) if "calibration" in info
                    else None)
     model = build_model(features, config.model, config.training, calibration)
-    tf.train.Checkpoint(fm=model.fm).read(
-        os.path.join(run_dir, "model", "weights")).assert_existing_objects_matched()
+    read_weights(model.fm, os.path.join(run_dir, "model", "weights"))
     return Run(run_dir, config, features, model, info)
 
 
