@@ -182,7 +182,7 @@ def train_distributed(config: ExperimentConfig, run_dir: str, *, resume: bool = 
     shards = cluster_shards(config, task)
     features, manifest = shards.features, shards.manifest
     if task.is_chief:
-        check_run_dir(run_dir, resume)
+        check_run_dir(run_dir, resume, config)
     # Only now TensorFlow work: a collective strategy must come before any other.
     strategy = make_strategy(distribute, task)
     task_name = config.model.task
@@ -309,17 +309,14 @@ def _record(model, state, convergence, metrics, manifest, valid_rows, task, dist
 
 
 def variable_shards(model) -> dict[str, list[dict]]:
-    """{table: [{"shape", "device", "bytes"} per shard]} of the FM layer's variables."""
-    out = {}
-    for name in ("linear", "embeddings"):
-        var = getattr(model.fm, name)
-        parts = getattr(var, "variables", None) or [var]
-        out[name] = [{"shape": [int(d) for d in p.shape], "device": p.device,
-                      "bytes": int(p.shape.num_elements()) * p.dtype.size} for p in parts]
-    return out
+    """{"table": [{"shape", "device", "bytes"} per shard]}: the FM layer's per-id table (each
+    id's linear weight and factors, [ids, 1 + k]) as the parameter servers hold it."""
+    parts = getattr(model.fm.table, "variables", None) or [model.fm.table]
+    return {"table": [{"shape": [int(d) for d in p.shape], "device": p.device,
+                       "bytes": int(p.shape.num_elements()) * p.dtype.size} for p in parts]}
 
 
 def _shards_text(model) -> str:
-    sizes = [f"{s['bytes'] / 2**20:.1f} MiB" for s in variable_shards(model)["embeddings"]]
-    return f"embeddings in {len(sizes)} shard(s) of {', '.join(sizes)}"
+    sizes = [f"{s['bytes'] / 2**20:.1f} MiB" for s in variable_shards(model)["table"]]
+    return f"table in {len(sizes)} shard(s) of {', '.join(sizes)}"
 

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from fm_keras._tf import keras, tf
+from fm_keras.errors import RunError
 
 
 @keras.utils.register_keras_serializable(package="fm_keras")
@@ -38,6 +39,11 @@ class FactorizationMachine(keras.layers.Layer):
             Network, KDD 2018). Off (0) by default; the counts come from `set_prior`, and ids
             without a count are not penalized by it. `fm_keras.prior` re-estimates tau per
             feature during training.
+
+    Weights: ``bias`` []; ``table`` [num_ids, 1 + k], id i's row ``[w_i, v_i1 .. v_ik]`` (one
+    row per id, so that a step reads and writes each touched id once, not once per table;
+    `linear` and `embeddings` read its columns); with `l2_prior`, ``prior`` [num_ids, 2], id
+    i's L2 per occurrence ``[linear, factors]`` (not trained).
 
     Call args:
         inputs: ``(ids, values)``: int tensor [batch, slots] and float tensor [batch, slots].
@@ -66,18 +72,45 @@ class FactorizationMachine(keras.layers.Layer):
 
     def build(self, input_shape):
         self.bias = self.add_weight(name="bias", shape=[], initializer="zeros")
-        self.linear = self.add_weight(name="linear", shape=[self.num_ids], initializer="zeros")
-        self.embeddings = self.add_weight(name="embeddings",
-                                          shape=[self.num_ids, self.embedding_dim],
-                                          initializer=self.embeddings_initializer)
+        # One row per id, [w_i, v_i1 .. v_ik]: a step reads and writes each touched id's
+        # parameters as one row of one table (one lookup, one optimizer gather and scatter)
+        # instead of a row of each of two tables.
+        self.table = self.add_weight(name="table", shape=[self.num_ids, 1 + self.embedding_dim],
+                                     initializer=_TableInitializer(self.embeddings_initializer))
         if self.l2_prior:
-            # Per-id L2 per occurrence, tau / (2 n), 0 until set: saved with the weights so
-            # that a resumed run keeps the same prior.
-            self.prior_embeddings = self.add_weight(name="prior_embeddings", shape=[self.num_ids],
-                                                    initializer="zeros", trainable=False)
-            self.prior_linear = self.add_weight(name="prior_linear", shape=[self.num_ids],
-                                                initializer="zeros", trainable=False)
+            # Per-id L2 per occurrence, tau / (2 n), 0 until set: [linear, factors] per id,
+            # saved with the weights so that a resumed run keeps the same prior.
+            self.prior = self.add_weight(name="prior", shape=[self.num_ids, 2],
+                                         initializer="zeros", trainable=False)
         super().build(input_shape)
+
+    @property
+    def linear(self):
+        """The linear weights w, float32 [num_ids] (column 0 of `table`; read-only)."""
+        return tf.convert_to_tensor(self.table)[:, 0]
+
+    @property
+    def embeddings(self):
+        """The factors V, float32 [num_ids, k] (columns 1.. of `table`; read-only)."""
+        return tf.convert_to_tensor(self.table)[:, 1:]
+
+    def assign_parameters(self, linear=None, embeddings=None) -> None:
+        """Writes the linear weights [num_ids] and/or the factors [num_ids, k] into `table`.
+
+        Raises:
+            ValueError: an array has the wrong shape.
+        """
+        table = self.table.numpy()
+        columns = (("linear", linear, 0), ("embeddings", embeddings, slice(1, None)))
+        for name, value, cols in columns:
+            if value is None:
+                continue
+            value = np.asarray(value, np.float32)
+            if value.shape != table[:, cols].shape:
+                raise ValueError(f"{name} must have shape {list(table[:, cols].shape)}, "
+                                 f"got {list(value.shape)}")
+            table[:, cols] = value
+        self.table.assign(table)
 
     def set_prior(self, counts, tau_embeddings=None, tau_linear=None) -> None:
         """Sets the `l2_prior` penalty of every id from its training count.
@@ -95,12 +128,12 @@ class FactorizationMachine(keras.layers.Layer):
         counts = np.asarray(counts, dtype=np.float64)
         if counts.shape != (self.num_ids,):
             raise ValueError(f"counts must have shape [{self.num_ids}], got {counts.shape}")
-        for tau, var in ((tau_embeddings, self.prior_embeddings),
-                         (tau_linear, self.prior_linear)):
-            tau = np.broadcast_to(self.l2_prior if tau is None else np.asarray(tau, np.float64),
-                                  counts.shape)
-            var.assign(np.where(counts > 0, 0.5 * tau / np.maximum(counts, 1.0), 0.0)
-                       .astype(np.float32))
+        columns = [np.broadcast_to(self.l2_prior if tau is None else np.asarray(tau, np.float64),
+                                   counts.shape) for tau in (tau_linear, tau_embeddings)]
+        tau = np.stack(columns, axis=1)
+        self.prior.assign(np.where(counts[:, None] > 0,
+                                   0.5 * tau / np.maximum(counts, 1.0)[:, None], 0.0)
+                          .astype(np.float32))
 
     def call(self, inputs):
         ids, values = inputs
@@ -119,25 +152,26 @@ class FactorizationMachine(keras.layers.Layer):
 
     def _terms(self, ids, values, regularize: bool):
         # embedding_lookup, not gather: it also reads tables sharded over parameter servers.
-        w = tf.nn.embedding_lookup(self.linear, ids)                 # [b, s]
-        v = tf.nn.embedding_lookup(self.embeddings, ids)             # [b, s, k]
-        vx = v * values[..., None]
-        linear = tf.reduce_sum(w * values, axis=1)
-        summed = tf.reduce_sum(vx, axis=1)                           # [b, k]
-        pairs = 0.5 * tf.reduce_sum(tf.square(summed) - tf.reduce_sum(tf.square(vx), 1), 1)
+        rows = tf.nn.embedding_lookup(self.table, ids)               # [b, s, 1 + k]: w, v
+        # Sums over the slots first: only [b, 1 + k] results are sliced into w and v (the
+        # gradient of a slice of the [b, s, 1 + k] rows would be a dense copy of them).
+        scaled = rows * values[..., None]                             # [w x, v x]
+        sums = tf.reduce_sum(scaled, axis=1)                          # [b, 1 + k]
+        squares = tf.reduce_sum(tf.square(scaled), axis=1)
+        linear, summed = sums[:, 0], sums[:, 1:]                      # [b], S = [b, k]
+        pairs = 0.5 * tf.reduce_sum(tf.square(summed) - squares[:, 1:], 1)
         if regularize and (_any(self.l2_embeddings) or _any(self.l2_linear) or self.l2_prior):
-            # Penalize only the rows this batch touched (x != 0), averaged over the batch.
-            touched = tf.cast(tf.not_equal(values, 0.0), v.dtype)
-            l2_v = tf.constant(self.l2_embeddings, v.dtype)                # [] or [s]
-            l2_w = tf.constant(self.l2_linear, v.dtype)
-            self.add_loss(tf.reduce_mean(
-                tf.reduce_sum(l2_v * tf.reduce_sum(tf.square(v), 2) * touched, 1)
-                + tf.reduce_sum(l2_w * tf.square(w) * touched, 1)))
+            # Penalize only the rows this batch touched (x != 0), averaged over the batch:
+            # per slot, l2_w w^2 + l2_v ||v||^2, the two norms as one product with `_norms`.
+            norms = tf.linalg.matmul(tf.reshape(tf.square(rows), [-1, 1 + self.embedding_dim]),
+                                     _norms(self.embedding_dim, rows.dtype))
+            l2 = tf.stack([tf.broadcast_to(tf.constant(x, rows.dtype), tf.shape(values))
+                           for x in (self.l2_linear, self.l2_embeddings)], axis=-1)
             if self.l2_prior:
-                l2_v = tf.nn.embedding_lookup(self.prior_embeddings, ids)     # [b, s]
-                l2_w = tf.nn.embedding_lookup(self.prior_linear, ids)
-                self.add_loss(tf.reduce_mean(tf.reduce_sum(
-                    (l2_v * tf.reduce_sum(tf.square(v), 2) + l2_w * tf.square(w)) * touched, 1)))
+                l2 = l2 + tf.nn.embedding_lookup(self.prior, ids)            # [b, s, 2]
+            touched = tf.cast(tf.not_equal(values, 0.0), rows.dtype)
+            self.add_loss(tf.reduce_mean(tf.reduce_sum(
+                tf.reduce_sum(tf.reshape(norms, tf.shape(l2)) * l2, -1) * touched, 1)))
         return linear, pairs, summed
 
     def get_config(self):
@@ -150,6 +184,85 @@ class FactorizationMachine(keras.layers.Layer):
             "embeddings_initializer": keras.initializers.serialize(self.embeddings_initializer),
             "l2_prior": self.l2_prior,
         }
+
+
+def require_table_layout(checkpoint: str, use: str) -> None:
+    """Raises `RunError` if `checkpoint` holds the FM as the two tables ``fm/linear`` and
+    ``fm/embeddings`` (and the optimizer slots of each) that fm-keras wrote before each id's
+    weights became one row of ``fm/table``: such a checkpoint cannot be read into this layer.
+
+    Args:
+        checkpoint: a TensorFlow checkpoint path (prefix).
+        use: what reads it, for the message (``--resume``, ``--warm-start``).
+    """
+    try:
+        names = [name for name, _ in tf.train.list_variables(checkpoint)]
+    except (tf.errors.NotFoundError, ValueError):
+        return  # no checkpoint there: the reader reports that in its own terms
+    if any(n.startswith("fm/embeddings/") for n in names) and \
+            not any(n.startswith("fm/table/") for n in names):
+        raise RunError(f"{checkpoint}: fm/linear, fm/embeddings: written by an older fm-keras "
+                       "whose FM kept linear weights and factors in two tables (now one, "
+                       f"fm/table); {use} cannot read it: train a new run without {use}")
+
+
+_OLD_LAYOUT = "fm/{}/.ATTRIBUTES/VARIABLE_VALUE"
+
+
+def read_weights(fm: FactorizationMachine, checkpoint: str, partial: bool = False) -> None:
+    """Reads a run's weights checkpoint (``model/weights``, ``tf.train.Checkpoint(fm=...)``)
+    into `fm`, in this layout or in the two-table layout of runs written before the per-id
+    ``table`` (``fm/linear`` [ids], ``fm/embeddings`` [ids, k] and, with ``l2_prior``,
+    ``fm/prior_linear`` / ``fm/prior_embeddings`` [ids]), which it converts: old finished
+    runs still evaluate, export and warm-start. (Their optimizer slots are another layout
+    too; `require_table_layout` refuses them for ``--resume``.)
+
+    Args:
+        fm: a built layer of the checkpoint's shapes.
+        checkpoint: the checkpoint path (prefix).
+        partial: allow `fm` variables the checkpoint lacks (a warm start); else every one of
+            them must be there.
+
+    Raises:
+        tf.errors.NotFoundError: no checkpoint at `checkpoint`.
+        ValueError: a shape differs from `fm`'s, or (not `partial`) a variable is missing.
+    """
+    names = {name for name, _ in tf.train.list_variables(checkpoint)}
+    if _OLD_LAYOUT.format("table") in names or _OLD_LAYOUT.format("embeddings") not in names:
+        status = tf.train.Checkpoint(fm=fm).read(checkpoint)
+        status.expect_partial() if partial else status.assert_existing_objects_matched()
+        return
+
+    def old(name):
+        return tf.train.load_variable(checkpoint, _OLD_LAYOUT.format(name))
+
+    fm.bias.assign(old("bias"))
+    fm.assign_parameters(linear=old("linear"), embeddings=old("embeddings"))
+    if fm.l2_prior:
+        if _OLD_LAYOUT.format("prior_linear") in names:
+            fm.prior.assign(np.stack([old("prior_linear"), old("prior_embeddings")], axis=1))
+        elif not partial:
+            raise ValueError(f"{checkpoint}: holds no fm/prior_linear, fm/prior_embeddings for "
+                             "this model's l2_prior")
+
+
+class _TableInitializer:
+    """`table`'s initial value: linear weights 0, factors from the factor initializer."""
+
+    def __init__(self, embeddings_initializer):
+        self.embeddings_initializer = embeddings_initializer
+
+    def __call__(self, shape, dtype=None, **kwargs):
+        # A table sharded over parameter servers is initialized shard by shard: the shard's
+        # shape comes as `partition_shape` (its offset, passed on, varies the random draws).
+        rows, cols = kwargs.pop("partition_shape", shape)
+        factors = self.embeddings_initializer([rows, cols - 1], dtype=dtype, **kwargs)
+        return tf.concat([tf.zeros([rows, 1], factors.dtype), factors], axis=1)
+
+
+def _norms(k: int, dtype):
+    """[1 + k, 2]: a table row's squares times it give (w^2, ||v||^2)."""
+    return tf.constant([[1.0, 0.0]] + [[0.0, 1.0]] * k, dtype)
 
 
 def _l2_value(value, name: str) -> float | list[float]:

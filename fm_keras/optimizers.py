@@ -24,16 +24,22 @@ to the same rows: the touched rows of a sparse gradient (as Addons' decoupled we
 does on sparse updates), every element of a dense one. tf_keras applies it to the whole table
 every step instead.
 
-Each sparse update reads the touched rows of the variable once (`tf.gather`) and writes them
-once (``scatter_update`` of the new rows; the base optimizer has summed duplicate indices, so
-the rows are distinct). TensorFlow's ``scatter_update`` copies whole rows, while its
+Every per-element state of a variable (Adam's m and v, FTRL's n and z, Adagrad's accumulator)
+lives side by side in one slot, ``state``: [rows, S, cols] for a [rows, cols] table (S states),
+[S] for a scalar. A sparse update reads the touched rows of the variable and of its state once
+each (`tf.gather`) and writes them once each (``scatter_update`` of the new rows; the base
+optimizer has summed duplicate indices, so the rows are distinct): two random reads and two
+random writes per touched id, whatever the number of states. On a 5M-row table those rows miss
+the CPU caches, and each separate slot cost one more gather and scatter (BENCHMARKS.md
+"Fused per-id rows"). TensorFlow's ``scatter_update`` copies whole rows, while its
 ``scatter_sub``/``scatter_add`` apply an elementwise expression row by row: on 8k rows of a
 5M-row table a ``scatter_sub`` cost 1.6-2.9x a gather plus a ``scatter_update``
-(benchmarks/row_writes.py, BENCHMARKS.md "Row writes").
+(benchmarks/row_writes.py, BENCHMARKS.md "Row writes"). A dense gradient runs the same
+arithmetic on the whole variable and state.
 
 All three work under `tf.distribute` (each replica's update runs through the strategy's
-``extended.update``, with the variable's local copy) and checkpoint their slot variables
-like the classes they extend.
+``extended.update``, with the variable's local copy; a table sharded over parameter servers
+gets one state slot per shard, beside it) and checkpoint their ``state`` slots.
 """
 
 from __future__ import annotations
@@ -42,51 +48,91 @@ from fm_keras._tf import keras, tf
 
 
 class _RowwiseUpdates:
-    """Dispatch of `update_step`: sparse gradients to `_sparse_update`, dense ones to tf_keras.
+    """One ``state`` slot per variable and the update's reads and writes; subclasses give the
+    arithmetic (`_update`) and the states' names and initial values.
 
-    Mixed in before a tf_keras optimizer class. Weight decay moves from `apply_gradients`
-    (which decays whole tables) into `update_step`, where the touched rows are known.
+    Mixed in before a tf_keras optimizer class, whose ``build`` (one slot per state) it
+    replaces. Weight decay moves from `apply_gradients` (which decays whole tables) into
+    `update_step`, where the touched rows are known.
     """
+
+    STATES: tuple[str, ...] = ()  # names of the per-element states, in slot order
+
+    def _initial_states(self) -> tuple[float, ...]:
+        return (0.0,) * len(self.STATES)
+
+    def build(self, var_list):
+        if getattr(self, "_built", False):
+            return
+        keras.optimizers.Optimizer.build(self, var_list)  # the variable index
+        self._built = True
+        self._state_slots = [self.add_variable_from_reference(
+            var, "state", initial_value=self._initial_state(var)) for var in var_list]
+
+    def _initial_state(self, variable):
+        # [rows, S, ...] for a variable [rows, ...]; [S] for a scalar.
+        parts = [tf.fill(variable.shape, tf.cast(value, variable.dtype))
+                 for value in self._initial_states()]
+        return tf.stack(parts, axis=_axis(variable))
+
+    def states(self, variable) -> dict[str, tf.Tensor]:
+        """The current per-element states of `variable` by name (``m``, ``v``, ...), each
+        shaped like the variable."""
+        return dict(zip(self.STATES, tf.unstack(tf.convert_to_tensor(self._state(variable)),
+                                                len(self.STATES), axis=_axis(variable))))
+
+    def _state(self, variable):
+        return self._state_slots[self._index_dict[self._var_key(variable)]]
 
     def _apply_weight_decay(self, variables):
         # Applied per variable in `update_step`, only to the rows the gradient touches.
         return
 
     def update_step(self, gradient, variable):
-        decay = self.weight_decay is not None and self._use_weight_decay(variable)
-        if isinstance(gradient, tf.IndexedSlices):
-            indices = gradient.indices
-            rows = tf.gather(variable, indices)
-            if decay:
-                rows = rows * (1.0 - self._decay_rate(variable))
-            variable.scatter_update(tf.IndexedSlices(
-                self._sparse_update(gradient.values, indices, variable, rows), indices))
-            return
-        if decay:
-            variable.assign_sub(variable * self._decay_rate(variable))
-        super().update_step(gradient, variable)
+        state = self._state(variable)
+        sparse = isinstance(gradient, tf.IndexedSlices)
+        if sparse:
+            rows, states = tf.gather(variable, gradient.indices), \
+                tf.gather(state, gradient.indices)
+            values = gradient.values
+        else:
+            rows, states = tf.convert_to_tensor(variable), tf.convert_to_tensor(state)
+            values = gradient
+        if self.weight_decay is not None and self._use_weight_decay(variable):
+            rows = rows * (1.0 - self._decay_rate(variable))
+        rows, states = self._update(values, rows, states, _axis(variable), variable.dtype)
+        if sparse:
+            state.scatter_update(tf.IndexedSlices(states, gradient.indices))
+            variable.scatter_update(tf.IndexedSlices(rows, gradient.indices))
+        else:
+            state.assign(states)
+            variable.assign(rows)
 
     def _decay_rate(self, variable):
         return (tf.cast(self.learning_rate, variable.dtype)
                 * tf.cast(self.weight_decay, variable.dtype))
 
-    def _slot(self, slots, variable):
-        return slots[self._index_dict[self._var_key(variable)]]
-
-    def _sparse_update(self, values, indices, variable, rows):
-        """Updates the slots of the touched rows; returns the rows' new values.
+    def _update(self, gradient, rows, states, axis, dtype):
+        """The new values of some rows of a variable and of their states.
 
         Args:
-            values: the summed gradient rows, [touched, ...] (the variable's row shape).
-            indices: the distinct touched rows, int [touched].
-            variable: the variable (its slots are looked up by it; it is written by the
-                caller).
+            gradient: the summed gradient of the rows, [touched, ...] (the variable's row
+                shape), or the whole dense gradient.
             rows: the variable's current values of those rows, weight decay applied.
+            states: their states, the `STATES` stacked on `axis`: [touched, S, ...] (a
+                scalar variable's: [S]).
+            axis: 1, or 0 for a scalar variable.
+            dtype: the variable's dtype.
 
         Returns:
-            The new values of the rows, shaped like `rows`.
+            ``(rows, states)``: the new values, shaped like the arguments.
         """
         raise NotImplementedError
+
+
+def _axis(variable) -> int:
+    """The axis of a state slot that holds the states: 1 ([rows, S, ...]), a scalar's 0."""
+    return 0 if variable.shape.rank == 0 else 1
 
 
 @keras.utils.register_keras_serializable(package="fm_keras")
@@ -114,21 +160,23 @@ class LazyAdam(_RowwiseUpdates, keras.optimizers.Adam):
         super().__init__(learning_rate=learning_rate, beta_1=beta_1, beta_2=beta_2,
                          epsilon=epsilon, name=name, **kwargs)
 
-    def _sparse_update(self, values, indices, variable, rows):
-        dtype = variable.dtype
+    STATES = ("m", "v")
+
+    def _update(self, gradient, rows, states, axis, dtype):
         step = tf.cast(self.iterations + 1, dtype)
-        beta_1, beta_2 = tf.cast(self.beta_1, dtype), tf.cast(self.beta_2, dtype)
-        beta_1_power, beta_2_power = tf.pow(beta_1, step), tf.pow(beta_2, step)
+        beta_1_power = tf.pow(tf.cast(self.beta_1, dtype), step)
+        beta_2_power = tf.pow(tf.cast(self.beta_2, dtype), step)
         alpha = (tf.cast(self.learning_rate, dtype) * tf.sqrt(1 - beta_2_power)
                  / (1 - beta_1_power))
         epsilon = self.epsilon * tf.sqrt(1 - beta_2_power) if self.adaptive_epsilon \
             else self.epsilon
-        m, v = self._slot(self._momentums, variable), self._slot(self._velocities, variable)
-        m_rows = beta_1 * tf.gather(m, indices) + (1 - beta_1) * values
-        v_rows = beta_2 * tf.gather(v, indices) + (1 - beta_2) * tf.square(values)
-        m.scatter_update(tf.IndexedSlices(m_rows, indices))
-        v.scatter_update(tf.IndexedSlices(v_rows, indices))
-        return rows - alpha * m_rows / (tf.sqrt(v_rows) + epsilon)
+        # m += (g - m)(1 - beta_1), v += (g^2 - v)(1 - beta_2) on the stacked [m, v], with
+        # tf_keras' expressions (the same float32 rounding as its dense Adam).
+        shape = [2] + [1] * (states.shape.rank - axis - 1)
+        rates = tf.constant([1 - self.beta_1, 1 - self.beta_2], dtype, shape)
+        states = states + (tf.stack([gradient, tf.square(gradient)], axis) - states) * rates
+        m, v = tf.unstack(states, 2, axis=axis)
+        return rows - m * alpha / (tf.sqrt(v) + epsilon), states
 
 
 @keras.utils.register_keras_serializable(package="fm_keras")
@@ -147,12 +195,15 @@ class SparseAdagrad(_RowwiseUpdates, keras.optimizers.Adagrad):
                          initial_accumulator_value=initial_accumulator_value,
                          epsilon=epsilon, name=name, **kwargs)
 
-    def _sparse_update(self, values, indices, variable, rows):
-        acc = self._slot(self._accumulators, variable)
-        acc_rows = tf.gather(acc, indices) + tf.square(values)
-        acc.scatter_update(tf.IndexedSlices(acc_rows, indices))
-        lr = tf.cast(self.learning_rate, variable.dtype)
-        return rows - lr * values / tf.sqrt(acc_rows + self.epsilon)
+    STATES = ("accumulator",)
+
+    def _initial_states(self):
+        return (self.initial_accumulator_value,)
+
+    def _update(self, gradient, rows, states, axis, dtype):
+        acc = tf.squeeze(states, axis) + tf.square(gradient)
+        lr = tf.cast(self.learning_rate, dtype)
+        return rows - lr * gradient / tf.sqrt(acc + self.epsilon), tf.expand_dims(acc, axis)
 
 
 @keras.utils.register_keras_serializable(package="fm_keras")
@@ -173,19 +224,19 @@ class SparseFtrl(_RowwiseUpdates, keras.optimizers.Ftrl):
     def __init__(self, learning_rate=0.001, name="SparseFtrl", **kwargs):
         super().__init__(learning_rate=learning_rate, name=name, **kwargs)
 
-    def _sparse_update(self, values, indices, variable, rows):
-        dtype = variable.dtype
+    STATES = ("accumulator", "linear")  # n and z
+
+    def _initial_states(self):
+        return (self.initial_accumulator_value, 0.0)
+
+    def _update(self, gradient, rows, states, axis, dtype):
         lr = tf.cast(self.learning_rate, dtype)
         power = -self.learning_rate_power
         l2 = self.l2_regularization_strength + self.beta / (2.0 * lr)
-        n, z = self._slot(self._accumulators, variable), self._slot(self._linears, variable)
-        var_rows, n_rows = rows, tf.gather(n, indices)
-        shrunk = values + 2 * self.l2_shrinkage_regularization_strength * var_rows
-        n_new = n_rows + tf.square(values)
-        z_rows = tf.gather(z, indices) + shrunk - (
-            tf.pow(n_new, power) - tf.pow(n_rows, power)) / lr * var_rows
+        n, z = tf.unstack(states, 2, axis=axis)
+        shrunk = gradient + 2 * self.l2_shrinkage_regularization_strength * rows
+        n_new = n + tf.square(gradient)
+        z = z + shrunk - (tf.pow(n_new, power) - tf.pow(n, power)) / lr * rows
         l1 = self.l1_regularization_strength
         quadratic = tf.pow(n_new, power) / lr + 2 * l2
-        z.scatter_update(tf.IndexedSlices(z_rows, indices))
-        n.scatter_update(tf.IndexedSlices(n_new, indices))
-        return (tf.clip_by_value(z_rows, -l1, l1) - z_rows) / quadratic
+        return (tf.clip_by_value(z, -l1, l1) - z) / quadratic, tf.stack([n_new, z], axis)

@@ -153,8 +153,7 @@ class EmpiricalBayesPrior(keras.callbacks.Callback):
             w, v, self.precisions = search(self.task, float(fm.bias.numpy()), w, v,
                                            self.validation, groups, info, self.precisions,
                                            TAU_RANGE)
-            fm.linear.assign(w.astype(np.float32))
-            fm.embeddings.assign(v.astype(np.float32))
+            fm.assign_parameters(linear=w, embeddings=v)
         tau_w, tau_v = np.empty_like(self.counts), np.empty_like(self.counts)
         for name, start, size in self.groups:
             part = slice(start, start + size)

@@ -230,7 +230,7 @@ def train_retrieval(config: ExperimentConfig, run_dir: str, *, resume: bool = Fa
         ConfigError, DataError: before anything is written to `run_dir`.
     """
     started = time.time()
-    check_run_dir(run_dir, resume)
+    check_run_dir(run_dir, resume, config)
     t = config.training
     r = t.retrieval
     catalog = load_catalog(catalog_path(config), config.features, config.data.item_id)

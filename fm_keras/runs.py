@@ -39,6 +39,7 @@ from fm_keras.convergence import EarlyStopping, cap_warning, early_stopping_moni
 from fm_keras.data import Split, single_class
 from fm_keras.errors import RunError, TrainingDivergedError
 from fm_keras.features import FittedFeature
+from fm_keras.layers import read_weights
 from fm_keras.model import FMModel, build_model
 from fm_keras.progress import log
 
@@ -54,12 +55,40 @@ class Run:
     info: dict
 
 
-def check_run_dir(run_dir: str, resume: bool) -> None:
+# What a resumed run may change: a run stopped by its epoch cap continues with a higher one.
+RESUMABLE_CHANGES = frozenset({("training", "epochs")})
+
+
+def check_run_dir(run_dir: str, resume: bool, config: ExperimentConfig | None = None) -> None:
     """Raises `RunError` unless `run_dir` may receive a new run (or, with `resume`, continue
-    an unfinished one)."""
+    an unfinished one with the same experiment).
+
+    Args:
+        run_dir: the run directory (``--out``).
+        resume: continue the unfinished run there.
+        config: the experiment to run. With `resume`, it must equal the run's
+            ``experiment.json`` except for `RESUMABLE_CHANGES` (its checkpoints were written
+            for that model and data); without `config` that is not checked.
+
+    Raises:
+        RunError: `run_dir` is a file; holds a finished run; is not empty and holds no run or
+            an unfinished one (without `resume`); or, with `resume`, holds a run of another
+            experiment (the message names the first differing key).
+    """
+    if os.path.exists(run_dir) and not os.path.isdir(run_dir):
+        raise RunError(f"{run_dir}: is a file, not a run directory; choose another --out")
     if os.path.exists(os.path.join(run_dir, "run.json")):
         raise RunError(f"{run_dir}: holds a finished run; choose another --out or delete it")
     if resume:
+        stored = os.path.join(run_dir, "experiment.json")
+        if config is not None and os.path.exists(stored):
+            difference = _first_difference(fsutil.read_json(stored),
+                                           json.loads(json.dumps(config.to_dict())), ())
+            if difference:
+                key, was, now = difference
+                raise RunError(f"{stored}: {key}: the run was started with {_short(was)}, "
+                               f"this experiment has {_short(now)}; resume with the run's "
+                               "experiment or train into a new --out")
         return
     if os.path.isdir(run_dir) and os.listdir(run_dir):
         if not os.path.exists(os.path.join(run_dir, "experiment.json")):
@@ -67,6 +96,35 @@ def check_run_dir(run_dir: str, resume: bool) -> None:
                            "or empty --out")
         raise RunError(f"{run_dir}: holds an unfinished run; pass --resume to continue it, "
                        "or delete the directory")
+
+
+def _first_difference(was, now, path: tuple) -> tuple[str, object, object] | None:
+    """The first key path (dotted, list items by index) where two JSON documents differ, with
+    both values; None if they are equal outside `RESUMABLE_CHANGES`."""
+    if path in RESUMABLE_CHANGES:
+        return None
+    if isinstance(was, dict) and isinstance(now, dict):
+        for key in sorted(set(was) | set(now)):
+            found = _first_difference(was.get(key), now.get(key), (*path, key))
+            if found:
+                return found
+        return None
+    if isinstance(was, list) and isinstance(now, list) and len(was) == len(now):
+        for i, (a, b) in enumerate(zip(was, now)):
+            found = _first_difference(a, b, (*path, str(i)))
+            if found:
+                return found
+        return None
+    return None if was == now else (".".join(path) or "experiment", was, now)
+
+
+def _short(value) -> str:
+    """A value for a one-line message: scalars as written, lists and mappings by size."""
+    if isinstance(value, list):
+        return f"a list of {len(value)}"
+    if isinstance(value, dict):
+        return f"a mapping of {len(value)} keys"
+    return repr(value)
 
 
 def library_versions() -> dict:
@@ -102,8 +160,7 @@ def load_run(run_dir: str) -> Run:
     calibration = (Calibration.from_dict(info["calibration"]) if "calibration" in info
                    else None)
     model = build_model(features, config.model, config.training, calibration)
-    tf.train.Checkpoint(fm=model.fm).read(
-        os.path.join(run_dir, "model", "weights")).assert_existing_objects_matched()
+    read_weights(model.fm, os.path.join(run_dir, "model", "weights"))
     return Run(run_dir, config, features, model, info)
 
 

@@ -37,36 +37,43 @@ def default_keep(columns: Sequence[str]) -> list[str]:
 
 
 class Progress:
-    """A progress line on stderr (bytes of input read, rows, rows/s), at most once a second."""
+    """Progress on stderr (bytes of input read, rows, rows/s): on a terminal one line redrawn
+    at most once a second; otherwise (a log file, a pipe) a whole line at most every
+    `LOG_INTERVAL_SECONDS`, and one at the end."""
+
+    LOG_INTERVAL_SECONDS = 30.0
 
     def __init__(self, total_bytes: int, enabled: bool = True):
         self.total, self.enabled = max(total_bytes, 1), enabled
-        self.rows, self.done_bytes, self.started, self._last = 0, 0, time.time(), 0.0
+        self.rows, self.done_bytes, self.started = 0, 0, time.time()
+        self.tty = sys.stderr.isatty()
+        self._last = 0.0 if self.tty else self.started  # a log's first line after a while
 
     def update(self, rows: int, done_bytes: int) -> None:
         self.rows += rows
         self.done_bytes = done_bytes
         now = time.time()
-        if self.enabled and now - self._last >= 1.0:
+        if self.enabled and now - self._last >= (1.0 if self.tty else self.LOG_INTERVAL_SECONDS):
             self._last = now
-            self._print("\r")
+            self._print()
 
     def close(self, ok: bool = True) -> None:
         if self.enabled and ok:
             self.done_bytes = self.total
-            self._print("\r")
-        if self.enabled and (ok or self._last):
+            self._print()
+        if self.enabled and self.tty and (ok or self._last):
             print(file=sys.stderr, flush=True)
 
     @property
     def rows_per_second(self) -> float:
         return self.rows / max(time.time() - self.started, 1e-9)
 
-    def _print(self, start: str) -> None:
+    def _print(self) -> None:
         frac = min(self.done_bytes / self.total, 1.0)
         bar = "#" * int(frac * 30)
-        print(f"{start}fm-keras: [{bar:<30s}] {frac:6.1%} {self.rows:,} rows "
-              f"{self.rows_per_second:,.0f} rows/s", end="", file=sys.stderr, flush=True)
+        print(f"{chr(13) if self.tty else ''}fm-keras: [{bar:<30s}] {frac:6.1%} {self.rows:,} "
+              f"rows {self.rows_per_second:,.0f} rows/s", end="" if self.tty else "\n",
+              file=sys.stderr, flush=True)
 
 
 def read_batches(path: str, types: dict[str, tf.DType], keep: Sequence[str],

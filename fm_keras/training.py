@@ -30,6 +30,7 @@ from fm_keras.distributed import train_distributed
 from fm_keras.errors import ConfigError, RunError
 from fm_keras.evaluation import metrics_for
 from fm_keras.features import FittedFeature, fit_features
+from fm_keras.layers import read_weights, require_table_layout
 from fm_keras.model import FMModel, build_model, make_optimizer
 from fm_keras.negatives import SampledNegatives
 from fm_keras.prior import EmpiricalBayesPrior, curvature
@@ -60,7 +61,16 @@ def train(config: ExperimentConfig, run_dir: str, *, resume: bool = False,
         The run record (also written to ``run.json``). With ``training.distribute`` set to a
         cluster strategy the run goes to `fm_keras.distributed.train_distributed`: there
         only the chief returns the record (other tasks return None).
+
+    Raises:
+        RunError: among others, `resume` of a checkpoint in the FM's layout before its
+            per-id ``table`` (`fm_keras.layers.require_table_layout`; a `warm_start` from such
+            a run reads its weights converted, `fm_keras.layers.read_weights`).
     """
+    if resume:
+        last = tf.train.latest_checkpoint(os.path.join(run_dir, "checkpoints", "last"))
+        if last:
+            require_table_layout(last, "--resume")
     if config.training.distribute.cluster:
         if warm_start:
             raise ConfigError(f"{config.source}: training: distribute: a warm start from "
@@ -74,7 +84,7 @@ def train(config: ExperimentConfig, run_dir: str, *, resume: bool = False,
                               "yet; train from scratch")
         return train_retrieval(config, run_dir, resume=resume, verbose=verbose)
     started = time.time()
-    check_run_dir(run_dir, resume)
+    check_run_dir(run_dir, resume, config)
     task = config.model.task
     converted = converted_shards(config)
     if converted:
@@ -113,8 +123,7 @@ def train(config: ExperimentConfig, run_dir: str, *, resume: bool = False,
     keras.utils.set_random_seed(config.training.seed)
     model = build_model(features, config.model, config.training)
     if warm_start and not resume:
-        tf.train.Checkpoint(fm=model.fm).read(
-            os.path.join(warm_start, "model", "weights")).expect_partial()
+        read_weights(model.fm, os.path.join(warm_start, "model", "weights"), partial=True)
         log(f"warm start from {warm_start}")
     t0 = time.time()
     prior = []  # the empirical Bayes prior's callback, if any

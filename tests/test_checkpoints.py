@@ -174,7 +174,7 @@ def test_large_tables_checkpoint_by_time_and_at_the_last_epoch(tmp_path, small_t
     state.on_train_begin()
     _epochs(state, [0.7])  # improving, but no checkpoint due: the best is a copy in memory
     best = model.fm.embeddings.numpy().copy()
-    model.fm.embeddings.assign_add(tf.ones_like(model.fm.embeddings))
+    model.fm.table.assign_add(tf.ones_like(model.fm.table))
     _epochs(state, [0.6, 0.65], first=1)
     state.last.sync()
     assert state.last.latest_checkpoint is None
@@ -197,7 +197,7 @@ def test_resume_continues_after_the_epoch_the_checkpoint_holds(tmp_path, small_t
     state.last.sync()
     at_checkpoint = [v.numpy().copy() for v in model.fm.trainable_weights]
     state.checkpoint_seconds = float("inf")
-    model.fm.embeddings.assign_add(tf.ones_like(model.fm.embeddings))
+    model.fm.table.assign_add(tf.ones_like(model.fm.table))
     _epochs(state, [0.8], first=2)  # a new best, trained but not checkpointed
     assert json.loads((tmp_path / "run" / "state.json").read_text())["epoch"] == 3
 
@@ -222,7 +222,7 @@ def test_resume_restores_a_partial_best_copy(tmp_path, small_threshold, partial_
     rows = tf.constant(np.flatnonzero(trained))
 
     def train_an_epoch(m):  # changes the trained rows only, as a training epoch does
-        for v in (m.fm.embeddings, m.fm.linear):
+        for v in (m.fm.table,):
             v.scatter_add(tf.IndexedSlices(tf.ones([len(rows), *v.shape[1:]]), rows))
 
     state.checkpoint_seconds = 0.0
@@ -258,7 +258,7 @@ def test_final_full_check_catches_what_sampling_missed(tmp_path, small_threshold
     model, state = _state(tmp_path)
     _epochs(state, [0.7])
     copy = next(c for c, v in zip(state.best_weights.copies, state.best_weights.live)
-                if v is model.fm.embeddings)
+                if v is model.fm.table)
     values = copy.numpy()
     values[-1, 0] = np.nan
     copy.assign(values)

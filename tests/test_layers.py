@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from fm_keras._tf import keras, tf
-from fm_keras.layers import FactorizationMachine
+from fm_keras.layers import FactorizationMachine, read_weights
 
 
 def fm_reference(bias, w, v, ids, values):
@@ -29,8 +29,8 @@ def _layer(num_ids, k, seed=0):
     layer.build(None)
     rng = np.random.default_rng(seed)
     layer.bias.assign(rng.normal())
-    layer.linear.assign(rng.normal(size=num_ids).astype(np.float32))
-    layer.embeddings.assign(rng.normal(scale=0.5, size=(num_ids, k)).astype(np.float32))
+    layer.assign_parameters(linear=rng.normal(size=num_ids),
+                            embeddings=rng.normal(scale=0.5, size=(num_ids, k)))
     return layer
 
 
@@ -95,8 +95,7 @@ def test_side_terms_decompose_the_score():
 def test_l2_penalizes_only_touched_rows():
     layer = FactorizationMachine(100, 3, l2_embeddings=0.1, l2_linear=0.01)
     layer.build(None)
-    layer.embeddings.assign(tf.ones([100, 3]))
-    layer.linear.assign(tf.ones([100]))
+    layer.assign_parameters(linear=np.ones(100), embeddings=np.ones([100, 3]))
     layer((tf.constant([[1, 2]]), tf.constant([[1.0, 0.0]])))  # only id 1 is non-zero
     assert float(tf.add_n(layer.losses)) == pytest.approx(0.1 * 3 + 0.01 * 1)
 
@@ -134,8 +133,7 @@ def test_per_slot_l2():
     """One L2 value per slot: e.g. id slots regularized harder than shared attributes."""
     layer = FactorizationMachine(100, 3, l2_embeddings=[0.1, 2.0, 0.1], l2_linear=[0.01, 3.0, 0.01])
     layer.build(None)
-    layer.embeddings.assign(tf.ones([100, 3]))
-    layer.linear.assign(tf.ones([100]))
+    layer.assign_parameters(linear=np.ones(100), embeddings=np.ones([100, 3]))
     layer((tf.constant([[1, 2, 3]]), tf.constant([[1.0, 1.0, 0.0]])))  # slot 3 is padding
     assert float(tf.add_n(layer.losses)) == pytest.approx((0.1 + 2.0) * 3 + (0.01 + 3.0) * 1)
     clone = keras.layers.deserialize(json.loads(json.dumps(keras.layers.serialize(layer))))
@@ -152,8 +150,7 @@ def test_l2_prior_matches_numpy_reference():
     layer.build(None)
     v = rng.normal(size=(num_ids, k)).astype(np.float32)
     w = rng.normal(size=num_ids).astype(np.float32)
-    layer.embeddings.assign(v)
-    layer.linear.assign(w)
+    layer.assign_parameters(linear=w, embeddings=v)
     counts = rng.integers(0, 50, num_ids)
     layer.set_prior(counts)
     ids = rng.integers(0, num_ids, (5, 4))
@@ -180,3 +177,32 @@ def test_l2_prior_is_off_until_counts_are_set_and_checks_them():
         plain.set_prior(np.ones(10))
     with pytest.raises(ValueError, match="l2_prior must be >= 0"):
         FactorizationMachine(10, 2, l2_prior=-1.0)
+
+
+@pytest.mark.parametrize("l2_prior", [0.0, 3.0])
+def test_read_weights_converts_the_two_table_layout(tmp_path, l2_prior):
+    """A run written before the per-id table kept bias, linear [ids], embeddings [ids, k] and
+    the prior's two [ids] tables as the layer's variables (checkpoint keys fm/<name>)."""
+    rng = np.random.default_rng(3)
+    old = tf.Module()
+    old.bias = tf.Variable(0.25)
+    old.linear = tf.Variable(rng.normal(size=6).astype(np.float32))
+    old.embeddings = tf.Variable(rng.normal(size=(6, 4)).astype(np.float32))
+    if l2_prior:
+        old.prior_embeddings = tf.Variable(rng.random(6).astype(np.float32))
+        old.prior_linear = tf.Variable(rng.random(6).astype(np.float32))
+    path = tf.train.Checkpoint(fm=old).write(str(tmp_path / "old" / "weights"))
+    fm = FactorizationMachine(6, 4, l2_prior=l2_prior)
+    fm.build([None, 3])
+    read_weights(fm, path)
+    np.testing.assert_array_equal(fm.bias.numpy(), 0.25)
+    np.testing.assert_array_equal(fm.linear.numpy(), old.linear.numpy())
+    np.testing.assert_array_equal(fm.embeddings.numpy(), old.embeddings.numpy())
+    if l2_prior:
+        np.testing.assert_array_equal(fm.prior.numpy(), np.stack(
+            [old.prior_linear.numpy(), old.prior_embeddings.numpy()], axis=1))
+    # and this layout reads back as itself
+    again = FactorizationMachine(6, 4, l2_prior=l2_prior)
+    again.build([None, 3])
+    read_weights(again, tf.train.Checkpoint(fm=fm).write(str(tmp_path / "new" / "weights")))
+    np.testing.assert_array_equal(again.table.numpy(), fm.table.numpy())

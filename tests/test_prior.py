@@ -58,8 +58,8 @@ def test_callback_applies_the_validation_search_to_the_layer():
     fm = FactorizationMachine(n_noise + n_attr, k, l2_prior=10.0)
     fm((np.zeros([1, 2], np.int32), np.zeros([1, 2], np.float32)))
     w_attr = rng.normal(0, 1.0, n_attr)
-    fm.linear.assign(np.concatenate([rng.normal(0, 0.5, n_noise), w_attr]).astype(np.float32))
-    fm.embeddings.assign(rng.normal(0, 0.01, (n_noise + n_attr, k)).astype(np.float32))
+    fm.assign_parameters(linear=np.concatenate([rng.normal(0, 0.5, n_noise), w_attr]),
+                         embeddings=rng.normal(0, 0.01, (n_noise + n_attr, k)))
     ids = np.stack([rng.integers(0, n_noise, rows), n_noise + rng.integers(0, n_attr, rows)], 1)
     values = np.ones(ids.shape, np.float32)
     labels = (rng.random(rows) < 1 / (1 + np.exp(-w_attr[ids[:, 1] - n_noise]))).astype(float)
@@ -80,5 +80,5 @@ def test_callback_applies_the_validation_search_to_the_layer():
     assert tau["noise"]["linear"] > 4 * em_only.precisions["noise"]["linear"]
     after = fm.linear.numpy()
     assert np.sqrt(np.mean(after[:n_noise] ** 2)) < 0.5 * np.sqrt(np.mean(before[:n_noise] ** 2))
-    np.testing.assert_allclose(fm.prior_linear.numpy()[:n_noise],
+    np.testing.assert_allclose(fm.prior.numpy()[:n_noise, 0],
                                0.5 * tau["noise"]["linear"] / counts[:n_noise], rtol=1e-5)

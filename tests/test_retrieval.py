@@ -39,8 +39,8 @@ def test_loss_matches_numpy_softmax_with_logq_and_accidental_hits(implicit_data,
     train = load_interactions(config.data.train, config, catalog)
     base = build_model(fit_features(config.features, train), config.model, config.training)
     rng = np.random.default_rng(0)
-    base.fm.embeddings.assign(rng.normal(0, 0.3, base.fm.embeddings.shape))
-    base.fm.linear.assign(rng.normal(0, 0.3, base.fm.linear.shape))
+    base.fm.assign_parameters(linear=rng.normal(0, 0.3, base.fm.linear.shape),
+                              embeddings=rng.normal(0, 0.3, base.fm.embeddings.shape))
     r = RetrievalConfig(temperature=temperature, logq_correction=logq)
     model = RetrievalModel(base.encoder, base.fm, r)
     item_names = model.encoder.side_names(False)

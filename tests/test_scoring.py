@@ -11,7 +11,7 @@ import tensorflow as tf
 from fm_keras.config import FeatureConfig
 from fm_keras.data import load_split
 from fm_keras.errors import DataError, ExportError
-from fm_keras.scoring import recommend, run_signature, split_ids
+from fm_keras.scoring import Progress, recommend, run_signature, split_ids
 from fm_keras.servables import load_export
 
 
@@ -179,3 +179,25 @@ def test_recommend_reads_quirky_user_files_as_training_does(exports, small_synth
     expected = fn(**{n: tf.constant(split.features[n]) for n in specs})
     want = expected["item_ids"].numpy()[:, :3].reshape(-1).astype(str)
     assert got["item_id"].tolist() == want.tolist()
+
+
+def test_progress_writes_whole_lines_to_a_log_and_redraws_a_terminal(capsys, monkeypatch):
+    bar = Progress(total_bytes=100)  # stderr is captured: not a terminal
+    for done in (10, 20, 30):
+        bar.update(rows=5, done_bytes=done)
+    bar.close()
+    err = capsys.readouterr().err
+    assert "\r" not in err and err.count("\n") == 1 and "100.0% 15 rows" in err
+    monkeypatch.setattr(Progress, "LOG_INTERVAL_SECONDS", 0.0)  # a long job: a line per update
+    bar = Progress(total_bytes=100)
+    bar.update(rows=5, done_bytes=50)
+    bar.close()
+    lines = capsys.readouterr().err.splitlines()
+    assert [line.split("] ")[1].split(" rows")[0].strip() for line in lines] == [
+        "50.0% 5", "100.0% 5"]
+    monkeypatch.setattr("sys.stderr.isatty", lambda: True, raising=False)
+    bar = Progress(total_bytes=100)
+    bar.update(rows=5, done_bytes=50)
+    bar.close()
+    err = capsys.readouterr().err
+    assert err.startswith("\rfm-keras: [") and err.count("\r") == 2 and err.endswith("\n")

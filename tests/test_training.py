@@ -232,6 +232,27 @@ def test_early_stop_is_converged_and_state_agrees(small_synth, tmp_path):
 
 
 
+def _old_layout_checkpoint(path):
+    """A checkpoint as fm-keras wrote it before the per-id table: fm/linear, fm/embeddings."""
+    import tensorflow as tf
+
+    old = tf.train.Checkpoint(linear=tf.Variable(tf.zeros([4])),
+                              embeddings=tf.Variable(tf.zeros([4, 2])))
+    return tf.train.Checkpoint(fm=old).write(path)
+
+
+def test_old_table_layout_checkpoints_fail_resume_in_one_line(small_synth, tmp_path):
+    """Their optimizer slots cannot be read; their weights can (warm start, evaluate:
+    tests/test_layers.py::test_read_weights_converts_the_two_table_layout)."""
+    synth_dir, _ = small_synth
+    run_dir = tmp_path / "run"
+    _old_layout_checkpoint(str(run_dir / "checkpoints" / "last" / "ckpt-1"))
+    (run_dir / "checkpoints" / "last" / "checkpoint").write_text(
+        'model_checkpoint_path: "ckpt-1"\n')
+    with pytest.raises(RunError, match=r"fm/linear, fm/embeddings: .*train a new run without "
+                                       r"--resume$"):
+        train(_config(synth_dir), str(run_dir), resume=True, verbose=0)
+
 
 def test_trained_rows_cover_every_row_an_epoch_changes(small_synth, tmp_path, monkeypatch):
     """FTRL zeroes a row looked up with x = 0 (multi-hot padding) and weight decay shrinks
