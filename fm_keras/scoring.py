@@ -8,6 +8,7 @@ when complete.
 
 from __future__ import annotations
 
+import difflib
 import os
 import sys
 import time
@@ -192,8 +193,11 @@ def check_columns(path: str, wanted: Sequence[str], local: str | None = None) ->
     lacks (`local`: where the file at `path` is read from, when it is a copy)."""
     missing = missing_columns(local or path, wanted)
     if missing:
-        raise DataError(f"{path}: missing column {missing[0]!r} (the file has "
-                        f"{read_header(local or path)[:12]}; the signature needs {list(wanted)})")
+        header = read_header(local or path)
+        close = difflib.get_close_matches(missing[0], header, n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise DataError(f"{path}: missing column {missing[0]!r} ({hint}the file has "
+                        f"{header[:12]}; the signature needs {list(wanted)})")
 
 
 def output_format(path: str) -> str:
@@ -351,8 +355,10 @@ def recommend(model: str, users: Sequence[str], output: str, k: int, *,
     """
     _, meta = export_metadata(model, expect="fm_keras.recall")  # run_signature loads it
     if not 1 <= k <= meta["k"]:
-        raise ExportError(f"--k must be between 1 and {meta['k']} (the k this recall model was "
-                          f"indexed with; rebuild it with 'fm-keras index --k'), got {k}")
+        why = (f"the catalog holds {meta['items']} items" if meta["k"] >= meta.get("items", 1 << 62)
+               else "the k this recall model was indexed with; rebuild it with 'fm-keras index "
+                    "--k'")
+        raise ExportError(f"--k must be between 1 and {meta['k']} ({why}), got {k}")
     if keep is None:  # the users' id columns, minus names the output uses itself
         keep = [c for c in default_keep(read_header(expand_paths(list(users))[0]))
                 if c not in RECOMMEND_COLUMNS]

@@ -16,6 +16,7 @@ from fm_keras.errors import DataError, ExportError
 from fm_keras.interactions import read_catalog
 from fm_keras.recall import (PAD_SCORE, BruteForceIndex, ScannIndex, ScannParams, build_index,
                              index_settings, item_vectors)
+from fm_keras.scoring import recommend
 from fm_keras.servables import load_export
 
 USERS = {"user_id": ["u1", "u7", "u-new"], "user_segment": ["s1", "s3", ""],
@@ -414,3 +415,8 @@ def test_k_above_the_catalog_is_clamped_with_a_warning(exports, small_synth, tmp
                        backend="brute_force", k=50)
     assert "--k 50 is larger than the catalog (3 items)" in capsys.readouterr().err
     assert _recall(path)["item_ids"].shape[1] == 3
+    users = pd.read_csv(os.path.join(small_synth[0], "test.csv"), dtype=str).head(2)
+    users.to_csv(tmp_path / "users.csv", index=False)
+    with pytest.raises(ExportError, match=r"--k must be between 1 and 3 \(the catalog holds 3 "
+                                          r"items\), got 4"):
+        recommend(path, [str(tmp_path / "users.csv")], str(tmp_path / "r.csv"), k=4)

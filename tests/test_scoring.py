@@ -77,8 +77,11 @@ def test_recommend_long_format_and_exclusions(exports, small_synth, tmp_path):
     excluded = pd.read_csv(out)
     seen = dict(zip(users["user_id"], users["seen"].str.split("|")))
     assert not any(item in seen[u] for u, item in zip(excluded["user_id"], excluded["item_id"]))
-    with pytest.raises(ExportError, match="--k must be between 1 and 20"):
+    with pytest.raises(ExportError, match="--k must be between 1 and 20 \\(the k this recall "
+                                          "model was indexed with; rebuild"):
         recommend(exports["scann"], [users_csv], out, k=21)
+    with pytest.raises(DataError, match="missing column 'seeen' \\(did you mean 'seen'\\? "):
+        recommend(exports["scann"], [users_csv], out, k=5, exclude_column="seeen")
 
 
 def test_split_ids_equals_python_split():
