@@ -26,7 +26,6 @@ import importlib
 import os
 import statistics
 import sys
-import time
 
 
 def export_rows(path: str, rows: int) -> None:
@@ -83,6 +82,7 @@ def peer_throughput(rows_file: str, devices: list[str], batch_sizes: list[int], 
     if not hasattr(np, "long"):  # torchfm 0.7.0 uses np.long, removed in NumPy 2
         np.long = np.int64
     from torchfm.model.fm import FactorizationMachineModel
+    from torch_peer import torch_epoch
 
     data = np.load(rows_file)
     field_dims = [int(d) for d in data["field_dims"]]
@@ -100,19 +100,7 @@ def peer_throughput(rows_file: str, devices: list[str], batch_sizes: list[int], 
             loss_fn = torch.nn.BCELoss()
 
             def epoch() -> float:
-                perm = torch.randperm(len(y), device=device)
-                if device == "cuda":
-                    torch.cuda.synchronize()
-                start = time.perf_counter()
-                for b in range(0, len(y), batch):
-                    i = perm[b:b + batch]
-                    loss = loss_fn(model(x[i]), y[i])
-                    optimizer.zero_grad()
-                    loss.backward()
-                    optimizer.step()
-                if device == "cuda":
-                    torch.cuda.synchronize()
-                return time.perf_counter() - start
+                return torch_epoch(model, optimizer, x, y, batch, torch)
 
             epoch()  # warm-up
             seconds = [epoch() for _ in range(rounds)]

@@ -28,6 +28,7 @@ from fm_keras.features import fit_features  # noqa: E402
 from fm_keras.model import build_model, make_optimizer  # noqa: E402
 from fm_keras.synth import generate  # noqa: E402
 from fm_keras.batches import batched_dataset  # noqa: E402
+from torch_peer import torch_epoch  # noqa: E402
 
 FIELDS = ["user_id", "user_segment", "item_id", "item_category", "first_tag", "price_bucket",
           "device", "hour"]
@@ -46,19 +47,6 @@ def load_rows(rows: int):
                                            dtype=object)
     split.features["price_bucket"] = split.features["item_price"]
     return configs, split
-
-
-def torch_epoch(model, optimizer, x, y, batch_size, torch):
-    loss_fn = torch.nn.BCELoss()
-    perm = torch.randperm(len(y))
-    start = time.perf_counter()
-    for b in range(0, len(y), batch_size):
-        i = perm[b:b + batch_size]
-        loss = loss_fn(model(x[i]), y[i])
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    return time.perf_counter() - start
 
 
 def main():
