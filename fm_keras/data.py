@@ -85,12 +85,15 @@ def _text_frame(batch, first_row: int) -> pd.DataFrame:
                         index=pd.RangeIndex(first_row, first_row + batch.num_rows))
 
 
-def _column_hint(path: str, column: str) -> str:
-    """' (did you mean ...?; the file has [...])' from the file's header, not the columns read."""
+def column_hint(path: str, column: str, needed: Sequence[str] | None = None) -> str:
+    """The hint after "missing column ...": ``' (did you mean ...?; the file has [...])'``
+    from the header of the file at `path` (not the columns read), ending with
+    ``'; the signature needs [...]'`` when `needed` is given."""
     header = read_header(path)
     close = difflib.get_close_matches(column, header, n=1)
     hint = f"did you mean {close[0]!r}?; " if close else ""
-    return f" ({hint}the file has {header[:12]}{' ...' if len(header) > 12 else ''})"
+    needs = f"; the signature needs {list(needed)}" if needed is not None else ""
+    return f" ({hint}the file has {header[:12]}{' ...' if len(header) > 12 else ''}{needs})"
 
 
 def load_split(
@@ -205,7 +208,7 @@ def read_header_checked(path: str, columns: Sequence[str]) -> None:
     """Raises `DataError` naming the first of `columns` that the file's header lacks."""
     missing = missing_columns(path, columns)
     if missing:
-        raise DataError(f"{path}: missing column {missing[0]!r}{_column_hint(path, missing[0])}")
+        raise DataError(f"{path}: missing column {missing[0]!r}{column_hint(path, missing[0])}")
 
 
 def load_data_split(data: DataConfig, role: str, features: Sequence[FeatureConfig],

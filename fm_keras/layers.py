@@ -186,27 +186,33 @@ class FactorizationMachine(keras.layers.Layer):
         }
 
 
+_LAYER_VARIABLE = "fm/{}/.ATTRIBUTES/VARIABLE_VALUE"  # a checkpoint key of the layer's weight
+
+
+def _two_table_layout(names) -> bool:
+    """Whether checkpoint keys `names` hold the FM as ``fm/linear`` and ``fm/embeddings``, as
+    fm-keras wrote it before each id's weights became one row of ``fm/table``."""
+    return (_LAYER_VARIABLE.format("embeddings") in names
+            and _LAYER_VARIABLE.format("table") not in names)
+
+
 def require_table_layout(checkpoint: str, use: str) -> None:
-    """Raises `RunError` if `checkpoint` holds the FM as the two tables ``fm/linear`` and
-    ``fm/embeddings`` (and the optimizer slots of each) that fm-keras wrote before each id's
-    weights became one row of ``fm/table``: such a checkpoint cannot be read into this layer.
+    """Raises `RunError` if `checkpoint` holds the FM (and the optimizer slots of each
+    table) in the two-table layout: such a checkpoint cannot be resumed into this layer
+    (its weights alone can be read, `read_weights`).
 
     Args:
         checkpoint: a TensorFlow checkpoint path (prefix).
-        use: what reads it, for the message (``--resume``, ``--warm-start``).
+        use: what reads it, for the message (``--resume``).
     """
     try:
-        names = [name for name, _ in tf.train.list_variables(checkpoint)]
+        names = {name for name, _ in tf.train.list_variables(checkpoint)}
     except (tf.errors.NotFoundError, ValueError):
         return  # no checkpoint there: the reader reports that in its own terms
-    if any(n.startswith("fm/embeddings/") for n in names) and \
-            not any(n.startswith("fm/table/") for n in names):
+    if _two_table_layout(names):
         raise RunError(f"{checkpoint}: fm/linear, fm/embeddings: written by an older fm-keras "
                        "whose FM kept linear weights and factors in two tables (now one, "
                        f"fm/table); {use} cannot read it: train a new run without {use}")
-
-
-_OLD_LAYOUT = "fm/{}/.ATTRIBUTES/VARIABLE_VALUE"
 
 
 def read_weights(fm: FactorizationMachine, checkpoint: str, partial: bool = False) -> None:
@@ -228,18 +234,18 @@ def read_weights(fm: FactorizationMachine, checkpoint: str, partial: bool = Fals
         ValueError: a shape differs from `fm`'s, or (not `partial`) a variable is missing.
     """
     names = {name for name, _ in tf.train.list_variables(checkpoint)}
-    if _OLD_LAYOUT.format("table") in names or _OLD_LAYOUT.format("embeddings") not in names:
+    if not _two_table_layout(names):
         status = tf.train.Checkpoint(fm=fm).read(checkpoint)
         status.expect_partial() if partial else status.assert_existing_objects_matched()
         return
 
     def old(name):
-        return tf.train.load_variable(checkpoint, _OLD_LAYOUT.format(name))
+        return tf.train.load_variable(checkpoint, _LAYER_VARIABLE.format(name))
 
     fm.bias.assign(old("bias"))
     fm.assign_parameters(linear=old("linear"), embeddings=old("embeddings"))
     if fm.l2_prior:
-        if _OLD_LAYOUT.format("prior_linear") in names:
+        if _LAYER_VARIABLE.format("prior_linear") in names:
             fm.prior.assign(np.stack([old("prior_linear"), old("prior_embeddings")], axis=1))
         elif not partial:
             raise ValueError(f"{checkpoint}: holds no fm/prior_linear, fm/prior_embeddings for "

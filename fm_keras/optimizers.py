@@ -236,7 +236,8 @@ class SparseFtrl(_RowwiseUpdates, keras.optimizers.Ftrl):
         n, z = tf.unstack(states, 2, axis=axis)
         shrunk = gradient + 2 * self.l2_shrinkage_regularization_strength * rows
         n_new = n + tf.square(gradient)
-        z = z + shrunk - (tf.pow(n_new, power) - tf.pow(n, power)) / lr * rows
+        n_new_power = tf.pow(n_new, power)
+        z = z + shrunk - (n_new_power - tf.pow(n, power)) / lr * rows
         l1 = self.l1_regularization_strength
-        quadratic = tf.pow(n_new, power) / lr + 2 * l2
+        quadratic = n_new_power / lr + 2 * l2
         return (tf.clip_by_value(z, -l1, l1) - z) / quadratic, tf.stack([n_new, z], axis)

@@ -8,7 +8,6 @@ when complete.
 
 from __future__ import annotations
 
-import difflib
 import os
 import sys
 import time
@@ -22,7 +21,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from fm_keras._tf import tf
-from fm_keras.data import expand_paths
+from fm_keras.data import column_hint, expand_paths
 from fm_keras.reading import (as_text, is_parquet, missing_columns, numbers, read_header,
                               record_batches)
 from fm_keras.errors import DataError, ExportError
@@ -193,11 +192,8 @@ def check_columns(path: str, wanted: Sequence[str], local: str | None = None) ->
     lacks (`local`: where the file at `path` is read from, when it is a copy)."""
     missing = missing_columns(local or path, wanted)
     if missing:
-        header = read_header(local or path)
-        close = difflib.get_close_matches(missing[0], header, n=1)
-        hint = f"did you mean {close[0]!r}? " if close else ""
-        raise DataError(f"{path}: missing column {missing[0]!r} ({hint}the file has "
-                        f"{header[:12]}; the signature needs {list(wanted)})")
+        raise DataError(f"{path}: missing column {missing[0]!r}"
+                        f"{column_hint(local or path, missing[0], wanted)}")
 
 
 def output_format(path: str) -> str:
@@ -355,7 +351,7 @@ def recommend(model: str, users: Sequence[str], output: str, k: int, *,
     """
     _, meta = export_metadata(model, expect="fm_keras.recall")  # run_signature loads it
     if not 1 <= k <= meta["k"]:
-        why = (f"the catalog holds {meta['items']} items" if meta["k"] >= meta.get("items", 1 << 62)
+        why = (f"the catalog holds {meta['items']} items" if meta["k"] >= meta["items"]
                else "the k this recall model was indexed with; rebuild it with 'fm-keras index "
                     "--k'")
         raise ExportError(f"--k must be between 1 and {meta['k']} ({why}), got {k}")

@@ -80,7 +80,7 @@ def test_recommend_long_format_and_exclusions(exports, small_synth, tmp_path):
     with pytest.raises(ExportError, match="--k must be between 1 and 20 \\(the k this recall "
                                           "model was indexed with; rebuild"):
         recommend(exports["scann"], [users_csv], out, k=21)
-    with pytest.raises(DataError, match="missing column 'seeen' \\(did you mean 'seen'\\? "):
+    with pytest.raises(DataError, match="missing column 'seeen' \\(did you mean 'seen'\\?; "):
         recommend(exports["scann"], [users_csv], out, k=5, exclude_column="seeen")
 
 
