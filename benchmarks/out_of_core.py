@@ -147,7 +147,16 @@ def main():
           f"load {os.getloadavg()}", file=sys.stderr)
     synth_dir = os.path.join(args.work, "synth")
     total = -(-sizes[-1] * 10 // 8)  # synth puts 80% of its rows in train.csv
-    if not os.path.exists(os.path.join(synth_dir, "oracle.json")):
+    oracle = os.path.join(synth_dir, "oracle.json")
+    if os.path.exists(oracle) and json.load(open(oracle))["rows"] < total:
+        # An earlier run's set is too small for --rows: draw a new one (and new heads of it).
+        print(f"synth: {synth_dir} holds fewer than {total:,} rows; drawing it again",
+              file=sys.stderr)
+        shutil.rmtree(synth_dir)
+        for name in os.listdir(args.work):
+            if name == "valid.csv" or (name.startswith("train-") and name.endswith(".csv")):
+                os.remove(os.path.join(args.work, name))
+    if not os.path.exists(oracle):
         t0 = time.time()
         subprocess.run([sys.executable, "-m", "fm_keras.cli", "synth", "--out", synth_dir,
                         "--rows", str(total)], check=True)
