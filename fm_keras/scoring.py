@@ -133,13 +133,45 @@ def split_ids(array: pa.Array, sep: str = "|") -> tf.Tensor:
 
     The separators are found with NumPy in the column's Arrow buffer and every item is cut
     from it by one `tf.strings.substr`: a third less CPU than `tf.strings.split` of the column
-    tensor and `to_tensor` (600 ids per row, BENCHMARKS.md).
+    tensor and `to_tensor` (600 ids per row, BENCHMARKS.md). A column of over
+    `_PARALLEL_SPLIT_BYTES` is split in two halves on two threads (NumPy and TensorFlow
+    release the GIL), the second on a thread kept for the process.
     """
     array = as_text(array)
     if pa.types.is_large_string(array.type):
         array = pc.cast(array, pa.string())
     if array.null_count:
         array = pc.fill_null(array, "")
+    half = len(array) // 2
+    if half == 0 or _text_bytes(array) < _PARALLEL_SPLIT_BYTES:
+        return _split_ids(array, sep)
+    other = _split_thread().submit(_split_ids, array.slice(half), sep)
+    parts = [_split_ids(array.slice(0, half), sep), other.result()]
+    width = max(int(p.shape[1]) for p in parts)
+    return tf.concat([tf.pad(p, [[0, 0], [0, width - int(p.shape[1])]], constant_values="")
+                      for p in parts], axis=0)
+
+
+_PARALLEL_SPLIT_BYTES = 1 << 20  # below ~1 MiB of ids a second thread costs more than it saves
+_SPLIT_THREAD: list[ThreadPoolExecutor] = []
+
+
+def _split_thread() -> ThreadPoolExecutor:
+    """One worker thread for `split_ids`, kept for the process (a fresh thread would fault its
+    malloc arena's pages in on every batch)."""
+    if not _SPLIT_THREAD:
+        _SPLIT_THREAD.append(ThreadPoolExecutor(max_workers=1, thread_name_prefix="split_ids"))
+    return _SPLIT_THREAD[0]
+
+
+def _text_bytes(array: pa.Array) -> int:
+    offsets = np.frombuffer(array.buffers()[1], np.int32, count=len(array) + 1,
+                            offset=array.offset * 4)
+    return int(offsets[-1] - offsets[0])
+
+
+def _split_ids(array: pa.Array, sep: str) -> tf.Tensor:
+    """`split_ids` of a non-null string array, on the calling thread."""
     _, offsets, data = array.buffers()
     bounds = np.frombuffer(offsets, np.int32, count=len(array) + 1, offset=array.offset * 4)
     start = int(bounds[0])
