@@ -26,11 +26,6 @@ import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from fm_keras import hugepages  # noqa: E402
-
-if __name__ == "__main__":  # as `fm-keras train` runs (FM_KERAS_HUGE_PAGES=0: off)
-    hugepages.reexec("train")
-
 import numpy as np  # noqa: E402
 from table_scaling import encoded_rows, experiment  # noqa: E402
 from tensorflow.tsl.profiler.protobuf import xplane_pb2  # noqa: E402

@@ -37,11 +37,6 @@ import time
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("AUTOGRAPH_VERBOSITY", "0")
 
-from fm_keras import hugepages  # noqa: E402
-
-if __name__ == "__main__":  # measure what `fm-keras train` runs (FM_KERAS_HUGE_PAGES=0: off)
-    hugepages.reexec("train")
-
 import numpy as np  # noqa: E402
 
 from fm_keras._tf import keras, tf  # noqa: E402
@@ -182,8 +177,7 @@ def main():
     print(f"rows {args.rows:,}  fields {FIELDS}  k 10  batch {args.batch_size}  "
           f"steps_per_execution {TrainingConfig().steps_per_execution}  repeats {args.repeats}  "
           f"ids {'zipf ' + str(args.zipf) if args.zipf else 'uniform'}  "
-          f"load {os.getloadavg()[0]:.1f}  tensorflow {tf.__version__}  "
-          f"huge pages {'on' if hugepages.active() else 'off'}", flush=True)
+          f"load {os.getloadavg()[0]:.1f}  tensorflow {tf.__version__}", flush=True)
     base: dict[str, float] = {}
     base_cpu: dict[str, float] = {}
     for num_ids in sizes:

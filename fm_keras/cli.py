@@ -152,10 +152,6 @@ def main(argv: list[str] | None = None) -> int:
     import threading
 
     args = build_parser().parse_args(argv)
-    if argv is None:  # the process' own command line: it can be re-executed
-        from fm_keras.hugepages import reexec
-
-        reexec(args.command)  # training commands: huge pages for the tables (before TF)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", tf_log_level())
     from fm_keras.errors import FMKerasError
 

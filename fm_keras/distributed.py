@@ -42,8 +42,8 @@ from fm_keras.model import build_model, make_optimizer
 from fm_keras.out_of_core import Shards, shard_dataset
 from fm_keras.tfrecord import is_tfrecord
 from fm_keras.progress import log
-from fm_keras.runs import (TrainingState, calibrate, check_run_dir, predict_split,
-                           runtime_record, watch_defined_metric)
+from fm_keras.runs import (TrainingState, calibrate, check_run_dir, library_versions, predict_split,
+                           watch_defined_metric)
 
 _JOBS = {"multi_worker_mirrored": ("chief", "worker"),
          "parameter_server": ("chief", "worker", "ps")}
@@ -304,7 +304,7 @@ def _record(model, state, convergence, metrics, manifest, valid_rows, task, dist
         "distribute": {"strategy": distribute.strategy,
                        "cluster": {k: len(v) for k, v in task.cluster.items()},
                        "variables": variable_shards(model)},
-        **runtime_record(),
+        "versions": library_versions(),
     }
 
 

@@ -48,7 +48,7 @@ from fm_keras.reading import read_header
 from fm_keras.recall_metrics import exact_top_k, group_by_query, popularity_top_k, ranking_metrics
 from fm_keras.towers import item_vector, side_slot_order, user_outputs
 from fm_keras.progress import log
-from fm_keras.runs import TrainingState, check_run_dir, runtime_record, load_run
+from fm_keras.runs import TrainingState, check_run_dir, library_versions, load_run
 
 MONITOR = "val_recall_at_k"
 
@@ -292,7 +292,7 @@ def train_retrieval(config: ExperimentConfig, run_dir: str, *, resume: bool = Fa
         "seconds": {"total": round(time.time() - started, 2), "fit": round(fit_seconds, 2)},
         "train_samples_per_second": round(
             len(train_split) * max(1, len(state.history)) / max(fit_seconds, 1e-9)),
-        **runtime_record(), "warm_start": None,
+        "versions": library_versions(), "warm_start": None,
     }
     fsutil.write_json(os.path.join(run_dir, "run.json"), record)
     log(f"run complete: {run_dir} (valid recall@{recall_at} "

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fm_keras import __version__, fsutil, hugepages
+from fm_keras import __version__, fsutil
 from fm_keras._tf import keras, tf
 from fm_keras.calibration import Calibration, fit_calibration
 from fm_keras.checkpoints import (LARGE_CHECKPOINT_SECONDS, BestWeights, CheckpointWriter,
@@ -134,12 +134,6 @@ def library_versions() -> dict:
     return {"fm_keras": __version__, "tensorflow": tf.__version__,
             "tf_keras": keras.__version__, "tensorflow_recommenders": tfrs.__version__,
             "python": platform.python_version()}
-
-
-def runtime_record() -> dict:
-    """run.json's ``versions`` (`library_versions`) and ``huge_pages`` (whether the process
-    ran with huge pages for its tables, `fm_keras.hugepages`)."""
-    return {"versions": library_versions(), "huge_pages": hugepages.active()}
 
 
 def load_run(run_dir: str) -> Run:

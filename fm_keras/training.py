@@ -37,7 +37,7 @@ from fm_keras.prior import EmpiricalBayesPrior, curvature
 from fm_keras.prior_search import Slots
 from fm_keras.progress import log
 from fm_keras.retrieval import train_retrieval
-from fm_keras.runs import (TrainingState, calibrate, check_run_dir, runtime_record,
+from fm_keras.runs import (TrainingState, calibrate, check_run_dir, library_versions,
                            predict_split, watch_defined_metric)
 
 
@@ -204,7 +204,7 @@ def train(config: ExperimentConfig, run_dir: str, *, resume: bool = False,
         "seconds": {"total": round(time.time() - started, 2), "fit": round(train_seconds, 2)},
         "train_samples_per_second": round(
             rows["train"] * max(1, len(state.history)) / max(train_seconds, 1e-9)),
-        **runtime_record(),
+        "versions": library_versions(),
         "warm_start": os.path.abspath(warm_start) if warm_start else None,
     }
     fsutil.write_json(os.path.join(run_dir, "run.json"), record)

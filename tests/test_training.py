@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from trained_rows_testlib import changed_rows, record_trained_rows, with_new_catalog_items
-from fm_keras import hugepages, training
+from fm_keras import training
 from fm_keras.config import load_experiment
 from fm_keras.errors import DataError, RunError, TrainingDivergedError
 from fm_keras.data import load_data_split
@@ -43,7 +43,6 @@ def test_run_directory_and_load(small_synth, tmp_path):
                                            "model", "run.json", "state.json"]
     assert record["rows"]["dropped"]["cached_exposures"] > 0
     assert record["metrics"]["test"]["auc"] > 0.6
-    assert record["huge_pages"] is hugepages.active()  # how pytest was started
     # The calibrator (auto) is chosen on cross-fitted validation logloss, stored in run.json
     # and used by the loaded run's probability.
     cal = record["calibration"]
