@@ -3,21 +3,22 @@
 The `exclude_seen` signature of a recall export gets [B, n] item ids per call (e.g. 600 items a
 user has seen) and must never return one of them. Per call:
 
-1. ids -> item indices (`ItemIndex`): the 64-bit FarmHash fingerprints of the catalog ids
-   (`tf.strings.to_hash_bucket_fast`, the same op at build and serve time) are keys of an int64
-   `StaticHashTable`; hashing and looking up an int64 costs a third of a string-keyed lookup.
-   A fingerprint match is not yet an id match (an id outside the catalog may share a
-   fingerprint); `drop_excluded` confirms every candidate it drops by string.
+1. ids -> keys: the 64-bit FarmHash fingerprints of the excluded ids
+   (`tf.strings.to_hash_bucket_fast`, the same op at build and serve time); the catalog's
+   fingerprints are stored with the export (`ItemIndex.keys`). A fingerprint match is not yet
+   an id match (an id outside the catalog may share a fingerprint); `drop_excluded` confirms
+   every candidate it drops by string.
 2. The index is searched for k + `slack(k)` candidates, not k + n (ScaNN, 1,000 queries of the
    BENCHMARKS.md run: 46 ms CPU for 610 results, 28 for 100).
-3. Membership of the [B, K] candidates in the row's n excluded indices (`member_positions`):
-   a sort of the shorter side (the K candidates when K < n) and a binary search of the other
-   in it per row; a matched candidate is dropped when the id at the matched position equals
-   its own (the string confirmation, on hits only).
+3. Membership of the [B, K] candidates' fingerprints in the row's n excluded fingerprints
+   (`member_positions`): a sort of the shorter side (the K candidates when K < n) and a binary
+   search of the other in it per row; a matched candidate is dropped when the id at the matched
+   position equals its own (the string confirmation, on hits only). Comparing fingerprints
+   skips a hash-table lookup of every excluded id (3 ms CPU per 1,000 x 600 ids).
 4. Rows where fewer than k candidates survive (more than `slack(k)` excluded items among the
    row's top K), or where a fingerprint matched a different id, are reported
-   (`Dropped.short`); the caller searches those rows again with room for every excluded item
-   and every match confirmed by string.
+   (`Dropped.short`); the caller maps those rows' ids to catalog indices (`ItemIndex`) and
+   searches them again with room for every excluded item and every match confirmed by string.
 """
 
 from __future__ import annotations
@@ -51,6 +52,9 @@ class ItemIndex(tf.Module):
     Args:
         ids: the catalog's item ids, UTF-8 bytes (object array [N]); row i is item index i.
 
+    Attributes:
+        keys: the catalog ids' fingerprints, int64 [N] (a variable, saved with the export).
+
     Raises:
         ExportError: two catalog ids share a fingerprint (about N^2 / 2^64: never seen; the
             message names them).
@@ -65,18 +69,24 @@ class ItemIndex(tf.Module):
             a, b = ids[order[same[0]]], ids[order[same[0] + 1]]
             raise ExportError(f"item ids {a!r} and {b!r} share a 64-bit fingerprint; rename one "
                               "of them")
+        self.keys = tf.Variable(keys, trainable=False, dtype=tf.int64, name="keys")
         self.table = tf.lookup.StaticHashTable(tf.lookup.KeyValueTensorInitializer(
             tf.constant(keys, tf.int64), tf.range(len(keys), dtype=tf.int32)), -1)
+
+    @staticmethod
+    def fingerprint(ids):
+        """ids (string tensor) -> their int64 fingerprints, the keys of `keys`."""
+        return tf.strings.to_hash_bucket_fast(ids, FINGERPRINT_BUCKETS)
 
     def __call__(self, ids):
         """ids [B, n] string -> [B, n] int32: the catalog index whose fingerprint each id has,
         -1 for none ("" and unknown ids). Unconfirmed: see `drop_excluded`."""
-        return self.table.lookup(tf.strings.to_hash_bucket_fast(ids, FINGERPRINT_BUCKETS))
+        return self.table.lookup(self.fingerprint(ids))
 
 
 def member_positions(values, sets):
-    """values [B, m] int32, sets [B, n] int32 -> [B, m] int32: the first position j with
-    sets[b, j] == values[b, i], or -1 (none).
+    """values [B, m], sets [B, n] (int32 or int64, one dtype) -> [B, m] int32: the first
+    position j with sets[b, j] == values[b, i], or -1 (none).
 
     Every value is compared, -1 included (a -1 value finds a -1 in its row's set). A sort of
     the shorter side per row and a binary search of the longer side in it
@@ -96,7 +106,7 @@ def member_positions(values, sets):
 def _positions_sorting_sets(values, sets):
     """`member_positions` by a (stable) sort of each row's set and a search of its values."""
     rows, n = tf.shape(sets)[0], tf.shape(sets)[1]
-    padded = tf.concat([sets, tf.fill([rows, 1], -2)], axis=1)  # n = 0 still has a slot
+    padded = tf.concat([sets, tf.fill([rows, 1], tf.constant(-2, sets.dtype))], axis=1)  # n = 0: a slot
     order = tf.argsort(padded, axis=1, stable=True)  # equal ids: smallest position first
     ordered = tf.gather(padded, order, batch_dims=1)
     pos = tf.minimum(tf.searchsorted(ordered, values, side="left"), n)
@@ -136,24 +146,27 @@ class Dropped(NamedTuple):
     short: tf.Tensor  # [B] bool: fewer than k survivors among candidates that were not all
 
 
-def drop_excluded(scores, indices, ids, excluded, item_ids, k, complete) -> Dropped:
+def drop_excluded(scores, indices, ids, keys, item_keys, item_ids, k, complete) -> Dropped:
     """The best k candidates that are not among each row's excluded ids (compared as strings).
 
     Args:
         scores: [B, K] float32 candidate scores, indices: [B, K] int32 item indices (-1: none).
-        ids: [B, n] string excluded ids; excluded: their `ItemIndex` indices [B, n] int32.
+        ids: [B, n] string excluded ids.
+        keys: [B, n] int keys of `ids`, item_keys: [N] the catalog's keys by index, such that
+            equal ids have equal keys (`ItemIndex.fingerprint` and `ItemIndex.keys`; or
+            `ItemIndex` indices and ``tf.range(N)``). Equal keys need not be equal ids.
         item_ids: [N] string, the catalog ids by index.
         k: results wanted (k <= K).
         complete: scalar bool, True when the candidates are every item the index can return
             (then a short row is final, not a row to search again).
 
     Returns:
-        `Dropped`. A candidate is dropped iff its index is among the row's excluded indices
-        and the id at that position equals its id. A row where the two differ (an id outside
-        the catalog with a catalog id's fingerprint) is returned as short, so that the caller
-        searches it again with every fingerprint match confirmed.
+        `Dropped`. A candidate is dropped iff its key is among the row's excluded keys and the
+        id at that position equals its id. A row where the two differ (an id outside the
+        catalog with a catalog id's fingerprint) is returned as short, so that the caller
+        searches it again with every match confirmed.
     """
-    entry = member_positions(indices, excluded)  # [B, K]
+    entry = member_positions(tf.gather(item_keys, tf.maximum(indices, 0)), keys)  # [B, K]
     matched = (entry >= 0) & (indices >= 0)
     at = tf.where(matched)  # [H, 2]: only the matches are compared as strings
     same = tf.equal(tf.gather(item_ids, tf.gather_nd(indices, at)),

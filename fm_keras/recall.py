@@ -173,17 +173,19 @@ class RecallServable(tf.Module):
         features = dict(features)
         ids = features.pop("exclude_item_ids")
         vectors, offset = self._user(features)
-        excluded = self.item_index(ids)  # [B, n] int32, -1: not an item
+        keys = self.item_index.fingerprint(ids)  # [B, n] int64
         wide = min(self._k + slack(self._k), self._items)
         scores, idx = self.index.search(vectors, wide)
-        kept = drop_excluded(scores, idx, ids, excluded, self.item_ids, self._k,
-                             complete=tf.constant(wide >= self._items))
+        kept = drop_excluded(scores, idx, ids, keys, self.item_index.keys, self.item_ids,
+                             self._k, complete=tf.constant(wide >= self._items))
         rows = tf.where(kept.short)[:, 0]
 
         def again():
-            # Fingerprint matches confirmed by string: a wrong one must not drop an item.
-            sub = tf.gather(excluded, rows)
-            same = tf.equal(tf.gather(self.item_ids, tf.maximum(sub, 0)), tf.gather(ids, rows))
+            # The short rows' ids as catalog indices (-1: not an item), fingerprint matches
+            # confirmed by string: a wrong one must not drop an item.
+            short_ids = tf.gather(ids, rows)
+            sub = self.item_index(short_ids)
+            same = tf.equal(tf.gather(self.item_ids, tf.maximum(sub, 0)), short_ids)
             redo = search_excluding(self.index, tf.gather(vectors, rows), self._k,
                                     tf.where(same, sub, -1), self._items)
             return tuple(tf.tensor_scatter_nd_update(t, rows[:, None], r)

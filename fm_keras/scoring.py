@@ -133,45 +133,35 @@ def split_ids(array: pa.Array, sep: str = "|") -> tf.Tensor:
 
     The separators are found with NumPy in the column's Arrow buffer and every item is cut
     from it by one `tf.strings.substr`: a third less CPU than `tf.strings.split` of the column
-    tensor and `to_tensor` (600 ids per row, BENCHMARKS.md). A column of over
-    `_PARALLEL_SPLIT_BYTES` is split in two halves on two threads (NumPy and TensorFlow
-    release the GIL), the second on a thread kept for the process.
+    tensor and `to_tensor` (600 ids per row, BENCHMARKS.md). It runs on one thread kept for
+    the process: on the thread that `run_signature`'s reader makes per call, glibc gives the
+    temporaries a fresh malloc arena whose pages fault in every time (1,000 rows x 600 ids:
+    22 ms there, 13 ms on a thread that has done it before).
     """
-    array = as_text(array)
-    if pa.types.is_large_string(array.type):
-        array = pc.cast(array, pa.string())
-    if array.null_count:
-        array = pc.fill_null(array, "")
-    half = len(array) // 2
-    if half == 0 or _text_bytes(array) < _PARALLEL_SPLIT_BYTES:
-        return _split_ids(array, sep)
-    other = _split_thread().submit(_split_ids, array.slice(half), sep)
-    parts = [_split_ids(array.slice(0, half), sep), other.result()]
-    width = max(int(p.shape[1]) for p in parts)
-    return tf.concat([tf.pad(p, [[0, 0], [0, width - int(p.shape[1])]], constant_values="")
-                      for p in parts], axis=0)
+    return _split_thread().submit(_split_ids, array, sep).result()
 
 
-_PARALLEL_SPLIT_BYTES = 1 << 20  # below ~1 MiB of ids a second thread costs more than it saves
 _SPLIT_THREAD: list[ThreadPoolExecutor] = []
 
 
 def _split_thread() -> ThreadPoolExecutor:
-    """One worker thread for `split_ids`, kept for the process (a fresh thread would fault its
-    malloc arena's pages in on every batch)."""
+    """The thread `split_ids` runs on, made on first use and kept for the process."""
     if not _SPLIT_THREAD:
         _SPLIT_THREAD.append(ThreadPoolExecutor(max_workers=1, thread_name_prefix="split_ids"))
     return _SPLIT_THREAD[0]
 
 
-def _text_bytes(array: pa.Array) -> int:
-    offsets = np.frombuffer(array.buffers()[1], np.int32, count=len(array) + 1,
-                            offset=array.offset * 4)
-    return int(offsets[-1] - offsets[0])
+# A forked child has no copy of the thread: it makes its own on first use.
+os.register_at_fork(after_in_child=_SPLIT_THREAD.clear)
 
 
 def _split_ids(array: pa.Array, sep: str) -> tf.Tensor:
-    """`split_ids` of a non-null string array, on the calling thread."""
+    """`split_ids` on the calling thread."""
+    array = as_text(array)
+    if pa.types.is_large_string(array.type):
+        array = pc.cast(array, pa.string())
+    if array.null_count:
+        array = pc.fill_null(array, "")
     _, offsets, data = array.buffers()
     bounds = np.frombuffer(offsets, np.int32, count=len(array) + 1, offset=array.offset * 4)
     start = int(bounds[0])

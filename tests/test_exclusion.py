@@ -29,15 +29,19 @@ SHAPES = [(6, 30, 12), (5, 7, 40), (4, 20, 20), (1, 1, 1), (3, 9, 0), (3, 0, 9),
           (0, 5, 4), (8, 125, 600)]
 
 
+@pytest.mark.parametrize("dtype", [np.int32, np.int64])  # catalog indices, fingerprints
 @pytest.mark.parametrize("rows,m,n", SHAPES)
-def test_member_positions_match_numpy(rows, m, n):
+def test_member_positions_match_numpy(rows, m, n, dtype):
     """Random rows with duplicates and -1 on both sides (a -1 value finds a -1 of its set):
     the first position holding the value, -1 exactly when it is not in the row, alike for
     every duplicate."""
     rng = np.random.default_rng(rows * 1000 + m * 10 + n)
     high = max(8, (m + n) // 2)  # dense enough for duplicates and hits on both sides
-    values = rng.integers(-1, high, (rows, m)).astype(np.int32)
-    sets = rng.integers(-1, high, (rows, n)).astype(np.int32)
+    base = 0 if dtype == np.int32 else 2**40  # int64 keys beyond int32's range
+    values = np.where(rng.random((rows, m)) < 0.1, -1,
+                      base + rng.integers(0, high, (rows, m))).astype(dtype)
+    sets = np.where(rng.random((rows, n)) < 0.1, -1,
+                    base + rng.integers(0, high, (rows, n))).astype(dtype)
     want = _first_positions(values, sets)
     got = member_positions(tf.constant(values), tf.constant(sets)).numpy()
     assert got.shape == (rows, m) and got.dtype == np.int32
@@ -89,11 +93,21 @@ def _reference(scores, indices, ids, k):
     return out
 
 
+def _keys(kind, ids):
+    """`drop_excluded`'s (keys, item_keys): fingerprints as served, or catalog indices."""
+    index = ItemIndex(CATALOG)
+    if kind == "fingerprints":
+        return index.fingerprint(tf.constant(ids)), index.keys
+    return index(tf.constant(ids)), tf.range(len(CATALOG), dtype=tf.int32)
+
+
+@pytest.mark.parametrize("kind", ["fingerprints", "indices"])
 @pytest.mark.parametrize("seed", range(4))
-def test_drop_excluded_equals_a_set_check(seed):
+def test_drop_excluded_equals_a_set_check(seed, kind):
     """Random candidate lists (some rows with -1 slots, some with every candidate excluded),
     excluded lists with duplicates, unknown ids and "" pads: the kept items are the reference's,
-    in score order, and `short` flags exactly the rows with fewer than k left."""
+    in score order, and `short` flags exactly the rows with fewer than k left; keyed by
+    fingerprint (as served) or by catalog index."""
     rng = np.random.default_rng(seed)
     rows, wide, k, n = 7, 12, 5, 9
     indices = np.stack([rng.choice(60, wide, replace=False) for _ in range(rows)]).astype(np.int32)
@@ -103,9 +117,9 @@ def test_drop_excluded_equals_a_set_check(seed):
     ids[0, :3] = [b"", b"unknown", ids[0, 3]]  # pad, unknown id, duplicate
     ids[2] = CATALOG[indices[2, :n]]  # the best part of row 2's candidates excluded
     ids[3, 0] = ids[3, 1] = CATALOG[indices[3, 0]]
-    excluded = ItemIndex(CATALOG)(tf.constant(ids))
-    got = drop_excluded(tf.constant(scores), tf.constant(indices), tf.constant(ids), excluded,
-                        tf.constant(CATALOG), k, tf.constant(False))
+    keys, item_keys = _keys(kind, ids)
+    got = drop_excluded(tf.constant(scores), tf.constant(indices), tf.constant(ids), keys,
+                        item_keys, tf.constant(CATALOG), k, tf.constant(False))
     want = _reference(scores, indices, ids, k)
     for b in range(rows):
         kept = got.indices.numpy()[b]
@@ -113,7 +127,7 @@ def test_drop_excluded_equals_a_set_check(seed):
         assert got.short.numpy()[b] == (len(want[b]) < k)
         assert np.all(np.isneginf(got.scores.numpy()[b, len(want[b]):]))
     complete = drop_excluded(tf.constant(scores), tf.constant(indices), tf.constant(ids),
-                             excluded, tf.constant(CATALOG), k, tf.constant(True))
+                             keys, item_keys, tf.constant(CATALOG), k, tf.constant(True))
     assert not complete.short.numpy().any()
 
 
@@ -122,17 +136,20 @@ def test_drop_excluded_edge_shapes_and_forged_matches():
     (an id outside the catalog): that candidate is kept and its row flagged to be searched
     again with every match confirmed."""
     catalog = tf.constant(CATALOG)
+    item_keys = ItemIndex(CATALOG).keys
     scores = tf.constant([[3.0, 2.0, 1.0]])
     indices = tf.constant([[4, 5, 6]], tf.int32)
-    none = drop_excluded(scores, indices, tf.zeros([1, 0], tf.string), tf.zeros([1, 0], tf.int32),
-                         catalog, 2, tf.constant(False))
+    none = drop_excluded(scores, indices, tf.zeros([1, 0], tf.string), tf.zeros([1, 0], tf.int64),
+                         item_keys, catalog, 2, tf.constant(False))
     assert none.indices.numpy().tolist() == [[4, 5]] and not none.short.numpy()[0]
     empty = drop_excluded(tf.zeros([0, 3]), tf.zeros([0, 3], tf.int32),
-                          tf.zeros([0, 2], tf.string), tf.zeros([0, 2], tf.int32), catalog, 2,
-                          tf.constant(False))
+                          tf.zeros([0, 2], tf.string), tf.zeros([0, 2], tf.int64), item_keys,
+                          catalog, 2, tf.constant(False))
     assert empty.indices.shape == (0, 2) and empty.short.shape == (0,)
+    # "not-i5" given the fingerprint of i5, as a colliding id would have it
     forged = drop_excluded(scores, indices, tf.constant([[b"not-i5", b"i6"]]),
-                           tf.constant([[5, 6]], tf.int32), catalog, 2, tf.constant(False))
+                           tf.gather(item_keys, [[5, 6]]), item_keys, catalog, 2,
+                           tf.constant(False))
     assert forged.indices.numpy().tolist() == [[4, 5]] and forged.short.numpy()[0]
 
 

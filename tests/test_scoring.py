@@ -8,7 +8,6 @@ import pyarrow as pa
 import pytest
 import tensorflow as tf
 
-from fm_keras import scoring
 from fm_keras.config import FeatureConfig
 from fm_keras.data import load_split
 from fm_keras.errors import DataError, ExportError
@@ -85,13 +84,9 @@ def test_recommend_long_format_and_exclusions(exports, small_synth, tmp_path):
         recommend(exports["scann"], [users_csv], out, k=5, exclude_column="seeen")
 
 
-@pytest.mark.parametrize("parallel", [False, True])
-def test_split_ids_equals_python_split(monkeypatch, parallel):
+def test_split_ids_equals_python_split():
     """Random '|' lists with empty items, empty and null cells, non-ASCII ids and sliced
-    arrays: the rows of `split_ids` are str.split's non-empty items, padded with "" (also
-    when the column is split in two halves on two threads, each of its own width)."""
-    if parallel:
-        monkeypatch.setattr(scoring, "_PARALLEL_SPLIT_BYTES", 0)
+    arrays: the rows of `split_ids` are str.split's non-empty items, padded with ""."""
     rng = np.random.default_rng(0)
     for trial in range(200):
         cells = [None if r < 0.1 else "" if r < 0.2 else
