@@ -34,6 +34,12 @@ from scoring import CHILD  # noqa: E402  (benchmarks/scoring.py: fm-keras, then 
 VALID_ROWS = 100_000
 
 
+def _rows(oracle: str) -> int:
+    """Rows of the synthetic set whose oracle.json is at `oracle`."""
+    with open(oracle) as f:
+        return json.load(f)["rows"]
+
+
 def head(src: str, dst: str, rows: int) -> None:
     """Copies the header and the first `rows` data lines of a CSV (synth writes no quoted
     newlines), streaming."""
@@ -148,7 +154,7 @@ def main():
     synth_dir = os.path.join(args.work, "synth")
     total = -(-sizes[-1] * 10 // 8)  # synth puts 80% of its rows in train.csv
     oracle = os.path.join(synth_dir, "oracle.json")
-    if os.path.exists(oracle) and json.load(open(oracle))["rows"] < total:
+    if os.path.exists(oracle) and _rows(oracle) < total:
         # An earlier run's set is too small for --rows: draw a new one (and new heads of it).
         print(f"synth: {synth_dir} holds fewer than {total:,} rows; drawing it again",
               file=sys.stderr)

@@ -40,10 +40,14 @@ def slack(k: int) -> int:
     return max(16, k // 4)
 
 
+def fingerprint(ids):
+    """ids (string tensor) -> their int64 fingerprints, the same op at build and serve time."""
+    return tf.strings.to_hash_bucket_fast(ids, FINGERPRINT_BUCKETS)
+
+
 def fingerprints(ids: np.ndarray) -> np.ndarray:
     """UTF-8 item ids (object array of bytes) -> their int64 fingerprints [N], as served."""
-    return tf.strings.to_hash_bucket_fast(tf.constant(ids, tf.string),
-                                          FINGERPRINT_BUCKETS).numpy()
+    return fingerprint(tf.constant(ids, tf.string)).numpy()
 
 
 class ItemIndex(tf.Module):
@@ -73,15 +77,10 @@ class ItemIndex(tf.Module):
         self.table = tf.lookup.StaticHashTable(tf.lookup.KeyValueTensorInitializer(
             tf.constant(keys, tf.int64), tf.range(len(keys), dtype=tf.int32)), -1)
 
-    @staticmethod
-    def fingerprint(ids):
-        """ids (string tensor) -> their int64 fingerprints, the keys of `keys`."""
-        return tf.strings.to_hash_bucket_fast(ids, FINGERPRINT_BUCKETS)
-
     def __call__(self, ids):
         """ids [B, n] string -> [B, n] int32: the catalog index whose fingerprint each id has,
         -1 for none ("" and unknown ids). Unconfirmed: see `drop_excluded`."""
-        return self.table.lookup(self.fingerprint(ids))
+        return self.table.lookup(fingerprint(ids))
 
 
 def member_positions(values, sets):
@@ -106,7 +105,8 @@ def member_positions(values, sets):
 def _positions_sorting_sets(values, sets):
     """`member_positions` by a (stable) sort of each row's set and a search of its values."""
     rows, n = tf.shape(sets)[0], tf.shape(sets)[1]
-    padded = tf.concat([sets, tf.fill([rows, 1], tf.constant(-2, sets.dtype))], axis=1)  # n = 0: a slot
+    pad = tf.fill([rows, 1], tf.constant(-2, sets.dtype))  # n = 0 still has a slot
+    padded = tf.concat([sets, pad], axis=1)
     order = tf.argsort(padded, axis=1, stable=True)  # equal ids: smallest position first
     ordered = tf.gather(padded, order, batch_dims=1)
     pos = tf.minimum(tf.searchsorted(ordered, values, side="left"), n)
@@ -153,7 +153,7 @@ def drop_excluded(scores, indices, ids, keys, item_keys, item_ids, k, complete) 
         scores: [B, K] float32 candidate scores, indices: [B, K] int32 item indices (-1: none).
         ids: [B, n] string excluded ids.
         keys: [B, n] int keys of `ids`, item_keys: [N] the catalog's keys by index, such that
-            equal ids have equal keys (`ItemIndex.fingerprint` and `ItemIndex.keys`; or
+            equal ids have equal keys (`fingerprint` and `ItemIndex.keys`; or
             `ItemIndex` indices and ``tf.range(N)``). Equal keys need not be equal ids.
         item_ids: [N] string, the catalog ids by index.
         k: results wanted (k <= K).

@@ -27,7 +27,8 @@ from fm_keras import fsutil
 from fm_keras._tf import tf
 from fm_keras.calibration import Calibration
 from fm_keras.errors import ExportError
-from fm_keras.exclusion import ItemIndex, drop_excluded, search_excluding, slack
+from fm_keras.exclusion import (ItemIndex, drop_excluded, fingerprint, search_excluding,
+                                slack)
 from fm_keras.export import (METADATA, WARMUP, check_model_name, building, new_version_path,
                              signature_info, write_warmup)
 from fm_keras.interactions import read_catalog
@@ -173,7 +174,7 @@ class RecallServable(tf.Module):
         features = dict(features)
         ids = features.pop("exclude_item_ids")
         vectors, offset = self._user(features)
-        keys = self.item_index.fingerprint(ids)  # [B, n] int64
+        keys = fingerprint(ids)  # [B, n] int64
         wide = min(self._k + slack(self._k), self._items)
         scores, idx = self.index.search(vectors, wide)
         kept = drop_excluded(scores, idx, ids, keys, self.item_index.keys, self.item_ids,

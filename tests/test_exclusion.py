@@ -7,7 +7,7 @@ import pytest
 import tensorflow as tf
 
 from fm_keras.errors import ExportError
-from fm_keras.exclusion import (ItemIndex, drop_excluded, fingerprints, is_member,
+from fm_keras.exclusion import (ItemIndex, drop_excluded, fingerprint, fingerprints, is_member,
                                 member_positions, search_excluding, slack)
 
 CATALOG = np.array([f"i{j}".encode() for j in range(60)], dtype=object)
@@ -97,7 +97,7 @@ def _keys(kind, ids):
     """`drop_excluded`'s (keys, item_keys): fingerprints as served, or catalog indices."""
     index = ItemIndex(CATALOG)
     if kind == "fingerprints":
-        return index.fingerprint(tf.constant(ids)), index.keys
+        return fingerprint(tf.constant(ids)), index.keys
     return index(tf.constant(ids)), tf.range(len(CATALOG), dtype=tf.int32)
 
 
