@@ -6,7 +6,9 @@ the rows a batch touches, not on the table: for each optimizer (fm_keras' row-wi
 SparseAdagrad, SparseFtrl) the benchmark reports the time per step of one timed epoch after a
 warm-up epoch (the fastest of ``--repeats`` timed epochs: on a shared machine the minimum is
 the figure least inflated by other processes), and the ratio to the smallest table, in wall
-time and in the process' CPU time (which other processes inflate less). ``--stock-steps N``
+time and in the process' CPU time (which other processes inflate less). The sizes are timed
+in rounds, one epoch of each size per round, so that a change of the machine's load falls on
+every size alike; the wall-time ratio of each round and their median are printed too. ``--stock-steps N``
 times N steps of tf_keras' own Adam/Adagrad/FTRL on the same model and rows in the same run
 (the peer).
 
@@ -170,7 +172,8 @@ def main():
     parser.add_argument("--valid-rows", type=int, default=None,
                         help="rows of the timed validation pass (default: rows / 10)")
     parser.add_argument("--repeats", type=int, default=1,
-                        help="timed epochs per setting; the fastest is reported")
+                        help="rounds of timed epochs, one per table size each; the fastest "
+                        "is reported")
     args = parser.parse_args()
     valid_rows = args.valid_rows or args.rows // 10
     sizes = [int(x) for x in args.ids.split(",")]
@@ -178,60 +181,87 @@ def main():
           f"steps_per_execution {TrainingConfig().steps_per_execution}  repeats {args.repeats}  "
           f"ids {'zipf ' + str(args.zipf) if args.zipf else 'uniform'}  "
           f"load {os.getloadavg()[0]:.1f}  tensorflow {tf.__version__}", flush=True)
-    base: dict[str, float] = {}
-    base_cpu: dict[str, float] = {}
-    for num_ids in sizes:
-        ids, values, labels = encoded_rows(args.rows, num_ids, zipf=args.zipf)
-        dataset = batched_dataset(ids, values, labels, np.ones(args.rows, np.float32),
-                                  args.batch_size, shuffle_seed=0)
-        steps = int(dataset.cardinality())
-        for name in args.optimizers.split(","):
+    data = {num_ids: Rows(args.rows, num_ids, args.zipf, args.batch_size) for num_ids in sizes}
+    for name in args.optimizers.split(","):
+        # One model per table size, timed in rounds that alternate between the sizes: a
+        # change of the machine's load hits every size alike instead of one of them.
+        models = {}
+        for num_ids in sizes:
             config = experiment(num_ids, name, args.batch_size)
             features = tuple(FittedFeature(c) for c in config.features)
             keras.utils.set_random_seed(0)
             model = build_model(features, config.model, config.training)
             model.compile(optimizer=make_optimizer(config.training), weighted_metrics=[],
                           steps_per_execution=config.training.steps_per_execution)
-            time_steps(model, dataset, min(steps, 64))  # warm-up: tracing, slot creation
-            timings = [time_steps(model, dataset) for _ in range(args.repeats)]
-            per_step, cpu = min(t[0] for t in timings), min(t[1] for t in timings)
-            base.setdefault(name, per_step)
-            base_cpu.setdefault(name, cpu)
-            trained = trained_rows(num_ids, ids)
-            ends = epoch_end_seconds(model, config, trained)
-            valid_s = validation_seconds(model, valid_rows, num_ids, args.zipf)
-            epoch_s = per_step * steps
-            plain = max(ends["improving_first"], ends["improving"], ends["flat"])
-            every = (f"every {ends['checkpoint_seconds']:.0f} s" if ends["checkpoint_seconds"]
-                     else "every epoch")
-            line = (f"ids {num_ids:>9,}  {name:8s} {per_step * 1e3:7.3f} ms/step "
-                    f"({args.batch_size / per_step:>9,.0f} samples/s, "
-                    f"{per_step / base[name]:.2f}x the {sizes[0]:,}-id step; CPU "
-                    f"{cpu * 1e3:.3f} ms/step, {cpu / base_cpu[name]:.2f}x)  "
-                    f"epoch {epoch_s:6.2f}s  epoch-end {ends['improving_first'] * 1e3:5.0f} / "
-                    f"{ends['improving'] * 1e3:5.0f} / {ends['flat'] * 1e3:5.0f} ms (first "
-                    "best / a later best / no gain, "
-                    f"{100 * plain / epoch_s:.1f}% of the epoch)  checkpoint {every}: "
-                    f"{ends['checkpoint_first'] * 1e3:5.0f} first / "
-                    f"{ends['checkpoint'] * 1e3:5.0f} ms, background write "
-                    f"{ends['background'] * 1e3:.0f} ms  setup {ends['setup'] * 1e3:.0f} ms  "
-                    f"(trained rows {100 * np.mean(trained):.0f}% of the table)  "
-                    "amortized "
-                    f"{100 * amortized_share(ends, epoch_s):.1f}%  validation pass "
-                    f"({valid_rows:,} rows) {valid_s * 1e3:.0f} ms "
-                    f"({100 * valid_s / epoch_s:.1f}%)")
+            rows = data[num_ids]
+            time_steps(model, rows.dataset, min(rows.steps, 64))  # warm-up: tracing, slots
+            models[num_ids] = (model, config)
+        timings = {num_ids: [] for num_ids in sizes}
+        for _ in range(args.repeats):
+            for num_ids in sizes:
+                timings[num_ids].append(time_steps(models[num_ids][0], data[num_ids].dataset))
+        for num_ids in sizes:
+            model, config = models[num_ids]
+            line = report(name, num_ids, sizes[0], timings, model, config, data[num_ids],
+                          args, valid_rows)
             if args.stock_steps:
+                dataset = data[num_ids].dataset
                 model.compile(optimizer=STOCK[name](LEARNING_RATES[name]),
                               weighted_metrics=[],
                               steps_per_execution=config.training.steps_per_execution)
                 time_steps(model, dataset, min(args.stock_steps, 32))
                 stock = time_steps(model, dataset, args.stock_steps)[0]
+                per_step = min(t[0] for t in timings[num_ids])
                 line += f"  | tf_keras {name}: {stock * 1e3:8.3f} ms/step ({stock / per_step:.1f}x)"
             print(line, flush=True)
-            del model
-            keras.backend.clear_session()
-            gc.collect()
+        del models, model
+        keras.backend.clear_session()
+        gc.collect()
 
+
+class Rows:
+    """A table size's training rows (`encoded_rows`) and their shuffled batches."""
+
+    def __init__(self, rows: int, num_ids: int, zipf: float | None, batch_size: int):
+        self.ids, values, labels = encoded_rows(rows, num_ids, zipf=zipf)
+        self.dataset = batched_dataset(self.ids, values, labels, np.ones(rows, np.float32),
+                                       batch_size, shuffle_seed=0)
+        self.steps = int(self.dataset.cardinality())
+
+
+def report(name: str, num_ids: int, smallest: int, timings: dict, model, config, rows: Rows,
+           args, valid_rows: int) -> str:
+    """One size's line: time per step (fastest round, and the median over rounds of the
+    ratio to the smallest table in the same round), then its epoch-end work."""
+    per_step, cpu = (min(t[i] for t in timings[num_ids]) for i in (0, 1))
+    base, base_cpu = (min(t[i] for t in timings[smallest]) for i in (0, 1))
+    rounds = [t[0] / b[0] for t, b in zip(timings[num_ids], timings[smallest])]
+    trained = trained_rows(num_ids, rows.ids)
+    ends = epoch_end_seconds(model, config, trained)
+    valid_s = validation_seconds(model, valid_rows, num_ids, args.zipf)
+    epoch_s = per_step * rows.steps
+    plain = max(ends["improving_first"], ends["improving"], ends["flat"])
+    every = (f"every {ends['checkpoint_seconds']:.0f} s" if ends["checkpoint_seconds"]
+             else "every epoch")
+    per_round = "" if num_ids == smallest else (
+        f"; per round {', '.join(f'{r:.2f}' for r in rounds)}, median "
+        f"{float(np.median(rounds)):.2f}x")
+    return (f"ids {num_ids:>9,}  {name:8s} {per_step * 1e3:7.3f} ms/step "
+            f"({args.batch_size / per_step:>9,.0f} samples/s, "
+            f"{per_step / base:.2f}x the {smallest:,}-id step{per_round}; CPU "
+            f"{cpu * 1e3:.3f} ms/step, {cpu / base_cpu:.2f}x)  "
+            f"epoch {epoch_s:6.2f}s  epoch-end {ends['improving_first'] * 1e3:5.0f} / "
+            f"{ends['improving'] * 1e3:5.0f} / {ends['flat'] * 1e3:5.0f} ms (first "
+            "best / a later best / no gain, "
+            f"{100 * plain / epoch_s:.1f}% of the epoch)  checkpoint {every}: "
+            f"{ends['checkpoint_first'] * 1e3:5.0f} first / "
+            f"{ends['checkpoint'] * 1e3:5.0f} ms, background write "
+            f"{ends['background'] * 1e3:.0f} ms  setup {ends['setup'] * 1e3:.0f} ms  "
+            f"(trained rows {100 * np.mean(trained):.0f}% of the table)  "
+            "amortized "
+            f"{100 * amortized_share(ends, epoch_s):.1f}%  validation pass "
+            f"({valid_rows:,} rows) {valid_s * 1e3:.0f} ms "
+            f"({100 * valid_s / epoch_s:.1f}%)")
 
 if __name__ == "__main__":
     main()
