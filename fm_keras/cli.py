@@ -76,8 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "for a retrieval run: its data.items)")
     p.add_argument("--recall_at", help="comma-separated K values (default 10,50,100); a CTR "
                    "run needs --items for them")
-    p.add_argument("--exclude", nargs="+", help="logs whose (user, item) pairs are not "
-                   "recommended, e.g. the training log")
+    p.add_argument("--exclude", nargs="+", action="extend", help="logs whose (user, item) "
+                   "pairs are not recommended, e.g. the training log (several files, or the "
+                   "flag repeated: all are used)")
 
     p = sub.add_parser("export", help="export a finished run as a versioned ranking SavedModel")
     p.add_argument("--run", required=True, help="run directory written by 'fm-keras train'")

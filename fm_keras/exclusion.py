@@ -98,8 +98,12 @@ def member_positions(values, sets):
     """
     values, sets = tf.convert_to_tensor(values), tf.convert_to_tensor(sets)
     m, n = tf.shape(values)[1], tf.shape(sets)[1]
-    return tf.cond(m < n, lambda: _positions_sorting_values(values, sets),
-                   lambda: _positions_sorting_sets(values, sets))
+    # An empty batch answers without a search: tf.searchsorted rejects [0, 0] against [0, m].
+    return tf.cond(
+        tf.shape(values)[0] > 0,
+        lambda: tf.cond(m < n, lambda: _positions_sorting_values(values, sets),
+                        lambda: _positions_sorting_sets(values, sets)),
+        lambda: tf.fill(tf.shape(values), -1))
 
 
 def _positions_sorting_sets(values, sets):

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from fm_keras.cli import main
+from fm_keras.cli import build_parser, main
 
 
 def _short_experiment(synth_dir, tmp_path, epochs):
@@ -186,7 +186,7 @@ def test_export_commands_bad_input(exports, small_synth, tmp_path, capsys):
 
 _DRIVER = """
 import json, os, sys
-from fm_keras.cli import main
+from fm_keras.cli import build_parser, main
 for name, argv in json.loads(sys.argv[1]):
     with open(name + ".out", "w") as out:       # a file: stdout is not a terminal
         sys.stdout.flush()
@@ -296,3 +296,13 @@ def test_evaluate_refuses_options_it_would_ignore(small_run, small_synth, tmp_pa
                  "--reliability_plot", str(plot)]) == 2
     assert "--reliability_plot: the diagram is of click probabilities" in _last_error(capsys)
     assert not plot.exists()
+
+
+def test_evaluate_exclude_takes_every_file_given_once_or_repeated():
+    """`--exclude a b` and `--exclude a --exclude b` both exclude a and b (a repeated flag
+    once kept only the last file)."""
+    parse = build_parser().parse_args
+    once = parse(["evaluate", "--run", "r", "--data", "t.csv", "--exclude", "a.csv", "b.csv"])
+    repeated = parse(["evaluate", "--run", "r", "--data", "t.csv", "--exclude", "a.csv",
+                      "--exclude", "b.csv"])
+    assert once.exclude == repeated.exclude == ["a.csv", "b.csv"]

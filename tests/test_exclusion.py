@@ -24,9 +24,10 @@ def _first_positions(values, sets):
 
 
 # (rows, m values, n set entries): fewer values than set entries (the values are sorted),
-# more or as many (the sets are sorted), empty sets, no values, an empty batch.
+# more or as many (the sets are sorted), empty sets, no values, an empty batch (also with no
+# values or no set entries: ScaNN answers an empty batch with [0, 0] candidates).
 SHAPES = [(6, 30, 12), (5, 7, 40), (4, 20, 20), (1, 1, 1), (3, 9, 0), (3, 0, 9), (0, 4, 5),
-          (0, 5, 4), (8, 125, 600)]
+          (0, 5, 4), (0, 0, 5), (0, 5, 0), (0, 0, 0), (8, 125, 600)]
 
 
 @pytest.mark.parametrize("dtype", [np.int32, np.int64])  # catalog indices, fingerprints
@@ -146,6 +147,10 @@ def test_drop_excluded_edge_shapes_and_forged_matches():
                           tf.zeros([0, 2], tf.string), tf.zeros([0, 2], tf.int64), item_keys,
                           catalog, 2, tf.constant(False))
     assert empty.indices.shape == (0, 2) and empty.short.shape == (0,)
+    no_candidates = drop_excluded(tf.zeros([0, 0]), tf.zeros([0, 0], tf.int32),
+                                  tf.zeros([0, 0], tf.string), tf.zeros([0, 0], tf.int64),
+                                  item_keys, catalog, 2, tf.constant(False))
+    assert no_candidates.indices.shape == (0, 0) and no_candidates.short.shape == (0,)
     # "not-i5" given the fingerprint of i5, as a colliding id would have it
     forged = drop_excluded(scores, indices, tf.constant([[b"not-i5", b"i6"]]),
                            tf.gather(item_keys, [[5, 6]]), item_keys, catalog, 2,
