@@ -20,7 +20,8 @@ A tune directory::
 
 Trial 0 of a new study is the experiment as given (the baseline), so the search ends no
 worse on validation than the configuration it started from. The objective is the best
-validation AUC (binary; RMSE for regression) of the run, the metric early stopping uses.
+validation AUC (binary; Recall@K for retrieval, maximized; RMSE for regression, minimized) of
+the run, the metric early stopping uses.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from fm_keras import fsutil
 from fm_keras._tf import keras
 from fm_keras.config import ExperimentConfig
 from fm_keras.errors import ConfigError, TrainingDivergedError
+from fm_keras.retrieval import MONITOR as RETRIEVAL_MONITOR
 from fm_keras.search_space import SearchSpace, default_space
 from fm_keras.training import log, train
 
@@ -120,13 +122,16 @@ def tune(config: ExperimentConfig, out: str, trials: int, *, storage: str | None
     if timeout is not None and not timeout > 0:
         raise ConfigError(f"--timeout must be > 0 seconds, got {timeout}")
     space = space or default_space(config)
-    binary = config.model.task == "binary"
+    # The metric early stopping uses, and whether larger is better.
+    monitor, maximize = {"binary": ("val_auc", True),
+                         "retrieval": (RETRIEVAL_MONITOR, True)}.get(config.model.task,
+                                                                   ("val_rmse", False))
     study_name = study_name or os.path.splitext(os.path.basename(config.source or "tune"))[0]
     rdb = open_storage(storage)
     try:
         study = optuna.create_study(
             storage=rdb, study_name=study_name, load_if_exists=True,
-            direction="maximize" if binary else "minimize",
+            direction="maximize" if maximize else "minimize",
             sampler=optuna.samplers.TPESampler(seed=seed, n_startup_trials=5),
             pruner=optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=2))
     except ValueError as err:  # e.g. an existing study with the other direction
@@ -134,7 +139,6 @@ def tune(config: ExperimentConfig, out: str, trials: int, *, storage: str | None
     os.makedirs(os.path.join(out, "trials"), exist_ok=True)
     if not any(t.user_attrs.get("baseline") for t in study.get_trials(deepcopy=False)):
         study.enqueue_trial({}, user_attrs={"baseline": True})
-    monitor = "val_auc" if binary else "val_rmse"
     started = time.time()
     study.optimize(lambda trial: _objective(trial, study, config, space, out, monitor),
                    n_trials=trials, timeout=timeout, catch=(TrainingDivergedError,),

@@ -133,3 +133,18 @@ def test_bad_input_is_one_line_exit_2_nothing_written(tiny, tmp_path, capsys, mo
     assert len(captured.err.strip().splitlines()) == 1
     assert not out.exists() and sorted(os.listdir(tmp_path)) == ["bad.yaml"]
 
+
+
+def test_tune_retrieval_maximizes_validation_recall(implicit_data, tmp_path):
+    """A retrieval experiment is tuned on its early-stopping metric, validation Recall@K,
+    maximized (it once fell to regression's val_rmse and failed after trial 0)."""
+    from retrieval_testlib import implicit_experiment
+
+    from fm_keras.config import experiment_from_dict
+
+    config = experiment_from_dict(implicit_experiment(implicit_data, epochs=2),
+                                  base_dir=implicit_data, source="retrieval.yaml")
+    result = tune(config, str(tmp_path / "tune"), 2, seed=0)
+    assert result["monitor"] == "val_recall_at_k" and result["trials"] == {"complete": 2}
+    table = pd.read_csv(tmp_path / "tune" / TRIALS_CSV)
+    assert result["best"]["value"] == pytest.approx(table["value"].max())
