@@ -52,7 +52,8 @@ def main():
     parser.add_argument("--k", type=int, default=10, help="items per user")
     parser.add_argument("--index-k", type=int, default=100, help="k the index is built with")
     parser.add_argument("--backends", default="scann,partitioned,brute_force")
-    parser.add_argument("--repeat", type=int, default=2, help="rounds of the two cases (best is kept)")
+    parser.add_argument("--repeat", type=int, default=2,
+                        help="rounds of the two cases (best is kept)")
     parser.add_argument("--reuse", help="work directory of an earlier run: its catalog and "
                         "recall exports are measured again, not rebuilt")
     args = parser.parse_args()

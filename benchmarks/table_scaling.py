@@ -8,9 +8,9 @@ warm-up epoch (the fastest of ``--repeats`` timed epochs: on a shared machine th
 the figure least inflated by other processes), and the ratio to the smallest table, in wall
 time and in the process' CPU time (which other processes inflate less). The sizes are timed
 in rounds, one epoch of each size per round, so that a change of the machine's load falls on
-every size alike; the wall-time ratio of each round and their median are printed too. ``--stock-steps N``
-times N steps of tf_keras' own Adam/Adagrad/FTRL on the same model and rows in the same run
-(the peer).
+every size alike; the wall-time ratio of each round and their median are printed too.
+``--stock-steps N`` times N steps of tf_keras' own Adam/Adagrad/FTRL on the same model and
+rows in the same run (the peer).
 
 Epoch-end work is the training callback's (`fm_keras.runs.TrainingState`): the finite
 check, the best-weights copy, the checkpoint and the state file. It is timed on an improving

@@ -186,7 +186,7 @@ def test_export_commands_bad_input(exports, small_synth, tmp_path, capsys):
 
 _DRIVER = """
 import json, os, sys
-from fm_keras.cli import build_parser, main
+from fm_keras.cli import main
 for name, argv in json.loads(sys.argv[1]):
     with open(name + ".out", "w") as out:       # a file: stdout is not a terminal
         sys.stdout.flush()

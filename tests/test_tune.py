@@ -134,7 +134,6 @@ def test_bad_input_is_one_line_exit_2_nothing_written(tiny, tmp_path, capsys, mo
     assert not out.exists() and sorted(os.listdir(tmp_path)) == ["bad.yaml"]
 
 
-
 def test_tune_retrieval_maximizes_validation_recall(implicit_data, tmp_path):
     """A retrieval experiment is tuned on its early-stopping metric, validation Recall@K,
     maximized (it once fell to regression's val_rmse and failed after trial 0)."""
