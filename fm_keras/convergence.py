@@ -134,6 +134,22 @@ def cap_warning(stopper: EarlyStopping, epochs_run: int, epochs: int) -> str | N
             f"(now {epochs}) or the learning rate")
 
 
+# Per task: the validation metric a run is judged on (its best epoch, early stopping, tune's
+# objective) and its sign (+1: higher is better).
+_TASK_MONITORS = {"binary": ("val_auc", 1.0), "regression": ("val_rmse", -1.0),
+                  "retrieval": ("val_recall_at_k", 1.0)}
+
+
+def task_monitor(task: str) -> tuple[str, float]:
+    """The validation metric runs of `task` are judged on and its sign (+1: higher is better):
+    ``val_auc`` (binary), ``val_rmse`` (regression), ``val_recall_at_k`` (retrieval).
+
+    Raises:
+        KeyError: not one of those tasks (the config validates `model.task` before).
+    """
+    return _TASK_MONITORS[task]
+
+
 def early_stopping_monitor(task: str, valid_labels: np.ndarray) -> tuple[str, float]:
     """The validation metric early stopping watches and its sign (+1: higher is better).
 

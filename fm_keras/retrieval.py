@@ -38,6 +38,7 @@ from fm_keras._tf import keras, tf
 from fm_keras.batches import batched_dataset, holdout_if_needed
 from fm_keras.checkpoints import trained_rows
 from fm_keras.config import ExperimentConfig, RetrievalConfig
+from fm_keras.convergence import task_monitor
 from fm_keras.data import Split, expand_paths
 from fm_keras.errors import ConfigError
 from fm_keras.features import FittedFeature, fit_features
@@ -50,7 +51,7 @@ from fm_keras.towers import item_vector, side_slot_order, user_outputs
 from fm_keras.progress import log
 from fm_keras.runs import TrainingState, check_run_dir, library_versions, load_run
 
-MONITOR = "val_recall_at_k"
+MONITOR = task_monitor("retrieval")[0]  # validation Recall@K, in the epoch logs
 
 
 class RetrievalModel(FMModel):

@@ -35,7 +35,8 @@ from fm_keras.checkpoints import (LARGE_CHECKPOINT_SECONDS, BestWeights, Checkpo
                                   checkpoint_due, is_large, parameters_finite,
                                   saved_trained_rows)
 from fm_keras.config import ExperimentConfig, TrainingConfig, experiment_from_dict
-from fm_keras.convergence import EarlyStopping, cap_warning, early_stopping_monitor
+from fm_keras.convergence import (EarlyStopping, cap_warning, early_stopping_monitor,
+                                  task_monitor)
 from fm_keras.data import Split, single_class
 from fm_keras.errors import RunError, TrainingDivergedError
 from fm_keras.features import FittedFeature
@@ -228,9 +229,7 @@ class TrainingState(keras.callbacks.Callback):
                  base_loss: float | None = None, trained_rows: np.ndarray | None = None):
         super().__init__()
         self.config = config
-        self.monitor = {"binary": "val_auc", "regression": "val_rmse",
-                        "retrieval": "val_recall_at_k"}[config.model.task]
-        self.sign = -1.0 if config.model.task == "regression" else 1.0
+        self.monitor, self.sign = task_monitor(config.model.task)
         self.epoch = tf.Variable(0, dtype=tf.int64, trainable=False)
         self.run_state = tf.Variable("", dtype=tf.string, trainable=False)
         ckpt_dir = os.path.join(run_dir, "checkpoints")

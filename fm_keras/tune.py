@@ -37,8 +37,8 @@ import yaml
 from fm_keras import fsutil
 from fm_keras._tf import keras
 from fm_keras.config import ExperimentConfig
+from fm_keras.convergence import task_monitor
 from fm_keras.errors import ConfigError, TrainingDivergedError
-from fm_keras.retrieval import MONITOR as RETRIEVAL_MONITOR
 from fm_keras.search_space import SearchSpace, default_space
 from fm_keras.training import log, train
 
@@ -122,16 +122,13 @@ def tune(config: ExperimentConfig, out: str, trials: int, *, storage: str | None
     if timeout is not None and not timeout > 0:
         raise ConfigError(f"--timeout must be > 0 seconds, got {timeout}")
     space = space or default_space(config)
-    # The metric early stopping uses, and whether larger is better.
-    monitor, maximize = {"binary": ("val_auc", True),
-                         "retrieval": (RETRIEVAL_MONITOR, True)}.get(config.model.task,
-                                                                   ("val_rmse", False))
+    monitor, sign = task_monitor(config.model.task)  # the metric early stopping uses
     study_name = study_name or os.path.splitext(os.path.basename(config.source or "tune"))[0]
     rdb = open_storage(storage)
     try:
         study = optuna.create_study(
             storage=rdb, study_name=study_name, load_if_exists=True,
-            direction="maximize" if maximize else "minimize",
+            direction="maximize" if sign > 0 else "minimize",
             sampler=optuna.samplers.TPESampler(seed=seed, n_startup_trials=5),
             pruner=optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=2))
     except ValueError as err:  # e.g. an existing study with the other direction

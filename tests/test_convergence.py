@@ -3,7 +3,9 @@
 import numpy as np
 import pytest
 
-from fm_keras.convergence import EarlyStopping, base_loss, cap_warning, early_stopping_monitor
+from fm_keras.config import TASKS
+from fm_keras.convergence import (EarlyStopping, base_loss, cap_warning, early_stopping_monitor,
+                                  task_monitor)
 
 
 def test_base_loss_matches_numpy_reference():
@@ -89,3 +91,13 @@ def test_early_stopping_falls_back_to_logloss_when_auc_is_undefined():
     assert early_stopping_monitor("binary", np.zeros(5)) == ("val_logloss", -1.0)
     assert early_stopping_monitor("binary", np.ones(5)) == ("val_logloss", -1.0)
     assert early_stopping_monitor("regression", np.ones(5)) == ("val_rmse", -1.0)
+
+
+def test_every_task_has_one_monitor_with_its_direction():
+    """Runs, early stopping and tune judge a task by one metric: AUC and Recall@K higher,
+    RMSE lower; a task the config accepts always has one."""
+    assert {task: task_monitor(task) for task in TASKS} == {
+        "binary": ("val_auc", 1.0), "regression": ("val_rmse", -1.0),
+        "retrieval": ("val_recall_at_k", 1.0)}
+    with pytest.raises(KeyError):
+        task_monitor("ranking")
