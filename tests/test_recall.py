@@ -408,6 +408,26 @@ def test_tiny_catalog_over_grpc_and_rest(tiny_server, backend):
     assert row["item_ids"] == ["i2", "", ""] and row["probabilities"][1:] == [0.0, 0.0]
     assert row["scores"][1:] == [pytest.approx(PAD_SCORE)] * 2
 
+    # Rows of exclude_item_ids of different lengths: a 400 that says to pad, server stays up.
+    ragged = {"signature_name": "exclude_seen",
+              "inputs": {**{k: [v[0], v[0]] for k, v in user.items()},
+                         "exclude_item_ids": [["i0"], ["i0", "i1"]]}}
+    conn = http.client.HTTPConnection("127.0.0.1", tiny_server.rest_port, timeout=60)
+    try:
+        conn.request("POST", f"/v1/models/{backend}:predict", body=json.dumps(ragged),
+                     headers={"Content-Type": "application/json"})
+        reply = conn.getresponse()
+        status, text = reply.status, reply.read().decode("utf-8")
+        conn.request("POST", f"/v1/models/{backend}:predict", body=json.dumps(body),
+                     headers={"Content-Type": "application/json"})
+        again = conn.getresponse()
+        assert again.status == 200 and json.loads(again.read())["predictions"][0] == row
+    finally:
+        conn.close()
+    assert status == 400 and json.loads(text) == {"error": (
+        'input exclude_item_ids: rows of different lengths [1, 2]; pad the rows with "" to '
+        'one length')}
+
 
 def test_k_above_the_catalog_is_clamped_with_a_warning(exports, small_synth, tmp_path, capsys):
     catalog = _small_catalog(tmp_path, small_synth, ["a", "b", "c"])

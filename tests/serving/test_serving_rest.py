@@ -249,3 +249,44 @@ def test_batched_rest_errors_answer_like_tf_serving(batching_server):
     assert status == 400 and "Expected classification signature" in reply["error"]
     status, reply = post(batching_server, "/v1/models/ranking:predict", {"instances": [ROW]})
     assert status == 200 and len(reply["predictions"]) == 1
+
+
+def _exclude_signature():
+    from fm_keras.serving.predict import Signature
+
+    inputs = {"user_id": (np.dtype(object), (None,)),
+              "exclude_item_ids": (np.dtype(object), (None, None))}
+    return Signature("exclude_seen", None, inputs, {"user_id": 7, "exclude_item_ids": 7},
+                     ["item_ids"])
+
+
+@pytest.mark.parametrize("body", [
+    {"instances": [{"user_id": "u1", "exclude_item_ids": ["i1"]},
+                   {"user_id": "u2", "exclude_item_ids": ["i1", "i2"]}]},
+    {"inputs": {"user_id": ["u1", "u2"], "exclude_item_ids": [["i1"], ["i1", "i2"]]}},
+])
+def test_ragged_exclude_rows_say_to_pad_with_empty_strings(body):
+    """A new user's trial: rows of exclude_item_ids of different lengths got a shape error
+    that did not say what to do."""
+    from fm_keras.serving.errors import ServingError
+    from fm_keras.serving.rest import arrays_from_json
+
+    with pytest.raises(ServingError) as err:
+        arrays_from_json(_exclude_signature(), body)
+    assert err.value.http_status == 400
+    assert err.value.message == ('input exclude_item_ids: rows of different lengths [1, 2]; '
+                                 'pad the rows with "" to one length')
+    padded = {"inputs": {"user_id": ["u1", "u2"], "exclude_item_ids": [["i1", ""], ["i1", "i2"]]}}
+    arrays, _ = arrays_from_json(_exclude_signature(), padded)
+    assert arrays["exclude_item_ids"].shape == (2, 2)
+
+
+def test_ragged_numbers_say_rows_of_one_length():
+    from fm_keras.serving.errors import ServingError
+    from fm_keras.serving.rest import ragged_lengths, to_array
+
+    with pytest.raises(ServingError, match=r"input x: rows of different lengths \[1, 2\]; "
+                                           "send rows of one length"):
+        to_array([[1.0], [1.0, 2.0]], np.float32, "x")
+    assert ragged_lengths([[["a"], ["b", "c"]]]) == [1, 2]
+    assert ragged_lengths([["a", "b"], ["", ""]]) is None and ragged_lengths("a") is None
