@@ -25,6 +25,7 @@ from fm_keras.data import column_hint, expand_paths
 from fm_keras.reading import (as_text, is_parquet, missing_columns, numbers, read_header,
                               record_batches)
 from fm_keras.errors import DataError, ExportError
+from fm_keras.progress import log
 from fm_keras.servables import export_metadata, load_export
 
 OUTPUT_FORMATS = {".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}
@@ -369,9 +370,20 @@ def recommend(model: str, users: Sequence[str], output: str, k: int, *,
     Output columns: the kept user columns, ``rank`` (1 = best), ``item_id``, ``score`` (the
     FM logit) and ``probability``. With `exclude_column` (a ``|``-separated list of item ids
     per user, e.g. already seen), those items are left out; a user with fewer than k items
-    left gets fewer rows.
+    left gets fewer rows. A `k` above the catalog size is clamped to it, with a warning.
+
+    Returns:
+        `run_signature`'s summary with ``k`` (after clamping) and ``users_fewer_than_k``: the
+        user rows that got fewer than k items (exclusions, a small catalog).
+
+    Raises:
+        ExportError: `k` < 1 or above the k the recall model was indexed with.
     """
     _, meta = export_metadata(model, expect="fm_keras.recall")  # run_signature loads it
+    if k > meta["items"]:
+        log(f"warning: --k {k} is larger than the catalog ({meta['items']:,} items): "
+            f"recommending at most {meta['items']:,} items per user")
+        k = meta["items"]
     if not 1 <= k <= meta["k"]:
         why = (f"the catalog holds {meta['items']} items" if meta["k"] >= meta["items"]
                else "the k this recall model was indexed with; rebuild it with 'fm-keras index "
@@ -388,11 +400,14 @@ def recommend(model: str, users: Sequence[str], output: str, k: int, *,
     if exclude_column:  # "a|b|c" -> [rows, longest list] ids, "" pads
         derive = {"exclude_item_ids": (exclude_column, split_ids)}
 
+    short = [0]  # user rows with fewer than k items (batches are written one at a time)
+
     def to_table(kept, outputs, fmt):
         n = outputs["item_ids"].shape[0]
         top = min(k, outputs["item_ids"].shape[1])
         ids = outputs["item_ids"][:, :top]
         found = ids != b""  # a pad slot: fewer than k items left after exclusion
+        short[0] += int(np.sum(found.sum(axis=1) < k))
         columns = {c: pa.array(np.repeat(v, top)[found.reshape(-1)], pa.string())
                    for c, v in kept.items()}
         columns["rank"] = pa.array(np.tile(np.arange(1, top + 1), n)[found.reshape(-1)])
@@ -404,5 +419,5 @@ def recommend(model: str, users: Sequence[str], output: str, k: int, *,
     summary = run_signature(model, users, output, batch_size=batch_size, keep=keep,
                             progress=progress, derive=derive, to_table=to_table,
                             signature="exclude_seen" if exclude_column else "serving_default")
-    summary["k"] = k
+    summary.update(k=k, users_fewer_than_k=short[0])
     return summary

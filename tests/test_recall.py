@@ -435,8 +435,19 @@ def test_k_above_the_catalog_is_clamped_with_a_warning(exports, small_synth, tmp
                        backend="brute_force", k=50)
     assert "--k 50 is larger than the catalog (3 items)" in capsys.readouterr().err
     assert _recall(path)["item_ids"].shape[1] == 3
-    users = pd.read_csv(os.path.join(small_synth[0], "test.csv"), dtype=str).head(2)
+    users = pd.read_csv(os.path.join(small_synth[0], "test.csv"), dtype=str).head(3)
+    users["user_id"] = ["u0", "u1", "u2"]
+    users["seen"] = ["", "b", "a|c"]
     users.to_csv(tmp_path / "users.csv", index=False)
+    # recommend clamps --k to the catalog as index does (it was an error), and counts the
+    # users left with fewer than k items by their exclusions
+    summary = recommend(path, [str(tmp_path / "users.csv")], str(tmp_path / "r.csv"), k=4,
+                        exclude_column="seen", progress=False)
+    assert "warning: --k 4 is larger than the catalog (3 items): recommending at most 3 " \
+           "items per user" in capsys.readouterr().err
+    assert summary["k"] == 3 and summary["users_fewer_than_k"] == 2 and summary["rows"] == 3
+    assert pd.read_csv(tmp_path / "r.csv").groupby("user_id").size().to_dict() == \
+        {"u0": 3, "u1": 2, "u2": 1}
     with pytest.raises(ExportError, match=r"--k must be between 1 and 3 \(the catalog holds 3 "
-                                          r"items\), got 4"):
-        recommend(path, [str(tmp_path / "users.csv")], str(tmp_path / "r.csv"), k=4)
+                                          r"items\), got 0"):
+        recommend(path, [str(tmp_path / "users.csv")], str(tmp_path / "r.csv"), k=0)

@@ -67,7 +67,8 @@ def test_recommend_long_format_and_exclusions(exports, small_synth, tmp_path):
     users_csv = str(tmp_path / "users.csv")
     users.to_csv(users_csv, index=False)
     out = str(tmp_path / "recs.csv")
-    recommend(exports["scann"], [users_csv], out, k=5, progress=False)
+    summary = recommend(exports["scann"], [users_csv], out, k=5, progress=False)
+    assert summary["users_fewer_than_k"] == 0 and summary["k"] == 5
     plain = pd.read_csv(out)
     assert len(plain) == 40 * 5
     assert list(plain.columns) == ["user_id", "rank", "item_id", "score", "probability"]
