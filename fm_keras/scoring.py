@@ -131,6 +131,8 @@ def _scalar(text: bytes) -> tf.Tensor:
 def split_ids(array: pa.Array, sep: str = "|") -> tf.Tensor:
     """A text column of `sep`-separated lists ("a|b|c") as a [rows, width] string tensor,
     padded with "" (width: the longest list; empty items and null cells give no entries).
+    Each item is stripped of the ASCII spaces and control characters (tab, CR, LF) around it:
+    "i1 | i2" gives "i1" and "i2"; an item of blanks only gives no entry.
 
     The separators are found with NumPy in the column's Arrow buffer and every item is cut
     from it by one `tf.strings.substr`: a third less CPU than `tf.strings.split` of the column
@@ -178,7 +180,10 @@ def _split_ids(array: pa.Array, sep: str) -> tf.Tensor:
     begin[1:] = end[:-1] + 1  # an item starts after the separator ending the one before ...
     begin[head] = bounds[:-1]  # ... or where its row starts
     length = end - begin
-    if not length.all():  # empty items ("a||b", "") give no entry
+    blank = raw <= 32  # ASCII space and control characters
+    if blank.any():
+        begin, length = _strip(blank, begin, length)
+    if not length.all():  # empty items ("a||b", "", " ") give no entry
         some = length > 0
         counts = np.add.reduceat(some, head, dtype=np.int64) if len(array) else counts
         begin, length = begin[some], length[some]
@@ -188,6 +193,26 @@ def _split_ids(array: pa.Array, sep: str) -> tf.Tensor:
     size = np.zeros((len(array), width), np.int32)
     pos[filled], size[filled] = begin, length  # row-major: the items in order
     return tf.strings.substr(_scalar(raw.tobytes()), pos, size)
+
+
+def _strip(blank: np.ndarray, begin: np.ndarray, length: np.ndarray
+           ) -> tuple[np.ndarray, np.ndarray]:
+    """The items ``[begin, begin + length)`` of a buffer whose bytes are `blank` (bool [bytes])
+    at either end cut off: new (begin, length), int32 [items]; an all-blank item gets length 0.
+    A pass per blank byte, over the items that still start (or end) with one: few passes."""
+    begin, length = begin.copy(), length.copy()
+    items = np.flatnonzero(length > 0)
+    while items.size:  # leading blanks
+        items = items[blank[begin[items]]]
+        begin[items] += 1
+        length[items] -= 1
+        items = items[length[items] > 0]
+    items = np.flatnonzero(length > 0)
+    while items.size:  # trailing blanks
+        items = items[blank[begin[items] + length[items] - 1]]
+        length[items] -= 1
+        items = items[length[items] > 0]
+    return begin, length
 
 
 def _prefetched(batches: Iterator) -> Iterator:
@@ -369,17 +394,20 @@ def recommend(model: str, users: Sequence[str], output: str, k: int, *,
 
     Output columns: the kept user columns, ``rank`` (1 = best), ``item_id``, ``score`` (the
     FM logit) and ``probability``. With `exclude_column` (a ``|``-separated list of item ids
-    per user, e.g. already seen), those items are left out; a user with fewer than k items
-    left gets fewer rows. A `k` above the catalog size is clamped to it, with a warning.
+    per user, e.g. already seen; spaces around an id are dropped), those items are left out;
+    a user with fewer than k items left gets fewer rows. A `k` above the catalog size is
+    clamped to it, with a warning.
 
     Returns:
         `run_signature`'s summary with ``k`` (after clamping) and ``users_fewer_than_k``: the
-        user rows that got fewer than k items (exclusions, a small catalog).
+        user rows that got fewer than k items (exclusions, a small catalog); with
+        `exclude_column` also `fm_keras.catalog_check.UnknownIds.summary` (the excluded ids
+        that are not in the catalog, which exclude nothing).
 
     Raises:
         ExportError: `k` < 1 or above the k the recall model was indexed with.
     """
-    _, meta = export_metadata(model, expect="fm_keras.recall")  # run_signature loads it
+    version_dir, meta = export_metadata(model, expect="fm_keras.recall")  # run_signature loads it
     if k > meta["items"]:
         log(f"warning: --k {k} is larger than the catalog ({meta['items']:,} items): "
             f"recommending at most {meta['items']:,} items per user")
@@ -396,9 +424,14 @@ def recommend(model: str, users: Sequence[str], output: str, k: int, *,
     if clash:
         raise ExportError(f"--keep {clash} would clash with the output columns "
                           f"{list(RECOMMEND_COLUMNS)}")
-    derive = None
+    derive = unknown = None
     if exclude_column:  # "a|b|c" -> [rows, longest list] ids, "" pads
-        derive = {"exclude_item_ids": (exclude_column, split_ids)}
+        from fm_keras.catalog_check import UnknownIds
+        from fm_keras.recall import catalog_ids
+
+        unknown = UnknownIds(catalog_ids(version_dir))
+        derive = {"exclude_item_ids": (exclude_column,
+                                       lambda array: unknown.count(split_ids(array)))}
 
     short = [0]  # user rows with fewer than k items (batches are written one at a time)
 
@@ -419,5 +452,5 @@ def recommend(model: str, users: Sequence[str], output: str, k: int, *,
     summary = run_signature(model, users, output, batch_size=batch_size, keep=keep,
                             progress=progress, derive=derive, to_table=to_table,
                             signature="exclude_seen" if exclude_column else "serving_default")
-    summary.update(k=k, users_fewer_than_k=short[0])
+    summary.update(k=k, users_fewer_than_k=short[0], **(unknown.summary() if unknown else {}))
     return summary

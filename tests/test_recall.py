@@ -437,17 +437,23 @@ def test_k_above_the_catalog_is_clamped_with_a_warning(exports, small_synth, tmp
     assert _recall(path)["item_ids"].shape[1] == 3
     users = pd.read_csv(os.path.join(small_synth[0], "test.csv"), dtype=str).head(3)
     users["user_id"] = ["u0", "u1", "u2"]
-    users["seen"] = ["", "b", "a|c"]
+    users["seen"] = ["", " b ", "a | c|zz"]  # spaces around ids are dropped
     users.to_csv(tmp_path / "users.csv", index=False)
-    # recommend clamps --k to the catalog as index does (it was an error), and counts the
-    # users left with fewer than k items by their exclusions
+    # recommend clamps --k to the catalog as index does (it was an error), counts the users
+    # left with fewer than k items by their exclusions and the excluded ids it does not know
     summary = recommend(path, [str(tmp_path / "users.csv")], str(tmp_path / "r.csv"), k=4,
                         exclude_column="seen", progress=False)
+    err = capsys.readouterr().err
     assert "warning: --k 4 is larger than the catalog (3 items): recommending at most 3 " \
-           "items per user" in capsys.readouterr().err
+           "items per user" in err
+    assert "warning: 1 of 4 excluded ids are not in the catalog (e.g. ['zz']); they exclude " \
+           "nothing" in err
     assert summary["k"] == 3 and summary["users_fewer_than_k"] == 2 and summary["rows"] == 3
-    assert pd.read_csv(tmp_path / "r.csv").groupby("user_id").size().to_dict() == \
-        {"u0": 3, "u1": 2, "u2": 1}
+    assert (summary["excluded_ids"], summary["excluded_ids_not_in_catalog"],
+            summary["not_in_catalog_examples"]) == (4, 1, ["zz"])
+    recs = pd.read_csv(tmp_path / "r.csv")
+    assert recs.groupby("user_id")["item_id"].apply(sorted).to_dict() == \
+        {"u0": ["a", "b", "c"], "u1": ["a", "c"], "u2": ["b"]}
     with pytest.raises(ExportError, match=r"--k must be between 1 and 3 \(the catalog holds 3 "
                                           r"items\), got 0"):
         recommend(path, [str(tmp_path / "users.csv")], str(tmp_path / "r.csv"), k=0)

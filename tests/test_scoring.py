@@ -86,17 +86,20 @@ def test_recommend_long_format_and_exclusions(exports, small_synth, tmp_path):
 
 
 def test_split_ids_equals_python_split():
-    """Random '|' lists with empty items, empty and null cells, non-ASCII ids and sliced
-    arrays: the rows of `split_ids` are str.split's non-empty items, padded with ""."""
+    """Random '|' lists with empty items, empty and null cells, non-ASCII ids, blanks around
+    ids and sliced arrays: the rows of `split_ids` are str.split's items, stripped, without
+    the empty ones, padded with "" (a new user's "i1 | i2" cells matched nothing)."""
     rng = np.random.default_rng(0)
-    for trial in range(200):
+    for trial in range(300):
         cells = [None if r < 0.1 else "" if r < 0.2 else
-                 "|".join(rng.choice(["a", "bb", "", "é", "x1"], rng.integers(1, 5)))
+                 "|".join(rng.choice(["a", "bb", "", "é", "x1", " a ", "\tbb", "  ", "x y ",
+                                      " é\r\n"], rng.integers(1, 5)))
                  for r in rng.random(rng.integers(0, 6))]
         array = pa.array(cells, pa.string())
         if len(cells) > 2 and trial % 2:
             array = array.slice(1)
-        want = [[t.encode() for t in (c or "").split("|") if t] for c in array.to_pylist()]
+        want = [[t.strip().encode() for t in (c or "").split("|") if t.strip()]
+                for c in array.to_pylist()]
         got = split_ids(array).numpy()
         assert got.shape == (len(want), max([len(w) for w in want], default=0))
         for row, items in zip(got, want):
