@@ -113,9 +113,10 @@ def to_array(value, np_dtype, name: str) -> np.ndarray:
     """A JSON value (scalar or nested lists) -> an array of the signature's dtype.
 
     Raises:
-        ServingError: INVALID_ARGUMENT (HTTP 400) for values not of the dtype, or rows of
-            different lengths: a tensor is rectangular, so string rows (e.g. a recall export's
-            ``exclude_item_ids``) are padded with "", which matches no item.
+        ServingError: INVALID_ARGUMENT (HTTP 400) for values not of the dtype, a finite
+            number beyond the float dtype's range (1e39 for float32: it would become inf),
+            or rows of different lengths: a tensor is rectangular, so string rows (e.g. a
+            recall export's ``exclude_item_ids``) are padded with "", which matches no item.
     """
     try:
         if np_dtype == object:
@@ -127,6 +128,7 @@ def to_array(value, np_dtype, name: str) -> np.ndarray:
         if array.dtype.kind not in "biuf":
             raise invalid_argument(f"JSON Value: {json.dumps(value)[:200]} is not of expected type: "
                                    f"{np.dtype(np_dtype).name} (input {name})")
+        _check_range(array, np.dtype(np_dtype), name)
         return array.astype(np_dtype, copy=False)
     except ValueError as err:
         lengths = ragged_lengths(value)
@@ -136,6 +138,18 @@ def to_array(value, np_dtype, name: str) -> np.ndarray:
             raise invalid_argument(f"input {name}: rows of different lengths "
                                    f"{lengths[:5]}; {pad}") from None
         raise invalid_argument(f"input {name}: {err}") from None
+
+
+def _check_range(array: np.ndarray, dtype: np.dtype, name: str) -> None:
+    """INVALID_ARGUMENT for a finite number that `dtype` (a float) cannot hold: the cast would
+    make it inf (NumPy warns "overflow encountered in cast"). inf and NaN stay as they are."""
+    if dtype.kind != "f" or array.dtype.kind != "f" or array.dtype.itemsize <= dtype.itemsize:
+        return
+    limit = np.finfo(dtype).max
+    big = np.isfinite(array) & (np.abs(array) > limit)
+    if big.any():
+        raise invalid_argument(f"input {name}: value {float(array[big].flat[0]):g} is out of "
+                               f"{dtype.name} range (+-{str(limit)})")
 
 
 def _depth(value) -> int:

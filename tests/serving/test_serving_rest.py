@@ -82,6 +82,8 @@ def test_status_and_metadata(server):
     ("/v1/models/ranking:predict", None, b"{not json", 400, ["JSON Parse error"]),
     ("/v1/models/ranking:predict", None, b"[" * 100_000 + b"]" * 100_000, 400, ["too deep"]),
     ("/v1/models/ranking:predict", {"instances": [{**ROW, "price": "x"}]}, None, 400, ["price"]),
+    ("/v1/models/ranking:predict", {"instances": [{**ROW, "price": 1e39}]}, None, 400,
+     ["input price: value 1e+39 is out of float32 range"]),
     ("/v1/models/ranking:predict", {"instances": [{"user_id": "u"}]}, None, 400, ["Missing but required"]),
     ("/v1/models/ranking:predict", {"instances": [{**ROW, "extra": 1}]}, None, 400, ["Sent extra: {extra}"]),
     ("/v1/models/ranking:predict", {"instances": [ROW], "inputs": {}}, None, 400, ["only one of"]),
@@ -290,3 +292,22 @@ def test_ragged_numbers_say_rows_of_one_length():
         to_array([[1.0], [1.0, 2.0]], np.float32, "x")
     assert ragged_lengths([[["a"], ["b", "c"]]]) == [1, 2]
     assert ragged_lengths([["a", "b"], ["", ""]]) is None and ragged_lengths("a") is None
+
+
+def test_a_number_beyond_float32_is_a_400_not_an_overflow_warning():
+    """A new user's trial: {"age": 1e39} logged numpy's "overflow encountered in cast"
+    RuntimeWarning and went on as inf."""
+    import warnings
+
+    from fm_keras.serving.errors import ServingError
+    from fm_keras.serving.rest import to_array
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a RuntimeWarning fails the test
+        for value in (1e39, [1.0, -1e39]):
+            with pytest.raises(ServingError) as err:
+                to_array(value, np.float32, "age")
+            assert err.value.http_status == 400
+            assert err.value.message == (f"input age: value {1e39 if value == 1e39 else -1e39:g} "
+                                         "is out of float32 range (+-3.4028235e+38)")
+        assert to_array([3e38, float("inf"), float("nan")], np.float32, "age").dtype == np.float32
