@@ -371,9 +371,7 @@ def tiny_server(exports, small_synth, tmp_path_factory):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_tiny_catalog_over_grpc_and_rest(tiny_server, backend):
     """3 items, 2 excluded, K = 3 (issue 12 item 5): one item and two pads, never an excluded
-    id, and a REST body that a strict JSON parser accepts."""
-    import http.client
-
+    id, and a REST body that a strict JSON parser accepts; ragged exclude rows get a 400."""
     import grpc
     from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 
@@ -395,14 +393,7 @@ def test_tiny_catalog_over_grpc_and_rest(tiny_server, backend):
     body = {"signature_name": "exclude_seen",
             "instances": [{**{k: v[0] for k, v in user.items()},
                            "exclude_item_ids": ["i0", "i1"]}]}
-    conn = http.client.HTTPConnection("127.0.0.1", tiny_server.rest_port, timeout=60)
-    try:
-        conn.request("POST", f"/v1/models/{backend}:predict", body=json.dumps(body),
-                     headers={"Content-Type": "application/json"})
-        reply = conn.getresponse()
-        status, text = reply.status, reply.read().decode("utf-8")
-    finally:
-        conn.close()
+    status, text = _rest_predict(tiny_server.rest_port, backend, body)
     assert status == 200, text
     row = _strict_json(text)["predictions"][0]
     assert row["item_ids"] == ["i2", "", ""] and row["probabilities"][1:] == [0.0, 0.0]
@@ -412,21 +403,26 @@ def test_tiny_catalog_over_grpc_and_rest(tiny_server, backend):
     ragged = {"signature_name": "exclude_seen",
               "inputs": {**{k: [v[0], v[0]] for k, v in user.items()},
                          "exclude_item_ids": [["i0"], ["i0", "i1"]]}}
-    conn = http.client.HTTPConnection("127.0.0.1", tiny_server.rest_port, timeout=60)
-    try:
-        conn.request("POST", f"/v1/models/{backend}:predict", body=json.dumps(ragged),
-                     headers={"Content-Type": "application/json"})
-        reply = conn.getresponse()
-        status, text = reply.status, reply.read().decode("utf-8")
-        conn.request("POST", f"/v1/models/{backend}:predict", body=json.dumps(body),
-                     headers={"Content-Type": "application/json"})
-        again = conn.getresponse()
-        assert again.status == 200 and json.loads(again.read())["predictions"][0] == row
-    finally:
-        conn.close()
+    status, text = _rest_predict(tiny_server.rest_port, backend, ragged)
     assert status == 400 and json.loads(text) == {"error": (
         'input exclude_item_ids: rows of different lengths [1, 2]; pad the rows with "" to '
         'one length')}
+    status, text = _rest_predict(tiny_server.rest_port, backend, body)
+    assert status == 200 and json.loads(text)["predictions"][0] == row
+
+
+def _rest_predict(port: int, model: str, body: dict) -> tuple[int, str]:
+    """POSTs a predict request; returns (HTTP status, body text)."""
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    try:
+        conn.request("POST", f"/v1/models/{model}:predict", body=json.dumps(body),
+                     headers={"Content-Type": "application/json"})
+        reply = conn.getresponse()
+        return reply.status, reply.read().decode("utf-8")
+    finally:
+        conn.close()
 
 
 def test_k_above_the_catalog_is_clamped_with_a_warning(exports, small_synth, tmp_path, capsys):
