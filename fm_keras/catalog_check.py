@@ -40,7 +40,7 @@ class UnknownIds:
         """Counts one batch of exclusion lists and returns it unchanged.
 
         Args:
-            ids: string [rows, width], "" pads (`fm_keras.scoring.split_ids`).
+            ids: string [rows, width], "" pads (`fm_keras.arrow_text.split_ids`).
         """
         present = tf.boolean_mask(ids, tf.strings.length(ids) > 0)
         keys = fingerprint(present).numpy()
