@@ -21,7 +21,6 @@ An experiment file looks like::
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import math
 import os
 import types
@@ -32,7 +31,7 @@ from typing import Any
 import yaml
 
 from fm_keras.calibration import CHOICES as CALIBRATIONS
-from fm_keras.errors import ConfigError
+from fm_keras.errors import ConfigError, close_match
 
 KINDS = ("categorical", "multi_hot", "numeric")
 TOWERS = ("user", "item", "context")
@@ -664,16 +663,16 @@ def check_keys(raw: dict, allowed: set[str], where: str) -> None:
     """`ConfigError` at `where` for a key of `raw` not in `allowed`, with a close match."""
     for key in raw:
         if key not in allowed:
-            close = difflib.get_close_matches(str(key), sorted(allowed), n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else f"; known keys: {sorted(allowed)}"
+            close = close_match(key, sorted(allowed))
+            hint = f" (did you mean {close!r}?)" if close else f"; known keys: {sorted(allowed)}"
             raise ConfigError(f"{where}: unknown key {key!r}{hint}")
 
 
 def check_one_of(value, choices, where: str) -> None:
     """`ConfigError` at `where` unless `value` is one of `choices`, with a close match."""
     if value not in choices:
-        close = difflib.get_close_matches(str(value), choices, n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        close = close_match(value, choices)
+        hint = f" (did you mean {close!r}?)" if close else ""
         raise ConfigError(f"{where} must be one of {list(choices)}, got {value!r}{hint}")
 
 

@@ -8,7 +8,6 @@ fails before a run directory is created. Categorical and multi-hot columns are k
 
 from __future__ import annotations
 
-import difflib
 import glob
 import os
 from collections.abc import Iterator, Sequence
@@ -19,7 +18,7 @@ import pandas as pd
 import pyarrow as pa
 
 from fm_keras.config import DataConfig, FeatureConfig, FilterConfig, TrainingConfig
-from fm_keras.errors import DataError
+from fm_keras.errors import DataError, close_match
 from fm_keras.libsvm import check_features
 from fm_keras.reading import (MISSING_TOKENS, missing_columns, numbers, read_header,
                               record_batches, texts)
@@ -90,8 +89,8 @@ def column_hint(path: str, column: str, needed: Sequence[str] | None = None) -> 
     from the header of the file at `path` (not the columns read), ending with
     ``'; the signature needs [...]'`` when `needed` is given."""
     header = read_header(path)
-    close = difflib.get_close_matches(column, header, n=1)
-    hint = f"did you mean {close[0]!r}?; " if close else ""
+    close = close_match(column, header)
+    hint = f"did you mean {close!r}?; " if close else ""
     needs = f"; the signature needs {list(needed)}" if needed is not None else ""
     return f" ({hint}the file has {header[:12]}{' ...' if len(header) > 12 else ''}{needs})"
 

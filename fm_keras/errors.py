@@ -2,6 +2,30 @@
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Iterable
+
+# difflib's similarity ratio a name must reach to be offered as "did you mean": typos
+# ('lable' / 'label' 0.80, 'clik' / 'click' 0.89) pass; another word that shares letters does
+# not ('genres' / 'gender' 0.67, under difflib's own default of 0.6 it was offered).
+CLOSE_MATCH_CUTOFF = 0.75
+
+
+def close_match(word: str, candidates: Iterable) -> str | None:
+    """The candidate a misspelt `word` most likely means, or None when none is close.
+
+    Args:
+        word: what the user wrote (a key, a column name, a choice).
+        candidates: the valid names (converted with str).
+
+    Returns:
+        The closest candidate by `difflib.SequenceMatcher` ratio if it is at least
+        `CLOSE_MATCH_CUTOFF`, else None.
+    """
+    close = difflib.get_close_matches(str(word), [str(c) for c in candidates], n=1,
+                                      cutoff=CLOSE_MATCH_CUTOFF)
+    return close[0] if close else None
+
 
 class FMKerasError(Exception):
     """Base class: the CLI prints these as one line and exits non-zero."""

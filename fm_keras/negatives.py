@@ -12,7 +12,9 @@ What ``probability`` means then: the model learns P(observed | user, item) where
 alternatives are the N sampled catalog items per positive, i.e. odds relative to N random
 items of the catalog. It ranks items for a user (and recalls them); it is not a click
 probability. Validation (early stopping on AUC) gets N sampled negatives per positive once,
-with a fixed seed, so the metric compares epochs on the same rows.
+with a fixed seed, so the metric compares epochs on the same rows; the test split gets its own
+fixed draw (another seed), so the test AUC, logloss and ECE of the run are sampled metrics
+too, and the run's metrics say how the negatives were drawn (`SampledNegatives.description`).
 """
 
 from __future__ import annotations
@@ -156,3 +158,18 @@ class SampledNegatives:
             columns[name] = np.concatenate([column, added.astype(column.dtype)])
         labels = np.concatenate([split.labels, np.zeros(len(rows), split.labels.dtype)])
         return Split(columns, labels, split.rows_read, dict(split.dropped), list(split.files))
+
+    def description(self, seed: int, added: int) -> dict:
+        """How `with_negatives` drew a split's negatives, for the run's metrics.
+
+        Args:
+            seed: the seed given to `with_negatives`.
+            added: the label-0 rows it added.
+
+        Returns:
+            ``{"per_positive", "sampler", "seed", "catalog", "rows"}``: the draw's settings,
+            the catalog file it drew from and the rows it added.
+        """
+        negatives = self.config.training.negatives
+        return {"per_positive": negatives.per_positive, "sampler": negatives.sampler,
+                "seed": seed, "catalog": self.catalog.path, "rows": int(added)}

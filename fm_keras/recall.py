@@ -196,6 +196,13 @@ class RecallServable(tf.Module):
         return self._found(scores, idx, offset)
 
 
+def catalog_ids(version_dir: str) -> np.ndarray:
+    """The item ids of a recall export (`RecallServable.item_ids`), read from its variables
+    without loading the model: UTF-8 bytes, object array [items], in catalog order."""
+    reader = tf.train.load_checkpoint(os.path.join(version_dir, "variables", "variables"))
+    return np.asarray(reader.get_tensor("item_ids/.ATTRIBUTES/VARIABLE_VALUE"), dtype=object)
+
+
 def utf8(ids) -> np.ndarray:
     """Item ids as UTF-8 bytes (object array), whatever their script."""
     return np.array([i if isinstance(i, bytes) else str(i).encode("utf-8") for i in ids],

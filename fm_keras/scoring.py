@@ -16,15 +16,15 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from fm_keras._tf import tf
+from fm_keras.arrow_text import split_ids, string_tensor
 from fm_keras.data import column_hint, expand_paths
-from fm_keras.reading import (as_text, is_parquet, missing_columns, numbers, read_header,
-                              record_batches)
+from fm_keras.reading import is_parquet, missing_columns, numbers, read_header, record_batches
 from fm_keras.errors import DataError, ExportError
+from fm_keras.progress import log
 from fm_keras.servables import export_metadata, load_export
 
 OUTPUT_FORMATS = {".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}
@@ -104,89 +104,9 @@ def read_batches(path: str, types: dict[str, tf.DType], keep: Sequence[str],
     for first, batch in _prefetched(record_batches(path, wanted, batch_size)):
         yield {**{name: tf.constant(numbers(batch.column(name), f"{path}: column {name!r}",
                                             first))
-                  if types.get(name) == tf.float32 else _string_tensor(batch.column(name))
+                  if types.get(name) == tf.float32 else string_tensor(batch.column(name))
                   for name in [*types, *keep]},
                **{name: fn(batch.column(column)) for name, (column, fn) in derived.items()}}
-
-
-def _string_tensor(array: pa.Array) -> tf.Tensor:
-    """An Arrow text column as a tf.string tensor of shape [rows] ("" for a null)."""
-    array = as_text(array)
-    if pa.types.is_large_string(array.type):
-        array = pc.cast(array, pa.string())
-    _, offsets, data = array.buffers()
-    offsets = np.frombuffer(offsets, np.int32, count=len(array) + 1, offset=array.offset * 4)
-    start, end = int(offsets[0]), int(offsets[-1])
-    text = memoryview(data)[start:end].tobytes() if data is not None else b""
-    return tf.strings.substr(_scalar(text), offsets[:-1] - start, np.diff(offsets))
-
-
-def _scalar(text: bytes) -> tf.Tensor:
-    """Bytes as a scalar tf.string, through a 0-d object array: `tf.constant(bytes)` costs
-    ~2.5 ms per MB more (measured on 4 MB)."""
-    return tf.constant(np.array(text, dtype=object))
-
-
-def split_ids(array: pa.Array, sep: str = "|") -> tf.Tensor:
-    """A text column of `sep`-separated lists ("a|b|c") as a [rows, width] string tensor,
-    padded with "" (width: the longest list; empty items and null cells give no entries).
-
-    The separators are found with NumPy in the column's Arrow buffer and every item is cut
-    from it by one `tf.strings.substr`: a third less CPU than `tf.strings.split` of the column
-    tensor and `to_tensor` (600 ids per row, BENCHMARKS.md). It runs on one thread kept for
-    the process: on the thread that `run_signature`'s reader makes per call, glibc gives the
-    temporaries a fresh malloc arena whose pages fault in every time (1,000 rows x 600 ids:
-    22 ms there, 13 ms on a thread that has done it before).
-    """
-    return _split_thread().submit(_split_ids, array, sep).result()
-
-
-_SPLIT_THREAD: list[ThreadPoolExecutor] = []
-
-
-def _split_thread() -> ThreadPoolExecutor:
-    """The thread `split_ids` runs on, made on first use and kept for the process."""
-    if not _SPLIT_THREAD:
-        _SPLIT_THREAD.append(ThreadPoolExecutor(max_workers=1, thread_name_prefix="split_ids"))
-    return _SPLIT_THREAD[0]
-
-
-# A forked child has no copy of the thread: it makes its own on first use.
-os.register_at_fork(after_in_child=_SPLIT_THREAD.clear)
-
-
-def _split_ids(array: pa.Array, sep: str) -> tf.Tensor:
-    """`split_ids` on the calling thread."""
-    array = as_text(array)
-    if pa.types.is_large_string(array.type):
-        array = pc.cast(array, pa.string())
-    if array.null_count:
-        array = pc.fill_null(array, "")
-    _, offsets, data = array.buffers()
-    bounds = np.frombuffer(offsets, np.int32, count=len(array) + 1, offset=array.offset * 4)
-    start = int(bounds[0])
-    bounds = bounds - start
-    raw = np.frombuffer(data, np.uint8, count=int(bounds[-1]), offset=start) \
-        if data is not None else np.zeros(0, np.uint8)
-    seps = np.flatnonzero(raw == ord(sep)).astype(np.int32)
-    first = np.searchsorted(seps, bounds)  # per row: index of its first separator
-    counts = np.diff(first) + 1  # items per row (a row without separators holds one)
-    head = first[:-1] + np.arange(len(array))  # flat index of each row's first item
-    end = np.insert(seps, first[1:], bounds[1:])  # a row's last item ends where the row does
-    begin = np.empty_like(end)
-    begin[1:] = end[:-1] + 1  # an item starts after the separator ending the one before ...
-    begin[head] = bounds[:-1]  # ... or where its row starts
-    length = end - begin
-    if not length.all():  # empty items ("a||b", "") give no entry
-        some = length > 0
-        counts = np.add.reduceat(some, head, dtype=np.int64) if len(array) else counts
-        begin, length = begin[some], length[some]
-    width = int(counts.max()) if len(array) else 0
-    filled = np.arange(width) < counts[:, None]  # [rows, width]: the slots holding an item
-    pos = np.zeros((len(array), width), np.int32)
-    size = np.zeros((len(array), width), np.int32)
-    pos[filled], size[filled] = begin, length  # row-major: the items in order
-    return tf.strings.substr(_scalar(raw.tobytes()), pos, size)
 
 
 def _prefetched(batches: Iterator) -> Iterator:
@@ -368,10 +288,24 @@ def recommend(model: str, users: Sequence[str], output: str, k: int, *,
 
     Output columns: the kept user columns, ``rank`` (1 = best), ``item_id``, ``score`` (the
     FM logit) and ``probability``. With `exclude_column` (a ``|``-separated list of item ids
-    per user, e.g. already seen), those items are left out; a user with fewer than k items
-    left gets fewer rows.
+    per user, e.g. already seen; spaces around an id are dropped), those items are left out;
+    a user with fewer than k items left gets fewer rows. A `k` above the catalog size is
+    clamped to it, with a warning.
+
+    Returns:
+        `run_signature`'s summary with ``k`` (after clamping) and ``users_fewer_than_k``: the
+        user rows that got fewer than k items (exclusions, a small catalog); with
+        `exclude_column` also `fm_keras.catalog_check.UnknownIds.summary` (the excluded ids
+        that are not in the catalog, which exclude nothing).
+
+    Raises:
+        ExportError: `k` < 1 or above the k the recall model was indexed with.
     """
-    _, meta = export_metadata(model, expect="fm_keras.recall")  # run_signature loads it
+    version_dir, meta = export_metadata(model, expect="fm_keras.recall")  # run_signature loads it
+    if k > meta["items"]:
+        log(f"warning: --k {k} is larger than the catalog ({meta['items']:,} items): "
+            f"recommending at most {meta['items']:,} items per user")
+        k = meta["items"]
     if not 1 <= k <= meta["k"]:
         why = (f"the catalog holds {meta['items']} items" if meta["k"] >= meta["items"]
                else "the k this recall model was indexed with; rebuild it with 'fm-keras index "
@@ -384,15 +318,23 @@ def recommend(model: str, users: Sequence[str], output: str, k: int, *,
     if clash:
         raise ExportError(f"--keep {clash} would clash with the output columns "
                           f"{list(RECOMMEND_COLUMNS)}")
-    derive = None
+    derive = unknown = None
     if exclude_column:  # "a|b|c" -> [rows, longest list] ids, "" pads
-        derive = {"exclude_item_ids": (exclude_column, split_ids)}
+        from fm_keras.catalog_check import UnknownIds
+        from fm_keras.recall import catalog_ids
+
+        unknown = UnknownIds(catalog_ids(version_dir))
+        derive = {"exclude_item_ids": (exclude_column,
+                                       lambda array: unknown.count(split_ids(array)))}
+
+    short = [0]  # user rows with fewer than k items (batches are written one at a time)
 
     def to_table(kept, outputs, fmt):
         n = outputs["item_ids"].shape[0]
         top = min(k, outputs["item_ids"].shape[1])
         ids = outputs["item_ids"][:, :top]
         found = ids != b""  # a pad slot: fewer than k items left after exclusion
+        short[0] += int(np.sum(found.sum(axis=1) < k))
         columns = {c: pa.array(np.repeat(v, top)[found.reshape(-1)], pa.string())
                    for c, v in kept.items()}
         columns["rank"] = pa.array(np.tile(np.arange(1, top + 1), n)[found.reshape(-1)])
@@ -404,5 +346,5 @@ def recommend(model: str, users: Sequence[str], output: str, k: int, *,
     summary = run_signature(model, users, output, batch_size=batch_size, keep=keep,
                             progress=progress, derive=derive, to_table=to_table,
                             signature="exclude_seen" if exclude_column else "serving_default")
-    summary["k"] = k
+    summary.update(k=k, users_fewer_than_k=short[0], **(unknown.summary() if unknown else {}))
     return summary

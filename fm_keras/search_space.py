@@ -20,13 +20,12 @@ map as a whole. An unknown key or feature, or a value the experiment cannot take
 from __future__ import annotations
 
 import dataclasses
-import difflib
 from dataclasses import dataclass
 
 import yaml
 
 from fm_keras.config import OPTIMIZERS, ExperimentConfig
-from fm_keras.errors import ConfigError
+from fm_keras.errors import ConfigError, close_match
 
 MODEL_KEYS = ("embedding_dim", "l2_embeddings", "l2_linear", "l2_prior")
 TRAINING_KEYS = ("optimizer", "learning_rate", "batch_size", "weight_decay")
@@ -188,6 +187,6 @@ def _number(value, name: str, where: str):
 
 def _known(key, allowed, what: str) -> None:
     if key not in allowed:
-        close = difflib.get_close_matches(str(key), [str(a) for a in allowed], n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else f"; known: {list(allowed)}"
+        close = close_match(key, allowed)
+        hint = f" (did you mean {close!r}?)" if close else f"; known: {list(allowed)}"
         raise ConfigError(f"{what} {key!r}{hint}")

@@ -127,6 +127,7 @@ def train(config: ExperimentConfig, run_dir: str, *, resume: bool = False,
         log(f"warm start from {warm_start}")
     t0 = time.time()
     prior = []  # the empirical Bayes prior's callback, if any
+    negatives = None  # training.negatives: the catalog sampler (in memory only)
     if ooc:
         shards = converted or out_of_core.write_shards(
             config, model.encoder, out_of_core.shard_directory(config, run_dir, fit), fit)
@@ -139,6 +140,7 @@ def train(config: ExperimentConfig, run_dir: str, *, resume: bool = False,
         rows["train"] = shards.rows
     elif config.training.negatives.per_positive:
         negatives = SampledNegatives(config, model.encoder, train_split)
+        logged = len(valid_split)  # the validation log's rows, before the draw
         valid_split = negatives.with_negatives(valid_split, config.training.seed)
         train_ds, trained = _dataset(model, train_split, config, training=True,
                                      negatives=negatives, callbacks=prior)
@@ -181,10 +183,13 @@ def train(config: ExperimentConfig, run_dir: str, *, resume: bool = False,
     calibrate(model, valid_split, config.training)
 
     metrics = {"valid": metrics_for(task, valid_split.labels, predict_split(model, valid_split))}
+    if negatives is not None:
+        metrics["valid"]["negatives"] = negatives.description(
+            config.training.seed, len(valid_split) - logged)
     if config.data.test:
-        test_split = load_data_split(config.data, "test", config.features, task)
-        metrics["test"] = metrics_for(task, test_split.labels, predict_split(model, test_split))
-        metrics["test"]["dropped"] = test_split.dropped
+        test = _test_metrics(config, model, negatives)
+        if test is not None:
+            metrics["test"] = test
     with fsutil.atomic_dir(os.path.join(run_dir, "model")) as tmp:
         tf.train.Checkpoint(fm=model.fm).write(os.path.join(tmp, "weights"))
     record = {
@@ -210,6 +215,35 @@ def train(config: ExperimentConfig, run_dir: str, *, resume: bool = False,
     fsutil.write_json(os.path.join(run_dir, "run.json"), record)
     log(f"run complete: {run_dir}")
     return record
+
+
+def _test_metrics(config: ExperimentConfig, model: FMModel,
+                  negatives: SampledNegatives | None) -> dict | None:
+    """The metrics of the trained `model` on ``data.test``.
+
+    With sampled negatives (an implicit log: every row a positive) the test split gets its own
+    fixed draw from the catalog, as validation does (seed ``training.seed + 1``), and its
+    metrics say how it was drawn; with no positive row to draw for, there are no metrics
+    (None, with a warning): Recall@K (``fm-keras evaluate --items``) evaluates such a log.
+    """
+    task = config.model.task
+    split = load_data_split(config.data, "test", config.features, task)
+    drawn = None
+    if negatives is not None:
+        seed = config.training.seed + 1
+        sampled = negatives.with_negatives(split, seed)
+        drawn = negatives.description(seed, len(sampled) - len(split))
+        if not drawn["rows"]:
+            log(f"warning: no test metrics: no sampled negative could be drawn for the test "
+                f"split ({int(np.sum(split.labels > 0.5)):,} positive rows); evaluate it with "
+                "'fm-keras evaluate --items' (Recall@K)")
+            return None
+        split = sampled
+    metrics = metrics_for(task, split.labels, predict_split(model, split))
+    metrics["dropped"] = split.dropped
+    if drawn is not None:
+        metrics["negatives"] = drawn
+    return metrics
 
 
 def _in_memory_splits(config: ExperimentConfig, features: tuple[FittedFeature, ...] | None):

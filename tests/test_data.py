@@ -116,6 +116,19 @@ def test_missing_column_lists_the_files_header_and_a_close_match(tmp_path):
     assert "'click']" in message  # the header as written, not only the columns asked for
 
 
+def test_missing_column_hints_only_a_close_match(tmp_path):
+    """A new user's trial: 'genres' missing from a log with 'gender' was answered "did you
+    mean 'gender'?" (difflib's default cutoff)."""
+    from fm_keras.config import FeatureConfig
+
+    path = _csv(tmp_path, gender=["f", "m", "f", "m"])
+    with pytest.raises(DataError) as err:
+        load_split([path], [FeatureConfig("genres", "categorical", "item")], "click")
+    message = str(err.value)
+    assert "missing column 'genres' (the file has ['user', 'price'" in message
+    assert "did you mean" not in message
+
+
 def test_parquet_float_ids_read_like_csv_and_score(tmp_path):
     # pandas stores an int id column with a null as float: 900.0 must be the id '900', as in
     # a CSV and as `score` (Arrow) reads it, not '900.0' (an OOV id at evaluation).

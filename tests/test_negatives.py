@@ -143,3 +143,30 @@ def test_binary_training_with_negatives_has_a_validation_auc(implicit_data, tmp_
                    verbose=0)
     assert record["metrics"]["valid"]["auc"] > 0.6
     assert os.path.exists(tmp_path / "run" / "run.json")
+    # The test split gets its own fixed draw (it was all positives: auc None, observed rate 1).
+    test = record["metrics"]["test"]
+    assert test["auc"] > 0.6 and test["observed_rate"] == pytest.approx(1 / 3, abs=0.05)
+    assert test["negatives"]["per_positive"] == 2 and test["negatives"]["sampler"] == "uniform"
+    assert test["negatives"]["seed"] != record["metrics"]["valid"]["negatives"]["seed"]
+    assert test["negatives"]["rows"] == test["rows"] - int(test["observed_rate"] * test["rows"])
+
+
+def test_no_test_metrics_without_a_positive_to_draw_for(implicit_data, tmp_path, capsys):
+    import shutil
+
+    import pandas as pd
+
+    from fm_keras.training import train
+
+    (tmp_path / "data").mkdir()
+    for name in ("train", "valid", "items"):
+        shutil.copy(os.path.join(implicit_data, f"{name}.csv"), tmp_path / "data")
+    pd.read_csv(os.path.join(implicit_data, "test.csv")).assign(click=0).to_csv(
+        tmp_path / "data" / "test.csv", index=False)
+    raw = implicit_experiment(str(tmp_path / "data"), task="binary", epochs=1,
+                              negatives={"per_positive": 2})
+    record = train(experiment_from_dict(raw, base_dir=str(tmp_path / "data")),
+                   str(tmp_path / "run"), verbose=0)
+    assert "test" not in record["metrics"]
+    assert "warning: no test metrics: no sampled negative could be drawn for the test split " \
+           "(0 positive rows); evaluate it with 'fm-keras evaluate --items'" in capsys.readouterr().err

@@ -371,9 +371,7 @@ def tiny_server(exports, small_synth, tmp_path_factory):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_tiny_catalog_over_grpc_and_rest(tiny_server, backend):
     """3 items, 2 excluded, K = 3 (issue 12 item 5): one item and two pads, never an excluded
-    id, and a REST body that a strict JSON parser accepts."""
-    import http.client
-
+    id, and a REST body that a strict JSON parser accepts; ragged exclude rows get a 400."""
     import grpc
     from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 
@@ -395,18 +393,36 @@ def test_tiny_catalog_over_grpc_and_rest(tiny_server, backend):
     body = {"signature_name": "exclude_seen",
             "instances": [{**{k: v[0] for k, v in user.items()},
                            "exclude_item_ids": ["i0", "i1"]}]}
-    conn = http.client.HTTPConnection("127.0.0.1", tiny_server.rest_port, timeout=60)
-    try:
-        conn.request("POST", f"/v1/models/{backend}:predict", body=json.dumps(body),
-                     headers={"Content-Type": "application/json"})
-        reply = conn.getresponse()
-        status, text = reply.status, reply.read().decode("utf-8")
-    finally:
-        conn.close()
+    status, text = _rest_predict(tiny_server.rest_port, backend, body)
     assert status == 200, text
     row = _strict_json(text)["predictions"][0]
     assert row["item_ids"] == ["i2", "", ""] and row["probabilities"][1:] == [0.0, 0.0]
     assert row["scores"][1:] == [pytest.approx(PAD_SCORE)] * 2
+
+    # Rows of exclude_item_ids of different lengths: a 400 that says to pad, server stays up.
+    ragged = {"signature_name": "exclude_seen",
+              "inputs": {**{k: [v[0], v[0]] for k, v in user.items()},
+                         "exclude_item_ids": [["i0"], ["i0", "i1"]]}}
+    status, text = _rest_predict(tiny_server.rest_port, backend, ragged)
+    assert status == 400 and json.loads(text) == {"error": (
+        'input exclude_item_ids: rows of different lengths [1, 2]; pad the rows with "" to '
+        'one length')}
+    status, text = _rest_predict(tiny_server.rest_port, backend, body)
+    assert status == 200 and json.loads(text)["predictions"][0] == row
+
+
+def _rest_predict(port: int, model: str, body: dict) -> tuple[int, str]:
+    """POSTs a predict request; returns (HTTP status, body text)."""
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    try:
+        conn.request("POST", f"/v1/models/{model}:predict", body=json.dumps(body),
+                     headers={"Content-Type": "application/json"})
+        reply = conn.getresponse()
+        return reply.status, reply.read().decode("utf-8")
+    finally:
+        conn.close()
 
 
 def test_k_above_the_catalog_is_clamped_with_a_warning(exports, small_synth, tmp_path, capsys):
@@ -415,8 +431,25 @@ def test_k_above_the_catalog_is_clamped_with_a_warning(exports, small_synth, tmp
                        backend="brute_force", k=50)
     assert "--k 50 is larger than the catalog (3 items)" in capsys.readouterr().err
     assert _recall(path)["item_ids"].shape[1] == 3
-    users = pd.read_csv(os.path.join(small_synth[0], "test.csv"), dtype=str).head(2)
+    users = pd.read_csv(os.path.join(small_synth[0], "test.csv"), dtype=str).head(3)
+    users["user_id"] = ["u0", "u1", "u2"]
+    users["seen"] = ["", " b ", "a | c|zz"]  # spaces around ids are dropped
     users.to_csv(tmp_path / "users.csv", index=False)
+    # recommend clamps --k to the catalog as index does (it was an error), counts the users
+    # left with fewer than k items by their exclusions and the excluded ids it does not know
+    summary = recommend(path, [str(tmp_path / "users.csv")], str(tmp_path / "r.csv"), k=4,
+                        exclude_column="seen", progress=False)
+    err = capsys.readouterr().err
+    assert "warning: --k 4 is larger than the catalog (3 items): recommending at most 3 " \
+           "items per user" in err
+    assert "warning: 1 of 4 excluded ids are not in the catalog (e.g. ['zz']); they exclude " \
+           "nothing" in err
+    assert summary["k"] == 3 and summary["users_fewer_than_k"] == 2 and summary["rows"] == 3
+    assert (summary["excluded_ids"], summary["excluded_ids_not_in_catalog"],
+            summary["not_in_catalog_examples"]) == (4, 1, ["zz"])
+    recs = pd.read_csv(tmp_path / "r.csv")
+    assert recs.groupby("user_id")["item_id"].apply(sorted).to_dict() == \
+        {"u0": ["a", "b", "c"], "u1": ["a", "c"], "u2": ["b"]}
     with pytest.raises(ExportError, match=r"--k must be between 1 and 3 \(the catalog holds 3 "
-                                          r"items\), got 4"):
-        recommend(path, [str(tmp_path / "users.csv")], str(tmp_path / "r.csv"), k=4)
+                                          r"items\), got 0"):
+        recommend(path, [str(tmp_path / "users.csv")], str(tmp_path / "r.csv"), k=0)

@@ -4,14 +4,13 @@ import os
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
 import pytest
 import tensorflow as tf
 
 from fm_keras.config import FeatureConfig
 from fm_keras.data import load_split
 from fm_keras.errors import DataError, ExportError
-from fm_keras.scoring import Progress, recommend, run_signature, split_ids
+from fm_keras.scoring import Progress, recommend, run_signature
 from fm_keras.servables import load_export
 
 
@@ -67,7 +66,8 @@ def test_recommend_long_format_and_exclusions(exports, small_synth, tmp_path):
     users_csv = str(tmp_path / "users.csv")
     users.to_csv(users_csv, index=False)
     out = str(tmp_path / "recs.csv")
-    recommend(exports["scann"], [users_csv], out, k=5, progress=False)
+    summary = recommend(exports["scann"], [users_csv], out, k=5, progress=False)
+    assert summary["users_fewer_than_k"] == 0 and summary["k"] == 5
     plain = pd.read_csv(out)
     assert len(plain) == 40 * 5
     assert list(plain.columns) == ["user_id", "rank", "item_id", "score", "probability"]
@@ -82,24 +82,6 @@ def test_recommend_long_format_and_exclusions(exports, small_synth, tmp_path):
         recommend(exports["scann"], [users_csv], out, k=21)
     with pytest.raises(DataError, match="missing column 'seeen' \\(did you mean 'seen'\\?; "):
         recommend(exports["scann"], [users_csv], out, k=5, exclude_column="seeen")
-
-
-def test_split_ids_equals_python_split():
-    """Random '|' lists with empty items, empty and null cells, non-ASCII ids and sliced
-    arrays: the rows of `split_ids` are str.split's non-empty items, padded with ""."""
-    rng = np.random.default_rng(0)
-    for trial in range(200):
-        cells = [None if r < 0.1 else "" if r < 0.2 else
-                 "|".join(rng.choice(["a", "bb", "", "é", "x1"], rng.integers(1, 5)))
-                 for r in rng.random(rng.integers(0, 6))]
-        array = pa.array(cells, pa.string())
-        if len(cells) > 2 and trial % 2:
-            array = array.slice(1)
-        want = [[t.encode() for t in (c or "").split("|") if t] for c in array.to_pylist()]
-        got = split_ids(array).numpy()
-        assert got.shape == (len(want), max([len(w) for w in want], default=0))
-        for row, items in zip(got, want):
-            assert list(row[:len(items)]) == items and all(v == b"" for v in row[len(items):])
 
 
 def test_errors_leave_nothing_behind(exports, small_synth, tmp_path):

@@ -66,7 +66,8 @@ def add_commands(subparsers) -> dict:
     q.add_argument("--label")
     q.add_argument("--input", action="append", default=[], metavar="NAME=V1,V2",
                    help="an input column (repeat); numeric inputs are sent as float32 when the "
-                        "signature says so")
+                        "signature says so; values with commas: a JSON list, "
+                        "NAME='[\"a,b\", \"c\"]'")
     q.add_argument("--status", action="store_true", help="print the model's version status")
     q.add_argument("--metadata", action="store_true", help="print the model's signatures")
     q.add_argument("--timeout", type=float, default=5.0, help="seconds per call")
@@ -103,23 +104,58 @@ def serve(args) -> int:
     return 0
 
 
-def _columns(specs: list[str]) -> dict[str, list[str]]:
+def input_columns(specs: list[str]) -> dict[str, list]:
+    """`fm-keras query`'s ``--input`` flags -> {input name: one value per row}.
+
+    ``NAME=V1,V2`` splits at commas. ``NAME=[...]`` is a JSON list, for values that hold
+    commas: strings or numbers (sent as their text), or, for a rank-2 input such as
+    ``exclude_item_ids``, lists of strings (``NAME=[["a,b", "c"], []]``).
+
+    Raises:
+        ConfigError: a flag without ``NAME=``, or a ``[`` value that is not such a JSON list.
+    """
     from fm_keras.errors import ConfigError
 
     columns = {}
     for spec in specs:
         name, sep, values = spec.partition("=")
         if not sep or not name:
-            raise ConfigError(f"--input must be NAME=V1,V2,..., got {spec!r}")
-        columns[name] = values.split(",")
+            raise ConfigError(f"--input must be NAME=V1,V2,... or NAME=[JSON list], got {spec!r}")
+        columns[name] = _json_values(name, values) if values.lstrip().startswith("[") \
+            else values.split(",")
     return columns
+
+
+def _json_values(name: str, text: str) -> list:
+    """A ``--input NAME=[...]`` value: numbers become their JSON text, lists stay lists."""
+    from fm_keras.errors import ConfigError
+
+    def cell(v, nested: bool):
+        if isinstance(v, str):
+            return v
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            return json.dumps(v)
+        if isinstance(v, list) and not nested:
+            return [cell(x, True) for x in v]
+        raise ValueError(f"{json.dumps(v)} is not a string or number"
+                         + ("" if nested else " or a list of them"))
+
+    try:
+        values = json.loads(text)
+        if not isinstance(values, list):
+            raise ValueError("not a list")
+        return [cell(v, False) for v in values]
+    except ValueError as err:
+        raise ConfigError(f"--input {name}: a value starting with '[' is a JSON list of strings "
+                          f"or numbers (of lists of them for a rank-2 input), e.g. "
+                          f"{name}='[\"a,b\", \"c\"]': {err}") from None
 
 
 def query(args) -> int:
     from fm_keras.errors import ConfigError
     from fm_keras.serving.errors import ServingError
 
-    columns = _columns(args.input)
+    columns = input_columns(args.input)
     try:
         if args.rest:
             result = _query_rest(args, columns)
@@ -183,14 +219,16 @@ def typed_inputs(columns: dict[str, list[str]], inputs: dict) -> dict[str, list]
     gRPC and REST.
 
     Args:
-        columns: {input name: the comma-separated values as text}, one value per row.
+        columns: {input name: its values as text, one per row} (`input_columns`); a value of
+            a rank-2 input is a list of strings or text of ``|``-separated ones.
         inputs: the signature's inputs as JSON (`signature_inputs`): ``dtype`` and
             ``tensor_shape.dim``.
 
     Returns:
         {name: values}: float numbers for a ``DT_FLOAT`` input, text otherwise (an id ``007``
         stays ``"007"``); for an input of rank 2 (the recall export's ``exclude_item_ids``)
-        each value is a ``|``-separated list, padded with ``""`` to the longest.
+        each value is a list (text: split at ``|``, spaces around each item dropped, as
+        ``recommend`` does), padded with ``""`` to the longest.
 
     Raises:
         ConfigError: a value of a ``DT_FLOAT`` input that is not a number.
@@ -202,7 +240,8 @@ def typed_inputs(columns: dict[str, list[str]], inputs: dict) -> dict[str, list]
         spec = inputs.get(name, {})
         cells = values
         if len(spec.get("tensor_shape", {}).get("dim", [])) == 2:
-            rows = [value.split("|") if value else [] for value in values]
+            rows = [value if isinstance(value, list) else
+                    [v.strip() for v in value.split("|")] if value else [] for value in values]
             width = max(1, *(len(row) for row in rows))
             cells = [row + [""] * (width - len(row)) for row in rows]
         if spec.get("dtype") == "DT_FLOAT":

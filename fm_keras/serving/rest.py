@@ -94,18 +94,73 @@ def _strings(value, name):
                            f"of expected type: string (input {name})")
 
 
+def ragged_lengths(value) -> list[int] | None:
+    """The distinct lengths of the lists at the first level of `value` (nested JSON lists)
+    where they differ, e.g. ``[1, 2]`` for ``[["a"], ["a", "b"]]``; None when every level is
+    rectangular (a tensor). A level mixing lists and scalars gives ``[0, n]``."""
+    level = [value]
+    while level and any(isinstance(v, list) for v in level):
+        if not all(isinstance(v, list) for v in level):
+            return sorted({len(v) if isinstance(v, list) else 0 for v in level})
+        lengths = sorted({len(v) for v in level})
+        if len(lengths) > 1:
+            return lengths
+        level = [x for v in level for x in v]
+    return None
+
+
 def to_array(value, np_dtype, name: str) -> np.ndarray:
-    """A JSON value (scalar or nested lists) -> an array of the signature's dtype."""
+    """A JSON value (scalar or nested lists) -> an array of the signature's dtype.
+
+    Raises:
+        ServingError: INVALID_ARGUMENT (HTTP 400) for values not of the dtype, a finite
+            number beyond the float dtype's range (1e39 for float32: it would become inf),
+            or rows of different lengths: a tensor is rectangular, so string rows (e.g. a
+            recall export's ``exclude_item_ids``) are padded with "", which matches no item.
+    """
     try:
         if np_dtype == object:
-            return np.array(_strings(value, name), dtype=object)
+            array = np.array(_strings(value, name), dtype=object)
+            if array.ndim != _depth(value):  # NumPy made an array of lists: ragged rows
+                raise ValueError("rows of different lengths")
+            return array
         array = np.asarray(value)
         if array.dtype.kind not in "biuf":
             raise invalid_argument(f"JSON Value: {json.dumps(value)[:200]} is not of expected type: "
                                    f"{np.dtype(np_dtype).name} (input {name})")
+        _check_range(array, np.dtype(np_dtype), name)
         return array.astype(np_dtype, copy=False)
-    except ValueError as err:  # ragged lists
+    except ValueError as err:
+        lengths = ragged_lengths(value)
+        if lengths is not None:
+            pad = ('pad the rows with "" to one length' if np_dtype == object
+                   else "send rows of one length")
+            raise invalid_argument(f"input {name}: rows of different lengths "
+                                   f"{lengths[:5]}; {pad}") from None
         raise invalid_argument(f"input {name}: {err}") from None
+
+
+def _check_range(array: np.ndarray, dtype: np.dtype, name: str) -> None:
+    """INVALID_ARGUMENT for a finite number that `dtype` (a float) cannot hold: the cast would
+    make it inf (NumPy warns "overflow encountered in cast"). inf and NaN stay as they are."""
+    if dtype.kind != "f" or array.dtype.kind != "f" or array.dtype.itemsize <= dtype.itemsize:
+        return
+    limit = np.finfo(dtype).max
+    big = np.isfinite(array) & (np.abs(array) > limit)
+    if big.any():
+        raise invalid_argument(f"input {name}: value {float(array[big].flat[0]):g} is out of "
+                               f"{dtype.name} range (+-{str(limit)})")
+
+
+def _depth(value) -> int:
+    """Nesting depth of JSON lists along the first elements (the rank a tensor would have)."""
+    depth = 0
+    while isinstance(value, list):
+        depth += 1
+        if not value:
+            break
+        value = value[0]
+    return depth
 
 
 def arrays_from_json(sig, body) -> tuple[dict, str]:

@@ -12,7 +12,7 @@ from serving_testlib import free_port, models_config
 
 from fm_keras.cli import build_parser, main
 from fm_keras.errors import ConfigError
-from fm_keras.serving.cli import typed_inputs
+from fm_keras.serving.cli import input_columns, typed_inputs
 from fm_keras.serving.client import GrpcClient
 from fm_keras.serving.errors import ServingError
 
@@ -86,6 +86,28 @@ def test_query_types_inputs_by_the_signature():
         typed_inputs({"price": ["1", "x"]}, inputs)
 
 
+def test_query_input_takes_a_json_list_for_values_with_commas():
+    """A new user's trial: ids holding commas could not be given to --input."""
+    inputs = {"item_id": {"dtype": "DT_STRING", "tensor_shape": {"dim": [{"size": "-1"}]}},
+              "price": {"dtype": "DT_FLOAT", "tensor_shape": {"dim": [{"size": "-1"}]}},
+              "exclude_item_ids": {"dtype": "DT_STRING",
+                                   "tensor_shape": {"dim": [{"size": "-1"}, {"size": "-1"}]}}}
+    columns = input_columns(['item_id=["Toy Story (1995), The", "b"]', "price=[1, 2.5]",
+                             'exclude_item_ids=[["x,y", "z"], []]', "user_id=u1,u2"])
+    assert columns == {"item_id": ["Toy Story (1995), The", "b"], "price": ["1", "2.5"],
+                       "exclude_item_ids": [["x,y", "z"], []], "user_id": ["u1", "u2"]}
+    assert typed_inputs(columns, inputs) == {
+        "item_id": ["Toy Story (1995), The", "b"], "price": [1.0, 2.5],
+        "exclude_item_ids": [["x,y", "z"], ["", ""]], "user_id": ["u1", "u2"]}
+    # '|' lists drop the spaces around ids, as recommend's --exclude-column does
+    assert typed_inputs({"exclude_item_ids": ["a | b", "c"]}, inputs) == \
+        {"exclude_item_ids": [["a", "b"], ["c", ""]]}
+    for bad in ('item_id=["a", ', "item_id=[true]", 'item_id=[{"a": 1}]', "item_id=[[[1]]]"):
+        with pytest.raises(ConfigError, match="--input item_id: a value starting with '\\[' is "
+                                              "a JSON list of strings or numbers"):
+            input_columns([bad])
+
+
 def test_query_over_rest_sends_numeric_looking_ids_as_text_like_grpc(server, capsys):
     """MovieLens ids are digits: REST sent user_id=7 as the number 7.0 (INVALID_ARGUMENT)."""
     flags = ["--model_name=ranking", "--input=user_id=7,007", "--input=item_id=1,2",
@@ -95,3 +117,12 @@ def test_query_over_rest_sends_numeric_looking_ids_as_text_like_grpc(server, cap
     assert main(["query", f"--rest=http://127.0.0.1:{server.rest_port}", *flags]) == 0
     rest_out = json.loads(capsys.readouterr().out)["outputs"]
     assert rest_out["probability"] == pytest.approx(grpc_out["probability"], abs=1e-6)
+    # the same rows with JSON lists (ids with commas can be given so), over both protocols
+    listed = ["--model_name=ranking", '--input=user_id=["7", "007"]', "--input=item_id=[1, 2]",
+              "--input=price=[1, 2]"]
+    assert main(["query", f"--server=127.0.0.1:{server.grpc_port}", *listed]) == 0
+    assert json.loads(capsys.readouterr().out)["probability"] == \
+        pytest.approx(grpc_out["probability"], abs=1e-6)
+    assert main(["query", f"--rest=http://127.0.0.1:{server.rest_port}", *listed]) == 0
+    assert json.loads(capsys.readouterr().out)["outputs"]["probability"] == \
+        pytest.approx(grpc_out["probability"], abs=1e-6)

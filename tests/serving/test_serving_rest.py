@@ -82,6 +82,8 @@ def test_status_and_metadata(server):
     ("/v1/models/ranking:predict", None, b"{not json", 400, ["JSON Parse error"]),
     ("/v1/models/ranking:predict", None, b"[" * 100_000 + b"]" * 100_000, 400, ["too deep"]),
     ("/v1/models/ranking:predict", {"instances": [{**ROW, "price": "x"}]}, None, 400, ["price"]),
+    ("/v1/models/ranking:predict", {"instances": [{**ROW, "price": 1e39}]}, None, 400,
+     ["input price: value 1e+39 is out of float32 range"]),
     ("/v1/models/ranking:predict", {"instances": [{"user_id": "u"}]}, None, 400, ["Missing but required"]),
     ("/v1/models/ranking:predict", {"instances": [{**ROW, "extra": 1}]}, None, 400, ["Sent extra: {extra}"]),
     ("/v1/models/ranking:predict", {"instances": [ROW], "inputs": {}}, None, 400, ["only one of"]),
@@ -249,3 +251,63 @@ def test_batched_rest_errors_answer_like_tf_serving(batching_server):
     assert status == 400 and "Expected classification signature" in reply["error"]
     status, reply = post(batching_server, "/v1/models/ranking:predict", {"instances": [ROW]})
     assert status == 200 and len(reply["predictions"]) == 1
+
+
+def _exclude_signature():
+    from fm_keras.serving.predict import Signature
+
+    inputs = {"user_id": (np.dtype(object), (None,)),
+              "exclude_item_ids": (np.dtype(object), (None, None))}
+    return Signature("exclude_seen", None, inputs, {"user_id": 7, "exclude_item_ids": 7},
+                     ["item_ids"])
+
+
+@pytest.mark.parametrize("body", [
+    {"instances": [{"user_id": "u1", "exclude_item_ids": ["i1"]},
+                   {"user_id": "u2", "exclude_item_ids": ["i1", "i2"]}]},
+    {"inputs": {"user_id": ["u1", "u2"], "exclude_item_ids": [["i1"], ["i1", "i2"]]}},
+])
+def test_ragged_exclude_rows_say_to_pad_with_empty_strings(body):
+    """A new user's trial: rows of exclude_item_ids of different lengths got a shape error
+    that did not say what to do."""
+    from fm_keras.serving.errors import ServingError
+    from fm_keras.serving.rest import arrays_from_json
+
+    with pytest.raises(ServingError) as err:
+        arrays_from_json(_exclude_signature(), body)
+    assert err.value.http_status == 400
+    assert err.value.message == ('input exclude_item_ids: rows of different lengths [1, 2]; '
+                                 'pad the rows with "" to one length')
+    padded = {"inputs": {"user_id": ["u1", "u2"], "exclude_item_ids": [["i1", ""], ["i1", "i2"]]}}
+    arrays, _ = arrays_from_json(_exclude_signature(), padded)
+    assert arrays["exclude_item_ids"].shape == (2, 2)
+
+
+def test_ragged_numbers_say_rows_of_one_length():
+    from fm_keras.serving.errors import ServingError
+    from fm_keras.serving.rest import ragged_lengths, to_array
+
+    with pytest.raises(ServingError, match=r"input x: rows of different lengths \[1, 2\]; "
+                                           "send rows of one length"):
+        to_array([[1.0], [1.0, 2.0]], np.float32, "x")
+    assert ragged_lengths([[["a"], ["b", "c"]]]) == [1, 2]
+    assert ragged_lengths([["a", "b"], ["", ""]]) is None and ragged_lengths("a") is None
+
+
+def test_a_number_beyond_float32_is_a_400_not_an_overflow_warning():
+    """A new user's trial: {"age": 1e39} logged numpy's "overflow encountered in cast"
+    RuntimeWarning and went on as inf."""
+    import warnings
+
+    from fm_keras.serving.errors import ServingError
+    from fm_keras.serving.rest import to_array
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a RuntimeWarning fails the test
+        for value in (1e39, [1.0, -1e39]):
+            with pytest.raises(ServingError) as err:
+                to_array(value, np.float32, "age")
+            assert err.value.http_status == 400
+            assert err.value.message == (f"input age: value {1e39 if value == 1e39 else -1e39:g} "
+                                         "is out of float32 range (+-3.4028235e+38)")
+        assert to_array([3e38, float("inf"), float("nan")], np.float32, "age").dtype == np.float32

@@ -1,0 +1,40 @@
+"""catalog_check: the excluded ids outside a recall export's catalog, counted as read."""
+
+import numpy as np
+import tensorflow as tf
+
+from fm_keras.catalog_check import EXAMPLES, UnknownIds
+
+
+def test_counts_equal_a_python_set_reference():
+    rng = np.random.default_rng(0)
+    catalog = np.array([f"i{j}".encode() for j in range(50)], dtype=object)
+    tally = UnknownIds(catalog)
+    known, excluded, unknown, seen = set(catalog.tolist()), 0, 0, []
+    for _ in range(20):
+        rows = rng.integers(1, 6)
+        width = rng.integers(1, 8)
+        pool = [f"i{j}" for j in range(60)] + ["é1", "x y", "I1"]  # i50.. and others: unknown
+        ids = np.array([[rng.choice(pool) if rng.random() < 0.7 else "" for _ in range(width)]
+                        for _ in range(rows)], dtype=object)
+        out = tally.count(tf.constant(ids))
+        assert out.numpy().tolist() == [[v.encode() for v in row] for row in ids.tolist()]
+        for value in ids.ravel():
+            if value:
+                excluded += 1
+                if value.encode() not in known:
+                    unknown += 1
+                    seen += [value] if value not in seen else []
+    assert (tally.excluded, tally.unknown) == (excluded, unknown) and unknown > 10
+    assert tally.examples == seen[:EXAMPLES]
+    assert tally.summary() == {"excluded_ids": excluded, "excluded_ids_not_in_catalog": unknown,
+                               "not_in_catalog_examples": seen[:EXAMPLES]}
+
+
+def test_nothing_unknown_no_warning(capsys):
+    tally = UnknownIds(np.array([b"a", b"b"], dtype=object))
+    tally.count(tf.constant([["a", ""], ["b", "a"]]))
+    tally.count(tf.zeros([0, 0], tf.string))
+    assert tally.summary() == {"excluded_ids": 3, "excluded_ids_not_in_catalog": 0,
+                               "not_in_catalog_examples": []}
+    assert capsys.readouterr().err == ""

@@ -1,0 +1,31 @@
+"""errors: the error types and the "did you mean" hint they share."""
+
+import pytest
+
+from fm_keras.errors import CLOSE_MATCH_CUTOFF, ConfigError, DataError, FMKerasError, close_match
+
+
+@pytest.mark.parametrize("word,candidates,expected", [
+    ("lable", ["label", "train"], "label"),  # a transposition
+    ("clik", ["user", "click"], "click"),  # a letter left out
+    ("pos_wieght", ["pos_weight", "neg_sample_rate"], "pos_weight"),
+    ("popular", ("uniform", "popularity"), "popularity"),
+    ("genres", ["user_id", "gender", "age"], None),  # another word with shared letters
+    ("zip", ["zip_code"], None),
+    ("anything", [], None),
+])
+def test_close_match_offers_typos_only(word, candidates, expected):
+    assert close_match(word, candidates) == expected
+
+
+def test_close_match_cutoff_matches_difflib_ratio():
+    import difflib
+
+    ratio = difflib.SequenceMatcher(None, "genres", "gender").ratio()
+    assert ratio < CLOSE_MATCH_CUTOFF <= difflib.SequenceMatcher(None, "lable", "label").ratio()
+    assert close_match(7, [7, 8]) == "7"  # keys of any type are compared as text
+
+
+def test_user_errors_are_value_errors_the_cli_reports():
+    for cls in (ConfigError, DataError):
+        assert issubclass(cls, FMKerasError) and issubclass(cls, ValueError)
