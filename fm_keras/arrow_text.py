@@ -88,9 +88,8 @@ def _split_ids(array: pa.Array, sep: str) -> tf.Tensor:
     begin[1:] = end[:-1] + 1  # an item starts after the separator ending the one before ...
     begin[head] = bounds[:-1]  # ... or where its row starts
     length = end - begin
-    blank = raw <= 32  # ASCII space and control characters
-    if blank.any():
-        begin, length = _strip(blank, begin, length)
+    if raw.size and raw.min() <= 32:  # ASCII space or control characters (one fast pass)
+        begin, length = _strip(raw <= 32, begin, length)
     if not length.all():  # empty items ("a||b", "", " ") give no entry
         some = length > 0
         counts = np.add.reduceat(some, head, dtype=np.int64) if len(array) else counts

@@ -3,14 +3,20 @@
 import numpy as np
 import tensorflow as tf
 
+import pytest
+
+from fm_keras import catalog_check
 from fm_keras.catalog_check import EXAMPLES, UnknownIds
 
 
-def test_counts_equal_a_python_set_reference():
+@pytest.mark.parametrize("checked", [10_000, 23])
+def test_counts_equal_a_python_set_reference(monkeypatch, checked):
+    # The first `checked` non-empty ids in reading order (rows, then columns) are looked up.
+    monkeypatch.setattr(catalog_check, "CHECKED", checked)
     rng = np.random.default_rng(0)
     catalog = np.array([f"i{j}".encode() for j in range(50)], dtype=object)
     tally = UnknownIds(catalog)
-    known, excluded, unknown, seen = set(catalog.tolist()), 0, 0, []
+    known, total, excluded, unknown, seen = set(catalog.tolist()), 0, 0, 0, []
     for _ in range(20):
         rows = rng.integers(1, 6)
         width = rng.integers(1, 8)
@@ -20,14 +26,17 @@ def test_counts_equal_a_python_set_reference():
         out = tally.count(tf.constant(ids))
         assert out.numpy().tolist() == [[v.encode() for v in row] for row in ids.tolist()]
         for value in ids.ravel():
-            if value:
+            total += bool(value)
+            if value and excluded < checked:
                 excluded += 1
                 if value.encode() not in known:
                     unknown += 1
                     seen += [value] if value not in seen else []
-    assert (tally.excluded, tally.unknown) == (excluded, unknown) and unknown > 10
+    assert total > 23 and excluded == min(checked, total) and unknown > 3
+    assert (tally.checked, tally.unknown) == (excluded, unknown)
     assert tally.examples == seen[:EXAMPLES]
-    assert tally.summary() == {"excluded_ids": excluded, "excluded_ids_not_in_catalog": unknown,
+    assert tally.summary() == {"excluded_ids_checked": excluded,
+                               "excluded_ids_not_in_catalog": unknown,
                                "not_in_catalog_examples": seen[:EXAMPLES]}
 
 
@@ -35,6 +44,6 @@ def test_nothing_unknown_no_warning(capsys):
     tally = UnknownIds(np.array([b"a", b"b"], dtype=object))
     tally.count(tf.constant([["a", ""], ["b", "a"]]))
     tally.count(tf.zeros([0, 0], tf.string))
-    assert tally.summary() == {"excluded_ids": 3, "excluded_ids_not_in_catalog": 0,
+    assert tally.summary() == {"excluded_ids_checked": 3, "excluded_ids_not_in_catalog": 0,
                                "not_in_catalog_examples": []}
     assert capsys.readouterr().err == ""

@@ -442,10 +442,10 @@ def test_k_above_the_catalog_is_clamped_with_a_warning(exports, small_synth, tmp
     err = capsys.readouterr().err
     assert "warning: --k 4 is larger than the catalog (3 items): recommending at most 3 " \
            "items per user" in err
-    assert "warning: 1 of 4 excluded ids are not in the catalog (e.g. ['zz']); they exclude " \
+    assert "warning: 1 of the first 4 excluded ids are not in the catalog (e.g. ['zz']); they exclude " \
            "nothing" in err
     assert summary["k"] == 3 and summary["users_fewer_than_k"] == 2 and summary["rows"] == 3
-    assert (summary["excluded_ids"], summary["excluded_ids_not_in_catalog"],
+    assert (summary["excluded_ids_checked"], summary["excluded_ids_not_in_catalog"],
             summary["not_in_catalog_examples"]) == (4, 1, ["zz"])
     recs = pd.read_csv(tmp_path / "r.csv")
     assert recs.groupby("user_id")["item_id"].apply(sorted).to_dict() == \
