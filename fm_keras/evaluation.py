@@ -10,8 +10,9 @@ import numpy as np
 from sklearn.metrics import log_loss, roc_auc_score
 
 from fm_keras import fsutil
-from fm_keras.data import load_split
+from fm_keras.data import load_split, single_class
 from fm_keras.errors import ConfigError
+from fm_keras.progress import log
 
 if TYPE_CHECKING:
     from fm_keras.config import FilterConfig
@@ -91,6 +92,9 @@ def evaluate_run(run_dir: str, data: list[str] | str, batch_size: int = 65_536,
         reliability_plot: if set, a PNG path for the reliability diagram of the calibrated
             (and the raw) probability (`write_reliability_plot`).
 
+    A binary run evaluated on rows of one class (e.g. the implicit log of a run trained with
+    ``training.negatives``) gets a warning: AUC is then undefined (null).
+
     Raises:
         ConfigError: the plot's directory does not exist, or the run is not a binary model.
     """
@@ -109,6 +113,13 @@ def evaluate_run(run_dir: str, data: list[str] | str, batch_size: int = 65_536,
     filters = run.config.data.filters if filters is None else tuple(filters)
     split = load_split([data] if isinstance(data, str) else data, run.config.features,
                        run.config.data.label, filters, task=run.config.model.task)
+    one = single_class(split.labels) if run.config.model.task == "binary" else None
+    if one is not None:
+        implicit = run.config.training.negatives.per_positive
+        log(f"warning: {', '.join(split.files)}: every row has label {one:g}, so AUC is undefined "
+            "(null) and logloss and ECE measure one class"
+            + ("; the run was trained with training.negatives (an implicit log): evaluate it "
+               "with 'fm-keras evaluate --items' (Recall@K)" if implicit else ""))
     outputs = predict_split(run.model, split, batch_size)
     result = metrics_for(run.config.model.task, split.labels, outputs)
     result["rows_read"] = split.rows_read

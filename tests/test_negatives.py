@@ -134,7 +134,8 @@ def test_epoch_labels_are_what_an_epoch_trains_on(implicit_data):
         -(0.25 * np.log(0.25) + 0.75 * np.log(0.75)))  # 1 positive per PER = 3 negatives
 
 
-def test_binary_training_with_negatives_has_a_validation_auc(implicit_data, tmp_path):
+def test_binary_training_with_negatives_has_a_validation_auc(implicit_data, tmp_path, capsys):
+    from fm_keras.evaluation import evaluate_run
     from fm_keras.training import train
 
     raw = implicit_experiment(implicit_data, task="binary", epochs=2,
@@ -149,6 +150,13 @@ def test_binary_training_with_negatives_has_a_validation_auc(implicit_data, tmp_
     assert test["negatives"]["per_positive"] == 2 and test["negatives"]["sampler"] == "uniform"
     assert test["negatives"]["seed"] != record["metrics"]["valid"]["negatives"]["seed"]
     assert test["negatives"]["rows"] == test["rows"] - int(test["observed_rate"] * test["rows"])
+    # evaluate on the implicit test log itself: one class, said in a warning naming the fix
+    capsys.readouterr()
+    logged = evaluate_run(str(tmp_path / "run"), os.path.join(implicit_data, "test.csv"))
+    assert logged["auc"] is None
+    assert "every row has label 1, so AUC is undefined (null) and logloss and ECE measure one " \
+           "class; the run was trained with training.negatives (an implicit log): evaluate it " \
+           "with 'fm-keras evaluate --items' (Recall@K)" in capsys.readouterr().err
 
 
 def test_no_test_metrics_without_a_positive_to_draw_for(implicit_data, tmp_path, capsys):
