@@ -75,6 +75,30 @@ def test_bad_data_leaves_no_run_dir(small_synth, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("existed", [False, True])
+def test_a_run_stopped_before_writing_leaves_no_run_dir_it_made(small_synth, tmp_path,
+                                                                 monkeypatch, existed):
+    # Ctrl-C / SIGTERM while the out-of-core shards are written: the shard writer removes its
+    # temp directory, which left the (empty) run directory it had been made in.
+    synth_dir, _ = small_synth
+    config = _config(synth_dir)
+    config = dataclasses.replace(config, data=dataclasses.replace(config.data,
+                                                                  out_of_core="true"))
+    run_dir = tmp_path / "run"
+
+    def stopped_while_writing(config, encoder, directory, fit):
+        os.makedirs(directory)
+        os.rmdir(directory)  # as fsutil.atomic_dir cleans up on the way out
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(training.out_of_core, "write_shards", stopped_while_writing)
+    if existed:
+        run_dir.mkdir()
+    with pytest.raises(KeyboardInterrupt):
+        train(config, str(run_dir), verbose=0)
+    assert run_dir.exists() == existed  # a directory that was there before stays
+
+
 def _with_split(config, role, path):
     return dataclasses.replace(config, data=dataclasses.replace(config.data, **{role: (path,)}))
 
