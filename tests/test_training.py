@@ -119,7 +119,10 @@ def test_single_class_validation_stops_on_logloss(small_synth, tmp_path, capsys)
     frame[frame["click"] == 0].to_csv(tmp_path / "valid0.csv", index=False)
     config = _with_split(_config(synth_dir), "valid", str(tmp_path / "valid0.csv"))
     record = train(config, str(tmp_path / "run"), verbose=0)
-    assert "AUC is undefined; early stopping watches val_logloss" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "AUC is undefined; early stopping watches val_logloss" in err
+    assert "calibration: none (validation rows hold one class)" in err
+    assert any("AUC is undefined" in w for w in record["warnings"])
     state = json.loads((tmp_path / "run" / "state.json").read_text())
     assert state["monitor"] == "val_logloss"
     assert all("val_auc" not in epoch and epoch["val_logloss"] > 0 for epoch in record["history"])
