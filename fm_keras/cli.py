@@ -56,11 +56,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="YAML replacing keys of the default search space (see README)")
     p.add_argument("--seed", type=int, help="sampler seed (default: a fresh one per process)")
 
-    p = sub.add_parser("convert", help="encode CSV/Parquet logs once into a shard directory "
-                       "that one machine (out of core) and a cluster train from")
+    p = sub.add_parser("convert", help="encode CSV/Parquet/libSVM/libFFM logs once into a "
+                       "shard directory that one machine (out of core) and a cluster train from")
     p.add_argument("--config", required=True, help="experiment YAML (feature spec, label, filters)")
-    p.add_argument("--input", nargs="+", help="CSV/Parquet files or globs (default: the "
-                   "experiment's train files)")
+    p.add_argument("--input", nargs="+", help="CSV/Parquet/libSVM/libFFM files or globs "
+                   "(default: the experiment's train files)")
     p.add_argument("--out", required=True, help="new directory for the shards (then set "
                    "data: train: OUT/shards.json)")
     p.add_argument("--shards", type=int, default=8,
