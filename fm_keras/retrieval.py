@@ -42,6 +42,7 @@ from fm_keras.convergence import task_monitor
 from fm_keras.data import Split, expand_paths
 from fm_keras.errors import ConfigError
 from fm_keras.features import FittedFeature, fit_features
+from fm_keras.fit_progress import fit_progress
 from fm_keras.interactions import (ITEM_INDEX, WEIGHT, Catalog, item_counts, load_catalog,
                                    load_interactions, query_keys)
 from fm_keras.model import FMModel, build_model, make_optimizer
@@ -271,10 +272,12 @@ def train_retrieval(config: ExperimentConfig, run_dir: str, *, resume: bool = Fa
                           trained_rows=trained_rows(model.fm.num_ids, ids, catalog_ids))
     t0 = time.time()
     if state.initial_epoch < t.epochs and not state.finished:
+        verbose = (1 if sys.stderr.isatty() else 2) if verbose is None else verbose
         with contextlib.redirect_stdout(sys.stderr):  # Keras prints progress to stdout
             model.fit(train_ds, epochs=t.epochs, initial_epoch=state.initial_epoch,
-                      callbacks=[RecallAtK(tasks["valid"], recall_at), state],
-                      verbose=(1 if sys.stderr.isatty() else 2) if verbose is None else verbose)
+                      callbacks=[RecallAtK(tasks["valid"], recall_at), state,
+                                 *fit_progress(verbose, t.batch_size)],
+                      verbose=verbose)
     convergence = state.finish()
     fit_seconds = time.time() - t0
     ks = sorted({min(k, len(catalog)) for k in (10, recall_at, 100)})
