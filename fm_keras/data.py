@@ -175,9 +175,10 @@ def iter_blocks(
     needed += [flt.column for flt in filters] + list(passthrough) + ([weight] if weight else [])
     needed = list(dict.fromkeys(needed))
     dropped, rows_read = {flt.name: 0 for flt in filters}, 0
+    lists = multi_hot_separators(features)
     for path in files:
         check_features(path, features)
-        for frame in _read_frames(path, needed, block_rows):
+        for frame in _read_frames(path, needed, block_rows, lists):
             rows_read += len(frame)
             keep = np.ones(len(frame), dtype=bool)
             for flt in filters:
@@ -194,13 +195,20 @@ def iter_blocks(
                 rows_read, dict(dropped), [path], extra)
 
 
-def _read_frames(path: str, columns: Sequence[str] | None, block_rows: int | None
-                 ) -> Iterator[pd.DataFrame]:
+def _read_frames(path: str, columns: Sequence[str] | None, block_rows: int | None,
+                 lists: dict[str, str] | None = None) -> Iterator[pd.DataFrame]:
     """The file in frames of text columns of `block_rows` rows (None: the whole file); the
-    frames' index is the 0-based data row in the file, so errors name the row."""
+    frames' index is the 0-based data row in the file, so errors name the row. `lists`: as
+    for `fm_keras.reading.record_batches`."""
     read_header_checked(path, columns or [])
-    for first_row, batch in record_batches(path, columns, block_rows):
+    for first_row, batch in record_batches(path, columns, block_rows, lists):
         yield _text_frame(batch, first_row)
+
+
+def multi_hot_separators(features: Sequence[FeatureConfig]) -> dict[str, str]:
+    """Column -> separator of the multi-hot `features`: the columns a Parquet file may store
+    as lists (`fm_keras.list_columns`)."""
+    return {f.name: f.separator for f in features if f.kind == "multi_hot"}
 
 
 def read_header_checked(path: str, columns: Sequence[str]) -> None:
