@@ -52,7 +52,8 @@ def read_header(path: str) -> list[str]:
     (once per file version in a process); `missing_columns` checks names without it.
 
     Raises:
-        DataError: the file is empty or cannot be read.
+        DataError: the file is empty or cannot be read, or two columns have the same name
+            (a reader would take the first one silently).
     """
     if os.path.getsize(path) == 0:
         raise DataError(f"{path}: the file is empty")
@@ -64,12 +65,26 @@ def read_header(path: str) -> list[str]:
         return list(_libffm_header(path, stat.st_size, stat.st_mtime_ns))
     try:
         if is_parquet(path):
-            return list(pq.read_schema(path).names)
-        skip = pacsv.ParseOptions(newlines_in_values=True, invalid_row_handler=lambda r: "skip")
-        with pacsv.open_csv(path, parse_options=skip) as reader:  # the rows are not checked
-            return list(reader.schema.names)
+            names = list(pq.read_schema(path).names)
+        else:
+            skip = pacsv.ParseOptions(newlines_in_values=True,
+                                      invalid_row_handler=lambda r: "skip")
+            with pacsv.open_csv(path, parse_options=skip) as reader:  # the rows are not checked
+                names = list(reader.schema.names)
     except (pa.ArrowException, OSError) as err:
         raise DataError(f"{path}: cannot read: {_one_line(err)}") from None
+    check_unique(path, names)
+    return names
+
+
+def check_unique(path: str, names: Sequence[str]) -> None:
+    """Raises `DataError` naming the first column name that `names` (a header) holds twice."""
+    seen: set[str] = set()
+    for name in names:
+        if name in seen:
+            raise DataError(f"{path}: column {name!r} appears twice in the header; rename one "
+                            "of them (a reader would take only the first)")
+        seen.add(name)
 
 
 def missing_columns(path: str, columns: Sequence[str]) -> list[str]:
@@ -124,6 +139,7 @@ def record_batches(path: str, columns: Sequence[str] | None = None,
         if is_parquet(path):
             parquet = pq.ParquetFile(path)
             schema = parquet.schema_arrow
+            check_unique(path, schema.names)
             list_columns.check_schema(
                 path, pa.schema([schema.field(c) for c in columns]) if columns else schema,
                 lists or {})

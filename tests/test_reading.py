@@ -13,6 +13,7 @@ import os
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
@@ -222,3 +223,23 @@ def test_a_parquet_list_column_of_a_feature_that_is_not_multi_hot_is_a_one_line_
     with pytest.raises(DataError, match="column 'user_id': a list column"):
         list(read_batches(path, sig, [], 2, lists={"tags": "|"}))
 
+
+def test_a_duplicated_column_name_is_a_one_line_error(tmp_path):
+    """A header naming a column twice trained silently on the first of them."""
+    csv = tmp_path / "dup.csv"
+    csv.write_text("user_id,tags,price,click,tags\nu1,a,1,0,b\nu2,c,2,1,d\n")
+    message = (r"dup.(csv|parquet): column 'tags' appears twice in the header; rename one of "
+               r"them \(a reader would take only the first\)$")
+    with pytest.raises(DataError, match=message):
+        load_split([str(csv)], FEATURES, "click")
+    sig = {"user_id": tf.string, "tags": tf.string, "price": tf.float32}
+    with pytest.raises(DataError, match=message):
+        list(read_batches(str(csv), sig, [], 2))
+    parquet = str(tmp_path / "dup.parquet")
+    pq.write_table(pa.table([pa.array(["u1"]), pa.array(["a"]), pa.array([1.0]),
+                             pa.array([0]), pa.array(["b"])],
+                            names=["user_id", "tags", "price", "click", "tags"]), parquet)
+    with pytest.raises(DataError, match=message):
+        load_split([parquet], FEATURES, "click")
+    with pytest.raises(DataError, match=message):
+        list(record_batches(parquet))
