@@ -265,6 +265,11 @@ def test_header_and_columns(tmp_path):
     ("a.ffm", "1 -1:3:1\n", "line 1: token '-1:3:1': field '-1' is not a non-negative"),
     ("a.ffm", "1 1::1\n", "line 1: token '1::1' is not field:idx:val"),
     ("a.ffm", "1 1:2:y\n", "line 1: token '1:2:y': value 'y' is not a finite number"),
+    # SVMrank's query ids were read as the feature 'qid' of weight N
+    ("a.libsvm", "1 3:1\n2 qid:7 3:1 4:0.5\n", "a.libsvm: line 2: token 'qid:7': qid: ranking "
+     "files are not supported; drop the qid:N tokens"),
+    ("a.libsvm", "1\tqid:1\t3:1\n", "line 1: token 'qid:1': qid: ranking files are not"),
+    ("a.ffm", "1 0:3:1\n0 qid:2 0:3:1\n", "a.ffm: line 2: token 'qid:2': qid: ranking files"),
 ])
 def test_bad_input_names_file_line_and_token(tmp_path, name, text, message):
     path = tmp_path / name
