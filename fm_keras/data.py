@@ -272,8 +272,10 @@ def _label_column(column: pd.Series, label: str, task: str, path: str) -> np.nda
         outside = ~np.isin(values, (0.0, 1.0))
         bad = sorted(set(values[outside].tolist()))[:5]
         row = column.index[int(np.argmax(outside))] + 1
+        fix = ("map the label -1 to 0 (the negative class, as libSVM files often write it)"
+               if bad == [-1.0] else "use task: regression for real-valued targets")
         raise DataError(f"{where}: task 'binary' needs labels in {{0, 1}}, found {bad} (first "
-                        f"at data row {row}); use task: regression for real-valued targets")
+                        f"at data row {row}); {fix}")
     return values
 
 

@@ -366,3 +366,13 @@ def test_a_bad_line_stops_train_with_one_line(tmp_path, capsys):
         f"fm-keras: error: {tmp_path / 'train.libsvm'}: line 3: token 'c' is not idx:val "
         "(a libSVM line is 'label idx:val idx:val ...')")
     assert not (tmp_path / "run").exists()
+
+
+def test_a_binary_task_on_labels_minus_one_says_to_map_them_to_zero(tmp_path):
+    """libSVM's -1/+1 labels: the error said to use task: regression."""
+    path = tmp_path / "train.libsvm"
+    _write(path, "+1 a:1\n-1 b:1\n-1 a:1 b:2\n")
+    with pytest.raises(DataError, match=re.escape(
+            f"{path}: label column 'label': task 'binary' needs labels in {{0, 1}}, found "
+            "[-1.0] (first at data row 2); map the label -1 to 0")):
+        load_split([str(path)], [FeatureConfig("features", "multi_hot", "user")], "label")
