@@ -87,6 +87,19 @@ def check_unique(path: str, names: Sequence[str]) -> None:
         seen.add(name)
 
 
+def bytes_in_memory(path: str) -> int:
+    """The bytes of a file's rows once read: a Parquet file's uncompressed size (its row
+    groups' ``total_byte_size``, from the footer; often ~4x its size on disk), else the file's
+    size on disk (CSV and the text formats are read about as large as they are written)."""
+    if not is_parquet(path):
+        return os.path.getsize(path)
+    try:
+        meta = pq.ParquetFile(path).metadata
+    except (pa.ArrowException, OSError) as err:
+        raise DataError(f"{path}: cannot read: {_one_line(err)}") from None
+    return sum(meta.row_group(i).total_byte_size for i in range(meta.num_row_groups))
+
+
 def missing_columns(path: str, columns: Sequence[str]) -> list[str]:
     """The names in `columns` that the file lacks, in order.
 
