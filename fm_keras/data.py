@@ -71,12 +71,14 @@ def expand_paths(patterns: Sequence[str], shard_index: int = 0, num_shards: int 
     return files[shard_index::num_shards]
 
 
-def read_frame(path: str, columns: Sequence[str] | None = None) -> pd.DataFrame:
+def read_frame(path: str, columns: Sequence[str] | None = None,
+               lists: dict[str, str] | None = None) -> pd.DataFrame:
     """Reads one CSV or Parquet file whole, every column as text (`fm_keras.reading`'s rules;
-    a null cell is ''), the frame's index the 0-based data row."""
+    a null cell is ''), the frame's index the 0-based data row. `lists`: as for
+    `fm_keras.reading.record_batches`."""
     if columns:
         read_header_checked(path, columns)
-    return next(_read_frames(path, columns, None))
+    return next(_read_frames(path, columns, None, lists))
 
 
 def _text_frame(batch, first_row: int) -> pd.DataFrame:

@@ -209,6 +209,13 @@ def test_a_parquet_list_column_reads_as_its_multi_hot_text_on_every_path(tmp_pat
     assert scored == want
     beam = read_rows(ReadableFile(path), {"tags": "string"}, ["row"], 2, lists=lists)
     assert [values["tags"] for _, values in beam] == want
+    gen = str(tmp_path / "examplegen")
+    run_examplegen(InputConfig(input=(path,), label="click", dedup_keys=("row",),
+                               split=SplitConfig(by="hash", column="row", eval_fraction=0.5)),
+                   [path], gen, lists)
+    parts = pd.concat([pd.read_parquet(os.path.join(gen, f"{s}.parquet")) for s in
+                       ("train", "eval")]).assign(row=lambda f: f["row"].astype(int))
+    assert parts.sort_values("row")["tags"].tolist() == want
 
 
 def test_a_parquet_list_column_of_a_feature_that_is_not_multi_hot_is_a_one_line_error(tmp_path):
