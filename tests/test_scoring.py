@@ -10,8 +10,8 @@ import tensorflow as tf
 from fm_keras.config import FeatureConfig
 from fm_keras.data import load_split
 from fm_keras.errors import DataError, ExportError
-from fm_keras.scoring import Progress, recommend, run_signature
-from fm_keras.servables import load_export
+from fm_keras.scoring import Progress, export_list_columns, recommend, run_signature
+from fm_keras.servables import export_metadata, load_export
 
 
 def _expected(exports, frame, signature="serving_default"):
@@ -203,3 +203,7 @@ def test_score_reads_a_parquet_list_column_of_a_multi_hot_feature(exports, small
         run_signature(exports["ranking"], [path], path + ".out.csv", progress=False)
     np.testing.assert_array_equal(pd.read_csv(lists + ".out.csv")["logit"],
                                   pd.read_csv(text + ".out.csv")["logit"])
+    # recommend: a recall export's multi-hot features are its ranking export's
+    ranking = export_list_columns(export_metadata(exports["ranking"])[1])
+    assert ranking["item_tags"] == "|"
+    assert export_list_columns(export_metadata(exports["scann"])[1]) == ranking
