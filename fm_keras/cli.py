@@ -37,6 +37,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True, help="experiment YAML")
     p.add_argument("--out", help="run directory (default: runs/<config name>-<time>)")
     p.add_argument("--resume", action="store_true", help="continue an unfinished run in --out")
+    p.add_argument("--warm-start", "--warm_start", dest="warm_start", metavar="RUN",
+                   help="start from the weights and fitted features of a finished run with the "
+                        "same features and model sections (e.g. yesterday's model on today's "
+                        "data); the optimizer starts afresh")
     p.add_argument("--quiet", action="store_true", help="no per-epoch progress")
 
     p = sub.add_parser("tune", help="hyperparameter search (Optuna) over train; a study on an "
@@ -52,11 +56,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="YAML replacing keys of the default search space (see README)")
     p.add_argument("--seed", type=int, help="sampler seed (default: a fresh one per process)")
 
-    p = sub.add_parser("convert", help="encode CSV/Parquet logs once into a shard directory "
-                       "that one machine (out of core) and a cluster train from")
+    p = sub.add_parser("convert", help="encode CSV/Parquet/libSVM/libFFM logs once into a "
+                       "shard directory that one machine (out of core) and a cluster train from")
     p.add_argument("--config", required=True, help="experiment YAML (feature spec, label, filters)")
-    p.add_argument("--input", nargs="+", help="CSV/Parquet files or globs (default: the "
-                   "experiment's train files)")
+    p.add_argument("--input", nargs="+", help="CSV/Parquet/libSVM/libFFM files or globs "
+                   "(default: the experiment's train files)")
     p.add_argument("--out", required=True, help="new directory for the shards (then set "
                    "data: train: OUT/shards.json)")
     p.add_argument("--shards", type=int, default=8,
@@ -219,7 +223,8 @@ def _train(args) -> int:
     config = load_experiment(args.config)
     out = args.out or os.path.join(
         "runs", f"{os.path.splitext(os.path.basename(args.config))[0]}-{time.strftime('%Y%m%d-%H%M%S')}")
-    record = train(config, out, resume=args.resume, verbose=0 if args.quiet else None)
+    record = train(config, out, resume=args.resume, verbose=0 if args.quiet else None,
+                   warm_start=args.warm_start)
     if record is None:  # a non-chief task of a cluster: the chief reports the run
         return 0
     print(json.dumps({"run": out, "best_epoch": record["best_epoch"],

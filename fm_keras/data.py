@@ -306,6 +306,13 @@ def filter_mask(column: pd.Series, flt: FilterConfig, path: str) -> np.ndarray:
                             f"but the filter compares it with {flt.value!r}")
     else:
         col, values = column, [str(v) for v in values]
+        present = col[~col.isin(MISSING_TOKENS)]
+        if flt.op in ("<", "<=", ">", ">=") and len(present) and pd.isna(
+                pd.to_numeric(values[0], errors="coerce")) and \
+                pd.to_numeric(present, errors="coerce").notna().all():
+            raise DataError(f"{path}: filter {flt.name!r}: column {flt.column!r} holds numbers "
+                            f"but the filter orders it against the text {flt.value!r}, which "
+                            "would compare as text; give a number")
     ops = {
         "==": lambda: col == values[0], "!=": lambda: col != values[0],
         "<": lambda: col < values[0], "<=": lambda: col <= values[0],

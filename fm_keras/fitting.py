@@ -24,6 +24,7 @@ import numpy as np
 import pandas as pd
 
 from fm_keras.config import FeatureConfig
+from fm_keras.progress import log
 
 CHUNK = 65_536  # non-missing numeric values merged at a time (fixed: results are exact)
 MAX_LEN_CAP = 64  # default multi-hot max_len never exceeds this
@@ -137,6 +138,8 @@ class _NumericStats:
             self._add(np.concatenate(self.pending))
             self.pending, self.pending_rows = [], 0
         if self.raw.n == 0:  # no value at all: the statistics of a single 0
+            log(f"warning: feature {c.name!r}: every training cell is missing, so the feature "
+                "is a constant 0 and learns nothing; check the column (or drop the feature)")
             self._add(np.zeros(1))
         fill = self.raw.mean if c.default is None else float(c.default)
         if c.buckets is not None:

@@ -66,3 +66,12 @@ def atomic_dir(path: str):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def remove_if_empty(path: str) -> None:
+    """Removes the directory `path` if it exists and holds nothing (a command that failed
+    before writing into a directory it made leaves none); otherwise leaves it."""
+    try:
+        os.rmdir(path)
+    except OSError:  # missing, not empty, or not a directory
+        pass

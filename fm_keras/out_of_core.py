@@ -51,7 +51,7 @@ from fm_keras.config import ExperimentConfig, TrainingConfig
 from fm_keras.data import downsample_negatives, expand_paths, iter_blocks
 from fm_keras.errors import ConfigError, DataError
 from fm_keras.features import FittedFeature, fit_features
-from fm_keras.progress import log
+from fm_keras.progress import RowProgress, log
 from fm_keras.reading import bytes_in_memory, is_parquet
 from fm_keras.tfrecord import is_tfrecord
 
@@ -140,8 +140,10 @@ def fit_pass(config: ExperimentConfig, features: tuple[FittedFeature, ...] | Non
 
     def blocks():
         nonlocal last
+        progress = RowProgress("fit pass")
         for block in iter_blocks(files, config.features, data.label, data.filters,
                                  task=config.model.task, block_rows=block_rows):
+            progress.update(len(block.labels))
             values, counts = np.unique(block.labels, return_counts=True)
             labels.update(dict(zip(values.tolist(), counts.tolist())))
             last = block
@@ -258,9 +260,11 @@ def write_shards(config: ExperimentConfig, encoder, directory: str, fit: StreamF
     with fsutil.atomic_dir(directory) as tmp:
         outs = [open(os.path.join(tmp, n), "wb") for n in names]
         try:
+            progress = RowProgress("shard pass")
             for block in iter_blocks(fit.files, config.features, config.data.label,
                                      config.data.filters, task=config.model.task,
                                      block_rows=block_rows):
+                progress.update(len(block.labels))
                 if not len(block.labels):
                     continue
                 y = block.labels

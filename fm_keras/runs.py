@@ -192,8 +192,10 @@ def calibrate(model: FMModel, valid_split: Split, training: TrainingConfig) -> N
     model.calibration = fit_calibration(
         predict_split(model, valid_split)["logit"], valid_split.labels, training.calibration,
         model.logit_correction, training.seed)
-    log(f"calibration: {model.calibration.method} (fitted on {len(valid_split):,} "
-        "validation rows)")
+    reason = (model.calibration.fit or {}).get("reason")  # why none was fitted, if not
+    log(f"calibration: {model.calibration.method} (" + (
+        reason if model.calibration.method == "none" and reason
+        else f"fitted on {len(valid_split):,} validation rows") + ")")
 
 
 class TrainingState(keras.callbacks.Callback):
@@ -258,6 +260,7 @@ class TrainingState(keras.callbacks.Callback):
         self.stopper = EarlyStopping(t.early_stopping_patience, t.early_stopping_min_delta,
                                      base_loss)
         self.history: list[dict] = []
+        self.warnings: list[str] = []  # run.json's, beside the epoch-cap one (`finish`)
         self.checkpoint_epoch = 0
         self._checkpointed_at = time.monotonic()
         if resume and self.last.latest_checkpoint:
@@ -339,7 +342,8 @@ class TrainingState(keras.callbacks.Callback):
         warning = self.convergence_warning()
         if warning:
             log(f"warning: {warning}")
-        return {"converged": warning is None, "warnings": [warning] if warning else []}
+        return {"converged": warning is None,
+                "warnings": [*self.warnings, *([warning] if warning else [])]}
 
     def restore_best(self) -> None:
         """Puts the best epoch's weights back (if an epoch ran) after the checkpoint writes
@@ -369,15 +373,18 @@ def watch_defined_metric(state: TrainingState, valid: Split) -> list[keras.callb
 
     AUC is undefined on one class; Keras' AUC metric would report 0.0 every epoch and early
     stopping would keep the worst epoch. Logs a warning and returns a callback (to run before
-    `state`) that drops the meaningless ``val_auc`` from the epoch logs; else returns [].
+    `state`) that drops the meaningless ``val_auc`` from the epoch logs (the warning also goes
+    to run.json's ``warnings``); else returns [].
     """
     monitor, sign = early_stopping_monitor(state.config.model.task, valid.labels)
     if monitor == state.monitor:
         return []
-    log(f"warning: {valid.files[0] if valid.files else 'validation rows'}: label column "
-        f"{state.config.data.label!r}: every validation row has label "
-        f"{single_class(valid.labels):g}, so AUC is undefined; early stopping watches "
-        f"{monitor} instead")
+    warning = (f"{valid.files[0] if valid.files else 'validation rows'}: label column "
+               f"{state.config.data.label!r}: every validation row has label "
+               f"{single_class(valid.labels):g}, so AUC is undefined; early stopping watches "
+               f"{monitor} instead")
+    log(f"warning: {warning}")
+    state.warnings.append(warning)
     state.monitor, state.sign = monitor, sign
     return [keras.callbacks.LambdaCallback(
         on_epoch_end=lambda epoch, logs: (logs or {}).pop("val_auc", None))]

@@ -66,7 +66,23 @@ def train(config: ExperimentConfig, run_dir: str, *, resume: bool = False,
         RunError: among others, `resume` of a checkpoint in the FM's layout before its
             per-id ``table`` (`fm_keras.layers.require_table_layout`; a `warm_start` from such
             a run reads its weights converted, `fm_keras.layers.read_weights`).
+
+    A run that fails or is stopped (Ctrl-C, SIGTERM) before it wrote anything leaves no
+    `run_dir` it created; one stopped later keeps its checkpoints, for ``--resume``.
     """
+    existed = os.path.isdir(run_dir)
+    try:
+        return _train(config, run_dir, resume=resume, verbose=verbose, warm_start=warm_start,
+                      callbacks=callbacks)
+    except BaseException:
+        if not existed:
+            fsutil.remove_if_empty(run_dir)
+        raise
+
+
+def _train(config: ExperimentConfig, run_dir: str, *, resume: bool, verbose: int | None,
+           warm_start: str | None, callbacks: list | None) -> dict:
+    """`train`'s work."""
     if resume:
         last = tf.train.latest_checkpoint(os.path.join(run_dir, "checkpoints", "last"))
         if last:

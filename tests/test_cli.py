@@ -53,6 +53,17 @@ def test_train_and_evaluate_print_json(small_synth, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "the diagram is a PNG; name the file *.png" in err and len(err.splitlines()) == 1
     assert not text.exists()
+    # --warm-start: from the finished run; from a directory that is not one, a one-line error
+    warm = str(tmp_path / "warm")
+    assert main(["train", "--config", str(config), "--out", warm, "--quiet",
+                 "--warm-start", run_dir]) == 0
+    assert f"warm start from {run_dir}" in capsys.readouterr().err
+    assert main(["train", "--config", str(config), "--out", str(tmp_path / "cold"), "--quiet",
+                 "--warm_start", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.splitlines()[-1] == f"fm-keras: error: {tmp_path}: cannot warm-start from it: " \
+        "not a finished run" and err.count("error") == 1
+    assert not (tmp_path / "cold").exists()
 
 
 def _run_cli(*args, cwd):

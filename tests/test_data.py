@@ -84,6 +84,12 @@ def test_filter_ops(tmp_path):
         column = "price" if op in (">=", "is_null") else ("user" if op == "in" else "is_cached")
         flt = FilterConfig("f", column, op, value)
         assert load_split([path], FEATURES, "click", [flt]).dropped == {"f": dropped}, op
+    # Text orders text (ISO dates); ordering numbers against a word is a mistake, not a filter.
+    assert load_split([path], FEATURES, "click", [FilterConfig("f", "user", ">=", "u2")]
+                      ).dropped == {"f": 3}
+    with pytest.raises(DataError, match=r"a\.csv: filter 'f': column 'price' holds numbers but "
+                                        r"the filter orders it against the text 'abc'"):
+        load_split([path], FEATURES, "click", [FilterConfig("f", "price", ">=", "abc")])
 
 
 def test_sample_weights():

@@ -131,10 +131,16 @@ def test_histogram_quantiles_equal_numpy(seed):
     assert histogram_quantiles(values, counts, 0.99) == np.percentile(data, 99)
 
 
-def test_empty_numeric_column_fits_zero():
+def test_empty_numeric_column_fits_zero_with_a_warning(capsys):
     c = FeatureConfig("x", "numeric", "item", normalization="standard")
     fitter = FeatureFitter([c])
     fitter.update({"x": np.array([np.nan, np.nan], np.float32)})
     assert fitter.finish()[0] == {"center": 0.0, "scale": 1e-6, "clip_min": 0.0,
                                   "clip_max": 0.0, "fill": 0.0}
+    assert "warning: feature 'x': every training cell is missing, so the feature is a constant " \
+           "0 and learns nothing" in capsys.readouterr().err
+    fitter = FeatureFitter([c])  # one value: no warning
+    fitter.update({"x": np.array([np.nan, 2.0], np.float32)})
+    fitter.finish()
+    assert capsys.readouterr().err == ""
     assert re.fullmatch(weighted_token_pattern(":"), "a:0.5")

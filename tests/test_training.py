@@ -75,6 +75,30 @@ def test_bad_data_leaves_no_run_dir(small_synth, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("existed", [False, True])
+def test_a_run_stopped_before_writing_leaves_no_run_dir_it_made(small_synth, tmp_path,
+                                                                 monkeypatch, existed):
+    # Ctrl-C / SIGTERM while the out-of-core shards are written: the shard writer removes its
+    # temp directory, which left the (empty) run directory it had been made in.
+    synth_dir, _ = small_synth
+    config = _config(synth_dir)
+    config = dataclasses.replace(config, data=dataclasses.replace(config.data,
+                                                                  out_of_core="true"))
+    run_dir = tmp_path / "run"
+
+    def stopped_while_writing(config, encoder, directory, fit):
+        os.makedirs(directory)
+        os.rmdir(directory)  # as fsutil.atomic_dir cleans up on the way out
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(training.out_of_core, "write_shards", stopped_while_writing)
+    if existed:
+        run_dir.mkdir()
+    with pytest.raises(KeyboardInterrupt):
+        train(config, str(run_dir), verbose=0)
+    assert run_dir.exists() == existed  # a directory that was there before stays
+
+
 def _with_split(config, role, path):
     return dataclasses.replace(config, data=dataclasses.replace(config.data, **{role: (path,)}))
 
@@ -95,7 +119,10 @@ def test_single_class_validation_stops_on_logloss(small_synth, tmp_path, capsys)
     frame[frame["click"] == 0].to_csv(tmp_path / "valid0.csv", index=False)
     config = _with_split(_config(synth_dir), "valid", str(tmp_path / "valid0.csv"))
     record = train(config, str(tmp_path / "run"), verbose=0)
-    assert "AUC is undefined; early stopping watches val_logloss" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "AUC is undefined; early stopping watches val_logloss" in err
+    assert "calibration: none (validation rows hold one class)" in err
+    assert any("AUC is undefined" in w for w in record["warnings"])
     state = json.loads((tmp_path / "run" / "state.json").read_text())
     assert state["monitor"] == "val_logloss"
     assert all("val_auc" not in epoch and epoch["val_logloss"] > 0 for epoch in record["history"])
