@@ -29,7 +29,8 @@ from collections.abc import Sequence
 import numpy as np
 
 from fm_keras.errors import ExportError
-from fm_keras.scoring import check_output, default_keep, outputs_table, output_format
+from fm_keras.scoring import (check_output, default_keep, export_list_columns, outputs_table,
+                              output_format)
 
 RUNNERS = ("DirectRunner", "DataflowRunner", "FlinkRunner", "SparkRunner")
 
@@ -80,11 +81,13 @@ def call_signature(model, batch, inference_args, model_id=None, *, signature: st
             for i, row in enumerate(batch)]
 
 
-def read_rows(readable_file, types: dict, keep: Sequence[str], chunk_rows: int = 65_536):
+def read_rows(readable_file, types: dict, keep: Sequence[str], chunk_rows: int = 65_536,
+              lists: dict[str, str] | None = None):
     """One CSV/Parquet file -> ``(kept values, {input: value})`` per row, read by
     `fm_keras.reading` as `fm-keras score` and `fm-keras train` read it: float32 inputs by its
     numeric rule (a missing token is NaN), everything else the text as written. The file is
-    streamed in chunks of `chunk_rows`, never read whole.
+    streamed in chunks of `chunk_rows`, never read whole. `lists`: the multi-hot columns a
+    Parquet file may store as lists, with their separators (`fm_keras.list_columns`).
 
     A file on a remote filesystem is copied to a local temp file first (the reader needs a
     path; the copy is streamed and deleted after).
@@ -96,7 +99,7 @@ def read_rows(readable_file, types: dict, keep: Sequence[str], chunk_rows: int =
     wanted = list(dict.fromkeys([*types, *keep]))
     with _local_copy(readable_file) as local:
         check_columns(path, wanted, local)
-        for first, batch in record_batches(local, wanted, chunk_rows):
+        for first, batch in record_batches(local, wanted, chunk_rows, lists):
             columns = {name: numbers(batch.column(name), f"{path}: column {name!r}", first)
                        if types.get(name) == "float32" else texts(batch.column(name))
                        for name in wanted}
@@ -176,7 +179,7 @@ def score_with_beam(model: str, inputs: Sequence[str], output: str, *,
     fmt = output_format(output)
     if not remote:
         check_output(output)
-    version_dir, loaded, _ = load_export(model)
+    version_dir, loaded, meta = load_export(model)
     if signature not in loaded.signatures:
         raise ExportError(f"{version_dir}: no signature {signature!r}; it has "
                           f"{sorted(loaded.signatures)}")
@@ -208,7 +211,8 @@ def score_with_beam(model: str, inputs: Sequence[str], output: str, *,
               | "Files" >> beam.Create(list(files) + [p for p in inputs if "://" in p])
               | "Match" >> fileio.MatchAll()
               | "Open" >> fileio.ReadMatches()
-              | "Rows" >> beam.FlatMap(read_rows, types=types, keep=list(keep))
+              | "Rows" >> beam.FlatMap(read_rows, types=types, keep=list(keep),
+                                        lists=export_list_columns(meta))
               | "Score" >> RunInference(handler)
               | "Batch" >> beam.BatchElements(min_batch_size=1, max_batch_size=batch_size)
               | "Table" >> beam.Map(to_table))

@@ -71,12 +71,14 @@ def expand_paths(patterns: Sequence[str], shard_index: int = 0, num_shards: int 
     return files[shard_index::num_shards]
 
 
-def read_frame(path: str, columns: Sequence[str] | None = None) -> pd.DataFrame:
+def read_frame(path: str, columns: Sequence[str] | None = None,
+               lists: dict[str, str] | None = None) -> pd.DataFrame:
     """Reads one CSV or Parquet file whole, every column as text (`fm_keras.reading`'s rules;
-    a null cell is ''), the frame's index the 0-based data row."""
+    a null cell is ''), the frame's index the 0-based data row. `lists`: as for
+    `fm_keras.reading.record_batches`."""
     if columns:
         read_header_checked(path, columns)
-    return next(_read_frames(path, columns, None))
+    return next(_read_frames(path, columns, None, lists))
 
 
 def _text_frame(batch, first_row: int) -> pd.DataFrame:
@@ -175,9 +177,10 @@ def iter_blocks(
     needed += [flt.column for flt in filters] + list(passthrough) + ([weight] if weight else [])
     needed = list(dict.fromkeys(needed))
     dropped, rows_read = {flt.name: 0 for flt in filters}, 0
+    lists = multi_hot_separators(features)
     for path in files:
         check_features(path, features)
-        for frame in _read_frames(path, needed, block_rows):
+        for frame in _read_frames(path, needed, block_rows, lists):
             rows_read += len(frame)
             keep = np.ones(len(frame), dtype=bool)
             for flt in filters:
@@ -194,13 +197,20 @@ def iter_blocks(
                 rows_read, dict(dropped), [path], extra)
 
 
-def _read_frames(path: str, columns: Sequence[str] | None, block_rows: int | None
-                 ) -> Iterator[pd.DataFrame]:
+def _read_frames(path: str, columns: Sequence[str] | None, block_rows: int | None,
+                 lists: dict[str, str] | None = None) -> Iterator[pd.DataFrame]:
     """The file in frames of text columns of `block_rows` rows (None: the whole file); the
-    frames' index is the 0-based data row in the file, so errors name the row."""
+    frames' index is the 0-based data row in the file, so errors name the row. `lists`: as
+    for `fm_keras.reading.record_batches`."""
     read_header_checked(path, columns or [])
-    for first_row, batch in record_batches(path, columns, block_rows):
+    for first_row, batch in record_batches(path, columns, block_rows, lists):
         yield _text_frame(batch, first_row)
+
+
+def multi_hot_separators(features: Sequence[FeatureConfig]) -> dict[str, str]:
+    """Column -> separator of the multi-hot `features`: the columns a Parquet file may store
+    as lists (`fm_keras.list_columns`)."""
+    return {f.name: f.separator for f in features if f.kind == "multi_hot"}
 
 
 def read_header_checked(path: str, columns: Sequence[str]) -> None:
@@ -264,8 +274,10 @@ def _label_column(column: pd.Series, label: str, task: str, path: str) -> np.nda
         outside = ~np.isin(values, (0.0, 1.0))
         bad = sorted(set(values[outside].tolist()))[:5]
         row = column.index[int(np.argmax(outside))] + 1
+        fix = ("map the label -1 to 0 (the negative class, as libSVM files often write it)"
+               if bad == [-1.0] else "use task: regression for real-valued targets")
         raise DataError(f"{where}: task 'binary' needs labels in {{0, 1}}, found {bad} (first "
-                        f"at data row {row}); use task: regression for real-valued targets")
+                        f"at data row {row}); {fix}")
     return values
 
 

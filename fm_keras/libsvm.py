@@ -21,7 +21,8 @@ Rules (one per problem, each an error naming the file, the line and the token): 
 separated by ASCII spaces and tabs; a line is never blank; the label and every ``val`` are
 numbers by the multi-hot weight rule (`fm_keras.fitting.NUMBER`: ``1``, ``-2.5``, ``.5``,
 ``1e3``, ``+1``) and finite as float32; ``idx`` is any text without ``:``, ``|`` or spaces
-(``007`` stays ``"007"``), never empty. No comments, no ``qid:``.
+(``007`` stays ``"007"``), never empty. No comments, no ``qid:N`` token (SVMrank's query id:
+an error, not a feature ``qid`` of weight N).
 
 The parse runs in pyarrow's C++ kernels over a block's lines (no Python loop per line or
 token): one RE2 match of each line against the rules, a whitespace split into tokens, a join
@@ -60,6 +61,8 @@ _TOKEN = {"libsvm": f"{_IDX}:(?:{NUMBER})", "libffm": f"{_FIELD}:{_IDX}:(?:{NUMB
 # an exponent, or 39 digits in a row).
 _GOOD_LINE = {fmt: f"^(?:{NUMBER})(?:{_GAP}{token})*[{_SPACES}]*$" for fmt, token in _TOKEN.items()}
 _MAYBE_HUGE = "[eE]|[0-9]{39}"
+_QID = f"[{_SPACES}]qid:"  # SVMrank's query id token, after the label
+QID_PROBLEM = "qid: ranking files are not supported; drop the qid:N tokens"
 
 
 def text_format(path: str) -> str | None:
@@ -169,6 +172,7 @@ def _first_bad_line(lines: pa.Array, fmt: str) -> int | None:
     """The 0-based index of the first line that breaks a rule, or None: an RE2 match of every
     line, then float32's range where a number may leave it."""
     good = pc.match_substring_regex(lines, _GOOD_LINE[fmt]).to_numpy(zero_copy_only=False)
+    good &= ~pc.match_substring_regex(lines, _QID).to_numpy(zero_copy_only=False)
     maybe = np.flatnonzero(good & pc.match_substring_regex(lines, _MAYBE_HUGE).to_numpy(
         zero_copy_only=False))
     if len(maybe):
@@ -192,6 +196,8 @@ def _problem(line: str, fmt: str) -> str:
     if not _is_number(tokens[0]):
         return f"label {_short(tokens[0])!r} is not a finite number"
     for token in tokens[1:]:
+        if token.startswith("qid:"):
+            return f"token {_short(token)!r}: {QID_PROBLEM}"
         if not re.fullmatch(_TOKEN[fmt], token) or not _is_number(token.rsplit(":", 1)[1]):
             return f"token {_short(token)!r}{_token_problem(token, fmt)}"
     return "not read by the rules"  # unreachable while Python's re and RE2 agree on them

@@ -8,7 +8,8 @@ Two streaming passes over the training files, then every epoch from disk::
 
 Only blocks of rows, the vocabularies and a shuffle buffer are ever in memory; the in-memory
 path (`fm_keras.training`) holds every row. ``data.out_of_core`` chooses: ``auto`` goes out of
-core when the training files hold more than ``data.out_of_core_mb`` MiB. ``fm-keras convert``
+core when the training files hold more than ``data.out_of_core_mb`` MiB (a Parquet file's
+uncompressed size, `fm_keras.reading.bytes_in_memory`). ``fm-keras convert``
 (`fm_keras.convert`) writes the same directory once for many runs, on one machine or a cluster
 (`shard_dataset` gives each synchronous worker its own files).
 
@@ -51,6 +52,7 @@ from fm_keras.data import downsample_negatives, expand_paths, iter_blocks
 from fm_keras.errors import ConfigError, DataError
 from fm_keras.features import FittedFeature, fit_features
 from fm_keras.progress import RowProgress, log
+from fm_keras.reading import bytes_in_memory, is_parquet
 from fm_keras.tfrecord import is_tfrecord
 
 MANIFEST = "shards.json"
@@ -69,7 +71,6 @@ def choose(config: ExperimentConfig) -> tuple[bool, str]:
     """
     data = config.data
     files = expand_paths(data.train)
-    size = sum(os.path.getsize(f) for f in files)
     unsupported = _unsupported(config, files)
     if data.out_of_core == "false":
         return False, "data.out_of_core is false"
@@ -78,8 +79,12 @@ def choose(config: ExperimentConfig) -> tuple[bool, str]:
             raise ConfigError(f"{config.source}: data: out_of_core: {unsupported}; set "
                               "out_of_core: false (or auto) for this experiment")
         return True, "data.out_of_core is true"
+    size = sum(bytes_in_memory(f) for f in files)
     over = size > data.out_of_core_mb * 2**20
-    text = f"training files {size / 2**20:,.1f} MiB {'>' if over else '<='} " \
+    on_disk = sum(os.path.getsize(f) for f in files if is_parquet(f))
+    which = (f" (Parquet: uncompressed size from the file metadata; {on_disk / 2**20:,.1f} "
+             "MiB on disk)" if on_disk else "")
+    text = f"training files {size / 2**20:,.1f} MiB{which} {'>' if over else '<='} " \
            f"data.out_of_core_mb {data.out_of_core_mb:g}"
     if over and unsupported:
         return False, f"{text}, but {unsupported}"

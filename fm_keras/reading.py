@@ -7,7 +7,9 @@ their files here, so a file means the same thing to each of them:
   mark; LF or CRLF line ends; fields quoted with ``"`` may hold the delimiter, ``""`` and line
   breaks; blank lines are skipped; every cell is read as the text written (``007`` and ``1e3``
   stay ``"007"`` and ``"1e3"``: ids are never retyped). Parquet columns keep their types; text
-  is asked of them through `as_text`.
+  is asked of them through `as_text`. A Parquet list column of a multi-hot feature is read as
+  its elements joined with the feature's separator (`fm_keras.list_columns`); any other nested
+  column is an error naming the file and column.
 - A text cell is taken as written, an absent (null) one is ``""``.
 - A numeric cell (`numbers`) is a number as Arrow parses it (``1``, ``-2.5``, ``.5``, ``1e3``,
   ``+1``; spaces around it are ignored), or missing (NaN) when it is one of `MISSING_TOKENS`;
@@ -23,7 +25,7 @@ from __future__ import annotations
 
 import functools
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -31,7 +33,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from fm_keras import libsvm
+from fm_keras import libsvm, list_columns
 from fm_keras.errors import DataError
 
 MISSING_TOKENS = ("", "nan", "NaN", "NA", "null", "None")
@@ -50,7 +52,8 @@ def read_header(path: str) -> list[str]:
     (once per file version in a process); `missing_columns` checks names without it.
 
     Raises:
-        DataError: the file is empty or cannot be read.
+        DataError: the file is empty or cannot be read, or two columns have the same name
+            (a reader would take the first one silently).
     """
     if os.path.getsize(path) == 0:
         raise DataError(f"{path}: the file is empty")
@@ -62,12 +65,39 @@ def read_header(path: str) -> list[str]:
         return list(_libffm_header(path, stat.st_size, stat.st_mtime_ns))
     try:
         if is_parquet(path):
-            return list(pq.read_schema(path).names)
-        skip = pacsv.ParseOptions(newlines_in_values=True, invalid_row_handler=lambda r: "skip")
-        with pacsv.open_csv(path, parse_options=skip) as reader:  # the rows are not checked
-            return list(reader.schema.names)
+            names = list(pq.read_schema(path).names)
+        else:
+            skip = pacsv.ParseOptions(newlines_in_values=True,
+                                      invalid_row_handler=lambda r: "skip")
+            with pacsv.open_csv(path, parse_options=skip) as reader:  # the rows are not checked
+                names = list(reader.schema.names)
     except (pa.ArrowException, OSError) as err:
         raise DataError(f"{path}: cannot read: {_one_line(err)}") from None
+    check_unique(path, names)
+    return names
+
+
+def check_unique(path: str, names: Sequence[str]) -> None:
+    """Raises `DataError` naming the first column name that `names` (a header) holds twice."""
+    seen: set[str] = set()
+    for name in names:
+        if name in seen:
+            raise DataError(f"{path}: column {name!r} appears twice in the header; rename one "
+                            "of them (a reader would take only the first)")
+        seen.add(name)
+
+
+def bytes_in_memory(path: str) -> int:
+    """The bytes of a file's rows once read: a Parquet file's uncompressed size (its row
+    groups' ``total_byte_size``, from the footer; often ~4x its size on disk), else the file's
+    size on disk (CSV and the text formats are read about as large as they are written)."""
+    if not is_parquet(path):
+        return os.path.getsize(path)
+    try:
+        meta = pq.ParquetFile(path).metadata
+    except (pa.ArrowException, OSError) as err:
+        raise DataError(f"{path}: cannot read: {_one_line(err)}") from None
+    return sum(meta.row_group(i).total_byte_size for i in range(meta.num_row_groups))
 
 
 def missing_columns(path: str, columns: Sequence[str]) -> list[str]:
@@ -84,7 +114,8 @@ def missing_columns(path: str, columns: Sequence[str]) -> list[str]:
 
 
 def record_batches(path: str, columns: Sequence[str] | None = None,
-                   block_rows: int | None = 65_536) -> Iterator[tuple[int, pa.RecordBatch]]:
+                   block_rows: int | None = 65_536, lists: Mapping[str, str] | None = None
+                   ) -> Iterator[tuple[int, pa.RecordBatch]]:
     """Streams one file as Arrow record batches of at most `block_rows` rows.
 
     Args:
@@ -93,6 +124,8 @@ def record_batches(path: str, columns: Sequence[str] | None = None,
         columns: the columns to read (every column when None); the caller checks that the
             header has them (`read_header`).
         block_rows: rows per batch; None reads the whole file as one batch.
+        lists: column -> separator of the multi-hot columns that a Parquet file may store as
+            lists (`fm_keras.list_columns`): such a column comes back as joined text.
 
     Yields:
         ``(first_row, batch)``: the 0-based data row of the batch's first row, and the batch.
@@ -101,7 +134,8 @@ def record_batches(path: str, columns: Sequence[str] | None = None,
 
     Raises:
         DataError: the file is empty, has a header but no rows, is not valid UTF-8, or a row
-            has a different number of fields than the header (naming the line); for libSVM
+            has a different number of fields than the header (naming the line); a Parquet
+            nested column that `fm_keras.list_columns.check_schema` rejects; for libSVM
             and libFFM, any problem of `fm_keras.libsvm.parse_lines` (naming line and token).
     """
     if os.path.getsize(path) == 0:
@@ -116,8 +150,14 @@ def record_batches(path: str, columns: Sequence[str] | None = None,
     start = 0
     try:
         if is_parquet(path):
-            pending = pq.ParquetFile(path).iter_batches(
-                block_rows or 65_536, columns=list(columns) if columns else None)
+            parquet = pq.ParquetFile(path)
+            schema = parquet.schema_arrow
+            check_unique(path, schema.names)
+            list_columns.check_schema(
+                path, pa.schema([schema.field(c) for c in columns]) if columns else schema,
+                lists or {})
+            pending = parquet.iter_batches(block_rows or 65_536,
+                                           columns=list(columns) if columns else None)
         else:
             names = list(columns) if columns else read_header(path)
             pending = pacsv.open_csv(
@@ -128,6 +168,8 @@ def record_batches(path: str, columns: Sequence[str] | None = None,
                     strings_can_be_null=False, quoted_strings_can_be_null=False),
                 memory_pool=_pool())
         for batch in _rebatch(pending, block_rows):
+            if lists:
+                batch = list_columns.join_lists(batch, lists, path, start)
             yield start, batch
             start += batch.num_rows
     except pa.ArrowInvalid as err:

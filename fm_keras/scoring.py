@@ -21,7 +21,8 @@ import pyarrow.parquet as pq
 
 from fm_keras._tf import tf
 from fm_keras.arrow_text import split_ids, string_tensor
-from fm_keras.data import column_hint, expand_paths
+from fm_keras.config import FeatureConfig
+from fm_keras.data import column_hint, expand_paths, multi_hot_separators
 from fm_keras.reading import is_parquet, missing_columns, numbers, read_header, record_batches
 from fm_keras.errors import DataError, ExportError
 from fm_keras.progress import log
@@ -77,8 +78,8 @@ class Progress:
 
 
 def read_batches(path: str, types: dict[str, tf.DType], keep: Sequence[str],
-                 batch_size: int, derived: dict[str, tuple[str, Callable]] | None = None
-                 ) -> Iterator[dict[str, tf.Tensor]]:
+                 batch_size: int, derived: dict[str, tuple[str, Callable]] | None = None,
+                 lists: dict[str, str] | None = None) -> Iterator[dict[str, tf.Tensor]]:
     """One file as batches of column tensors, typed as the signature wants.
 
     The file is read by `fm_keras.reading` (the reader and cell rules of `fm-keras train`):
@@ -89,6 +90,9 @@ def read_batches(path: str, types: dict[str, tf.DType], keep: Sequence[str],
 
     `derived` adds values computed from a column's Arrow array: ``{name: (column, fn)}``
     yields ``name: fn(column's array)`` (e.g. `split_ids` of a list column).
+
+    `lists`: column -> separator of the multi-hot columns a Parquet file may store as lists
+    (`fm_keras.list_columns`; `export_list_columns` of the export).
 
     Yields:
         ``{column: tensor of shape [rows]}``, float32 or string, at most `batch_size` rows.
@@ -101,12 +105,24 @@ def read_batches(path: str, types: dict[str, tf.DType], keep: Sequence[str],
     check_columns(path, wanted)
     # Two stages on two threads (with the caller's `_prefetched`): pyarrow parses the next
     # batch while this one becomes tensors.
-    for first, batch in _prefetched(record_batches(path, wanted, batch_size)):
+    for first, batch in _prefetched(record_batches(path, wanted, batch_size, lists)):
         yield {**{name: tf.constant(numbers(batch.column(name), f"{path}: column {name!r}",
                                             first))
                   if types.get(name) == tf.float32 else string_tensor(batch.column(name))
                   for name in [*types, *keep]},
                **{name: fn(batch.column(column)) for name, (column, fn) in derived.items()}}
+
+
+def export_list_columns(meta: dict) -> dict[str, str]:
+    """Column -> separator of the multi-hot features of an export (a recall export's from
+    the metadata of the ranking export it was built from; {} when that is gone)."""
+    entries = meta.get("features")
+    if entries is None and meta.get("ranking_model"):
+        try:
+            entries = export_metadata(meta["ranking_model"])[1].get("features")
+        except ExportError:
+            return {}
+    return multi_hot_separators([FeatureConfig(**e["config"]) for e in entries or []])
 
 
 def _prefetched(batches: Iterator) -> Iterator:
@@ -206,7 +222,8 @@ def run_signature(model: str, inputs: Sequence[str], output: str, *,
                   signature: str = "serving_default", batch_size: int = 16_384,
                   keep: Sequence[str] | None = None, progress: bool = True,
                   derive: dict[str, tuple[str, Callable]] | None = None,
-                  to_table: Callable[[dict, dict, str], pa.Table] = outputs_table) -> dict:
+                  to_table: Callable[[dict, dict, str], pa.Table] = outputs_table,
+                  lists: dict[str, str] | None = None) -> dict:
     """Streams files through one signature of an export into `output`; returns a summary.
 
     Args:
@@ -218,6 +235,8 @@ def run_signature(model: str, inputs: Sequence[str], output: str, *,
             ``{input: (column, fn of its Arrow array)}`` (e.g. the exclusion lists of
             `recommend`).
         to_table: builds the output rows of a batch from (kept columns, outputs, format).
+        lists: columns (besides the export's multi-hot features) that a Parquet file may
+            store as lists, with the separator to join them with.
     """
     check_output(output)
     if batch_size < 1:
@@ -231,6 +250,7 @@ def run_signature(model: str, inputs: Sequence[str], output: str, *,
     types = {name: spec.dtype for name, spec in fn.structured_input_signature[1].items()}
     derived = set(derive or {})
     read_types = {n: t for n, t in types.items() if n not in derived}
+    lists = {**export_list_columns(meta), **(lists or {})}
     keep = list(keep) if keep is not None else default_keep(read_header(files[0]))
     fmt = output_format(output)
     warm = time.time()
@@ -246,7 +266,8 @@ def run_signature(model: str, inputs: Sequence[str], output: str, *,
         for path in files:
             # The next batch is read and parsed while the signature runs on this one.
             per_row, rows_in_file = _bytes_per_row(path), 0
-            for columns in _prefetched(read_batches(path, read_types, keep, batch_size, derive)):
+            for columns in _prefetched(read_batches(path, read_types, keep, batch_size, derive,
+                                                    lists)):
                 outputs = {k: v.numpy() for k, v in fn(**{n: columns[n] for n in types}).items()}
                 kept = {k: columns[k].numpy() for k in keep}
                 if pending is not None:
@@ -345,6 +366,7 @@ def recommend(model: str, users: Sequence[str], output: str, k: int, *,
 
     summary = run_signature(model, users, output, batch_size=batch_size, keep=keep,
                             progress=progress, derive=derive, to_table=to_table,
-                            signature="exclude_seen" if exclude_column else "serving_default")
+                            signature="exclude_seen" if exclude_column else "serving_default",
+                            lists={exclude_column: "|"} if exclude_column else None)
     summary.update(k=k, users_fewer_than_k=short[0], **(unknown.summary() if unknown else {}))
     return summary

@@ -50,6 +50,10 @@ def test_sharding_takes_every_nth_file(tmp_path):
     ({"price": ["1", "2", "abc", "4"]}, "a.csv: column 'price' \\(numeric feature\\): non-numeric value 'abc' at data row 3"),
     ({"click": [0, 1, 2, 0]}, "a.csv: label column 'click': task 'binary' needs labels in \\{0, 1\\}, found \\[2.0\\] \\(first at data row 3\\)"),
     ({"click": [0, 1, "", 0]}, "a.csv: label column 'click': missing label at data row 3"),
+    ({"click": [1, -1, -1, 1]}, r"a.csv: label column 'click': task 'binary' needs labels in "
+     r"\{0, 1\}, found \[-1.0\] \(first at data row 2\); map the label -1 to 0 \(the negative "
+     r"class, as libSVM files often write it\)$"),
+    ({"click": [1, -1, 2, 1]}, r"found \[-1.0, 2.0\] .*; use task: regression for real-valued"),
 ])
 def test_bad_values_name_file_and_column(tmp_path, overrides, message):
     with pytest.raises(DataError, match=message):

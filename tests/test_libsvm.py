@@ -265,6 +265,11 @@ def test_header_and_columns(tmp_path):
     ("a.ffm", "1 -1:3:1\n", "line 1: token '-1:3:1': field '-1' is not a non-negative"),
     ("a.ffm", "1 1::1\n", "line 1: token '1::1' is not field:idx:val"),
     ("a.ffm", "1 1:2:y\n", "line 1: token '1:2:y': value 'y' is not a finite number"),
+    # SVMrank's query ids were read as the feature 'qid' of weight N
+    ("a.libsvm", "1 3:1\n2 qid:7 3:1 4:0.5\n", "a.libsvm: line 2: token 'qid:7': qid: ranking "
+     "files are not supported; drop the qid:N tokens"),
+    ("a.libsvm", "1\tqid:1\t3:1\n", "line 1: token 'qid:1': qid: ranking files are not"),
+    ("a.ffm", "1 0:3:1\n0 qid:2 0:3:1\n", "a.ffm: line 2: token 'qid:2': qid: ranking files"),
 ])
 def test_bad_input_names_file_line_and_token(tmp_path, name, text, message):
     path = tmp_path / name
@@ -361,3 +366,13 @@ def test_a_bad_line_stops_train_with_one_line(tmp_path, capsys):
         f"fm-keras: error: {tmp_path / 'train.libsvm'}: line 3: token 'c' is not idx:val "
         "(a libSVM line is 'label idx:val idx:val ...')")
     assert not (tmp_path / "run").exists()
+
+
+def test_a_binary_task_on_labels_minus_one_says_to_map_them_to_zero(tmp_path):
+    """libSVM's -1/+1 labels: the error said to use task: regression."""
+    path = tmp_path / "train.libsvm"
+    _write(path, "+1 a:1\n-1 b:1\n-1 a:1 b:2\n")
+    with pytest.raises(DataError, match=re.escape(
+            f"{path}: label column 'label': task 'binary' needs labels in {{0, 1}}, found "
+            "[-1.0] (first at data row 2); map the label -1 to 0")):
+        load_split([str(path)], [FeatureConfig("features", "multi_hot", "user")], "label")

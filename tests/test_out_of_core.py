@@ -7,6 +7,7 @@ import os
 
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 import pytest
 
 from fm_keras import out_of_core
@@ -37,6 +38,25 @@ def test_choice_auto_by_bytes_forced_and_unsupported(small_synth):
     assert not ok and "needs data.valid" in why
     with pytest.raises(ConfigError, match="out_of_core: it needs data.valid files"):
         out_of_core.choose(_config(synth_dir, valid=()))
+
+
+def test_choice_auto_takes_a_parquet_files_uncompressed_size(small_synth, tmp_path):
+    """Parquet is several times smaller on disk than its rows once read: auto decided by the
+    bytes on disk and a Parquet user could run out of memory."""
+    synth_dir, _ = small_synth
+    path = str(tmp_path / "train.parquet")
+    pd.read_csv(os.path.join(synth_dir, "train.csv"), dtype=str).to_parquet(path)
+    meta = pq.ParquetFile(path).metadata
+    uncompressed = sum(meta.row_group(i).total_byte_size for i in range(meta.num_row_groups))
+    on_disk = os.path.getsize(path)
+    assert on_disk < uncompressed  # the file this test needs
+    threshold = (on_disk + uncompressed) / 2 / 2**20
+    ok, why = out_of_core.choose(_config(synth_dir, train=(path,), out_of_core="auto",
+                                         out_of_core_mb=threshold))
+    assert ok, why
+    assert why == (f"training files {uncompressed / 2**20:,.1f} MiB (Parquet: uncompressed size "
+                   f"from the file metadata; {on_disk / 2**20:,.1f} MiB on disk) > "
+                   f"data.out_of_core_mb {threshold:g}")
 
 
 def test_shards_hold_exactly_the_encoded_rows(small_synth, tmp_path):

@@ -13,6 +13,7 @@ import os
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
@@ -180,3 +181,72 @@ def test_batches_hold_block_rows_and_count_data_rows(tmp_path):
     whole = [batch for _, batch in record_batches(str(path), None, None)]
     assert len(whole) == 1 and whole[0].column("b")[9].as_py() == "x\n9"
     assert read_header(str(path)) == ["a", "b"]
+
+
+def test_a_parquet_list_column_reads_as_its_multi_hot_text_on_every_path(tmp_path):
+    """A pandas list column of a multi-hot feature is the cell "a|b" to train/evaluate,
+    out-of-core training, score/recommend and Beam scoring (it crashed them with Arrow's
+    "Unsupported cast from list<element: string> to utf8")."""
+    from fm_keras.beam_scoring import read_rows
+    from fm_keras.scoring import export_list_columns
+
+    tags = [["t1", "t2"], None, [], ["t3", None], ["tag:t81", "a:0.5"]]
+    path = str(tmp_path / "logs.parquet")
+    pd.DataFrame({"row": [str(i) for i in range(5)], "user_id": list("uvwxy"), "tags": tags,
+                  "price": [1.0, 2.0, None, 4.0, 5.0], "click": [0, 1, 0, 1, 1]}
+                 ).to_parquet(path)
+    want = ["t1|t2", "", "", "t3|", "tag:t81|a:0.5"]
+    assert load_split([path], FEATURES, "click").features["tags"].tolist() == want
+    blocks = list(iter_blocks([path], FEATURES, "click", block_rows=2))
+    assert np.concatenate([b.features["tags"] for b in blocks]).tolist() == want
+    meta = {"features": [{"config": {"name": f.name, "kind": f.kind, "tower": f.tower}}
+                         for f in FEATURES]}  # an export's metadata
+    lists = export_list_columns(meta)
+    assert lists == {"tags": "|"}
+    sig = {"user_id": tf.string, "tags": tf.string, "price": tf.float32}
+    scored = [v.decode() for b in read_batches(path, sig, [], 2, lists=lists)
+              for v in b["tags"].numpy()]
+    assert scored == want
+    beam = read_rows(ReadableFile(path), {"tags": "string"}, ["row"], 2, lists=lists)
+    assert [values["tags"] for _, values in beam] == want
+    gen = str(tmp_path / "examplegen")
+    run_examplegen(InputConfig(input=(path,), label="click", dedup_keys=("row",),
+                               split=SplitConfig(by="hash", column="row", eval_fraction=0.5)),
+                   [path], gen, lists)
+    parts = pd.concat([pd.read_parquet(os.path.join(gen, f"{s}.parquet")) for s in
+                       ("train", "eval")]).assign(row=lambda f: f["row"].astype(int))
+    assert parts.sort_values("row")["tags"].tolist() == want
+
+
+def test_a_parquet_list_column_of_a_feature_that_is_not_multi_hot_is_a_one_line_error(tmp_path):
+    path = str(tmp_path / "logs.parquet")
+    pd.DataFrame({"user_id": [["u1"], ["u2"]], "tags": ["a", "b"], "price": [1.0, 2.0],
+                  "click": [0, 1]}).to_parquet(path)
+    with pytest.raises(DataError, match=r"logs.parquet: column 'user_id': a list column "
+                                        r"\(list<element: string>\) is read only for a "
+                                        "multi_hot feature"):
+        load_split([path], FEATURES, "click")
+    sig = {"user_id": tf.string, "tags": tf.string, "price": tf.float32}
+    with pytest.raises(DataError, match="column 'user_id': a list column"):
+        list(read_batches(path, sig, [], 2, lists={"tags": "|"}))
+
+
+def test_a_duplicated_column_name_is_a_one_line_error(tmp_path):
+    """A header naming a column twice trained silently on the first of them."""
+    csv = tmp_path / "dup.csv"
+    csv.write_text("user_id,tags,price,click,tags\nu1,a,1,0,b\nu2,c,2,1,d\n")
+    message = (r"dup.(csv|parquet): column 'tags' appears twice in the header; rename one of "
+               r"them \(a reader would take only the first\)$")
+    with pytest.raises(DataError, match=message):
+        load_split([str(csv)], FEATURES, "click")
+    sig = {"user_id": tf.string, "tags": tf.string, "price": tf.float32}
+    with pytest.raises(DataError, match=message):
+        list(read_batches(str(csv), sig, [], 2))
+    parquet = str(tmp_path / "dup.parquet")
+    pq.write_table(pa.table([pa.array(["u1"]), pa.array(["a"]), pa.array([1.0]),
+                             pa.array([0]), pa.array(["b"])],
+                            names=["user_id", "tags", "price", "click", "tags"]), parquet)
+    with pytest.raises(DataError, match=message):
+        load_split([parquet], FEATURES, "click")
+    with pytest.raises(DataError, match=message):
+        list(record_batches(parquet))

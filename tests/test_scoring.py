@@ -10,8 +10,8 @@ import tensorflow as tf
 from fm_keras.config import FeatureConfig
 from fm_keras.data import load_split
 from fm_keras.errors import DataError, ExportError
-from fm_keras.scoring import Progress, recommend, run_signature
-from fm_keras.servables import load_export
+from fm_keras.scoring import Progress, export_list_columns, recommend, run_signature
+from fm_keras.servables import export_metadata, load_export
 
 
 def _expected(exports, frame, signature="serving_default"):
@@ -186,3 +186,24 @@ def test_progress_writes_whole_lines_to_a_log_and_redraws_a_terminal(capsys, mon
     bar.close()
     err = capsys.readouterr().err
     assert err.startswith("\rfm-keras: [") and err.count("\r") == 2 and err.endswith("\n")
+
+
+def test_score_reads_a_parquet_list_column_of_a_multi_hot_feature(exports, small_synth,
+                                                                   tmp_path):
+    """item_tags stored as a pandas list column scores as its "a|b" text does: the export's
+    metadata says it is multi-hot and with which separator."""
+    test_csv = os.path.join(small_synth[0], "test.csv")
+    frame = pd.read_csv(test_csv, dtype=str, keep_default_na=False).head(500)
+    text = str(tmp_path / "text.parquet")
+    frame.to_parquet(text)
+    lists = str(tmp_path / "lists.parquet")
+    frame.assign(item_tags=[t.split("|") if t else [] for t in frame["item_tags"]]
+                 ).to_parquet(lists)
+    for path in (text, lists):
+        run_signature(exports["ranking"], [path], path + ".out.csv", progress=False)
+    np.testing.assert_array_equal(pd.read_csv(lists + ".out.csv")["logit"],
+                                  pd.read_csv(text + ".out.csv")["logit"])
+    # recommend: a recall export's multi-hot features are its ranking export's
+    ranking = export_list_columns(export_metadata(exports["ranking"])[1])
+    assert ranking["item_tags"] == "|"
+    assert export_list_columns(export_metadata(exports["scann"])[1]) == ranking

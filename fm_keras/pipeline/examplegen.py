@@ -28,15 +28,19 @@ def input_files(patterns) -> list[dict]:
              "mtime_ns": os.stat(p).st_mtime_ns} for p in files]
 
 
-def run_examplegen(data: InputConfig, patterns, out_dir: str) -> dict:
+def run_examplegen(data: InputConfig, patterns, out_dir: str,
+                   lists: dict[str, str] | None = None) -> dict:
     """Writes ``out_dir/{train,eval}.parquet`` and ``counts.json``; returns the counts.
+
+    `lists`: column -> separator of the multi-hot features, whose Parquet list columns are
+    written as their joined text (`fm_keras.list_columns`).
 
     Raises:
         DataError: no file matches, a file is unreadable, a filter, key or split column is
             missing, or nothing is left after cleaning.
     """
     files = expand_paths(list(patterns))
-    frames = [read_frame(p) for p in files]
+    frames = [read_frame(p, lists=lists) for p in files]
     columns = list(frames[0].columns)
     frame = pd.concat(frames, ignore_index=True)
     counts = {"files": [os.path.abspath(p) for p in files], "rows_read": len(frame),

@@ -161,14 +161,17 @@ class PipelineRun:
 
     # ----- the steps: (inputs, params, execute, cacheable) ----------------------------------
     def _examplegen(self):
+        from fm_keras.data import multi_hot_separators
         from fm_keras.pipeline.examplegen import input_files, run_examplegen
 
         patterns = self.config.span_patterns(self.span)
+        # Parquet list columns of multi-hot features are written as their joined text.
+        lists = multi_hot_separators(self.config.features)
         params = {"data": dataclasses.asdict(self.config.data), "span": self.span,
-                  "files": input_files(patterns)}
+                  "files": input_files(patterns), **({"lists": lists} if lists else {})}
 
         def execute(out):
-            counts = run_examplegen(self.config.data, patterns, out)
+            counts = run_examplegen(self.config.data, patterns, out, lists)
             fp = cache.fingerprint_files([os.path.join(out, "train.parquet"),
                                           os.path.join(out, "eval.parquet")])
             return StepResult({"examples": ("Examples", out, fp, {"span": self.span})}, counts)
