@@ -346,7 +346,7 @@ class _BottomK:
 
 def shard_dataset(shards: Shards, training: TrainingConfig, seed: int | None = None, *,
                   batch_size: int | None = None, shard_index: int = 0, num_shards: int = 1,
-                  repeat: bool = False):
+                  repeat: bool = False, source: str | None = None):
     """The shards as a tf.data pipeline of ``({"ids", "values"}, labels, weights)`` batches:
     ids int32 [rows, slots], values float32 [rows, slots], labels and weights float32 [rows].
 
@@ -374,7 +374,8 @@ def shard_dataset(shards: Shards, training: TrainingConfig, seed: int | None = N
     slots, chunk = m["slots"], m["chunk_rows"]
     batch_size = batch_size or training.batch_size
     if batch_size % chunk:
-        raise ConfigError(f"training: batch_size: {batch_size} rows per batch"
+        raise ConfigError(f"{source + ': ' if source else ''}training: batch_size: "
+                          f"{batch_size} rows per batch"
                           f"{' per worker' if num_shards > 1 else ''} is not a multiple of the "
                           f"{chunk} rows per record of the shards in {shards.directory} (written "
                           f"for batch_size {m.get('batch_size', '?')}); choose a batch size whose "

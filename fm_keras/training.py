@@ -153,7 +153,8 @@ def _train(config: ExperimentConfig, run_dir: str, *, resume: bool, verbose: int
                       labels, label_counts, prior)
         trained = (None if shards.zero_value_ids is None else  # shards of an older version
                    trained_rows(model.fm.num_ids, shards.zero_value_ids, counts=shards.counts))
-        train_ds = out_of_core.shard_dataset(shards, config.training, config.training.seed)
+        train_ds = out_of_core.shard_dataset(shards, config.training, config.training.seed,
+                                             source=config.source)
         rows["train"] = shards.rows
     elif config.training.negatives.per_positive:
         negatives = SampledNegatives(config, model.encoder, train_split)

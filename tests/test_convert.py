@@ -83,6 +83,14 @@ def test_one_machine_trains_from_the_converted_shards(converted, tmp_path):
     assert record["rows"]["dropped"] == manifest["dropped"]
     assert record["metrics"]["valid"]["auc"] > 0.55
     assert not os.path.exists(tmp_path / "run" / "shards")  # read in place, not copied
+    # A batch size the records do not divide: one line naming the experiment file and the fix
+    odd = manifest["chunk_rows"] + 1
+    with pytest.raises(ConfigError, match=rf"^{trains.source}: training: batch_size: {odd} rows "
+                                          r"per batch is not a multiple of the \d+ rows per "
+                                          r"record .*write the shards again"):
+        train(dataclasses.replace(trains, training=dataclasses.replace(
+            trains.training, batch_size=odd)), str(tmp_path / "odd"), verbose=0)
+    assert not os.path.exists(tmp_path / "odd")
     with open(tmp_path / "run" / "features.json") as f, open(os.path.join(out, "features.json")) as g:
         assert json.load(f) == json.load(g)
 
