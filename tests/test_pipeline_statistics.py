@@ -48,6 +48,17 @@ def test_same_data_has_no_anomalies(tmp_path):
     assert validate(stats, schema, FEATURES, old, ValidationConfig(), examples) == []
 
 
+def test_numeric_looking_ids_are_text_and_new_ids_are_no_retyping(tmp_path):
+    # item ids 1..20 in one span, and "new-7" among them in the next: the spec says text
+    _, stats, old = _span(tmp_path, "s1", [str(i) for i in range(20)])
+    assert old["columns"]["user_id"] == "string" and "top" in stats["columns"]["user_id"]
+    examples, stats, schema = _span(tmp_path, "s2", [str(i) for i in range(19)] + ["new-7"])
+    assert validate(stats, schema, FEATURES, old, ValidationConfig(), examples) == []
+    # a schema written before ids were text by the spec said numeric: still no retyping
+    older = {**old, "columns": {**old["columns"], "user_id": "numeric"}}
+    assert validate(stats, schema, FEATURES, older, ValidationConfig(), examples) == []
+
+
 def test_breaking_changes_and_drift(tmp_path):
     _, _, old = _span(tmp_path, "s1", [f"u{i}" for i in range(20)])
     examples, stats, schema = _span(tmp_path, "s2", [f"new{i}" for i in range(20)],

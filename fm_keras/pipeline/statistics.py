@@ -1,6 +1,7 @@
 """StatisticsGen, SchemaGen and ExampleValidator for ExampleGen's output.
 
-Statistics per column: inferred type (numeric when every non-missing cell parses as a number),
+Statistics per column: inferred type (numeric when every non-missing cell parses as a number;
+categorical and multi-hot features are text by the spec, whatever their ids look like),
 missing share, distinct values, numeric range, top values; the label's positive rate; and per
 categorical feature the *holdout OOV rate*: the share of eval values the train split never saw.
 The schema keeps each column's type, the label rate and each categorical feature's vocabulary.
@@ -25,11 +26,14 @@ from fm_keras.pipeline.config import ValidationConfig
 MAX_VOCABULARY = 50_000
 
 
-def column_stats(column: pd.Series) -> dict:
-    """Type, missing share, distinct count, and range (numeric) or top values (string)."""
+def column_stats(column: pd.Series, text: bool = False) -> dict:
+    """Type, missing share, distinct count, and range (numeric) or top values (string).
+
+    `text`: the column is text by the feature spec (a categorical or multi-hot feature: ids
+    such as ``255`` are names, not numbers), so its type is ``string`` whatever it holds."""
     present = column[~column.isin(MISSING_TOKENS)]
-    numbers = pd.to_numeric(present, errors="coerce")
-    numeric = len(present) > 0 and not numbers.isna().any()
+    numbers = pd.to_numeric(present, errors="coerce") if not text else None
+    numeric = not text and len(present) > 0 and not numbers.isna().any()
     stats = {"type": "numeric" if numeric else "string",
              "missing": float(1 - len(present) / max(len(column), 1)),
              "distinct": int(present.nunique())}
@@ -51,12 +55,18 @@ def _values(column: pd.Series, feature: FeatureConfig) -> pd.Series:
     return elements.str.split(feature.weight_separator, n=1, regex=False).str[0]
 
 
+def _text_features(features) -> set[str]:
+    """The columns the feature spec reads as text: categorical and multi-hot features."""
+    return {f.name for f in features if f.kind != "numeric"}
+
+
 def generate_statistics(examples_dir: str, features, label: str, out_dir: str) -> tuple[dict, dict]:
     """Writes ``statistics.json`` and ``schema.json``; returns (statistics, schema)."""
     train = pd.read_parquet(os.path.join(examples_dir, "train.parquet"))
     evaluation = pd.read_parquet(os.path.join(examples_dir, "eval.parquet"))
     stats = {"rows": {"train": len(train), "eval": len(evaluation)},
-             "columns": {c: column_stats(train[c]) for c in train.columns},
+             "columns": {c: column_stats(train[c], text=c in _text_features(features))
+                         for c in train.columns},
              "label": label, "label_rate": None, "holdout_oov_rate": {}}
     if label in train.columns and stats["columns"][label]["type"] == "numeric":
         stats["label_rate"] = float(pd.to_numeric(train[label]).mean())
@@ -111,7 +121,9 @@ def validate(stats: dict, schema: dict, features, baseline: dict | None,
     for name, kind in columns.items():
         if name not in old:
             add("new_column", name, config.new_column, f"column {name!r} is new")
-        elif old[name] != kind and not any(a["column"] == name for a in anomalies):
+        elif old[name] != kind and name not in _text_features(features) \
+                and not any(a["column"] == name for a in anomalies):
+            # (a text feature's ids may all look like numbers in one span: not a retyping)
             add("retyped_column", name, config.retyped_column,
                 f"column {name!r} was {old[name]}, is now {kind}")
     old_rate, new_rate = baseline.get("label_rate"), schema.get("label_rate")
