@@ -181,9 +181,14 @@ def test_shuffled_labels_are_not_blessed_and_not_pushed(setup):
     assert setup["traffic"].failures == []
 
 
-def test_breaking_schema_change_fails_validation_before_training(setup):
+def test_breaking_schema_change_fails_validation_before_training(setup, capsys):
     summary = run_pipeline(setup["config"], span=4)
     assert summary["status"] == "invalid_data"
+    # why, in the summary (stdout's JSON) and on stderr, not only in the report
+    assert ("missing_column", "item_id", "fail") in [
+        (a["kind"], a["column"], a["severity"]) for a in summary["anomalies"]]
+    assert "validator: fail: missing_column (item_id): column 'item_id'" in \
+        capsys.readouterr().err
     steps = [s["step"] for s in summary["steps"]]
     assert steps == ["examplegen", "statistics", "validator"]
     report = open(summary["report"], encoding="utf-8").read()

@@ -212,6 +212,8 @@ class PipelineRun:
             fsutil.write_json(path, {"anomalies": anomalies,
                                      "baseline_schema": baseline.uri if baseline else None})
             failed = anomalies_fail(anomalies)
+            for a in anomalies:  # the why of invalid_data, where the user looks first
+                log(f"validator: {a['severity']}: {a['kind']} ({a['column']}): {a['detail']}")
             outputs = {"anomalies": ("ExampleAnomalies", path, cache.fingerprint_json(anomalies),
                                      {"failed": len(failed), "warned": len(anomalies) - len(failed)})}
             if not failed:

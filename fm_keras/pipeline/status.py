@@ -94,8 +94,9 @@ def server_status(server: str, name: str) -> list[dict] | str:
 
 
 def run_summary(store, context: dict) -> dict:
-    """A run's record: status, span, steps (state, seconds, cached, outcome), pushed version."""
-    steps, pushed, blessed, reasons = [], None, None, None
+    """A run's record: status, span, the validator's anomalies, blessing and its reasons, steps
+    (state, seconds, cached, outcome), pushed version."""
+    steps, pushed, blessed, reasons, anomalies = [], None, None, None, None
     for x in store.executions(context["id"]):
         p = x["properties"]
         steps.append({"step": x["type"], "state": x["state"], "seconds": p.get("seconds"),
@@ -105,10 +106,12 @@ def run_summary(store, context: dict) -> dict:
             pushed = p.get("version")
         if x["type"] == "evaluator" and x["state"] in DONE:
             blessed, reasons = p.get("blessed"), p.get("reasons")
+        if x["type"] == "validator" and x["state"] in DONE:
+            anomalies = p.get("anomalies")
     props = context["properties"]
     return {"run_id": context["name"], "status": props.get("status"), "span": props.get("span"),
             "started": props.get("started"), "finished": props.get("finished"),
             "seconds": round(props["finished"] - props["started"], 2)
             if props.get("finished") else None,
-            "blessed": blessed, "not_blessed_reasons": reasons,
+            "anomalies": anomalies, "blessed": blessed, "not_blessed_reasons": reasons,
             "pushed_version": pushed, "error": props.get("error"), "steps": steps}
