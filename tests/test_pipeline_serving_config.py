@@ -5,7 +5,8 @@ import os
 import pytest
 
 from fm_keras.errors import ConfigError
-from fm_keras.pipeline.serving_config import ensure_models, served_policy, set_version
+from fm_keras.pipeline.serving_config import (ensure_models, pinned_elsewhere, served_policy,
+                                              set_version)
 from fm_keras.serving.config import load_model_server_config
 
 
@@ -36,3 +37,15 @@ def test_pinning_an_unknown_model_is_an_error(tmp_path):
     with pytest.raises(ConfigError, match="lists no model 'ranker'"):
         set_version(path, ["ranker"], 1)
     assert served_policy(str(tmp_path / "missing.config"), "ctr") is None
+
+
+def test_a_push_to_a_pinned_model_is_told_it_will_not_serve(tmp_path):
+    path = str(tmp_path / "models.config")
+    ensure_models(path, str(tmp_path), ["ctr"])
+    assert pinned_elsewhere(path, "ctr", 3) is None  # latest: it serves
+    set_version(path, ["ctr"], 1)
+    assert pinned_elsewhere(path, "ctr", 1) is None
+    assert pinned_elsewhere(path, "ctr", 3) == (
+        f"ctr is pinned to versions [1] in {path}: version 3 is on disk but does not serve "
+        "until 'fm-keras pipeline rollback --to latest'")
+    assert pinned_elsewhere(str(tmp_path / "missing.config"), "ctr", 3) is None

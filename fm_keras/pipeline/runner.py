@@ -314,6 +314,11 @@ class PipelineRun:
             if result["pushed"] or not os.path.exists(self.config.pusher.model_config_file):
                 serving_config.ensure_models(self.config.pusher.model_config_file,
                                              self.config.pusher.base, [self.config.name])
+            pinned = result["pushed"] and serving_config.pinned_elsewhere(
+                self.config.pusher.model_config_file, self.config.name, result["version"])
+            if pinned:
+                result["warning"] = pinned
+                log(f"warning: {pinned}")
             return StepResult({"pushed_model": ("PushedModel", result["path"], model.fingerprint,
                                                 {"version": result["version"],
                                                  "pushed": result["pushed"]})}, result)

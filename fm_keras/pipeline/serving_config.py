@@ -85,3 +85,14 @@ def served_policy(path: str, name: str) -> dict | None:
     kind = model.model_version_policy.WhichOneof("policy_choice") or "latest"
     versions = list(model.model_version_policy.specific.versions) if kind == "specific" else []
     return {"policy": kind, "versions": versions, "base_path": model.base_path}
+
+
+def pinned_elsewhere(path: str, name: str, version: int) -> str | None:
+    """Why a pushed `version` of `name` will not serve, or None: the model is pinned (a
+    ``specific`` policy, from ``rollback --to V`` or an A/B test's hand edit) to other
+    versions in the config file at `path`."""
+    policy = served_policy(path, name)
+    if policy is None or policy["policy"] != "specific" or version in policy["versions"]:
+        return None
+    return (f"{name} is pinned to versions {policy['versions']} in {path}: version {version} "
+            "is on disk but does not serve until 'fm-keras pipeline rollback --to latest'")

@@ -96,7 +96,7 @@ def server_status(server: str, name: str) -> list[dict] | str:
 def run_summary(store, context: dict) -> dict:
     """A run's record: status, span, the validator's anomalies, blessing and its reasons, steps
     (state, seconds, cached, outcome), pushed version."""
-    steps, pushed, blessed, reasons, anomalies = [], None, None, None, None
+    steps, pushed, blessed, reasons, anomalies, warnings = [], None, None, None, None, []
     for x in store.executions(context["id"]):
         p = x["properties"]
         steps.append({"step": x["type"], "state": x["state"], "seconds": p.get("seconds"),
@@ -104,6 +104,7 @@ def run_summary(store, context: dict) -> dict:
                       "error": p.get("error")})
         if x["type"] == "pusher" and x["state"] in DONE:
             pushed = p.get("version")
+            warnings += [p["warning"]] if p.get("warning") else []
         if x["type"] == "evaluator" and x["state"] in DONE:
             blessed, reasons = p.get("blessed"), p.get("reasons")
         if x["type"] == "validator" and x["state"] in DONE:
@@ -114,4 +115,5 @@ def run_summary(store, context: dict) -> dict:
             "seconds": round(props["finished"] - props["started"], 2)
             if props.get("finished") else None,
             "anomalies": anomalies, "blessed": blessed, "not_blessed_reasons": reasons,
-            "pushed_version": pushed, "error": props.get("error"), "steps": steps}
+            "pushed_version": pushed, "warnings": warnings, "error": props.get("error"),
+            "steps": steps}
