@@ -55,13 +55,18 @@ _FIELD_COLUMN = re.compile(re.escape(FIELD_PREFIX) + r"(0|[1-9][0-9]{0,8})")
 _SPACES = " \t\v\f\r"  # what separates tokens (pyarrow's ASCII whitespace; a line has no \n)
 _GAP = f"[{_SPACES}]+"
 _IDX = f"[^:|{_SPACES}]+"
+# A libSVM idx other than SVMrank's query id "qid" (RE2 has no lookahead: spelled out), so
+# that the one match of each line also rejects a qid:N token.
+_C, _NOT = f"[^:|{_SPACES}]", ":|" + _SPACES
+_IDX_NOT_QID = (f"(?:[^q{_NOT}]{_C}*|q(?:[^i{_NOT}]{_C}*)?|qi(?:[^d{_NOT}]{_C}*)?"
+                f"|qid{_C}+)")
 _FIELD = "[0-9]{1,9}"
-_TOKEN = {"libsvm": f"{_IDX}:(?:{NUMBER})", "libffm": f"{_FIELD}:{_IDX}:(?:{NUMBER})"}
+_TOKEN = {"libsvm": f"{_IDX_NOT_QID}:(?:{NUMBER})",
+          "libffm": f"{_FIELD}:{_IDX}:(?:{NUMBER})"}
 # A line that keeps every rule but, maybe, float32's range (checked where it can be broken:
 # an exponent, or 39 digits in a row).
 _GOOD_LINE = {fmt: f"^(?:{NUMBER})(?:{_GAP}{token})*[{_SPACES}]*$" for fmt, token in _TOKEN.items()}
 _MAYBE_HUGE = "[eE]|[0-9]{39}"
-_QID = f"[{_SPACES}]qid:"  # SVMrank's query id token, after the label
 QID_PROBLEM = "qid: ranking files are not supported; drop the qid:N tokens"
 
 
@@ -172,7 +177,6 @@ def _first_bad_line(lines: pa.Array, fmt: str) -> int | None:
     """The 0-based index of the first line that breaks a rule, or None: an RE2 match of every
     line, then float32's range where a number may leave it."""
     good = pc.match_substring_regex(lines, _GOOD_LINE[fmt]).to_numpy(zero_copy_only=False)
-    good &= ~pc.match_substring_regex(lines, _QID).to_numpy(zero_copy_only=False)
     maybe = np.flatnonzero(good & pc.match_substring_regex(lines, _MAYBE_HUGE).to_numpy(
         zero_copy_only=False))
     if len(maybe):
