@@ -19,25 +19,25 @@ import pyarrow.compute as pc
 from fm_keras.errors import DataError
 
 
-def is_nested(kind: pa.DataType) -> bool:
-    """Whether an Arrow type holds other values (list, struct, map, union ...)."""
-    return pa.types.is_nested(kind)
-
-
-def check_schema(path: str, schema: pa.Schema, lists: Mapping[str, str]) -> None:
-    """Raises `DataError` for the first nested column of `schema` that cannot be read.
+def check_schema(path: str, schema: pa.Schema, lists: Mapping[str, str]) -> dict[str, str]:
+    """The list columns of `schema` to join, after checking every nested column.
 
     Args:
         path: the file, for the message.
         schema: the columns to be read.
         lists: column -> multi-hot separator of the columns that may be lists.
 
+    Returns:
+        column -> separator of the columns of `schema` that are lists (for `join_lists`;
+        empty when the file stores every multi-hot column as text).
+
     Raises:
         DataError: a nested column that is not a list of text or integers, or a list column
             that is not in `lists` (not a multi-hot feature); the message names the fix.
     """
+    found = {}
     for name, kind in zip(schema.names, schema.types):
-        if not is_nested(kind):
+        if not pa.types.is_nested(kind):
             continue
         where = f"{path}: column {name!r}"
         if not _is_list(kind):
@@ -52,6 +52,8 @@ def check_schema(path: str, schema: pa.Schema, lists: Mapping[str, str]) -> None
                 or pa.types.is_integer(element)):
             raise DataError(f"{where}: a list of {element} cannot be multi-hot values; store "
                             "the elements as strings (or integer ids)")
+        found[name] = lists[name]
+    return found
 
 
 def join_lists(batch: pa.RecordBatch, lists: Mapping[str, str], path: str,

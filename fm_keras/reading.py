@@ -147,13 +147,13 @@ def record_batches(path: str, columns: Sequence[str] | None = None,
         yield from _rebatch_numbered(_text_batches(path, fmt, columns), block_rows)
         return
     bad_rows: list = []
-    start = 0
+    start, joined = 0, {}  # joined: the list columns of a Parquet file, as text
     try:
         if is_parquet(path):
             parquet = pq.ParquetFile(path)
             schema = parquet.schema_arrow
             check_unique(path, schema.names)
-            list_columns.check_schema(
+            joined = list_columns.check_schema(
                 path, pa.schema([schema.field(c) for c in columns]) if columns else schema,
                 lists or {})
             pending = parquet.iter_batches(block_rows or 65_536,
@@ -168,8 +168,8 @@ def record_batches(path: str, columns: Sequence[str] | None = None,
                     strings_can_be_null=False, quoted_strings_can_be_null=False),
                 memory_pool=_pool())
         for batch in _rebatch(pending, block_rows):
-            if lists:
-                batch = list_columns.join_lists(batch, lists, path, start)
+            if joined:
+                batch = list_columns.join_lists(batch, joined, path, start)
             yield start, batch
             start += batch.num_rows
     except pa.ArrowInvalid as err:

@@ -53,4 +53,7 @@ def test_a_list_column_of_a_feature_that_is_not_multi_hot_is_an_error():
     with pytest.raises(DataError, match="f.parquet: column 'tags': a list column .* is read only "
                                         "for a multi_hot feature"):
         check_schema("f.parquet", schema, {})
-    check_schema("f.parquet", schema, {"tags": "|"})  # a multi-hot one is read
+    # a multi-hot one is read; only the columns stored as lists are joined
+    assert check_schema("f.parquet", schema, {"tags": "|"}) == {"tags": "|"}
+    text = pa.schema([("tags", pa.string()), ("genres", pa.large_list(pa.string()))])
+    assert check_schema("f.parquet", text, {"tags": "|", "genres": ";"}) == {"genres": ";"}
