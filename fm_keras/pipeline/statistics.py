@@ -64,9 +64,9 @@ def generate_statistics(examples_dir: str, features, label: str, out_dir: str) -
     """Writes ``statistics.json`` and ``schema.json``; returns (statistics, schema)."""
     train = pd.read_parquet(os.path.join(examples_dir, "train.parquet"))
     evaluation = pd.read_parquet(os.path.join(examples_dir, "eval.parquet"))
+    text = _text_features(features)
     stats = {"rows": {"train": len(train), "eval": len(evaluation)},
-             "columns": {c: column_stats(train[c], text=c in _text_features(features))
-                         for c in train.columns},
+             "columns": {c: column_stats(train[c], text=c in text) for c in train.columns},
              "label": label, "label_rate": None, "holdout_oov_rate": {}}
     if label in train.columns and stats["columns"][label]["type"] == "numeric":
         stats["label_rate"] = float(pd.to_numeric(train[label]).mean())
@@ -113,7 +113,7 @@ def validate(stats: dict, schema: dict, features, baseline: dict | None,
         add("retyped_column", label, config.retyped_column, f"label {label!r} is not numeric")
     if baseline is None:
         return anomalies
-    old = baseline["columns"]
+    old, text = baseline["columns"], _text_features(features)
     for name in old:
         if name not in columns and not any(a["column"] == name for a in anomalies):
             add("missing_column", name, config.missing_column,
@@ -121,7 +121,7 @@ def validate(stats: dict, schema: dict, features, baseline: dict | None,
     for name, kind in columns.items():
         if name not in old:
             add("new_column", name, config.new_column, f"column {name!r} is new")
-        elif old[name] != kind and name not in _text_features(features) \
+        elif old[name] != kind and name not in text \
                 and not any(a["column"] == name for a in anomalies):
             # (a text feature's ids may all look like numbers in one span: not a retyping)
             add("retyped_column", name, config.retyped_column,
