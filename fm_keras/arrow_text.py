@@ -12,7 +12,6 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from fm_keras._tf import tf
 from fm_keras.reading import as_text
@@ -20,9 +19,7 @@ from fm_keras.reading import as_text
 
 def string_tensor(array: pa.Array) -> tf.Tensor:
     """An Arrow text column as a tf.string tensor of shape [rows] ("" for a null)."""
-    array = as_text(array)
-    if pa.types.is_large_string(array.type):
-        array = pc.cast(array, pa.string())
+    array = as_text(array)  # Arrow string (32-bit offsets, read below), "" for a null
     _, offsets, data = array.buffers()
     offsets = np.frombuffer(offsets, np.int32, count=len(array) + 1, offset=array.offset * 4)
     start, end = int(offsets[0]), int(offsets[-1])
@@ -68,11 +65,7 @@ os.register_at_fork(after_in_child=_SPLIT_THREAD.clear)
 
 def _split_ids(array: pa.Array, sep: str) -> tf.Tensor:
     """`split_ids` on the calling thread."""
-    array = as_text(array)
-    if pa.types.is_large_string(array.type):
-        array = pc.cast(array, pa.string())
-    if array.null_count:
-        array = pc.fill_null(array, "")
+    array = as_text(array)  # Arrow string (32-bit offsets, read below), "" for a null
     _, offsets, data = array.buffers()
     bounds = np.frombuffer(offsets, np.int32, count=len(array) + 1, offset=array.offset * 4)
     start = int(bounds[0])
