@@ -3,6 +3,7 @@ only, so a long epoch written to a log file (a batch job, a pipeline) was silenc
 
 from __future__ import annotations
 
+import sys
 import time
 
 from fm_keras._tf import keras
@@ -37,6 +38,12 @@ class StepProgress(keras.callbacks.Callback):
         log(f"epoch {self.epoch + 1}: step {batch + 1:,}" + (f"/{steps:,}" if steps else "")
             + f" ({(batch + 1) * self.batch_size / max(now - self.started, 1e-9):,.0f} "
               "samples/s)")
+
+
+def fit_verbosity(verbose: int | None) -> int:
+    """Keras' `verbose` for `fit`: as given, else the bar (1) on a terminal and a line per
+    epoch (2) in a log file or pipe."""
+    return (1 if sys.stderr.isatty() else 2) if verbose is None else verbose
 
 
 def fit_progress(verbose: int, batch_size: int) -> list[keras.callbacks.Callback]:

@@ -42,7 +42,7 @@ from fm_keras.convergence import task_monitor
 from fm_keras.data import Split, expand_paths
 from fm_keras.errors import ConfigError
 from fm_keras.features import FittedFeature, fit_features
-from fm_keras.fit_progress import fit_progress
+from fm_keras.fit_progress import fit_progress, fit_verbosity
 from fm_keras.interactions import (ITEM_INDEX, WEIGHT, Catalog, item_counts, load_catalog,
                                    load_interactions, query_keys)
 from fm_keras.model import FMModel, build_model, make_optimizer
@@ -272,7 +272,7 @@ def train_retrieval(config: ExperimentConfig, run_dir: str, *, resume: bool = Fa
                           trained_rows=trained_rows(model.fm.num_ids, ids, catalog_ids))
     t0 = time.time()
     if state.initial_epoch < t.epochs and not state.finished:
-        verbose = (1 if sys.stderr.isatty() else 2) if verbose is None else verbose
+        verbose = fit_verbosity(verbose)
         with contextlib.redirect_stdout(sys.stderr):  # Keras prints progress to stdout
             model.fit(train_ds, epochs=t.epochs, initial_epoch=state.initial_epoch,
                       callbacks=[RecallAtK(tasks["valid"], recall_at), state,

@@ -30,7 +30,7 @@ from fm_keras.distributed import train_distributed
 from fm_keras.errors import ConfigError, RunError
 from fm_keras.evaluation import metrics_for
 from fm_keras.features import FittedFeature, fit_features
-from fm_keras.fit_progress import fit_progress
+from fm_keras.fit_progress import fit_progress, fit_verbosity
 from fm_keras.layers import read_weights, require_table_layout
 from fm_keras.model import FMModel, build_model, make_optimizer
 from fm_keras.negatives import SampledNegatives
@@ -190,7 +190,7 @@ def _train(config: ExperimentConfig, run_dir: str, *, resume: bool, verbose: int
                           trained_rows=trained)
     t0 = time.time()
     if state.initial_epoch < config.training.epochs and not state.finished:
-        verbose = (1 if sys.stderr.isatty() else 2) if verbose is None else verbose
+        verbose = fit_verbosity(verbose)
         with contextlib.redirect_stdout(sys.stderr):  # Keras prints progress to stdout
             model.fit(train_ds, validation_data=valid_ds, epochs=config.training.epochs,
                       initial_epoch=state.initial_epoch,

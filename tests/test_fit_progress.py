@@ -22,6 +22,13 @@ def test_a_line_at_most_every_interval_within_an_epoch(capsys, monkeypatch):
         "fm-keras: epoch 2: step 128/500 (1,829 samples/s)"]     # 128,000 rows in 70 s
 
 
+def test_verbosity_by_terminal_unless_given(monkeypatch):
+    for tty, default in ((True, 1), (False, 2)):
+        monkeypatch.setattr(fit_progress.sys.stderr, "isatty", lambda tty=tty: tty)
+        assert fit_progress.fit_verbosity(None) == default
+        assert fit_progress.fit_verbosity(0) == 0
+
+
 def test_only_the_line_per_epoch_mode_gets_it():
     assert [type(c) for c in fit_progress.fit_progress(2, 1024)] == [StepProgress]
     assert fit_progress.fit_progress(1, 1024) == fit_progress.fit_progress(0, 1024) == []
