@@ -221,7 +221,7 @@ def train_distributed(config: ExperimentConfig, run_dir: str, *, resume: bool = 
         f"{len(manifest['files'])} shard files, {steps} steps of {batch_size} per epoch"
         + (f"; {_shards_text(model)}" if not synchronous else ""))
     t0 = time.time()
-    if state.initial_epoch < training.epochs and not state.finished:
+    if state.initial_epoch < training.epochs and not state.early_stopped:
         with contextlib.redirect_stdout(sys.stderr):  # Keras prints progress to stdout
             model.fit(keras.utils.experimental.DatasetCreator(dataset_fn),
                       epochs=training.epochs, steps_per_epoch=steps,

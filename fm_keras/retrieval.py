@@ -271,7 +271,7 @@ def train_retrieval(config: ExperimentConfig, run_dir: str, *, resume: bool = Fa
     state = TrainingState(run_dir, model, config, resume=resume,
                           trained_rows=trained_rows(model.fm.num_ids, ids, catalog_ids))
     t0 = time.time()
-    if state.initial_epoch < t.epochs and not state.finished:
+    if state.initial_epoch < t.epochs and not state.early_stopped:
         verbose = fit_verbosity(verbose)
         with contextlib.redirect_stdout(sys.stderr):  # Keras prints progress to stdout
             model.fit(train_ds, epochs=t.epochs, initial_epoch=state.initial_epoch,

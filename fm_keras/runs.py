@@ -284,7 +284,8 @@ class TrainingState(keras.callbacks.Callback):
         return self.stopper.best_epoch
 
     @property
-    def finished(self) -> bool:
+    def early_stopped(self) -> bool:
+        """True once early stopping has ended the run (not: the epoch cap was reached)."""
         return self.stopper.stopped
 
     def on_train_begin(self, logs=None):
@@ -328,7 +329,7 @@ class TrainingState(keras.callbacks.Callback):
     def state_dict(self) -> dict:
         """The run state a checkpoint holds: epoch, best epoch, history, early stopping."""
         return {"epoch": int(self.epoch.numpy()), "best_epoch": self.best_epoch,
-                "history": self.history, "finished": self.finished, "monitor": self.monitor,
+                "history": self.history, "early_stopped": self.early_stopped, "monitor": self.monitor,
                 "early_stopping": self.stopper.to_dict()}
 
     def convergence_warning(self) -> str | None:

@@ -189,7 +189,7 @@ def _train(config: ExperimentConfig, run_dir: str, *, resume: bool, verbose: int
                           base_loss=base_loss(task, labels, weights, label_counts),
                           trained_rows=trained)
     t0 = time.time()
-    if state.initial_epoch < config.training.epochs and not state.finished:
+    if state.initial_epoch < config.training.epochs and not state.early_stopped:
         verbose = fit_verbosity(verbose)
         with contextlib.redirect_stdout(sys.stderr):  # Keras prints progress to stdout
             model.fit(train_ds, validation_data=valid_ds, epochs=config.training.epochs,

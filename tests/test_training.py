@@ -240,6 +240,8 @@ def test_epoch_cap_while_improving_warns_and_is_recorded(small_synth, tmp_path, 
     assert "warning: still improving at the last epoch" in capsys.readouterr().err
     state = load_run(str(tmp_path / "run")).info
     assert state["converged"] is False
+    # state.json says whether early stopping ended the run: here the epoch cap did.
+    assert json.loads((tmp_path / "run" / "state.json").read_text())["early_stopped"] is False
 
 
 def test_early_stop_is_converged_and_state_agrees(small_synth, tmp_path):
@@ -251,6 +253,7 @@ def test_early_stop_is_converged_and_state_agrees(small_synth, tmp_path):
     with open(os.path.join(run_dir, "state.json")) as f:
         state = json.load(f)
     assert len(record["history"]) < 8 and record["converged"] and not record["warnings"]
+    assert state["early_stopped"] is True and "finished" not in state
     assert state["best_epoch"] == record["best_epoch"] == state["early_stopping"]["best_epoch"]
     # The empirical Bayes prior (EM + validation line search) re-estimated every precision.
     l2_prior = _config(synth_dir).model.l2_prior
