@@ -52,6 +52,10 @@ def run_examplegen(data: InputConfig, patterns, out_dir: str,
     frame = pd.concat(frames, keys=range(len(frames)))
     counts = {"files": [os.path.abspath(p) for p in files], "rows_read": len(frame),
               "dropped": {}}
+    # Columns some files lack (null in their rows of the union): the validator's to judge.
+    counts["columns_missing_in"] = {
+        c: [os.path.abspath(p) for p, f in zip(files, frames) if c not in f.columns]
+        for c in columns if any(c not in f.columns for f in frames)}
     for flt in data.filters:
         _need(frame, flt.column, f"filter {flt.name!r}", files)
         hit = _filter(frame, flt, files)
