@@ -86,9 +86,13 @@ def test_rolling_window_of_spans_reads_the_spans_on_disk(logs, tmp_path):
     assert (window.first, window.spans, window.missing) == (1, (1, 2), ())
     assert window.describe() == "spans 1-2"
     assert config.window_patterns(window) == (f"{logs}/span-1/*.csv", f"{logs}/span-2/*.csv")
-    # No span of the window on disk: the run's own span, which ExampleGen reports missing.
+    # The run's own span not on disk: its patterns alone, which ExampleGen reports missing
+    # (as without a window), not a run on older spans only.
     window = config.span_window(5)
     assert window.spans == () and config.window_patterns(window) == (f"{logs}/span-5/*.csv",)
+    window = config.span_window(11)
+    assert window.spans == (10,) and window.missing == (9, 11)
+    assert config.window_patterns(window) == (f"{logs}/span-11/*.csv",)
     one = load_pipeline(_edit(path, data__spans=1))
     assert one.span_window(10).describe() == "span 10" and one.span_window(10).spans == (10,)
 

@@ -254,16 +254,17 @@ class PipelineConfig:
         return tuple(p.replace("{SPAN}", str(span)) for p in self.data.input)
 
     def window_patterns(self, window: SpanWindow) -> tuple[str, ...]:
-        """The globs of every span of `window` on disk, oldest span first (the run's own span
-        when none is: ExampleGen then fails as for a single span with no files)."""
-        spans = window.spans or (window.last,)
+        """The globs of every span of `window` on disk, oldest span first; the run's own span
+        alone when it is not on disk (ExampleGen then fails as without a window: a run never
+        trains on older spans only)."""
+        spans = window.spans if window.last in window.spans else (window.last,)
         return tuple(p for span in spans for p in self.span_patterns(span))
 
     def span_window(self, span: int | None) -> SpanWindow:
         """The rolling window of ``data.spans`` spans ending at `span`: span numbers
         ``span - spans + 1`` .. `span`, starting no earlier than the first span on disk; the
-        spans of it on disk are read, the others reported missing. With none on disk the
-        window is empty and ExampleGen fails on `span`'s own patterns, as for one span."""
+        spans of it on disk are read, the others reported missing (`span` itself missing:
+        see `window_patterns`)."""
         if span is None or self.data.spans == 1:
             return SpanWindow.single(span)
         on_disk = self._spans_found() or []
