@@ -56,3 +56,42 @@ def first_pipeline_run(pipeline_logs, work):
     path = write_pipeline_yaml(work / "pipeline.yaml", pipeline_logs, work / "root",
                                work / "saved_models")
     return path, run_pipeline(load_pipeline(path), span=1)
+
+
+def write_small_span(logs, span, rows=40, start_ts=None) -> str:
+    """`logs/span-N/part-0.csv`: `rows` rows (ts, user_id, item_id, is_cached, click), time
+    stamps after those of earlier spans (1000 * span + row unless `start_ts`); no model is
+    trained on these (ExampleGen-only runs)."""
+    import pandas as pd
+
+    start = 1000 * span if start_ts is None else start_ts
+    frame = pd.DataFrame({"ts": [start + i for i in range(rows)],
+                          "user_id": [f"u{span}-{i % 7}" for i in range(rows)],
+                          "item_id": [f"i{i % 5}" for i in range(rows)],
+                          "is_cached": [0] * rows, "click": [i % 3 == 0 for i in range(rows)]})
+    frame["click"] = frame["click"].astype(int)
+    os.makedirs(os.path.join(logs, f"span-{span}"), exist_ok=True)
+    path = os.path.join(logs, f"span-{span}", "part-0.csv")
+    frame.to_csv(path, index=False)
+    return path
+
+
+def window_pipeline(tmp_path, spans_on_disk, window) -> str:
+    """A pipeline YAML reading a rolling window of `window` spans (data.spans) of small
+    spans `spans_on_disk` under tmp_path/logs; returns its path."""
+    import yaml
+
+    logs = tmp_path / "logs"
+    logs.mkdir(exist_ok=True)
+    (logs / "features.yaml").write_text(
+        "features:\n  - {name: user_id, kind: categorical, tower: user}\n"
+        "  - {name: item_id, kind: categorical, tower: item}\n")
+    for span in spans_on_disk:
+        write_small_span(logs, span)
+    path = write_pipeline_yaml(tmp_path / "window.yaml", logs, tmp_path / "root",
+                               tmp_path / "saved_models")
+    spec = yaml.safe_load(open(path, encoding="utf-8"))
+    spec["data"]["spans"] = window
+    with open(path, "w", encoding="utf-8") as f:
+        yaml.safe_dump(spec, f)
+    return path

@@ -60,12 +60,41 @@ def test_loads_resolves_paths_and_finds_the_newest_span(logs, tmp_path):
     ({"trainer": {"tune": {"trails": 3}}}, "trainer: tune: unknown key 'trails'"),
     ({"trainer": {"warm_start": True, "tune": {"trials": 3}}},
      "trainer: warm_start and tune exclude each other"),
+    ({"data__spans": 0}, "data: spans must be an integer >= 1 (the rolling window of spans"),
+    ({"data__spans": "7"}, "data: spans: expected int, got '7'"),
+    ({"data__input": "logs/*.csv", "data__spans": 7},
+     "data: spans: 7 (a rolling window of spans) needs {SPAN} in every data: input pattern"),
 ])
 def test_bad_config_names_the_key(logs, tmp_path, changes, message):
     path = _edit(write_pipeline_yaml(tmp_path / "p.yaml", logs, "root", tmp_path / "m"), **changes)
     with pytest.raises(ConfigError, match=".*") as err:
         load_pipeline(path)
     assert message in str(err.value) and str(path) in str(err.value)
+
+
+def test_rolling_window_of_spans_reads_the_spans_on_disk(logs, tmp_path):
+    path = _edit(write_pipeline_yaml(tmp_path / "p.yaml", logs, "root", tmp_path / "m"),
+                 data__spans=3)
+    config = load_pipeline(path)  # spans 1, 2 and 10 on disk
+    assert config.data.spans == 3
+    window = config.span_window(10)
+    assert (window.first, window.last, window.spans, window.missing) == (8, 10, (10,), (8, 9))
+    assert window.describe() == "spans 8-10 (spans 8, 9 missing)"
+    assert config.window_patterns(window) == (f"{logs}/span-10/*.csv",)
+    # The window starts no earlier than the first span on disk: nothing is missing before it.
+    window = config.span_window(2)
+    assert (window.first, window.spans, window.missing) == (1, (1, 2), ())
+    assert window.describe() == "spans 1-2"
+    assert config.window_patterns(window) == (f"{logs}/span-1/*.csv", f"{logs}/span-2/*.csv")
+    # The run's own span not on disk: its patterns alone, which ExampleGen reports missing
+    # (as without a window), not a run on older spans only.
+    window = config.span_window(5)
+    assert window.spans == () and config.window_patterns(window) == (f"{logs}/span-5/*.csv",)
+    window = config.span_window(11)
+    assert window.spans == (10,) and window.missing == (9, 11)
+    assert config.window_patterns(window) == (f"{logs}/span-11/*.csv",)
+    one = load_pipeline(_edit(path, data__spans=1))
+    assert one.span_window(10).describe() == "span 10" and one.span_window(10).spans == (10,)
 
 
 def test_trainer_tune_budget(logs, tmp_path):
@@ -100,3 +129,4 @@ def test_template_is_valid_and_shows_the_defaults(tmp_path):
     assert config.infra_validator == InfraValidatorConfig()
     assert config.trainer == TrainerConfig()
     assert config.data.split.eval_fraction == 0.2
+    assert config.data.spans == 1  # one span per run unless data: spans says otherwise

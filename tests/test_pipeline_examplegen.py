@@ -9,6 +9,7 @@ from fm_keras.config import FilterConfig
 from fm_keras.errors import DataError
 from fm_keras.pipeline.config import InputConfig, SplitConfig
 from fm_keras.pipeline.examplegen import run_examplegen, split_mask
+from pipeline_testlib import write_small_span
 
 
 def _logs(tmp_path):
@@ -66,3 +67,47 @@ def test_parquet_input_and_hash_split(tmp_path):
     evaluation = pd.read_parquet(tmp_path / "out" / "eval.parquet")
     assert not set(train["user_id"]) & set(evaluation["user_id"])
     assert list(train.columns) == ["ts", "user_id", "price", "click"]
+
+
+def test_window_of_two_spans_is_one_data_set(tmp_path):
+    # span 2's first 5 rows replay span 1's last 5 (same ts, user, item): one of each is kept
+    write_small_span(tmp_path, 1, rows=40)
+    write_small_span(tmp_path, 2, rows=40, start_ts=1035)
+    (tmp_path / "span-2" / "part-0.csv").write_text(
+        (tmp_path / "span-2" / "part-0.csv").read_text().replace("u2-", "u1-"))
+    data = InputConfig(input=(str(tmp_path / "span-{SPAN}" / "*.csv"),), label="click",
+                       dedup_keys=("ts", "user_id", "item_id"), spans=2,
+                       split=SplitConfig(by="time", column="ts", eval_fraction=0.25))
+    patterns = [str(tmp_path / "span-1" / "*.csv"), str(tmp_path / "span-2" / "*.csv")]
+    counts = run_examplegen(data, patterns, str(tmp_path / "out"))
+    assert counts["rows_read"] == 80 and len(counts["files"]) == 2
+    assert counts["duplicates"] == 5 and counts["rows"] == 75
+    train = pd.read_parquet(tmp_path / "out" / "train.parquet")
+    evaluation = pd.read_parquet(tmp_path / "out" / "eval.parquet")
+    stamps = pd.concat([train, evaluation])["ts"].astype(int)
+    assert stamps.min() == 1000 and stamps.max() == 1074  # both spans' rows
+    # eval: the newest rows of the window (all in span 2), train: the older ones of both
+    assert evaluation["ts"].astype(int).min() > train["ts"].astype(int).max()
+    assert len(evaluation) == pytest.approx(75 * 0.25, abs=1)
+    assert (train["ts"].astype(int) < 1040).any() and (train["ts"].astype(int) >= 1040).any()
+
+
+def test_window_error_names_the_file_and_row(tmp_path):
+    write_small_span(tmp_path, 1)
+    bad = write_small_span(tmp_path, 2)
+    text = open(bad).read().splitlines()
+    text[4] = "soon" + text[4][text[4].index(","):]  # data row 4 of span 2
+    open(bad, "w").write("\n".join(text) + "\n")
+    data = InputConfig(input=(str(tmp_path / "span-{SPAN}" / "*.csv"),), label="click",
+                       filters=(FilterConfig("late", "ts", ">", 5000),), spans=2)
+    patterns = [str(tmp_path / f"span-{s}" / "*.csv") for s in (1, 2)]
+    with pytest.raises(DataError, match=f"^{bad}: split column 'ts' must be numeric time "
+                                        "stamps, got 'soon' at data row 4$"):
+        run_examplegen(data, patterns, str(tmp_path / "out"))
+    # a filter error names the file whose values it is about, not the window's first file
+    write_small_span(tmp_path, 2)
+    (tmp_path / "span-1" / "part-0.csv").write_text("ts,click\n,0\n,1\n")  # no stamps
+    with pytest.raises(DataError, match=f"^{bad}: filter 'late': column 'ts' holds"):
+        run_examplegen(InputConfig(input=data.input, label="click",
+                                   filters=(FilterConfig("late", "ts", ">", "z"),), spans=2),
+                       patterns, str(tmp_path / "out"))

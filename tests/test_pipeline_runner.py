@@ -203,3 +203,42 @@ def test_one_run_at_a_time(setup):
     with pipeline_lock(setup["config"].root):
         with pytest.raises(ConfigError, match="another pipeline run holds the lock"):
             run_pipeline(setup["config"], span=2)
+
+
+def test_rolling_window_of_spans_in_the_run_and_its_cache_key(tmp_path, capsys):
+    """data.spans: 3 on spans 1 and 3 (2 missing): ExampleGen reads both, the summary and the
+    log say span 2 is missing; a rerun is cached, a late span 2 or a new span 4 is not."""
+    import json
+
+    from pipeline_testlib import window_pipeline, write_small_span
+
+    config = load_pipeline(window_pipeline(tmp_path, (1, 3), window=3))
+    logs = tmp_path / "logs"
+
+    def examplegen(span=None):
+        summary = run_pipeline(config, span=span, steps=("examplegen",), report=False)
+        cached = summary["steps"][0]["cached"]
+        counts = None if cached else json.load(open(os.path.join(
+            config.root, "runs", summary["run_id"], "examplegen", "counts.json")))
+        return summary, cached, counts
+
+    summary, cached, counts = examplegen()
+    assert summary["span"] == 3 and not cached
+    assert summary["window"] == {"first": 1, "last": 3, "spans": [1, 3], "missing": [2],
+                                 "text": "spans 1-3 (span 2 missing)"}
+    assert summary["warnings"] == ["rolling window of spans 1-3 (span 2 missing): reading "
+                                   "spans 1, 3"]
+    assert "on spans 1-3 (span 2 missing)" in capsys.readouterr().err
+    assert counts["rows_read"] == 80 and len(counts["files"]) == 2
+    run = json.load(open(os.path.join(config.root, "runs", summary["run_id"], "run.json")))
+    assert run["window"]["missing"] == [2]
+    assert examplegen()[1]  # same window, same files: cached
+    write_small_span(logs, 2)  # span 2 arrives late
+    summary, cached, counts = examplegen(span=3)
+    assert not cached and summary["window"]["spans"] == [1, 2, 3]
+    assert counts["rows_read"] == 120 and summary["warnings"] == []
+    assert examplegen(span=3)[1]
+    write_small_span(logs, 4)  # a new span: the window moves
+    summary, cached, counts = examplegen()
+    assert summary["span"] == 4 and not cached
+    assert summary["window"]["text"] == "spans 2-4" and counts["rows_read"] == 120

@@ -79,3 +79,27 @@ def test_first_span_is_checked_against_the_feature_spec(tmp_path):
     examples, stats, schema = _span(tmp_path, "s1", ["u1"], extra={"price": "cost"})
     anomalies = validate(stats, schema, FEATURES, None, ValidationConfig(), examples)
     assert _kinds(anomalies) == [("missing_column", "price", "fail")]
+
+
+def test_column_gone_from_one_span_of_the_window_is_missing(tmp_path):
+    from pipeline_testlib import write_small_span
+
+    from fm_keras.pipeline.config import InputConfig
+    from fm_keras.pipeline.examplegen import run_examplegen
+
+    write_small_span(tmp_path, 1)
+    renamed = write_small_span(tmp_path, 2)  # item_id renamed to item in the newest span
+    text = open(renamed).read()
+    open(renamed, "w").write(text.replace("item_id", "item", 1))
+    features = (FeatureConfig("user_id", "categorical", "user"),
+                FeatureConfig("item_id", "categorical", "item"))
+    data = InputConfig(input=(str(tmp_path / "span-{SPAN}" / "*.csv"),), label="click",
+                       spans=2)
+    out = str(tmp_path / "examples")
+    run_examplegen(data, [str(tmp_path / f"span-{s}" / "*.csv") for s in (1, 2)], out)
+    stats, schema = generate_statistics(out, features, "click", str(tmp_path / "stats"))
+    assert "item_id" in schema["columns"]  # the older span's rows still have it
+    anomalies = validate(stats, schema, features, None, ValidationConfig(), out)
+    assert _kinds(anomalies) == [("missing_column", "item_id", "fail")]
+    assert anomalies[0]["detail"] == (f"column 'item_id' (in the feature spec) is not in "
+                                      f"{renamed}")

@@ -50,3 +50,31 @@ def test_status_lists_runs_and_serving(pipeline_first_run):
     assert first["status"] == "pushed" and first["pushed_version"] == 1 and first["blessed"]
     assert 1 in result["serving"]["ctr"]["on_disk"]
     assert result["serving"]["ctr_recall"]["policy"] in ("latest", "specific")
+
+
+def test_status_shows_the_rolling_window_of_spans(tmp_path):
+    from pipeline_testlib import window_pipeline
+
+    from fm_keras.pipeline.config import load_pipeline
+    from fm_keras.pipeline.runner import run_pipeline
+
+    config = load_pipeline(window_pipeline(tmp_path, (2, 3, 5), window=3))
+    run_pipeline(config, steps=("examplegen",), report=False)
+    (run,) = status(config)["runs"]
+    assert run["span"] == 5
+    assert (run["window"]["first"], run["window"]["last"]) == (3, 5)
+    assert run["window"]["spans"] == [3, 5] and run["window"]["missing"] == [4]
+    assert run["window"]["text"] == "spans 3-5 (span 4 missing)"
+
+
+def test_run_summary_of_a_run_recorded_before_windows():
+    from fm_keras.pipeline.status import run_summary
+
+    class Store:  # a run context written before data.spans: no "window" property
+        def executions(self, context_id):
+            return []
+
+    summary = run_summary(Store(), {"id": 1, "name": "r", "properties": {"span": 7}})
+    assert summary["window"] == {"first": 7, "last": 7, "spans": [7], "missing": [],
+                                 "text": "span 7"}
+    assert summary["warnings"] == []

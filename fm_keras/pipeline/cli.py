@@ -14,7 +14,8 @@ def add_commands(subparsers) -> dict:
     sub = p.add_subparsers(dest="pipeline_command", required=True)
     r = sub.add_parser("run", help="run every step on the newest span (or --span)")
     r.add_argument("pipeline", help="pipeline YAML, e.g. pipelines/demo.yaml")
-    r.add_argument("--span", type=int, help="span number (default: the newest on disk)")
+    r.add_argument("--span", type=int, help="span number, the last of the run's window of "
+                   "spans (data.spans; default: the newest on disk)")
     s = sub.add_parser("step", help="run one step of a run (a container step of a scheduler)")
     s.add_argument("step", choices=STEPS)
     s.add_argument("pipeline", help="pipeline YAML")

@@ -1,7 +1,8 @@
 """Pipeline definitions (``pipelines/*.yaml``): frozen dataclasses validated once, at the edge.
 
 Paths are resolved relative to the YAML file. ``{SPAN}`` in ``data.input`` stands for the span
-number: a run reads the newest span on disk, or the one given with ``--span``. See
+number: a run is for the newest span on disk, or the one given with ``--span``, and reads the
+rolling window of ``data.spans`` spans ending there (TFX's RollingRange). See
 ``pipelines/template.yaml`` for every key with its meaning.
 """
 
@@ -38,7 +39,11 @@ class SplitConfig:
 
 @dataclass(frozen=True)
 class InputConfig:
-    """ExampleGen: which logs, how to clean, de-duplicate and split them."""
+    """ExampleGen: which logs, how to clean, de-duplicate and split them.
+
+    ``spans``: the rolling window of spans a run reads (TFX's RollingRange ``num_spans``): a
+    run for span S reads spans S-spans+1 .. S as one data set; 1 reads span S alone.
+    """
 
     input: tuple[str, ...]
     label: str
@@ -46,6 +51,51 @@ class InputConfig:
     filters: tuple[FilterConfig, ...] = ()
     dedup_keys: tuple[str, ...] = ()
     split: SplitConfig = field(default_factory=SplitConfig)
+    spans: int = 1
+
+    def __post_init__(self):
+        if isinstance(self.spans, bool) or not isinstance(self.spans, int) or self.spans < 1:
+            raise ConfigError(f"data: spans must be an integer >= 1 (the rolling window of "
+                              f"spans a run reads, e.g. 7 for daily spans), got {self.spans!r}")
+
+
+@dataclass(frozen=True)
+class SpanWindow:
+    """The rolling window of spans of one run: span numbers ``first`` .. ``last`` (the run's
+    span), of which ``spans`` have files on disk and ``missing`` do not."""
+
+    first: int | None
+    last: int | None
+    spans: tuple = ()
+    missing: tuple = ()
+
+    @classmethod
+    def single(cls, span: int | None) -> "SpanWindow":
+        """The window of one span (``data.spans: 1``), read whether or not it is on disk."""
+        return cls(span, span, (span,), ())
+
+    @classmethod
+    def from_dict(cls, raw: dict | None, span: int | None) -> "SpanWindow":
+        """The window recorded in a run (`as_dict`); a run recorded before windows: `span`."""
+        if not raw:
+            return cls.single(span)
+        return cls(raw["first"], raw["last"], tuple(raw["spans"]), tuple(raw["missing"]))
+
+    def as_dict(self) -> dict:
+        return {"first": self.first, "last": self.last, "spans": list(self.spans),
+                "missing": list(self.missing), "text": self.describe()}
+
+    def describe(self) -> str:
+        """In words: ``span 5``, ``spans 3-5``, ``spans 3-5 (span 4 missing)``."""
+        if self.first == self.last:
+            text = f"span {self.last}"
+        else:
+            text = f"spans {self.first}-{self.last}"
+        if self.missing:
+            many = len(self.missing) > 1
+            text += (f" ({'spans' if many else 'span'} {', '.join(map(str, self.missing))} "
+                     f"missing)")
+        return text
 
 
 @dataclass(frozen=True)
@@ -203,9 +253,44 @@ class PipelineConfig:
     def span_patterns(self, span: int) -> tuple[str, ...]:
         return tuple(p.replace("{SPAN}", str(span)) for p in self.data.input)
 
+    def window_patterns(self, window: SpanWindow) -> tuple[str, ...]:
+        """The globs of every span of `window` on disk, oldest span first; the run's own span
+        alone when it is not on disk (ExampleGen then fails as without a window: a run never
+        trains on older spans only)."""
+        spans = window.spans if window.last in window.spans else (window.last,)
+        return tuple(p for span in spans for p in self.span_patterns(span))
+
+    def span_window(self, span: int | None) -> SpanWindow:
+        """The rolling window of ``data.spans`` spans ending at `span`: span numbers
+        ``span - spans + 1`` .. `span`, starting no earlier than the first span on disk; the
+        spans of it on disk are read, the others reported missing (`span` itself missing:
+        see `window_patterns`)."""
+        if span is None or self.data.spans == 1:
+            return SpanWindow.single(span)
+        on_disk = self._spans_found() or []
+        first = min(max(span - self.data.spans + 1, on_disk[0] if on_disk else 0), span)
+        inside = [s for s in on_disk if first <= s <= span]
+        return SpanWindow(first, span, tuple(inside),
+                          tuple(s for s in range(first, span + 1) if s not in inside))
+
     def latest_span(self) -> int | None:
-        """The highest span number with files on disk (None if no pattern has ``{SPAN}``)."""
-        spans = set()
+        """The highest span number with files on disk (None if no pattern has ``{SPAN}``).
+
+        Raises:
+            ConfigError: no file matches any pattern for any span.
+        """
+        spans = self._spans_found()
+        if spans is None:
+            return None
+        if not spans:
+            raise ConfigError(f"{self.source}: data: input: no files match "
+                              f"{list(self.data.input)} for any span")
+        return spans[-1]
+
+    def _spans_found(self) -> list[int] | None:
+        """The span numbers with files on disk, ascending (None if a pattern has no
+        ``{SPAN}``)."""
+        spans: set[int] = set()
         for pattern in self.data.input:
             if "{SPAN}" not in pattern:
                 return None
@@ -215,10 +300,7 @@ class PipelineConfig:
                 match = regex.fullmatch(path)
                 if match:
                     spans.add(int(match.group(1)))
-        if not spans:
-            raise ConfigError(f"{self.source}: data: input: no files match "
-                              f"{list(self.data.input)} for any span")
-        return max(spans)
+        return sorted(spans)
 
 
 _TOP = {"name", "root", "data", "features", "model", "training", "trainer", "validation",
@@ -304,4 +386,9 @@ def _input(raw, base: str, path: str) -> InputConfig:
                            for i, f in enumerate(raw.get("filters") or []))
     raw["dedup_keys"] = tuple(raw.get("dedup_keys") or ())
     raw["split"] = build_config(SplitConfig, raw.get("split") or {}, f"{where}: split")
-    return build_config(InputConfig, raw, where)
+    data = build_config(InputConfig, raw, where)
+    if data.spans > 1 and not all("{SPAN}" in p for p in data.input):
+        raise ConfigError(f"{where}: spans: {data.spans} (a rolling window of spans) needs "
+                          "{SPAN} in every data: input pattern, e.g. logs/span-{SPAN}/*.csv; "
+                          "set it, or spans: 1")
+    return data

@@ -1,10 +1,13 @@
-"""ExampleGen: one span of logs -> cleaned, de-duplicated train and eval examples.
+"""ExampleGen: the spans of a run's window of logs -> cleaned, de-duplicated train and eval
+examples.
 
-Reads the span's CSV/Parquet files with every column as text (so a retyped or renamed column
-reaches schema validation instead of failing here), drops rows matching the cleaning filters
-(counted per filter), drops duplicate rows (on the ``dedup_keys`` present, or whole rows), and splits: the
-last ``eval_fraction`` of the span by a time column, or by a stable hash of a key column, so a
-user's rows stay on one side. Output: ``train.parquet``, ``eval.parquet``, ``counts.json``.
+Reads the files of every span of the run's rolling window of spans (``data.spans``; one span
+by default) as one data set, every column as text (so a retyped or renamed column reaches
+schema validation instead of failing here), drops rows matching the cleaning filters (counted
+per filter), drops duplicate rows (on the ``dedup_keys`` present, or whole rows), and splits:
+the last ``eval_fraction`` of the window by a time column, or by a stable hash of a key column,
+so a user's rows stay on one side. Output: ``train.parquet``, ``eval.parquet``,
+``counts.json``.
 """
 
 from __future__ import annotations
@@ -22,7 +25,8 @@ from fm_keras.pipeline.config import InputConfig
 
 
 def input_files(patterns) -> list[dict]:
-    """The files of a span with size and mtime: the cheap fingerprint of ExampleGen's input."""
+    """The files of a run's spans with size and mtime: the cheap fingerprint of ExampleGen's
+    input (every span file of the window)."""
     files = expand_paths(list(patterns))
     return [{"path": os.path.abspath(p), "size": os.path.getsize(p),
              "mtime_ns": os.stat(p).st_mtime_ns} for p in files]
@@ -32,22 +36,29 @@ def run_examplegen(data: InputConfig, patterns, out_dir: str,
                    lists: dict[str, str] | None = None) -> dict:
     """Writes ``out_dir/{train,eval}.parquet`` and ``counts.json``; returns the counts.
 
-    `lists`: column -> separator of the multi-hot features, whose Parquet list columns are
-    written as their joined text (`fm_keras.list_columns`).
+    `patterns`: the globs of every span of the window, read as one data set: the filters,
+    de-duplication and the split apply to the union of their rows. `lists`: column ->
+    separator of the multi-hot features, whose Parquet list columns are written as their
+    joined text (`fm_keras.list_columns`).
 
     Raises:
         DataError: no file matches, a file is unreadable, a filter, key or split column is
-            missing, or nothing is left after cleaning.
+            missing, or nothing is left after cleaning; it names the file (and the data row).
     """
     files = expand_paths(list(patterns))
     frames = [read_frame(p, lists=lists) for p in files]
-    columns = list(frames[0].columns)
-    frame = pd.concat(frames, ignore_index=True)
+    columns = list(dict.fromkeys(c for frame in frames for c in frame.columns))
+    # index: (file number, data row), for errors that name the file and row
+    frame = pd.concat(frames, keys=range(len(frames)))
     counts = {"files": [os.path.abspath(p) for p in files], "rows_read": len(frame),
               "dropped": {}}
+    # Columns some files lack (null in their rows of the union): the validator's to judge.
+    counts["columns_missing_in"] = {
+        c: [os.path.abspath(p) for p, f in zip(files, frames) if c not in f.columns]
+        for c in columns if any(c not in f.columns for f in frames)}
     for flt in data.filters:
         _need(frame, flt.column, f"filter {flt.name!r}", files)
-        hit = filter_mask(frame[flt.column], flt, files[0])
+        hit = _filter(frame, flt, files)
         counts["dropped"][flt.name] = int(hit.sum())
         frame = frame[~hit]
     # A missing key column is schema validation's to report (it knows the feature spec):
@@ -74,12 +85,23 @@ def run_examplegen(data: InputConfig, patterns, out_dir: str,
 
 def split_mask(frame: pd.DataFrame, by: str, column: str, eval_fraction: float,
                files=("data",)) -> np.ndarray:
-    """Boolean eval mask: the newest rows by ``column`` (time), or a hash of ``column``."""
+    """Boolean eval mask: the newest rows by ``column`` (time), or a hash of ``column``.
+
+    `frame`'s index is the data row, or (file number in `files`, data row) for several files.
+
+    Raises:
+        DataError: ``column`` is missing, or (by time) not numeric; names the file and row.
+    """
     _need(frame, column, "split column", files)
     if by == "time":
         ts = pd.to_numeric(frame[column], errors="coerce")
         if ts.isna().any():
-            raise DataError(f"{files[0]}: split column {column!r} must be numeric time stamps")
+            bad = int(np.flatnonzero(ts.isna().to_numpy())[0])
+            where = frame.index[bad]
+            path, row = ((files[where[0]], where[1]) if isinstance(where, tuple)
+                         else (files[0], where))
+            raise DataError(f"{path}: split column {column!r} must be numeric time stamps, "
+                            f"got {frame[column].iloc[bad]!r} at data row {int(row) + 1}")
         cut = np.quantile(ts.to_numpy(), 1 - eval_fraction)
         mask = (ts > cut).to_numpy()
         if not mask.any():  # every stamp equal: fall back to the last rows in file order
@@ -88,6 +110,17 @@ def split_mask(frame: pd.DataFrame, by: str, column: str, eval_fraction: float,
     buckets = np.array([int.from_bytes(hashlib.md5(v.encode()).digest()[:4], "little") % 10_000
                         for v in frame[column].astype(str)])
     return buckets < eval_fraction * 10_000
+
+
+def _filter(frame: pd.DataFrame, flt, files) -> np.ndarray:
+    """`filter_mask` on the rows of all `files`; an error names the file it is about."""
+    try:
+        return filter_mask(frame[flt.column], flt, files[0])
+    except DataError:
+        for i, path in enumerate(files):  # the first file that fails alone is the one to name
+            if i in frame.index.get_level_values(0):
+                filter_mask(frame.loc[i, flt.column], flt, path)
+        raise
 
 
 def _need(frame: pd.DataFrame, column: str, what: str, files) -> None:

@@ -75,11 +75,18 @@ def _table(rows, header) -> str:
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
+def _window_text(summary: dict) -> str:
+    """The run's rolling window of spans in words (``span 5``, ``spans 3-5 (span 4 missing)``)."""
+    window = summary.get("window") or {}
+    return window.get("text") or f"span {summary.get('span')}"
+
+
 def _outcome(summary: dict, anomalies, blessing, infra) -> str:
     status = summary["status"]
     css = "ok" if status in ("pushed", "unchanged") else "fail"
     parts = [f"<h2>Outcome: <span class='{css}'>{html.escape(str(status))}</span></h2>",
-             f"<p>span {summary.get('span')}, pushed version {summary.get('pushed_version')}, "
+             f"<p>{html.escape(_window_text(summary))}, pushed version "
+             f"{summary.get('pushed_version')}, "
              f"{summary.get('seconds')} s</p>"]
     why = []
     if status == "invalid_data" and anomalies:
@@ -132,7 +139,7 @@ def _metrics_plot(plt, evaluation: dict, out: str) -> str:
         ax.set_ylim(max(low - pad, 0.0) if low >= 0 else low - pad, high + pad)
         ax.set_title(labels.get(name, name), fontsize=9)
         ax.tick_params(axis="x", labelsize=7)
-    fig.suptitle("Metrics on this span's eval rows", fontsize=10)
+    fig.suptitle("Metrics on this run's eval rows", fontsize=10)
     _save(plt, fig, out, "metrics.png")
     rows = [(labels.get(n, n), _fmt(value(cand, n)), _fmt(value(base, n))) for n in names]
     return ("<h2>Metrics vs the last blessed model</h2><img src='metrics.png'>"

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from fm_keras import fsutil
 from fm_keras.errors import ConfigError
 from fm_keras.pipeline import cache
-from fm_keras.pipeline.config import PipelineConfig
+from fm_keras.pipeline.config import PipelineConfig, SpanWindow
 from fm_keras.pipeline.metadata import DONE, Artifact, MetadataStore
 from fm_keras.pipeline.status import run_summary
 
@@ -77,11 +77,15 @@ class PipelineRun:
         if existing is not None:
             self.run_id, self.context_id = run_id, existing["id"]
             self.span = existing["properties"]["span"]
+            self.window = SpanWindow.from_dict(existing["properties"].get("window"), self.span)
         else:
             self.run_id = run_id or time.strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(2)
             self.span = span if span is not None else config.latest_span()
+            # The rolling window of spans (data.spans) is fixed when the run starts.
+            self.window = config.span_window(self.span)
             self.context_id = store.create_context("run", self.run_id, {
-                "status": "running", "span": self.span, "started": time.time(),
+                "status": "running", "span": self.span, "window": self.window.as_dict(),
+                "started": time.time(),
                 "pipeline": config.name, "source": os.path.abspath(config.source)})
         self.run_dir = os.path.join(config.root, "runs", self.run_id)
         os.makedirs(self.run_dir, exist_ok=True)
@@ -164,17 +168,20 @@ class PipelineRun:
         from fm_keras.data import multi_hot_separators
         from fm_keras.pipeline.examplegen import input_files, run_examplegen
 
-        patterns = self.config.span_patterns(self.span)
+        # Every span of the window, as one data set; the key covers each of their files.
+        patterns = self.config.window_patterns(self.window)
         # Parquet list columns of multi-hot features are written as their joined text.
         lists = multi_hot_separators(self.config.features)
         params = {"data": dataclasses.asdict(self.config.data), "span": self.span,
-                  "files": input_files(patterns), **({"lists": lists} if lists else {})}
+                  "spans": list(self.window.spans), "files": input_files(patterns),
+                  **({"lists": lists} if lists else {})}
 
         def execute(out):
             counts = run_examplegen(self.config.data, patterns, out, lists)
             fp = cache.fingerprint_files([os.path.join(out, "train.parquet"),
                                           os.path.join(out, "eval.parquet")])
-            return StepResult({"examples": ("Examples", out, fp, {"span": self.span})}, counts)
+            return StepResult({"examples": ("Examples", out, fp, {
+                "span": self.span, "spans": list(self.window.spans)})}, counts)
         return {}, params, execute, True
 
     def _statistics(self):
@@ -366,7 +373,10 @@ def run_pipeline(config: PipelineConfig, span: int | None = None, run_id: str | 
                 log(f"run {run.run_id} has ended ({ended}); not running {', '.join(steps)}")
                 return run_summary(store, store.context(run.run_id))
             store.update_context(run.context_id, status="running")
-            log(f"run {run.run_id} on span {run.span} -> {run.run_dir}")
+            log(f"run {run.run_id} on {run.window.describe()} -> {run.run_dir}")
+            if run.window.missing:
+                log(f"warning: rolling window of {run.window.describe()}: reading spans "
+                    f"{', '.join(map(str, run.window.spans)) or 'none'}")
             try:
                 summary = run.finish(_execute(run, steps))
             except BaseException as err:

@@ -6,8 +6,9 @@ missing share, distinct values, numeric range, top values; the label's positive 
 categorical feature the *holdout OOV rate*: the share of eval values the train split never saw.
 The schema keeps each column's type, the label rate and each categorical feature's vocabulary.
 
-Validation compares a span with the feature spec and with the last validated schema:
-missing or retyped columns, new columns, label-rate drift (relative change of the positive
+Validation compares a span (or a window of spans) with the feature spec and with the last
+validated schema: missing or retyped columns (a feature column that some files of the window
+lack is missing), new columns, label-rate drift (relative change of the positive
 rate), and OOV-rate drift (the share of values the last schema never saw, minus the OOV rate a
 holdout of one span already shows). Each anomaly is ``fail`` or ``warn`` as configured.
 """
@@ -99,10 +100,20 @@ def validate(stats: dict, schema: dict, features, baseline: dict | None,
     def add(kind, column, severity, detail):
         anomalies.append({"kind": kind, "column": column, "severity": severity, "detail": detail})
 
+    # ExampleGen's record of columns that some of its files lack (a window of spans is one
+    # data set: a column gone from the newest span is still in the older spans' rows).
+    counts_path = os.path.join(examples_dir, "counts.json")
+    partial = (fsutil.read_json(counts_path).get("columns_missing_in", {})
+               if os.path.exists(counts_path) else {})
     for name in [f.name for f in features] + [schema["label"]]:
         if name not in columns:
             add("missing_column", name, config.missing_column,
                 f"column {name!r} (in the feature spec) is not in the data")
+        elif partial.get(name):
+            lacking = partial[name]
+            add("missing_column", name, config.missing_column,
+                f"column {name!r} (in the feature spec) is not in {lacking[-1]}"
+                + (f" and {len(lacking) - 1} more file(s)" if len(lacking) > 1 else ""))
     for f in features:
         if f.kind == "numeric" and columns.get(f.name) == "string":
             add("retyped_column", f.name, config.retyped_column,

@@ -8,6 +8,7 @@ import time
 
 from fm_keras.errors import ConfigError
 from fm_keras.pipeline import serving_config
+from fm_keras.pipeline.config import SpanWindow
 from fm_keras.pipeline.metadata import DONE
 from fm_keras.versions import parse_version, version_dirs
 
@@ -61,8 +62,8 @@ def status(config, server: str | None = None, runs: int = 10) -> dict:
         try:
             for ctx in store.contexts("run")[-runs:]:
                 s = run_summary(store, ctx)
-                records.append({k: s[k] for k in ("run_id", "status", "span", "blessed",
-                                                  "pushed_version", "seconds")}
+                records.append({k: s[k] for k in ("run_id", "status", "span", "window",
+                                                  "blessed", "pushed_version", "seconds")}
                                | {"started": time.strftime("%Y-%m-%d %H:%M:%S",
                                                            time.localtime(s["started"])),
                                   "cached_steps": sum(x["cached"] for x in s["steps"])})
@@ -94,8 +95,10 @@ def server_status(server: str, name: str) -> list[dict] | str:
 
 
 def run_summary(store, context: dict) -> dict:
-    """A run's record: status, span, the validator's anomalies, blessing and its reasons, steps
-    (state, seconds, cached, outcome), pushed version."""
+    """A run's record: status, span and its rolling window of spans (first, last, the spans
+    read, the spans missing, in words), the validator's anomalies, blessing and its reasons,
+    steps (state, seconds, cached, outcome), pushed version, warnings (a span missing from the
+    window, a push that does not serve)."""
     steps, pushed, blessed, reasons, anomalies, warnings = [], None, None, None, None, []
     for x in store.executions(context["id"]):
         p = x["properties"]
@@ -110,7 +113,12 @@ def run_summary(store, context: dict) -> dict:
         if x["type"] == "validator" and x["state"] in DONE:
             anomalies = p.get("anomalies")
     props = context["properties"]
+    window = SpanWindow.from_dict(props.get("window"), props.get("span"))
+    if window.missing:
+        warnings.insert(0, f"rolling window of {window.describe()}: reading spans "
+                           f"{', '.join(map(str, window.spans)) or 'none'}")
     return {"run_id": context["name"], "status": props.get("status"), "span": props.get("span"),
+            "window": window.as_dict(),
             "started": props.get("started"), "finished": props.get("finished"),
             "seconds": round(props["finished"] - props["started"], 2)
             if props.get("finished") else None,
