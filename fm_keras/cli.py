@@ -11,9 +11,11 @@ import json
 import os
 import sys
 
+from fm_keras import termination
 from fm_keras.experiments.cli import add_commands as _add_ab_commands
 from fm_keras.pipeline.cli import add_commands as _add_pipeline_commands
 from fm_keras.serving.cli import add_commands as _add_serving_commands
+from fm_keras.termination import Terminated
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -141,18 +143,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-class Terminated(BaseException):
-    """Raised in the main thread by SIGTERM while a command runs, so that it unwinds as on
-    Ctrl-C: temp files and directories are removed, nothing half-written stays behind."""
-
-
-def _terminate(signum, frame):
-    raise Terminated()
-
-
 def main(argv: list[str] | None = None) -> int:
     """Runs one command. Exit status: 0, 2 for bad input (one line on stderr), 130 on SIGINT,
-    143 on SIGTERM (what Kubernetes, Airflow and `timeout` send to stop a job)."""
+    143 on SIGTERM (what Kubernetes, Airflow and `timeout` send to stop a job) before the
+    command's output is in place; a SIGTERM after that (``fm_keras.termination``) changes
+    nothing: exit 0.
+
+    Args:
+        argv: the arguments; None reads ``sys.argv``, as the ``fm-keras`` program does. Then,
+            after a command that committed its output, SIGTERM stays ignored while the process
+            exits (unloading TensorFlow takes a while, and the default action would kill a
+            finished job with 143); a caller that passes ``argv`` gets its handler back.
+    """
     import signal
     import threading
 
@@ -160,8 +162,9 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", tf_log_level())
     from fm_keras.errors import FMKerasError
 
+    termination.reset()
     main_thread = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
+    previous = signal.signal(signal.SIGTERM, termination.on_sigterm) if main_thread else None
     try:
         return _COMMANDS[args.command](args)
     except FMKerasError as err:
@@ -174,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
         print("fm-keras: terminated", file=sys.stderr)
         return 128 + signal.SIGTERM
     finally:
-        if main_thread:
+        if main_thread and not (argv is None and termination.committed()):
             signal.signal(signal.SIGTERM, previous)
 
 

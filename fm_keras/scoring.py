@@ -19,6 +19,7 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
+from fm_keras import termination
 from fm_keras._tf import tf
 from fm_keras.arrow_text import split_ids, string_tensor
 from fm_keras.config import FeatureConfig
@@ -190,8 +191,11 @@ class TableWriter:
         self._writer.write_table(table)
 
     def commit(self) -> None:
+        """Closes the temp file and renames it into place: the command's output is complete,
+        so a SIGTERM from here on no longer stops it (``fm_keras.termination``)."""
         self._writer.close()
-        os.replace(self.tmp, self.path)
+        with termination.committing():
+            os.replace(self.tmp, self.path)
 
     def abort(self) -> None:
         if self._writer is not None:

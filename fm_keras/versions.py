@@ -60,3 +60,28 @@ def version_dirs(base_path: str) -> list[int]:
     """
     return sorted(parse_version(name) for name in os.listdir(base_path)
                   if is_version_name(name) and os.path.isdir(os.path.join(base_path, name)))
+
+
+def aspired_versions(model_config, available_on_disk: list[int]) -> list[int]:
+    """The versions a ``ModelConfig``'s version policy asks to serve, of those on disk.
+
+    TF Serving's rule (``file_system_storage_path_source.cc``): ``all`` serves every version,
+    ``specific`` the listed ones that exist, ``latest`` (the default) the newest
+    ``num_versions`` (1 when unset).
+
+    Args:
+        model_config: a ``tensorflow.serving.ModelConfig`` message.
+        available_on_disk: the version numbers on disk, ascending (``version_dirs``).
+
+    Returns:
+        The aspired versions, ascending.
+    """
+    policy = model_config.model_version_policy
+    kind = policy.WhichOneof("policy_choice")
+    if kind == "all":
+        return list(available_on_disk)
+    if kind == "specific":
+        wanted = set(policy.specific.versions)
+        return [v for v in available_on_disk if v in wanted]
+    n = policy.latest.num_versions if kind == "latest" and policy.latest.num_versions else 1
+    return available_on_disk[-n:]

@@ -294,6 +294,61 @@ def test_sigterm_unwinds_score_and_leaves_no_temp_file(exports, small_synth, tmp
     assert os.listdir(out) == []
 
 
+@pytest.mark.parametrize("when", ["after the rename", "during the rename"])
+def test_sigterm_after_score_wrote_its_output_exits_0(exports, small_synth, tmp_path, capsys,
+                                                     monkeypatch, when):
+    """A SIGTERM that came once `score` had renamed its output into place (`timeout` at the
+    very end of a job) exited 143, though the output was complete: the job was reported
+    failed. Once the rename is done the command finishes: exit 0, its JSON on stdout."""
+    import signal
+
+    from fm_keras import scoring
+
+    commit, replace = scoring.TableWriter.commit, os.replace
+
+    def commit_then_sigterm(self):
+        commit(self)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    def sigterm_then_replace(src, dst):  # the signal lands inside the commit, before the rename
+        if os.path.basename(dst) == "scores.parquet":
+            os.kill(os.getpid(), signal.SIGTERM)
+        replace(src, dst)
+
+    if when == "after the rename":
+        monkeypatch.setattr(scoring.TableWriter, "commit", commit_then_sigterm)
+    else:
+        monkeypatch.setattr(scoring.os, "replace", sigterm_then_replace)
+    synth_dir, _ = small_synth
+    out = tmp_path / "out"
+    out.mkdir()
+    status = main(["score", "--model", exports["ranking"], "--input",
+                   str(synth_dir / "test.csv"), "--output", str(out / "scores.parquet"),
+                   "--batch-size", "64", "--quiet"])
+    captured = capsys.readouterr()
+    assert status == 0, captured.err
+    assert "terminated" not in captured.err
+    assert json.loads(captured.out)["rows"] > 0
+    assert os.listdir(out) == ["scores.parquet"]
+
+
+def test_sigterm_while_a_finished_score_process_exits_is_exit_0(exports, small_synth, tmp_path):
+    """The rest of that window: main() has returned and the process is exiting (unloading
+    TensorFlow takes a while). main() put SIGTERM's default action back, so the signal killed
+    the finished job (-15, 143 to a shell). atexit sends it at a known point of the exit."""
+    synth_dir, _ = small_synth
+    script = ("import atexit, os, signal, sys\n"
+              "from fm_keras.cli import main\n"
+              "atexit.register(os.kill, os.getpid(), signal.SIGTERM)\n"
+              "sys.exit(main())\n")
+    output = tmp_path / "scores.parquet"
+    proc = subprocess.run([sys.executable, "-c", script, "score", "--model", exports["ranking"],
+                           "--input", str(synth_dir / "test.csv"), "--output", str(output),
+                           "--quiet"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, (proc.returncode, proc.stderr[-3000:])  # was -15
+    assert json.loads(proc.stdout)["rows"] > 0 and output.is_file()
+
+
 def test_evaluate_refuses_options_it_would_ignore(small_run, small_synth, tmp_path, capsys):
     """--recall_at on a CTR run without --items printed AUC only; --reliability_plot with
     --items printed Recall@K and drew nothing. Both are now one-line errors."""

@@ -63,3 +63,20 @@ def test_failed_run_is_recorded_with_a_report(pipeline_logs, tmp_path, capsys):
     assert [(s["step"], s["state"]) for s in record["steps"]] == [("examplegen", "FAILED")]
     assert "is_bot" in (run_dir / "report" / "index.html").read_text()
     assert not (tmp_path / "models").exists()
+
+
+def test_rollback_warns_on_stderr_for_each_label_it_removes(tmp_path, capsys):
+    for v in (1, 2):
+        (tmp_path / "ctr" / str(v)).mkdir(parents=True)
+    path = tmp_path / "models.config"
+    path.write_text(f'model_config_list {{ config {{ name: "ctr" base_path: "{tmp_path / "ctr"}" '
+                    'model_version_policy { specific { versions: 1 versions: 2 } } '
+                    'version_labels { key: "control" value: 1 } } }\n')
+    assert main(["pipeline", "rollback", "--model_config_file", str(path), "--name", "ctr",
+                 "--to", "latest"]) == 0
+    captured = capsys.readouterr()
+    assert captured.err.splitlines()[0] == (
+        f"fm-keras: pipeline: warning: {path}: model 'ctr': version label 'control' removed: "
+        "it named version 1, which the new version policy does not serve (it serves [2])")
+    assert json.loads(captured.out)["warnings"] == [captured.err.splitlines()[0][29:]]
+    assert "version_labels" not in path.read_text()

@@ -5,7 +5,7 @@ import os
 import pytest
 
 from fm_keras.errors import ConfigError
-from fm_keras.pipeline.serving_config import ensure_models, served_policy
+from fm_keras.pipeline.serving_config import ensure_models, served_policy, write_config
 from fm_keras.pipeline.status import rollback, status
 
 
@@ -29,6 +29,22 @@ def test_rollback_pins_both_models_and_forward_unpins(served):
     rollback(served, "ctr", "latest")
     assert served_policy(served, "ctr")["policy"] == "latest"
     assert served_policy(served, "ctr_recall")["policy"] == "latest"
+
+
+def test_rollback_removes_labels_of_versions_that_no_longer_serve(served):
+    from fm_keras.serving.config import load_model_server_config
+
+    config = load_model_server_config(served)
+    ctr = config.model_config_list.config[0]
+    ctr.model_version_policy.specific.versions.extend([2, 3])  # an A/B test's hand edit
+    ctr.version_labels["control"], ctr.version_labels["treatment"] = 2, 3
+    write_config(served, config)
+    result = rollback(served, "ctr", "latest")
+    assert [w.split(": ", 2)[2] for w in result["warnings"]] == [
+        "version label 'control' removed: it named version 2, which the new version policy "
+        "does not serve (it serves [3])"]
+    assert dict(load_model_server_config(served).model_config_list.config[0].version_labels) \
+        == {"treatment": 3}
 
 
 @pytest.mark.parametrize("name,to,message", [

@@ -1,10 +1,12 @@
-"""Version numbers: the one parser (ASCII digits, int64) and the version-directory rule."""
+"""Version numbers: the one parser (ASCII digits, int64), the version-directory rule and the
+version policy rule (which versions serve)."""
 
 import os
 
 import pytest
 
-from fm_keras.versions import MAX_VERSION, is_version_name, parse_version, version_dirs
+from fm_keras.versions import (MAX_VERSION, aspired_versions, is_version_name, parse_version,
+                               version_dirs)
 
 
 @pytest.mark.parametrize("text, value", [("0", 0), ("7", 7), ("0012", 12),
@@ -42,3 +44,19 @@ def test_version_dirs_raises_when_the_base_path_cannot_be_listed(tmp_path):
     with pytest.raises(OSError):
         version_dirs(str(tmp_path / "file"))
     assert not os.path.exists(tmp_path / "missing")
+
+
+@pytest.mark.parametrize("policy, aspired", [
+    ("", [9]),  # no policy: the latest one
+    ("model_version_policy { latest { } }", [9]),
+    ("model_version_policy { latest { num_versions: 2 } }", [5, 9]),
+    ("model_version_policy { all { } }", [1, 2, 5, 9]),
+    ("model_version_policy { specific { versions: 2 versions: 7 } }", [2]),  # 7: not on disk
+])
+def test_aspired_versions_follow_the_version_policy(policy, aspired):
+    from google.protobuf import text_format
+    from tensorflow_serving.config import model_server_config_pb2
+
+    config = text_format.Parse(f'name: "m" base_path: "/m" {policy}',
+                               model_server_config_pb2.ModelConfig())
+    assert aspired_versions(config, [1, 2, 5, 9]) == aspired

@@ -44,6 +44,8 @@ def _pipeline(args) -> int:
         path = (args.model_config_file if args.model_config_file
                 else load_pipeline(args.pipeline).pusher.model_config_file)
         result = rollback(path, args.name, args.to)
+        for warning in result["warnings"]:
+            print(f"fm-keras: pipeline: warning: {warning}", file=sys.stderr)
         print(f"fm-keras: pipeline: {', '.join(result['models'])} -> version {result['version']} "
               f"in {path}", file=sys.stderr)
         print(json.dumps(result, indent=2))

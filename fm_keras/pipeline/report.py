@@ -113,7 +113,7 @@ def _steps(summary: dict) -> str:
 
 
 def _metrics_plot(plt, evaluation: dict, out: str) -> str:
-    """One panel per metric (each its own scale, so a candidate-vs-blessed difference shows)."""
+    """One bar panel per metric, each its own scale from 0, the values printed on the bars."""
     cand, base = evaluation["candidate"], evaluation.get("baseline")
 
     def value(m, name):
@@ -133,10 +133,13 @@ def _metrics_plot(plt, evaluation: dict, out: str) -> str:
         bars = [("candidate", value(cand, name))]
         if base and value(base, name) is not None:
             bars.append(("last blessed", value(base, name)))
-        ax.bar([b[0] for b in bars], [b[1] for b in bars], color=["C0", "C1"][:len(bars)])
-        low, high = min(b[1] for b in bars), max(b[1] for b in bars)
-        pad = max((high - low) * 0.5, abs(high) * 0.02, 1e-6)
-        ax.set_ylim(max(low - pad, 0.0) if low >= 0 else low - pad, high + pad)
+        drawn = ax.bar([b[0] for b in bars], [b[1] for b in bars],
+                       color=["C0", "C1"][:len(bars)])
+        # Every metric here is >= 0: the axis starts at 0, so a bar's height is its value (an
+        # axis cut above 0 made 0.70 vs 0.71 look like one bar twice the other); the printed
+        # values show a small difference instead.
+        ax.bar_label(drawn, labels=[_fmt(b[1]) for b in bars], fontsize=7)
+        ax.set_ylim(0.0, max(max(b[1] for b in bars) * 1.15, 1e-6))
         ax.set_title(labels.get(name, name), fontsize=9)
         ax.tick_params(axis="x", labelsize=7)
     fig.suptitle("Metrics on this run's eval rows", fontsize=10)

@@ -2,7 +2,8 @@
 
 The pipeline owns its models' entries in ``pusher.model_config_file`` (other entries are kept
 as they are). A push adds the entries with ``latest { num_versions: 1 }``; a rollback pins a
-model to one version with ``specific { versions: V }``; forward again returns to latest. The
+model to one version with ``specific { versions: V }``; forward again returns to latest. Either
+removes the version labels that name a version the new policy does not serve. The
 file is written atomically (temp file + rename), and the server re-reads it every
 ``--model_config_file_poll_wait_seconds``: it loads the aspired version, then unloads the
 other one, so requests never find no version.
@@ -14,6 +15,7 @@ import os
 
 from fm_keras import fsutil
 from fm_keras.errors import ConfigError
+from fm_keras.versions import aspired_versions, version_dirs
 
 
 def read_config(path: str):
@@ -59,9 +61,22 @@ def ensure_models(path: str, base: str, names: list[str]) -> None:
         write_config(path, config)
 
 
-def set_version(path: str, names: list[str], version: int | None) -> None:
-    """Pins ``names`` to ``version`` (specific policy), or back to the latest (None)."""
+def set_version(path: str, names: list[str], version: int | None) -> list[str]:
+    """Pins ``names`` to ``version`` (specific policy), or back to the latest (None), and drops
+    the version labels that would name a version the new policy does not serve.
+
+    TF Serving assigns a label only to an available version: a label left pointing at an
+    unloaded version fails every config poll. The file is rewritten once, atomically.
+
+    Returns:
+        One warning line per label removed (or per model whose base path cannot be listed,
+        whose labels are then left as they are).
+
+    Raises:
+        ConfigError: the file does not list one of ``names``.
+    """
     config = read_config(path)
+    warnings = []
     for name in names:
         model = _entry(config, name)
         if model is None:
@@ -72,7 +87,27 @@ def set_version(path: str, names: list[str], version: int | None) -> None:
             model.model_version_policy.latest.num_versions = 1
         else:
             model.model_version_policy.specific.versions.append(version)
+        warnings += _drop_stale_labels(path, model)
     write_config(path, config)
+    return warnings
+
+
+def _drop_stale_labels(path: str, model) -> list[str]:
+    if not model.version_labels:
+        return []
+    try:
+        served = aspired_versions(model, version_dirs(os.path.expanduser(model.base_path)))
+    except OSError as err:
+        return [f"{path}: model {model.name!r}: version labels not checked: cannot list "
+                f"{model.base_path}: {err.strerror or err}"]
+    warnings = []
+    for label, target in sorted(model.version_labels.items()):
+        if target not in served:
+            del model.version_labels[label]
+            warnings.append(f"{path}: model {model.name!r}: version label {label!r} removed: "
+                            f"it named version {target}, which the new version policy does not "
+                            f"serve (it serves {served})")
+    return warnings
 
 
 def served_policy(path: str, name: str) -> dict | None:

@@ -17,6 +17,13 @@ def rollback(model_config_file: str, name: str, to: str) -> dict:
     """Makes the server answer ``name`` (and ``name_recall``, when listed) from version ``to``,
     or from the latest version again with ``to="latest"``.
 
+    Version labels that would name a version no longer served are removed from the file (TF
+    Serving rejects a label on an unavailable version at every config poll).
+
+    Returns:
+        {"models": names rewritten, "version": the version or "latest", "config": the file,
+        "warnings": one line per label removed}.
+
     Raises:
         ConfigError: the file does not list ``name``, or the version is not on disk.
     """
@@ -39,8 +46,9 @@ def rollback(model_config_file: str, name: str, to: str) -> dict:
     if recall is not None and (version is None or os.path.isdir(
             os.path.join(recall["base_path"], str(version)))):
         names.append(f"{name}_recall")
-    serving_config.set_version(model_config_file, names, version)
-    return {"models": names, "version": version or "latest", "config": model_config_file}
+    warnings = serving_config.set_version(model_config_file, names, version)
+    return {"models": names, "version": version or "latest", "config": model_config_file,
+            "warnings": warnings}
 
 
 def _versions(base_path: str) -> list[int]:

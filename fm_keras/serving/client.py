@@ -214,6 +214,46 @@ class RestClient:
         return self._request(self._model_path(model, version, label) + "/metadata")
 
 
+def arrays_from_rest(outputs, specs: dict) -> dict[str, np.ndarray]:
+    """A REST columnar reply's ``outputs`` -> {alias: numpy array}, as gRPC's
+    ``tf.make_ndarray`` gives them.
+
+    Args:
+        outputs: the reply's ``outputs``: {alias: nested lists}, or the nested lists alone
+            when the signature has one output.
+        specs: the signature's outputs from the REST metadata, {alias: {"dtype": "DT_FLOAT",
+            ...}}.
+
+    Returns:
+        {alias: array} with the dtype of the signature (``DT_STRING``: an object array of
+        ``bytes``; ``{"b64": ...}`` values are decoded) and the shape of the nested lists.
+
+    Raises:
+        KeyError: an output the signature does not list.
+    """
+    import base64
+
+    from tensorflow.core.framework import types_pb2
+
+    from fm_keras._tf import tf
+
+    def to_bytes(value):
+        if isinstance(value, list):
+            return [to_bytes(v) for v in value]
+        if isinstance(value, dict):
+            return base64.b64decode(value["b64"])
+        return value.encode("utf-8")
+
+    if len(specs) == 1:  # TF Serving does not wrap a single output in an object
+        outputs = {next(iter(specs)): outputs}
+    arrays = {}
+    for alias, value in outputs.items():
+        dtype = tf.dtypes.as_dtype(types_pb2.DataType.Value(specs[alias]["dtype"]))
+        arrays[alias] = (np.array(to_bytes(value), dtype=object) if dtype == tf.string
+                         else np.asarray(value, dtype=dtype.as_numpy_dtype))
+    return arrays
+
+
 class ArmResponse(NamedTuple):
     """A response and the arm that served it.
 
@@ -221,9 +261,10 @@ class ArmResponse(NamedTuple):
         arm: the arm's name (log it with the request: ``fm_keras.experiments.events``).
         model: the model name asked.
         label: the version label asked, or None.
-        version: the version that answered (gRPC: from the response's model_spec; REST: the
-            version asked, or None for a label).
-        outputs: {output alias: numpy array} (gRPC) or the REST JSON reply.
+        version: the version that answered (an int, over either transport).
+        outputs: {output alias: numpy array} with the signature's dtypes and shapes, the same
+            over gRPC and REST: ``DT_FLOAT`` -> float32, ``DT_INT64`` -> int64, ``DT_STRING``
+            -> an object array of ``bytes`` (as ``tf.make_ndarray`` gives), ...
     """
 
     arm: str
@@ -267,6 +308,19 @@ class ExperimentClient:
     def predict(self, unit: str, inputs: dict, signature: str = "") -> ArmResponse:
         """Predicts with the unit's arm; ``inputs`` are columns as for ``predict``.
 
+        Over REST this takes two requests: the arm's metadata (the version its label names
+        now, and the output dtypes), then the predict of that version.
+
+        Args:
+            unit: the unit id (e.g. the user id) that picks the arm.
+            inputs: {input alias: column}, each column [batch, ...].
+            signature: the signature name; "" is ``serving_default``.
+
+        Returns:
+            The same structure over gRPC and REST: an ``ArmResponse`` whose ``outputs`` are
+            {alias: numpy array} with the signature's dtypes and shapes ([batch, ...];
+            strings as ``bytes``) and whose ``version`` is the int version that answered.
+
         Raises:
             ServingError: the server's error (e.g. an unknown label: INVALID_ARGUMENT).
             ValueError: a unit id that is None, empty or a float (``Assigner.arm``).
@@ -280,12 +334,30 @@ class ExperimentClient:
             outputs = {k: tf.make_ndarray(v) for k, v in response.outputs.items()}
             version = response.model_spec.version.value or arm.version
         else:
-            outputs = self.client.predict(arm.model, inputs={k: np.asarray(v).tolist()
-                                                             for k, v in inputs.items()},
-                                          signature=signature, version=arm.version,
-                                          label=arm.label)
-            version = arm.version
+            version, outputs = self._rest_predict(arm, inputs, signature)
         return ArmResponse(arm.name, arm.model, arm.label, version, outputs)
+
+    def _rest_predict(self, arm, inputs: dict, signature: str) -> tuple[int, dict]:
+        # A REST reply names neither the version that answered nor the outputs' dtypes (and a
+        # single output comes unwrapped): the arm's metadata, by its label or version, gives
+        # both, then the predict asks that exact version. A label moved and its old version
+        # unloaded in between gives NOT_FOUND: the label is resolved once more.
+        from fm_keras.versions import parse_version
+
+        body = {k: np.asarray(v).tolist() for k, v in inputs.items()}
+        for attempt in range(2):
+            meta = self.client.metadata(arm.model, version=arm.version, label=arm.label)
+            version = parse_version(meta["model_spec"]["version"])
+            try:
+                reply = self.client.predict(arm.model, inputs=body, signature=signature,
+                                            version=version)
+                break
+            except ServingError as err:
+                if err.code != "NOT_FOUND" or not arm.label or attempt:
+                    raise
+        signatures = meta["metadata"]["signature_def"]["signature_def"]
+        specs = signatures[signature or "serving_default"]["outputs"]
+        return version, arrays_from_rest(reply["outputs"], specs)
 
     def check(self) -> None:
         """Asks the server for every arm's model metadata (by its label or version).

@@ -24,7 +24,7 @@ from fm_keras.serving.loading import release_memory
 from fm_keras.serving.opcheck import parse_allow_ops
 from fm_keras.serving.predict import (Signature, arrays_from_request, find_signature,
                                       load_signatures, run_signature)
-from fm_keras.versions import version_dirs
+from fm_keras.versions import aspired_versions, version_dirs
 
 log = logging.getLogger("fm_keras.serving")
 
@@ -104,18 +104,6 @@ class _Published:
     def __init__(self, versions: dict[int, Servable], labels: dict[str, int]):
         self.versions, self.labels = versions, labels
         self.latest = versions[max(versions)] if versions else None
-
-
-def aspired_versions(model_config, available_on_disk: list[int]) -> list[int]:
-    policy = model_config.model_version_policy
-    kind = policy.WhichOneof("policy_choice")
-    if kind == "all":
-        return list(available_on_disk)
-    if kind == "specific":
-        wanted = set(policy.specific.versions)
-        return [v for v in available_on_disk if v in wanted]
-    n = policy.latest.num_versions if kind == "latest" and policy.latest.num_versions else 1
-    return available_on_disk[-n:]
 
 
 class ModelManager:

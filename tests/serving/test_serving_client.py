@@ -60,13 +60,16 @@ model_config_list {{ config {{
   name: "ranking" base_path: "{root}/ranking" model_platform: "tensorflow"
   model_version_policy {{ specific {{ versions: 1 versions: 2 }} }}
   version_labels {{ key: "control" value: 1 }} version_labels {{ key: "treatment" value: 2 }}
+}} config {{
+  name: "ranking_recall" base_path: "{root}/ranking_recall" model_platform: "tensorflow"
 }} }}
 """
 
 
 @pytest.fixture(scope="module")
 def ab_server(tmp_path_factory):
-    """ranking/1 (bias 0) and ranking/2 (bias 5), labelled control and treatment."""
+    """ranking/1 (bias 0) and ranking/2 (bias 5), labelled control and treatment; and
+    ranking_recall/1 (top-10 item ids, strings)."""
     from serving_testlib import start_server
 
     from fm_keras.serving import toy_models
@@ -74,6 +77,7 @@ def ab_server(tmp_path_factory):
     root = tmp_path_factory.mktemp("ab_models")
     toy_models.write_ranking_model(str(root / "ranking"), 1, bias=0.0)
     toy_models.write_ranking_model(str(root / "ranking"), 2, bias=5.0)
+    toy_models.write_recall_model(str(root / "ranking_recall"), 1)
     config = root / "models.config"
     config.write_text(AB_CONFIG.format(root=root))
     srv = start_server(model_config_file=str(config))
@@ -108,18 +112,57 @@ def test_experiment_client_routes_each_unit_to_its_arms_label(ab_server, tmp_pat
     for unit, arm in zip(units, expected):
         reply = router.predict(unit, {**RANKING_ROW, "user_id": [unit]})
         assert reply.arm == arm == router.arm(unit).name and reply.label == arm
-        outputs = reply.outputs if transport == "grpc" else reply.outputs["outputs"]
-        logit = np.ravel(outputs["logit"])[0]
+        logit = np.ravel(reply.outputs["logit"])[0]
         # version 2 has bias 5: its logits are 5 above version 1's for the same row
         one = client.predict("ranking", {**RANKING_ROW, "user_id": [unit]}, version=1) \
             if transport == "grpc" else client.predict(
                 "ranking", inputs={**RANKING_ROW, "user_id": [unit]}, version=1)["outputs"]
         assert logit - np.ravel(one["logit"])[0] == pytest.approx(5.0 if arm == "treatment"
                                                                   else 0.0, abs=1e-4)
-        if transport == "grpc":
-            assert reply.version == (2 if arm == "treatment" else 1)
+        assert reply.version == (2 if arm == "treatment" else 1)
     if transport == "grpc":
         client.close()
+
+
+@pytest.mark.parametrize("target, inputs, signature", [
+    # three float outputs, by label
+    ("model: ranking, label: treatment", {**RANKING_ROW, "user_id": ["u1"]}, ""),
+    # one output (REST does not wrap it in an object), 2-D, by version
+    ("model: ranking, version: 1", {"item_id": ["i1", "i2"], "price": [1.0, 2.0]},
+     "item_tower"),
+    # strings: bytes over gRPC, JSON text over REST
+    ("model: ranking_recall, version: 1", {"user_id": ["u1", "u2"]}, ""),
+])
+def test_experiment_client_returns_the_same_structure_over_grpc_and_rest(
+        ab_server, tmp_path, target, inputs, signature):
+    # The same request gave {alias: array} and the answering version over gRPC but the raw
+    # JSON reply ({"outputs": ...}: lists, str, float64) and version None for a label over REST.
+    from fm_keras.experiments.config import load_ab_experiment
+    from fm_keras.serving.client import ArmResponse, ExperimentClient
+
+    path = tmp_path / "ab.yaml"
+    path.write_text("name: t\nunit: user_id\nsalt: same\narms:\n"
+                    f"  - {{name: a, {target}, weight: 0.5}}\n"
+                    f"  - {{name: b, {target}, weight: 0.5}}\n")
+    experiment = load_ab_experiment(path)
+    with GrpcClient(f"127.0.0.1:{ab_server.grpc_port}", timeout=10) as grpc_client:
+        by_grpc = ExperimentClient(experiment, grpc_client).predict("u7", inputs, signature)
+    rest_client = RestClient(f"http://127.0.0.1:{ab_server.rest_port}", timeout=10)
+    by_rest = ExperimentClient(experiment, rest_client).predict("u7", inputs, signature)
+    assert type(by_grpc) is type(by_rest) is ArmResponse
+    assert by_grpc[:4] == by_rest[:4]  # arm, model, label, version
+    assert type(by_rest.version) is int and by_rest.version == (2 if "treatment" in target else 1)
+    assert sorted(by_grpc.outputs) == sorted(by_rest.outputs)
+    for alias, array in by_grpc.outputs.items():
+        other = by_rest.outputs[alias]
+        assert type(other) is np.ndarray
+        assert (other.dtype, other.shape) == (array.dtype, array.shape), alias
+        assert array.shape[0] == len(next(iter(inputs.values())))
+        if array.dtype == object:
+            assert {type(x) for x in array.ravel()} == {type(x) for x in other.ravel()} == {bytes}
+            assert array.tolist() == other.tolist()
+        else:
+            np.testing.assert_array_equal(array, other)  # float32 survives JSON exactly
 
 
 def test_experiment_client_check_names_an_arm_the_server_does_not_serve(ab_server, tmp_path):
