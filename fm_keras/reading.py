@@ -18,13 +18,19 @@ their files here, so a file means the same thing to each of them:
   columns ``label`` and ``features`` (libSVM) or ``label`` and ``field_<n>`` (libFFM), multi-hot
   text cells (`fm_keras.libsvm`); their data row N is line N.
 - Problems raise `DataError` naming the file and, where known, the line (CSV), data row
-  (1-based, the header not counted) and column.
+  (1-based, the header not counted) and column. A CSV file that pyarrow rejects (a row with
+  too few or too many fields, bytes that are not UTF-8 in a column read) is scanned once more
+  with Python's `csv` module to name the line and column (`_csv_problem`): pyarrow's messages
+  name neither, and its invalid-row callback cannot decode a row that is not UTF-8 (Python
+  printed "Exception ignored ... UnicodeDecodeError"), so this reader installs none.
 """
 
 from __future__ import annotations
 
+import csv
 import functools
 import os
+import re
 from collections.abc import Iterator, Mapping, Sequence
 
 import numpy as np
@@ -39,6 +45,11 @@ from fm_keras.errors import DataError
 MISSING_TOKENS = ("", "nan", "NaN", "NA", "null", "None")
 PARQUET_EXTENSIONS = (".parquet", ".pq")
 _CSV_BLOCK_BYTES = 1 << 20
+_HEADER_READ_BYTES = 1 << 16
+_LINE_END = re.compile(rb"\r\n?|\n")
+_BOM = b"\xef\xbb\xbf"
+_UNDECODED = re.compile("[\udc80-\udcff]")  # a byte that is not UTF-8, read as surrogateescape
+_REENCODE = "re-encode the file as UTF-8, e.g. iconv -f latin1 -t utf-8"
 
 
 def is_parquet(path: str) -> bool:
@@ -51,9 +62,13 @@ def read_header(path: str) -> list[str]:
     A libFFM file's are ``label`` and the ``field_<n>`` its lines have: a pass over the file
     (once per file version in a process); `missing_columns` checks names without it.
 
+    A CSV file's header is its first record (after blank lines); its rows are not read here,
+    so a bad row is reported, with its line, by the reader that reads it.
+
     Raises:
-        DataError: the file is empty or cannot be read, or two columns have the same name
-            (a reader would take the first one silently).
+        DataError: the file is empty or cannot be read, the header is not UTF-8 (naming the
+            line), or two columns have the same name (a reader would take the first one
+            silently).
     """
     if os.path.getsize(path) == 0:
         raise DataError(f"{path}: the file is empty")
@@ -67,14 +82,48 @@ def read_header(path: str) -> list[str]:
         if is_parquet(path):
             names = list(pq.read_schema(path).names)
         else:
-            skip = pacsv.ParseOptions(newlines_in_values=True,
-                                      invalid_row_handler=lambda r: "skip")
-            with pacsv.open_csv(path, parse_options=skip) as reader:  # the rows are not checked
-                names = list(reader.schema.names)
+            names = _csv_header(path)
     except (pa.ArrowException, OSError) as err:
         raise DataError(f"{path}: cannot read: {_one_line(err)}") from None
     check_unique(path, names)
     return names
+
+
+def _csv_header(path: str) -> list[str]:
+    """The names of a CSV file's header, parsed by pyarrow from the file's bytes up to the
+    end of its first record (`_first_record_end`): no row is read."""
+    head, end = b"", None
+    with open(path, "rb") as f:
+        while end is None:
+            more = f.read(_HEADER_READ_BYTES)
+            head += more
+            end = _first_record_end(head, final=not more)
+    head = head[:end]
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = len(_LINE_END.findall(head, 0, err.start)) + 1
+        raise DataError(f"{path}: line {line}: not UTF-8 (byte 0x{head[err.start]:02x} in the "
+                        f"header); {_REENCODE}") from None
+    header = pacsv.read_csv(pa.py_buffer(head),
+                            parse_options=pacsv.ParseOptions(newlines_in_values=True))
+    return list(header.schema.names)
+
+
+def _first_record_end(head: bytes, final: bool) -> int | None:
+    """Where the first record of a CSV file that starts with `head` ends: after the first line
+    end outside quotes (an even number of ``"`` before it, RFC 4180) that follows text; blank
+    lines (and the byte-order mark) before it do not count. None: not within `head` (read
+    more), unless `final` (the file ends there)."""
+    quotes, last, text = 0, 0, False
+    for match in _LINE_END.finditer(head):
+        line = head[last:match.start()]
+        quotes += line.count(b'"')
+        text = text or bool(line.removeprefix(_BOM) if last == 0 else line)
+        last = match.end()
+        if text and quotes % 2 == 0:
+            return last
+    return len(head) if final else None
 
 
 def check_unique(path: str, names: Sequence[str]) -> None:
@@ -133,8 +182,9 @@ def record_batches(path: str, columns: Sequence[str] | None = None,
         `block_rows` (and pyarrow's read-ahead), not by the size of the file.
 
     Raises:
-        DataError: the file is empty, has a header but no rows, is not valid UTF-8, or a row
-            has a different number of fields than the header (naming the line); a Parquet
+        DataError: the file is empty, has a header but no rows, holds bytes that are not
+            UTF-8 in a column read (naming the line, byte and column), or a row has a
+            different number of fields than the header (naming the line); a Parquet
             nested column that `fm_keras.list_columns.check_schema` rejects; for libSVM
             and libFFM, any problem of `fm_keras.libsvm.parse_lines` (naming line and token).
     """
@@ -146,10 +196,11 @@ def record_batches(path: str, columns: Sequence[str] | None = None,
             columns = read_header(path)  # every block gets the same columns
         yield from _rebatch_numbered(_text_batches(path, fmt, columns), block_rows)
         return
-    bad_rows: list = []
     start, joined = 0, {}  # joined: the list columns of a Parquet file, as text
+    parquet = is_parquet(path)
+    names = None
     try:
-        if is_parquet(path):
+        if parquet:
             parquet = pq.ParquetFile(path)
             schema = parquet.schema_arrow
             check_unique(path, schema.names)
@@ -162,7 +213,7 @@ def record_batches(path: str, columns: Sequence[str] | None = None,
             names = list(columns) if columns else read_header(path)
             pending = pacsv.open_csv(
                 path, read_options=pacsv.ReadOptions(block_size=_CSV_BLOCK_BYTES),
-                parse_options=_parse_options(bad_rows.append),
+                parse_options=pacsv.ParseOptions(newlines_in_values=True),
                 convert_options=pacsv.ConvertOptions(
                     include_columns=names, column_types={n: pa.string() for n in names},
                     strings_can_be_null=False, quoted_strings_can_be_null=False),
@@ -173,7 +224,8 @@ def record_batches(path: str, columns: Sequence[str] | None = None,
             yield start, batch
             start += batch.num_rows
     except pa.ArrowInvalid as err:
-        raise DataError(_invalid(path, err, bad_rows)) from None
+        problem = None if parquet or names is None else _csv_problem(path, names)
+        raise DataError(f"{path}: {problem or 'cannot read: ' + _one_line(err)}") from None
     except (pa.ArrowException, OSError) as err:
         raise DataError(f"{path}: cannot read: {_one_line(err)}") from None
     if start == 0:
@@ -185,7 +237,6 @@ def _text_batches(path: str, fmt: str, columns: Sequence[str] | None
     """The blocks of a libSVM/libFFM file parsed (`fm_keras.libsvm.parse_lines`), with the
     libFFM fields of each. The lines are read by pyarrow's CSV reader as one column (no
     quoting; the delimiter a control character, \\x1f, that text does not hold)."""
-    bad_rows: list = []
     line = 1
     try:
         with pacsv.open_csv(
@@ -193,8 +244,7 @@ def _text_batches(path: str, fmt: str, columns: Sequence[str] | None
                                                      column_names=["line"]),
                 parse_options=pacsv.ParseOptions(
                     delimiter="\x1f", quote_char=False, escape_char=False,
-                    ignore_empty_lines=False,
-                    invalid_row_handler=lambda row: bad_rows.append(row) or "error"),
+                    ignore_empty_lines=False),
                 convert_options=pacsv.ConvertOptions(
                     column_types={"line": pa.string()}, strings_can_be_null=False),
                 memory_pool=_pool()) as lines:
@@ -203,10 +253,14 @@ def _text_batches(path: str, fmt: str, columns: Sequence[str] | None
                     yield libsvm.parse_lines(batch.column(0), fmt, columns, path, line)
                     line += batch.num_rows
     except pa.ArrowInvalid as err:
-        if bad_rows:
-            at = _find_line(path, lambda text: b"\x1f" in text)
-            raise DataError(f"{path}: line {at}: holds the control character \\x1f") from None
-        raise DataError(_invalid(path, err, [])) from None
+        at = "Expected 1 columns" in str(err) and _find_line(path, lambda t: b"\x1f" in t)
+        if at:
+            raise DataError(f"{path}: line {at[0]}: holds the control character \\x1f") from None
+        at = _find_line(path, _not_utf8)
+        if at:
+            raise DataError(f"{path}: line {at[0]}: not UTF-8 (byte 0x{at[1]:02x}); "
+                            f"{_REENCODE}") from None
+        raise DataError(f"{path}: cannot read: {_one_line(err)}") from None
     except (pa.ArrowException, OSError) as err:
         raise DataError(f"{path}: cannot read: {_one_line(err)}") from None
 
@@ -317,15 +371,6 @@ def _row(rows: int | np.ndarray, index: int) -> int:
     return int(rows + index) if np.isscalar(rows) else int(rows[index])
 
 
-def _parse_options(on_invalid=None) -> pacsv.ParseOptions:
-    def handler(row):
-        on_invalid(row)
-        return "error"
-
-    return pacsv.ParseOptions(newlines_in_values=True,
-                              invalid_row_handler=handler if on_invalid else None)
-
-
 def _rebatch(batches, rows: int | None) -> Iterator[pa.RecordBatch]:
     """Batches of exactly `rows` rows (the last one shorter) from batches of any size."""
     held: list[pa.RecordBatch] = []
@@ -349,38 +394,74 @@ def _one_batch(table: pa.Table) -> pa.RecordBatch:
         pa.RecordBatch.from_pylist([], table.schema)
 
 
-def _invalid(path: str, err: pa.ArrowInvalid, bad_rows: list) -> str:
-    """The message for a CSV that pyarrow rejects, with the line found by a scan of the file
-    (pyarrow does not know line numbers once fields may hold line breaks)."""
-    if bad_rows:
-        row = bad_rows[0]
-        line = _find_line(path, lambda text: text.rstrip(b"\r\n") == row.text.encode())
-        text = row.text if len(row.text) <= 80 else row.text[:77] + "..."
-        return (f"{path}: {f'line {line}: ' if line else ''}{row.actual_columns} fields where "
-                f"the header has {row.expected_columns} ({text!r}; a field holding the "
-                "delimiter or a line break must be quoted with \"\")")
-    message = _one_line(err)
-    if "UTF8" in message:
-        line = _find_line(path, _not_utf8)
-        return (f"{path}: {f'line {line}: ' if line else ''}not UTF-8 text; re-encode the file, "
-                f"e.g. iconv -f latin1 -t utf-8 ({message})")
-    return f"{path}: cannot read: {message}"
+def _csv_problem(path: str, columns: Sequence[str]) -> str | None:
+    """The first problem of a CSV file that pyarrow's reader stops at, as ``"line N: ..."``,
+    or None when a scan finds none (the caller then gives pyarrow's message).
 
-
-def _find_line(path: str, matches) -> int | None:
-    with open(path, "rb") as f:
-        for number, text in enumerate(f, start=1):
-            if matches(text):
-                return number
+    pyarrow names no line once fields may hold line breaks, nor a column in a parse error, so
+    the file is read once more with Python's `csv` module (the same RFC 4180 rules; bytes that
+    are not UTF-8 kept as surrogates): the first record, after the header, that holds such a
+    byte in one of `columns` (the columns read: pyarrow checks only those) or has another
+    number of fields than the header. Called on errors only: a pass in Python.
+    """
+    header, line = None, 1  # line: the first line of the next record
+    wanted: set[int] = set()
+    try:
+        with open(path, encoding="utf-8", errors="surrogateescape", newline="") as f:
+            records = csv.reader(f)
+            for record in records:
+                first, line = line, records.line_num + 1
+                if not record:
+                    continue  # a blank line: pyarrow skips it too
+                if header is None:
+                    header = [record[0].removeprefix("\ufeff"), *record[1:]]
+                    wanted = {i for i, name in enumerate(header) if name in columns}
+                    continue
+                problem = _record_problem(record, first, header, wanted)
+                if problem:
+                    return problem
+    except (csv.Error, OSError):
+        return None
     return None
 
 
-def _not_utf8(text: bytes) -> bool:
+def _record_problem(record: list[str], line: int, header: list[str],
+                    wanted: set[int]) -> str | None:
+    """`_csv_problem`'s check of one record that starts at `line`."""
+    for i, cell in enumerate(record):
+        bad = _UNDECODED.search(cell) if i in wanted else None
+        if bad:
+            at = line + sum(c.count("\n") for c in record[:i]) + cell.count("\n", 0, bad.start())
+            byte = ord(bad.group()) - 0xDC00
+            return (f"line {at}: not UTF-8 (byte 0x{byte:02x} at column {header[i]!r}); "
+                    f"{_REENCODE}")
+    if len(record) != len(header):
+        text = ",".join(record).encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+        text = text if len(text) <= 80 else text[:77] + "..."
+        return (f"line {line}: {len(record)} fields where the header has {len(header)} "
+                f"({text!r}; a field holding the delimiter or a line break must be quoted "
+                "with \"\")")
+    return None
+
+
+def _find_line(path: str, matches):
+    """The first (line number, what `matches` returned) of the file's lines (bytes) for which
+    `matches` is truthy, or None."""
+    with open(path, "rb") as f:
+        for number, text in enumerate(f, start=1):
+            found = matches(text)
+            if found:
+                return number, found
+    return None
+
+
+def _not_utf8(text: bytes) -> int | None:
+    """The first byte of `text` that is not UTF-8 (as an int), or None."""
     try:
         text.decode("utf-8")
-        return False
-    except UnicodeDecodeError:
-        return True
+        return None
+    except UnicodeDecodeError as err:
+        return text[err.start]
 
 
 def _one_line(err: Exception) -> str:
