@@ -20,17 +20,15 @@ their files here, so a file means the same thing to each of them:
 - Problems raise `DataError` naming the file and, where known, the line (CSV), data row
   (1-based, the header not counted) and column. A CSV file that pyarrow rejects (a row with
   too few or too many fields, bytes that are not UTF-8 in a column read) is scanned once more
-  with Python's `csv` module to name the line and column (`_csv_problem`): pyarrow's messages
-  name neither, and its invalid-row callback cannot decode a row that is not UTF-8 (Python
-  printed "Exception ignored ... UnicodeDecodeError"), so this reader installs none.
+  to name the line and column (`fm_keras.line_scan.first_problem`): pyarrow's messages name
+  neither, and its invalid-row callback cannot decode a row that is not UTF-8 (Python printed
+  "Exception ignored ... UnicodeDecodeError"), so this reader installs none.
 """
 
 from __future__ import annotations
 
-import csv
 import functools
 import os
-import re
 from collections.abc import Iterator, Mapping, Sequence
 
 import numpy as np
@@ -39,17 +37,12 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from fm_keras import libsvm, list_columns
+from fm_keras import libsvm, line_scan, list_columns
 from fm_keras.errors import DataError
 
 MISSING_TOKENS = ("", "nan", "NaN", "NA", "null", "None")
 PARQUET_EXTENSIONS = (".parquet", ".pq")
 _CSV_BLOCK_BYTES = 1 << 20
-_HEADER_READ_BYTES = 1 << 16
-_LINE_END = re.compile(rb"\r\n?|\n")
-_BOM = b"\xef\xbb\xbf"
-_UNDECODED = re.compile("[\udc80-\udcff]")  # a byte that is not UTF-8, read as surrogateescape
-_REENCODE = "re-encode the file as UTF-8, e.g. iconv -f latin1 -t utf-8"
 
 
 def is_parquet(path: str) -> bool:
@@ -90,40 +83,11 @@ def read_header(path: str) -> list[str]:
 
 
 def _csv_header(path: str) -> list[str]:
-    """The names of a CSV file's header, parsed by pyarrow from the file's bytes up to the
-    end of its first record (`_first_record_end`): no row is read."""
-    head, end = b"", None
-    with open(path, "rb") as f:
-        while end is None:
-            more = f.read(_HEADER_READ_BYTES)
-            head += more
-            end = _first_record_end(head, final=not more)
-    head = head[:end]
-    try:
-        head.decode("utf-8")
-    except UnicodeDecodeError as err:
-        line = len(_LINE_END.findall(head, 0, err.start)) + 1
-        raise DataError(f"{path}: line {line}: not UTF-8 (byte 0x{head[err.start]:02x} in the "
-                        f"header); {_REENCODE}") from None
-    header = pacsv.read_csv(pa.py_buffer(head),
+    """The names of a CSV file's header, parsed by pyarrow from the bytes of its first record
+    (`fm_keras.line_scan.header_record`): no row is read."""
+    header = pacsv.read_csv(pa.py_buffer(line_scan.header_record(path)),
                             parse_options=pacsv.ParseOptions(newlines_in_values=True))
     return list(header.schema.names)
-
-
-def _first_record_end(head: bytes, final: bool) -> int | None:
-    """Where the first record of a CSV file that starts with `head` ends: after the first line
-    end outside quotes (an even number of ``"`` before it, RFC 4180) that follows text; blank
-    lines (and the byte-order mark) before it do not count. None: not within `head` (read
-    more), unless `final` (the file ends there)."""
-    quotes, last, text = 0, 0, False
-    for match in _LINE_END.finditer(head):
-        line = head[last:match.start()]
-        quotes += line.count(b'"')
-        text = text or bool(line.removeprefix(_BOM) if last == 0 else line)
-        last = match.end()
-        if text and quotes % 2 == 0:
-            return last
-    return len(head) if final else None
 
 
 def check_unique(path: str, names: Sequence[str]) -> None:
@@ -224,7 +188,7 @@ def record_batches(path: str, columns: Sequence[str] | None = None,
             yield start, batch
             start += batch.num_rows
     except pa.ArrowInvalid as err:
-        problem = None if parquet or names is None else _csv_problem(path, names)
+        problem = None if parquet or names is None else line_scan.first_problem(path, names)
         raise DataError(f"{path}: {problem or 'cannot read: ' + _one_line(err)}") from None
     except (pa.ArrowException, OSError) as err:
         raise DataError(f"{path}: cannot read: {_one_line(err)}") from None
@@ -253,13 +217,14 @@ def _text_batches(path: str, fmt: str, columns: Sequence[str] | None
                     yield libsvm.parse_lines(batch.column(0), fmt, columns, path, line)
                     line += batch.num_rows
     except pa.ArrowInvalid as err:
-        at = "Expected 1 columns" in str(err) and _find_line(path, lambda t: b"\x1f" in t)
+        at = "Expected 1 columns" in str(err) and line_scan.find_line(path,
+                                                                       lambda t: b"\x1f" in t)
         if at:
             raise DataError(f"{path}: line {at[0]}: holds the control character \\x1f") from None
-        at = _find_line(path, _not_utf8)
+        at = line_scan.find_line(path, line_scan.not_utf8)
         if at:
             raise DataError(f"{path}: line {at[0]}: not UTF-8 (byte 0x{at[1]:02x}); "
-                            f"{_REENCODE}") from None
+                            f"{line_scan.REENCODE}") from None
         raise DataError(f"{path}: cannot read: {_one_line(err)}") from None
     except (pa.ArrowException, OSError) as err:
         raise DataError(f"{path}: cannot read: {_one_line(err)}") from None
@@ -392,76 +357,6 @@ def _rebatch(batches, rows: int | None) -> Iterator[pa.RecordBatch]:
 def _one_batch(table: pa.Table) -> pa.RecordBatch:
     return table.combine_chunks().to_batches()[0] if table.num_rows else \
         pa.RecordBatch.from_pylist([], table.schema)
-
-
-def _csv_problem(path: str, columns: Sequence[str]) -> str | None:
-    """The first problem of a CSV file that pyarrow's reader stops at, as ``"line N: ..."``,
-    or None when a scan finds none (the caller then gives pyarrow's message).
-
-    pyarrow names no line once fields may hold line breaks, nor a column in a parse error, so
-    the file is read once more with Python's `csv` module (the same RFC 4180 rules; bytes that
-    are not UTF-8 kept as surrogates): the first record, after the header, that holds such a
-    byte in one of `columns` (the columns read: pyarrow checks only those) or has another
-    number of fields than the header. Called on errors only: a pass in Python.
-    """
-    header, line = None, 1  # line: the first line of the next record
-    wanted: set[int] = set()
-    try:
-        with open(path, encoding="utf-8", errors="surrogateescape", newline="") as f:
-            records = csv.reader(f)
-            for record in records:
-                first, line = line, records.line_num + 1
-                if not record:
-                    continue  # a blank line: pyarrow skips it too
-                if header is None:
-                    header = [record[0].removeprefix("\ufeff"), *record[1:]]
-                    wanted = {i for i, name in enumerate(header) if name in columns}
-                    continue
-                problem = _record_problem(record, first, header, wanted)
-                if problem:
-                    return problem
-    except (csv.Error, OSError):
-        return None
-    return None
-
-
-def _record_problem(record: list[str], line: int, header: list[str],
-                    wanted: set[int]) -> str | None:
-    """`_csv_problem`'s check of one record that starts at `line`."""
-    for i, cell in enumerate(record):
-        bad = _UNDECODED.search(cell) if i in wanted else None
-        if bad:
-            at = line + sum(c.count("\n") for c in record[:i]) + cell.count("\n", 0, bad.start())
-            byte = ord(bad.group()) - 0xDC00
-            return (f"line {at}: not UTF-8 (byte 0x{byte:02x} at column {header[i]!r}); "
-                    f"{_REENCODE}")
-    if len(record) != len(header):
-        text = ",".join(record).encode("utf-8", "surrogateescape").decode("utf-8", "replace")
-        text = text if len(text) <= 80 else text[:77] + "..."
-        return (f"line {line}: {len(record)} fields where the header has {len(header)} "
-                f"({text!r}; a field holding the delimiter or a line break must be quoted "
-                "with \"\")")
-    return None
-
-
-def _find_line(path: str, matches):
-    """The first (line number, what `matches` returned) of the file's lines (bytes) for which
-    `matches` is truthy, or None."""
-    with open(path, "rb") as f:
-        for number, text in enumerate(f, start=1):
-            found = matches(text)
-            if found:
-                return number, found
-    return None
-
-
-def _not_utf8(text: bytes) -> int | None:
-    """The first byte of `text` that is not UTF-8 (as an int), or None."""
-    try:
-        text.decode("utf-8")
-        return None
-    except UnicodeDecodeError as err:
-        return text[err.start]
 
 
 def _one_line(err: Exception) -> str:
