@@ -25,8 +25,14 @@ A shard directory (``<run>/shards``, a cache under ``data.shard_dir``, or the ou
     sample.npz                   a uniform sample of encoded rows (the empirical Bayes prior)
     features.json                the fitted features the rows were encoded with
     shards.json                  manifest: rows (read, dropped per filter, written), slots,
-                                 chunk_rows, files, label histogram, and what the encoding
-                                 depends on (label, task, neg_sample_rate, batch_size)
+                                 chunk_rows, files, label histogram, what the encoding
+                                 depends on (label, task, neg_sample_rate, batch_size), the
+                                 training files' fingerprint (``input``: path, size, mtime;
+                                 `input_key`) and pass 1's row and label counts (``fit``)
+
+``train --resume`` of an out-of-core run whose shards are complete and whose training files
+(and label, filters, task, negative rate, seed, record size) are unchanged takes pass 1's
+result from the manifest (`resumed_fit`): the files are not read again.
 
 Rows are shuffled within each block before they are spread over the files, and the reader
 shuffles chunks of `chunk_rows` rows through a buffer: an approximate shuffle (the in-memory
@@ -212,20 +218,87 @@ def chunk_rows(batch_size: int) -> int:
     return max(d for d in range(1, min(256, batch_size) + 1) if batch_size % d == 0)
 
 
+def input_key(config: ExperimentConfig, files: list[str]) -> dict:
+    """What encoded shards depend on besides the fitted features, as JSON values: the
+    training files (path, size in bytes, mtime in ns), label, filters, task, negative rate,
+    seed and record size."""
+    t = config.training
+    return {"files": [[f, os.path.getsize(f), os.stat(f).st_mtime_ns] for f in files],
+            "label": config.data.label, "filters": [str(f) for f in config.data.filters],
+            "task": config.model.task, "neg_sample_rate": t.neg_sample_rate, "seed": t.seed,
+            "chunk_rows": chunk_rows(t.batch_size)}
+
+
 def shard_directory(config: ExperimentConfig, run_dir: str, fit: StreamFit) -> str:
     """``<run>/shards``, or with ``data.shard_dir`` a cache entry named by a fingerprint of the
     training files (path, size, mtime), the fitted features, label, filters, task, negative
-    rate, seed and record size: a later run of the same data and spec reuses it."""
+    rate, seed and record size (`input_key`): a later run of the same data and spec reuses
+    it."""
+    return _shard_directory(config, run_dir, fit.files, fit.features)
+
+
+def _shard_directory(config: ExperimentConfig, run_dir: str, files: list[str],
+                     features: tuple[FittedFeature, ...]) -> str:
     if config.data.shard_dir is None:
         return os.path.join(run_dir, "shards")
-    t = config.training
-    key = {"files": [[f, os.path.getsize(f), os.stat(f).st_mtime_ns] for f in fit.files],
-           "features": [f.to_dict() for f in fit.features], "label": config.data.label,
-           "filters": [str(f) for f in config.data.filters], "task": config.model.task,
-           "neg_sample_rate": t.neg_sample_rate, "seed": t.seed,
-           "chunk_rows": chunk_rows(t.batch_size)}
+    key = {**input_key(config, files), "features": [f.to_dict() for f in features]}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     return os.path.join(config.data.shard_dir, f"shards-{digest}")
+
+
+def resumed_fit(config: ExperimentConfig, run_dir: str,
+                features: tuple[FittedFeature, ...]) -> StreamFit | None:
+    """Pass 1's result for ``train --resume``, from the manifest of the run's complete shards
+    (`shard_directory`) instead of a pass over the training files, or None when pass 1 must
+    run: no complete shards, shards written before they recorded their input, or a
+    difference (a training file's size or mtime, the label, filters, task, negative rate,
+    seed, record size, or the fitted features). Either way the log says which.
+
+    Args:
+        config: the experiment being resumed.
+        run_dir: its run directory.
+        features: the run's fitted features (its ``features.json``).
+
+    Raises:
+        DataError: a training file pattern matches nothing (`fm_keras.data.expand_paths`).
+    """
+    files = expand_paths(config.data.train)
+    directory = _shard_directory(config, run_dir, files, features)
+    if not os.path.exists(os.path.join(directory, MANIFEST)):
+        return None
+    manifest = fsutil.read_json(os.path.join(directory, MANIFEST))
+    recorded, now = manifest.get("input"), json.loads(json.dumps(input_key(config, files)))
+    why = None
+    if recorded is None or "fit" not in manifest:
+        why = "they record no fingerprint of their input (written by an older version)"
+    elif recorded != now:
+        why = _input_difference(recorded, now)
+    elif fsutil.read_json(os.path.join(directory, FEATURES)) != \
+            json.loads(json.dumps([f.to_dict() for f in features])):
+        why = "they were encoded with other fitted features than the run's"
+    if why:
+        log(f"encoded shards {directory}: {why}; reading the training files again")
+        return None
+    fit = manifest["fit"]
+    log(f"reusing encoded shards {directory}: the training files are unchanged (size, mtime): "
+        f"pass 1 over {len(files)} file(s) skipped")
+    return StreamFit(tuple(features), int(fit["rows"]), int(manifest["rows_read"]),
+                     dict(manifest["dropped"]), np.array(fit["labels"], dtype=np.float64),
+                     np.array(fit["label_counts"], dtype=np.int64), files)
+
+
+def _input_difference(recorded: dict, now: dict) -> str:
+    """What differs between two `input_key`s, for the log."""
+    if recorded["files"] != now["files"]:
+        was = {f[0]: f[1:] for f in recorded["files"]}
+        changed = [f[0] for f in now["files"] if was.get(f[0]) != f[1:]]
+        if changed:
+            return f"{changed[0]} changed since they were written (size or mtime)"
+        return "the training files are not the ones they were written from"
+    key = next((k for k in sorted(now) if recorded.get(k) != now[k]), None)
+    if key is None:
+        return "their input is recorded differently (another version)"
+    return f"{key} was {recorded.get(key)!r} when they were written, now {now[key]!r}"
 
 
 def write_shards(config: ExperimentConfig, encoder, directory: str, fit: StreamFit,
@@ -248,6 +321,7 @@ def write_shards(config: ExperimentConfig, encoder, directory: str, fit: StreamF
         log(f"reusing encoded shards {directory}")
         return Shards.open(directory)
     started, t = time.time(), config.training
+    source = input_key(config, fit.files)  # before the files are read: a later change shows
     chunk, slots = chunk_rows(t.batch_size), encoder.num_slots
     rng = np.random.default_rng(t.seed)
     counts = np.zeros(encoder.num_ids, dtype=np.int64)
@@ -304,6 +378,9 @@ def write_shards(config: ExperimentConfig, encoder, directory: str, fit: StreamF
                     "num_ids": encoder.num_ids, "label": config.data.label,
                     "task": config.model.task, "neg_sample_rate": t.neg_sample_rate,
                     "batch_size": t.batch_size, "source": fit.files,
+                    "input": source,
+                    "fit": {"rows": fit.rows, "labels": fit.labels.tolist(),
+                            "label_counts": fit.label_counts.tolist()},
                     "seconds": round(time.time() - started, 2)}
         np.save(os.path.join(tmp, "counts.npy"), counts)
         np.save(os.path.join(tmp, ZERO_VALUE_IDS), np.flatnonzero(zero_value))

@@ -18,7 +18,11 @@ their files here, so a file means the same thing to each of them:
   columns ``label`` and ``features`` (libSVM) or ``label`` and ``field_<n>`` (libFFM), multi-hot
   text cells (`fm_keras.libsvm`); their data row N is line N.
 - Problems raise `DataError` naming the file and, where known, the line (CSV), data row
-  (1-based, the header not counted) and column.
+  (1-based, the header not counted) and column. A CSV file that pyarrow rejects (a row with
+  too few or too many fields, bytes that are not UTF-8 in a column read) is scanned once more
+  to name the line and column (`fm_keras.line_scan.first_problem`): pyarrow's messages name
+  neither, and its invalid-row callback cannot decode a row that is not UTF-8 (Python printed
+  "Exception ignored ... UnicodeDecodeError"), so this reader installs none.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from fm_keras import libsvm, list_columns
+from fm_keras import libsvm, line_scan, list_columns
 from fm_keras.errors import DataError
 
 MISSING_TOKENS = ("", "nan", "NaN", "NA", "null", "None")
@@ -51,9 +55,13 @@ def read_header(path: str) -> list[str]:
     A libFFM file's are ``label`` and the ``field_<n>`` its lines have: a pass over the file
     (once per file version in a process); `missing_columns` checks names without it.
 
+    A CSV file's header is its first record (after blank lines); its rows are not read here,
+    so a bad row is reported, with its line, by the reader that reads it.
+
     Raises:
-        DataError: the file is empty or cannot be read, or two columns have the same name
-            (a reader would take the first one silently).
+        DataError: the file is empty or cannot be read, the header is not UTF-8 (naming the
+            line), or two columns have the same name (a reader would take the first one
+            silently).
     """
     if os.path.getsize(path) == 0:
         raise DataError(f"{path}: the file is empty")
@@ -67,14 +75,19 @@ def read_header(path: str) -> list[str]:
         if is_parquet(path):
             names = list(pq.read_schema(path).names)
         else:
-            skip = pacsv.ParseOptions(newlines_in_values=True,
-                                      invalid_row_handler=lambda r: "skip")
-            with pacsv.open_csv(path, parse_options=skip) as reader:  # the rows are not checked
-                names = list(reader.schema.names)
+            names = _csv_header(path)
     except (pa.ArrowException, OSError) as err:
         raise DataError(f"{path}: cannot read: {_one_line(err)}") from None
     check_unique(path, names)
     return names
+
+
+def _csv_header(path: str) -> list[str]:
+    """The names of a CSV file's header, parsed by pyarrow from the bytes of its first record
+    (`fm_keras.line_scan.header_record`): no row is read."""
+    header = pacsv.read_csv(pa.py_buffer(line_scan.header_record(path)),
+                            parse_options=pacsv.ParseOptions(newlines_in_values=True))
+    return list(header.schema.names)
 
 
 def check_unique(path: str, names: Sequence[str]) -> None:
@@ -133,8 +146,9 @@ def record_batches(path: str, columns: Sequence[str] | None = None,
         `block_rows` (and pyarrow's read-ahead), not by the size of the file.
 
     Raises:
-        DataError: the file is empty, has a header but no rows, is not valid UTF-8, or a row
-            has a different number of fields than the header (naming the line); a Parquet
+        DataError: the file is empty, has a header but no rows, holds bytes that are not
+            UTF-8 in a column read (naming the line, byte and column), or a row has a
+            different number of fields than the header (naming the line); a Parquet
             nested column that `fm_keras.list_columns.check_schema` rejects; for libSVM
             and libFFM, any problem of `fm_keras.libsvm.parse_lines` (naming line and token).
     """
@@ -146,10 +160,11 @@ def record_batches(path: str, columns: Sequence[str] | None = None,
             columns = read_header(path)  # every block gets the same columns
         yield from _rebatch_numbered(_text_batches(path, fmt, columns), block_rows)
         return
-    bad_rows: list = []
     start, joined = 0, {}  # joined: the list columns of a Parquet file, as text
+    parquet = is_parquet(path)
+    names = None
     try:
-        if is_parquet(path):
+        if parquet:
             parquet = pq.ParquetFile(path)
             schema = parquet.schema_arrow
             check_unique(path, schema.names)
@@ -162,7 +177,7 @@ def record_batches(path: str, columns: Sequence[str] | None = None,
             names = list(columns) if columns else read_header(path)
             pending = pacsv.open_csv(
                 path, read_options=pacsv.ReadOptions(block_size=_CSV_BLOCK_BYTES),
-                parse_options=_parse_options(bad_rows.append),
+                parse_options=pacsv.ParseOptions(newlines_in_values=True),
                 convert_options=pacsv.ConvertOptions(
                     include_columns=names, column_types={n: pa.string() for n in names},
                     strings_can_be_null=False, quoted_strings_can_be_null=False),
@@ -173,7 +188,8 @@ def record_batches(path: str, columns: Sequence[str] | None = None,
             yield start, batch
             start += batch.num_rows
     except pa.ArrowInvalid as err:
-        raise DataError(_invalid(path, err, bad_rows)) from None
+        problem = None if parquet or names is None else line_scan.first_problem(path, names)
+        raise DataError(f"{path}: {problem or 'cannot read: ' + _one_line(err)}") from None
     except (pa.ArrowException, OSError) as err:
         raise DataError(f"{path}: cannot read: {_one_line(err)}") from None
     if start == 0:
@@ -185,7 +201,6 @@ def _text_batches(path: str, fmt: str, columns: Sequence[str] | None
     """The blocks of a libSVM/libFFM file parsed (`fm_keras.libsvm.parse_lines`), with the
     libFFM fields of each. The lines are read by pyarrow's CSV reader as one column (no
     quoting; the delimiter a control character, \\x1f, that text does not hold)."""
-    bad_rows: list = []
     line = 1
     try:
         with pacsv.open_csv(
@@ -193,8 +208,7 @@ def _text_batches(path: str, fmt: str, columns: Sequence[str] | None
                                                      column_names=["line"]),
                 parse_options=pacsv.ParseOptions(
                     delimiter="\x1f", quote_char=False, escape_char=False,
-                    ignore_empty_lines=False,
-                    invalid_row_handler=lambda row: bad_rows.append(row) or "error"),
+                    ignore_empty_lines=False),
                 convert_options=pacsv.ConvertOptions(
                     column_types={"line": pa.string()}, strings_can_be_null=False),
                 memory_pool=_pool()) as lines:
@@ -203,10 +217,15 @@ def _text_batches(path: str, fmt: str, columns: Sequence[str] | None
                     yield libsvm.parse_lines(batch.column(0), fmt, columns, path, line)
                     line += batch.num_rows
     except pa.ArrowInvalid as err:
-        if bad_rows:
-            at = _find_line(path, lambda text: b"\x1f" in text)
-            raise DataError(f"{path}: line {at}: holds the control character \\x1f") from None
-        raise DataError(_invalid(path, err, [])) from None
+        at = "Expected 1 columns" in str(err) and line_scan.find_line(path,
+                                                                       lambda t: b"\x1f" in t)
+        if at:
+            raise DataError(f"{path}: line {at[0]}: holds the control character \\x1f") from None
+        at = line_scan.find_line(path, line_scan.not_utf8)
+        if at:
+            raise DataError(f"{path}: line {at[0]}: not UTF-8 (byte 0x{at[1]:02x}); "
+                            f"{line_scan.REENCODE}") from None
+        raise DataError(f"{path}: cannot read: {_one_line(err)}") from None
     except (pa.ArrowException, OSError) as err:
         raise DataError(f"{path}: cannot read: {_one_line(err)}") from None
 
@@ -317,15 +336,6 @@ def _row(rows: int | np.ndarray, index: int) -> int:
     return int(rows + index) if np.isscalar(rows) else int(rows[index])
 
 
-def _parse_options(on_invalid=None) -> pacsv.ParseOptions:
-    def handler(row):
-        on_invalid(row)
-        return "error"
-
-    return pacsv.ParseOptions(newlines_in_values=True,
-                              invalid_row_handler=handler if on_invalid else None)
-
-
 def _rebatch(batches, rows: int | None) -> Iterator[pa.RecordBatch]:
     """Batches of exactly `rows` rows (the last one shorter) from batches of any size."""
     held: list[pa.RecordBatch] = []
@@ -347,40 +357,6 @@ def _rebatch(batches, rows: int | None) -> Iterator[pa.RecordBatch]:
 def _one_batch(table: pa.Table) -> pa.RecordBatch:
     return table.combine_chunks().to_batches()[0] if table.num_rows else \
         pa.RecordBatch.from_pylist([], table.schema)
-
-
-def _invalid(path: str, err: pa.ArrowInvalid, bad_rows: list) -> str:
-    """The message for a CSV that pyarrow rejects, with the line found by a scan of the file
-    (pyarrow does not know line numbers once fields may hold line breaks)."""
-    if bad_rows:
-        row = bad_rows[0]
-        line = _find_line(path, lambda text: text.rstrip(b"\r\n") == row.text.encode())
-        text = row.text if len(row.text) <= 80 else row.text[:77] + "..."
-        return (f"{path}: {f'line {line}: ' if line else ''}{row.actual_columns} fields where "
-                f"the header has {row.expected_columns} ({text!r}; a field holding the "
-                "delimiter or a line break must be quoted with \"\")")
-    message = _one_line(err)
-    if "UTF8" in message:
-        line = _find_line(path, _not_utf8)
-        return (f"{path}: {f'line {line}: ' if line else ''}not UTF-8 text; re-encode the file, "
-                f"e.g. iconv -f latin1 -t utf-8 ({message})")
-    return f"{path}: cannot read: {message}"
-
-
-def _find_line(path: str, matches) -> int | None:
-    with open(path, "rb") as f:
-        for number, text in enumerate(f, start=1):
-            if matches(text):
-                return number
-    return None
-
-
-def _not_utf8(text: bytes) -> bool:
-    try:
-        text.decode("utf-8")
-        return False
-    except UnicodeDecodeError:
-        return True
 
 
 def _one_line(err: Exception) -> str:

@@ -127,7 +127,9 @@ def _train(config: ExperimentConfig, run_dir: str, *, resume: bool, verbose: int
                                        files=[converted.directory]), config.data.label)
     elif ooc:
         valid_split = load_data_split(config.data, "valid", config.features, task)
-        fit = out_of_core.fit_pass(config, given)
+        # A resumed run whose shards are complete and input unchanged skips pass 1.
+        fit = out_of_core.resumed_fit(config, run_dir, given) if resume and given else None
+        fit = fit or out_of_core.fit_pass(config, given)
         features, rows = fit.features, {"train_read": fit.rows_read, "dropped": fit.dropped}
         log(f"train: {fit.rows:,} rows from {len(fit.files)} file(s)" + _dropped_text(fit))
         if task == "binary":

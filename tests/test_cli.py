@@ -66,6 +66,13 @@ def test_train_and_evaluate_print_json(small_synth, tmp_path, capsys):
     assert not (tmp_path / "cold").exists()
 
 
+def _corrupted(data: bytes) -> bytes:
+    """A CSV file's bytes with line 1234's second cell starting with 0xff, cut mid-row."""
+    lines = data.split(b"\n")
+    lines[1233] = lines[1233].replace(b",", b",\xff", 1)
+    return b"\n".join(lines)[:-(len(lines[-2]) // 2 + 1)]
+
+
 def _run_cli(*args, cwd):
     return subprocess.run([sys.executable, "-m", "fm_keras.cli", *args], cwd=cwd,
                           capture_output=True, text=True, timeout=300)
@@ -86,6 +93,11 @@ def _run_cli(*args, cwd):
         "\n".join(line if i != 5 else line.rsplit(",", 1)[0] + ",7"
                   for i, line in enumerate((d / "train.csv").read_text().splitlines()))),
      "train.csv: label column 'click': task 'binary' needs labels in {0, 1}, found [7.0]"),
+    # A new user's corrupted log: cut short, with a byte that is not UTF-8 in a cell. The
+    # error named no line and Python printed "Exception ignored ... UnicodeDecodeError".
+    (lambda d: (d / "train.csv").write_bytes(_corrupted((d / "train.csv").read_bytes())),
+     "train.csv: line 1234: not UTF-8 (byte 0xff at column 'user_id'); re-encode the file as "
+     "UTF-8"),
 ])
 def test_bad_input_one_line_error(small_synth, tmp_path, edit, message):
     synth_dir, _ = small_synth
@@ -99,6 +111,7 @@ def test_bad_input_one_line_error(small_synth, tmp_path, edit, message):
     assert proc.returncode == 2, proc.stderr
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("fm-keras: error: ") and message in last, proc.stderr
+    assert "Exception ignored" not in proc.stderr, proc.stderr
     assert not (tmp_path / "run").exists()
 
 

@@ -72,7 +72,7 @@ def test_write_table_wants_a_known_extension_and_leaves_nothing_half_written(tmp
 
 
 def test_float_unit_ids_in_parquet_are_an_error(tmp_path):
-    # A null in an integer id column makes pandas write float64: 7 would be hashed as '7.0'.
+    # A null in an integer id column makes pandas write float64: the ids lose their text.
     path = tmp_path / "e.parquet"
     EVENTS.assign(user_id=[7.0, 7.0, 8.0, 9.0]).to_parquet(path, index=False)
     with pytest.raises(DataError, match=r"e.parquet: column 'user_id': unit ids are floating"):
@@ -94,6 +94,29 @@ def test_an_integer_id_is_the_same_unit_in_csv_and_parquet_and_007_is_not_7(tmp_
     assigner = Assigner(EXPERIMENT)
     assert assigner.arm(7) == assigner.arm("7")
     assert [assigner.arm(u) for u in ("007", "7", "7.0")] != [assigner.arm("7")] * 3
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".parquet"])
+def test_float_looking_unit_ids_are_text_in_csv_as_in_a_parquet_string_column(tmp_path, suffix):
+    """A CSV has no column types: the cell ``1.0`` is the unit '1.0', never merged with '1'
+    (pinned after a new user's events with ids 1.0, 2.0 were taken silently), exactly as
+    the same text in a Parquet string column; only a Parquet float column is an error."""
+    from fm_keras.experiments.assignment import assign_file, bucket
+
+    path = tmp_path / f"e{suffix}"
+    frame = EVENTS.drop(columns="pre_period").assign(user_id=["1.0", "1", "2.0", "2.0"],
+                                                     arm=["a", "a", "b", "b"])
+    frame.to_csv(path, index=False) if suffix == ".csv" else frame.to_parquet(path, index=False)
+    if suffix == ".csv":
+        assert path.read_text().splitlines()[1].startswith("1.0,a,")  # written as a bare 1.0
+    events = read_events([str(path)], EXPERIMENT)
+    assert events["unit"].tolist() == ["1.0", "1", "2.0", "2.0"]
+    assert per_unit(events)["unit"].tolist() == ["1.0", "1", "2.0"]
+    summary = assign_file(EXPERIMENT, [str(path)], str(tmp_path / "assigned.csv"))
+    assert summary["units"] == 3
+    assigned = pd.read_csv(tmp_path / "assigned.csv", dtype=str)
+    assert assigned["user_id"].tolist() == ["1.0", "1", "2.0"]
+    assert assigned["bucket"].astype(int).tolist() == [bucket("s", u) for u in ("1.0", "1", "2.0")]
 
 
 def test_cuped_needs_pre_period_in_every_row(tmp_path):

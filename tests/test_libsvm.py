@@ -376,3 +376,21 @@ def test_a_binary_task_on_labels_minus_one_says_to_map_them_to_zero(tmp_path):
             f"{path}: label column 'label': task 'binary' needs labels in {{0, 1}}, found "
             "[-1.0] (first at data row 2); map the label -1 to 0")):
         load_split([str(path)], [FeatureConfig("features", "multi_hot", "user")], "label")
+
+
+@pytest.mark.parametrize("data, message", [
+    (b"1 3:1\n0 4:caf\xe9\n", "a.libsvm: line 2: not UTF-8 (byte 0xe9); re-encode the file"),
+    # The line pyarrow rejects (it holds the delimiter \x1f) is not UTF-8 either: its
+    # invalid-row callback could not decode it (Python printed "Exception ignored") and the
+    # error named no line.
+    (b"1 3:1\n0 4:\xe9\x1f1\n", "a.libsvm: line 2: holds the control character \\x1f"),
+])
+def test_bytes_that_are_not_utf8_name_the_line_without_noise(tmp_path, monkeypatch, data,
+                                                              message):
+    unraisable = []
+    monkeypatch.setattr("sys.unraisablehook", unraisable.append)
+    path = tmp_path / "a.libsvm"
+    path.write_bytes(data)
+    with pytest.raises(DataError, match=re.escape(message)):
+        list(record_batches(str(path)))
+    assert not unraisable, [u.exc_value for u in unraisable]

@@ -100,7 +100,56 @@ def test_shards_hold_exactly_the_encoded_rows(small_synth, tmp_path):
     assert out_of_core.Shards.open(str(tmp_path / "s")).zero_value_ids is None
 
 
-def test_a_run_trains_resumes_and_exports(small_synth, tmp_path):
+def test_resume_takes_pass_1_from_complete_shards_of_unchanged_files(small_synth, tmp_path,
+                                                                      monkeypatch, capsys):
+    """`train --resume` read the whole training CSV again (pass 1) before it reused the
+    shards; with the shards complete and the files unchanged it must not read them."""
+    synth_dir, _ = small_synth
+    train_csv = tmp_path / "train.csv"
+    train_csv.write_bytes((synth_dir / "train.csv").read_bytes())
+    config = _config(synth_dir, train=(str(train_csv),))
+    run_dir = str(tmp_path / "run")
+    fit = out_of_core.fit_pass(config, block_rows=8000)
+    assert out_of_core.resumed_fit(config, run_dir, fit.features) is None  # no shards yet
+    directory = out_of_core.shard_directory(config, run_dir, fit)
+    assert directory == os.path.join(run_dir, "shards")
+    out_of_core.write_shards(config, FeatureEncoder(fit.features), directory, fit,
+                             block_rows=8000)
+    capsys.readouterr()
+
+    def read_again(*args, **kwargs):
+        raise AssertionError("the training files were read again")
+
+    monkeypatch.setattr(out_of_core, "iter_blocks", read_again)
+    again = out_of_core.resumed_fit(config, run_dir, fit.features)
+    assert again is not None
+    # pass 1's counts, not the shards' (negatives were downsampled at rate 0.5 there)
+    assert (again.features, again.rows, again.rows_read, again.dropped, again.files) == \
+        (fit.features, fit.rows, fit.rows_read, fit.dropped, fit.files)
+    np.testing.assert_array_equal(again.labels, fit.labels)
+    np.testing.assert_array_equal(again.label_counts, fit.label_counts)
+    assert f"reusing encoded shards {directory}: the training files are unchanged (size, " \
+        "mtime): pass 1 over 1 file(s) skipped" in capsys.readouterr().err
+
+    seed = config.training.seed
+    other = dataclasses.replace(config, training=dataclasses.replace(config.training,
+                                                                     seed=seed + 1))
+    assert out_of_core.resumed_fit(other, run_dir, fit.features) is None
+    assert f"seed was {seed} when they were written, now {seed + 1}" in capsys.readouterr().err
+    stat = os.stat(train_csv)
+    os.utime(train_csv, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # the file changed
+    assert out_of_core.resumed_fit(config, run_dir, fit.features) is None
+    assert (f"{train_csv} changed since they were written (size or mtime); reading the "
+            "training files again") in capsys.readouterr().err
+    manifest = json.loads((tmp_path / "run" / "shards" / "shards.json").read_text())
+    del manifest["input"]  # shards of an older version
+    (tmp_path / "run" / "shards" / "shards.json").write_text(json.dumps(manifest))
+    os.utime(train_csv, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert out_of_core.resumed_fit(config, run_dir, fit.features) is None
+    assert "record no fingerprint of their input" in capsys.readouterr().err
+
+
+def test_a_run_trains_resumes_and_exports(small_synth, tmp_path, monkeypatch):
     from fm_keras.export import export_run
 
     synth_dir, _ = small_synth
@@ -117,8 +166,14 @@ def test_a_run_trains_resumes_and_exports(small_synth, tmp_path):
     assert record["rows"]["train"] < record["rows"]["train_read"] * 0.6  # negatives halved
     assert record["logit_correction"] == pytest.approx(np.log(0.5) - np.log(4.0))
     assert record["metrics"]["valid"]["auc"] > 0.55
-    # Resume an unfinished run for a second epoch: the cached shards are reused.
+    # Resume an unfinished run for a second epoch: the cached shards are reused, and the
+    # training files are not read again (pass 1 comes from the shards' manifest).
     os.remove(os.path.join(run_dir, "run.json"))
+
+    def fit_pass(*args, **kwargs):
+        raise AssertionError("pass 1 read the training files again")
+
+    monkeypatch.setattr(out_of_core, "fit_pass", fit_pass)
     more = dataclasses.replace(config, training=dataclasses.replace(config.training, epochs=2))
     record = train(more, run_dir, resume=True, verbose=0)
     assert record["epochs_run"] == 2 and record["out_of_core"]["enabled"]

@@ -9,6 +9,7 @@ scoring (`beam_scoring.read_rows`) and the pipeline's ExampleGen (its Parquet ou
 
 import math
 import os
+import re
 
 import numpy as np
 import pandas as pd
@@ -163,7 +164,8 @@ def test_csv_errors_name_the_line(tmp_path):
         list(record_batches(str(extra)))
     latin = tmp_path / "latin.csv"
     latin.write_bytes(b"a,b\n1,ok\n2,caf\xe9\n")
-    with pytest.raises(DataError, match=r"latin.csv: line 3: not UTF-8 text; re-encode"):
+    with pytest.raises(DataError, match=r"latin.csv: line 3: not UTF-8 \(byte 0xe9 at column "
+                                        r"'b'\); re-encode the file as UTF-8"):
         list(record_batches(str(latin)))
     (tmp_path / "empty.csv").write_bytes(b"")
     with pytest.raises(DataError, match="the file is empty"):
@@ -171,6 +173,65 @@ def test_csv_errors_name_the_line(tmp_path):
     (tmp_path / "header.csv").write_bytes(b"a,b\r\n")
     with pytest.raises(DataError, match="has a header but no rows"):
         list(record_batches(str(tmp_path / "header.csv")))
+
+
+def _read_through(command, path, tmp):
+    """`path` read by one command's read path, to its end."""
+    from fm_keras.beam_scoring import read_rows
+
+    features = (FeatureConfig("user_id", "categorical", "user"),
+                FeatureConfig("item_id", "categorical", "item"))
+    if command == "header":
+        read_header(path)
+    elif command == "train/evaluate":
+        load_split([path], features, "click")
+    elif command == "out-of-core":
+        list(iter_blocks([path], features, "click", block_rows=100))
+    elif command == "score/recommend":
+        list(read_batches(path, {"user_id": tf.string, "item_id": tf.string}, [],
+                          batch_size=100))
+    elif command == "beam":
+        list(read_rows(ReadableFile(path), {"user_id": "string", "item_id": "string"}, []))
+    elif command == "examplegen":
+        run_examplegen(InputConfig(input=(path,), label="click"), [path],
+                       os.path.join(tmp, "examplegen"))
+
+
+@pytest.mark.parametrize("command", ["train/evaluate", "out-of-core", "score/recommend", "beam",
+                                     "examplegen"])
+@pytest.mark.parametrize("corruption, message", [
+    # A latin-1 byte in a cell of a truncated last row: pyarrow's invalid-row callback could
+    # not decode the row (Python printed "Exception ignored ... UnicodeDecodeError" from
+    # read_header's lambda) and the error named no line.
+    (b"u9,caf\xe9", r"line 1202: not UTF-8 \(byte 0xe9 at column 'item_id'\); re-encode the "
+                    r"file as UTF-8"),
+    (b"u\xff9,i9,1\nu10,i1", r"line 1202: not UTF-8 \(byte 0xff at column 'user_id'\)"),
+    (b"u9,i9,1\nu10,i1", r"line 1203: 2 fields where the header has 3 \('u10,i1'"),
+])
+def test_a_corrupted_csv_is_one_line_naming_line_and_column_on_every_path(
+        tmp_path, monkeypatch, command, corruption, message):
+    """A file cut short, with bytes that are not UTF-8, seen by a new user's `fm-keras train`:
+    every command that reads CSV names the line (and column), and Python prints nothing."""
+    unraisable = []
+    monkeypatch.setattr("sys.unraisablehook", unraisable.append)
+    path = tmp_path / "train.csv"
+    rows = "".join(f'u{i},"i\n{i}",{i % 2}\n' for i in range(600))  # 2 lines a row
+    path.write_bytes(b"user_id,item_id,click\n" + rows.encode() + corruption)
+    with pytest.raises(DataError) as info:
+        _read_through(command, str(path), str(tmp_path))
+    assert str(info.value).startswith(f"{path}: "), str(info.value)
+    assert re.search(message, str(info.value)) and "\n" not in str(info.value), str(info.value)
+    read_header(str(path))  # the header is fine: the rows are not read for it
+    assert not unraisable, [u.exc_value for u in unraisable]
+
+
+def test_a_header_that_is_not_utf8_names_its_line(tmp_path):
+    path = tmp_path / "h.csv"
+    path.write_bytes(b"\n\"user\nid\",caf\xe9\n1,2\n")
+    with pytest.raises(DataError, match=r"h.csv: line 3: not UTF-8 \(byte 0xe9 in the header\)"):
+        read_header(str(path))
+    path.write_bytes(b'\xef\xbb\xbf\r\n"user\r\nid","a ""b"""\r\n1,2\r\n')
+    assert read_header(str(path)) == ["user\r\nid", 'a "b"']
 
 
 def test_batches_hold_block_rows_and_count_data_rows(tmp_path):

@@ -110,10 +110,14 @@ def unit_ids(frame: pd.DataFrame, path: str, unit: str) -> pd.Series:
 
     Ids are hashed as text exactly: ``"007"`` and ``"7"`` are different units; a Parquet
     integer column is its decimal text (7 -> ``"7"``, the same unit as the CSV cell ``7``).
+    A CSV column has no type: every cell is the text written (`fm_keras.reading`), so the
+    cell ``1.0`` is the unit ``"1.0"``, not ``"1"``, as in a Parquet string column.
 
     Raises:
         DataError: naming the file and column: the column is missing, has empty ids, or is a
-            Parquet floating-point column (7.0 would print as ``"7.0"``, another unit than 7).
+            Parquet floating-point column (a float does not keep the id's text: Arrow reads
+            7.0 as ``"7"``, the same frame written as CSV says ``"7.0"``, and ids above 2^53
+            are rounded).
     """
     if unit not in frame.columns:
         raise DataError(f"{path}: column {unit!r} (the experiment's unit) is missing; the file "
@@ -124,9 +128,10 @@ def unit_ids(frame: pd.DataFrame, path: str, unit: str) -> pd.Series:
 
         kind = pq.read_schema(path).field(unit).type
         if pa.types.is_floating(kind):
-            raise DataError(f"{path}: column {unit!r}: unit ids are floating point ({kind}): "
-                            "7.0 would be hashed as '7.0', another unit than 7; store the ids "
-                            "as integers or strings")
+            raise DataError(f"{path}: column {unit!r}: unit ids are floating point ({kind}), "
+                            "which do not keep the id's text (7.0 is read as '7', but a CSV of "
+                            "the same frame says '7.0'; ids above 2^53 are rounded); store the "
+                            "ids as integers or strings")
     ids = frame[unit].astype(str)
     empty = (ids.str.strip() == "").to_numpy()
     if empty.any():

@@ -1,0 +1,141 @@
+"""Scans of a text file's lines in Python, for what pyarrow's CSV reader does not say.
+
+`fm_keras.reading` reads CSV with pyarrow and installs no invalid-row callback (pyarrow
+decodes the row before calling it: a row that is not UTF-8 made Python print "Exception
+ignored ... UnicodeDecodeError"). So it asks this module where a CSV header ends
+(`header_record`: the header is parsed without reading a row) and, when pyarrow rejects a file,
+which line and column it stopped at (`first_problem`): pyarrow names no line once fields may
+hold line breaks, and no column in a parse error.
+"""
+
+from __future__ import annotations
+
+import csv
+import re
+from collections.abc import Callable, Sequence
+
+from fm_keras.errors import DataError
+
+REENCODE = "re-encode the file as UTF-8, e.g. iconv -f latin1 -t utf-8"
+_HEADER_READ_BYTES = 1 << 16
+_LINE_END = re.compile(rb"\r\n?|\n")
+_BOM = b"\xef\xbb\xbf"
+_UNDECODED = re.compile("[\udc80-\udcff]")  # a byte that is not UTF-8, read as surrogateescape
+
+
+def header_record(path: str) -> bytes:
+    """The bytes of a CSV file from its start to the end of its first record (the header;
+    blank lines before it included), read in blocks of 64 KiB until it ends.
+
+    Raises:
+        DataError: the header is not UTF-8 (naming the line and byte, and the fix).
+        OSError: the file cannot be read.
+    """
+    head, end = b"", None
+    with open(path, "rb") as f:
+        while end is None:
+            more = f.read(_HEADER_READ_BYTES)
+            head += more
+            end = _first_record_end(head, final=not more)
+    head = head[:end]
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = len(_LINE_END.findall(head, 0, err.start)) + 1
+        raise DataError(f"{path}: line {line}: not UTF-8 (byte 0x{head[err.start]:02x} in the "
+                        f"header); {REENCODE}") from None
+    return head
+
+
+def _first_record_end(head: bytes, final: bool) -> int | None:
+    """Where the first record of a CSV file that starts with `head` ends: after the first line
+    end outside quotes (an even number of ``"`` before it, RFC 4180) that follows text; blank
+    lines (and the byte-order mark) before it do not count. None: not within `head` (read
+    more), unless `final` (the file ends there)."""
+    quotes, last, text = 0, 0, False
+    for match in _LINE_END.finditer(head):
+        line = head[last:match.start()]
+        quotes += line.count(b'"')
+        text = text or bool(line.removeprefix(_BOM) if last == 0 else line)
+        last = match.end()
+        if text and quotes % 2 == 0:
+            return last
+    return len(head) if final else None
+
+
+def first_problem(path: str, columns: Sequence[str]) -> str | None:
+    """The first problem of a CSV file that pyarrow's reader stops at.
+
+    The file is read with Python's `csv` module (the same RFC 4180 rules; bytes that are not
+    UTF-8 kept as surrogates) for the first record after the header that holds such a byte in
+    one of `columns`, or has another number of fields than the header. Called on errors only:
+    it is a pass in Python.
+
+    Args:
+        path: a CSV file.
+        columns: the columns read (pyarrow checks only their cells for UTF-8).
+
+    Returns:
+        ``"line N: not UTF-8 (byte 0xff at column 'c'); re-encode ..."`` (N: the line of the
+        byte) or ``"line N: 2 fields where the header has 3 (...)"`` (N: the record's first
+        line), or None when the scan finds neither (the caller gives pyarrow's message).
+    """
+    header, line = None, 1  # line: the first line of the next record
+    wanted: set[int] = set()
+    try:
+        with open(path, encoding="utf-8", errors="surrogateescape", newline="") as f:
+            records = csv.reader(f)
+            for record in records:
+                first, line = line, records.line_num + 1
+                if not record:
+                    continue  # a blank line: pyarrow skips it too
+                if header is None:
+                    header = [record[0].removeprefix("\ufeff"), *record[1:]]
+                    wanted = {i for i, name in enumerate(header) if name in columns}
+                    continue
+                problem = _record_problem(record, first, header, wanted)
+                if problem:
+                    return problem
+    except (csv.Error, OSError):
+        return None
+    return None
+
+
+def _record_problem(record: list[str], line: int, header: list[str],
+                    wanted: set[int]) -> str | None:
+    """`first_problem`'s check of one record that starts at `line`."""
+    for i, cell in enumerate(record):
+        bad = _UNDECODED.search(cell) if i in wanted else None
+        if bad:
+            at = line + sum(c.count("\n") for c in record[:i]) + cell.count("\n", 0, bad.start())
+            byte = ord(bad.group()) - 0xDC00
+            return (f"line {at}: not UTF-8 (byte 0x{byte:02x} at column {header[i]!r}); "
+                    f"{REENCODE}")
+    if len(record) != len(header):
+        text = ",".join(record).encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+        text = text if len(text) <= 80 else text[:77] + "..."
+        return (f"line {line}: {len(record)} fields where the header has {len(header)} "
+                f"({text!r}; a field holding the delimiter or a line break must be quoted "
+                "with \"\")")
+    return None
+
+
+def find_line(path: str, matches: Callable[[bytes], object]
+              ) -> tuple[int, object] | None:
+    """The first (line number, what `matches` returned) of the file's lines (bytes) for which
+    `matches` is truthy, or None."""
+    with open(path, "rb") as f:
+        for number, text in enumerate(f, start=1):
+            found = matches(text)
+            if found:
+                return number, found
+    return None
+
+
+def not_utf8(text: bytes) -> int | None:
+    """The first byte of `text` that is not UTF-8 (as an int), or None."""
+    try:
+        text.decode("utf-8")
+        return None
+    except UnicodeDecodeError as err:
+        return text[err.start]
