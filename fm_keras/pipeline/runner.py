@@ -237,7 +237,8 @@ class PipelineRun:
 
         def execute(out):
             record = run_trainer(self.config, examples.uri, out,
-                                 warm_start=base.properties["run_dir"] if base else None)
+                                 warm_start=base.properties["run_dir"] if base else None,
+                                 span=examples.properties.get("span"))
             fp = cache.fingerprint_export(record["export_dir"])
             props = {"run_dir": record["run_dir"], "export_dir": record["export_dir"],
                      "examples": examples.fingerprint, "warm_start": base.uri if base else None}
