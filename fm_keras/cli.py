@@ -11,6 +11,7 @@ import json
 import os
 import sys
 
+from fm_keras.errors import Terminated
 from fm_keras.experiments.cli import add_commands as _add_ab_commands
 from fm_keras.pipeline.cli import add_commands as _add_pipeline_commands
 from fm_keras.serving.cli import add_commands as _add_serving_commands
@@ -139,11 +140,6 @@ def build_parser() -> argparse.ArgumentParser:
     _COMMANDS.update(_add_pipeline_commands(sub))  # pipeline run | step | status | rollback
     _COMMANDS.update(_add_ab_commands(sub))  # ab report | simulate | assign
     return parser
-
-
-class Terminated(BaseException):
-    """Raised in the main thread by SIGTERM while a command runs, so that it unwinds as on
-    Ctrl-C: temp files and directories are removed, nothing half-written stays behind."""
 
 
 def _terminate(signum, frame):

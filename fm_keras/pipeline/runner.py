@@ -23,10 +23,11 @@ import os
 import secrets
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from fm_keras import fsutil
-from fm_keras.errors import ConfigError
+from fm_keras.errors import ConfigError, error_line
 from fm_keras.pipeline import cache
 from fm_keras.pipeline.config import PipelineConfig
 from fm_keras.pipeline.metadata import DONE, Artifact, MetadataStore
@@ -143,8 +144,10 @@ class PipelineRun:
             result = execute(out_dir)
         except BaseException as err:
             self.store.finish_execution(execution, "FAILED", {}, {
-                "error": f"{type(err).__name__}: {err}", "seconds": round(time.time() - started, 3)})
+                "error": error_line(err), "seconds": round(time.time() - started, 3)})
             raise
+        finally:  # a step that wrote nothing (or was killed before it wrote) leaves no dir
+            fsutil.remove_if_empty(out_dir)
         outputs = {name: self.store.put_artifact(*spec) for name, spec in result.outputs.items()}
         seconds = round(time.time() - started, 3)
         result.properties.update(seconds=seconds, cached=False, stop=result.stop)
@@ -350,8 +353,24 @@ class PipelineRun:
         return {"pushed_model": pushed}, params, execute, False
 
 def run_pipeline(config: PipelineConfig, span: int | None = None, run_id: str | None = None,
-                 steps: tuple[str, ...] = STEPS, report: bool = True) -> dict:
-    """Runs the steps of one pipeline run; returns the run summary (also in run.json)."""
+                 steps: tuple[str, ...] = STEPS, report: bool = True,
+                 on_failure: Callable[[dict], None] | None = None) -> dict:
+    """Runs the steps of one pipeline run; returns the run summary (also in run.json).
+
+    Args:
+        config: the pipeline.
+        span: the span to run on (default: the newest on disk); ignored for an existing run.
+        run_id: a run to continue (container steps) or the id of a new one.
+        steps: the steps to run, in `STEPS` order.
+        report: write ``report/index.html``.
+        on_failure: called with the failed run's summary (status ``failed`` and a one-line
+            ``error``, e.g. ``terminated by SIGTERM``) before the error propagates.
+
+    Raises:
+        ConfigError: an unknown step, or another run holds the lock.
+        BaseException: whatever stopped a step (also SIGTERM's `Terminated`); the run is
+            recorded as failed first.
+    """
     for step in steps:
         if step not in STEPS:
             raise ConfigError(f"unknown step {step!r}; steps are {list(STEPS)}")
@@ -371,10 +390,13 @@ def run_pipeline(config: PipelineConfig, span: int | None = None, run_id: str | 
             try:
                 summary = run.finish(_execute(run, steps))
             except BaseException as err:
-                summary = run.finish("failed", error=f"{type(err).__name__}: {err}")
+                summary = run.finish("failed", error=error_line(err))
                 if report:
                     with contextlib.suppress(Exception):  # never hide the error itself
                         _report(run, summary, store)
+                if on_failure is not None:
+                    with contextlib.suppress(Exception):
+                        on_failure(summary)
                 raise
             if report:
                 _report(run, summary, store)
