@@ -1,14 +1,17 @@
 """The pipeline runner: steps in order, each recorded in the metadata store, cached by inputs.
 
     examplegen -> statistics -> validator -> trainer -> evaluator -> infra_validator
-        -> pusher -> index_builder
+        -> index_builder -> pusher
+
+The recall model is built and checked before anything is pushed; the pusher then pushes the
+ranking version and the recall version back to back.
 
 Each step's cache key is the fingerprint of its parameters, its input artifacts and the
 fm_keras version; an execution with the same key whose outputs still exist is reused
-(``CACHED``). A step can stop the run with an outcome (anomalies, not blessed, infra invalid):
-the remaining steps do not run and the served model stays as it was. A run holds the pipeline
-lock (``<root>/.lock``), so runs never overlap; RUNNING leftovers of a killed run are marked
-ABANDONED and its partial push removed by the next one.
+(``CACHED``). A step can stop the run with an outcome (anomalies, not blessed, infra or recall
+invalid): the remaining steps do not run and the served model stays as it was. A run holds the
+pipeline lock (``<root>/.lock``), so runs never overlap; RUNNING leftovers of a killed run are
+marked ABANDONED and its partial push removed by the next one.
 
 A step can also run on its own (``fm-keras pipeline step NAME --run-id ID``): it takes its
 inputs from the earlier steps of that run, as a container step of a scheduler would.
@@ -34,7 +37,7 @@ from fm_keras.pipeline.metadata import DONE, Artifact, MetadataStore
 from fm_keras.pipeline.status import run_summary
 
 STEPS = ("examplegen", "statistics", "validator", "trainer", "evaluator", "infra_validator",
-         "pusher", "index_builder")
+         "index_builder", "pusher")
 # Run outcomes; the CLI exits 0 for these (a model that is not blessed is a normal outcome of a
 # retraining job) and 1 for invalid_data, infra_invalid, recall_invalid, failed. A run executed step by step
 # is "open" between steps; "running" only while a process works on it.
@@ -303,54 +306,70 @@ class PipelineRun:
                               result, stop=None if result["valid"] else "infra_invalid")
         return {"model": model, "examples": examples}, params, execute, True
 
+    def _index_builder(self):
+        from fm_keras.pipeline.index_builder import build_recall
+
+        model, examples, _ = self._need("index_builder", "model", "examples", "infra_blessing")
+        items = self.config.data.items
+        params = {"index": dataclasses.asdict(self.config.index),
+                  "infra_validator": dataclasses.asdict(self.config.infra_validator),
+                  "items": [items, os.path.getsize(items), os.stat(items).st_mtime_ns]
+                  if items and self.config.index.enabled else items}
+
+        def execute(out):
+            if not self.config.index.enabled:
+                return StepResult({}, {"built": False, "reason": "index: enabled is false"})
+            result = build_recall(self.config, model.properties["export_dir"], out, examples.uri)
+            if not result["valid"]:
+                return StepResult({}, result, stop="recall_invalid")
+            return StepResult({"recall_model": ("RecallModel", result["path"],
+                                                cache.fingerprint_export(result["path"]),
+                                                {"model": model.fingerprint})}, result)
+        return {"model": model, "examples": examples}, params, execute, True
+
     def _pusher(self):
+        """The ranking version, then its recall model under the same number, back to back
+        (both built and checked before): a run killed between them is completed by the next
+        run, which pushes the missing recall version and reports ``pushed``."""
         from fm_keras.pipeline import serving_config
-        from fm_keras.pipeline.pusher import push
+        from fm_keras.pipeline.pusher import push, push_recall
 
         model, blessed, infra = self._need("pusher", "model", "blessing", "infra_blessing")
+        recall = None
+        if self.config.index.enabled:
+            (recall,) = self._need("pusher", "recall_model")
         params = {"base": self.config.pusher.base, "name": self.config.name}
+        config = self.config
 
         def execute(out):
             if not (blessed.properties.get("blessed") and infra.properties.get("valid")):
                 return StepResult({}, {"pushed": False}, stop="not_blessed")
             result = push(model.properties["export_dir"], model.fingerprint,
-                          self.config.pusher.base, self.config.name, self.run_id)
-            if result["pushed"] or not os.path.exists(self.config.pusher.model_config_file):
-                serving_config.ensure_models(self.config.pusher.model_config_file,
-                                             self.config.pusher.base, [self.config.name])
-            pinned = result["pushed"] and serving_config.pinned_elsewhere(
-                self.config.pusher.model_config_file, self.config.name, result["version"])
+                          config.pusher.base, config.name, self.run_id)
+            names, pushed = [config.name], result["pushed"]
+            if recall is not None:
+                result["recall"] = push_recall(recall.uri, config.pusher.base, config.recall_name,
+                                               result["version"], result["path"], self.run_id)
+                names.append(config.recall_name)
+                pushed = pushed or result["recall"]["pushed"]
+                said = {True: "pushed", False: "unchanged"}
+                log(f"pusher: {config.name} {result['version']} {said[result['pushed']]}, "
+                    f"{config.recall_name} {result['version']} {said[result['recall']['pushed']]}")
+            # after both pushes: a first run lists the pair at once (writes only what is new)
+            serving_config.ensure_models(config.pusher.model_config_file, config.pusher.base,
+                                         names)
+            pinned = pushed and serving_config.pinned_elsewhere(
+                config.pusher.model_config_file, config.name, result["version"])
             if pinned:
                 result["warning"] = pinned
                 log(f"warning: {pinned}")
             return StepResult({"pushed_model": ("PushedModel", result["path"], model.fingerprint,
                                                 {"version": result["version"],
-                                                 "pushed": result["pushed"]})}, result)
-        return {"model": model, "blessing": blessed, "infra_blessing": infra}, params, \
-            execute, False
+                                                 "pushed": pushed})}, result)
+        inputs = {"model": model, "blessing": blessed, "infra_blessing": infra,
+                  "recall_model": recall}
+        return inputs, params, execute, False
 
-    def _index_builder(self):
-        from fm_keras.pipeline import serving_config
-        from fm_keras.pipeline.index_builder import build_recall
-
-        pushed, examples = self._need("index_builder", "pushed_model", "examples")
-        params = {"index": dataclasses.asdict(self.config.index), "items": self.config.data.items}
-
-        def execute(out):
-            if not self.config.index.enabled:
-                return StepResult({}, {"built": False, "reason": "index: enabled is false"})
-            result = build_recall(self.config, pushed.uri, pushed.properties["version"], out,
-                                  examples.uri)
-            if not result["valid"]:
-                return StepResult({}, result, stop="recall_invalid")
-            if result["built"] or serving_config.served_policy(
-                    self.config.pusher.model_config_file, self.config.recall_name) is None:
-                serving_config.ensure_models(self.config.pusher.model_config_file,
-                                             self.config.pusher.base, [self.config.recall_name])
-            return StepResult({"recall_model": ("RecallModel", result["path"],
-                                                cache.fingerprint_json(result["path"]),
-                                                {"version": result["version"]})}, result)
-        return {"pushed_model": pushed}, params, execute, False
 
 def run_pipeline(config: PipelineConfig, span: int | None = None, run_id: str | None = None,
                  steps: tuple[str, ...] = STEPS, report: bool = True,
