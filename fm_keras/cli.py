@@ -15,7 +15,7 @@ from fm_keras import termination
 from fm_keras.experiments.cli import add_commands as _add_ab_commands
 from fm_keras.pipeline.cli import add_commands as _add_pipeline_commands
 from fm_keras.serving.cli import add_commands as _add_serving_commands
-from fm_keras.termination import Terminated
+from fm_keras.errors import Terminated
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -49,3 +49,32 @@ class RunError(FMKerasError, ValueError):
 
 class ExportError(FMKerasError, ValueError):
     """A model cannot be exported, indexed or loaded as an fm_keras export."""
+
+
+class Terminated(BaseException):
+    """Raised in the main thread by SIGTERM while a command runs, so that it unwinds as on
+    Ctrl-C: temp files and directories are removed, nothing half-written stays behind.
+
+    A BaseException (like KeyboardInterrupt): code that handles errors does not swallow it.
+    """
+
+    def __str__(self) -> str:
+        return "terminated by SIGTERM"
+
+
+def error_line(err: BaseException) -> str:
+    """One line saying what went wrong: ``Type: message`` with the message's lines joined,
+    ``terminated by SIGTERM`` for `Terminated`, ``interrupted by SIGINT`` for Ctrl-C.
+
+    Args:
+        err: the exception that ended a command or a step.
+
+    Returns:
+        The line (no newline), for a run record or a summary's ``error`` field.
+    """
+    if isinstance(err, Terminated):
+        return str(err)
+    if isinstance(err, KeyboardInterrupt):
+        return "interrupted by SIGINT"
+    text = " ".join(line.strip() for line in str(err).splitlines() if line.strip())
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__

@@ -17,10 +17,7 @@ from __future__ import annotations
 
 import contextlib
 
-
-class Terminated(BaseException):
-    """Raised in the main thread by SIGTERM while a command runs, so that it unwinds as on
-    Ctrl-C: temp files and directories are removed, nothing half-written stays behind."""
+from fm_keras.errors import Terminated
 
 
 class _State:

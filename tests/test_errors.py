@@ -29,3 +29,23 @@ def test_close_match_cutoff_matches_difflib_ratio():
 def test_user_errors_are_value_errors_the_cli_reports():
     for cls in (ConfigError, DataError):
         assert issubclass(cls, FMKerasError) and issubclass(cls, ValueError)
+
+
+@pytest.mark.parametrize("err,expected", [
+    (DataError("a.csv: row 3: bad\n  value 'x'\n"), "DataError: a.csv: row 3: bad value 'x'"),
+    (RuntimeError(), "RuntimeError"),  # no message: no dangling "RuntimeError: "
+    (KeyboardInterrupt(), "interrupted by SIGINT"),
+])
+def test_error_line_is_one_line_naming_the_type(err, expected):
+    from fm_keras.errors import error_line
+
+    assert error_line(err) == expected
+
+
+def test_error_line_of_sigterm_says_so():
+    """Regression: a terminated pipeline run recorded ``"Terminated: "`` (no detail)."""
+    from fm_keras.cli import Terminated as CliTerminated
+    from fm_keras.errors import Terminated, error_line
+
+    assert CliTerminated is Terminated  # the CLI's SIGTERM handler raises this one
+    assert error_line(Terminated()) == "terminated by SIGTERM"

@@ -55,11 +55,16 @@ def test_failed_run_is_recorded_with_a_report(pipeline_logs, tmp_path, capsys):
     path = write_pipeline_yaml(tmp_path / "p.yaml", pipeline_logs, tmp_path / "root",
                                tmp_path / "models", data=data)
     assert main(["pipeline", "run", path, "--span", "1"]) == 2
-    last = capsys.readouterr().err.strip().splitlines()[-1]
+    out, err = capsys.readouterr()
+    last = err.strip().splitlines()[-1]
     assert last.startswith("fm-keras: error: ") and "filter 'bots': missing column 'is_bot'" in last
+    printed = json.loads(out)  # the summary of a failed run too, as of a finished one
+    assert printed["status"] == "failed" and "\n" not in printed["error"]
+    assert printed["error"].startswith("DataError: ") and "is_bot" in printed["error"]
     (run_dir,) = (tmp_path / "root" / "runs").iterdir()
     record = json.loads((run_dir / "run.json").read_text())
     assert record["status"] == "failed" and "is_bot" in record["error"]
+    assert printed["run_id"] == record["run_id"] == run_dir.name
     assert [(s["step"], s["state"]) for s in record["steps"]] == [("examplegen", "FAILED")]
     assert "is_bot" in (run_dir / "report" / "index.html").read_text()
     assert not (tmp_path / "models").exists()
@@ -80,3 +85,40 @@ def test_rollback_warns_on_stderr_for_each_label_it_removes(tmp_path, capsys):
         "it named version 1, which the new version policy does not serve (it serves [2])")
     assert json.loads(captured.out)["warnings"] == [captured.err.splitlines()[0][29:]]
     assert "version_labels" not in path.read_text()
+
+
+def test_terminated_run_prints_its_summary_and_leaves_no_empty_step_dir(pipeline_logs, tmp_path,
+                                                                        capsys, monkeypatch):
+    """Regression: SIGTERM gave no JSON summary, ``"error": "Terminated: "`` in run.json and an
+    empty directory of the step it stopped."""
+    import signal
+
+    from fm_keras.pipeline import examplegen
+
+    def terminated(data, patterns, out_dir, lists=None):
+        signal.raise_signal(signal.SIGTERM)  # as a scheduler stopping the job, mid-step
+        raise AssertionError("SIGTERM did not stop the step")
+
+    monkeypatch.setattr(examplegen, "run_examplegen", terminated)
+    path = write_pipeline_yaml(tmp_path / "p.yaml", pipeline_logs, tmp_path / "root",
+                               tmp_path / "models")
+    def ignore(signum, frame):  # the handler in place before (without main's, a no-op)
+        pass
+
+    before = signal.signal(signal.SIGTERM, ignore)
+    try:
+        status = main(["pipeline", "run", path, "--span", "1"])
+        assert signal.getsignal(signal.SIGTERM) is ignore
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    assert status == 128 + signal.SIGTERM
+    out, err = capsys.readouterr()
+    assert err.strip().splitlines()[-1] == "fm-keras: terminated"
+    printed = json.loads(out)
+    assert printed["status"] == "failed" and printed["error"] == "terminated by SIGTERM"
+    assert [(s["step"], s["state"], s["error"]) for s in printed["steps"]] == [
+        ("examplegen", "FAILED", "terminated by SIGTERM")]
+    (run_dir,) = (tmp_path / "root" / "runs").iterdir()
+    assert json.loads((run_dir / "run.json").read_text())["error"] == "terminated by SIGTERM"
+    assert sorted(p.name for p in run_dir.iterdir()) == ["report", "run.json"]
+    assert not (tmp_path / "models").exists()

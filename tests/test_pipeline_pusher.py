@@ -1,5 +1,5 @@
-"""Pusher: atomic versions, skip of a model that is a version already, and a push killed midway
-(the issue's must-show 4)."""
+"""Pusher: atomic versions, skip of a model that is a version already, a push killed midway
+(the issue's must-show 4), and the ranking and recall pushes as a pair."""
 
 import os
 import subprocess
@@ -9,7 +9,8 @@ import pytest
 from pipeline_testlib import write_pipeline_yaml
 from fm_keras import fsutil
 from fm_keras.errors import ExportError
-from fm_keras.pipeline.pusher import METADATA, TEMP_PREFIX, push, pushed_version
+from fm_keras.pipeline.pusher import (METADATA, TEMP_PREFIX, push, push_recall,
+                                      pushed_version)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -57,10 +58,7 @@ def test_killed_push_leaves_no_partial_version_and_next_run_recovers(pipeline_fi
     # Same pipeline root (metadata and cache) as the first run, another serving target: every
     # step up to the push is cached, so the kill lands in the push quickly.
     path = write_pipeline_yaml(tmp_path / "pipeline.yaml", pipeline_logs, first.root, base)
-    env = {**os.environ, "FM_KERAS_PIPELINE_KILL_DURING_PUSH": "1",
-           "PYTHONPATH": os.pathsep.join(p for p in (REPO, os.environ.get("PYTHONPATH")) if p)}
-    proc = subprocess.run([sys.executable, "-m", "fm_keras.cli", "pipeline", "run", path,
-                           "--span", "1"], env=env, capture_output=True, text=True, timeout=300)
+    proc = _run_killed(path, "1")
     assert proc.returncode == -9, proc.stderr[-2000:]
     assert "pusher: running" in proc.stderr
     left = os.listdir(base / "ctr")
@@ -71,6 +69,7 @@ def test_killed_push_leaves_no_partial_version_and_next_run_recovers(pipeline_fi
     summary = run_pipeline(load_pipeline(path), span=1)
     assert summary["status"] == "pushed" and summary["pushed_version"] == 1
     assert sorted(os.listdir(base / "ctr")) == ["1"]
+    assert sorted(os.listdir(base / "ctr_recall")) == ["1"]
     assert os.path.exists(base / "ctr" / "1" / "variables")
     store = MetadataStore(os.path.join(first.root, "metadata.sqlite"))
     try:
@@ -78,6 +77,59 @@ def test_killed_push_leaves_no_partial_version_and_next_run_recovers(pipeline_fi
     finally:
         store.close()
     assert "abandoned" in statuses and "running" not in statuses
+
+
+def _run_killed(path, hook):
+    env = {**os.environ, "FM_KERAS_PIPELINE_KILL_DURING_PUSH": hook,
+           "PYTHONPATH": os.pathsep.join(p for p in (REPO, os.environ.get("PYTHONPATH")) if p)}
+    return subprocess.run([sys.executable, "-m", "fm_keras.cli", "pipeline", "run", path,
+                           "--span", "1"], env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_run_killed_between_ranking_and_recall_push_is_completed_and_reported_pushed(
+        pipeline_first_run, pipeline_logs, tmp_path):
+    """Regression: a kill after the ranking push left ctr vN beside ctr_recall vN-1, and the
+    rerun that pushed the missing recall model reported ``unchanged``."""
+    from fm_keras.pipeline.config import load_pipeline
+    from fm_keras.pipeline.runner import run_pipeline
+    from fm_keras.pipeline.serving_config import served_policy
+
+    first = load_pipeline(pipeline_first_run[0])
+    base = tmp_path / "saved_models"
+    path = write_pipeline_yaml(tmp_path / "pipeline.yaml", pipeline_logs, first.root, base)
+    proc = _run_killed(path, "recall")
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    assert proc.stderr.index("index_builder: ") < proc.stderr.index("pusher: running")
+    assert sorted(os.listdir(base / "ctr")) == ["1"]
+    assert not os.path.exists(base / "ctr_recall")
+
+    config = load_pipeline(path)
+    summary = run_pipeline(config, span=1)
+    assert summary["status"] == "pushed" and summary["pushed_version"] == 1, summary
+    assert sorted(os.listdir(base / "ctr")) == ["1"]
+    assert sorted(os.listdir(base / "ctr_recall")) == ["1"]
+    meta = fsutil.read_json(os.path.join(base, "ctr_recall", "1", METADATA))
+    assert meta["ranking_model"] == os.path.abspath(base / "ctr" / "1")
+    for name in ("ctr", "ctr_recall"):
+        assert served_policy(config.pusher.model_config_file, name)["policy"] == "latest"
+    again = run_pipeline(config, span=1)
+    assert again["status"] == "unchanged" and again["pushed_version"] == 1
+
+
+def test_push_recall_skips_an_existing_version_and_removes_partial_pushes(tmp_path):
+    staged = _fake_export(tmp_path / "staging" / "ctr_recall" / "1")
+    base = tmp_path / "saved_models"
+    os.makedirs(base / "ctr_recall" / f"{TEMP_PREFIX}killed")
+    first = push_recall(staged, str(base), "ctr_recall", 3, str(base / "ctr" / "3"), "run-1")
+    assert first["pushed"] and first["path"] == str(base / "ctr_recall" / "3")
+    assert first["removed_partial"] == [str(base / "ctr_recall" / f"{TEMP_PREFIX}killed")]
+    meta = fsutil.read_json(os.path.join(first["path"], METADATA))
+    assert (meta["name"], meta["version"], meta["ranking_version"]) == ("ctr_recall", 3, 3)
+    stamp = os.stat(os.path.join(first["path"], "saved_model.pb")).st_mtime_ns
+    again = push_recall(staged, str(base), "ctr_recall", 3, str(base / "ctr" / "3"), "run-2")
+    assert not again["pushed"] and "version 3 exists already" in again["reason"]
+    assert os.stat(os.path.join(first["path"], "saved_model.pb")).st_mtime_ns == stamp
+    assert sorted(os.listdir(base / "ctr_recall")) == ["3"]
 
 
 def test_pushed_version_finds_only_this_model(tmp_path):

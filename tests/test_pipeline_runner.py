@@ -163,7 +163,8 @@ def test_rerun_with_unchanged_inputs_reuses_cached_steps(setup):
     assert summary["status"] == "unchanged" and summary["pushed_version"] == 2
     cached = [s["step"] for s in summary["steps"] if s["cached"]]
     assert cached == ["examplegen", "statistics", "validator", "trainer", "evaluator",
-                      "infra_validator"]
+                      "infra_validator", "index_builder"]  # the recall model built and checked
+    assert [s["step"] for s in summary["steps"]][-1] == "pusher"
     assert seconds < 0.25 * setup["times"]["span2"], (seconds, setup["times"])
     print(f"span 2: first run {setup['times']['span2']:.1f}s, cached rerun {seconds:.1f}s")
 

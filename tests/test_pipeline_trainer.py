@@ -55,3 +55,33 @@ def test_trainer_tunes_first_under_a_budget(pipeline_first_run, tmp_path):
     assert sorted(os.listdir(tmp_path / "tune" / "trials")) == ["trial-0", "trial-1"]
     assert os.path.exists(tmp_path / "candidate" / "1" / "saved_model.pb")
     assert record["metrics"]["valid"]["auc"] > 0.55
+
+
+def test_one_class_training_split_names_the_span_file_and_column(pipeline_logs, tmp_path):
+    """Regression: the error named ExampleGen's internal ``train.parquet``; the user needs
+    their own input file (span) and the label column."""
+    import shutil
+
+    import pandas as pd
+
+    from fm_keras.errors import DataError
+    from fm_keras.pipeline.runner import run_pipeline
+    from pipeline_testlib import write_pipeline_yaml
+
+    logs = tmp_path / "logs"
+    os.makedirs(logs / "span-1")
+    for name in ("items.csv", "features.yaml"):
+        shutil.copy(pipeline_logs / name, logs / name)
+    (source,) = sorted((pipeline_logs / "span-1").iterdir())
+    frame = pd.read_csv(source, dtype=str, keep_default_na=False)
+    frame["click"] = "0"  # no click in the span: the training split has one class
+    span_file = logs / "span-1" / source.name
+    frame.to_csv(span_file, index=False)
+    path = write_pipeline_yaml(tmp_path / "p.yaml", logs, tmp_path / "root",
+                               tmp_path / "models")
+    with pytest.raises(DataError) as raised:
+        run_pipeline(load_pipeline(path), span=1)
+    message = str(raised.value)
+    assert message.startswith(f"{span_file}: label column 'click': ")
+    assert "span 1" in message and "has label 0" in message and "train.parquet" not in message
+    assert "\n" not in message

@@ -1,2 +1,2 @@
 """TFX-style retraining pipelines: ExampleGen -> validation -> Trainer -> Evaluator ->
-InfraValidator -> Pusher -> IndexBuilder, recorded in a metadata store (see runner.py)."""
+InfraValidator -> IndexBuilder -> Pusher, recorded in a metadata store (see runner.py)."""

@@ -58,12 +58,15 @@ def _pipeline(args) -> int:
         return 0
     from fm_keras.pipeline.runner import OK_STATUSES, STEPS, run_pipeline
 
+    def print_summary(summary: dict) -> None:  # a failed run's too, then its error
+        print(json.dumps(summary, indent=2), flush=True)
+
     if args.pipeline_command == "step":
         summary = run_pipeline(config, span=args.span, run_id=args.run_id, steps=(args.step,),
-                               report=args.step == STEPS[-1])
+                               report=args.step == STEPS[-1], on_failure=print_summary)
         ok = summary["status"] in OK_STATUSES + ("open",)
     else:
-        summary = run_pipeline(config, span=args.span)
+        summary = run_pipeline(config, span=args.span, on_failure=print_summary)
         ok = summary["status"] in OK_STATUSES
-    print(json.dumps(summary, indent=2))
+    print_summary(summary)
     return 0 if ok else 1

@@ -1,13 +1,16 @@
-"""Pusher: a blessed, infra-valid candidate becomes a new version in ``base/NAME``, atomically.
+"""Pusher: a blessed, infra-valid candidate becomes a new version in ``base/NAME``, atomically,
+and its checked recall model the same version of ``base/NAME_recall`` right after it.
 
 The version is copied under a hidden, non-numeric name (``.tmp-push-*``) beside the numeric
 versions and renamed into place only when complete, so a server polling ``base/NAME`` never
 sees half a model; a push killed midway leaves only the hidden directory, which the next push
 removes. A model that is already a version (same model fingerprint) is not pushed again: the
-push is skipped and names that version.
+push is skipped and names that version. A recall version that exists already is left alone;
+one that is missing (a run killed between the two pushes) is pushed by the next run.
 
 ``FM_KERAS_PIPELINE_KILL_DURING_PUSH=1`` makes the process SIGKILL itself after copying part of
-the version: the crash test of the atomic push.
+the version (the crash test of the atomic push); ``=recall`` after the ranking version is in
+place, before the recall push (the crash test of the pair).
 """
 
 from __future__ import annotations
@@ -81,5 +84,41 @@ def push(export_dir: str, model_fingerprint: str, base: str, name: str, run_id: 
         meta.update(name=name, version=version,
                     pipeline={"run": run_id, "model_fingerprint": model_fingerprint,
                               "candidate": os.path.abspath(source)})
+        fsutil.write_json(meta_path, meta)
+    return {"pushed": True, "version": version, "path": final, "removed_partial": removed}
+
+
+def push_recall(staged_dir: str, base: str, name: str, version: int, ranking_dir: str,
+                run_id: str) -> dict:
+    """Pushes a built and checked recall model as ``base/name/<version>`` unless it exists.
+
+    Args:
+        staged_dir: the recall model as the index builder built and checked it.
+        base, name: the serving target (``pusher.base``, ``NAME_recall``).
+        version: the ranking version it belongs to (a rollback pins both to one number).
+        ranking_dir: that ranking version's directory (recorded in the recall metadata).
+        run_id: the pipeline run (recorded in the recall metadata).
+
+    Returns:
+        {"pushed": True, "version", "path", "removed_partial"} or, when the version exists,
+        {"pushed": False, "version", "path", "removed_partial", "reason"}.
+    """
+    if os.environ.get(KILL_HOOK) == "recall":
+        os.kill(os.getpid(), signal.SIGKILL)
+    model_dir = os.path.join(base, name)
+    removed = remove_partial_pushes(model_dir)
+    final = os.path.join(model_dir, str(version))
+    if os.path.exists(final):
+        return {"pushed": False, "version": version, "path": final, "removed_partial": removed,
+                "reason": f"{name} version {version} exists already"}
+    from fm_keras.export import building  # TensorFlow: only when pushing
+
+    with building(final, prefix=TEMP_PREFIX) as tmp:
+        shutil.copytree(staged_dir, tmp, dirs_exist_ok=True)
+        meta_path = os.path.join(tmp, METADATA)
+        meta = fsutil.read_json(meta_path)
+        meta.update(name=name, version=version, ranking_model=os.path.abspath(ranking_dir),
+                    ranking_version=version,
+                    pipeline={"run": run_id, "candidate": os.path.abspath(staged_dir)})
         fsutil.write_json(meta_path, meta)
     return {"pushed": True, "version": version, "path": final, "removed_partial": removed}

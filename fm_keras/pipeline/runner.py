@@ -1,14 +1,17 @@
 """The pipeline runner: steps in order, each recorded in the metadata store, cached by inputs.
 
     examplegen -> statistics -> validator -> trainer -> evaluator -> infra_validator
-        -> pusher -> index_builder
+        -> index_builder -> pusher
+
+The recall model is built and checked before anything is pushed; the pusher then pushes the
+ranking version and the recall version back to back.
 
 Each step's cache key is the fingerprint of its parameters, its input artifacts and the
 fm_keras version; an execution with the same key whose outputs still exist is reused
-(``CACHED``). A step can stop the run with an outcome (anomalies, not blessed, infra invalid):
-the remaining steps do not run and the served model stays as it was. A run holds the pipeline
-lock (``<root>/.lock``), so runs never overlap; RUNNING leftovers of a killed run are marked
-ABANDONED and its partial push removed by the next one.
+(``CACHED``). A step can stop the run with an outcome (anomalies, not blessed, infra or recall
+invalid): the remaining steps do not run and the served model stays as it was. A run holds the
+pipeline lock (``<root>/.lock``), so runs never overlap; RUNNING leftovers of a killed run are
+marked ABANDONED and its partial push removed by the next one.
 
 A step can also run on its own (``fm-keras pipeline step NAME --run-id ID``): it takes its
 inputs from the earlier steps of that run, as a container step of a scheduler would.
@@ -23,17 +26,18 @@ import os
 import secrets
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from fm_keras import fsutil
-from fm_keras.errors import ConfigError
+from fm_keras.errors import ConfigError, error_line
 from fm_keras.pipeline import cache
 from fm_keras.pipeline.config import PipelineConfig, SpanWindow
 from fm_keras.pipeline.metadata import DONE, Artifact, MetadataStore
 from fm_keras.pipeline.status import run_summary
 
 STEPS = ("examplegen", "statistics", "validator", "trainer", "evaluator", "infra_validator",
-         "pusher", "index_builder")
+         "index_builder", "pusher")
 # Run outcomes; the CLI exits 0 for these (a model that is not blessed is a normal outcome of a
 # retraining job) and 1 for invalid_data, infra_invalid, recall_invalid, failed. A run executed step by step
 # is "open" between steps; "running" only while a process works on it.
@@ -147,8 +151,10 @@ class PipelineRun:
             result = execute(out_dir)
         except BaseException as err:
             self.store.finish_execution(execution, "FAILED", {}, {
-                "error": f"{type(err).__name__}: {err}", "seconds": round(time.time() - started, 3)})
+                "error": error_line(err), "seconds": round(time.time() - started, 3)})
             raise
+        finally:  # a step that wrote nothing (or was killed before it wrote) leaves no dir
+            fsutil.remove_if_empty(out_dir)
         outputs = {name: self.store.put_artifact(*spec) for name, spec in result.outputs.items()}
         seconds = round(time.time() - started, 3)
         result.properties.update(seconds=seconds, cached=False, stop=result.stop)
@@ -244,7 +250,8 @@ class PipelineRun:
 
         def execute(out):
             record = run_trainer(self.config, examples.uri, out,
-                                 warm_start=base.properties["run_dir"] if base else None)
+                                 warm_start=base.properties["run_dir"] if base else None,
+                                 span=examples.properties.get("span"))
             fp = cache.fingerprint_export(record["export_dir"])
             props = {"run_dir": record["run_dir"], "export_dir": record["export_dir"],
                      "examples": examples.fingerprint, "warm_start": base.uri if base else None}
@@ -306,58 +313,90 @@ class PipelineRun:
                               result, stop=None if result["valid"] else "infra_invalid")
         return {"model": model, "examples": examples}, params, execute, True
 
+    def _index_builder(self):
+        from fm_keras.pipeline.index_builder import build_recall
+
+        model, examples, _ = self._need("index_builder", "model", "examples", "infra_blessing")
+        items = self.config.data.items
+        params = {"index": dataclasses.asdict(self.config.index),
+                  "infra_validator": dataclasses.asdict(self.config.infra_validator),
+                  "items": [items, os.path.getsize(items), os.stat(items).st_mtime_ns]
+                  if items and self.config.index.enabled else items}
+
+        def execute(out):
+            if not self.config.index.enabled:
+                return StepResult({}, {"built": False, "reason": "index: enabled is false"})
+            result = build_recall(self.config, model.properties["export_dir"], out, examples.uri)
+            if not result["valid"]:
+                return StepResult({}, result, stop="recall_invalid")
+            return StepResult({"recall_model": ("RecallModel", result["path"],
+                                                cache.fingerprint_export(result["path"]),
+                                                {"model": model.fingerprint})}, result)
+        return {"model": model, "examples": examples}, params, execute, True
+
     def _pusher(self):
+        """The ranking version, then its recall model under the same number, back to back
+        (both built and checked before): a run killed between them is completed by the next
+        run, which pushes the missing recall version and reports ``pushed``."""
         from fm_keras.pipeline import serving_config
-        from fm_keras.pipeline.pusher import push
+        from fm_keras.pipeline.pusher import push, push_recall
 
         model, blessed, infra = self._need("pusher", "model", "blessing", "infra_blessing")
+        recall = None
+        if self.config.index.enabled:
+            (recall,) = self._need("pusher", "recall_model")
         params = {"base": self.config.pusher.base, "name": self.config.name}
+        config = self.config
 
         def execute(out):
             if not (blessed.properties.get("blessed") and infra.properties.get("valid")):
                 return StepResult({}, {"pushed": False}, stop="not_blessed")
             result = push(model.properties["export_dir"], model.fingerprint,
-                          self.config.pusher.base, self.config.name, self.run_id)
-            if result["pushed"] or not os.path.exists(self.config.pusher.model_config_file):
-                serving_config.ensure_models(self.config.pusher.model_config_file,
-                                             self.config.pusher.base, [self.config.name])
-            pinned = result["pushed"] and serving_config.pinned_elsewhere(
-                self.config.pusher.model_config_file, self.config.name, result["version"])
+                          config.pusher.base, config.name, self.run_id)
+            names, pushed = [config.name], result["pushed"]
+            if recall is not None:
+                result["recall"] = push_recall(recall.uri, config.pusher.base, config.recall_name,
+                                               result["version"], result["path"], self.run_id)
+                names.append(config.recall_name)
+                pushed = pushed or result["recall"]["pushed"]
+                said = {True: "pushed", False: "unchanged"}
+                log(f"pusher: {config.name} {result['version']} {said[result['pushed']]}, "
+                    f"{config.recall_name} {result['version']} {said[result['recall']['pushed']]}")
+            # after both pushes: a first run lists the pair at once (writes only what is new)
+            serving_config.ensure_models(config.pusher.model_config_file, config.pusher.base,
+                                         names)
+            pinned = pushed and serving_config.pinned_elsewhere(
+                config.pusher.model_config_file, config.name, result["version"])
             if pinned:
                 result["warning"] = pinned
                 log(f"warning: {pinned}")
             return StepResult({"pushed_model": ("PushedModel", result["path"], model.fingerprint,
                                                 {"version": result["version"],
-                                                 "pushed": result["pushed"]})}, result)
-        return {"model": model, "blessing": blessed, "infra_blessing": infra}, params, \
-            execute, False
+                                                 "pushed": pushed})}, result)
+        inputs = {"model": model, "blessing": blessed, "infra_blessing": infra,
+                  "recall_model": recall}
+        return inputs, params, execute, False
 
-    def _index_builder(self):
-        from fm_keras.pipeline import serving_config
-        from fm_keras.pipeline.index_builder import build_recall
-
-        pushed, examples = self._need("index_builder", "pushed_model", "examples")
-        params = {"index": dataclasses.asdict(self.config.index), "items": self.config.data.items}
-
-        def execute(out):
-            if not self.config.index.enabled:
-                return StepResult({}, {"built": False, "reason": "index: enabled is false"})
-            result = build_recall(self.config, pushed.uri, pushed.properties["version"], out,
-                                  examples.uri)
-            if not result["valid"]:
-                return StepResult({}, result, stop="recall_invalid")
-            if result["built"] or serving_config.served_policy(
-                    self.config.pusher.model_config_file, self.config.recall_name) is None:
-                serving_config.ensure_models(self.config.pusher.model_config_file,
-                                             self.config.pusher.base, [self.config.recall_name])
-            return StepResult({"recall_model": ("RecallModel", result["path"],
-                                                cache.fingerprint_json(result["path"]),
-                                                {"version": result["version"]})}, result)
-        return {"pushed_model": pushed}, params, execute, False
 
 def run_pipeline(config: PipelineConfig, span: int | None = None, run_id: str | None = None,
-                 steps: tuple[str, ...] = STEPS, report: bool = True) -> dict:
-    """Runs the steps of one pipeline run; returns the run summary (also in run.json)."""
+                 steps: tuple[str, ...] = STEPS, report: bool = True,
+                 on_failure: Callable[[dict], None] | None = None) -> dict:
+    """Runs the steps of one pipeline run; returns the run summary (also in run.json).
+
+    Args:
+        config: the pipeline.
+        span: the span to run on (default: the newest on disk); ignored for an existing run.
+        run_id: a run to continue (container steps) or the id of a new one.
+        steps: the steps to run, in `STEPS` order.
+        report: write ``report/index.html``.
+        on_failure: called with the failed run's summary (status ``failed`` and a one-line
+            ``error``, e.g. ``terminated by SIGTERM``) before the error propagates.
+
+    Raises:
+        ConfigError: an unknown step, or another run holds the lock.
+        BaseException: whatever stopped a step (also SIGTERM's `Terminated`); the run is
+            recorded as failed first.
+    """
     for step in steps:
         if step not in STEPS:
             raise ConfigError(f"unknown step {step!r}; steps are {list(STEPS)}")
@@ -380,10 +419,13 @@ def run_pipeline(config: PipelineConfig, span: int | None = None, run_id: str | 
             try:
                 summary = run.finish(_execute(run, steps))
             except BaseException as err:
-                summary = run.finish("failed", error=f"{type(err).__name__}: {err}")
+                summary = run.finish("failed", error=error_line(err))
                 if report:
                     with contextlib.suppress(Exception):  # never hide the error itself
                         _report(run, summary, store)
+                if on_failure is not None:
+                    with contextlib.suppress(Exception):
+                        on_failure(summary)
                 raise
             if report:
                 _report(run, summary, store)
