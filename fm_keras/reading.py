@@ -85,7 +85,10 @@ def read_header(path: str) -> list[str]:
 def _csv_header(path: str) -> list[str]:
     """The names of a CSV file's header, parsed by pyarrow from the bytes of its first record
     (`fm_keras.line_scan.header_record`): no row is read."""
-    header = pacsv.read_csv(pa.py_buffer(line_scan.header_record(path)),
+    record = line_scan.header_record(path)
+    if not record.endswith((b"\n", b"\r")):  # a file of a header alone, no line end after it:
+        record += b"\n"  # pyarrow would see "Empty CSV file or block"
+    header = pacsv.read_csv(pa.py_buffer(record),
                             parse_options=pacsv.ParseOptions(newlines_in_values=True))
     return list(header.schema.names)
 
@@ -188,6 +191,9 @@ def record_batches(path: str, columns: Sequence[str] | None = None,
             yield start, batch
             start += batch.num_rows
     except pa.ArrowInvalid as err:
+        if names is not None and start == 0 and "Empty CSV file" in str(err):
+            # a header without a line end after it: pyarrow sees no block to read
+            raise DataError(f"{path}: the file has a header but no rows") from None
         problem = None if parquet or names is None else line_scan.first_problem(path, names)
         raise DataError(f"{path}: {problem or 'cannot read: ' + _one_line(err)}") from None
     except (pa.ArrowException, OSError) as err:
