@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import glob
 import os
 import tempfile
 import time
@@ -37,8 +38,14 @@ from fm_keras.training import train  # noqa: E402
 
 def ranking_model(work: str, rows: int, task: str = "binary") -> tuple[str, str]:
     """A small trained ranking export and its test file (users to query); with
-    ``task="retrieval"`` the FM is trained as two towers on the clicks (`task: retrieval`)."""
+    ``task="retrieval"`` the FM is trained as two towers on the clicks (`task: retrieval`).
+    A work directory that holds one already (``--reuse``) gives its export again."""
     data = os.path.join(work, "data")
+    exported = sorted(glob.glob(os.path.join(work, "models", "ctr", "*")),
+                      key=lambda p: int(os.path.basename(p)))
+    if exported and os.path.exists(os.path.join(data, "test.csv")):
+        print(f"ranking model: {exported[-1]} (reused)", flush=True)
+        return exported[-1], os.path.join(data, "test.csv")
     generate(data, rows=rows, seed=7)
     config = load_experiment(os.path.join(data, "experiment.yaml"))
     config = dataclasses.replace(config, training=dataclasses.replace(config.training, epochs=3))
