@@ -164,7 +164,7 @@ def score_with_beam(model: str, inputs: Sequence[str], output: str, *,
     from apache_beam.options.pipeline_options import PipelineOptions
 
     from fm_keras._tf import tf
-    from fm_keras.data import expand_paths
+    from fm_keras.data import check_not_an_input, expand_paths
     from fm_keras.reading import read_header
     from fm_keras.servables import load_export
 
@@ -179,6 +179,7 @@ def score_with_beam(model: str, inputs: Sequence[str], output: str, *,
     fmt = output_format(output)
     if not remote:
         check_output(output)
+        check_not_an_input(output, [p for p in inputs if "://" not in p], "--output")
     version_dir, loaded, meta = load_export(model)
     if signature not in loaded.signatures:
         raise ExportError(f"{version_dir}: no signature {signature!r}; it has "

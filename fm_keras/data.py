@@ -71,6 +71,19 @@ def expand_paths(patterns: Sequence[str], shard_index: int = 0, num_shards: int 
     return files[shard_index::num_shards]
 
 
+def check_not_an_input(output: str, patterns: Sequence[str], option: str) -> None:
+    """Refuses an output path that is one of the input files (it would be replaced).
+
+    Raises:
+        DataError: naming the output, the option and the input it would overwrite.
+    """
+    target = os.path.realpath(output)
+    for path in expand_paths(patterns):
+        if os.path.realpath(path) == target:
+            raise DataError(f"{output}: {option}: is the input {path}, which it would "
+                            "overwrite; write elsewhere")
+
+
 def read_frame(path: str, columns: Sequence[str] | None = None,
                lists: dict[str, str] | None = None) -> pd.DataFrame:
     """Reads one CSV or Parquet file whole, every column as text (`fm_keras.reading`'s rules;

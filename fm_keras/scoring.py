@@ -23,7 +23,7 @@ from fm_keras import termination
 from fm_keras._tf import tf
 from fm_keras.arrow_text import split_ids, string_tensor
 from fm_keras.config import FeatureConfig
-from fm_keras.data import column_hint, expand_paths, multi_hot_separators
+from fm_keras.data import check_not_an_input, column_hint, expand_paths, multi_hot_separators
 from fm_keras.reading import is_parquet, missing_columns, numbers, read_header, record_batches
 from fm_keras.errors import DataError, ExportError
 from fm_keras.progress import log
@@ -246,6 +246,7 @@ def run_signature(model: str, inputs: Sequence[str], output: str, *,
     if batch_size < 1:
         raise ExportError(f"--batch-size must be at least 1, got {batch_size}")
     files = expand_paths(list(inputs))
+    check_not_an_input(output, files, "--output")
     version_dir, loaded, meta = load_export(model)
     if signature not in loaded.signatures:
         raise ExportError(f"{version_dir}: no signature {signature!r}; it has "

@@ -112,6 +112,19 @@ def test_missing_signature_is_an_export_error(exports, rows_with_ids, tmp_path):
                         signature="nope")
 
 
+def test_an_output_that_is_an_input_is_refused_before_anything_is_written(exports,
+                                                                          rows_with_ids):
+    """Regression (trial): `score --output` naming its --input replaced the input."""
+    pytest.importorskip("apache_beam")
+    from fm_keras.beam_scoring import score_with_beam
+    from fm_keras.errors import DataError
+
+    before = open(rows_with_ids, "rb").read()
+    with pytest.raises(DataError, match="--output: is the input .*, which it would overwrite"):
+        score_with_beam(exports["ranking"], [rows_with_ids], rows_with_ids)
+    assert open(rows_with_ids, "rb").read() == before
+
+
 def test_a_file_without_the_signature_columns_fails_with_its_name(exports, tmp_path):
     pytest.importorskip("apache_beam")
     from fm_keras.beam_scoring import score_with_beam

@@ -103,6 +103,16 @@ def test_errors_leave_nothing_behind(exports, small_synth, tmp_path):
         run_signature(exports["ranking"], [test_csv], str(tmp_path / "x.json"))
     with pytest.raises(ExportError, match="no signature 'nope'"):
         run_signature(exports["ranking"], [test_csv], str(out), signature="nope")
+    # Regression (trial): --output naming an input replaced the input with the scores.
+    before = (tmp_path / "bad.csv").read_bytes()
+    for given in (str(bad), str(tmp_path / "." / "bad.csv"), str(tmp_path / "b*.csv")):
+        with pytest.raises(DataError, match=r"bad.csv: --output: is the input .*bad.csv, which "
+                                            "it would overwrite; write elsewhere"):
+            run_signature(exports["ranking"], [given], str(bad), progress=False)
+    with pytest.raises(DataError, match="--output: is the input"):
+        recommend(exports["scann"], [str(bad)], str(bad), k=5, progress=False)
+    assert (tmp_path / "bad.csv").read_bytes() == before
+    assert os.listdir(tmp_path) == ["bad.csv"]
     os.chmod(tmp_path, 0o500)
     try:
         if not os.access(tmp_path, os.W_OK):  # root can write anywhere

@@ -91,9 +91,9 @@ def assign_file(experiment: ABExperiment, users: Sequence[str], output: str) -> 
         DataError: a file without the unit column, with empty or floating-point unit ids
             (``events.unit_ids``), or an output that cannot be written.
     """
-    from fm_keras.data import expand_paths, read_frame
+    from fm_keras.data import check_not_an_input, expand_paths, read_frame
     from fm_keras.errors import DataError
-    from fm_keras.experiments.events import check_not_an_input, unit_ids, write_table
+    from fm_keras.experiments.events import unit_ids, write_table
 
     check_not_an_input(output, users, "--output")
     seen: dict[str, None] = {}

@@ -183,21 +183,6 @@ def write_table(frame: pd.DataFrame, path: str) -> None:
         raise
 
 
-def check_not_an_input(output: str, patterns: Sequence[str], option: str) -> None:
-    """Refuses an output path that is one of the input files (it would be replaced).
-
-    Raises:
-        DataError: naming the output, the option and the input it would overwrite.
-    """
-    from fm_keras.data import expand_paths
-
-    target = os.path.realpath(output)
-    for path in expand_paths(patterns):
-        if os.path.realpath(path) == target:
-            raise DataError(f"{output}: {option}: is the input {path}, which it would "
-                            "overwrite; write elsewhere")
-
-
 def _numbers(column: pd.Series, path: str, name: str) -> np.ndarray:
     values = pd.to_numeric(column.replace("", np.nan), errors="coerce")
     bad = values.isna() & (column != "")

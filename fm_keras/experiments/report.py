@@ -21,7 +21,8 @@ from fm_keras import fsutil
 from fm_keras.errors import DataError
 from fm_keras.experiments.analysis import analyze
 from fm_keras.experiments.config import ABExperiment
-from fm_keras.experiments.events import check_not_an_input, per_unit, read_events
+from fm_keras.data import check_not_an_input
+from fm_keras.experiments.events import per_unit, read_events
 
 
 def ab_report(events: Sequence[str], experiment: ABExperiment, metric: str = "clicks_per_user",
