@@ -177,7 +177,11 @@ def main(argv: list[str] | None = None) -> int:
         print("fm-keras: terminated", file=sys.stderr)
         return 128 + signal.SIGTERM
     finally:
-        if main_thread and not (argv is None and termination.committed()):
+        if main_thread and argv is None and termination.committed():
+            # CPython's finalization puts a Python handler back to the default action, which
+            # would kill the finished job (143) while TensorFlow unloads; SIG_IGN it keeps.
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        elif main_thread:
             signal.signal(signal.SIGTERM, previous)
 
 

@@ -122,3 +122,26 @@ def test_terminated_run_prints_its_summary_and_leaves_no_empty_step_dir(pipeline
     assert json.loads((run_dir / "run.json").read_text())["error"] == "terminated by SIGTERM"
     assert sorted(p.name for p in run_dir.iterdir()) == ["report", "run.json"]
     assert not (tmp_path / "models").exists()
+
+
+def test_sigterm_after_the_run_is_recorded_exits_with_the_run(pipeline_logs, tmp_path, capsys,
+                                                               monkeypatch):
+    """Regression (trial): a run recorded `unchanged` exited 143 on a SIGTERM while it wrote
+    its report; once run.json records the run, the job is done, as for `score`."""
+    import signal
+
+    from fm_keras.pipeline import report, runner
+
+    monkeypatch.setattr(runner, "_execute", lambda run, steps: "unchanged")
+    write = report.write_report
+
+    def terminated_while_reporting(*args, **kwargs):
+        signal.raise_signal(signal.SIGTERM)  # a scheduler's timeout at the very end
+        return write(*args, **kwargs)
+
+    monkeypatch.setattr(report, "write_report", terminated_while_reporting)
+    path = write_pipeline_yaml(tmp_path / "p.yaml", pipeline_logs, tmp_path / "root",
+                               tmp_path / "models")
+    assert main(["pipeline", "run", path, "--span", "1"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["status"] == "unchanged" and printed["report"]

@@ -29,7 +29,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from fm_keras import fsutil
+from fm_keras import fsutil, termination
 from fm_keras.errors import ConfigError, error_line
 from fm_keras.pipeline import cache
 from fm_keras.pipeline.config import PipelineConfig, SpanWindow
@@ -417,7 +417,9 @@ def run_pipeline(config: PipelineConfig, span: int | None = None, run_id: str | 
                 log(f"warning: rolling window of {run.window.describe()}: reading spans "
                     f"{', '.join(map(str, run.window.spans)) or 'none'}")
             try:
-                summary = run.finish(_execute(run, steps))
+                status = _execute(run, steps)
+                with termination.committing():  # recorded: a SIGTERM after it changes nothing
+                    summary = run.finish(status)
             except BaseException as err:
                 summary = run.finish("failed", error=error_line(err))
                 if report:
