@@ -94,3 +94,20 @@ def test_run_summary_of_a_run_recorded_before_windows():
     assert summary["window"] == {"first": 7, "last": 7, "spans": [7], "missing": [],
                                  "text": "span 7"}
     assert summary["warnings"] == []
+
+
+def test_run_summary_carries_the_trainers_warnings():
+    """Regression (trial): "still improving at the last epoch" never reached the summary."""
+    from fm_keras.pipeline.status import run_summary
+
+    cap = "still improving at the last epoch (3); raise training.epochs (now 3)"
+
+    class Store:
+        def executions(self, context_id):
+            return [{"type": "trainer", "state": "COMPLETE",
+                     "properties": {"seconds": 1.0, "warnings": [cap]}},
+                    {"type": "trainer", "state": "FAILED",
+                     "properties": {"warnings": ["not this one"]}}]
+
+    summary = run_summary(Store(), {"id": 1, "name": "r", "properties": {"span": 1}})
+    assert summary["warnings"] == [f"trainer: {cap}"]

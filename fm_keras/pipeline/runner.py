@@ -258,7 +258,8 @@ class PipelineRun:
             return StepResult({"model": ("Model", out, fp, props)},
                               {"history": record["history"], "best_epoch": record["best_epoch"],
                                "metrics": record["metrics"], "rows": record["rows"],
-                               "warm_start": props["warm_start"]})
+                               "warm_start": props["warm_start"],
+                               "warnings": record.get("warnings", [])})
         return {"examples": examples, "base_model": base}, params, execute, True
 
     def _evaluator(self):

@@ -106,7 +106,8 @@ def run_summary(store, context: dict) -> dict:
     """A run's record: status, span and its rolling window of spans (first, last, the spans
     read, the spans missing, in words), the validator's anomalies, blessing and its reasons,
     steps (state, seconds, cached, outcome), pushed version, warnings (a span missing from the
-    window, a push that does not serve)."""
+    window, the trainer's, e.g. still improving at the epoch cap, a push that does not
+    serve)."""
     steps, pushed, blessed, reasons, anomalies, warnings = [], None, None, None, None, []
     for x in store.executions(context["id"]):
         p = x["properties"]
@@ -116,6 +117,8 @@ def run_summary(store, context: dict) -> dict:
         if x["type"] == "pusher" and x["state"] in DONE:
             pushed = p.get("version")
             warnings += [p["warning"]] if p.get("warning") else []
+        if x["type"] == "trainer" and x["state"] in DONE:  # e.g. still improving at the cap
+            warnings += [f"trainer: {w}" for w in p.get("warnings") or []]
         if x["type"] == "evaluator" and x["state"] in DONE:
             blessed, reasons = p.get("blessed"), p.get("reasons")
         if x["type"] == "validator" and x["state"] in DONE:
