@@ -172,12 +172,14 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.flush()  # here, not at exit, where a closed pipe is "Exception ignored"
         return code
     except BrokenPipeError:
-        if not stdout_closed():
+        closed = [stream for stream in (sys.stdout, sys.stderr) if reader_gone(stream)]
+        if not closed:
             raise  # another pipe or socket (e.g. to a model server): a real error
-        # The Python docs' recipe (library/signal.html, "Note on SIGPIPE"): stdout to devnull,
-        # so that the flush at exit does not raise again.
+        # The Python docs' recipe (library/signal.html, "Note on SIGPIPE"): the stream to
+        # devnull, so that the flush at exit does not raise again.
         devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
+        for stream in closed:
+            os.dup2(devnull, stream.fileno())
         os.close(devnull)
         return 128 + signal.SIGPIPE
     except FMKerasError as err:
@@ -194,18 +196,19 @@ def main(argv: list[str] | None = None) -> int:
             signal.signal(signal.SIGTERM, previous)
 
 
-def stdout_closed() -> bool:
-    """Whether stdout is a pipe whose reader has gone (poll reports an error on it); True
-    where poll is not available (the BrokenPipeError is then taken to be stdout's)."""
+def reader_gone(stream) -> bool:
+    """Whether `stream` (sys.stdout, sys.stderr) is a pipe whose reader has gone: poll reports
+    an error on it. Where poll is not available, True for stdout (a BrokenPipeError is then
+    taken to be stdout's), False for the others."""
     import select
 
     if not hasattr(select, "poll"):
-        return True
+        return stream is sys.stdout
     try:
         poller = select.poll()
-        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        poller.register(stream.fileno(), select.POLLOUT)
         return any(event & (select.POLLERR | select.POLLHUP) for _, event in poller.poll(0))
-    except (AttributeError, OSError, ValueError):  # stdout replaced or closed
+    except (AttributeError, OSError, ValueError):  # the stream replaced (tests) or closed
         return False
 
 
