@@ -147,7 +147,9 @@ def main(argv: list[str] | None = None) -> int:
     """Runs one command. Exit status: 0, 2 for bad input (one line on stderr), 130 on SIGINT,
     143 on SIGTERM (what Kubernetes, Airflow and `timeout` send to stop a job) before the
     command's output is in place; a SIGTERM after that (``fm_keras.termination``) changes
-    nothing: exit 0.
+    nothing: exit 0. 141 (128 + SIGPIPE, as a shell tool killed by it) when stdout is a pipe
+    that its reader closed (``fm-keras ... | head -1``): nothing more is printed, no traceback;
+    the command's work (files written, a pipeline run) is done as far as it had got.
 
     Args:
         argv: the arguments; None reads ``sys.argv``, as the ``fm-keras`` program does. Then,
@@ -166,7 +168,20 @@ def main(argv: list[str] | None = None) -> int:
     main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, termination.on_sigterm) if main_thread else None
     try:
-        return _COMMANDS[args.command](args)
+        code = _COMMANDS[args.command](args)
+        sys.stdout.flush()  # here, not at exit, where a closed pipe is "Exception ignored"
+        return code
+    except BrokenPipeError:
+        closed = [stream for stream in (sys.stdout, sys.stderr) if reader_gone(stream)]
+        if not closed:
+            raise  # another pipe or socket (e.g. to a model server): a real error
+        # The Python docs' recipe (library/signal.html, "Note on SIGPIPE"): the stream to
+        # devnull, so that the flush at exit does not raise again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        for stream in closed:
+            os.dup2(devnull, stream.fileno())
+        os.close(devnull)
+        return 128 + signal.SIGPIPE
     except FMKerasError as err:
         print(f"fm-keras: error: {err}", file=sys.stderr)
         return 2
@@ -183,6 +198,22 @@ def main(argv: list[str] | None = None) -> int:
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
         elif main_thread:
             signal.signal(signal.SIGTERM, previous)
+
+
+def reader_gone(stream) -> bool:
+    """Whether `stream` (sys.stdout, sys.stderr) is a pipe whose reader has gone: poll reports
+    an error on it. Where poll is not available, True for stdout (a BrokenPipeError is then
+    taken to be stdout's), False for the others."""
+    import select
+
+    if not hasattr(select, "poll"):
+        return stream is sys.stdout
+    try:
+        poller = select.poll()
+        poller.register(stream.fileno(), select.POLLOUT)
+        return any(event & (select.POLLERR | select.POLLHUP) for _, event in poller.poll(0))
+    except (AttributeError, OSError, ValueError):  # the stream replaced (tests) or closed
+        return False
 
 
 def tf_log_level() -> str:

@@ -101,6 +101,35 @@ def first_problem(path: str, columns: Sequence[str]) -> str | None:
     return None
 
 
+def record_line(path: str, row: int) -> int | None:
+    """The line of a CSV file on which its data row `row` starts, as `fm_keras.reading` counts
+    rows (0-based, the header not counted; blank lines skipped; a quoted field may span lines).
+
+    A pass in Python (`csv`, as `first_problem`): for error messages only.
+
+    Args:
+        path: a CSV file.
+        row: the 0-based data row, e.g. the index of a frame read by ``data.read_frame``.
+
+    Returns:
+        The 1-based line number, or None when the file has no such row or cannot be read.
+    """
+    seen, line = -1, 1  # seen: data rows passed (-1: the header is next)
+    try:
+        with open(path, encoding="utf-8", errors="surrogateescape", newline="") as f:
+            records = csv.reader(f)
+            for record in records:
+                first, line = line, records.line_num + 1
+                if not record:
+                    continue  # a blank line: pyarrow skips it too
+                if seen == row:
+                    return first
+                seen += 1
+    except (csv.Error, OSError):
+        return None
+    return None
+
+
 def _record_problem(record: list[str], line: int, header: list[str],
                     wanted: set[int]) -> str | None:
     """`first_problem`'s check of one record that starts at `line`."""

@@ -391,3 +391,52 @@ def test_evaluate_exclude_takes_every_file_given_once_or_repeated():
     repeated = parse(["evaluate", "--run", "r", "--data", "t.csv", "--exclude", "a.csv",
                       "--exclude", "b.csv"])
     assert once.exclude == repeated.exclude == ["a.csv", "b.csv"]
+
+
+AB_YAML = """\
+name: pipe
+unit: user_id
+salt: s
+arms:
+  - {name: a, model: ctr, label: a, weight: 0.5}
+  - {name: b, model: ctr, label: b, weight: 0.5}
+"""
+
+
+@pytest.mark.parametrize("command, stderr_too", [("synth", False), ("ab report", False),
+                                                 ("ab report", True)])
+def test_a_reader_that_closed_the_pipe_is_exit_141_without_a_traceback(tmp_path, command,
+                                                                       stderr_too):
+    """`fm-keras ab report ... | head -1` (and synth, pipeline run) ended in a BrokenPipeError
+    traceback, exit 1, after the work was done. The reader here closes its end before the
+    command prints, so every run meets the closed pipe (a `head` racing the writer would not)."""
+    (tmp_path / "ab.yaml").write_text(AB_YAML)
+    rows = ["user_id,arm,timestamp,impressions,clicks"]
+    rows += [f"u{i},{'ab'[i % 2]},1,10,{i % 3}" for i in range(200)]
+    (tmp_path / "events.csv").write_text("\n".join(rows) + "\n")
+    args = {"synth": ["synth", "--out", "s", "--span", "1", "--rows", "1000"],
+            "ab report": ["ab", "report", "--experiment", "ab.yaml", "--events", "events.csv",
+                          "--html", "report.html"]}[command]
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader is gone: e.g. `head -1` after its line
+    try:
+        proc = subprocess.run([sys.executable, "-m", "fm_keras.cli", *args], cwd=tmp_path,
+                              stdout=write_end, text=True, timeout=300,
+                              stderr=write_end if stderr_too else subprocess.PIPE)  # 2>&1
+    finally:
+        os.close(write_end)
+    assert proc.returncode == 141, proc.stderr and proc.stderr[-3000:]
+    err = proc.stderr or ""
+    assert "Traceback" not in err and "BrokenPipe" not in err and "Exception ignored" not in err
+    # the work itself was done before the output met the closed pipe
+    assert (tmp_path / ("s/span-1/part-0.csv" if command == "synth" else "report.html")).exists()
+
+
+def test_a_broken_pipe_that_is_not_stdout_is_not_hidden(monkeypatch):
+    # e.g. a socket to a model server: a real error, not a reader that went away
+    def command(args):
+        raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setitem(sys.modules["fm_keras.cli"]._COMMANDS, "synth", command)
+    with pytest.raises(BrokenPipeError):
+        main(["synth", "--out", "x"])

@@ -123,3 +123,13 @@ def test_a_request_without_a_usable_unit_id_is_refused(unit):
     with pytest.raises(ValueError, match="a unit id must be a non-empty string or an integer"):
         Assigner(experiment()).arm(unit)
     assert Assigner(experiment()).arm(7) == Assigner(experiment()).arm("7")
+
+
+def test_assign_file_names_the_line_of_an_empty_unit_id(tmp_path):
+    # `ab assign` named the 0-based data row ("first at row 2") of the id on line 5
+    users = tmp_path / "users.csv"
+    users.write_text('user_id,country\nu1,de\nu2,"multi\nline"\n"",fr\n')
+    with pytest.raises(DataError, match=r"users.csv: column 'user_id': 1 empty unit ids "
+                       r"\(first at line 5\)"):
+        assign_file(experiment(), [str(users)], str(tmp_path / "arms.csv"))
+    assert not (tmp_path / "arms.csv").exists()

@@ -173,3 +173,20 @@ def test_each_comparison_is_its_own_stderr_line(files, capsys):
     assert [line.split(":")[1].strip() for line in lines] == ["cleaned vs naive",
                                                               "third vs naive"]
     assert all(line.startswith("fm-keras: ") for line in lines)  # the second had no prefix
+
+
+@pytest.mark.parametrize("cell, message", [
+    ("u3,cleaned,1,,0", "events.csv: column 'impressions': 1 empty cells (first at line 5)"),
+    ("u3,cleaned,soon,10,0",
+     "events.csv: column 'timestamp': not a number: 'soon' (first at line 5)"),
+    ("u3,cleaned,1,10,11", "events.csv: column 'clicks': 1 rows have more clicks than "
+     "impressions (first at line 5)"),
+])
+def test_report_names_the_file_line_of_a_bad_cell(files, capsys, monkeypatch, cell, message):
+    # A bad cell on line 5 was "(first at row 3)", 0-based; empty and text cells named no line.
+    lines = (files / "events.csv").read_text().splitlines()
+    lines[4] = cell
+    (files / "events.csv").write_text("\n".join(lines) + "\n")
+    monkeypatch.chdir(files)
+    assert main(["ab", "report", "--experiment", "ab.yaml", "--events", "events.csv"]) == 2
+    assert capsys.readouterr().err == f"fm-keras: error: {message}\n"

@@ -1,5 +1,7 @@
 """The event schema: CSV and Parquet read the same; bad files fail naming file and column."""
 
+import re
+
 import pandas as pd
 import pytest
 
@@ -45,7 +47,8 @@ def test_pre_period_is_optional(tmp_path):
     (lambda f: f.assign(arm=["a", "a", "b", "z"]), r"column 'arm': \['z'\] are not arms"),
     # Out-of-range counts used to be cast to int64 garbage (a wrong error, or a silent result).
     (lambda f: f.assign(impressions=["10", "1e30", "10", "5"]),
-     r"column 'impressions': must be whole numbers in 0..2,147,483,647, got '1e30' \(row 1\)"),
+     r"column 'impressions': must be whole numbers in 0..2,147,483,647, got '1e30' "
+     r"\(first at line 3\)"),
     (lambda f: f.assign(impressions=["inf", "10", "10", "5"]), "'impressions': .* got 'inf'"),
     (lambda f: f.assign(impressions=[10, 10, 10, 2**40], clicks=[1, 2, 0, 2**40]),
      "column 'impressions': must be whole numbers"),
@@ -55,7 +58,7 @@ def test_pre_period_is_optional(tmp_path):
     (lambda f: f.assign(pre_period=[4.0, 1e308, 0.0, 1.0]),
      "column 'pre_period': must be a finite number"),
     (lambda f: f.assign(user_id=["u1", "", "u2", "u3"]),
-     r"column 'user_id': 1 empty unit ids \(first at row 1\)"),
+     r"column 'user_id': 1 empty unit ids \(first at line 3\)"),
 ])
 def test_bad_events_name_the_file_and_column(tmp_path, change, message):
     path = tmp_path / "bad.csv"
@@ -154,4 +157,47 @@ def test_a_pre_period_that_differs_within_a_unit_is_an_error(tmp_path):
     EVENTS.assign(pre_period=[4.0, 5.0, 0.0, 1.0]).to_csv(path, index=False)
     with pytest.raises(DataError, match=r"e.csv: column 'pre_period': 1 units have different "
                                         r"values on different rows \(e.g. 'u1': 4 and 5\)"):
+        read_events([str(path)], EXPERIMENT)
+
+
+BAD_LINE_5 = {  # the bad cell of each file is on line 5: data row 3 (0-based), after a blank line
+    "imp_empty.csv": ("u4,b,50,,0", r"column 'impressions': 1 empty cells \(first at line 5\)"),
+    "ts_text.csv": ("u4,b,soon,5,0",
+                    r"column 'timestamp': not a number: 'soon' \(first at line 5\)"),
+    "clicks.csv": ("u4,b,50,5,6", r"column 'clicks': 1 rows have more clicks than "
+                   r"impressions \(first at line 5\)"),
+    "neg.csv": ("u4,b,50,-5,0",
+                r"column 'impressions': must be whole .* got '-5' \(first at line 5\)"),
+    "arm.csv": ("u4,z,50,5,0", r"column 'arm': \['z'\] are not arms .*; first at line 5\)"),
+    "unit.csv": (",b,50,5,0", r"column 'user_id': 1 empty unit ids \(first at line 5\)"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BAD_LINE_5))
+def test_a_bad_cell_is_named_by_its_file_line_as_the_reader_does(tmp_path, name):
+    """`ab report` said "(first at row 3)" (0-based data row) for a cell on line 5, and the
+    empty-cell and not-a-number errors named no place at all."""
+    row, message = BAD_LINE_5[name]
+    path = tmp_path / name
+    path.write_text("user_id,arm,timestamp,impressions,clicks\nu1,a,10,10,1\n\nu2,a,20,10,2\n"
+                    f"{row}\nu3,b,40,5,5\n")
+    with pytest.raises(DataError, match=rf"^{re.escape(str(path))}: {message}"):
+        read_events([str(path)], EXPERIMENT)
+
+
+def test_a_bad_cell_of_a_parquet_file_is_named_by_its_data_row(tmp_path):
+    path = tmp_path / "e.parquet"
+    EVENTS.assign(impressions=[10, 10, 10, None]).to_parquet(path, index=False)
+    with pytest.raises(DataError, match=r"column 'impressions': 1 empty cells \(first at data "
+                       r"row 4\)"):
+        read_events([str(path)], EXPERIMENT)
+
+
+def test_an_empty_pre_period_with_cuped_names_its_line(tmp_path):
+    path = tmp_path / "e.csv"
+    EVENTS.assign(pre_period=[4.0, 4.0, None, 1.0]).to_csv(path, index=False)
+    with pytest.raises(DataError, match=r"column 'pre_period': 1 empty cells \(first at line 4\)"):
+        read_events([str(path)], EXPERIMENT, need_pre_period=True)
+    EVENTS.assign(pre_period=[4.0, 4.0, 1e300, 1.0]).to_csv(path, index=False)
+    with pytest.raises(DataError, match=r"'pre_period': must be a finite .*\(first at line 4\)"):
         read_events([str(path)], EXPERIMENT)

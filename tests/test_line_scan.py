@@ -4,7 +4,7 @@ of the first record pyarrow rejects (checked against files whose answer is known
 import pytest
 
 from fm_keras.errors import DataError
-from fm_keras.line_scan import find_line, first_problem, header_record, not_utf8
+from fm_keras.line_scan import find_line, first_problem, header_record, not_utf8, record_line
 
 
 @pytest.mark.parametrize("data, header", [
@@ -62,3 +62,12 @@ def test_find_line_and_not_utf8(tmp_path):
     path.write_bytes(b"ok\nstill ok \xc3\xa9\nbad \xe9 here\n")
     assert find_line(str(path), not_utf8) == (3, 0xE9)
     assert find_line(str(path), lambda text: b"\x1f" in text) is None
+
+
+def test_record_line_counts_blank_lines_and_quoted_line_breaks(tmp_path):
+    # The A/B errors named a data row 0-based ("row 3" for line 5); pyarrow skips the blank
+    # lines and reads the quoted line break as one row, so the line is found by a scan.
+    path = tmp_path / "e.csv"
+    path.write_bytes(b'\n"a",b\r\n1,2\n\n"x\ny",3\n4,5\n')
+    assert [record_line(str(path), row) for row in range(4)] == [3, 5, 7, None]
+    assert record_line(str(tmp_path / "missing.csv"), 0) is None

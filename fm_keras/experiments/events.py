@@ -22,6 +22,7 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
+from fm_keras import line_scan
 from fm_keras.errors import DataError
 from fm_keras.experiments.config import EVENT_COLUMNS, PRE_PERIOD, ABExperiment
 from fm_keras.reading import is_parquet
@@ -50,9 +51,11 @@ def read_events(patterns: Sequence[str], experiment: ABExperiment,
 
     Raises:
         DataError: naming the file and column: a missing column, an empty unit id, unit ids
-            stored as floats, a non-numeric, negative or out-of-range count, clicks above
-            impressions, an arm the experiment does not have, a non-finite pre_period or one
-            that differs between the rows of a unit.
+            stored as floats, a non-numeric, empty, negative or out-of-range count, clicks
+            above impressions, an arm the experiment does not have, a non-finite pre_period or
+            one that differs between the rows of a unit; a bad cell is named by its line in a
+            CSV file (``first at line 5``, as `fm_keras.reading` names lines), by its 1-based
+            data row in a Parquet file.
 
     A file matched twice (by a glob and by its name) is read once.
     """
@@ -76,14 +79,16 @@ def read_events(patterns: Sequence[str], experiment: ABExperiment,
         for column, maximum in (("timestamp", MAX_TIMESTAMP), ("impressions", MAX_COUNT),
                                 ("clicks", MAX_COUNT)):
             out[column] = _counts(frame[column], path, column, maximum)
-        bad = out["clicks"] > out["impressions"]
+        bad = (out["clicks"] > out["impressions"]).to_numpy()
         if bad.any():
             raise DataError(f"{path}: column 'clicks': {int(bad.sum())} rows have more clicks "
-                            f"than impressions (first at row {int(np.argmax(bad.to_numpy()))})")
+                            f"than impressions (first at {_file_line(path, bad)})")
         unknown = sorted(set(out["arm"]) - set(experiment.arm_names))
         if unknown:
+            first = _file_line(path, ~out["arm"].isin(experiment.arm_names).to_numpy())
             raise DataError(f"{path}: column 'arm': {unknown[:5]} are not arms of "
-                            f"{experiment.source} (arms: {experiment.arm_names})")
+                            f"{experiment.source} (arms: {experiment.arm_names}; first at "
+                            f"{first})")
         if PRE_PERIOD in frame.columns:
             out[PRE_PERIOD] = _pre_period(frame[PRE_PERIOD], path, need_pre_period)
         elif need_pre_period:
@@ -114,10 +119,10 @@ def unit_ids(frame: pd.DataFrame, path: str, unit: str) -> pd.Series:
     cell ``1.0`` is the unit ``"1.0"``, not ``"1"``, as in a Parquet string column.
 
     Raises:
-        DataError: naming the file and column: the column is missing, has empty ids, or is a
-            Parquet floating-point column (a float does not keep the id's text: Arrow reads
-            7.0 as ``"7"``, the same frame written as CSV says ``"7.0"``, and ids above 2^53
-            are rounded).
+        DataError: naming the file and column: the column is missing, has empty ids (naming
+            the first one's line, or data row in Parquet), or is a Parquet floating-point
+            column (a float does not keep the id's text: Arrow reads 7.0 as ``"7"``, the same
+            frame written as CSV says ``"7.0"``, and ids above 2^53 are rounded).
     """
     if unit not in frame.columns:
         raise DataError(f"{path}: column {unit!r} (the experiment's unit) is missing; the file "
@@ -136,8 +141,17 @@ def unit_ids(frame: pd.DataFrame, path: str, unit: str) -> pd.Series:
     empty = (ids.str.strip() == "").to_numpy()
     if empty.any():
         raise DataError(f"{path}: column {unit!r}: {int(empty.sum())} empty unit ids (first at "
-                        f"row {int(np.argmax(empty))}); every row needs its unit")
+                        f"{_file_line(path, empty)}); every row needs its unit")
     return ids
+
+
+def _file_line(path: str, bad: np.ndarray) -> str:
+    """Where the first True of `bad` (bool [rows], one per data row of the file) is, for an
+    error: ``"line N"`` in a CSV file (its line, as `fm_keras.reading` names lines: blank lines
+    and quoted line breaks counted), ``"data row N"`` (1-based) in a Parquet file."""
+    row = int(np.argmax(bad))
+    line = None if is_parquet(path) else line_scan.record_line(path, row)
+    return f"line {line}" if line is not None else f"data row {row + 1}"
 
 
 def per_unit(events: pd.DataFrame) -> pd.DataFrame:
@@ -185,20 +199,23 @@ def write_table(frame: pd.DataFrame, path: str) -> None:
 
 def _numbers(column: pd.Series, path: str, name: str) -> np.ndarray:
     values = pd.to_numeric(column.replace("", np.nan), errors="coerce")
-    bad = values.isna() & (column != "")
+    bad = (values.isna() & (column != "")).to_numpy()
     if bad.any():
-        raise DataError(f"{path}: column {name!r}: not a number: {column[bad].iloc[0]!r}")
+        raise DataError(f"{path}: column {name!r}: not a number: {column[bad].iloc[0]!r} "
+                        f"(first at {_file_line(path, bad)})")
     return values.to_numpy(dtype=np.float64)
 
 
 def _counts(column: pd.Series, path: str, name: str, maximum: int) -> np.ndarray:
     values = _numbers(column, path, name)
-    if np.isnan(values).any():
-        raise DataError(f"{path}: column {name!r}: {int(np.isnan(values).sum())} empty cells")
+    empty = np.isnan(values)
+    if empty.any():
+        raise DataError(f"{path}: column {name!r}: {int(empty.sum())} empty cells (first at "
+                        f"{_file_line(path, empty)})")
     bad = (values < 0) | (values > maximum) | (values != np.round(values))
     if bad.any():
         raise DataError(f"{path}: column {name!r}: must be whole numbers in 0..{maximum:,}, "
-                        f"got {column[bad].iloc[0]!r} (row {int(np.argmax(bad))})")
+                        f"got {column[bad].iloc[0]!r} (first at {_file_line(path, bad)})")
     return values.astype(np.int64)
 
 
@@ -207,11 +224,11 @@ def _pre_period(column: pd.Series, path: str, required: bool) -> np.ndarray:
     empty = np.isnan(values)
     if required and empty.any():
         raise DataError(f"{path}: column {PRE_PERIOD!r}: {int(empty.sum())} empty cells (first "
-                        f"at row {int(np.argmax(empty))}); --cuped needs every unit's "
+                        f"at {_file_line(path, empty)}); --cuped needs every unit's "
                         "pre-period metric")
     bad = ~empty & ~(np.abs(values) <= MAX_PRE_PERIOD)
     if bad.any():
         raise DataError(f"{path}: column {PRE_PERIOD!r}: must be a finite number within "
                         f"+-{MAX_PRE_PERIOD:g}, got {column[bad].iloc[0]!r} "
-                        f"(row {int(np.argmax(bad))})")
+                        f"(first at {_file_line(path, bad)})")
     return values

@@ -59,7 +59,8 @@ def add_commands(subparsers) -> dict:
 
     q = subparsers.add_parser("query", help="one request to a TF Serving (or fm-keras serve) server")
     q.add_argument("--server", default="localhost:8500", help="gRPC host:port")
-    q.add_argument("--rest", help="use REST at this URL instead, e.g. http://localhost:8501")
+    q.add_argument("--rest", help="use REST at this URL instead, e.g. http://localhost:8501 "
+                   "(localhost:8501 means the same)")
     q.add_argument("--model_name", required=True)
     q.add_argument("--signature_name", default="")
     q.add_argument("--version", type=int)
@@ -193,9 +194,13 @@ def _plain(array):
 
 
 def _query_rest(args, columns):
+    from fm_keras.errors import ConfigError
     from fm_keras.serving.client import RestClient
 
-    client = RestClient(args.rest, timeout=args.timeout)
+    try:
+        client = RestClient(args.rest, timeout=args.timeout)
+    except ValueError as err:  # not a URL that can work: say so once, do not retry
+        raise ConfigError(f"--rest: {err}") from None
     if args.status:
         return client.status(args.model_name, args.version)
     metadata = client.metadata(args.model_name, args.version, args.label)

@@ -145,21 +145,56 @@ class GrpcClient:
         self.close()
 
 
+def rest_base_url(url: str) -> str:
+    """The REST API's base URL: `url` without a trailing ``/``, ``http://`` put before a bare
+    ``host:port``.
+
+    ``RestClient("localhost:8501")`` used to retry, then fail UNAVAILABLE with urllib's
+    "unknown url type"; a URL that cannot work fails here, before any request.
+
+    Raises:
+        ValueError: naming `url` and the fix: another scheme than http/https, no host, or a
+            port that is not a number in 1..65535.
+    """
+    import urllib.parse
+
+    text = url.strip()
+    if "://" not in text:
+        text = "http://" + text
+    fix = "give http://HOST:PORT of the REST API, e.g. http://localhost:8501"
+    parts = urllib.parse.urlsplit(text)
+    if parts.scheme.lower() not in ("http", "https"):
+        raise ValueError(f"REST base URL {url!r}: scheme {parts.scheme!r} is not http or "
+                         f"https; {fix}")
+    try:
+        port = parts.port
+    except ValueError:
+        port = 0
+    if not parts.hostname or port == 0 or parts.query or parts.fragment:
+        raise ValueError(f"REST base URL {url!r}: not a URL of a host and port; {fix}")
+    return text.rstrip("/")
+
+
 class RestClient:
     """The REST API with the standard library only.
 
     Args:
-        base_url: e.g. ``http://localhost:8501``.
+        base_url: e.g. ``http://localhost:8501``; a bare ``host:port`` (the form of
+            ``GrpcClient``'s target) means ``http://host:port``.
         timeout: seconds per HTTP request.
         retries: extra attempts after 503 or a refused connection.
         backoff: first retry delay in seconds, doubled each time.
+
+    Raises:
+        ValueError: a timeout that is not positive, or a base_url that is not an http(s) URL
+            with a host (e.g. ``grpc://host:8500``, ``localhost:port``), naming the fix.
     """
 
     def __init__(self, base_url: str = "http://localhost:8501", timeout: float = 5.0,
                  retries: int = 3, backoff: float = 0.05):
         if timeout <= 0:
             raise ValueError(f"timeout must be > 0 seconds, got {timeout}")
-        self.base_url = base_url.rstrip("/")
+        self.base_url = rest_base_url(base_url)
         self.timeout, self.retries, self.backoff = timeout, retries, backoff
 
     def _request(self, path: str, body=None):

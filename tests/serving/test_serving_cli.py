@@ -86,6 +86,15 @@ def test_query_types_inputs_by_the_signature():
         typed_inputs({"price": ["1", "x"]}, inputs)
 
 
+def test_query_rest_with_a_url_that_cannot_work_is_one_line_exit_2(capsys):
+    # it was a ValueError traceback (before: retries, then UNAVAILABLE "unknown url type")
+    assert main(["query", "--rest", "grpc://localhost:8500", "--model_name", "ranking",
+                 "--status"]) == 2
+    assert capsys.readouterr().err == (
+        "fm-keras: error: --rest: REST base URL 'grpc://localhost:8500': scheme 'grpc' is not "
+        "http or https; give http://HOST:PORT of the REST API, e.g. http://localhost:8501\n")
+
+
 def test_query_input_takes_a_json_list_for_values_with_commas():
     """A new user's trial: ids holding commas could not be given to --input."""
     inputs = {"item_id": {"dtype": "DT_STRING", "tensor_shape": {"dim": [{"size": "-1"}]}},

@@ -1,5 +1,7 @@
 """GrpcClient and RestClient against the running server; retry only on UNAVAILABLE."""
 
+import http.server
+import threading
 import time
 
 import numpy as np
@@ -176,3 +178,44 @@ def test_experiment_client_check_names_an_arm_the_server_does_not_serve(ab_serve
             ExperimentClient(experiment, client).check()
     with pytest.raises(TypeError, match="GrpcClient or RestClient"):
         ExperimentClient(experiment, object())
+
+
+class _StatusHandler(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):  # noqa: N802 (http.server's name)
+        body = b'{"model_version_status": [{"version": "1", "state": "AVAILABLE"}]}'
+        self.send_response(200 if self.path == "/v1/models/ranking" else 404)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_rest_client_takes_host_port_like_the_grpc_client():
+    # RestClient("localhost:8501") retried, then raised UNAVAILABLE "unknown url type".
+    httpd = http.server.HTTPServer(("127.0.0.1", 0), _StatusHandler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        client = RestClient(f"127.0.0.1:{httpd.server_port}", timeout=10, retries=0)
+        assert client.base_url == f"http://127.0.0.1:{httpd.server_port}"
+        assert client.status("ranking")["model_version_status"][0]["state"] == "AVAILABLE"
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+        thread.join()
+
+
+@pytest.mark.parametrize("url, problem", [
+    ("grpc://localhost:8500", "scheme 'grpc' is not http or https"),
+    ("localhost:port", "not a URL of a host and port"),
+    ("http://", "not a URL of a host and port"),
+    ("localhost:99999", "not a URL of a host and port"),
+])
+def test_a_rest_url_that_cannot_work_is_a_value_error_at_construction(url, problem):
+    with pytest.raises(ValueError, match=f"REST base URL '{url}': {problem}; give "
+                       "http://HOST:PORT of the REST API, e.g. http://localhost:8501"):
+        RestClient(url)
+    assert RestClient("https://example.test/").base_url == "https://example.test"
