@@ -122,3 +122,22 @@ def test_terminated_run_prints_its_summary_and_leaves_no_empty_step_dir(pipeline
     assert json.loads((run_dir / "run.json").read_text())["error"] == "terminated by SIGTERM"
     assert sorted(p.name for p in run_dir.iterdir()) == ["report", "run.json"]
     assert not (tmp_path / "models").exists()
+
+
+def test_rollback_to_a_version_without_its_recall_version_is_one_line_exit_2(tmp_path, capsys):
+    from fm_keras.pipeline.serving_config import ensure_models, served_policy
+
+    for name, versions in (("ctr", (1, 2)), ("ctr_recall", (1,))):
+        for v in versions:
+            (tmp_path / name / str(v)).mkdir(parents=True)
+    path = str(tmp_path / "models.config")
+    ensure_models(path, str(tmp_path), ["ctr", "ctr_recall"])
+    args = ["pipeline", "rollback", "--name", "ctr", "--to", "2", "--model_config_file", path]
+    assert main(args) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("fm-keras: error: --to 2: ctr_recall/2 does not exist")
+    assert line.endswith("or pass --force to pin ctr alone")
+    assert served_policy(path, "ctr")["policy"] == "latest"
+    assert main(args + ["--force"]) == 0
+    assert "warning: --force: ctr pinned to version 2" in capsys.readouterr().err
+    assert served_policy(path, "ctr")["versions"] == [2]

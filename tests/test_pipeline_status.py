@@ -23,9 +23,6 @@ def test_rollback_pins_both_models_and_forward_unpins(served):
     assert rollback(served, "ctr", "1")["models"] == ["ctr", "ctr_recall"]
     assert served_policy(served, "ctr")["versions"] == [1]
     assert served_policy(served, "ctr_recall")["versions"] == [1]
-    result = rollback(served, "ctr", "2")  # no recall version 2: the recall model stays
-    assert result["models"] == ["ctr"]
-    assert served_policy(served, "ctr_recall")["versions"] == [1]
     rollback(served, "ctr", "latest")
     assert served_policy(served, "ctr")["policy"] == "latest"
     assert served_policy(served, "ctr_recall")["policy"] == "latest"
@@ -94,3 +91,55 @@ def test_run_summary_of_a_run_recorded_before_windows():
     assert summary["window"] == {"first": 7, "last": 7, "spans": [7], "missing": [],
                                  "text": "span 7"}
     assert summary["warnings"] == []
+
+
+def test_rollback_refuses_a_ranking_version_without_its_recall_version(served):
+    """Regression: a run killed between the two pushes left ctr/2 without ctr_recall/2, and
+    'rollback --name ctr --to 2' pinned ctr to 2 with ctr_recall on latest (3), no warning."""
+    before = open(served).read()
+    with pytest.raises(ConfigError, match=r"^--to 2: ctr_recall/2 does not exist \(.*\), so ctr "
+                       r"2 would serve beside another recall version; roll back to a version "
+                       r"both have \(\[1, 3\]\), or pass --force to pin ctr alone$"):
+        rollback(served, "ctr", "2")
+    assert open(served).read() == before
+    result = rollback(served, "ctr", "2", force=True)
+    assert result["models"] == ["ctr"]
+    assert result["warnings"] == ["--force: ctr pinned to version 2, ctr_recall left as it is: "
+                                  "ctr_recall/2 does not exist"]
+    assert served_policy(served, "ctr")["versions"] == [2]
+    assert served_policy(served, "ctr_recall")["policy"] == "latest"
+
+
+def test_rolling_back_the_recall_model_alone_to_another_version_warns(served):
+    result = rollback(served, "ctr_recall", "1")  # ctr serves 3 (latest)
+    assert result["models"] == ["ctr_recall"]
+    assert result["warnings"] == [
+        "ctr serves version(s) [3] but ctr_recall serves [1]: candidates and scores come from "
+        "different model versions; 'fm-keras pipeline rollback --name ctr --to V' pins both "
+        "to one version"]
+    assert rollback(served, "ctr_recall", "3")["warnings"] == []
+
+
+def test_forward_to_latest_warns_when_the_newest_versions_differ(served, tmp_path):
+    os.makedirs(tmp_path / "ctr" / "4")  # pushed; killed before ctr_recall/4
+    rollback(served, "ctr", "3")
+    (warning,) = rollback(served, "ctr", "latest")["warnings"]
+    assert warning.startswith("ctr serves version(s) [4] but ctr_recall serves [3]")
+
+
+def test_status_shows_the_served_version_and_flags_a_missing_recall_version(served, tmp_path):
+    """Regression: with the latest policy status showed "versions": [], and a ranking version
+    without its recall version went unnoticed."""
+    from types import SimpleNamespace
+
+    config = SimpleNamespace(root=str(tmp_path / "root"), name="ctr", recall_name="ctr_recall",
+                             pusher=SimpleNamespace(model_config_file=served))
+    result = status(config)
+    assert result["serving"]["ctr"]["policy"] == "latest"
+    assert result["serving"]["ctr"]["versions"] == [3]
+    assert result["serving"]["ctr_recall"]["versions"] == [3]
+    assert result["serving"]["ctr"]["missing_recall"] == [2]
+    assert result["warnings"] == ["ctr version 2 has no ctr_recall/2: a rollback to 2 is "
+                                  "refused (or pins ctr alone with --force)"]
+    rollback(served, "ctr", "1")
+    assert status(config)["serving"]["ctr"]["versions"] == [1]
