@@ -143,3 +143,34 @@ def test_status_shows_the_served_version_and_flags_a_missing_recall_version(serv
                                   "refused (or pins ctr alone with --force)"]
     rollback(served, "ctr", "1")
     assert status(config)["serving"]["ctr"]["versions"] == [1]
+
+
+@pytest.mark.parametrize("owner,shown", [("gone", "abandoned?"), ("alive", "running"),
+                                         ("other host", "running"), ("unrecorded", "running")])
+def test_status_shows_a_running_run_whose_process_is_gone_as_abandoned(tmp_path, owner, shown):
+    """Regression: a SIGKILLed run showed 'running' until the next run marked it abandoned."""
+    import socket
+    import subprocess
+    import sys
+
+    from pipeline_testlib import window_pipeline
+
+    from fm_keras.pipeline.config import load_pipeline
+    from fm_keras.pipeline.metadata import MetadataStore
+    from fm_keras.pipeline.runner import run_pipeline
+
+    config = load_pipeline(window_pipeline(tmp_path, (1,), window=1))
+    run_pipeline(config, run_id="killed", steps=("examplegen",), report=False)
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    pid, host = {"gone": (gone.pid, socket.gethostname()),
+                 "alive": (os.getpid(), socket.gethostname()),
+                 "other host": (gone.pid, "elsewhere"), "unrecorded": (None, None)}[owner]
+    store = MetadataStore(os.path.join(config.root, "metadata.sqlite"))
+    try:  # what `kill -9` of the run's process leaves: status running, its pid
+        store.update_context(store.context("killed")["id"], status="running", pid=pid,
+                             host=host)
+    finally:
+        store.close()
+    (run,) = status(config)["runs"]
+    assert run["status"] == shown

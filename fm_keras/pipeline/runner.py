@@ -26,6 +26,7 @@ import dataclasses
 import fcntl
 import os
 import secrets
+import socket
 import sys
 import time
 from collections.abc import Callable
@@ -421,7 +422,8 @@ def run_pipeline(config: PipelineConfig, span: int | None = None, run_id: str | 
                 steps = tuple(s for s in steps if s not in done)
                 log(f"run {run.run_id} ended ({ended}) in {retry}: retrying "
                     f"{', '.join(steps)}")
-            store.update_context(run.context_id, status="running", error=None, pid=os.getpid())
+            store.update_context(run.context_id, status="running", error=None, pid=os.getpid(),
+                                 host=socket.gethostname())
             log(f"run {run.run_id} on {run.window.describe()} -> {run.run_dir}")
             if run.window.missing:
                 log(f"warning: rolling window of {run.window.describe()}: reading spans "

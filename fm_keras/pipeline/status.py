@@ -4,10 +4,11 @@ record of one run (``run_summary``)."""
 from __future__ import annotations
 
 import os
+import socket
 import time
 
 from fm_keras.errors import ConfigError
-from fm_keras.pipeline import serving_config
+from fm_keras.pipeline import orphans, serving_config
 from fm_keras.pipeline.config import SpanWindow
 from fm_keras.pipeline.metadata import DONE
 from fm_keras.versions import parse_version, version_dirs
@@ -113,6 +114,8 @@ def status(config, server: str | None = None, runs: int = 10) -> dict:
         try:
             for ctx in store.contexts("run")[-runs:]:
                 s = run_summary(store, ctx)
+                if s["status"] == "running" and process_gone(ctx["properties"]):
+                    s["status"] = "abandoned?"
                 records.append({k: s[k] for k in ("run_id", "status", "span", "window",
                                                   "blessed", "pushed_version", "seconds")}
                                | {"started": time.strftime("%Y-%m-%d %H:%M:%S",
@@ -142,6 +145,15 @@ def status(config, server: str | None = None, runs: int = 10) -> dict:
         warnings += _pair_mismatch(path, config.name, config.recall_name)
     return {"runs": records, "serving": serving, "warnings": warnings,
             "model_config_file": path}
+
+
+def process_gone(run_properties: dict) -> bool:
+    """True when a ``running`` run's process is known to be gone: it recorded its pid and
+    host, the host is this one and no process has that pid (a run killed with SIGKILL; the
+    next run marks it ``abandoned``). False when it cannot tell (an older run, another
+    host)."""
+    pid, host = run_properties.get("pid"), run_properties.get("host")
+    return bool(pid) and host == socket.gethostname() and not orphans.pid_alive(pid)
 
 
 def missing_recall_versions(ranking: list[int], recall: list[int]) -> list[int]:
