@@ -145,3 +145,22 @@ def test_sigterm_after_the_run_is_recorded_exits_with_the_run(pipeline_logs, tmp
     assert main(["pipeline", "run", path, "--span", "1"]) == 0
     printed = json.loads(capsys.readouterr().out)
     assert printed["status"] == "unchanged" and printed["report"]
+
+
+def test_rollback_to_a_version_without_its_recall_version_is_one_line_exit_2(tmp_path, capsys):
+    from fm_keras.pipeline.serving_config import ensure_models, served_policy
+
+    for name, versions in (("ctr", (1, 2)), ("ctr_recall", (1,))):
+        for v in versions:
+            (tmp_path / name / str(v)).mkdir(parents=True)
+    path = str(tmp_path / "models.config")
+    ensure_models(path, str(tmp_path), ["ctr", "ctr_recall"])
+    args = ["pipeline", "rollback", "--name", "ctr", "--to", "2", "--model_config_file", path]
+    assert main(args) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("fm-keras: error: --to 2: ctr_recall/2 does not exist")
+    assert line.endswith("or pass --force to pin ctr alone")
+    assert served_policy(path, "ctr")["policy"] == "latest"
+    assert main(args + ["--force"]) == 0
+    assert "warning: --force: ctr pinned to version 2" in capsys.readouterr().err
+    assert served_policy(path, "ctr")["versions"] == [2]

@@ -41,3 +41,25 @@ def test_a_model_that_cannot_load_is_infra_invalid(pipeline_first_run, tmp_path)
                                                                         timeout_seconds=30))
     assert not result["valid"]
     assert "could not load the candidate" in result["error"]
+
+
+def test_a_validation_removes_the_directories_of_killed_validations(pipeline_first_run,
+                                                                     tmp_path, monkeypatch,
+                                                                     capsys):
+    """Regression: a SIGKILLed pipeline left /tmp/fm-keras-infra-* behind for good."""
+    import subprocess
+    import sys
+    import tempfile
+
+    export_dir, examples = _candidate(pipeline_first_run)
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    tmp = tmp_path / "tmp"
+    stale = tmp / f"fm-keras-infra-{gone.pid}-x1"
+    (stale / "candidate").mkdir(parents=True)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp))
+    result = infra_validate(str(tmp_path / "no-model"), examples,
+                            InfraValidatorConfig(mode="in_process", timeout_seconds=30))
+    assert not result["valid"]
+    assert not stale.exists() and list(tmp.iterdir()) == []
+    assert f"removed {stale}, left by a killed validation" in capsys.readouterr().err

@@ -243,3 +243,95 @@ def test_rolling_window_of_spans_in_the_run_and_its_cache_key(tmp_path, capsys):
     summary, cached, counts = examplegen()
     assert summary["span"] == 4 and not cached
     assert summary["window"]["text"] == "spans 2-4" and counts["rows_read"] == 120
+
+
+def _step_states(config, run_id):
+    from fm_keras.pipeline.metadata import MetadataStore
+
+    store = MetadataStore(os.path.join(config.root, "metadata.sqlite"))
+    try:
+        context = store.context(run_id)
+        return ([(x["type"], x["state"]) for x in store.executions(context["id"])],
+                context["properties"])
+    finally:
+        store.close()
+
+
+def test_a_retry_runs_the_failed_step_again_and_not_the_finished_ones(tmp_path, monkeypatch,
+                                                                      capsys):
+    """Regression: an Airflow retry (same run id, same step) of a step that failed printed
+    'run airflow-1 has ended (failed); not running statistics' and exited 1."""
+    from pipeline_testlib import window_pipeline
+
+    from fm_keras.pipeline import statistics
+
+    config = load_pipeline(window_pipeline(tmp_path, (1,), window=1))
+    run = {"run_id": "airflow-1", "report": False}
+    assert run_pipeline(config, steps=("examplegen",), **run)["status"] == "open"
+    real = statistics.generate_statistics
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(statistics, "generate_statistics", disk_full)
+    with pytest.raises(OSError):
+        run_pipeline(config, steps=("statistics",), **run)
+    assert _step_states(config, "airflow-1")[1]["status"] == "failed"
+    monkeypatch.setattr(statistics, "generate_statistics", real)
+    capsys.readouterr()
+    summary = run_pipeline(config, steps=("examplegen", "statistics"), **run)
+    assert summary["status"] == "open" and summary["error"] is None
+    assert "ended (failed) in statistics: retrying statistics" in capsys.readouterr().err
+    states, properties = _step_states(config, "airflow-1")
+    assert states == [("examplegen", "COMPLETE"), ("statistics", "FAILED"),
+                      ("statistics", "COMPLETE")]  # examplegen was not redone
+    assert properties["pid"] == os.getpid()
+    assert run_pipeline(config, steps=("validator",), **run)["status"] == "open"
+
+
+def test_a_retry_after_sigkill_runs_the_abandoned_step_again(tmp_path):
+    """A SIGKILLed step leaves its execution and run RUNNING; the retry marks them ABANDONED
+    and runs the step again."""
+    from pipeline_testlib import window_pipeline
+
+    from fm_keras.pipeline.metadata import MetadataStore
+
+    config = load_pipeline(window_pipeline(tmp_path, (1,), window=1))
+    run_pipeline(config, run_id="airflow-2", steps=("examplegen",), report=False)
+    store = MetadataStore(os.path.join(config.root, "metadata.sqlite"))
+    try:  # what `kill -9` during the statistics step leaves in the store
+        context_id = store.context("airflow-2")["id"]
+        store.start_execution("statistics", context_id, "key", {}, {})
+        store.update_context(context_id, status="running")
+    finally:
+        store.close()
+    summary = run_pipeline(config, run_id="airflow-2", steps=("statistics",), report=False)
+    assert summary["status"] == "open"
+    assert _step_states(config, "airflow-2")[0] == [
+        ("examplegen", "COMPLETE"), ("statistics", "ABANDONED"), ("statistics", "COMPLETE")]
+
+
+@pytest.mark.parametrize("ended,step", [("not_blessed", "statistics"), ("failed", "validator"),
+                                        ("invalid_data", "statistics")])
+def test_a_run_that_ended_otherwise_still_refuses_its_steps(tmp_path, capsys, ended, step):
+    """Only the step that failed is retried: an outcome (not blessed, anomalies) ends the run,
+    and a failed run does not run a step other than the one that failed."""
+    from pipeline_testlib import window_pipeline
+
+    from fm_keras.pipeline.metadata import MetadataStore
+
+    config = load_pipeline(window_pipeline(tmp_path, (1,), window=1))
+    run_pipeline(config, run_id="r", steps=("examplegen",), report=False)
+    store = MetadataStore(os.path.join(config.root, "metadata.sqlite"))
+    try:
+        context_id = store.context("r")["id"]
+        execution = store.start_execution("statistics", context_id, "key", {}, {})
+        store.finish_execution(execution, "FAILED" if ended == "failed" else "COMPLETE", {}, {})
+        store.update_context(context_id, status=ended)
+    finally:
+        store.close()
+    capsys.readouterr()
+    summary = run_pipeline(config, run_id="r", steps=(step,), report=False)
+    assert summary["status"] == ended
+    assert f"run r has ended ({ended}); not running {step}" in capsys.readouterr().err
+    assert len(_step_states(config, "r")[0]) == 2

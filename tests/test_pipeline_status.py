@@ -23,9 +23,6 @@ def test_rollback_pins_both_models_and_forward_unpins(served):
     assert rollback(served, "ctr", "1")["models"] == ["ctr", "ctr_recall"]
     assert served_policy(served, "ctr")["versions"] == [1]
     assert served_policy(served, "ctr_recall")["versions"] == [1]
-    result = rollback(served, "ctr", "2")  # no recall version 2: the recall model stays
-    assert result["models"] == ["ctr"]
-    assert served_policy(served, "ctr_recall")["versions"] == [1]
     rollback(served, "ctr", "latest")
     assert served_policy(served, "ctr")["policy"] == "latest"
     assert served_policy(served, "ctr_recall")["policy"] == "latest"
@@ -111,3 +108,86 @@ def test_run_summary_carries_the_trainers_warnings():
 
     summary = run_summary(Store(), {"id": 1, "name": "r", "properties": {"span": 1}})
     assert summary["warnings"] == [f"trainer: {cap}"]
+
+
+def test_rollback_refuses_a_ranking_version_without_its_recall_version(served):
+    """Regression: a run killed between the two pushes left ctr/2 without ctr_recall/2, and
+    'rollback --name ctr --to 2' pinned ctr to 2 with ctr_recall on latest (3), no warning."""
+    before = open(served).read()
+    with pytest.raises(ConfigError, match=r"^--to 2: ctr_recall/2 does not exist \(.*\), so ctr "
+                       r"2 would serve beside another recall version; roll back to a version "
+                       r"both have \(\[1, 3\]\), or pass --force to pin ctr alone$"):
+        rollback(served, "ctr", "2")
+    assert open(served).read() == before
+    result = rollback(served, "ctr", "2", force=True)
+    assert result["models"] == ["ctr"]
+    assert result["warnings"] == ["--force: ctr pinned to version 2, ctr_recall left as it is: "
+                                  "ctr_recall/2 does not exist"]
+    assert served_policy(served, "ctr")["versions"] == [2]
+    assert served_policy(served, "ctr_recall")["policy"] == "latest"
+
+
+def test_rolling_back_the_recall_model_alone_to_another_version_warns(served):
+    result = rollback(served, "ctr_recall", "1")  # ctr serves 3 (latest)
+    assert result["models"] == ["ctr_recall"]
+    assert result["warnings"] == [
+        "ctr serves version(s) [3] but ctr_recall serves [1]: candidates and scores come from "
+        "different model versions; 'fm-keras pipeline rollback --name ctr --to V' pins both "
+        "to one version"]
+    assert rollback(served, "ctr_recall", "3")["warnings"] == []
+
+
+def test_forward_to_latest_warns_when_the_newest_versions_differ(served, tmp_path):
+    os.makedirs(tmp_path / "ctr" / "4")  # pushed; killed before ctr_recall/4
+    rollback(served, "ctr", "3")
+    (warning,) = rollback(served, "ctr", "latest")["warnings"]
+    assert warning.startswith("ctr serves version(s) [4] but ctr_recall serves [3]")
+
+
+def test_status_shows_the_served_version_and_flags_a_missing_recall_version(served, tmp_path):
+    """Regression: with the latest policy status showed "versions": [], and a ranking version
+    without its recall version went unnoticed."""
+    from types import SimpleNamespace
+
+    config = SimpleNamespace(root=str(tmp_path / "root"), name="ctr", recall_name="ctr_recall",
+                             pusher=SimpleNamespace(model_config_file=served))
+    result = status(config)
+    assert result["serving"]["ctr"]["policy"] == "latest"
+    assert result["serving"]["ctr"]["versions"] == [3]
+    assert result["serving"]["ctr_recall"]["versions"] == [3]
+    assert result["serving"]["ctr"]["missing_recall"] == [2]
+    assert result["warnings"] == ["ctr version 2 has no ctr_recall/2: a rollback to 2 is "
+                                  "refused (or pins ctr alone with --force)"]
+    rollback(served, "ctr", "1")
+    assert status(config)["serving"]["ctr"]["versions"] == [1]
+
+
+@pytest.mark.parametrize("owner,shown", [("gone", "abandoned?"), ("alive", "running"),
+                                         ("other host", "running"), ("unrecorded", "running")])
+def test_status_shows_a_running_run_whose_process_is_gone_as_abandoned(tmp_path, owner, shown):
+    """Regression: a SIGKILLed run showed 'running' until the next run marked it abandoned."""
+    import socket
+    import subprocess
+    import sys
+
+    from pipeline_testlib import window_pipeline
+
+    from fm_keras.pipeline.config import load_pipeline
+    from fm_keras.pipeline.metadata import MetadataStore
+    from fm_keras.pipeline.runner import run_pipeline
+
+    config = load_pipeline(window_pipeline(tmp_path, (1,), window=1))
+    run_pipeline(config, run_id="killed", steps=("examplegen",), report=False)
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    pid, host = {"gone": (gone.pid, socket.gethostname()),
+                 "alive": (os.getpid(), socket.gethostname()),
+                 "other host": (gone.pid, "elsewhere"), "unrecorded": (None, None)}[owner]
+    store = MetadataStore(os.path.join(config.root, "metadata.sqlite"))
+    try:  # what `kill -9` of the run's process leaves: status running, its pid
+        store.update_context(store.context("killed")["id"], status="running", pid=pid,
+                             host=host)
+    finally:
+        store.close()
+    (run,) = status(config)["runs"]
+    assert run["status"] == shown

@@ -29,6 +29,8 @@ def add_commands(subparsers) -> dict:
     rb = sub.add_parser("rollback", help="serve an earlier version (or --to latest)")
     rb.add_argument("--name", required=True, help="model name, e.g. ctr (its _recall follows)")
     rb.add_argument("--to", required=True, help="version number, or 'latest' to go forward")
+    rb.add_argument("--force", action="store_true",
+                    help="pin the ranking model even when NAME_recall has no such version")
     where = rb.add_mutually_exclusive_group(required=True)
     where.add_argument("--pipeline", help="pipeline YAML (its pusher.model_config_file)")
     where.add_argument("--model_config_file", help="the ModelServerConfig the server polls")
@@ -43,7 +45,7 @@ def _pipeline(args) -> int:
 
         path = (args.model_config_file if args.model_config_file
                 else load_pipeline(args.pipeline).pusher.model_config_file)
-        result = rollback(path, args.name, args.to)
+        result = rollback(path, args.name, args.to, force=args.force)
         for warning in result["warnings"]:
             print(f"fm-keras: pipeline: warning: {warning}", file=sys.stderr)
         print(f"fm-keras: pipeline: {', '.join(result['models'])} -> version {result['version']} "

@@ -5,6 +5,11 @@ A temporary ``models.config`` points at the candidate as version 1 of a model; t
 warmup requests, and each signature the server reports (GetModelMetadata) is queried with eval
 rows through the official tensorflow-serving-api stubs. Outputs must be finite. The server is
 always stopped, and a failure is a recorded outcome, not an exception.
+
+A pipeline killed with SIGKILL cannot stop its server: the ``fm-keras serve`` child is started
+so that the kernel kills it with its parent (`orphans.die_with_parent`), and the temporary
+directory (``fm-keras-infra-<pid>-*``) of a process that is gone is removed by the next
+validation.
 """
 
 from __future__ import annotations
@@ -19,17 +24,25 @@ import numpy as np
 import pandas as pd
 
 from fm_keras.loopback import free_ports
+from fm_keras.pipeline import orphans
 from fm_keras.pipeline.config import InfraValidatorConfig
 
 MODEL = "candidate"
 ROWS = 8
+TEMP_PREFIX = "fm-keras-infra-"
 
 
 def infra_validate(export_dir: str, examples_dir: str, config: InfraValidatorConfig) -> dict:
-    """Loads and queries the candidate; returns {"valid", "signatures", "error", "seconds"}."""
+    """Loads and queries the candidate; returns {"valid", "signatures", "error", "seconds"}.
+
+    First removes the temporary directories of earlier validations whose process is gone (a
+    pipeline killed with SIGKILL)."""
     started = time.time()
+    for path in orphans.remove_stale_dirs(TEMP_PREFIX):
+        print(f"fm-keras: pipeline: removed {path}, left by a killed validation",
+              file=sys.stderr, flush=True)
     frame = pd.read_parquet(os.path.join(examples_dir, "eval.parquet")).head(ROWS)
-    with tempfile.TemporaryDirectory(prefix="fm-keras-infra-") as tmp:
+    with tempfile.TemporaryDirectory(prefix=orphans.owned_dir_prefix(TEMP_PREFIX)) as tmp:
         os.makedirs(os.path.join(tmp, MODEL))
         os.symlink(os.path.abspath(export_dir), os.path.join(tmp, MODEL, "1"))
         config_file = os.path.join(tmp, "models.config")
@@ -69,10 +82,10 @@ class _server:
         else:
             port = free_ports(1)[0]
             self.log = tempfile.TemporaryFile(mode="w+")
-            self.proc = subprocess.Popen(
+            self.proc = subprocess.Popen(orphans.die_with_parent(
                 [sys.executable, "-m", "fm_keras.cli", "serve", f"--port={port}",
                  "--host=127.0.0.1", f"--model_config_file={self.config_file}",
-                 "--file_system_poll_wait_seconds=0", "--max_num_load_retries=0"],
+                 "--file_system_poll_wait_seconds=0", "--max_num_load_retries=0"]),
                 stdout=self.log, stderr=subprocess.STDOUT, env=child_env())
             target = f"127.0.0.1:{port}"
         self._wait_available(target)

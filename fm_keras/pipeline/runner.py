@@ -14,7 +14,9 @@ pipeline lock (``<root>/.lock``), so runs never overlap; RUNNING leftovers of a 
 marked ABANDONED and its partial push removed by the next one.
 
 A step can also run on its own (``fm-keras pipeline step NAME --run-id ID``): it takes its
-inputs from the earlier steps of that run, as a container step of a scheduler would.
+inputs from the earlier steps of that run, as a container step of a scheduler would. A retry of
+the step that failed or was killed (same run id, same step) runs it again; any other step of a
+run that has ended does nothing.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import dataclasses
 import fcntl
 import os
 import secrets
+import socket
 import sys
 import time
 from collections.abc import Callable
@@ -410,9 +413,18 @@ def run_pipeline(config: PipelineConfig, span: int | None = None, run_id: str | 
             run = PipelineRun(config, store, run_id=run_id, span=span)
             ended = store.context(run.run_id)["properties"]["status"]
             if ended not in ("running", "open"):  # a container step after the run ended
-                log(f"run {run.run_id} has ended ({ended}); not running {', '.join(steps)}")
-                return run_summary(store, store.context(run.run_id))
-            store.update_context(run.context_id, status="running")
+                retry = retried_step(store, run.context_id, ended)
+                if retry not in steps:
+                    log(f"run {run.run_id} has ended ({ended}); not running {', '.join(steps)}")
+                    return run_summary(store, store.context(run.run_id))
+                # A scheduler's retry of the step that failed (or was killed): run it again;
+                # the steps this run finished already are not redone.
+                done = finished_steps(store, run.context_id)
+                steps = tuple(s for s in steps if s not in done)
+                log(f"run {run.run_id} ended ({ended}) in {retry}: retrying "
+                    f"{', '.join(steps)}")
+            store.update_context(run.context_id, status="running", error=None, pid=os.getpid(),
+                                 host=socket.gethostname())
             log(f"run {run.run_id} on {run.window.describe()} -> {run.run_dir}")
             if run.window.missing:
                 log(f"warning: rolling window of {run.window.describe()}: reading spans "
@@ -435,6 +447,23 @@ def run_pipeline(config: PipelineConfig, span: int | None = None, run_id: str | 
             return summary
         finally:
             store.close()
+
+
+def retried_step(store: MetadataStore, context_id: int, ended: str) -> str | None:
+    """The step a retry of an ended run may run again: the step whose execution failed or was
+    abandoned (killed), when the run ended ``failed`` or ``abandoned``; else None (a run that
+    ended with an outcome, e.g. ``not_blessed``, stays ended)."""
+    if ended not in ("failed", "abandoned"):
+        return None
+    broken = [x["type"] for x in store.executions(context_id)
+              if x["state"] in ("FAILED", "ABANDONED")]
+    return broken[-1] if broken else None
+
+
+def finished_steps(store: MetadataStore, context_id: int) -> set[str]:
+    """The steps of a run whose newest execution finished (COMPLETE or CACHED)."""
+    newest = {x["type"]: x["state"] for x in store.executions(context_id)}  # ordered by id
+    return {step for step, state in newest.items() if state in DONE}
 
 
 def _report(run: PipelineRun, summary: dict, store: MetadataStore) -> None:

@@ -122,6 +122,22 @@ def served_policy(path: str, name: str) -> dict | None:
     return {"policy": kind, "versions": versions, "base_path": model.base_path}
 
 
+def served_versions(path: str, name: str) -> list[int]:
+    """The versions of ``name`` that serve under its policy in the config file at ``path``, of
+    those on disk (``latest``: the newest ``num_versions``), ascending; [] when the file does
+    not list the model or its base path cannot be listed."""
+    if not os.path.exists(path):
+        return []
+    model = _entry(read_config(path), name)
+    if model is None:
+        return []
+    try:
+        on_disk = version_dirs(os.path.expanduser(model.base_path))
+    except OSError:
+        return []
+    return aspired_versions(model, on_disk)
+
+
 def pinned_elsewhere(path: str, name: str, version: int) -> str | None:
     """Why a pushed `version` of `name` will not serve, or None: the model is pinned (a
     ``specific`` policy, from ``rollback --to V`` or an A/B test's hand edit) to other
