@@ -21,6 +21,8 @@ _HEADER_READ_BYTES = 1 << 16
 _LINE_END = re.compile(rb"\r\n?|\n")
 _BOM = b"\xef\xbb\xbf"
 _UNDECODED = re.compile("[\udc80-\udcff]")  # a byte that is not UTF-8, read as surrogateescape
+_NUL = re.compile("\x00")
+REMOVE_NUL = "remove it"
 
 
 def header_record(path: str) -> bytes:
@@ -67,18 +69,19 @@ def first_problem(path: str, columns: Sequence[str]) -> str | None:
     """The first problem of a CSV file that pyarrow's reader stops at.
 
     The file is read with Python's `csv` module (the same RFC 4180 rules; bytes that are not
-    UTF-8 kept as surrogates) for the first record after the header that holds such a byte in
-    one of `columns`, or has another number of fields than the header. Called on errors only:
-    it is a pass in Python.
+    UTF-8 kept as surrogates) for the first record after the header that holds such a byte or
+    a NUL byte in one of `columns`, or has another number of fields than the header. Called on
+    errors only: it is a pass in Python.
 
     Args:
         path: a CSV file.
         columns: the columns read (pyarrow checks only their cells for UTF-8).
 
     Returns:
-        ``"line N: not UTF-8 (byte 0xff at column 'c'); re-encode ..."`` (N: the line of the
-        byte) or ``"line N: 2 fields where the header has 3 (...)"`` (N: the record's first
-        line), or None when the scan finds neither (the caller gives pyarrow's message).
+        ``"line N: not UTF-8 (byte 0xff at column 'c'); re-encode ..."`` or ``"line N: a NUL
+        byte in column 'c'; remove it"`` (N: the line of the byte) or ``"line N: 2 fields
+        where the header has 3 (...)"`` (N: the record's first line), or None when the scan
+        finds none (the caller gives pyarrow's message).
     """
     header, line = None, 1  # line: the first line of the next record
     wanted: set[int] = set()
@@ -105,9 +108,11 @@ def _record_problem(record: list[str], line: int, header: list[str],
                     wanted: set[int]) -> str | None:
     """`first_problem`'s check of one record that starts at `line`."""
     for i, cell in enumerate(record):
-        bad = _UNDECODED.search(cell) if i in wanted else None
+        bad = _UNDECODED.search(cell) or _NUL.search(cell) if i in wanted else None
         if bad:
             at = line + sum(c.count("\n") for c in record[:i]) + cell.count("\n", 0, bad.start())
+            if bad.group() == "\x00":
+                return f"line {at}: a NUL byte in column {header[i]!r}; {REMOVE_NUL}"
             byte = ord(bad.group()) - 0xDC00
             return (f"line {at}: not UTF-8 (byte 0x{byte:02x} at column {header[i]!r}); "
                     f"{REENCODE}")

@@ -49,6 +49,10 @@ def test_a_header_that_is_not_utf8_names_its_line_and_byte(tmp_path):
     # a record cut short whose bytes are not UTF-8: the byte is named (pyarrow's invalid-row
     # callback could not decode this row)
     (b"a,b\n1,2\n\xff3", ["a", "b"], "line 3: not UTF-8 (byte 0xff at column 'a')"),
+    # a NUL byte (NumPy drops a trailing one: '82\x00' and '82' collided in a vocabulary),
+    # in a read column only, on its own line of a multi-line cell
+    (b'a,b\n1,"x\n82\x00"\n', ["b"], "line 3: a NUL byte in column 'b'; remove it"),
+    (b"a,b\n1\x00,2\n", ["b"], None),
 ])
 def test_first_problem_names_the_line_and_column(tmp_path, data, columns, problem):
     path = tmp_path / "f.csv"

@@ -209,6 +209,9 @@ def _read_through(command, path, tmp):
                     r"file as UTF-8"),
     (b"u\xff9,i9,1\nu10,i1", r"line 1202: not UTF-8 \(byte 0xff at column 'user_id'\)"),
     (b"u9,i9,1\nu10,i1", r"line 1203: 2 fields where the header has 3 \('u10,i1'"),
+    # A NUL at the end of an id: NumPy's str arrays drop it, so '82' and '82\x00' were one
+    # value twice in a vocabulary and `fm-keras train` ended in a Keras traceback.
+    (b"u9,i9,1\n82\x00,i1,0\n", r"line 1203: a NUL byte in column 'user_id'; remove it$"),
 ])
 def test_a_corrupted_csv_is_one_line_naming_line_and_column_on_every_path(
         tmp_path, monkeypatch, command, corruption, message):
@@ -225,6 +228,20 @@ def test_a_corrupted_csv_is_one_line_naming_line_and_column_on_every_path(
     assert re.search(message, str(info.value)) and "\n" not in str(info.value), str(info.value)
     read_header(str(path))  # the header is fine: the rows are not read for it
     assert not unraisable, [u.exc_value for u in unraisable]
+
+
+def test_a_nul_byte_in_a_parquet_or_libsvm_text_cell_names_the_row(tmp_path):
+    parquet = tmp_path / "nul.parquet"
+    pq.write_table(pa.table({"user_id": ["1", "82\x00", "3"], "n": [1, 2, 3]}), parquet)
+    with pytest.raises(DataError, match=r"nul.parquet: data row 2: a NUL byte in column "
+                                        r"'user_id'; remove it$"):
+        list(record_batches(str(parquet), block_rows=1))
+    assert sum(b.num_rows for _, b in record_batches(str(parquet), ["n"])) == 3
+    libsvm = tmp_path / "nul.libsvm"
+    libsvm.write_bytes(b"1 3:1\n0 4:1\n0 4\x00:1\n")
+    with pytest.raises(DataError, match=r"nul.libsvm: line 3: a NUL byte in column "
+                                        r"'features'; remove it$"):
+        list(record_batches(str(libsvm)))
 
 
 def test_a_header_that_is_not_utf8_names_its_line(tmp_path):
