@@ -46,6 +46,7 @@ from fm_keras.errors import DataError
 MISSING_TOKENS = ("", "nan", "NaN", "NA", "null", "None")
 PARQUET_EXTENSIONS = (".parquet", ".pq")
 _CSV_BLOCK_BYTES = 1 << 20
+_BLANK_TAIL_BYTES = 1 << 16  # `has_rows` reads at most this much after a header
 
 
 def is_parquet(path: str) -> bool:
@@ -117,6 +118,31 @@ def bytes_in_memory(path: str) -> int:
     except (pa.ArrowException, OSError) as err:
         raise DataError(f"{path}: cannot read: {_one_line(err)}") from None
     return sum(meta.row_group(i).total_byte_size for i in range(meta.num_row_groups))
+
+
+def has_rows(path: str) -> bool:
+    """Whether a file holds a data row, decided cheaply: False for 0 bytes, a CSV file of a
+    header (and blank lines) alone, a Parquet file of 0 rows (its footer), a libSVM/libFFM file
+    of blank lines. Only the first 64 KiB after a header are read; a file that cannot be read
+    this way counts as holding rows (its reader then says what is wrong).
+
+    Spark and Hive write such part files for empty partitions (`fm_keras.data.expand_paths`
+    skips them when a pattern matches several files).
+    """
+    size = os.path.getsize(path)
+    if size == 0:
+        return False
+    try:
+        if is_parquet(path):
+            return pq.ParquetFile(path).metadata.num_rows > 0
+        start = 0 if libsvm.text_format(path) else len(line_scan.header_record(path))
+        if size - start > _BLANK_TAIL_BYTES:
+            return True
+        with open(path, "rb") as f:
+            f.seek(start)
+            return bool(f.read().strip())
+    except (pa.ArrowException, OSError, DataError):
+        return True
 
 
 def missing_columns(path: str, columns: Sequence[str]) -> list[str]:

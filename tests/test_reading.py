@@ -330,3 +330,23 @@ def test_a_duplicated_column_name_is_a_one_line_error(tmp_path):
         load_split([parquet], FEATURES, "click")
     with pytest.raises(DataError, match=message):
         list(record_batches(parquet))
+
+
+@pytest.mark.parametrize("name, data, rows", [
+    ("empty.csv", b"", False),
+    ("header.csv", b"a,b\n", False),
+    ("header_blank_lines.csv", b'"a\nx",b\r\n\r\n\n', False),
+    ("header_no_eol.csv", b"a,b", False),
+    ("one_row.csv", b"a,b\n1,2", True),
+    ("blank.libsvm", b"\n\n", False),
+    ("one.libsvm", b"1 3:1\n", True),
+    ("latin_header.csv", b"caf\xe9\n", True),  # not decided here: its reader says what is wrong
+])
+def test_has_rows_tells_empty_part_files(tmp_path, name, data, rows):
+    from fm_keras.reading import has_rows
+
+    (tmp_path / name).write_bytes(data)
+    assert has_rows(str(tmp_path / name)) is rows
+    pq.write_table(pa.table({"a": pa.array([], pa.string())}), tmp_path / "none.parquet")
+    pq.write_table(pa.table({"a": ["x"]}), tmp_path / "one.parquet")
+    assert not has_rows(str(tmp_path / "none.parquet")) and has_rows(str(tmp_path / "one.parquet"))
