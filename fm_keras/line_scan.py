@@ -22,6 +22,10 @@ _LINE_END = re.compile(rb"\r\n?|\n")
 _BOM = b"\xef\xbb\xbf"
 _UNDECODED = re.compile("[\udc80-\udcff]")  # a byte that is not UTF-8, read as surrogateescape
 _NUL = re.compile("\x00")
+_GZIP = b"\x1f\x8b"
+# UTF-32 first: its little-endian mark starts with UTF-16's
+_UTF16_32_BOMS = ((b"\xff\xfe\x00\x00", "UTF-32"), (b"\x00\x00\xfe\xff", "UTF-32"),
+                  (b"\xff\xfe", "UTF-16"), (b"\xfe\xff", "UTF-16"))
 REMOVE_NUL = "remove it"
 
 
@@ -30,7 +34,9 @@ def header_record(path: str) -> bytes:
     blank lines before it included), read in blocks of 64 KiB until it ends.
 
     Raises:
-        DataError: the header is not UTF-8 (naming the line and byte, and the fix).
+        DataError: the file is gzip-compressed, UTF-16 or UTF-32 (by its magic number or
+            byte-order mark: `not_text`), or the header is not UTF-8 (naming the line and
+            byte), with the fix.
         OSError: the file cannot be read.
     """
     head, end = b"", None
@@ -40,6 +46,9 @@ def header_record(path: str) -> bytes:
             head += more
             end = _first_record_end(head, final=not more)
     head = head[:end]
+    encoding = not_text(head)
+    if encoding:
+        raise DataError(f"{path}: {encoding}")
     try:
         head.decode("utf-8")
     except UnicodeDecodeError as err:
@@ -47,6 +56,19 @@ def header_record(path: str) -> bytes:
         raise DataError(f"{path}: line {line}: not UTF-8 (byte 0x{head[err.start]:02x} in the "
                         f"header); {REENCODE}") from None
     return head
+
+
+def not_text(head: bytes) -> str | None:
+    """What a file that starts with `head` is when it is not UTF-8 text that a byte-order mark
+    or magic number tells (gzip, UTF-16, UTF-32), with the fix; else None. The generic "not
+    UTF-8 (byte 0x8b) ... iconv -f latin1" hint was wrong for these."""
+    if head.startswith(_GZIP):
+        return "the file is gzip-compressed; decompress it first, e.g. gunzip"
+    for bom, name in _UTF16_32_BOMS:
+        if head.startswith(bom):
+            return (f"the file is {name}; re-encode it as UTF-8, e.g. iconv -f {name.lower()} "
+                    "-t utf-8")
+    return None
 
 
 def _first_record_end(head: bytes, final: bool) -> int | None:

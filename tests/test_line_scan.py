@@ -1,6 +1,8 @@
 """The scans behind the reader's CSV errors: where the header ends, and the line and column
 of the first record pyarrow rejects (checked against files whose answer is known)."""
 
+import gzip
+
 import pytest
 
 from fm_keras.errors import DataError
@@ -66,3 +68,22 @@ def test_find_line_and_not_utf8(tmp_path):
     path.write_bytes(b"ok\nstill ok \xc3\xa9\nbad \xe9 here\n")
     assert find_line(str(path), not_utf8) == (3, 0xE9)
     assert find_line(str(path), lambda text: b"\x1f" in text) is None
+
+
+@pytest.mark.parametrize("data, message", [
+    # `evaluate --data ok.csv.gz` said "not UTF-8 (byte 0x8b in the header) ... iconv -f latin1"
+    (gzip.compress(b"user_id,click\n1,0\n"),
+     "the file is gzip-compressed; decompress it first, e.g. gunzip"),
+    ("user_id,click\n1,0\n".encode("utf-16"),
+     "the file is UTF-16; re-encode it as UTF-8, e.g. iconv -f utf-16 -t utf-8"),
+    (b"\xfe\xff" + "user_id,click\n".encode("utf-16-be"),
+     "the file is UTF-16; re-encode it as UTF-8, e.g. iconv -f utf-16 -t utf-8"),
+    ("user_id,click\n1,0\n".encode("utf-32"),
+     "the file is UTF-32; re-encode it as UTF-8, e.g. iconv -f utf-32 -t utf-8"),
+])
+def test_gzip_and_utf16_files_get_their_own_fix(tmp_path, data, message):
+    path = tmp_path / "ok.csv.gz"
+    path.write_bytes(data)
+    with pytest.raises(DataError) as info:
+        header_record(str(path))
+    assert str(info.value) == f"{path}: {message}"

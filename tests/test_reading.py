@@ -7,6 +7,7 @@ training (`iter_blocks` in small blocks), score and recommend (`scoring.read_bat
 scoring (`beam_scoring.read_rows`) and the pipeline's ExampleGen (its Parquet output read back).
 """
 
+import gzip
 import math
 import os
 import re
@@ -251,6 +252,11 @@ def test_a_header_that_is_not_utf8_names_its_line(tmp_path):
         read_header(str(path))
     path.write_bytes(b'\xef\xbb\xbf\r\n"user\r\nid","a ""b"""\r\n1,2\r\n')
     assert read_header(str(path)) == ["user\r\nid", 'a "b"']
+    gz = tmp_path / "ok.csv.gz"  # was "not UTF-8 (byte 0x8b in the header) ... iconv -f latin1"
+    gz.write_bytes(gzip.compress(b"user_id,click\n1,0\n"))
+    with pytest.raises(DataError, match=r"ok.csv.gz: the file is gzip-compressed; decompress "
+                                        r"it first, e.g. gunzip$"):
+        load_split([str(gz)], (FeatureConfig("user_id", "categorical", "user"),), "click")
 
 
 def test_batches_hold_block_rows_and_count_data_rows(tmp_path):
