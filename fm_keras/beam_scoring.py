@@ -166,7 +166,7 @@ def score_with_beam(model: str, inputs: Sequence[str], output: str, *,
     from fm_keras._tf import tf
     from fm_keras.data import check_not_an_input, expand_paths
     from fm_keras.reading import read_header
-    from fm_keras.servables import load_export
+    from fm_keras.servables import load_export, signature_inputs
 
     if runner not in RUNNERS:
         raise ExportError(f"--runner {runner!r} is not one of {list(RUNNERS)}")
@@ -186,7 +186,7 @@ def score_with_beam(model: str, inputs: Sequence[str], output: str, *,
                           f"{sorted(loaded.signatures)}")
     fn = loaded.signatures[signature]
     types = {n: "float32" if s.dtype == tf.float32 else "string"
-             for n, s in fn.structured_input_signature[1].items()}
+             for n, s in signature_inputs(fn, meta).items()}
     local_inputs = [p for p in inputs if "://" not in p]
     files = expand_paths(local_inputs) if local_inputs else []
     if keep is None:

@@ -20,7 +20,8 @@ import pyarrow as pa
 from fm_keras.config import DataConfig, FeatureConfig, FilterConfig, TrainingConfig
 from fm_keras.errors import DataError, close_match
 from fm_keras.libsvm import check_features
-from fm_keras.reading import (MISSING_TOKENS, missing_columns, numbers, read_header,
+from fm_keras.progress import log
+from fm_keras.reading import (MISSING_TOKENS, has_rows, missing_columns, numbers, read_header,
                               record_batches, texts)
 from fm_keras.tfrecord import is_tfrecord, read_examples
 
@@ -57,9 +58,38 @@ class Split:
                      self.rows_read, dict(self.dropped), list(self.files), pick(self.passthrough))
 
 
-def expand_paths(patterns: Sequence[str], shard_index: int = 0, num_shards: int = 1) -> list[str]:
-    """Expands globs into a sorted file list; with sharding keeps every num_shards-th file."""
+def expand_paths(patterns: Sequence[str], shard_index: int = 0, num_shards: int = 1,
+                 warn: bool = True) -> list[str]:
+    """Expands globs into a sorted file list; with sharding keeps every num_shards-th file.
+
+    A glob that matches several files skips the empty ones among them (0 bytes, a header and
+    no rows: `fm_keras.reading.has_rows`), which Spark and Hive write for empty partitions,
+    with one warning line (unless not `warn`) giving their count and the first one
+    (`skipped_empty_files` lists them). When every file a glob matches is empty they are kept,
+    so the reader's error ("the file is empty") stays; a file named without a glob is always
+    kept.
+
+    Raises:
+        DataError: a pattern matches no file, or a named file does not exist.
+    """
+    files, skipped = _expand(patterns)
+    if skipped and warn:
+        more = f" (and {len(skipped) - 1} more)" if len(skipped) > 1 else ""
+        log(f"warning: skipped {len(skipped)} empty file(s) (0 bytes, or a header and no rows) "
+            f"that a pattern matches: {skipped[0]}{more}")
+    return files[shard_index::num_shards]
+
+
+def skipped_empty_files(patterns: Sequence[str]) -> list[str]:
+    """The empty files that `expand_paths` skips for `patterns`, in order, without a warning:
+    for a run's summary."""
+    return _expand(patterns)[1]
+
+
+def _expand(patterns: Sequence[str]) -> tuple[list[str], list[str]]:
+    """`expand_paths` of all patterns: (files kept, empty files skipped)."""
     files: list[str] = []
+    skipped: list[str] = []
     for pattern in patterns:
         matches = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
         if not matches:
@@ -67,8 +97,18 @@ def expand_paths(patterns: Sequence[str], shard_index: int = 0, num_shards: int 
         for path in matches:
             if not os.path.isfile(path):
                 raise DataError(f"{path}: no such file")
+        if len(matches) > 1:
+            empty = [p for p in matches if not _holds_rows(p)]
+            if len(empty) < len(matches):
+                skipped.extend(empty)
+                matches = [p for p in matches if p not in empty]
         files.extend(matches)
-    return files[shard_index::num_shards]
+    return files, skipped
+
+
+def _holds_rows(path: str) -> bool:
+    """`fm_keras.reading.has_rows`; a TFRecord file is empty only at 0 bytes."""
+    return os.path.getsize(path) > 0 if is_tfrecord(path) else has_rows(path)
 
 
 def check_not_an_input(output: str, patterns: Sequence[str], option: str) -> None:

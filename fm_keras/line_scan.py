@@ -21,6 +21,12 @@ _HEADER_READ_BYTES = 1 << 16
 _LINE_END = re.compile(rb"\r\n?|\n")
 _BOM = b"\xef\xbb\xbf"
 _UNDECODED = re.compile("[\udc80-\udcff]")  # a byte that is not UTF-8, read as surrogateescape
+_NUL = re.compile("\x00")
+_GZIP = b"\x1f\x8b"
+# UTF-32 first: its little-endian mark starts with UTF-16's
+_UTF16_32_BOMS = ((b"\xff\xfe\x00\x00", "UTF-32"), (b"\x00\x00\xfe\xff", "UTF-32"),
+                  (b"\xff\xfe", "UTF-16"), (b"\xfe\xff", "UTF-16"))
+REMOVE_NUL = "remove it"
 
 
 def header_record(path: str) -> bytes:
@@ -28,7 +34,9 @@ def header_record(path: str) -> bytes:
     blank lines before it included), read in blocks of 64 KiB until it ends.
 
     Raises:
-        DataError: the header is not UTF-8 (naming the line and byte, and the fix).
+        DataError: the file is gzip-compressed, UTF-16 or UTF-32 (by its magic number or
+            byte-order mark: `not_text`), or the header is not UTF-8 (naming the line and
+            byte), with the fix.
         OSError: the file cannot be read.
     """
     head, end = b"", None
@@ -38,6 +46,9 @@ def header_record(path: str) -> bytes:
             head += more
             end = _first_record_end(head, final=not more)
     head = head[:end]
+    encoding = not_text(head)
+    if encoding:
+        raise DataError(f"{path}: {encoding}")
     try:
         head.decode("utf-8")
     except UnicodeDecodeError as err:
@@ -45,6 +56,19 @@ def header_record(path: str) -> bytes:
         raise DataError(f"{path}: line {line}: not UTF-8 (byte 0x{head[err.start]:02x} in the "
                         f"header); {REENCODE}") from None
     return head
+
+
+def not_text(head: bytes) -> str | None:
+    """What a file that starts with `head` is when it is not UTF-8 text that a byte-order mark
+    or magic number tells (gzip, UTF-16, UTF-32), with the fix; else None. The generic "not
+    UTF-8 (byte 0x8b) ... iconv -f latin1" hint was wrong for these."""
+    if head.startswith(_GZIP):
+        return "the file is gzip-compressed; decompress it first, e.g. gunzip"
+    for bom, name in _UTF16_32_BOMS:
+        if head.startswith(bom):
+            return (f"the file is {name}; re-encode it as UTF-8, e.g. iconv -f {name.lower()} "
+                    "-t utf-8")
+    return None
 
 
 def _first_record_end(head: bytes, final: bool) -> int | None:
@@ -67,18 +91,19 @@ def first_problem(path: str, columns: Sequence[str]) -> str | None:
     """The first problem of a CSV file that pyarrow's reader stops at.
 
     The file is read with Python's `csv` module (the same RFC 4180 rules; bytes that are not
-    UTF-8 kept as surrogates) for the first record after the header that holds such a byte in
-    one of `columns`, or has another number of fields than the header. Called on errors only:
-    it is a pass in Python.
+    UTF-8 kept as surrogates) for the first record after the header that holds such a byte or
+    a NUL byte in one of `columns`, or has another number of fields than the header. Called on
+    errors only: it is a pass in Python.
 
     Args:
         path: a CSV file.
         columns: the columns read (pyarrow checks only their cells for UTF-8).
 
     Returns:
-        ``"line N: not UTF-8 (byte 0xff at column 'c'); re-encode ..."`` (N: the line of the
-        byte) or ``"line N: 2 fields where the header has 3 (...)"`` (N: the record's first
-        line), or None when the scan finds neither (the caller gives pyarrow's message).
+        ``"line N: not UTF-8 (byte 0xff at column 'c'); re-encode ..."`` or ``"line N: a NUL
+        byte in column 'c'; remove it"`` (N: the line of the byte) or ``"line N: 2 fields
+        where the header has 3 (...)"`` (N: the record's first line), or None when the scan
+        finds none (the caller gives pyarrow's message).
     """
     header, line = None, 1  # line: the first line of the next record
     wanted: set[int] = set()
@@ -134,9 +159,11 @@ def _record_problem(record: list[str], line: int, header: list[str],
                     wanted: set[int]) -> str | None:
     """`first_problem`'s check of one record that starts at `line`."""
     for i, cell in enumerate(record):
-        bad = _UNDECODED.search(cell) if i in wanted else None
+        bad = _UNDECODED.search(cell) or _NUL.search(cell) if i in wanted else None
         if bad:
             at = line + sum(c.count("\n") for c in record[:i]) + cell.count("\n", 0, bad.start())
+            if bad.group() == "\x00":
+                return f"line {at}: a NUL byte in column {header[i]!r}; {REMOVE_NUL}"
             byte = ord(bad.group()) - 0xDC00
             return (f"line {at}: not UTF-8 (byte 0x{byte:02x} at column {header[i]!r}); "
                     f"{REENCODE}")

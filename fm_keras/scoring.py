@@ -27,7 +27,7 @@ from fm_keras.data import check_not_an_input, column_hint, expand_paths, multi_h
 from fm_keras.reading import is_parquet, missing_columns, numbers, read_header, record_batches
 from fm_keras.errors import DataError, ExportError
 from fm_keras.progress import log
-from fm_keras.servables import export_metadata, load_export
+from fm_keras.servables import export_metadata, load_export, signature_inputs
 
 OUTPUT_FORMATS = {".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}
 RECOMMEND_COLUMNS = ("rank", "item_id", "score", "probability")
@@ -252,7 +252,7 @@ def run_signature(model: str, inputs: Sequence[str], output: str, *,
         raise ExportError(f"{version_dir}: no signature {signature!r}; it has "
                           f"{sorted(loaded.signatures)}")
     fn = loaded.signatures[signature]
-    types = {name: spec.dtype for name, spec in fn.structured_input_signature[1].items()}
+    types = {name: spec.dtype for name, spec in signature_inputs(fn, meta).items()}
     derived = set(derive or {})
     read_types = {n: t for n, t in types.items() if n not in derived}
     lists = {**export_list_columns(meta), **(lists or {})}

@@ -86,6 +86,26 @@ def export_metadata(path: str, expect: str | None = None) -> tuple[str, dict]:
     return version_dir, meta
 
 
+def signature_inputs(fn, meta: dict) -> dict[str, tf.TensorSpec]:
+    """A loaded signature's inputs (name -> `tf.TensorSpec`) in the feature spec's order.
+
+    A loaded SavedModel gives them in the order of a protobuf map, which changed from one
+    process to the next: "missing column" errors listed what a signature needs in a new order
+    each run. Here: the export's features as configured (``meta["features"]``, else
+    ``meta["query_features"]``), then any other input by name.
+
+    Args:
+        fn: a signature of a loaded export (``loaded.signatures[name]``).
+        meta: the export's metadata (`load_export`).
+    """
+    specs = fn.structured_input_signature[1]
+    spec_order = [e["config"]["name"] for e in meta.get("features") or []]
+    spec_order += list(meta.get("query_features") or [])
+    order = [n for n in dict.fromkeys(spec_order) if n in specs]
+    order += sorted(n for n in specs if n not in order)
+    return {n: specs[n] for n in order}
+
+
 def load_export(path: str, expect: str | None = None):
     """Loads an export; returns ``(version_dir, loaded SavedModel, metadata)``.
 

@@ -25,7 +25,7 @@ from fm_keras.config import ExperimentConfig
 from fm_keras.convergence import base_loss
 from fm_keras.convert import converted_shards, fitted_features
 from fm_keras.data import (Split, downsample_negatives, load_data_split, require_both_classes,
-                           sample_weights)
+                           sample_weights, skipped_empty_files)
 from fm_keras.distributed import train_distributed
 from fm_keras.errors import ConfigError, RunError
 from fm_keras.evaluation import metrics_for
@@ -138,6 +138,9 @@ def _train(config: ExperimentConfig, run_dir: str, *, resume: bool, verbose: int
     else:
         train_split, valid_split, features = _in_memory_splits(config, given)
         rows = {"train_read": train_split.rows_read, "dropped": train_split.dropped}
+    skipped = [] if converted else skipped_empty_files(config.data.train)
+    if skipped:  # empty part files of a glob (`fm_keras.data.expand_paths` warned of them)
+        rows["empty_files_skipped"] = len(skipped)
 
     keras.utils.set_random_seed(config.training.seed)
     model = build_model(features, config.model, config.training)

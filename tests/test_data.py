@@ -148,3 +148,24 @@ def test_parquet_float_ids_read_like_csv_and_score(tmp_path):
     split = load_split([path], FEATURES, "click")
     assert list(split.features["user"]) == ["900", "7", "", "1.5"]
     np.testing.assert_allclose(split.features["price"], [1.5, 2.0, 3.0, 4.0])
+
+
+def test_a_glob_skips_empty_part_files_but_a_named_empty_file_is_an_error(tmp_path, capsys):
+    """Spark/Hive write 0-byte or header-only part files for empty partitions."""
+    from fm_keras.data import expand_paths, skipped_empty_files
+
+    _csv(tmp_path, "part-0.csv")
+    (tmp_path / "part-1.csv").write_bytes(b"")
+    (tmp_path / "part-2.csv").write_bytes(b"user,price,is_cached,click\r\n\r\n")
+    pd.DataFrame({"user": pd.Series([], dtype=str)}).to_parquet(tmp_path / "part-3.parquet")
+    split = load_split([str(tmp_path / "part-*")], FEATURES, "click")
+    assert len(split) == 4 and [f[-10:] for f in split.files] == ["part-0.csv"]
+    assert capsys.readouterr().err.count("warning: skipped 3 empty file(s)") == 1
+    assert skipped_empty_files([str(tmp_path / "part-*")]) == [
+        str(tmp_path / n) for n in ("part-1.csv", "part-2.csv", "part-3.parquet")]
+    with pytest.raises(DataError, match="part-1.csv: the file is empty"):
+        load_split([str(tmp_path / "part-1.csv")], FEATURES, "click")
+    assert expand_paths([str(tmp_path / "part-[12].csv")]) == [
+        str(tmp_path / "part-1.csv"), str(tmp_path / "part-2.csv")]  # all empty: kept
+    with pytest.raises(DataError, match="part-2.csv: the file has a header but no rows"):
+        load_split([str(tmp_path / "part-2.csv")], FEATURES, "click")

@@ -1,6 +1,8 @@
 """The scans behind the reader's CSV errors: where the header ends, and the line and column
 of the first record pyarrow rejects (checked against files whose answer is known)."""
 
+import gzip
+
 import pytest
 
 from fm_keras.errors import DataError
@@ -49,6 +51,10 @@ def test_a_header_that_is_not_utf8_names_its_line_and_byte(tmp_path):
     # a record cut short whose bytes are not UTF-8: the byte is named (pyarrow's invalid-row
     # callback could not decode this row)
     (b"a,b\n1,2\n\xff3", ["a", "b"], "line 3: not UTF-8 (byte 0xff at column 'a')"),
+    # a NUL byte (NumPy drops a trailing one: '82\x00' and '82' collided in a vocabulary),
+    # in a read column only, on its own line of a multi-line cell
+    (b'a,b\n1,"x\n82\x00"\n', ["b"], "line 3: a NUL byte in column 'b'; remove it"),
+    (b"a,b\n1\x00,2\n", ["b"], None),
 ])
 def test_first_problem_names_the_line_and_column(tmp_path, data, columns, problem):
     path = tmp_path / "f.csv"
@@ -71,3 +77,22 @@ def test_record_line_counts_blank_lines_and_quoted_line_breaks(tmp_path):
     path.write_bytes(b'\n"a",b\r\n1,2\n\n"x\ny",3\n4,5\n')
     assert [record_line(str(path), row) for row in range(4)] == [3, 5, 7, None]
     assert record_line(str(tmp_path / "missing.csv"), 0) is None
+
+
+@pytest.mark.parametrize("data, message", [
+    # `evaluate --data ok.csv.gz` said "not UTF-8 (byte 0x8b in the header) ... iconv -f latin1"
+    (gzip.compress(b"user_id,click\n1,0\n"),
+     "the file is gzip-compressed; decompress it first, e.g. gunzip"),
+    ("user_id,click\n1,0\n".encode("utf-16"),
+     "the file is UTF-16; re-encode it as UTF-8, e.g. iconv -f utf-16 -t utf-8"),
+    (b"\xfe\xff" + "user_id,click\n".encode("utf-16-be"),
+     "the file is UTF-16; re-encode it as UTF-8, e.g. iconv -f utf-16 -t utf-8"),
+    ("user_id,click\n1,0\n".encode("utf-32"),
+     "the file is UTF-32; re-encode it as UTF-8, e.g. iconv -f utf-32 -t utf-8"),
+])
+def test_gzip_and_utf16_files_get_their_own_fix(tmp_path, data, message):
+    path = tmp_path / "ok.csv.gz"
+    path.write_bytes(data)
+    with pytest.raises(DataError) as info:
+        header_record(str(path))
+    assert str(info.value) == f"{path}: {message}"

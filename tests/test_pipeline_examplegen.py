@@ -1,6 +1,7 @@
 """ExampleGen: filters with counts, de-duplication, time and hash splits."""
 
 import json
+import os
 
 import pandas as pd
 import pytest
@@ -111,3 +112,25 @@ def test_window_error_names_the_file_and_row(tmp_path):
         run_examplegen(InputConfig(input=data.input, label="click",
                                    filters=(FilterConfig("late", "ts", ">", "z"),), spans=2),
                        patterns, str(tmp_path / "out"))
+
+
+def test_empty_part_files_of_a_span_are_skipped_and_counted(tmp_path, capsys):
+    """Spark/Hive write a 0-byte or header-only part file per empty partition: one of them
+    failed the whole run ("the file is empty")."""
+    span = os.path.dirname(write_small_span(str(tmp_path / "logs"), 1))
+    open(os.path.join(span, "part-1.csv"), "wb").close()
+    with open(os.path.join(span, "part-2.csv"), "w") as f:
+        f.write("ts,user_id,item_id,is_cached,click\n")
+    pattern = os.path.join(span, "part-*.csv")
+    data = InputConfig(input=(pattern,), label="click",
+                       split=SplitConfig(by="time", column="ts", eval_fraction=0.2))
+    counts = run_examplegen(data, data.input, str(tmp_path / "out"))
+    assert counts["rows_read"] == 40 and len(counts["files"]) == 1
+    assert counts["empty_files_skipped"] == [os.path.join(span, "part-1.csv"),
+                                             os.path.join(span, "part-2.csv")]
+    warning = capsys.readouterr().err.strip()
+    assert warning == (f"fm-keras: warning: skipped 2 empty file(s) (0 bytes, or a header and no "
+                       f"rows) that a pattern matches: {span}/part-1.csv (and 1 more)")
+    os.remove(os.path.join(span, "part-0.csv"))  # every file empty: still an error
+    with pytest.raises(DataError, match="part-1.csv: the file is empty"):
+        run_examplegen(data, data.input, str(tmp_path / "out2"))

@@ -7,6 +7,7 @@ training (`iter_blocks` in small blocks), score and recommend (`scoring.read_bat
 scoring (`beam_scoring.read_rows`) and the pipeline's ExampleGen (its Parquet output read back).
 """
 
+import gzip
 import math
 import os
 import re
@@ -209,6 +210,9 @@ def _read_through(command, path, tmp):
                     r"file as UTF-8"),
     (b"u\xff9,i9,1\nu10,i1", r"line 1202: not UTF-8 \(byte 0xff at column 'user_id'\)"),
     (b"u9,i9,1\nu10,i1", r"line 1203: 2 fields where the header has 3 \('u10,i1'"),
+    # A NUL at the end of an id: NumPy's str arrays drop it, so '82' and '82\x00' were one
+    # value twice in a vocabulary and `fm-keras train` ended in a Keras traceback.
+    (b"u9,i9,1\n82\x00,i1,0\n", r"line 1203: a NUL byte in column 'user_id'; remove it$"),
 ])
 def test_a_corrupted_csv_is_one_line_naming_line_and_column_on_every_path(
         tmp_path, monkeypatch, command, corruption, message):
@@ -227,6 +231,20 @@ def test_a_corrupted_csv_is_one_line_naming_line_and_column_on_every_path(
     assert not unraisable, [u.exc_value for u in unraisable]
 
 
+def test_a_nul_byte_in_a_parquet_or_libsvm_text_cell_names_the_row(tmp_path):
+    parquet = tmp_path / "nul.parquet"
+    pq.write_table(pa.table({"user_id": ["1", "82\x00", "3"], "n": [1, 2, 3]}), parquet)
+    with pytest.raises(DataError, match=r"nul.parquet: data row 2: a NUL byte in column "
+                                        r"'user_id'; remove it$"):
+        list(record_batches(str(parquet), block_rows=1))
+    assert sum(b.num_rows for _, b in record_batches(str(parquet), ["n"])) == 3
+    libsvm = tmp_path / "nul.libsvm"
+    libsvm.write_bytes(b"1 3:1\n0 4:1\n0 4\x00:1\n")
+    with pytest.raises(DataError, match=r"nul.libsvm: line 3: a NUL byte in column "
+                                        r"'features'; remove it$"):
+        list(record_batches(str(libsvm)))
+
+
 def test_a_header_that_is_not_utf8_names_its_line(tmp_path):
     path = tmp_path / "h.csv"
     path.write_bytes(b"\n\"user\nid\",caf\xe9\n1,2\n")
@@ -234,6 +252,11 @@ def test_a_header_that_is_not_utf8_names_its_line(tmp_path):
         read_header(str(path))
     path.write_bytes(b'\xef\xbb\xbf\r\n"user\r\nid","a ""b"""\r\n1,2\r\n')
     assert read_header(str(path)) == ["user\r\nid", 'a "b"']
+    gz = tmp_path / "ok.csv.gz"  # was "not UTF-8 (byte 0x8b in the header) ... iconv -f latin1"
+    gz.write_bytes(gzip.compress(b"user_id,click\n1,0\n"))
+    with pytest.raises(DataError, match=r"ok.csv.gz: the file is gzip-compressed; decompress "
+                                        r"it first, e.g. gunzip$"):
+        load_split([str(gz)], (FeatureConfig("user_id", "categorical", "user"),), "click")
 
 
 def test_batches_hold_block_rows_and_count_data_rows(tmp_path):
@@ -313,3 +336,23 @@ def test_a_duplicated_column_name_is_a_one_line_error(tmp_path):
         load_split([parquet], FEATURES, "click")
     with pytest.raises(DataError, match=message):
         list(record_batches(parquet))
+
+
+@pytest.mark.parametrize("name, data, rows", [
+    ("empty.csv", b"", False),
+    ("header.csv", b"a,b\n", False),
+    ("header_blank_lines.csv", b'"a\nx",b\r\n\r\n\n', False),
+    ("header_no_eol.csv", b"a,b", False),
+    ("one_row.csv", b"a,b\n1,2", True),
+    ("blank.libsvm", b"\n\n", False),
+    ("one.libsvm", b"1 3:1\n", True),
+    ("latin_header.csv", b"caf\xe9\n", True),  # not decided here: its reader says what is wrong
+])
+def test_has_rows_tells_empty_part_files(tmp_path, name, data, rows):
+    from fm_keras.reading import has_rows
+
+    (tmp_path / name).write_bytes(data)
+    assert has_rows(str(tmp_path / name)) is rows
+    pq.write_table(pa.table({"a": pa.array([], pa.string())}), tmp_path / "none.parquet")
+    pq.write_table(pa.table({"a": ["x"]}), tmp_path / "one.parquet")
+    assert not has_rows(str(tmp_path / "none.parquet")) and has_rows(str(tmp_path / "one.parquet"))

@@ -94,8 +94,12 @@ def test_errors_leave_nothing_behind(exports, small_synth, tmp_path):
                                         "'oops' at data row 1"):
         run_signature(exports["ranking"], [str(bad)], str(out), progress=False)
     frame.drop(columns=["device"]).to_csv(bad, index=False)
-    with pytest.raises(DataError, match="missing column 'device'"):
+    with pytest.raises(DataError, match="missing column 'device'") as info:
         run_signature(exports["ranking"], [str(bad)], str(out), progress=False)
+    # the columns the signature needs in the feature spec's order, not a protobuf map's (new
+    # in each process)
+    spec = [e["config"]["name"] for e in export_metadata(exports["ranking"])[1]["features"]]
+    assert str(info.value).endswith(f"; the signature needs {spec})"), str(info.value)
     assert os.listdir(tmp_path) == ["bad.csv"]
     with pytest.raises(ExportError, match="does not exist"):
         run_signature(exports["ranking"], [test_csv], str(tmp_path / "no" / "x.csv"))

@@ -94,3 +94,22 @@ def test_a_bad_format_version_is_refused(exports, tmp_path, value):
     meta_path.write_text(json.dumps(meta))
     with pytest.raises(ExportError, match="format_version .* is not a positive integer"):
         load_export(str(copy))
+
+
+def test_signature_inputs_follow_the_feature_spec_not_the_protobuf_map():
+    """A loaded signature's inputs came in a new order each process (a protobuf map), and so
+    did the columns a "missing column" error said the signature needs."""
+    import types
+
+    from fm_keras.servables import signature_inputs
+
+    names = ["price", "exclude", "user_id", "item_id", "device"]
+    fn = types.SimpleNamespace(structured_input_signature=((), {n: n.upper() for n in names}))
+    meta = {"features": [{"config": {"name": n}} for n in ("user_id", "device", "item_id",
+                                                            "price", "not_an_input")]}
+    assert list(signature_inputs(fn, meta).items()) == [
+        ("user_id", "USER_ID"), ("device", "DEVICE"), ("item_id", "ITEM_ID"),
+        ("price", "PRICE"), ("exclude", "EXCLUDE")]
+    recall = {"query_features": ["user_id", "device"]}
+    assert list(signature_inputs(fn, recall)) == ["user_id", "device", "exclude", "item_id",
+                                                  "price"]

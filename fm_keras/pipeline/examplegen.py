@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 
 from fm_keras import fsutil
-from fm_keras.data import filter_mask, expand_paths, read_frame
+from fm_keras.data import expand_paths, filter_mask, read_frame, skipped_empty_files
 from fm_keras.errors import DataError
 from fm_keras.pipeline.config import InputConfig
 
@@ -27,7 +27,7 @@ from fm_keras.pipeline.config import InputConfig
 def input_files(patterns) -> list[dict]:
     """The files of a run's spans with size and mtime: the cheap fingerprint of ExampleGen's
     input (every span file of the window)."""
-    files = expand_paths(list(patterns))
+    files = expand_paths(list(patterns), warn=False)  # run_examplegen warns
     return [{"path": os.path.abspath(p), "size": os.path.getsize(p),
              "mtime_ns": os.stat(p).st_mtime_ns} for p in files]
 
@@ -45,13 +45,16 @@ def run_examplegen(data: InputConfig, patterns, out_dir: str,
         DataError: no file matches, a file is unreadable, a filter, key or split column is
             missing, or nothing is left after cleaning; it names the file (and the data row).
     """
-    files = expand_paths(list(patterns))
+    patterns = list(patterns)
+    files = expand_paths(patterns)
     frames = [read_frame(p, lists=lists) for p in files]
     columns = list(dict.fromkeys(c for frame in frames for c in frame.columns))
     # index: (file number, data row), for errors that name the file and row
     frame = pd.concat(frames, keys=range(len(frames)))
     counts = {"files": [os.path.abspath(p) for p in files], "rows_read": len(frame),
-              "dropped": {}}
+              "dropped": {},
+              # empty part files (Spark/Hive's empty partitions) of a glob, not read
+              "empty_files_skipped": [os.path.abspath(p) for p in skipped_empty_files(patterns)]}
     # Columns some files lack (null in their rows of the union): the validator's to judge.
     counts["columns_missing_in"] = {
         c: [os.path.abspath(p) for p, f in zip(files, frames) if c not in f.columns]
