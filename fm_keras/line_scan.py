@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import csv
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 from fm_keras.errors import DataError
 
@@ -105,22 +105,17 @@ def first_problem(path: str, columns: Sequence[str]) -> str | None:
         where the header has 3 (...)"`` (N: the record's first line), or None when the scan
         finds none (the caller gives pyarrow's message).
     """
-    header, line = None, 1  # line: the first line of the next record
+    header = None
     wanted: set[int] = set()
     try:
-        with open(path, encoding="utf-8", errors="surrogateescape", newline="") as f:
-            records = csv.reader(f)
-            for record in records:
-                first, line = line, records.line_num + 1
-                if not record:
-                    continue  # a blank line: pyarrow skips it too
-                if header is None:
-                    header = [record[0].removeprefix("\ufeff"), *record[1:]]
-                    wanted = {i for i, name in enumerate(header) if name in columns}
-                    continue
-                problem = _record_problem(record, first, header, wanted)
-                if problem:
-                    return problem
+        for first, record in _numbered_records(path):
+            if header is None:
+                header = [record[0].removeprefix("\ufeff"), *record[1:]]
+                wanted = {i for i, name in enumerate(header) if name in columns}
+                continue
+            problem = _record_problem(record, first, header, wanted)
+            if problem:
+                return problem
     except (csv.Error, OSError):
         return None
     return None
@@ -139,20 +134,25 @@ def record_line(path: str, row: int) -> int | None:
     Returns:
         The 1-based line number, or None when the file has no such row or cannot be read.
     """
-    seen, line = -1, 1  # seen: data rows passed (-1: the header is next)
-    try:
-        with open(path, encoding="utf-8", errors="surrogateescape", newline="") as f:
-            records = csv.reader(f)
-            for record in records:
-                first, line = line, records.line_num + 1
-                if not record:
-                    continue  # a blank line: pyarrow skips it too
-                if seen == row:
-                    return first
-                seen += 1
+    try:  # the header is record -1
+        for seen, (first, _) in enumerate(_numbered_records(path), start=-1):
+            if seen == row:
+                return first
     except (csv.Error, OSError):
         return None
     return None
+
+
+def _numbered_records(path: str) -> Iterator[tuple[int, list[str]]]:
+    """The records of a CSV file (Python's `csv`), each with the 1-based line it starts on;
+    blank lines are skipped, as pyarrow skips them. Raises what `open` and `csv` raise."""
+    line = 1  # the first line of the next record
+    with open(path, encoding="utf-8", errors="surrogateescape", newline="") as f:
+        records = csv.reader(f)
+        for record in records:
+            first, line = line, records.line_num + 1
+            if record:
+                yield first, record
 
 
 def _record_problem(record: list[str], line: int, header: list[str],
