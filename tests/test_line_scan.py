@@ -81,15 +81,18 @@ def test_record_line_counts_blank_lines_and_quoted_line_breaks(tmp_path):
 
 @pytest.mark.parametrize("data, message", [
     # `evaluate --data ok.csv.gz` said "not UTF-8 (byte 0x8b in the header) ... iconv -f latin1"
-    (gzip.compress(b"user_id,click\n1,0\n"),
-     "the file is gzip-compressed; decompress it first, e.g. gunzip"),
-    ("user_id,click\n1,0\n".encode("utf-16"),
-     "the file is UTF-16; re-encode it as UTF-8, e.g. iconv -f utf-16 -t utf-8"),
-    (b"\xfe\xff" + "user_id,click\n".encode("utf-16-be"),
-     "the file is UTF-16; re-encode it as UTF-8, e.g. iconv -f utf-16 -t utf-8"),
-    ("user_id,click\n1,0\n".encode("utf-32"),
-     "the file is UTF-32; re-encode it as UTF-8, e.g. iconv -f utf-32 -t utf-8"),
-])
+    pytest.param(gzip.compress(b"user_id,click\n1,0\n", mtime=0),
+                 "the file is gzip-compressed; decompress it first, e.g. gunzip", id="gzip"),
+    pytest.param("user_id,click\n1,0\n".encode("utf-16"),
+                 "the file is UTF-16; re-encode it as UTF-8, e.g. iconv -f utf-16 -t utf-8",
+                 id="utf-16"),
+    pytest.param(b"\xfe\xff" + "user_id,click\n".encode("utf-16-be"),
+                 "the file is UTF-16; re-encode it as UTF-8, e.g. iconv -f utf-16 -t utf-8",
+                 id="utf-16-be"),
+    pytest.param("user_id,click\n1,0\n".encode("utf-32"),
+                 "the file is UTF-32; re-encode it as UTF-8, e.g. iconv -f utf-32 -t utf-8",
+                 id="utf-32"),
+])  # ids: pytest-xdist needs the same test names in every worker (gzip stamps its mtime)
 def test_gzip_and_utf16_files_get_their_own_fix(tmp_path, data, message):
     path = tmp_path / "ok.csv.gz"
     path.write_bytes(data)
