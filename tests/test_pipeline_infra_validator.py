@@ -59,7 +59,7 @@ def test_a_validation_removes_the_directories_of_killed_validations(pipeline_fir
     (stale / "candidate").mkdir(parents=True)
     monkeypatch.setattr(tempfile, "tempdir", str(tmp))
     result = infra_validate(str(tmp_path / "no-model"), examples,
-                            InfraValidatorConfig(mode="in_process", timeout_seconds=30))
+                            InfraValidatorConfig(mode="in_process", timeout_seconds=2))
     assert not result["valid"]
     assert not stale.exists() and list(tmp.iterdir()) == []
     assert f"removed {stale}, left by a killed validation" in capsys.readouterr().err
