@@ -22,6 +22,7 @@ Two ways of running it, per table size, in alternating rounds (fastest of --call
   ``jit_compile`` would run it, without Keras' own per-step work).
 
     python benchmarks/xla_step.py [--ids 10000,25000,5000000] [--rounds 3] [--calls 15]
+        [--layout split|fused]
 """
 
 from __future__ import annotations
@@ -108,6 +109,59 @@ class Step:
         return total
 
 
+class FusedStep(Step):
+    """`Step` with each id's row, Adam's m and its v in one [ids + 1, 3, 1 + K] variable: one
+    gather of the three per slot and one scatter per step, where `Step` gathers the table,
+    then the state, and scatters both (BENCHMARKS.md, session 11: at 5M ids the cache misses
+    are what grows)."""
+
+    def __init__(self, num_ids: int, batches: int = 64, seed: int = 0):
+        super().__init__(num_ids, batches, seed)
+        self.rows = tf.Variable(tf.concat([self.table[:, None], self.state], 1))
+        del self.table, self.state
+
+    def step(self, ids, labels, lr=1e-3, beta_1=0.9, beta_2=0.999, epsilon=1e-7, l2=1e-6):
+        """`Step.step` on the fused rows: the same arithmetic, in the same order."""
+        flat = tf.reshape(ids, [-1])
+        full = tf.gather(self.rows, flat)  # [BATCH * SLOTS, 3, 1 + K]: row, m, v
+        rows = tf.reshape(full[:, 0], [BATCH, SLOTS, 1 + K])
+        with tf.GradientTape() as tape:
+            tape.watch(rows)
+            w, v = rows[..., 0], rows[..., 1:]
+            summed = tf.reduce_sum(v, 1)
+            logit = self.bias + tf.reduce_sum(w, 1) + 0.5 * tf.reduce_sum(
+                summed * summed - tf.reduce_sum(v * v, 1), 1)
+            loss = tf.reduce_mean(tf.nn.sigmoid_cross_entropy_with_logits(labels, logit)) \
+                + l2 * tf.reduce_sum(rows * rows)
+        grad_rows, grad_bias = tape.gradient(loss, [rows, self.bias])
+        grad = tf.reshape(grad_rows, [-1, 1 + K])
+        n = BATCH * SLOTS
+        self.positions.scatter_nd_update(flat[:, None], tf.range(n))
+        first = tf.gather(self.positions, flat)
+        grad = tf.gather(tf.math.unsorted_segment_sum(grad, first, n), first)
+        self.iterations.assign_add(1.0)
+        t = self.iterations
+        m = beta_1 * full[:, 1] + (1 - beta_1) * grad
+        v = beta_2 * full[:, 2] + (1 - beta_2) * grad * grad
+        alpha = lr * tf.sqrt(1 - beta_2 ** t) / (1 - beta_1 ** t)
+        new = full[:, 0] - alpha * m / (tf.sqrt(v) + epsilon)
+        self.rows.scatter_nd_update(flat[:, None], tf.stack([new, m, v], 1))
+        self.bias.assign_sub(lr * grad_bias)
+        return loss
+
+
+def check_fused_equals_split(num_ids: int = 40) -> float:
+    """Max |difference| of the table and Adam state after 3 steps of `Step` and `FusedStep`
+    from the same start on heavily duplicated ids (they must agree to float rounding)."""
+    split, fused = Step(num_ids, batches=3), FusedStep(num_ids, batches=3)
+    fused.rows.assign(tf.concat([split.table[:, None], split.state], 1))  # one start
+    for i in range(3):
+        split.step(split.ids[i], split.labels[i])
+        fused.step(fused.ids[i], fused.labels[i])
+    want = tf.concat([split.table[:, None], split.state], 1)
+    return float(tf.reduce_max(tf.abs(want - fused.rows)))
+
+
 def ms_per_step(fn, calls: int) -> float:
     """Fastest of `calls` calls of 32 steps, in ms per step (after one warm-up call)."""
     fn(tf.constant(0)).numpy()
@@ -124,11 +178,16 @@ def main():
     parser.add_argument("--ids", default="10000,25000,5000000")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--calls", type=int, default=15)
+    parser.add_argument("--layout", choices=("split", "fused"), default="split",
+                        help="split: the table and Adam's state apart (today's layout); "
+                        "fused: one [ids, 3, 1 + k] row per id (`FusedStep`)")
     args = parser.parse_args()
     sizes = [int(x) for x in args.ids.split(",")]
-    steps = {n: Step(n) for n in sizes}
-    print(f"batch {BATCH}, {SLOTS} slots, k {K}, lazy Adam; ms per step (fastest of "
-          f"{args.calls} x {LOOP} steps); load {os.getloadavg()[0]:.1f}")
+    if args.layout == "fused":
+        print(f"fused vs split after 3 steps: max |difference| {check_fused_equals_split():.1e}")
+    steps = {n: (FusedStep if args.layout == "fused" else Step)(n) for n in sizes}
+    print(f"batch {BATCH}, {SLOTS} slots, k {K}, lazy Adam, {args.layout} rows; ms per step "
+          f"(fastest of {args.calls} x {LOOP} steps); load {os.getloadavg()[0]:.1f}")
     results = {}
     for r in range(args.rounds):  # alternating order, so a load change hits every size
         for n in (sizes if r % 2 == 0 else sizes[::-1]):
