@@ -74,7 +74,9 @@ class Step:
 
     def step(self, ids, labels, lr=1e-3, beta_1=0.9, beta_2=0.999, epsilon=1e-7, l2=1e-6):
         """One step on ids [BATCH, SLOTS] int32, labels [BATCH] float32; returns the loss."""
-        rows = tf.gather(self.table, ids)  # [BATCH, SLOTS, 1 + K]
+        flat = tf.reshape(ids, [-1])
+        flat_rows, moments = self.read(flat)  # [n, 1 + K], [n, 2, 1 + K]: row, Adam's m, v
+        rows = tf.reshape(flat_rows, [BATCH, SLOTS, 1 + K])
         with tf.GradientTape() as tape:
             tape.watch(rows)
             w, v = rows[..., 0], rows[..., 1:]
@@ -84,22 +86,28 @@ class Step:
             loss = tf.reduce_mean(tf.nn.sigmoid_cross_entropy_with_logits(labels, logit)) \
                 + l2 * tf.reduce_sum(rows * rows)
         grad_rows, grad_bias = tape.gradient(loss, [rows, self.bias])
-        flat, grad = tf.reshape(ids, [-1]), tf.reshape(grad_rows, [-1, 1 + K])
+        grad = tf.reshape(grad_rows, [-1, 1 + K])
         n = BATCH * SLOTS
         self.positions.scatter_nd_update(flat[:, None], tf.range(n))
         first = tf.gather(self.positions, flat)  # one position per distinct id
         grad = tf.gather(tf.math.unsorted_segment_sum(grad, first, n), first)
         self.iterations.assign_add(1.0)
         t = self.iterations
-        moments = tf.gather(self.state, flat)
         m = beta_1 * moments[:, 0] + (1 - beta_1) * grad
         v = beta_2 * moments[:, 1] + (1 - beta_2) * grad * grad
         alpha = lr * tf.sqrt(1 - beta_2 ** t) / (1 - beta_1 ** t)
-        new = tf.reshape(rows, [-1, 1 + K]) - alpha * m / (tf.sqrt(v) + epsilon)
-        self.table.scatter_nd_update(flat[:, None], new)
-        self.state.scatter_nd_update(flat[:, None], tf.stack([m, v], 1))
+        self.write(flat, flat_rows - alpha * m / (tf.sqrt(v) + epsilon), m, v)
         self.bias.assign_sub(lr * grad_bias)
         return loss
+
+    def read(self, flat):
+        """The rows [n, 1 + K] and Adam's state [n, 2, 1 + K] of the ids `flat` [n]."""
+        return tf.gather(self.table, flat), tf.gather(self.state, flat)
+
+    def write(self, flat, rows, m, v):
+        """Stores the new rows and Adam's m, v of the ids `flat` (duplicates write alike)."""
+        self.table.scatter_nd_update(flat[:, None], rows)
+        self.state.scatter_nd_update(flat[:, None], tf.stack([m, v], 1))
 
     def _loop(self, start):
         total = tf.constant(0.0)
@@ -120,34 +128,12 @@ class FusedStep(Step):
         self.rows = tf.Variable(tf.concat([self.table[:, None], self.state], 1))
         del self.table, self.state
 
-    def step(self, ids, labels, lr=1e-3, beta_1=0.9, beta_2=0.999, epsilon=1e-7, l2=1e-6):
-        """`Step.step` on the fused rows: the same arithmetic, in the same order."""
-        flat = tf.reshape(ids, [-1])
-        full = tf.gather(self.rows, flat)  # [BATCH * SLOTS, 3, 1 + K]: row, m, v
-        rows = tf.reshape(full[:, 0], [BATCH, SLOTS, 1 + K])
-        with tf.GradientTape() as tape:
-            tape.watch(rows)
-            w, v = rows[..., 0], rows[..., 1:]
-            summed = tf.reduce_sum(v, 1)
-            logit = self.bias + tf.reduce_sum(w, 1) + 0.5 * tf.reduce_sum(
-                summed * summed - tf.reduce_sum(v * v, 1), 1)
-            loss = tf.reduce_mean(tf.nn.sigmoid_cross_entropy_with_logits(labels, logit)) \
-                + l2 * tf.reduce_sum(rows * rows)
-        grad_rows, grad_bias = tape.gradient(loss, [rows, self.bias])
-        grad = tf.reshape(grad_rows, [-1, 1 + K])
-        n = BATCH * SLOTS
-        self.positions.scatter_nd_update(flat[:, None], tf.range(n))
-        first = tf.gather(self.positions, flat)
-        grad = tf.gather(tf.math.unsorted_segment_sum(grad, first, n), first)
-        self.iterations.assign_add(1.0)
-        t = self.iterations
-        m = beta_1 * full[:, 1] + (1 - beta_1) * grad
-        v = beta_2 * full[:, 2] + (1 - beta_2) * grad * grad
-        alpha = lr * tf.sqrt(1 - beta_2 ** t) / (1 - beta_1 ** t)
-        new = full[:, 0] - alpha * m / (tf.sqrt(v) + epsilon)
-        self.rows.scatter_nd_update(flat[:, None], tf.stack([new, m, v], 1))
-        self.bias.assign_sub(lr * grad_bias)
-        return loss
+    def read(self, flat):
+        full = tf.gather(self.rows, flat)  # one gather: [n, 3, 1 + K]
+        return full[:, 0], full[:, 1:]
+
+    def write(self, flat, rows, m, v):
+        self.rows.scatter_nd_update(flat[:, None], tf.stack([rows, m, v], 1))  # one scatter
 
 
 def check_fused_equals_split(num_ids: int = 40) -> float:
