@@ -8,6 +8,7 @@ fails before a run directory is created. Categorical and multi-hot columns are k
 
 from __future__ import annotations
 
+import functools
 import glob
 import os
 from collections.abc import Iterator, Sequence
@@ -64,8 +65,8 @@ def expand_paths(patterns: Sequence[str], shard_index: int = 0, num_shards: int 
 
     A glob that matches several files skips the empty ones among them (0 bytes, a header and
     no rows: `fm_keras.reading.has_rows`), which Spark and Hive write for empty partitions,
-    with one warning line (unless not `warn`) giving their count and the first one
-    (`skipped_empty_files` lists them). When every file a glob matches is empty they are kept,
+    with one warning line (unless not `warn`; once per process for the same files) giving
+    their count and the first one (`skipped_empty_files` lists them). When every file a glob matches is empty they are kept,
     so the reader's error ("the file is empty") stays; a file named without a glob is always
     kept.
 
@@ -73,11 +74,15 @@ def expand_paths(patterns: Sequence[str], shard_index: int = 0, num_shards: int 
         DataError: a pattern matches no file, or a named file does not exist.
     """
     files, skipped = _expand(patterns)
-    if skipped and warn:
+    if warn and not _WARNED_EMPTY.issuperset(skipped):  # a command expands its inputs often
+        _WARNED_EMPTY.update(skipped)
         more = f" (and {len(skipped) - 1} more)" if len(skipped) > 1 else ""
         log(f"warning: skipped {len(skipped)} empty file(s) (0 bytes, or a header and no rows) "
             f"that a pattern matches: {skipped[0]}{more}")
     return files[shard_index::num_shards]
+
+
+_WARNED_EMPTY: set[str] = set()  # skipped files a warning has named in this process
 
 
 def skipped_empty_files(patterns: Sequence[str]) -> list[str]:
@@ -91,24 +96,42 @@ def _expand(patterns: Sequence[str]) -> tuple[list[str], list[str]]:
     files: list[str] = []
     skipped: list[str] = []
     for pattern in patterns:
-        matches = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
-        if not matches:
-            raise DataError(f"{pattern}: no file matches this pattern")
-        for path in matches:
-            if not os.path.isfile(path):
-                raise DataError(f"{path}: no such file")
+        matches = _matches(pattern)
         if len(matches) > 1:
             empty = [p for p in matches if not _holds_rows(p)]
             if len(empty) < len(matches):
                 skipped.extend(empty)
-                matches = [p for p in matches if p not in empty]
+                empty_set = set(empty)
+                matches = [p for p in matches if p not in empty_set]
         files.extend(matches)
     return files, skipped
 
 
+def _matches(pattern: str) -> list[str]:
+    """The files a pattern names (sorted glob matches, or the path itself), all existing.
+
+    Raises:
+        DataError: the pattern matches no file, or a named file does not exist.
+    """
+    matches = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
+    if not matches:
+        raise DataError(f"{pattern}: no file matches this pattern")
+    for path in matches:
+        if not os.path.isfile(path):
+            raise DataError(f"{path}: no such file")
+    return matches
+
+
 def _holds_rows(path: str) -> bool:
-    """`fm_keras.reading.has_rows`; a TFRecord file is empty only at 0 bytes."""
-    return os.path.getsize(path) > 0 if is_tfrecord(path) else has_rows(path)
+    """`fm_keras.reading.has_rows`; a TFRecord file is empty only at 0 bytes. Looked up once
+    per file version (path, size, mtime): a command expands its input patterns several times."""
+    stat = os.stat(path)
+    return _holds_rows_version(path, stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=65_536)
+def _holds_rows_version(path: str, size: int, mtime_ns: int) -> bool:
+    return size > 0 if is_tfrecord(path) else has_rows(path)
 
 
 def check_not_an_input(output: str, patterns: Sequence[str], option: str) -> None:
@@ -118,7 +141,7 @@ def check_not_an_input(output: str, patterns: Sequence[str], option: str) -> Non
         DataError: naming the output, the option and the input it would overwrite.
     """
     target = os.path.realpath(output)
-    for path in expand_paths(patterns):
+    for path in (p for pattern in patterns for p in _matches(pattern)):  # empty ones too
         if os.path.realpath(path) == target:
             raise DataError(f"{output}: {option}: is the input {path}, which it would "
                             "overwrite; write elsewhere")
