@@ -100,6 +100,28 @@ def fit_features(configs: Sequence[FeatureConfig],
     return tuple(FittedFeature(c, **fields) for c, fields in zip(configs, fitter.finish()))
 
 
+def _lookup(feature: FittedFeature) -> keras.layers.StringLookup:
+    """The StringLookup of a categorical or multi-hot feature's vocabulary.
+
+    StringLookup keeps its vocabulary as a Python list, which Keras wraps and tracks: every
+    walk of the model's layers (`trainable_variables`, several per `fit` call) then visits each
+    string, 0.44 s per walk at 23k ids (BENCHMARKS.md, "Many steps per XLA call"). The list is
+    kept untracked instead; the lookup's table holds the vocabulary either way.
+    """
+    lookup = keras.layers.StringLookup(
+        vocabulary=list(feature.vocabulary), num_oov_indices=feature.config.oov_buckets,
+        output_mode="int", name=f"lookup_{feature.config.name}")
+    vocabulary = list(lookup.input_vocabulary)
+    del lookup.input_vocabulary  # drops the tracked wrapper
+    _set_untracked(lookup, "input_vocabulary", vocabulary)
+    return lookup
+
+
+@tf.__internal__.tracking.no_automatic_dependency_tracking
+def _set_untracked(layer, name: str, value) -> None:
+    setattr(layer, name, value)
+
+
 @keras.utils.register_keras_serializable(package="fm_keras")
 class FeatureEncoder(keras.layers.Layer):
     """Raw feature values -> FM slots ``(ids, values)``.
@@ -125,10 +147,7 @@ class FeatureEncoder(keras.layers.Layer):
         self.offsets = tuple(int(o) for o in np.cumsum([0, *sizes[:-1]]))
         self.num_ids = int(sum(sizes))
         self._lookups = {
-            f.config.name: keras.layers.StringLookup(
-                vocabulary=list(f.vocabulary), num_oov_indices=f.config.oov_buckets,
-                output_mode="int", name=f"lookup_{f.config.name}")
-            for f in self.features
+            f.config.name: _lookup(f) for f in self.features
             if f.config.kind != "numeric" and f.config.hash_buckets is None and f.vocabulary
         }
         # No weights of its own (the lookups' tables come from the vocabularies above), so the

@@ -217,3 +217,20 @@ def test_encoder_is_built_and_saves_without_the_unbuilt_layer_warning(tmp_path):
     loaded = tf.saved_model.load(str(tmp_path / "m"))
     assert loaded.encode(tf.constant(["a", "b", "zz"])).numpy().tolist() == \
         _encode(encoder, user=["a", "b", "zz"])[0].tolist()
+
+
+def test_vocabularies_are_not_walked_as_tracked_lists():
+    # Keras visits every element of a tracked list on each walk of the layers (several per
+    # `fit`): 0.44 s at 23k ids. The lookups keep their vocabulary untracked, unchanged.
+    values = np.array([f"u{i}" for i in range(3000)], object)
+    (feature,) = fit_features([FeatureConfig("user", "categorical", "user")],
+                              Split({"user": values}, None, len(values)))
+    encoder = FeatureEncoder([feature])
+    (lookup,) = encoder._lookups.values()
+    structures = [t for t in lookup._self_tracked_trackables
+                  if isinstance(t, tf.__internal__.tracking.TrackableDataStructure)]
+    assert structures == []
+    assert lookup.input_vocabulary == list(feature.vocabulary)
+    assert lookup.get_config()["vocabulary"] == list(feature.vocabulary)
+    ids, _ = encoder({"user": tf.constant(["u5", "nope"])})
+    assert ids.numpy()[:, 0].tolist() == [feature.vocabulary.index("u5") + 1, 0]
