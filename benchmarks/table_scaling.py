@@ -23,7 +23,7 @@ interval, as a share of the timed epoch. The validation pass (Keras' evaluation 
 
     python benchmarks/table_scaling.py [--rows 500000] [--ids 10000,100000,1000000,5000000]
         [--optimizers adam,adagrad,ftrl] [--batch-size 1024] [--stock-steps 40] [--zipf 1.2]
-        [--valid-rows ROWS/10] [--repeats 1]
+        [--valid-rows ROWS/10] [--repeats 1] [--keras-step]
 """
 
 from __future__ import annotations
@@ -45,6 +45,7 @@ from fm_keras._tf import keras, tf  # noqa: E402
 from fm_keras.config import (DataConfig, ExperimentConfig, FeatureConfig,  # noqa: E402
                              ModelConfig, TrainingConfig)
 from fm_keras.features import FittedFeature  # noqa: E402
+from fm_keras import compiled_steps  # noqa: E402
 from fm_keras.model import build_model, make_optimizer  # noqa: E402
 from fm_keras.batches import batched_dataset  # noqa: E402
 from fm_keras.checkpoints import trained_rows  # noqa: E402
@@ -171,6 +172,9 @@ def main():
                         help="steps of tf_keras' own optimizer to time (0: skip the peer)")
     parser.add_argument("--valid-rows", type=int, default=None,
                         help="rows of the timed validation pass (default: rows / 10)")
+    parser.add_argument("--keras-step", action="store_true",
+                        help="time Keras' own train step instead of the compiled steps "
+                        "(`training.compiled_steps`) that `fm-keras train` uses")
     parser.add_argument("--repeats", type=int, default=1,
                         help="rounds of timed epochs, one per table size each; the fastest "
                         "is reported")
@@ -193,6 +197,9 @@ def main():
             model = build_model(features, config.model, config.training)
             model.compile(optimizer=make_optimizer(config.training), weighted_metrics=[],
                           steps_per_execution=config.training.steps_per_execution)
+            if not args.keras_step:  # the step `fm-keras train` chooses (compiled)
+                print(f"ids {num_ids:,} {name}: "
+                      f"{compiled_steps.choose(model, config.training, args.rows, True)}")
             rows = data[num_ids]
             time_steps(model, rows.dataset, min(rows.steps, 64))  # warm-up: tracing, slots
             models[num_ids] = (model, config)

@@ -7,6 +7,7 @@ epochs, for both. Rounds alternate one fm_keras epoch and one torchfm epoch so t
 noise hits both alike; the figure is the median per-round ratio.
 
     python benchmarks/train_throughput.py [--rows 500000] [--batch-size 1024] [--rounds 3]
+        [--keras-step]
 """
 
 from __future__ import annotations
@@ -55,6 +56,11 @@ def main():
     parser.add_argument("--batch-size", type=int, default=1024)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--optimizers", default="adam,adagrad")
+    parser.add_argument("--steps-per-execution", type=int,
+                        default=TrainingConfig().steps_per_execution)
+    parser.add_argument("--keras-step", action="store_true",
+                        help="fm_keras with Keras' own train step (one graph step at a time), "
+                        "not the default `CompiledSteps` (many steps per XLA call)")
     args = parser.parse_args()
 
     if not hasattr(np, "long"):  # torchfm 0.7.0 uses np.long, removed in NumPy 2
@@ -83,8 +89,11 @@ def main():
         training = TrainingConfig(optimizer=name, learning_rate=lr, batch_size=args.batch_size)
         keras.utils.set_random_seed(0)
         ours = build_model(fitted, ModelConfig(l2_embeddings=0.0, l2_linear=0.0))
-        ours.compile(optimizer=make_optimizer(training), steps_per_execution=32,
+        ours.compile(optimizer=make_optimizer(training), steps_per_execution=args.steps_per_execution,
                      weighted_metrics=[])
+        if not args.keras_step:  # what `fm-keras train` does
+            why = ours.use_compiled_steps(args.batch_size)
+            assert why is None, why
         ds = batched_dataset(ids, values, split.labels, np.ones(n, np.float32),
                              args.batch_size, shuffle_seed=0)
         peer = FactorizationMachineModel(field_dims, 10)

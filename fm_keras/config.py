@@ -41,6 +41,7 @@ TASKS = ("binary", "regression", "retrieval")
 OUT_OF_CORE = ("auto", "true", "false")
 SAMPLERS = ("uniform", "popularity")
 OPTIMIZERS = ("adam", "adagrad", "ftrl", "sgd")
+COMPILED_STEPS = ("auto", "always", "never")
 FILTER_OPS = ("==", "!=", "<", "<=", ">", ">=", "in", "not_in", "is_null")
 STRATEGIES = ("none", "multi_worker_mirrored", "parameter_server")
 
@@ -324,6 +325,11 @@ class TrainingConfig:
         early_stopping_min_delta: an epoch counts as better only if it beats the best by more
             than this (its weights are still kept if it is the best).
         steps_per_execution: training steps per graph call; larger is faster on CPU.
+        compiled_steps: run each graph call's steps as one XLA computation
+            (`fm_keras.compiled_steps`; the same updates, several times fewer ms per step):
+            ``auto`` where it applies and the run has at least
+            `fm_keras.compiled_steps.AUTO_MIN_STEPS` steps (XLA compiles once per run, under
+            a second), ``always`` (an error where it does not apply), ``never`` (Keras' step).
         weight_decay: decoupled weight decay of the optimizer (Loshchilov & Hutter 2019). The
             row-wise optimizers (adam, adagrad, ftrl; `fm_keras.optimizers`) decay the rows a
             step touches, with their update; sgd decays every row each step, so it shrinks
@@ -349,6 +355,7 @@ class TrainingConfig:
     neg_sample_rate: float = 1.0
     seed: int = 42
     steps_per_execution: int = 32
+    compiled_steps: str = "auto"
     weight_decay: float = 0.0
     distribute: DistributeConfig = field(default_factory=DistributeConfig)
     negatives: NegativesConfig = field(default_factory=NegativesConfig)
@@ -358,6 +365,7 @@ class TrainingConfig:
     def __post_init__(self):
         check_one_of(self.optimizer, OPTIMIZERS, "training: optimizer")
         check_one_of(self.calibration, CALIBRATIONS, "training: calibration")
+        check_one_of(self.compiled_steps, COMPILED_STEPS, "training: compiled_steps")
         for name in ("batch_size", "epochs", "steps_per_execution"):
             _at_least(getattr(self, name), 1, f"training: {name}")
         _at_least(self.weight_decay, 0.0, "training: weight_decay")

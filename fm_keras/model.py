@@ -13,6 +13,7 @@ import tensorflow_recommenders as tfrs
 
 from fm_keras._tf import keras, tf
 from fm_keras.calibration import Calibration
+from fm_keras.compiled_steps import CompiledSteps, unsupported
 from fm_keras.config import ModelConfig, TrainingConfig
 from fm_keras.features import FeatureEncoder, FittedFeature
 from fm_keras.layers import FactorizationMachine
@@ -62,6 +63,7 @@ class FMModel(tfrs.Model):
             self.task = tfrs.tasks.Ranking(
                 loss=keras.losses.MeanSquaredError(reduction=none),
                 metrics=[keras.metrics.RootMeanSquaredError(name="rmse")])
+        self._compiled_batch_rows = None  # set by `use_compiled_steps`
         has_towers = all(encoder.side_names(side) for side in (True, False))
         self._towers = (UserTower(encoder, fm), ItemTower(encoder, fm)) if has_towers else None
 
@@ -103,6 +105,40 @@ class FMModel(tfrs.Model):
     def logits(self, ids, values):
         """The FM score of encoded slots, shape [batch]."""
         return self.fm((ids, values))[:, 0]
+
+    def compile(self, *args, **kwargs):
+        """Keras' `compile`; compiled steps are off until `use_compiled_steps` (again)."""
+        super().compile(*args, **kwargs)
+        self._compiled_batch_rows = None
+
+    def use_compiled_steps(self, batch_rows: int | None) -> str | None:
+        """Makes `fit` run each execution's steps in one XLA call (`CompiledSteps`) where
+        that applies; call after `compile`.
+
+        Args:
+            batch_rows: the most rows a training batch holds (``training.batch_size``), or
+                None for batches of varying size (then Keras' own step runs).
+
+        Returns:
+            None, or why Keras' own step runs instead (`fm_keras.compiled_steps.unsupported`).
+        """
+        why = unsupported(self, batch_rows)
+        self._compiled_batch_rows = None if why else batch_rows
+        self.train_function = None
+        return why
+
+    @property
+    def uses_compiled_steps(self) -> bool:
+        """Whether `fit` runs `CompiledSteps` (`use_compiled_steps` turned them on)."""
+        return self._compiled_batch_rows is not None
+
+    def make_train_function(self, force=False):
+        """Keras' train function, or `CompiledSteps` after `use_compiled_steps`."""
+        if self._compiled_batch_rows is None:
+            return super().make_train_function(force)
+        if self.train_function is None or force:
+            self.train_function = CompiledSteps(self, self._compiled_batch_rows)
+        return self.train_function
 
     def train_step(self, inputs):
         """TFRS's step, reporting only the losses, and correct under `tf.distribute`.

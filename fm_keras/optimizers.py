@@ -130,6 +130,12 @@ class _RowwiseUpdates:
         raise NotImplementedError
 
 
+def is_rowwise(optimizer) -> bool:
+    """Whether `optimizer` is one of this module's (its sparse update of a row depends only on
+    that row's summed gradient, variable and state, and writes the row whole)."""
+    return isinstance(optimizer, _RowwiseUpdates)
+
+
 def _axis(variable) -> int:
     """The axis of a state slot that holds the states: 1 ([rows, S, ...]), a scalar's 0."""
     return 0 if variable.shape.rank == 0 else 1

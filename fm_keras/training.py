@@ -17,7 +17,7 @@ import time
 
 import numpy as np
 
-from fm_keras import fsutil, out_of_core
+from fm_keras import compiled_steps, fsutil, out_of_core
 from fm_keras._tf import keras, tf
 from fm_keras.batches import batched_dataset, holdout_if_needed
 from fm_keras.checkpoints import trained_rows
@@ -187,6 +187,10 @@ def _train(config: ExperimentConfig, run_dir: str, *, resume: bool, verbose: int
     # Validation rows are unweighted; weighted_metrics=[] says so (and silences Keras).
     model.compile(optimizer=make_optimizer(config.training), weighted_metrics=[],
                   steps_per_execution=config.training.steps_per_execution)
+    steps_reason = compiled_steps.choose(model, config.training, rows["train"],
+                                         fixed_batches=negatives is None)
+    log(f"{'compiled' if model.uses_compiled_steps else 'Keras'} training steps: "
+        f"{steps_reason}")
     weights = sample_weights(labels, config.training)
     if config.training.negatives.per_positive:  # what an epoch trains on: sampled rows too
         labels, weights = negatives.epoch_labels(labels, weights)
@@ -229,6 +233,7 @@ def _train(config: ExperimentConfig, run_dir: str, *, resume: bool, verbose: int
         "history": state.history,
         "metrics": metrics,
         "rows": {**rows, "valid": len(valid_split)},
+        "compiled_steps": {"enabled": model.uses_compiled_steps, "reason": steps_reason},
         "out_of_core": {"enabled": ooc, "reason": why,
                         "shards": shards.directory if ooc else None},
         "seconds": {"total": round(time.time() - started, 2), "fit": round(train_seconds, 2)},

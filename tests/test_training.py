@@ -321,3 +321,19 @@ def test_sampled_negatives_restore_the_best_epoch_from_a_partial_copy(tmp_path, 
     assert record["best_epoch"] < len(seen["epochs"]) - 1  # a later epoch was undone
     for got, want in zip(final, seen["epochs"][record["best_epoch"]]):
         np.testing.assert_array_equal(got, want)
+
+
+def test_compiled_steps_train_the_same_run_as_keras_steps(small_synth, tmp_path):
+    synth_dir, _ = small_synth
+    runs = {mode: train(_config(synth_dir, learning_rate=0.02, compiled_steps=mode),
+                        str(tmp_path / mode), verbose=0)
+            for mode in ("always", "never")}
+    assert runs["always"]["compiled_steps"] == {"enabled": True,
+                                                "reason": "8 steps per XLA call"}
+    assert runs["never"]["compiled_steps"] == {"enabled": False,
+                                               "reason": "training.compiled_steps: never"}
+    for a, b in zip(runs["always"]["history"], runs["never"]["history"]):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)
+        assert a["val_auc"] == pytest.approx(b["val_auc"], abs=1e-4)
+    assert runs["always"]["metrics"]["test"]["auc"] == pytest.approx(
+        runs["never"]["metrics"]["test"]["auc"], abs=1e-4)
