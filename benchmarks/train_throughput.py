@@ -31,6 +31,7 @@ from fm_keras.synth import generate  # noqa: E402
 from fm_keras.batches import batched_dataset  # noqa: E402
 from torch_peer import torch_epoch  # noqa: E402
 
+SETTLE_SECONDS = 0.5  # pause before each timed epoch
 FIELDS = ["user_id", "user_segment", "item_id", "item_category", "first_tag", "price_bucket",
           "device", "hour"]
 
@@ -102,17 +103,25 @@ def main():
         ours.fit(ds, epochs=1, verbose=0)  # warm-up: tracing and first-touch allocation
         torch_epoch(peer, peer_opt, x_torch, y_torch, args.batch_size, torch)
         ratios, ours_sps, peer_sps = [], [], []
-        for _ in range(args.rounds):
-            start = time.perf_counter()
-            ours.fit(ds, epochs=1, verbose=0)
-            ours_sps.append(n / (time.perf_counter() - start))
-            peer_sps.append(n / torch_epoch(peer, peer_opt, x_torch, y_torch,
-                                            args.batch_size, torch))
+        for r in range(args.rounds):
+            # Which library goes first alternates; each epoch starts after a pause, so that
+            # the other library's idle worker threads (which spin a while) have gone quiet.
+            for library in (("ours", "peer") if r % 2 == 0 else ("peer", "ours")):
+                time.sleep(SETTLE_SECONDS)
+                if library == "ours":
+                    start = time.perf_counter()
+                    ours.fit(ds, epochs=1, verbose=0)
+                    ours_sps.append(n / (time.perf_counter() - start))
+                else:
+                    peer_sps.append(n / torch_epoch(peer, peer_opt, x_torch, y_torch,
+                                                    args.batch_size, torch))
             ratios.append(ours_sps[-1] / peer_sps[-1])
         print(f"{name:8s} fm_keras {statistics.median(ours_sps):>10,.0f} samples/s   "
               f"torchfm {statistics.median(peer_sps):>10,.0f} samples/s   "
               f"ratio (median of {args.rounds} rounds) {statistics.median(ratios):.2f}x  "
               f"rounds {[round(r, 2) for r in ratios]}", flush=True)
+        print(f"{'':8s} per round: fm_keras {[round(x / 1e3) for x in ours_sps]}k, "
+              f"torchfm {[round(x / 1e3) for x in peer_sps]}k samples/s", flush=True)
 
 
 if __name__ == "__main__":

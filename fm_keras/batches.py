@@ -46,7 +46,22 @@ def batched_dataset(ids: np.ndarray, values: np.ndarray, labels: np.ndarray,
 
     return (batches.map(gather, num_parallel_calls=tf.data.AUTOTUNE)
             .prefetch(tf.data.AUTOTUNE)
-            .apply(tf.data.experimental.assert_cardinality(num_batches)))
+            .apply(tf.data.experimental.assert_cardinality(num_batches))
+            .with_options(without_autotune()))
+
+
+def without_autotune() -> tf.data.Options:
+    """tf.data options with the autotuner off (AUTOTUNE parallelism and buffers then take
+    tf.data's defaults: one call per core, a prefetch buffer sized by it).
+
+    With it on, deleting the iterator at the end of `fit` sometimes waits for the autotuner's
+    next optimization round (its period doubles from 10 ms): `fit` returned 0.3-0.6 s after its
+    last epoch in 3 of 10 calls (500k rows, 0.65 s epochs; 1.3 and 2.6 s in all), and the
+    epochs ran no faster with it (BENCHMARKS.md, "Many steps per XLA call").
+    """
+    options = tf.data.Options()
+    options.autotune.enabled = False
+    return options
 
 
 def epoch_seeds(seed: int):
