@@ -4,7 +4,9 @@ Both train the same categorical FM (torchfm takes only categorical fields, so th
 tags become the first tag and the price a 10-bucket feature) on the same encoded ids, with the
 same optimizer, learning rate, k and batch size. Data is encoded once, outside the timed
 epochs, for both. Rounds alternate one fm_keras epoch and one torchfm epoch so that machine
-noise hits both alike; the figure is the median per-round ratio.
+noise hits both alike (which goes first alternates too, and each epoch starts after a short
+pause); the figure is the median per-round ratio. fm_keras trains with the compiled steps
+`fm-keras train` uses (`training.compiled_steps`), or Keras' own step with --keras-step.
 
     python benchmarks/train_throughput.py [--rows 500000] [--batch-size 1024] [--rounds 3]
         [--keras-step]
