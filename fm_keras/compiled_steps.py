@@ -37,8 +37,9 @@ from fm_keras.errors import ConfigError
 from fm_keras.optimizers import is_rowwise
 
 # `training.compiled_steps: auto` compiles runs of at least this many steps (epochs x batches):
-# the compilation, 0.2-1 s, is then repaid by ~1 ms saved per step (BENCHMARKS.md).
-AUTO_MIN_STEPS = 512
+# compiling costs ~1 s more than tracing Keras' step, repaid by 0.7 ms saved per step at batch
+# 1024 (BENCHMARKS.md, "Many steps per XLA call"; more at larger batches).
+AUTO_MIN_STEPS = 1000
 
 
 def choose(model, training: TrainingConfig, rows: int, fixed_batches: bool) -> str:
@@ -62,7 +63,7 @@ def choose(model, training: TrainingConfig, rows: int, fixed_batches: bool) -> s
         return "training.compiled_steps: never"
     if mode == "auto" and steps < AUTO_MIN_STEPS:
         model.use_compiled_steps(None)
-        return f"at most {steps:,} steps, fewer than the {AUTO_MIN_STEPS} that repay compiling"
+        return f"at most {steps:,} steps, fewer than the {AUTO_MIN_STEPS:,} that repay compiling"
     why = model.use_compiled_steps(training.batch_size if fixed_batches else None)
     if why and mode == "always":
         raise ConfigError(f"training: compiled_steps: always: cannot apply: {why}; set it to "

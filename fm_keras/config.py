@@ -328,8 +328,8 @@ class TrainingConfig:
         compiled_steps: run each graph call's steps as one XLA computation
             (`fm_keras.compiled_steps`; the same updates, several times fewer ms per step):
             ``auto`` where it applies and the run has at least
-            `fm_keras.compiled_steps.AUTO_MIN_STEPS` steps (XLA compiles once per run, under
-            a second), ``always`` (an error where it does not apply), ``never`` (Keras' step).
+            `fm_keras.compiled_steps.AUTO_MIN_STEPS` steps (XLA compiles once per run, ~1 s),
+            ``always`` (an error where it does not apply), ``never`` (Keras' step).
         weight_decay: decoupled weight decay of the optimizer (Loshchilov & Hutter 2019). The
             row-wise optimizers (adam, adagrad, ftrl; `fm_keras.optimizers`) decay the rows a
             step touches, with their update; sgd decays every row each step, so it shrinks

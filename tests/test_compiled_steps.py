@@ -109,7 +109,7 @@ def test_choose_by_mode_and_run_length():
     training = TrainingConfig(batch_size=64, epochs=1)
     assert choose(model, training, long_run, fixed_batches=True) == "32 steps per XLA call"
     assert model.uses_compiled_steps
-    assert "fewer than the 512" in choose(model, training, long_run - 64, fixed_batches=True)
+    assert "fewer than the 1,000" in choose(model, training, long_run - 64, fixed_batches=True)
     assert not model.uses_compiled_steps
     always = TrainingConfig(batch_size=64, epochs=1, compiled_steps="always")
     assert choose(model, always, 64, fixed_batches=True) == "32 steps per XLA call"
