@@ -237,3 +237,20 @@ def test_a_cluster_reader_takes_its_files_in_whole_batches_of_static_shape(small
     with pytest.raises(ConfigError, match="300 rows per batch per worker is not a multiple of "
                                           "the 200 rows per record"):
         out_of_core.shard_dataset(shards, config.training, batch_size=300, num_shards=2)
+
+
+def test_compiled_steps_train_from_shards_as_keras_steps_do(small_synth, tmp_path):
+    # Shard batches hold up to batch_size rows (fewer where a record has padding): the
+    # compiled steps pad them and train the same run.
+    synth_dir, _ = small_synth
+    records = {}
+    for mode in ("always", "never"):
+        config = _config(synth_dir, shard_dir=str(tmp_path / "cache"))
+        config = dataclasses.replace(config, training=dataclasses.replace(
+            config.training, epochs=2, compiled_steps=mode))
+        records[mode] = train(config, str(tmp_path / mode), verbose=0)
+    assert records["always"]["compiled_steps"]["enabled"]
+    assert not records["never"]["compiled_steps"]["enabled"]
+    for a, b in zip(records["always"]["history"], records["never"]["history"]):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)
+        assert a["val_auc"] == pytest.approx(b["val_auc"], abs=1e-4)
