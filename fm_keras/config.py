@@ -366,6 +366,15 @@ class TrainingConfig:
         check_one_of(self.optimizer, OPTIMIZERS, "training: optimizer")
         check_one_of(self.calibration, CALIBRATIONS, "training: calibration")
         check_one_of(self.compiled_steps, COMPILED_STEPS, "training: compiled_steps")
+        if self.compiled_steps == "always":
+            against = ("optimizer: sgd (not row-wise)" if self.optimizer == "sgd" else
+                       "negatives: per_positive (batches grow by the sampled rows)"
+                       if self.negatives.per_positive else
+                       f"distribute: strategy: {self.distribute.strategy}"
+                       if self.distribute.strategy != "none" else None)
+            if against:
+                raise ConfigError(f"training: compiled_steps: always cannot apply with "
+                                  f"training: {against}; set it to auto or never")
         for name in ("batch_size", "epochs", "steps_per_execution"):
             _at_least(getattr(self, name), 1, f"training: {name}")
         _at_least(self.weight_decay, 0.0, "training: weight_decay")

@@ -180,10 +180,7 @@ def _train(config: ExperimentConfig, run_dir: str, *, resume: bool, verbose: int
         f"{model.encoder.num_slots} slots over {model.encoder.num_ids:,} ids "
         f"in {time.time() - t0:.1f}s")
 
-    os.makedirs(run_dir, exist_ok=True)
-    fsutil.write_json(os.path.join(run_dir, "experiment.json"), config.to_dict())
-    fsutil.write_json(os.path.join(run_dir, "features.json"), [f.to_dict() for f in features])
-
+    # Before the run directory is written: `compiled_steps: always` may refuse.
     # Validation rows are unweighted; weighted_metrics=[] says so (and silences Keras).
     model.compile(optimizer=make_optimizer(config.training), weighted_metrics=[],
                   steps_per_execution=config.training.steps_per_execution)
@@ -191,6 +188,11 @@ def _train(config: ExperimentConfig, run_dir: str, *, resume: bool, verbose: int
                                          fixed_batches=negatives is None)
     log(f"{'compiled' if model.uses_compiled_steps else 'Keras'} training steps: "
         f"{steps_reason}")
+
+    os.makedirs(run_dir, exist_ok=True)
+    fsutil.write_json(os.path.join(run_dir, "experiment.json"), config.to_dict())
+    fsutil.write_json(os.path.join(run_dir, "features.json"), [f.to_dict() for f in features])
+
     weights = sample_weights(labels, config.training)
     if config.training.negatives.per_positive:  # what an epoch trains on: sampled rows too
         labels, weights = negatives.epoch_labels(labels, weights)

@@ -136,3 +136,18 @@ def test_scratch_state_is_not_checkpointed(tmp_path):
     scratch = list(model.train_function._positions.values())
     assert [v.shape.as_list() for v in scratch] == [[model.fm.num_ids]]
     assert not any(v is s for v in model.variables for s in scratch)
+
+
+@pytest.mark.parametrize("training, against", [
+    ({"optimizer": "sgd"}, "training: optimizer: sgd"),
+    ({"negatives": {"per_positive": 2}}, "training: negatives: per_positive"),
+    ({"distribute": {"strategy": "multi_worker_mirrored"}}, "training: distribute: strategy"),
+])
+def test_always_where_it_cannot_apply_is_a_config_error(training, against):
+    from fm_keras.config import DistributeConfig, NegativesConfig
+
+    kinds = {"negatives": NegativesConfig, "distribute": DistributeConfig}
+    kwargs = {k: kinds[k](**v) if k in kinds else v for k, v in training.items()}
+    with pytest.raises(ConfigError, match=f"compiled_steps: always cannot apply with {against}"):
+        TrainingConfig(compiled_steps="always", **kwargs)
+    TrainingConfig(compiled_steps="auto", **kwargs)  # auto falls back to Keras' step
