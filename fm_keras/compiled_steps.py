@@ -24,7 +24,9 @@ Used when it applies (`unsupported` says why not): one device (no `tf.distribute
 a row-wise optimizer with a constant learning rate and no gradient clipping, and batches of
 at most ``batch_rows`` rows (the sampled-negatives dataset appends negatives to each batch,
 so it trains with Keras' own step). Equal to Keras' step up to float rounding
-(tests/test_compiled_steps.py).
+(tests/test_compiled_steps.py). It reads and advances the variables through which tf_keras
+2.20's `fit` counts steps (``Model._steps_per_execution``, ``Model._train_counter``), as Keras'
+own train function does; the tests pin that contract with the pinned tf_keras.
 """
 
 from __future__ import annotations
