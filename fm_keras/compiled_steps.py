@@ -40,8 +40,17 @@ from fm_keras.optimizers import is_rowwise
 
 # `training.compiled_steps: auto` compiles runs of at least this many steps (epochs x batches):
 # compiling costs ~1 s more than tracing Keras' step, repaid by 0.7 ms saved per step at batch
-# 1024 (BENCHMARKS.md, "Many steps per XLA call"; more at larger batches).
+# 1024 (BENCHMARKS.md, "Many steps per XLA call"; more at larger batches). Below
+# AUTO_MIN_BATCH rows a step saves too little (0.08 ms at 64 rows: a new user's trial).
 AUTO_MIN_STEPS = 1000
+AUTO_MIN_BATCH = 256
+
+
+def execution_steps(training: TrainingConfig, rows: int) -> int:
+    """Steps per graph call for `rows` training rows: ``training.steps_per_execution``, at
+    most one epoch's batches (`CompiledSteps` stacks that many batches per call, so a larger
+    value would only hold memory: 10,000 x 4,096 rows took 4.9 GB for 17-batch epochs)."""
+    return max(1, min(training.steps_per_execution, math.ceil(rows / training.batch_size)))
 
 
 def choose(model, training: TrainingConfig, rows: int, fixed_batches: bool) -> str:
@@ -66,11 +75,17 @@ def choose(model, training: TrainingConfig, rows: int, fixed_batches: bool) -> s
     if mode == "auto" and steps < AUTO_MIN_STEPS:
         model.use_compiled_steps(None)
         return f"at most {steps:,} steps, fewer than the {AUTO_MIN_STEPS:,} that repay compiling"
+    if mode == "auto" and training.batch_size < AUTO_MIN_BATCH:
+        model.use_compiled_steps(None)
+        return (f"batches of {training.batch_size} rows, fewer than the {AUTO_MIN_BATCH} where "
+                "a compiled step saves time")
     why = model.use_compiled_steps(training.batch_size if fixed_batches else None)
     if why and mode == "always":
         raise ConfigError(f"training: compiled_steps: always: cannot apply: {why}; set it to "
                           "auto or never")
-    return why or f"{training.steps_per_execution} steps per XLA call"
+    per_call = execution_steps(training, rows)
+    return why or (f"{per_call} step{'s' if per_call > 1 else ''} per XLA call, "
+                   f"at most {steps:,} in the run")
 
 
 def unsupported(model, batch_rows: int | None) -> str | None:

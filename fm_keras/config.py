@@ -324,11 +324,13 @@ class TrainingConfig:
             the base-rate entropy (learning has not started) do not count.
         early_stopping_min_delta: an epoch counts as better only if it beats the best by more
             than this (its weights are still kept if it is the best).
-        steps_per_execution: training steps per graph call; larger is faster on CPU.
+        steps_per_execution: training steps per graph call, at most an epoch's batches;
+            larger is faster on CPU.
         compiled_steps: run each graph call's steps as one XLA computation
             (`fm_keras.compiled_steps`; the same updates, several times fewer ms per step):
             ``auto`` where it applies and the run has at least
-            `fm_keras.compiled_steps.AUTO_MIN_STEPS` steps (XLA compiles once per run, ~1 s),
+            `fm_keras.compiled_steps.AUTO_MIN_STEPS` steps of `AUTO_MIN_BATCH` rows or more
+            (XLA compiles once per run, 1-4 s),
             ``always`` (an error where it does not apply), ``never`` (Keras' step).
         weight_decay: decoupled weight decay of the optimizer (Loshchilov & Hutter 2019). The
             row-wise optimizers (adam, adagrad, ftrl; `fm_keras.optimizers`) decay the rows a

@@ -183,7 +183,8 @@ def _train(config: ExperimentConfig, run_dir: str, *, resume: bool, verbose: int
     # Before the run directory is written: `compiled_steps: always` may refuse.
     # Validation rows are unweighted; weighted_metrics=[] says so (and silences Keras).
     model.compile(optimizer=make_optimizer(config.training), weighted_metrics=[],
-                  steps_per_execution=config.training.steps_per_execution)
+                  steps_per_execution=compiled_steps.execution_steps(config.training,
+                                                                     rows["train"]))
     steps_reason = compiled_steps.choose(model, config.training, rows["train"],
                                          fixed_batches=negatives is None)
     log(f"{'compiled' if model.uses_compiled_steps else 'Keras'} training steps: "

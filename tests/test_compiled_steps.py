@@ -7,7 +7,8 @@ import pytest
 
 from fm_keras._tf import keras, tf
 from fm_keras.batches import batched_dataset
-from fm_keras.compiled_steps import AUTO_MIN_STEPS, CompiledSteps, choose, unsupported
+from fm_keras.compiled_steps import (AUTO_MIN_BATCH, AUTO_MIN_STEPS, CompiledSteps, choose,
+                                     execution_steps, unsupported)
 from fm_keras.config import FeatureConfig, ModelConfig, TrainingConfig
 from fm_keras.data import Split
 from fm_keras.errors import ConfigError
@@ -103,16 +104,22 @@ def test_unsupported_says_why():
     assert unsupported(_compiled_model(run_eagerly=True), 16) == "the model runs eagerly"
 
 
-def test_choose_by_mode_and_run_length():
+def test_choose_by_mode_run_length_and_batch_size():
     model = _compiled_model()
-    long_run = AUTO_MIN_STEPS * 64  # rows: one step per 64 rows in one epoch
-    training = TrainingConfig(batch_size=64, epochs=1)
-    assert choose(model, training, long_run, fixed_batches=True) == "32 steps per XLA call"
+    long_run = AUTO_MIN_STEPS * 256  # rows: one step per 256 rows in one epoch
+    training = TrainingConfig(batch_size=256, epochs=1)
+    assert choose(model, training, long_run, fixed_batches=True) == \
+        "32 steps per XLA call, at most 1,000 in the run"
     assert model.uses_compiled_steps
-    assert "fewer than the 1,000" in choose(model, training, long_run - 64, fixed_batches=True)
+    assert "fewer than the 1,000" in choose(model, training, long_run - 256, fixed_batches=True)
     assert not model.uses_compiled_steps
-    always = TrainingConfig(batch_size=64, epochs=1, compiled_steps="always")
-    assert choose(model, always, 64, fixed_batches=True) == "32 steps per XLA call"
+    small = TrainingConfig(batch_size=AUTO_MIN_BATCH - 1, epochs=1)
+    assert choose(model, small, 10 ** 6, fixed_batches=True) == \
+        "batches of 255 rows, fewer than the 256 where a compiled step saves time"
+    assert not model.uses_compiled_steps
+    always = TrainingConfig(batch_size=64, epochs=3, compiled_steps="always")
+    assert choose(model, always, 64, fixed_batches=True) == \
+        "1 step per XLA call, at most 3 in the run"
     with pytest.raises(ConfigError, match="compiled_steps: always: cannot apply: its batches "
                                           "vary in size"):
         choose(model, always, 64, fixed_batches=False)
@@ -121,6 +128,15 @@ def test_choose_by_mode_and_run_length():
     assert not model.uses_compiled_steps
     with pytest.raises(ConfigError, match="compiled_steps"):
         TrainingConfig(compiled_steps="on")
+
+
+def test_a_call_stacks_at_most_one_epoch_of_batches():
+    # A new user's trial: steps_per_execution 10,000 at batch 4,096 stacked 10,000 batches
+    # (4.9 GB) for 17-batch epochs.
+    training = TrainingConfig(batch_size=4096, steps_per_execution=10_000)
+    assert execution_steps(training, 67_967) == 17
+    assert execution_steps(TrainingConfig(batch_size=100), 10 ** 6) == 32
+    assert execution_steps(TrainingConfig(batch_size=100), 0) == 1
 
 
 def test_scratch_state_is_not_checkpointed(tmp_path):

@@ -328,8 +328,8 @@ def test_compiled_steps_train_the_same_run_as_keras_steps(small_synth, tmp_path)
     runs = {mode: train(_config(synth_dir, learning_rate=0.02, compiled_steps=mode),
                         str(tmp_path / mode), verbose=0)
             for mode in ("always", "never")}
-    assert runs["always"]["compiled_steps"] == {"enabled": True,
-                                                "reason": "8 steps per XLA call"}
+    assert runs["always"]["compiled_steps"]["enabled"]
+    assert runs["always"]["compiled_steps"]["reason"].startswith("8 steps per XLA call, at most")
     assert runs["never"]["compiled_steps"] == {"enabled": False,
                                                "reason": "training.compiled_steps: never"}
     for a, b in zip(runs["always"]["history"], runs["never"]["history"]):
