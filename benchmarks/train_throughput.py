@@ -92,8 +92,8 @@ def main():
         training = TrainingConfig(optimizer=name, learning_rate=lr, batch_size=args.batch_size)
         keras.utils.set_random_seed(0)
         ours = build_model(fitted, ModelConfig(l2_embeddings=0.0, l2_linear=0.0))
-        ours.compile(optimizer=make_optimizer(training), steps_per_execution=args.steps_per_execution,
-                     weighted_metrics=[])
+        ours.compile(optimizer=make_optimizer(training),
+                     steps_per_execution=args.steps_per_execution, weighted_metrics=[])
         if not args.keras_step:  # what `fm-keras train` does
             why = ours.use_compiled_steps(args.batch_size)
             assert why is None, why
