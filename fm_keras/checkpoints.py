@@ -189,6 +189,8 @@ class BestWeights:
             (``tf.train.Checkpoint(..., best=best.trackable)``) to save and restore them.
         rows: int64 variable [n], the rows the partial copies hold (saved with them, so a
             checkpoint restores into the rows it copied), or None (every copy whole).
+        large: per variable, whether it has more than `PARTIAL_COPY_MIN_ELEMENTS` elements
+            (then copied and restored by XLA, see `save`).
 
     The copies are non-trainable variables: one more copy of the weights (of the trained rows
     of large tables) in memory.
@@ -213,6 +215,11 @@ class BestWeights:
         self.copies = [tf.Variable(tf.zeros([n, *v.shape[1:]] if part else v.shape, v.dtype),
                                    trainable=False)
                        for v, part in zip(self.live, self.partial)]
+        self.large = [int(v.shape.num_elements()) > PARTIAL_COPY_MIN_ELEMENTS
+                      for v in self.live]
+        self._save_large = tf.function(lambda: self._copy_large(False), jit_compile=True)
+        self._restore_large = tf.function(lambda: self._copy_large(True),
+                                          jit_compile=True)
         self.save()  # once now, before training: the first copy costs more than later ones
         tracked = {f"w{i}": c for i, c in enumerate(self.copies)}
         if self.rows is not None:
@@ -222,22 +229,51 @@ class BestWeights:
     def save(self) -> None:
         """Copies the current weights in: O(weights copied) memory traffic.
 
-        ``copy[...].assign`` writes into the copy's own buffer; ``copy.assign(live)`` would
-        share the live buffer and move the copy into the next train step (copy-on-write), and
-        ``live + 0`` would allocate a new table-sized buffer every time. A partial copy is a
-        gather of the rows (a new buffer, not shared, assigned as it is).
+        A whole copy writes into the copy's own buffer (``copy.assign(live)`` outside XLA would
+        share the live buffer and move the copy into the next train step, copy-on-write); a
+        partial copy is a gather of the rows. Variables over `PARTIAL_COPY_MIN_ELEMENTS` are
+        copied in one XLA computation (`_copy_large`).
         """
-        for copy, live, part in zip(self.copies, self.live, self.partial):
+        for copy, live, part, large in zip(self.copies, self.live, self.partial, self.large):
+            if large:
+                continue
             if part:
                 copy.assign(tf.gather(live, self.rows))
             else:
                 copy[...].assign(live)
+        if any(self.large):
+            self._save_large()
 
     def restore(self) -> None:
         """Puts the copied weights back into the model (in place; a partial copy's rows with
         one ``scatter_update``)."""
-        for copy, live, part in zip(self.copies, self.live, self.partial):
+        for copy, live, part, large in zip(self.copies, self.live, self.partial, self.large):
+            if large:
+                continue
             if part:
                 live.scatter_update(tf.IndexedSlices(copy, self.rows))
             else:
                 live[...].assign(copy)
+        if any(self.large):
+            self._restore_large()
+
+    def _copy_large(self, restore: bool) -> None:
+        """The large variables' copies (save) or their restore, compiled by XLA.
+
+        Outside XLA a dense read of an id table copies it first (the sparse ops of training
+        put the variable in TensorFlow's copy-on-read mode), and the strided assign of a whole
+        copy is slow: 400-500 ms for a 5M x 11 table, 58-75 ms for a gather of 27% of its
+        rows. XLA reads the buffer and writes into the copy's: 32-40 ms and 27-39 ms
+        (BENCHMARKS.md, "Session 13").
+        """
+        for copy, live, part, large in zip(self.copies, self.live, self.partial, self.large):
+            if not large:
+                continue
+            if restore and part:
+                live.scatter_update(tf.IndexedSlices(copy.read_value(), self.rows))
+            elif restore:
+                live.assign(copy.read_value())
+            elif part:
+                copy.assign(tf.gather(live, self.rows))
+            else:
+                copy.assign(live.read_value())

@@ -87,9 +87,17 @@ def test_checkpoint_due_every_epoch_for_small_tables_by_time_for_large_ones():
     assert not checkpoint_due(True, False, 4.9, every_seconds=5.0)
 
 
-def test_best_weights_copy_restore_and_checkpoint(tmp_path):
+@pytest.mark.parametrize("large_from", [checkpoints.PARTIAL_COPY_MIN_ELEMENTS, 0],
+                         ids=["eager", "xla"])
+@pytest.mark.parametrize("sparse_read", [False, True], ids=["dense", "copy_on_read"])
+def test_best_weights_copy_restore_and_checkpoint(tmp_path, monkeypatch, large_from,
+                                                  sparse_read):
+    monkeypatch.setattr(checkpoints, "PARTIAL_COPY_MIN_ELEMENTS", large_from)
     live = [tf.Variable(np.arange(8, dtype=np.float32).reshape(4, 2)), tf.Variable([1.0])]
+    if sparse_read:  # as in training: the table then stays in TF's copy-on-read mode
+        tf.gather(live[0], [0])
     best = BestWeights(live)
+    assert best.large == [large_from == 0] * 2
     best.save()
     saved = [v.numpy().copy() for v in live]
     live[0].scatter_add(tf.IndexedSlices(tf.ones([1, 2]), tf.constant([2])))  # in place
