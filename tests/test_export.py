@@ -117,37 +117,40 @@ def test_unseen_and_bad_values_give_finite_outputs(exports):
 FRESH = r"""
 import json, sys
 import tensorflow as tf
-{extra_import}
-path = sys.argv[1]
-loaded = tf.saved_model.load(path)
+def signatures(path):
+    loaded = tf.saved_model.load(path)
+    results = {}
+    for name, fn in loaded.signatures.items():
+        feed = {}
+        for key, spec in fn.structured_input_signature[1].items():
+            shape = [3] + [2] * (len(spec.shape) - 1)
+            feed[key] = tf.fill(shape, "x") if spec.dtype == tf.string else tf.ones(shape)
+        results[name] = sorted(fn(**feed))
+    return results
+results = {which: signatures(path) for which, path in json.loads(sys.argv[1])}
+assert "scann" not in sys.modules  # the stock-op exports needed no ScaNN op
+import scann
+results["scann"] = signatures(sys.argv[2])
 assert "fm_keras" not in sys.modules
-results = {{}}
-for name, fn in loaded.signatures.items():
-    feed = {{}}
-    for key, spec in fn.structured_input_signature[1].items():
-        shape = [3] + [2] * (len(spec.shape) - 1)
-        feed[key] = tf.fill(shape, "x") if spec.dtype == tf.string else tf.ones(shape)
-    results[name] = sorted(fn(**feed))
 print(json.dumps(results))
 """
 
 
-@pytest.mark.parametrize("which,extra_import", [("ranking", ""), ("scann", "import scann"),
-                                                ("brute_force", "")])
-def test_fresh_process_loads_every_signature(exports, which, extra_import):
+def test_fresh_process_loads_every_signature(exports):
+    """The ranking and brute-force exports load and answer in a process with neither fm_keras
+    nor ScaNN imported; the ScaNN recall export once ``import scann`` registers its ops."""
     env = {k: v for k, v in os.environ.items() if k != "TF_USE_LEGACY_KERAS"}
     env["TF_CPP_MIN_LOG_LEVEL"] = "3"
-    proc = subprocess.run([sys.executable, "-c", FRESH.format(extra_import=extra_import),
-                           exports[which]], capture_output=True, text=True, env=env,
-                          cwd="/", timeout=300)
+    stock = [(which, exports[which]) for which in ("ranking", "brute_force")]
+    proc = subprocess.run([sys.executable, "-c", FRESH, json.dumps(stock), exports["scann"]],
+                          capture_output=True, text=True, env=env, cwd="/", timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     results = json.loads(proc.stdout.strip().splitlines()[-1])
-    if which == "ranking":
-        assert results == {"serving_default": ["logit", "probability", "raw_probability"],
-                           "user_tower": ["user_offset", "user_vector"],
-                           "item_tower": ["item_vector"]}
-    else:
-        assert results["serving_default"] == results["exclude_seen"] == \
+    assert results["ranking"] == {"serving_default": ["logit", "probability", "raw_probability"],
+                                  "user_tower": ["user_offset", "user_vector"],
+                                  "item_tower": ["item_vector"]}
+    for which in ("scann", "brute_force"):
+        assert results[which]["serving_default"] == results[which]["exclude_seen"] == \
             ["item_ids", "probabilities", "scores"]
 
 

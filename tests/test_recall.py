@@ -168,35 +168,37 @@ FRESH_PROCESS = """
 import json, sys
 import tensorflow as tf
 from tensorflow.python.framework import op_def_registry
-path, meta = sys.argv[1], json.load(open(sys.argv[2]))
-unknown = [op for op in meta["ops"] if op_def_registry.get(op) is None]
-loaded = tf.saved_model.load(path)
 users = {"user_id": ["u1", "u-new"], "user_segment": ["s1", ""], "device": ["ios", "web"],
          "hour": ["3", "12"]}
-out = loaded.signatures["serving_default"](**{k: tf.constant(v) for k, v in users.items()})
 seen = tf.constant([[b"item_1", b""], [b"", b""]])
-excl = loaded.signatures["exclude_seen"](exclude_item_ids=seen,
-                                         **{k: tf.constant(v) for k, v in users.items()})
-print(json.dumps({"unknown": unknown, "shape": out["item_ids"].shape.as_list(),
-                  "excl": excl["item_ids"].shape.as_list(),
-                  "modules": sorted(m for m in sys.modules if m.split(".")[0] in
-                                    ("scann", "fm_keras"))}))
+results = {}
+for path in sys.argv[1:]:
+    meta = json.load(open(path + "/assets.extra/fm_keras.json"))
+    unknown = [op for op in meta["ops"] if op_def_registry.get(op) is None]
+    loaded = tf.saved_model.load(path)
+    out = loaded.signatures["serving_default"](**{k: tf.constant(v) for k, v in users.items()})
+    excl = loaded.signatures["exclude_seen"](exclude_item_ids=seen,
+                                             **{k: tf.constant(v) for k, v in users.items()})
+    results[path] = {"unknown": unknown, "shape": out["item_ids"].shape.as_list(),
+                     "excl": excl["item_ids"].shape.as_list()}
+results["modules"] = sorted(m for m in sys.modules if m.split(".")[0] in ("scann", "fm_keras"))
+print(json.dumps(results))
 """
 
 
-@pytest.mark.parametrize("backend", ["partitioned", "brute_force"])
-def test_stock_op_export_loads_in_a_fresh_process(exports, backend):
-    """The export's op list is a subset of TensorFlow's registered ops (no custom op library),
-    and the model loads and answers in a process that never imports scann or fm_keras."""
-    path = exports[backend]
-    meta_path = os.path.join(path, "assets.extra", "fm_keras.json")
+def test_stock_op_exports_load_in_a_fresh_process(exports):
+    """Each stock-op export's op list (partitioned, brute force) is a subset of TensorFlow's
+    registered ops (no custom op library), and the models load and answer in a process that
+    never imports scann or fm_keras."""
+    paths = [exports[backend] for backend in ("partitioned", "brute_force")]
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    proc = subprocess.run([sys.executable, "-c", FRESH_PROCESS, path, meta_path], cwd="/",
+    proc = subprocess.run([sys.executable, "-c", FRESH_PROCESS, *paths], cwd="/",
                           env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert result == {"unknown": [], "shape": [2, 20], "excl": [2, 20], "modules": []}
-    assert len(_meta(path)["ops"]) > 10
+    assert result.pop("modules") == []
+    assert result == {path: {"unknown": [], "shape": [2, 20], "excl": [2, 20]} for path in paths}
+    assert all(len(_meta(path)["ops"]) > 10 for path in paths)
 
 
 def test_index_settings_overrides():
