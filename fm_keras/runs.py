@@ -56,8 +56,10 @@ class Run:
     info: dict
 
 
-# What a resumed run may change: a run stopped by its epoch cap continues with a higher one.
-RESUMABLE_CHANGES = frozenset({("training", "epochs")})
+# What a resumed run may change: a run stopped by its epoch cap continues with a higher one;
+# how its steps are run (`fm_keras.compiled_steps`, steps per graph call) changes no update.
+RESUMABLE_CHANGES = frozenset({("training", "epochs"), ("training", "compiled_steps"),
+                               ("training", "steps_per_execution")})
 
 
 def check_run_dir(run_dir: str, resume: bool, config: ExperimentConfig | None = None) -> None:

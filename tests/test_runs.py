@@ -73,6 +73,9 @@ def test_resume_refuses_another_experiment_and_names_the_key(tmp_path):
     longer = dataclasses.replace(stored, training=dataclasses.replace(stored.training,
                                                                       epochs=9))
     check_run_dir(str(tmp_path), resume=True, config=longer)  # a higher epoch cap is fine
+    keras_steps = dataclasses.replace(stored, training=dataclasses.replace(
+        stored.training, compiled_steps="never", steps_per_execution=1))
+    check_run_dir(str(tmp_path), resume=True, config=keras_steps)  # how steps run: fine
     with pytest.raises(RunError, match=r"experiment.json: model.embedding_dim: the run was "
                                        r"started with 10, this experiment has 4; resume"):
         check_run_dir(str(tmp_path), resume=True, config=_experiment(embedding_dim=4))
