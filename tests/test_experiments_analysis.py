@@ -199,6 +199,25 @@ def test_analyze_counts_units_logged_in_the_wrong_arm():
                           "clicks": 1, "first_timestamp": 0})
     out = analyze(table, exp)
     assert out["checks"]["assignment_mismatches"] == 7 and not out["trustworthy"]
+    assert out["checks"]["assignment_hint"] is None  # not float-looking ids: no hint
+
+
+def test_float_written_unit_ids_are_named_as_the_cause_of_mismatches():
+    """Events written through a float column say "7.0" where serving hashed "7": every such
+    unit may land in another arm than its logged one; the check says why."""
+    from fm_keras.experiments.assignment import Assigner
+    from fm_keras.experiments.report import summary_line
+
+    exp = experiment()
+    ids = [str(i) for i in range(400)]
+    table = pd.DataFrame({"unit": [f"{i}.0" for i in ids], "arm": Assigner(exp).assign(ids),
+                          "events": 1, "impressions": 10, "clicks": 1, "first_timestamp": 0})
+    out = analyze(table, exp)
+    mismatches = out["checks"]["assignment_mismatches"]
+    assert 100 < mismatches < 300 and not out["trustworthy"]
+    assert out["checks"]["assignment_hint"].startswith(
+        f"{mismatches} of the {mismatches} mismatched unit ids are integers written as floats")
+    assert summary_line(out).splitlines()[-1].startswith("warning: ")
 
 
 def test_an_arm_without_events_is_an_error_naming_it():

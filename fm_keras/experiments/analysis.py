@@ -198,12 +198,15 @@ def analyze(table: pd.DataFrame, experiment: ABExperiment, metric: str = "clicks
         if metric == "ctr" and arm_units["impressions"].sum() == 0:
             raise DataError(f"{source}: column 'impressions': arm {name!r} has 0 impressions, "
                             "so its ctr is undefined; use --metric clicks_per_user")
-    mismatches = None
+    mismatches, hint = None, None
     if check_assignment:
         from fm_keras.experiments.assignment import Assigner
 
         expected = Assigner(experiment).assign(units["unit"].tolist())
-        mismatches = int((expected != units["arm"].to_numpy()).sum())
+        wrong = expected != units["arm"].to_numpy()
+        mismatches = int(wrong.sum())
+        if mismatches:
+            hint = float_id_hint(units.loc[wrong, "unit"], units.loc[wrong, "arm"], experiment)
     units["value"] = units["clicks"].astype(float)
     cuped_info = None
     if cuped:
@@ -221,12 +224,34 @@ def analyze(table: pd.DataFrame, experiment: ABExperiment, metric: str = "clicks
                 for a in experiment.arm_names]
         comparisons = [compare_arms(units, a, experiment.control, metric, alpha)
                        for a in experiment.arm_names if a != experiment.control]
-    checks = {"units_in_several_arms": contaminated, "assignment_mismatches": mismatches}
+    checks = {"units_in_several_arms": contaminated, "assignment_mismatches": mismatches,
+              "assignment_hint": hint}
     trustworthy = not srm["flagged"] and contaminated == 0 and not mismatches
     return {"experiment": experiment.name, "metric": metric, "cuped": cuped_info,
             "alpha": alpha, "control": experiment.control, "arms": arms,
             "comparisons": comparisons, "srm": srm, "checks": checks,
             "trustworthy": trustworthy}
+
+
+def float_id_hint(units: pd.Series, arms: pd.Series, experiment) -> str | None:
+    """Why units were logged in another arm than their id assigns, when it is the usual
+    cause: integer ids written through a float column (the serving side hashed ``"7"``, the
+    events file says ``"7.0"``). None unless stripping ``.0`` gives some of `units` (str
+    [n], the mismatched ids) the arm in `arms` (str [n], the arm logged)."""
+    from fm_keras.experiments.assignment import Assigner
+
+    stripped = units.str.replace(r"^(-?\d+)\.0+$", r"\1", regex=True)
+    floatlike = (stripped != units).to_numpy()
+    if not floatlike.any():
+        return None
+    again = Assigner(experiment).assign(stripped[floatlike].tolist())
+    explained = int((again == arms.to_numpy()[floatlike]).sum())
+    if not explained:
+        return None
+    example = units[floatlike].iloc[0]
+    return (f"{explained} of the {len(units)} mismatched unit ids are integers written as "
+            f"floats (e.g. {example!r}); read as {stripped[floatlike].iloc[0]!r} they are in "
+            "the arm logged: write the unit column as integers or text, not floats")
 
 
 def _arm_summary(units: pd.DataFrame, name: str, metric: str, alpha: float) -> dict:

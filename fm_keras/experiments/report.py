@@ -69,6 +69,8 @@ def summary_line(result: dict) -> str:
             f"(95% CI {c['ci_low']:+.2%} .. {c['ci_high']:+.2%}), p = {c['p_value']:.3g}; "
             f"SRM p = {result['srm']['p_value']:.3g}"
             + ("" if result["trustworthy"] else " -- UNTRUSTWORTHY (see srm/checks)"))
+    if result["checks"].get("assignment_hint"):
+        lines.append(f"warning: {result['checks']['assignment_hint']}")
     return "\n".join(lines)
 
 
@@ -87,6 +89,8 @@ def render_html(result: dict, table: pd.DataFrame) -> str:
              f"{result['srm']['p_value']:.3g} (flagged below {result['srm']['alpha']}); "
              f"units in several arms: {result['checks']['units_in_several_arms']}; "
              f"assignment mismatches: {result['checks']['assignment_mismatches']}</p>",
+             *([f"<p class='fail'>{html.escape(result['checks']['assignment_hint'])}</p>"]
+               if result["checks"].get("assignment_hint") else []),
              "<pre>" + html.escape(summary_line(result)) + "</pre>"]
     if result["cuped"]:
         parts.append(f"<p>CUPED: theta = {result['cuped']['theta']:.4f}, variance reduced by "
