@@ -208,9 +208,10 @@ def train_distributed(config: ExperimentConfig, run_dir: str, *, resume: bool = 
                 shards, training, training.seed + context.input_pipeline_id,
                 batch_size=context.get_per_replica_batch_size(batch_size),
                 shard_index=context.input_pipeline_id, num_shards=context.num_input_pipelines,
-                repeat=True)
+                repeat=True, source=config.source)
         # Asynchronous workers each run whole steps: a fresh random order per worker.
-        return shard_dataset(shards, training, batch_size=batch_size, repeat=True)
+        return shard_dataset(shards, training, batch_size=batch_size, repeat=True,
+                             source=config.source)
 
     state = _ClusterTrainingState(write_dir, model, config, resume=resume)
     if config.model.l2_prior:
