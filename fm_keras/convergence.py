@@ -121,14 +121,22 @@ class EarlyStopping:
 
 
 def cap_warning(stopper: EarlyStopping, epochs_run: int, epochs: int) -> str | None:
-    """The warning for a run that hit its epoch cap while still improving, else None.
+    """The warning for a run that hit its epoch cap while still improving, or before its
+    training loss left the base rate's (it had not started to learn), else None.
 
     Args:
         stopper: the run's early stopping state.
         epochs_run: epochs trained so far (1-based count).
         epochs: the configured cap, ``training.epochs``.
     """
-    if stopper.stopped or epochs_run < epochs or stopper.wait > 0:
+    if stopper.stopped or epochs_run < epochs:
+        return None
+    if not stopper.started:
+        return (f"the epoch cap ended the run before early stopping could judge it: the mean "
+                f"training loss of its last epoch ({epochs_run}) is still within "
+                f"{STARTED_SHARE:.0%} of the base rate's (the positive rate predicted for every "
+                f"row); raise training.epochs (now {epochs}) or the learning rate")
+    if stopper.wait > 0:
         return None
     return (f"still improving at the last epoch ({epochs_run}); raise training.epochs "
             f"(now {epochs}) or the learning rate")

@@ -63,6 +63,13 @@ def test_cap_warning_only_when_still_improving():
     for epoch, auc in enumerate([0.6, 0.7, 0.69], start=1):
         flat.update(epoch, auc)
     assert cap_warning(flat, 3, 3) is None               # its last epoch was no gain
+    stuck = EarlyStopping(patience=2, base_loss=0.20)
+    for epoch, auc in enumerate([0.6, 0.55, 0.5], start=1):  # loss at the base rate
+        stuck.update(epoch, auc, train_loss=0.1995)
+    assert cap_warning(stuck, 3, 3) == (                  # not "still improving"
+        "the epoch cap ended the run before early stopping could judge it: the mean training "
+        "loss of its last epoch (3) is still within 1% of the base rate's (the positive rate "
+        "predicted for every row); raise training.epochs (now 3) or the learning rate")
 
 
 @pytest.mark.parametrize("kwargs", [{"patience": 0}, {"patience": 2, "min_delta": -1.0},
