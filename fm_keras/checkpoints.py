@@ -29,11 +29,12 @@ the epoch's steps. Here:
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 
 import numpy as np
 
-from fm_keras._tf import tf
+from fm_keras._tf import tf, without_xla_notice
 
 # Above this many elements in one variable (4M floats: ~400k ids at k = 10), checks are
 # sampled and checkpoints are written asynchronously.
@@ -220,7 +221,8 @@ class BestWeights:
         self._save_large = tf.function(lambda: self._copy_large(False), jit_compile=True)
         self._restore_large = tf.function(lambda: self._copy_large(True),
                                           jit_compile=True)
-        self.save()  # once now, before training: the first copy costs more than later ones
+        with without_xla_notice() if any(self.large) else contextlib.nullcontext():
+            self.save()  # once now, before training (a large table's first copy compiles)
         tracked = {f"w{i}": c for i, c in enumerate(self.copies)}
         if self.rows is not None:
             tracked["rows"] = self.rows

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import math
 
-from fm_keras._tf import keras, tf
+from fm_keras._tf import keras, tf, without_xla_notice
 from fm_keras.config import TrainingConfig
 from fm_keras.errors import ConfigError
 from fm_keras.optimizers import is_rowwise
@@ -138,9 +138,14 @@ class CompiledSteps:
                            for v in self.variables if v.shape.rank}
         self._loop = tf.function(self._steps, jit_compile=True, reduce_retracing=True)
         self._function = tf.function(self._execution, reduce_retracing=True)
+        self._calls = 0
 
     def __call__(self, iterator):
-        return self._function(iterator)
+        if self._calls:
+            return self._function(iterator)
+        self._calls = 1
+        with without_xla_notice():  # the first call compiles
+            return self._function(iterator)
 
     def _execution(self, iterator):
         model = self.model
