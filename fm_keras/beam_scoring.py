@@ -24,6 +24,7 @@ import os
 import shutil
 import tempfile
 import time
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
@@ -38,7 +39,11 @@ RUNNERS = ("DirectRunner", "DataflowRunner", "FlinkRunner", "SparkRunner")
 def _beam():
     try:
         import apache_beam as beam
-        from apache_beam.ml.inference import tensorflow_inference  # noqa: F401
+        with warnings.catch_warnings():
+            # Beam's TF handler imports tensorflow_hub 0.16, whose `import pkg_resources`
+            # warns on every command that setuptools will drop the module (pinned <81).
+            warnings.filterwarnings("ignore", "pkg_resources is deprecated", UserWarning)
+            from apache_beam.ml.inference import tensorflow_inference  # noqa: F401
     except ImportError as err:
         raise ImportError(
             "fm-keras score --runner needs Apache Beam and its TensorFlow model handler: "
