@@ -51,6 +51,17 @@ def _beam():
     return beam
 
 
+def _local_runner():
+    """The runner for ``--runner DirectRunner``: Beam's FnApiRunner, in this process.
+
+    Beam 2.77's DirectRunner first tries Prism, a Go job server it downloads from GitHub at
+    run time; offline it fails and falls back to this same runner, leaving an empty
+    ``/tmp/beam-temp*`` directory behind each time. Batch scoring asks for neither."""
+    from apache_beam.runners.portability.fn_api_runner import FnApiRunner
+
+    return FnApiRunner()
+
+
 def _handler_class():
     from apache_beam.ml.inference.tensorflow_inference import TFModelHandlerTensor
 
@@ -212,7 +223,8 @@ def score_with_beam(model: str, inputs: Sequence[str], output: str, *,
 
     pipeline_options = PipelineOptions([f"--runner={runner}", *(f"--{o}" for o in options)])
     started = time.time()
-    pipeline = beam.Pipeline(options=pipeline_options)
+    pipeline = beam.Pipeline(runner=_local_runner() if runner == "DirectRunner" else None,
+                             options=pipeline_options)
     tables = (pipeline
               | "Files" >> beam.Create(list(files) + [p for p in inputs if "://" in p])
               | "Match" >> fileio.MatchAll()

@@ -1,7 +1,9 @@
 """Beam RunInference on DirectRunner gives the scores `fm-keras score` gives, for any signature."""
 
+import glob
 import os
 import sys
+import tempfile
 
 import numpy as np
 import pandas as pd
@@ -37,9 +39,13 @@ def _both(model, inputs, tmp_path, suffix, **kwargs):
 
     local, beam = str(tmp_path / f"local{suffix}"), str(tmp_path / f"beam{suffix}")
     summary = run_signature(model, inputs, local, progress=False, **kwargs)
+    temp_dirs = set(glob.glob(os.path.join(tempfile.gettempdir(), "beam-temp*")))
     beam_summary = score_with_beam(model, inputs, beam, runner="DirectRunner", batch_size=512,
                                    **kwargs)
     assert beam_summary["rows"] == summary["rows"]
+    # The local runner in this process: no Prism job server (downloaded at run time) and its
+    # temp root, which Beam 2.77 leaves behind.
+    assert set(glob.glob(os.path.join(tempfile.gettempdir(), "beam-temp*"))) <= temp_dirs
     read = pd.read_csv if suffix == ".csv" else pd.read_parquet
     frames = [read(p).sort_values("row_id").reset_index(drop=True) for p in (local, beam)]
     assert list(frames[0].columns) == list(frames[1].columns)
