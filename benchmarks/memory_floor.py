@@ -18,14 +18,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-BATCH, SLOTS, K, LOOP = 1024, 8, 10, 32
+from xla_step import BATCH, K, LOOP, SLOTS, ms_per_step  # noqa: E402  (benchmarks/xla_step.py)
 
 
 class Traffic:
@@ -59,17 +58,6 @@ class Traffic:
         return start
 
 
-def ms_per_step(traffic: Traffic, calls: int) -> float:
-    """Fastest of `calls` calls of 32 steps, ms per step (after one warm-up call)."""
-    traffic.loop(tf.constant(0))
-    best = float("inf")
-    for call in range(calls):
-        start = time.perf_counter()
-        traffic.loop(tf.constant(call * LOOP)).numpy()
-        best = min(best, (time.perf_counter() - start) / LOOP * 1e3)
-    return best
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ids", default="10000,5000000")
@@ -85,7 +73,7 @@ def main():
     for r in range(args.rounds):  # alternating order: a load change hits every size
         order = list(traffic) if r % 2 == 0 else list(traffic)[::-1]
         for key in order:
-            times[key].append(ms_per_step(traffic[key], args.calls))
+            times[key].append(ms_per_step(traffic[key].loop, args.calls))
         print(f"round {r}: " + "  ".join(f"{n:,} {lay} {times[(n, lay)][-1]:.3f}"
                                          for n, lay in traffic), flush=True)
     for lay in layouts:
