@@ -73,12 +73,7 @@ def _corrupted(data: bytes) -> bytes:
     return b"\n".join(lines)[:-(len(lines[-2]) // 2 + 1)]
 
 
-def _run_cli(*args, cwd):
-    return subprocess.run([sys.executable, "-m", "fm_keras.cli", *args], cwd=cwd,
-                          capture_output=True, text=True, timeout=300)
-
-
-@pytest.mark.parametrize("edit,message", [
+_BAD_INPUTS = [
     (lambda d: (d / "features.yaml").write_text(
         (d / "features.yaml").read_text().replace("kind: numeric", "kind: numerc")),
      "features.yaml: feature 'item_price': kind must be one of"),
@@ -98,53 +93,117 @@ def _run_cli(*args, cwd):
     (lambda d: (d / "train.csv").write_bytes(_corrupted((d / "train.csv").read_bytes())),
      "train.csv: line 1234: not UTF-8 (byte 0xff at column 'user_id'); re-encode the file as "
      "UTF-8"),
-])
-def test_bad_input_one_line_error(small_synth, tmp_path, edit, message):
-    synth_dir, _ = small_synth
-    data = tmp_path / "data"
-    data.mkdir()
-    for name in ("train.csv", "valid.csv", "test.csv", "features.yaml", "experiment.yaml"):
-        (data / name).write_text((synth_dir / name).read_text())
-    edit(data)
-    proc = _run_cli("train", "--config", str(data / "experiment.yaml"), "--out",
-                    str(tmp_path / "run"), cwd=tmp_path)
-    assert proc.returncode == 2, proc.stderr
-    last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith("fm-keras: error: ") and message in last, proc.stderr
-    assert "Exception ignored" not in proc.stderr, proc.stderr
-    assert not (tmp_path / "run").exists()
+]
+
+# Runs commands one after another in one interpreter (a TensorFlow import is most of a
+# command's time), each with file descriptor 2 on a file of its own, so that what the command
+# and TensorFlow's C++ logging print is checked per command; gc.collect() before the switch
+# back puts a finalizer's "Exception ignored" in the stderr of the command that left it.
+_ERRORS_DRIVER = """
+import gc, json, os, sys, traceback
+from fm_keras.cli import main
+codes = {}
+for name, argv, cwd in json.loads(sys.argv[1]):
+    os.chdir(cwd)
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with open(os.path.join(sys.argv[2], name + ".err"), "w") as err:
+        os.dup2(err.fileno(), 2)
+        try:
+            codes[name] = main(argv)
+        except SystemExit as exit:          # argparse's errors, as `python -m` would end
+            codes[name] = exit.code
+        except BaseException:               # a traceback and exit 1, as `python -m` would end
+            traceback.print_exc()
+            codes[name] = 1
+        finally:
+            gc.collect()
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+json.dump(codes, sys.stdout)
+"""
 
 
-def test_non_numeric_value_in_numeric_feature(small_synth, tmp_path):
+@pytest.fixture(scope="module")
+def cli_errors(small_synth, tmp_path_factory):
+    """The exit status and stderr of each command whose input is bad (`_BAD_INPUTS`, then the
+    cases below), all run by one `python -m`-like process; the process's own stderr (what
+    is printed at interpreter exit) comes back as "exit" with its status."""
     synth_dir, _ = small_synth
-    data = tmp_path / "data"
-    data.mkdir()
-    for name in ("valid.csv", "test.csv", "features.yaml", "experiment.yaml"):
-        (data / name).write_text((synth_dir / name).read_text())
+    root = tmp_path_factory.mktemp("cli_errors")
+    logs = root / "logs"
+    logs.mkdir()
+    commands = []
+
+    def case(name, files=("train.csv", "valid.csv", "test.csv", "features.yaml",
+                          "experiment.yaml")):
+        work = root / name
+        (work / "data").mkdir(parents=True)
+        for file in files:
+            (work / "data" / file).write_text((synth_dir / file).read_text())
+        return work
+
+    for i, (edit, _) in enumerate(_BAD_INPUTS):
+        work = case(f"bad{i}")
+        edit(work / "data")
+        commands.append((f"bad{i}", ["train", "--config", str(work / "data" / "experiment.yaml"),
+                                     "--out", str(work / "run")], str(work)))
+    work = case("non_numeric", files=("valid.csv", "test.csv", "features.yaml",
+                                      "experiment.yaml"))
     lines = (synth_dir / "train.csv").read_text().splitlines()
     header = lines[0].split(",")
     row = lines[3].split(",")
     row[header.index("item_price")] = "cheap"
     lines[3] = ",".join(row)
-    (data / "train.csv").write_text("\n".join(lines) + "\n")
-    proc = _run_cli("train", "--config", str(data / "experiment.yaml"), "--out",
-                    str(tmp_path / "run"), cwd=tmp_path)
-    assert proc.returncode == 2
+    (work / "data" / "train.csv").write_text("\n".join(lines) + "\n")
+    commands.append(("non_numeric", ["train", "--config", str(work / "data" / "experiment.yaml"),
+                                     "--out", str(work / "run")], str(work)))
+    work = case("unfinished", files=())
+    (work / "run" / "checkpoints").mkdir(parents=True)
+    commands.append(("unfinished", ["evaluate", "--run", str(work / "run"), "--data", "x.csv"],
+                     str(work)))
+    work = case("tiny_synth", files=())
+    commands.append(("tiny_synth", ["synth", "--out", str(work / "s"), "--rows", "10"],
+                     str(work)))
+    proc = subprocess.run([sys.executable, "-c", _ERRORS_DRIVER, json.dumps(commands), str(logs)],
+                          cwd=root, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    codes = json.loads(proc.stdout)
+    results = {name: (codes[name], (logs / f"{name}.err").read_text(), root / name)
+               for name, _, _ in commands}
+    results["exit"] = (proc.returncode, proc.stderr, root)
+    return results
+
+
+@pytest.mark.parametrize("edit,message", _BAD_INPUTS)
+def test_bad_input_one_line_error(cli_errors, edit, message):
+    code, stderr, work = cli_errors[f"bad{_BAD_INPUTS.index((edit, message))}"]
+    assert code == 2, stderr
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith("fm-keras: error: ") and message in last, stderr
+    assert "Exception ignored" not in stderr, stderr
+    assert "Exception ignored" not in cli_errors["exit"][1], cli_errors["exit"][1]
+    assert not (work / "run").exists()
+
+
+def test_non_numeric_value_in_numeric_feature(cli_errors):
+    code, stderr, work = cli_errors["non_numeric"]
+    assert code == 2
     assert ("train.csv: column 'item_price' (numeric feature): non-numeric value 'cheap' "
-            "at data row 3") in proc.stderr
-    assert not (tmp_path / "run").exists()
+            "at data row 3") in stderr
+    assert not (work / "run").exists()
 
 
-def test_evaluate_unfinished_run(tmp_path):
-    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
-    proc = _run_cli("evaluate", "--run", str(tmp_path / "run"), "--data", "x.csv", cwd=tmp_path)
-    assert proc.returncode == 2
-    assert "not a finished fm_keras run" in proc.stderr and "--resume" in proc.stderr
+def test_evaluate_unfinished_run(cli_errors):
+    code, stderr, _ = cli_errors["unfinished"]
+    assert code == 2
+    assert "not a finished fm_keras run" in stderr and "--resume" in stderr
 
 
-def test_synth_rejects_tiny_rows(tmp_path):
-    proc = _run_cli("synth", "--out", str(tmp_path / "s"), "--rows", "10", cwd=tmp_path)
-    assert proc.returncode == 2 and "--rows must be at least 1000" in proc.stderr
+def test_synth_rejects_tiny_rows(cli_errors):
+    code, stderr, _ = cli_errors["tiny_synth"]
+    assert code == 2 and "--rows must be at least 1000" in stderr
 
 
 def _last_error(capsys):

@@ -1,5 +1,6 @@
 """Ranking export: layout, tower parity, fresh-process loading, unseen values, refusals."""
 
+import functools
 import json
 import os
 import subprocess
@@ -13,6 +14,12 @@ from fm_keras.errors import ExportError
 from fm_keras.export import RankingServable, check_parity, export_run, next_version, sample_rows
 from fm_keras.runs import load_run, predict_split
 from fm_keras.towers import item_vector
+
+
+# The session's ranking export and run, loaded once in this module (seconds each): these
+# tests only call their signatures and models; loading in a fresh process is tested below.
+_load_saved_model = functools.cache(tf.saved_model.load)
+_load_run = functools.cache(load_run)
 
 
 def _meta(version_dir):
@@ -47,9 +54,9 @@ def test_layout_metadata_and_warmup(exports):
 
 def test_towers_reproduce_logit_on_10k_rows(small_run, exports):
     """user_vector . item_vector + user_offset == logit, checked against an independent sum."""
-    run = load_run(small_run)
+    run = _load_run(small_run)
     rows = sample_rows(run, 10_000, seed=5)
-    loaded = tf.saved_model.load(exports["ranking"])
+    loaded = _load_saved_model(exports["ranking"])
     meta = _meta(exports["ranking"])
     batch = {k: tf.constant(v) for k, v in rows.items()}
     logit = loaded.signatures["serving_default"](**batch)["logit"].numpy().astype(np.float64)
@@ -73,12 +80,12 @@ def test_exported_probability_is_the_in_process_calibrated_probability(small_run
     from fm_keras.calibration import Calibration
     from fm_keras.data import Split
 
-    run = load_run(small_run)
+    run = _load_run(small_run)
     meta = _meta(exports["ranking"])
     assert meta["calibration"]["method"] == "isotonic" == run.model.calibration.method
     assert Calibration.from_dict(meta["calibration"]) == run.model.calibration
     rows = sample_rows(run, 5000, seed=9)
-    loaded = tf.saved_model.load(exports["ranking"])
+    loaded = _load_saved_model(exports["ranking"])
     out = loaded.signatures["serving_default"](**{k: tf.constant(v) for k, v in rows.items()})
     split = Split(dict(rows), None, 5000, {}, [])
     in_process = predict_split(run.model, split)
@@ -93,7 +100,7 @@ def test_exported_probability_is_the_in_process_calibrated_probability(small_run
 
 
 def test_unseen_and_bad_values_give_finite_outputs(exports):
-    loaded = tf.saved_model.load(exports["ranking"])
+    loaded = _load_saved_model(exports["ranking"])
     n = 6
     rows = {
         "user_id": ["never", "", "u1", "ü-new", " ", "u0"],
@@ -182,9 +189,9 @@ def test_refuses_a_model_that_fails_parity(small_run, tmp_path, monkeypatch):
 
 
 def test_check_parity_reports_the_difference(small_run, exports):
-    run = load_run(small_run)
+    run = _load_run(small_run)
     meta = _meta(exports["ranking"])
-    loaded = tf.saved_model.load(exports["ranking"])
+    loaded = _load_saved_model(exports["ranking"])
     result = check_parity(loaded, sample_rows(run, 200), meta["query_features"],
                           meta["item_features"])
     assert result["rows"] == 200 and result["max_abs_diff"] <= 1e-4

@@ -1,6 +1,7 @@
 """Recall exports: exact agreement with the ranking model, ScaNN recall, exclusions, pads,
 UTF-8 ids, stock ops in a fresh process, errors."""
 
+import functools
 import json
 import os
 import subprocess
@@ -23,15 +24,22 @@ USERS = {"user_id": ["u1", "u7", "u-new"], "user_segment": ["s1", "s3", ""],
          "device": ["ios", "web", "android"], "hour": ["3", "12", "23"]}
 
 
+@functools.cache
+def _load(path):
+    """`load_export`, once per export in this module: loading a SavedModel takes seconds and
+    the tests only call its signatures (tests of loading itself use a process of their own)."""
+    return load_export(path)
+
+
 def _recall(path, signature="serving_default", **extra):
-    _, loaded, _ = load_export(path)
+    _, loaded, _ = _load(path)
     feed = {k: tf.constant(v) for k, v in {**USERS, **extra}.items()}
     return {k: v.numpy() for k, v in loaded.signatures[signature](**feed).items()}
 
 
 def _ranking_scores(exports, synth_dir):
     """FM logit of every (user, catalog item) pair from the ranking model's serving_default."""
-    _, ranking, _ = load_export(exports["ranking"])
+    _, ranking, _ = _load(exports["ranking"])
     items = pd.read_csv(os.path.join(synth_dir, "items.csv"), dtype=str)
     scores = []
     for u in range(len(USERS["user_id"])):
@@ -61,11 +69,11 @@ def test_top_k_is_the_ranking_models_top_k(exports, small_synth, backend):
         np.testing.assert_allclose([lookup[i] for i in got_ids], out["scores"][u], atol=1e-4)
     # probabilities: the ranking run's calibration (isotonic after the pos_weight correction)
     # of the scores, as in NumPy, and as the ranking export's own `probability` of those rows.
-    calibration = Calibration.from_dict(load_export(exports[backend])[2]["calibration"])
+    calibration = Calibration.from_dict(_load(exports[backend])[2]["calibration"])
     assert calibration.method == "isotonic" and calibration.logit_correction == -np.log(4.0)
     np.testing.assert_allclose(out["probabilities"],
                                calibration.probability_numpy(out["scores"]), atol=1e-6)
-    _, ranking, _ = load_export(exports["ranking"])
+    _, ranking, _ = _load(exports["ranking"])
     items = pd.read_csv(os.path.join(small_synth[0], "items.csv"), dtype=str).set_index("item_id")
     got_ids = out["item_ids"][0].astype(str)
     feed = {k: tf.constant([v[0]] * len(got_ids)) for k, v in USERS.items()}
@@ -237,7 +245,7 @@ def test_scann_partitioned_index_recall_against_exact():
 
 
 def test_item_vectors_of_the_catalog(exports, small_synth):
-    _, ranking, meta = load_export(exports["ranking"])
+    _, ranking, meta = _load(exports["ranking"])
     ids, columns = read_catalog(os.path.join(small_synth[0], "items.csv"), meta, "item_id")
     vectors = item_vectors(ranking, columns, batch_size=1000)
     assert vectors.shape == (5000, 11) and len(ids) == 5000
@@ -275,7 +283,7 @@ def test_warmup_requests_replay_on_the_export(exports, backend):
     at load and refuses the version otherwise)."""
     from tensorflow_serving.apis import prediction_log_pb2
 
-    _, loaded, _ = load_export(exports[backend])
+    _, loaded, _ = _load(exports[backend])
     path = os.path.join(exports[backend], "assets.extra", "tf_serving_warmup_requests")
     records = [prediction_log_pb2.PredictionLog.FromString(r.numpy())
                for r in tf.data.TFRecordDataset(path)]

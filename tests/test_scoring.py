@@ -1,5 +1,6 @@
 """Batch scoring and recommend: same numbers as the signatures, streamed, atomic, clear errors."""
 
+import functools
 import os
 
 import numpy as np
@@ -14,8 +15,15 @@ from fm_keras.scoring import Progress, export_list_columns, recommend, run_signa
 from fm_keras.servables import export_metadata, load_export
 
 
+@functools.cache
+def _load(path):
+    """`load_export` of a session export, once in this module (seconds a load): the tests only
+    call its signatures; the functions under test load the export themselves."""
+    return load_export(path)
+
+
 def _expected(exports, frame, signature="serving_default"):
-    _, loaded, _ = load_export(exports["ranking"])
+    _, loaded, _ = _load(exports["ranking"])
     fn = loaded.signatures[signature]
     feed = {n: tf.constant(frame[n].to_numpy(np.float32) if s.dtype == tf.float32
                            else frame[n].astype(str).to_numpy())
@@ -145,7 +153,7 @@ def test_score_reads_quirky_cells_as_training_does(exports, small_synth, tmp_pat
     out = str(tmp_path / "scores.csv")
     summary = run_signature(exports["ranking"], [path], out, batch_size=16, progress=False)
     assert summary["rows"] == 60
-    _, loaded, _ = load_export(exports["ranking"])
+    _, loaded, _ = _load(exports["ranking"])
     fn = loaded.signatures["serving_default"]
     specs = fn.structured_input_signature[1]
     # Training's reader (load_split) gives the signature its inputs: the same numbers.
@@ -169,7 +177,7 @@ def test_recommend_reads_quirky_user_files_as_training_does(exports, small_synth
     got = pd.read_csv(out, dtype={"user_id": str}, keep_default_na=False)
     assert len(got) == 60 * 3
     assert got["user_id"][12] == "u1\nu2"
-    _, loaded, _ = load_export(exports["scann"])
+    _, loaded, _ = _load(exports["scann"])
     fn = loaded.signatures["serving_default"]
     specs = fn.structured_input_signature[1]
     split = load_split([path], [FeatureConfig(n, "numeric" if s.dtype == tf.float32

@@ -197,19 +197,41 @@ def test_resume_from_a_checkpoint_older_than_the_last_epoch(small_synth, tmp_pat
         straight["metrics"]["valid"]["auc"], abs=0.02)
 
 
-def test_early_stopping_restores_best_epoch(small_synth, tmp_path):
+@pytest.fixture(scope="module")
+def early_stopped_run(small_synth, tmp_path_factory):
+    """A run that early stopping ends before its 8 epochs; returns (run_dir, record). Both
+    tests below only read it."""
     synth_dir, _ = small_synth
+    run_dir = str(tmp_path_factory.mktemp("early_stopped") / "run")
     record = train(_config(synth_dir, epochs=8, early_stopping_patience=1, optimizer="adam",
-                           learning_rate=0.05), str(tmp_path / "run"), verbose=0)
+                           learning_rate=0.05), run_dir, verbose=0)
+    return run_dir, record
+
+
+def test_early_stopping_restores_best_epoch(early_stopped_run):
+    _, record = early_stopped_run
     aucs = [h["val_auc"] for h in record["history"]]
     assert record["best_epoch"] == int(np.argmax(aucs)) + 1  # 1-based, like the log lines
     assert record["metrics"]["valid"]["auc"] == pytest.approx(max(aucs), abs=0.01)
 
 
-def test_progress_shows_no_unmeasured_train_metrics(small_synth, tmp_path):
-    """Regression: train-time auc/logloss printed as 0 (TFRS computes them on validation only)."""
+@pytest.fixture(scope="module")
+def one_epoch_run(small_synth, tmp_path_factory):
+    """A run of one epoch (the cap, hit while improving); returns (run_dir, record, what it
+    printed on stderr). The tests only read it."""
+    import contextlib
+    import io
+
     synth_dir, _ = small_synth
-    record = train(_config(synth_dir, epochs=1), str(tmp_path / "run"), verbose=0)
+    run_dir = tmp_path_factory.mktemp("one_epoch") / "run"
+    with contextlib.redirect_stderr(io.StringIO()) as err:
+        record = train(_config(synth_dir, epochs=1), str(run_dir), verbose=0)
+    return run_dir, record, err.getvalue()
+
+
+def test_progress_shows_no_unmeasured_train_metrics(one_epoch_run):
+    """Regression: train-time auc/logloss printed as 0 (TFRS computes them on validation only)."""
+    _, record, _ = one_epoch_run
     logs = record["history"][0]
     assert {"loss", "val_auc", "val_logloss"} <= set(logs)
     assert not {"auc", "logloss"} & set(logs)
@@ -232,10 +254,10 @@ def test_corrected_probability_is_calibrated(calib_synth, tmp_path, training):
     assert abs(test["raw"]["calibration_ratio"] - 1) > 0.5  # the uncorrected one is far off
 
 
-def test_epoch_cap_while_improving_warns_and_is_recorded(small_synth, tmp_path, capsys):
+def test_epoch_cap_while_improving_warns_and_is_recorded(small_synth, one_epoch_run):
     """Issue 11: a run that hits training.epochs before early stopping ended it says so."""
     synth_dir, _ = small_synth
-    record = train(_config(synth_dir, epochs=1), str(tmp_path / "run"), verbose=0)
+    run_dir, record, err = one_epoch_run
     assert record["best_epoch"] == 1 and not record["converged"]
     # The empirical Bayes prior is re-estimated between epochs: after one, none yet.
     config = _config(synth_dir)
@@ -244,20 +266,16 @@ def test_epoch_cap_while_improving_warns_and_is_recorded(small_synth, tmp_path, 
     assert "raise training.epochs" in record["warnings"][0]
     # One epoch: its mean training loss (the first steps' included) is still near the base
     # rate's, so early stopping has not judged the run yet, and the warning says that.
-    assert "warning: the epoch cap ended the run before early stopping could judge it" in \
-        capsys.readouterr().err
-    state = load_run(str(tmp_path / "run")).info
+    assert "warning: the epoch cap ended the run before early stopping could judge it" in err
+    state = load_run(str(run_dir)).info
     assert state["converged"] is False
     # state.json says whether early stopping ended the run: here the epoch cap did.
-    assert json.loads((tmp_path / "run" / "state.json").read_text())["early_stopped"] is False
+    assert json.loads((run_dir / "state.json").read_text())["early_stopped"] is False
 
 
-def test_early_stop_is_converged_and_state_agrees(small_synth, tmp_path):
+def test_early_stop_is_converged_and_state_agrees(small_synth, early_stopped_run):
     synth_dir, _ = small_synth
-    run_dir = str(tmp_path / "run")
-    record = train(_config(synth_dir, epochs=8, early_stopping_patience=1, optimizer="adam",
-                           learning_rate=0.05), run_dir, verbose=0)
-    import json
+    run_dir, record = early_stopped_run
     with open(os.path.join(run_dir, "state.json")) as f:
         state = json.load(f)
     assert len(record["history"]) < 8 and record["converged"] and not record["warnings"]
