@@ -217,8 +217,8 @@ def test_early_stopping_restores_best_epoch(early_stopped_run):
 
 @pytest.fixture(scope="module")
 def one_epoch_run(small_synth, tmp_path_factory):
-    """A run of one epoch (the cap, hit while improving); returns (run_dir, record, what it
-    printed on stderr). The tests only read it."""
+    """A run of one epoch (its cap); returns (run_dir, record, what it printed on stderr).
+    The tests only read it."""
     import contextlib
     import io
 
