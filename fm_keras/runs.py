@@ -315,9 +315,12 @@ class TrainingState(keras.callbacks.Callback):
                 self.best.save()
         if self.stopper.stopped:
             self.model.stop_training = True
+            # A gain under min_delta still moves the best epoch: say so when it is this one.
+            last = (f", the last, ahead by less than {self.stopper.min_delta}"
+                    if self.best_epoch == epoch + 1 else "")
             log(f"early stopping after epoch {epoch + 1}: {self.monitor} has not improved by "
                 f"more than {self.stopper.min_delta} for {self.stopper.wait} epochs; "
-                f"best was epoch {self.best_epoch}")
+                f"best was epoch {self.best_epoch}{last}")
         last_epoch = self.stopper.stopped or epoch + 1 >= self.config.training.epochs
         if checkpoint_due(self.large, last_epoch, time.monotonic() - self._checkpointed_at,
                           self.checkpoint_seconds):

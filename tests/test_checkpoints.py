@@ -176,6 +176,21 @@ def _epochs(state, aucs, first=0):
         state.on_epoch_end(epoch, {"loss": 0.3, "val_auc": auc})
 
 
+def test_early_stopping_says_which_epoch_is_best(tmp_path, capsys):
+    """Gains under min_delta (1e-4) move the best epoch but count toward the patience (5):
+    the run stops with its last epoch best, and the line says so."""
+    _, state = _state(tmp_path)
+    _epochs(state, [0.7, 0.71, 0.71002, 0.71004, 0.71006, 0.71008, 0.7101])
+    assert state.stopper.stopped and state.best_epoch == 7
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "fm-keras: early stopping after epoch 7: val_auc has not improved by more than 0.0001 "
+        "for 5 epochs; best was epoch 7, the last, ahead by less than 0.0001")
+    (tmp_path / "other").mkdir()
+    _, state = _state(tmp_path / "other")
+    _epochs(state, [0.7, 0.71, 0.70, 0.70, 0.70, 0.70, 0.70])
+    assert capsys.readouterr().err.splitlines()[-1].endswith("for 5 epochs; best was epoch 2")
+
+
 def test_large_tables_checkpoint_by_time_and_at_the_last_epoch(tmp_path, small_threshold):
     model, state = _state(tmp_path, epochs=4)
     assert state.large and state.last.asynchronous
