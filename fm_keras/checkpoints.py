@@ -191,7 +191,7 @@ class BestWeights:
         rows: int64 variable [n], the rows the partial copies hold (saved with them, so a
             checkpoint restores into the rows it copied), or None (every copy whole).
         large: per variable, whether it has more than `PARTIAL_COPY_MIN_ELEMENTS` elements
-            (then copied and restored by XLA, see `save`).
+            (then copied and restored by XLA, see `_copy`).
 
     The copies are non-trainable variables: one more copy of the weights (of the trained rows
     of large tables) in memory.
@@ -218,8 +218,9 @@ class BestWeights:
                        for v, part in zip(self.live, self.partial)]
         self.large = [int(v.shape.num_elements()) > PARTIAL_COPY_MIN_ELEMENTS
                       for v in self.live]
-        self._save_large = tf.function(lambda: self._copy_large(False), jit_compile=True)
-        self._restore_large = tf.function(lambda: self._copy_large(True),
+        self._save_large = tf.function(lambda: self._copy(restore=False, large=True),
+                                       jit_compile=True)
+        self._restore_large = tf.function(lambda: self._copy(restore=True, large=True),
                                           jit_compile=True)
         with without_xla_notice() if any(self.large) else contextlib.nullcontext():
             self.save()  # once now, before training (a large table's first copy compiles)
@@ -229,53 +230,40 @@ class BestWeights:
         self.trackable = tf.train.Checkpoint(**tracked)
 
     def save(self) -> None:
-        """Copies the current weights in: O(weights copied) memory traffic.
-
-        A whole copy writes into the copy's own buffer (``copy.assign(live)`` outside XLA would
-        share the live buffer and move the copy into the next train step, copy-on-write); a
-        partial copy is a gather of the rows. Variables over `PARTIAL_COPY_MIN_ELEMENTS` are
-        copied in one XLA computation (`_copy_large`).
-        """
-        for copy, live, part, large in zip(self.copies, self.live, self.partial, self.large):
-            if large:
-                continue
-            if part:
-                copy.assign(tf.gather(live, self.rows))
-            else:
-                copy[...].assign(live)
+        """Copies the current weights in: O(weights copied) memory traffic."""
+        self._copy(restore=False, large=False)
         if any(self.large):
             self._save_large()
 
     def restore(self) -> None:
         """Puts the copied weights back into the model (in place; a partial copy's rows with
         one ``scatter_update``)."""
-        for copy, live, part, large in zip(self.copies, self.live, self.partial, self.large):
-            if large:
-                continue
-            if part:
-                live.scatter_update(tf.IndexedSlices(copy, self.rows))
-            else:
-                live[...].assign(copy)
+        self._copy(restore=True, large=False)
         if any(self.large):
             self._restore_large()
 
-    def _copy_large(self, restore: bool) -> None:
-        """The large variables' copies (save) or their restore, compiled by XLA.
+    def _copy(self, restore: bool, large: bool) -> None:
+        """Copies the variables whose `large` flag is `large` in (or, with `restore`, back).
 
-        Outside XLA a dense read of an id table copies it first (the sparse ops of training
-        put the variable in TensorFlow's copy-on-read mode), and the strided assign of a whole
-        copy is slow: 400-500 ms for a 5M x 11 table, 58-75 ms for a gather of 27% of its
-        rows. XLA reads the buffer and writes into the copy's: 32-40 ms and 27-39 ms
-        (BENCHMARKS.md, "Session 13").
+        ``[...].assign`` writes into the destination's own buffer; ``copy.assign(live)``
+        outside XLA would share the live buffer and move the copy into the next train step
+        (copy-on-write). A partial copy is a gather of the rows, restored by a scatter.
+
+        The large variables run compiled by XLA (`_save_large`, `_restore_large`): outside
+        XLA a dense read of an id table copies it first (the sparse ops of training put the
+        variable in TensorFlow's copy-on-read mode), and the strided assign of a whole copy is
+        slow: 400-500 ms for a 5M x 11 table, 58-75 ms for a gather of 27% of its rows. XLA
+        reads the buffer and writes into the copy's: 32-40 ms and 27-39 ms (BENCHMARKS.md,
+        "Session 13").
         """
-        for copy, live, part, large in zip(self.copies, self.live, self.partial, self.large):
-            if not large:
+        for copy, live, part, big in zip(self.copies, self.live, self.partial, self.large):
+            if big != large:
                 continue
-            if restore and part:
-                live.scatter_update(tf.IndexedSlices(copy.read_value(), self.rows))
-            elif restore:
-                live.assign(copy.read_value())
+            if part and restore:
+                live.scatter_update(tf.IndexedSlices(copy, self.rows))
             elif part:
                 copy.assign(tf.gather(live, self.rows))
+            elif restore:
+                live[...].assign(copy)
             else:
-                copy.assign(live.read_value())
+                copy[...].assign(live)

@@ -138,12 +138,12 @@ class CompiledSteps:
                            for v in self.variables if v.shape.rank}
         self._loop = tf.function(self._steps, jit_compile=True, reduce_retracing=True)
         self._function = tf.function(self._execution, reduce_retracing=True)
-        self._calls = 0
+        self._compiled = False
 
     def __call__(self, iterator):
-        if self._calls:
+        if self._compiled:
             return self._function(iterator)
-        self._calls = 1
+        self._compiled = True
         with without_xla_notice():  # the first call compiles
             return self._function(iterator)
 
