@@ -31,10 +31,9 @@ import pandas as pd
 from scipy import stats
 
 from fm_keras.errors import ConfigError, DataError
-from fm_keras.experiments.config import ABExperiment
+from fm_keras.experiments.config import METRICS, ABExperiment
 from fm_keras.experiments.events import PRE_PERIOD
 
-METRICS = ("clicks_per_user", "ctr")
 SRM_ALPHA = 0.001
 
 

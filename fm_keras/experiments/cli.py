@@ -60,7 +60,7 @@ def _experiment_args(p) -> None:
 
 
 def _analysis_args(p) -> None:
-    from fm_keras.experiments.analysis import METRICS
+    from fm_keras.experiments.config import METRICS
 
     p.add_argument("--metric", choices=METRICS, default="clicks_per_user")
     p.add_argument("--cuped", action="store_true",

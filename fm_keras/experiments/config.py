@@ -42,6 +42,8 @@ MAX_BUCKETS = 2**32  # the hash keeps 64 bits: the modulo bias stays below 2^-32
 EVENT_COLUMNS = ("arm", "timestamp", "impressions", "clicks")
 PRE_PERIOD = "pre_period"
 RESERVED_COLUMNS = (*EVENT_COLUMNS, PRE_PERIOD)
+# The per-unit metrics `ab report` tests (fm_keras.experiments.analysis).
+METRICS = ("clicks_per_user", "ctr")
 _NAME = re.compile(r"[A-Za-z][A-Za-z0-9_.-]*")
 
 
