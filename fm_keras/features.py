@@ -220,7 +220,10 @@ class FeatureEncoder(keras.layers.Layer):
             x = tf.clip_by_value(x, f.clip_min, f.clip_max) if math.isfinite(f.clip_min) else x
             if c.normalization == "log":
                 x = tf.math.log1p(tf.maximum(x, 0.0))
-            x = (x - f.center) / f.scale
+            # Times the float32 reciprocal, not divided by the scale: Grappler rewrites the
+            # division so in a graph (the export), and eager encoding (`encode_numpy`) must
+            # give the same bits.
+            x = (x - f.center) * (np.float32(1) / np.float32(f.scale))
             return tf.zeros_like(x, tf.int32)[:, None], x[:, None]
         raw = tf.reshape(tf.strings.as_string(raw) if raw.dtype != tf.string else raw, [-1])
         if c.kind == "categorical":
@@ -258,6 +261,11 @@ class FeatureEncoder(keras.layers.Layer):
                      names: Sequence[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Encodes in-memory columns once (training data is encoded once, not per epoch).
 
+        Runs eagerly, `batch_size` rows per call: the kernels are the graph's, and tracing a
+        graph per encoder and input shape cost more than it saved (0.2 s eager vs 3.2 s
+        traced at 3.8k rows, 2.5 vs 3.3 s at 340k; BENCHMARKS.md, "Session 14"). The result
+        equals the exported graph's bit for bit (tests/test_features.py).
+
         With `names`, only those features (one side of the model), as `encode` does.
         """
         names = tuple(self.input_names if names is None else names)
@@ -265,14 +273,10 @@ class FeatureEncoder(keras.layers.Layer):
         ids, values = [], []
         for start in range(0, n, batch_size):
             chunk = {k: tf.constant(columns[k][start:start + batch_size]) for k in names}
-            i, v = self._encode_graph(chunk, names)
+            i, v = self.encode(chunk, names)
             ids.append(i.numpy())
             values.append(v.numpy())
         return np.concatenate(ids), np.concatenate(values)
-
-    @tf.function(reduce_retracing=True)
-    def _encode_graph(self, chunk, names):
-        return self.encode(chunk, names)
 
     def get_config(self):
         return {**super().get_config(), "features": [f.to_dict() for f in self.features]}
