@@ -11,7 +11,7 @@ import json
 import os
 import sys
 
-from fm_keras import termination
+from fm_keras import hugepages, termination
 from fm_keras.experiments.cli import add_commands as _add_ab_commands
 from fm_keras.pipeline.cli import add_commands as _add_pipeline_commands
 from fm_keras.serving.cli import add_commands as _add_serving_commands
@@ -143,6 +143,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _trains(args) -> bool:
+    """Whether the command holds training tables (and so wants transparent huge pages)."""
+    return args.command in ("train", "tune", "cluster-server") or (
+        args.command == "pipeline" and args.pipeline_command in ("run", "step"))
+
+
 def main(argv: list[str] | None = None) -> int:
     """Runs one command. Exit status: 0, 2 for bad input (one line on stderr), 130 on SIGINT,
     143 on SIGTERM (what Kubernetes, Airflow and `timeout` send to stop a job) before the
@@ -152,7 +158,9 @@ def main(argv: list[str] | None = None) -> int:
     the command's work (files written, a pipeline run) is done as far as it had got.
 
     Args:
-        argv: the arguments; None reads ``sys.argv``, as the ``fm-keras`` program does. Then,
+        argv: the arguments; None reads ``sys.argv``, as the ``fm-keras`` program does. Then
+            the program restarts itself once with transparent huge pages before a command
+            that trains (`fm_keras.hugepages`), and,
             after a command that committed its output, SIGTERM stays ignored while the process
             exits (unloading TensorFlow takes a while, and the default action would kill a
             finished job with 143); a caller that passes ``argv`` gets its handler back.
@@ -161,6 +169,8 @@ def main(argv: list[str] | None = None) -> int:
     import threading
 
     args = build_parser().parse_args(argv)
+    if argv is None and _trains(args):
+        hugepages.reexec_with_tunable()  # returns where it changes nothing
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", tf_log_level())
     from fm_keras.errors import FMKerasError
 

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fm_keras import __version__, fsutil
+from fm_keras import __version__, fsutil, hugepages
 from fm_keras._tf import keras, tf
 from fm_keras.calibration import Calibration, fit_calibration
 from fm_keras.checkpoints import (LARGE_CHECKPOINT_SECONDS, BestWeights, CheckpointWriter,
@@ -131,12 +131,15 @@ def _short(value) -> str:
 
 
 def library_versions() -> dict:
-    """Versions of fm_keras and the libraries a run depends on, for run.json."""
+    """Versions of fm_keras and the libraries a run depends on, and the memory pages its
+    tables got (`fm_keras.hugepages.state`: it changes the speed of a step, not its result),
+    for run.json."""
     import tensorflow_recommenders as tfrs
 
     return {"fm_keras": __version__, "tensorflow": tf.__version__,
             "tf_keras": keras.__version__, "tensorflow_recommenders": tfrs.__version__,
-            "python": platform.python_version()}
+            "python": platform.python_version(),
+            "transparent_huge_pages": hugepages.state()}
 
 
 def load_run(run_dir: str) -> Run:

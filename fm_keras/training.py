@@ -17,10 +17,10 @@ import time
 
 import numpy as np
 
-from fm_keras import compiled_steps, fsutil, out_of_core
+from fm_keras import compiled_steps, fsutil, hugepages, out_of_core
 from fm_keras._tf import keras, tf
 from fm_keras.batches import batched_dataset, holdout_if_needed
-from fm_keras.checkpoints import trained_rows
+from fm_keras.checkpoints import LARGE_VARIABLE_ELEMENTS, is_large, trained_rows
 from fm_keras.config import ExperimentConfig
 from fm_keras.convergence import base_loss
 from fm_keras.convert import converted_shards, fitted_features
@@ -179,6 +179,10 @@ def _train(config: ExperimentConfig, run_dir: str, *, resume: bool, verbose: int
     log(f"encoded {rows['train']:,} + {len(valid_split):,} rows into "
         f"{model.encoder.num_slots} slots over {model.encoder.num_ids:,} ids "
         f"in {time.time() - t0:.1f}s")
+    if is_large(model.trainable_variables) and hugepages.state() == "madvise":
+        log(f"tables over {LARGE_VARIABLE_ELEMENTS:,} values step faster on transparent huge "
+            f"pages (BENCHMARKS.md, \"Session 14\"): start Python with "
+            f"GLIBC_TUNABLES={hugepages.TUNABLE}, as the fm-keras program does")
 
     # Before the run directory is written: `compiled_steps: always` may refuse.
     # Validation rows are unweighted; weighted_metrics=[] says so (and silences Keras).

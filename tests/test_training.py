@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from trained_rows_testlib import changed_rows, record_trained_rows, with_new_catalog_items
-from fm_keras import training
+from fm_keras import checkpoints, training
 from fm_keras.config import load_experiment
 from fm_keras.errors import DataError, RunError, TrainingDivergedError
 from fm_keras.data import load_data_split
@@ -97,6 +97,23 @@ def test_a_run_stopped_before_writing_leaves_no_run_dir_it_made(small_synth, tmp
     with pytest.raises(KeyboardInterrupt):
         train(config, str(run_dir), verbose=0)
     assert run_dir.exists() == existed  # a directory that was there before stays
+
+
+@pytest.mark.parametrize("pages", ["madvise", "madvise+glibc.malloc.hugetlb=1"])
+def test_a_large_table_without_huge_pages_logs_how_to_get_them(small_synth, tmp_path,
+                                                                 monkeypatch, capsys, pages):
+    synth_dir, _ = small_synth
+    monkeypatch.setattr(training.hugepages, "state", lambda: pages)
+    monkeypatch.setattr(checkpoints, "LARGE_VARIABLE_ELEMENTS", 100)  # the table is "large"
+
+    def stop(*args, **kwargs):  # the hint comes before the step is chosen: stop there
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(training.compiled_steps, "choose", stop)
+    with pytest.raises(KeyboardInterrupt):
+        train(_config(synth_dir), str(tmp_path / "run"), verbose=0)
+    hinted = "start Python with GLIBC_TUNABLES=glibc.malloc.hugetlb=1" in capsys.readouterr().err
+    assert hinted == (pages == "madvise")
 
 
 def _with_split(config, role, path):

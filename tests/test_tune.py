@@ -10,6 +10,7 @@ from types import SimpleNamespace
 import pandas as pd
 import pytest
 
+from fm_keras import hugepages
 from fm_keras.cli import main
 from fm_keras.config import load_experiment
 from fm_keras.search_space import load_search_space
@@ -109,6 +110,11 @@ def test_two_processes_share_one_study(tiny, tmp_path):
     assert len({os.path.dirname(t.user_attrs["run_dir"]) for t in trained}) == 2  # both worked
     last = [r for r in results if "running" not in r["trials"]]
     assert last and all(r["best"]["trial"] == study.best_trial.number for r in last)
+    # The program restarted itself with huge pages where this machine has them.
+    env = hugepages.with_tunable(dict(os.environ), hugepages.thp_mode(),
+                                 hugepages.glibc_version()) or os.environ
+    with open(os.path.join(trained[0].user_attrs["run_dir"], "run.json")) as f:
+        assert json.load(f)["versions"]["transparent_huge_pages"] == hugepages.state(env)
 
 
 @pytest.mark.parametrize("args,message", [

@@ -1,0 +1,70 @@
+"""fm_keras.hugepages: when the program restarts with glibc's huge-page tunable, and with what."""
+
+import sys
+
+import pytest
+
+from fm_keras import hugepages
+
+GLIBC = (2, 36)
+
+
+@pytest.mark.parametrize("env,mode,glibc,want", [
+    ({}, "madvise", GLIBC, "glibc.malloc.hugetlb=1"),
+    ({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}, "madvise", GLIBC,
+     "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"),                # others kept
+    ({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}, "madvise", GLIBC, None),  # the user's choice
+    ({"FM_KERAS_HUGEPAGES": "0"}, "madvise", GLIBC, None),               # opted out
+    ({}, "always", GLIBC, None),                                        # already huge
+    ({}, "never", GLIBC, None),
+    ({}, None, GLIBC, None),                                            # no THP setting
+    ({}, "madvise", (2, 34), None),                                     # no such tunable
+    ({}, "madvise", None, None),                                        # not glibc (musl)
+])
+def test_with_tunable(env, mode, glibc, want):
+    got = hugepages.with_tunable(env, mode, glibc)
+    assert (got and got["GLIBC_TUNABLES"]) == want
+    if got:
+        assert {k: v for k, v in got.items() if k != "GLIBC_TUNABLES"} == {
+            k: v for k, v in env.items() if k != "GLIBC_TUNABLES"}
+
+
+def test_thp_mode_reads_the_bracketed_choice(tmp_path):
+    path = tmp_path / "enabled"
+    path.write_text("always [madvise] never\n")
+    assert hugepages.thp_mode(str(path)) == "madvise"
+    assert hugepages.thp_mode(str(tmp_path / "missing")) is None
+
+
+def test_state(monkeypatch):
+    tunables = {"GLIBC_TUNABLES": "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"}
+    assert hugepages.state(tunables, "madvise") == "madvise+glibc.malloc.hugetlb=1"
+    assert hugepages.state({}, "madvise") == "madvise"
+    assert hugepages.state(tunables, "always") == "always"
+    monkeypatch.setattr(hugepages, "thp_mode", lambda: None)  # no THP setting to read
+    assert hugepages.state({}) == "unknown"
+
+
+def _machine_with_thp(monkeypatch):
+    monkeypatch.setattr(hugepages, "thp_mode", lambda: "madvise")
+    monkeypatch.setattr(hugepages, "glibc_version", lambda: GLIBC)
+    for name in ("GLIBC_TUNABLES", "FM_KERAS_HUGEPAGES"):
+        monkeypatch.delenv(name, raising=False)
+    calls = []
+    monkeypatch.setattr(hugepages.os, "execve", lambda *args: calls.append(args))
+    return calls
+
+
+def test_the_fm_keras_program_restarts_itself_with_the_tunable(monkeypatch):
+    calls = _machine_with_thp(monkeypatch)
+    monkeypatch.setattr(sys, "argv", ["/venv/bin/fm-keras", "train", "--config", "e.yaml"])
+    hugepages.reexec_with_tunable()
+    ((executable, argv, env),) = calls
+    assert executable == sys.executable and argv == sys.orig_argv  # same invocation
+    assert env["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=1"
+
+
+def test_a_process_that_imported_fm_keras_is_never_replaced(monkeypatch):
+    calls = _machine_with_thp(monkeypatch)  # here __main__ is pytest, argv[0] not fm-keras
+    hugepages.reexec_with_tunable()
+    assert calls == []
