@@ -24,6 +24,10 @@ interval, as a share of the timed epoch. The validation pass (Keras' evaluation 
     python benchmarks/table_scaling.py [--rows 500000] [--ids 10000,100000,1000000,5000000]
         [--optimizers adam,adagrad,ftrl] [--batch-size 1024] [--stock-steps 40] [--zipf 1.2]
         [--valid-rows ROWS/10] [--repeats 1] [--keras-step]
+
+`fm-keras train` runs with transparent huge pages where the machine has them
+(`fm_keras.hugepages`); for the same here, start it with GLIBC_TUNABLES=glibc.malloc.hugetlb=1
+(the header line prints what the process got).
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ os.environ.setdefault("AUTOGRAPH_VERBOSITY", "0")
 
 import numpy as np  # noqa: E402
 
+from fm_keras import hugepages  # noqa: E402
 from fm_keras._tf import keras, tf  # noqa: E402
 from fm_keras.config import (DataConfig, ExperimentConfig, FeatureConfig,  # noqa: E402
                              ModelConfig, TrainingConfig)
@@ -184,7 +189,8 @@ def main():
     print(f"rows {args.rows:,}  fields {FIELDS}  k 10  batch {args.batch_size}  "
           f"steps_per_execution {TrainingConfig().steps_per_execution}  repeats {args.repeats}  "
           f"ids {'zipf ' + str(args.zipf) if args.zipf else 'uniform'}  "
-          f"load {os.getloadavg()[0]:.1f}  tensorflow {tf.__version__}", flush=True)
+          f"load {os.getloadavg()[0]:.1f}  tensorflow {tf.__version__}  "
+          f"transparent huge pages {hugepages.state()}", flush=True)
     data = {num_ids: Rows(args.rows, num_ids, args.zipf, args.batch_size) for num_ids in sizes}
     for name in args.optimizers.split(","):
         # One model per table size, timed in rounds that alternate between the sizes: a
