@@ -7,6 +7,7 @@ import os
 
 import pytest
 
+from fm_keras import hugepages
 from fm_keras.errors import RunError
 from fm_keras.runs import check_run_dir, library_versions, load_run
 
@@ -43,8 +44,10 @@ def test_load_run_refuses_what_is_not_a_finished_run(tmp_path):
 
 
 def test_library_versions_name_what_a_run_depends_on():
-    assert set(library_versions()) == {"fm_keras", "tensorflow", "tf_keras",
-                                       "tensorflow_recommenders", "python"}
+    versions = library_versions()
+    assert set(versions) == {"fm_keras", "tensorflow", "tf_keras", "tensorflow_recommenders",
+                             "python", "transparent_huge_pages"}
+    assert versions["transparent_huge_pages"] == hugepages.state()
 
 
 def test_a_file_is_not_a_run_dir(tmp_path):
