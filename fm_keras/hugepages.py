@@ -78,6 +78,12 @@ def state(env=None, mode: str | None = None) -> str:
     return mode or "unknown"
 
 
+def missing() -> bool:
+    """True where this process could have had huge pages for its tables and has not: the
+    kernel and glibc offer them, the tunable is not set, and nobody opted out."""
+    return with_tunable(dict(os.environ), thp_mode(), glibc_version()) is not None
+
+
 def reexec_with_tunable() -> None:
     """Replaces this process by itself started with the tunable (`with_tunable`), if that
     changes anything; returns where it does not. Only for the ``fm-keras`` program (the

@@ -179,7 +179,7 @@ def _train(config: ExperimentConfig, run_dir: str, *, resume: bool, verbose: int
     log(f"encoded {rows['train']:,} + {len(valid_split):,} rows into "
         f"{model.encoder.num_slots} slots over {model.encoder.num_ids:,} ids "
         f"in {time.time() - t0:.1f}s")
-    if is_large(model.trainable_variables) and hugepages.state() == "madvise":
+    if is_large(model.trainable_variables) and hugepages.missing():
         log(f"tables over {LARGE_VARIABLE_ELEMENTS:,} values step faster on transparent huge "
             f"pages (BENCHMARKS.md, \"Session 14\"): start Python with "
             f"GLIBC_TUNABLES={hugepages.TUNABLE}, as the fm-keras program does")

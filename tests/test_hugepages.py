@@ -68,3 +68,13 @@ def test_a_process_that_imported_fm_keras_is_never_replaced(monkeypatch):
     calls = _machine_with_thp(monkeypatch)  # here __main__ is pytest, argv[0] not fm-keras
     hugepages.reexec_with_tunable()
     assert calls == []
+
+
+def test_missing_is_what_the_restart_would_add(monkeypatch):
+    _machine_with_thp(monkeypatch)
+    assert hugepages.missing()
+    monkeypatch.setenv("FM_KERAS_HUGEPAGES", "0")  # opted out: no hint either
+    assert not hugepages.missing()
+    monkeypatch.delenv("FM_KERAS_HUGEPAGES")
+    monkeypatch.setenv("GLIBC_TUNABLES", hugepages.TUNABLE)
+    assert not hugepages.missing()
