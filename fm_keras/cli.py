@@ -179,7 +179,8 @@ def main(argv: list[str] | None = None) -> int:
     previous = signal.signal(signal.SIGTERM, termination.on_sigterm) if main_thread else None
     try:
         code = _COMMANDS[args.command](args)
-        sys.stdout.flush()  # here, not at exit, where a closed pipe is "Exception ignored"
+        if sys.stdout is not None:  # None: the descriptor was closed (`>&-`)
+            sys.stdout.flush()  # here, not at exit, where a closed pipe is "Exception ignored"
         return code
     except BrokenPipeError:
         closed = [stream for stream in (sys.stdout, sys.stderr) if reader_gone(stream)]

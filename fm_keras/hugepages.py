@@ -12,8 +12,8 @@ glibc manual, "Memory Allocation Tunables"). At 5M ids it took a step's row traf
 
 A tunable is read once, when the process starts, so the ``fm-keras`` program re-executes
 itself (same process id, arguments and file descriptors) with it set before a command that
-trains; ``FM_KERAS_HUGEPAGES=0`` turns that off. Python callers of `fm_keras.training.train`
-set the variable themselves.
+trains; ``FM_KERAS_HUGEPAGES=0`` (or ``false``, ``no``, ``off``) turns that off. Python
+callers of `fm_keras.training.train` set the variable themselves, before Python starts.
 """
 
 from __future__ import annotations
@@ -61,27 +61,68 @@ def with_tunable(env: dict[str, str], mode: str | None,
         glibc: `glibc_version()`.
     """
     tunables = env.get("GLIBC_TUNABLES", "")
-    if (env.get(OPT_OUT) == "0" or mode != "madvise" or glibc is None or glibc < MIN_GLIBC
-            or "glibc.malloc.hugetlb=" in tunables):
+    if (env.get(OPT_OUT, "").strip().lower() in ("0", "false", "no", "off")
+            or mode != "madvise" or glibc is None or glibc < MIN_GLIBC
+            or _hugetlb(tunables) is not None):
         return None
     return {**env, "GLIBC_TUNABLES": f"{tunables}:{TUNABLE}" if tunables else TUNABLE}
 
 
+def _hugetlb(tunables: str) -> str | None:
+    """The value of ``glibc.malloc.hugetlb`` in a GLIBC_TUNABLES string, or None."""
+    values = [t.split("=", 1)[1] for t in tunables.split(":")
+              if t.startswith("glibc.malloc.hugetlb=")]
+    return values[-1] if values else None
+
+
+def startup_environment() -> dict[str, str]:
+    """The environment this process started with (``/proc/self/environ``), which is what
+    glibc read its tunables from; ``os.environ`` where that cannot be read. A variable set
+    in ``os.environ`` later reaches child processes, not this process's malloc."""
+    try:
+        with open("/proc/self/environ", "rb") as f:
+            pairs = [item.split(b"=", 1) for item in f.read().split(b"\0") if b"=" in item]
+        return {k.decode(errors="replace"): v.decode(errors="replace") for k, v in pairs}
+    except OSError:
+        return dict(os.environ)
+
+
 def state(env=None, mode: str | None = None) -> str:
     """How this process's large allocations get pages, for run.json: ``"always"`` (every
-    large mapping), ``"madvise+glibc.malloc.hugetlb=1"`` (malloc asks for them), or the
-    kernel's mode alone (``"madvise"``: not asked; ``"never"``), ``"unknown"``."""
-    env = os.environ if env is None else env
+    large mapping), ``"madvise+glibc.malloc.hugetlb=1"`` (malloc asks for them; ``=2``:
+    hugetlbfs pages), or the kernel's mode alone (``"madvise"``: not asked; ``"never"``),
+    ``"unknown"``.
+
+    Args:
+        env: the environment glibc read; default `startup_environment()`.
+        mode: the kernel's THP mode; default `thp_mode()`.
+    """
+    env = startup_environment() if env is None else env
     mode = thp_mode() if mode is None else mode
-    if mode == "madvise" and TUNABLE in env.get("GLIBC_TUNABLES", "").split(":"):
-        return f"madvise+{TUNABLE}"
+    value = _hugetlb(env.get("GLIBC_TUNABLES", ""))
+    if mode == "madvise" and value not in (None, "0"):
+        return f"madvise+glibc.malloc.hugetlb={value}"
     return mode or "unknown"
 
 
 def missing() -> bool:
     """True where this process could have had huge pages for its tables and has not: the
-    kernel and glibc offer them, the tunable is not set, and nobody opted out."""
-    return with_tunable(dict(os.environ), thp_mode(), glibc_version()) is not None
+    kernel and glibc offer them, the process did not start with the tunable, and nobody
+    opted out."""
+    return with_tunable(startup_environment(), thp_mode(), glibc_version()) is not None
+
+
+def _invoked_as_program() -> bool:
+    """Whether the interpreter's own command line runs ``fm-keras`` (the console script, or
+    ``python -m fm_keras.cli``) with this ``sys.argv``: not a host program that imported
+    fm_keras and set ``sys.argv`` or ran the module with `runpy`."""
+    orig, argv = sys.orig_argv, sys.argv
+    at = len(orig) - len(argv)  # where argv[0] stands in the interpreter's command line
+    if at < 1 or orig[at + 1:] != argv[1:]:
+        return False
+    if orig[at] == "fm_keras.cli":
+        return orig[at - 1] == "-m"
+    return orig[at] == argv[0] and os.path.basename(argv[0]) == "fm-keras"
 
 
 def reexec_with_tunable() -> None:
@@ -92,14 +133,12 @@ def reexec_with_tunable() -> None:
     Raises:
         OSError: the interpreter could not be executed again.
     """
-    main = sys.modules.get("__main__")
-    spec = getattr(main, "__spec__", None)
-    if not ((spec is not None and spec.name == "fm_keras.cli")
-            or os.path.basename(sys.argv[0]) == "fm-keras"):
+    if not _invoked_as_program():
         return
     env = with_tunable(dict(os.environ), thp_mode(), glibc_version())
     if env is None:
         return
-    sys.stdout.flush()
-    sys.stderr.flush()
+    for stream in (sys.stdout, sys.stderr):
+        if stream is not None:  # None: the descriptor was closed (`>&-`)
+            stream.flush()
     os.execve(sys.executable, sys.orig_argv, env)
