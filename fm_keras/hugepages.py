@@ -53,7 +53,8 @@ def with_tunable(env: dict[str, str], mode: str | None,
                  glibc: tuple[int, int] | None) -> dict[str, str] | None:
     """`env` plus the malloc tunable, or None where it would change nothing or is not wanted:
     THP is ``always`` (already on) or ``never`` or unknown, glibc is older than 2.35 or
-    absent, the tunable is already set, or ``FM_KERAS_HUGEPAGES=0``.
+    absent, ``glibc.malloc.hugetlb`` is already set (to any value), or
+    ``FM_KERAS_HUGEPAGES`` is ``0``, ``false``, ``no`` or ``off``.
 
     Args:
         env: an environment, e.g. ``os.environ``; not modified.

@@ -1,5 +1,6 @@
 """fm_keras.hugepages: when the program restarts with glibc's huge-page tunable, and with what."""
 
+import os
 import sys
 
 import pytest
@@ -55,14 +56,14 @@ def test_state(monkeypatch):
 def test_the_startup_environment_is_the_one_glibc_read(monkeypatch):
     monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.hugetlb=1:marker.set.late=1")
     startup = hugepages.startup_environment()
-    assert startup["PATH"] == sys.modules["os"].environ["PATH"]
+    assert startup["PATH"] == os.environ["PATH"]
     assert "marker.set.late" not in startup.get("GLIBC_TUNABLES", "")  # too late for malloc
 
 
 def _machine_with_thp(monkeypatch):
     monkeypatch.setattr(hugepages, "thp_mode", lambda: "madvise")
     monkeypatch.setattr(hugepages, "glibc_version", lambda: GLIBC)
-    monkeypatch.setattr(hugepages, "startup_environment", lambda: dict(hugepages.os.environ))
+    monkeypatch.setattr(hugepages, "startup_environment", lambda: dict(os.environ))
     for name in ("GLIBC_TUNABLES", "FM_KERAS_HUGEPAGES"):
         monkeypatch.delenv(name, raising=False)
     calls = []
