@@ -133,17 +133,20 @@ class RecallServable(tf.Module):
         self._items = len(encoded)
         self._k = int(k)
         self._calibration = calibration
-        user_sig = ranking.signatures["user_tower"].structured_input_signature[1]
-        inputs = {n: tf.TensorSpec(user_sig[n].shape, user_sig[n].dtype, name=n)
-                  for n in query_names}
-        exclude = {**inputs, "exclude_item_ids": tf.TensorSpec([None, None], tf.string,
-                                                               name="exclude_item_ids")}
-        self.serving_default = tf.function(self._recall, input_signature=[inputs])
-        self.exclude_seen = tf.function(self._recall_excluding, input_signature=[exclude])
+        self._query_names = list(query_names)
 
     def signatures(self) -> dict:
-        return {"serving_default": self.serving_default.get_concrete_function(),
-                "exclude_seen": self.exclude_seen.get_concrete_function()}
+        """Signature name -> concrete function (traced here; not attributes of the module, as
+        in `fm_keras.export.RankingServable`)."""
+        user_sig = self.ranking.signatures["user_tower"].structured_input_signature[1]
+        inputs = {n: tf.TensorSpec(user_sig[n].shape, user_sig[n].dtype, name=n)
+                  for n in self._query_names}
+        exclude = {**inputs, "exclude_item_ids": tf.TensorSpec([None, None], tf.string,
+                                                               name="exclude_item_ids")}
+        return {"serving_default": tf.function(self._recall, input_signature=[inputs],
+                                               autograph=False).get_concrete_function(),
+                "exclude_seen": tf.function(self._recall_excluding, input_signature=[exclude],
+                                            autograph=False).get_concrete_function()}
 
     def _user(self, features):
         out = self.ranking.signatures["user_tower"](**features)

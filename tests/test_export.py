@@ -3,6 +3,7 @@
 import functools
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -171,6 +172,46 @@ def test_saved_model_cli_lists_signatures_with_raw_inputs(exports):
         assert f"signature_def['{signature}']" in proc.stdout
     for raw in ("user_id", "item_tags", "item_price", "device", "hour"):
         assert f"inputs['{raw}']" in proc.stdout
+
+
+def _traced_functions(version_dir, name):
+    """How many functions of the export's graph library were traced from the method `name`."""
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    saved = saved_model_pb2.SavedModel()
+    with open(os.path.join(version_dir, "saved_model.pb"), "rb") as f:
+        saved.ParseFromString(f.read())
+    traced = re.compile(f"__inference_{name}_[0-9]+")
+    return sum(bool(traced.fullmatch(f.signature.name))
+               for f in saved.meta_graphs[0].graph_def.library.function)
+
+
+def test_each_signature_is_saved_once(exports):
+    """A signature's function is in the graph once (a tf.function attribute of the saved
+    module was traced and saved a second time beside its signature)."""
+    for name in ("_serve", "_user_tower", "_item_tower"):
+        assert _traced_functions(exports["ranking"], name) == 1, name
+    for backend in ("scann", "brute_force", "partitioned"):
+        for name in ("_recall", "_recall_excluding"):
+            assert _traced_functions(exports[backend], name) == 1, (backend, name)
+
+
+def test_signatures_are_traced_without_autograph(small_run, monkeypatch):
+    """The signature functions branch on Python values only, so they are traced as written:
+    AutoGraph's source conversion was most of an export's tracing time."""
+    from tensorflow.python.autograph.pyct import transpiler
+
+    converted = []  # every conversion, the ones AutoGraph has cached too
+    original = transpiler.PyToPy.transform_function
+
+    def recording(self, fn, *args, **kwargs):
+        converted.append(getattr(fn, "__qualname__", fn))
+        return original(self, fn, *args, **kwargs)
+
+    monkeypatch.setattr(transpiler.PyToPy, "transform_function", recording)
+    signatures = RankingServable(_load_run(small_run).model).signatures()
+    assert sorted(signatures) == ["item_tower", "serving_default", "user_tower"]
+    assert converted == []
 
 
 def test_refuses_a_model_that_fails_parity(small_run, tmp_path, monkeypatch):
