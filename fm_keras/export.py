@@ -223,7 +223,8 @@ def _as_input(column: np.ndarray) -> np.ndarray:
 
 def check_parity(loaded, rows: Mapping[str, np.ndarray], query_names, item_names,
                  batch_size: int = 4096) -> dict:
-    """Checks the loaded export: finite outputs, and user . item + offset == logit."""
+    """Checks the loaded export: finite outputs, and user . item + offset == the FM score
+    (``logit``; a regression model's ``prediction``, which is its FM score)."""
     sigs = loaded.signatures
     worst, n = 0.0, len(next(iter(rows.values())))
     for start in range(0, n, batch_size):
@@ -239,7 +240,8 @@ def check_parity(loaded, rows: Mapping[str, np.ndarray], query_names, item_names
         item = sigs["item_tower"](**{k: batch[k] for k in item_names})
         recon = (tf.reduce_sum(user["user_vector"] * item["item_vector"], 1)
                  + user["user_offset"])
-        worst = max(worst, float(tf.reduce_max(tf.abs(recon - out["logit"]))))
+        score = out["logit"] if "logit" in out else out["prediction"]
+        worst = max(worst, float(tf.reduce_max(tf.abs(recon - score))))
     if worst > PARITY_TOLERANCE:
         raise ExportError(f"export check failed: user_vector . item_vector + user_offset differs "
                           f"from logit by {worst:.3g} (> {PARITY_TOLERANCE}); not exported")

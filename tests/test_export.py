@@ -229,6 +229,36 @@ def test_refuses_a_model_that_fails_parity(small_run, tmp_path, monkeypatch):
     assert os.listdir(tmp_path / "ctr") == []
 
 
+def test_a_regression_run_exports_its_prediction_as_the_fm_score(small_synth, tmp_path):
+    """A regression model's serving output is ``prediction``, its FM score (it has no logit):
+    the parity check compares the towers with it (the export failed with KeyError 'logit')."""
+    import dataclasses
+
+    from fm_keras.config import load_experiment
+    from fm_keras.training import train
+
+    config = load_experiment(os.path.join(small_synth[0], "experiment.yaml"))
+    config = dataclasses.replace(
+        config, model=dataclasses.replace(config.model, task="regression"),
+        training=dataclasses.replace(config.training, epochs=1, batch_size=1024))
+    run_dir = str(tmp_path / "run")
+    train(config, run_dir, verbose=0)
+    version_dir = export_run(run_dir, "rating", base=str(tmp_path / "models"), parity_rows=2000)
+    meta = _meta(version_dir)
+    assert meta["parity"]["rows"] == 2000 and meta["parity"]["max_abs_diff"] <= 1e-4
+    assert meta["signatures"]["serving_default"]["outputs"] == {"prediction": "float32"}
+    loaded = tf.saved_model.load(version_dir)
+    rows = sample_rows(load_run(run_dir), 50, seed=1)
+    out = loaded.signatures["serving_default"](**{k: tf.constant(v) for k, v in rows.items()})
+    user = loaded.signatures["user_tower"](**{k: tf.constant(rows[k])
+                                              for k in meta["query_features"]})
+    item = loaded.signatures["item_tower"](**{k: tf.constant(rows[k])
+                                              for k in meta["item_features"]})
+    np.testing.assert_allclose(
+        np.sum(user["user_vector"].numpy() * item["item_vector"].numpy(), axis=1)
+        + user["user_offset"].numpy(), out["prediction"].numpy(), atol=1e-4)
+
+
 def test_check_parity_reports_the_difference(small_run, exports):
     run = _load_run(small_run)
     meta = _meta(exports["ranking"])
