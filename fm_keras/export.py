@@ -43,13 +43,24 @@ PARITY_ROWS = 10_000
 PARITY_TOLERANCE = 1e-4
 
 
+def signature_function(fn, inputs: dict[str, tf.TensorSpec]):
+    """`fn` (one dict argument of tensors) traced for `inputs`: the concrete function to save
+    as a signature of an export (`RankingServable`, `fm_keras.recall.RecallServable`).
+
+    Traced without AutoGraph: the signature functions branch on Python values only, and the
+    source conversion was most of an export's tracing time. Not kept as an attribute of the
+    saved module: `tf.saved_model.save` traces a tf.function attribute once more and saves it
+    beside the signature that already holds it (a ranking export's save took 2.9-3.4 s with
+    them, 0.8 s without; BENCHMARKS.md "Session 15").
+    """
+    return tf.function(fn, input_signature=[inputs], autograph=False).get_concrete_function()
+
+
 class RankingServable(tf.Module):
     """The tf.Module that is saved: the encoder and FM layer; `signatures` gives the functions.
 
-    The signature functions are not attributes of the module: `tf.saved_model.save` traces a
-    tf.function attribute once more and saves it beside the signature that already holds it
-    (a ranking export's save took 2.9-3.4 s with them, 0.8 s without; BENCHMARKS.md
-    "Session 15"). The loaded model is used through ``loaded.signatures`` alike.
+    The signature functions are not attributes of the module (`signature_function`); the
+    loaded model is used through ``loaded.signatures``.
     """
 
     def __init__(self, model: FMModel):
@@ -69,8 +80,7 @@ class RankingServable(tf.Module):
         if self.has_towers:
             functions["user_tower"] = (self._user_tower, self.query_names)
             functions["item_tower"] = (self._item_tower, self.item_names)
-        return {name: tf.function(fn, input_signature=[self.encoder.input_signature(names)],
-                                  autograph=False).get_concrete_function()
+        return {name: signature_function(fn, self.encoder.input_signature(names))
                 for name, (fn, names) in functions.items()}
 
     def _serve(self, features):

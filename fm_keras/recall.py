@@ -30,7 +30,7 @@ from fm_keras.errors import ExportError
 from fm_keras.exclusion import (ItemIndex, drop_excluded, fingerprint, search_excluding,
                                 slack)
 from fm_keras.export import (METADATA, WARMUP, check_model_name, building, new_version_path,
-                             signature_info, write_warmup)
+                             signature_function, signature_info, write_warmup)
 from fm_keras.interactions import read_catalog
 from fm_keras.partitioned import PartitionedIndex, PartitionedParams
 from fm_keras.progress import log
@@ -136,17 +136,14 @@ class RecallServable(tf.Module):
         self._query_names = list(query_names)
 
     def signatures(self) -> dict:
-        """Signature name -> concrete function (traced here; not attributes of the module, as
-        in `fm_keras.export.RankingServable`)."""
+        """Signature name -> concrete function (`fm_keras.export.signature_function`)."""
         user_sig = self.ranking.signatures["user_tower"].structured_input_signature[1]
         inputs = {n: tf.TensorSpec(user_sig[n].shape, user_sig[n].dtype, name=n)
                   for n in self._query_names}
         exclude = {**inputs, "exclude_item_ids": tf.TensorSpec([None, None], tf.string,
                                                                name="exclude_item_ids")}
-        return {"serving_default": tf.function(self._recall, input_signature=[inputs],
-                                               autograph=False).get_concrete_function(),
-                "exclude_seen": tf.function(self._recall_excluding, input_signature=[exclude],
-                                            autograph=False).get_concrete_function()}
+        return {"serving_default": signature_function(self._recall, inputs),
+                "exclude_seen": signature_function(self._recall_excluding, exclude)}
 
     def _user(self, features):
         out = self.ranking.signatures["user_tower"](**features)
