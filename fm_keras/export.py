@@ -250,11 +250,11 @@ def check_parity(loaded, rows: Mapping[str, np.ndarray], query_names, item_names
         item = sigs["item_tower"](**{k: batch[k] for k in item_names})
         recon = (tf.reduce_sum(user["user_vector"] * item["item_vector"], 1)
                  + user["user_offset"])
-        score = out["logit"] if "logit" in out else out["prediction"]
-        worst = max(worst, float(tf.reduce_max(tf.abs(recon - score))))
+        score = "logit" if "logit" in out else "prediction"
+        worst = max(worst, float(tf.reduce_max(tf.abs(recon - out[score]))))
     if worst > PARITY_TOLERANCE:
         raise ExportError(f"export check failed: user_vector . item_vector + user_offset differs "
-                          f"from logit by {worst:.3g} (> {PARITY_TOLERANCE}); not exported")
+                          f"from {score} by {worst:.3g} (> {PARITY_TOLERANCE}); not exported")
     return {"rows": int(n), "max_abs_diff": worst, "tolerance": PARITY_TOLERANCE}
 
 
