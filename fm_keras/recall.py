@@ -8,6 +8,8 @@
 ranking model's order for that user, and `probabilities` are the calibrated click
 probabilities: the ranking export's calibration (its metadata's "calibration" block), applied
 in-graph to the scores, so they equal the ranking model's `probability` for the same rows.
+A regression model's recall export has no `probabilities`: its `scores` are its predictions
+(the ranking export's `prediction`), and a prediction is not a probability.
 The ScaNN backend needs the ScaNN ops (`import scann` before loading; the ScaNN-enabled TF
 Serving); `partitioned` (an IVF index, fm_keras.partitioned) and `brute_force` use stock ops
 only and serve on stock TF Serving. Empty result slots (fewer than k items left after
@@ -119,10 +121,15 @@ class RecallServable(tf.Module):
     Both signatures return k slots per user. A slot without an item (the catalog minus a
     user's excluded items holds fewer than k) has item id "", score PAD_SCORE and probability
     0 (finite, so a REST response stays valid JSON); excluded ids never come back.
+
+    Args:
+        task: the ranking model's ``model.task``: ``binary`` outputs ``item_ids``, ``scores``
+            (logits) and ``probabilities`` (calibrated); ``regression`` outputs ``item_ids``
+            and ``scores`` (its predictions) only.
     """
 
     def __init__(self, ranking, index, item_ids: np.ndarray, k: int, query_names: list[str],
-                 calibration: Calibration):
+                 calibration: Calibration, task: str = "binary"):
         super().__init__(name="fm_recall")
         self.ranking = ranking  # the loaded ranking export: its user_tower is reused as is
         self.index = index
@@ -133,6 +140,7 @@ class RecallServable(tf.Module):
         self._items = len(encoded)
         self._k = int(k)
         self._calibration = calibration
+        self.has_probabilities = task != "regression"
         self._query_names = list(query_names)
 
     def signatures(self) -> dict:
@@ -149,18 +157,15 @@ class RecallServable(tf.Module):
         out = self.ranking.signatures["user_tower"](**features)
         return out["user_vector"], out["user_offset"]
 
-    def _outputs(self, scores, ids, offset):
-        logits = scores + offset[:, None]
-        return {"item_ids": ids, "scores": logits,
-                "probabilities": self._calibration.probability(logits)}
-
     def _found(self, scores, idx, offset):
         """Outputs of the slots that hold an item (idx >= 0, finite score), pads elsewhere."""
         found = tf.logical_and(idx >= 0, scores > -np.inf)
-        out = self._outputs(scores, tf.gather(self.item_ids, tf.maximum(idx, 0)), offset)
-        return {"item_ids": tf.where(found, out["item_ids"], ""),
-                "scores": tf.where(found, out["scores"], PAD_SCORE),
-                "probabilities": tf.where(found, out["probabilities"], 0.0)}
+        logits = scores + offset[:, None]
+        out = {"item_ids": tf.where(found, tf.gather(self.item_ids, tf.maximum(idx, 0)), ""),
+               "scores": tf.where(found, logits, PAD_SCORE)}
+        if self.has_probabilities:
+            out["probabilities"] = tf.where(found, self._calibration.probability(logits), 0.0)
+        return out
 
     def _recall(self, features):
         vectors, offset = self._user(features)
@@ -316,8 +321,9 @@ def build_index(model_dir: str, items: str, name: str, base: str = "saved_models
     index = make_index(backend, vectors, k, params)
     log(f"indexed {len(ids):,} items with {backend} "
         f"({asdict(params) if params else 'exact'}) in {time.time() - started:.1f}s")
+    task = meta.get("task", "binary")  # exports made before the field were binary
     servable = RecallServable(ranking, index, ids, k, meta["query_features"],
-                              Calibration.from_dict(meta["calibration"]))
+                              Calibration.from_dict(meta["calibration"]), task)
     with building(final) as tmp:
         tf.saved_model.save(servable, tmp, signatures=servable.signatures())
         ops = saved_ops(tmp)
@@ -338,10 +344,11 @@ def build_index(model_dir: str, items: str, name: str, base: str = "saved_models
             "scann": asdict(params) if backend == "scann" and params else None,
             "index": {"backend": backend, **(asdict(params) if params else {}),
                       **_layout(index)},
-            "query_features": meta["query_features"],
+            "task": task, "query_features": meta["query_features"],
             "signatures": signature_info(loaded.signatures),
             "calibration": meta["calibration"], "ops": ops, "custom_ops": custom_ops,
-            "pad": {"item_id": "", "score": PAD_SCORE, "probability": 0.0},
+            "pad": {"item_id": "", "score": PAD_SCORE,
+                    **({"probability": 0.0} if servable.has_probabilities else {})},
             "needs": "import scann before loading; ScaNN-enabled TF Serving" if custom_ops
                      else "stock TensorFlow / TF Serving",
             "versions": meta.get("versions", {}), "build_seconds": round(time.time() - started, 2),

@@ -313,7 +313,8 @@ def recommend(model: str, users: Sequence[str], output: str, k: int, *,
     """Top-k items per user row of `users` with a recall export, one output row per item.
 
     Output columns: the kept user columns, ``rank`` (1 = best), ``item_id``, ``score`` (the
-    FM logit) and ``probability``. With `exclude_column` (a ``|``-separated list of item ids
+    FM logit; a regression model's prediction) and ``probability`` (calibrated; none for a
+    regression model). With `exclude_column` (a ``|``-separated list of item ids
     per user, e.g. already seen; spaces around an id are dropped), those items are left out;
     a user with fewer than k items left gets fewer rows. A `k` above the catalog size is
     clamped to it, with a warning.
@@ -366,7 +367,8 @@ def recommend(model: str, users: Sequence[str], output: str, k: int, *,
         columns["rank"] = pa.array(np.tile(np.arange(1, top + 1), n)[found.reshape(-1)])
         columns["item_id"] = pa.array(ids.reshape(-1)[found.reshape(-1)], pa.string())
         for name, out in (("score", "scores"), ("probability", "probabilities")):
-            columns[name] = pa.array(outputs[out][:, :top].reshape(-1)[found.reshape(-1)])
+            if out in outputs:  # a regression model's recall export has no probabilities
+                columns[name] = pa.array(outputs[out][:, :top].reshape(-1)[found.reshape(-1)])
         return pa.table(columns)
 
     summary = run_signature(model, users, output, batch_size=batch_size, keep=keep,

@@ -66,6 +66,25 @@ def exports(small_run, small_synth, tmp_path_factory):
     }
 
 
+@pytest.fixture(scope="session")
+def regression_export(small_synth, tmp_path_factory):
+    """(run directory, ranking export) of a 1-epoch `task: regression` run on the small set."""
+    import dataclasses
+
+    from fm_keras.config import load_experiment
+    from fm_keras.export import export_run
+    from fm_keras.training import train
+
+    config = load_experiment(os.path.join(small_synth[0], "experiment.yaml"))
+    config = dataclasses.replace(
+        config, model=dataclasses.replace(config.model, task="regression"),
+        training=dataclasses.replace(config.training, epochs=1, batch_size=1024))
+    base = tmp_path_factory.mktemp("regression")
+    run_dir = str(base / "run")
+    train(config, run_dir, verbose=0)
+    return run_dir, export_run(run_dir, "rating", base=str(base / "models"), parity_rows=2000)
+
+
 # ---------------------------------------------------------------------------------------------
 # Pipelines: small synthetic spans and a pipeline YAML writer (tests/test_pipeline_*.py).
 

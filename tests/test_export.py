@@ -229,21 +229,10 @@ def test_refuses_a_model_that_fails_parity(small_run, tmp_path, monkeypatch):
     assert os.listdir(tmp_path / "ctr") == []
 
 
-def test_a_regression_run_exports_its_prediction_as_the_fm_score(small_synth, tmp_path):
+def test_a_regression_run_exports_its_prediction_as_the_fm_score(regression_export):
     """A regression model's serving output is ``prediction``, its FM score (it has no logit):
     the parity check compares the towers with it (the export failed with KeyError 'logit')."""
-    import dataclasses
-
-    from fm_keras.config import load_experiment
-    from fm_keras.training import train
-
-    config = load_experiment(os.path.join(small_synth[0], "experiment.yaml"))
-    config = dataclasses.replace(
-        config, model=dataclasses.replace(config.model, task="regression"),
-        training=dataclasses.replace(config.training, epochs=1, batch_size=1024))
-    run_dir = str(tmp_path / "run")
-    train(config, run_dir, verbose=0)
-    version_dir = export_run(run_dir, "rating", base=str(tmp_path / "models"), parity_rows=2000)
+    run_dir, version_dir = regression_export
     meta = _meta(version_dir)
     assert meta["parity"]["rows"] == 2000 and meta["parity"]["max_abs_diff"] <= 1e-4
     assert meta["signatures"]["serving_default"]["outputs"] == {"prediction": "float32"}

@@ -463,3 +463,42 @@ def test_k_above_the_catalog_is_clamped_with_a_warning(exports, small_synth, tmp
     with pytest.raises(ExportError, match=r"--k must be between 1 and 3 \(the catalog holds 3 "
                                           r"items\), got 0"):
         recommend(path, [str(tmp_path / "users.csv")], str(tmp_path / "r.csv"), k=0)
+
+
+def test_a_regression_models_recall_has_its_predictions_and_no_probabilities(
+        regression_export, small_synth, tmp_path):
+    """A regression model has no probability: its recall export outputs item ids and scores
+    (equal to the ranking export's `prediction`, best first), no `probabilities` (it output
+    sigmoid(score)), its pad has no probability, and `recommend` writes no probability column."""
+    _, ranking = regression_export
+    catalog = _small_catalog(tmp_path, small_synth, ["a", "b", "c", "d"])
+    path = build_index(ranking, catalog, "rating_recall", base=str(tmp_path / "m"),
+                       backend="brute_force", k=3)
+    meta = _meta(path)
+    assert meta["task"] == "regression"
+    assert meta["pad"] == {"item_id": "", "score": PAD_SCORE}
+    assert set(meta["signatures"]["serving_default"]["outputs"]) == {"item_ids", "scores"}
+    _, loaded, _ = load_export(path)
+    users = {k: tf.constant(v) for k, v in USERS.items()}
+    out = loaded.signatures["exclude_seen"](
+        **users, exclude_item_ids=tf.constant([["b"], ["b"], ["a"]]))
+    assert set(out) == {"item_ids", "scores"}
+    _, ranked, _ = load_export(ranking)
+    items = pd.read_csv(catalog, dtype=str)
+    for u, excluded in enumerate(["b", "b", "a"]):
+        feed = {k: tf.constant([v[u]] * len(items)) for k, v in USERS.items()}
+        feed.update({c: tf.constant(items[c].to_numpy()) for c in
+                     ("item_id", "item_category", "item_tags")})
+        feed["item_price"] = tf.constant(items["item_price"].astype(np.float32).to_numpy())
+        prediction = ranked.signatures["serving_default"](**feed)["prediction"].numpy()
+        order = [i for i in np.argsort(-prediction) if items["item_id"][i] != excluded]
+        assert [x.decode() for x in out["item_ids"].numpy()[u]] == \
+            list(items["item_id"][order])
+        np.testing.assert_allclose(out["scores"].numpy()[u], prediction[order], atol=1e-5)
+    frame = pd.DataFrame(USERS)
+    frame["seen"] = ["b", "b", "a"]
+    frame.to_csv(tmp_path / "users.csv", index=False)
+    recommend(path, [str(tmp_path / "users.csv")], str(tmp_path / "r.csv"), k=3,
+              exclude_column="seen", progress=False)
+    recs = pd.read_csv(tmp_path / "r.csv")
+    assert list(recs.columns) == ["user_id", "rank", "item_id", "score"] and len(recs) == 9
