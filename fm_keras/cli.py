@@ -134,7 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, help="output file (.csv or .parquet)")
     p.add_argument("--exclude-column", help="column of '|'-separated item ids to leave out")
     p.add_argument("--keep", help="comma-separated user columns to copy (default: id columns)")
-    p.add_argument("--batch-size", type=int, default=4096)
+    p.add_argument("--batch-size", type=int, default=4096,
+                   help="users per signature call (with --exclude-column also at most ~4 MiB "
+                        "of the file, the first batch half that)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
     _COMMANDS.update(_add_serving_commands(sub))  # serve, query

@@ -159,8 +159,8 @@ def missing_columns(path: str, columns: Sequence[str]) -> list[str]:
 
 
 def record_batches(path: str, columns: Sequence[str] | None = None,
-                   block_rows: int | None = 65_536, lists: Mapping[str, str] | None = None
-                   ) -> Iterator[tuple[int, pa.RecordBatch]]:
+                   block_rows: int | None = 65_536, lists: Mapping[str, str] | None = None,
+                   first_rows: int | None = None) -> Iterator[tuple[int, pa.RecordBatch]]:
     """Streams one file as Arrow record batches of at most `block_rows` rows.
 
     Args:
@@ -171,6 +171,8 @@ def record_batches(path: str, columns: Sequence[str] | None = None,
         block_rows: rows per batch; None reads the whole file as one batch.
         lists: column -> separator of the multi-hot columns that a Parquet file may store as
             lists (`fm_keras.list_columns`): such a column comes back as joined text.
+        first_rows: rows of the first batch, when it should differ from `block_rows` (e.g. a
+            short first batch that starts a pipeline sooner); None: `block_rows`.
 
     Yields:
         ``(first_row, batch)``: the 0-based data row of the batch's first row, and the batch.
@@ -190,7 +192,8 @@ def record_batches(path: str, columns: Sequence[str] | None = None,
     if fmt is not None:
         if fmt == "libffm" and columns is None:
             columns = read_header(path)  # every block gets the same columns
-        yield from _rebatch_numbered(_text_batches(path, fmt, columns), block_rows, path)
+        yield from _rebatch_numbered(_text_batches(path, fmt, columns), block_rows, path,
+                                     first_rows)
         return
     start, joined = 0, {}  # joined: the list columns of a Parquet file, as text
     parquet = is_parquet(path)
@@ -214,7 +217,7 @@ def record_batches(path: str, columns: Sequence[str] | None = None,
                     include_columns=names, column_types={n: pa.string() for n in names},
                     strings_can_be_null=False, quoted_strings_can_be_null=False),
                 memory_pool=_pool())
-        for batch in _rebatch(pending, block_rows):
+        for batch in _rebatch(pending, block_rows, first_rows):
             if joined:
                 batch = list_columns.join_lists(batch, joined, path, start)
             _check_nul(batch, path, start, names)
@@ -266,10 +269,10 @@ def _text_batches(path: str, fmt: str, columns: Sequence[str] | None
         raise DataError(f"{path}: cannot read: {_one_line(err)}") from None
 
 
-def _rebatch_numbered(parsed, rows: int | None, path: str
+def _rebatch_numbered(parsed, rows: int | None, path: str, first: int | None = None
                       ) -> Iterator[tuple[int, pa.RecordBatch]]:
     start = 0
-    for batch in _rebatch((batch for batch, _ in parsed), rows):
+    for batch in _rebatch((batch for batch, _ in parsed), rows, first):
         _check_nul(batch, path, start, None, row_is_line=True)
         yield start, batch
         start += batch.num_rows
@@ -421,20 +424,21 @@ def _row(rows: int | np.ndarray, index: int) -> int:
     return int(rows + index) if np.isscalar(rows) else int(rows[index])
 
 
-def _rebatch(batches, rows: int | None) -> Iterator[pa.RecordBatch]:
-    """Batches of exactly `rows` rows (the last one shorter) from batches of any size."""
+def _rebatch(batches, rows: int | None, first: int | None = None) -> Iterator[pa.RecordBatch]:
+    """Batches of exactly `rows` rows (the first one `first` rows when given, the last one
+    shorter) from batches of any size."""
     held: list[pa.RecordBatch] = []
-    count = 0
+    count, want = 0, first or rows
     for batch in batches:
         if batch.num_rows == 0:
             continue
         held.append(batch)
         count += batch.num_rows
-        while rows is not None and count >= rows:
+        while want is not None and count >= want:
             table = pa.Table.from_batches(held)
-            yield _one_batch(table.slice(0, rows))
-            rest = table.slice(rows)
-            held, count = rest.to_batches(), rest.num_rows
+            yield _one_batch(table.slice(0, want))
+            rest = table.slice(want)
+            held, count, want = rest.to_batches(), rest.num_rows, rows
     if count:
         yield _one_batch(pa.Table.from_batches(held))
 

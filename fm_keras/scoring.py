@@ -31,6 +31,11 @@ from fm_keras.servables import export_metadata, load_export, signature_inputs
 
 OUTPUT_FORMATS = {".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}
 RECOMMEND_COLUMNS = ("rank", "item_id", "score", "probability")
+# With exclusion lists, `recommend`'s batches hold at most ~4 MiB of the users file (1,000
+# users x 600 ids), and a file's first batch half of that: the lists of a batch are split
+# (`split_ids`, on the reader thread) while the signature searches the batch before, so the
+# split of a 4,096-row batch is work nothing overlaps (BENCHMARKS.md, session 16).
+EXCLUSION_BATCH_BYTES = 4 << 20
 
 
 def default_keep(columns: Sequence[str]) -> list[str]:
@@ -80,7 +85,8 @@ class Progress:
 
 def read_batches(path: str, types: dict[str, tf.DType], keep: Sequence[str],
                  batch_size: int, derived: dict[str, tuple[str, Callable]] | None = None,
-                 lists: dict[str, str] | None = None) -> Iterator[dict[str, tf.Tensor]]:
+                 lists: dict[str, str] | None = None, first_rows: int | None = None
+                 ) -> Iterator[dict[str, tf.Tensor]]:
     """One file as batches of column tensors, typed as the signature wants.
 
     The file is read by `fm_keras.reading` (the reader and cell rules of `fm-keras train`):
@@ -95,6 +101,8 @@ def read_batches(path: str, types: dict[str, tf.DType], keep: Sequence[str],
     `lists`: column -> separator of the multi-hot columns a Parquet file may store as lists
     (`fm_keras.list_columns`; `export_list_columns` of the export).
 
+    `first_rows`: rows of the first batch when it should be other than `batch_size`.
+
     Yields:
         ``{column: tensor of shape [rows]}``, float32 or string, at most `batch_size` rows.
 
@@ -106,7 +114,8 @@ def read_batches(path: str, types: dict[str, tf.DType], keep: Sequence[str],
     check_columns(path, wanted)
     # Two stages on two threads (with the caller's `_prefetched`): pyarrow parses the next
     # batch while this one becomes tensors.
-    for first, batch in _prefetched(record_batches(path, wanted, batch_size, lists)):
+    for first, batch in _prefetched(record_batches(path, wanted, batch_size, lists,
+                                                   first_rows)):
         yield {**{name: tf.constant(numbers(batch.column(name), f"{path}: column {name!r}",
                                             first))
                   if types.get(name) == tf.float32 else string_tensor(batch.column(name))
@@ -137,7 +146,8 @@ def _prefetched(batches: Iterator) -> Iterator:
 
 
 def _bytes_per_row(path: str) -> float:
-    """For the progress bar: average bytes per row from the first MiB (CSV) or the footer."""
+    """Average bytes per row from the first MiB (CSV) or the footer: for the progress bar and
+    `run_signature`'s `batch_bytes`."""
     size = os.path.getsize(path)
     if is_parquet(path):
         return size / max(pq.ParquetFile(path).metadata.num_rows, 1)
@@ -227,7 +237,7 @@ def run_signature(model: str, inputs: Sequence[str], output: str, *,
                   keep: Sequence[str] | None = None, progress: bool = True,
                   derive: dict[str, tuple[str, Callable]] | None = None,
                   to_table: Callable[[dict, dict, str], pa.Table] = outputs_table,
-                  lists: dict[str, str] | None = None) -> dict:
+                  lists: dict[str, str] | None = None, batch_bytes: int | None = None) -> dict:
     """Streams files through one signature of an export into `output`; returns a summary.
 
     Args:
@@ -241,6 +251,10 @@ def run_signature(model: str, inputs: Sequence[str], output: str, *,
         to_table: builds the output rows of a batch from (kept columns, outputs, format).
         lists: columns (besides the export's multi-hot features) that a Parquet file may
             store as lists, with the separator to join them with.
+        batch_bytes: also cap a batch at about this many bytes of its file (rows estimated
+            from the file's average row size, at least one row), and make a file's first batch
+            half as long, so that the reader's work on the second overlaps the signature's
+            on the first sooner; None: `batch_size` rows throughout.
     """
     check_output(output)
     if batch_size < 1:
@@ -271,8 +285,12 @@ def run_signature(model: str, inputs: Sequence[str], output: str, *,
         for path in files:
             # The next batch is read and parsed while the signature runs on this one.
             per_row, rows_in_file = _bytes_per_row(path), 0
-            for columns in _prefetched(read_batches(path, read_types, keep, batch_size, derive,
-                                                    lists)):
+            rows, first_rows = batch_size, None
+            if batch_bytes is not None:
+                rows = max(1, min(batch_size, int(batch_bytes / max(per_row, 1.0))))
+                first_rows = max(1, rows // 2)
+            for columns in _prefetched(read_batches(path, read_types, keep, rows, derive,
+                                                    lists, first_rows)):
                 outputs = {k: v.numpy() for k, v in fn(**{n: columns[n] for n in types}).items()}
                 kept = {k: columns[k].numpy() for k in keep}
                 if pending is not None:
@@ -317,7 +335,8 @@ def recommend(model: str, users: Sequence[str], output: str, k: int, *,
     regression model). With `exclude_column` (a ``|``-separated list of item ids
     per user, e.g. already seen; spaces around an id are dropped), those items are left out;
     a user with fewer than k items left gets fewer rows. A `k` above the catalog size is
-    clamped to it, with a warning.
+    clamped to it, with a warning. With `exclude_column`, a batch holds at most
+    `EXCLUSION_BATCH_BYTES` of the file as well as `batch_size` rows.
 
     Returns:
         `run_signature`'s summary with ``k`` (after clamping) and ``users_fewer_than_k``: the
@@ -374,6 +393,7 @@ def recommend(model: str, users: Sequence[str], output: str, k: int, *,
     summary = run_signature(model, users, output, batch_size=batch_size, keep=keep,
                             progress=progress, derive=derive, to_table=to_table,
                             signature="exclude_seen" if exclude_column else "serving_default",
-                            lists={exclude_column: "|"} if exclude_column else None)
+                            lists={exclude_column: "|"} if exclude_column else None,
+                            batch_bytes=EXCLUSION_BATCH_BYTES if exclude_column else None)
     summary.update(k=k, users_fewer_than_k=short[0], **(unknown.summary() if unknown else {}))
     return summary

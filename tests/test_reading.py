@@ -264,6 +264,14 @@ def test_batches_hold_block_rows_and_count_data_rows(tmp_path):
     path.write_text("a,b\n" + "".join(f'{i},"x\n{i}"\n' for i in range(10)))
     got = [(first, batch.num_rows) for first, batch in record_batches(str(path), ["b"], 4)]
     assert got == [(0, 4), (4, 4), (8, 2)]
+    shorter_first = record_batches(str(path), ["b"], 4, first_rows=1)
+    assert [(first, batch.num_rows) for first, batch in shorter_first] == \
+        [(0, 1), (1, 4), (5, 4), (9, 1)]
+    parquet = tmp_path / "rows.parquet"
+    pd.DataFrame({"b": [str(i) for i in range(10)]}).to_parquet(parquet)
+    got = [(first, batch.column("b")[0].as_py()) for first, batch in
+           record_batches(str(parquet), ["b"], 6, first_rows=3)]
+    assert got == [(0, "0"), (3, "3"), (9, "9")]
     whole = [batch for _, batch in record_batches(str(path), None, None)]
     assert len(whole) == 1 and whole[0].column("b")[9].as_py() == "x\n9"
     assert read_header(str(path)) == ["a", "b"]

@@ -8,10 +8,12 @@ import pandas as pd
 import pytest
 import tensorflow as tf
 
+from fm_keras import scoring
 from fm_keras.config import FeatureConfig
 from fm_keras.data import load_split
 from fm_keras.errors import DataError, ExportError
-from fm_keras.scoring import Progress, export_list_columns, recommend, run_signature
+from fm_keras.scoring import (Progress, export_list_columns, read_batches, recommend,
+                              run_signature)
 from fm_keras.servables import export_metadata, load_export
 
 
@@ -67,7 +69,8 @@ def test_vector_signatures_and_kept_columns(exports, small_synth, tmp_path):
     np.testing.assert_allclose(vectors, expected["item_vector"], rtol=1e-5, atol=1e-6)
 
 
-def test_recommend_long_format_and_exclusions(exports, small_synth, tmp_path):
+def test_recommend_long_format_and_exclusions(exports, small_synth, tmp_path,
+                                               monkeypatch):
     test = pd.read_csv(os.path.join(small_synth[0], "test.csv"), dtype=str)
     users = test.drop_duplicates("user_id").head(40).copy()
     users["seen"] = users["item_id"] + "|i0"
@@ -85,6 +88,15 @@ def test_recommend_long_format_and_exclusions(exports, small_synth, tmp_path):
     excluded = pd.read_csv(out)
     seen = dict(zip(users["user_id"], users["seen"].str.split("|")))
     assert not any(item in seen[u] for u, item in zip(excluded["user_id"], excluded["item_id"]))
+    # batches of ~400 bytes of the file (the first half that): many batches, the same rows
+    monkeypatch.setattr(scoring, "EXCLUSION_BATCH_BYTES", 400)
+    calls = []
+    monkeypatch.setattr(scoring, "read_batches", lambda *a: calls.append(a[3:]) or
+                        read_batches(*a))
+    recommend(exports["scann"], [users_csv], out, k=5, exclude_column="seen", progress=False)
+    (rows, *_, first_rows), = calls
+    assert 1 < rows < len(users) / 2 and first_rows == rows // 2
+    pd.testing.assert_frame_equal(pd.read_csv(out), excluded)
     with pytest.raises(ExportError, match="--k must be between 1 and 20 \\(the k this recall "
                                           "model was indexed with; rebuild"):
         recommend(exports["scann"], [users_csv], out, k=21)
