@@ -136,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep", help="comma-separated user columns to copy (default: id columns)")
     p.add_argument("--batch-size", type=int, default=4096,
                    help="users per signature call (with --exclude-column also at most ~4 MiB "
-                        "of the file, the first batch half that)")
+                        "of the file, the first batch half that, and ~16 MiB of padded lists)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
     _COMMANDS.update(_add_serving_commands(sub))  # serve, query

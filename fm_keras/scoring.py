@@ -24,7 +24,8 @@ from fm_keras._tf import tf
 from fm_keras.arrow_text import split_ids, string_tensor
 from fm_keras.config import FeatureConfig
 from fm_keras.data import check_not_an_input, column_hint, expand_paths, multi_hot_separators
-from fm_keras.reading import is_parquet, missing_columns, numbers, read_header, record_batches
+from fm_keras.reading import (as_text, is_parquet, missing_columns, numbers, read_header,
+                               record_batches)
 from fm_keras.errors import DataError, ExportError
 from fm_keras.progress import log
 from fm_keras.servables import export_metadata, load_export, signature_inputs
@@ -36,6 +37,9 @@ RECOMMEND_COLUMNS = ("rank", "item_id", "score", "probability")
 # (`split_ids`, on the reader thread) while the signature searches the batch before, so the
 # split of a 4,096-row batch is work nothing overlaps (BENCHMARKS.md, session 16).
 EXCLUSION_BATCH_BYTES = 4 << 20
+# ... and the lists of a batch, padded to its longest, at most ~16 MiB of ids (`read_batches`):
+# a few users with tens of thousands of ids must not widen every row of their batch.
+EXCLUSION_PADDED_BYTES = 16 << 20
 
 
 def default_keep(columns: Sequence[str]) -> list[str]:
@@ -85,8 +89,8 @@ class Progress:
 
 def read_batches(path: str, types: dict[str, tf.DType], keep: Sequence[str],
                  batch_size: int, derived: dict[str, tuple[str, Callable]] | None = None,
-                 lists: dict[str, str] | None = None, first_rows: int | None = None
-                 ) -> Iterator[dict[str, tf.Tensor]]:
+                 lists: dict[str, str] | None = None, first_rows: int | None = None,
+                 padded_bytes: int | None = None) -> Iterator[dict[str, tf.Tensor]]:
     """One file as batches of column tensors, typed as the signature wants.
 
     The file is read by `fm_keras.reading` (the reader and cell rules of `fm-keras train`):
@@ -103,6 +107,11 @@ def read_batches(path: str, types: dict[str, tf.DType], keep: Sequence[str],
 
     `first_rows`: rows of the first batch when it should be other than `batch_size`.
 
+    `padded_bytes`: a batch is cut into consecutive parts whose rows times the longest cell
+    of a `derived` column's source stay within this many bytes (a longer cell is a part of
+    its own): `split_ids` pads every list of a batch to the longest, so one user with 20,000
+    excluded ids would otherwise widen 4,096 rows to 20,000 slots (gigabytes).
+
     Yields:
         ``{column: tensor of shape [rows]}``, float32 or string, at most `batch_size` rows.
 
@@ -114,13 +123,45 @@ def read_batches(path: str, types: dict[str, tf.DType], keep: Sequence[str],
     check_columns(path, wanted)
     # Two stages on two threads (with the caller's `_prefetched`): pyarrow parses the next
     # batch while this one becomes tensors.
-    for first, batch in _prefetched(record_batches(path, wanted, batch_size, lists,
+    sources = list(dict.fromkeys(c for c, _ in derived.values()))
+    for start, whole in _prefetched(record_batches(path, wanted, batch_size, lists,
                                                    first_rows)):
-        yield {**{name: tf.constant(numbers(batch.column(name), f"{path}: column {name!r}",
-                                            first))
-                  if types.get(name) == tf.float32 else string_tensor(batch.column(name))
-                  for name in [*types, *keep]},
-               **{name: fn(batch.column(column)) for name, (column, fn) in derived.items()}}
+        parts = [(0, whole.num_rows)] if padded_bytes is None or not sources else \
+            padding_bounded(np.max([cell_bytes(whole.column(c)) for c in sources], axis=0),
+                            padded_bytes)
+        for begin, end in parts:
+            batch, first = whole.slice(begin, end - begin), start + begin
+            yield {**{name: tf.constant(numbers(batch.column(name),
+                                                f"{path}: column {name!r}", first))
+                      if types.get(name) == tf.float32 else string_tensor(batch.column(name))
+                      for name in [*types, *keep]},
+                   **{name: fn(batch.column(column)) for name, (column, fn) in derived.items()}}
+
+
+def cell_bytes(array: pa.Array) -> np.ndarray:
+    """Bytes of each cell of a column as text (`fm_keras.reading.as_text`), int64 [rows]."""
+    array = as_text(array)
+    offsets = np.frombuffer(array.buffers()[1], np.int32, count=len(array) + 1,
+                            offset=array.offset * 4)
+    return np.diff(offsets).astype(np.int64)
+
+
+def padding_bounded(lengths: np.ndarray, budget: int) -> list[tuple[int, int]]:
+    """Consecutive row ranges ``[(begin, end), ...]`` covering ``range(len(lengths))`` in
+    which (rows x the longest length) <= `budget`; a row longer than `budget` is a range of
+    its own. One range when the whole batch fits (the usual case: no Python loop)."""
+    n = len(lengths)
+    if n == 0 or n * int(lengths.max()) <= budget:
+        return [(0, n)]
+    parts, begin, widest = [], 0, 0
+    for i, length in enumerate(lengths.tolist()):
+        wider = max(widest, length)
+        if i > begin and (i + 1 - begin) * wider > budget:
+            parts.append((begin, i))
+            begin, wider = i, length
+        widest = wider
+    parts.append((begin, n))
+    return parts
 
 
 def export_list_columns(meta: dict) -> dict[str, str]:
@@ -237,7 +278,8 @@ def run_signature(model: str, inputs: Sequence[str], output: str, *,
                   keep: Sequence[str] | None = None, progress: bool = True,
                   derive: dict[str, tuple[str, Callable]] | None = None,
                   to_table: Callable[[dict, dict, str], pa.Table] = outputs_table,
-                  lists: dict[str, str] | None = None, batch_bytes: int | None = None) -> dict:
+                  lists: dict[str, str] | None = None, batch_bytes: int | None = None,
+                  padded_bytes: int | None = None) -> dict:
     """Streams files through one signature of an export into `output`; returns a summary.
 
     Args:
@@ -255,6 +297,7 @@ def run_signature(model: str, inputs: Sequence[str], output: str, *,
             from the file's average row size, at least one row), and make a file's first batch
             half as long, so that the reader's work on the second overlaps the signature's
             on the first sooner; None: `batch_size` rows throughout.
+        padded_bytes: `read_batches`' bound on a batch's padded `derive` lists.
     """
     check_output(output)
     if batch_size < 1:
@@ -290,7 +333,7 @@ def run_signature(model: str, inputs: Sequence[str], output: str, *,
                 rows = max(1, min(batch_size, int(batch_bytes / max(per_row, 1.0))))
                 first_rows = max(1, rows // 2)
             for columns in _prefetched(read_batches(path, read_types, keep, rows, derive,
-                                                    lists, first_rows)):
+                                                    lists, first_rows, padded_bytes)):
                 outputs = {k: v.numpy() for k, v in fn(**{n: columns[n] for n in types}).items()}
                 kept = {k: columns[k].numpy() for k in keep}
                 if pending is not None:
@@ -394,6 +437,7 @@ def recommend(model: str, users: Sequence[str], output: str, k: int, *,
                             progress=progress, derive=derive, to_table=to_table,
                             signature="exclude_seen" if exclude_column else "serving_default",
                             lists={exclude_column: "|"} if exclude_column else None,
-                            batch_bytes=EXCLUSION_BATCH_BYTES if exclude_column else None)
+                            batch_bytes=EXCLUSION_BATCH_BYTES if exclude_column else None,
+                            padded_bytes=EXCLUSION_PADDED_BYTES if exclude_column else None)
     summary.update(k=k, users_fewer_than_k=short[0], **(unknown.summary() if unknown else {}))
     return summary

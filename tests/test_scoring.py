@@ -9,6 +9,7 @@ import pytest
 import tensorflow as tf
 
 from fm_keras import scoring
+from fm_keras.arrow_text import split_ids
 from fm_keras.config import FeatureConfig
 from fm_keras.data import load_split
 from fm_keras.errors import DataError, ExportError
@@ -94,7 +95,7 @@ def test_recommend_long_format_and_exclusions(exports, small_synth, tmp_path,
     monkeypatch.setattr(scoring, "read_batches", lambda *a: calls.append(a[3:]) or
                         read_batches(*a))
     recommend(exports["scann"], [users_csv], out, k=5, exclude_column="seen", progress=False)
-    (rows, *_, first_rows), = calls
+    (rows, _, _, first_rows, _), = calls  # batch_size, derived, lists, first_rows, padding
     assert 1 < rows < len(users) / 2 and first_rows == rows // 2
     pd.testing.assert_frame_equal(pd.read_csv(out), excluded)
     with pytest.raises(ExportError, match="--k must be between 1 and 20 \\(the k this recall "
@@ -102,6 +103,54 @@ def test_recommend_long_format_and_exclusions(exports, small_synth, tmp_path,
         recommend(exports["scann"], [users_csv], out, k=21)
     with pytest.raises(DataError, match="missing column 'seeen' \\(did you mean 'seen'\\?; "):
         recommend(exports["scann"], [users_csv], out, k=5, exclude_column="seeen")
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_padding_bounded_ranges_cover_the_rows_within_the_budget(seed):
+    """Consecutive ranges covering every row, each within the budget (a row over it alone),
+    none that could take its next row (greedy), one range when everything fits."""
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(0, 50, 200)
+    lengths[rng.choice(200, 4)] = [500, 900, 3000, 120]  # a few very long lists
+    budget = 1000
+    parts = scoring.padding_bounded(lengths, budget)
+    assert parts[0][0] == 0 and parts[-1][1] == 200
+    assert all(a[1] == b[0] for a, b in zip(parts, parts[1:]))
+    for begin, end in parts:
+        widest = lengths[begin:end].max()
+        assert (end - begin) * widest <= budget or end - begin == 1
+        if end < 200:  # the next row would not have fitted
+            assert (end + 1 - begin) * max(widest, lengths[end]) > budget
+    assert scoring.padding_bounded(lengths, 200 * 3000) == [(0, 200)]
+    assert scoring.padding_bounded(np.zeros(0, np.int64), 10) == [(0, 0)]
+
+
+def test_one_users_long_list_does_not_widen_the_whole_batch(exports, small_synth, tmp_path,
+                                                            monkeypatch):
+    """A batch's lists are padded to the longest: a user excluding the whole catalog (5,000
+    ids, ~30 KB) among 40 users of 2 ids makes a part of at most 2 rows, not 40 x 5,000
+    slots, and the output is the same as unbounded."""
+    items = pd.read_csv(os.path.join(small_synth[0], "items.csv"), dtype=str)["item_id"]
+    test = pd.read_csv(os.path.join(small_synth[0], "test.csv"), dtype=str)
+    users = test.drop_duplicates("user_id").head(40).copy()
+    users["seen"] = users["item_id"] + "|i0"
+    users.iloc[17, users.columns.get_loc("seen")] = "|".join(items)
+    users_csv = str(tmp_path / "users.csv")
+    users.to_csv(users_csv, index=False)
+    monkeypatch.setattr(scoring, "EXCLUSION_PADDED_BYTES", None)
+    whole = str(tmp_path / "whole.csv")
+    recommend(exports["scann"], [users_csv], whole, k=5, exclude_column="seen", progress=False)
+    widths = []
+    monkeypatch.setattr(scoring, "EXCLUSION_PADDED_BYTES", 60_000)
+    monkeypatch.setattr(scoring, "split_ids", lambda a: (
+        ids := split_ids(a), widths.append((len(a), int(ids.shape[1]))))[0])
+    out = str(tmp_path / "bounded.csv")
+    summary = recommend(exports["scann"], [users_csv], out, k=5, exclude_column="seen",
+                        progress=False)
+    assert sum(rows for rows, _ in widths) == 40 and len(widths) > 1
+    assert max(r * w for r, w in widths) <= 2 * len(items)  # unbounded: 40 x 5,000
+    assert summary["users_fewer_than_k"] == 1
+    pd.testing.assert_frame_equal(pd.read_csv(out), pd.read_csv(whole))
 
 
 def test_errors_leave_nothing_behind(exports, small_synth, tmp_path):
