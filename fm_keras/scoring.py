@@ -16,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
@@ -127,8 +128,8 @@ def read_batches(path: str, types: dict[str, tf.DType], keep: Sequence[str],
     for start, whole in _prefetched(record_batches(path, wanted, batch_size, lists,
                                                    first_rows)):
         parts = [(0, whole.num_rows)] if padded_bytes is None or not sources else \
-            padding_bounded(np.max([cell_bytes(whole.column(c)) for c in sources], axis=0),
-                            padded_bytes)
+            padding_bounded(np.max([pc.binary_length(as_text(whole.column(c))).to_numpy()
+                                    for c in sources], axis=0), padded_bytes)
         for begin, end in parts:
             batch, first = whole.slice(begin, end - begin), start + begin
             yield {**{name: tf.constant(numbers(batch.column(name),
@@ -136,14 +137,6 @@ def read_batches(path: str, types: dict[str, tf.DType], keep: Sequence[str],
                       if types.get(name) == tf.float32 else string_tensor(batch.column(name))
                       for name in [*types, *keep]},
                    **{name: fn(batch.column(column)) for name, (column, fn) in derived.items()}}
-
-
-def cell_bytes(array: pa.Array) -> np.ndarray:
-    """Bytes of each cell of a column as text (`fm_keras.reading.as_text`), int64 [rows]."""
-    array = as_text(array)
-    offsets = np.frombuffer(array.buffers()[1], np.int32, count=len(array) + 1,
-                            offset=array.offset * 4)
-    return np.diff(offsets).astype(np.int64)
 
 
 def padding_bounded(lengths: np.ndarray, budget: int) -> list[tuple[int, int]]:
@@ -379,7 +372,8 @@ def recommend(model: str, users: Sequence[str], output: str, k: int, *,
     per user, e.g. already seen; spaces around an id are dropped), those items are left out;
     a user with fewer than k items left gets fewer rows. A `k` above the catalog size is
     clamped to it, with a warning. With `exclude_column`, a batch holds at most
-    `EXCLUSION_BATCH_BYTES` of the file as well as `batch_size` rows.
+    `EXCLUSION_BATCH_BYTES` of the file as well as `batch_size` rows, and is cut where its
+    lists, padded to the longest, would pass `EXCLUSION_PADDED_BYTES`.
 
     Returns:
         `run_signature`'s summary with ``k`` (after clamping) and ``users_fewer_than_k``: the
