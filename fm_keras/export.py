@@ -311,10 +311,11 @@ def _metadata(run: Run, servable: RankingServable, loaded, name: str, version: i
         "query_features": servable.query_names,
         "item_features": servable.item_names,
         "signatures": signature_info(loaded.signatures),
-        "calibration": {**run.model.calibration.to_dict(),
-                        "pos_weight": training.pos_weight,
-                        "class_weight": training.class_weight,
-                        "neg_sample_rate": training.neg_sample_rate},
+        # A regression model's prediction is the FM score itself: no probability to calibrate.
+        **({} if run.config.model.task == "regression" else {"calibration": {
+            **run.model.calibration.to_dict(), "pos_weight": training.pos_weight,
+            "class_weight": training.class_weight,
+            "neg_sample_rate": training.neg_sample_rate}}),
         "metrics": run.info.get("metrics", {}),
         "parity": parity,
         "custom_ops": [],

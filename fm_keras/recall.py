@@ -126,10 +126,11 @@ class RecallServable(tf.Module):
         task: the ranking model's ``model.task``: ``binary`` outputs ``item_ids``, ``scores``
             (logits) and ``probabilities`` (calibrated); ``regression`` outputs ``item_ids``
             and ``scores`` (its predictions) only.
+        calibration: the ranking export's calibration of a binary model; None for regression.
     """
 
     def __init__(self, ranking, index, item_ids: np.ndarray, k: int, query_names: list[str],
-                 calibration: Calibration, task: str = "binary"):
+                 calibration: Calibration | None, task: str = "binary"):
         super().__init__(name="fm_recall")
         self.ranking = ranking  # the loaded ranking export: its user_tower is reused as is
         self.index = index
@@ -322,8 +323,8 @@ def build_index(model_dir: str, items: str, name: str, base: str = "saved_models
     log(f"indexed {len(ids):,} items with {backend} "
         f"({asdict(params) if params else 'exact'}) in {time.time() - started:.1f}s")
     task = meta.get("task", "binary")  # exports made before the field were binary
-    servable = RecallServable(ranking, index, ids, k, meta["query_features"],
-                              Calibration.from_dict(meta["calibration"]), task)
+    calibration = Calibration.from_dict(meta["calibration"]) if task != "regression" else None
+    servable = RecallServable(ranking, index, ids, k, meta["query_features"], calibration, task)
     with building(final) as tmp:
         tf.saved_model.save(servable, tmp, signatures=servable.signatures())
         ops = saved_ops(tmp)
@@ -346,7 +347,8 @@ def build_index(model_dir: str, items: str, name: str, base: str = "saved_models
                       **_layout(index)},
             "task": task, "query_features": meta["query_features"],
             "signatures": signature_info(loaded.signatures),
-            "calibration": meta["calibration"], "ops": ops, "custom_ops": custom_ops,
+            **({"calibration": meta["calibration"]} if calibration else {}),
+            "ops": ops, "custom_ops": custom_ops,
             "pad": {"item_id": "", "score": PAD_SCORE,
                     **({"probability": 0.0} if servable.has_probabilities else {})},
             "needs": "import scann before loading; ScaNN-enabled TF Serving" if custom_ops

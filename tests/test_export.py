@@ -236,6 +236,7 @@ def test_a_regression_run_exports_its_prediction_as_the_fm_score(regression_expo
     meta = _meta(version_dir)
     assert meta["parity"]["rows"] == 2000 and meta["parity"]["max_abs_diff"] <= 1e-4
     assert meta["signatures"]["serving_default"]["outputs"] == {"prediction": "float32"}
+    assert meta["task"] == "regression" and "calibration" not in meta  # nothing to calibrate
     loaded = tf.saved_model.load(version_dir)
     rows = sample_rows(load_run(run_dir), 50, seed=1)
     out = loaded.signatures["serving_default"](**{k: tf.constant(v) for k, v in rows.items()})

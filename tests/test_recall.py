@@ -475,7 +475,7 @@ def test_a_regression_models_recall_has_its_predictions_and_no_probabilities(
     path = build_index(ranking, catalog, "rating_recall", base=str(tmp_path / "m"),
                        backend="brute_force", k=3)
     meta = _meta(path)
-    assert meta["task"] == "regression"
+    assert meta["task"] == "regression" and "calibration" not in meta
     assert meta["pad"] == {"item_id": "", "score": PAD_SCORE}
     assert set(meta["signatures"]["serving_default"]["outputs"]) == {"item_ids", "scores"}
     _, loaded, _ = load_export(path)
