@@ -170,14 +170,20 @@ def load_run(run_dir: str) -> Run:
     return Run(run_dir, config, features, model, info)
 
 
-def predict_split(model: FMModel, split: Split, batch_size: int = 65_536) -> dict[str, np.ndarray]:
+def predict_split(model: FMModel, split: Split, batch_size: int = 65_536,
+                  slots: tuple[np.ndarray, np.ndarray] | None = None) -> dict[str, np.ndarray]:
     """Model outputs for every row of an in-memory split.
+
+    Args:
+        slots: the split's rows already encoded (`FeatureEncoder.encode_numpy`: ids int32 and
+            values float32 [rows, slots]); default: encoded here.
 
     Returns:
         output name -> float32 [rows] (``logit``, ``probability``, ``raw_probability`` for
         a binary model; ``prediction`` for regression), computed `batch_size` rows at a time.
     """
-    ids, values = model.encoder.encode_numpy(split.features, batch_size)
+    ids, values = slots if slots is not None else model.encoder.encode_numpy(split.features,
+                                                                             batch_size)
     logits = np.concatenate([
         _logits(model, ids[i:i + batch_size], values[i:i + batch_size]).numpy()
         for i in range(0, len(ids), batch_size)])
@@ -189,13 +195,16 @@ def _logits(model, ids, values):
     return model.logits(ids, values)
 
 
-def calibrate(model: FMModel, valid_split: Split, training: TrainingConfig) -> None:
+def calibrate(model: FMModel, valid_split: Split, training: TrainingConfig,
+              slots: tuple[np.ndarray, np.ndarray] | None = None) -> None:
     """Fits ``model.calibration`` on the validation rows (binary task; after the best weights
-    are restored): the configured ``training.calibration`` on the corrected logit."""
+    are restored): the configured ``training.calibration`` on the corrected logit. `slots`:
+    the rows already encoded, as `predict_split` takes them."""
     if model.task_name != "binary":
         return
     model.calibration = fit_calibration(
-        predict_split(model, valid_split)["logit"], valid_split.labels, training.calibration,
+        predict_split(model, valid_split, slots=slots)["logit"], valid_split.labels,
+        training.calibration,
         model.logit_correction, training.seed)
     reason = (model.calibration.fit or {}).get("reason")  # why none was fitted, if not
     log(f"calibration: {model.calibration.method} (" + (

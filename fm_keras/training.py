@@ -171,10 +171,12 @@ def _train(config: ExperimentConfig, run_dir: str, *, resume: bool, verbose: int
         train_ds, trained = _dataset(model, train_split, config, training=True, callbacks=prior)
     if not ooc:
         labels, rows["train"] = train_split.labels, len(train_split)
-    valid_ds, _ = _dataset(model, valid_split, config, training=False)
+    # The validation rows are encoded once: for the per-epoch metrics, the prior's line
+    # search, the calibration and the final metrics.
+    valid_slots = model.encoder.encode_numpy(valid_split.features)
+    valid_ds, _ = _dataset(model, valid_split, config, training=False, slots=valid_slots)
     if prior and config.model.l2_prior_validation:
-        prior[0].search_on(Slots(*model.encoder.encode_numpy(valid_split.features),
-                                 valid_split.labels, model.logit_correction),
+        prior[0].search_on(Slots(*valid_slots, valid_split.labels, model.logit_correction),
                            config.training.seed)
     log(f"encoded {rows['train']:,} + {len(valid_split):,} rows into "
         f"{model.encoder.num_slots} slots over {model.encoder.num_ids:,} ids "
@@ -219,9 +221,10 @@ def _train(config: ExperimentConfig, run_dir: str, *, resume: bool, verbose: int
                       verbose=verbose)
     convergence = state.finish()
     train_seconds = time.time() - t0
-    calibrate(model, valid_split, config.training)
+    calibrate(model, valid_split, config.training, valid_slots)
 
-    metrics = {"valid": metrics_for(task, valid_split.labels, predict_split(model, valid_split))}
+    metrics = {"valid": metrics_for(task, valid_split.labels,
+                                    predict_split(model, valid_split, slots=valid_slots))}
     if negatives is not None:
         metrics["valid"]["negatives"] = negatives.description(
             config.training.seed, len(valid_split) - logged)
@@ -324,7 +327,8 @@ def _warm_start_features(warm_start: str, config: ExperimentConfig):
 
 
 def _dataset(model: FMModel, split: Split, config: ExperimentConfig, training: bool,
-             negatives=None, callbacks: list | None = None):
+             negatives=None, callbacks: list | None = None,
+             slots: tuple[np.ndarray, np.ndarray] | None = None):
     """Encodes a split once and serves it as batches of ``(slots, labels, weights)``;
     returns the dataset and, for training, the `trained_rows` mask of its rows (and of the
     catalog `negatives` draws from), else None.
@@ -334,9 +338,9 @@ def _dataset(model: FMModel, split: Split, config: ExperimentConfig, training: b
     shuffle buffer would cost far more than the FM step itself. With `negatives`
     (`fm_keras.negatives.SampledNegatives`) each batch gets its sampled negatives. With
     `model.l2_prior` (binary and regression), the training split's id counts set the prior and
-    its `EmpiricalBayesPrior` joins `callbacks`.
+    its `EmpiricalBayesPrior` joins `callbacks`. `slots`: the split already encoded.
     """
-    ids, values = model.encoder.encode_numpy(split.features)
+    ids, values = slots if slots is not None else model.encoder.encode_numpy(split.features)
     trained = None
     if training:
         sample = np.random.default_rng(config.training.seed).permutation(len(ids))[:4096]

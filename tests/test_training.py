@@ -34,6 +34,28 @@ def calib_synth(tmp_path_factory):
     return str(out)
 
 
+def test_each_split_is_encoded_once(small_synth, tmp_path, monkeypatch):
+    """The validation rows feed the per-epoch metrics, the prior's line search, the
+    calibration and the final metrics: encoded once for all four (they were encoded four
+    times)."""
+    from fm_keras.features import FeatureEncoder
+
+    rows, original = [], FeatureEncoder.encode_numpy
+
+    def counted(self, columns, *args, **kwargs):
+        rows.append(len(next(iter(columns.values()))))
+        return original(self, columns, *args, **kwargs)
+
+    monkeypatch.setattr(FeatureEncoder, "encode_numpy", counted)
+    synth_dir, _ = small_synth
+    config = _config(synth_dir, epochs=1)
+    assert config.model.l2_prior_validation  # the line search is on
+    record = train(config, str(tmp_path / "run"), verbose=0)
+    assert "test" in record["metrics"]  # train, valid, then the test rows: one call each
+    assert len(rows) == 3 and rows[:2] == [record["rows"]["train"], record["rows"]["valid"]], \
+        rows
+
+
 def test_run_directory_and_load(small_synth, tmp_path):
     synth_dir, _ = small_synth
     run_dir = str(tmp_path / "run")
