@@ -243,12 +243,16 @@ class FeatureEncoder(keras.layers.Layer):
                                             tf.strings.regex_replace(weighted, pattern, r"\2"))
         weight = tf.strings.to_number(given, tf.float32)
         weight = tf.where(tf.math.is_finite(weight), weight, 1.0)
+        if c.combiner in ("mean", "sqrtn"):
+            # Each row's sum (or norm) over its tokens, as a ragged reduce_sum adds them, but
+            # on the flat values: the ragged division broadcasting it cost 0.2 s per 500k
+            # tokens, more than the rest of the feature's encoding.
+            rows = tokens.value_rowids()
+            total = tf.math.unsorted_segment_sum(
+                weight if c.combiner == "mean" else tf.square(weight), rows, tokens.nrows())
+            total = total if c.combiner == "mean" else tf.sqrt(total)
+            weight = weight / tf.gather(tf.maximum(total, 1e-12), rows)
         weights = tokens.with_flat_values(weight)
-        if c.combiner == "mean":
-            weights = weights / tf.maximum(tf.reduce_sum(weights, 1, keepdims=True), 1e-12)
-        elif c.combiner == "sqrtn":
-            norm = tf.sqrt(tf.reduce_sum(tf.square(weights), 1, keepdims=True))
-            weights = weights / tf.maximum(norm, 1e-12)
         ids = tokens.with_flat_values(self._lookup(f, names))
         return (ids.to_tensor(0, shape=[None, f.max_len]),
                 weights.to_tensor(0.0, shape=[None, f.max_len]))

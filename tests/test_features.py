@@ -258,3 +258,29 @@ def test_encode_numpy_equals_the_graph_bit_for_bit():
         {k: tf.constant(v) for k, v in columns.items()})
     for got, want in zip(eager, graph):
         np.testing.assert_array_equal(got, want.numpy())
+
+
+@pytest.mark.parametrize("combiner", ["sum", "mean", "sqrtn"])
+def test_multi_hot_combiner_matches_numpy(combiner):
+    """The combiner's weights against a NumPy reference: per row, the first `max_len`
+    non-empty tokens, ``name:number`` weighted, the rest 1; mean divides by their sum, sqrtn
+    by their norm."""
+    rng = np.random.default_rng(7)
+    cells, expected = [], []
+    for _ in range(3000):
+        tokens = [f"t{rng.integers(0, 40)}" + (f":{rng.uniform(0.1, 4):.4f}"
+                                                if rng.random() < 0.5 else "")
+                  for _ in range(rng.integers(0, 7))]
+        tokens = [t if rng.random() < 0.9 else "" for t in tokens]  # empty tokens are skipped
+        cells.append("|".join(tokens))
+        weights = np.array([float(t.split(":")[1]) if ":" in t else 1.0
+                            for t in tokens if t][:4], np.float64)
+        if combiner == "mean":
+            weights = weights / max(weights.sum(), 1e-12)
+        elif combiner == "sqrtn":
+            weights = weights / max(np.sqrt(np.square(weights).sum()), 1e-12)
+        expected.append(np.pad(weights, (0, 4 - len(weights))))
+    cfg = FeatureConfig("tags", "multi_hot", "item", combiner=combiner, max_len=4)
+    encoder = FeatureEncoder(fit_features([cfg], _split(tags=np.array(cells, object))))
+    _, values = encoder.encode_numpy({"tags": np.array(cells, object)}, batch_size=1000)
+    np.testing.assert_allclose(values, np.array(expected), rtol=1e-6, atol=1e-7)
