@@ -1,5 +1,6 @@
 """ExampleGen: filters with counts, de-duplication, time and hash splits."""
 
+import dataclasses
 import json
 import os
 
@@ -25,13 +26,13 @@ def _logs(tmp_path):
 def test_filters_dedup_and_time_split(tmp_path):
     data = InputConfig(input=(_logs(tmp_path),), label="click",
                        filters=(FilterConfig("cached_exposures", "is_cached", "==", 1),),
-                       dedup_keys=("ts", "user_id", "item_id", "missing_key"),
+                       dedup_keys=("ts", "user_id", "item_id"),
                        split=SplitConfig(by="time", column="ts", eval_fraction=0.2))
     counts = run_examplegen(data, data.input, str(tmp_path / "out"))
     assert counts["rows_read"] == 106
     assert counts["dropped"] == {"cached_exposures": 11}  # 10 + the replayed row 0
     assert counts["duplicates"] == 5
-    assert counts["dedup_keys_missing"] == ["missing_key"]
+    assert counts["dedup_keys_missing"] == []
     assert counts["rows"] == 90 and counts["train_rows"] + counts["eval_rows"] == 90
     train = pd.read_parquet(tmp_path / "out" / "train.parquet")
     evaluation = pd.read_parquet(tmp_path / "out" / "eval.parquet")
@@ -134,3 +135,31 @@ def test_empty_part_files_of_a_span_are_skipped_and_counted(tmp_path, capsys):
     os.remove(os.path.join(span, "part-0.csv"))  # every file empty: still an error
     with pytest.raises(DataError, match="part-1.csv: the file is empty"):
         run_examplegen(data, data.input, str(tmp_path / "out2"))
+
+
+def test_a_misspelt_dedup_key_is_an_error_not_a_coarser_key(tmp_path):
+    """`userid` for `user_id` de-duplicated on (ts, item_id): rows of different users at the
+    same time stamp were dropped as duplicates, silently (a new user's trial: 478 rows)."""
+    pattern = _logs(tmp_path)
+    data = InputConfig(input=(pattern,), label="click", dedup_keys=("ts", "userid", "item_id"),
+                       split=SplitConfig(by="time", column="ts", eval_fraction=0.2))
+    with pytest.raises(DataError, match=r"a\.csv: data: dedup_keys: 'userid' is not a column "
+                       r"of the data \(did you mean 'user_id'\?\)$"):
+        run_examplegen(data, data.input, str(tmp_path / "out"), schema_columns=["click"])
+    assert not os.path.exists(tmp_path / "out")
+    data = dataclasses.replace(data, dedup_keys=("ts", "zzz"))
+    with pytest.raises(DataError, match=r"'zzz' is not a column of the data; its columns: ts, "
+                       r"user_id, item_id, is_cached, click$"):
+        run_examplegen(data, data.input, str(tmp_path / "out"), schema_columns=["click"])
+
+
+def test_a_missing_feature_key_drops_no_duplicates_for_the_validator_to_report(tmp_path):
+    """A dedup key that is a feature column and gone from the data (a renamed column) is the
+    validator's `missing_column`; meanwhile no row is dropped on the remaining keys."""
+    data = InputConfig(input=(_logs(tmp_path),), label="click",
+                       dedup_keys=("ts", "user_id", "item_id", "item"),
+                       split=SplitConfig(by="time", column="ts", eval_fraction=0.2))
+    counts = run_examplegen(data, data.input, str(tmp_path / "out"),
+                            schema_columns=["user_id", "item", "click"])
+    assert counts["dedup_keys_missing"] == ["item"]
+    assert counts["duplicates"] == 0 and counts["rows"] == 106

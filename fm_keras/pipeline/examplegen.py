@@ -4,7 +4,7 @@ examples.
 Reads the files of every span of the run's rolling window of spans (``data.spans``; one span
 by default) as one data set, every column as text (so a retyped or renamed column reaches
 schema validation instead of failing here), drops rows matching the cleaning filters (counted
-per filter), drops duplicate rows (on the ``dedup_keys`` present, or whole rows), and splits:
+per filter), drops duplicate rows (on the ``dedup_keys``, or whole rows), and splits:
 the last ``eval_fraction`` of the window by a time column, or by a stable hash of a key column,
 so a user's rows stay on one side. Output: ``train.parquet``, ``eval.parquet``,
 ``counts.json``.
@@ -20,7 +20,7 @@ import pandas as pd
 
 from fm_keras import fsutil
 from fm_keras.data import expand_paths, filter_mask, read_frame, skipped_empty_files
-from fm_keras.errors import DataError
+from fm_keras.errors import DataError, close_match
 from fm_keras.pipeline.config import InputConfig
 
 
@@ -33,17 +33,20 @@ def input_files(patterns) -> list[dict]:
 
 
 def run_examplegen(data: InputConfig, patterns, out_dir: str,
-                   lists: dict[str, str] | None = None) -> dict:
+                   lists: dict[str, str] | None = None, schema_columns=()) -> dict:
     """Writes ``out_dir/{train,eval}.parquet`` and ``counts.json``; returns the counts.
 
     `patterns`: the globs of every span of the window, read as one data set: the filters,
     de-duplication and the split apply to the union of their rows. `lists`: column ->
     separator of the multi-hot features, whose Parquet list columns are written as their
-    joined text (`fm_keras.list_columns`).
+    joined text (`fm_keras.list_columns`). `schema_columns`: the feature and label columns.
+    Rows are de-duplicated on ``data.dedup_keys`` (whole rows without them); where a key that
+    is a `schema_columns` column is missing, on none (the validator fails the run on it).
 
     Raises:
-        DataError: no file matches, a file is unreadable, a filter, key or split column is
-            missing, or nothing is left after cleaning; it names the file (and the data row).
+        DataError: no file matches, a file is unreadable, a filter, split or dedup key column
+            (other than a `schema_columns` one) is missing, or nothing is left after
+            cleaning; it names the file (and the data row).
     """
     patterns = list(patterns)
     files = expand_paths(patterns)
@@ -64,12 +67,19 @@ def run_examplegen(data: InputConfig, patterns, out_dir: str,
         hit = _filter(frame, flt, files)
         counts["dropped"][flt.name] = int(hit.sum())
         frame = frame[~hit]
-    # A missing key column is schema validation's to report (it knows the feature spec):
-    # de-duplicate on the keys that are there.
-    keys = [k for k in data.dedup_keys if k in frame.columns] or columns
-    counts["dedup_keys_missing"] = [k for k in data.dedup_keys if k not in frame.columns]
+    missing = [k for k in data.dedup_keys if k not in frame.columns]
+    counts["dedup_keys_missing"] = missing
+    unknown = [k for k in missing if k not in schema_columns]
+    if unknown:  # a misspelt key would de-duplicate on the others: rows of different users
+        close = close_match(unknown[0], columns)
+        raise DataError(f"{files[0]}: data: dedup_keys: {unknown[0]!r} is not a column of the "
+                        "data" + (f" (did you mean {close!r}?)" if close else
+                                  f"; its columns: {', '.join(columns)}"))
     before = len(frame)
-    frame = frame.drop_duplicates(subset=keys, keep="first")
+    # A feature or label column that is gone is schema validation's to report (the run
+    # stops there): nothing is dropped as a duplicate on the remaining keys meanwhile.
+    if not missing:
+        frame = frame.drop_duplicates(subset=list(data.dedup_keys) or columns, keep="first")
     counts["duplicates"] = before - len(frame)
     if len(frame) < 2:
         raise DataError(f"{', '.join(files)}: {len(frame)} rows left after cleaning "

@@ -181,12 +181,13 @@ class PipelineRun:
         patterns = self.config.window_patterns(self.window)
         # Parquet list columns of multi-hot features are written as their joined text.
         lists = multi_hot_separators(self.config.features)
+        schema = [*(f.name for f in self.config.features), self.config.data.label]
         params = {"data": dataclasses.asdict(self.config.data), "span": self.span,
                   "spans": list(self.window.spans), "files": input_files(patterns),
-                  **({"lists": lists} if lists else {})}
+                  "schema_columns": schema, **({"lists": lists} if lists else {})}
 
         def execute(out):
-            counts = run_examplegen(self.config.data, patterns, out, lists)
+            counts = run_examplegen(self.config.data, patterns, out, lists, schema)
             fp = cache.fingerprint_files([os.path.join(out, "train.parquet"),
                                           os.path.join(out, "eval.parquet")])
             return StepResult({"examples": ("Examples", out, fp, {
