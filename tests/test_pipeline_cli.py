@@ -21,6 +21,21 @@ def test_bad_pipeline_yaml_is_one_line_exit_2(tmp_path, capsys):
     assert "no such config file" in capsys.readouterr().err
 
 
+def test_a_missing_item_catalog_is_one_line_exit_2_before_any_work(pipeline_logs, tmp_path,
+                                                                    capsys):
+    """Found by a new user's trial: the evaluator hit FileNotFoundError (a traceback) after
+    ExampleGen, the statistics, the validator and the trainer had run."""
+    data = {"input": f"{pipeline_logs}/span-{{SPAN}}/*.csv", "label": "click",
+            "items": str(tmp_path / "itemz.csv")}
+    path = write_pipeline_yaml(tmp_path / "p.yaml", pipeline_logs, tmp_path / "root",
+                               tmp_path / "models", data=data)
+    for args in (["run", path, "--span", "1"], ["step", "examplegen", path, "--run-id", "r"]):
+        assert main(["pipeline", *args]) == 2
+        assert capsys.readouterr().err.strip().splitlines() == [
+            f"fm-keras: error: {path}: data: items: {tmp_path / 'itemz.csv'}: no such file"]
+    assert not (tmp_path / "root").exists()  # no run, no metadata store
+
+
 def test_steps_one_by_one_with_a_run_id(pipeline_first_run, capsys):
     path, first = pipeline_first_run
     for step in STEPS:

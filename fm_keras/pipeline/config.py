@@ -273,6 +273,15 @@ class PipelineConfig:
         return SpanWindow(first, span, tuple(inside),
                           tuple(s for s in range(first, span + 1) if s not in inside))
 
+    def check_items(self) -> None:
+        """Raises `ConfigError` (naming the YAML and the path) if ``data.items`` is set and
+        is not a file: checked before a run does any work (the evaluator and the index
+        builder read it, after training)."""
+        items = self.data.items
+        if items and not os.path.isfile(items):
+            raise ConfigError(f"{self.source}: data: items: {items}: "
+                              + ("is not a file" if os.path.exists(items) else "no such file"))
+
     def latest_span(self) -> int | None:
         """The highest span number with files on disk (None if no pattern has ``{SPAN}``).
 
