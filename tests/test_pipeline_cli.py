@@ -110,7 +110,7 @@ def test_terminated_run_prints_its_summary_and_leaves_no_empty_step_dir(pipeline
 
     from fm_keras.pipeline import examplegen
 
-    def terminated(data, patterns, out_dir, lists=None):
+    def terminated(data, patterns, out_dir, lists=None, schema_columns=()):
         signal.raise_signal(signal.SIGTERM)  # as a scheduler stopping the job, mid-step
         raise AssertionError("SIGTERM did not stop the step")
 
