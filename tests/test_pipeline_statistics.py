@@ -103,3 +103,28 @@ def test_column_gone_from_one_span_of_the_window_is_missing(tmp_path):
     assert _kinds(anomalies) == [("missing_column", "item_id", "fail")]
     assert anomalies[0]["detail"] == (f"column 'item_id' (in the feature spec) is not in "
                                       f"{renamed}")
+
+
+def test_non_numeric_cell_of_a_numeric_feature_names_its_value_file_and_row(tmp_path):
+    # the detail shows the bad cell and where it is, not the column's (valid) top values
+    from pipeline_testlib import write_small_span
+
+    from fm_keras.pipeline.config import InputConfig
+    from fm_keras.pipeline.examplegen import run_examplegen
+
+    path = write_small_span(tmp_path, 1)
+    lines = open(path).read().splitlines()
+    lines[6] = lines[6].replace(",0,", ",abc,")  # is_cached of data row 6
+    open(path, "w").write("\n".join(lines) + "\n")
+    features = (FeatureConfig("user_id", "categorical", "user"),
+                FeatureConfig("is_cached", "numeric", "item"))
+    data = InputConfig(input=(str(tmp_path / "span-{SPAN}" / "*.csv"),), label="click")
+    out = str(tmp_path / "examples")
+    run_examplegen(data, [str(tmp_path / "span-1" / "*.csv")], out)
+    stats, schema = generate_statistics(out, features, "click", str(tmp_path / "stats"))
+    assert stats["columns"]["is_cached"]["non_numeric"] == {
+        "count": 1, "examples": ["abc"], "where": [{"value": "abc", "file": path, "row": 6}]}
+    anomalies = validate(stats, schema, features, None, ValidationConfig(), out)
+    assert _kinds(anomalies) == [("retyped_column", "is_cached", "fail")]
+    assert anomalies[0]["detail"] == (f"{path}: numeric feature 'is_cached': non-numeric value "
+                                      f"'abc' at data row 6")

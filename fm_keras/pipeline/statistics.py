@@ -2,7 +2,8 @@
 
 Statistics per column: inferred type (numeric when every non-missing cell parses as a number;
 categorical and multi-hot features are text by the spec, whatever their ids look like),
-missing share, distinct values, numeric range, top values; the label's positive rate; and per
+missing share, distinct values, numeric range, top values, a few non-numeric cells (with their
+span file and data row for a numeric feature or the label); the label's positive rate; and per
 categorical feature the *holdout OOV rate*: the share of eval values the train split never saw.
 The schema keeps each column's type, the label rate and each categorical feature's vocabulary.
 
@@ -38,6 +39,11 @@ def column_stats(column: pd.Series, text: bool = False) -> dict:
     stats = {"type": "numeric" if numeric else "string",
              "missing": float(1 - len(present) / max(len(column), 1)),
              "distinct": int(present.nunique())}
+    if not text and not numeric and len(present):
+        # the cells that are not numbers (the evidence of a retyped numeric column)
+        bad = present[numbers.isna()]
+        stats["non_numeric"] = {"count": int(len(bad)),
+                                "examples": [str(v) for v in bad.drop_duplicates().head(3)]}
     if numeric:
         stats.update(min=float(numbers.min()), max=float(numbers.max()),
                      mean=float(numbers.mean()))
@@ -56,6 +62,44 @@ def _values(column: pd.Series, feature: FeatureConfig) -> pd.Series:
     return elements.str.split(feature.weight_separator, n=1, regex=False).str[0]
 
 
+def _locate(examples_dir: str, column: str, values, limit: int = 3) -> list[dict]:
+    """The first `limit` cells of `column` holding one of `values` in ExampleGen's input
+    files (``counts.json``), as {value, file, row} (row: the 1-based data row); [] when
+    ExampleGen's record of its files is not there."""
+    counts_path = os.path.join(examples_dir, "counts.json")
+    if not os.path.exists(counts_path):
+        return []
+    from fm_keras.data import read_frame
+    from fm_keras.reading import read_header
+
+    found, values = [], set(values)
+    for path in fsutil.read_json(counts_path).get("files", []):
+        if not os.path.exists(path) or column not in read_header(path):
+            continue
+        cells = read_frame(path, columns=[column])[column]
+        for row, value in cells[cells.isin(values)].head(limit - len(found)).items():
+            found.append({"value": str(value), "file": path, "row": int(row) + 1})
+        if len(found) >= limit:
+            break
+    return found
+
+
+def _non_numeric_detail(what: str, stats: dict) -> str:
+    """`what` (e.g. ``numeric feature 'age'``) has non-numeric values: the first one with its
+    file and data row when the statistics located it, and the count and a few examples."""
+    bad = stats.get("non_numeric")
+    if not bad:  # no cell at all, or statistics written before non-numeric cells were recorded
+        return (f"{what} has no values" if stats.get("missing") == 1.0
+                else f"{what} has non-numeric values")
+    more = (f" ({bad['count']} non-numeric cells in the train split, e.g. {bad['examples']})"
+            if bad["count"] > 1 else "")
+    if bad.get("where"):
+        first = bad["where"][0]
+        return (f"{first['file']}: {what}: non-numeric value {first['value']!r} "
+                f"at data row {first['row']}{more}")
+    return f"{what}: non-numeric value {bad['examples'][0]!r}{more}"
+
+
 def _text_features(features) -> set[str]:
     """The columns the feature spec reads as text: categorical and multi-hot features."""
     return {f.name for f in features if f.kind != "numeric"}
@@ -71,6 +115,12 @@ def generate_statistics(examples_dir: str, features, label: str, out_dir: str) -
              "label": label, "label_rate": None, "holdout_oov_rate": {}}
     if label in train.columns and stats["columns"][label]["type"] == "numeric":
         stats["label_rate"] = float(pd.to_numeric(train[label]).mean())
+    # Where the non-numeric cells of a numeric feature (or the label) are: the span file and
+    # data row, found in ExampleGen's input files (read again only for such a column).
+    for name in [f.name for f in features if f.kind == "numeric"] + [label]:
+        bad = stats["columns"].get(name, {}).get("non_numeric")
+        if bad and "where" not in bad:
+            bad["where"] = _locate(examples_dir, name, bad["examples"])
     vocabularies = {}
     for f in features:
         if f.kind == "numeric" or f.name not in train.columns:
@@ -117,11 +167,11 @@ def validate(stats: dict, schema: dict, features, baseline: dict | None,
     for f in features:
         if f.kind == "numeric" and columns.get(f.name) == "string":
             add("retyped_column", f.name, config.retyped_column,
-                f"numeric feature {f.name!r} has non-numeric values, e.g. "
-                f"{list(stats['columns'][f.name].get('top', {}))[:3]}")
+                _non_numeric_detail(f"numeric feature {f.name!r}", stats["columns"][f.name]))
     label = schema["label"]
     if columns.get(label) == "string":
-        add("retyped_column", label, config.retyped_column, f"label {label!r} is not numeric")
+        add("retyped_column", label, config.retyped_column,
+            _non_numeric_detail(f"label {label!r}", stats["columns"].get(label, {})))
     if baseline is None:
         return anomalies
     old, text = baseline["columns"], _text_features(features)
