@@ -128,3 +128,23 @@ def test_non_numeric_cell_of_a_numeric_feature_names_its_value_file_and_row(tmp_
     assert _kinds(anomalies) == [("retyped_column", "is_cached", "fail")]
     assert anomalies[0]["detail"] == (f"{path}: numeric feature 'is_cached': non-numeric value "
                                       f"'abc' at data row 6")
+
+
+def test_missing_label_or_feature_column_is_named_as_such_with_the_data_file(tmp_path):
+    # a wrong label is the label (not "in the feature spec"); both name the span file
+    from pipeline_testlib import write_small_span
+
+    from fm_keras.pipeline.config import InputConfig
+    from fm_keras.pipeline.examplegen import run_examplegen
+
+    path = write_small_span(tmp_path, 1)
+    features = (FeatureConfig("user_id", "categorical", "user"),
+                FeatureConfig("item_ids", "categorical", "item"))
+    data = InputConfig(input=(str(tmp_path / "span-{SPAN}" / "*.csv"),), label="clicked")
+    out = str(tmp_path / "examples")
+    run_examplegen(data, [str(tmp_path / "span-1" / "*.csv")], out)
+    stats, schema = generate_statistics(out, features, "clicked", str(tmp_path / "stats"))
+    anomalies = validate(stats, schema, features, None, ValidationConfig(), out)
+    assert [a["detail"] for a in anomalies] == [
+        f"column 'item_ids' (in the feature spec) is not in {path} (did you mean 'item_id'?)",
+        f"label column 'clicked' is not in {path} (did you mean 'click'?)"]

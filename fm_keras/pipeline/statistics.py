@@ -22,6 +22,7 @@ import pandas as pd
 
 from fm_keras import fsutil
 from fm_keras.config import FeatureConfig
+from fm_keras.errors import close_match
 from fm_keras.reading import MISSING_TOKENS
 from fm_keras.pipeline.config import ValidationConfig
 
@@ -153,17 +154,24 @@ def validate(stats: dict, schema: dict, features, baseline: dict | None,
     # ExampleGen's record of columns that some of its files lack (a window of spans is one
     # data set: a column gone from the newest span is still in the older spans' rows).
     counts_path = os.path.join(examples_dir, "counts.json")
-    partial = (fsutil.read_json(counts_path).get("columns_missing_in", {})
-               if os.path.exists(counts_path) else {})
+    counts = fsutil.read_json(counts_path) if os.path.exists(counts_path) else {}
+    partial = counts.get("columns_missing_in", {})
+
+    def files_text(files) -> str:
+        return (f"{files[-1]}" + (f" and {len(files) - 1} more file(s)" if len(files) > 1 else "")
+                if files else "the data")
+
     for name in [f.name for f in features] + [schema["label"]]:
+        what = (f"label column {name!r}" if name == schema["label"]
+                else f"column {name!r} (in the feature spec)")
         if name not in columns:
+            close = close_match(name, columns)
             add("missing_column", name, config.missing_column,
-                f"column {name!r} (in the feature spec) is not in the data")
+                f"{what} is not in {files_text(counts.get('files', []))}"
+                + (f" (did you mean {close!r}?)" if close else ""))
         elif partial.get(name):
-            lacking = partial[name]
             add("missing_column", name, config.missing_column,
-                f"column {name!r} (in the feature spec) is not in {lacking[-1]}"
-                + (f" and {len(lacking) - 1} more file(s)" if len(lacking) > 1 else ""))
+                f"{what} is not in {files_text(partial[name])}")
     for f in features:
         if f.kind == "numeric" and columns.get(f.name) == "string":
             add("retyped_column", f.name, config.retyped_column,
