@@ -567,8 +567,13 @@ def features_from_list(raw, source: str) -> tuple[FeatureConfig, ...]:
         raise ConfigError(f"{source}: features must be a list, got {type(raw).__name__}")
     out = []
     for i, item in enumerate(raw):
-        if not isinstance(item, dict) or "name" not in item:
-            raise ConfigError(f"{source}: features[{i}] must be a mapping with a 'name'")
+        if not isinstance(item, dict):
+            raise ConfigError(f"{source}: features[{i}] must be a mapping with a 'name', "
+                              f"got {type(item).__name__}")
+        if "name" not in item:  # a misspelt 'name' is an unknown key, as any other typo
+            where = f"{source}: features[{i}]"
+            check_keys(item, {f.name for f in dataclasses.fields(FeatureConfig)}, where)
+            raise ConfigError(f"{where}: missing required key 'name'")
         where = f"{source}: feature {item['name']!r}"
         kind = item.get("kind")
         if kind in _KIND_KEYS:

@@ -61,6 +61,11 @@ def test_logit_correction_undoes_weighting_and_downsampling():
      "features.yaml: feature 'price': kind must be one of .* got 'numerical' \\(did you mean 'numeric'\\?\\)"),
     (EXPERIMENT, FEATURES.replace("separator", "seperator"),
      "feature 'tags': unknown key 'seperator' \\(did you mean 'separator'\\?\\)"),
+    # a misspelt 'name' is an unknown key like any other (it said "must be a mapping")
+    (EXPERIMENT, FEATURES.replace("name: price", "nmae: price"),
+     "features.yaml: features\\[\\d\\]: unknown key 'nmae' \\(did you mean 'name'\\?\\)"),
+    (EXPERIMENT, FEATURES.replace("name: price, ", ""),
+     "features.yaml: features\\[\\d\\]: missing required key 'name'"),
     (EXPERIMENT, FEATURES.replace("normalization: log", "separator: ','"),
      "feature 'price': key 'separator' does not apply to kind 'numeric'"),
     (EXPERIMENT.replace("embedding_dim: 8", "embedding_dim: ten"), FEATURES,
