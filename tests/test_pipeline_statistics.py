@@ -75,6 +75,21 @@ def test_breaking_changes_and_drift(tmp_path):
     assert anomalies_fail(validate(stats, schema, FEATURES, old, relaxed, examples)) == []
 
 
+def test_a_gone_column_no_feature_reads_is_a_warning(tmp_path):
+    """A column one span added and the next dropped (a new user's trial: every later span
+    failed on it) is no input of the model: `missing_unused_column` (warn by default)."""
+    users = [f"u{i}" for i in range(20)]
+    _, _, old = _span(tmp_path, "s1", users)
+    old = {**old, "columns": {**old["columns"], "rating_src": "string"}}
+    examples, stats, schema = _span(tmp_path, "s2", users)
+    anomalies = validate(stats, schema, FEATURES, old, ValidationConfig(), examples)
+    assert _kinds(anomalies) == [("missing_column", "rating_src", "warn")]
+    assert "no feature or label reads it" in anomalies[0]["detail"]
+    strict = ValidationConfig(missing_unused_column="fail")
+    assert _kinds(validate(stats, schema, FEATURES, old, strict, examples)) == [
+        ("missing_column", "rating_src", "fail")]
+
+
 def test_first_span_is_checked_against_the_feature_spec(tmp_path):
     examples, stats, schema = _span(tmp_path, "s1", ["u1"], extra={"price": "cost"})
     anomalies = validate(stats, schema, FEATURES, None, ValidationConfig(), examples)

@@ -114,7 +114,10 @@ class ValidationConfig:
     """Severity of each anomaly found against the last validated schema.
 
     Attributes:
-        missing_column: a schema column is missing from the new span.
+        missing_column: a feature or label column is missing from the new span.
+        missing_unused_column: a column of the last schema that the model does not read
+            (neither a feature nor the label) is missing from the new span. The filter,
+            split and dedup_keys columns need no check here: ExampleGen fails without them.
         retyped_column: a column changed type (numeric <-> string).
         new_column: a column the schema does not have.
         label_rate_drift: relative change of the positive rate, |new / old - 1|.
@@ -122,13 +125,15 @@ class ValidationConfig:
     """
 
     missing_column: str = "fail"
+    missing_unused_column: str = "warn"
     retyped_column: str = "fail"
     new_column: str = "warn"
     label_rate_drift: DriftCheck = DriftCheck(max=0.5, severity="fail")
     oov_rate_drift: DriftCheck = DriftCheck(max=0.2, severity="warn")
 
     def __post_init__(self):
-        for name in ("missing_column", "retyped_column", "new_column"):
+        for name in ("missing_column", "missing_unused_column", "retyped_column",
+                     "new_column"):
             check_one_of(getattr(self, name), SEVERITIES, f"validation: {name}")
 
 

@@ -183,10 +183,16 @@ def validate(stats: dict, schema: dict, features, baseline: dict | None,
     if baseline is None:
         return anomalies
     old, text = baseline["columns"], _text_features(features)
+    read = {f.name for f in features} | {label}  # the columns the model reads
     for name in old:
         if name not in columns and not any(a["column"] == name for a in anomalies):
-            add("missing_column", name, config.missing_column,
-                f"column {name!r} of the last schema is missing")
+            if name in read:
+                add("missing_column", name, config.missing_column,
+                    f"column {name!r} of the last schema is missing")
+            else:  # e.g. a column one span added and the next dropped: no input of the model
+                add("missing_column", name, config.missing_unused_column,
+                    f"column {name!r} of the last schema is missing (no feature or label "
+                    "reads it: validation: missing_unused_column)")
     for name, kind in columns.items():
         if name not in old:
             add("new_column", name, config.new_column, f"column {name!r} is new")
