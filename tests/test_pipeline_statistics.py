@@ -27,6 +27,19 @@ def _span(tmp_path, name, users, click_every=10, price="1.5", extra=None):
     return str(out), stats, schema
 
 
+def _examples(tmp_path, features, label="click", spans=(1,)):
+    """ExampleGen and the statistics over the span files under tmp_path (span-N/*.csv)."""
+    from fm_keras.pipeline.config import InputConfig
+    from fm_keras.pipeline.examplegen import run_examplegen
+
+    data = InputConfig(input=(str(tmp_path / "span-{SPAN}" / "*.csv"),), label=label,
+                       spans=len(spans))
+    out = str(tmp_path / "examples")
+    run_examplegen(data, [str(tmp_path / f"span-{s}" / "*.csv") for s in spans], out)
+    stats, schema = generate_statistics(out, features, label, str(tmp_path / "stats"))
+    return out, stats, schema
+
+
 def _kinds(anomalies):
     return sorted((a["kind"], a["column"], a["severity"]) for a in anomalies)
 
@@ -99,20 +112,13 @@ def test_first_span_is_checked_against_the_feature_spec(tmp_path):
 def test_column_gone_from_one_span_of_the_window_is_missing(tmp_path):
     from pipeline_testlib import write_small_span
 
-    from fm_keras.pipeline.config import InputConfig
-    from fm_keras.pipeline.examplegen import run_examplegen
-
     write_small_span(tmp_path, 1)
     renamed = write_small_span(tmp_path, 2)  # item_id renamed to item in the newest span
     text = open(renamed).read()
     open(renamed, "w").write(text.replace("item_id", "item", 1))
     features = (FeatureConfig("user_id", "categorical", "user"),
                 FeatureConfig("item_id", "categorical", "item"))
-    data = InputConfig(input=(str(tmp_path / "span-{SPAN}" / "*.csv"),), label="click",
-                       spans=2)
-    out = str(tmp_path / "examples")
-    run_examplegen(data, [str(tmp_path / f"span-{s}" / "*.csv") for s in (1, 2)], out)
-    stats, schema = generate_statistics(out, features, "click", str(tmp_path / "stats"))
+    out, stats, schema = _examples(tmp_path, features, spans=(1, 2))
     assert "item_id" in schema["columns"]  # the older span's rows still have it
     anomalies = validate(stats, schema, features, None, ValidationConfig(), out)
     assert _kinds(anomalies) == [("missing_column", "item_id", "fail")]
@@ -124,19 +130,13 @@ def test_non_numeric_cell_of_a_numeric_feature_names_its_value_file_and_row(tmp_
     # the detail shows the bad cell and where it is, not the column's (valid) top values
     from pipeline_testlib import write_small_span
 
-    from fm_keras.pipeline.config import InputConfig
-    from fm_keras.pipeline.examplegen import run_examplegen
-
     path = write_small_span(tmp_path, 1)
     lines = open(path).read().splitlines()
     lines[6] = lines[6].replace(",0,", ",abc,")  # is_cached of data row 6
     open(path, "w").write("\n".join(lines) + "\n")
     features = (FeatureConfig("user_id", "categorical", "user"),
                 FeatureConfig("is_cached", "numeric", "item"))
-    data = InputConfig(input=(str(tmp_path / "span-{SPAN}" / "*.csv"),), label="click")
-    out = str(tmp_path / "examples")
-    run_examplegen(data, [str(tmp_path / "span-1" / "*.csv")], out)
-    stats, schema = generate_statistics(out, features, "click", str(tmp_path / "stats"))
+    out, stats, schema = _examples(tmp_path, features)
     assert stats["columns"]["is_cached"]["non_numeric"] == {
         "count": 1, "examples": ["abc"], "where": [{"value": "abc", "file": path, "row": 6}]}
     anomalies = validate(stats, schema, features, None, ValidationConfig(), out)
@@ -149,16 +149,10 @@ def test_missing_label_or_feature_column_is_named_as_such_with_the_data_file(tmp
     # a wrong label is the label (not "in the feature spec"); both name the span file
     from pipeline_testlib import write_small_span
 
-    from fm_keras.pipeline.config import InputConfig
-    from fm_keras.pipeline.examplegen import run_examplegen
-
     path = write_small_span(tmp_path, 1)
     features = (FeatureConfig("user_id", "categorical", "user"),
                 FeatureConfig("item_ids", "categorical", "item"))
-    data = InputConfig(input=(str(tmp_path / "span-{SPAN}" / "*.csv"),), label="clicked")
-    out = str(tmp_path / "examples")
-    run_examplegen(data, [str(tmp_path / "span-1" / "*.csv")], out)
-    stats, schema = generate_statistics(out, features, "clicked", str(tmp_path / "stats"))
+    out, stats, schema = _examples(tmp_path, features, label="clicked")
     anomalies = validate(stats, schema, features, None, ValidationConfig(), out)
     assert [a["detail"] for a in anomalies] == [
         f"column 'item_ids' (in the feature spec) is not in {path} (did you mean 'item_id'?)",
