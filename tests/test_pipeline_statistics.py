@@ -157,3 +157,26 @@ def test_missing_label_or_feature_column_is_named_as_such_with_the_data_file(tmp
     assert [a["detail"] for a in anomalies] == [
         f"column 'item_ids' (in the feature spec) is not in {path} (did you mean 'item_id'?)",
         f"label column 'clicked' is not in {path} (did you mean 'click'?)"]
+
+
+def test_labels_a_binary_model_cannot_train_on_name_their_file_and_row(tmp_path):
+    """A label 2 or an empty label passed ExampleGen and the validator and stopped the
+    trainer, naming ExampleGen's train.parquet (a new user's trial)."""
+    from pipeline_testlib import write_small_span
+
+    path = write_small_span(tmp_path, 1)
+    lines = open(path).read().splitlines()
+    for row, label in ((6, "2"), (9, ""), (12, "2")):
+        lines[row] = lines[row].rsplit(",", 1)[0] + "," + label
+    open(path, "w").write("\n".join(lines) + "\n")
+    features = (FeatureConfig("user_id", "categorical", "user"),)
+    out, stats, schema = _examples(tmp_path, features)
+    anomalies = validate(stats, schema, features, None, ValidationConfig(), out)
+    assert sorted((a["kind"], a["severity"], a["detail"]) for a in anomalies) == [
+        ("invalid_label", "fail", f"{path}: label 'click': a missing value at data row 9"),
+        ("invalid_label", "fail", f"{path}: label 'click': value '2' at data row 6 "
+                                  "(2 label cells not 0 or 1)")]
+    regression = validate(stats, schema, features, None, ValidationConfig(), out, "regression")
+    assert [a["detail"] for a in regression] == [
+        f"{path}: label 'click': a missing value at data row 9"]
+    assert validate(stats, schema, features, None, ValidationConfig(), out, "retrieval") == []

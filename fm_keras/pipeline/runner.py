@@ -195,11 +195,11 @@ class PipelineRun:
         return {}, params, execute, True
 
     def _statistics(self):
-        from fm_keras.pipeline.statistics import generate_statistics
+        from fm_keras.pipeline.statistics import STATISTICS_VERSION, generate_statistics
 
         (examples,) = self._need("statistics", "examples")
         params = {"features": [dataclasses.asdict(f) for f in self.config.features],
-                  "label": self.config.data.label}
+                  "label": self.config.data.label, "version": STATISTICS_VERSION}
 
         def execute(out):
             stats, schema = generate_statistics(examples.uri, self.config.features,
@@ -218,13 +218,14 @@ class PipelineRun:
         examples, stats, schema = self._need("validator", "examples", "statistics", "schema")
         baseline = next((a for a in self.store.artifacts("ValidatedSchema")
                          if a.fingerprint != schema.fingerprint and os.path.exists(a.uri)), None)
-        params = {"validation": dataclasses.asdict(self.config.validation)}
+        params = {"validation": dataclasses.asdict(self.config.validation),
+                  "task": self.config.model.task}
 
         def execute(out):
             anomalies = validate(fsutil.read_json(stats.uri), fsutil.read_json(schema.uri),
                                  self.config.features,
                                  fsutil.read_json(baseline.uri) if baseline else None,
-                                 self.config.validation, examples.uri)
+                                 self.config.validation, examples.uri, self.config.model.task)
             path = os.path.join(out, "anomalies.json")
             fsutil.write_json(path, {"anomalies": anomalies,
                                      "baseline_schema": baseline.uri if baseline else None})

@@ -29,6 +29,12 @@ from fm_keras.pipeline.config import ValidationConfig
 MAX_VOCABULARY = 50_000
 
 
+# What the statistics record; part of the statistics step's cache key, so that statistics
+# written by an older fm-keras (without the non-numeric cells' places or the label's bad
+# cells) are computed again rather than reused.
+STATISTICS_VERSION = 2
+
+
 def column_stats(column: pd.Series, text: bool = False) -> dict:
     """Type, missing share, distinct count, and range (numeric) or top values (string).
 
@@ -64,25 +70,54 @@ def _values(column: pd.Series, feature: FeatureConfig) -> pd.Series:
 
 
 def _locate(examples_dir: str, column: str, values, limit: int = 3) -> list[dict]:
-    """The first `limit` cells of `column` holding one of `values` in ExampleGen's input
-    files (``counts.json``), as {value, file, row} (row: the 1-based data row); [] when
-    ExampleGen's record of its files is not there."""
+    """The first `limit` cells of `column` holding one of `values` (None: a missing value)
+    in ExampleGen's input files (``counts.json``), as {value, file, row} (row: the 1-based
+    data row); [] when ExampleGen's record of its files is not there."""
     counts_path = os.path.join(examples_dir, "counts.json")
     if not os.path.exists(counts_path):
         return []
     from fm_keras.data import read_frame
     from fm_keras.reading import read_header
 
-    found, values = [], set(values)
+    found, values = [], set(values) if values is not None else None
     for path in fsutil.read_json(counts_path).get("files", []):
         if not os.path.exists(path) or column not in read_header(path):
             continue
         cells = read_frame(path, columns=[column])[column]
-        for row, value in cells[cells.isin(values)].head(limit - len(found)).items():
+        hit = cells.isin(values) if values is not None else \
+            cells.isna() | cells.isin(MISSING_TOKENS)
+        for row, value in cells[hit].head(limit - len(found)).items():
             found.append({"value": str(value), "file": path, "row": int(row) + 1})
         if len(found) >= limit:
             break
     return found
+
+
+def _label_cells(examples_dir: str, column: pd.Series) -> dict:
+    """The label cells a model cannot train on, over both splits: ``missing`` (empty or a
+    missing-value token) and ``not_binary`` (numbers other than 0 and 1; the validator judges
+    them by the task), each ``{count, examples, where}`` as `_locate` finds them; {} if none.
+    """
+    present = ~column.isin(MISSING_TOKENS) & column.notna()
+    numbers = pd.to_numeric(column[present], errors="coerce")
+    found = {}
+    for name, bad in (("missing", column[~present]),
+                      ("not_binary", column[present][numbers.notna() & ~numbers.isin([0, 1])])):
+        if len(bad):
+            examples = [str(v) for v in bad.drop_duplicates().head(3)]
+            found[name] = {"count": int(len(bad)), "examples": examples, "where": _locate(
+                examples_dir, column.name, examples if name == "not_binary" else None)}
+    return found
+
+
+def _label_detail(label: str, kind: str, bad: dict) -> str:
+    """The validator's one line on `label`'s cells of one `_label_cells` kind."""
+    what = "missing" if kind == "missing" else "not 0 or 1"
+    first = bad["where"][0] if bad.get("where") else None
+    cell = ("a missing value" if kind == "missing" else f"value {bad['examples'][0]!r}")
+    where = (f"{first['file']}: label {label!r}: {cell} at data row {first['row']}"
+             if first else f"label {label!r}: {cell}")
+    return where + (f" ({bad['count']} label cells {what})" if bad["count"] > 1 else "")
 
 
 def _non_numeric_detail(what: str, stats: dict) -> str:
@@ -122,6 +157,8 @@ def generate_statistics(examples_dir: str, features, label: str, out_dir: str) -
         bad = stats["columns"].get(name, {}).get("non_numeric")
         if bad and "where" not in bad:
             bad["where"] = _locate(examples_dir, name, bad["examples"])
+    if label in train.columns:
+        stats["label_cells"] = _label_cells(examples_dir, pd.concat([train, evaluation])[label])
     vocabularies = {}
     for f in features:
         if f.kind == "numeric" or f.name not in train.columns:
@@ -142,9 +179,12 @@ def generate_statistics(examples_dir: str, features, label: str, out_dir: str) -
 
 
 def validate(stats: dict, schema: dict, features, baseline: dict | None,
-             config: ValidationConfig, examples_dir: str) -> list[dict]:
+             config: ValidationConfig, examples_dir: str, task: str = "binary") -> list[dict]:
     """Anomalies of a span: against the feature spec, and against ``baseline`` (the last
-    validated schema) when there is one. Each is {kind, column, severity, detail}."""
+    validated schema) when there is one. Each is {kind, column, severity, detail}.
+
+    `task` (``model.task``): a binary model's labels must be 0 or 1, a binary or regression
+    model's present (``invalid_label``, fail: the trainer would stop on them)."""
     anomalies = []
     columns = schema["columns"]
 
@@ -180,6 +220,11 @@ def validate(stats: dict, schema: dict, features, baseline: dict | None,
     if columns.get(label) == "string":
         add("retyped_column", label, config.retyped_column,
             _non_numeric_detail(f"label {label!r}", stats["columns"].get(label, {})))
+    cells = stats.get("label_cells", {})
+    checked = {"binary": ("missing", "not_binary"), "regression": ("missing",)}.get(task, ())
+    for kind in checked:
+        if kind in cells:
+            add("invalid_label", label, "fail", _label_detail(label, kind, cells[kind]))
     if baseline is None:
         return anomalies
     old, text = baseline["columns"], _text_features(features)
