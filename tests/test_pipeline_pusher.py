@@ -116,6 +116,39 @@ def test_run_killed_between_ranking_and_recall_push_is_completed_and_reported_pu
     assert again["status"] == "unchanged" and again["pushed_version"] == 1
 
 
+def test_push_removes_a_version_label_on_the_version_it_unloads_and_reports_it(
+        pipeline_first_run, pipeline_logs, tmp_path):
+    """Regression: after an A/B test's labels and a rollback to latest (treatment -> 2 left),
+    a push of version 3 under `latest` unloaded 2 and left the label in models.config, which
+    TF Serving rejects at every config poll; no warning anywhere."""
+    from fm_keras.pipeline.config import load_pipeline
+    from fm_keras.pipeline.runner import run_pipeline
+    from fm_keras.pipeline.serving_config import served_versions
+    from fm_keras.serving.config import load_model_server_config
+
+    first = load_pipeline(pipeline_first_run[0])
+    base = tmp_path / "saved_models"
+    for name in ("ctr", "ctr_recall"):
+        for v in (1, 2):
+            os.makedirs(base / name / str(v))  # older versions; 2 serves under latest
+    served = base / "models.config"
+    served.write_text(
+        f'model_config_list {{ config {{ name: "ctr" base_path: "{base / "ctr"}" '
+        'model_platform: "tensorflow" model_version_policy { latest { num_versions: 1 } } '
+        'version_labels { key: "treatment" value: 2 } } '
+        f'config {{ name: "ctr_recall" base_path: "{base / "ctr_recall"}" '
+        'model_platform: "tensorflow" model_version_policy { latest { num_versions: 1 } } } }\n')
+    path = write_pipeline_yaml(tmp_path / "pipeline.yaml", pipeline_logs, first.root, base)
+    summary = run_pipeline(load_pipeline(path), span=1)
+    assert summary["status"] == "pushed" and summary["pushed_version"] == 3, summary
+    assert served_versions(str(served), "ctr") == [3]
+    ctr = load_model_server_config(str(served)).model_config_list.config[0]
+    assert dict(ctr.version_labels) == {}  # every label names a served version (none is left)
+    warning = (f"{served}: model 'ctr': version label 'treatment' removed: it named version 2, "
+               "which the new version policy does not serve (it serves [3])")
+    assert warning in summary["warnings"], summary["warnings"]
+
+
 def test_push_recall_skips_an_existing_version_and_removes_partial_pushes(tmp_path):
     staged = _fake_export(tmp_path / "staging" / "ctr_recall" / "1")
     base = tmp_path / "saved_models"

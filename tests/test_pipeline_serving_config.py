@@ -5,8 +5,8 @@ import os
 import pytest
 
 from fm_keras.errors import ConfigError
-from fm_keras.pipeline.serving_config import (ensure_models, pinned_elsewhere, served_policy,
-                                              set_version)
+from fm_keras.pipeline.serving_config import (drop_stale_labels, ensure_models,
+                                              pinned_elsewhere, served_policy, set_version)
 from fm_keras.serving.config import load_model_server_config
 
 
@@ -96,3 +96,19 @@ def test_labels_are_left_alone_when_the_base_path_cannot_be_listed(tmp_path):
     warnings = set_version(path, ["ctr"], None)
     assert labels(path) == {"control": 1, "treatment": 3}
     assert len(warnings) == 1 and "version labels not checked: cannot list" in warnings[0]
+
+
+def test_a_new_version_under_latest_drops_the_label_of_the_version_it_unloads(tmp_path):
+    # The pusher's case: the policy stays, a new version on disk makes a label stale.
+    path = labelled(tmp_path, versions=(1, 2, 3))
+    set_version(path, ["ctr"], None)  # serves 3: control -> 1 removed, treatment -> 3 kept
+    assert labels(path) == {"treatment": 3}
+    stamp = os.stat(path).st_mtime_ns
+    assert drop_stale_labels(path, ["ctr", "ctr_recall"]) == []  # nothing stale: not rewritten
+    assert os.stat(path).st_mtime_ns == stamp
+    os.makedirs(tmp_path / "ctr" / "4")  # a push: 4 serves, 3 unloads
+    warnings = drop_stale_labels(path, ["ctr"])
+    assert labels(path) == {}
+    assert warnings == [f"{path}: model 'ctr': version label 'treatment' removed: it named "
+                        "version 3, which the new version policy does not serve (it serves [4])"]
+    assert drop_stale_labels(str(tmp_path / "missing.config"), ["ctr"]) == []

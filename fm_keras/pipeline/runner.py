@@ -376,6 +376,12 @@ class PipelineRun:
             if pinned:
                 result["warning"] = pinned
                 log(f"warning: {pinned}")
+            # Under `latest` the new version unloads the one it replaces: a version label (an
+            # A/B test's) that named it is removed, as a rollback does (TF Serving rejects it).
+            result["warnings"] = serving_config.drop_stale_labels(
+                config.pusher.model_config_file, names)
+            for warning in result["warnings"]:
+                log(f"warning: {warning}")
             return StepResult({"pushed_model": ("PushedModel", result["path"], model.fingerprint,
                                                 {"version": result["version"],
                                                  "pushed": pushed})}, result)

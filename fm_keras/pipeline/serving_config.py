@@ -2,8 +2,9 @@
 
 The pipeline owns its models' entries in ``pusher.model_config_file`` (other entries are kept
 as they are). A push adds the entries with ``latest { num_versions: 1 }``; a rollback pins a
-model to one version with ``specific { versions: V }``; forward again returns to latest. Either
-removes the version labels that name a version the new policy does not serve. The
+model to one version with ``specific { versions: V }``; forward again returns to latest. Each
+of the three removes the version labels that name a version the model no longer serves (a push
+under ``latest`` unloads the version it replaces), with a warning per label. The
 file is written atomically (temp file + rename), and the server re-reads it every
 ``--model_config_file_poll_wait_seconds``: it loads the aspired version, then unloads the
 other one, so requests never find no version.
@@ -89,6 +90,34 @@ def set_version(path: str, names: list[str], version: int | None) -> list[str]:
             model.model_version_policy.specific.versions.append(version)
         warnings += _drop_stale_labels(path, model)
     write_config(path, config)
+    return warnings
+
+
+def drop_stale_labels(path: str, names: list[str]) -> list[str]:
+    """Removes the version labels of ``names`` that name a version their version policy does
+    not serve of the versions now on disk, e.g. after a push under ``latest`` unloads the
+    version a label named; the file is rewritten (atomically) only when a label is removed.
+
+    TF Serving assigns a label only to an available version: a label left pointing at an
+    unloaded version fails every config poll.
+
+    Returns:
+        One warning line per label removed (or per model whose base path cannot be listed,
+        whose labels are then left as they are); [] when the file does not exist.
+    """
+    if not os.path.exists(path):
+        return []
+    config = read_config(path)
+    warnings, changed = [], False
+    for name in names:
+        model = _entry(config, name)
+        if model is None or not model.version_labels:
+            continue
+        before = len(model.version_labels)
+        warnings += _drop_stale_labels(path, model)
+        changed = changed or len(model.version_labels) != before
+    if changed:
+        write_config(path, config)
     return warnings
 
 

@@ -183,7 +183,7 @@ def run_summary(store, context: dict) -> dict:
     read, the spans missing, in words), the validator's anomalies, blessing and its reasons,
     steps (state, seconds, cached, outcome), pushed version, warnings (a span missing from the
     window, the trainer's, e.g. still improving at the epoch cap, a push that does not
-    serve)."""
+    serve, a version label the push removed)."""
     steps, pushed, blessed, reasons, anomalies, warnings = [], None, None, None, None, []
     for x in store.executions(context["id"]):
         p = x["properties"]
@@ -193,6 +193,7 @@ def run_summary(store, context: dict) -> dict:
         if x["type"] == "pusher" and x["state"] in DONE:
             pushed = p.get("version")
             warnings += [p["warning"]] if p.get("warning") else []
+            warnings += p.get("warnings") or []  # version labels the push made stale
         if x["type"] == "trainer" and x["state"] in DONE:  # e.g. still improving at the cap
             warnings += [f"trainer: {w}" for w in p.get("warnings") or []]
         if x["type"] == "evaluator" and x["state"] in DONE:
