@@ -248,6 +248,16 @@ class RestClient:
     def metadata(self, model: str, version: int | None = None, label: str | None = None) -> dict:
         return self._request(self._model_path(model, version, label) + "/metadata")
 
+    def close(self) -> None:
+        """Nothing to release: each request opens and closes its own connection. Here so that
+        code written for ``GrpcClient`` (``close()``, ``with ... as client``) takes either."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
 
 def arrays_from_rest(outputs, specs: dict) -> dict[str, np.ndarray]:
     """A REST columnar reply's ``outputs`` -> {alias: numpy array}, as gRPC's

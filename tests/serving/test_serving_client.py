@@ -208,6 +208,26 @@ def test_rest_client_takes_host_port_like_the_grpc_client():
         thread.join()
 
 
+def test_rest_client_is_a_context_manager_like_the_grpc_client():
+    # docs/experiments.md: `with GrpcClient(...) as c: ExperimentClient(..., c)  # or a
+    # RestClient` raised TypeError: 'RestClient' object does not support the context manager
+    # protocol.
+    httpd = http.server.HTTPServer(("127.0.0.1", 0), _StatusHandler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        made = RestClient(f"127.0.0.1:{httpd.server_port}", timeout=10, retries=0)
+        with made as client:
+            assert client is made
+            assert client.status("ranking")["model_version_status"][0]["state"] == "AVAILABLE"
+        with pytest.raises(ServingError), made:
+            raise ServingError("NOT_FOUND", "raised in the block: not swallowed by __exit__")
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+        thread.join()
+
+
 @pytest.mark.parametrize("url, problem", [
     ("grpc://localhost:8500", "scheme 'grpc' is not http or https"),
     ("localhost:port", "not a URL of a host and port"),
