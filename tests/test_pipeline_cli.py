@@ -29,7 +29,7 @@ def test_a_missing_item_catalog_is_one_line_exit_2_before_any_work(pipeline_logs
             "items": str(tmp_path / "itemz.csv")}
     path = write_pipeline_yaml(tmp_path / "p.yaml", pipeline_logs, tmp_path / "root",
                                tmp_path / "models", data=data)
-    for args in (["run", path, "--span", "1"], ["step", "examplegen", path, "--run-id", "r"]):
+    for args in (["run", path, "--span", "1"], ["step", "evaluator", path, "--run-id", "r"]):
         assert main(["pipeline", *args]) == 2
         assert capsys.readouterr().err.strip().splitlines() == [
             f"fm-keras: error: {path}: data: items: {tmp_path / 'itemz.csv'}: no such file"]
@@ -97,7 +97,7 @@ def test_rollback_warns_on_stderr_for_each_label_it_removes(tmp_path, capsys):
     captured = capsys.readouterr()
     assert captured.err.splitlines()[0] == (
         f"fm-keras: pipeline: warning: {path}: model 'ctr': version label 'control' removed: "
-        "it named version 1, which the new version policy does not serve (it serves [2])")
+        "it named version 1, which its version policy no longer serves (it serves [2])")
     assert json.loads(captured.out)["warnings"] == [captured.err.splitlines()[0][29:]]
     assert "version_labels" not in path.read_text()
 

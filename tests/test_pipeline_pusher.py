@@ -145,7 +145,7 @@ def test_push_removes_a_version_label_on_the_version_it_unloads_and_reports_it(
     ctr = load_model_server_config(str(served)).model_config_list.config[0]
     assert dict(ctr.version_labels) == {}  # every label names a served version (none is left)
     warning = (f"{served}: model 'ctr': version label 'treatment' removed: it named version 2, "
-               "which the new version policy does not serve (it serves [3])")
+               "which its version policy no longer serves (it serves [3])")
     assert warning in summary["warnings"], summary["warnings"]
 
 

@@ -78,7 +78,7 @@ def test_back_to_latest_drops_the_labels_of_versions_it_unloads(tmp_path):
     warnings = set_version(path, ["ctr"], None)  # latest: version 3 serves, 1 unloads
     assert labels(path) == {"treatment": 3}
     assert warnings == [f"{path}: model 'ctr': version label 'control' removed: it named "
-                        "version 1, which the new version policy does not serve (it serves [3])"]
+                        "version 1, which its version policy no longer serves (it serves [3])"]
     assert not [f for f in os.listdir(tmp_path) if f.startswith(".tmp-")]
 
 
@@ -110,5 +110,5 @@ def test_a_new_version_under_latest_drops_the_label_of_the_version_it_unloads(tm
     warnings = drop_stale_labels(path, ["ctr"])
     assert labels(path) == {}
     assert warnings == [f"{path}: model 'ctr': version label 'treatment' removed: it named "
-                        "version 3, which the new version policy does not serve (it serves [4])"]
+                        "version 3, which its version policy no longer serves (it serves [4])"]
     assert drop_stale_labels(str(tmp_path / "missing.config"), ["ctr"]) == []

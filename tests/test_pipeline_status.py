@@ -38,8 +38,8 @@ def test_rollback_removes_labels_of_versions_that_no_longer_serve(served):
     write_config(served, config)
     result = rollback(served, "ctr", "latest")
     assert [w.split(": ", 2)[2] for w in result["warnings"]] == [
-        "version label 'control' removed: it named version 2, which the new version policy "
-        "does not serve (it serves [3])"]
+        "version label 'control' removed: it named version 2, which its version policy no "
+        "longer serves (it serves [3])"]
     assert dict(load_model_server_config(served).model_config_list.config[0].version_labels) \
         == {"treatment": 3}
 

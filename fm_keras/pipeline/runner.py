@@ -405,15 +405,16 @@ def run_pipeline(config: PipelineConfig, span: int | None = None, run_id: str | 
             ``error``, e.g. ``terminated by SIGTERM``) before the error propagates.
 
     Raises:
-        ConfigError: an unknown step, ``data.items`` is not a file, or another run holds
-            the lock.
+        ConfigError: an unknown step, ``data.items`` is not a file (where a step reads it),
+            or another run holds the lock.
         BaseException: whatever stopped a step (also SIGTERM's `Terminated`); the run is
             recorded as failed first.
     """
     for step in steps:
         if step not in STEPS:
             raise ConfigError(f"unknown step {step!r}; steps are {list(STEPS)}")
-    config.check_items()
+    if {"evaluator", "index_builder"} & set(steps):  # the steps that read data.items
+        config.check_items()
     with pipeline_lock(config.root):
         store = MetadataStore(os.path.join(config.root, "metadata.sqlite"))
         try:

@@ -134,8 +134,8 @@ def _drop_stale_labels(path: str, model) -> list[str]:
         if target not in served:
             del model.version_labels[label]
             warnings.append(f"{path}: model {model.name!r}: version label {label!r} removed: "
-                            f"it named version {target}, which the new version policy does not "
-                            f"serve (it serves {served})")
+                            f"it named version {target}, which its version policy no longer "
+                            f"serves (it serves {served})")
     return warnings
 
 
