@@ -335,3 +335,43 @@ def test_a_run_that_ended_otherwise_still_refuses_its_steps(tmp_path, capsys, en
     assert summary["status"] == ended
     assert f"run r has ended ({ended}); not running {step}" in capsys.readouterr().err
     assert len(_step_states(config, "r")[0]) == 2
+
+
+def test_a_retry_of_a_trainer_terminated_during_its_export_trains_again(tmp_path, monkeypatch,
+                                                                        capsys):
+    """Regression (trial): a SIGTERM during the trainer's export left a finished training run
+    in ``runs/<id>/trainer/run``; every retry of the step (same run id) then failed with
+    '...trainer/run: holds a finished run; choose another --out or delete it', exit 2. The
+    retry removes what the failed attempt left in the step's directory and trains again."""
+    from pipeline_testlib import window_pipeline
+
+    from fm_keras import export
+    from fm_keras.errors import Terminated
+
+    config = load_pipeline(window_pipeline(tmp_path, (1,), window=1))
+    run = {"run_id": "airflow-3", "report": False}
+    summary = run_pipeline(config, steps=("examplegen", "statistics", "validator"), **run)
+    assert summary["status"] == "open"
+    step_dir = os.path.join(config.root, "runs", "airflow-3", "trainer")
+    real = export.export_run
+
+    def terminated(run_dir, *args, **kwargs):  # SIGTERM once training has finished
+        assert os.path.exists(os.path.join(run_dir, "run.json"))
+        raise Terminated()
+
+    monkeypatch.setattr(export, "export_run", terminated)
+    with pytest.raises(Terminated):
+        run_pipeline(config, steps=("trainer",), **run)
+    assert _step_states(config, "airflow-3")[1]["status"] == "failed"
+    assert os.listdir(step_dir) == ["run"]  # the finished training run, no candidate
+    monkeypatch.setattr(export, "export_run", real)
+    capsys.readouterr()
+    summary = run_pipeline(config, steps=("trainer",), **run)
+    assert summary["status"] == "open" and summary["error"] is None
+    err = capsys.readouterr().err
+    assert "ended (failed) in trainer: retrying trainer" in err
+    assert f"trainer: removed the partial outputs of an earlier attempt ({step_dir})" in err
+    assert _step_states(config, "airflow-3")[0][-2:] == [("trainer", "FAILED"),
+                                                          ("trainer", "COMPLETE")]
+    assert sorted(os.listdir(step_dir)) == ["candidate", "run"]
+    assert os.path.exists(os.path.join(step_dir, "candidate", "1", "saved_model.pb"))

@@ -15,8 +15,9 @@ marked ABANDONED and its partial push removed by the next one.
 
 A step can also run on its own (``fm-keras pipeline step NAME --run-id ID``): it takes its
 inputs from the earlier steps of that run, as a container step of a scheduler would. A retry of
-the step that failed or was killed (same run id, same step) runs it again; any other step of a
-run that has ended does nothing.
+the step that failed or was killed (same run id, same step) runs it again, from an empty step
+directory (what the failed attempt wrote there is removed first); any other step of a run that
+has ended does nothing.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import dataclasses
 import fcntl
 import os
 import secrets
+import shutil
 import socket
 import sys
 import time
@@ -138,6 +140,8 @@ class PipelineRun:
         key = cache.cache_key(step, params, inputs)
         started = time.time()
         hit = self.store.cached(step, key) if cacheable else None
+        out_dir = os.path.join(self.run_dir, step)
+        self._discard_failed_attempt(step, out_dir)
         execution = self.store.start_execution(step, self.context_id, key, inputs,
                                                {"params": params})
         if hit is not None:
@@ -147,7 +151,6 @@ class PipelineRun:
                 **properties, "seconds": seconds, "cached": True})
             log(f"{step}: cached ({seconds:.2f}s)")
             return StepResult(properties=properties, stop=properties.get("stop"))
-        out_dir = os.path.join(self.run_dir, step)
         os.makedirs(out_dir, exist_ok=True)
         log(f"{step}: running")
         try:
@@ -164,6 +167,21 @@ class PipelineRun:
         self.store.finish_execution(execution, "COMPLETE", outputs, result.properties)
         log(f"{step}: done in {seconds:.1f}s" + (f" -> {result.stop}" if result.stop else ""))
         return result
+
+    def _discard_failed_attempt(self, step: str, out_dir: str) -> None:
+        """Removes what an earlier attempt of ``step`` in this run left in its directory, so a
+        retry starts from an empty one (e.g. a SIGTERM during the trainer's export leaves a
+        finished training run in ``trainer/run``, which a second training refuses to
+        overwrite). Only ``out_dir`` (``runs/<run id>/<step>``) is removed, and only when no
+        execution of the step in this run completed: then no recorded artifact lives there,
+        only the partial outputs of attempts that failed or were killed."""
+        if not os.path.isdir(out_dir):
+            return
+        if any(x["type"] == step and x["state"] == "COMPLETE"
+               for x in self.store.executions(self.context_id)):
+            return
+        shutil.rmtree(out_dir)
+        log(f"{step}: removed the partial outputs of an earlier attempt ({out_dir})")
 
     def finish(self, status: str, **properties) -> dict:
         self.store.update_context(self.context_id, status=status, finished=time.time(),
