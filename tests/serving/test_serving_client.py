@@ -1,5 +1,6 @@
 """GrpcClient and RestClient against the running server; retry only on UNAVAILABLE."""
 
+import contextlib
 import http.server
 import threading
 import time
@@ -193,39 +194,39 @@ class _StatusHandler(http.server.BaseHTTPRequestHandler):
         pass
 
 
-def test_rest_client_takes_host_port_like_the_grpc_client():
-    # RestClient("localhost:8501") retried, then raised UNAVAILABLE "unknown url type".
+@contextlib.contextmanager
+def _status_server():
+    """A stub REST server answering model status (`_StatusHandler`); yields its port."""
     httpd = http.server.HTTPServer(("127.0.0.1", 0), _StatusHandler)
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
     try:
-        client = RestClient(f"127.0.0.1:{httpd.server_port}", timeout=10, retries=0)
-        assert client.base_url == f"http://127.0.0.1:{httpd.server_port}"
-        assert client.status("ranking")["model_version_status"][0]["state"] == "AVAILABLE"
+        yield httpd.server_port
     finally:
         httpd.shutdown()
         httpd.server_close()
         thread.join()
+
+
+def test_rest_client_takes_host_port_like_the_grpc_client():
+    # RestClient("localhost:8501") retried, then raised UNAVAILABLE "unknown url type".
+    with _status_server() as port:
+        client = RestClient(f"127.0.0.1:{port}", timeout=10, retries=0)
+        assert client.base_url == f"http://127.0.0.1:{port}"
+        assert client.status("ranking")["model_version_status"][0]["state"] == "AVAILABLE"
 
 
 def test_rest_client_is_a_context_manager_like_the_grpc_client():
     # docs/experiments.md: `with GrpcClient(...) as c: ExperimentClient(..., c)  # or a
     # RestClient` raised TypeError: 'RestClient' object does not support the context manager
     # protocol.
-    httpd = http.server.HTTPServer(("127.0.0.1", 0), _StatusHandler)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    try:
-        made = RestClient(f"127.0.0.1:{httpd.server_port}", timeout=10, retries=0)
+    with _status_server() as port:
+        made = RestClient(f"127.0.0.1:{port}", timeout=10, retries=0)
         with made as client:
             assert client is made
             assert client.status("ranking")["model_version_status"][0]["state"] == "AVAILABLE"
         with pytest.raises(ServingError), made:
             raise ServingError("NOT_FOUND", "raised in the block: not swallowed by __exit__")
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
-        thread.join()
 
 
 @pytest.mark.parametrize("url, problem", [
