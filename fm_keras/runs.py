@@ -204,8 +204,7 @@ def calibrate(model: FMModel, valid_split: Split, training: TrainingConfig,
         return
     model.calibration = fit_calibration(
         predict_split(model, valid_split, slots=slots)["logit"], valid_split.labels,
-        training.calibration,
-        model.logit_correction, training.seed)
+        training.calibration, model.logit_correction, training.seed)
     reason = (model.calibration.fit or {}).get("reason")  # why none was fitted, if not
     log(f"calibration: {model.calibration.method} (" + (
         reason if model.calibration.method == "none" and reason

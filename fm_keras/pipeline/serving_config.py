@@ -111,7 +111,7 @@ def drop_stale_labels(path: str, names: list[str]) -> list[str]:
     warnings, changed = [], False
     for name in names:
         model = _entry(config, name)
-        if model is None or not model.version_labels:
+        if model is None:
             continue
         before = len(model.version_labels)
         warnings += _drop_stale_labels(path, model)

@@ -158,7 +158,8 @@ def generate_statistics(examples_dir: str, features, label: str, out_dir: str) -
         if bad and "where" not in bad:
             bad["where"] = _locate(examples_dir, name, bad["examples"])
     if label in train.columns:
-        stats["label_cells"] = _label_cells(examples_dir, pd.concat([train, evaluation])[label])
+        stats["label_cells"] = _label_cells(examples_dir,
+                                            pd.concat([train[label], evaluation[label]]))
     vocabularies = {}
     for f in features:
         if f.kind == "numeric" or f.name not in train.columns:
