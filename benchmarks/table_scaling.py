@@ -207,7 +207,7 @@ def main():
                 print(f"ids {num_ids:,} {name}: "
                       f"{compiled_steps.choose(model, config.training, args.rows, True)}")
             rows = data[num_ids]
-            time_steps(model, rows.dataset, min(rows.steps, 64))  # warm-up: tracing, slots
+            time_steps(model, rows.dataset)  # warm-up epoch: tracing, slots, the last short execution
             models[num_ids] = (model, config)
         timings = {num_ids: [] for num_ids in sizes}
         for _ in range(args.repeats):
@@ -256,9 +256,10 @@ def report(name: str, num_ids: int, smallest: int, timings: dict, model, config,
     plain = max(ends["improving_first"], ends["improving"], ends["flat"])
     every = (f"every {ends['checkpoint_seconds']:.0f} s" if ends["checkpoint_seconds"]
              else "every epoch")
-    per_round = "" if num_ids == smallest else (
-        f"; per round {', '.join(f'{r:.2f}' for r in rounds)}, median "
-        f"{float(np.median(rounds)):.2f}x")
+    per_round = f"; rounds {', '.join(f'{t[0] * 1e3:.2f}' for t in timings[num_ids])} ms"
+    if num_ids != smallest:
+        per_round += (f", ratio {', '.join(f'{r:.2f}' for r in rounds)}, median "
+                      f"{float(np.median(rounds)):.2f}x")
     return (f"ids {num_ids:>9,}  {name:8s} {per_step * 1e3:7.3f} ms/step "
             f"({args.batch_size / per_step:>9,.0f} samples/s, "
             f"{per_step / base:.2f}x the {smallest:,}-id step{per_round}; CPU "
