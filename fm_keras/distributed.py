@@ -187,6 +187,8 @@ def train_distributed(config: ExperimentConfig, run_dir: str, *, resume: bool = 
     strategy = make_strategy(distribute, task)
     task_name = config.model.task
     valid_split = load_data_split(config.data, "valid", config.features, task_name)
+    test_split = load_data_split(config.data, "test", config.features, task_name) \
+        if config.data.test else None  # read before training: a bad file stops it first
     write_dir = run_dir if task.is_chief else tempfile.mkdtemp(prefix="fm-keras-worker-")
     if task.is_chief:
         os.makedirs(run_dir, exist_ok=True)
@@ -235,8 +237,7 @@ def train_distributed(config: ExperimentConfig, run_dir: str, *, resume: bool = 
     calibrate(model, valid_split, training)
     metrics = {"valid": metrics_for(task_name, valid_split.labels,
                                     predict_split(model, valid_split))}
-    if config.data.test:
-        test_split = load_data_split(config.data, "test", config.features, task_name)
+    if test_split is not None:
         metrics["test"] = metrics_for(task_name, test_split.labels,
                                       predict_split(model, test_split))
     with fsutil.atomic_dir(os.path.join(write_dir, "model")) as tmp:

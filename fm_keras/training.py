@@ -138,6 +138,9 @@ def _train(config: ExperimentConfig, run_dir: str, *, resume: bool, verbose: int
     else:
         train_split, valid_split, features = _in_memory_splits(config, given)
         rows = {"train_read": train_split.rows_read, "dropped": train_split.dropped}
+    # Read now, not after training: a bad test file stops the run before anything is written.
+    test_split = load_data_split(config.data, "test", config.features, task) \
+        if config.data.test else None
     skipped = [] if converted else skipped_empty_files(config.data.train)
     if skipped:  # empty part files of a glob (`fm_keras.data.expand_paths` warned of them)
         rows["empty_files_skipped"] = len(skipped)
@@ -228,8 +231,8 @@ def _train(config: ExperimentConfig, run_dir: str, *, resume: bool, verbose: int
     if negatives is not None:
         metrics["valid"]["negatives"] = negatives.description(
             config.training.seed, len(valid_split) - logged)
-    if config.data.test:
-        test = _test_metrics(config, model, negatives)
+    if test_split is not None:
+        test = _test_metrics(config, model, negatives, test_split)
         if test is not None:
             metrics["test"] = test
     with fsutil.atomic_dir(os.path.join(run_dir, "model")) as tmp:
@@ -261,8 +264,8 @@ def _train(config: ExperimentConfig, run_dir: str, *, resume: bool, verbose: int
 
 
 def _test_metrics(config: ExperimentConfig, model: FMModel,
-                  negatives: SampledNegatives | None) -> dict | None:
-    """The metrics of the trained `model` on ``data.test``.
+                  negatives: SampledNegatives | None, split: Split) -> dict | None:
+    """The metrics of the trained `model` on `split`, the rows of ``data.test``.
 
     With sampled negatives (an implicit log: every row a positive) the test split gets its own
     fixed draw from the catalog, as validation does (seed ``training.seed + 1``), and its
@@ -270,7 +273,6 @@ def _test_metrics(config: ExperimentConfig, model: FMModel,
     (None, with a warning): Recall@K (``fm-keras evaluate --items``) evaluates such a log.
     """
     task = config.model.task
-    split = load_data_split(config.data, "test", config.features, task)
     drawn = None
     if negatives is not None:
         seed = config.training.seed + 1

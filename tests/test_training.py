@@ -86,12 +86,16 @@ def test_run_directory_and_load(small_synth, tmp_path):
         train(_config(synth_dir), run_dir, verbose=0)
 
 
-def test_bad_data_leaves_no_run_dir(small_synth, tmp_path):
+@pytest.mark.parametrize("role", ["train", "test"])
+def test_bad_data_leaves_no_run_dir(small_synth, tmp_path, role):
+    # A new user's trial: a bad test file was read after training, and the run directory of
+    # the wasted training stayed.
     synth_dir, _ = small_synth
     bad = tmp_path / "bad.csv"
     bad.write_text("user_id,click\nu1,1\n")
     config = _config(synth_dir)
-    config = dataclasses.replace(config, data=dataclasses.replace(config.data, train=(str(bad),)))
+    config = dataclasses.replace(config, data=dataclasses.replace(config.data,
+                                                                  **{role: (str(bad),)}))
     with pytest.raises(DataError, match="bad.csv: missing column"):
         train(config, str(tmp_path / "run"), verbose=0)
     assert not (tmp_path / "run").exists()
