@@ -33,7 +33,7 @@ import time
 import numpy as np
 import tensorflow_recommenders as tfrs
 
-from fm_keras import fsutil
+from fm_keras import fsutil, out_of_core
 from fm_keras._tf import keras, tf
 from fm_keras.batches import batched_dataset, holdout_if_needed
 from fm_keras.checkpoints import trained_rows
@@ -233,6 +233,9 @@ def train_retrieval(config: ExperimentConfig, run_dir: str, *, resume: bool = Fa
     """
     started = time.time()
     check_run_dir(run_dir, resume, config)
+    # In memory only: `out_of_core: true` is refused here, `auto` says so in the log.
+    _, in_memory = out_of_core.choose(config)
+    log(f"in-memory training: {in_memory}")
     t = config.training
     r = t.retrieval
     catalog = load_catalog(catalog_path(config), config.features, config.data.item_id)
@@ -296,6 +299,7 @@ def train_retrieval(config: ExperimentConfig, run_dir: str, *, resume: bool = Fa
         "seconds": {"total": round(time.time() - started, 2), "fit": round(fit_seconds, 2)},
         "train_samples_per_second": round(
             len(train_split) * max(1, len(state.history)) / max(fit_seconds, 1e-9)),
+        "out_of_core": {"enabled": False, "reason": in_memory, "shards": None},
         "versions": library_versions(), "warm_start": None,
     }
     fsutil.write_json(os.path.join(run_dir, "run.json"), record)

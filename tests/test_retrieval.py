@@ -177,6 +177,9 @@ def _train_cli(tmp_path, data_dir, raw, capsys):
     (lambda r: r.update(features=[f for f in r["features"] if f["tower"] == "item"]),
      "features: retrieval training needs at least one query-side"),
     (lambda r: r["data"].pop("items"), "data: items: task: retrieval needs the item catalog"),
+    # A new user's trial: the retrieval path never asked, and trained in memory silently.
+    (lambda r: r["data"].update(out_of_core="true"),
+     "data: out_of_core: task retrieval trains in memory only"),
 ])
 def test_bad_config_one_line_error(implicit_data, tmp_path, capsys, change, message):
     raw = implicit_experiment(implicit_data)
@@ -233,6 +236,9 @@ def test_train_cli_stdout_is_one_json_document_and_records_convergence(implicit_
     assert result["converged"] is False and record["converged"] is False
     assert "raise training.epochs" in record["warnings"][0] and "raise training.epochs" in \
         captured.err
+    # The input path's choice is logged and recorded, as a binary run's is.
+    assert record["out_of_core"]["enabled"] is False
+    assert f"in-memory training: {record['out_of_core']['reason']}" in captured.err
 
 
 def test_trained_rows_cover_the_catalog_items_an_epoch_trains(tmp_path, monkeypatch):
