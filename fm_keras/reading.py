@@ -42,6 +42,7 @@ import pyarrow.parquet as pq
 
 from fm_keras import libsvm, line_scan, list_columns
 from fm_keras.errors import DataError
+from fm_keras.tfrecord import is_tfrecord
 
 MISSING_TOKENS = ("", "nan", "NaN", "NA", "null", "None")
 PARQUET_EXTENSIONS = (".parquet", ".pq")
@@ -64,11 +65,12 @@ def read_header(path: str) -> list[str]:
 
     Raises:
         DataError: the file is empty or cannot be read, the header is not UTF-8 (naming the
-            line), or two columns have the same name (a reader would take the first one
-            silently).
+            line), two columns have the same name (a reader would take the first one
+            silently), or it is a TFRecord file (``*.tfrecord``).
     """
     if os.path.getsize(path) == 0:
         raise DataError(f"{path}: the file is empty")
+    _refuse_tfrecord(path)
     fmt = libsvm.text_format(path)
     if fmt == "libsvm":
         return [libsvm.LABEL, libsvm.FEATURES]
@@ -84,6 +86,14 @@ def read_header(path: str) -> list[str]:
         raise DataError(f"{path}: cannot read: {_one_line(err)}") from None
     check_unique(path, names)
     return names
+
+
+def _refuse_tfrecord(path: str) -> None:
+    """A TFRecord file is not read as CSV (a new user's trial got "not UTF-8 ... re-encode the
+    file"): train and evaluate read its Examples (`fm_keras.tfrecord`), other commands not."""
+    if is_tfrecord(path):
+        raise DataError(f"{path}: a TFRecord file of tf.train.Example rows: train and evaluate "
+                        "read those; this command reads CSV, Parquet, libSVM and libFFM files")
 
 
 def _csv_header(path: str) -> list[str]:
@@ -184,10 +194,13 @@ def record_batches(path: str, columns: Sequence[str] | None = None,
             UTF-8 in a column read (naming the line, byte and column), or a row has a
             different number of fields than the header (naming the line); a Parquet
             nested column that `fm_keras.list_columns.check_schema` rejects; for libSVM
-            and libFFM, any problem of `fm_keras.libsvm.parse_lines` (naming line and token).
+            and libFFM, any problem of `fm_keras.libsvm.parse_lines` (naming line and token);
+            a TFRecord file (``*.tfrecord``: `fm_keras.tfrecord` reads those).
     """
     if os.path.getsize(path) == 0:
         raise DataError(f"{path}: the file is empty")
+    _refuse_tfrecord(path)
+    _refuse_tfrecord(path)
     fmt = libsvm.text_format(path)
     if fmt is not None:
         if fmt == "libffm" and columns is None:

@@ -70,3 +70,24 @@ def test_files_that_are_not_examples_of_the_spec_name_the_file(examples, tmp_pat
         read_examples([str(bad)], config.features, "click")
     with pytest.raises(DataError, match="cannot read as TFRecord Examples"):  # no such label
         read_examples([os.path.join(out, "part-0.tfrecord")], config.features, "clicked")
+
+
+def test_commands_that_read_only_text_and_parquet_name_a_tfrecord_file(examples, tmp_path,
+                                                                       capsys):
+    # A new user's trial: `score` and `convert` read a .tfrecord file as CSV and said "not
+    # UTF-8 ... re-encode the file as UTF-8, e.g. iconv".
+    from fm_keras.cli import main
+    from fm_keras.reading import read_header, record_batches
+
+    config, _, out = examples
+    path = os.path.join(out, "part-0.tfrecord")
+    message = "part-0.tfrecord: a TFRecord file of tf.train.Example rows: train and evaluate"
+    with pytest.raises(DataError, match=message):
+        read_header(path)  # score, recommend: the kept columns
+    with pytest.raises(DataError, match=message):
+        next(record_batches(path))  # score, recommend, convert, ExampleGen: the rows
+    code = main(["convert", "--config", config.source, "--input", path,
+                 "--out", str(tmp_path / "shards")])
+    errors = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and errors[-1].startswith("fm-keras: error: ") and message in errors[-1]
+    assert not (tmp_path / "shards").exists()
