@@ -73,6 +73,7 @@ class EarlyStopping:
         wait: epochs counted against the patience since the last improvement.
         started: whether the training loss has left the base-rate entropy.
         stopped: whether `update` has asked to stop.
+        train_loss: the last epoch's mean training loss, if given (None before).
     """
 
     patience: int
@@ -83,6 +84,7 @@ class EarlyStopping:
     wait: int = 0
     started: bool = False
     stopped: bool = False
+    train_loss: float | None = None
 
     def __post_init__(self):
         if not isinstance(self.patience, int) or self.patience < 1:
@@ -98,6 +100,7 @@ class EarlyStopping:
             value: the validation metric, higher is better (negate RMSE or logloss).
             train_loss: the epoch's mean training loss, for the warmup check.
         """
+        self.train_loss = None if train_loss is None else float(train_loss)
         if not self.started:
             self.started = (self.base_loss is None or train_loss is None
                             or train_loss < self.base_loss * (1 - STARTED_SHARE))
@@ -132,10 +135,13 @@ def cap_warning(stopper: EarlyStopping, epochs_run: int, epochs: int) -> str | N
     if stopper.stopped or epochs_run < epochs:
         return None
     if not stopper.started:
+        # Within the share above the base rate's loss, or worse than it: say which it was.
+        loss = "" if stopper.train_loss is None or stopper.base_loss is None else \
+            f", {stopper.train_loss:.4g} against {stopper.base_loss:.4g},"
         return (f"the epoch cap ended the run before early stopping could judge it: the mean "
-                f"training loss of its last epoch ({epochs_run}) is still within "
-                f"{STARTED_SHARE:.0%} of the base rate's (the positive rate predicted for every "
-                f"row); raise training.epochs (now {epochs}) or the learning rate")
+                f"training loss of its last epoch ({epochs_run}){loss} is not yet "
+                f"{STARTED_SHARE:.0%} below the base rate's (the positive rate predicted for "
+                f"every row); raise training.epochs (now {epochs}) or the learning rate")
     if stopper.wait > 0:
         return None
     return (f"still improving at the last epoch ({epochs_run}); raise training.epochs "

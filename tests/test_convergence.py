@@ -68,8 +68,17 @@ def test_cap_warning_only_when_still_improving():
         stuck.update(epoch, auc, train_loss=0.1995)
     assert cap_warning(stuck, 3, 3) == (                  # not "still improving"
         "the epoch cap ended the run before early stopping could judge it: the mean training "
-        "loss of its last epoch (3) is still within 1% of the base rate's (the positive rate "
-        "predicted for every row); raise training.epochs (now 3) or the learning rate")
+        "loss of its last epoch (3), 0.1995 against 0.2, is not yet 1% below the base rate's "
+        "(the positive rate predicted for every row); raise training.epochs (now 3) or the "
+        "learning rate")
+    # A new user's trial: a loss 36% above the base rate's was called "still within 1%" of it.
+    worse = EarlyStopping(patience=2, base_loss=0.569)
+    for epoch, auc in enumerate([0.6, 0.55], start=1):
+        worse.update(epoch, auc, train_loss=0.776)
+    assert "last epoch (2), 0.776 against 0.569, is not yet 1% below" in cap_warning(worse, 2, 2)
+    assert EarlyStopping.from_dict(worse.to_dict()) == worse  # the state file round-trips
+    older = {k: v for k, v in worse.to_dict().items() if k != "train_loss"}
+    assert "last epoch (2) is not yet 1% below" in cap_warning(EarlyStopping.from_dict(older), 2, 2)
 
 
 @pytest.mark.parametrize("kwargs", [{"patience": 0}, {"patience": 2, "min_delta": -1.0},
