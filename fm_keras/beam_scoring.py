@@ -114,7 +114,7 @@ def read_rows(readable_file, types: dict, keep: Sequence[str], chunk_rows: int =
     path = readable_file.metadata.path
     wanted = list(dict.fromkeys([*types, *keep]))
     with _local_copy(readable_file) as local:
-        check_columns(path, wanted, local)
+        check_columns(path, list(types), keep, local)
         for first, batch in record_batches(local, wanted, chunk_rows, lists):
             columns = {name: numbers(batch.column(name), f"{path}: column {name!r}", first)
                        if types.get(name) == "float32" else texts(batch.column(name))

@@ -120,8 +120,9 @@ def read_batches(path: str, types: dict[str, tf.DType], keep: Sequence[str],
         DataError: the file is empty or unreadable, lacks a column, or a cell breaks a rule.
     """
     derived = derived or {}
-    wanted = list(dict.fromkeys([*types, *keep, *(c for c, _ in derived.values())]))
-    check_columns(path, wanted)
+    needed = list(dict.fromkeys([*types, *(c for c, _ in derived.values())]))
+    wanted = list(dict.fromkeys([*needed, *keep]))
+    check_columns(path, needed, keep)
     # Two stages on two threads (with the caller's `_prefetched`): pyarrow parses the next
     # batch while this one becomes tensors.
     sources = list(dict.fromkeys(c for c, _ in derived.values()))
@@ -190,13 +191,20 @@ def _bytes_per_row(path: str) -> float:
     return len(sample) / max(sample.count(b"\n"), 1)
 
 
-def check_columns(path: str, wanted: Sequence[str], local: str | None = None) -> None:
-    """Raises `DataError` naming the first of the signature's columns `wanted` that the file
-    lacks (`local`: where the file at `path` is read from, when it is a copy)."""
-    missing = missing_columns(local or path, wanted)
+def check_columns(path: str, needed: Sequence[str], keep: Sequence[str] = (),
+                  local: str | None = None) -> None:
+    """Raises `DataError` naming the first column that the file lacks: of the signature's
+    inputs `needed` (the message lists them), then of the columns to pass through, `keep`
+    (`local`: where the file at `path` is read from, when it is a copy)."""
+    where = local or path
+    missing = missing_columns(where, needed)
     if missing:
         raise DataError(f"{path}: missing column {missing[0]!r}"
-                        f"{column_hint(local or path, missing[0], wanted)}")
+                        f"{column_hint(where, missing[0], needed)}")
+    missing = missing_columns(where, keep)
+    if missing:  # not the signature's: a new user's trial read "the signature needs" them
+        raise DataError(f"{path}: missing column {missing[0]!r}, one to pass through to the "
+                        f"output (--keep){column_hint(where, missing[0])}")
 
 
 def output_format(path: str) -> str:

@@ -164,11 +164,16 @@ def test_errors_leave_nothing_behind(exports, small_synth, tmp_path):
         run_signature(exports["ranking"], [str(bad)], str(out), progress=False)
     frame.drop(columns=["device"]).to_csv(bad, index=False)
     with pytest.raises(DataError, match="missing column 'device'") as info:
-        run_signature(exports["ranking"], [str(bad)], str(out), progress=False)
+        run_signature(exports["ranking"], [str(bad)], str(out), keep=["ts", "user_id"],
+                      progress=False)
     # the columns the signature needs in the feature spec's order, not a protobuf map's (new
-    # in each process)
+    # in each process), and not the columns kept ("ts": a new user's trial)
     spec = [e["config"]["name"] for e in export_metadata(exports["ranking"])[1]["features"]]
     assert str(info.value).endswith(f"; the signature needs {spec})"), str(info.value)
+    with pytest.raises(DataError, match="test.csv: missing column 'nope', one to pass through "
+                                        "to the output \(--keep\) \(the file has") as info:
+        run_signature(exports["ranking"], [test_csv], str(out), keep=["nope"], progress=False)
+    assert "signature needs" not in str(info.value)
     assert os.listdir(tmp_path) == ["bad.csv"]
     with pytest.raises(ExportError, match="does not exist"):
         run_signature(exports["ranking"], [test_csv], str(tmp_path / "no" / "x.csv"))
