@@ -200,7 +200,6 @@ def record_batches(path: str, columns: Sequence[str] | None = None,
     if os.path.getsize(path) == 0:
         raise DataError(f"{path}: the file is empty")
     _refuse_tfrecord(path)
-    _refuse_tfrecord(path)
     fmt = libsvm.text_format(path)
     if fmt is not None:
         if fmt == "libffm" and columns is None:
