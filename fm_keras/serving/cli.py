@@ -156,6 +156,10 @@ def query(args) -> int:
     from fm_keras.errors import ConfigError
     from fm_keras.serving.errors import ServingError
 
+    if args.version is not None and args.label is not None:
+        # TF Serving's ModelSpec holds one of them (a oneof): the label was dropped silently.
+        raise ConfigError("--version and --label name the same thing (TF Serving's ModelSpec "
+                          "holds one of them); give one")
     columns = input_columns(args.input)
     try:
         if args.rest:

@@ -72,6 +72,7 @@ class GrpcClient:
 
     @staticmethod
     def _spec(spec, model, version=None, label=None, signature=""):
+        _one_version_choice(version, label)
         spec.name = model
         if version is not None:
             spec.version.value = version
@@ -225,6 +226,7 @@ class RestClient:
 
     @staticmethod
     def _model_path(model, version=None, label=None):
+        _one_version_choice(version, label)
         path = f"/v1/models/{model}"
         if version is not None:
             path += f"/versions/{version}"
@@ -419,3 +421,11 @@ class ExperimentClient:
             except ServingError as err:
                 raise ConfigError(f"{self.experiment.source}: arm {arm.name!r}: the server "
                                   f"does not serve {arm.target}: {err.code}: {err}") from None
+
+
+def _one_version_choice(version: int | None, label: str | None) -> None:
+    """Raises ValueError when both `version` and `label` are given: TF Serving's ModelSpec
+    holds one of them (``version_choice`` is a oneof), and a REST URL names one."""
+    if version is not None and label:
+        raise ValueError(f"give a version or a label, not both (version {version}, label "
+                         f"{label!r})")

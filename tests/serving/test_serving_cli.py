@@ -95,6 +95,16 @@ def test_query_rest_with_a_url_that_cannot_work_is_one_line_exit_2(capsys):
         "http or https; give http://HOST:PORT of the REST API, e.g. http://localhost:8501\n")
 
 
+def test_query_with_both_a_version_and_a_label_is_one_line_exit_2(capsys):
+    # A new user's trial: both were accepted and the label ignored (ModelSpec's version_choice
+    # is a oneof in TF Serving).
+    assert main(["query", "--model_name", "ctr", "--version", "2", "--label", "stable",
+                 "--status"]) == 2
+    assert capsys.readouterr().err == (
+        "fm-keras: error: --version and --label name the same thing (TF Serving's ModelSpec "
+        "holds one of them); give one\n")
+
+
 def test_query_input_takes_a_json_list_for_values_with_commas():
     """A new user's trial: ids holding commas could not be given to --input."""
     inputs = {"item_id": {"dtype": "DT_STRING", "tensor_shape": {"dim": [{"size": "-1"}]}},

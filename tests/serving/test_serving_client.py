@@ -50,6 +50,18 @@ def test_unavailable_is_retried_with_backoff_then_raised(make):
     assert time.monotonic() - start >= 0.05 + 0.1  # two backoffs
 
 
+@pytest.mark.parametrize("make", [
+    lambda: GrpcClient("127.0.0.1:1", timeout=0.5, retries=0),
+    lambda: RestClient("http://127.0.0.1:1", timeout=0.5, retries=0),
+])
+def test_a_version_and_a_label_together_are_refused_before_any_request(make):
+    # TF Serving's ModelSpec holds one of them; the label was dropped silently (a new user's
+    # trial, through `fm-keras query`). Port 1: a request would fail otherwise.
+    with make() as client, pytest.raises(ValueError, match="give a version or a label, not "
+                                                           "both"):
+        client.metadata("ctr", 2, "stable")
+
+
 def test_timeouts_must_be_positive():
     with pytest.raises(ValueError, match="timeout"):
         RestClient(timeout=0)
