@@ -172,8 +172,11 @@ class ModelManager:
 
     # ----- lifecycle --------------------------------------------------------------------
     def start(self, config) -> None:
-        """Loads the initial versions (blocking, like TF Serving's startup), then polls."""
+        """Loads the initial versions (blocking, like TF Serving's startup: their load retries
+        included), then polls."""
         self.reload_config(config)
+        for thread in [t for t in self._threads if t.name.startswith("load-retry-")]:
+            thread.join()
         if self._options.file_system_poll_wait_seconds > 0:
             self._spawn(self._poll_loop, "fs-poll")
         if self._options.model_config_file and self._options.model_config_file_poll_wait_seconds > 0:

@@ -268,6 +268,31 @@ def test_load_retries_do_not_stall_polling_and_stop_when_no_longer_aspired(saved
         manager.stop()
 
 
+def test_startup_waits_out_the_initial_versions_load_retries(saved_models, tmp_path):
+    """TF Serving's startup returns once the initial versions are loaded or have failed, load
+    retries included: the retries moving off the poll must not make `start` return early."""
+    from serving_testlib import models_config
+
+    from fm_keras.serving.config import load_model_server_config
+
+    root = tmp_path / "models"
+    for name in ("ranking", "ranking_recall"):
+        os.makedirs(root / name)
+        toy_models.copy_version(str(saved_models / name / "1"), str(root / name), 1)
+    _corrupt(str(root / "ranking_recall"), 2)
+    path = tmp_path / "models.config"
+    path.write_text(models_config(root))
+    options = ServerOptions(model_config_file=str(path), max_num_load_retries=2,
+                            load_retry_interval_micros=100_000)
+    manager = ModelManager(options)
+    manager.start(load_model_server_config(str(path)))
+    try:  # no wait: start has returned after both retries
+        statuses = {v: rest for v, *rest in manager.model_status("ranking_recall")}
+        assert statuses[2][0] == "END"  # latest policy: version 2 alone is aspired
+    finally:
+        manager.stop()
+
+
 def _serves_label(manager, name, label):
     try:
         manager.lookup(name, label=label)
