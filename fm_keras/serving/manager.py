@@ -4,9 +4,14 @@ Semantics (tensorflow_serving/core/availability_preserving_policy.h, file_system
 path_source.cc): each model's base path is polled for integer-named directories (others, such
 as an exporter's temp directory, are ignored); the version policy (latest N, all, specific)
 picks the aspired versions; a new version is loaded and its warmup requests replayed before it
-serves, and only then are versions that are no longer aspired unloaded. A version that fails
-to load is marked END with its error and is not retried while its directory stays; the
-versions already serving keep serving.
+serves, and only then are versions that are no longer aspired unloaded. A version whose load
+fails stays LOADING while it is retried (``max_num_load_retries`` times,
+``load_retry_interval_micros`` apart) on its own thread, so polling and the other models never
+wait on it; a retry first checks that the version is still aspired (as TF Serving's
+``cancel_load_retry``: a version that leaves the aspired set — its directory removed, its model
+removed from the config, or no longer picked by the version policy — is marked END with its
+last error and not retried). When the retries run out it is marked END with its error and is
+not tried again while its directory stays; the versions already serving keep serving.
 
 Readers never take a lock: every change publishes a fresh immutable snapshot.
 """
@@ -120,6 +125,8 @@ class ModelManager:
         self._labels: dict[str, dict[str, int]] = {}
         self._status: dict[str, dict[int, list]] = {}
         self._failed: set[tuple[str, int]] = set()
+        # (name, version) -> [cancel event, last error] of a failed load awaiting a retry
+        self._retrying: dict[tuple[str, int], list] = {}
         self._poll_errors: dict[str, str] = {}
         self._allowed_ops = parse_allow_ops(options.allow_ops)
         self._published: dict[str, _Published] = {}
@@ -165,8 +172,11 @@ class ModelManager:
 
     # ----- lifecycle --------------------------------------------------------------------
     def start(self, config) -> None:
-        """Loads the initial versions (blocking, like TF Serving's startup), then polls."""
+        """Loads the initial versions (blocking, like TF Serving's startup: their load retries
+        included), then polls."""
         self.reload_config(config)
+        for thread in [t for t in self._threads if t.name.startswith("load-retry-")]:
+            thread.join()
         if self._options.file_system_poll_wait_seconds > 0:
             self._spawn(self._poll_loop, "fs-poll")
         if self._options.model_config_file and self._options.model_config_file_poll_wait_seconds > 0:
@@ -174,7 +184,9 @@ class ModelManager:
 
     def stop(self) -> None:
         self._stop.set()
-        for thread in self._threads:
+        for cancel, _ in self._retrying.copy().values():  # a C-level (atomic) copy
+            cancel.set()
+        for thread in list(self._threads):
             thread.join(timeout=30)
         with self._lock:
             for versions in self._loaded.values():
@@ -245,6 +257,8 @@ class ModelManager:
             self._unload(name, version)
         self._loaded.pop(name, None)
         self._labels.pop(name, None)
+        for key in [key for key in self._retrying if key[0] == name]:
+            self._retrying.pop(key)[0].set()
         self._status.pop(name, None)
         self._failed = {key for key in self._failed if key[0] != name}
         self._publish()
@@ -274,8 +288,10 @@ class ModelManager:
         statuses = self._status.setdefault(name, {})
         if not on_disk and not loaded:
             log.warning("No versions of servable %s found under base path %s", name, base)
+        for version in [v for (n, v) in self._retrying if n == name and v not in aspired]:
+            self._cancel_retries(name, version)
         for version in sorted(aspired):
-            if version not in loaded and (name, version) not in self._failed:
+            if version not in loaded and (name, version) not in self._failed | set(self._retrying):
                 self._load(name, version, os.path.join(base, str(version)))
         # Availability-preserving: drop an unaspired version only if some aspired one serves,
         # or if its directory is gone and nothing else would.
@@ -295,28 +311,69 @@ class ModelManager:
                       "versions %s serving", name, error, serving)
 
     def _load(self, name: str, version: int, path: str) -> None:
-        statuses = self._status[name]
-        statuses[version] = [LOADING, "OK", ""]
-        attempts = 1 + max(0, self._options.max_num_load_retries)
-        error = None
-        for attempt in range(attempts):
-            if self._stop.is_set():
-                return
-            try:
-                servable = self._load_servable(name, version, path)
-                break
-            except ServingError as err:
-                error = err
-                log.error("Loading servable: {name: %s version: %d} failed: %s", name, version, err)
-                if attempt + 1 < attempts and not self._stop.wait(
-                        self._options.load_retry_interval_micros / 1e6):
-                    continue
-        else:
-            statuses[version] = [END, error.code, error.message]
-            self._failed.add((name, version))
+        """Makes the first attempt to load a version; a failure with retries left goes to a
+        retry thread (the caller holds the lock, so it must not wait out the interval)."""
+        self._status[name][version] = [LOADING, "OK", ""]
+        try:
+            servable = self._load_servable(name, version, path)
+        except ServingError as err:
+            self._load_failed(name, version, err, retries_left=self._options.max_num_load_retries)
+            if self._options.max_num_load_retries > 0:
+                cancel = threading.Event()
+                self._retrying[(name, version)] = [cancel, err]
+                self._spawn(lambda: self._retry_loop(name, version, path, cancel),
+                            f"load-retry-{name}-{version}")
             return
+        self._install(name, version, servable)
+
+    def _retry_loop(self, name: str, version: int, path: str, cancel: threading.Event) -> None:
+        """Retries a failed load every ``load_retry_interval_micros`` until it loads, the
+        retries run out, or the version stops being aspired (``cancel``) or the server stops."""
+        for attempt in range(self._options.max_num_load_retries):
+            if cancel.wait(self._options.load_retry_interval_micros / 1e6):
+                return
+            with self._lock:
+                if cancel.is_set() or self._stop.is_set():  # cancelled while waiting for the lock
+                    return
+                try:
+                    servable = self._load_servable(name, version, path)
+                except ServingError as err:
+                    retries_left = self._options.max_num_load_retries - attempt - 1
+                    self._retrying[(name, version)][1] = err
+                    self._load_failed(name, version, err, retries_left)
+                    if retries_left == 0:
+                        del self._retrying[(name, version)]
+                    continue
+                del self._retrying[(name, version)]
+                self._install(name, version, servable)
+                # Availability-preserving unloads of the versions this one replaces.
+                for model in self._config.model_config_list.config:
+                    if model.name == name:
+                        self._sync_model(model)
+                return
+
+    def _load_failed(self, name: str, version: int, err: ServingError, retries_left: int) -> None:
+        """Logs a failed load attempt; the version stays LOADING while retries are left, else
+        it is END with the error and not tried again while its directory stays."""
+        log.error("Loading servable: {name: %s version: %d} failed: %s%s", name, version, err,
+                  f" (retries left: {retries_left})" if retries_left else "")
+        if retries_left == 0:
+            self._status[name][version] = [END, err.code, err.message]
+            self._failed.add((name, version))
+
+    def _cancel_retries(self, name: str, version: int) -> None:
+        """Stops retrying a version that is no longer aspired (TF Serving's cancel_load_retry);
+        it is END with its last load error."""
+        cancel, err = self._retrying.pop((name, version))
+        cancel.set()
+        self._status[name][version] = [END, err.code, err.message]
+        log.info("Cancelled load retries of servable version {name: %s version: %d}: no longer "
+                 "aspired", name, version)
+
+    def _install(self, name: str, version: int, servable: Servable) -> None:
+        """Publishes a loaded version as AVAILABLE."""
         self._loaded[name][version] = servable
-        statuses[version] = [AVAILABLE, "OK", ""]
+        self._status[name][version] = [AVAILABLE, "OK", ""]
         self._publish()
         if self._metrics is not None:
             self._metrics.inc(":tensorflow:serving:model_load_count", {"model_name": name})

@@ -212,3 +212,90 @@ def test_reload_with_a_new_base_path_serves_from_it(saved_models, tmp_path):
         assert manager.lookup("ranking").path == os.path.join(moved, "1")
     finally:
         manager.stop()
+
+
+def test_load_retries_do_not_stall_polling_and_stop_when_no_longer_aspired(saved_models,
+                                                                            tmp_path):
+    """A corrupt version retried with TF Serving's flags used to retry inside the poll, under
+    the manager's lock: for max_num_load_retries x load_retry_interval every model's polling
+    stalled (a label edit was not seen) and removing the version did not stop its retries. Now
+    the retries run on their own thread, and leaving the aspired set cancels them."""
+    import shutil
+
+    from serving_testlib import models_config
+
+    from fm_keras.serving.config import load_model_server_config
+
+    root = tmp_path / "models"
+    for name in ("ranking", "ranking_recall"):
+        os.makedirs(root / name)
+        toy_models.copy_version(str(saved_models / name / "1"), str(root / name), 1)
+    path = tmp_path / "models.config"
+    path.write_text(models_config(root))
+    # 1000 retries 0.5 s apart: the old code stalled every poll for over 8 minutes.
+    options = ServerOptions(model_config_file=str(path), model_config_file_poll_wait_seconds=1,
+                            file_system_poll_wait_seconds=1, max_num_load_retries=1000,
+                            load_retry_interval_micros=500_000)
+    manager = ModelManager(options)
+    manager.start(load_model_server_config(str(path)))
+
+    def state(name, version):
+        statuses = {v: rest for v, *rest in manager.model_status(name)}
+        return statuses.get(version, [None])[0]
+
+    try:
+        _corrupt(str(root / "ranking_recall"), 2)
+        assert wait_for(lambda: state("ranking_recall", 2) == "LOADING")
+        path.write_text(models_config(root, {"stable": 1}))  # the other model's label edit
+        assert wait_for(lambda: _serves_label(manager, "ranking", "stable"))
+        assert manager.lookup("ranking", label="stable").version == 1
+        assert state("ranking_recall", 2) == "LOADING"  # still retrying
+        shutil.rmtree(root / "ranking_recall" / "2")
+        assert wait_for(lambda: state("ranking_recall", 2) == "END")
+        ((version, _, code, message),) = [s for s in manager.model_status("ranking_recall")
+                                          if s[0] == 2]
+        assert code != "OK" and os.path.join(str(root), "ranking_recall", "2") in message
+        assert state("ranking_recall", 1) == "AVAILABLE"
+
+        _corrupt(str(root / "ranking"), 2)  # then its model leaves the config mid-retries
+        assert wait_for(lambda: state("ranking", 2) == "LOADING")
+        path.write_text(models_config(root, models=("ranking_recall",)))
+        assert wait_for(lambda: manager.model_names() == ["ranking_recall"])
+        assert wait_for(lambda: not [t for t in threading.enumerate()  # both retry loops ended
+                                     if t.name.startswith("load-retry-")])
+        assert manager.lookup("ranking_recall").version == 1
+    finally:
+        manager.stop()
+
+
+def test_startup_waits_out_the_initial_versions_load_retries(saved_models, tmp_path):
+    """TF Serving's startup returns once the initial versions are loaded or have failed, load
+    retries included: the retries moving off the poll must not make `start` return early."""
+    from serving_testlib import models_config
+
+    from fm_keras.serving.config import load_model_server_config
+
+    root = tmp_path / "models"
+    for name in ("ranking", "ranking_recall"):
+        os.makedirs(root / name)
+        toy_models.copy_version(str(saved_models / name / "1"), str(root / name), 1)
+    _corrupt(str(root / "ranking_recall"), 2)
+    path = tmp_path / "models.config"
+    path.write_text(models_config(root))
+    options = ServerOptions(model_config_file=str(path), max_num_load_retries=2,
+                            load_retry_interval_micros=100_000)
+    manager = ModelManager(options)
+    manager.start(load_model_server_config(str(path)))
+    try:  # no wait: start has returned after both retries
+        statuses = {v: rest for v, *rest in manager.model_status("ranking_recall")}
+        assert statuses[2][0] == "END"  # latest policy: version 2 alone is aspired
+    finally:
+        manager.stop()
+
+
+def _serves_label(manager, name, label):
+    try:
+        manager.lookup(name, label=label)
+    except ServingError:
+        return False
+    return True
