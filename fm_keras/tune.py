@@ -137,11 +137,37 @@ def tune(config: ExperimentConfig, out: str, trials: int, *, storage: str | None
     if not any(t.user_attrs.get("baseline") for t in study.get_trials(deepcopy=False)):
         study.enqueue_trial({}, user_attrs={"baseline": True})
     started = time.time()
-    study.optimize(lambda trial: _objective(trial, study, config, space, out, monitor),
-                   n_trials=trials, timeout=timeout, catch=(TrainingDivergedError,),
-                   gc_after_trial=True)
+    current = []  # this process's trial in progress (a study may be shared)
+
+    def objective(trial):
+        current[:] = [trial]
+        return _objective(trial, study, config, space, out, monitor)
+
+    try:
+        study.optimize(objective, n_trials=trials, timeout=timeout,
+                       catch=(TrainingDivergedError,), gc_after_trial=True)
+    except BaseException:  # SIGTERM (Terminated), Ctrl-C, an error no trial may catch
+        if current:
+            _abandon(study, current[0])
+        raise
     return _write_results(study, config, space, out, monitor, storage,
                           round(time.time() - started, 1))
+
+
+def _abandon(study, trial) -> None:
+    """A trial that did not finish (its process is stopping): told to the study as FAIL,
+    Optuna's state for it (Optuna tells FAIL itself on an Exception or KeyboardInterrupt,
+    not on ``Terminated``, which would leave it RUNNING forever), and its partial run
+    directory removed. A trial that did finish (complete, pruned) is left as it is."""
+    import optuna
+
+    state = next(t.state for t in study.get_trials(deepcopy=False) if t.number == trial.number)
+    if state == optuna.trial.TrialState.RUNNING:
+        study.tell(trial, state=optuna.trial.TrialState.FAIL)
+        state = optuna.trial.TrialState.FAIL
+    run_dir = trial.user_attrs.get("run_dir") if state == optuna.trial.TrialState.FAIL else None
+    if run_dir:
+        shutil.rmtree(run_dir, ignore_errors=True)
 
 
 def _objective(trial, study, config: ExperimentConfig, space: SearchSpace, out: str,

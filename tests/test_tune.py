@@ -153,3 +153,31 @@ def test_tune_retrieval_maximizes_validation_recall(implicit_data, tmp_path):
     assert result["monitor"] == "val_recall_at_k" and result["trials"] == {"complete": 2}
     table = pd.read_csv(tmp_path / "tune" / TRIALS_CSV)
     assert result["best"]["value"] == pytest.approx(table["value"].max())
+
+
+@pytest.mark.parametrize("stop", ["Terminated", "KeyboardInterrupt"])
+def test_stopped_trial_is_failed_and_its_run_directory_removed(tiny, tmp_path, capsys,
+                                                               monkeypatch, stop):
+    """SIGTERM (or Ctrl-C) in the middle of a trial: exit 143 (130); the study tells the trial
+    FAIL (not RUNNING forever) and its half-written run directory is gone."""
+    import optuna
+
+    from fm_keras import tune as tune_module
+    from fm_keras.errors import Terminated
+
+    def stopped_train(config, run_dir, **kwargs):
+        os.makedirs(os.path.join(run_dir, "checkpoints"))
+        with open(os.path.join(run_dir, "state.json"), "w") as f:
+            f.write("{}")
+        raise Terminated() if stop == "Terminated" else KeyboardInterrupt()
+
+    monkeypatch.setattr(tune_module, "train", stopped_train)
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    out = tmp_path / "out"
+    code = main(["tune", "--config", str(tiny / "experiment.yaml"), "--trials", "2",
+                 "--storage", storage, "--study_name", "s", "--out", str(out),
+                 "--search_space", str(tiny / "space.yaml")])
+    assert code == (143 if stop == "Terminated" else 130)
+    trials = optuna.load_study(study_name="s", storage=storage).get_trials()
+    assert [t.state for t in trials] == [optuna.trial.TrialState.FAIL]
+    assert os.listdir(out / "trials") == []
