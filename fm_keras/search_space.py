@@ -53,6 +53,20 @@ class Param:
             return trial.suggest_int(self.name, int(self.low), int(self.high), log=self.log)
         return trial.suggest_float(self.name, self.low, self.high, log=self.log)
 
+    def distribution(self):
+        """The Optuna distribution `suggest` samples from (what a study records per trial)."""
+        from optuna.distributions import (
+            CategoricalDistribution,
+            FloatDistribution,
+            IntDistribution,
+        )
+
+        if self.choices is not None:
+            return CategoricalDistribution(list(self.choices))
+        if self.name in _INTEGER_KEYS:
+            return IntDistribution(int(self.low), int(self.high), log=self.log)
+        return FloatDistribution(self.low, self.high, log=self.log)
+
     def extremes(self) -> tuple:
         return self.choices if self.choices is not None else (self.low, self.high)
 

@@ -133,6 +133,7 @@ def tune(config: ExperimentConfig, out: str, trials: int, *, storage: str | None
             pruner=optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=2))
     except ValueError as err:  # e.g. an existing study with the other direction
         raise ConfigError(f"--study_name {study_name}: {err}") from None
+    _check_same_space(study, space)
     os.makedirs(os.path.join(out, "trials"), exist_ok=True)
     if not any(t.user_attrs.get("baseline") for t in study.get_trials(deepcopy=False)):
         study.enqueue_trial({}, user_attrs={"baseline": True})
@@ -152,6 +153,35 @@ def tune(config: ExperimentConfig, out: str, trials: int, *, storage: str | None
         raise
     return _write_results(study, config, space, out, monitor, storage,
                           round(time.time() - started, 1))
+
+
+def _check_same_space(study, space: SearchSpace) -> None:
+    """ConfigError if `space` gives a parameter a distribution that the study's earlier trials
+    cannot share (Optuna allows a range to move, not another kind, log scale or set of
+    choices); checked before any trial is created, which would otherwise fail on it."""
+    from optuna.distributions import check_distribution_compatibility
+
+    new = {p.name: p.distribution() for p in space.params}
+    for trial in study.get_trials(deepcopy=False):
+        for name, old in trial.distributions.items():
+            if name not in new:
+                continue
+            try:
+                check_distribution_compatibility(old, new[name])
+            except ValueError:
+                raise ConfigError(
+                    f"--study_name {study.study_name}: the search space differs from the "
+                    f"study's: {name} is {_describe(new[name])} here, {_describe(old)} in "
+                    f"trial {trial.number}; use a new --study_name or the study's search "
+                    "space") from None
+
+
+def _describe(distribution) -> str:
+    if hasattr(distribution, "choices"):
+        choices = list(distribution.choices)
+        return f"fixed {choices[0]!r}" if len(choices) == 1 else f"one of {choices}"
+    return (f"{'a log ' if distribution.log else 'a '}range "
+            f"[{distribution.low}, {distribution.high}]")
 
 
 def _abandon(study, trial) -> None:

@@ -85,3 +85,5 @@ def test_suggest_draws_each_param_from_its_distribution():
         assert values["optimizer"] in ("adam", "sgd")
         assert isinstance(values["embedding_dim"], int) and 2 <= values["embedding_dim"] <= 64
         assert 1e-6 <= values["l2.user_id"] <= 1.0
+    # distribution() is what a study records (tune compares it with a resumed study's).
+    assert study.trials[-1].distributions == {p.name: p.distribution() for p in space.params}
