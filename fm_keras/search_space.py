@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import yaml
 
-from fm_keras.config import OPTIMIZERS, ExperimentConfig
+from fm_keras.config import OPTIMIZERS, ExperimentConfig, UniqueKeyLoader
 from fm_keras.errors import ConfigError, close_match
 
 MODEL_KEYS = ("embedding_dim", "l2_embeddings", "l2_linear", "l2_prior")
@@ -122,15 +122,16 @@ def load_search_space(path: str | None, config: ExperimentConfig) -> SearchSpace
     """The default space with a YAML file's keys replacing the default's (None: the default).
 
     Raises:
-        ConfigError: unreadable file, unknown key or feature, a malformed range, or a value
-            the experiment's config rejects (each error names the file and the key).
+        ConfigError: unreadable file, a key given twice, unknown key or feature, a malformed
+            range, or a value the experiment's config rejects (each error names the file and
+            the key).
     """
     space = default_space(config)
     if path is None:
         return space
     try:
         with open(path, encoding="utf-8") as f:
-            raw = yaml.safe_load(f) or {}
+            raw = yaml.load(f, Loader=UniqueKeyLoader) or {}  # noqa: S506 - a SafeLoader
     except OSError as err:
         raise ConfigError(f"{path}: cannot read the search space ({err.strerror})") from None
     except yaml.YAMLError as err:

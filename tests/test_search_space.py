@@ -68,6 +68,16 @@ def test_bad_files_name_the_file_and_key(tmp_path, text, message):
     assert "\n" not in str(err.value)
 
 
+def test_key_given_twice_is_an_error_as_in_the_experiment(tmp_path):
+    """As experiment.yaml: a repeated key is named with its line, not the last value taken."""
+    path = tmp_path / "space.yaml"
+    path.write_text("optimizer: [adam]\nlearning_rate: 1\nlearning_rate: 2\n")
+    with pytest.raises(ConfigError) as err:
+        load_search_space(str(path), CONFIG)
+    assert str(err.value) == (f"{path}: not valid YAML: key 'learning_rate' is given twice "
+                              f'in "{path}", line 3, column 1')
+
+
 def test_missing_file():
     with pytest.raises(ConfigError, match="no-such.yaml: cannot read the search space"):
         load_search_space("no-such.yaml", CONFIG)
