@@ -525,8 +525,9 @@ def experiment_from_dict(raw: dict, base_dir: str = ".", source: str = "<dict>")
     )
 
 
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """SafeLoader that rejects a key given twice in one mapping (PyYAML keeps the last)."""
+class UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that rejects a key given twice in one mapping (PyYAML keeps the last); the
+    YAML files of fm-keras (experiment, search space) are read with it."""
 
     def construct_mapping(self, node, deep=False):
         seen = set()
@@ -547,7 +548,7 @@ def read_yaml(path: str) -> dict:
     malformed, not a mapping or repeats a key."""
     try:
         with open(path, encoding="utf-8") as f:
-            raw = yaml.load(f, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader
+            raw = yaml.load(f, Loader=UniqueKeyLoader)  # noqa: S506 - a SafeLoader
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such config file") from None
     except yaml.YAMLError as err:

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import yaml
 
-from fm_keras.config import OPTIMIZERS, ExperimentConfig
+from fm_keras.config import OPTIMIZERS, ExperimentConfig, UniqueKeyLoader
 from fm_keras.errors import ConfigError, close_match
 
 MODEL_KEYS = ("embedding_dim", "l2_embeddings", "l2_linear", "l2_prior")
@@ -52,6 +52,20 @@ class Param:
         if self.name in _INTEGER_KEYS:
             return trial.suggest_int(self.name, int(self.low), int(self.high), log=self.log)
         return trial.suggest_float(self.name, self.low, self.high, log=self.log)
+
+    def distribution(self):
+        """The Optuna distribution `suggest` samples from (what a study records per trial)."""
+        from optuna.distributions import (
+            CategoricalDistribution,
+            FloatDistribution,
+            IntDistribution,
+        )
+
+        if self.choices is not None:
+            return CategoricalDistribution(list(self.choices))
+        if self.name in _INTEGER_KEYS:
+            return IntDistribution(int(self.low), int(self.high), log=self.log)
+        return FloatDistribution(self.low, self.high, log=self.log)
 
     def extremes(self) -> tuple:
         return self.choices if self.choices is not None else (self.low, self.high)
@@ -108,15 +122,16 @@ def load_search_space(path: str | None, config: ExperimentConfig) -> SearchSpace
     """The default space with a YAML file's keys replacing the default's (None: the default).
 
     Raises:
-        ConfigError: unreadable file, unknown key or feature, a malformed range, or a value
-            the experiment's config rejects (each error names the file and the key).
+        ConfigError: unreadable file, a key given twice, unknown key or feature, a malformed
+            range, or a value the experiment's config rejects (each error names the file and
+            the key).
     """
     space = default_space(config)
     if path is None:
         return space
     try:
         with open(path, encoding="utf-8") as f:
-            raw = yaml.safe_load(f) or {}
+            raw = yaml.load(f, Loader=UniqueKeyLoader) or {}  # noqa: S506 - a SafeLoader
     except OSError as err:
         raise ConfigError(f"{path}: cannot read the search space ({err.strerror})") from None
     except yaml.YAMLError as err:

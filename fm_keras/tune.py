@@ -133,15 +133,71 @@ def tune(config: ExperimentConfig, out: str, trials: int, *, storage: str | None
             pruner=optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=2))
     except ValueError as err:  # e.g. an existing study with the other direction
         raise ConfigError(f"--study_name {study_name}: {err}") from None
+    _check_same_space(study, space)
     os.makedirs(os.path.join(out, "trials"), exist_ok=True)
     if not any(t.user_attrs.get("baseline") for t in study.get_trials(deepcopy=False)):
         study.enqueue_trial({}, user_attrs={"baseline": True})
     started = time.time()
-    study.optimize(lambda trial: _objective(trial, study, config, space, out, monitor),
-                   n_trials=trials, timeout=timeout, catch=(TrainingDivergedError,),
-                   gc_after_trial=True)
+    current = []  # this process's trial in progress (a study may be shared)
+
+    def objective(trial):
+        current[:] = [trial]
+        return _objective(trial, study, config, space, out, monitor)
+
+    try:
+        study.optimize(objective, n_trials=trials, timeout=timeout,
+                       catch=(TrainingDivergedError,), gc_after_trial=True)
+    except BaseException:  # SIGTERM (Terminated), Ctrl-C, an error no trial may catch
+        if current:
+            _abandon(study, current[0])
+        raise
     return _write_results(study, config, space, out, monitor, storage,
                           round(time.time() - started, 1))
+
+
+def _check_same_space(study, space: SearchSpace) -> None:
+    """ConfigError if `space` gives a parameter a distribution that the study's earlier trials
+    cannot share (Optuna allows a range to move, not another kind, log scale or set of
+    choices); checked before any trial is created, which would otherwise fail on it."""
+    from optuna.distributions import check_distribution_compatibility
+
+    new = {p.name: p.distribution() for p in space.params}
+    for trial in study.get_trials(deepcopy=False):
+        for name, old in trial.distributions.items():
+            if name not in new:
+                continue
+            try:
+                check_distribution_compatibility(old, new[name])
+            except ValueError:
+                raise ConfigError(
+                    f"--study_name {study.study_name}: the search space differs from the "
+                    f"study's: {name} is {_describe(new[name])} here, {_describe(old)} in "
+                    f"trial {trial.number}; use a new --study_name or the study's search "
+                    "space") from None
+
+
+def _describe(distribution) -> str:
+    if hasattr(distribution, "choices"):
+        choices = list(distribution.choices)
+        return f"fixed {choices[0]!r}" if len(choices) == 1 else f"one of {choices}"
+    return (f"{'a log ' if distribution.log else 'a '}range "
+            f"[{distribution.low}, {distribution.high}]")
+
+
+def _abandon(study, trial) -> None:
+    """A trial that did not finish (its process is stopping): told to the study as FAIL,
+    Optuna's state for it (Optuna tells FAIL itself on an Exception or KeyboardInterrupt,
+    not on ``Terminated``, which would leave it RUNNING forever), and its partial run
+    directory removed. A trial that did finish (complete, pruned) is left as it is."""
+    import optuna
+
+    state = next(t.state for t in study.get_trials(deepcopy=False) if t.number == trial.number)
+    if state == optuna.trial.TrialState.RUNNING:
+        study.tell(trial, state=optuna.trial.TrialState.FAIL)
+        state = optuna.trial.TrialState.FAIL
+    run_dir = trial.user_attrs.get("run_dir") if state == optuna.trial.TrialState.FAIL else None
+    if run_dir:
+        shutil.rmtree(run_dir, ignore_errors=True)
 
 
 def _objective(trial, study, config: ExperimentConfig, space: SearchSpace, out: str,

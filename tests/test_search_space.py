@@ -68,6 +68,16 @@ def test_bad_files_name_the_file_and_key(tmp_path, text, message):
     assert "\n" not in str(err.value)
 
 
+def test_key_given_twice_is_an_error_as_in_the_experiment(tmp_path):
+    """As experiment.yaml: a repeated key is named with its line, not the last value taken."""
+    path = tmp_path / "space.yaml"
+    path.write_text("optimizer: [adam]\nlearning_rate: 1\nlearning_rate: 2\n")
+    with pytest.raises(ConfigError) as err:
+        load_search_space(str(path), CONFIG)
+    assert str(err.value) == (f"{path}: not valid YAML: key 'learning_rate' is given twice "
+                              f'in "{path}", line 3, column 1')
+
+
 def test_missing_file():
     with pytest.raises(ConfigError, match="no-such.yaml: cannot read the search space"):
         load_search_space("no-such.yaml", CONFIG)
@@ -85,3 +95,5 @@ def test_suggest_draws_each_param_from_its_distribution():
         assert values["optimizer"] in ("adam", "sgd")
         assert isinstance(values["embedding_dim"], int) and 2 <= values["embedding_dim"] <= 64
         assert 1e-6 <= values["l2.user_id"] <= 1.0
+    # distribution() is what a study records (tune compares it with a resumed study's).
+    assert study.trials[-1].distributions == {p.name: p.distribution() for p in space.params}

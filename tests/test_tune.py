@@ -153,3 +153,59 @@ def test_tune_retrieval_maximizes_validation_recall(implicit_data, tmp_path):
     assert result["monitor"] == "val_recall_at_k" and result["trials"] == {"complete": 2}
     table = pd.read_csv(tmp_path / "tune" / TRIALS_CSV)
     assert result["best"]["value"] == pytest.approx(table["value"].max())
+
+
+@pytest.mark.parametrize("stop", ["Terminated", "KeyboardInterrupt"])
+def test_stopped_trial_is_failed_and_its_run_directory_removed(tiny, tmp_path, capsys,
+                                                               monkeypatch, stop):
+    """SIGTERM (or Ctrl-C) in the middle of a trial: exit 143 (130); the study tells the trial
+    FAIL (not RUNNING forever) and its half-written run directory is gone."""
+    import optuna
+
+    from fm_keras import tune as tune_module
+    from fm_keras.errors import Terminated
+
+    def stopped_train(config, run_dir, **kwargs):
+        os.makedirs(os.path.join(run_dir, "checkpoints"))
+        with open(os.path.join(run_dir, "state.json"), "w") as f:
+            f.write("{}")
+        raise Terminated() if stop == "Terminated" else KeyboardInterrupt()
+
+    monkeypatch.setattr(tune_module, "train", stopped_train)
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    out = tmp_path / "out"
+    code = main(["tune", "--config", str(tiny / "experiment.yaml"), "--trials", "2",
+                 "--storage", storage, "--study_name", "s", "--out", str(out),
+                 "--search_space", str(tiny / "space.yaml")])
+    assert code == (143 if stop == "Terminated" else 130)
+    trials = optuna.load_study(study_name="s", storage=storage).get_trials()
+    assert [t.state for t in trials] == [optuna.trial.TrialState.FAIL]
+    assert os.listdir(out / "trials") == []
+
+
+def test_changed_search_space_of_a_study_is_one_line_exit_2_before_any_trial(
+        tiny, tmp_path, capsys):
+    """A study resumed with another set of choices for a parameter (batch_size fixed at 1024,
+    now [512, 1024]): one line naming the parameter, exit 2, no trial added (it once failed
+    a trial with Optuna's "CategoricalDistribution does not support dynamic value space")."""
+    import optuna
+    from optuna.distributions import CategoricalDistribution
+
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    study = optuna.create_study(storage=storage, study_name="s", direction="maximize")
+    study.add_trial(optuna.trial.create_trial(
+        params={"batch_size": 1024}, distributions={"batch_size": CategoricalDistribution([1024])},
+        value=0.7, user_attrs={"baseline": True}))
+    (tmp_path / "changed.yaml").write_text(SPACE.replace("batch_size: 1024",
+                                                         "batch_size: [512, 1024]"))
+    assert main(["tune", "--config", str(tiny / "experiment.yaml"), "--trials", "1",
+                 "--storage", storage, "--study_name", "s", "--out", str(tmp_path / "out"),
+                 "--search_space", str(tmp_path / "changed.yaml")]) == 2
+    err = capsys.readouterr().err  # Optuna's log lines ("Using an existing study"), then ours
+    assert "Traceback" not in err and err.count("fm-keras:") == 1
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("fm-keras: error: --study_name s: the search space differs")
+    assert "batch_size is one of [512, 1024] here, fixed 1024" in last
+    assert "use a new --study_name" in last
+    assert len(optuna.load_study(study_name="s", storage=storage).get_trials()) == 1
+    assert not (tmp_path / "out").exists()
