@@ -197,14 +197,15 @@ def check_columns(path: str, needed: Sequence[str], keep: Sequence[str] = (),
     inputs `needed` (the message lists them), then of the columns to pass through, `keep`
     (`local`: where the file at `path` is read from, when it is a copy)."""
     where = local or path
-    missing = missing_columns(where, needed)
-    if missing:
+    missing = missing_columns(where, [*needed, *keep])  # in that order: needed ones first
+    if not missing:
+        return
+    if missing[0] in needed:
         raise DataError(f"{path}: missing column {missing[0]!r}"
                         f"{column_hint(where, missing[0], needed)}")
-    missing = missing_columns(where, keep)
-    if missing:  # not the signature's: a new user's trial read "the signature needs" them
-        raise DataError(f"{path}: missing column {missing[0]!r}, one to pass through to the "
-                        f"output (--keep){column_hint(where, missing[0])}")
+    # not the signature's: a new user's trial read "the signature needs" them
+    raise DataError(f"{path}: missing column {missing[0]!r}, one to pass through to the "
+                    f"output (--keep){column_hint(where, missing[0])}")
 
 
 def output_format(path: str) -> str:
