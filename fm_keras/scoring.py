@@ -20,7 +20,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from fm_keras import termination
+from fm_keras import libsvm, termination
 from fm_keras._tf import tf
 from fm_keras.arrow_text import split_ids, string_tensor
 from fm_keras.config import FeatureConfig
@@ -257,10 +257,53 @@ class TableWriter:
             os.unlink(self.tmp)
 
 
-def outputs_table(keep: dict[str, np.ndarray], outputs: dict[str, np.ndarray],
+def kept_types(path: str, keep: Sequence[str]) -> dict[str, pa.DataType]:
+    """The types the kept (``--keep``) columns of `path` are written with, where not text.
+
+    A Parquet file's integer, floating-point and boolean columns keep their type, and so does
+    the label of a libSVM / libFFM file (a number by the format's rule: float64); every other
+    kept column is written as text, as read (CSV cells are text: an id such as ``007`` stays
+    ``007``).
+    """
+    if is_parquet(path):
+        schema = pq.read_schema(path)
+        return {c: schema.field(c).type for c in keep if c in schema.names
+                and any(is_kind(schema.field(c).type) for is_kind in _NUMERIC_KINDS)}
+    if libsvm.text_format(path) is not None and libsvm.LABEL in keep:
+        return {libsvm.LABEL: pa.float64()}
+    return {}
+
+
+_NUMERIC_KINDS = (pa.types.is_integer, pa.types.is_floating, pa.types.is_boolean)
+
+
+def kept_array(values: np.ndarray, kind: pa.DataType | None, where: str) -> pa.Array:
+    """A kept column's cells as read (UTF-8 bytes, "" for a null; object array [rows]) as an
+    Arrow array of type `kind` ("" -> null), or text when `kind` is None. A column that is
+    also a numeric input of the signature comes as the float32 values the model read (NaN:
+    missing) and is written so.
+
+    Raises:
+        DataError: a cell is not a `kind` value (`where` names the file and column).
+    """
+    if values.dtype != object:
+        return pa.array(values)
+    text = pa.array(values, pa.string())
+    if kind is None:
+        return text
+    try:
+        return pc.cast(pc.if_else(pc.equal(text, ""), pa.scalar(None, pa.string()), text), kind)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as error:
+        raise DataError(f"{where}: kept column (--keep) is {kind} in the first file but holds "
+                        f"a cell that is not: {str(error).splitlines()[0]}") from None
+
+
+def outputs_table(keep: dict[str, np.ndarray | pa.Array], outputs: dict[str, np.ndarray],
                   fmt: str) -> pa.Table:
-    """Kept input columns, then outputs; a 2-D output becomes NAME_0.. (CSV) or a list (Parquet)."""
-    columns = {k: pa.array(v, pa.string()) for k, v in keep.items()}  # bytes decode as UTF-8
+    """Kept input columns (Arrow arrays as they are, bytes as UTF-8 text), then outputs; a 2-D
+    output becomes NAME_0.. (CSV) or a list (Parquet)."""
+    columns = {k: v if isinstance(v, pa.Array) else pa.array(v, pa.string())
+               for k, v in keep.items()}
     for name in sorted(outputs):
         value = outputs[name]
         kind = pa.string() if value.dtype == object else None  # bytes decode as UTF-8
@@ -288,7 +331,8 @@ def run_signature(model: str, inputs: Sequence[str], output: str, *,
         model: a version or model directory of an fm_keras export.
         inputs: CSV/Parquet paths or globs.
         signature: the signature to run; its raw inputs must be columns of the files.
-        keep: input columns copied to the output (default: id columns).
+        keep: input columns copied to the output (default: id columns), typed by `kept_types`
+            of the first file.
         derive: signature inputs computed from a column of the files, not read as they are:
             ``{input: (column, fn of its Arrow array)}`` (e.g. the exclusion lists of
             `recommend`).
@@ -316,6 +360,7 @@ def run_signature(model: str, inputs: Sequence[str], output: str, *,
     read_types = {n: t for n, t in types.items() if n not in derived}
     lists = {**export_list_columns(meta), **(lists or {})}
     keep = list(keep) if keep is not None else default_keep(read_header(files[0]))
+    keep_types = kept_types(files[0], keep)
     fmt = output_format(output)
     warm = time.time()
     fn(**{n: tf.constant([0.0] if t == tf.float32 else [""], t) if n not in derived
@@ -337,7 +382,8 @@ def run_signature(model: str, inputs: Sequence[str], output: str, *,
             for columns in _prefetched(read_batches(path, read_types, keep, rows, derive,
                                                     lists, first_rows, padded_bytes)):
                 outputs = {k: v.numpy() for k, v in fn(**{n: columns[n] for n in types}).items()}
-                kept = {k: columns[k].numpy() for k in keep}
+                kept = {k: kept_array(columns[k].numpy(), keep_types.get(k),
+                                      f"{path}: column {k!r}") for k in keep}
                 if pending is not None:
                     pending.result()
                 pending = write_thread.submit(
@@ -427,8 +473,8 @@ def recommend(model: str, users: Sequence[str], output: str, k: int, *,
         ids = outputs["item_ids"][:, :top]
         found = ids != b""  # a pad slot: fewer than k items left after exclusion
         short[0] += int(np.sum(found.sum(axis=1) < k))
-        columns = {c: pa.array(np.repeat(v, top)[found.reshape(-1)], pa.string())
-                   for c, v in kept.items()}
+        user_rows = pa.array(np.repeat(np.arange(n), top)[found.reshape(-1)])
+        columns = {c: v.take(user_rows) for c, v in kept.items()}
         columns["rank"] = pa.array(np.tile(np.arange(1, top + 1), n)[found.reshape(-1)])
         columns["item_id"] = pa.array(ids.reshape(-1)[found.reshape(-1)], pa.string())
         for name, out in (("score", "scores"), ("probability", "probabilities")):

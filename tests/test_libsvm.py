@@ -351,6 +351,15 @@ def test_train_evaluate_and_score_a_libffm_log(tmp_path, capsys):
     assert len(scores) == 1200
     pd.testing.assert_frame_equal(scores.iloc[:600].reset_index(drop=True),
                                   scores.iloc[600:].reset_index(drop=True))
+    # --keep label (the README's way to compute metrics from the output): a number, not text.
+    kept = str(tmp_path / "kept.parquet")
+    assert main(["score", "--model", str(tmp_path / "m" / "ctr"), "--input",
+                 str(tmp_path / "test.ffm"), "--output", kept, "--keep", "label",
+                 "--quiet"]) == 0
+    labels = next(record_batches(str(tmp_path / "test.ffm"), ["label"], None))[1]
+    got = pd.read_parquet(kept)["label"]
+    assert got.dtype == np.float64
+    assert got.tolist() == [float(x) for x in labels.column(0).to_pylist()]
 
 
 def test_a_bad_line_stops_train_with_one_line(tmp_path, capsys):

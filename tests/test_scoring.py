@@ -5,6 +5,7 @@ import os
 
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 import pytest
 import tensorflow as tf
 
@@ -68,6 +69,35 @@ def test_vector_signatures_and_kept_columns(exports, small_synth, tmp_path):
     run_signature(exports["ranking"], [items_csv], out, signature="item_tower", progress=False)
     vectors = np.stack(pd.read_parquet(out)["item_vector"].to_numpy())
     np.testing.assert_allclose(vectors, expected["item_vector"], rtol=1e-5, atol=1e-6)
+
+
+def test_kept_columns_keep_their_parquet_types(exports, small_synth, tmp_path):
+    """--keep click of a Parquet file was written as text ("Cannot perform reduction 'mean'
+    with string dtype" in pandas): a Parquet file's numeric and boolean kept columns keep
+    their types, text columns (and every CSV column: an id "007" stays "007") stay text."""
+    frame = pd.read_csv(os.path.join(small_synth[0], "test.csv"), dtype=str).head(50)
+    frame["click"] = frame["click"].astype("int64")
+    frame["weight"] = np.where(np.arange(50) % 7 == 0, np.nan, 0.5)
+    frame["seen"] = np.arange(50) % 2 == 0
+    frame["code"] = "007"
+    path = str(tmp_path / "rows.parquet")
+    frame.to_parquet(path, index=False)
+    keep = ["click", "weight", "seen", "code", "user_id"]
+    out = str(tmp_path / "scores.parquet")
+    run_signature(exports["ranking"], [path], out, keep=keep, progress=False)
+    schema = pq.read_schema(out)
+    assert [str(schema.field(c).type) for c in keep] == ["int64", "double", "bool", "string",
+                                                         "string"]
+    got = pd.read_parquet(out)
+    for c in keep:
+        assert got[c].tolist() == frame[c].tolist() or c == "weight", c
+    np.testing.assert_array_equal(got["weight"], frame["weight"])  # NaN: a null, read as NaN
+    csv = str(tmp_path / "rows.csv")
+    frame.to_csv(csv, index=False)
+    run_signature(exports["ranking"], [csv], out, keep=["click", "code"], progress=False)
+    got = pd.read_parquet(out)
+    assert got["click"].tolist() == frame["click"].astype(str).tolist()
+    assert set(got["code"]) == {"007"}
 
 
 def test_recommend_long_format_and_exclusions(exports, small_synth, tmp_path,
