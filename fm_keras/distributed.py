@@ -217,8 +217,11 @@ def train_distributed(config: ExperimentConfig, run_dir: str, *, resume: bool = 
 
     state = _ClusterTrainingState(write_dir, model, config, resume=resume)
     if config.model.l2_prior:
-        log("model.l2_prior is not applied on a cluster yet; training with l2_embeddings / "
-            "l2_linear only")
+        warning = (f"{config.source}: model.l2_prior ({config.model.l2_prior:g}) is not "
+                   "applied on a cluster: training with l2_embeddings / l2_linear only (set "
+                   "them, or l2_prior: 0 to silence this; docs/distributed.md)")
+        log(f"warning: {warning}")
+        state.warnings.append(warning)
     log(f"{distribute.strategy}: task {task.type}:{task.index} of "
         f"{ {k: len(v) for k, v in task.cluster.items()} }, {manifest['rows']:,} rows in "
         f"{len(manifest['files'])} shard files, {steps} steps of {batch_size} per epoch"

@@ -35,7 +35,8 @@ BUDGET_BYTES = 48 << 20
 BIG_BUCKETS = 2_000_000
 
 
-def _experiment(root, shards_dir, features, distribute=None, name="experiment.yaml"):
+def _experiment(root, shards_dir, features, distribute=None, name="experiment.yaml",
+                l2_prior=0.0):
     synth = os.path.join(root, "synth")
     raw = {
         "data": {"train": os.path.join(shards_dir, "shards.json"),
@@ -45,7 +46,7 @@ def _experiment(root, shards_dir, features, distribute=None, name="experiment.ya
                               "value": 1}]},
         "features": features,
         "model": {"task": "binary", "embedding_dim": 10, "l2_embeddings": 3.0e-4,
-                  "l2_linear": 3.0e-5, "l2_prior": 0.0},  # a cluster trains without the prior
+                  "l2_linear": 3.0e-5, "l2_prior": l2_prior},  # a cluster trains without it
         "training": {"optimizer": "adagrad", "learning_rate": 0.3, "batch_size": 1024,
                      "epochs": EPOCHS, "pos_weight": 4.0, "seed": 42, "steps_per_execution": 8,
                      "early_stopping_patience": 2, "distribute": distribute or {"strategy": "none"}},
@@ -106,7 +107,8 @@ def _check_export(run_dir, base, name):
 def test_multi_worker_mirrored_matches_single_machine(cluster_data, tmp_path):
     root = cluster_data["root"]
     config = _experiment(root, os.path.join(root, "shards"), cluster_data["features"],
-                         {"strategy": "multi_worker_mirrored"}, name="mwms.yaml")
+                         {"strategy": "multi_worker_mirrored"}, name="mwms.yaml",
+                         l2_prior=10.0)  # not applied on a cluster: the same training
     run_dir = str(tmp_path / "run")
     with LoopbackCluster(cluster_spec(workers=2), str(tmp_path / "logs"), nice=5) as cluster:
         workers = [cluster.start("worker", i, ["train", "--config", config, "--out", run_dir,
@@ -119,6 +121,8 @@ def test_multi_worker_mirrored_matches_single_machine(cluster_data, tmp_path):
     assert record["distribute"] == {**record["distribute"], "strategy": "multi_worker_mirrored",
                                     "cluster": {"worker": 2}}
     assert [e["val_auc"] for e in record["history"]] and record["epochs_run"] >= 2
+    (warning,) = [w for w in record["warnings"] if "l2_prior" in w]
+    assert "mwms.yaml: model.l2_prior (10) is not applied on a cluster" in warning
     # Worker 1 wrote to its own temp directory and removed it; the run has one writer.
     assert sorted(os.listdir(run_dir)) == ["checkpoints", "experiment.json", "features.json",
                                            "model", "run.json", "state.json"]
