@@ -27,16 +27,16 @@ def _span(tmp_path, name, users, click_every=10, price="1.5", extra=None):
     return str(out), stats, schema
 
 
-def _examples(tmp_path, features, label="click", spans=(1,)):
+def _examples(tmp_path, features, label="click", spans=(1,), name="examples"):
     """ExampleGen and the statistics over the span files under tmp_path (span-N/*.csv)."""
     from fm_keras.pipeline.config import InputConfig
     from fm_keras.pipeline.examplegen import run_examplegen
 
     data = InputConfig(input=(str(tmp_path / "span-{SPAN}" / "*.csv"),), label=label,
                        spans=len(spans))
-    out = str(tmp_path / "examples")
+    out = str(tmp_path / name)
     run_examplegen(data, [str(tmp_path / f"span-{s}" / "*.csv") for s in spans], out)
-    stats, schema = generate_statistics(out, features, label, str(tmp_path / "stats"))
+    stats, schema = generate_statistics(out, features, label, str(tmp_path / f"{name}-stats"))
     return out, stats, schema
 
 
@@ -124,6 +124,14 @@ def test_column_gone_from_one_span_of_the_window_is_missing(tmp_path):
     assert _kinds(anomalies) == [("missing_column", "item_id", "fail")]
     assert anomalies[0]["detail"] == (f"column 'item_id' (in the feature spec) is not in "
                                       f"{renamed}")
+    # Against the last schema (span 1's), the newest span's rows without the column are not
+    # also "new values" of it (an oov_rate_drift on top of the missing column).
+    *_, baseline = _examples(tmp_path, features, spans=(1,), name="baseline")
+    assert baseline["vocabularies"]["item_id"]
+    anomalies = validate(stats, schema, features, baseline, ValidationConfig(), out)
+    assert _kinds(anomalies) == [("missing_column", "item_id", "fail"),
+                                 ("new_column", "item", "warn"),
+                                 ("oov_rate_drift", "user_id", "warn")]  # span 2's new users
 
 
 def test_non_numeric_cell_of_a_numeric_feature_names_its_value_file_and_row(tmp_path):

@@ -257,8 +257,9 @@ def validate(stats: dict, schema: dict, features, baseline: dict | None,
     train = None
     for f in features:
         vocabulary = baseline.get("vocabularies", {}).get(f.name)
-        if vocabulary is None or f.name not in columns:
-            continue
+        if vocabulary is None or f.name not in columns or any(
+                a["kind"] == "missing_column" and a["column"] == f.name for a in anomalies):
+            continue  # (rows of files without the column are not new values of it)
         if train is None:
             train = pd.read_parquet(os.path.join(examples_dir, "train.parquet"))
         oov = float((~_values(train[f.name], f).isin(set(vocabulary))).mean())
