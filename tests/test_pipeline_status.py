@@ -93,21 +93,27 @@ def test_run_summary_of_a_run_recorded_before_windows():
     assert summary["warnings"] == []
 
 
-def test_run_summary_carries_the_trainers_warnings():
-    """Regression (trial): "still improving at the last epoch" never reached the summary."""
+def test_run_summary_carries_the_trainers_and_examplegens_warnings():
+    """Regression (trials): "still improving at the last epoch" and the empty part files
+    ExampleGen skipped were in the log only, never in the summary."""
     from fm_keras.pipeline.status import run_summary
 
     cap = "still improving at the last epoch (3); raise training.epochs (now 3)"
 
     class Store:
         def executions(self, context_id):
-            return [{"type": "trainer", "state": "COMPLETE",
+            return [{"type": "examplegen", "state": "COMPLETE",
+                     "properties": {"empty_files_skipped": ["/l/span-1/p-1.csv",
+                                                            "/l/span-1/p-2.csv"]}},
+                    {"type": "trainer", "state": "COMPLETE",
                      "properties": {"seconds": 1.0, "warnings": [cap]}},
                     {"type": "trainer", "state": "FAILED",
                      "properties": {"warnings": ["not this one"]}}]
 
     summary = run_summary(Store(), {"id": 1, "name": "r", "properties": {"span": 1}})
-    assert summary["warnings"] == [f"trainer: {cap}"]
+    assert summary["warnings"] == [
+        "examplegen: skipped 2 empty file(s) (0 bytes, or a header and no rows) that a pattern "
+        "matches: /l/span-1/p-1.csv (and 1 more)", f"trainer: {cap}"]
 
 
 def test_rollback_refuses_a_ranking_version_without_its_recall_version(served):

@@ -182,8 +182,8 @@ def run_summary(store, context: dict) -> dict:
     """A run's record: status, span and its rolling window of spans (first, last, the spans
     read, the spans missing, in words), the validator's anomalies, blessing and its reasons,
     steps (state, seconds, cached, outcome), pushed version, warnings (a span missing from the
-    window, the trainer's, e.g. still improving at the epoch cap, a push that does not
-    serve, a version label the push removed)."""
+    window, empty part files ExampleGen skipped, the trainer's, e.g. still improving at the
+    epoch cap, a push that does not serve, a version label the push removed)."""
     steps, pushed, blessed, reasons, anomalies, warnings = [], None, None, None, None, []
     for x in store.executions(context["id"]):
         p = x["properties"]
@@ -196,6 +196,11 @@ def run_summary(store, context: dict) -> dict:
             warnings += p.get("warnings") or []  # version labels the push made stale
         if x["type"] == "trainer" and x["state"] in DONE:  # e.g. still improving at the cap
             warnings += [f"trainer: {w}" for w in p.get("warnings") or []]
+        skipped = p.get("empty_files_skipped") if x["type"] == "examplegen" else None
+        if skipped and x["state"] in DONE:  # Spark/Hive's empty partitions, not read
+            more = f" (and {len(skipped) - 1} more)" if len(skipped) > 1 else ""
+            warnings.append(f"examplegen: skipped {len(skipped)} empty file(s) (0 bytes, or a "
+                            f"header and no rows) that a pattern matches: {skipped[0]}{more}")
         if x["type"] == "evaluator" and x["state"] in DONE:
             blessed, reasons = p.get("blessed"), p.get("reasons")
         if x["type"] == "validator" and x["state"] in DONE:
