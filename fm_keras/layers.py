@@ -11,6 +11,7 @@ feature its own id range); an id listed twice acts as two features whose pair in
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Sequence
 
 import numpy as np
@@ -24,8 +25,9 @@ class FactorizationMachine(keras.layers.Layer):
     """Second-order FM: bias, linear weights and k-dimensional factors.
 
     Args:
-        num_ids: size of the global id space (rows of the linear and factor tables).
-        embedding_dim: k, the factor dimension (default 10).
+        num_ids: size of the global id space (rows of the linear and factor tables); any
+            integral value >= 1 (int, NumPy integer), stored as an int.
+        embedding_dim: k, the factor dimension (default 10), an integral value >= 1.
         l2_embeddings: L2 penalty on the factor rows a batch touches, per occurrence; it costs
             O(k * slots) rather than O(n * k) for the whole table. A float, or one value per
             slot (so that, e.g., id features are regularized harder than shared attributes).
@@ -43,7 +45,8 @@ class FactorizationMachine(keras.layers.Layer):
     Weights: ``bias`` []; ``table`` [num_ids, 1 + k], id i's row ``[w_i, v_i1 .. v_ik]`` (one
     row per id, so that a step reads and writes each touched id once, not once per table;
     `linear` and `embeddings` read its columns); with `l2_prior`, ``prior`` [num_ids, 2], id
-    i's L2 per occurrence ``[linear, factors]`` (not trained).
+    i's L2 per occurrence ``[linear, factors]`` (not trained). They exist once the layer is
+    built (called on inputs, or `build()`).
 
     Call args:
         inputs: ``(ids, values)``: int tensor [batch, slots] and float tensor [batch, slots].
@@ -57,12 +60,8 @@ class FactorizationMachine(keras.layers.Layer):
                  l2_linear: float | Sequence[float] = 0.0,
                  embeddings_initializer="random_normal", l2_prior: float = 0.0, **kwargs):
         super().__init__(**kwargs)
-        if not isinstance(num_ids, int) or num_ids < 1:
-            raise ValueError(f"num_ids must be a positive int, got {num_ids!r}")
-        if not isinstance(embedding_dim, int) or embedding_dim < 1:
-            raise ValueError(f"embedding_dim must be a positive int, got {embedding_dim!r}")
-        self.num_ids = num_ids
-        self.embedding_dim = embedding_dim
+        self.num_ids = _positive_int(num_ids, "num_ids")
+        self.embedding_dim = _positive_int(embedding_dim, "embedding_dim")
         self.l2_embeddings = _l2_value(l2_embeddings, "l2_embeddings")
         self.l2_linear = _l2_value(l2_linear, "l2_linear")
         self.embeddings_initializer = keras.initializers.get(embeddings_initializer)
@@ -86,20 +85,31 @@ class FactorizationMachine(keras.layers.Layer):
 
     @property
     def linear(self):
-        """The linear weights w, float32 [num_ids] (column 0 of `table`; read-only)."""
+        """The linear weights w, float32 [num_ids] (column 0 of `table`; read-only).
+
+        Raises:
+            ValueError: the layer is not built yet.
+        """
+        self._require_built("linear")
         return tf.convert_to_tensor(self.table)[:, 0]
 
     @property
     def embeddings(self):
-        """The factors V, float32 [num_ids, k] (columns 1.. of `table`; read-only)."""
+        """The factors V, float32 [num_ids, k] (columns 1.. of `table`; read-only).
+
+        Raises:
+            ValueError: the layer is not built yet.
+        """
+        self._require_built("embeddings")
         return tf.convert_to_tensor(self.table)[:, 1:]
 
     def assign_parameters(self, linear=None, embeddings=None) -> None:
         """Writes the linear weights [num_ids] and/or the factors [num_ids, k] into `table`.
 
         Raises:
-            ValueError: an array has the wrong shape.
+            ValueError: an array has the wrong shape, or the layer is not built yet.
         """
+        self._require_built("assign_parameters")
         table = self.table.numpy()
         columns = (("linear", linear, 0), ("embeddings", embeddings, slice(1, None)))
         for name, value, cols in columns:
@@ -121,10 +131,12 @@ class FactorizationMachine(keras.layers.Layer):
                 weights, a float or one per id [num_ids]; default `l2_prior`.
 
         Raises:
-            ValueError: `l2_prior` is off, or an array has the wrong shape.
+            ValueError: `l2_prior` is off, the layer is not built yet, or an array has the
+                wrong shape.
         """
         if not self.l2_prior:
             raise ValueError("set_prior needs l2_prior > 0")
+        self._require_built("set_prior")
         counts = np.asarray(counts, dtype=np.float64)
         if counts.shape != (self.num_ids,):
             raise ValueError(f"counts must have shape [{self.num_ids}], got {counts.shape}")
@@ -173,6 +185,11 @@ class FactorizationMachine(keras.layers.Layer):
             self.add_loss(tf.reduce_mean(tf.reduce_sum(
                 tf.reduce_sum(tf.reshape(norms, tf.shape(l2)) * l2, -1) * touched, 1)))
         return linear, pairs, summed
+
+    def _require_built(self, what: str) -> None:
+        if getattr(self, "table", None) is None:
+            raise ValueError(f"{self.name}: {what} needs the layer's weights, which it makes "
+                             "when built: call the layer on inputs or build() it first")
 
     def get_config(self):
         return {
@@ -282,3 +299,14 @@ def _l2_value(value, name: str) -> float | list[float]:
 
 def _any(l2) -> bool:
     return any(l2) if isinstance(l2, list) else bool(l2)
+
+
+def _positive_int(value, name: str) -> int:
+    """An integral value >= 1 (int, NumPy integer) as a plain int; bools and floats refused."""
+    try:
+        number = None if isinstance(value, (bool, np.bool_)) else operator.index(value)
+    except TypeError:
+        number = None
+    if number is None or number < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return int(number)

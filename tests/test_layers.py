@@ -101,7 +101,9 @@ def test_l2_penalizes_only_touched_rows():
 
 
 @pytest.mark.parametrize("bad", [{"num_ids": 0}, {"num_ids": 5, "embedding_dim": 0},
-                                 {"num_ids": 5, "l2_embeddings": -1.0}])
+                                 {"num_ids": 5, "l2_embeddings": -1.0}, {"num_ids": True},
+                                 {"num_ids": 10.0}, {"num_ids": np.float64(10)},
+                                 {"num_ids": 5, "embedding_dim": np.int64(0)}])
 def test_rejects_bad_arguments(bad):
     with pytest.raises(ValueError, match="must be"):
         FactorizationMachine(**bad)
@@ -206,3 +208,26 @@ def test_read_weights_converts_the_two_table_layout(tmp_path, l2_prior):
     again.build([None, 3])
     read_weights(again, tf.train.Checkpoint(fm=fm).write(str(tmp_path / "new" / "weights")))
     np.testing.assert_array_equal(again.table.numpy(), fm.table.numpy())
+
+
+# Regressions from the third new user's trial (defects 1-8 of the layer).
+
+def test_accepts_numpy_integer_sizes_as_ints():
+    layer = FactorizationMachine(np.int64(10), np.int32(4))
+    config = layer.get_config()
+    assert (config["num_ids"], config["embedding_dim"]) == (10, 4)
+    assert type(config["num_ids"]) is int and type(config["embedding_dim"]) is int
+    json.dumps(config)
+    assert layer((tf.constant([[1, 2]]), tf.constant([[1.0, 1.0]]))).shape == [1, 1]
+
+
+@pytest.mark.parametrize("use", ["linear", "embeddings", "assign_parameters", "set_prior"])
+def test_weights_before_build_say_to_build(use):
+    layer = FactorizationMachine(10, 2, l2_prior=1.0)
+    with pytest.raises(ValueError, match=r"call the layer on inputs or build\(\) it first"):
+        if use == "assign_parameters":
+            layer.assign_parameters(linear=np.zeros(10))
+        elif use == "set_prior":
+            layer.set_prior(np.ones(10))
+        else:
+            getattr(layer, use)
