@@ -2,17 +2,18 @@
 
     y(x) = w0 + sum_i w_i x_i + 1/2 sum_f [(sum_i v_if x_i)^2 - sum_i v_if^2 x_i^2]
 
-Inputs are `(ids, values)` of shape [batch, slots]: the non-zero features of each row as ids in
-one global id space and their x values. Only those rows of the tables are gathered, so a
-forward pass costs O(k * slots) per row, never O(n^2) or O(n). A slot with x = 0 (padding)
-contributes nothing. Each non-zero id should appear once per row (the encoder gives every
+Inputs are `(ids, values)` of shape [batch, slots] (or ragged [batch, (slots)]): the non-zero
+features of each row as ids in one global id space and their x values. Only those rows of the
+tables are gathered, so a forward pass costs O(k * slots) per row, never O(n^2) or O(n). A slot
+with x = 0 (padding) contributes nothing, but its id is still looked up: pad with an id in
+[0, num_ids), e.g. 0. Each non-zero id should appear once per row (the encoder gives every
 feature its own id range); an id listed twice acts as two features whose pair interacts.
 """
 
 from __future__ import annotations
 
 import operator
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -49,10 +50,20 @@ class FactorizationMachine(keras.layers.Layer):
     built (called on inputs, or `build()`).
 
     Call args:
-        inputs: ``(ids, values)``: int tensor [batch, slots] and float tensor [batch, slots].
+        inputs: ``(ids, values)`` (a tuple or list) or ``{"ids": ids, "values": values}``:
+            ids, an int tensor [batch, slots]; values, a float tensor [batch, slots], the x of
+            each slot. Both may instead be ragged [batch, (slots)] with the same row lengths
+            (without l2_*). Every id must be in [0, num_ids), padding slots (x = 0) included:
+            pad with id 0.
 
     Returns:
         The FM score (logit for CTR), float32 of shape [batch, 1].
+
+    Raises:
+        ValueError: inputs of another rank or shape (e.g. [batch, slots, 1]), ids and values of
+            different shapes, or per-slot ``l2_*`` lists whose length is not the number of
+            slots.
+        TypeError: inputs that are not an (ids, values) pair or an {ids, values} dict.
     """
 
     def __init__(self, num_ids: int, embedding_dim: int = 10,
@@ -70,6 +81,9 @@ class FactorizationMachine(keras.layers.Layer):
             raise ValueError(f"l2_prior must be one float, got {l2_prior!r}")
 
     def build(self, input_shape):
+        shapes = _input_shapes(input_shape)
+        if shapes is not None:  # build(None), as towers do, leaves the checks to call
+            self._check_shapes(*shapes)
         self.bias = self.add_weight(name="bias", shape=[], initializer="zeros")
         # One row per id, [w_i, v_i1 .. v_ik]: a step reads and writes each touched id's
         # parameters as one row of one table (one lookup, one optimizer gather and scatter)
@@ -148,17 +162,25 @@ class FactorizationMachine(keras.layers.Layer):
                           .astype(np.float32))
 
     def call(self, inputs):
-        ids, values = inputs
+        ids, values = _ids_and_values(inputs)
+        self._check_shapes(ids.shape, values.shape, _raggedness(ids, values))
+        if isinstance(values, tf.RaggedTensor):  # one row_splits dtype for ids, values, rows
+            values = values.with_row_splits_dtype(ids.row_splits.dtype)
         linear, pairs, _ = self._terms(ids, tf.cast(values, self.compute_dtype), regularize=True)
         return (self.bias + linear + pairs)[:, None]
 
     def side_terms(self, ids, values, mask):
         """FM terms restricted to the slots where `mask` is True (one side of the model).
 
+        Args:
+            ids, values: int and float tensors [batch, slots].
+            mask: bool [slots] (or [batch, slots]).
+
         Returns ``(linear, pairs, summed)``: the side's linear term [batch], its pairwise
         term [batch] and its factor sum S = sum_i v_i x_i [batch, k]. The full FM is
         ``bias + (L_Q + L_I) + (P_Q + P_I) + <S_Q, S_I>``.
         """
+        self._check_shapes(ids.shape, values.shape, _raggedness(ids, values))
         values = tf.cast(values, self.compute_dtype) * tf.cast(mask, self.compute_dtype)
         return self._terms(ids, values, regularize=False)
 
@@ -185,6 +207,31 @@ class FactorizationMachine(keras.layers.Layer):
             self.add_loss(tf.reduce_mean(tf.reduce_sum(
                 tf.reduce_sum(tf.reshape(norms, tf.shape(l2)) * l2, -1) * touched, 1)))
         return linear, pairs, summed
+
+    def _check_shapes(self, ids_shape, values_shape, ragged: bool | None = None) -> None:
+        """Static checks of the input shapes (no per-step work): rank 2 each, the same shape,
+        and per-slot L2 lists as long as the slots are (when that is known)."""
+        ids_shape, values_shape = tf.TensorShape(ids_shape), tf.TensorShape(values_shape)
+        if ids_shape.rank is None or values_shape.rank is None:
+            return
+        if ids_shape.rank != 2 or values_shape.rank != 2:
+            hint = (" (drop the last axis of size 1, e.g. tf.squeeze(x, -1))"
+                    if ids_shape.rank == 3 and ids_shape[-1] == 1 else "")
+            raise ValueError(
+                f"{self.name}: FactorizationMachine takes ids and values of shape "
+                f"[batch, slots] (or ragged [batch, (slots)]), got ids of shape "
+                f"{ids_shape.as_list()} and values of shape {values_shape.as_list()}{hint}")
+        if not ids_shape.is_compatible_with(values_shape):
+            raise ValueError(
+                f"{self.name}: ids and values must have the same shape [batch, slots], got ids "
+                f"of shape {ids_shape.as_list()} and values of shape {values_shape.as_list()}")
+        slots = ids_shape[1] if ids_shape[1] is not None else values_shape[1]
+        if ragged or slots is None:
+            return
+        for name, value in (("l2_embeddings", self.l2_embeddings), ("l2_linear", self.l2_linear)):
+            if isinstance(value, list) and len(value) != slots:
+                raise ValueError(f"{self.name}: " + _slot_count_message(name, value, "")
+                                 + f"; got inputs with {slots} slots")
 
     def _require_built(self, what: str) -> None:
         if getattr(self, "table", None) is None:
@@ -310,3 +357,42 @@ def _positive_int(value, name: str) -> int:
     if number is None or number < 1:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
     return int(number)
+
+
+def _ids_and_values(inputs):
+    """The layer's inputs as (ids, values): a pair, or a dict with exactly those two keys."""
+    if isinstance(inputs, Mapping):
+        if set(inputs) != {"ids", "values"}:
+            raise TypeError("FactorizationMachine takes (ids, values) or a dict with exactly "
+                            f"the keys 'ids' and 'values', got a dict with keys {sorted(inputs)}")
+        return inputs["ids"], inputs["values"]
+    if isinstance(inputs, Sequence) and not isinstance(inputs, str) and len(inputs) == 2:
+        return tuple(inputs)
+    raise TypeError("FactorizationMachine takes a tuple (ids, values) (or a dict with the keys "
+                    f"'ids' and 'values'), got {type(inputs).__name__}: {inputs!r:.200}")
+
+
+def _input_shapes(input_shape):
+    """(ids shape, values shape) from `build`'s `input_shape`, or None where it does not name
+    them (``build(None)``)."""
+    if isinstance(input_shape, Mapping) and set(input_shape) == {"ids", "values"}:
+        return input_shape["ids"], input_shape["values"]
+    if (isinstance(input_shape, Sequence) and len(input_shape) == 2
+            and all(isinstance(s, (tf.TensorShape, list, tuple)) for s in input_shape)):
+        return tuple(input_shape)
+    return None
+
+
+def _raggedness(ids, values) -> bool:
+    """Whether ids and values are ragged; a ValueError if one is and the other is not."""
+    ragged = [isinstance(x, tf.RaggedTensor) for x in (ids, values)]
+    if ragged[0] != ragged[1]:
+        raise ValueError("ids and values must both be dense [batch, slots] or both ragged "
+                         f"[batch, (slots)], got ragged ids: {ragged[0]}, ragged values: "
+                         f"{ragged[1]}")
+    return ragged[0]
+
+
+def _slot_count_message(name: str, value: list, relation: str) -> str:
+    return (f"{name} has {len(value)} values, one per slot, so the inputs must have "
+            f"{relation + ' ' if relation else ''}{len(value)} slots")

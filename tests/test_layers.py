@@ -212,6 +212,21 @@ def test_read_weights_converts_the_two_table_layout(tmp_path, l2_prior):
 
 # Regressions from the third new user's trial (defects 1-8 of the layer).
 
+def test_rejects_inputs_of_another_rank_or_shape():
+    """[batch, slots, 1] inputs gave [batch, 1, k + 1] (bias + slot 0 only), silently."""
+    layer = FactorizationMachine(10, 4)
+    ids, values = np.array([[3, 7, 9]]), np.ones((1, 3), np.float32)
+    with pytest.raises(ValueError, match=r"shape \[batch, slots\].*\[1, 3, 1\]"):
+        layer((ids[..., None], values[..., None]))
+    with pytest.raises(ValueError, match=r"the same shape.*\[1, 3\].*\[1, 2\]"):
+        layer((ids, values[:, :2]))
+    with pytest.raises(ValueError, match="both be dense"):
+        layer((tf.ragged.constant([[1, 2]]), values[:, :2]))
+    ids_in, values_in = keras.Input([3, 1], dtype=tf.int32), keras.Input([3, 1])
+    with pytest.raises(ValueError, match=r"\[None, 3, 1\]"):
+        FactorizationMachine(10, 4)((ids_in, values_in))
+
+
 def test_accepts_numpy_integer_sizes_as_ints():
     layer = FactorizationMachine(np.int64(10), np.int32(4))
     config = layer.get_config()
@@ -219,6 +234,16 @@ def test_accepts_numpy_integer_sizes_as_ints():
     assert type(config["num_ids"]) is int and type(config["embedding_dim"]) is int
     json.dumps(config)
     assert layer((tf.constant([[1, 2]]), tf.constant([[1.0, 1.0]]))).shape == [1, 1]
+
+
+def test_per_slot_l2_of_another_length_names_parameter_and_counts():
+    """It failed only at the first call: "Incompatible shapes: [2] vs. [2,11]"."""
+    message = r"l2_linear has 2 values.*3 slots"
+    with pytest.raises(ValueError, match=message):
+        FactorizationMachine(10, 2, l2_linear=[0.1, 0.2]).build([[None, 3], [None, 3]])
+    with pytest.raises(ValueError, match=message):
+        FactorizationMachine(10, 2, l2_linear=[0.1, 0.2])((tf.constant([[1, 2, 3]]),
+                                                           tf.ones([1, 3])))
 
 
 @pytest.mark.parametrize("use", ["linear", "embeddings", "assign_parameters", "set_prior"])
@@ -231,3 +256,15 @@ def test_weights_before_build_say_to_build(use):
             layer.set_prior(np.ones(10))
         else:
             getattr(layer, use)
+
+
+def test_takes_an_ids_values_dict():
+    """A dict's keys were unpacked as the pair: "Cast string to float is not supported"."""
+    layer = _layer(10, 3)
+    ids, values = tf.constant([[1, 2, 5]]), tf.constant([[1.0, 0.5, 2.0]])
+    np.testing.assert_array_equal(layer({"ids": ids, "values": values}).numpy(),
+                                  layer((ids, values)).numpy())
+    with pytest.raises(TypeError, match="'ids' and 'values'.*'x'"):
+        layer({"ids": ids, "x": values})
+    with pytest.raises(TypeError, match=r"a tuple \(ids, values\)"):
+        layer(ids)
