@@ -32,6 +32,8 @@ class FactorizationMachine(keras.layers.Layer):
         l2_embeddings: L2 penalty on the factor rows a batch touches, per occurrence; it costs
             O(k * slots) rather than O(n * k) for the whole table. A float, or one value per
             slot (so that, e.g., id features are regularized harder than shared attributes).
+            The penalty is computed in float32 even under a float16 policy (where the squares
+            of small weights times a small L2 would underflow to 0).
         l2_linear: the same for the linear weights.
         embeddings_initializer: initializer of the factor table.
         l2_prior: precision tau of a Gaussian prior N(0, 1/tau) on every id's factors and
@@ -46,23 +48,27 @@ class FactorizationMachine(keras.layers.Layer):
     Weights: ``bias`` []; ``table`` [num_ids, 1 + k], id i's row ``[w_i, v_i1 .. v_ik]`` (one
     row per id, so that a step reads and writes each touched id once, not once per table;
     `linear` and `embeddings` read its columns); with `l2_prior`, ``prior`` [num_ids, 2], id
-    i's L2 per occurrence ``[linear, factors]`` (not trained). They exist once the layer is
-    built (called on inputs, or `build()`).
+    i's L2 per occurrence ``[linear, factors]`` (not trained, kept in float32). They exist once
+    the layer is built (called on inputs, or `build()`).
 
     Call args:
         inputs: ``(ids, values)`` (a tuple or list) or ``{"ids": ids, "values": values}``:
             ids, an int tensor [batch, slots]; values, a float tensor [batch, slots], the x of
-            each slot. Both may instead be ragged [batch, (slots)] with the same row lengths
-            (without l2_*). Every id must be in [0, num_ids), padding slots (x = 0) included:
-            pad with id 0.
+            each slot. Both may instead be ragged [batch, (slots)] with the same row lengths (a
+            row of m slots is the same as the row zero-padded to more slots). Every id must be
+            in [0, num_ids), padding slots (x = 0) included: pad with id 0.
 
     Returns:
-        The FM score (logit for CTR), float32 of shape [batch, 1].
+        The FM score (logit for CTR), shape [batch, 1], in the layer's compute dtype: float32,
+        or float16 under a ``mixed_float16`` policy (as for any Keras layer). With mixed
+        precision, end the model with a float32 layer, e.g.
+        ``keras.layers.Activation("sigmoid", dtype="float32")``, as the Keras mixed-precision
+        guide advises.
 
     Raises:
         ValueError: inputs of another rank or shape (e.g. [batch, slots, 1]), ids and values of
             different shapes, or per-slot ``l2_*`` lists whose length is not the number of
-            slots.
+            slots (ragged inputs: shorter than the longest row; checked when the batch runs).
         TypeError: inputs that are not an (ids, values) pair or an {ids, values} dict.
     """
 
@@ -92,9 +98,10 @@ class FactorizationMachine(keras.layers.Layer):
                                      initializer=_TableInitializer(self.embeddings_initializer))
         if self.l2_prior:
             # Per-id L2 per occurrence, tau / (2 n), 0 until set: [linear, factors] per id,
-            # saved with the weights so that a resumed run keeps the same prior.
+            # saved with the weights so that a resumed run keeps the same prior. Read in
+            # float32 under mixed precision: tau / (2 n) is below float16's normal range.
             self.prior = self.add_weight(name="prior", shape=[self.num_ids, 2],
-                                         initializer="zeros", trainable=False)
+                                         initializer="zeros", trainable=False, autocast=False)
         super().build(input_shape)
 
     @property
@@ -195,18 +202,51 @@ class FactorizationMachine(keras.layers.Layer):
         linear, summed = sums[:, 0], sums[:, 1:]                      # [b], S = [b, k]
         pairs = 0.5 * tf.reduce_sum(tf.square(summed) - squares[:, 1:], 1)
         if regularize and (_any(self.l2_embeddings) or _any(self.l2_linear) or self.l2_prior):
-            # Penalize only the rows this batch touched (x != 0), averaged over the batch:
-            # per slot, l2_w w^2 + l2_v ||v||^2, the two norms as one product with `_norms`.
-            norms = tf.linalg.matmul(tf.reshape(tf.square(rows), [-1, 1 + self.embedding_dim]),
-                                     _norms(self.embedding_dim, rows.dtype))
-            l2 = tf.stack([tf.broadcast_to(tf.constant(x, rows.dtype), tf.shape(values))
-                           for x in (self.l2_linear, self.l2_embeddings)], axis=-1)
-            if self.l2_prior:
-                l2 = l2 + tf.nn.embedding_lookup(self.prior, ids)            # [b, s, 2]
-            touched = tf.cast(tf.not_equal(values, 0.0), rows.dtype)
-            self.add_loss(tf.reduce_mean(tf.reduce_sum(
-                tf.reduce_sum(tf.reshape(norms, tf.shape(l2)) * l2, -1) * touched, 1)))
+            self.add_loss(self._penalty(rows, ids, values))
         return linear, pairs, summed
+
+    def _penalty(self, rows, ids, values):
+        """The L2 penalty of the rows this batch touched (x != 0), averaged over the batch:
+        per slot, l2_w w^2 + l2_v ||v||^2, the two norms as one product with `_norms`."""
+        # float16 squares of small weights (times a small L2) underflow to 0: sum in float32.
+        dtype = tf.float32 if rows.dtype.size < 4 else rows.dtype
+        row_lengths = slots = None
+        if isinstance(values, tf.RaggedTensor):  # the occurrences, flat [n], and their slots
+            row_lengths, batch = values.row_lengths(), values.nrows()
+            slots = tf.ragged.range(row_lengths).flat_values
+            rows, ids, values = rows.flat_values, ids.flat_values, values.flat_values
+        rows = tf.cast(rows, dtype)                                   # no-op in float32
+        norms = tf.linalg.matmul(tf.reshape(tf.square(rows), [-1, 1 + self.embedding_dim]),
+                                 _norms(self.embedding_dim, dtype))
+        l2 = tf.stack([self._slot_l2(name, values, dtype, row_lengths, slots)
+                       for name in ("l2_linear", "l2_embeddings")], axis=-1)  # [b, s, 2]/[n, 2]
+        if self.l2_prior:
+            l2 = l2 + tf.cast(tf.nn.embedding_lookup(self.prior, ids), dtype)
+        touched = tf.cast(tf.not_equal(values, 0.0), dtype)
+        per_slot = tf.reduce_sum(tf.reshape(norms, tf.shape(l2)) * l2, -1) * touched
+        if slots is not None:
+            return tf.reduce_sum(per_slot) / tf.cast(batch, dtype)
+        return tf.reduce_mean(tf.reduce_sum(per_slot, 1))
+
+    def _slot_l2(self, name: str, values, dtype, row_lengths=None, slots=None):
+        """The L2 `name` of each slot, shaped as `values`: dense [b, s], or the flat [n] of
+        ragged rows whose slots are `slots`. A per-slot list is checked here against the slot
+        count that was not known when the layer was traced (`_check_shapes` did the rest)."""
+        value = getattr(self, name)
+        if not isinstance(value, list):
+            return tf.broadcast_to(tf.constant(value, dtype), tf.shape(values))
+        if slots is not None:
+            check = tf.debugging.assert_less_equal(
+                tf.reduce_max(row_lengths), tf.constant(len(value), row_lengths.dtype),
+                message=_slot_count_message(name, value, "up to") + " (the longest row)")
+            with tf.control_dependencies([check]):
+                return tf.gather(tf.constant(value, dtype), slots)
+        checks = []
+        if values.shape[1] is None:
+            checks.append(tf.debugging.assert_equal(tf.shape(values)[1], len(value),
+                                                    message=_slot_count_message(name, value, "")))
+        with tf.control_dependencies(checks):
+            return tf.broadcast_to(tf.constant(value, dtype), tf.shape(values))
 
     def _check_shapes(self, ids_shape, values_shape, ragged: bool | None = None) -> None:
         """Static checks of the input shapes (no per-step work): rank 2 each, the same shape,

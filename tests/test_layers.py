@@ -244,6 +244,64 @@ def test_per_slot_l2_of_another_length_names_parameter_and_counts():
     with pytest.raises(ValueError, match=message):
         FactorizationMachine(10, 2, l2_linear=[0.1, 0.2])((tf.constant([[1, 2, 3]]),
                                                            tf.ones([1, 3])))
+    ragged = FactorizationMachine(10, 2, l2_embeddings=[0.1, 0.2])
+    with pytest.raises(tf.errors.InvalidArgumentError, match="l2_embeddings has 2 values"):
+        ragged((tf.ragged.constant([[1], [1, 2, 3]]), tf.ragged.constant([[1.0], [1.0] * 3])))
+    unknown = FactorizationMachine(10, 2, l2_linear=[0.1, 0.2])  # slots unknown when traced
+    spec = [tf.TensorSpec([None, None], tf.int32), tf.TensorSpec([None, None], tf.float32)]
+    call = tf.function(lambda ids, values: unknown((ids, values)), input_signature=spec)
+    call(tf.constant([[1, 2]]), tf.ones([1, 2]))
+    with pytest.raises(tf.errors.InvalidArgumentError, match="l2_linear has 2 values"):
+        call(tf.constant([[1, 2, 3]]), tf.ones([1, 3]))
+
+
+@pytest.mark.parametrize("l2_embeddings", [0.2, [0.1, 0.5, 2.0, 0.3]])
+def test_ragged_inputs_match_zero_padded_dense_with_l2(l2_embeddings):
+    """Ragged inputs with any l2_* set failed ("mismatched row_splits dtypes")."""
+    rng = np.random.default_rng(6)
+    layer = FactorizationMachine(12, 3, l2_embeddings=l2_embeddings, l2_linear=0.05,
+                                 l2_prior=4.0)
+    layer.build(None)
+    layer.set_prior(rng.integers(1, 9, 12))
+    rows = [[(1, 0.5), (4, 2.0)], [(2, 1.0)], [(5, 1.5), (7, -0.5), (11, 1.0), (0, 0.0)]]
+    ids = tf.ragged.constant([[i for i, _ in row] for row in rows])
+    values = tf.ragged.constant([[x for _, x in row] for row in rows], tf.float32)
+    ragged = layer((ids, values)).numpy()
+    ragged_penalty = float(tf.add_n(layer.losses))
+    dense = layer((ids.to_tensor(0, shape=[3, 4]), values.to_tensor(0.0, shape=[3, 4]))).numpy()
+    np.testing.assert_allclose(ragged, dense, rtol=1e-6, atol=1e-6)
+    assert ragged_penalty == pytest.approx(float(tf.add_n(layer.losses)), rel=1e-6)
+    assert ragged_penalty > 0
+
+
+@pytest.fixture
+def mixed_float16():
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        yield
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+
+
+def _small_l2_penalty(table, ids, values):
+    layer = FactorizationMachine(40, 4, l2_embeddings=1e-5, l2_linear=1e-6)
+    layer.build(None)
+    layer.table.assign(table)
+    out = layer((ids, values))
+    return out.dtype, float(tf.add_n(layer.losses))
+
+
+def test_l2_penalty_does_not_underflow_under_mixed_float16(mixed_float16):
+    """Squares of weights ~0.01 times L2 1e-5 are below float16's range: the penalty was 0."""
+    rng = np.random.default_rng(7)
+    table = rng.normal(0, 0.01, (40, 5)).astype(np.float32)
+    ids, values = rng.integers(0, 40, (32, 6)), rng.uniform(0.5, 1.5, (32, 6)).astype(np.float32)
+    dtype, penalty = _small_l2_penalty(table, ids, values)
+    assert dtype == tf.float16
+    keras.mixed_precision.set_global_policy("float32")
+    dtype, want = _small_l2_penalty(table, ids, values)
+    assert dtype == tf.float32 and want > 0
+    assert penalty == pytest.approx(want, rel=1e-3)
 
 
 @pytest.mark.parametrize("use", ["linear", "embeddings", "assign_parameters", "set_prior"])
