@@ -2,16 +2,18 @@
 
     y(x) = w0 + sum_i w_i x_i + 1/2 sum_f [(sum_i v_if x_i)^2 - sum_i v_if^2 x_i^2]
 
-Inputs are `(ids, values)` of shape [batch, slots]: the non-zero features of each row as ids in
-one global id space and their x values. Only those rows of the tables are gathered, so a
-forward pass costs O(k * slots) per row, never O(n^2) or O(n). A slot with x = 0 (padding)
-contributes nothing. Each non-zero id should appear once per row (the encoder gives every
+Inputs are `(ids, values)` of shape [batch, slots] (or ragged [batch, (slots)]): the non-zero
+features of each row as ids in one global id space and their x values. Only those rows of the
+tables are gathered, so a forward pass costs O(k * slots) per row, never O(n^2) or O(n). A slot
+with x = 0 (padding) contributes nothing, but its id is still looked up: pad with an id in
+[0, num_ids), e.g. 0. Each non-zero id should appear once per row (the encoder gives every
 feature its own id range); an id listed twice acts as two features whose pair interacts.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import operator
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -24,11 +26,14 @@ class FactorizationMachine(keras.layers.Layer):
     """Second-order FM: bias, linear weights and k-dimensional factors.
 
     Args:
-        num_ids: size of the global id space (rows of the linear and factor tables).
-        embedding_dim: k, the factor dimension (default 10).
+        num_ids: size of the global id space (rows of the linear and factor tables); any
+            integral value >= 1 (int, NumPy integer), stored as an int.
+        embedding_dim: k, the factor dimension (default 10), an integral value >= 1.
         l2_embeddings: L2 penalty on the factor rows a batch touches, per occurrence; it costs
             O(k * slots) rather than O(n * k) for the whole table. A float, or one value per
             slot (so that, e.g., id features are regularized harder than shared attributes).
+            The penalty is computed in float32 even under a float16 policy (where the squares
+            of small weights times a small L2 would underflow to 0).
         l2_linear: the same for the linear weights.
         embeddings_initializer: initializer of the factor table.
         l2_prior: precision tau of a Gaussian prior N(0, 1/tau) on every id's factors and
@@ -43,13 +48,28 @@ class FactorizationMachine(keras.layers.Layer):
     Weights: ``bias`` []; ``table`` [num_ids, 1 + k], id i's row ``[w_i, v_i1 .. v_ik]`` (one
     row per id, so that a step reads and writes each touched id once, not once per table;
     `linear` and `embeddings` read its columns); with `l2_prior`, ``prior`` [num_ids, 2], id
-    i's L2 per occurrence ``[linear, factors]`` (not trained).
+    i's L2 per occurrence ``[linear, factors]`` (not trained, kept in float32). They exist once
+    the layer is built (called on inputs, or `build()`).
 
     Call args:
-        inputs: ``(ids, values)``: int tensor [batch, slots] and float tensor [batch, slots].
+        inputs: ``(ids, values)`` (a tuple or list) or ``{"ids": ids, "values": values}``:
+            ids, an int tensor [batch, slots]; values, a float tensor [batch, slots], the x of
+            each slot. Both may instead be ragged [batch, (slots)] with the same row lengths (a
+            row of m slots is the same as the row zero-padded to more slots). Every id must be
+            in [0, num_ids), padding slots (x = 0) included: pad with id 0.
 
     Returns:
-        The FM score (logit for CTR), float32 of shape [batch, 1].
+        The FM score (logit for CTR), shape [batch, 1], in the layer's compute dtype: float32,
+        or float16 under a ``mixed_float16`` policy (as for any Keras layer). With mixed
+        precision, end the model with a float32 layer, e.g.
+        ``keras.layers.Activation("sigmoid", dtype="float32")``, as the Keras mixed-precision
+        guide advises.
+
+    Raises:
+        ValueError: inputs of another rank or shape (e.g. [batch, slots, 1]), ids and values of
+            different shapes, or per-slot ``l2_*`` lists whose length is not the number of
+            slots (ragged inputs: shorter than the longest row; checked when the batch runs).
+        TypeError: inputs that are not an (ids, values) pair or an {ids, values} dict.
     """
 
     def __init__(self, num_ids: int, embedding_dim: int = 10,
@@ -57,12 +77,8 @@ class FactorizationMachine(keras.layers.Layer):
                  l2_linear: float | Sequence[float] = 0.0,
                  embeddings_initializer="random_normal", l2_prior: float = 0.0, **kwargs):
         super().__init__(**kwargs)
-        if not isinstance(num_ids, int) or num_ids < 1:
-            raise ValueError(f"num_ids must be a positive int, got {num_ids!r}")
-        if not isinstance(embedding_dim, int) or embedding_dim < 1:
-            raise ValueError(f"embedding_dim must be a positive int, got {embedding_dim!r}")
-        self.num_ids = num_ids
-        self.embedding_dim = embedding_dim
+        self.num_ids = _positive_int(num_ids, "num_ids")
+        self.embedding_dim = _positive_int(embedding_dim, "embedding_dim")
         self.l2_embeddings = _l2_value(l2_embeddings, "l2_embeddings")
         self.l2_linear = _l2_value(l2_linear, "l2_linear")
         self.embeddings_initializer = keras.initializers.get(embeddings_initializer)
@@ -71,6 +87,9 @@ class FactorizationMachine(keras.layers.Layer):
             raise ValueError(f"l2_prior must be one float, got {l2_prior!r}")
 
     def build(self, input_shape):
+        shapes = _input_shapes(input_shape)
+        if shapes is not None:  # build(None), as towers do, leaves the checks to call
+            self._check_shapes(*shapes)
         self.bias = self.add_weight(name="bias", shape=[], initializer="zeros")
         # One row per id, [w_i, v_i1 .. v_ik]: a step reads and writes each touched id's
         # parameters as one row of one table (one lookup, one optimizer gather and scatter)
@@ -79,27 +98,39 @@ class FactorizationMachine(keras.layers.Layer):
                                      initializer=_TableInitializer(self.embeddings_initializer))
         if self.l2_prior:
             # Per-id L2 per occurrence, tau / (2 n), 0 until set: [linear, factors] per id,
-            # saved with the weights so that a resumed run keeps the same prior.
+            # saved with the weights so that a resumed run keeps the same prior. Read in
+            # float32 under mixed precision: tau / (2 n) is below float16's normal range.
             self.prior = self.add_weight(name="prior", shape=[self.num_ids, 2],
-                                         initializer="zeros", trainable=False)
+                                         initializer="zeros", trainable=False, autocast=False)
         super().build(input_shape)
 
     @property
     def linear(self):
-        """The linear weights w, float32 [num_ids] (column 0 of `table`; read-only)."""
+        """The linear weights w, float32 [num_ids] (column 0 of `table`; read-only).
+
+        Raises:
+            ValueError: the layer is not built yet.
+        """
+        self._require_built("linear")
         return tf.convert_to_tensor(self.table)[:, 0]
 
     @property
     def embeddings(self):
-        """The factors V, float32 [num_ids, k] (columns 1.. of `table`; read-only)."""
+        """The factors V, float32 [num_ids, k] (columns 1.. of `table`; read-only).
+
+        Raises:
+            ValueError: the layer is not built yet.
+        """
+        self._require_built("embeddings")
         return tf.convert_to_tensor(self.table)[:, 1:]
 
     def assign_parameters(self, linear=None, embeddings=None) -> None:
         """Writes the linear weights [num_ids] and/or the factors [num_ids, k] into `table`.
 
         Raises:
-            ValueError: an array has the wrong shape.
+            ValueError: an array has the wrong shape, or the layer is not built yet.
         """
+        self._require_built("assign_parameters")
         table = self.table.numpy()
         columns = (("linear", linear, 0), ("embeddings", embeddings, slice(1, None)))
         for name, value, cols in columns:
@@ -121,10 +152,12 @@ class FactorizationMachine(keras.layers.Layer):
                 weights, a float or one per id [num_ids]; default `l2_prior`.
 
         Raises:
-            ValueError: `l2_prior` is off, or an array has the wrong shape.
+            ValueError: `l2_prior` is off, the layer is not built yet, or an array has the
+                wrong shape.
         """
         if not self.l2_prior:
             raise ValueError("set_prior needs l2_prior > 0")
+        self._require_built("set_prior")
         counts = np.asarray(counts, dtype=np.float64)
         if counts.shape != (self.num_ids,):
             raise ValueError(f"counts must have shape [{self.num_ids}], got {counts.shape}")
@@ -136,17 +169,25 @@ class FactorizationMachine(keras.layers.Layer):
                           .astype(np.float32))
 
     def call(self, inputs):
-        ids, values = inputs
+        ids, values = _ids_and_values(inputs)
+        self._check_shapes(ids.shape, values.shape, _raggedness(ids, values))
+        if isinstance(values, tf.RaggedTensor):  # one row_splits dtype for ids, values, rows
+            values = values.with_row_splits_dtype(ids.row_splits.dtype)
         linear, pairs, _ = self._terms(ids, tf.cast(values, self.compute_dtype), regularize=True)
         return (self.bias + linear + pairs)[:, None]
 
     def side_terms(self, ids, values, mask):
         """FM terms restricted to the slots where `mask` is True (one side of the model).
 
+        Args:
+            ids, values: int and float tensors [batch, slots].
+            mask: bool [slots] (or [batch, slots]).
+
         Returns ``(linear, pairs, summed)``: the side's linear term [batch], its pairwise
         term [batch] and its factor sum S = sum_i v_i x_i [batch, k]. The full FM is
         ``bias + (L_Q + L_I) + (P_Q + P_I) + <S_Q, S_I>``.
         """
+        self._check_shapes(ids.shape, values.shape, _raggedness(ids, values))
         values = tf.cast(values, self.compute_dtype) * tf.cast(mask, self.compute_dtype)
         return self._terms(ids, values, regularize=False)
 
@@ -161,18 +202,81 @@ class FactorizationMachine(keras.layers.Layer):
         linear, summed = sums[:, 0], sums[:, 1:]                      # [b], S = [b, k]
         pairs = 0.5 * tf.reduce_sum(tf.square(summed) - squares[:, 1:], 1)
         if regularize and (_any(self.l2_embeddings) or _any(self.l2_linear) or self.l2_prior):
-            # Penalize only the rows this batch touched (x != 0), averaged over the batch:
-            # per slot, l2_w w^2 + l2_v ||v||^2, the two norms as one product with `_norms`.
-            norms = tf.linalg.matmul(tf.reshape(tf.square(rows), [-1, 1 + self.embedding_dim]),
-                                     _norms(self.embedding_dim, rows.dtype))
-            l2 = tf.stack([tf.broadcast_to(tf.constant(x, rows.dtype), tf.shape(values))
-                           for x in (self.l2_linear, self.l2_embeddings)], axis=-1)
-            if self.l2_prior:
-                l2 = l2 + tf.nn.embedding_lookup(self.prior, ids)            # [b, s, 2]
-            touched = tf.cast(tf.not_equal(values, 0.0), rows.dtype)
-            self.add_loss(tf.reduce_mean(tf.reduce_sum(
-                tf.reduce_sum(tf.reshape(norms, tf.shape(l2)) * l2, -1) * touched, 1)))
+            self.add_loss(self._penalty(rows, ids, values))
         return linear, pairs, summed
+
+    def _penalty(self, rows, ids, values):
+        """The L2 penalty of the rows this batch touched (x != 0), averaged over the batch:
+        per slot, l2_w w^2 + l2_v ||v||^2, the two norms as one product with `_norms`."""
+        # float16 squares of small weights (times a small L2) underflow to 0: sum in float32.
+        dtype = tf.float32 if rows.dtype.size < 4 else rows.dtype
+        row_lengths = slots = None
+        if isinstance(values, tf.RaggedTensor):  # the occurrences, flat [n], and their slots
+            row_lengths, batch = values.row_lengths(), values.nrows()
+            slots = tf.ragged.range(row_lengths).flat_values
+            rows, ids, values = rows.flat_values, ids.flat_values, values.flat_values
+        rows = tf.cast(rows, dtype)                                   # no-op in float32
+        norms = tf.linalg.matmul(tf.reshape(tf.square(rows), [-1, 1 + self.embedding_dim]),
+                                 _norms(self.embedding_dim, dtype))
+        l2 = tf.stack([self._slot_l2(name, values, dtype, row_lengths, slots)
+                       for name in ("l2_linear", "l2_embeddings")], axis=-1)  # [b, s, 2]/[n, 2]
+        if self.l2_prior:
+            l2 = l2 + tf.cast(tf.nn.embedding_lookup(self.prior, ids), dtype)
+        touched = tf.cast(tf.not_equal(values, 0.0), dtype)
+        per_slot = tf.reduce_sum(tf.reshape(norms, tf.shape(l2)) * l2, -1) * touched
+        if slots is not None:
+            return tf.reduce_sum(per_slot) / tf.cast(batch, dtype)
+        return tf.reduce_mean(tf.reduce_sum(per_slot, 1))
+
+    def _slot_l2(self, name: str, values, dtype, row_lengths=None, slots=None):
+        """The L2 `name` of each slot, shaped as `values`: dense [b, s], or the flat [n] of
+        ragged rows whose slots are `slots`. A per-slot list is checked here against the slot
+        count that was not known when the layer was traced (`_check_shapes` did the rest)."""
+        value = getattr(self, name)
+        if not isinstance(value, list):
+            return tf.broadcast_to(tf.constant(value, dtype), tf.shape(values))
+        if slots is not None:
+            check = tf.debugging.assert_less_equal(
+                tf.reduce_max(row_lengths), tf.constant(len(value), row_lengths.dtype),
+                message=_slot_count_message(name, value, "up to") + " (the longest row)")
+            with tf.control_dependencies([check]):
+                return tf.gather(tf.constant(value, dtype), slots)
+        checks = []
+        if values.shape[1] is None:
+            checks.append(tf.debugging.assert_equal(tf.shape(values)[1], len(value),
+                                                    message=_slot_count_message(name, value, "")))
+        with tf.control_dependencies(checks):
+            return tf.broadcast_to(tf.constant(value, dtype), tf.shape(values))
+
+    def _check_shapes(self, ids_shape, values_shape, ragged: bool | None = None) -> None:
+        """Static checks of the input shapes (no per-step work): rank 2 each, the same shape,
+        and per-slot L2 lists as long as the slots are (when that is known)."""
+        ids_shape, values_shape = tf.TensorShape(ids_shape), tf.TensorShape(values_shape)
+        if ids_shape.rank is None or values_shape.rank is None:
+            return
+        if ids_shape.rank != 2 or values_shape.rank != 2:
+            hint = (" (drop the last axis of size 1, e.g. tf.squeeze(x, -1))"
+                    if ids_shape.rank == 3 and ids_shape[-1] == 1 else "")
+            raise ValueError(
+                f"{self.name}: FactorizationMachine takes ids and values of shape "
+                f"[batch, slots] (or ragged [batch, (slots)]), got ids of shape "
+                f"{ids_shape.as_list()} and values of shape {values_shape.as_list()}{hint}")
+        if not ids_shape.is_compatible_with(values_shape):
+            raise ValueError(
+                f"{self.name}: ids and values must have the same shape [batch, slots], got ids "
+                f"of shape {ids_shape.as_list()} and values of shape {values_shape.as_list()}")
+        slots = ids_shape[1] if ids_shape[1] is not None else values_shape[1]
+        if ragged or slots is None:
+            return
+        for name, value in (("l2_embeddings", self.l2_embeddings), ("l2_linear", self.l2_linear)):
+            if isinstance(value, list) and len(value) != slots:
+                raise ValueError(f"{self.name}: " + _slot_count_message(name, value, "")
+                                 + f"; got inputs with {slots} slots")
+
+    def _require_built(self, what: str) -> None:
+        if getattr(self, "table", None) is None:
+            raise ValueError(f"{self.name}: {what} needs the layer's weights, which it makes "
+                             "when built: call the layer on inputs or build() it first")
 
     def get_config(self):
         return {
@@ -282,3 +386,53 @@ def _l2_value(value, name: str) -> float | list[float]:
 
 def _any(l2) -> bool:
     return any(l2) if isinstance(l2, list) else bool(l2)
+
+
+def _positive_int(value, name: str) -> int:
+    """An integral value >= 1 (int, NumPy integer) as a plain int; bools and floats refused."""
+    try:
+        number = None if isinstance(value, (bool, np.bool_)) else operator.index(value)
+    except TypeError:
+        number = None
+    if number is None or number < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return int(number)
+
+
+def _ids_and_values(inputs):
+    """The layer's inputs as (ids, values): a pair, or a dict with exactly those two keys."""
+    if isinstance(inputs, Mapping):
+        if set(inputs) != {"ids", "values"}:
+            raise TypeError("FactorizationMachine takes (ids, values) or a dict with exactly "
+                            f"the keys 'ids' and 'values', got a dict with keys {sorted(inputs)}")
+        return inputs["ids"], inputs["values"]
+    if isinstance(inputs, Sequence) and not isinstance(inputs, str) and len(inputs) == 2:
+        return tuple(inputs)
+    raise TypeError("FactorizationMachine takes a tuple (ids, values) (or a dict with the keys "
+                    f"'ids' and 'values'), got {type(inputs).__name__}: {inputs!r:.200}")
+
+
+def _input_shapes(input_shape):
+    """(ids shape, values shape) from `build`'s `input_shape`, or None where it does not name
+    them (``build(None)``)."""
+    if isinstance(input_shape, Mapping) and set(input_shape) == {"ids", "values"}:
+        return input_shape["ids"], input_shape["values"]
+    if (isinstance(input_shape, Sequence) and len(input_shape) == 2
+            and all(isinstance(s, (tf.TensorShape, list, tuple)) for s in input_shape)):
+        return tuple(input_shape)
+    return None
+
+
+def _raggedness(ids, values) -> bool:
+    """Whether ids and values are ragged; a ValueError if one is and the other is not."""
+    ragged = [isinstance(x, tf.RaggedTensor) for x in (ids, values)]
+    if ragged[0] != ragged[1]:
+        raise ValueError("ids and values must both be dense [batch, slots] or both ragged "
+                         f"[batch, (slots)], got ragged ids: {ragged[0]}, ragged values: "
+                         f"{ragged[1]}")
+    return ragged[0]
+
+
+def _slot_count_message(name: str, value: list, relation: str) -> str:
+    return (f"{name} has {len(value)} values, one per slot, so the inputs must have "
+            f"{relation + ' ' if relation else ''}{len(value)} slots")

@@ -101,7 +101,9 @@ def test_l2_penalizes_only_touched_rows():
 
 
 @pytest.mark.parametrize("bad", [{"num_ids": 0}, {"num_ids": 5, "embedding_dim": 0},
-                                 {"num_ids": 5, "l2_embeddings": -1.0}])
+                                 {"num_ids": 5, "l2_embeddings": -1.0}, {"num_ids": True},
+                                 {"num_ids": 10.0}, {"num_ids": np.float64(10)},
+                                 {"num_ids": 5, "embedding_dim": np.int64(0)}])
 def test_rejects_bad_arguments(bad):
     with pytest.raises(ValueError, match="must be"):
         FactorizationMachine(**bad)
@@ -206,3 +208,121 @@ def test_read_weights_converts_the_two_table_layout(tmp_path, l2_prior):
     again.build([None, 3])
     read_weights(again, tf.train.Checkpoint(fm=fm).write(str(tmp_path / "new" / "weights")))
     np.testing.assert_array_equal(again.table.numpy(), fm.table.numpy())
+
+
+# Regressions from the third new user's trial (defects 1-8 of the layer).
+
+def test_rejects_inputs_of_another_rank_or_shape():
+    """[batch, slots, 1] inputs gave [batch, 1, k + 1] (bias + slot 0 only), silently."""
+    layer = FactorizationMachine(10, 4)
+    ids, values = np.array([[3, 7, 9]]), np.ones((1, 3), np.float32)
+    with pytest.raises(ValueError, match=r"shape \[batch, slots\].*\[1, 3, 1\]"):
+        layer((ids[..., None], values[..., None]))
+    with pytest.raises(ValueError, match=r"the same shape.*\[1, 3\].*\[1, 2\]"):
+        layer((ids, values[:, :2]))
+    with pytest.raises(ValueError, match="both be dense"):
+        layer((tf.ragged.constant([[1, 2]]), values[:, :2]))
+    ids_in, values_in = keras.Input([3, 1], dtype=tf.int32), keras.Input([3, 1])
+    with pytest.raises(ValueError, match=r"\[None, 3, 1\]"):
+        FactorizationMachine(10, 4)((ids_in, values_in))
+
+
+def test_accepts_numpy_integer_sizes_as_ints():
+    layer = FactorizationMachine(np.int64(10), np.int32(4))
+    config = layer.get_config()
+    assert (config["num_ids"], config["embedding_dim"]) == (10, 4)
+    assert type(config["num_ids"]) is int and type(config["embedding_dim"]) is int
+    json.dumps(config)
+    assert layer((tf.constant([[1, 2]]), tf.constant([[1.0, 1.0]]))).shape == [1, 1]
+
+
+def test_per_slot_l2_of_another_length_names_parameter_and_counts():
+    """It failed only at the first call: "Incompatible shapes: [2] vs. [2,11]"."""
+    message = r"l2_linear has 2 values.*3 slots"
+    with pytest.raises(ValueError, match=message):
+        FactorizationMachine(10, 2, l2_linear=[0.1, 0.2]).build([[None, 3], [None, 3]])
+    with pytest.raises(ValueError, match=message):
+        FactorizationMachine(10, 2, l2_linear=[0.1, 0.2])((tf.constant([[1, 2, 3]]),
+                                                           tf.ones([1, 3])))
+    ragged = FactorizationMachine(10, 2, l2_embeddings=[0.1, 0.2])
+    with pytest.raises(tf.errors.InvalidArgumentError, match="l2_embeddings has 2 values"):
+        ragged((tf.ragged.constant([[1], [1, 2, 3]]), tf.ragged.constant([[1.0], [1.0] * 3])))
+    unknown = FactorizationMachine(10, 2, l2_linear=[0.1, 0.2])  # slots unknown when traced
+    spec = [tf.TensorSpec([None, None], tf.int32), tf.TensorSpec([None, None], tf.float32)]
+    call = tf.function(lambda ids, values: unknown((ids, values)), input_signature=spec)
+    call(tf.constant([[1, 2]]), tf.ones([1, 2]))
+    with pytest.raises(tf.errors.InvalidArgumentError, match="l2_linear has 2 values"):
+        call(tf.constant([[1, 2, 3]]), tf.ones([1, 3]))
+
+
+@pytest.mark.parametrize("l2_embeddings", [0.2, [0.1, 0.5, 2.0, 0.3]])
+def test_ragged_inputs_match_zero_padded_dense_with_l2(l2_embeddings):
+    """Ragged inputs with any l2_* set failed ("mismatched row_splits dtypes")."""
+    rng = np.random.default_rng(6)
+    layer = FactorizationMachine(12, 3, l2_embeddings=l2_embeddings, l2_linear=0.05,
+                                 l2_prior=4.0)
+    layer.build(None)
+    layer.set_prior(rng.integers(1, 9, 12))
+    rows = [[(1, 0.5), (4, 2.0)], [(2, 1.0)], [(5, 1.5), (7, -0.5), (11, 1.0), (0, 0.0)]]
+    ids = tf.ragged.constant([[i for i, _ in row] for row in rows])
+    values = tf.ragged.constant([[x for _, x in row] for row in rows], tf.float32)
+    ragged = layer((ids, values)).numpy()
+    ragged_penalty = float(tf.add_n(layer.losses))
+    dense = layer((ids.to_tensor(0, shape=[3, 4]), values.to_tensor(0.0, shape=[3, 4]))).numpy()
+    np.testing.assert_allclose(ragged, dense, rtol=1e-6, atol=1e-6)
+    assert ragged_penalty == pytest.approx(float(tf.add_n(layer.losses)), rel=1e-6)
+    assert ragged_penalty > 0
+
+
+@pytest.fixture
+def mixed_float16():
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        yield
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+
+
+def _small_l2_penalty(table, ids, values):
+    layer = FactorizationMachine(40, 4, l2_embeddings=1e-5, l2_linear=1e-6)
+    layer.build(None)
+    layer.table.assign(table)
+    out = layer((ids, values))
+    return out.dtype, float(tf.add_n(layer.losses))
+
+
+def test_l2_penalty_does_not_underflow_under_mixed_float16(mixed_float16):
+    """Squares of weights ~0.01 times L2 1e-5 are below float16's range: the penalty was 0."""
+    rng = np.random.default_rng(7)
+    table = rng.normal(0, 0.01, (40, 5)).astype(np.float32)
+    ids, values = rng.integers(0, 40, (32, 6)), rng.uniform(0.5, 1.5, (32, 6)).astype(np.float32)
+    dtype, penalty = _small_l2_penalty(table, ids, values)
+    assert dtype == tf.float16
+    keras.mixed_precision.set_global_policy("float32")
+    dtype, want = _small_l2_penalty(table, ids, values)
+    assert dtype == tf.float32 and want > 0
+    assert penalty == pytest.approx(want, rel=1e-3)
+
+
+@pytest.mark.parametrize("use", ["linear", "embeddings", "assign_parameters", "set_prior"])
+def test_weights_before_build_say_to_build(use):
+    layer = FactorizationMachine(10, 2, l2_prior=1.0)
+    with pytest.raises(ValueError, match=r"call the layer on inputs or build\(\) it first"):
+        if use == "assign_parameters":
+            layer.assign_parameters(linear=np.zeros(10))
+        elif use == "set_prior":
+            layer.set_prior(np.ones(10))
+        else:
+            getattr(layer, use)
+
+
+def test_takes_an_ids_values_dict():
+    """A dict's keys were unpacked as the pair: "Cast string to float is not supported"."""
+    layer = _layer(10, 3)
+    ids, values = tf.constant([[1, 2, 5]]), tf.constant([[1.0, 0.5, 2.0]])
+    np.testing.assert_array_equal(layer({"ids": ids, "values": values}).numpy(),
+                                  layer((ids, values)).numpy())
+    with pytest.raises(TypeError, match="'ids' and 'values'.*'x'"):
+        layer({"ids": ids, "x": values})
+    with pytest.raises(TypeError, match=r"a tuple \(ids, values\)"):
+        layer(ids)
