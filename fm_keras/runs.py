@@ -40,7 +40,7 @@ from fm_keras.convergence import (EarlyStopping, cap_warning, early_stopping_mon
 from fm_keras.data import Split, single_class
 from fm_keras.errors import RunError, TrainingDivergedError
 from fm_keras.features import FittedFeature
-from fm_keras.layers import read_weights
+from fm_keras.weights import read_weights
 from fm_keras.model import FMModel, build_model
 from fm_keras.progress import log
 

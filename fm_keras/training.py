@@ -31,7 +31,7 @@ from fm_keras.errors import ConfigError, RunError
 from fm_keras.evaluation import metrics_for
 from fm_keras.features import FittedFeature, fit_features
 from fm_keras.fit_progress import fit_progress, fit_verbosity
-from fm_keras.layers import read_weights, require_table_layout
+from fm_keras.weights import read_weights, require_table_layout
 from fm_keras.model import FMModel, build_model, make_optimizer
 from fm_keras.negatives import SampledNegatives
 from fm_keras.prior import EmpiricalBayesPrior, curvature
@@ -65,8 +65,8 @@ def train(config: ExperimentConfig, run_dir: str, *, resume: bool = False,
 
     Raises:
         RunError: among others, `resume` of a checkpoint in the FM's layout before its
-            per-id ``table`` (`fm_keras.layers.require_table_layout`; a `warm_start` from such
-            a run reads its weights converted, `fm_keras.layers.read_weights`).
+            per-id ``table`` (`fm_keras.weights.require_table_layout`; a `warm_start` from such
+            a run reads its weights converted, `fm_keras.weights.read_weights`).
 
     A run that fails or is stopped (Ctrl-C, SIGTERM) before it wrote anything leaves no
     `run_dir` it created; one stopped later keeps its checkpoints, for ``--resume``.

@@ -342,7 +342,7 @@ def _old_layout_checkpoint(path):
 
 def test_old_table_layout_checkpoints_fail_resume_in_one_line(small_synth, tmp_path):
     """Their optimizer slots cannot be read; their weights can (warm start, evaluate:
-    tests/test_layers.py::test_read_weights_converts_the_two_table_layout)."""
+    tests/test_weights.py::test_read_weights_converts_the_two_table_layout)."""
     synth_dir, _ = small_synth
     run_dir = tmp_path / "run"
     _old_layout_checkpoint(str(run_dir / "checkpoints" / "last" / "ckpt-1"))
