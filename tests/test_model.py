@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from fm_keras._tf import tf
+from fm_keras._tf import keras, tf
 from fm_keras.config import FeatureConfig, ModelConfig, TrainingConfig
 from fm_keras.data import Split
 from fm_keras.features import fit_features
@@ -60,6 +60,40 @@ def test_mismatched_layers_are_rejected():
                         ModelConfig())
     with pytest.raises(ValueError, match="build both from the same features"):
         FMModel(model.encoder, other.fm)
+
+
+def _encoded_batch(model):
+    """(x, y, w) of the encoded `COLUMNS`: one batch of 3 rows, every weight 1."""
+    ids, values = model.encoder(_raw())
+    return {"ids": ids, "values": values}, tf.constant([1.0, 0.0, 1.0]), tf.ones([3])
+
+
+def _fit_on(batches, epochs=2):
+    """A fresh `_model` (seeded) trained on `_encoded_batch` cut by `batches`; returns it and
+    its history."""
+    keras.utils.set_random_seed(5)
+    model = _model()
+    model.compile(optimizer=make_optimizer(TrainingConfig(optimizer="adam", learning_rate=0.1)))
+    data = tf.data.Dataset.from_tensors(_encoded_batch(model)).map(batches)
+    return model, model.fit(data, epochs=epochs, verbose=0).history
+
+
+def test_fit_and_evaluate_take_batches_with_or_without_sample_weights():
+    # Issue 19.2: (x, y) batches failed "not enough values to unpack (expected 3, got 2)".
+    weighted, weighted_history = _fit_on(lambda x, y, w: (x, y, w))
+    model, history = _fit_on(lambda x, y, w: (x, y))
+    np.testing.assert_allclose(model.fm.table.numpy(), weighted.fm.table.numpy(), atol=1e-7)
+    np.testing.assert_allclose(history["loss"], weighted_history["loss"], rtol=1e-6)
+    x, y, w = _encoded_batch(model)
+    got = model.evaluate(tf.data.Dataset.from_tensors((x, y)), verbose=0, return_dict=True)
+    want = model.evaluate(tf.data.Dataset.from_tensors((x, y, w)), verbose=0, return_dict=True)
+    assert got == pytest.approx(want, rel=1e-6)
+
+
+@pytest.mark.parametrize("batches", [lambda x, y, w: (x,), lambda x, y, w: x])
+def test_fit_without_labels_says_what_it_needs(batches):
+    with pytest.raises(ValueError, match=r"labelled batches: give fit/evaluate \(x, y\)"):
+        _fit_on(batches, epochs=1)
 
 
 @pytest.mark.parametrize("name", ["adam", "adagrad", "ftrl", "sgd"])
