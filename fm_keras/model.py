@@ -19,15 +19,19 @@ from fm_keras.config import ModelConfig, TrainingConfig
 from fm_keras.features import FeatureEncoder, FittedFeature
 from fm_keras.layers import FactorizationMachine
 from fm_keras.optimizers import LazyAdam, SparseAdagrad, SparseFtrl
-from fm_keras.towers import ItemTower, UserTower
+from fm_keras.towers import ItemTower, SavedModelOnly, UserTower
 
 
-class FMModel(tfrs.Model):
+class FMModel(SavedModelOnly, tfrs.Model):
     """A Factorization Machine for CTR (``binary``), ratings (``regression``) or recall.
 
     ``user_tower`` and ``item_tower`` are the two towers of the decomposition as Keras models
     (TFRS's query and candidate models); ``fm_keras.retrieval.RetrievalModel`` trains them
     with ``tfrs.tasks.Retrieval`` (``task: retrieval``).
+
+    ``save`` writes a SavedModel (no first call needed); ``keras.models.load_model`` of it
+    takes raw features and gives the same outputs. The ``.keras`` and ``.h5`` formats raise
+    a ValueError (`fm_keras.towers.SavedModelOnly`).
 
     Args:
         encoder: raw features -> slots.
@@ -67,6 +71,10 @@ class FMModel(tfrs.Model):
         self._compiled_batch_rows = None  # set by `use_compiled_steps`
         has_towers = all(encoder.side_names(side) for side in (True, False))
         self._towers = (UserTower(encoder, fm), ItemTower(encoder, fm)) if has_towers else None
+        self._set_raw_save_spec()
+
+    def _raw_input_signature(self):
+        return self.encoder.input_signature()
 
     @property
     def user_tower(self) -> UserTower:

@@ -115,6 +115,51 @@ def test_saved_model_round_trip_takes_raw_features(tmp_path):
         np.testing.assert_allclose(got[key].numpy(), want[key].numpy(), atol=1e-6)
 
 
+def _raw_rows(model, rows=64):
+    """Raw features for `model`, drawn from its vocabularies (with unseen values and NaNs)."""
+    rng = np.random.default_rng(0)
+    columns = {}
+    for feature in model.encoder.features:
+        if feature.config.kind == "numeric":
+            x = rng.normal(size=rows).astype(np.float32)
+            columns[feature.config.name] = tf.constant(np.where(x > 1.5, np.nan, x * 10))
+        else:
+            pool = [*feature.vocabulary[:50], "never_seen"]
+            columns[feature.config.name] = tf.constant(rng.choice(pool, rows).astype(object))
+    return columns
+
+
+def test_keras_save_of_a_loaded_run_is_a_saved_model_without_a_first_call(small_run, tmp_path):
+    # Issue 19.1: `load_run(...).model.save(dir)` raised "the input shape is not available".
+    from fm_keras.runs import load_run
+
+    model = load_run(small_run).model
+    model.save(str(tmp_path / "m"))
+    loaded = keras.models.load_model(str(tmp_path / "m"))
+    raw = _raw_rows(model)
+    got, want = loaded(raw), model(raw)
+    assert set(got) == set(want) == {"logit", "raw_probability", "probability"}
+    for key in want:
+        np.testing.assert_allclose(got[key].numpy(), want[key].numpy(), atol=1e-6)
+
+
+@pytest.mark.parametrize("path, save_format, fmt", [("m.keras", None, "keras"),
+                                                    ("m.h5", None, "h5"),
+                                                    ("m", "h5", "h5")])
+def test_keras_and_h5_formats_fail_at_save_saying_what_to_use(tmp_path, path, save_format, fmt):
+    # Issue 19.1: `.keras` saved with warnings, then load_model failed "Unable to revive".
+    model = _model()
+    with pytest.raises(ValueError, match=f"FMModel cannot be saved in the {fmt} format .*"
+                                         "SavedModel.*load_run.*fm-keras export"):
+        model.save(str(tmp_path / path), save_format=save_format)
+    assert not list(tmp_path.iterdir())
+
+
+def test_keras_save_model_function_fails_on_the_missing_config(tmp_path):
+    with pytest.raises(NotImplementedError, match="no Keras config.*SavedModel"):
+        keras.models.save_model(_model(), str(tmp_path / "m.keras"))
+
+
 def test_feature_l2_overrides_the_model_l2_for_its_slots():
     import dataclasses
 
