@@ -113,8 +113,8 @@ class CompiledSteps:
 
     Args:
         model: a compiled `fm_keras.model.FMModel` (its `compute_loss` inputs are
-            ``({"ids", "values"}, labels, weights)``, ids int [rows, slots]) for which
-            `unsupported` is None.
+            ``({"ids", "values"}, labels)`` or ``({"ids", "values"}, labels, weights)``,
+            ids int [rows, slots]) for which `unsupported` is None.
         batch_rows: the most rows a batch holds (``training.batch_size``).
 
     Calling it with a `tf.data` iterator runs ``model._steps_per_execution`` steps and returns
@@ -189,7 +189,10 @@ class CompiledSteps:
         """One step on a batch padded to `batch_rows` rows, of which the first `rows` are
         real; the same update as `FMModel.train_step` on those rows."""
         model, optimizer = self.model, self.model.optimizer
-        (encoded, labels, weights), real = batch, tf.cast(rows, tf.float32)
+        encoded, labels, weights = keras.utils.unpack_x_y_sample_weight(batch)
+        if weights is None:  # the padding rows weigh 0, the real ones 1
+            weights = tf.cast(tf.range(self.batch_rows) < rows, tf.float32)
+        real = tf.cast(rows, tf.float32)
         with tf.GradientTape() as tape:
             logits = model.fm((encoded["ids"], encoded["values"]))
             per_row = model.task(labels=tf.reshape(labels, [-1, 1]), predictions=logits,

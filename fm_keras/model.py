@@ -1,7 +1,8 @@
 """`FMModel`: the feature encoder and the FM layer inside a TensorFlow Recommenders model.
 
 Training runs on pre-encoded slots (the training data is encoded once, not every epoch), so
-`compute_loss` takes ``({"ids", "values"}, labels, weights)``. Calling the model takes raw
+`fit` and `evaluate` take batches ``({"ids", "values"}, labels)`` or
+``({"ids", "values"}, labels, weights)``. Calling the model takes raw
 features and returns the logit, the raw probability and the calibrated probability.
 """
 
@@ -18,15 +19,19 @@ from fm_keras.config import ModelConfig, TrainingConfig
 from fm_keras.features import FeatureEncoder, FittedFeature
 from fm_keras.layers import FactorizationMachine
 from fm_keras.optimizers import LazyAdam, SparseAdagrad, SparseFtrl
-from fm_keras.towers import ItemTower, UserTower
+from fm_keras.towers import ItemTower, SavedModelOnly, UserTower
 
 
-class FMModel(tfrs.Model):
+class FMModel(SavedModelOnly, tfrs.Model):
     """A Factorization Machine for CTR (``binary``), ratings (``regression``) or recall.
 
     ``user_tower`` and ``item_tower`` are the two towers of the decomposition as Keras models
     (TFRS's query and candidate models); ``fm_keras.retrieval.RetrievalModel`` trains them
     with ``tfrs.tasks.Retrieval`` (``task: retrieval``).
+
+    ``save`` writes a SavedModel (no first call needed); ``keras.models.load_model`` of it
+    takes raw features and gives the same outputs. The ``.keras`` and ``.h5`` formats raise
+    a ValueError (`fm_keras.towers.SavedModelOnly`).
 
     Args:
         encoder: raw features -> slots.
@@ -66,6 +71,10 @@ class FMModel(tfrs.Model):
         self._compiled_batch_rows = None  # set by `use_compiled_steps`
         has_towers = all(encoder.side_names(side) for side in (True, False))
         self._towers = (UserTower(encoder, fm), ItemTower(encoder, fm)) if has_towers else None
+        self._set_raw_save_spec()
+
+    def _raw_input_signature(self):
+        return self.encoder.input_signature()
 
     @property
     def user_tower(self) -> UserTower:
@@ -161,11 +170,33 @@ class FMModel(tfrs.Model):
                 "total_loss": total_loss}
 
     def compute_loss(self, inputs, training: bool = False):
-        encoded, labels, weights = inputs
+        """The mean loss of a batch of encoded slots (the step of `fit` and `evaluate`).
+
+        Args:
+            inputs: ``(encoded, labels)`` or ``(encoded, labels, weights)``, as Keras unpacks
+                a batch (`keras.utils.unpack_x_y_sample_weight`): ``encoded`` is
+                ``{"ids": int32 [batch, slots], "values": float32 [batch, slots]}`` (see
+                `FeatureEncoder.encode_numpy`), labels and weights are float [batch]; no
+                weights weigh every row 1.
+            training: metrics are updated only when False.
+
+        Returns:
+            float32 scalar: the weighted per-row losses summed, divided by the rows of the
+            global batch (`tf.nn.compute_average_loss`).
+
+        Raises:
+            ValueError: the batch has no labels (``(x,)`` or a bare ``x``).
+        """
+        encoded, labels, weights = keras.utils.unpack_x_y_sample_weight(inputs)
+        if labels is None:
+            raise ValueError("FMModel trains and evaluates on labelled batches: give fit/"
+                             "evaluate (x, y) or (x, y, sample_weight) with x = "
+                             "{'ids', 'values'}; got batches without labels")
+        if weights is not None:
+            weights = tf.reshape(weights, [-1, 1])
         logits = self.fm((encoded["ids"], encoded["values"]))
         per_row = self.task(labels=tf.reshape(labels, [-1, 1]), predictions=logits,
-                            sample_weight=tf.reshape(weights, [-1, 1]),
-                            compute_metrics=not training)
+                            sample_weight=weights, compute_metrics=not training)
         return tf.nn.compute_average_loss(per_row)
 
 

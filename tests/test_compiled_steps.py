@@ -34,9 +34,11 @@ def _columns(rows: int, seed: int = 0):
 
 
 def _trained(compiled: bool, optimizer: str, rows: int = 203, batch: int = 16,
-             steps_per_execution: int = 5, epochs: int = 2, model_config=None):
+             steps_per_execution: int = 5, epochs: int = 2, model_config=None,
+             weighted: bool = True):
     """A model trained `epochs` epochs on `rows` rows (the last batch short: 203 = 12 x 16 + 11;
-    13 batches per epoch: the last execution of an epoch is cut to 3 steps)."""
+    13 batches per epoch: the last execution of an epoch is cut to 3 steps). Not `weighted`:
+    batches ``(x, y)``, no weights."""
     columns, labels = _columns(rows)
     features = fit_features(CONFIGS, Split(columns, labels, rows))
     training = TrainingConfig(optimizer=optimizer, learning_rate=0.05, batch_size=batch,
@@ -50,8 +52,10 @@ def _trained(compiled: bool, optimizer: str, rows: int = 203, batch: int = 16,
         None if compiled else "its batches vary in size (sampled negatives)")
     ids, values = model.encoder.encode_numpy(columns)
     weights = np.where(labels > 0, 2.5, 1.0).astype(np.float32)
-    history = model.fit(batched_dataset(ids, values, labels, weights, batch, shuffle_seed=1),
-                        epochs=epochs, verbose=0).history
+    data = batched_dataset(ids, values, labels, weights, batch, shuffle_seed=1)
+    if not weighted:
+        data = data.map(lambda x, y, w: (x, y))
+    history = model.fit(data, epochs=epochs, verbose=0).history
     return model, history
 
 
@@ -68,6 +72,15 @@ def test_equals_keras_step(optimizer):
     assert int(ours._train_counter) == int(keras_model._train_counter)
     for key in ("loss", "regularization_loss", "total_loss"):
         np.testing.assert_allclose(ours_history[key], keras_history[key], rtol=1e-5)
+
+
+def test_equals_keras_step_on_batches_without_weights():
+    # (x, y) batches (issue 19.2): the padding rows of a short batch must still weigh 0.
+    ours, ours_history = _trained(True, "adagrad", weighted=False, epochs=1)
+    theirs, theirs_history = _trained(False, "adagrad", weighted=False, epochs=1)
+    np.testing.assert_allclose(ours.fm.table.numpy(), theirs.fm.table.numpy(), atol=2e-6)
+    np.testing.assert_allclose(ours.fm.bias.numpy(), theirs.fm.bias.numpy(), atol=2e-6)
+    np.testing.assert_allclose(ours_history["loss"], theirs_history["loss"], rtol=1e-5)
 
 
 def test_equals_keras_step_with_the_empirical_prior():

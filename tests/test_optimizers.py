@@ -158,6 +158,41 @@ def test_dense_gradients_follow_tf_keras(ours, theirs):
     np.testing.assert_allclose(results[0], results[1], rtol=1e-6, atol=1e-7)
 
 
+
+def _ftrl_tables(init, **kwargs):
+    """`STEPS` run by SparseFtrl (sparse gradients) and by tf_keras' Ftrl (the same gradients,
+    dense with zero rows): the two final tables."""
+    results = []
+    for make, sparse in ((SparseFtrl, True), (keras.optimizers.Ftrl, False)):
+        table, optimizer = tf.Variable(init.astype(np.float32)), make(0.2, **kwargs)
+        for indices, values, _ in STEPS:
+            if sparse:
+                gradient = tf.IndexedSlices(tf.constant(values, tf.float32),
+                                            tf.constant(indices), tf.constant([ROWS, K]))
+            else:
+                gradient = tf.constant(_summed(indices, values)[1], tf.float32)
+            optimizer.apply_gradients([(gradient, table)])
+        results.append(table.numpy())
+    return results
+
+
+def test_sparse_ftrl_equals_dense_ftrl_only_from_zero_initial_values():
+    # Pins the relation SparseFtrl's docstring states (the docstring once claimed equality
+    # up to "a row keeps its initial value until first touched", which is wrong for good).
+    sparse, dense = _ftrl_tables(np.zeros((ROWS, K)), l1_regularization_strength=0.01)
+    np.testing.assert_allclose(sparse, dense, rtol=1e-6, atol=1e-7)
+    init = _variables()[0]
+    sparse, dense = _ftrl_tables(init, l1_regularization_strength=0.01)
+    np.testing.assert_allclose(sparse[[1, 4]], dense[[1, 4]], rtol=1e-6, atol=1e-7)  # step 1's
+    assert np.abs(sparse[6] - dense[6]).min() > 1e-3      # first touched at step 2: differs
+    untouched = [0, 2, 3, 5]                              # dense: the proximal solution of z = 0
+    np.testing.assert_array_equal(dense[untouched], 0.0)
+    np.testing.assert_array_equal(sparse[untouched], init.astype(np.float32)[untouched])
+    # l2 shrinkage moves dense FTRL's z on steps that miss a row: row 1 (missed at step 2).
+    sparse, dense = _ftrl_tables(np.zeros((ROWS, K)), l2_shrinkage_regularization_strength=0.1)
+    np.testing.assert_allclose(sparse[[4, 6]], dense[[4, 6]], rtol=1e-6, atol=1e-7)
+    assert np.abs(sparse[1] - dense[1]).max() > 1e-4
+
 def test_sparse_adagrad_equals_tf_keras_sparse_path():
     results = []
     for make in (lambda: SparseAdagrad(0.1), lambda: keras.optimizers.Adagrad(0.1)):

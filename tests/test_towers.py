@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from fm_keras._tf import tf
+from fm_keras._tf import keras, tf
 from fm_keras.config import FeatureConfig
 from fm_keras.data import Split
 from fm_keras.features import FeatureEncoder, fit_features
@@ -60,3 +60,38 @@ def test_keras_towers_take_raw_features_of_their_side():
     only_users = FeatureEncoder(fit_features(configs[:1], split))
     with pytest.raises(ValueError, match="no item features"):
         ItemTower(only_users, FactorizationMachine(only_users.num_ids, 3))
+
+
+def _towers():
+    configs = [FeatureConfig("user_id", "categorical", "user"),
+               FeatureConfig("age", "numeric", "user"),
+               FeatureConfig("item_id", "categorical", "item")]
+    split = Split({"user_id": np.array(["a", "b"], object), "age": np.array([20.0, 40.0]),
+                   "item_id": np.array(["x", "y"], object)}, None, 2)
+    encoder = FeatureEncoder(fit_features(configs, split))
+    fm = FactorizationMachine(encoder.num_ids, 3,
+                              embeddings_initializer=keras.initializers.RandomNormal(0, 0.5))
+    return UserTower(encoder, fm), ItemTower(encoder, fm)
+
+
+def test_towers_save_as_saved_models_without_a_first_call(tmp_path):
+    # Issue 19.1: a tower's save raised "the input shape is not available" until called.
+    user, item = _towers()
+    inputs = {"user_tower": {"user_id": tf.constant(["a", "b", "zz"]),
+                             "age": tf.constant([30.0, np.nan, 99.0])},
+              "item_tower": {"item_id": tf.constant(["y", "x", "?"])}}
+    for tower in (user, item):
+        tower.save(str(tmp_path / tower.name))
+        loaded = keras.models.load_model(str(tmp_path / tower.name))
+        got, want = loaded(inputs[tower.name]), tower(inputs[tower.name])
+        tf.nest.map_structure(lambda a, b: np.testing.assert_allclose(a.numpy(), b.numpy(),
+                                                                       atol=1e-6), got, want)
+
+
+@pytest.mark.parametrize("path", ["t.keras", "t.h5"])
+def test_towers_refuse_the_keras_and_h5_formats_at_save(tmp_path, path):
+    for tower in _towers():
+        with pytest.raises(ValueError, match=f"{type(tower).__name__} cannot be saved in the "
+                                             ".*format.*SavedModel"):
+            tower.save(str(tmp_path / path))
+    assert not list(tmp_path.iterdir())
