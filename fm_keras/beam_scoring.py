@@ -12,6 +12,11 @@ model sharing and metrics) with two changes: it loads the SavedModel with
 ``import scann`` first), and its inference function calls the chosen signature with a dict of
 raw-feature tensors. Rows come out in no particular order: keep an id column to join.
 
+A local output is written as the local `score` writes it: Beam writes a hidden temp file
+beside it (``scoring.temp_output``), renamed into place inside ``termination.committing()``:
+a SIGTERM after the rename changes nothing. A remote output (``gs://...``) is put in place by
+Beam's own write.
+
 Apache Beam is an optional dependency: ``pip install 'fm-keras[beam]'``.
 """
 
@@ -29,9 +34,10 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from fm_keras import termination
 from fm_keras.errors import ExportError
-from fm_keras.scoring import (check_output, default_keep, export_list_columns, outputs_table,
-                              output_format)
+from fm_keras.scoring import (check_output, default_keep, export_list_columns,
+                              outputs_table, output_format, temp_output)
 
 RUNNERS = ("DirectRunner", "DataflowRunner", "FlinkRunner", "SparkRunner")
 
@@ -163,7 +169,8 @@ def score_with_beam(model: str, inputs: Sequence[str], output: str, *,
     Args:
         model: a version or model directory of an fm_keras export (readable by the workers).
         inputs: file paths or globs (any filesystem Beam reads: local, gs://, hdfs://...).
-        output: one .csv or .parquet file with the columns `fm-keras score` writes.
+        output: one .csv or .parquet file with the columns `fm-keras score` writes; a local
+            one appears only when complete (see the module's docstring).
         runner: DirectRunner (in-process), DataflowRunner, FlinkRunner or SparkRunner.
         batch_size: largest batch RunInference gives the signature.
         keep: input columns copied to the output (default: id columns of the first file).
@@ -234,15 +241,19 @@ def score_with_beam(model: str, inputs: Sequence[str], output: str, *,
               | "Score" >> RunInference(handler)
               | "Batch" >> beam.BatchElements(min_batch_size=1, max_batch_size=batch_size)
               | "Table" >> beam.Map(to_table))
+    target = output if remote else temp_output(output)
     if fmt == "parquet":
         tables | "Write" >> beam.io.WriteToParquetBatched(
-            output, schema, num_shards=1, shard_name_template="")
+            target, schema, num_shards=1, shard_name_template="")
     else:
         (tables | "Lines" >> beam.FlatMap(_csv_lines)
-         | "Write" >> beam.io.WriteToText(output, num_shards=1, shard_name_template="",
+         | "Write" >> beam.io.WriteToText(target, num_shards=1, shard_name_template="",
                                           header=",".join(f'"{n}"' for n in schema.names)))
     result = pipeline.run()
     result.wait_until_finish()
+    with termination.committing():  # the output is complete: a SIGTERM no longer stops it
+        if not remote:
+            os.replace(target, output)
     seconds = time.time() - started
     counted = result.metrics().query(MetricsFilter().with_name("rows"))["counters"]
     n = int(sum(c.committed or 0 for c in counted))

@@ -145,3 +145,55 @@ def test_a_file_without_the_signature_columns_fails_with_its_name(exports, tmp_p
                                         r"\['row_id', 'user_id'\]"):
         score_with_beam(exports["ranking"], [str(bad)], str(tmp_path / "x.csv"),
                         keep=["row_id"])
+
+
+def _cli_score(model, inputs, out, *extra):
+    return main(["score", "--model", model, "--input", *inputs, "--output", out,
+                 "--runner", "DirectRunner", "--batch-size", "64", *extra])
+
+
+@pytest.fixture
+def few_rows(small_synth, tmp_path):
+    """The first 200 test rows: a Beam run over them is quick."""
+    lines = (small_synth[0] / "test.csv").read_text().splitlines(keepends=True)[:201]
+    path = tmp_path / "few.csv"
+    path.write_text("".join(lines))
+    return str(path)
+
+
+@pytest.mark.parametrize("when", ["after the rename", "during the rename"])
+def test_sigterm_after_the_beam_output_is_in_place_exits_0(exports, few_rows, tmp_path, capsys,
+                                                          monkeypatch, when):
+    """Regression (trial): a SIGTERM once the Beam output was complete exited 143 (the
+    summary printed, the output whole). As in the local score, once the output is renamed
+    into place the signal is ignored: exit 0."""
+    pytest.importorskip("apache_beam")
+    import json
+    import signal
+
+    from fm_keras import beam_scoring
+
+    score, replace = beam_scoring.score_with_beam, os.replace
+
+    def score_then_sigterm(*args, **kwargs):
+        summary = score(*args, **kwargs)
+        os.kill(os.getpid(), signal.SIGTERM)
+        return summary
+
+    def sigterm_then_replace(src, dst):  # the signal lands inside the commit, before the rename
+        if os.path.basename(dst) == "scores.csv":
+            os.kill(os.getpid(), signal.SIGTERM)
+        replace(src, dst)
+
+    if when == "after the rename":
+        monkeypatch.setattr(beam_scoring, "score_with_beam", score_then_sigterm)
+    else:
+        monkeypatch.setattr(beam_scoring.os, "replace", sigterm_then_replace)
+    out = tmp_path / "out"
+    out.mkdir()
+    status = _cli_score(exports["ranking"], [few_rows], str(out / "scores.csv"))
+    captured = capsys.readouterr()
+    assert status == 0, captured.err
+    assert json.loads(captured.out)["rows"] == 200
+    assert os.listdir(out) == ["scores.csv"]
+    assert len(pd.read_csv(out / "scores.csv")) == 200
