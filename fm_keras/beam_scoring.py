@@ -13,9 +13,10 @@ model sharing and metrics) with two changes: it loads the SavedModel with
 raw-feature tensors. Rows come out in no particular order: keep an id column to join.
 
 A local output is written as the local `score` writes it: Beam writes a hidden temp file
-beside it (``scoring.temp_output``), renamed into place inside ``termination.committing()``:
-a SIGTERM after the rename changes nothing. A remote output (``gs://...``) is put in place by
-Beam's own write.
+beside it (``scoring.temp_output``), renamed into place inside ``termination.committing()``,
+so SIGTERM or Ctrl-C during the run, or an error, leaves nothing (the temp file and Beam's
+``beam-temp-*`` directories are removed), and a SIGTERM after the rename changes nothing. A
+remote output (``gs://...``) is put in place by Beam's own write.
 
 Apache Beam is an optional dependency: ``pip install 'fm-keras[beam]'``.
 """
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import glob
 import io
 import os
 import shutil
@@ -35,7 +37,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from fm_keras import termination
-from fm_keras.errors import ExportError
+from fm_keras.errors import ExportError, Terminated
 from fm_keras.scoring import (check_output, default_keep, export_list_columns,
                               outputs_table, output_format, temp_output)
 
@@ -160,6 +162,36 @@ def _csv_lines(table):
     return buffer.getvalue().decode().splitlines()
 
 
+def stop_signal(err: BaseException) -> BaseException | None:
+    """The `Terminated` (SIGTERM) or `KeyboardInterrupt` that a runner's error stands for, or
+    None. A signal raises in whichever DoFn runs in the main thread, and Beam re-raises it as
+    a ``RuntimeError("fm_keras.errors.Terminated: ... [while running 'step']")``: the original
+    is in the error's chain (``__cause__``/``__context__``), or only in its message."""
+    seen, link = set(), err
+    while link is not None and id(link) not in seen:
+        if isinstance(link, (Terminated, KeyboardInterrupt)):
+            return link
+        seen.add(id(link))
+        link = link.__cause__ or link.__context__
+    text = str(err)
+    if text.startswith(f"{Terminated.__module__}.{Terminated.__name__}"):
+        return Terminated()
+    if text.startswith("KeyboardInterrupt"):
+        return KeyboardInterrupt()
+    return None
+
+
+def _remove_temp_output(target: str) -> None:
+    """Removes a local temp output and the ``beam-temp-<its name>-<uuid>`` directories that
+    Beam's file sinks make beside it (a failed or stopped run can leave both)."""
+    directory, name = os.path.split(target)
+    for path in glob.glob(os.path.join(glob.escape(directory),
+                                       f"beam-temp-{glob.escape(name)}-*")):
+        shutil.rmtree(path, ignore_errors=True)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(target)
+
+
 def score_with_beam(model: str, inputs: Sequence[str], output: str, *,
                     runner: str = "DirectRunner", signature: str = "serving_default",
                     batch_size: int = 16_384, keep: Sequence[str] | None = None,
@@ -178,6 +210,9 @@ def score_with_beam(model: str, inputs: Sequence[str], output: str, *,
 
     Returns:
         A summary: rows, seconds, rows per second, runner.
+
+    Raises:
+        Terminated, KeyboardInterrupt: a signal stopped the run (not Beam's wrapping of it).
     """
     beam = _beam()
     from apache_beam.io import fileio
@@ -249,11 +284,19 @@ def score_with_beam(model: str, inputs: Sequence[str], output: str, *,
         (tables | "Lines" >> beam.FlatMap(_csv_lines)
          | "Write" >> beam.io.WriteToText(target, num_shards=1, shard_name_template="",
                                           header=",".join(f'"{n}"' for n in schema.names)))
-    result = pipeline.run()
-    result.wait_until_finish()
-    with termination.committing():  # the output is complete: a SIGTERM no longer stops it
+    try:
+        result = pipeline.run()
+        result.wait_until_finish()
+        with termination.committing():  # the output is complete: a SIGTERM no longer stops it
+            if not remote:
+                os.replace(target, output)
+    except BaseException as err:
         if not remote:
-            os.replace(target, output)
+            _remove_temp_output(target)
+        stopped = stop_signal(err)
+        if stopped is None or stopped is err:
+            raise
+        raise stopped from None
     seconds = time.time() - started
     counted = result.metrics().query(MetricsFilter().with_name("rows"))["counters"]
     n = int(sum(c.committed or 0 for c in counted))

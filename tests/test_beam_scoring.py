@@ -161,6 +161,54 @@ def few_rows(small_synth, tmp_path):
     return str(path)
 
 
+@pytest.mark.parametrize("step, signame, status, line", [
+    ("call_signature", "SIGTERM", 143, "fm-keras: terminated"),
+    ("_csv_lines", "SIGTERM", 143, "fm-keras: terminated"),
+    ("call_signature", "SIGINT", 130, "fm-keras: interrupted")])
+def test_a_signal_during_a_beam_score_exits_as_local_score_and_leaves_nothing(
+        exports, few_rows, tmp_path, capsys, monkeypatch, step, signame, status, line):
+    """Regression (trial): SIGTERM in a Beam score raised in a DoFn, which Beam wraps in a
+    RuntimeError: exit 1, a 174-line traceback and a beam-temp-* directory beside the output.
+    It now unwinds as the local score does: exit 143 (Ctrl-C: 130), one line, nothing left."""
+    pytest.importorskip("apache_beam")
+    import signal
+
+    from fm_keras import beam_scoring
+
+    original = getattr(beam_scoring, step)
+
+    def signal_then(*args, **kwargs):  # the signal lands while a step of the pipeline runs
+        os.kill(os.getpid(), getattr(signal, signame))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(beam_scoring, step, signal_then)
+    out = tmp_path / "out"
+    out.mkdir()
+    assert _cli_score(exports["ranking"], [few_rows], str(out / "scores.csv")) == status
+    assert capsys.readouterr().err.strip().splitlines() == [line]
+    assert os.listdir(out) == []
+
+
+def test_stop_signal_sees_through_the_runners_wrapping():
+    pytest.importorskip("apache_beam")
+    from fm_keras.beam_scoring import stop_signal
+    from fm_keras.errors import Terminated
+
+    try:
+        try:
+            raise Terminated()
+        except Terminated as err:  # what Beam's DoFnRunner does with it
+            raise RuntimeError(f"fm_keras.errors.Terminated: {err} [while running 'Score']")
+    except RuntimeError as wrapped:
+        assert isinstance(stop_signal(wrapped), Terminated)
+    # a runner that passes on only the text (no chain)
+    assert isinstance(stop_signal(RuntimeError(
+        "fm_keras.errors.Terminated: terminated by SIGTERM [while running 'Rows']")), Terminated)
+    assert isinstance(stop_signal(RuntimeError("KeyboardInterrupt [while running 'Rows']")),
+                      KeyboardInterrupt)
+    assert stop_signal(RuntimeError("ValueError: bad [while running 'Rows']")) is None
+
+
 @pytest.mark.parametrize("when", ["after the rename", "during the rename"])
 def test_sigterm_after_the_beam_output_is_in_place_exits_0(exports, few_rows, tmp_path, capsys,
                                                           monkeypatch, when):
