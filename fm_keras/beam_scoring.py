@@ -27,6 +27,7 @@ import contextlib
 import functools
 import glob
 import io
+import logging
 import os
 import shutil
 import tempfile
@@ -38,7 +39,7 @@ import numpy as np
 
 from fm_keras import termination
 from fm_keras.errors import ExportError, Terminated
-from fm_keras.scoring import (check_output, default_keep, export_list_columns,
+from fm_keras.scoring import (check_columns, check_output, default_keep, export_list_columns,
                               outputs_table, output_format, temp_output)
 
 RUNNERS = ("DirectRunner", "DataflowRunner", "FlinkRunner", "SparkRunner")
@@ -162,6 +163,20 @@ def _csv_lines(table):
     return buffer.getvalue().decode().splitlines()
 
 
+@contextlib.contextmanager
+def _quiet_beam_log(quiet: bool):
+    """Beam logs a failing DoFn's error and traceback before it raises it; the CLI prints that
+    error as one line, so an in-process run (`quiet`) holds Beam's loggers at CRITICAL."""
+    logger = logging.getLogger("apache_beam")
+    level = logger.level
+    if quiet:
+        logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def stop_signal(err: BaseException) -> BaseException | None:
     """The `Terminated` (SIGTERM) or `KeyboardInterrupt` that a runner's error stands for, or
     None. A signal raises in whichever DoFn runs in the main thread, and Beam re-raises it as
@@ -212,6 +227,8 @@ def score_with_beam(model: str, inputs: Sequence[str], output: str, *,
         A summary: rows, seconds, rows per second, runner.
 
     Raises:
+        DataError: a local input lacks a column (checked before the pipeline starts), or a
+            file is empty or has a bad value (raised by the run).
         Terminated, KeyboardInterrupt: a signal stopped the run (not Beam's wrapping of it).
     """
     beam = _beam()
@@ -249,6 +266,8 @@ def score_with_beam(model: str, inputs: Sequence[str], output: str, *,
     files = expand_paths(local_inputs) if local_inputs else []
     if keep is None:
         keep = default_keep(read_header(files[0])) if files else []
+    for path in files:  # remote files are checked as the pipeline reads them (`read_rows`)
+        check_columns(path, list(types), keep)
     sample = {k: v.numpy() for k, v in fn(**{n: tf.constant(
         [0.0] if t == "float32" else [""], tf.float32 if t == "float32" else tf.string)
         for n, t in types.items()}).items()}
@@ -285,8 +304,9 @@ def score_with_beam(model: str, inputs: Sequence[str], output: str, *,
          | "Write" >> beam.io.WriteToText(target, num_shards=1, shard_name_template="",
                                           header=",".join(f'"{n}"' for n in schema.names)))
     try:
-        result = pipeline.run()
-        result.wait_until_finish()
+        with _quiet_beam_log(runner == "DirectRunner"):
+            result = pipeline.run()
+            result.wait_until_finish()
         with termination.committing():  # the output is complete: a SIGTERM no longer stops it
             if not remote:
                 os.replace(target, output)
