@@ -12,6 +12,12 @@ model sharing and metrics) with two changes: it loads the SavedModel with
 ``import scann`` first), and its inference function calls the chosen signature with a dict of
 raw-feature tensors. Rows come out in no particular order: keep an id column to join.
 
+A local output is written as the local `score` writes it: Beam writes a hidden temp file
+beside it (``scoring.temp_output``), renamed into place inside ``termination.committing()``,
+so SIGTERM or Ctrl-C during the run, or an error, leaves nothing (the temp file and Beam's
+``beam-temp-*`` directories are removed), and a SIGTERM after the rename changes nothing. A
+remote output (``gs://...``) is put in place by Beam's own write.
+
 Apache Beam is an optional dependency: ``pip install 'fm-keras[beam]'``.
 """
 
@@ -19,7 +25,9 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import glob
 import io
+import logging
 import os
 import shutil
 import tempfile
@@ -29,9 +37,10 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from fm_keras.errors import ExportError
-from fm_keras.scoring import (check_output, default_keep, export_list_columns, outputs_table,
-                              output_format)
+from fm_keras import termination
+from fm_keras.errors import ExportError, Terminated
+from fm_keras.scoring import (check_columns, check_output, default_keep, export_list_columns,
+                              outputs_table, output_format, temp_output)
 
 RUNNERS = ("DirectRunner", "DataflowRunner", "FlinkRunner", "SparkRunner")
 
@@ -154,6 +163,50 @@ def _csv_lines(table):
     return buffer.getvalue().decode().splitlines()
 
 
+@contextlib.contextmanager
+def _quiet_beam_log(quiet: bool):
+    """Beam logs a failing DoFn's error and traceback before it raises it; the CLI prints that
+    error as one line, so an in-process run (`quiet`) holds Beam's loggers at CRITICAL."""
+    logger = logging.getLogger("apache_beam")
+    level = logger.level
+    if quiet:
+        logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def stop_signal(err: BaseException) -> BaseException | None:
+    """The `Terminated` (SIGTERM) or `KeyboardInterrupt` that a runner's error stands for, or
+    None. A signal raises in whichever DoFn runs in the main thread, and Beam re-raises it as
+    a ``RuntimeError("fm_keras.errors.Terminated: ... [while running 'step']")``: the original
+    is in the error's chain (``__cause__``/``__context__``), or only in its message."""
+    seen, link = set(), err
+    while link is not None and id(link) not in seen:
+        if isinstance(link, (Terminated, KeyboardInterrupt)):
+            return link
+        seen.add(id(link))
+        link = link.__cause__ or link.__context__
+    text = str(err)
+    if text.startswith(f"{Terminated.__module__}.{Terminated.__name__}"):
+        return Terminated()
+    if text.startswith("KeyboardInterrupt"):
+        return KeyboardInterrupt()
+    return None
+
+
+def _remove_temp_output(target: str) -> None:
+    """Removes a local temp output and the ``beam-temp-<its name>-<uuid>`` directories that
+    Beam's file sinks make beside it (a failed or stopped run can leave both)."""
+    directory, name = os.path.split(target)
+    for path in glob.glob(os.path.join(glob.escape(directory),
+                                       f"beam-temp-{glob.escape(name)}-*")):
+        shutil.rmtree(path, ignore_errors=True)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(target)
+
+
 def score_with_beam(model: str, inputs: Sequence[str], output: str, *,
                     runner: str = "DirectRunner", signature: str = "serving_default",
                     batch_size: int = 16_384, keep: Sequence[str] | None = None,
@@ -163,7 +216,8 @@ def score_with_beam(model: str, inputs: Sequence[str], output: str, *,
     Args:
         model: a version or model directory of an fm_keras export (readable by the workers).
         inputs: file paths or globs (any filesystem Beam reads: local, gs://, hdfs://...).
-        output: one .csv or .parquet file with the columns `fm-keras score` writes.
+        output: one .csv or .parquet file with the columns `fm-keras score` writes; a local
+            one appears only when complete (see the module's docstring).
         runner: DirectRunner (in-process), DataflowRunner, FlinkRunner or SparkRunner.
         batch_size: largest batch RunInference gives the signature.
         keep: input columns copied to the output (default: id columns of the first file).
@@ -171,6 +225,11 @@ def score_with_beam(model: str, inputs: Sequence[str], output: str, *,
 
     Returns:
         A summary: rows, seconds, rows per second, runner.
+
+    Raises:
+        DataError: a local input lacks a column (checked before the pipeline starts), or a
+            file is empty or has a bad value (raised by the run).
+        Terminated, KeyboardInterrupt: a signal stopped the run (not Beam's wrapping of it).
     """
     beam = _beam()
     from apache_beam.io import fileio
@@ -207,6 +266,8 @@ def score_with_beam(model: str, inputs: Sequence[str], output: str, *,
     files = expand_paths(local_inputs) if local_inputs else []
     if keep is None:
         keep = default_keep(read_header(files[0])) if files else []
+    for path in files:  # remote files are checked as the pipeline reads them (`read_rows`)
+        check_columns(path, list(types), keep)
     sample = {k: v.numpy() for k, v in fn(**{n: tf.constant(
         [0.0] if t == "float32" else [""], tf.float32 if t == "float32" else tf.string)
         for n, t in types.items()}).items()}
@@ -234,15 +295,28 @@ def score_with_beam(model: str, inputs: Sequence[str], output: str, *,
               | "Score" >> RunInference(handler)
               | "Batch" >> beam.BatchElements(min_batch_size=1, max_batch_size=batch_size)
               | "Table" >> beam.Map(to_table))
+    target = output if remote else temp_output(output)
     if fmt == "parquet":
         tables | "Write" >> beam.io.WriteToParquetBatched(
-            output, schema, num_shards=1, shard_name_template="")
+            target, schema, num_shards=1, shard_name_template="")
     else:
         (tables | "Lines" >> beam.FlatMap(_csv_lines)
-         | "Write" >> beam.io.WriteToText(output, num_shards=1, shard_name_template="",
+         | "Write" >> beam.io.WriteToText(target, num_shards=1, shard_name_template="",
                                           header=",".join(f'"{n}"' for n in schema.names)))
-    result = pipeline.run()
-    result.wait_until_finish()
+    try:
+        with _quiet_beam_log(runner == "DirectRunner"):
+            result = pipeline.run()
+            result.wait_until_finish()
+        with termination.committing():  # the output is complete: a SIGTERM no longer stops it
+            if not remote:
+                os.replace(target, output)
+    except BaseException as err:
+        if not remote:
+            _remove_temp_output(target)
+        stopped = stop_signal(err)
+        if stopped is None or stopped is err:
+            raise
+        raise stopped from None
     seconds = time.time() - started
     counted = result.metrics().query(MetricsFilter().with_name("rows"))["counters"]
     n = int(sum(c.committed or 0 for c in counted))

@@ -228,13 +228,19 @@ def check_output(path: str) -> None:
         raise ExportError(f"--output {path}: is a directory; give a file name")
 
 
+def temp_output(path: str) -> str:
+    """The hidden temp file beside `path` that a command writes before renaming it into place
+    (``.tmp-<pid>-<name>``: the pid keeps two processes writing one output apart)."""
+    return os.path.join(os.path.dirname(os.path.abspath(path)),
+                        f".tmp-{os.getpid()}-{os.path.basename(path)}")
+
+
 class TableWriter:
     """Writes record batches to a temp file beside `path`; `commit` renames it into place."""
 
     def __init__(self, path: str):
         self.path, self.format = path, output_format(path)
-        self.tmp = os.path.join(os.path.dirname(os.path.abspath(path)),
-                                f".tmp-{os.getpid()}-{os.path.basename(path)}")
+        self.tmp = temp_output(path)
         self._writer = None
 
     def write(self, table: pa.Table) -> None:

@@ -145,3 +145,140 @@ def test_a_file_without_the_signature_columns_fails_with_its_name(exports, tmp_p
                                         r"\['row_id', 'user_id'\]"):
         score_with_beam(exports["ranking"], [str(bad)], str(tmp_path / "x.csv"),
                         keep=["row_id"])
+
+
+def _cli_score(model, inputs, out, *extra):
+    return main(["score", "--model", model, "--input", *inputs, "--output", out,
+                 "--runner", "DirectRunner", "--batch-size", "64", *extra])
+
+
+@pytest.fixture
+def few_rows(small_synth, tmp_path):
+    """The first 200 test rows: a Beam run over them is quick."""
+    lines = (small_synth[0] / "test.csv").read_text().splitlines(keepends=True)[:201]
+    path = tmp_path / "few.csv"
+    path.write_text("".join(lines))
+    return str(path)
+
+
+@pytest.mark.parametrize("step, signame, status, line", [
+    ("call_signature", "SIGTERM", 143, "fm-keras: terminated"),
+    ("_csv_lines", "SIGTERM", 143, "fm-keras: terminated"),
+    ("call_signature", "SIGINT", 130, "fm-keras: interrupted")])
+def test_a_signal_during_a_beam_score_exits_as_local_score_and_leaves_nothing(
+        exports, few_rows, tmp_path, capsys, monkeypatch, step, signame, status, line):
+    """Regression (trial): SIGTERM in a Beam score raised in a DoFn, which Beam wraps in a
+    RuntimeError: exit 1, a 174-line traceback and a beam-temp-* directory beside the output.
+    It now unwinds as the local score does: exit 143 (Ctrl-C: 130), one line, nothing left."""
+    pytest.importorskip("apache_beam")
+    import signal
+
+    from fm_keras import beam_scoring
+
+    original = getattr(beam_scoring, step)
+
+    def signal_then(*args, **kwargs):  # the signal lands while a step of the pipeline runs
+        os.kill(os.getpid(), getattr(signal, signame))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(beam_scoring, step, signal_then)
+    out = tmp_path / "out"
+    out.mkdir()
+    assert _cli_score(exports["ranking"], [few_rows], str(out / "scores.csv")) == status
+    assert capsys.readouterr().err.strip().splitlines() == [line]
+    assert os.listdir(out) == []
+
+
+def test_stop_signal_sees_through_the_runners_wrapping():
+    pytest.importorskip("apache_beam")
+    from fm_keras.beam_scoring import stop_signal
+    from fm_keras.errors import Terminated
+
+    try:
+        try:
+            raise Terminated()
+        except Terminated as err:  # what Beam's DoFnRunner does with it
+            raise RuntimeError(f"fm_keras.errors.Terminated: {err} [while running 'Score']")
+    except RuntimeError as wrapped:
+        assert isinstance(stop_signal(wrapped), Terminated)
+    # a runner that passes on only the text (no chain)
+    assert isinstance(stop_signal(RuntimeError(
+        "fm_keras.errors.Terminated: terminated by SIGTERM [while running 'Rows']")), Terminated)
+    assert isinstance(stop_signal(RuntimeError("KeyboardInterrupt [while running 'Rows']")),
+                      KeyboardInterrupt)
+    assert stop_signal(RuntimeError("ValueError: bad [while running 'Rows']")) is None
+
+
+@pytest.mark.parametrize("when", ["after the rename", "during the rename"])
+def test_sigterm_after_the_beam_output_is_in_place_exits_0(exports, few_rows, tmp_path, capsys,
+                                                          monkeypatch, when):
+    """Regression (trial): a SIGTERM once the Beam output was complete exited 143 (the
+    summary printed, the output whole). As in the local score, once the output is renamed
+    into place the signal is ignored: exit 0."""
+    pytest.importorskip("apache_beam")
+    import json
+    import signal
+
+    from fm_keras import beam_scoring
+
+    score, replace = beam_scoring.score_with_beam, os.replace
+
+    def score_then_sigterm(*args, **kwargs):
+        summary = score(*args, **kwargs)
+        os.kill(os.getpid(), signal.SIGTERM)
+        return summary
+
+    def sigterm_then_replace(src, dst):  # the signal lands inside the commit, before the rename
+        if os.path.basename(dst) == "scores.csv":
+            os.kill(os.getpid(), signal.SIGTERM)
+        replace(src, dst)
+
+    if when == "after the rename":
+        monkeypatch.setattr(beam_scoring, "score_with_beam", score_then_sigterm)
+    else:
+        monkeypatch.setattr(beam_scoring.os, "replace", sigterm_then_replace)
+    out = tmp_path / "out"
+    out.mkdir()
+    status = _cli_score(exports["ranking"], [few_rows], str(out / "scores.csv"))
+    captured = capsys.readouterr()
+    assert status == 0, captured.err
+    assert json.loads(captured.out)["rows"] == 200
+    assert os.listdir(out) == ["scores.csv"]
+    assert len(pd.read_csv(out / "scores.csv")) == 200
+
+
+@pytest.mark.parametrize("bad", ["missing column", "header only", "non-numeric"])
+def test_bad_input_under_beam_is_one_line_and_leaves_nothing(exports, few_rows, tmp_path,
+                                                            capsys, caplog, bad):
+    """Regression (trial): bad input under Beam exited 2 with the right line, but after 12-16
+    lines of Beam's own ERROR log and traceback of the failing DoFn, and beam-temp-*
+    directories were left beside the output. Now: the one line, Beam quiet, nothing left."""
+    pytest.importorskip("apache_beam")
+    import logging
+
+    lines = open(few_rows).read().splitlines(keepends=True)
+    header = lines[0].split(",")
+    price = header.index("item_price")
+    if bad == "missing column":
+        text, expected = "row_id,user_id\nr1,u1\n", "missing column 'user_segment'"
+    elif bad == "header only":
+        text, expected = lines[0], "has a header but no rows"
+    else:
+        row = lines[150].split(",")
+        row[price] = "abc"
+        text = "".join(lines[:150] + [",".join(row)] + lines[151:])
+        expected = "column 'item_price': non-numeric value 'abc' at data row 150"
+    path = tmp_path / "bad.csv"
+    path.write_text(text)
+    out = tmp_path / "out"
+    out.mkdir()
+    caplog.set_level(logging.INFO)
+    assert _cli_score(exports["ranking"], [str(path)], str(out / "scores.csv")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("fm-keras: error: ") and expected in err[0], err
+    if bad == "missing column":  # found before the pipeline starts, as the local score does
+        assert not err[0].endswith("[while running 'Rows']")
+    assert [r.getMessage() for r in caplog.records
+            if r.name.startswith("apache_beam") and r.levelno >= logging.ERROR] == []
+    assert os.listdir(out) == []
+    assert logging.getLogger("apache_beam").level == logging.NOTSET  # restored after the run
