@@ -40,7 +40,7 @@ import numpy as np
 from fm_keras import termination
 from fm_keras.errors import ExportError, Terminated
 from fm_keras.scoring import (check_columns, check_output, default_keep, export_list_columns,
-                              outputs_table, output_format, temp_output)
+                              kept_array, kept_types, outputs_table, output_format, temp_output)
 
 RUNNERS = ("DirectRunner", "DataflowRunner", "FlinkRunner", "SparkRunner")
 
@@ -147,12 +147,21 @@ def _local_copy(readable_file):
         yield tmp.name
 
 
-def rows_to_table(batch, keep: Sequence[str], dtypes: dict, fmt: str):
-    """A batch of ``(kept values, PredictionResult)`` -> the table `fm-keras score` writes."""
-    kept = {k: np.array([key[j] for key, _ in batch], object) for j, k in enumerate(keep)}
+def rows_to_table(batch, keep: Sequence[str], dtypes: dict, fmt: str,
+                  keep_types: dict | None = None, numeric: Sequence[str] = ()):
+    """A batch of ``(kept values, PredictionResult)`` -> the table `fm-keras score` writes:
+    kept columns typed as the local score types them (`fm_keras.scoring.kept_types`; those in
+    `numeric`, float32 inputs of the signature, as the float32 values read)."""
+    kept = {k: _kept_column([key[j] for key, _ in batch], k, keep_types, numeric)
+            for j, k in enumerate(keep)}
     outputs = {name: np.array([r.inference[name] for _, r in batch], dtype)
                for name, dtype in dtypes.items()}
     return outputs_table(kept, outputs, fmt)
+
+
+def _kept_column(values: list, name: str, keep_types: dict | None, numeric: Sequence[str]):
+    array = np.array(values, np.float32 if name in numeric else object)
+    return kept_array(array, (keep_types or {}).get(name), f"column {name!r}")
 
 
 def _csv_lines(table):
@@ -272,7 +281,10 @@ def score_with_beam(model: str, inputs: Sequence[str], output: str, *,
         [0.0] if t == "float32" else [""], tf.float32 if t == "float32" else tf.string)
         for n, t in types.items()}).items()}
     dtypes = {k: object if v.dtype == object else v.dtype for k, v in sample.items()}
-    schema = outputs_table({k: np.array([""], object) for k in keep}, sample, fmt).schema
+    keep_types = kept_types(files[0], keep) if files else {}
+    numeric = [n for n, t in types.items() if t == "float32"]
+    schema = outputs_table({k: _kept_column([0.0 if k in numeric else ""], k, keep_types, numeric)
+                            for k in keep}, sample, fmt).schema
     handler = KeyedModelHandler(_handler_class()(
         version_dir, max_batch_size=batch_size,
         inference_fn=functools.partial(call_signature, signature=signature, types=types)))
@@ -280,7 +292,7 @@ def score_with_beam(model: str, inputs: Sequence[str], output: str, *,
 
     def to_table(batch):
         rows.inc(len(batch))
-        return rows_to_table(batch, keep, dtypes, fmt)
+        return rows_to_table(batch, keep, dtypes, fmt, keep_types, numeric)
 
     pipeline_options = PipelineOptions([f"--runner={runner}", *(f"--{o}" for o in options)])
     started = time.time()

@@ -7,6 +7,7 @@ import tempfile
 
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 import pytest
 
 from fm_keras.cli import main
@@ -62,6 +63,23 @@ def test_ranking_scores_match_fm_keras_score(exports, rows_with_ids, tmp_path):
     for name in ("logit", "probability", "raw_probability"):
         np.testing.assert_allclose(beam[name], local[name], rtol=0, atol=TOLERANCE)
     assert list(beam["user_id"]) == list(local["user_id"])
+
+
+def test_kept_columns_have_the_local_scores_types(exports, rows_with_ids, tmp_path):
+    """A Parquet file's numeric kept column is a number in both outputs (and a float32
+    input of the signature kept is the value the model read), as `fm-keras score` writes it."""
+    pytest.importorskip("apache_beam")
+    frame = pd.read_csv(rows_with_ids, dtype=str, keep_default_na=False).head(200)
+    frame["click"] = frame["click"].astype("int64")
+    path = str(tmp_path / "rows.parquet")
+    frame.to_parquet(path, index=False)
+    local, beam = _both(exports["ranking"], [path], tmp_path, ".parquet",
+                        keep=["row_id", "click", "item_price"])
+    types = [pq.read_schema(str(tmp_path / f"{name}.parquet")).field(c).type
+             for name in ("local", "beam") for c in ("row_id", "click", "item_price")]
+    assert [str(t) for t in types] == ["string", "int64", "float"] * 2
+    assert local["click"].tolist() == beam["click"].tolist() == \
+        frame.sort_values("row_id")["click"].tolist()
 
 
 def test_user_tower_vectors_match_in_parquet(exports, rows_with_ids, tmp_path):
