@@ -201,3 +201,18 @@ def test_an_empty_pre_period_with_cuped_names_its_line(tmp_path):
     EVENTS.assign(pre_period=[4.0, 4.0, 1e300, 1.0]).to_csv(path, index=False)
     with pytest.raises(DataError, match=r"'pre_period': must be a finite .*\(first at line 4\)"):
         read_events([str(path)], EXPERIMENT)
+
+
+@pytest.mark.parametrize("ids, kind", [
+    ([True, True, False, False], "bool"),
+    (pd.to_datetime([1, 1, 2, 3], unit="s"), "timestamp"),
+    (pd.to_datetime([1, 1, 2, 3], unit="D").date, "date32"),
+    (pd.to_timedelta([1, 1, 2, 3], unit="s"), "duration"),
+])
+def test_bool_and_temporal_unit_ids_in_parquet_are_an_error(tmp_path, ids, kind):
+    # Issue 19: a bool column was hashed as 'True'/'False' (2 units) and a timestamp as its
+    # text, while ExperimentClient refused a bool id; ids are text or integers everywhere.
+    path = tmp_path / "e.parquet"
+    EVENTS.assign(user_id=list(ids)).to_parquet(path, index=False)
+    with pytest.raises(DataError, match=rf"e.parquet: column 'user_id': unit ids are {kind}"):
+        read_events([str(path)], EXPERIMENT)

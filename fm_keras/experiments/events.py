@@ -51,11 +51,11 @@ def read_events(patterns: Sequence[str], experiment: ABExperiment,
 
     Raises:
         DataError: naming the file and column: a missing column, an empty unit id, unit ids
-            stored as floats, a non-numeric, empty, negative or out-of-range count, clicks
-            above impressions, an arm the experiment does not have, a non-finite pre_period or
-            one that differs between the rows of a unit; a bad cell is named by its line in a
-            CSV file (``first at line 5``, as `fm_keras.reading` names lines), by its 1-based
-            data row in a Parquet file.
+            stored as floats, booleans, dates or times, a non-numeric, empty, negative or
+            out-of-range count, clicks above impressions, an arm the experiment does not have,
+            a non-finite pre_period or one that differs between the rows of a unit; a bad cell
+            is named by its line in a CSV file (``first at line 5``, as `fm_keras.reading`
+            names lines), by its 1-based data row in a Parquet file.
 
     A file matched twice (by a glob and by its name) is read once.
     """
@@ -122,7 +122,8 @@ def unit_ids(frame: pd.DataFrame, path: str, unit: str) -> pd.Series:
         DataError: naming the file and column: the column is missing, has empty ids (naming
             the first one's line, or data row in Parquet), or is a Parquet floating-point
             column (a float does not keep the id's text: Arrow reads 7.0 as ``"7"``, the same
-            frame written as CSV says ``"7.0"``, and ids above 2^53 are rounded).
+            frame written as CSV says ``"7.0"``, and ids above 2^53 are rounded), a boolean or
+            a temporal (date, time, timestamp, duration) column: ids are text or integers.
     """
     if unit not in frame.columns:
         raise DataError(f"{path}: column {unit!r} (the experiment's unit) is missing; the file "
@@ -132,11 +133,19 @@ def unit_ids(frame: pd.DataFrame, path: str, unit: str) -> pd.Series:
         import pyarrow.parquet as pq
 
         kind = pq.read_schema(path).field(unit).type
+        if pa.types.is_dictionary(kind):
+            kind = kind.value_type
         if pa.types.is_floating(kind):
             raise DataError(f"{path}: column {unit!r}: unit ids are floating point ({kind}), "
                             "which do not keep the id's text (7.0 is read as '7', but a CSV of "
                             "the same frame says '7.0'; ids above 2^53 are rounded); store the "
                             "ids as integers or strings")
+        if pa.types.is_boolean(kind) or pa.types.is_temporal(kind):
+            # Their text is not an id: True/False would make 2 units, a timestamp's text
+            # depends on its unit and time zone (ExperimentClient refuses both).
+            raise DataError(f"{path}: column {unit!r}: unit ids are {kind}, not text or "
+                            "integers (a unit id is hashed as its text); store the ids as "
+                            "integers or strings")
     ids = frame[unit].astype(str)
     empty = (ids.str.strip() == "").to_numpy()
     if empty.any():
