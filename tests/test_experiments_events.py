@@ -237,3 +237,27 @@ def test_units_in_several_arms_that_leave_enough_units_are_not_an_error_here(tmp
         columns="pre_period").to_csv(path, index=False)
     assert sorted(set(read_events([str(path)], EXPERIMENT)["unit"])) == \
         ["u1", "u2", "u3", "u4", "u5", "u6"]  # the analysis drops and counts u1
+
+
+def test_a_nan_pre_period_is_an_error_in_csv_and_parquet_and_a_null_is_an_empty_cell(tmp_path):
+    # Issue 19 found "Parquet NaN treated as empty": the file held a null (pandas writes NaN as
+    # a Parquet null, and as an empty CSV cell). One rule for both formats: an empty cell or
+    # null drops the column (an error with --cuped), a NaN value is not finite: an error.
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.Table.from_pandas(EVENTS, preserve_index=False)
+    column = table.schema.get_field_index("pre_period")
+    for name, cell in (("nan.parquet", float("nan")), ("null.parquet", None)):
+        values = pa.array([4.0, 4.0, cell, 1.0], type=pa.float64(), from_pandas=False)
+        pq.write_table(table.set_column(column, "pre_period", values), tmp_path / name)
+    (tmp_path / "nan.csv").write_text(EVENTS.to_csv(index=False).replace(",0.0\n", ",nan\n"))
+    (tmp_path / "null.csv").write_text(EVENTS.to_csv(index=False).replace(",0.0\n", ",\n"))
+    for name, where in (("nan.csv", "line 4"), ("nan.parquet", "data row 3")):
+        with pytest.raises(DataError, match=rf"{name}: column 'pre_period': not a number: 'nan' "
+                           rf"\(first at {where}\)"):
+            read_events([str(tmp_path / name)], EXPERIMENT)
+    for name in ("null.csv", "null.parquet"):
+        assert "pre_period" not in read_events([str(tmp_path / name)], EXPERIMENT).columns
+        with pytest.raises(DataError, match=rf"{name}: column 'pre_period': 1 empty cells"):
+            read_events([str(tmp_path / name)], EXPERIMENT, need_pre_period=True)
