@@ -9,6 +9,7 @@ import sys
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pytest
 from scipy import stats
 
@@ -131,5 +132,61 @@ def test_assign_file_names_the_line_of_an_empty_unit_id(tmp_path):
     users.write_text('user_id,country\nu1,de\nu2,"multi\nline"\n"",fr\n')
     with pytest.raises(DataError, match=r"users.csv: column 'user_id': 1 empty unit ids "
                        r"\(first at line 5\)"):
+        assign_file(experiment(), [str(users)], str(tmp_path / "arms.csv"))
+    assert not (tmp_path / "arms.csv").exists()
+
+
+@pytest.mark.parametrize("units, message", [
+    ([7.0, None, ""], "got 7.0 at position 0"),
+    (["u1", None], "got None at position 1"),
+    (["u1", "u2", " "], "got ' ' at position 2"),
+    (["u1", True], "got True at position 1"),
+    (["u1", pd.Timestamp(0)], r"got Timestamp\('1970-01-01 00:00:00'\) at position 1"),
+    (np.array([7.0, 8.0]), "got 7.0 at position 0"),
+    (np.array([True]), "got True at position 0"),
+    (np.array(["u1", ""]), "got '' at position 1"),
+    (np.array(["u1", None], dtype=object), "got None at position 1"),
+    (pd.Series(["u1", None], dtype="string"), "got <NA> at position 1"),
+    (pd.Series([7, None], dtype="Int64"), "got <NA> at position 1"),
+    (pa.array(["u1", None]), "got None at position 1"),
+    (pa.chunked_array([["u1"], [" "]]), "got ' ' at position 1"),
+    (pa.array([7.5]), "got 7.5 at position 0"),
+])
+def test_assign_refuses_the_ids_that_arm_refuses(units, message):
+    # Issue 19: assign([7.0, None, '']) returned three arms although arm() refuses each.
+    with pytest.raises(ValueError, match=rf"a unit id must be a non-empty string or an "
+                       rf"integer, {message}"):
+        Assigner(experiment()).assign(units)
+
+
+def test_assign_of_an_array_is_the_assign_of_its_ids_as_text():
+    assigner = Assigner(experiment())
+    expected = assigner.assign([f"user-{i}" for i in range(1000)])
+    texts = [f"user-{i}" for i in range(1000)]
+    for units in (np.array(texts), pa.array(texts), pa.array(texts).dictionary_encode(),
+                  pd.Series(texts), pd.Series(texts, dtype="string"), iter(texts)):
+        assert (assigner.assign(units) == expected).all()
+    numbers = assigner.assign([str(i) for i in range(1000)])
+    for units in (np.arange(1000), np.arange(1000, dtype=np.uint32), pa.array(range(1000)),
+                  pd.Series(range(1000)), list(range(1000))):
+        assert (assigner.assign(units) == numbers).all()
+    assert assigner.assign([]).shape == (0,)
+
+
+@pytest.mark.parametrize("unit", [pd.Timestamp(0), np.datetime64(0, "s"),
+                                  np.bool_(True), pd.NA])
+def test_a_date_or_time_or_na_is_not_a_unit_id_either(unit):
+    # As in the event files: a date's text depends on its type, and pd.NA was routed as '<NA>'.
+    with pytest.raises(ValueError, match="a unit id must be a non-empty string or an integer"):
+        Assigner(experiment()).arm(unit)
+
+
+@pytest.mark.parametrize("ids", [[True, False], pd.to_datetime([1, 2], unit="s")])
+def test_assign_file_rejects_bool_and_temporal_unit_ids(tmp_path, ids):
+    # Issue 19: they were assigned as their text ('True'), while arm() refuses a bool.
+    users = tmp_path / "users.parquet"
+    pd.DataFrame({"user_id": ids}).to_parquet(users, index=False)
+    with pytest.raises(DataError, match=r"users.parquet: column 'user_id': unit ids are "
+                       r"(bool|timestamp)"):
         assign_file(experiment(), [str(users)], str(tmp_path / "arms.csv"))
     assert not (tmp_path / "arms.csv").exists()

@@ -190,3 +190,32 @@ def test_report_names_the_file_line_of_a_bad_cell(files, capsys, monkeypatch, ce
     monkeypatch.chdir(files)
     assert main(["ab", "report", "--experiment", "ab.yaml", "--events", "events.csv"]) == 2
     assert capsys.readouterr().err == f"fm-keras: error: {message}\n"
+
+
+def test_a_bool_unit_column_is_one_line_exit_2_in_report_and_assign(files, capsys, monkeypatch):
+    # Issue 19: a Parquet bool user_id was hashed as 'True'/'False' by report and assign.
+    frame = pd.read_csv(files / "events.csv").head(8)
+    frame.assign(user_id=[True, False] * 4).to_parquet(files / "events.parquet", index=False)
+    monkeypatch.chdir(files)
+    for command in (["report", "--events", "events.parquet", "--html", "out.html"],
+                    ["assign", "--users", "events.parquet", "--output", "out.csv"]):
+        assert main(["ab", command[0], "--experiment", "ab.yaml", *command[1:]]) == 2
+        err = capsys.readouterr().err
+        assert err == ("fm-keras: error: events.parquet: column 'user_id': unit ids are bool, "
+                       "not text or integers (a unit id is hashed as its text); store the ids "
+                       "as integers or strings\n")
+    assert not (files / "out.html").exists() and not (files / "out.csv").exists()
+
+
+def test_an_arm_left_too_small_by_units_in_several_arms_names_them(files, capsys, monkeypatch):
+    # Issue 19: "arm 'naive' has events of only 1 unit" did not say that u1, logged in both
+    # arms, had been dropped.
+    (files / "two.csv").write_text("user_id,arm,timestamp,impressions,clicks\n"
+                                   "u1,naive,1,5,1\nu2,naive,1,5,0\nu1,cleaned,1,5,0\n"
+                                   "u3,cleaned,1,5,0\nu4,cleaned,1,5,2\n")
+    monkeypatch.chdir(files)
+    assert main(["ab", "report", "--experiment", "ab.yaml", "--events", "two.csv"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("fm-keras: error: two.csv: column 'arm': "
+                                                   "arm 'naive' has events of only 1 unit once")
+    assert "1 unit dropped (1 logged in 'naive'), e.g. 'u1' in ['cleaned', 'naive']" in err

@@ -201,3 +201,63 @@ def test_an_empty_pre_period_with_cuped_names_its_line(tmp_path):
     EVENTS.assign(pre_period=[4.0, 4.0, 1e300, 1.0]).to_csv(path, index=False)
     with pytest.raises(DataError, match=r"'pre_period': must be a finite .*\(first at line 4\)"):
         read_events([str(path)], EXPERIMENT)
+
+
+@pytest.mark.parametrize("ids, kind", [
+    ([True, True, False, False], "bool"),
+    (pd.to_datetime([1, 1, 2, 3], unit="s"), "timestamp"),
+    (pd.to_datetime([1, 1, 2, 3], unit="D").date, "date32"),
+    (pd.to_timedelta([1, 1, 2, 3], unit="s"), "duration"),
+])
+def test_bool_and_temporal_unit_ids_in_parquet_are_an_error(tmp_path, ids, kind):
+    # Issue 19: a bool column was hashed as 'True'/'False' (2 units) and a timestamp as its
+    # text, while ExperimentClient refused a bool id; ids are text or integers everywhere.
+    path = tmp_path / "e.parquet"
+    EVENTS.assign(user_id=list(ids)).to_parquet(path, index=False)
+    with pytest.raises(DataError, match=rf"e.parquet: column 'user_id': unit ids are {kind}"):
+        read_events([str(path)], EXPERIMENT)
+
+
+def test_an_arm_left_too_small_by_units_in_several_arms_says_so(tmp_path):
+    # Issue 19: u1 in both arms left arm 'a' with u2 only, and the report said just "arm 'a'
+    # has events of only 1 unit", not that u1 had been dropped for being in two arms.
+    path = tmp_path / "e.csv"
+    EVENTS.drop(columns="pre_period").assign(
+        user_id=["u1", "u2", "u1", "u3"], arm=["a", "a", "b", "b"]).pipe(
+        lambda f: pd.concat([f, f.iloc[[3]].assign(user_id="u4")])).to_csv(path, index=False)
+    with pytest.raises(DataError, match=r"e.csv: column 'arm': arm 'a' has events of only 1 unit "
+                       r"once the units logged in several arms are dropped: 1 unit dropped "
+                       r"\(1 logged in 'a'\), e.g. 'u1' in \['a', 'b'\]"):
+        read_events([str(path)], EXPERIMENT)
+
+
+def test_units_in_several_arms_that_leave_enough_units_are_not_an_error_here(tmp_path):
+    path = tmp_path / "e.csv"
+    pd.concat([EVENTS, EVENTS.assign(user_id=["u4", "u5", "u1", "u6"])]).drop(
+        columns="pre_period").to_csv(path, index=False)
+    assert sorted(set(read_events([str(path)], EXPERIMENT)["unit"])) == \
+        ["u1", "u2", "u3", "u4", "u5", "u6"]  # the analysis drops and counts u1
+
+
+def test_a_nan_pre_period_is_an_error_in_csv_and_parquet_and_a_null_is_an_empty_cell(tmp_path):
+    # Issue 19 found "Parquet NaN treated as empty": the file held a null (pandas writes NaN as
+    # a Parquet null, and as an empty CSV cell). One rule for both formats: an empty cell or
+    # null drops the column (an error with --cuped), a NaN value is not finite: an error.
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.Table.from_pandas(EVENTS, preserve_index=False)
+    column = table.schema.get_field_index("pre_period")
+    for name, cell in (("nan.parquet", float("nan")), ("null.parquet", None)):
+        values = pa.array([4.0, 4.0, cell, 1.0], type=pa.float64(), from_pandas=False)
+        pq.write_table(table.set_column(column, "pre_period", values), tmp_path / name)
+    (tmp_path / "nan.csv").write_text(EVENTS.to_csv(index=False).replace(",0.0\n", ",nan\n"))
+    (tmp_path / "null.csv").write_text(EVENTS.to_csv(index=False).replace(",0.0\n", ",\n"))
+    for name, where in (("nan.csv", "line 4"), ("nan.parquet", "data row 3")):
+        with pytest.raises(DataError, match=rf"{name}: column 'pre_period': not a number: 'nan' "
+                           rf"\(first at {where}\)"):
+            read_events([str(tmp_path / name)], EXPERIMENT)
+    for name in ("null.csv", "null.parquet"):
+        assert "pre_period" not in read_events([str(tmp_path / name)], EXPERIMENT).columns
+        with pytest.raises(DataError, match=rf"{name}: column 'pre_period': 1 empty cells"):
+            read_events([str(tmp_path / name)], EXPERIMENT, need_pre_period=True)

@@ -51,11 +51,12 @@ def read_events(patterns: Sequence[str], experiment: ABExperiment,
 
     Raises:
         DataError: naming the file and column: a missing column, an empty unit id, unit ids
-            stored as floats, a non-numeric, empty, negative or out-of-range count, clicks
-            above impressions, an arm the experiment does not have, a non-finite pre_period or
-            one that differs between the rows of a unit; a bad cell is named by its line in a
-            CSV file (``first at line 5``, as `fm_keras.reading` names lines), by its 1-based
-            data row in a Parquet file.
+            stored as floats, booleans, dates or times, a non-numeric, empty, negative or
+            out-of-range count, clicks above impressions, an arm the experiment does not have,
+            a non-finite pre_period or one that differs between the rows of a unit, or units
+            logged in several arms (which the analysis drops) that leave an arm with fewer
+            than 2 units; a bad cell is named by its line in a CSV file (``first at line 5``,
+            as `fm_keras.reading` names lines), by its 1-based data row in a Parquet file.
 
     A file matched twice (by a glob and by its name) is read once.
     """
@@ -107,7 +108,36 @@ def read_events(patterns: Sequence[str], experiment: ABExperiment,
                             f"{differs.index[0]!r}: {differs['min'].iloc[0]:g} and "
                             f"{differs['max'].iloc[0]:g}); it is the unit's pre-experiment "
                             "metric, the same on each of its rows")
+    _check_arms_left_by_units_in_several_arms(events, experiment, ", ".join(patterns))
     return events
+
+
+def _check_arms_left_by_units_in_several_arms(events: pd.DataFrame, experiment: ABExperiment,
+                                              source: str) -> None:
+    """The analysis drops units logged in several arms; when that leaves an arm with fewer
+    than 2 units, says so (the arm-size error alone would hide why the arm is small)."""
+    # About as costly as the report's own groupby per (unit, arm): ~1 s per 2M events.
+    pairs = events[["unit", "arm"]].drop_duplicates()
+    several = pairs["unit"].duplicated(keep=False).to_numpy()
+    if not several.any():
+        return
+    kept = pairs.loc[~several, "arm"].value_counts()
+    dropped = pairs.loc[several]
+    for name in experiment.arm_names:
+        left, lost = int(kept.get(name, 0)), dropped[dropped["arm"] == name]
+        if left < 2 and len(lost):
+            example = lost["unit"].iloc[0]
+            in_arms = sorted(dropped.loc[dropped["unit"] == example, "arm"])
+            several_units = dropped["unit"].nunique()
+            raise DataError(
+                f"{source}: column 'arm': arm {name!r} has events of only {_units(left)} once "
+                f"the units logged in several arms are dropped: {_units(several_units)} dropped "
+                f"({len(lost)} logged in {name!r}), e.g. {example!r} in {in_arms}; log each "
+                "unit in the arm its id assigns (a variance needs at least 2 units per arm)")
+
+
+def _units(n: int) -> str:
+    return f"{n} unit" if n == 1 else f"{n} units"
 
 
 def unit_ids(frame: pd.DataFrame, path: str, unit: str) -> pd.Series:
@@ -122,7 +152,8 @@ def unit_ids(frame: pd.DataFrame, path: str, unit: str) -> pd.Series:
         DataError: naming the file and column: the column is missing, has empty ids (naming
             the first one's line, or data row in Parquet), or is a Parquet floating-point
             column (a float does not keep the id's text: Arrow reads 7.0 as ``"7"``, the same
-            frame written as CSV says ``"7.0"``, and ids above 2^53 are rounded).
+            frame written as CSV says ``"7.0"``, and ids above 2^53 are rounded), a boolean or
+            a temporal (date, time, timestamp, duration) column: ids are text or integers.
     """
     if unit not in frame.columns:
         raise DataError(f"{path}: column {unit!r} (the experiment's unit) is missing; the file "
@@ -132,11 +163,19 @@ def unit_ids(frame: pd.DataFrame, path: str, unit: str) -> pd.Series:
         import pyarrow.parquet as pq
 
         kind = pq.read_schema(path).field(unit).type
+        if pa.types.is_dictionary(kind):
+            kind = kind.value_type
         if pa.types.is_floating(kind):
             raise DataError(f"{path}: column {unit!r}: unit ids are floating point ({kind}), "
                             "which do not keep the id's text (7.0 is read as '7', but a CSV of "
                             "the same frame says '7.0'; ids above 2^53 are rounded); store the "
                             "ids as integers or strings")
+        if pa.types.is_boolean(kind) or pa.types.is_temporal(kind):
+            # Their text is not an id: True/False would make 2 units, a timestamp's text
+            # depends on its unit and time zone (ExperimentClient refuses both).
+            raise DataError(f"{path}: column {unit!r}: unit ids are {kind}, not text or "
+                            "integers (a unit id is hashed as its text); store the ids as "
+                            "integers or strings")
     ids = frame[unit].astype(str)
     empty = (ids.str.strip() == "").to_numpy()
     if empty.any():
