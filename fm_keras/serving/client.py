@@ -370,7 +370,8 @@ class ExperimentClient:
 
         Raises:
             ServingError: the server's error (e.g. an unknown label: INVALID_ARGUMENT).
-            ValueError: a unit id that is None, empty or a float (``Assigner.arm``).
+            ValueError: a unit id that is not text or an integer: None, empty, a float, a
+                bool, a date/time or pd.NA (``Assigner.arm``).
         """
         arm = self.arm(unit)
         if isinstance(self.client, GrpcClient):
