@@ -6,8 +6,8 @@ import pytest
 from scipy import stats
 
 from fm_keras.errors import ConfigError, DataError
-from fm_keras.experiments.analysis import (analyze, compare_arms, cuped_theta, ratio_estimate,
-                                           relative_lift, srm_check, welch)
+from fm_keras.experiments.analysis import (analyze, compare_arms, cuped_theta, holm,
+                                           ratio_estimate, relative_lift, srm_check, welch)
 from fm_keras.experiments.config import ABExperiment, Arm
 
 
@@ -43,7 +43,7 @@ def unit_table(rng, n, lift=0.0, weights=(0.5, 0.5), lose=0.0, pre=False, ids=Tr
 # NumPy references
 
 
-def test_relative_lift_matches_the_delta_method_formula():
+def test_relative_lift_se_is_the_delta_method_formula():
     rng = np.random.default_rng(0)
     t, c = rng.normal(10.5, 3, 4000), rng.normal(10, 3, 5000)
     m_t, m_c = t.mean(), c.mean()
@@ -54,8 +54,139 @@ def test_relative_lift_matches_the_delta_method_formula():
     se = np.sqrt(grad @ np.diag([v_t, v_c]) @ grad)
     assert out["lift"] == pytest.approx(m_t / m_c - 1)
     assert out["se"] == pytest.approx(se)
-    assert out["ci_high"] - out["lift"] == pytest.approx(1.959964 * se, rel=1e-5)
+    # Thousands of units, control far from 0: Fieller's CI is the delta method's, nearly.
+    assert out["ci_high"] - out["lift"] == pytest.approx(1.959964 * se, rel=0.02)
     assert np.isnan(relative_lift(1.0, 0.1, 0.0, 0.1)["lift"])
+
+
+def fieller_by_scan(m_t, v_t, m_c, v_c, q, grid):
+    """Fieller's set by brute force: the r on `grid` with |m_t - r m_c| <= q sqrt(v_t + r^2 v_c)."""
+    inside = np.abs(m_t - grid * m_c) <= q * np.sqrt(v_t + grid**2 * v_c)
+    return grid[inside]
+
+
+@pytest.mark.parametrize("seed, n_t, n_c, sigma", [
+    (s, n_t, n_c, sigma) for s in range(3) for n_t, n_c in [(5, 8), (40, 30), (400, 900)]
+    for sigma in [0.5, 1.5]])
+def test_lift_ci_is_fiellers_set_found_by_a_scan(seed, n_t, n_c, sigma):
+    """Fieller 1954 with Welch's t quantile: compare the closed form to a scan of r."""
+    rng = np.random.default_rng(seed)
+    t, c = rng.lognormal(0, sigma, n_t), rng.lognormal(0, sigma, n_c)
+    v_t, v_c = t.var(ddof=1) / n_t, c.var(ddof=1) / n_c
+    df = (v_t + v_c) ** 2 / (v_t**2 / (n_t - 1) + v_c**2 / (n_c - 1))
+    q = stats.t.ppf(0.975, df)
+    out = compare_arms(pd.DataFrame({"arm": ["t"] * n_t + ["c"] * n_c,
+                                     "value": np.r_[t, c], "clicks": 0, "impressions": 1}),
+                       "t", "c", "clicks_per_user")
+    ratio = t.mean() / c.mean()
+    if c.mean() ** 2 <= q**2 * v_c:  # unbounded: the scan reaches its ends
+        assert np.isnan(out["ci_low"]) and np.isnan(out["ci_high"]) and out["notes"]
+        return
+    grid = np.linspace(-20 * ratio, 20 * ratio, 800_001)  # ratios can be below 0
+    inside = fieller_by_scan(t.mean(), v_t, c.mean(), v_c, q, grid)
+    step = grid[1] - grid[0]
+    assert grid[0] < inside.min() and inside.max() < grid[-1]  # the set lies within the scan
+    assert out["ci_low"] + 1 == pytest.approx(inside.min(), abs=step)
+    assert out["ci_high"] + 1 == pytest.approx(inside.max(), abs=step)
+    assert out["p_value"] == pytest.approx(stats.ttest_ind(t, c, equal_var=False).pvalue)
+
+
+def test_lift_ci_holds_zero_exactly_when_p_is_at_least_alpha():
+    """Was: a delta-method CI of -75% .. -3% beside Welch's p = 0.107 on heavy-tailed users.
+    Over many small, heavy-tailed data sets the lift CI holds 0% iff p >= 0.05, for both tests
+    (Welch's t with its df for clicks_per_user, z for ctr)."""
+    rng = np.random.default_rng(11)
+    checked = {"clicks_per_user": 0, "ctr": 0}
+    for _ in range(300):
+        n = int(rng.integers(10, 300))
+        activity = rng.lognormal(0, 1.5, n)
+        impressions = rng.poisson(5 * activity) + 1
+        table = pd.DataFrame({"arm": np.where(np.arange(n) < n // 2, "c", "t"),
+                              "impressions": impressions,
+                              "clicks": rng.binomial(impressions, rng.uniform(0.03, 0.12))})
+        table["value"] = table["clicks"].astype(float)
+        for metric in checked:
+            with np.errstate(divide="ignore", invalid="ignore"):
+                out = compare_arms(table, "t", "c", metric)
+            if not np.isfinite(out["ci_low"]):
+                continue
+            checked[metric] += 1
+            assert (out["ci_low"] <= 0 <= out["ci_high"]) == (out["p_value"] >= 0.05)
+    assert min(checked.values()) > 250
+
+
+def test_holm_adjusts_the_treatment_vs_control_p_values():
+    from statsmodels.stats.multitest import multipletests
+
+    assert holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
+    assert holm([0.5, float("nan")])[0] == 0.5
+    rng = np.random.default_rng(12)
+    n = 3000
+    arm = rng.choice(["control", "treatment", "third"], n)
+    clicks = rng.poisson(np.where(arm == "third", 1.1, 1.0))
+    table = pd.DataFrame({"unit": [f"u{i}" for i in range(n)], "arm": arm, "events": 1,
+                          "impressions": 10, "clicks": clicks, "first_timestamp": 0})
+    out = analyze(table, experiment((0.4, 0.3, 0.3)), check_assignment=False)
+    p = [c["p_value"] for c in out["comparisons"]]
+    reference = multipletests(p, alpha=0.05, method="holm")[1]
+    assert [c["p_value_holm"] for c in out["comparisons"]] == pytest.approx(reference)
+    assert any("Holm" in note and "not adjusted" in note for note in out["notes"])
+    two = analyze(table[table.arm != "third"], experiment(), check_assignment=False)
+    assert two["notes"] == [] and two["comparisons"][0]["p_value_holm"] == \
+        two["comparisons"][0]["p_value"]
+
+
+def four_units(control, treatment):
+    return pd.DataFrame({"unit": ["u1", "u2", "u3", "u4"],
+                         "arm": ["control", "control", "treatment", "treatment"], "events": 1,
+                         "impressions": 5, "clicks": [*control, *treatment],
+                         "first_timestamp": 0})
+
+
+def test_a_zero_treatment_over_an_insignificant_control_has_an_unbounded_ci():
+    # Was: lift -100% with CI [-100%, -100%] and se 0 beside Welch's p = 0.205.
+    out = analyze(four_units([1, 2], [0, 0]), experiment(), check_assignment=False)
+    (c,) = out["comparisons"]
+    assert c["lift"] == -1.0
+    assert c["p_value"] == pytest.approx(stats.ttest_ind([0, 0], [1, 2], equal_var=False).pvalue)
+    assert np.isnan(c["ci_low"]) and np.isnan(c["ci_high"])
+    assert c["notes"] == ["lift CI unbounded: the control mean is not distinguishable from 0"]
+
+
+@pytest.mark.parametrize("metric", ["clicks_per_user", "ctr"])
+def test_two_constant_arms_have_no_p_value_or_ci_for_either_metric(metric):
+    # Was: clicks_per_user p null but lift CI [100%, 100%]; ctr p = 0.0.
+    out = analyze(four_units([1, 1], [2, 2]), experiment(), metric=metric,
+                  check_assignment=False)
+    (c,) = out["comparisons"]
+    assert c["lift"] == pytest.approx(1.0)
+    assert all(np.isnan(v) for v in [c["p_value"], c["ci_low"], c["ci_high"],
+                                     *c["difference_ci"]])
+    assert c["notes"] == ["p-value and CIs undefined: both arms are constant (no variance)"]
+
+
+def test_arms_under_the_minimum_units_get_a_warning():
+    from fm_keras.experiments.analysis import MIN_UNITS
+
+    table = unit_table(np.random.default_rng(13), 2 * MIN_UNITS + 40, weights=(0.85, 0.15))
+    out = analyze(table, experiment(), check_assignment=False)
+    small = int((table.arm == "treatment").sum())
+    assert small < MIN_UNITS
+    assert out["warnings"] == [f"arm 'treatment' has {small} units (< {MIN_UNITS}): the normal "
+                               "approximations behind its CIs and p-values may be poor"]
+    assert analyze(unit_table(np.random.default_rng(13), 1000), experiment(),
+                   check_assignment=False)["warnings"] == []
+
+
+def test_cuped_arms_say_adjusted_and_keep_the_raw_mean():
+    table = unit_table(np.random.default_rng(14), 5000, pre=True)
+    out = analyze(table, experiment(), cuped=True, check_assignment=False)
+    for arm in out["arms"]:
+        clicks = table.loc[table.arm == arm["arm"], "clicks"]
+        assert arm["value_raw"] == pytest.approx(clicks.mean())
+        assert arm["adjustment"] == "cuped" and arm["value"] != pytest.approx(clicks.mean())
+    plain = analyze(table, experiment(), check_assignment=False)["arms"][0]
+    assert plain["adjustment"] is None and plain["value_raw"] == plain["value"]
 
 
 def test_ratio_variance_equals_the_variance_of_the_linearized_metric():

@@ -170,9 +170,14 @@ def test_each_comparison_is_its_own_stderr_line(files, capsys):
     assert main(["ab", "report", "--experiment", str(files / "ab3.yaml"), "--events",
                  str(files / "events3.csv")]) == 0
     lines = capsys.readouterr().err.splitlines()
-    assert [line.split(":")[1].strip() for line in lines] == ["cleaned vs naive",
-                                                              "third vs naive"]
+    comparisons = [line for line in lines if " vs " in line]
+    assert [line.split(":")[1].strip() for line in comparisons] == ["cleaned vs naive",
+                                                                    "third vs naive"]
     assert all(line.startswith("fm-keras: ") for line in lines)  # the second had no prefix
+    # Then notes and warnings, each its own line: Holm's adjustment over the 2 comparisons.
+    assert all(line.startswith(("fm-keras: note: ", "fm-keras: warning: "))
+               for line in lines if " vs " not in line)
+    assert any("Holm-adjusted over the 2 comparisons" in line for line in lines)
 
 
 @pytest.mark.parametrize("cell, message", [

@@ -80,3 +80,41 @@ def test_an_undefined_lift_is_labelled_on_the_page(tmp_path, monkeypatch):
     result = ab_report([str(path)], EXPERIMENT, html_path=str(tmp_path / "r.html"))
     assert np.isnan(result["comparisons"][0]["lift"])
     assert any("relative lift undefined" in t for t in texts)  # was a blank plot
+
+
+def test_three_arms_show_holm_p_values_and_small_arms_a_warning(tmp_path):
+    experiment = ABExperiment(name="t3", unit="user_id", salt="s3", control="b", arms=(
+        Arm(name="a", model="ctr", version=1, weight=0.04),
+        Arm(name="b", model="ctr", version=2, weight=0.48),
+        Arm(name="c", model="ctr", version=3, weight=0.48)))
+    rng = np.random.default_rng(1)
+    units = [f"u{i}" for i in range(2000)]
+    frame = pd.DataFrame({"user_id": units, "arm": Assigner(experiment).assign(units),
+                          "timestamp": 0, "impressions": 10, "clicks": rng.binomial(10, 0.1, 2000)})
+    path = tmp_path / "events.csv"
+    frame.to_csv(path, index=False)
+    page = tmp_path / "r.html"
+    result = ab_report([str(path)], experiment, html_path=str(page))
+    line = summary_line(result)
+    for c in result["comparisons"]:
+        assert f"{c['arm']} vs b:" in line and f"Holm p = {c['p_value_holm']:.3g}" in line
+    assert "note: p_value_holm: Holm-adjusted over the 2 comparisons" in line
+    small = result["arms"][0]["units"]
+    assert small < 100 and f"warning: arm 'a' has {small} units (< 100)" in line
+    text = page.read_text()
+    assert "Holm p = " in text and f"arm &#x27;a&#x27; has {small} units" in text
+
+
+def test_an_unbounded_lift_ci_is_said_not_printed_as_numbers(tmp_path):
+    frame = events(n=60, lift=0.0)
+    frame["clicks"] = 0
+    first = frame.index[frame.arm == "a"][0]
+    frame.loc[first, "clicks"] = 3  # control barely above 0: Fieller's set is unbounded
+    path = tmp_path / "events.csv"
+    frame.to_csv(path, index=False)
+    result = ab_report([str(path)], EXPERIMENT, html_path=str(tmp_path / "r.html"))
+    (c,) = result["comparisons"]
+    assert c["lift"] == -1.0 and np.isnan(c["ci_low"]) and np.isnan(c["ci_high"])
+    line = summary_line(result)
+    assert "(95% CI undefined)" in line
+    assert "note: b: lift CI unbounded: the control mean is not distinguishable from 0" in line

@@ -61,14 +61,22 @@ def ab_report(events: Sequence[str], experiment: ABExperiment, metric: str = "cl
 
 
 def summary_line(result: dict) -> str:
-    """One human line per comparison: lift, CI, p-value and the SRM verdict."""
+    """One human line per comparison (lift, CI, p-value, Holm's p with several treatments, the
+    SRM verdict), then one line per note and warning."""
+    several = len(result["comparisons"]) >= 2
     lines = []
     for c in result["comparisons"]:
+        ci = (f"95% CI {c['ci_low']:+.2%} .. {c['ci_high']:+.2%}"
+              if np.isfinite(c["ci_low"]) and np.isfinite(c["ci_high"]) else "95% CI undefined")
+        holm = f", Holm p = {c['p_value_holm']:.3g}" if several else ""
         lines.append(
             f"{c['arm']} vs {result['control']}: {result['metric']} {c['lift']:+.2%} "
-            f"(95% CI {c['ci_low']:+.2%} .. {c['ci_high']:+.2%}), p = {c['p_value']:.3g}; "
+            f"({ci}), p = {c['p_value']:.3g}{holm}; "
             f"SRM p = {result['srm']['p_value']:.3g}"
             + ("" if result["trustworthy"] else " -- UNTRUSTWORTHY (see srm/checks)"))
+        lines.extend(f"note: {c['arm']}: {n}" for n in c.get("notes", []))
+    lines.extend(f"note: {n}" for n in result.get("notes", []))
+    lines.extend(f"warning: {w}" for w in result.get("warnings", []))
     if result["checks"].get("assignment_hint"):
         lines.append(f"warning: {result['checks']['assignment_hint']}")
     return "\n".join(lines)
@@ -91,14 +99,18 @@ def render_html(result: dict, table: pd.DataFrame) -> str:
              f"assignment mismatches: {result['checks']['assignment_mismatches']}</p>",
              *([f"<p class='fail'>{html.escape(result['checks']['assignment_hint'])}</p>"]
                if result["checks"].get("assignment_hint") else []),
-             "<pre>" + html.escape(summary_line(result)) + "</pre>"]
+             "<pre>" + html.escape(summary_line(result)) + "</pre>",
+             *[f"<p class='fail'>warning: {html.escape(w)}</p>"
+               for w in result.get("warnings", [])]]
     if result["cuped"]:
         parts.append(f"<p>CUPED: theta = {result['cuped']['theta']:.4f}, variance reduced by "
                      f"{result['cuped']['variance_reduction']:.1%}</p>")
+    raw = ["unadjusted"] if result["cuped"] else []
     parts.append(_table([(a["arm"], a["units"], a["events"], a["impressions"], a["clicks"],
+                          *([f"{a['value_raw']:.5g}"] if raw else []),
                           f"{a['value']:.5g}", f"[{a['ci_low']:.5g}, {a['ci_high']:.5g}]")
                          for a in result["arms"]],
-                        ["arm", "units", "events", "impressions", "clicks",
+                        ["arm", "units", "events", "impressions", "clicks", *raw,
                          result["metric"] + (" (CUPED-adjusted)" if result["cuped"] else ""),
                          "95% CI"]))
     parts.append(_img(plt, _arms_plot(plt, result)))
@@ -143,6 +155,11 @@ def _lift_plot(plt, result):
     for i, c in enumerate(comparisons):
         if not np.isfinite(c["lift"]):  # e.g. a control mean of 0: say so, not a blank row
             ax.text(0, i, " relative lift undefined (control's mean is 0)", va="center")
+            continue
+        if not (np.isfinite(c["ci_low"]) and np.isfinite(c["ci_high"])):  # see c["notes"]
+            ax.plot([100 * c["lift"]], [i], "o", color="#258")
+            ax.text(100 * c["lift"], i, "  CI undefined: " + "; ".join(c.get("notes", [])),
+                    va="center", fontsize=8)
             continue
         ax.errorbar([100 * c["lift"]], [i], xerr=[[100 * (c["lift"] - c["ci_low"])],
                                                    [100 * (c["ci_high"] - c["lift"])]],
