@@ -375,6 +375,21 @@ def test_an_arm_with_one_unit_is_an_error_naming_it():
         analyze(table, experiment(), check_assignment=False, source="ev.csv")
 
 
+def test_an_arm_left_too_small_by_units_in_several_arms_says_so():
+    # Issue 19: u1 in both arms left 'treatment' with one unit, and the report said just "arm
+    # 'treatment' has events of only 1 unit", not that u1 had been dropped for being in two.
+    table = unit_table(np.random.default_rng(9), 500)
+    one = table[table.arm == "treatment"].head(1)
+    twice = table[table.arm == "control"].head(1).assign(arm="treatment")
+    table = pd.concat([table[table.arm == "control"], one, twice])
+    unit = twice["unit"].iloc[0]
+    with pytest.raises(DataError, match=(
+            r"ev.csv: arm 'treatment' has events of only 1 unit once the units logged in "
+            rf"several arms are dropped: 1 unit dropped \(1 logged in 'treatment'\), e.g. "
+            rf"'{unit}' in \['control', 'treatment'\]")):
+        analyze(table, experiment(), check_assignment=False, source="ev.csv")
+
+
 def test_ctr_of_an_arm_without_impressions_is_an_error_naming_it():
     table = unit_table(np.random.default_rng(10), 500)
     table.loc[table.arm == "control", ["impressions", "clicks"]] = 0  # was ZeroDivisionError

@@ -221,6 +221,6 @@ def test_an_arm_left_too_small_by_units_in_several_arms_names_them(files, capsys
     monkeypatch.chdir(files)
     assert main(["ab", "report", "--experiment", "ab.yaml", "--events", "two.csv"]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and err.startswith("fm-keras: error: two.csv: column 'arm': "
-                                                   "arm 'naive' has events of only 1 unit once")
+    assert err.count("\n") == 1 and err.startswith("fm-keras: error: two.csv: arm 'naive' has "
+                                                   "events of only 1 unit once")
     assert "1 unit dropped (1 logged in 'naive'), e.g. 'u1' in ['cleaned', 'naive']" in err

@@ -218,27 +218,6 @@ def test_bool_and_temporal_unit_ids_in_parquet_are_an_error(tmp_path, ids, kind)
         read_events([str(path)], EXPERIMENT)
 
 
-def test_an_arm_left_too_small_by_units_in_several_arms_says_so(tmp_path):
-    # Issue 19: u1 in both arms left arm 'a' with u2 only, and the report said just "arm 'a'
-    # has events of only 1 unit", not that u1 had been dropped for being in two arms.
-    path = tmp_path / "e.csv"
-    EVENTS.drop(columns="pre_period").assign(
-        user_id=["u1", "u2", "u1", "u3"], arm=["a", "a", "b", "b"]).pipe(
-        lambda f: pd.concat([f, f.iloc[[3]].assign(user_id="u4")])).to_csv(path, index=False)
-    with pytest.raises(DataError, match=r"e.csv: column 'arm': arm 'a' has events of only 1 unit "
-                       r"once the units logged in several arms are dropped: 1 unit dropped "
-                       r"\(1 logged in 'a'\), e.g. 'u1' in \['a', 'b'\]"):
-        read_events([str(path)], EXPERIMENT)
-
-
-def test_units_in_several_arms_that_leave_enough_units_are_not_an_error_here(tmp_path):
-    path = tmp_path / "e.csv"
-    pd.concat([EVENTS, EVENTS.assign(user_id=["u4", "u5", "u1", "u6"])]).drop(
-        columns="pre_period").to_csv(path, index=False)
-    assert sorted(set(read_events([str(path)], EXPERIMENT)["unit"])) == \
-        ["u1", "u2", "u3", "u4", "u5", "u6"]  # the analysis drops and counts u1
-
-
 def test_a_nan_pre_period_is_an_error_in_csv_and_parquet_and_a_null_is_an_empty_cell(tmp_path):
     # Issue 19 found "Parquet NaN treated as empty": the file held a null (pandas writes NaN as
     # a Parquet null, and as an empty CSV cell). One rule for both formats: an empty cell or

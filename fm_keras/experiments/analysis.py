@@ -88,6 +88,20 @@ def relative_lift(mean_t: float, var_t: float, mean_c: float, var_c: float,
             "ci_high": float((b + root) / a - 1.0), "se": se, "ci_bounded": True}
 
 
+def _dropped_from(table: pd.DataFrame, several: pd.Series, arm: str) -> str:
+    """Why an arm is small when units logged in several arms (dropped) are the cause: how many
+    were dropped, how many from `arm`, and one with its arms; "" when none came from it."""
+    lost = table.loc[several & (table["arm"] == arm), "unit"]
+    if lost.empty:
+        return ""
+    example = lost.iloc[0]
+    arms = sorted(table.loc[table["unit"] == example, "arm"])
+    dropped = table.loc[several, "unit"].nunique()
+    return (f" once the units logged in several arms are dropped: {dropped} unit"
+            f"{'s' if dropped != 1 else ''} dropped ({len(lost)} logged in {arm!r}), e.g. "
+            f"{example!r} in {arms}; log each unit in the arm its id assigns")
+
+
 def holm(p_values: list[float]) -> list[float]:
     """Holm's step-down adjusted p-values (Holm 1979), in the order given.
 
@@ -265,8 +279,9 @@ def analyze(table: pd.DataFrame, experiment: ABExperiment, metric: str = "clicks
             raise DataError(f"{source}: arm {name!r} has no events (arms with events: "
                             f"{sorted(set(units['arm']))}); check the logging of that arm")
         if len(arm_units) < 2:
-            raise DataError(f"{source}: arm {name!r} has events of only {len(arm_units)} unit; "
-                            "a variance needs at least 2 units per arm")
+            raise DataError(f"{source}: arm {name!r} has events of only {len(arm_units)} unit"
+                            f"{_dropped_from(table, arms_of_unit > 1, name)}; a variance needs "
+                            "at least 2 units per arm")
         if metric == "ctr" and arm_units["impressions"].sum() == 0:
             raise DataError(f"{source}: column 'impressions': arm {name!r} has 0 impressions, "
                             "so its ctr is undefined; use --metric clicks_per_user")

@@ -53,10 +53,9 @@ def read_events(patterns: Sequence[str], experiment: ABExperiment,
         DataError: naming the file and column: a missing column, an empty unit id, unit ids
             stored as floats, booleans, dates or times, a non-numeric, empty, negative or
             out-of-range count, clicks above impressions, an arm the experiment does not have,
-            a non-finite pre_period or one that differs between the rows of a unit, or units
-            logged in several arms (which the analysis drops) that leave an arm with fewer
-            than 2 units; a bad cell is named by its line in a CSV file (``first at line 5``,
-            as `fm_keras.reading` names lines), by its 1-based data row in a Parquet file.
+            or a non-finite pre_period or one that differs between the rows of a unit; a bad
+            cell is named by its line in a CSV file (``first at line 5``, as
+            `fm_keras.reading` names lines), by its 1-based data row in a Parquet file.
 
     A file matched twice (by a glob and by its name) is read once.
     """
@@ -108,36 +107,7 @@ def read_events(patterns: Sequence[str], experiment: ABExperiment,
                             f"{differs.index[0]!r}: {differs['min'].iloc[0]:g} and "
                             f"{differs['max'].iloc[0]:g}); it is the unit's pre-experiment "
                             "metric, the same on each of its rows")
-    _check_arms_left_by_units_in_several_arms(events, experiment, ", ".join(patterns))
     return events
-
-
-def _check_arms_left_by_units_in_several_arms(events: pd.DataFrame, experiment: ABExperiment,
-                                              source: str) -> None:
-    """The analysis drops units logged in several arms; when that leaves an arm with fewer
-    than 2 units, says so (the arm-size error alone would hide why the arm is small)."""
-    # About as costly as the report's own groupby per (unit, arm): ~1 s per 2M events.
-    pairs = events[["unit", "arm"]].drop_duplicates()
-    several = pairs["unit"].duplicated(keep=False).to_numpy()
-    if not several.any():
-        return
-    kept = pairs.loc[~several, "arm"].value_counts()
-    dropped = pairs.loc[several]
-    for name in experiment.arm_names:
-        left, lost = int(kept.get(name, 0)), dropped[dropped["arm"] == name]
-        if left < 2 and len(lost):
-            example = lost["unit"].iloc[0]
-            in_arms = sorted(dropped.loc[dropped["unit"] == example, "arm"])
-            several_units = dropped["unit"].nunique()
-            raise DataError(
-                f"{source}: column 'arm': arm {name!r} has events of only {_units(left)} once "
-                f"the units logged in several arms are dropped: {_units(several_units)} dropped "
-                f"({len(lost)} logged in {name!r}), e.g. {example!r} in {in_arms}; log each "
-                "unit in the arm its id assigns (a variance needs at least 2 units per arm)")
-
-
-def _units(n: int) -> str:
-    return f"{n} unit" if n == 1 else f"{n} units"
 
 
 def unit_ids(frame: pd.DataFrame, path: str, unit: str) -> pd.Series:
