@@ -186,7 +186,8 @@ class FactorizationMachine(keras.layers.Layer):
         term [batch] and its factor sum S = sum_i v_i x_i [batch, k]. The full FM is
         ``bias + (L_Q + L_I) + (P_Q + P_I) + <S_Q, S_I>``.
         """
-        self._check_shapes(ids.shape, values.shape, _raggedness(ids, values))
+        # One side's slots (fewer than a per-slot L2 list has), and never regularized.
+        self._check_shapes(ids.shape, values.shape, _raggedness(ids, values), slot_l2=False)
         values = tf.cast(values, self.compute_dtype) * tf.cast(mask, self.compute_dtype)
         return self._terms(ids, values, regularize=False)
 
@@ -247,9 +248,11 @@ class FactorizationMachine(keras.layers.Layer):
         with tf.control_dependencies(checks):
             return tf.broadcast_to(tf.constant(value, dtype), tf.shape(values))
 
-    def _check_shapes(self, ids_shape, values_shape, ragged: bool | None = None) -> None:
+    def _check_shapes(self, ids_shape, values_shape, ragged: bool | None = None,
+                      slot_l2: bool = True) -> None:
         """Static checks of the input shapes (no per-step work): rank 2 each, the same shape,
-        and per-slot L2 lists as long as the slots are (when that is known)."""
+        and (`slot_l2`: inputs the penalty reads) per-slot L2 lists as long as the slots are,
+        when that is known."""
         ids_shape, values_shape = tf.TensorShape(ids_shape), tf.TensorShape(values_shape)
         if ids_shape.rank is None or values_shape.rank is None:
             return
@@ -265,7 +268,7 @@ class FactorizationMachine(keras.layers.Layer):
                 f"{self.name}: ids and values must have the same shape [batch, slots], got ids "
                 f"of shape {ids_shape.as_list()} and values of shape {values_shape.as_list()}")
         slots = ids_shape[1] if ids_shape[1] is not None else values_shape[1]
-        if ragged or slots is None:
+        if ragged or slots is None or not slot_l2:
             return
         for name, value in (("l2_embeddings", self.l2_embeddings), ("l2_linear", self.l2_linear)):
             if isinstance(value, list) and len(value) != slots:

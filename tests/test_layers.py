@@ -226,6 +226,18 @@ def test_per_slot_l2_of_another_length_names_parameter_and_counts():
         call(tf.constant([[1, 2, 3]]), tf.ones([1, 3]))
 
 
+def test_side_terms_of_one_sides_slots_ignore_the_per_slot_l2_lists():
+    """Towers and retrieval call side_terms on one side's slots (2 of 4 here): never
+    regularized, so a per-slot L2 list of all the slots is not a shape error there."""
+    layer = FactorizationMachine(10, 3, l2_embeddings=[0.1, 0.2, 0.3, 0.4], l2_linear=0.01)
+    layer.build(None)
+    ids, values = tf.constant([[1, 5]]), tf.constant([[1.0, 2.0]])
+    linear, pairs, summed = layer.side_terms(ids, values, tf.ones_like(values, tf.bool))
+    assert summed.shape == [1, 3] and not layer.losses
+    with pytest.raises(ValueError, match="l2_embeddings has 4 values"):
+        layer((ids, values))  # the whole FM on 2 slots: the list does not fit
+
+
 @pytest.mark.parametrize("l2_embeddings", [0.2, [0.1, 0.5, 2.0, 0.3]])
 def test_ragged_inputs_match_zero_padded_dense_with_l2(l2_embeddings):
     """Ragged inputs with any l2_* set failed ("mismatched row_splits dtypes")."""
