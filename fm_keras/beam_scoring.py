@@ -281,7 +281,7 @@ def score_with_beam(model: str, inputs: Sequence[str], output: str, *,
         [0.0] if t == "float32" else [""], tf.float32 if t == "float32" else tf.string)
         for n, t in types.items()}).items()}
     dtypes = {k: object if v.dtype == object else v.dtype for k, v in sample.items()}
-    keep_types = kept_types(files[0], keep) if files else {}
+    keep_types = kept_types(files, keep)  # local files; a remote file's cells are cast to them
     numeric = [n for n, t in types.items() if t == "float32"]
     schema = outputs_table({k: _kept_column([0.0 if k in numeric else ""], k, keep_types, numeric)
                             for k in keep}, sample, fmt).schema

@@ -263,14 +263,26 @@ class TableWriter:
             os.unlink(self.tmp)
 
 
-def kept_types(path: str, keep: Sequence[str]) -> dict[str, pa.DataType]:
-    """The types the kept (``--keep``) columns of `path` are written with, where not text.
+def kept_types(paths: Sequence[str], keep: Sequence[str]) -> dict[str, pa.DataType]:
+    """The types the kept (``--keep``) columns of the files `paths` are written with, where
+    not text.
 
     A Parquet file's integer, floating-point and boolean columns keep their type, and so does
-    the label of a libSVM / libFFM file (a number by the format's rule: float64); every other
-    kept column is written as text, as read (CSV cells are text: an id such as ``007`` stays
-    ``007``).
+    the label of a libSVM / libFFM file (a number by the format's rule: float64), when every
+    file gives the column that same type; every other kept column is written as text, as read
+    (CSV cells are text: an id such as ``007`` stays ``007``; a column that is int64 in one
+    file and text or float64 in another is text).
     """
+    types = None
+    for path in paths:
+        found = _file_kept_types(path, keep)
+        types = found if types is None else \
+            {c: kind for c, kind in types.items() if found.get(c) == kind}
+    return types or {}
+
+
+def _file_kept_types(path: str, keep: Sequence[str]) -> dict[str, pa.DataType]:
+    """`kept_types` of one file."""
     if is_parquet(path):
         schema = pq.read_schema(path)
         return {c: schema.field(c).type for c in keep if c in schema.names
@@ -300,8 +312,8 @@ def kept_array(values: np.ndarray, kind: pa.DataType | None, where: str) -> pa.A
     try:
         return pc.cast(pc.if_else(pc.equal(text, ""), pa.scalar(None, pa.string()), text), kind)
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as error:
-        raise DataError(f"{where}: kept column (--keep) is {kind} in the first file but holds "
-                        f"a cell that is not: {str(error).splitlines()[0]}") from None
+        raise DataError(f"{where}: kept column (--keep) is {kind} in every input file but "
+                        f"holds a cell that is not: {str(error).splitlines()[0]}") from None
 
 
 def outputs_table(keep: dict[str, np.ndarray | pa.Array], outputs: dict[str, np.ndarray],
@@ -338,7 +350,7 @@ def run_signature(model: str, inputs: Sequence[str], output: str, *,
         inputs: CSV/Parquet paths or globs.
         signature: the signature to run; its raw inputs must be columns of the files.
         keep: input columns copied to the output (default: id columns), typed by `kept_types`
-            of the first file.
+            of the files.
         derive: signature inputs computed from a column of the files, not read as they are:
             ``{input: (column, fn of its Arrow array)}`` (e.g. the exclusion lists of
             `recommend`).
@@ -366,7 +378,7 @@ def run_signature(model: str, inputs: Sequence[str], output: str, *,
     read_types = {n: t for n, t in types.items() if n not in derived}
     lists = {**export_list_columns(meta), **(lists or {})}
     keep = list(keep) if keep is not None else default_keep(read_header(files[0]))
-    keep_types = kept_types(files[0], keep)
+    keep_types = kept_types(files, keep)
     fmt = output_format(output)
     warm = time.time()
     fn(**{n: tf.constant([0.0] if t == tf.float32 else [""], t) if n not in derived

@@ -98,6 +98,16 @@ def test_kept_columns_keep_their_parquet_types(exports, small_synth, tmp_path):
     got = pd.read_parquet(out)
     assert got["click"].tolist() == frame["click"].astype(str).tolist()
     assert set(got["code"]) == {"007"}
+    # A column int64 in one file and text in another is text, whichever file comes first (it
+    # was an error naming the second file, a regression of the typed --keep).
+    texts = str(tmp_path / "texts.parquet")
+    frame.assign(click=frame["click"].astype(str).radd("c")).to_parquet(texts, index=False)
+    for files in ([path, texts], [texts, path]):
+        run_signature(exports["ranking"], files, out, keep=["click"], progress=False)
+        assert str(pq.read_schema(out).field("click").type) == "string"
+        assert sorted(pd.read_parquet(out)["click"])[:2] == ["0", "0"]
+    run_signature(exports["ranking"], [path, path], out, keep=["click"], progress=False)
+    assert str(pq.read_schema(out).field("click").type) == "int64"
 
 
 def test_recommend_long_format_and_exclusions(exports, small_synth, tmp_path,
