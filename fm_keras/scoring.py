@@ -316,12 +316,11 @@ def kept_array(values: np.ndarray, kind: pa.DataType | None, where: str) -> pa.A
                         f"holds a cell that is not: {str(error).splitlines()[0]}") from None
 
 
-def outputs_table(keep: dict[str, np.ndarray | pa.Array], outputs: dict[str, np.ndarray],
+def outputs_table(keep: dict[str, pa.Array], outputs: dict[str, np.ndarray],
                   fmt: str) -> pa.Table:
-    """Kept input columns (Arrow arrays as they are, bytes as UTF-8 text), then outputs; a 2-D
-    output becomes NAME_0.. (CSV) or a list (Parquet)."""
-    columns = {k: v if isinstance(v, pa.Array) else pa.array(v, pa.string())
-               for k, v in keep.items()}
+    """Kept input columns (`kept_array`s), then outputs; a 2-D output becomes NAME_0.. (CSV) or
+    a list (Parquet)."""
+    columns = dict(keep)
     for name in sorted(outputs):
         value = outputs[name]
         kind = pa.string() if value.dtype == object else None  # bytes decode as UTF-8
