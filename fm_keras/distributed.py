@@ -40,6 +40,8 @@ from fm_keras.errors import ConfigError, DataError
 from fm_keras.evaluation import metrics_for
 from fm_keras.model import build_model, make_optimizer
 from fm_keras.out_of_core import Shards, shard_dataset
+from fm_keras.prior import attach_prior
+from fm_keras.prior_search import Slots
 from fm_keras.tfrecord import is_tfrecord
 from fm_keras.progress import log
 from fm_keras.runs import (TrainingState, calibrate, check_run_dir, library_versions, predict_split,
@@ -215,13 +217,15 @@ def train_distributed(config: ExperimentConfig, run_dir: str, *, resume: bool = 
         return shard_dataset(shards, training, batch_size=batch_size, repeat=True,
                              source=config.source)
 
+    # The per-id prior as on one machine: every synchronous worker sets and re-estimates its
+    # own copy from the same counts and validation rows (the same numbers: no collective);
+    # on a parameter-server cluster the chief does, for the tables on the parameter servers.
+    prior = attach_prior(model, config, shards.counts, shards.sample_ids, shards.sample_values,
+                         shards.labels, shards.label_counts)
+    if prior is not None and config.model.l2_prior_validation:
+        prior.search_on(Slots(*model.encoder.encode_numpy(valid_split.features),
+                              valid_split.labels, model.logit_correction), training.seed)
     state = _ClusterTrainingState(write_dir, model, config, resume=resume)
-    if config.model.l2_prior:
-        warning = (f"{config.source}: model.l2_prior ({config.model.l2_prior:g}) is not "
-                   "applied on a cluster: training with l2_embeddings / l2_linear only (set "
-                   "them, or l2_prior: 0 to silence this; docs/distributed.md)")
-        log(f"warning: {warning}")
-        state.warnings.append(warning)
     log(f"{distribute.strategy}: task {task.type}:{task.index} of "
         f"{ {k: len(v) for k, v in task.cluster.items()} }, {manifest['rows']:,} rows in "
         f"{len(manifest['files'])} shard files, {steps} steps of {batch_size} per epoch"
@@ -232,7 +236,7 @@ def train_distributed(config: ExperimentConfig, run_dir: str, *, resume: bool = 
             model.fit(keras.utils.experimental.DatasetCreator(dataset_fn),
                       epochs=training.epochs, steps_per_epoch=steps,
                       initial_epoch=state.initial_epoch,
-                      callbacks=[Validation(valid_split, task_name),
+                      callbacks=[*([prior] if prior else []), Validation(valid_split, task_name),
                                  *watch_defined_metric(state, valid_split), state],
                       verbose=2 if verbose is None else verbose)
     convergence = state.finish()
@@ -251,6 +255,7 @@ def train_distributed(config: ExperimentConfig, run_dir: str, *, resume: bool = 
     record = _record(model, state, convergence, metrics, manifest, len(valid_split), task,
                      distribute, steps * batch_size, {"total": round(time.time() - started, 2),
                                                       "fit": round(fit_seconds, 2)})
+    record["prior"] = prior.precisions if prior else None
     fsutil.write_json(os.path.join(run_dir, "run.json"), record)
     log(f"run complete: {run_dir}")
     return record

@@ -130,7 +130,7 @@ class FactorizationMachine(keras.layers.Layer):
             ValueError: an array has the wrong shape, or the layer is not built yet.
         """
         self._require_built("assign_parameters")
-        table = self.table.numpy()
+        table = np.array(tf.convert_to_tensor(self.table))  # also a table sharded over ps
         columns = (("linear", linear, 0), ("embeddings", embeddings, slice(1, None)))
         for name, value, cols in columns:
             if value is None:

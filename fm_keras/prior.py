@@ -24,6 +24,8 @@ from __future__ import annotations
 import numpy as np
 
 from fm_keras._tf import keras
+from fm_keras.config import ExperimentConfig
+from fm_keras.data import sample_weights
 from fm_keras.prior_search import Slots, search
 
 ALPHA0 = BETA0 = 1.0  # libFM's Gamma hyperprior on each precision
@@ -160,3 +162,35 @@ class EmpiricalBayesPrior(keras.callbacks.Callback):
             tau_w[part] = self.precisions[name]["linear"]
             tau_v[part] = self.precisions[name]["embeddings"]
         fm.set_prior(self.counts, tau_embeddings=tau_v, tau_linear=tau_w)
+
+
+def attach_prior(model, config: ExperimentConfig, counts: np.ndarray, sample_ids: np.ndarray,
+                 sample_values: np.ndarray, labels: np.ndarray,
+                 label_counts: np.ndarray | None = None) -> EmpiricalBayesPrior | None:
+    """Sets `model.l2_prior`'s per-id penalty from the training counts and returns the
+    between-epoch re-estimation (`EmpiricalBayesPrior`) to pass to `fit`, if
+    ``model.l2_prior_adaptive``; one machine and a cluster alike.
+
+    Args:
+        model: the built `fm_keras.model.FMModel`.
+        config: the experiment (``model.l2_prior``, ``model.l2_prior_adaptive``, the task and
+            the class weights of ``training``).
+        counts: training rows per id, int [num_ids].
+        sample_ids, sample_values: a sample of encoded training rows [rows, slots] (a few
+            thousand), for the factor curvature.
+        labels: the training labels, or with `label_counts` their distinct values.
+        label_counts: rows per distinct label (a label histogram), or None.
+
+    Returns:
+        The callback, or None: no prior (``l2_prior: 0``, or ``task: retrieval``, which has
+        none) or a fixed one.
+    """
+    if not model.fm.l2_prior or config.model.task == "retrieval":
+        return None
+    model.fm.set_prior(counts)
+    if not config.model.l2_prior_adaptive:
+        return None
+    weights = sample_weights(labels, config.training)
+    return EmpiricalBayesPrior(model, counts, sample_ids, sample_values,
+                               curvature(config.model.task, labels, weights, label_counts),
+                               config.model.task)

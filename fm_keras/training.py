@@ -34,7 +34,7 @@ from fm_keras.fit_progress import fit_progress, fit_verbosity
 from fm_keras.weights import read_weights, require_table_layout
 from fm_keras.model import FMModel, build_model, make_optimizer
 from fm_keras.negatives import SampledNegatives
-from fm_keras.prior import EmpiricalBayesPrior, curvature
+from fm_keras.prior import attach_prior
 from fm_keras.prior_search import Slots
 from fm_keras.progress import log
 from fm_keras.retrieval import train_retrieval
@@ -157,8 +157,9 @@ def _train(config: ExperimentConfig, run_dir: str, *, resume: bool, verbose: int
         shards = converted or out_of_core.write_shards(
             config, model.encoder, out_of_core.shard_directory(config, run_dir, fit), fit)
         labels, label_counts = shards.labels, shards.label_counts
-        _attach_prior(model, config, shards.counts, shards.sample_ids, shards.sample_values,
-                      labels, label_counts, prior)
+        callback = attach_prior(model, config, shards.counts, shards.sample_ids,
+                                shards.sample_values, labels, label_counts)
+        prior = [callback] if callback else []
         trained = (None if shards.zero_value_ids is None else  # shards of an older version
                    trained_rows(model.fm.num_ids, shards.zero_value_ids, counts=shards.counts))
         train_ds = out_of_core.shard_dataset(shards, config.training, config.training.seed,
@@ -347,8 +348,9 @@ def _dataset(model: FMModel, split: Split, config: ExperimentConfig, training: b
     if training:
         sample = np.random.default_rng(config.training.seed).permutation(len(ids))[:4096]
         counts = np.bincount(ids[values != 0], minlength=model.fm.num_ids)
-        _attach_prior(model, config, counts, ids[sample], values[sample], split.labels, None,
-                      callbacks)
+        callback = attach_prior(model, config, counts, ids[sample], values[sample], split.labels)
+        if callbacks is not None and callback is not None:
+            callbacks.append(callback)
         trained = trained_rows(model.fm.num_ids, ids[values == 0],
                                *([negatives.catalog_slots[0]] if negatives else []),
                                counts=counts)
@@ -360,22 +362,6 @@ def _dataset(model: FMModel, split: Split, config: ExperimentConfig, training: b
     return batched_dataset(ids, values, split.labels, weights,
                            config.training.batch_size if training else 8192,
                            shuffle_seed=config.training.seed if training else None), trained
-
-
-def _attach_prior(model: FMModel, config: ExperimentConfig, counts: np.ndarray,
-                  sample_ids: np.ndarray, sample_values: np.ndarray, labels: np.ndarray,
-                  label_counts: np.ndarray | None, callbacks: list | None) -> None:
-    """Sets `model.l2_prior`'s id counts [num_ids] and, if adaptive, adds the
-    `EmpiricalBayesPrior` (fed a sample of encoded rows) to `callbacks`. `labels` are the
-    training labels, or with `label_counts` their histogram (distinct values, rows)."""
-    if not model.fm.l2_prior or config.model.task == "retrieval":
-        return
-    model.fm.set_prior(counts)
-    if config.model.l2_prior_adaptive and callbacks is not None:
-        weights = sample_weights(labels, config.training)
-        callbacks.append(EmpiricalBayesPrior(
-            model, counts, sample_ids, sample_values,
-            curvature(config.model.task, labels, weights, label_counts), config.model.task))
 
 
 def _dropped_text(split: Split) -> str:

@@ -82,3 +82,38 @@ def test_callback_applies_the_validation_search_to_the_layer():
     assert np.sqrt(np.mean(after[:n_noise] ** 2)) < 0.5 * np.sqrt(np.mean(before[:n_noise] ** 2))
     np.testing.assert_allclose(fm.prior.numpy()[:n_noise, 0],
                                0.5 * tau["noise"]["linear"] / counts[:n_noise], rtol=1e-5)
+
+
+@pytest.mark.parametrize("model, adaptive, task, callback, prior_set", [
+    ({"l2_prior": 10.0}, True, "binary", True, True),
+    ({"l2_prior": 10.0}, False, "binary", False, True),
+    ({"l2_prior": 0.0}, True, "binary", False, False),
+    ({"l2_prior": 10.0}, True, "retrieval", False, False),
+])
+def test_attach_prior_sets_the_counts_and_returns_the_callback_when_adaptive(
+        model, adaptive, task, callback, prior_set):
+    """The one entry point of one machine and clusters: the per-id L2 tau / (2 n) for seen
+    ids (0 for unseen) and the re-estimation callback only with ``l2_prior_adaptive``."""
+    from types import SimpleNamespace
+
+    from fm_keras.config import ModelConfig, TrainingConfig
+    from fm_keras.layers import FactorizationMachine
+    from fm_keras.prior import EmpiricalBayesPrior, attach_prior
+
+    fm = FactorizationMachine(6, 2, l2_prior=model["l2_prior"])
+    fm((np.zeros([1, 2], np.int32), np.zeros([1, 2], np.float32)))
+    features = [SimpleNamespace(config=SimpleNamespace(name="f"), size=6)]
+    fm_model = SimpleNamespace(fm=fm, encoder=SimpleNamespace(features=features, offsets=[0]))
+    config = SimpleNamespace(model=ModelConfig(task=task, l2_prior=model["l2_prior"],
+                                               l2_prior_adaptive=adaptive),
+                             training=TrainingConfig())
+    counts = np.array([4, 0, 1, 2, 0, 8])
+    ids = np.array([[0, 2], [3, 5]])
+    got = attach_prior(fm_model, config, counts, ids, np.ones(ids.shape, np.float32),
+                       np.array([0.0, 1.0]))
+    assert isinstance(got, EmpiricalBayesPrior) if callback else got is None
+    if prior_set:
+        expected = np.where(counts > 0, 0.5 * 10.0 / np.maximum(counts, 1), 0.0)
+        np.testing.assert_allclose(fm.prior.numpy(), np.stack([expected] * 2, 1), rtol=1e-6)
+    elif model["l2_prior"]:
+        assert not fm.prior.numpy().any()
