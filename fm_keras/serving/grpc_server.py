@@ -165,6 +165,10 @@ class ModelService(model_service_pb2_grpc.ModelServiceServicer, _Handlers):
         def run():
             from fm_keras.errors import ConfigError
 
+            if request.config.WhichOneof("config") is None:
+                # As server_core.cc: nothing to load; a later request may bring a config.
+                log.info("Taking no action for empty config.")
+                return model_management_pb2.ReloadConfigResponse()
             try:
                 validate_model_server_config(request.config, "ReloadConfigRequest")
             except ConfigError as err:

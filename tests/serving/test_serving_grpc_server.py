@@ -222,6 +222,11 @@ def test_reload_config_adds_label_and_removes_model(stubs, saved_models):
     code, details = _code(lambda: model_stub.HandleReloadConfigRequest(bad, timeout=60))
     assert code == grpc.StatusCode.FAILED_PRECONDITION and "version 9" in details
 
+    # an empty config is no action and OK, as in TF Serving's ServerCore::ReloadConfig (was
+    # INVALID_ARGUMENT naming a custom_model_config the request did not have)
+    model_stub.HandleReloadConfigRequest(model_management_pb2.ReloadConfigRequest(), timeout=60)
+    assert outputs(predict_stub.Predict(predict_request(label="canary"), timeout=10))
+
     # restore both models for the tests that follow
     back = model_management_pb2.ReloadConfigRequest()
     back.config.CopyFrom(text_format.Parse(models_config(saved_models, {"stable": 1}),
