@@ -50,6 +50,7 @@ class Servable:
         self._metrics = metrics
         self._batchers = {}
         self._lock = threading.Lock()
+        self._unloaded = False
 
     def signature(self, name: str) -> Signature:
         return find_signature(self.signatures, name)
@@ -72,7 +73,9 @@ class Servable:
 
     def _batcher(self, sig: Signature):
         """The signature's ``Batcher`` (made on first use), or None when its calls run directly
-        (batching off, or an input without a batch dimension)."""
+        (batching off, an input without a batch dimension, or the version unloaded: a request
+        that looked it up just before then finishes inline, as a stopped batcher's would,
+        instead of starting batch threads that nothing would stop)."""
         if self._batching is None or not sig.batchable:
             return None
         batcher = self._batchers.get(sig.name)
@@ -81,6 +84,8 @@ class Servable:
 
             with self._lock:
                 batcher = self._batchers.get(sig.name)
+                if batcher is None and self._unloaded:
+                    return None
                 if batcher is None:
                     on_batch = None
                     if self._metrics is not None:
@@ -91,7 +96,9 @@ class Servable:
         return batcher
 
     def unload(self) -> None:
+        """Stops the batch queues (queued requests still finish); no new queue starts."""
         with self._lock:
+            self._unloaded = True
             for batcher in self._batchers.values():
                 batcher.stop()
 

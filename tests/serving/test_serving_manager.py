@@ -6,6 +6,7 @@ import threading
 import time
 
 import grpc
+import numpy as np
 import pytest
 from serving_testlib import predict_request, start_server, wait_for
 from tensorflow_serving.apis import (get_model_status_pb2, prediction_service_pb2_grpc,
@@ -299,3 +300,27 @@ def _serves_label(manager, name, label):
     except ServingError:
         return False
     return True
+
+
+def test_a_request_on_an_unloaded_version_starts_no_batch_threads(three_versions):
+    """A request that looked a version up just before it was unloaded, for a signature not yet
+    called on it, made a new Batcher: its threads were never stopped and kept the unloaded
+    model alive. It now runs inline, as requests already queued there do."""
+    from fm_keras.serving.config import BatchingOptions
+    from serving_testlib import RANKING_ROW
+
+    manager = ModelManager(ServerOptions(model_base_path=three_versions,
+                                         file_system_poll_wait_seconds=0, max_num_load_retries=0),
+                           BatchingOptions(num_batch_threads=1))
+    manager.start(_config(three_versions, "specific { versions: 1 }"))
+    try:
+        servable = manager.lookup("ranking")
+        manager.reload_config(_config(three_versions, "specific { versions: 2 }"))
+        sig = servable.signature("")
+        arrays = {name: np.asarray(RANKING_ROW[name], dtype=sig.inputs[name][0])
+                  for name in sig.inputs}
+        outputs = servable.run(sig, arrays, timeout=30)
+        assert outputs["probability"].shape == (1,)
+        assert not [t for t in threading.enumerate() if t.name.startswith("batch-ranking-1-")]
+    finally:
+        manager.stop()
