@@ -301,6 +301,28 @@ def arrays_from_rest(outputs, specs: dict) -> dict[str, np.ndarray]:
     return arrays
 
 
+def json_column(column):
+    """An input column (list, NumPy array, scalar) as TF Serving's REST JSON takes it.
+
+    Bytes (what gRPC outputs such as a recall's ``item_ids`` are, and what gRPC inputs may
+    be) become text when they are UTF-8 and ``{"b64": ...}`` otherwise, so that the server
+    reads the same bytes as over gRPC; NumPy values become JSON numbers and lists.
+    """
+    import base64
+
+    def convert(value):
+        if isinstance(value, list):
+            return [convert(v) for v in value]
+        if isinstance(value, bytes):
+            try:
+                return value.decode("utf-8")
+            except UnicodeDecodeError:
+                return {"b64": base64.b64encode(value).decode("ascii")}
+        return value
+
+    return convert(np.asarray(column).tolist())
+
+
 class ArmResponse(NamedTuple):
     """A response and the arm that served it.
 
@@ -392,7 +414,7 @@ class ExperimentClient:
         # unloaded in between gives NOT_FOUND: the label is resolved once more.
         from fm_keras.versions import parse_version
 
-        body = {k: np.asarray(v).tolist() for k, v in inputs.items()}
+        body = {k: json_column(v) for k, v in inputs.items()}
         for attempt in range(2):
             meta = self.client.metadata(arm.model, version=arm.version, label=arm.label)
             version = parse_version(meta["model_spec"]["version"])
