@@ -29,6 +29,14 @@ log = logging.getLogger("fm_keras.serving")
 _NO_DEADLINE = 86_400.0  # seconds
 
 
+def model_spec_of(request):
+    """The request's ModelSpec; INVALID_ARGUMENT "Missing ModelSpec" when it has none (TF
+    Serving's predict_impl.cc and the other services: not a NOT_FOUND for a model named "")."""
+    if not request.HasField("model_spec"):
+        raise invalid_argument("Missing ModelSpec")
+    return request.model_spec
+
+
 def resolve(manager, model_spec):
     """ModelSpec -> servable (version, label or latest)."""
     choice = model_spec.WhichOneof("version_choice")
@@ -51,7 +59,7 @@ def remaining(context) -> float | None:
 
 def predict(manager, request, response, timeout: float | None = None) -> None:
     """The Predict core shared by gRPC and REST (the REST side builds a PredictRequest)."""
-    servable = resolve(manager, request.model_spec)
+    servable = resolve(manager, model_spec_of(request))
     sig = servable.signature(request.model_spec.signature_name)
     arrays = arrays_from_request(sig, request.inputs)
     names = check_output_filter(sig, request.output_filter)
@@ -63,6 +71,7 @@ def predict(manager, request, response, timeout: float | None = None) -> None:
 
 
 def model_metadata(manager, request, response) -> None:
+    model_spec_of(request)
     if not request.metadata_field:
         raise invalid_argument("GetModelMetadataRequest must specify at least one metadata_field")
     for field in request.metadata_field:
@@ -75,7 +84,7 @@ def model_metadata(manager, request, response) -> None:
 
 
 def model_status(manager, request, response) -> None:
-    spec = request.model_spec
+    spec = model_spec_of(request)
     version = request_version(spec.version.value) if spec.HasField("version") else None
     State = get_model_status_pb2.ModelVersionStatus.State
     for number, state, code, message in manager.model_status(spec.name, version):
@@ -137,7 +146,7 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer, _
         def run():
             remaining(context)
             response = response_type()
-            servable = resolve(self.manager, request.model_spec)
+            servable = resolve(self.manager, model_spec_of(request))
             infer(servable, request.model_spec.signature_name, request.input, response.result)
             response.model_spec.name, response.model_spec.version.value = servable.name, servable.version
             return response
