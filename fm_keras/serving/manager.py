@@ -129,6 +129,9 @@ class ModelManager:
         self._lock = threading.RLock()  # serialises polls and config reloads
         self._config = None
         self._loaded: dict[str, dict[int, Servable]] = {}
+        # The versions of a model whose base path changed, serving until one from the new
+        # path is available (``_move_model``).
+        self._outgoing: dict[str, dict[int, Servable]] = {}
         self._labels: dict[str, dict[str, int]] = {}
         self._status: dict[str, dict[int, list]] = {}
         self._failed: set[tuple[str, int]] = set()
@@ -196,7 +199,7 @@ class ModelManager:
         for thread in list(self._threads):
             thread.join(timeout=30)
         with self._lock:
-            for versions in self._loaded.values():
+            for versions in [*self._loaded.values(), *self._outgoing.values()]:
                 for servable in versions.values():
                     servable.unload()
 
@@ -242,8 +245,10 @@ class ModelManager:
             self._config = config
             new_paths = {m.name: m.base_path for m in config.model_config_list.config}
             for name in list(self._loaded):
-                if new_paths.get(name) != old_paths.get(name):  # removed, or moved elsewhere
+                if name not in new_paths:
                     self._unload_model(name)
+                elif new_paths[name] != old_paths.get(name):
+                    self._move_model(name)
             self.poll_once()
             errors = []
             for model in config.model_config_list.config:
@@ -259,7 +264,35 @@ class ModelManager:
             if errors:
                 raise ServingError("FAILED_PRECONDITION", "; ".join(errors))
 
+    def _move_model(self, name: str) -> None:
+        """A model whose base path changed: its versions are loaded anew from the new path,
+        and the loaded ones keep serving until one of those is available (as a new version
+        replaces an old one). Unloading them first, as this did, answered NOT_FOUND for as
+        long as the new path's first version took to load."""
+        current = self._loaded.pop(name, {})
+        if current:
+            self._retire_outgoing(name)
+            self._outgoing[name] = current
+        for key in [key for key in self._retrying if key[0] == name]:
+            self._retrying.pop(key)[0].set()
+        self._status.pop(name, None)
+        self._failed = {key for key in self._failed if key[0] != name}
+
+    def _retire_outgoing(self, name: str) -> None:
+        """Unloads the versions a model served from its previous base path."""
+        outgoing = self._outgoing.pop(name, {})
+        if outgoing:
+            self._publish()  # new requests stop seeing them; in-flight ones finish on their handle
+        while outgoing:
+            version, servable = outgoing.popitem()
+            servable.unload()
+            del servable
+            release_memory()
+            log.info("Unloaded servable version {name: %s version: %d} of the previous base "
+                     "path", name, version)
+
     def _unload_model(self, name: str) -> None:
+        self._retire_outgoing(name)
         for version in list(self._loaded.get(name, {})):
             self._unload(name, version)
         self._loaded.pop(name, None)
@@ -382,6 +415,7 @@ class ModelManager:
         self._loaded[name][version] = servable
         self._status[name][version] = [AVAILABLE, "OK", ""]
         self._publish()
+        self._retire_outgoing(name)
         if self._metrics is not None:
             self._metrics.inc(":tensorflow:serving:model_load_count", {"model_name": name})
         log.info("Successfully loaded servable version {name: %s version: %d}", name, version)
@@ -397,8 +431,10 @@ class ModelManager:
         log.info("Unloaded servable version {name: %s version: %d}", name, version)
 
     def _publish(self) -> None:
-        self._published = {name: _Published(dict(versions), dict(self._labels.get(name, {})))
-                            for name, versions in self._loaded.items()}
+        self._published = {
+            name: _Published(dict(self._loaded.get(name) or self._outgoing.get(name, {})),
+                             dict(self._labels.get(name, {})))
+            for name in {*self._loaded, *self._outgoing}}
 
     def _load_servable(self, name: str, version: int, path: str) -> Servable:
         from fm_keras.serving.loading import load_saved_model

@@ -204,13 +204,45 @@ def test_model_config_file_is_polled(saved_models, tmp_path):
 
 
 def test_reload_with_a_new_base_path_serves_from_it(saved_models, tmp_path):
+    """The old path's version keeps serving while the new path's loads (it was unloaded
+    first: NOT_FOUND for the whole load), and is unloaded once the new one serves."""
     moved = str(tmp_path / "elsewhere")
     os.makedirs(moved)
     toy_models.copy_version(str(saved_models / "ranking" / "1"), moved, 1)
     manager = _manager(str(saved_models / "ranking"))
+    old = manager.lookup("ranking")
+    seen_while_loading = []
+    load = manager._load_servable
+
+    def observed_load(name, version, path):
+        seen_while_loading.append(manager.lookup("ranking").path)
+        return load(name, version, path)
+
+    manager._load_servable = observed_load
     try:
         manager.reload_config(single_model_config("ranking", moved))
+        assert seen_while_loading == [old.path]
         assert manager.lookup("ranking").path == os.path.join(moved, "1")
+        assert [s for v, s, *_ in manager.model_status("ranking")] == ["AVAILABLE"]
+        assert not [t for t in threading.enumerate() if t.name.startswith("load-retry-")]
+    finally:
+        manager.stop()
+
+
+def test_a_moved_model_that_cannot_load_keeps_its_old_version_until_removed(saved_models,
+                                                                             tmp_path):
+    broken = str(tmp_path / "broken")
+    os.makedirs(broken)
+    _corrupt(broken, 1)
+    manager = _manager(str(saved_models / "ranking"))
+    try:
+        old_path = manager.lookup("ranking").path
+        manager.reload_config(single_model_config("ranking", broken))
+        assert manager.lookup("ranking").path == old_path  # availability preserved
+        assert manager.model_status("ranking")[0][2] != "OK"  # the new version failed
+        manager.reload_config(single_model_config("other", str(saved_models / "ranking")))
+        with pytest.raises(ServingError):
+            manager.lookup("ranking")
     finally:
         manager.stop()
 
