@@ -93,6 +93,9 @@ def model_status(manager, request, response) -> None:
         entry.status.error_message = message
 
 
+_RECORDED_APIS = ("Predict", "Classify", "Regress")
+
+
 class _Handlers:
     """Shared by both servicers: error mapping and request metrics."""
 
@@ -101,6 +104,9 @@ class _Handlers:
         self.metrics = metrics
 
     def call(self, context, api, model_name, fn):
+        """Runs ``fn`` for the RPC ``api``, answering its errors with their gRPC codes; counts
+        Predict, Classify and Regress calls in the metrics under those API names, the only
+        ones TF Serving's PredictionServiceImpl records."""
         start = time.perf_counter()
         code = "OK"
         try:
@@ -113,7 +119,7 @@ class _Handlers:
             log.exception("%s failed", api)
             context.abort(grpc.StatusCode.INTERNAL, f"{type(err).__name__}: {err}")
         finally:
-            if self.metrics is not None:
+            if self.metrics is not None and api in _RECORDED_APIS:
                 self.metrics.record_request(model_name, api, "GRPC", code,
                                             (time.perf_counter() - start) * 1e6)
 
@@ -124,21 +130,21 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer, _
             response = predict_pb2.PredictResponse()
             predict(self.manager, request, response, remaining(context))
             return response
-        return self.call(context, "predict", request.model_spec.name, run)
+        return self.call(context, "Predict", request.model_spec.name, run)
 
     def GetModelMetadata(self, request, context):
         def run():
             response = get_model_metadata_pb2.GetModelMetadataResponse()
             model_metadata(self.manager, request, response)
             return response
-        return self.call(context, "metadata", request.model_spec.name, run)
+        return self.call(context, "GetModelMetadata", request.model_spec.name, run)
 
     def Classify(self, request, context):
-        return self._single_inference(context, "classify", request,
+        return self._single_inference(context, "Classify", request,
                                       classification_pb2.ClassificationResponse, inference.classify)
 
     def Regress(self, request, context):
-        return self._single_inference(context, "regress", request,
+        return self._single_inference(context, "Regress", request,
                                       regression_pb2.RegressionResponse, inference.regress)
 
     def _single_inference(self, context, kind, request, response_type, infer):
@@ -159,7 +165,7 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer, _
             inference.multi_inference(self.manager, request, response)
             return response
         name = request.tasks[0].model_spec.name if request.tasks else ""
-        return self.call(context, "multi_inference", name, run)
+        return self.call(context, "MultiInference", name, run)
 
 
 class ModelService(model_service_pb2_grpc.ModelServiceServicer, _Handlers):
@@ -168,7 +174,7 @@ class ModelService(model_service_pb2_grpc.ModelServiceServicer, _Handlers):
             response = get_model_status_pb2.GetModelStatusResponse()
             model_status(self.manager, request, response)
             return response
-        return self.call(context, "status", request.model_spec.name, run)
+        return self.call(context, "GetModelStatus", request.model_spec.name, run)
 
     def HandleReloadConfigRequest(self, request, context):
         def run():
@@ -184,7 +190,7 @@ class ModelService(model_service_pb2_grpc.ModelServiceServicer, _Handlers):
                 raise invalid_argument(str(err)) from err
             self.manager.reload_config(request.config)
             return model_management_pb2.ReloadConfigResponse()
-        return self.call(context, "reload_config", "", run)
+        return self.call(context, "HandleReloadConfigRequest", "", run)
 
 
 def start_grpc_server(manager, metrics, host: str, port: int, max_threads: int,

@@ -321,6 +321,7 @@ class Call:
     sig: object = None
     arrays: dict | None = None
     fmt: str | None = None
+    api: str = ""  # TF Serving's API label in the metrics: predict, classify or regress
 
     def run(self, timeout: float | None):
         """The model call on this thread (blocking in the batch queue when batching is on)."""
@@ -386,9 +387,9 @@ class RestApi:
                 sig = servable.signature(signature_name(request))
                 arrays, fmt = arrays_from_json(sig, request)
                 return Call(method, path, model, start, servable=servable, sig=sig,
-                            arrays=arrays, fmt=fmt)
+                            arrays=arrays, fmt=fmt, api=verb.lower())
             if verb:
-                return Call(method, path, model, start,
+                return Call(method, path, model, start, api=verb.lower(),
                             work=lambda: self._examples(verb, model, version, label, body))
             result = (self._metadata(model, version, label) if metadata
                       else self._status(model, version, label))
@@ -404,9 +405,10 @@ class RestApi:
                 result = json_from_outputs(outputs, call.fmt) if call.fmt else outputs
             except Exception as err:  # noqa: BLE001 - e.g. outputs the row format cannot hold
                 error = err
-        return self._reply(call.method, call.path, call.model, call.start, result, error)
+        return self._reply(call.method, call.path, call.model, call.start, result, error,
+                           call.api)
 
-    def _reply(self, method, path, model, start, result=None, error=None):
+    def _reply(self, method, path, model, start, result=None, error=None, api=""):
         code = "OK"
         if error is None:
             reply = 200, "application/json", json.dumps(result)
@@ -419,7 +421,7 @@ class RestApi:
             reply = 500, "application/json", json.dumps(
                 {"error": f"{type(error).__name__}: {error}"})
         if self.metrics is not None and model:
-            self.metrics.record_request(model, "rest", "REST", code,
+            self.metrics.record_request(model, api, "REST", code,
                                         (time.perf_counter() - start) * 1e6)
         return reply
 

@@ -138,6 +138,36 @@ def test_prometheus_metrics_count_requests(server):
     assert ":tensorflow:serving:request_latency_bucket" in text
 
 
+def test_metrics_use_tf_servings_api_labels_and_time_only_successes(server, stubs):
+    """Dashboards written for TF Serving select API="Predict" (gRPC) and API="predict"
+    (REST); this server labelled them "predict" and "rest", counted metadata and status
+    calls as requests, and put failed requests into request_latency."""
+    from serving_testlib import predict_request
+    from tensorflow_serving.apis import get_model_metadata_pb2
+
+    def latency_count(api, entrypoint, model):
+        _, text = get(server, "/monitoring/prometheus/metrics")
+        prefix = (f':tensorflow:serving:request_latency_count{{API="{api}",'
+                  f'entrypoint="{entrypoint}",model_name="{model}"}} ')
+        return sum(int(line[len(prefix):]) for line in text.splitlines()
+                   if line.startswith(prefix))
+
+    predict_stub, _ = stubs
+    before = {(api, entry): latency_count(api, entry, "ranking")
+              for api, entry in (("Predict", "GRPC"), ("predict", "REST"))}
+    predict_stub.Predict(predict_request(), timeout=10)
+    metadata = get_model_metadata_pb2.GetModelMetadataRequest(metadata_field=["signature_def"])
+    metadata.model_spec.name = "ranking"
+    predict_stub.GetModelMetadata(metadata, timeout=10)
+    _valid_predict_works(server)
+    post(server, "/v1/models/ranking:predict", {"instances": [{"user_id": "u"}]})  # a 400
+    assert latency_count("Predict", "GRPC", "ranking") == before["Predict", "GRPC"] + 1
+    assert latency_count("predict", "REST", "ranking") == before["predict", "REST"] + 1
+    _, text = get(server, "/monitoring/prometheus/metrics")
+    assert 'API="predict",entrypoint="GRPC"' not in text and 'API="rest"' not in text
+    assert 'API="metadata"' not in text
+
+
 def test_examples_json_becomes_tf_examples():
     from fm_keras.serving.rest import examples_from_json
 
