@@ -244,7 +244,7 @@ class ModelManager:
                 if self._config is not None else {}
             self._config = config
             new_paths = {m.name: m.base_path for m in config.model_config_list.config}
-            for name in list(self._loaded):
+            for name in {*self._loaded, *self._outgoing}:
                 if name not in new_paths:
                     self._unload_model(name)
                 elif new_paths[name] != old_paths.get(name):
@@ -270,9 +270,10 @@ class ModelManager:
         replaces an old one). Unloading them first, as this did, answered NOT_FOUND for as
         long as the new path's first version took to load."""
         current = self._loaded.pop(name, {})
-        if current:
-            self._retire_outgoing(name)
-            self._outgoing[name] = current
+        if current:  # (moved again before the last move's new path served: those go now)
+            older, self._outgoing[name] = self._outgoing.get(name, {}), current
+            self._publish()
+            self._unload_detached(name, older)
         for key in [key for key in self._retrying if key[0] == name]:
             self._retrying.pop(key)[0].set()
         self._status.pop(name, None)
@@ -283,6 +284,11 @@ class ModelManager:
         outgoing = self._outgoing.pop(name, {})
         if outgoing:
             self._publish()  # new requests stop seeing them; in-flight ones finish on their handle
+        self._unload_detached(name, outgoing)
+
+    @staticmethod
+    def _unload_detached(name: str, outgoing: dict) -> None:
+        """Unloads servables that requests can no longer look up (emptying ``outgoing``)."""
         while outgoing:
             version, servable = outgoing.popitem()
             servable.unload()

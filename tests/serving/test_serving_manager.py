@@ -240,6 +240,9 @@ def test_a_moved_model_that_cannot_load_keeps_its_old_version_until_removed(save
         manager.reload_config(single_model_config("ranking", broken))
         assert manager.lookup("ranking").path == old_path  # availability preserved
         assert manager.model_status("ranking")[0][2] != "OK"  # the new version failed
+        # moved again while the last move's path has served nothing: still the old version
+        manager.reload_config(single_model_config("ranking", str(tmp_path / "missing")))
+        assert manager.lookup("ranking").path == old_path
         manager.reload_config(single_model_config("other", str(saved_models / "ranking")))
         with pytest.raises(ServingError):
             manager.lookup("ranking")
