@@ -29,7 +29,7 @@ from fm_keras.serving.loading import release_memory
 from fm_keras.serving.opcheck import parse_allow_ops
 from fm_keras.serving.predict import (Signature, arrays_from_request, find_signature,
                                       load_signatures, run_signature)
-from fm_keras.versions import aspired_versions, version_dirs
+from fm_keras.versions import aspired_versions, version_names
 
 log = logging.getLogger("fm_keras.serving")
 
@@ -320,13 +320,14 @@ class ModelManager:
         name = model.name
         base = os.path.abspath(os.path.expanduser(model.base_path))
         try:
-            on_disk = version_dirs(base)
+            names = version_names(base)
         except OSError as err:
             # As TF Serving's file system source: a failed poll changes nothing, so the loaded
             # versions keep serving (an unreadable or briefly missing base path must not
             # unload a model that is answering requests).
             self._log_poll_error(name, f"{base}: {err.strerror or err}")
             return
+        on_disk = sorted(names)
         self._poll_errors.pop(name, None)
         self._failed = {k for k in self._failed if k[0] != name or k[1] in on_disk}
         aspired = aspired_versions(model, on_disk)
@@ -338,7 +339,7 @@ class ModelManager:
             self._cancel_retries(name, version)
         for version in sorted(aspired):
             if version not in loaded and (name, version) not in self._failed | set(self._retrying):
-                self._load(name, version, os.path.join(base, str(version)))
+                self._load(name, version, os.path.join(base, names[version]))
         # Availability-preserving: drop an unaspired version only if some aspired one serves,
         # or if its directory is gone and nothing else would.
         serving_aspired = [v for v in aspired if v in loaded]

@@ -112,6 +112,21 @@ def three_versions(saved_models, tmp_path_factory):
     return base
 
 
+def test_a_zero_padded_version_directory_is_served(saved_models, tmp_path):
+    """As by TF Serving, ``00000123`` is version 123, loaded from that directory (the load
+    looked for <base>/123 and failed)."""
+    base = str(tmp_path / "ranking")
+    os.makedirs(base)
+    os.rename(toy_models.copy_version(str(saved_models / "ranking" / "1"), base, 1),
+              os.path.join(base, "00000123"))
+    manager = _manager(base)
+    try:
+        servable = manager.lookup("ranking")
+        assert (servable.version, servable.path) == (123, os.path.join(base, "00000123"))
+    finally:
+        manager.stop()
+
+
 def test_non_numeric_directories_are_skipped(three_versions):
     assert version_dirs(three_versions) == [1, 2, 3]
 
