@@ -12,7 +12,7 @@ import os
 
 from fm_keras._tf import tf
 from fm_keras.errors import ExportError
-from fm_keras.versions import version_dirs
+from fm_keras.versions import version_names
 
 METADATA = os.path.join("assets.extra", "fm_keras.json")
 # The newest export format this package reads (``format_version`` in fm_keras.json; the
@@ -26,11 +26,11 @@ def resolve_version(path: str) -> str:
         raise ExportError(f"{path}: no such model directory")
     if os.path.exists(os.path.join(path, "saved_model.pb")):
         return path
-    versions = version_dirs(path)
+    versions = version_names(path)
     if not versions:
         raise ExportError(f"{path}: not an fm_keras export (no saved_model.pb and no numeric "
                           "version directories); pass e.g. saved_models/NAME/1")
-    return os.path.join(path, str(versions[-1]))
+    return os.path.join(path, versions[max(versions)])
 
 
 def read_metadata(version_dir: str) -> dict:

@@ -49,17 +49,35 @@ def is_version_name(name: str) -> bool:
     return True
 
 
-def version_dirs(base_path: str) -> list[int]:
-    """The version numbers of ``base_path``'s version directories, ascending.
+def version_names(base_path: str) -> dict[int, str]:
+    """Version number -> the name of its directory under ``base_path``.
 
-    Anything else (an exporter's ``.tmp-*`` directory, ``²``, files) is ignored.
+    As TF Serving's file system source, a zero-padded name is its number (``00000123`` is
+    version 123) and is loaded from that directory; when two names give one number (``7`` and
+    ``007``), the plain one wins, else the first in sorted order. Anything else (an
+    exporter's ``.tmp-*`` directory, ``²``, files) is ignored.
 
     Raises:
         OSError: the base path cannot be listed (missing, permission denied); callers decide
             whether that means "no versions" or "keep what is loaded".
     """
-    return sorted(parse_version(name) for name in os.listdir(base_path)
-                  if is_version_name(name) and os.path.isdir(os.path.join(base_path, name)))
+    names: dict[int, str] = {}
+    for name in sorted(os.listdir(base_path)):
+        if is_version_name(name) and os.path.isdir(os.path.join(base_path, name)):
+            version = parse_version(name)
+            if version not in names or name == str(version):
+                names[version] = name
+    return names
+
+
+def version_dirs(base_path: str) -> list[int]:
+    """The version numbers of ``base_path``'s version directories, ascending, each once
+    (``version_names`` says which directory holds each).
+
+    Raises:
+        OSError: the base path cannot be listed (missing, permission denied).
+    """
+    return sorted(version_names(base_path))
 
 
 def aspired_versions(model_config, available_on_disk: list[int]) -> list[int]:

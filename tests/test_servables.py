@@ -9,6 +9,12 @@ from fm_keras.errors import ExportError
 from fm_keras.servables import load_export, resolve_version
 
 
+def test_a_zero_padded_version_directory_resolves_to_itself(tmp_path):
+    for name in ["2", "00000123"]:
+        (tmp_path / name).mkdir()
+    assert resolve_version(str(tmp_path)) == os.path.join(str(tmp_path), "00000123")
+
+
 def test_model_directory_resolves_to_highest_version(exports, tmp_path):
     model_dir = os.path.dirname(exports["ranking"])
     assert resolve_version(model_dir) == exports["ranking"]

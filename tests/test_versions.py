@@ -6,7 +6,7 @@ import os
 import pytest
 
 from fm_keras.versions import (MAX_VERSION, aspired_versions, is_version_name, parse_version,
-                               version_dirs)
+                               version_dirs, version_names)
 
 
 @pytest.mark.parametrize("text, value", [("0", 0), ("7", 7), ("0012", 12),
@@ -35,6 +35,16 @@ def test_version_dirs_keeps_only_version_directories(tmp_path):
         (tmp_path / name).mkdir()
     (tmp_path / "4").write_text("a file, not a version")
     assert version_dirs(str(tmp_path)) == [1, 2, 10]
+
+
+def test_zero_padded_version_directories_keep_their_names(tmp_path):
+    """TF Serving reads 00000123 as version 123 (its own test data is named so) and loads it
+    from that directory; the server here loaded <base>/123, which does not exist. A number
+    written twice (7 and 007) was two versions 7."""
+    for name in ["00000123", "7", "007", "0009", "09"]:
+        (tmp_path / name).mkdir()
+    assert version_names(str(tmp_path)) == {7: "7", 9: "0009", 123: "00000123"}
+    assert version_dirs(str(tmp_path)) == [7, 9, 123]
 
 
 def test_version_dirs_raises_when_the_base_path_cannot_be_listed(tmp_path):

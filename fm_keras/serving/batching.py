@@ -77,6 +77,11 @@ def _expire(task: _Task) -> None:
         task.future.set_exception(ServingError("DEADLINE_EXCEEDED", _QUEUE_DEADLINE))
 
 
+def _trailing_shapes(arrays: dict) -> tuple:
+    """The inputs' names and shapes beyond dim 0: requests that agree on them can merge."""
+    return tuple((name, array.shape[1:]) for name, array in sorted(arrays.items()))
+
+
 class Batcher:
     """Batches calls of ``run(arrays) -> outputs`` (dicts of arrays with a shared dim 0)."""
 
@@ -181,13 +186,29 @@ class Batcher:
                 if remaining <= 0 or not self._queue:
                     break
                 self._cond.wait(remaining)
-            tasks, rows = [], 0
-            while self._queue and rows + self._queue[0].rows <= opts.max_batch_size:
-                task = self._queue.popleft()
+            # A batch holds requests whose inputs agree beyond dim 0 (e.g. exclude_item_ids
+            # [B, n] with one n): the others wait, in order, for a batch of their own. Merging
+            # them failed the whole batch (TF Serving fails it too, unless it pads), so one
+            # client's request broke another's.
+            tasks, rows, shapes, skipped = [], 0, None, []
+            while self._queue:
+                task = self._queue[0]
+                if task.abandoned:
+                    self._queue.popleft()
+                    self._queued_rows -= task.rows
+                    continue
+                task_shapes = _trailing_shapes(task.arrays)
+                shapes = task_shapes if shapes is None else shapes
+                if task_shapes != shapes:
+                    skipped.append(self._queue.popleft())
+                    continue
+                if rows + task.rows > opts.max_batch_size:
+                    break
+                self._queue.popleft()
                 self._queued_rows -= task.rows
                 rows += task.rows
-                if not task.abandoned:
-                    tasks.append(task)
+                tasks.append(task)
+            self._queue.extendleft(reversed(skipped))
             if self._queue:  # more than one batch was waiting: the next is another worker's
                 self._cond.notify()
             return tasks

@@ -179,7 +179,7 @@ def _query_grpc(args, columns):
 
     with GrpcClient(args.server, timeout=args.timeout) as client:
         if args.status:
-            return client.status(args.model_name, args.version)
+            return client.status(args.model_name, args.version, args.label)
         signatures = client.metadata(args.model_name, args.version, args.label)
         if args.metadata:
             return json_format.MessageToDict(signatures, preserving_proto_field_name=True)
@@ -206,7 +206,7 @@ def _query_rest(args, columns):
     except ValueError as err:  # not a URL that can work: say so once, do not retry
         raise ConfigError(f"--rest: {err}") from None
     if args.status:
-        return client.status(args.model_name, args.version)
+        return client.status(args.model_name, args.version, args.label)
     metadata = client.metadata(args.model_name, args.version, args.label)
     if args.metadata:
         return metadata

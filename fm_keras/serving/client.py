@@ -102,21 +102,34 @@ class GrpcClient:
         response = self.predict_response(model, inputs, **kwargs)
         return {name: tf.make_ndarray(proto) for name, proto in response.outputs.items()}
 
-    def metadata(self, model: str, version: int | None = None, label: str | None = None):
-        """The model's SignatureDefMap."""
+    def _metadata_response(self, model, version=None, label=None):
         from tensorflow_serving.apis import get_model_metadata_pb2
 
         request = get_model_metadata_pb2.GetModelMetadataRequest(metadata_field=["signature_def"])
         self._spec(request.model_spec, model, version, label)
-        response = self._call(self._predict.GetModelMetadata, request)
+        return self._call(self._predict.GetModelMetadata, request)
+
+    def metadata(self, model: str, version: int | None = None, label: str | None = None):
+        """The model's SignatureDefMap."""
+        from tensorflow_serving.apis import get_model_metadata_pb2
+
+        response = self._metadata_response(model, version, label)
         result = get_model_metadata_pb2.SignatureDefMap()
         response.metadata["signature_def"].Unpack(result)
         return result
 
-    def status(self, model: str, version: int | None = None) -> list[dict]:
-        """[{"version", "state", "error_code", "error_message"}] like the REST status."""
+    def status(self, model: str, version: int | None = None,
+               label: str | None = None) -> list[dict]:
+        """[{"version", "state", "error_code", "error_message"}] like the REST status.
+
+        GetModelStatus takes no label (TF Serving ignores it), so a ``label`` is resolved to
+        its version by GetModelMetadata first, as the REST ``/labels/L`` status path does.
+        """
         from tensorflow_serving.apis import get_model_status_pb2
 
+        if label:
+            _one_version_choice(version, label)
+            version = self._metadata_response(model, label=label).model_spec.version.value
         request = get_model_status_pb2.GetModelStatusRequest()
         self._spec(request.model_spec, model, version)
         response = self._call(self._models.GetModelStatus, request)
@@ -244,8 +257,9 @@ class RestClient:
             body["signature_name"] = signature
         return self._request(self._model_path(model, version, label) + ":predict", body)
 
-    def status(self, model: str, version: int | None = None) -> dict:
-        return self._request(self._model_path(model, version))
+    def status(self, model: str, version: int | None = None, label: str | None = None) -> dict:
+        """The model's version status (GET /v1/models/NAME[/versions/V | /labels/L])."""
+        return self._request(self._model_path(model, version, label))
 
     def metadata(self, model: str, version: int | None = None, label: str | None = None) -> dict:
         return self._request(self._model_path(model, version, label) + "/metadata")
@@ -299,6 +313,28 @@ def arrays_from_rest(outputs, specs: dict) -> dict[str, np.ndarray]:
         arrays[alias] = (np.array(to_bytes(value), dtype=object) if dtype == tf.string
                          else np.asarray(value, dtype=dtype.as_numpy_dtype))
     return arrays
+
+
+def json_column(column):
+    """An input column (list, NumPy array, scalar) as TF Serving's REST JSON takes it.
+
+    Bytes (what gRPC outputs such as a recall's ``item_ids`` are, and what gRPC inputs may
+    be) become text when they are UTF-8 and ``{"b64": ...}`` otherwise, so that the server
+    reads the same bytes as over gRPC; NumPy values become JSON numbers and lists.
+    """
+    import base64
+
+    def convert(value):
+        if isinstance(value, list):
+            return [convert(v) for v in value]
+        if isinstance(value, bytes):
+            try:
+                return value.decode("utf-8")
+            except UnicodeDecodeError:
+                return {"b64": base64.b64encode(value).decode("ascii")}
+        return value
+
+    return convert(np.asarray(column).tolist())
 
 
 class ArmResponse(NamedTuple):
@@ -392,7 +428,7 @@ class ExperimentClient:
         # unloaded in between gives NOT_FOUND: the label is resolved once more.
         from fm_keras.versions import parse_version
 
-        body = {k: np.asarray(v).tolist() for k, v in inputs.items()}
+        body = {k: json_column(v) for k, v in inputs.items()}
         for attempt in range(2):
             meta = self.client.metadata(arm.model, version=arm.version, label=arm.label)
             version = parse_version(meta["model_spec"]["version"])

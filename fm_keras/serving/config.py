@@ -64,9 +64,12 @@ class ServerOptions:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"--{name} must be > 0, got {getattr(self, name)}")
         for name in ("tensorflow_session_parallelism", "tensorflow_intra_op_parallelism",
-                     "tensorflow_inter_op_parallelism", "rest_api_num_threads"):
+                     "tensorflow_inter_op_parallelism", "rest_api_num_threads", "grpc_max_threads"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{name} must be >= 0 (0: auto), got {getattr(self, name)}")
+        for name in ("max_num_load_retries", "load_retry_interval_micros"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"--{name} must be >= 0, got {getattr(self, name)}")
         if self.file_system_poll_wait_seconds < 0:
             raise ConfigError("--file_system_poll_wait_seconds must be >= 0 "
                               f"(0 polls once), got {self.file_system_poll_wait_seconds}")
@@ -143,8 +146,12 @@ def single_model_config(model_name: str, model_base_path: str):
 
 def validate_model_server_config(config, source: str = "config") -> None:
     """Rejects what TF Serving rejects: no list, duplicate names, missing base paths."""
-    if config.WhichOneof("config") != "model_config_list":
-        raise ConfigError(f"{source}: only model_config_list is supported (not custom_model_config)")
+    kind = config.WhichOneof("config")
+    if kind is None:  # was reported as a custom_model_config the file does not have
+        raise ConfigError(f"{source}: no model_config_list: the file is empty (or only comments); "
+                          "list the models in model_config_list { config { ... } }")
+    if kind != "model_config_list":
+        raise ConfigError(f"{source}: only model_config_list is supported (not {kind})")
     names = set()
     for model in config.model_config_list.config:
         if not model.name:

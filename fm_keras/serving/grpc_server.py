@@ -29,6 +29,14 @@ log = logging.getLogger("fm_keras.serving")
 _NO_DEADLINE = 86_400.0  # seconds
 
 
+def model_spec_of(request):
+    """The request's ModelSpec; INVALID_ARGUMENT "Missing ModelSpec" when it has none (TF
+    Serving's predict_impl.cc and the other services: not a NOT_FOUND for a model named "")."""
+    if not request.HasField("model_spec"):
+        raise invalid_argument("Missing ModelSpec")
+    return request.model_spec
+
+
 def resolve(manager, model_spec):
     """ModelSpec -> servable (version, label or latest)."""
     choice = model_spec.WhichOneof("version_choice")
@@ -51,7 +59,7 @@ def remaining(context) -> float | None:
 
 def predict(manager, request, response, timeout: float | None = None) -> None:
     """The Predict core shared by gRPC and REST (the REST side builds a PredictRequest)."""
-    servable = resolve(manager, request.model_spec)
+    servable = resolve(manager, model_spec_of(request))
     sig = servable.signature(request.model_spec.signature_name)
     arrays = arrays_from_request(sig, request.inputs)
     names = check_output_filter(sig, request.output_filter)
@@ -63,6 +71,7 @@ def predict(manager, request, response, timeout: float | None = None) -> None:
 
 
 def model_metadata(manager, request, response) -> None:
+    model_spec_of(request)
     if not request.metadata_field:
         raise invalid_argument("GetModelMetadataRequest must specify at least one metadata_field")
     for field in request.metadata_field:
@@ -75,13 +84,16 @@ def model_metadata(manager, request, response) -> None:
 
 
 def model_status(manager, request, response) -> None:
-    spec = request.model_spec
+    spec = model_spec_of(request)
     version = request_version(spec.version.value) if spec.HasField("version") else None
     State = get_model_status_pb2.ModelVersionStatus.State
     for number, state, code, message in manager.model_status(spec.name, version):
         entry = response.model_version_status.add(version=number, state=State.Value(state))
         entry.status.error_code = ERROR_CODE_NUMBER[code]
         entry.status.error_message = message
+
+
+_RECORDED_APIS = ("Predict", "Classify", "Regress")
 
 
 class _Handlers:
@@ -92,6 +104,9 @@ class _Handlers:
         self.metrics = metrics
 
     def call(self, context, api, model_name, fn):
+        """Runs ``fn`` for the RPC ``api``, answering its errors with their gRPC codes; counts
+        Predict, Classify and Regress calls in the metrics under those API names, the only
+        ones TF Serving's PredictionServiceImpl records."""
         start = time.perf_counter()
         code = "OK"
         try:
@@ -104,7 +119,7 @@ class _Handlers:
             log.exception("%s failed", api)
             context.abort(grpc.StatusCode.INTERNAL, f"{type(err).__name__}: {err}")
         finally:
-            if self.metrics is not None:
+            if self.metrics is not None and api in _RECORDED_APIS:
                 self.metrics.record_request(model_name, api, "GRPC", code,
                                             (time.perf_counter() - start) * 1e6)
 
@@ -115,21 +130,21 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer, _
             response = predict_pb2.PredictResponse()
             predict(self.manager, request, response, remaining(context))
             return response
-        return self.call(context, "predict", request.model_spec.name, run)
+        return self.call(context, "Predict", request.model_spec.name, run)
 
     def GetModelMetadata(self, request, context):
         def run():
             response = get_model_metadata_pb2.GetModelMetadataResponse()
             model_metadata(self.manager, request, response)
             return response
-        return self.call(context, "metadata", request.model_spec.name, run)
+        return self.call(context, "GetModelMetadata", request.model_spec.name, run)
 
     def Classify(self, request, context):
-        return self._single_inference(context, "classify", request,
+        return self._single_inference(context, "Classify", request,
                                       classification_pb2.ClassificationResponse, inference.classify)
 
     def Regress(self, request, context):
-        return self._single_inference(context, "regress", request,
+        return self._single_inference(context, "Regress", request,
                                       regression_pb2.RegressionResponse, inference.regress)
 
     def _single_inference(self, context, kind, request, response_type, infer):
@@ -137,7 +152,7 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer, _
         def run():
             remaining(context)
             response = response_type()
-            servable = resolve(self.manager, request.model_spec)
+            servable = resolve(self.manager, model_spec_of(request))
             infer(servable, request.model_spec.signature_name, request.input, response.result)
             response.model_spec.name, response.model_spec.version.value = servable.name, servable.version
             return response
@@ -150,7 +165,7 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer, _
             inference.multi_inference(self.manager, request, response)
             return response
         name = request.tasks[0].model_spec.name if request.tasks else ""
-        return self.call(context, "multi_inference", name, run)
+        return self.call(context, "MultiInference", name, run)
 
 
 class ModelService(model_service_pb2_grpc.ModelServiceServicer, _Handlers):
@@ -159,19 +174,23 @@ class ModelService(model_service_pb2_grpc.ModelServiceServicer, _Handlers):
             response = get_model_status_pb2.GetModelStatusResponse()
             model_status(self.manager, request, response)
             return response
-        return self.call(context, "status", request.model_spec.name, run)
+        return self.call(context, "GetModelStatus", request.model_spec.name, run)
 
     def HandleReloadConfigRequest(self, request, context):
         def run():
             from fm_keras.errors import ConfigError
 
+            if request.config.WhichOneof("config") is None:
+                # As server_core.cc: nothing to load; a later request may bring a config.
+                log.info("Taking no action for empty config.")
+                return model_management_pb2.ReloadConfigResponse()
             try:
                 validate_model_server_config(request.config, "ReloadConfigRequest")
             except ConfigError as err:
                 raise invalid_argument(str(err)) from err
             self.manager.reload_config(request.config)
             return model_management_pb2.ReloadConfigResponse()
-        return self.call(context, "reload_config", "", run)
+        return self.call(context, "HandleReloadConfigRequest", "", run)
 
 
 def start_grpc_server(manager, metrics, host: str, port: int, max_threads: int,

@@ -361,21 +361,24 @@ class RestServer:
         self._record_cost(path, seconds)
         return _response(reply)
 
-    def stop(self) -> None:
-        """Stops listening, closes every connection and the event loop; idempotent."""
+    def stop(self, grace: float = 1.0) -> None:
+        """Stops listening, lets the requests in progress finish and be answered for up to
+        ``grace`` seconds (as gRPC's ``stop(grace)``; idle and half-received connections close
+        at once), then closes every connection and the event loop; idempotent."""
         if self.loop is None or self.loop.is_closed():
             return
 
         async def close():
             self._server.close()
+            # Closing the transports first, as this did, reset the requests in progress.
+            await self._aiohttp.shutdown(grace)
             for connection in list(self.connections.values()):
                 if connection.transport is not None:
                     connection.transport.close()
-            await self._aiohttp.shutdown(1.0)
             self.loop.stop()
 
         asyncio.run_coroutine_threadsafe(close(), self.loop)
-        self._thread.join(timeout=10)
+        self._thread.join(timeout=grace + 10)
         self._pool.shutdown(wait=False, cancel_futures=True)
 
 

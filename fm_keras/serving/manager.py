@@ -29,7 +29,7 @@ from fm_keras.serving.loading import release_memory
 from fm_keras.serving.opcheck import parse_allow_ops
 from fm_keras.serving.predict import (Signature, arrays_from_request, find_signature,
                                       load_signatures, run_signature)
-from fm_keras.versions import aspired_versions, version_dirs
+from fm_keras.versions import aspired_versions, version_names
 
 log = logging.getLogger("fm_keras.serving")
 
@@ -50,6 +50,7 @@ class Servable:
         self._metrics = metrics
         self._batchers = {}
         self._lock = threading.Lock()
+        self._unloaded = False
 
     def signature(self, name: str) -> Signature:
         return find_signature(self.signatures, name)
@@ -72,7 +73,9 @@ class Servable:
 
     def _batcher(self, sig: Signature):
         """The signature's ``Batcher`` (made on first use), or None when its calls run directly
-        (batching off, or an input without a batch dimension)."""
+        (batching off, an input without a batch dimension, or the version unloaded: a request
+        that looked it up just before then finishes inline, as a stopped batcher's would,
+        instead of starting batch threads that nothing would stop)."""
         if self._batching is None or not sig.batchable:
             return None
         batcher = self._batchers.get(sig.name)
@@ -81,6 +84,8 @@ class Servable:
 
             with self._lock:
                 batcher = self._batchers.get(sig.name)
+                if batcher is None and self._unloaded:
+                    return None
                 if batcher is None:
                     on_batch = None
                     if self._metrics is not None:
@@ -91,7 +96,9 @@ class Servable:
         return batcher
 
     def unload(self) -> None:
+        """Stops the batch queues (queued requests still finish); no new queue starts."""
         with self._lock:
+            self._unloaded = True
             for batcher in self._batchers.values():
                 batcher.stop()
 
@@ -122,6 +129,9 @@ class ModelManager:
         self._lock = threading.RLock()  # serialises polls and config reloads
         self._config = None
         self._loaded: dict[str, dict[int, Servable]] = {}
+        # The versions of a model whose base path changed, serving until one from the new
+        # path is available (``_move_model``).
+        self._outgoing: dict[str, dict[int, Servable]] = {}
         self._labels: dict[str, dict[str, int]] = {}
         self._status: dict[str, dict[int, list]] = {}
         self._failed: set[tuple[str, int]] = set()
@@ -189,7 +199,7 @@ class ModelManager:
         for thread in list(self._threads):
             thread.join(timeout=30)
         with self._lock:
-            for versions in self._loaded.values():
+            for versions in [*self._loaded.values(), *self._outgoing.values()]:
                 for servable in versions.values():
                     servable.unload()
 
@@ -234,9 +244,11 @@ class ModelManager:
                 if self._config is not None else {}
             self._config = config
             new_paths = {m.name: m.base_path for m in config.model_config_list.config}
-            for name in list(self._loaded):
-                if new_paths.get(name) != old_paths.get(name):  # removed, or moved elsewhere
+            for name in {*self._loaded, *self._outgoing}:
+                if name not in new_paths:
                     self._unload_model(name)
+                elif new_paths[name] != old_paths.get(name):
+                    self._move_model(name)
             self.poll_once()
             errors = []
             for model in config.model_config_list.config:
@@ -252,7 +264,41 @@ class ModelManager:
             if errors:
                 raise ServingError("FAILED_PRECONDITION", "; ".join(errors))
 
+    def _move_model(self, name: str) -> None:
+        """A model whose base path changed: its versions are loaded anew from the new path,
+        and the loaded ones keep serving until one of those is available (as a new version
+        replaces an old one). Unloading them first, as this did, answered NOT_FOUND for as
+        long as the new path's first version took to load."""
+        current = self._loaded.pop(name, {})
+        if current:  # (moved again before the last move's new path served: those go now)
+            older, self._outgoing[name] = self._outgoing.get(name, {}), current
+            self._publish()
+            self._unload_detached(name, older)
+        for key in [key for key in self._retrying if key[0] == name]:
+            self._retrying.pop(key)[0].set()
+        self._status.pop(name, None)
+        self._failed = {key for key in self._failed if key[0] != name}
+
+    def _retire_outgoing(self, name: str) -> None:
+        """Unloads the versions a model served from its previous base path."""
+        outgoing = self._outgoing.pop(name, {})
+        if outgoing:
+            self._publish()  # new requests stop seeing them; in-flight ones finish on their handle
+        self._unload_detached(name, outgoing)
+
+    @staticmethod
+    def _unload_detached(name: str, outgoing: dict) -> None:
+        """Unloads servables that requests can no longer look up (emptying ``outgoing``)."""
+        while outgoing:
+            version, servable = outgoing.popitem()
+            servable.unload()
+            del servable
+            release_memory()
+            log.info("Unloaded servable version {name: %s version: %d} of the previous base "
+                     "path", name, version)
+
     def _unload_model(self, name: str) -> None:
+        self._retire_outgoing(name)
         for version in list(self._loaded.get(name, {})):
             self._unload(name, version)
         self._loaded.pop(name, None)
@@ -274,13 +320,14 @@ class ModelManager:
         name = model.name
         base = os.path.abspath(os.path.expanduser(model.base_path))
         try:
-            on_disk = version_dirs(base)
+            names = version_names(base)
         except OSError as err:
             # As TF Serving's file system source: a failed poll changes nothing, so the loaded
             # versions keep serving (an unreadable or briefly missing base path must not
             # unload a model that is answering requests).
             self._log_poll_error(name, f"{base}: {err.strerror or err}")
             return
+        on_disk = sorted(names)
         self._poll_errors.pop(name, None)
         self._failed = {k for k in self._failed if k[0] != name or k[1] in on_disk}
         aspired = aspired_versions(model, on_disk)
@@ -292,7 +339,7 @@ class ModelManager:
             self._cancel_retries(name, version)
         for version in sorted(aspired):
             if version not in loaded and (name, version) not in self._failed | set(self._retrying):
-                self._load(name, version, os.path.join(base, str(version)))
+                self._load(name, version, os.path.join(base, names[version]))
         # Availability-preserving: drop an unaspired version only if some aspired one serves,
         # or if its directory is gone and nothing else would.
         serving_aspired = [v for v in aspired if v in loaded]
@@ -375,6 +422,7 @@ class ModelManager:
         self._loaded[name][version] = servable
         self._status[name][version] = [AVAILABLE, "OK", ""]
         self._publish()
+        self._retire_outgoing(name)
         if self._metrics is not None:
             self._metrics.inc(":tensorflow:serving:model_load_count", {"model_name": name})
         log.info("Successfully loaded servable version {name: %s version: %d}", name, version)
@@ -390,8 +438,10 @@ class ModelManager:
         log.info("Unloaded servable version {name: %s version: %d}", name, version)
 
     def _publish(self) -> None:
-        self._published = {name: _Published(dict(versions), dict(self._labels.get(name, {})))
-                            for name, versions in self._loaded.items()}
+        self._published = {
+            name: _Published(dict(self._loaded.get(name) or self._outgoing.get(name, {})),
+                             dict(self._labels.get(name, {})))
+            for name in {*self._loaded, *self._outgoing}}
 
     def _load_servable(self, name: str, version: int, path: str) -> Servable:
         from fm_keras.serving.loading import load_saved_model

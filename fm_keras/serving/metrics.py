@@ -52,7 +52,11 @@ class Metrics:
 
     def record_request(self, model: str, api: str, entrypoint: str, status: str,
                        latency_us: float) -> None:
+        """Counts a request by model and status; its latency only when it succeeded, as TF
+        Serving records ``request_latency`` (a fast NOT_FOUND is not a served request)."""
         self.inc(":tensorflow:serving:request_count", {"model_name": model, "status": status})
+        if status != "OK":
+            return
         self.observe(":tensorflow:serving:request_latency",
                      {"model_name": model, "API": api, "entrypoint": entrypoint},
                      latency_us, LATENCY_BUCKETS_US)

@@ -17,6 +17,7 @@ import base64
 import dataclasses
 import json
 import logging
+import math
 import re
 import time
 from collections.abc import Callable
@@ -33,13 +34,50 @@ _PATH = re.compile(r"/v1/models/([^/:]+)(?:/versions/([^/:]+)|/labels/([^/:]+))?
                    r"(?::(predict|classify|regress)|(/metadata))?", re.IGNORECASE)
 
 
+# A number literal that may overflow a double: an exponent of 3+ digits or 309+ digits in a row.
+_MAYBE_HUGE_NUMBER = re.compile(rb"[eE][+]?0*[1-9][0-9]{2}|[0-9]{309}")
+
+
+def _double(text: str) -> float:
+    """A JSON number as a double; one beyond the double range is an error (RapidJSON's
+    "Number too big to be stored in double"), not inf (``Infinity`` is inf, as in TF Serving)."""
+    value = float(text)
+    if math.isinf(value):
+        raise ValueError(f"Number too big to be stored in double: {text[:40]}")
+    return value
+
+
 def parse_json(body: bytes):
+    """A request body -> its JSON value, with TF Serving's INVALID_ARGUMENT parse errors.
+
+    Raises:
+        ServingError: INVALID_ARGUMENT for text that is not JSON, nesting too deep for the
+            parser, or a finite number literal beyond the double range (e.g. ``1e400``).
+    """
     try:
+        if _MAYBE_HUGE_NUMBER.search(body if isinstance(body, bytes) else body.encode()):
+            return json.loads(body, parse_float=_double)
         return json.loads(body)
     except RecursionError:
         raise invalid_argument("JSON Parse error: The document is too deep (nesting)") from None
     except (ValueError, UnicodeDecodeError) as err:
         raise invalid_argument(f"JSON Parse error: {err}") from None
+
+
+def signature_name(request) -> str:
+    """The body's ``signature_name`` ("" when absent or the body is not an object).
+
+    Raises:
+        ServingError: INVALID_ARGUMENT when it is not a JSON string (json_tensor.cc's
+            FormatSignatureError): ``5`` or ``null`` is not the default signature.
+    """
+    if not isinstance(request, dict) or "signature_name" not in request:
+        return ""
+    name = request["signature_name"]
+    if not isinstance(name, str):
+        raise invalid_argument(f"JSON Value: {json.dumps(request)[:200]} not formatted correctly. "
+                               "'signature_name' key must be a string value.")
+    return name
 
 
 def examples_from_json(request):
@@ -125,7 +163,7 @@ def to_array(value, np_dtype, name: str) -> np.ndarray:
                 raise ValueError("rows of different lengths")
             return array
         array = np.asarray(value)
-        if array.dtype.kind not in "biuf":
+        if array.dtype.kind not in "biuf" or not _json_kind_fits(value, array, np.dtype(np_dtype)):
             raise invalid_argument(f"JSON Value: {json.dumps(value)[:200]} is not of expected type: "
                                    f"{np.dtype(np_dtype).name} (input {name})")
         _check_range(array, np.dtype(np_dtype), name)
@@ -138,6 +176,30 @@ def to_array(value, np_dtype, name: str) -> np.ndarray:
             raise invalid_argument(f"input {name}: rows of different lengths "
                                    f"{lengths[:5]}; {pad}") from None
         raise invalid_argument(f"input {name}: {err}") from None
+
+
+# JSON numbers each tensor kind takes, as json_tensor.cc's AddValueToTensor: a float takes any
+# number, an integer only integers (1.5 and 1.0 are not), a bool only true/false.
+_JSON_KINDS = {"f": "iuf", "c": "iuf", "i": "iu", "u": "iu", "b": "b"}
+
+
+def _json_kind_fits(value, array: np.ndarray, dtype: np.dtype) -> bool:
+    """Whether every JSON value in ``value`` (``array`` is ``np.asarray(value)``) is of a kind
+    that ``dtype`` takes; NumPy alone would turn ``true`` into 1.0 and ``1.5`` into 1."""
+    if array.size == 0:
+        return True
+    if array.dtype.kind not in _JSON_KINDS.get(dtype.kind, "biuf"):
+        return False
+    return dtype.kind == "b" or not _has_bool(value)
+
+
+def _has_bool(value) -> bool:
+    """Whether a JSON scalar or nested list holds ``true`` or ``false``."""
+    if not isinstance(value, list):
+        return type(value) is bool
+    kinds = set(map(type, value))  # C speed: a large batch is walked once, not per element
+    return bool in kinds or (list in kinds and any(_has_bool(v) for v in value
+                                                   if type(v) is list))
 
 
 def _check_range(array: np.ndarray, dtype: np.dtype, name: str) -> None:
@@ -187,8 +249,12 @@ def arrays_from_json(sig, body) -> tuple[dict, str]:
             columns = {a: [row[a] for row in rows] for a in aliases}
         elif len(aliases) == 1:
             columns = {aliases[0]: rows}
+        elif not isinstance(rows[0], dict):
+            raise invalid_argument("instances is a plain list, but expecting list of objects as "
+                                   "multiple input tensors required as per tensorinfo_map")
         else:
-            raise invalid_argument("Expecting object but got list at item 0 of input list")
+            item = next(i for i, row in enumerate(rows) if not isinstance(row, dict))
+            raise invalid_argument(f"Expecting object but got list at item {item} of input list")
     else:
         inputs, fmt = body["inputs"], "columnar"
         if isinstance(inputs, dict) and not (len(aliases) == 1 and set(inputs) == {"b64"}):
@@ -197,7 +263,8 @@ def arrays_from_json(sig, body) -> tuple[dict, str]:
         elif len(aliases) == 1:
             columns = {aliases[0]: inputs}
         else:
-            check_input_names(sig, [])
+            raise invalid_argument("inputs is a plain value/list, but expecting an object as "
+                                   "multiple input tensors required as per tensorinfo_map")
     arrays = {a: to_array(columns[a], sig.inputs[a][0], a) for a in aliases}
     check_shapes(sig, arrays)
     return arrays, fmt
@@ -254,6 +321,7 @@ class Call:
     sig: object = None
     arrays: dict | None = None
     fmt: str | None = None
+    api: str = ""  # TF Serving's API label in the metrics: predict, classify or regress
 
     def run(self, timeout: float | None):
         """The model call on this thread (blocking in the batch queue when batching is on)."""
@@ -316,13 +384,12 @@ class RestApi:
             if verb == "predict":
                 request = parse_json(body)
                 servable = self.manager.lookup(model, version, label)
-                sig = servable.signature(request.get("signature_name", "")
-                                         if isinstance(request, dict) else "")
+                sig = servable.signature(signature_name(request))
                 arrays, fmt = arrays_from_json(sig, request)
                 return Call(method, path, model, start, servable=servable, sig=sig,
-                            arrays=arrays, fmt=fmt)
+                            arrays=arrays, fmt=fmt, api=verb.lower())
             if verb:
-                return Call(method, path, model, start,
+                return Call(method, path, model, start, api=verb.lower(),
                             work=lambda: self._examples(verb, model, version, label, body))
             result = (self._metadata(model, version, label) if metadata
                       else self._status(model, version, label))
@@ -338,9 +405,10 @@ class RestApi:
                 result = json_from_outputs(outputs, call.fmt) if call.fmt else outputs
             except Exception as err:  # noqa: BLE001 - e.g. outputs the row format cannot hold
                 error = err
-        return self._reply(call.method, call.path, call.model, call.start, result, error)
+        return self._reply(call.method, call.path, call.model, call.start, result, error,
+                           call.api)
 
-    def _reply(self, method, path, model, start, result=None, error=None):
+    def _reply(self, method, path, model, start, result=None, error=None, api=""):
         code = "OK"
         if error is None:
             reply = 200, "application/json", json.dumps(result)
@@ -353,7 +421,7 @@ class RestApi:
             reply = 500, "application/json", json.dumps(
                 {"error": f"{type(error).__name__}: {error}"})
         if self.metrics is not None and model:
-            self.metrics.record_request(model, "rest", "REST", code,
+            self.metrics.record_request(model, api, "REST", code,
                                         (time.perf_counter() - start) * 1e6)
         return reply
 
@@ -365,14 +433,14 @@ class RestApi:
         request = parse_json(body)
         request_input = examples_from_json(request)
         servable = self.manager.lookup(model, version, label)
-        signature_name = request.get("signature_name", "")
+        name = signature_name(request)
         if verb == "classify":
             result = classification_pb2.ClassificationResult()
-            inference.classify(servable, signature_name, request_input, result)
+            inference.classify(servable, name, request_input, result)
             return {"result": [[[c.label, c.score] for c in row.classes]
                                for row in result.classifications]}
         result = regression_pb2.RegressionResult()
-        inference.regress(servable, signature_name, request_input, result)
+        inference.regress(servable, name, request_input, result)
         return {"result": [r.value for r in result.regressions]}
 
     def _metadata(self, model, version, label):

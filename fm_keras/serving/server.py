@@ -65,10 +65,12 @@ class ModelServer:
         if self._stopped.is_set():
             return
         self._stopped.set()
+        # Both front ends stop taking requests now and drain theirs at the same time.
+        grpc_stopped = self._grpc.stop(grace) if self._grpc is not None else None
         if self._rest is not None:
-            self._rest.stop()
-        if self._grpc is not None:
-            self._grpc.stop(grace).wait()
+            self._rest.stop(grace)
+        if grpc_stopped is not None:
+            grpc_stopped.wait()
         if self.manager is not None:
             self.manager.stop()
 

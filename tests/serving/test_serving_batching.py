@@ -244,3 +244,41 @@ def test_awaited_requests_are_refused_at_once_like_blocking_ones():
     assert "queue to which this task was submitted is full" in full.message
     assert large.code == "INVALID_ARGUMENT"
     assert "Task size 3 is larger than maximum" in large.message
+
+
+def test_requests_of_different_trailing_shapes_go_in_separate_batches():
+    """exclude_item_ids [1, 2] and [1, 3] (valid requests, padded per request) in one batch
+    failed both with INTERNAL: NumPy could not concatenate them."""
+    model = _Model()
+    model.gate.clear()  # the worker blocks in the first batch while the others queue
+    batcher = Batcher(lambda arrays: {**model(arrays), "n": np.full(len(arrays["x"]),
+                                                                     arrays["seen"].shape[1])},
+                      BatchingOptions(max_batch_size=8, batch_timeout_micros=0,
+                                      max_enqueued_batches=4, num_batch_threads=1))
+    results = {}
+
+    def one(key, n):
+        results[key] = batcher.submit({"x": np.zeros(1, np.float32),
+                                       "id": np.array([key.encode()], dtype=object),
+                                       "seen": np.full((1, n), b"", dtype=object)}, 1, timeout=30)
+
+    try:
+        first = threading.Thread(target=one, args=("first", 1))
+        first.start()
+        deadline = time.monotonic() + 30
+        while batcher._queued_rows and time.monotonic() < deadline:  # the worker took it
+            time.sleep(0.01)
+        threads = [threading.Thread(target=one, args=(f"r{i}", n))
+                   for i, n in enumerate([2, 3, 2, 3])]
+        for t in threads:
+            t.start()
+        while batcher._queued_rows < 4 and time.monotonic() < deadline:  # all four queued
+            time.sleep(0.01)
+        model.gate.set()
+        for t in [first, *threads]:
+            t.join(30)
+    finally:
+        batcher.stop()
+    assert sorted(results) == ["first", "r0", "r1", "r2", "r3"]
+    assert [int(results[f"r{i}"]["n"][0]) for i in range(4)] == [2, 3, 2, 3]
+    assert model.batches[1:] == [2, 2]  # r0 + r2, then r1 + r3

@@ -127,6 +127,17 @@ def test_query_input_takes_a_json_list_for_values_with_commas():
             input_columns([bad])
 
 
+@pytest.mark.parametrize("transport", ["grpc", "rest"])
+def test_query_status_takes_the_label(server, capsys, transport):
+    """`query --status --label L` printed every version's status: the label was dropped."""
+    target = (f"--server=127.0.0.1:{server.grpc_port}" if transport == "grpc"
+              else f"--rest=http://127.0.0.1:{server.rest_port}")
+    assert main(["query", target, "--model_name=ranking", "--status", "--label=stable"]) == 0
+    assert "1" in capsys.readouterr().out
+    assert main(["query", target, "--model_name=ranking", "--status", "--label=nope"]) == 2
+    assert "Unrecognized servable version label: nope" in capsys.readouterr().err
+
+
 def test_query_over_rest_sends_numeric_looking_ids_as_text_like_grpc(server, capsys):
     """MovieLens ids are digits: REST sent user_id=7 as the number 7.0 (INVALID_ARGUMENT)."""
     flags = ["--model_name=ranking", "--input=user_id=7,007", "--input=item_id=1,2",

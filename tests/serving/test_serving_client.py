@@ -147,6 +147,10 @@ def test_experiment_client_routes_each_unit_to_its_arms_label(ab_server, tmp_pat
      "item_tower"),
     # strings: bytes over gRPC, JSON text over REST
     ("model: ranking_recall, version: 1", {"user_id": ["u1", "u2"]}, ""),
+    # bytes in (a recall reply's item_ids, one not UTF-8) and float32 NumPy: over REST this
+    # was a TypeError (bytes are not JSON serializable)
+    ("model: ranking, version: 1", {"item_id": np.array([b"i1", b"\xff\xfe"], dtype=object),
+                                    "price": np.array([1.0, 2.0], np.float32)}, "item_tower"),
 ])
 def test_experiment_client_returns_the_same_structure_over_grpc_and_rest(
         ab_server, tmp_path, target, inputs, signature):

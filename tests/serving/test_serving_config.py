@@ -2,6 +2,7 @@
 
 import functools
 import pathlib
+import re
 
 import pytest
 
@@ -44,6 +45,8 @@ def test_model_config_policies_and_labels(tmp_path):
      "multiple times"),
     ("model_config_list { config { name: 'a' } }", "no base_path"),
     ("model_config_list { config { name: 'a' base_path: '/x' bogus: 1 } }", "Invalid protobuf file"),
+    ("# all models commented out\n", "no model_config_list: the file is empty"),
+    ("custom_model_config { type_url: 'x' }", r"only model_config_list is supported \(not custom"),
 ])
 def test_bad_model_configs_name_the_problem(tmp_path, text, words):
     path = tmp_path / "models.config"
@@ -71,6 +74,12 @@ def test_flags_are_checked():
         ("grpc.max_receive_message_length", 10), ("grpc.x", "y")]
     with pytest.raises(ConfigError, match="key=value"):
         parse_grpc_channel_arguments("nonsense")
+    # A user's trial: --grpc_max_threads=-1 loaded every model, then died with a traceback from
+    # ThreadPoolExecutor; negative load retries and retry intervals were taken silently.
+    for name, auto in [("grpc_max_threads", " (0: auto)"), ("max_num_load_retries", ""),
+                       ("load_retry_interval_micros", "")]:
+        with pytest.raises(ConfigError, match=re.escape(f"--{name} must be >= 0{auto}, got -1")):
+            ServerOptions(model_base_path="/m", **{name: -1})
 
 
 def test_tf_thread_flags_follow_main_cc():

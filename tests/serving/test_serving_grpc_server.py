@@ -222,6 +222,11 @@ def test_reload_config_adds_label_and_removes_model(stubs, saved_models):
     code, details = _code(lambda: model_stub.HandleReloadConfigRequest(bad, timeout=60))
     assert code == grpc.StatusCode.FAILED_PRECONDITION and "version 9" in details
 
+    # an empty config is no action and OK, as in TF Serving's ServerCore::ReloadConfig (was
+    # INVALID_ARGUMENT naming a custom_model_config the request did not have)
+    model_stub.HandleReloadConfigRequest(model_management_pb2.ReloadConfigRequest(), timeout=60)
+    assert outputs(predict_stub.Predict(predict_request(label="canary"), timeout=10))
+
     # restore both models for the tests that follow
     back = model_management_pb2.ReloadConfigRequest()
     back.config.CopyFrom(text_format.Parse(models_config(saved_models, {"stable": 1}),
@@ -229,3 +234,21 @@ def test_reload_config_adds_label_and_removes_model(stubs, saved_models):
     model_stub.HandleReloadConfigRequest(back, timeout=60)
     assert outputs(predict_stub.Predict(
         predict_request("ranking_recall", {"user_id": ["u1"]}), timeout=10))["scores"].shape == (1, 10)
+
+
+def test_a_request_without_model_spec_is_invalid_argument(stubs):
+    """TF Serving answers "Missing ModelSpec"; this said NOT_FOUND for a model named ""."""
+    from tensorflow_serving.apis import (classification_pb2, get_model_metadata_pb2,
+                                         get_model_status_pb2, predict_pb2)
+
+    predict_stub, model_stub = stubs
+    calls = [
+        lambda: predict_stub.Predict(predict_pb2.PredictRequest(), timeout=10),
+        lambda: predict_stub.GetModelMetadata(get_model_metadata_pb2.GetModelMetadataRequest(
+            metadata_field=["signature_def"]), timeout=10),
+        lambda: predict_stub.Classify(classification_pb2.ClassificationRequest(), timeout=10),
+        lambda: model_stub.GetModelStatus(get_model_status_pb2.GetModelStatusRequest(),
+                                          timeout=10),
+    ]
+    for call in calls:
+        assert _code(call) == (grpc.StatusCode.INVALID_ARGUMENT, "Missing ModelSpec")

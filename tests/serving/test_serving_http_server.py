@@ -340,3 +340,42 @@ def test_bind_failure_raises(api):
         server = RestServer(api, "127.0.0.1", taken.getsockname()[1], 1000, 1, 1, 1)
         with pytest.raises(OSError):
             server.start()
+
+
+def test_stop_answers_the_requests_in_progress_before_closing(api):
+    """SIGTERM during traffic: stop() closed every connection before aiohttp's graceful
+    shutdown, so a request whose model call was running got a connection reset instead of
+    its answer (gRPC's stop(grace) answered its calls)."""
+    server = _server(api, batching=True)  # every call in the pool
+    results, stopper = [], threading.Thread(target=lambda: server.stop(grace=60))
+    client = threading.Thread(target=lambda: results.append(_request(server.port, path="/slow")))
+    client.start()
+    try:
+        assert _until(lambda: api.calls == 1)  # the model call is running
+        stopper.start()
+        assert _until(lambda: _refused(server.port))  # no longer listening
+        api.release.set()
+        client.join(60)
+        stopper.join(60)
+        assert results == [(200, {"method": "POST", "path": "/slow", "bytes": 2})]
+    finally:
+        api.release.set()
+        server.stop()
+
+
+def _until(condition, limit=60.0) -> bool:
+    """Polls ``condition`` until it is true (True) or ``limit`` seconds pass (False)."""
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.01)
+    return False
+
+
+def _refused(port) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=5).close()
+    except ConnectionRefusedError:
+        return True
+    return False

@@ -6,6 +6,7 @@ import threading
 import time
 
 import grpc
+import numpy as np
 import pytest
 from serving_testlib import predict_request, start_server, wait_for
 from tensorflow_serving.apis import (get_model_status_pb2, prediction_service_pb2_grpc,
@@ -111,6 +112,21 @@ def three_versions(saved_models, tmp_path_factory):
     return base
 
 
+def test_a_zero_padded_version_directory_is_served(saved_models, tmp_path):
+    """As by TF Serving, ``00000123`` is version 123, loaded from that directory (the load
+    looked for <base>/123 and failed)."""
+    base = str(tmp_path / "ranking")
+    os.makedirs(base)
+    os.rename(toy_models.copy_version(str(saved_models / "ranking" / "1"), base, 1),
+              os.path.join(base, "00000123"))
+    manager = _manager(base)
+    try:
+        servable = manager.lookup("ranking")
+        assert (servable.version, servable.path) == (123, os.path.join(base, "00000123"))
+    finally:
+        manager.stop()
+
+
 def test_non_numeric_directories_are_skipped(three_versions):
     assert version_dirs(three_versions) == [1, 2, 3]
 
@@ -203,13 +219,48 @@ def test_model_config_file_is_polled(saved_models, tmp_path):
 
 
 def test_reload_with_a_new_base_path_serves_from_it(saved_models, tmp_path):
+    """The old path's version keeps serving while the new path's loads (it was unloaded
+    first: NOT_FOUND for the whole load), and is unloaded once the new one serves."""
     moved = str(tmp_path / "elsewhere")
     os.makedirs(moved)
     toy_models.copy_version(str(saved_models / "ranking" / "1"), moved, 1)
     manager = _manager(str(saved_models / "ranking"))
+    old = manager.lookup("ranking")
+    seen_while_loading = []
+    load = manager._load_servable
+
+    def observed_load(name, version, path):
+        seen_while_loading.append(manager.lookup("ranking").path)
+        return load(name, version, path)
+
+    manager._load_servable = observed_load
     try:
         manager.reload_config(single_model_config("ranking", moved))
+        assert seen_while_loading == [old.path]
         assert manager.lookup("ranking").path == os.path.join(moved, "1")
+        assert [s for v, s, *_ in manager.model_status("ranking")] == ["AVAILABLE"]
+        assert not [t for t in threading.enumerate() if t.name.startswith("load-retry-")]
+    finally:
+        manager.stop()
+
+
+def test_a_moved_model_that_cannot_load_keeps_its_old_version_until_removed(saved_models,
+                                                                             tmp_path):
+    broken = str(tmp_path / "broken")
+    os.makedirs(broken)
+    _corrupt(broken, 1)
+    manager = _manager(str(saved_models / "ranking"))
+    try:
+        old_path = manager.lookup("ranking").path
+        manager.reload_config(single_model_config("ranking", broken))
+        assert manager.lookup("ranking").path == old_path  # availability preserved
+        assert manager.model_status("ranking")[0][2] != "OK"  # the new version failed
+        # moved again while the last move's path has served nothing: still the old version
+        manager.reload_config(single_model_config("ranking", str(tmp_path / "missing")))
+        assert manager.lookup("ranking").path == old_path
+        manager.reload_config(single_model_config("other", str(saved_models / "ranking")))
+        with pytest.raises(ServingError):
+            manager.lookup("ranking")
     finally:
         manager.stop()
 
@@ -299,3 +350,27 @@ def _serves_label(manager, name, label):
     except ServingError:
         return False
     return True
+
+
+def test_a_request_on_an_unloaded_version_starts_no_batch_threads(three_versions):
+    """A request that looked a version up just before it was unloaded, for a signature not yet
+    called on it, made a new Batcher: its threads were never stopped and kept the unloaded
+    model alive. It now runs inline, as requests already queued there do."""
+    from fm_keras.serving.config import BatchingOptions
+    from serving_testlib import RANKING_ROW
+
+    manager = ModelManager(ServerOptions(model_base_path=three_versions,
+                                         file_system_poll_wait_seconds=0, max_num_load_retries=0),
+                           BatchingOptions(num_batch_threads=1))
+    manager.start(_config(three_versions, "specific { versions: 1 }"))
+    try:
+        servable = manager.lookup("ranking")
+        manager.reload_config(_config(three_versions, "specific { versions: 2 }"))
+        sig = servable.signature("")
+        arrays = {name: np.asarray(RANKING_ROW[name], dtype=sig.inputs[name][0])
+                  for name in sig.inputs}
+        outputs = servable.run(sig, arrays, timeout=30)
+        assert outputs["probability"].shape == (1,)
+        assert not [t for t in threading.enumerate() if t.name.startswith("batch-ranking-1-")]
+    finally:
+        manager.stop()

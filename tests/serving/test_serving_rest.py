@@ -97,6 +97,28 @@ def test_status_and_metadata(server):
     ("/v1/models/ranking:classify", {"examples": [ROW]}, None, 400,
      ["Expected classification signature method_name to be tensorflow/serving/classify"]),
     ("/v1/models/ranking:regress", {"instances": [ROW]}, None, 400, ["'examples'"]),
+    # A user's trial: these were answered 200 (5 read as the signature "5", null as the default
+    # one, true as 1.0, 1e400 as inf) or with a message about something else.
+    ("/v1/models/ranking:predict", {"signature_name": 5, "instances": [ROW]}, None, 400,
+     ["'signature_name' key must be a string value"]),
+    ("/v1/models/ranking:predict", {"signature_name": None, "instances": [ROW]}, None, 400,
+     ["'signature_name' key must be a string value"]),
+    ("/v1/models/ranking:regress", {"signature_name": 5, "examples": [ROW]}, None, 400,
+     ["'signature_name' key must be a string value"]),
+    ("/v1/models/ranking:predict", None,
+     b'{"instances": [{"user_id": "u1", "item_id": "i", "price": 1e400}]}', 400,
+     ["JSON Parse error: Number too big to be stored in double: 1e400"]),
+    ("/v1/models/ranking:predict", {"instances": [{**ROW, "price": True}]}, None, 400,
+     ["is not of expected type: float32 (input price)"]),
+    ("/v1/models/ranking:predict", {"inputs": {"user_id": ["u1", "u2"], "item_id": ["a", "b"],
+                                               "price": [1.0, False]}}, None, 400,
+     ["is not of expected type: float32 (input price)"]),
+    ("/v1/models/ranking:predict", {"instances": ["u1"]}, None, 400,
+     ["instances is a plain list, but expecting list of objects"]),
+    ("/v1/models/ranking:predict", {"instances": [ROW, "u1"]}, None, 400,
+     ["Expecting object but got list at item 1 of input list"]),
+    ("/v1/models/ranking:predict", {"inputs": ["u1"]}, None, 400,
+     ["inputs is a plain value/list, but expecting an object"]),
 ])
 def test_bad_requests_get_tf_serving_errors_and_server_stays_up(server, path, body, raw,
                                                                 http_status, words):
@@ -114,6 +136,36 @@ def test_prometheus_metrics_count_requests(server):
     assert status == 200
     assert ':tensorflow:serving:request_count{model_name="ranking",status="OK"}' in text
     assert ":tensorflow:serving:request_latency_bucket" in text
+
+
+def test_metrics_use_tf_servings_api_labels_and_time_only_successes(server, stubs):
+    """Dashboards written for TF Serving select API="Predict" (gRPC) and API="predict"
+    (REST); this server labelled them "predict" and "rest", counted metadata and status
+    calls as requests, and put failed requests into request_latency."""
+    from serving_testlib import predict_request
+    from tensorflow_serving.apis import get_model_metadata_pb2
+
+    def latency_count(api, entrypoint, model):
+        _, text = get(server, "/monitoring/prometheus/metrics")
+        prefix = (f':tensorflow:serving:request_latency_count{{API="{api}",'
+                  f'entrypoint="{entrypoint}",model_name="{model}"}} ')
+        return sum(int(line[len(prefix):]) for line in text.splitlines()
+                   if line.startswith(prefix))
+
+    predict_stub, _ = stubs
+    before = {(api, entry): latency_count(api, entry, "ranking")
+              for api, entry in (("Predict", "GRPC"), ("predict", "REST"))}
+    predict_stub.Predict(predict_request(), timeout=10)
+    metadata = get_model_metadata_pb2.GetModelMetadataRequest(metadata_field=["signature_def"])
+    metadata.model_spec.name = "ranking"
+    predict_stub.GetModelMetadata(metadata, timeout=10)
+    _valid_predict_works(server)
+    post(server, "/v1/models/ranking:predict", {"instances": [{"user_id": "u"}]})  # a 400
+    assert latency_count("Predict", "GRPC", "ranking") == before["Predict", "GRPC"] + 1
+    assert latency_count("predict", "REST", "ranking") == before["predict", "REST"] + 1
+    _, text = get(server, "/monitoring/prometheus/metrics")
+    assert 'API="predict",entrypoint="GRPC"' not in text and 'API="rest"' not in text
+    assert 'API="metadata"' not in text
 
 
 def test_examples_json_becomes_tf_examples():
@@ -311,3 +363,25 @@ def test_a_number_beyond_float32_is_a_400_not_an_overflow_warning():
             assert err.value.message == (f"input age: value {1e39 if value == 1e39 else -1e39:g} "
                                          "is out of float32 range (+-3.4028235e+38)")
         assert to_array([3e38, float("inf"), float("nan")], np.float32, "age").dtype == np.float32
+
+
+def test_json_numbers_take_the_kind_of_the_tensor():
+    """As json_tensor.cc: an integer tensor takes integers only (1.5 was cast to 1), a bool
+    tensor booleans only, a float tensor any number but not a boolean; a huge exponent
+    without overflow (1e-400, 1e300) is a number."""
+    from fm_keras.serving.errors import ServingError
+    from fm_keras.serving.rest import parse_json, to_array
+
+    for value, dtype in [([1.5], np.int64), ([1, 2.0], np.int32), ([1, True], np.int64),
+                         ([1], np.bool_), ([[1.0], [True]], np.float32)]:
+        with pytest.raises(ServingError, match="is not of expected type") as err:
+            to_array(value, dtype, "x")
+        assert err.value.http_status == 400
+    assert to_array([1, 2], np.int64, "x").tolist() == [1, 2]
+    assert to_array([True, False], np.bool_, "x").tolist() == [True, False]
+    assert to_array([1, 2.5], np.float32, "x").tolist() == [1.0, 2.5]
+    assert to_array([], np.int64, "x").shape == (0,)
+    assert parse_json(b'[1e-400, 1e300, -Infinity]') == [0.0, 1e300, float("-inf")]
+    for body in (b'[1E+0400]', b'[-1' + b'0' * 400 + b'.5]'):
+        with pytest.raises(ServingError, match="JSON Parse error: Number too big"):
+            parse_json(body)
