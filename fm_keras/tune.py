@@ -113,7 +113,8 @@ def tune(config: ExperimentConfig, out: str, trials: int, *, storage: str | None
         directory, metrics) and the paths written.
 
     Raises:
-        ConfigError: trials < 1, timeout <= 0, or an unusable storage; nothing is written.
+        ConfigError: trials < 1, timeout <= 0, an `out` that is a file, or an unusable
+            storage; nothing is written.
     """
     import optuna
 
@@ -121,6 +122,10 @@ def tune(config: ExperimentConfig, out: str, trials: int, *, storage: str | None
         raise ConfigError(f"--trials must be at least 1, got {trials}")
     if timeout is not None and not timeout > 0:
         raise ConfigError(f"--timeout must be > 0 seconds, got {timeout}")
+    for path in (out, os.path.join(out, "trials")):
+        if os.path.exists(path) and not os.path.isdir(path):
+            raise ConfigError(f"--out {out}: {path} is a file, not a tune directory; choose "
+                              "another --out")
     space = space or default_space(config)
     monitor, sign = task_monitor(config.model.task)  # the metric early stopping uses
     study_name = study_name or os.path.splitext(os.path.basename(config.source or "tune"))[0]

@@ -141,6 +141,22 @@ def test_bad_input_is_one_line_exit_2_nothing_written(tiny, tmp_path, capsys, mo
     assert not out.exists() and sorted(os.listdir(tmp_path)) == ["bad.yaml"]
 
 
+@pytest.mark.parametrize("file", ["out", "out/trials"])
+def test_out_that_is_a_file_is_one_line_exit_2_nothing_written(tiny, tmp_path, capsys, file):
+    """--out naming a file (or holding a file named trials) was a NotADirectoryError
+    traceback, exit 1, after the study had been created in the storage."""
+    if file == "out/trials":
+        (tmp_path / "out").mkdir()
+    (tmp_path / file).write_text("not a directory")
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    assert main(["tune", "--config", str(tiny / "experiment.yaml"), "--trials", "1",
+                 "--storage", storage, "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"fm-keras: error: --out {tmp_path / 'out'}: {tmp_path / file} is a file, "
+                   "not a tune directory; choose another --out\n")
+    assert not (tmp_path / "study.db").exists()
+
+
 def test_tune_retrieval_maximizes_validation_recall(implicit_data, tmp_path):
     """A retrieval experiment is tuned on its early-stopping metric, validation Recall@K,
     maximized (it once fell to regression's val_rmse and failed after trial 0)."""
