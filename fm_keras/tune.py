@@ -248,6 +248,9 @@ def _objective(trial, study, config: ExperimentConfig, space: SearchSpace, out: 
         trial.set_user_attr("duplicate_of", twin)
         raise optuna.TrialPruned(f"same values as trial {twin}")
     run_dir = os.path.abspath(os.path.join(out, "trials", f"trial-{trial.number}"))
+    if os.path.exists(run_dir):  # not this trial's: a stopped trial would remove it
+        raise ConfigError(f"--out {out}: {run_dir} exists already (a trial of another study "
+                          "tuned into this --out?); give each study its own --out")
     trial.set_user_attr("run_dir", run_dir)
     log(f"tune: trial {trial.number}" + (" (baseline: the experiment as given)" if baseline
                                          else f": {values}"))

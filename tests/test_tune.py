@@ -157,6 +157,21 @@ def test_out_that_is_a_file_is_one_line_exit_2_nothing_written(tiny, tmp_path, c
     assert not (tmp_path / "study.db").exists()
 
 
+def test_a_trial_directory_of_another_study_is_kept_and_named(tiny, tmp_path, capsys):
+    """Two studies tuned into one --out: trial 0 of the second found trial-0 of the first,
+    failed on it ("holds a finished run"), and the stopped trial's clean-up deleted it."""
+    kept = tmp_path / "out" / "trials" / "trial-0"
+    kept.mkdir(parents=True)
+    (kept / "run.json").write_text("{}")
+    assert main(["tune", "--config", str(tiny / "experiment.yaml"), "--trials", "1",
+                 "--storage", f"sqlite:///{tmp_path / 'study.db'}", "--study_name", "second",
+                 "--out", str(tmp_path / "out")]) == 2
+    assert (kept / "run.json").read_text() == "{}"
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last == (f"fm-keras: error: --out {tmp_path / 'out'}: {kept} exists already (a trial "
+                    "of another study tuned into this --out?); give each study its own --out")
+
+
 def test_tune_retrieval_maximizes_validation_recall(implicit_data, tmp_path):
     """A retrieval experiment is tuned on its early-stopping metric, validation Recall@K,
     maximized (it once fell to regression's val_rmse and failed after trial 0)."""
