@@ -305,6 +305,24 @@ def load_data_split(data: DataConfig, role: str, features: Sequence[FeatureConfi
     return load_split(patterns, features, data.label, data.filters, task=task)
 
 
+def check_disjoint_splits(data: DataConfig, source: str | None) -> None:
+    """Raises `DataError` when a validation or test file is also a training file (a glob
+    such as ``data.train: logs/*.csv`` that matches ``logs/valid.csv``): its rows would be
+    trained on, and early stopping, calibration and the metrics would measure them.
+
+    Args:
+        data: the experiment's data section.
+        source: the experiment file, named in the message.
+    """
+    training = {os.path.realpath(p): p for p in _expand(data.train)[0]}
+    for role in ("valid", "test"):
+        for path in _expand(getattr(data, role))[0]:
+            if os.path.realpath(path) in training:
+                raise DataError(f"{source or 'experiment'}: data: {role} file {path} is also a "
+                                f"training file (data.train {list(data.train)} names it), so "
+                                f"its rows would be trained on; keep it out of data.train")
+
+
 def require_both_classes(split: Split, label: str) -> None:
     """Raises `DataError` when a binary label column has a single class in `split`.
 

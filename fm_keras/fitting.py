@@ -192,6 +192,7 @@ class _ValueCounts:
         vocabulary = tuple(v for _, v in sorted(kept))
         if c.kind != "multi_hot":
             return {"vocabulary": vocabulary}
+        _warn_of_separators(c, vocabulary, self.lengths)
         max_len = c.max_len
         if not max_len:
             if self.lengths:
@@ -202,6 +203,33 @@ class _ValueCounts:
                 p99 = 0.0
             max_len = int(min(MAX_LEN_CAP, max(1, p99)))
         return {"vocabulary": vocabulary, "max_len": max_len}
+
+
+# What multi-hot lists are commonly split by (not a space: values such as titles hold them).
+_OTHER_SEPARATORS = ("|", ",", ";", "/")
+
+
+def _warn_of_separators(config: FeatureConfig, vocabulary: Sequence[str], lengths: Counter) -> None:
+    """Warns of a multi-hot column whose lists its `separator` does not split: no cell holds
+    two values while values hold another separator (``'Comedy,Romance'`` is then one value),
+    or values have spaces around them (``'a | b'`` gives ``'a '`` and ``' b'``, not the
+    ``'a'`` and ``'b'`` of other rows). Values are taken as written, so it trains either way."""
+    if not vocabulary:
+        return
+    if max(lengths, default=0) <= 1:
+        for other in _OTHER_SEPARATORS:
+            holding = [v for v in vocabulary if other in v.strip()]
+            if other != config.separator and holding:
+                log(f"warning: feature {config.name!r}: no training cell holds two values split "
+                    f"by separator {config.separator!r}, but {len(holding):,} of its "
+                    f"{len(vocabulary):,} values hold {other!r} (e.g. {holding[0]!r}); set "
+                    f"separator: {other!r} if that splits the lists")
+                return
+    padded = [v for v in vocabulary if v != v.strip()]
+    if padded:
+        log(f"warning: feature {config.name!r}: {len(padded):,} of its {len(vocabulary):,} values "
+            f"have spaces around them (e.g. {padded[0]!r}), and a value is taken as written: "
+            f"remove the spaces around separator {config.separator!r} in the data")
 
 
 class FeatureFitter:

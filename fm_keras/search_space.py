@@ -177,7 +177,9 @@ def _set(by_name: dict, name: str, spec, where: str) -> None:
             raise ConfigError(f"{where}: a range is {{low: L, high: H, log: true|false}}, "
                               f"got {spec!r}")
         low, high = (_number(spec[k], name, where) for k in ("low", "high"))
-        log = bool(spec.get("log", False))
+        log = spec.get("log", False)
+        if not isinstance(log, bool):
+            raise ConfigError(f"{where}: log: expected true or false, got {log!r}")
         if not isinstance(low, (int, float)) or not low < high or (log and low <= 0):
             raise ConfigError(f"{where}: needs low < high (and low > 0 with log), got {spec!r}")
         by_name[name] = Param(name, low=low, high=high, log=log)
@@ -190,6 +192,8 @@ def _number(value, name: str, where: str):
     if name == "optimizer":
         _known(value, OPTIMIZERS, f"{where}: unknown optimizer")
         return value
+    if isinstance(value, bool):  # YAML's true/yes: an int to Python, not a number here
+        raise ConfigError(f"{where}: expected a number, got {value!r}")
     if isinstance(value, str):
         try:
             value = float(value)

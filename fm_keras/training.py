@@ -24,8 +24,8 @@ from fm_keras.checkpoints import LARGE_VARIABLE_ELEMENTS, is_large, trained_rows
 from fm_keras.config import ExperimentConfig
 from fm_keras.convergence import base_loss
 from fm_keras.convert import converted_shards, fitted_features
-from fm_keras.data import (Split, downsample_negatives, load_data_split, require_both_classes,
-                           sample_weights, skipped_empty_files)
+from fm_keras.data import (Split, check_disjoint_splits, downsample_negatives, load_data_split,
+                           require_both_classes, sample_weights, skipped_empty_files)
 from fm_keras.distributed import train_distributed
 from fm_keras.errors import ConfigError, RunError
 from fm_keras.evaluation import metrics_for
@@ -84,6 +84,7 @@ def train(config: ExperimentConfig, run_dir: str, *, resume: bool = False,
 def _train(config: ExperimentConfig, run_dir: str, *, resume: bool, verbose: int | None,
            warm_start: str | None, callbacks: list | None) -> dict:
     """`train`'s work."""
+    check_disjoint_splits(config.data, config.source)
     if resume:
         last = tf.train.latest_checkpoint(os.path.join(run_dir, "checkpoints", "last"))
         if last:

@@ -38,7 +38,7 @@ from fm_keras import fsutil
 from fm_keras._tf import keras
 from fm_keras.config import ExperimentConfig
 from fm_keras.convergence import task_monitor
-from fm_keras.errors import ConfigError, TrainingDivergedError
+from fm_keras.errors import ConfigError, FMKerasError, TrainingDivergedError
 from fm_keras.search_space import SearchSpace, default_space
 from fm_keras.training import log, train
 
@@ -113,7 +113,8 @@ def tune(config: ExperimentConfig, out: str, trials: int, *, storage: str | None
         directory, metrics) and the paths written.
 
     Raises:
-        ConfigError: trials < 1, timeout <= 0, or an unusable storage; nothing is written.
+        ConfigError: trials < 1, timeout <= 0, an `out` that is a file, or an unusable
+            storage; nothing is written.
     """
     import optuna
 
@@ -121,6 +122,10 @@ def tune(config: ExperimentConfig, out: str, trials: int, *, storage: str | None
         raise ConfigError(f"--trials must be at least 1, got {trials}")
     if timeout is not None and not timeout > 0:
         raise ConfigError(f"--timeout must be > 0 seconds, got {timeout}")
+    for path in (out, os.path.join(out, "trials")):
+        if os.path.exists(path) and not os.path.isdir(path):
+            raise ConfigError(f"--out {out}: {path} is a file, not a tune directory; choose "
+                              "another --out")
     space = space or default_space(config)
     monitor, sign = task_monitor(config.model.task)  # the metric early stopping uses
     study_name = study_name or os.path.splitext(os.path.basename(config.source or "tune"))[0]
@@ -134,25 +139,57 @@ def tune(config: ExperimentConfig, out: str, trials: int, *, storage: str | None
     except ValueError as err:  # e.g. an existing study with the other direction
         raise ConfigError(f"--study_name {study_name}: {err}") from None
     _check_same_space(study, space)
+    new_study = not study.get_trials(deepcopy=False)
+    made = [d for d in (out, os.path.join(out, "trials")) if not os.path.isdir(d)]
     os.makedirs(os.path.join(out, "trials"), exist_ok=True)
-    if not any(t.user_attrs.get("baseline") for t in study.get_trials(deepcopy=False)):
+    if not any(t.user_attrs.get("baseline") and t.state != optuna.trial.TrialState.FAIL
+               for t in study.get_trials(deepcopy=False)):  # none, or it failed (stopped)
         study.enqueue_trial({}, user_attrs={"baseline": True})
     started = time.time()
     current = []  # this process's trial in progress (a study may be shared)
 
     def objective(trial):
         current[:] = [trial]
-        return _objective(trial, study, config, space, out, monitor)
+        try:
+            return _objective(trial, study, config, space, out, monitor)
+        except TrainingDivergedError:
+            raise  # this trial's values: the study goes on (`catch`)
+        except (KeyboardInterrupt, FMKerasError) as err:
+            raise _Stopped(err) from err  # not an Exception: Optuna logs no traceback
 
     try:
         study.optimize(objective, n_trials=trials, timeout=timeout,
                        catch=(TrainingDivergedError,), gc_after_trial=True)
-    except BaseException:  # SIGTERM (Terminated), Ctrl-C, an error no trial may catch
+    except BaseException as err:  # SIGTERM (Terminated), Ctrl-C, an error no trial may catch
         if current:
             _abandon(study, current[0])
-        raise
+        if isinstance(err, _Stopped) and isinstance(err.error, FMKerasError):
+            _undo_new(study, rdb, new_study, made)  # bad config or data: nothing stays
+        raise (err.error if isinstance(err, _Stopped) else err) from None
     return _write_results(study, config, space, out, monitor, storage,
                           round(time.time() - started, 1))
+
+
+class _Stopped(BaseException):
+    """Carries a trial's KeyboardInterrupt or bad-input error (`FMKerasError`) past Optuna,
+    which would log its traceback and then re-raise it; the CLI prints it as one line."""
+
+    def __init__(self, error: BaseException):
+        super().__init__(str(error))
+        self.error = error
+
+
+def _undo_new(study, rdb, new_study: bool, made: list[str]) -> None:
+    """After a bad config or bad data stopped the first trial: deletes the study if this
+    process created it and it holds only failed trials (another process's work is kept),
+    and the tune directories this process created if they are still empty."""
+    import optuna
+
+    states = {t.state for t in study.get_trials(deepcopy=False)}
+    if new_study and rdb is not None and states <= {optuna.trial.TrialState.FAIL}:
+        optuna.delete_study(study_name=study.study_name, storage=rdb)
+    for directory in reversed(made):
+        fsutil.remove_if_empty(directory)
 
 
 def _check_same_space(study, space: SearchSpace) -> None:
@@ -211,6 +248,9 @@ def _objective(trial, study, config: ExperimentConfig, space: SearchSpace, out: 
         trial.set_user_attr("duplicate_of", twin)
         raise optuna.TrialPruned(f"same values as trial {twin}")
     run_dir = os.path.abspath(os.path.join(out, "trials", f"trial-{trial.number}"))
+    if os.path.exists(run_dir):  # not this trial's: a stopped trial would remove it
+        raise ConfigError(f"--out {out}: {run_dir} exists already (a trial of another study "
+                          "tuned into this --out?); give each study its own --out")
     trial.set_user_attr("run_dir", run_dir)
     log(f"tune: trial {trial.number}" + (" (baseline: the experiment as given)" if baseline
                                          else f": {values}"))
@@ -234,9 +274,11 @@ def _objective(trial, study, config: ExperimentConfig, space: SearchSpace, out: 
 
 
 def _duplicate_of(study, trial, baseline: bool) -> int | None:
-    """The number of an earlier trial (not itself a duplicate) with the same values."""
+    """The number of an earlier trial (not itself a duplicate, nor failed: a stopped trial's
+    values are still to be tried) with the same values."""
     for other in study.get_trials(deepcopy=False):
-        if other.number >= trial.number or "duplicate_of" in other.user_attrs:
+        if (other.number >= trial.number or "duplicate_of" in other.user_attrs
+                or other.state.name == "FAIL"):
             continue
         if bool(other.user_attrs.get("baseline")) == baseline and other.params == trial.params:
             return other.number

@@ -4,9 +4,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from fm_keras.config import FeatureConfig, FilterConfig, TrainingConfig
-from fm_keras.data import (downsample_negatives, load_split, require_both_classes,
-                           sample_weights, single_class)
+from fm_keras.config import DataConfig, FeatureConfig, FilterConfig, TrainingConfig
+from fm_keras.data import (check_disjoint_splits, downsample_negatives, load_split,
+                           require_both_classes, sample_weights, single_class)
 from fm_keras.errors import DataError
 
 FEATURES = [FeatureConfig("user", "categorical", "user"),
@@ -169,3 +169,23 @@ def test_a_glob_skips_empty_part_files_but_a_named_empty_file_is_an_error(tmp_pa
         str(tmp_path / "part-1.csv"), str(tmp_path / "part-2.csv")]  # all empty: kept
     with pytest.raises(DataError, match="part-2.csv: the file has a header but no rows"):
         load_split([str(tmp_path / "part-2.csv")], FEATURES, "click")
+
+
+@pytest.mark.parametrize("train,role", [("*.csv", "valid"), ("t*.csv", "test"),
+                                        ("./valid.csv", "valid"), ("logs-*.csv", None)])
+def test_a_validation_or_test_file_in_the_training_files_is_an_error(tmp_path, monkeypatch,
+                                                                      train, role):
+    """data.train: '*.csv' beside valid.csv and test.csv trained on the validation and test
+    rows without a word (early stopping, calibration and test metrics then measure them)."""
+    monkeypatch.chdir(tmp_path)
+    for name in ("logs-1.csv", "valid.csv", "test.csv"):
+        _csv(tmp_path, name)
+    data = DataConfig(train=(train,), label="click", valid=("valid.csv",), test=("test.csv",))
+    if role is None:
+        check_disjoint_splits(data, "exp.yaml")
+        return
+    with pytest.raises(DataError) as err:
+        check_disjoint_splits(data, "exp.yaml")
+    assert str(err.value) == (f"exp.yaml: data: {role} file {role}.csv is also a training file "
+                              f"(data.train ['{train}'] names it), so its rows would be trained "
+                              "on; keep it out of data.train")

@@ -101,6 +101,28 @@ def test_weighted_tokens_and_colons():
     assert fitted.max_len == 2
 
 
+@pytest.mark.parametrize("cells,warning", [
+    (["Comedy,Romance", "Comedy,Romance", "Drama", "Action,Thriller"],
+     "warning: feature 'genres': no training cell holds two values split by separator '|', but "
+     "2 of its 3 values hold ',' (e.g. 'Comedy,Romance'); set separator: ','"),
+    (["Comedy | Romance", "Comedy | Romance", "Drama", "Drama | Western"],
+     "warning: feature 'genres': 4 of its 5 values have spaces around them (e.g. ' Romance'), "
+     "and a value is taken as written"),
+    (["Comedy|Romance", "Drama", "Sci-Fi|Film Noir"], None),  # split; a space inside a value
+    (["Drama", "Comedy", "Film Noir"], None),  # one value a row, no other separator around
+])
+def test_multi_hot_lists_the_separator_does_not_split_warn(capsys, cells, warning):
+    """MovieLens genres written 'Comedy,Romance' or 'Comedy | Romance' under separator '|'
+    trained silently with every combination (or ' Romance' and 'Romance') as its own value."""
+    c = FeatureConfig("genres", "multi_hot", "item", separator="|")
+    fit_features([c], load_like({"genres": np.array(cells, dtype=object)}))
+    err = capsys.readouterr().err
+    if warning is None:
+        assert err == ""
+    else:
+        assert warning in err and len(err.strip().splitlines()) == 1
+
+
 def load_like(columns):
     from fm_keras.data import Split
 

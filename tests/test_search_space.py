@@ -58,6 +58,12 @@ def test_file_replaces_drops_and_fixes_keys(tmp_path):
     ("batch_size: [0, 512]\n", "batch_size: 0 is not a valid value"),
     ("embedding_dim: [4.5]\n", "embedding_dim: expected an integer"),
     ("- a list\n", "space.yaml: expected a mapping"),
+    # YAML's true is a number to Python: batch_size: true was a fixed batch size of 1.
+    ("batch_size: true\n", "batch_size: expected a number, got True"),
+    ("learning_rate: [0.01, yes]\n", "learning_rate: expected a number, got True"),
+    # bool("false") is True: a quoted false made the range log-scaled.
+    ('learning_rate: {low: 0.01, high: 0.1, log: "false"}\n',
+     "learning_rate: log: expected true or false, got 'false'"),
 ])
 def test_bad_files_name_the_file_and_key(tmp_path, text, message):
     path = tmp_path / "space.yaml"

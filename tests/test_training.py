@@ -101,6 +101,19 @@ def test_bad_data_leaves_no_run_dir(small_synth, tmp_path, role):
     assert not (tmp_path / "run").exists()
 
 
+def test_a_training_glob_holding_the_validation_file_fails_before_the_run_dir(small_synth,
+                                                                             tmp_path):
+    """data.train: '<dir>/[tv]*.csv' also matched valid.csv and test.csv, and the run trained
+    on them silently."""
+    synth_dir, _ = small_synth
+    config = _config(synth_dir)
+    config = dataclasses.replace(config, data=dataclasses.replace(
+        config.data, train=(os.path.join(synth_dir, "[tv]*.csv"),)))
+    with pytest.raises(DataError, match=r"data: valid file .*valid.csv is also a training file"):
+        train(config, str(tmp_path / "run"), verbose=0)
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize("existed", [False, True])
 def test_a_run_stopped_before_writing_leaves_no_run_dir_it_made(small_synth, tmp_path,
                                                                  monkeypatch, existed):

@@ -2,6 +2,7 @@
 processes, and bad input that leaves nothing behind."""
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -140,6 +141,37 @@ def test_bad_input_is_one_line_exit_2_nothing_written(tiny, tmp_path, capsys, mo
     assert not out.exists() and sorted(os.listdir(tmp_path)) == ["bad.yaml"]
 
 
+@pytest.mark.parametrize("file", ["out", "out/trials"])
+def test_out_that_is_a_file_is_one_line_exit_2_nothing_written(tiny, tmp_path, capsys, file):
+    """--out naming a file (or holding a file named trials) was a NotADirectoryError
+    traceback, exit 1, after the study had been created in the storage."""
+    if file == "out/trials":
+        (tmp_path / "out").mkdir()
+    (tmp_path / file).write_text("not a directory")
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    assert main(["tune", "--config", str(tiny / "experiment.yaml"), "--trials", "1",
+                 "--storage", storage, "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"fm-keras: error: --out {tmp_path / 'out'}: {tmp_path / file} is a file, "
+                   "not a tune directory; choose another --out\n")
+    assert not (tmp_path / "study.db").exists()
+
+
+def test_a_trial_directory_of_another_study_is_kept_and_named(tiny, tmp_path, capsys):
+    """Two studies tuned into one --out: trial 0 of the second found trial-0 of the first,
+    failed on it ("holds a finished run"), and the stopped trial's clean-up deleted it."""
+    kept = tmp_path / "out" / "trials" / "trial-0"
+    kept.mkdir(parents=True)
+    (kept / "run.json").write_text("{}")
+    assert main(["tune", "--config", str(tiny / "experiment.yaml"), "--trials", "1",
+                 "--storage", f"sqlite:///{tmp_path / 'study.db'}", "--study_name", "second",
+                 "--out", str(tmp_path / "out")]) == 2
+    assert (kept / "run.json").read_text() == "{}"
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last == (f"fm-keras: error: --out {tmp_path / 'out'}: {kept} exists already (a trial "
+                    "of another study tuned into this --out?); give each study its own --out")
+
+
 def test_tune_retrieval_maximizes_validation_recall(implicit_data, tmp_path):
     """A retrieval experiment is tuned on its early-stopping metric, validation Recall@K,
     maximized (it once fell to regression's val_rmse and failed after trial 0)."""
@@ -209,3 +241,75 @@ def test_changed_search_space_of_a_study_is_one_line_exit_2_before_any_trial(
     assert "use a new --study_name" in last
     assert len(optuna.load_study(study_name="s", storage=storage).get_trials()) == 1
     assert not (tmp_path / "out").exists()
+
+
+def test_resumed_study_runs_the_baseline_that_was_stopped(tiny, tmp_path, capsys, optuna_log,
+                                                         monkeypatch):
+    """Ctrl-C in trial 0 (the experiment as given), then the same command again: the baseline
+    is trained, not lost (it was never enqueued again, and a re-enqueued one was taken for a
+    duplicate of the failed one), so the search still ends no worse than the experiment."""
+    import optuna
+
+    from fm_keras import tune as tune_module
+
+    real_train = tune_module.train
+
+    def interrupted(config, run_dir, **kwargs):
+        os.makedirs(run_dir)
+        raise KeyboardInterrupt()
+
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    args = ["tune", "--config", str(tiny / "experiment.yaml"), "--trials", "1", "--storage",
+            storage, "--study_name", "s", "--out", str(tmp_path / "out"),
+            "--search_space", str(tiny / "space.yaml")]
+    monkeypatch.setattr(tune_module, "train", interrupted)
+    assert main(args) == 130
+    assert capsys.readouterr().err.strip().splitlines()[-1] == "fm-keras: interrupted"
+    assert not _optuna_failures(optuna_log)  # Optuna logged the interrupt's traceback
+    monkeypatch.setattr(tune_module, "train", real_train)
+    assert main(args) == 0
+    result = json.loads(capsys.readouterr().out)
+    trials = optuna.load_study(study_name="s", storage=storage).get_trials()
+    assert [(t.state.name, bool(t.user_attrs.get("baseline"))) for t in trials] == [
+        ("FAIL", True), ("COMPLETE", True)]
+    assert result["best"]["trial"] == 1 and result["best"]["baseline"]
+
+
+def test_bad_data_in_the_first_trial_is_one_line_exit_2_nothing_written(tiny, tmp_path,
+                                                                        capsys, optuna_log):
+    """A feature column the data lacks is found by the first trial's read: one line (Optuna
+    once logged the DataError's traceback first), exit 2, and neither the study nor the tune
+    directory stays (a study holding only a failed baseline was left behind)."""
+    import optuna
+
+    (tmp_path / "typo.yaml").write_text((tiny / "experiment.yaml").read_text())
+    spec = (tiny / "features.yaml").read_text()
+    assert "name: item_id," in spec
+    (tmp_path / "features.yaml").write_text(spec.replace("name: item_id,", "name: item_idd,"))
+    for name in ("train.csv", "valid.csv", "test.csv"):  # the experiment's relative paths
+        os.symlink(tiny / name, tmp_path / name)
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    out = tmp_path / "out"
+    assert main(["tune", "--config", str(tmp_path / "typo.yaml"), "--trials", "2",
+                 "--storage", storage, "--out", str(out)]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and not _optuna_failures(optuna_log)
+    lines = [line for line in captured.err.splitlines() if line.startswith("fm-keras: error")]
+    assert len(lines) == 1 and "missing column 'item_idd'" in lines[0]
+    assert not out.exists()
+    assert optuna.get_all_study_names(storage=storage) == []
+
+
+@pytest.fixture
+def optuna_log(caplog):
+    """caplog with Optuna's records too (Optuna stops its logger propagating to the root
+    logger once its own stderr handler is set up)."""
+    logger = logging.getLogger("optuna")
+    logger.addHandler(caplog.handler)
+    yield caplog
+    logger.removeHandler(caplog.handler)
+
+
+def _optuna_failures(caplog) -> list:
+    """Optuna's "Trial N failed ..." records (the first with the error's traceback)."""
+    return [r for r in caplog.records if r.name.startswith("optuna") and "failed" in r.message]
