@@ -314,9 +314,16 @@ def check_disjoint_splits(data: DataConfig, source: str | None) -> None:
         data: the experiment's data section.
         source: the experiment file, named in the message.
     """
-    training = {os.path.realpath(p): p for p in _expand(data.train)[0]}
+    # Only files that exist: a shard directory, its manifest or a missing file is for the
+    # readers (e.g. `fm_keras.convert.converted_shards`) to name, with its fix.
+    def existing(patterns):
+        return [p for pattern in patterns
+                for p in (sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern])
+                if os.path.isfile(p)]
+
+    training = {os.path.realpath(p) for p in existing(data.train)}
     for role in ("valid", "test"):
-        for path in _expand(getattr(data, role))[0]:
+        for path in existing(getattr(data, role)):
             if os.path.realpath(path) in training:
                 raise DataError(f"{source or 'experiment'}: data: {role} file {path} is also a "
                                 f"training file (data.train {list(data.train)} names it), so "

@@ -11,7 +11,7 @@ import pytest
 from trained_rows_testlib import changed_rows, record_trained_rows, with_new_catalog_items
 from fm_keras import checkpoints, training
 from fm_keras.config import load_experiment
-from fm_keras.errors import DataError, RunError, TrainingDivergedError
+from fm_keras.errors import ConfigError, DataError, RunError, TrainingDivergedError
 from fm_keras.data import load_data_split
 from fm_keras.runs import TrainingState, load_run, predict_split
 from fm_keras.training import train
@@ -110,6 +110,23 @@ def test_a_training_glob_holding_the_validation_file_fails_before_the_run_dir(sm
     config = dataclasses.replace(config, data=dataclasses.replace(
         config.data, train=(os.path.join(synth_dir, "[tv]*.csv"),)))
     with pytest.raises(DataError, match=r"data: valid file .*valid.csv is also a training file"):
+        train(config, str(tmp_path / "run"), verbose=0)
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_shard_directory_as_data_train_still_gets_the_convert_hint(small_synth, tmp_path):
+    """data.train naming a converted shard directory (not its shards.json) is the ConfigError
+    that names the manifest; the disjoint-splits check ran first and said "no such file"."""
+    from fm_keras.convert import MANIFEST
+
+    synth_dir, _ = small_synth
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    (shards / MANIFEST).write_text("{}")
+    config = _config(synth_dir)
+    config = dataclasses.replace(config, data=dataclasses.replace(config.data,
+                                                                  train=(str(shards),)))
+    with pytest.raises(ConfigError, match="is a shard directory; name its manifest"):
         train(config, str(tmp_path / "run"), verbose=0)
     assert not (tmp_path / "run").exists()
 
