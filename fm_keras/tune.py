@@ -142,8 +142,8 @@ def tune(config: ExperimentConfig, out: str, trials: int, *, storage: str | None
     new_study = not study.get_trials(deepcopy=False)
     made = [d for d in (out, os.path.join(out, "trials")) if not os.path.isdir(d)]
     os.makedirs(os.path.join(out, "trials"), exist_ok=True)
-    if not any(t.user_attrs.get("baseline") and t.state != optuna.trial.TrialState.FAIL
-               for t in study.get_trials(deepcopy=False)):  # none, or it failed (stopped)
+    if not any(t.user_attrs.get("baseline") and not _stopped(t)
+               for t in study.get_trials(deepcopy=False)):  # none, or it was stopped
         study.enqueue_trial({}, user_attrs={"baseline": True})
     started = time.time()
     current = []  # this process's trial in progress (a study may be shared)
@@ -237,6 +237,12 @@ def _abandon(study, trial) -> None:
         shutil.rmtree(run_dir, ignore_errors=True)
 
 
+def _stopped(trial) -> bool:
+    """A trial that failed without trying its values (stopped, bad input), unlike one that
+    diverged (also FAIL, Optuna's state for it, but done: the seeded run would diverge again)."""
+    return trial.state.name == "FAIL" and not trial.user_attrs.get("diverged")
+
+
 def _objective(trial, study, config: ExperimentConfig, space: SearchSpace, out: str,
                monitor: str) -> float:
     import optuna
@@ -258,6 +264,7 @@ def _objective(trial, study, config: ExperimentConfig, space: SearchSpace, out: 
     try:
         record = train(space.apply(config, values), run_dir, verbose=0, callbacks=[pruning])
     except TrainingDivergedError:
+        trial.set_user_attr("diverged", True)  # its values were tried: not run again
         shutil.rmtree(run_dir, ignore_errors=True)
         raise
     best = record["history"][record["best_epoch"] - 1][monitor]  # best_epoch is 1-based
@@ -274,11 +281,10 @@ def _objective(trial, study, config: ExperimentConfig, space: SearchSpace, out: 
 
 
 def _duplicate_of(study, trial, baseline: bool) -> int | None:
-    """The number of an earlier trial (not itself a duplicate, nor failed: a stopped trial's
+    """The number of an earlier trial (not itself a duplicate, nor stopped: a stopped trial's
     values are still to be tried) with the same values."""
     for other in study.get_trials(deepcopy=False):
-        if (other.number >= trial.number or "duplicate_of" in other.user_attrs
-                or other.state.name == "FAIL"):
+        if other.number >= trial.number or "duplicate_of" in other.user_attrs or _stopped(other):
             continue
         if bool(other.user_attrs.get("baseline")) == baseline and other.params == trial.params:
             return other.number

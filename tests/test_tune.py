@@ -313,3 +313,28 @@ def optuna_log(caplog):
 def _optuna_failures(caplog) -> list:
     """Optuna's "Trial N failed ..." records (the first with the error's traceback)."""
     return [r for r in caplog.records if r.name.startswith("optuna") and "failed" in r.message]
+
+
+def test_a_diverged_baseline_is_not_trained_again_on_resume(tiny, tmp_path, monkeypatch):
+    """A baseline that diverged (TrainingDivergedError, FAIL) was taken for a stopped one and
+    enqueued again by every later tune of the study: the same seeded run, diverging again."""
+    import optuna
+
+    from fm_keras import tune as tune_module
+    from fm_keras.errors import TrainingDivergedError
+
+    def diverging(config, run_dir, **kwargs):
+        os.makedirs(run_dir)
+        raise TrainingDivergedError("loss became NaN")
+
+    monkeypatch.setattr(tune_module, "train", diverging)
+    config = load_experiment(tiny / "experiment.yaml")
+    space = load_search_space(str(tiny / "space.yaml"), config)
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    for _ in range(2):
+        with pytest.raises(TrainingDivergedError, match="no trial of study 's' completed"):
+            tune(config, str(tmp_path / "out"), 1, storage=storage, study_name="s",
+                 space=space, seed=0)
+    trials = optuna.load_study(study_name="s", storage=storage).get_trials()
+    assert [(t.state.name, bool(t.user_attrs.get("baseline"))) for t in trials] == [
+        ("FAIL", True), ("FAIL", False)]
