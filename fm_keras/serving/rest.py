@@ -373,13 +373,14 @@ class RestApi:
         """A predict, classify or regress -> its ``Call``; anything else -> its reply."""
         if self.prometheus_path and path == self.prometheus_path and method == "GET":
             return 200, "text/plain; version=0.0.4", self.metrics.render()
-        start, model = time.perf_counter(), ""
+        start, model, api = time.perf_counter(), "", ""
         try:
             match = _PATH.fullmatch(path)
             if match is None or (method == "POST") != bool(match.group(4)) or method not in (
                     "GET", "POST"):
                 raise invalid_argument(f"Malformed request: {method} {path}")
             model, version, label, verb, metadata = match.groups()
+            api = verb.lower() if verb else ""  # metadata and status are no requests here
             version = request_version(version) if version else None
             if verb == "predict":
                 request = parse_json(body)
@@ -387,15 +388,15 @@ class RestApi:
                 sig = servable.signature(signature_name(request))
                 arrays, fmt = arrays_from_json(sig, request)
                 return Call(method, path, model, start, servable=servable, sig=sig,
-                            arrays=arrays, fmt=fmt, api=verb.lower())
+                            arrays=arrays, fmt=fmt, api=api)
             if verb:
-                return Call(method, path, model, start, api=verb.lower(),
+                return Call(method, path, model, start, api=api,
                             work=lambda: self._examples(verb, model, version, label, body))
             result = (self._metadata(model, version, label) if metadata
                       else self._status(model, version, label))
             return self._reply(method, path, model, start, result)
         except Exception as err:  # noqa: BLE001 - the server stays up
-            return self._reply(method, path, model, start, error=err)
+            return self._reply(method, path, model, start, error=err, api=api)
 
     def answer(self, call: Call, outputs=None, error: Exception | None = None):
         """The reply to a call that returned ``outputs`` or raised ``error``."""
@@ -420,7 +421,7 @@ class RestApi:
             log.error("REST %s %s failed", method, path, exc_info=error)
             reply = 500, "application/json", json.dumps(
                 {"error": f"{type(error).__name__}: {error}"})
-        if self.metrics is not None and model:
+        if self.metrics is not None and model and api:  # as gRPC: predict, classify, regress
             self.metrics.record_request(model, api, "REST", code,
                                         (time.perf_counter() - start) * 1e6)
         return reply

@@ -168,6 +168,24 @@ def test_metrics_use_tf_servings_api_labels_and_time_only_successes(server, stub
     assert 'API="metadata"' not in text
 
 
+def test_rest_metadata_and_status_are_not_counted_as_requests(server):
+    """As over gRPC: a REST GET of a model's metadata or status is no request of the metrics
+    (it was counted, and timed under API="")."""
+    def request_count():
+        _, text = get(server, "/monitoring/prometheus/metrics")
+        prefix = ':tensorflow:serving:request_count{model_name="ranking",status="OK"} '
+        return sum(int(line[len(prefix):]) for line in text.splitlines()
+                   if line.startswith(prefix))
+
+    _valid_predict_works(server)
+    before = request_count()
+    assert get(server, "/v1/models/ranking/metadata")[0] == 200
+    assert get(server, "/v1/models/ranking")[0] == 200
+    assert request_count() == before
+    _, text = get(server, "/monitoring/prometheus/metrics")
+    assert 'API=""' not in text
+
+
 def test_examples_json_becomes_tf_examples():
     from fm_keras.serving.rest import examples_from_json
 
