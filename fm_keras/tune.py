@@ -185,9 +185,13 @@ def _undo_new(study, rdb, new_study: bool, made: list[str]) -> None:
     and the tune directories this process created if they are still empty."""
     import optuna
 
-    states = {t.state for t in study.get_trials(deepcopy=False)}
-    if new_study and rdb is not None and states <= {optuna.trial.TrialState.FAIL}:
-        optuna.delete_study(study_name=study.study_name, storage=rdb)
+    if new_study and rdb is not None:
+        try:
+            states = {t.state for t in study.get_trials(deepcopy=False)}
+            if states <= {optuna.trial.TrialState.FAIL}:
+                optuna.delete_study(study_name=study.study_name, storage=rdb)
+        except KeyError:  # another process of the study stopped too, and deleted it first
+            pass
     for directory in reversed(made):
         fsutil.remove_if_empty(directory)
 

@@ -338,3 +338,33 @@ def test_a_diverged_baseline_is_not_trained_again_on_resume(tiny, tmp_path, monk
     trials = optuna.load_study(study_name="s", storage=storage).get_trials()
     assert [(t.state.name, bool(t.user_attrs.get("baseline"))) for t in trials] == [
         ("FAIL", True), ("FAIL", False)]
+
+
+def test_bad_data_when_another_process_deleted_the_study_first_is_still_one_line(
+        tiny, tmp_path, capsys, monkeypatch):
+    """Two tunes of one new study started together on bad data: the first to stop deletes
+    the study (it holds only failed trials); the second's clean-up then read the deleted
+    study: a KeyError traceback, exit 1, instead of the data error."""
+    import optuna
+
+    from fm_keras import tune as tune_module
+
+    (tmp_path / "typo.yaml").write_text((tiny / "experiment.yaml").read_text())
+    spec = (tiny / "features.yaml").read_text()
+    (tmp_path / "features.yaml").write_text(spec.replace("name: item_id,", "name: item_idd,"))
+    for name in ("train.csv", "valid.csv", "test.csv"):
+        os.symlink(tiny / name, tmp_path / name)
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    real_abandon = tune_module._abandon
+
+    def abandon_then_other_process_deletes(study, trial):
+        real_abandon(study, trial)
+        optuna.delete_study(study_name=study.study_name, storage=storage)
+
+    monkeypatch.setattr(tune_module, "_abandon", abandon_then_other_process_deletes)
+    assert main(["tune", "--config", str(tmp_path / "typo.yaml"), "--trials", "1",
+                 "--storage", storage, "--out", str(tmp_path / "out")]) == 2
+    lines = [line for line in capsys.readouterr().err.splitlines()
+             if line.startswith("fm-keras: error")]
+    assert len(lines) == 1 and "missing column 'item_idd'" in lines[0]
+    assert not (tmp_path / "out").exists()
