@@ -70,6 +70,16 @@ def version_names(base_path: str) -> dict[int, str]:
     return names
 
 
+def version_path(base_path: str, version: int) -> str:
+    """The directory of ``version`` under ``base_path``: its (possibly zero-padded) name
+    from `version_names`, else ``<base_path>/<version>`` (missing, or the base unreadable)."""
+    try:
+        name = version_names(base_path).get(version, str(version))
+    except OSError:
+        name = str(version)
+    return os.path.join(base_path, name)
+
+
 def version_dirs(base_path: str) -> list[int]:
     """The version numbers of ``base_path``'s version directories, ascending, each once
     (``version_names`` says which directory holds each).

@@ -109,6 +109,18 @@ def test_a_version_missing_on_disk_is_an_error_naming_the_arm(tmp_path):
         load_ab_experiment(write(tmp_path, GOOD), base=base)
 
 
+def test_a_zero_padded_version_directory_is_its_version(tmp_path):
+    """The server serves version 2 from ctr/00000002 (TF Serving's naming); the check looked
+    for ctr/2 only and said the arm's version had no SavedModel."""
+    from fm_keras.experiments.config import check_deployment
+
+    base = versions(tmp_path, 1, 2)
+    os.rename(os.path.join(base, "ctr", "2"), os.path.join(base, "ctr", "00000002"))
+    exp = load_ab_experiment(write(tmp_path, GOOD), base=base)  # cleaned: version 2
+    assert check_deployment(exp) == {"naive": None,
+                                     "cleaned": os.path.join(base, "ctr", "00000002")}
+
+
 def test_without_a_deployment_labels_are_not_checked(tmp_path):
     from fm_keras.experiments.config import check_deployment
 

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 
 from fm_keras.config import build_config, check_keys, read_yaml, resolve_path
 from fm_keras.errors import ConfigError
+from fm_keras.versions import version_path
 
 BUCKETS = 10_000
 MAX_BUCKETS = 2**32  # the hash keeps 64 bits: the modulo bias stays below 2^-32 per bucket
@@ -256,7 +257,7 @@ def check_deployment(experiment: ABExperiment) -> dict[str, str | None]:
         if version is None or model_dir is None:
             out[arm.name] = None
             continue
-        version_dir = os.path.join(model_dir, str(version))
+        version_dir = version_path(model_dir, version)  # 00000002 too, as the server reads
         if not os.path.isfile(os.path.join(version_dir, "saved_model.pb")):
             raise ConfigError(f"{experiment.source}: arms[{i}] {arm.name!r}: {arm.target} -> "
                               f"version {version} has no SavedModel at {version_dir}; export "

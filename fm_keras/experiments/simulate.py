@@ -131,14 +131,14 @@ def recall_export_for(base: str, arm: Arm, ranking_dir: str) -> str:
         ConfigError: none of its versions was indexed from that ranking version.
     """
     from fm_keras.servables import read_metadata
-    from fm_keras.versions import version_dirs
+    from fm_keras.versions import version_names
 
     model_dir = os.path.join(base, arm.recall)
-    versions = version_dirs(model_dir)[::-1] if os.path.isdir(model_dir) else []
-    for v in versions:
-        meta = read_metadata(os.path.join(model_dir, str(v)))
+    names = version_names(model_dir) if os.path.isdir(model_dir) else {}
+    for v in sorted(names, reverse=True):
+        meta = read_metadata(os.path.join(model_dir, names[v]))
         if os.path.abspath(meta.get("ranking_model", "")) == os.path.abspath(ranking_dir):
-            return os.path.join(model_dir, str(v))
+            return os.path.join(model_dir, names[v])
     raise ConfigError(f"arm {arm.name!r}: no version of {model_dir} was indexed from "
                       f"{ranking_dir}; build one with 'fm-keras index --model {ranking_dir} "
                       f"--name {arm.recall} ...'")
