@@ -211,14 +211,18 @@ _OTHER_SEPARATORS = ("|", ",", ";", "/")
 
 def _warn_of_separators(config: FeatureConfig, vocabulary: Sequence[str], lengths: Counter) -> None:
     """Warns of a multi-hot column whose lists its `separator` does not split: no cell holds
-    two values while values hold another separator (``'Comedy,Romance'`` is then one value),
+    two values while values hold another separator between clean values
+    (``'Comedy,Romance'`` is then one value),
     or values have spaces around them (``'a | b'`` gives ``'a '`` and ``' b'``, not the
     ``'a'`` and ``'b'`` of other rows). Values are taken as written, so it trains either way."""
     if not vocabulary:
         return
     if max(lengths, default=0) <= 1:
         for other in _OTHER_SEPARATORS:
-            holding = [v for v in vocabulary if other in v.strip()]
+            # Values it would split into clean values ('Comedy,Romance'; not a title such
+            # as 'Butcher Boy, The', whose ' The' says ',' is no list separator there).
+            holding = [v for v in vocabulary if other in v.strip()
+                       and all(t and t == t.strip() for t in v.strip().split(other))]
             if other != config.separator and holding:
                 log(f"warning: feature {config.name!r}: no training cell holds two values split "
                     f"by separator {config.separator!r}, but {len(holding):,} of its "

@@ -110,6 +110,9 @@ def test_weighted_tokens_and_colons():
      "and a value is taken as written"),
     (["Comedy|Romance", "Drama", "Sci-Fi|Film Noir"], None),  # split; a space inside a value
     (["Drama", "Comedy", "Film Noir"], None),  # one value a row, no other separator around
+    # Single values that hold ', ' (MovieLens titles 'Butcher Boy, The'): ',' would not split
+    # them into values (' The'), so it is not suggested.
+    (["Butcher Boy, The", "Toy Story", "Usual Suspects, The"], None),
 ])
 def test_multi_hot_lists_the_separator_does_not_split_warn(capsys, cells, warning):
     """MovieLens genres written 'Comedy,Romance' or 'Comedy | Romance' under separator '|'
