@@ -8,6 +8,7 @@ import time
 
 import numpy as np
 import pytest
+from serving_testlib import wait_for
 
 from fm_keras.serving.batching import Batcher
 from fm_keras.serving.config import BatchingOptions
@@ -351,9 +352,9 @@ def test_stop_answers_the_requests_in_progress_before_closing(api):
     client = threading.Thread(target=lambda: results.append(_request(server.port, path="/slow")))
     client.start()
     try:
-        assert _until(lambda: api.calls == 1)  # the model call is running
+        assert wait_for(lambda: api.calls == 1, 60)  # the model call is running
         stopper.start()
-        assert _until(lambda: _refused(server.port))  # no longer listening
+        assert wait_for(lambda: _refused(server.port), 60)  # no longer listening
         api.release.set()
         client.join(60)
         stopper.join(60)
@@ -361,16 +362,6 @@ def test_stop_answers_the_requests_in_progress_before_closing(api):
     finally:
         api.release.set()
         server.stop()
-
-
-def _until(condition, limit=60.0) -> bool:
-    """Polls ``condition`` until it is true (True) or ``limit`` seconds pass (False)."""
-    deadline = time.monotonic() + limit
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.01)
-    return False
 
 
 def _refused(port) -> bool:
