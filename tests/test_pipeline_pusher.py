@@ -173,6 +173,20 @@ def test_pushed_version_finds_only_this_model(tmp_path):
     assert pushed_version(str(tmp_path / "missing"), "fp-x") is None
 
 
+def test_zero_padded_version_directories_are_their_versions(tmp_path):
+    """A version directory named ``00000003`` (as TF Serving names them; the server loads it
+    as version 3) is found by `pushed_version` and is the version `push_recall` would write."""
+    base = tmp_path / "saved_models"
+    padded = _fake_export(base / "ctr" / "00000003")
+    fsutil.write_json(os.path.join(padded, METADATA), {"pipeline": {"model_fingerprint": "fp"}})
+    assert pushed_version(str(base / "ctr"), "fp") == 3
+    os.makedirs(base / "ctr_recall" / "00000003")
+    staged = _fake_export(tmp_path / "staging" / "ctr_recall" / "1")
+    result = push_recall(staged, str(base), "ctr_recall", 3, padded, "run-1")
+    assert not result["pushed"] and result["path"] == str(base / "ctr_recall" / "00000003")
+    assert sorted(os.listdir(base / "ctr_recall")) == ["00000003"]
+
+
 def test_push_refuses_a_newer_export_format(tmp_path):
     export = _fake_export(tmp_path / "candidate" / "1")
     fsutil.write_json(os.path.join(export, METADATA), {"format_version": 99,

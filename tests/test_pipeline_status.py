@@ -44,6 +44,18 @@ def test_rollback_removes_labels_of_versions_that_no_longer_serve(served):
         == {"treatment": 3}
 
 
+def test_rollback_finds_zero_padded_version_directories(tmp_path):
+    """As the server loads them (TF Serving's rule): ``00000002`` is version 2, for the ranking
+    model and its recall model alike."""
+    for name in ("ctr", "ctr_recall"):
+        for directory in ("1", "00000002"):
+            os.makedirs(tmp_path / name / directory)
+    path = str(tmp_path / "models.config")
+    ensure_models(path, str(tmp_path), ["ctr", "ctr_recall"])
+    assert rollback(path, "ctr", "2")["models"] == ["ctr", "ctr_recall"]
+    assert served_policy(path, "ctr_recall")["versions"] == [2]
+
+
 @pytest.mark.parametrize("name,to,message", [
     ("ctr", "7", "--to 7: .* does not exist; versions on disk: \\[1, 2, 3\\]"),
     ("ctr", "last", "--to must be a version number or 'latest'"),

@@ -20,7 +20,7 @@ import shutil
 import signal
 
 from fm_keras import fsutil
-from fm_keras.versions import version_dirs
+from fm_keras.versions import version_dirs, version_path
 
 METADATA = os.path.join("assets.extra", "fm_keras.json")
 TEMP_PREFIX = ".tmp-push-"
@@ -43,7 +43,7 @@ def pushed_version(model_dir: str, model_fingerprint: str) -> int | None:
     if not os.path.isdir(model_dir):
         return None
     for version in version_dirs(model_dir):
-        path = os.path.join(model_dir, str(version), METADATA)
+        path = os.path.join(version_path(model_dir, version), METADATA)
         if os.path.exists(path):
             meta = fsutil.read_json(path)
             if meta.get("pipeline", {}).get("model_fingerprint") == model_fingerprint:
@@ -107,10 +107,11 @@ def push_recall(staged_dir: str, base: str, name: str, version: int, ranking_dir
         os.kill(os.getpid(), signal.SIGKILL)
     model_dir = os.path.join(base, name)
     removed = remove_partial_pushes(model_dir)
-    final = os.path.join(model_dir, str(version))
-    if os.path.exists(final):
-        return {"pushed": False, "version": version, "path": final, "removed_partial": removed,
+    existing = version_path(model_dir, version)  # a zero-padded name is the same version
+    if os.path.exists(existing):
+        return {"pushed": False, "version": version, "path": existing, "removed_partial": removed,
                 "reason": f"{name} version {version} exists already"}
+    final = os.path.join(model_dir, str(version))
     from fm_keras.export import building  # TensorFlow: only when pushing
 
     with building(final, prefix=TEMP_PREFIX) as tmp:

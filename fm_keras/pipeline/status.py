@@ -11,7 +11,7 @@ from fm_keras.errors import ConfigError
 from fm_keras.pipeline import orphans, serving_config
 from fm_keras.pipeline.config import SpanWindow
 from fm_keras.pipeline.metadata import DONE
-from fm_keras.versions import parse_version, version_dirs
+from fm_keras.versions import parse_version, version_dirs, version_path
 
 
 RECALL_SUFFIX = "_recall"
@@ -48,7 +48,7 @@ def rollback(model_config_file: str, name: str, to: str, force: bool = False) ->
             version = parse_version(to)
         except ValueError as err:
             raise ConfigError(f"--to must be a version number or 'latest': {err}") from None
-        path = os.path.join(policy["base_path"], str(version))
+        path = version_path(policy["base_path"], version)
         if not os.path.isdir(path):
             raise ConfigError(f"--to {version}: {path} does not exist; versions on disk: "
                               f"{_versions(policy['base_path'])}")
@@ -56,7 +56,7 @@ def rollback(model_config_file: str, name: str, to: str, force: bool = False) ->
     recall = serving_config.served_policy(model_config_file, name + RECALL_SUFFIX)
     ranking = name[:-len(RECALL_SUFFIX)] if name.endswith(RECALL_SUFFIX) else None
     if recall is not None:
-        if version is None or os.path.isdir(os.path.join(recall["base_path"], str(version))):
+        if version is None or os.path.isdir(version_path(recall["base_path"], version)):
             names.append(name + RECALL_SUFFIX)
         elif not force:
             raise ConfigError(
