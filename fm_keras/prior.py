@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from fm_keras._tf import keras
+from fm_keras._tf import keras, tf
 from fm_keras.config import ExperimentConfig
 from fm_keras.data import sample_weights
 from fm_keras.prior_search import Slots, search
@@ -115,6 +115,7 @@ class EmpiricalBayesPrior(keras.callbacks.Callback):
         self.groups = [(f.config.name, o, f.size) for f, o in zip(encoder.features, encoder.offsets)]
         tau = model.fm.l2_prior
         self.precisions = {name: {"linear": tau, "embeddings": tau} for name, _, _ in self.groups}
+        self._resumed_checked = False
         model.fm.set_prior(self.counts)
 
     def search_on(self, validation: Slots, seed: int = 0) -> None:
@@ -129,7 +130,26 @@ class EmpiricalBayesPrior(keras.callbacks.Callback):
 
     def on_epoch_begin(self, epoch, logs=None):
         if epoch > 0:
+            if not self._resumed_checked:  # the first update: after `--resume` restored
+                self._resumed_checked = True
+                self.adopt_restored()
             self.update()
+
+    def adopt_restored(self) -> None:
+        """Takes the precisions the layer's per-id L2 holds (tau = 2 n L2 of any seen id) where
+        they differ from `precisions`: after ``--resume`` the checkpoint restored the last
+        run's L2, and the re-estimation (and run.json) goes on from it instead of from
+        `l2_prior`. Left as they are otherwise (float32 rounding of the same values)."""
+        prior = np.asarray(tf.convert_to_tensor(self.fm_model.fm.prior), np.float64)
+        for name, start, size in self.groups:
+            part = slice(start, start + size)
+            seen = self.counts[part] > 0
+            if not seen.any():
+                continue
+            held = np.median(2.0 * self.counts[part][seen, None] * prior[part][seen], axis=0)
+            for key, tau in zip(("linear", "embeddings"), held):
+                if not np.isclose(tau, self.precisions[name][key], rtol=1e-4):
+                    self.precisions[name][key] = float(tau)
 
     def update(self) -> None:
         """EM step of every feature's precisions, then the validation line search (if on);

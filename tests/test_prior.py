@@ -117,3 +117,26 @@ def test_attach_prior_sets_the_counts_and_returns_the_callback_when_adaptive(
         np.testing.assert_allclose(fm.prior.numpy(), np.stack([expected] * 2, 1), rtol=1e-6)
     elif model["l2_prior"]:
         assert not fm.prior.numpy().any()
+
+
+def test_a_resumed_run_goes_on_from_the_restored_precisions():
+    """After ``--resume`` the checkpoint restores the layer's per-id L2 (tau / (2 n)); the
+    callback, made anew with `l2_prior`'s precisions, takes the restored ones before its first
+    update, and keeps its own where the layer holds them already."""
+    from types import SimpleNamespace
+
+    from fm_keras.layers import FactorizationMachine
+    from fm_keras.prior import EmpiricalBayesPrior
+
+    fm = FactorizationMachine(8, 2, l2_prior=10.0)
+    fm((np.zeros([1, 2], np.int32), np.zeros([1, 2], np.float32)))
+    features = [SimpleNamespace(config=SimpleNamespace(name=name), size=4)
+                for name in ("user", "item")]
+    model = SimpleNamespace(fm=fm, encoder=SimpleNamespace(features=features, offsets=[0, 4]))
+    counts = np.array([3, 0, 5, 1, 2, 2, 0, 7])
+    callback = EmpiricalBayesPrior(model, counts, np.array([[0, 4]]), np.ones([1, 2]), 0.2)
+    fm.set_prior(counts, tau_linear=np.r_[[2.5] * 4, [10.0] * 4],
+                 tau_embeddings=np.r_[[40.0] * 4, [10.0] * 4])  # as a checkpoint restores it
+    callback.adopt_restored()
+    assert callback.precisions["user"] == pytest.approx({"linear": 2.5, "embeddings": 40.0})
+    assert callback.precisions["item"] == {"linear": 10.0, "embeddings": 10.0}  # untouched
