@@ -27,9 +27,11 @@ the run, the metric early stopping uses.
 from __future__ import annotations
 
 import io
+import logging
 import math
 import os
 import shutil
+import sys
 import time
 
 import yaml
@@ -118,6 +120,7 @@ def tune(config: ExperimentConfig, out: str, trials: int, *, storage: str | None
     """
     import optuna
 
+    _optuna_log_to_current_stderr()
     if not isinstance(trials, int) or trials < 1:
         raise ConfigError(f"--trials must be at least 1, got {trials}")
     if timeout is not None and not timeout > 0:
@@ -168,6 +171,35 @@ def tune(config: ExperimentConfig, out: str, trials: int, *, storage: str | None
         raise (err.error if isinstance(err, _Stopped) else err) from None
     return _write_results(study, config, space, out, monitor, storage,
                           round(time.time() - started, 1))
+
+
+class _CurrentStderr(logging.StreamHandler):
+    """A log handler writing to whatever ``sys.stderr`` is when a record is written."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):  # StreamHandler.__init__ sets it; the property answers instead
+        pass
+
+
+def _optuna_log_to_current_stderr() -> None:
+    """Optuna's log lines (its format, without colour) go to the current ``sys.stderr``.
+
+    Optuna's own handler and formatter keep the ``sys.stderr`` of Optuna's first log line: in
+    a process that swaps it (a notebook cell, a test's capture, a caller redirecting stderr
+    around one tune) a later line goes to the old stream, or, once that is closed, prints a
+    "--- Logging error ---" traceback instead."""
+    import optuna
+
+    optuna.logging.disable_default_handler()
+    logger = logging.getLogger("optuna")
+    if not any(isinstance(h, _CurrentStderr) for h in logger.handlers):
+        handler = _CurrentStderr()
+        handler.setFormatter(logging.Formatter("[%(levelname)1.1s %(asctime)s] %(message)s"))
+        logger.addHandler(handler)
 
 
 class _Stopped(BaseException):

@@ -368,3 +368,27 @@ def test_bad_data_when_another_process_deleted_the_study_first_is_still_one_line
              if line.startswith("fm-keras: error")]
     assert len(lines) == 1 and "missing column 'item_idd'" in lines[0]
     assert not (tmp_path / "out").exists()
+
+
+def test_optuna_lines_go_to_the_current_stderr_even_after_the_first_one_is_closed(
+        tmp_path, monkeypatch):
+    """Optuna's handler kept the stderr of its first line: once that stream was closed (a
+    test's capture, a notebook cell), each later line printed "--- Logging error ---" and a
+    traceback. Every tune now logs Optuna's lines to the stderr of the moment."""
+    import io
+
+    import optuna
+
+    from fm_keras.tune import _optuna_log_to_current_stderr
+
+    first, second = io.StringIO(), io.StringIO()
+    monkeypatch.setattr(sys, "stderr", first)
+    _optuna_log_to_current_stderr()
+    optuna.create_study(study_name="one", storage=f"sqlite:///{tmp_path / 'a.db'}")
+    first.close()
+    monkeypatch.setattr(sys, "stderr", second)
+    _optuna_log_to_current_stderr()  # a second tune in the process: no second handler
+    optuna.create_study(study_name="two", storage=f"sqlite:///{tmp_path / 'b.db'}")
+    lines = second.getvalue().splitlines()
+    assert lines and all(line.startswith("[I ") for line in lines), lines
+    assert any("two" in line for line in lines) and "Logging error" not in second.getvalue()
