@@ -120,7 +120,7 @@ def tune(config: ExperimentConfig, out: str, trials: int, *, storage: str | None
     """
     import optuna
 
-    _optuna_log_to_current_stderr()
+    optuna_log_to_current_stderr()
     if not isinstance(trials, int) or trials < 1:
         raise ConfigError(f"--trials must be at least 1, got {trials}")
     if timeout is not None and not timeout > 0:
@@ -185,7 +185,7 @@ class _CurrentStderr(logging.StreamHandler):
         pass
 
 
-def _optuna_log_to_current_stderr() -> None:
+def optuna_log_to_current_stderr() -> None:
     """Optuna's log lines (its format, without colour) go to the current ``sys.stderr``.
 
     Optuna's own handler and formatter keep the ``sys.stderr`` of Optuna's first log line: in

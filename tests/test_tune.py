@@ -379,15 +379,15 @@ def test_optuna_lines_go_to_the_current_stderr_even_after_the_first_one_is_close
 
     import optuna
 
-    from fm_keras.tune import _optuna_log_to_current_stderr
+    from fm_keras.tune import optuna_log_to_current_stderr
 
     first, second = io.StringIO(), io.StringIO()
     monkeypatch.setattr(sys, "stderr", first)
-    _optuna_log_to_current_stderr()
+    optuna_log_to_current_stderr()
     optuna.create_study(study_name="one", storage=f"sqlite:///{tmp_path / 'a.db'}")
     first.close()
     monkeypatch.setattr(sys, "stderr", second)
-    _optuna_log_to_current_stderr()  # a second tune in the process: no second handler
+    optuna_log_to_current_stderr()  # a second tune in the process: no second handler
     optuna.create_study(study_name="two", storage=f"sqlite:///{tmp_path / 'b.db'}")
     lines = second.getvalue().splitlines()
     assert lines and all(line.startswith("[I ") for line in lines), lines
