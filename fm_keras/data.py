@@ -113,13 +113,18 @@ def _matches(pattern: str) -> list[str]:
     Raises:
         DataError: the pattern matches no file, or a named file does not exist.
     """
-    matches = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
+    matches = _named(pattern)
     if not matches:
         raise DataError(f"{pattern}: no file matches this pattern")
     for path in matches:
         if not os.path.isfile(path):
             raise DataError(f"{path}: no such file")
     return matches
+
+
+def _named(pattern: str) -> list[str]:
+    """The paths a pattern names: its sorted glob matches, or the path itself (unchecked)."""
+    return sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
 
 
 def _holds_rows(path: str) -> bool:
@@ -317,9 +322,7 @@ def check_disjoint_splits(data: DataConfig, source: str | None) -> None:
     # Only files that exist: a shard directory, its manifest or a missing file is for the
     # readers (e.g. `fm_keras.convert.converted_shards`) to name, with its fix.
     def existing(patterns):
-        return [p for pattern in patterns
-                for p in (sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern])
-                if os.path.isfile(p)]
+        return [p for pattern in patterns for p in _named(pattern) if os.path.isfile(p)]
 
     training = {os.path.realpath(p) for p in existing(data.train)}
     for role in ("valid", "test"):

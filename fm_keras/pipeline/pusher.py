@@ -20,7 +20,7 @@ import shutil
 import signal
 
 from fm_keras import fsutil
-from fm_keras.versions import version_dirs, version_path
+from fm_keras.versions import version_names, version_path
 
 METADATA = os.path.join("assets.extra", "fm_keras.json")
 TEMP_PREFIX = ".tmp-push-"
@@ -42,8 +42,9 @@ def pushed_version(model_dir: str, model_fingerprint: str) -> int | None:
     """The version of ``model_dir`` that holds this model, if any."""
     if not os.path.isdir(model_dir):
         return None
-    for version in version_dirs(model_dir):
-        path = os.path.join(version_path(model_dir, version), METADATA)
+    names = version_names(model_dir)  # listed once; 00000003 is version 3
+    for version in sorted(names):
+        path = os.path.join(model_dir, names[version], METADATA)
         if os.path.exists(path):
             meta = fsutil.read_json(path)
             if meta.get("pipeline", {}).get("model_fingerprint") == model_fingerprint:
