@@ -115,7 +115,6 @@ class EmpiricalBayesPrior(keras.callbacks.Callback):
         self.groups = [(f.config.name, o, f.size) for f, o in zip(encoder.features, encoder.offsets)]
         tau = model.fm.l2_prior
         self.precisions = {name: {"linear": tau, "embeddings": tau} for name, _, _ in self.groups}
-        self._resumed_checked = False
         model.fm.set_prior(self.counts)
 
     def search_on(self, validation: Slots, seed: int = 0) -> None:
@@ -130,9 +129,6 @@ class EmpiricalBayesPrior(keras.callbacks.Callback):
 
     def on_epoch_begin(self, epoch, logs=None):
         if epoch > 0:
-            if not self._resumed_checked:  # the first update: after `--resume` restored
-                self._resumed_checked = True
-                self.adopt_restored()
             self.update()
 
     def adopt_restored(self) -> None:
@@ -154,6 +150,7 @@ class EmpiricalBayesPrior(keras.callbacks.Callback):
     def update(self) -> None:
         """EM step of every feature's precisions, then the validation line search (if on);
         sets the layer's per-id L2 from them."""
+        self.adopt_restored()  # after `--resume`: the checkpoint's, not `l2_prior`
         fm = self.fm_model.fm
         w = fm.linear.numpy().astype(np.float64)
         v = fm.embeddings.numpy().astype(np.float64)
