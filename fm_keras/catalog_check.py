@@ -11,9 +11,11 @@ catalog); the first 10,000 cost 3 ms, once (BENCHMARKS.md, session 10).
 from __future__ import annotations
 
 import numpy as np
+import pyarrow as pa
 
 from fm_keras._tf import tf
-from fm_keras.exclusion import fingerprint, fingerprints
+from fm_keras.arrow_text import split_ids
+from fm_keras.exclusion import PAD_KEY, fingerprint, fingerprints, item_keys
 from fm_keras.progress import log
 
 EXAMPLES = 5  # unknown ids quoted in the summary
@@ -25,10 +27,12 @@ class UnknownIds:
 
     Ids are compared by their 64-bit fingerprints (`fm_keras.exclusion.fingerprint`, what
     ``exclude_seen`` itself compares): an unknown id sharing a catalog id's fingerprint (odds
-    about items / 2^64) would be counted as known.
+    about items / 2^64) would be counted as known. Item keys (`count_keys`, what
+    ``exclude_seen_keys`` compares) are exact.
 
     Args:
         catalog_ids: the catalog's item ids, UTF-8 bytes (object array [items]).
+        by_item_keys: the ids will come as item keys (`count_keys`), not strings (`count`).
 
     Attributes:
         checked: the non-empty ids looked up so far (at most `CHECKED`), in reading order.
@@ -36,8 +40,12 @@ class UnknownIds:
         examples: up to `EXAMPLES` distinct unknown ids, as text.
     """
 
-    def __init__(self, catalog_ids: np.ndarray):
-        self.keys = np.sort(fingerprints(catalog_ids))  # an export's catalog is never empty
+    def __init__(self, catalog_ids: np.ndarray, by_item_keys: bool = False):
+        # The catalog's keys, sorted (an export's catalog is never empty), made here: not in
+        # the timed reading of the lists.
+        self._by_item_keys = by_item_keys
+        self._keys = np.sort(item_keys(catalog_ids) if by_item_keys
+                             else fingerprints(catalog_ids))
         self.checked, self.unknown, self.examples = 0, 0, []
 
     def count(self, ids: tf.Tensor) -> tf.Tensor:
@@ -55,17 +63,50 @@ class UnknownIds:
             row = end
         return ids
 
+    def count_keys(self, keys: np.ndarray, lists: pa.Array, sep: str = "|") -> np.ndarray:
+        """`count` for item keys: looks up the batch's keys while fewer than `CHECKED` have
+        been; returns `keys`.
+
+        Args:
+            keys: int64 [rows, width], `fm_keras.exclusion.PAD_KEY` pads
+                (`fm_keras.arrow_text.split_keys` of `lists`).
+            lists: the text column they were cut from, read again for the examples only.
+        """
+        row, rows, width = 0, keys.shape[0], max(keys.shape[1], 1)
+        while self.checked < CHECKED and row < rows:
+            end = min(rows, row + -(-(CHECKED - self.checked) // width))
+            part = keys[row:end]
+            present = part[part != PAD_KEY][:CHECKED - self.checked]
+            missing = self._missing(present, by_item_keys=True)
+            if missing.any() and len(self.examples) < EXAMPLES:
+                ids = split_ids(lists.slice(row, end - row)).numpy()
+                self._quote(ids[ids != b""][:len(present)][missing])
+            row = end
+        return keys
+
     def _look_up(self, present: tf.Tensor) -> None:
-        keys = fingerprint(present).numpy()
-        at = np.minimum(np.searchsorted(self.keys, keys), len(self.keys) - 1)
-        missing = self.keys[at] != keys
+        missing = self._missing(fingerprint(present).numpy(), by_item_keys=False)
+        if missing.any() and len(self.examples) < EXAMPLES:
+            self._quote(present.numpy()[missing])
+
+    def _missing(self, keys: np.ndarray, by_item_keys: bool) -> np.ndarray:
+        """bool [n]: which of `keys` (of the ids looked up, in reading order) are not the
+        catalog's; counts them."""
+        if by_item_keys != self._by_item_keys:
+            raise ValueError(f"UnknownIds(by_item_keys={self._by_item_keys}) cannot "
+                             f"{'count_keys' if by_item_keys else 'count'}")
+        at = np.minimum(np.searchsorted(self._keys, keys), len(self._keys) - 1)
+        missing = self._keys[at] != keys
         self.checked += int(keys.size)
         self.unknown += int(missing.sum())
-        if missing.any() and len(self.examples) < EXAMPLES:
-            for value in present.numpy()[missing][:EXAMPLES]:
-                text = value.decode("utf-8", "replace")
-                if text not in self.examples and len(self.examples) < EXAMPLES:
-                    self.examples.append(text)
+        return missing
+
+    def _quote(self, ids: np.ndarray) -> None:
+        """Keeps up to `EXAMPLES` distinct unknown ids (UTF-8 bytes) as text."""
+        for value in ids[:EXAMPLES]:
+            text = value.decode("utf-8", "replace")
+            if text not in self.examples and len(self.examples) < EXAMPLES:
+                self.examples.append(text)
 
     def summary(self) -> dict:
         """``{"excluded_ids_checked", "excluded_ids_not_in_catalog",

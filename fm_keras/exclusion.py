@@ -15,10 +15,21 @@ user has seen) and must never return one of them. Per call:
    search of the other in it per row; a matched candidate is dropped when the id at the matched
    position equals its own (the string confirmation, on hits only). Comparing fingerprints
    skips a hash-table lookup of every excluded id (3 ms CPU per 1,000 x 600 ids).
+   With `item keys` instead of ids (the ``exclude_seen_keys`` signature, below), keys are
+   exact and nothing needs confirming.
 4. Rows where fewer than k candidates survive (more than `slack(k)` excluded items among the
    row's top K), or where a fingerprint matched a different id, are reported
    (`Dropped.short`); the caller maps those rows' ids to catalog indices (`ItemIndex`) and
    searches them again with room for every excluded item and every match confirmed by string.
+
+Item keys. Cutting 600 ids per user out of text into string tensors and fingerprinting them costs
+more than ScaNN's search of that user (BENCHMARKS.md, exclusions). When every catalog id is
+1-8 bytes of UTF-8 without a NUL byte (`packable`: "i123", "1234567", most id schemes), an id's
+key is its bytes read as a little-endian unsigned 64-bit integer, stored as int64
+(`item_keys`): a client computes it from the bytes it already holds, no hash, and equal keys
+are equal ids. `fm_keras.arrow_text.split_keys` cuts them straight out of an Arrow buffer. An
+id that no packable catalog can hold (longer than 8 bytes, or with a NUL byte) gets
+`UNKNOWN_KEY` (8 bytes 0xFF, never UTF-8), and 0 (`PAD_KEY`, the empty id) pads a row.
 """
 
 from __future__ import annotations
@@ -32,6 +43,72 @@ from fm_keras.errors import ExportError
 
 # to_hash_bucket_fast(x, FINGERPRINT_BUCKETS) = Fingerprint64(x) mod (2^63 - 1): int64, >= 0.
 FINGERPRINT_BUCKETS = 2**63 - 1
+
+
+KEY_BYTES = 8  # the longest id an item key holds
+PAD_KEY = 0  # pads a row of item keys: the empty id, never an item
+UNKNOWN_KEY = -1  # an id no packable catalog holds (8 bytes 0xFF, never UTF-8)
+
+
+def item_keys(ids: np.ndarray) -> np.ndarray:
+    """Item ids -> their item keys.
+
+    Args:
+        ids: UTF-8 bytes, object array of any shape.
+
+    Returns:
+        int64, shaped like `ids`: each id's bytes as a little-endian unsigned integer, as
+        int64 (two's complement): ``b"ab"`` -> 0x6261; `PAD_KEY` for ``b""``; `UNKNOWN_KEY`
+        for an id longer than `KEY_BYTES` or holding a NUL byte. (`packed_keys` of the ids
+        laid end to end: 100k catalog ids in ~10 ms.)
+    """
+    flat = np.asarray(ids, dtype=object).ravel()
+    length = np.fromiter(map(len, flat), np.int64, len(flat))
+    begin = np.cumsum(length) - length
+    raw = np.frombuffer(b"".join(flat), np.uint8)
+    return packed_keys(raw, begin, length).reshape(np.shape(ids))
+
+
+def packable(ids: np.ndarray) -> bool:
+    """Whether item keys identify every id of the catalog `ids` (UTF-8 bytes, object [N]):
+    each is 1-`KEY_BYTES` bytes without a NUL byte and is valid UTF-8 (so never
+    `UNKNOWN_KEY`'s 0xFF bytes)."""
+    for i in ids:
+        if not 1 <= len(i) <= KEY_BYTES or b"\0" in i:
+            return False
+        try:
+            i.decode("utf-8")
+        except UnicodeDecodeError:
+            return False
+    return True
+
+
+_MASKS = np.array([(1 << (8 * n)) - 1 for n in range(KEY_BYTES + 1)], np.uint64)
+
+
+def packed_keys(raw: np.ndarray, begin: np.ndarray, length: np.ndarray) -> np.ndarray:
+    """The item keys of ids cut out of one byte buffer, without a Python object per id.
+
+    Args:
+        raw: the bytes, uint8 [bytes].
+        begin, length: each id's first byte in `raw` and its length, int [ids] (length 0:
+            `PAD_KEY`).
+
+    Returns:
+        int64 [ids], the item keys of the ids ``raw[begin:begin + length]``: one unaligned
+        8-byte read per id, its bytes past `length` cleared.
+    """
+    padded = np.zeros(raw.size + KEY_BYTES, np.uint8)
+    padded[:raw.size] = raw
+    # Every byte offset as the start of an 8-byte little-endian word (an unaligned view).
+    words = np.ndarray((raw.size + 1,), "<u8", padded, 0, (1,))
+    keys = words[begin] & _MASKS[np.minimum(length, KEY_BYTES)]
+    keys = keys.view(np.int64)
+    keys[length > KEY_BYTES] = UNKNOWN_KEY
+    if raw.size and raw.min() == 0:  # an id holding a NUL byte is no catalog id
+        nuls = np.concatenate([[0], np.cumsum(raw == 0)])
+        keys[nuls[begin + length] > nuls[begin]] = UNKNOWN_KEY
+    return keys
 
 
 def slack(k: int) -> int:
@@ -155,29 +232,34 @@ def drop_excluded(scores, indices, ids, keys, item_keys, item_ids, k, complete) 
 
     Args:
         scores: [B, K] float32 candidate scores, indices: [B, K] int32 item indices (-1: none).
-        ids: [B, n] string excluded ids.
-        keys: [B, n] int keys of `ids`, item_keys: [N] the catalog's keys by index, such that
-            equal ids have equal keys (`fingerprint` and `ItemIndex.keys`; or
-            `ItemIndex` indices and ``tf.range(N)``). Equal keys need not be equal ids.
-        item_ids: [N] string, the catalog ids by index.
+        ids: [B, n] string excluded ids; None when equal keys are equal ids (item keys).
+        keys: [B, n] int keys of the excluded ids, item_keys: [N] the catalog's keys by index,
+            such that equal ids have equal keys (`fingerprint` and `ItemIndex.keys`;
+            `ItemIndex` indices and ``tf.range(N)``; `item_keys` of both). With `ids`, equal
+            keys need not be equal ids.
+        item_ids: [N] string, the catalog ids by index; None with `ids` None.
         k: results wanted (k <= K).
         complete: scalar bool, True when the candidates are every item the index can return
             (then a short row is final, not a row to search again).
 
     Returns:
-        `Dropped`. A candidate is dropped iff its key is among the row's excluded keys and the
-        id at that position equals its id. A row where the two differ (an id outside the
+        `Dropped`. A candidate is dropped iff its key is among the row's excluded keys and
+        (with `ids`) the id at that position equals its id. A row where the two differ (an id outside the
         catalog with a catalog id's fingerprint) is returned as short, so that the caller
         searches it again with every match confirmed.
     """
     entry = member_positions(tf.gather(item_keys, tf.maximum(indices, 0)), keys)  # [B, K]
     matched = (entry >= 0) & (indices >= 0)
-    at = tf.where(matched)  # [H, 2]: only the matches are compared as strings
-    same = tf.equal(tf.gather(item_ids, tf.gather_nd(indices, at)),
-                    tf.gather_nd(ids, tf.stack([at[:, 0], tf.cast(tf.gather_nd(entry, at),
-                                                                  at.dtype)], axis=1)))
-    hit = tf.scatter_nd(at, tf.cast(same, tf.int32), tf.shape(matched, out_type=at.dtype)) > 0
-    suspect = tf.reduce_any(matched & ~hit, axis=1)
+    if ids is None:  # exact keys: a match is the id
+        hit, suspect = matched, tf.zeros_like(matched[:, 0])
+    else:
+        at = tf.where(matched)  # [H, 2]: only the matches are compared as strings
+        same = tf.equal(tf.gather(item_ids, tf.gather_nd(indices, at)),
+                        tf.gather_nd(ids, tf.stack([at[:, 0], tf.cast(tf.gather_nd(entry, at),
+                                                                      at.dtype)], axis=1)))
+        hit = tf.scatter_nd(at, tf.cast(same, tf.int32),
+                            tf.shape(matched, out_type=at.dtype)) > 0
+        suspect = tf.reduce_any(matched & ~hit, axis=1)
     keep = (indices >= 0) & ~hit
     best, pos = tf.math.top_k(tf.where(keep, scores, tf.constant(-np.inf, scores.dtype)),
                               k=tf.minimum(k, tf.shape(scores)[1]))

@@ -1,8 +1,10 @@
 """Vector recall: item_tower over a catalog -> a ScaNN (or brute-force) index -> a recall export.
 
     saved_models/NAME_recall/<version>/
-        serving_default  query features                   -> item_ids, scores, probabilities
-        exclude_seen     query features + exclude_item_ids -> the same, without those items
+        serving_default    query features                    -> item_ids, scores, probabilities
+        exclude_seen       query features + exclude_item_ids  -> the same, without those items
+        exclude_seen_keys  query features + exclude_item_keys -> the same (the ids as int64
+                           item keys, fm_keras.exclusion; catalogs of ids of 1-8 bytes only)
 
 `scores` are FM logits (user_vector . item_vector + user_offset), so the order is exactly the
 ranking model's order for that user, and `probabilities` are the calibrated click
@@ -29,8 +31,8 @@ from fm_keras import fsutil
 from fm_keras._tf import tf
 from fm_keras.calibration import Calibration
 from fm_keras.errors import ExportError
-from fm_keras.exclusion import (ItemIndex, drop_excluded, fingerprint, search_excluding,
-                                slack)
+from fm_keras.exclusion import (ItemIndex, drop_excluded, fingerprint, item_keys, packable,
+                                search_excluding, slack)
 from fm_keras.export import (METADATA, WARMUP, check_model_name, building, new_version_path,
                              signature_function, signature_info, write_warmup)
 from fm_keras.interactions import read_catalog
@@ -138,6 +140,13 @@ class RecallServable(tf.Module):
         self.item_ids = tf.Variable(encoded, trainable=False, dtype=tf.string, name="item_ids")
         # Excluded ids -> item indices (64-bit fingerprints), so exclusion is an integer test.
         self.item_index = ItemIndex(encoded)
+        # Ids of 1-8 bytes: exact int64 keys a client computes (the exclude_seen_keys signature).
+        self.keyed = packable(encoded)
+        if self.keyed:
+            keys = item_keys(encoded)
+            self.item_keys = tf.Variable(keys, trainable=False, dtype=tf.int64, name="item_keys")
+            self.key_index = tf.lookup.StaticHashTable(tf.lookup.KeyValueTensorInitializer(
+                tf.constant(keys), tf.range(len(keys), dtype=tf.int32)), -1)
         self._items = len(encoded)
         self._k = int(k)
         self._calibration = calibration
@@ -151,8 +160,13 @@ class RecallServable(tf.Module):
                   for n in self._query_names}
         exclude = {**inputs, "exclude_item_ids": tf.TensorSpec([None, None], tf.string,
                                                                name="exclude_item_ids")}
-        return {"serving_default": signature_function(self._recall, inputs),
-                "exclude_seen": signature_function(self._recall_excluding, exclude)}
+        out = {"serving_default": signature_function(self._recall, inputs),
+               "exclude_seen": signature_function(self._recall_excluding, exclude)}
+        if self.keyed:
+            keyed = {**inputs, "exclude_item_keys": tf.TensorSpec([None, None], tf.int64,
+                                                                  name="exclude_item_keys")}
+            out["exclude_seen_keys"] = signature_function(self._recall_excluding_keys, keyed)
+        return out
 
     def _user(self, features):
         out = self.ranking.signatures["user_tower"](**features)
@@ -179,22 +193,39 @@ class RecallServable(tf.Module):
         for all of their excluded items."""
         features = dict(features)
         ids = features.pop("exclude_item_ids")
+
+        def indices(rows):
+            # The rows' ids as catalog indices (-1: not an item), fingerprint matches confirmed
+            # by string: a wrong one must not drop an item.
+            short_ids = tf.gather(ids, rows)
+            sub = self.item_index(short_ids)
+            return tf.where(tf.equal(tf.gather(self.item_ids, tf.maximum(sub, 0)), short_ids),
+                            sub, -1)
+
+        return self._excluding(features, fingerprint(ids), self.item_index.keys, ids, indices)
+
+    def _recall_excluding_keys(self, features):
+        """`_recall_excluding` with the excluded ids given as item keys, which are exact."""
+        features = dict(features)
+        keys = features.pop("exclude_item_keys")
+        return self._excluding(features, keys, self.item_keys, None,
+                               lambda rows: self.key_index.lookup(tf.gather(keys, rows)))
+
+    def _excluding(self, features, keys, catalog_keys, ids, indices):
+        """The search of both exclusion signatures: `keys` [B, n] of the excluded ids against
+        `catalog_keys` [N]; `ids` [B, n] to confirm key matches by (None: keys are exact);
+        `indices(rows)` -> those rows' excluded ids as catalog indices [R, n], -1 for none."""
         vectors, offset = self._user(features)
-        keys = fingerprint(ids)  # [B, n] int64
         wide = min(self._k + slack(self._k), self._items)
         scores, idx = self.index.search(vectors, wide)
-        kept = drop_excluded(scores, idx, ids, keys, self.item_index.keys, self.item_ids,
-                             self._k, complete=tf.constant(wide >= self._items))
+        kept = drop_excluded(scores, idx, ids, keys, catalog_keys,
+                             None if ids is None else self.item_ids, self._k,
+                             complete=tf.constant(wide >= self._items))
         rows = tf.where(kept.short)[:, 0]
 
         def again():
-            # The short rows' ids as catalog indices (-1: not an item), fingerprint matches
-            # confirmed by string: a wrong one must not drop an item.
-            short_ids = tf.gather(ids, rows)
-            sub = self.item_index(short_ids)
-            same = tf.equal(tf.gather(self.item_ids, tf.maximum(sub, 0)), short_ids)
             redo = search_excluding(self.index, tf.gather(vectors, rows), self._k,
-                                    tf.where(same, sub, -1), self._items)
+                                    indices(rows), self._items)
             return tuple(tf.tensor_scatter_nd_update(t, rows[:, None], r)
                          for t, r in zip((kept.scores, kept.indices), redo))
 
@@ -333,7 +364,9 @@ def build_index(model_dir: str, items: str, name: str, base: str = "saved_models
         rows = _sample_queries(ranking)
         extra = os.path.join(tmp, "assets.extra")
         os.makedirs(extra)
-        rows["exclude_item_ids"] = np.array([[ids[0].encode("utf-8"), b""]] * 4, dtype=object)
+        first = ids[0].encode("utf-8")
+        rows["exclude_item_ids"] = np.array([[first, b""]] * 4, dtype=object)
+        rows["exclude_item_keys"] = np.repeat(item_keys(np.array([[first, b""]], object)), 4, 0)
         write_warmup(os.path.join(extra, WARMUP), loaded.signatures, rows)
         fsutil.write_json(os.path.join(extra, METADATA), {
             "format": FORMAT_RECALL, "format_version": FORMAT_VERSION, "name": name,

@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 
 from fm_keras import libsvm, termination
 from fm_keras._tf import tf
-from fm_keras.arrow_text import split_ids, string_tensor
+from fm_keras.arrow_text import split_ids, split_keys, string_tensor
 from fm_keras.config import FeatureConfig
 from fm_keras.data import check_not_an_input, column_hint, expand_paths, multi_hot_separators
 from fm_keras.reading import (as_text, is_parquet, missing_columns, numbers, read_header,
@@ -381,7 +381,8 @@ def run_signature(model: str, inputs: Sequence[str], output: str, *,
     fmt = output_format(output)
     warm = time.time()
     fn(**{n: tf.constant([0.0] if t == tf.float32 else [""], t) if n not in derived
-          else tf.constant([[""]]) for n, t in types.items()})  # first call optimizes the graph
+          else tf.constant([[""]]) if t == tf.string else tf.zeros([1, 1], t)
+          for n, t in types.items()})  # the first call optimizes the graph
     warm = time.time() - warm
     writer = TableWriter(output)
     bar = Progress(sum(os.path.getsize(f) for f in files), enabled=progress)
@@ -474,13 +475,19 @@ def recommend(model: str, users: Sequence[str], output: str, k: int, *,
         raise ExportError(f"--keep {clash} would clash with the output columns "
                           f"{list(RECOMMEND_COLUMNS)}")
     derive = unknown = None
-    if exclude_column:  # "a|b|c" -> [rows, longest list] ids, "" pads
+    # An export whose item ids are 1-8 bytes also takes the lists as item keys: half the work.
+    signature = ("exclude_seen_keys" if "exclude_seen_keys" in meta.get("signatures", {})
+                 else "exclude_seen") if exclude_column else "serving_default"
+    if exclude_column:  # "a|b|c" -> [rows, longest list] ids ("" pads) or keys (0 pads)
         from fm_keras.catalog_check import UnknownIds
         from fm_keras.recall import catalog_ids
 
-        unknown = UnknownIds(catalog_ids(version_dir))
-        derive = {"exclude_item_ids": (exclude_column,
-                                       lambda array: unknown.count(split_ids(array)))}
+        unknown = UnknownIds(catalog_ids(version_dir),
+                             by_item_keys=signature == "exclude_seen_keys")
+        derive = ({"exclude_item_keys": (exclude_column, lambda array: unknown.count_keys(
+                      split_keys(array), array))} if signature == "exclude_seen_keys" else
+                  {"exclude_item_ids": (exclude_column,
+                                        lambda array: unknown.count(split_ids(array)))})
 
     short = [0]  # user rows with fewer than k items (batches are written one at a time)
 
@@ -501,7 +508,7 @@ def recommend(model: str, users: Sequence[str], output: str, k: int, *,
 
     summary = run_signature(model, users, output, batch_size=batch_size, keep=keep,
                             progress=progress, derive=derive, to_table=to_table,
-                            signature="exclude_seen" if exclude_column else "serving_default",
+                            signature=signature,
                             lists={exclude_column: "|"} if exclude_column else None,
                             batch_bytes=EXCLUSION_BATCH_BYTES if exclude_column else None,
                             padded_bytes=EXCLUSION_PADDED_BYTES if exclude_column else None)

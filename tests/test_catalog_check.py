@@ -1,30 +1,39 @@
 """catalog_check: the excluded ids outside a recall export's catalog, counted as read."""
 
 import numpy as np
+import pyarrow as pa
 import tensorflow as tf
 
 import pytest
 
 from fm_keras import catalog_check
+from fm_keras.arrow_text import split_keys
 from fm_keras.catalog_check import EXAMPLES, UnknownIds
 
 
+@pytest.mark.parametrize("kind", ["ids", "item_keys"])
 @pytest.mark.parametrize("checked", [10_000, 23])
-def test_counts_equal_a_python_set_reference(monkeypatch, checked):
-    # The first `checked` non-empty ids in reading order (rows, then columns) are looked up.
+def test_counts_equal_a_python_set_reference(monkeypatch, checked, kind):
+    # The first `checked` non-empty ids in reading order (rows, then columns) are looked up,
+    # as strings (`count`) or as item keys cut from the '|' lists (`count_keys`).
     monkeypatch.setattr(catalog_check, "CHECKED", checked)
     rng = np.random.default_rng(0)
     catalog = np.array([f"i{j}".encode() for j in range(50)], dtype=object)
-    tally = UnknownIds(catalog)
+    tally = UnknownIds(catalog, by_item_keys=kind == "item_keys")
     known, total, excluded, unknown, seen = set(catalog.tolist()), 0, 0, 0, []
     for _ in range(20):
         rows = rng.integers(1, 6)
         width = rng.integers(1, 8)
-        pool = [f"i{j}" for j in range(60)] + ["é1", "x y", "I1"]  # i50.. and others: unknown
+        pool = [f"i{j}" for j in range(60)] + ["é1", "x y", "I1", "longer-than-8"]  # unknown
         ids = np.array([[rng.choice(pool) if rng.random() < 0.7 else "" for _ in range(width)]
                         for _ in range(rows)], dtype=object)
-        out = tally.count(tf.constant(ids))
-        assert out.numpy().tolist() == [[v.encode() for v in row] for row in ids.tolist()]
+        if kind == "ids":
+            out = tally.count(tf.constant(ids))
+            assert out.numpy().tolist() == [[v.encode() for v in row] for row in ids.tolist()]
+        else:
+            lists = pa.array(["|".join(row) for row in ids.tolist()])
+            keys = split_keys(lists)
+            assert tally.count_keys(keys, lists) is keys
         for value in ids.ravel():
             total += bool(value)
             if value and excluded < checked:

@@ -7,8 +7,9 @@ import pytest
 import tensorflow as tf
 
 from fm_keras.errors import ExportError
-from fm_keras.exclusion import (ItemIndex, drop_excluded, fingerprint, fingerprints, is_member,
-                                member_positions, search_excluding, slack)
+from fm_keras.exclusion import (KEY_BYTES, PAD_KEY, UNKNOWN_KEY, ItemIndex, drop_excluded,
+                                fingerprint, fingerprints, is_member, item_keys, member_positions,
+                                packable, packed_keys, search_excluding, slack)
 
 CATALOG = np.array([f"i{j}".encode() for j in range(60)], dtype=object)
 
@@ -95,14 +96,17 @@ def _reference(scores, indices, ids, k):
 
 
 def _keys(kind, ids):
-    """`drop_excluded`'s (keys, item_keys): fingerprints as served, or catalog indices."""
+    """`drop_excluded`'s (keys, item_keys): fingerprints as served, catalog indices, or item
+    keys (exact: no ids to confirm with)."""
+    if kind == "item_keys":
+        return tf.constant(item_keys(ids)), tf.constant(item_keys(CATALOG))
     index = ItemIndex(CATALOG)
     if kind == "fingerprints":
         return fingerprint(tf.constant(ids)), index.keys
     return index(tf.constant(ids)), tf.range(len(CATALOG), dtype=tf.int32)
 
 
-@pytest.mark.parametrize("kind", ["fingerprints", "indices"])
+@pytest.mark.parametrize("kind", ["fingerprints", "indices", "item_keys"])
 @pytest.mark.parametrize("seed", range(4))
 def test_drop_excluded_equals_a_set_check(seed, kind):
     """Random candidate lists (some rows with -1 slots, some with every candidate excluded),
@@ -118,17 +122,18 @@ def test_drop_excluded_equals_a_set_check(seed, kind):
     ids[0, :3] = [b"", b"unknown", ids[0, 3]]  # pad, unknown id, duplicate
     ids[2] = CATALOG[indices[2, :n]]  # the best part of row 2's candidates excluded
     ids[3, 0] = ids[3, 1] = CATALOG[indices[3, 0]]
-    keys, item_keys = _keys(kind, ids)
-    got = drop_excluded(tf.constant(scores), tf.constant(indices), tf.constant(ids), keys,
-                        item_keys, tf.constant(CATALOG), k, tf.constant(False))
+    keys, catalog_keys = _keys(kind, ids)
+    confirm = (None, None) if kind == "item_keys" else (tf.constant(ids), tf.constant(CATALOG))
+    got = drop_excluded(tf.constant(scores), tf.constant(indices), confirm[0], keys,
+                        catalog_keys, confirm[1], k, tf.constant(False))
     want = _reference(scores, indices, ids, k)
     for b in range(rows):
         kept = got.indices.numpy()[b]
         assert list(kept[:len(want[b])]) == want[b] and np.all(kept[len(want[b]):] == -1)
         assert got.short.numpy()[b] == (len(want[b]) < k)
         assert np.all(np.isneginf(got.scores.numpy()[b, len(want[b]):]))
-    complete = drop_excluded(tf.constant(scores), tf.constant(indices), tf.constant(ids),
-                             keys, item_keys, tf.constant(CATALOG), k, tf.constant(True))
+    complete = drop_excluded(tf.constant(scores), tf.constant(indices), confirm[0], keys,
+                             catalog_keys, confirm[1], k, tf.constant(True))
     assert not complete.short.numpy().any()
 
 
@@ -184,3 +189,45 @@ def test_search_excluding_with_room_for_every_excluded_item():
     assert np.isfinite(scores.numpy()[2, :2]).all() and np.isneginf(scores.numpy()[2, 2:]).all()
     none = search_excluding(index, tf.zeros([0, 4]), 5, tf.zeros([0, 3], tf.int32), 50)
     assert none[1].shape[0] == 0
+
+
+def _reference_keys(ids):
+    """Python's own reading of the ids' bytes as little-endian integers."""
+    return [UNKNOWN_KEY if len(i) > KEY_BYTES or b"\0" in i
+            else int.from_bytes(i, "little", signed=len(i) == KEY_BYTES) for i in ids]
+
+
+def test_item_keys_are_the_ids_little_endian_bytes():
+    """The NumPy reference: "ab" -> 0x6261, 8 bytes wrap to int64, "" pads, an id of more than
+    8 bytes or with a NUL byte is `UNKNOWN_KEY`; equal keys only for equal ids."""
+    ids = np.array([b"ab", b"", b"\xff" * 7 + b"\x7f", b"\x80" * 8, b"123456789", b"a\0",
+                    "é".encode()], dtype=object)
+    keys = item_keys(ids)
+    assert keys.dtype == np.int64
+    assert keys.tolist() == [0x6261, PAD_KEY, 2**63 - 1, int.from_bytes(b"\x80" * 8, "little")
+                             - 2**64, UNKNOWN_KEY, UNKNOWN_KEY, 0xA9C3]
+    assert keys.tolist() == _reference_keys(ids)
+    assert item_keys(ids.reshape(7, 1)).shape == (7, 1)
+    assert item_keys(np.zeros((0, 3), dtype=object)).shape == (0, 3)
+
+
+def test_packed_keys_equal_the_reference():
+    """Random ids of 1-10 bytes (NUL and 0xFF bytes included) at random offsets of one buffer:
+    `packed_keys` equals `item_keys` of the cut-out ids, the buffer's last byte included."""
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        raw = rng.integers(0, 256, rng.integers(1, 200)).astype(np.uint8)
+        if rng.random() < 0.5:
+            raw[raw == 0] = 1
+        begin = rng.integers(0, raw.size, 40)
+        length = np.minimum(rng.integers(1, KEY_BYTES + 3, 40), raw.size - begin)
+        want = _reference_keys([raw[b:b + n].tobytes() for b, n in zip(begin, length)])
+        assert packed_keys(raw, begin, length).tolist() == want
+        ids = np.array([raw[b:b + n].tobytes() for b, n in zip(begin, length)], dtype=object)
+        assert item_keys(ids).tolist() == want
+
+
+def test_packable_catalogs():
+    assert packable(np.array([b"i1", b"12345678", "é".encode()], dtype=object))
+    for bad in (b"", b"123456789", b"a\0", b"\xff"):
+        assert not packable(np.array([b"i1", bad], dtype=object))

@@ -14,6 +14,7 @@ import tensorflow as tf
 
 from fm_keras.calibration import Calibration
 from fm_keras.errors import DataError, ExportError
+from fm_keras.exclusion import item_keys
 from fm_keras.interactions import read_catalog
 from fm_keras.recall import (PAD_SCORE, BruteForceIndex, ScannIndex, ScannParams, build_index,
                              index_settings, item_vectors)
@@ -288,7 +289,7 @@ def test_warmup_requests_replay_on_the_export(exports, backend):
     records = [prediction_log_pb2.PredictionLog.FromString(r.numpy())
                for r in tf.data.TFRecordDataset(path)]
     assert sorted(r.predict_log.request.model_spec.signature_name for r in records) == \
-        ["exclude_seen", "serving_default"]
+        ["exclude_seen", "exclude_seen_keys", "serving_default"]
     for record in records:
         request = record.predict_log.request
         fn = loaded.signatures[request.model_spec.signature_name]
@@ -327,8 +328,12 @@ def test_utf8_item_ids_in_and_out(exports, small_synth, tmp_path):
     pd.DataFrame({**{k: v[:1] for k, v in USERS.items()}, "seen": ["商品1|café-☕"]}).to_csv(
         users, index=False)
     recs = str(tmp_path / "recs.csv")
-    recommend(path, [str(users)], recs, k=4, exclude_column="seen", progress=False)
+    summary = recommend(path, [str(users)], recs, k=4, exclude_column="seen", progress=False)
     got = pd.read_csv(recs, dtype=str, encoding="utf-8")
+    # "café-☕" is 10 bytes: no item keys for this catalog, the ids go as strings.
+    assert "exclude_seen_keys" not in _load(path)[1].signatures
+    assert "exclude_seen_keys" not in _meta(path)["signatures"]
+    assert summary["signature"] == "exclude_seen"
     assert sorted(got["item_id"]) == ["plain", "ñandú"] and list(got["rank"]) == ["1", "2"]
 
 
@@ -419,6 +424,73 @@ def test_tiny_catalog_over_grpc_and_rest(tiny_server, backend):
         'one length')}
     status, text = _rest_predict(tiny_server.rest_port, backend, body)
     assert status == 200 and json.loads(text)["predictions"][0] == row
+
+    # The same exclusion as item keys ("i0" -> 0x3069), with a pad, over gRPC and REST.
+    keys = item_keys(np.array([[b"i0", b"i1", b""]], dtype=object))
+    request.model_spec.signature_name = "exclude_seen_keys"
+    del request.inputs["exclude_item_ids"]
+    request.inputs["exclude_item_keys"].CopyFrom(tf.make_tensor_proto(keys))
+    with grpc.insecure_channel(f"127.0.0.1:{tiny_server.grpc_port}") as channel:
+        response = prediction_service_pb2_grpc.PredictionServiceStub(channel).Predict(
+            request, timeout=60)
+    keyed = {k: tf.make_ndarray(v) for k, v in response.outputs.items()}
+    assert keyed["item_ids"].tolist() == out["item_ids"].tolist()
+    np.testing.assert_array_equal(keyed["scores"], out["scores"])
+    body = {"signature_name": "exclude_seen_keys",
+            "instances": [{**{k: v[0] for k, v in user.items()},
+                           "exclude_item_keys": keys[0].tolist()}]}
+    status, text = _rest_predict(tiny_server.rest_port, backend, body)
+    assert status == 200 and _strict_json(text)["predictions"][0] == row
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_exclude_seen_keys_equals_exclude_seen(exports, small_synth, backend):
+    """600 excluded ids per user as item keys give what `exclude_seen` gives for them as
+    strings: user 0 excludes its own top 40 (its row is searched again), user 1 random ids
+    with duplicates, an unknown id, one longer than 8 bytes (`UNKNOWN_KEY`) and pads, user 2
+    none; and every item excluded gives pads only."""
+    ids = pd.read_csv(os.path.join(small_synth[0], "items.csv"), dtype=str)["item_id"].to_numpy()
+    paths = exports
+    rng = np.random.default_rng(1)
+    top = _recall(paths[backend])["item_ids"][0].astype(str)
+    seen = np.array([np.concatenate([top, rng.choice(ids, 580)]),
+                     np.concatenate([rng.choice(ids, 590), ["nope", "i-longer-than-8"],
+                                     [""] * 8]),
+                     [""] * 600]).astype(object)
+    seen = np.vectorize(lambda v: v.encode(), otypes=[object])(seen)
+    want = _recall(paths[backend], "exclude_seen", exclude_item_ids=seen)
+    got = _recall(paths[backend], "exclude_seen_keys", exclude_item_keys=item_keys(seen))
+    np.testing.assert_array_equal(got["item_ids"], want["item_ids"])
+    np.testing.assert_allclose(got["scores"], want["scores"], rtol=1e-6)
+    np.testing.assert_allclose(got["probabilities"], want["probabilities"], rtol=1e-6)
+    for u in range(3):
+        assert not set(got["item_ids"][u]) & set(seen[u]) - {b""}
+    every = item_keys(np.array([[i.encode() for i in ids]] * 3, dtype=object))
+    out = _recall(paths[backend], "exclude_seen_keys", exclude_item_keys=every)
+    assert np.all(out["item_ids"] == b"") and np.all(out["scores"] == np.float32(PAD_SCORE))
+
+
+def test_recommend_uses_item_keys_and_counts_unknown_ids(exports, small_synth, tmp_path):
+    """`recommend --exclude-column` on an export with `exclude_seen_keys`: the signature it
+    ran, the items `exclude_seen` returns for the same lists, and the unknown ids (one short,
+    one longer than 8 bytes) counted and quoted."""
+    ids = pd.read_csv(os.path.join(small_synth[0], "items.csv"), dtype=str)["item_id"].to_numpy()
+    paths = exports
+    users = tmp_path / "users.csv"
+    lists = [f"{ids[3]}|{ids[7]} | nope", "", f"{ids[1]}|i-longer-than-8|{ids[1]}"]
+    pd.DataFrame({**USERS, "seen": lists}).to_csv(users, index=False)
+    recs = str(tmp_path / "recs.csv")
+    summary = recommend(paths["scann"], [str(users)], recs, k=20, exclude_column="seen",
+                        progress=False)
+    assert summary["signature"] == "exclude_seen_keys"
+    assert (summary["excluded_ids_checked"], summary["excluded_ids_not_in_catalog"]) == (6, 2)
+    assert summary["not_in_catalog_examples"] == ["nope", "i-longer-than-8"]
+    got = pd.read_csv(recs, dtype=str, keep_default_na=False)
+    seen = np.array([[i.strip().encode() for i in row.split("|")] + [b""] * (3 - len(
+        row.split("|"))) if row else [b""] * 3 for row in lists], dtype=object)
+    want = _recall(paths["scann"], "exclude_seen", exclude_item_ids=seen)["item_ids"]
+    for u, user in enumerate(USERS["user_id"]):
+        assert got[got["user_id"] == user]["item_id"].tolist() == want[u].astype(str).tolist()
 
 
 def _rest_predict(port: int, model: str, body: dict) -> tuple[int, str]:

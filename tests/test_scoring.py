@@ -10,7 +10,7 @@ import pytest
 import tensorflow as tf
 
 from fm_keras import scoring
-from fm_keras.arrow_text import split_ids
+from fm_keras.arrow_text import split_keys
 from fm_keras.config import FeatureConfig
 from fm_keras.data import load_split
 from fm_keras.errors import DataError, ExportError
@@ -182,8 +182,9 @@ def test_one_users_long_list_does_not_widen_the_whole_batch(exports, small_synth
     recommend(exports["scann"], [users_csv], whole, k=5, exclude_column="seen", progress=False)
     widths = []
     monkeypatch.setattr(scoring, "EXCLUSION_PADDED_BYTES", 60_000)
-    monkeypatch.setattr(scoring, "split_ids", lambda a: (
-        ids := split_ids(a), widths.append((len(a), int(ids.shape[1]))))[0])
+    # The export's ids are short: `recommend` cuts the lists as item keys (`split_keys`).
+    monkeypatch.setattr(scoring, "split_keys", lambda a: (
+        keys := split_keys(a), widths.append((len(a), int(keys.shape[1]))))[0])
     out = str(tmp_path / "bounded.csv")
     summary = recommend(exports["scann"], [users_csv], out, k=5, exclude_column="seen",
                         progress=False)

@@ -165,11 +165,14 @@ def _query_all(target: str, frame: pd.DataFrame, timeout: float) -> dict:
 
 
 def _input(frame: pd.DataFrame, name: str, info) -> np.ndarray:
-    """A signature input from eval rows; a 2-D string input no column has (a recall model's
-    ``exclude_item_ids``) gets one empty string per row, which excludes nothing."""
+    """A signature input from eval rows; a 2-D input no column has (a recall model's
+    ``exclude_item_ids`` or ``exclude_item_keys``) gets one pad per row ("" or 0), which
+    excludes nothing."""
     if info.dtype == 1:  # DT_FLOAT
         return pd.to_numeric(frame[name], errors="coerce").to_numpy(np.float32)
     if name not in frame.columns and len(info.tensor_shape.dim) == 2:
+        if info.dtype == 9:  # DT_INT64: item keys, 0 pads
+            return np.zeros((len(frame), 1), np.int64)
         return np.full((len(frame), 1), b"", dtype=object)
     return np.array([s.encode() for s in frame[name].astype(str)], dtype=object)
 

@@ -237,12 +237,17 @@ def typed_inputs(columns: dict[str, list[str]], inputs: dict) -> dict[str, list]
         {name: values}: float numbers for a ``DT_FLOAT`` input, text otherwise (an id ``007``
         stays ``"007"``); for an input of rank 2 (the recall export's ``exclude_item_ids``)
         each value is a list (text: split at ``|``, spaces around each item dropped, as
-        ``recommend`` does), padded with ``""`` to the longest.
+        ``recommend`` does), padded with ``""`` to the longest; a rank-2 ``DT_INT64`` input
+        (``exclude_item_keys``) takes the same lists of ids and gets their item keys
+        (`fm_keras.exclusion.item_keys`, 0 pads).
 
     Raises:
         ConfigError: a value of a ``DT_FLOAT`` input that is not a number.
     """
+    import numpy as np
+
     from fm_keras.errors import ConfigError
+    from fm_keras.exclusion import item_keys
 
     typed = {}
     for name, values in columns.items():
@@ -253,6 +258,9 @@ def typed_inputs(columns: dict[str, list[str]], inputs: dict) -> dict[str, list]
                     [v.strip() for v in value.split("|")] if value else [] for value in values]
             width = max(1, *(len(row) for row in rows))
             cells = [row + [""] * (width - len(row)) for row in rows]
+            if spec.get("dtype") == "DT_INT64":
+                ids = np.array([[v.encode("utf-8") for v in row] for row in cells], dtype=object)
+                cells = item_keys(ids.reshape(len(cells), width)).tolist()
         if spec.get("dtype") == "DT_FLOAT":
             try:
                 cells = [float(v) for v in cells]

@@ -82,6 +82,11 @@ def test_query_types_inputs_by_the_signature():
     assert typed == {"user_id": ["007", "1e3"], "price": [1.0, 2.5],
                      "exclude_item_ids": [["a", "b", "c"], ["", "", ""]], "extra": ["3"]}
     assert typed_inputs({"exclude_item_ids": ["", ""]}, inputs) == {"exclude_item_ids": [[""], [""]]}
+    # exclude_item_keys takes ids too, and sends their item keys ("i0" = 0x3069), 0 pads.
+    keys = {"exclude_item_keys": {"dtype": "DT_INT64",
+                                  "tensor_shape": {"dim": [{"size": "-1"}, {"size": "-1"}]}}}
+    assert typed_inputs({"exclude_item_keys": ["i0 | i1", ""]}, keys) == \
+        {"exclude_item_keys": [[0x3069, 0x3169], [0, 0]]}
     with pytest.raises(ConfigError, match="--input price: \\['1', 'x'\\] are not all numbers"):
         typed_inputs({"price": ["1", "x"]}, inputs)
 
