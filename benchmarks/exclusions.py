@@ -6,7 +6,9 @@ catalog ids per user ('|'-separated), and runs `recommend` (the CLI's code path:
 out) over the same users without and with `--exclude-column seen` in rounds (one run of each,
 back to back, which goes first alternating), best of --repeat; prints users/s of both
 (`recommend`'s own figure: reading, searching and writing, without the model load), their
-ratio per backend, and the ratio of each round and the median of those.
+ratio per backend, the ratio of each round and the median of those, and the signature the
+exclusions went through (``exclude_seen_keys``, item keys, when every catalog id is 1-8 bytes:
+this benchmark's are; else ``exclude_seen``).
 
     python benchmarks/exclusions.py [--items 100000] [--users 1000] [--seen 600] [--k 10]
         [--model saved_models/ctr/1 --users-file data/test.csv] [--backends scann,brute_force]
@@ -70,7 +72,7 @@ def main():
         path = built[-1] if args.reuse and built else build_index(
             model, catalog, f"recall_{backend}", base=os.path.join(work, "m"), k=args.index_k,
             backend=backend)
-        rates = {None: [], "seen": []}
+        rates, signature = {None: [], "seen": []}, None
         for i in range(args.repeat):  # alternating, so that a load change hits both alike
             for column in ((None, "seen") if i % 2 == 0 else ("seen", None)):
                 out = os.path.join(work, f"recs-{backend}-{column}.csv")
@@ -78,6 +80,7 @@ def main():
                                     progress=False)
                 # users/s of the streaming part (model load and first call excluded)
                 rates[column].append(summary["rows"] / summary["seconds"])
+                signature = summary["signature"] if column else signature
                 rows = len(pd.read_csv(out, usecols=["rank"]))
                 assert rows == args.users * args.k, (backend, column, rows, summary)
         best = {column: max(r) for column, r in rates.items()}
@@ -85,8 +88,8 @@ def main():
         ratios[backend] = best["seen"] / best[None]
         print(f"{backend:12s} {best[None]:22,.0f} {best['seen']:16,.0f} "
               f"{ratios[backend]:6.2f}  (load {os.getloadavg()[0]:.1f}; per round "
-              f"{', '.join(f'{r:.2f}' for r in rounds)}, median {np.median(rounds):.2f})",
-              flush=True)
+              f"{', '.join(f'{r:.2f}' for r in rounds)}, median {np.median(rounds):.2f}; "
+              f"{signature})", flush=True)
     print("users/s with exclusions / without (issue 12 asks >= 0.5): " +
           ", ".join(f"{b} {r:.2f}" for b, r in ratios.items()))
     print(f"work directory (--reuse): {work}")
