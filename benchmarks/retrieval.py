@@ -174,7 +174,7 @@ def run_fm(task: str, work: str, data: dict, ev: dict, args) -> dict:
     top = exact_top_k(u, v, K, ev["exclude"])
     valid = record["metrics"]["valid"]
     return {**evaluate(top, ev["relevant"]), "train_seconds": round(seconds, 1),
-            "epochs": record["epochs_run"], "best_epoch": record["best_epoch"],  # 1-based, as logged
+            "epochs": record["epochs_run"], "best_epoch": record["best_epoch"],
             "valid_recall@50": valid.get(f"recall@{K}")}
 
 
