@@ -244,9 +244,9 @@ def drop_excluded(scores, indices, ids, keys, item_keys, item_ids, k, complete) 
 
     Returns:
         `Dropped`. A candidate is dropped iff its key is among the row's excluded keys and
-        (with `ids`) the id at that position equals its id. A row where the two differ (an id outside the
-        catalog with a catalog id's fingerprint) is returned as short, so that the caller
-        searches it again with every match confirmed.
+        (with `ids`) the id at that position equals its id. A row where the two differ (an
+        id outside the catalog with a catalog id's fingerprint) is returned as short, so that
+        the caller searches it again with every match confirmed.
     """
     entry = member_positions(tf.gather(item_keys, tf.maximum(indices, 0)), keys)  # [B, K]
     matched = (entry >= 0) & (indices >= 0)
