@@ -347,7 +347,8 @@ def run_signature(model: str, inputs: Sequence[str], output: str, *,
     Args:
         model: a version or model directory of an fm_keras export.
         inputs: CSV/Parquet paths or globs.
-        signature: the signature to run; its raw inputs must be columns of the files.
+        signature: the signature to run; its raw inputs must be columns of the files (an
+            input of rank 2, an exclusion list, only from `derive`: else ExportError).
         keep: input columns copied to the output (default: id columns), typed by `kept_types`
             of the files.
         derive: signature inputs computed from a column of the files, not read as they are:
@@ -372,8 +373,14 @@ def run_signature(model: str, inputs: Sequence[str], output: str, *,
         raise ExportError(f"{version_dir}: no signature {signature!r}; it has "
                           f"{sorted(loaded.signatures)}")
     fn = loaded.signatures[signature]
-    types = {name: spec.dtype for name, spec in signature_inputs(fn, meta).items()}
+    specs = signature_inputs(fn, meta)
+    types = {name: spec.dtype for name, spec in specs.items()}
     derived = set(derive or {})
+    lists_in = [n for n, spec in specs.items() if n not in derived and spec.shape.rank == 2]
+    if lists_in:  # a recall export's exclude_item_ids / exclude_item_keys: no column holds them
+        raise ExportError(f"{version_dir}: signature {signature!r} takes {lists_in[0]} as "
+                          f"lists [rows, n]; `score` reads one value per column, use "
+                          f"`fm-keras recommend --exclude-column COLUMN` for exclusions")
     read_types = {n: t for n, t in types.items() if n not in derived}
     lists = {**export_list_columns(meta), **(lists or {})}
     keep = list(keep) if keep is not None else default_keep(read_header(files[0]))
