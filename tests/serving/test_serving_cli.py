@@ -87,6 +87,12 @@ def test_query_types_inputs_by_the_signature():
                                   "tensor_shape": {"dim": [{"size": "-1"}, {"size": "-1"}]}}}
     assert typed_inputs({"exclude_item_keys": ["i0 | i1", ""]}, keys) == \
         {"exclude_item_keys": [[0x3069, 0x3169], [0, 0]]}
+    # Regression (trial): the blanks recommend drops (ASCII space and control characters), not
+    # str.strip's Unicode ones: "i0\u3000" is no catalog id in recommend, so not "i0" here.
+    assert typed_inputs({"exclude_item_keys": ["\x1bi0\t|i1\u3000|\xa0i2"]}, keys) == \
+        {"exclude_item_keys": [[0x3069, 0x8080E33169, 0x3269A0C2]]}  # i1 E3 80 80, C2 A0 i2
+    assert typed_inputs({"exclude_item_ids": ["\x1bi0\t| i1\u3000"]}, inputs) == \
+        {"exclude_item_ids": [["i0", "i1\u3000"]]}
     with pytest.raises(ConfigError, match="--input price: \\['1', 'x'\\] are not all numbers"):
         typed_inputs({"price": ["1", "x"]}, inputs)
 
