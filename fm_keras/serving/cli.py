@@ -247,7 +247,8 @@ def typed_inputs(columns: dict[str, list[str]], inputs: dict) -> dict[str, list]
         gets their item keys (`fm_keras.exclusion.item_keys`, 0 pads).
 
     Raises:
-        ConfigError: a value of a ``DT_FLOAT`` input that is not a number.
+        ConfigError: a value of a ``DT_FLOAT`` input that is not a number; a rank-2 input
+            without rows (``NAME=[]``).
     """
     import numpy as np
 
@@ -262,6 +263,9 @@ def typed_inputs(columns: dict[str, list[str]], inputs: dict) -> dict[str, list]
             rows = [value if isinstance(value, list) else
                     [v.strip(_BLANKS) for v in value.split("|")] if value else []
                     for value in values]
+            if not rows:
+                raise ConfigError(f"--input {name}: no rows ([]); give a list per row, [] for "
+                                  f"one that excludes nothing: {name}='[[]]'")
             width = max(1, *(len(row) for row in rows))
             cells = [row + [""] * (width - len(row)) for row in rows]
             if spec.get("dtype") == "DT_INT64":
