@@ -39,8 +39,9 @@ import numpy as np
 
 from fm_keras import termination
 from fm_keras.errors import ExportError, Terminated
-from fm_keras.scoring import (check_columns, check_output, default_keep, export_list_columns,
-                              kept_array, kept_types, outputs_table, output_format, temp_output)
+from fm_keras.scoring import (check_columns, check_output, column_inputs, default_keep,
+                              export_list_columns, kept_array, kept_types, outputs_table,
+                              output_format, temp_output)
 
 RUNNERS = ("DirectRunner", "DataflowRunner", "FlinkRunner", "SparkRunner")
 
@@ -250,7 +251,7 @@ def score_with_beam(model: str, inputs: Sequence[str], output: str, *,
     from fm_keras._tf import tf
     from fm_keras.data import check_not_an_input, expand_paths
     from fm_keras.reading import read_header
-    from fm_keras.servables import load_export, signature_inputs
+    from fm_keras.servables import load_export
 
     if runner not in RUNNERS:
         raise ExportError(f"--runner {runner!r} is not one of {list(RUNNERS)}")
@@ -270,7 +271,7 @@ def score_with_beam(model: str, inputs: Sequence[str], output: str, *,
                           f"{sorted(loaded.signatures)}")
     fn = loaded.signatures[signature]
     types = {n: "float32" if s.dtype == tf.float32 else "string"
-             for n, s in signature_inputs(fn, meta).items()}
+             for n, s in column_inputs(version_dir, signature, fn, meta).items()}
     local_inputs = [p for p in inputs if "://" not in p]
     files = expand_paths(local_inputs) if local_inputs else []
     if keep is None:

@@ -54,7 +54,8 @@ def item_keys(ids: np.ndarray) -> np.ndarray:
     """Item ids -> their item keys.
 
     Args:
-        ids: UTF-8 bytes, object array of any shape.
+        ids: UTF-8 bytes, object array of any shape (or anything `np.asarray` makes one of);
+            an id given as text (``str``) is read as its UTF-8 bytes.
 
     Returns:
         int64, shaped like `ids`: each id's bytes as a little-endian unsigned integer, as
@@ -63,9 +64,14 @@ def item_keys(ids: np.ndarray) -> np.ndarray:
         laid end to end: 100k catalog ids in ~10 ms.)
     """
     flat = np.asarray(ids, dtype=object).ravel()
+    try:
+        joined = b"".join(flat)
+    except TypeError:  # text among the ids: as its UTF-8 bytes
+        flat = [i.encode("utf-8") if isinstance(i, str) else i for i in flat]
+        joined = b"".join(flat)
     length = np.fromiter(map(len, flat), np.int64, len(flat))
     begin = np.cumsum(length) - length
-    raw = np.frombuffer(b"".join(flat), np.uint8)
+    raw = np.frombuffer(joined, np.uint8)
     return packed_keys(raw, begin, length).reshape(np.shape(ids))
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -335,6 +335,30 @@ def outputs_table(keep: dict[str, pa.Array], outputs: dict[str, np.ndarray],
     return pa.table(columns)
 
 
+def column_inputs(version_dir: str, signature: str, fn, meta: dict,
+                  derived: Collection[str] = ()) -> dict[str, tf.TensorSpec]:
+    """The inputs of the signature `fn` (`fm_keras.servables.signature_inputs`) that `score`
+    reads from files, one value per row and column.
+
+    Args:
+        version_dir, signature: the export and the signature's name, for the message.
+        meta: the export's metadata.
+        derived: inputs computed otherwise (`run_signature`'s `derive`), which may be lists.
+
+    Raises:
+        ExportError: an input of rank 2 not in `derived` (a recall export's
+            ``exclude_item_ids`` / ``exclude_item_keys``: no column holds those lists;
+            `recommend` makes them from its exclusion column).
+    """
+    specs = signature_inputs(fn, meta)
+    lists = [n for n, spec in specs.items() if n not in derived and spec.shape.rank == 2]
+    if lists:
+        raise ExportError(f"{version_dir}: signature {signature!r} takes {lists[0]} as lists "
+                          f"[rows, n]; `score` reads one value per column, use "
+                          f"`fm-keras recommend --exclude-column COLUMN` for exclusions")
+    return specs
+
+
 def run_signature(model: str, inputs: Sequence[str], output: str, *,
                   signature: str = "serving_default", batch_size: int = 16_384,
                   keep: Sequence[str] | None = None, progress: bool = True,
@@ -347,7 +371,8 @@ def run_signature(model: str, inputs: Sequence[str], output: str, *,
     Args:
         model: a version or model directory of an fm_keras export.
         inputs: CSV/Parquet paths or globs.
-        signature: the signature to run; its raw inputs must be columns of the files.
+        signature: the signature to run; its raw inputs must be columns of the files (an
+            input of rank 2, an exclusion list, only from `derive`: else ExportError).
         keep: input columns copied to the output (default: id columns), typed by `kept_types`
             of the files.
         derive: signature inputs computed from a column of the files, not read as they are:
@@ -372,8 +397,9 @@ def run_signature(model: str, inputs: Sequence[str], output: str, *,
         raise ExportError(f"{version_dir}: no signature {signature!r}; it has "
                           f"{sorted(loaded.signatures)}")
     fn = loaded.signatures[signature]
-    types = {name: spec.dtype for name, spec in signature_inputs(fn, meta).items()}
     derived = set(derive or {})
+    types = {name: spec.dtype for name, spec in
+             column_inputs(version_dir, signature, fn, meta, derived).items()}
     read_types = {n: t for n, t in types.items() if n not in derived}
     lists = {**export_list_columns(meta), **(lists or {})}
     keep = list(keep) if keep is not None else default_keep(read_header(files[0]))

@@ -137,6 +137,20 @@ def test_missing_signature_is_an_export_error(exports, rows_with_ids, tmp_path):
                         signature="nope")
 
 
+def test_an_exclusion_signature_is_an_export_error_naming_recommend(exports, rows_with_ids,
+                                                                     tmp_path):
+    """As `fm-keras score` (a trial: exclude_seen_keys' int64 lists were fed "")."""
+    pytest.importorskip("apache_beam")
+    from fm_keras.beam_scoring import score_with_beam
+
+    for signature, name in [("exclude_seen", "exclude_item_ids"),
+                            ("exclude_seen_keys", "exclude_item_keys")]:
+        with pytest.raises(ExportError, match=f"signature '{signature}' takes {name} as lists "
+                                              r"\[rows, n\]; .*recommend --exclude-column"):
+            score_with_beam(exports["scann"], [rows_with_ids], str(tmp_path / "x.csv"),
+                            signature=signature)
+
+
 def test_an_output_that_is_an_input_is_refused_before_anything_is_written(exports,
                                                                           rows_with_ids):
     """Regression (trial): `score --output` naming its --input replaced the input."""

@@ -209,6 +209,11 @@ def test_item_keys_are_the_ids_little_endian_bytes():
     assert keys.tolist() == _reference_keys(ids)
     assert item_keys(ids.reshape(7, 1)).shape == (7, 1)
     assert item_keys(np.zeros((0, 3), dtype=object)).shape == (0, 3)
+    # Regression (trial): text, as a client holds it (the README names item_keys the
+    # reference), was a TypeError from bytes.join; it is read as its UTF-8 bytes.
+    assert item_keys(["ab", "é", ""]).tolist() == [0x6261, 0xA9C3, PAD_KEY]
+    assert item_keys(np.array([["ab", "é"]])).tolist() == [[0x6261, 0xA9C3]]
+    assert item_keys(np.array(["ab", b"ab"], dtype=object)).tolist() == [0x6261, 0x6261]
 
 
 def test_packed_keys_equal_the_reference():

@@ -145,6 +145,22 @@ def test_recommend_long_format_and_exclusions(exports, small_synth, tmp_path,
         recommend(exports["scann"], [users_csv], out, k=5, exclude_column="seeen")
 
 
+def test_score_refuses_the_exclusion_signatures_naming_recommend(exports, small_synth,
+                                                                   tmp_path):
+    """Regression (trial): ``score --signature exclude_seen_keys`` failed with a TypeError
+    (its int64 input warmed up with ""), ``exclude_seen`` with a TF shape error: their lists
+    are `recommend --exclude-column`'s."""
+    test_csv = os.path.join(small_synth[0], "test.csv")
+    out = str(tmp_path / "out.csv")
+    for signature, name in [("exclude_seen", "exclude_item_ids"),
+                            ("exclude_seen_keys", "exclude_item_keys")]:
+        with pytest.raises(ExportError, match=f"signature '{signature}' takes {name} as lists "
+                                              r"\[rows, n\]; .*recommend --exclude-column"):
+            run_signature(exports["scann"], [test_csv], out, signature=signature,
+                          progress=False)
+    assert os.listdir(tmp_path) == []
+
+
 @pytest.mark.parametrize("seed", range(5))
 def test_padding_bounded_ranges_cover_the_rows_within_the_budget(seed):
     """Consecutive ranges covering every row, each within the budget (a row over it alone),

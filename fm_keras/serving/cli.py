@@ -223,6 +223,11 @@ def signature_inputs(signatures: dict, name: str) -> dict:
     return signatures.get("signature_def", {}).get(name or "serving_default", {}).get("inputs", {})
 
 
+# What recommend drops around a listed id (fm_keras.arrow_text): bytes 0-32, not str.strip's
+# Unicode blanks ("i1\u3000" is no catalog id there).
+_BLANKS = "".join(map(chr, range(33)))
+
+
 def typed_inputs(columns: dict[str, list[str]], inputs: dict) -> dict[str, list]:
     """`fm-keras query`'s ``--input NAME=V1,V2`` columns typed by the signature, the same for
     gRPC and REST.
@@ -236,13 +241,14 @@ def typed_inputs(columns: dict[str, list[str]], inputs: dict) -> dict[str, list]
     Returns:
         {name: values}: float numbers for a ``DT_FLOAT`` input, text otherwise (an id ``007``
         stays ``"007"``); for an input of rank 2 (the recall export's ``exclude_item_ids``)
-        each value is a list (text: split at ``|``, spaces around each item dropped, as
-        ``recommend`` does), padded with ``""`` to the longest; a rank-2 ``DT_INT64`` input
-        (``exclude_item_keys``) takes the same lists of ids and gets their item keys
-        (`fm_keras.exclusion.item_keys`, 0 pads).
+        each value is a list (text: split at ``|``, ASCII spaces and control characters
+        around each item dropped, as ``recommend`` does), padded with ``""`` to the longest;
+        a rank-2 ``DT_INT64`` input (``exclude_item_keys``) takes the same lists of ids and
+        gets their item keys (`fm_keras.exclusion.item_keys`, 0 pads).
 
     Raises:
-        ConfigError: a value of a ``DT_FLOAT`` input that is not a number.
+        ConfigError: a value of a ``DT_FLOAT`` input that is not a number; a rank-2 input
+            without rows (``NAME=[]``).
     """
     import numpy as np
 
@@ -255,7 +261,11 @@ def typed_inputs(columns: dict[str, list[str]], inputs: dict) -> dict[str, list]
         cells = values
         if len(spec.get("tensor_shape", {}).get("dim", [])) == 2:
             rows = [value if isinstance(value, list) else
-                    [v.strip() for v in value.split("|")] if value else [] for value in values]
+                    [v.strip(_BLANKS) for v in value.split("|")] if value else []
+                    for value in values]
+            if not rows:
+                raise ConfigError(f"--input {name}: no rows ([]); give a list per row, [] for "
+                                  f"one that excludes nothing: {name}='[[]]'")
             width = max(1, *(len(row) for row in rows))
             cells = [row + [""] * (width - len(row)) for row in rows]
             if spec.get("dtype") == "DT_INT64":

@@ -185,11 +185,17 @@ _JSON_KINDS = {"f": "iuf", "c": "iuf", "i": "iu", "u": "iu", "b": "b"}
 
 def _json_kind_fits(value, array: np.ndarray, dtype: np.dtype) -> bool:
     """Whether every JSON value in ``value`` (``array`` is ``np.asarray(value)``) is of a kind
-    that ``dtype`` takes; NumPy alone would turn ``true`` into 1.0 and ``1.5`` into 1."""
+    that ``dtype`` takes; NumPy alone would turn ``true`` into 1.0 and ``1.5`` into 1, and
+    wrap an integer beyond an integer dtype's range (``2**64 - 1`` into int64 -1), where
+    json_tensor.cc's ``IsInt64`` / ``IsInt`` refuse it."""
     if array.size == 0:
         return True
     if array.dtype.kind not in _JSON_KINDS.get(dtype.kind, "biuf"):
         return False
+    if dtype.kind in "iu" and array.dtype.kind in "iu":
+        info = np.iinfo(dtype)
+        if array.min() < info.min or array.max() > info.max:
+            return False
     return dtype.kind == "b" or not _has_bool(value)
 
 

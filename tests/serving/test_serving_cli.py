@@ -87,6 +87,18 @@ def test_query_types_inputs_by_the_signature():
                                   "tensor_shape": {"dim": [{"size": "-1"}, {"size": "-1"}]}}}
     assert typed_inputs({"exclude_item_keys": ["i0 | i1", ""]}, keys) == \
         {"exclude_item_keys": [[0x3069, 0x3169], [0, 0]]}
+    # Regression (trial): the blanks recommend drops (ASCII space and control characters), not
+    # str.strip's Unicode ones: "i1\u3000" is no catalog id in recommend, so not "i1" here.
+    assert typed_inputs({"exclude_item_keys": ["\x1bi0\t|i1\u3000|\xa0i2"]}, keys) == \
+        {"exclude_item_keys": [[0x3069, 0x8080E33169, 0x3269A0C2]]}  # i1 E3 80 80, C2 A0 i2
+    assert typed_inputs({"exclude_item_ids": ["\x1bi0\t| i1\u3000"]}, inputs) == \
+        {"exclude_item_ids": [["i0", "i1\u3000"]]}
+    # Regression (trial): no rows at all was a TypeError traceback (max(1) of nothing).
+    for spec in (keys, inputs):
+        name = next(n for n in spec if n.startswith("exclude"))
+        with pytest.raises(ConfigError, match=f"--input {name}: no rows \\(\\[\\]\\); give a "
+                                              "list per row, \\[\\] for one that excludes"):
+            typed_inputs(input_columns([f"{name}=[]"]), spec)
     with pytest.raises(ConfigError, match="--input price: \\['1', 'x'\\] are not all numbers"):
         typed_inputs({"price": ["1", "x"]}, inputs)
 

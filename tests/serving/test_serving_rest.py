@@ -399,6 +399,15 @@ def test_json_numbers_take_the_kind_of_the_tensor():
     assert to_array([True, False], np.bool_, "x").tolist() == [True, False]
     assert to_array([1, 2.5], np.float32, "x").tolist() == [1.0, 2.5]
     assert to_array([], np.int64, "x").shape == (0,)
+    # An integer beyond the tensor's range is refused, as json_tensor.cc's IsInt64 / IsInt
+    # checks do, not wrapped by the cast (2**64 - 1 became -1, an item key's UNKNOWN_KEY).
+    for value, dtype in [([2**63], np.int64), ([[2**64 - 1]], np.int64), ([2**31], np.int32),
+                         ([-2**31 - 1], np.int32), ([[1, 2**63]], np.int64)]:
+        with pytest.raises(ServingError, match="is not of expected type") as err:
+            to_array(value, dtype, "x")
+        assert err.value.http_status == 400
+    assert to_array([[2**63 - 1, -2**63]], np.int64, "x").tolist() == [[2**63 - 1, -2**63]]
+    assert to_array([2**31 - 1, -2**31], np.int32, "x").tolist() == [2**31 - 1, -2**31]
     assert parse_json(b'[1e-400, 1e300, -Infinity]') == [0.0, 1e300, float("-inf")]
     for body in (b'[1E+0400]', b'[-1' + b'0' * 400 + b'.5]'):
         with pytest.raises(ServingError, match="JSON Parse error: Number too big"):
