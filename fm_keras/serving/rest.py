@@ -172,7 +172,8 @@ def to_array(value, np_dtype, name: str) -> np.ndarray:
         lengths = ragged_lengths(value)
         if lengths is not None:
             pad = ('pad the rows with "" to one length' if np_dtype == object
-                   else "send rows of one length")
+                   else "pad the rows with 0 (no item) to one length"
+                   if name == "exclude_item_keys" else "send rows of one length")
             raise invalid_argument(f"input {name}: rows of different lengths "
                                    f"{lengths[:5]}; {pad}") from None
         raise invalid_argument(f"input {name}: {err}") from None

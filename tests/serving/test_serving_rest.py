@@ -360,6 +360,9 @@ def test_ragged_numbers_say_rows_of_one_length():
     with pytest.raises(ServingError, match=r"input x: rows of different lengths \[1, 2\]; "
                                            "send rows of one length"):
         to_array([[1.0], [1.0, 2.0]], np.float32, "x")
+    with pytest.raises(ServingError, match=r"input exclude_item_keys: rows of different lengths "
+                                           r"\[1, 2\]; pad the rows with 0 \(no item\)"):
+        to_array([[12393], [12393, 12649]], np.int64, "exclude_item_keys")
     assert ragged_lengths([[["a"], ["b", "c"]]]) == [1, 2]
     assert ragged_lengths([["a", "b"], ["", ""]]) is None and ragged_lengths("a") is None
 
