@@ -132,7 +132,8 @@ def signatures(path):
         feed = {}
         for key, spec in fn.structured_input_signature[1].items():
             shape = [3] + [2] * (len(spec.shape) - 1)
-            feed[key] = tf.fill(shape, "x") if spec.dtype == tf.string else tf.ones(shape)
+            feed[key] = tf.fill(shape, "x") if spec.dtype == tf.string else \
+                tf.ones(shape, spec.dtype)
         results[name] = sorted(fn(**feed))
     return results
 results = {which: signatures(path) for which, path in json.loads(sys.argv[1])}
@@ -159,7 +160,7 @@ def test_fresh_process_loads_every_signature(exports):
                                   "item_tower": ["item_vector"]}
     for which in ("scann", "brute_force"):
         assert results[which]["serving_default"] == results[which]["exclude_seen"] == \
-            ["item_ids", "probabilities", "scores"]
+            results[which]["exclude_seen_keys"] == ["item_ids", "probabilities", "scores"]
 
 
 def test_saved_model_cli_lists_signatures_with_raw_inputs(exports):

@@ -20,8 +20,9 @@ def test_recall_model_is_checked_then_pushed_beside_its_ranking_version(pipeline
         store.close()
     assert [x["type"] for x in steps][-2:] == ["index_builder", "pusher"]
     index = steps[-2]
+    # every signature queried in the server before the push
     assert index["properties"]["valid"] and index["properties"]["signatures"] == [
-        "exclude_seen", "serving_default"]  # queried in the server before the push
+        "exclude_seen", "exclude_seen_keys", "serving_default"]
     assert sorted(os.listdir(os.path.join(config.pusher.base, "ctr_recall"))) == ["1"]
     meta = fsutil.read_json(os.path.join(config.pusher.base, "ctr_recall", "1", "assets.extra",
                                          "fm_keras.json"))
