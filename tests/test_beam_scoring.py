@@ -216,7 +216,13 @@ def test_a_signal_during_a_beam_score_exits_as_local_score_and_leaves_nothing(
     monkeypatch.setattr(beam_scoring, step, signal_then)
     out = tmp_path / "out"
     out.mkdir()
-    assert _cli_score(exports["ranking"], [few_rows], str(out / "scores.csv")) == status
+    # Ctrl-C raises KeyboardInterrupt: set so here, as a shell starting a background job
+    # leaves SIGINT ignored (the suite's 'make test' run that way: the run finished, exit 0).
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        assert _cli_score(exports["ranking"], [few_rows], str(out / "scores.csv")) == status
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert capsys.readouterr().err.strip().splitlines() == [line]
     assert os.listdir(out) == []
 
