@@ -24,7 +24,7 @@ user has seen) and must never return one of them. Per call:
 
 Item keys. Cutting 600 ids per user out of text into string tensors and fingerprinting them costs
 more than ScaNN's search of that user (BENCHMARKS.md, exclusions). When every catalog id is
-1-8 bytes of UTF-8 without a NUL byte (`packable`: "i123", "1234567", most id schemes), an id's
+1-8 bytes of UTF-8 without a NUL byte (`catalog_keys`: "i123", "1234567", most id schemes), an id's
 key is its bytes read as a little-endian unsigned 64-bit integer, stored as int64
 (`item_keys`): a client computes it from the bytes it already holds, no hash, and equal keys
 are equal ids. `fm_keras.arrow_text.split_keys` cuts them straight out of an Arrow buffer. An
@@ -75,18 +75,23 @@ def item_keys(ids: np.ndarray) -> np.ndarray:
     return packed_keys(raw, begin, length).reshape(np.shape(ids))
 
 
-def packable(ids: np.ndarray) -> bool:
-    """Whether item keys identify every id of the catalog `ids` (UTF-8 bytes, object [N]):
-    each is 1-`KEY_BYTES` bytes without a NUL byte and is valid UTF-8 (so never
-    `UNKNOWN_KEY`'s 0xFF bytes)."""
-    for i in ids:
-        if not 1 <= len(i) <= KEY_BYTES or b"\0" in i:
-            return False
-        try:
+def catalog_keys(ids: np.ndarray) -> np.ndarray | None:
+    """The item keys of a catalog's ids, int64 [N], when they identify every id (each is
+    1-`KEY_BYTES` bytes of UTF-8 without a NUL byte: no key is `PAD_KEY` or `UNKNOWN_KEY`);
+    None otherwise.
+
+    Args:
+        ids: the catalog's ids, UTF-8 bytes (object array [N]).
+    """
+    keys = item_keys(ids)
+    if np.isin(keys, (PAD_KEY, UNKNOWN_KEY)).any():
+        return None
+    try:
+        for i in ids:
             i.decode("utf-8")
-        except UnicodeDecodeError:
-            return False
-    return True
+    except UnicodeDecodeError:
+        return None
+    return keys
 
 
 _MASKS = np.array([(1 << (8 * n)) - 1 for n in range(KEY_BYTES + 1)], np.uint64)

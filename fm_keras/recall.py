@@ -31,7 +31,7 @@ from fm_keras import fsutil
 from fm_keras._tf import tf
 from fm_keras.calibration import Calibration
 from fm_keras.errors import ExportError
-from fm_keras.exclusion import (ItemIndex, drop_excluded, fingerprint, item_keys, packable,
+from fm_keras.exclusion import (ItemIndex, catalog_keys, drop_excluded, fingerprint, item_keys,
                                 search_excluding, slack)
 from fm_keras.export import (METADATA, WARMUP, check_model_name, building, new_version_path,
                              signature_function, signature_info, write_warmup)
@@ -145,9 +145,9 @@ class RecallServable(tf.Module):
         # Excluded ids -> item indices (64-bit fingerprints), so exclusion is an integer test.
         self.item_index = ItemIndex(encoded)
         # Ids of 1-8 bytes: exact int64 keys a client computes (the exclude_seen_keys signature).
-        self.keyed = packable(encoded)
+        keys = catalog_keys(encoded)
+        self.keyed = keys is not None
         if self.keyed:
-            keys = item_keys(encoded)
             self.item_keys = tf.Variable(keys, trainable=False, dtype=tf.int64, name="item_keys")
             self.key_index = tf.lookup.StaticHashTable(tf.lookup.KeyValueTensorInitializer(
                 tf.constant(keys), tf.range(len(keys), dtype=tf.int32)), -1)

@@ -7,9 +7,9 @@ import pytest
 import tensorflow as tf
 
 from fm_keras.errors import ExportError
-from fm_keras.exclusion import (KEY_BYTES, PAD_KEY, UNKNOWN_KEY, ItemIndex, drop_excluded,
-                                fingerprint, fingerprints, is_member, item_keys, member_positions,
-                                packable, packed_keys, search_excluding, slack)
+from fm_keras.exclusion import (KEY_BYTES, PAD_KEY, UNKNOWN_KEY, ItemIndex, catalog_keys,
+                                drop_excluded, fingerprint, fingerprints, is_member, item_keys,
+                                member_positions, packed_keys, search_excluding, slack)
 
 CATALOG = np.array([f"i{j}".encode() for j in range(60)], dtype=object)
 
@@ -232,7 +232,8 @@ def test_packed_keys_equal_the_reference():
         assert item_keys(ids).tolist() == want
 
 
-def test_packable_catalogs():
-    assert packable(np.array([b"i1", b"12345678", "é".encode()], dtype=object))
+def test_catalog_keys_only_for_catalogs_of_short_ids():
+    ids = np.array([b"i1", b"12345678", "é".encode()], dtype=object)
+    assert catalog_keys(ids).tolist() == item_keys(ids).tolist()
     for bad in (b"", b"123456789", b"a\0", b"\xff"):
-        assert not packable(np.array([b"i1", bad], dtype=object))
+        assert catalog_keys(np.array([b"i1", bad], dtype=object)) is None
