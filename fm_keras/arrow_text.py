@@ -20,6 +20,10 @@ from fm_keras.exclusion import packed_keys
 from fm_keras.reading import as_text
 
 
+# Cut off around each item of a list ("i1 | i2"): ASCII space and the control characters.
+BLANKS = "".join(map(chr, range(33)))
+
+
 def string_tensor(array: pa.Array) -> tf.Tensor:
     """An Arrow text column as a tf.string tensor of shape [rows] ("" for a null)."""
     array = as_text(array)  # Arrow string (32-bit offsets, read below), "" for a null
@@ -128,8 +132,9 @@ def _items(array: pa.Array, sep: str
     begin[1:] = end[:-1] + 1  # an item starts after the separator ending the one before ...
     begin[head] = bounds[:-1]  # ... or where its row starts
     length = end - begin
-    if raw.size and raw.min() <= 32:  # ASCII space or control characters (one fast pass)
-        begin, length = _strip(raw <= 32, begin, length)
+    last_blank = ord(BLANKS[-1])
+    if raw.size and raw.min() <= last_blank:  # a blank somewhere (one fast pass)
+        begin, length = _strip(raw <= last_blank, begin, length)
     if not length.all():  # empty items ("a||b", "", " ") give no entry
         some = length > 0
         counts = np.add.reduceat(some, head, dtype=np.int64) if len(array) else counts

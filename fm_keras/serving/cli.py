@@ -223,11 +223,6 @@ def signature_inputs(signatures: dict, name: str) -> dict:
     return signatures.get("signature_def", {}).get(name or "serving_default", {}).get("inputs", {})
 
 
-# What recommend drops around a listed id (fm_keras.arrow_text): bytes 0-32, not str.strip's
-# Unicode blanks ("i1\u3000" is no catalog id there).
-_BLANKS = "".join(map(chr, range(33)))
-
-
 def typed_inputs(columns: dict[str, list[str]], inputs: dict) -> dict[str, list]:
     """`fm-keras query`'s ``--input NAME=V1,V2`` columns typed by the signature, the same for
     gRPC and REST.
@@ -252,6 +247,9 @@ def typed_inputs(columns: dict[str, list[str]], inputs: dict) -> dict[str, list]
     """
     import numpy as np
 
+    # What `recommend` cuts off around a listed id, not str.strip's Unicode blanks too
+    # ("i1\u3000" is no catalog id there).
+    from fm_keras.arrow_text import BLANKS
     from fm_keras.errors import ConfigError
     from fm_keras.exclusion import item_keys
 
@@ -261,7 +259,7 @@ def typed_inputs(columns: dict[str, list[str]], inputs: dict) -> dict[str, list]
         cells = values
         if len(spec.get("tensor_shape", {}).get("dim", [])) == 2:
             rows = [value if isinstance(value, list) else
-                    [v.strip(_BLANKS) for v in value.split("|")] if value else []
+                    [v.strip(BLANKS) for v in value.split("|")] if value else []
                     for value in values]
             if not rows:
                 raise ConfigError(f"--input {name}: no rows ([]); give a list per row, [] for "
