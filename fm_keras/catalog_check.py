@@ -70,7 +70,8 @@ class UnknownIds:
         Args:
             keys: int64 [rows, width], `fm_keras.exclusion.PAD_KEY` pads
                 (`fm_keras.arrow_text.split_keys` of `lists`).
-            lists: the text column they were cut from, read again for the examples only.
+            lists: the text column they were cut from (`sep`-separated), read again for the
+                examples only.
         """
         row, rows, width = 0, keys.shape[0], max(keys.shape[1], 1)
         while self.checked < CHECKED and row < rows:
@@ -79,7 +80,7 @@ class UnknownIds:
             present = part[part != PAD_KEY][:CHECKED - self.checked]
             missing = self._missing(present, by_item_keys=True)
             if missing.any() and len(self.examples) < EXAMPLES:
-                ids = split_ids(lists.slice(row, end - row)).numpy()
+                ids = split_ids(lists.slice(row, end - row), sep).numpy()
                 self._quote(ids[ids != b""][:len(present)][missing])
             row = end
         return keys

@@ -56,3 +56,12 @@ def test_nothing_unknown_no_warning(capsys):
     assert tally.summary() == {"excluded_ids_checked": 3, "excluded_ids_not_in_catalog": 0,
                                "not_in_catalog_examples": []}
     assert capsys.readouterr().err == ""
+
+
+def test_count_keys_quotes_unknown_ids_of_lists_with_another_separator():
+    """The examples are cut from the lists with their own separator (',' here): the ids that
+    were looked up, not the whole cell."""
+    tally = UnknownIds(np.array([b"a", b"b"], dtype=object), by_item_keys=True)
+    lists = pa.array(["a,nope", "b"])
+    tally.count_keys(split_keys(lists, ","), lists, ",")
+    assert (tally.checked, tally.unknown, tally.examples) == (3, 1, ["nope"])
