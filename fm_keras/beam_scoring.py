@@ -108,7 +108,7 @@ def call_signature(model, batch, inference_args, model_id=None, *, signature: st
 
 
 def read_rows(readable_file, types: dict, keep: Sequence[str], chunk_rows: int = 65_536,
-              lists: dict[str, str] | None = None):
+              lists: dict[str, str] | None = None, keep_types: dict | None = None):
     """One CSV/Parquet file -> ``(kept values, {input: value})`` per row, read by
     `fm_keras.reading` as `fm-keras score` and `fm-keras train` read it: float32 inputs by its
     numeric rule (a missing token is NaN), everything else the text as written. The file is
@@ -116,19 +116,29 @@ def read_rows(readable_file, types: dict, keep: Sequence[str], chunk_rows: int =
     Parquet file may store as lists, with their separators (`fm_keras.list_columns`).
 
     A file on a remote filesystem is copied to a local temp file first (the reader needs a
-    path; the copy is streamed and deleted after).
+    path; the copy is streamed and deleted after). Its kept columns are checked here against
+    `keep_types` (`fm_keras.scoring.kept_types` of the local inputs, which a remote file did
+    not enter), so that a cell that is not of its column's type is named by file and row.
+
+    Raises:
+        DataError: a signature column missing, a numeric cell that is not a number, or (a
+            remote file) a kept cell that is not of its `keep_types` type.
     """
     from fm_keras.reading import numbers, record_batches, texts
     from fm_keras.scoring import check_columns
 
     path = readable_file.metadata.path
     wanted = list(dict.fromkeys([*types, *keep]))
+    typed = {k: kind for k, kind in (keep_types or {}).items()
+             if k in keep and types.get(k) != "float32"} if "://" in path else {}
     with _local_copy(readable_file) as local:
         check_columns(path, list(types), keep, local)
         for first, batch in record_batches(local, wanted, chunk_rows, lists):
             columns = {name: numbers(batch.column(name), f"{path}: column {name!r}", first)
                        if types.get(name) == "float32" else texts(batch.column(name))
                        for name in wanted}
+            for name, kind in typed.items():
+                kept_array(columns[name], kind, f"{path}: column {name!r}", first)
             for i in range(batch.num_rows):
                 yield (tuple(columns[k][i] for k in keep),
                        {name: columns[name][i] for name in types})
@@ -304,7 +314,8 @@ def score_with_beam(model: str, inputs: Sequence[str], output: str, *,
               | "Match" >> fileio.MatchAll()
               | "Open" >> fileio.ReadMatches()
               | "Rows" >> beam.FlatMap(read_rows, types=types, keep=list(keep),
-                                        lists=export_list_columns(meta))
+                                        lists=export_list_columns(meta),
+                                        keep_types=keep_types)
               | "Score" >> RunInference(handler)
               | "Batch" >> beam.BatchElements(min_batch_size=1, max_batch_size=batch_size)
               | "Table" >> beam.Map(to_table))

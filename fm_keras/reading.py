@@ -390,7 +390,7 @@ def numbers(array: pa.Array | pa.ChunkedArray, where: str,
         try:
             values = pc.cast(text, pa.float64())
         except pa.ArrowInvalid:
-            bad = _first_unparsable(text)
+            bad = first_uncastable(text)
             raise DataError(f"{where}: non-numeric value {array[bad].as_py()!r} "
                             f"at data row {_row(rows, bad) + 1}") from None
     elif pa.types.is_null(array.type):
@@ -418,16 +418,17 @@ def _pool() -> pa.MemoryPool:
         return pa.default_memory_pool()
 
 
-def _first_unparsable(text: pa.Array) -> int:
-    """Index of the first cell Arrow cannot cast to a number: a bisection of casts (C++),
-    so the cell that failed is the one the rule rejects, found without a Python loop."""
+def first_uncastable(text: pa.Array, kind: pa.DataType = pa.float64()) -> int:
+    """Index of the first cell of `text` (a string array whose cast to `kind` fails) that
+    Arrow cannot cast to `kind`: a bisection of casts (C++), so the cell that failed is the
+    one the rule rejects, found without a Python loop."""
     lo, hi = 0, len(text)
     while hi - lo > 1:
         mid = (lo + hi) // 2
         try:
-            pc.cast(text.slice(lo, mid - lo), pa.float64())
+            pc.cast(text.slice(lo, mid - lo), kind)
             lo = mid
-        except pa.ArrowInvalid:
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
             hi = mid
     return lo
 

@@ -25,8 +25,8 @@ from fm_keras._tf import tf
 from fm_keras.arrow_text import split_ids, split_keys, string_tensor
 from fm_keras.config import FeatureConfig
 from fm_keras.data import check_not_an_input, column_hint, expand_paths, multi_hot_separators
-from fm_keras.reading import (as_text, is_parquet, missing_columns, numbers, read_header,
-                               record_batches)
+from fm_keras.reading import (as_text, first_uncastable, is_parquet, missing_columns,
+                               numbers, read_header, record_batches)
 from fm_keras.errors import DataError, ExportError
 from fm_keras.progress import log
 from fm_keras.servables import export_metadata, load_export, signature_inputs
@@ -295,11 +295,16 @@ def _file_kept_types(path: str, keep: Sequence[str]) -> dict[str, pa.DataType]:
 _NUMERIC_KINDS = (pa.types.is_integer, pa.types.is_floating, pa.types.is_boolean)
 
 
-def kept_array(values: np.ndarray, kind: pa.DataType | None, where: str) -> pa.Array:
+def kept_array(values: np.ndarray, kind: pa.DataType | None, where: str,
+               first_row: int | None = None) -> pa.Array:
     """A kept column's cells as read (UTF-8 bytes, "" for a null; object array [rows]) as an
     Arrow array of type `kind` ("" -> null), or text when `kind` is None. A column that is
     also a numeric input of the signature comes as the float32 values the model read (NaN:
     missing) and is written so.
+
+    Args:
+        first_row: the 0-based data row of the first cell in its file, when the cells come
+            from one file: an error then names the row of the cell that is not `kind`.
 
     Raises:
         DataError: a cell is not a `kind` value (`where` names the file and column).
@@ -309,11 +314,19 @@ def kept_array(values: np.ndarray, kind: pa.DataType | None, where: str) -> pa.A
     text = pa.array(values, pa.string())
     if kind is None:
         return text
+    text = pc.if_else(pc.equal(text, ""), pa.scalar(None, pa.string()), text)
     try:
-        return pc.cast(pc.if_else(pc.equal(text, ""), pa.scalar(None, pa.string()), text), kind)
+        return pc.cast(text, kind)
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as error:
-        raise DataError(f"{where}: kept column (--keep) is {kind} in every input file but "
-                        f"holds a cell that is not: {str(error).splitlines()[0]}") from None
+        fix = "; give the column one type in every input file, or leave it out of --keep"
+        if first_row is None:
+            raise DataError(f"{where}: kept column (--keep) is {kind} in every input file "
+                            f"but holds a cell that is not: {str(error).splitlines()[0]}"
+                            f"{fix}") from None
+        bad = first_uncastable(text, kind)
+        raise DataError(f"{where}: kept column (--keep) is {kind} in the other input files, "
+                        f"but {text[bad].as_py()!r} at data row {first_row + bad + 1} is "
+                        f"not{fix}") from None
 
 
 def outputs_table(keep: dict[str, pa.Array], outputs: dict[str, np.ndarray],

@@ -320,3 +320,33 @@ def test_bad_input_under_beam_is_one_line_and_leaves_nothing(exports, few_rows, 
             if r.name.startswith("apache_beam") and r.levelno >= logging.ERROR] == []
     assert os.listdir(out) == []
     assert logging.getLogger("apache_beam").level == logging.NOTSET  # restored after the run
+
+
+def test_a_remote_files_kept_cell_of_another_type_is_named_by_file_and_row(tmp_path):
+    """Known gap (sessions 19-21): the kept columns' types come from the local inputs, and a
+    remote file's cell that was not of that type failed when the output table was built,
+    with no file or row in the message. `read_rows` now checks a remote file's kept cells."""
+    import pyarrow as pa
+    from types import SimpleNamespace
+
+    from fm_keras.beam_scoring import read_rows
+    from fm_keras.errors import DataError
+
+    path = tmp_path / "part.csv"
+    path.write_text("row_id,price\n1,0.5\n2,0.25\n x7,1.0\n4,2.0\n")
+
+    def remote(name):
+        return SimpleNamespace(metadata=SimpleNamespace(path=f"gs://bucket/{name}"),
+                               open=lambda: open(path, "rb"))
+
+    rows = read_rows(remote("part.csv"), {"price": "float32"}, ["row_id"], chunk_rows=2,
+                     keep_types={})  # no type to check: every kept cell is text
+    assert [key for key, _ in rows] == [("1",), ("2",), (" x7",), ("4",)]
+    with pytest.raises(DataError) as error:
+        list(read_rows(remote("part.csv"), {"price": "float32"}, ["row_id"], chunk_rows=2,
+                       keep_types={"row_id": pa.int64()}))
+    message = str(error.value)
+    assert message.startswith("gs://bucket/part.csv: column 'row_id': kept column (--keep) "
+                              "is int64 in the other input files, but ' x7' at data row 3 "
+                              "is not"), message
+    assert "\n" not in message
