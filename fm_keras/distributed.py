@@ -70,13 +70,15 @@ class ClusterTask:
         return len(self.cluster.get("worker", []))
 
 
-def cluster_task(strategy: str, environ=os.environ) -> ClusterTask:
-    """Reads and checks ``TF_CONFIG`` for `strategy`; errors say what to set."""
+def cluster_task(strategy: str, environ=os.environ, where: str = "") -> ClusterTask:
+    """Reads and checks ``TF_CONFIG`` for `strategy`; errors say what to set (``where``, the
+    experiment file that asked for the strategy, leads the one for a missing ``TF_CONFIG``)."""
     example = ('{"cluster": {"worker": ["host0:2222", "host1:2222"]}, '
                '"task": {"type": "worker", "index": 0}}')
     raw = environ.get("TF_CONFIG", "")
     if not raw.strip():
-        raise ConfigError(f"training: distribute: strategy {strategy} needs the cluster in the "
+        raise ConfigError(f"{where + ': ' if where else ''}training: distribute: strategy "
+                          f"{strategy} needs the cluster in the "
                           f"TF_CONFIG environment variable of every task, e.g. {example} "
                           "(docs/distributed.md), or strategy: none for one machine")
     try:
@@ -176,7 +178,7 @@ def train_distributed(config: ExperimentConfig, run_dir: str, *, resume: bool = 
     On a parameter-server cluster, a worker or ps task runs the server and never returns.
     """
     distribute = config.training.distribute
-    task = cluster_task(distribute.strategy)
+    task = cluster_task(distribute.strategy, where=config.source)
     if distribute.strategy == "parameter_server" and task.type != "chief":
         run_server()
         return None

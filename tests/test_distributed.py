@@ -289,3 +289,22 @@ def test_cluster_run_needs_shards_valid_data_and_the_converted_features(
     with pytest.raises(DataError, match="4 shard file.*5 synchronous workers.*--shards 5"):
         train(wide, str(tmp_path / "f"))
     assert not any(os.path.exists(tmp_path / d) for d in "acdef")
+
+
+def test_a_missing_tf_config_names_the_experiment_file(tmp_path, monkeypatch):
+    """A new user's trial: the error was `training: distribute: ...` without the file, where
+    every other config error of `fm-keras train` is `<file>: <key>: <problem>`."""
+    from fm_keras.config import experiment_from_dict
+    from fm_keras.distributed import train_distributed
+
+    monkeypatch.delenv("TF_CONFIG", raising=False)
+    raw = {"data": {"train": "shards/shards.json", "valid": "valid.csv", "label": "click"},
+           "features": [{"name": "user_id", "kind": "categorical", "tower": "user"},
+                        {"name": "item_id", "kind": "categorical", "tower": "item"}],
+           "training": {"distribute": {"strategy": "multi_worker_mirrored"}}}
+    config = experiment_from_dict(raw, base_dir=str(tmp_path), source="exp.yaml")
+    with pytest.raises(ConfigError, match="^exp.yaml: training: distribute: strategy "
+                                          "multi_worker_mirrored needs the cluster in the "
+                                          "TF_CONFIG environment variable"):
+        train_distributed(config, str(tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
