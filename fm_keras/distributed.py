@@ -125,6 +125,13 @@ def make_strategy(distribute: DistributeConfig, task: ClusterTask):
 
 def run_server(environ=os.environ) -> None:
     """Runs TensorFlow's server for this ``worker`` or ``ps`` task of ``TF_CONFIG``; blocks."""
+    if not environ.get("TF_CONFIG", "").strip():
+        # `fm-keras cluster-server` takes no experiment file: no `strategy: none` advice here.
+        raise ConfigError(
+            "TF_CONFIG: fm-keras cluster-server runs a worker or ps task of a parameter_server "
+            "cluster; set TF_CONFIG to the cluster and this task, e.g. "
+            '{"cluster": {"chief": ["chief0:2222"], "worker": ["worker0:2222"], '
+            '"ps": ["ps0:2222"]}, "task": {"type": "ps", "index": 0}} (docs/distributed.md)')
     task = cluster_task("parameter_server", environ)
     if task.type == "chief":
         raise ConfigError("TF_CONFIG: this task is the chief; run 'fm-keras train' there, and "

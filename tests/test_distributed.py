@@ -308,3 +308,17 @@ def test_a_missing_tf_config_names_the_experiment_file(tmp_path, monkeypatch):
                                           "TF_CONFIG environment variable"):
         train_distributed(config, str(tmp_path / "run"))
     assert not (tmp_path / "run").exists()
+
+
+def test_cluster_server_without_tf_config_says_what_to_set():
+    """A new user's trial of `fm-keras cluster-server`: the error spoke of the experiment's
+    `training: distribute: strategy` and advised `strategy: none`, but the command takes no
+    experiment file."""
+    from fm_keras.distributed import run_server
+
+    with pytest.raises(ConfigError) as err:
+        run_server({})
+    message = str(err.value)
+    assert message.startswith("TF_CONFIG: fm-keras cluster-server runs a worker or ps task of "
+                              "a parameter_server cluster; set TF_CONFIG")
+    assert '"ps": ["ps0:2222"]' in message and "strategy: none" not in message
