@@ -118,8 +118,21 @@ def _matches(pattern: str) -> list[str]:
         raise DataError(f"{pattern}: no file matches this pattern")
     for path in matches:
         if not os.path.isfile(path):
-            raise DataError(f"{path}: no such file")
+            raise DataError(f"{path}: no such file{_file_hint(path)}")
     return matches
+
+
+def _file_hint(path: str) -> str:
+    """``' (did you mean 'NAME'?)'`` for a misspelt file name with a close one beside it
+    (``trian.csv`` -> ``train.csv``), else ``''``."""
+    directory = os.path.dirname(path) or "."
+    try:
+        names = [n for n in os.listdir(directory)
+                 if os.path.isfile(os.path.join(directory, n))]
+    except OSError:  # no such directory, or not listable: nothing to suggest
+        return ""
+    close = close_match(os.path.basename(path), names)
+    return f" (did you mean {close!r}?)" if close else ""
 
 
 def _named(pattern: str) -> list[str]:

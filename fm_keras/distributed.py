@@ -70,13 +70,15 @@ class ClusterTask:
         return len(self.cluster.get("worker", []))
 
 
-def cluster_task(strategy: str, environ=os.environ) -> ClusterTask:
-    """Reads and checks ``TF_CONFIG`` for `strategy`; errors say what to set."""
+def cluster_task(strategy: str, environ=os.environ, where: str = "") -> ClusterTask:
+    """Reads and checks ``TF_CONFIG`` for `strategy`; errors say what to set (``where``, the
+    experiment file that asked for the strategy, leads the one for a missing ``TF_CONFIG``)."""
     example = ('{"cluster": {"worker": ["host0:2222", "host1:2222"]}, '
                '"task": {"type": "worker", "index": 0}}')
     raw = environ.get("TF_CONFIG", "")
     if not raw.strip():
-        raise ConfigError(f"training: distribute: strategy {strategy} needs the cluster in the "
+        raise ConfigError(f"{where + ': ' if where else ''}training: distribute: strategy "
+                          f"{strategy} needs the cluster in the "
                           f"TF_CONFIG environment variable of every task, e.g. {example} "
                           "(docs/distributed.md), or strategy: none for one machine")
     try:
@@ -123,6 +125,13 @@ def make_strategy(distribute: DistributeConfig, task: ClusterTask):
 
 def run_server(environ=os.environ) -> None:
     """Runs TensorFlow's server for this ``worker`` or ``ps`` task of ``TF_CONFIG``; blocks."""
+    if not environ.get("TF_CONFIG", "").strip():
+        # `fm-keras cluster-server` takes no experiment file: no `strategy: none` advice here.
+        raise ConfigError(
+            "TF_CONFIG: fm-keras cluster-server runs a worker or ps task of a parameter_server "
+            "cluster; set TF_CONFIG to the cluster and this task, e.g. "
+            '{"cluster": {"chief": ["chief0:2222"], "worker": ["worker0:2222"], '
+            '"ps": ["ps0:2222"]}, "task": {"type": "ps", "index": 0}} (docs/distributed.md)')
     task = cluster_task("parameter_server", environ)
     if task.type == "chief":
         raise ConfigError("TF_CONFIG: this task is the chief; run 'fm-keras train' there, and "
@@ -176,7 +185,7 @@ def train_distributed(config: ExperimentConfig, run_dir: str, *, resume: bool = 
     On a parameter-server cluster, a worker or ps task runs the server and never returns.
     """
     distribute = config.training.distribute
-    task = cluster_task(distribute.strategy)
+    task = cluster_task(distribute.strategy, where=config.source)
     if distribute.strategy == "parameter_server" and task.type != "chief":
         run_server()
         return None

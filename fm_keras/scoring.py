@@ -122,7 +122,8 @@ def read_batches(path: str, types: dict[str, tf.DType], keep: Sequence[str],
     derived = derived or {}
     needed = list(dict.fromkeys([*types, *(c for c, _ in derived.values())]))
     wanted = list(dict.fromkeys([*needed, *keep]))
-    check_columns(path, needed, keep)
+    check_columns(path, list(types), keep,
+                  sources=[c for c, _ in derived.values() if c not in types])
     # Two stages on two threads (with the caller's `_prefetched`): pyarrow parses the next
     # batch while this one becomes tensors.
     sources = list(dict.fromkeys(c for c, _ in derived.values()))
@@ -192,17 +193,22 @@ def _bytes_per_row(path: str) -> float:
 
 
 def check_columns(path: str, needed: Sequence[str], keep: Sequence[str] = (),
-                  local: str | None = None) -> None:
+                  local: str | None = None, sources: Sequence[str] = ()) -> None:
     """Raises `DataError` naming the first column that the file lacks: of the signature's
-    inputs `needed` (the message lists them), then of the columns to pass through, `keep`
+    inputs `needed` (the message lists them), then of the `sources` of derived inputs
+    (``recommend``'s ``--exclude-column``), then of the columns to pass through, `keep`
     (`local`: where the file at `path` is read from, when it is a copy)."""
     where = local or path
-    missing = missing_columns(where, [*needed, *keep])  # in that order: needed ones first
+    # in that order: needed ones first
+    missing = missing_columns(where, [*needed, *sources, *keep])
     if not missing:
         return
     if missing[0] in needed:
         raise DataError(f"{path}: missing column {missing[0]!r}"
                         f"{column_hint(where, missing[0], needed)}")
+    if missing[0] in sources:  # a new user's trial read "the signature needs" it
+        raise DataError(f"{path}: missing column {missing[0]!r}, the lists of item ids to "
+                        f"exclude (--exclude-column){column_hint(where, missing[0])}")
     # not the signature's: a new user's trial read "the signature needs" them
     raise DataError(f"{path}: missing column {missing[0]!r}, one to pass through to the "
                     f"output (--keep){column_hint(where, missing[0])}")

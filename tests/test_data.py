@@ -77,6 +77,17 @@ def test_empty_file_header_only_and_no_match(tmp_path):
         load_split([str(tmp_path / "nothing-*.csv")], FEATURES, "click")
 
 
+def test_a_misspelt_file_name_suggests_the_file_beside_it(tmp_path):
+    """A new user's trial: ``data: {train: trian.csv}`` said only "trian.csv: no such file"."""
+    path = _csv(tmp_path)  # a.csv
+    with pytest.raises(DataError, match="b.csv: no such file \\(did you mean 'a.csv'\\?\\)$"):
+        load_split([path.replace("a.csv", "b.csv")], FEATURES, "click")
+    with pytest.raises(DataError, match="zzz-other.txt: no such file$"):
+        load_split([str(tmp_path / "zzz-other.txt")], FEATURES, "click")
+    with pytest.raises(DataError, match="nodir/a.csv: no such file$"):
+        load_split([str(tmp_path / "nodir" / "a.csv")], FEATURES, "click")
+
+
 def test_filter_ops(tmp_path):
     path = _csv(tmp_path)
     cases = [("in", ["u1", "u2"], 2), ("!=", 1, 2), (">=", 3, 2), ("is_null", None, 1)]

@@ -289,3 +289,36 @@ def test_cluster_run_needs_shards_valid_data_and_the_converted_features(
     with pytest.raises(DataError, match="4 shard file.*5 synchronous workers.*--shards 5"):
         train(wide, str(tmp_path / "f"))
     assert not any(os.path.exists(tmp_path / d) for d in "acdef")
+
+
+def test_a_missing_tf_config_names_the_experiment_file(tmp_path, monkeypatch):
+    """A new user's trial: the error was `training: distribute: ...` without the file, where
+    every other config error of `fm-keras train` is `<file>: <key>: <problem>`."""
+    from fm_keras.config import experiment_from_dict
+    from fm_keras.distributed import train_distributed
+
+    monkeypatch.delenv("TF_CONFIG", raising=False)
+    raw = {"data": {"train": "shards/shards.json", "valid": "valid.csv", "label": "click"},
+           "features": [{"name": "user_id", "kind": "categorical", "tower": "user"},
+                        {"name": "item_id", "kind": "categorical", "tower": "item"}],
+           "training": {"distribute": {"strategy": "multi_worker_mirrored"}}}
+    config = experiment_from_dict(raw, base_dir=str(tmp_path), source="exp.yaml")
+    with pytest.raises(ConfigError, match="^exp.yaml: training: distribute: strategy "
+                                          "multi_worker_mirrored needs the cluster in the "
+                                          "TF_CONFIG environment variable"):
+        train_distributed(config, str(tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
+
+
+def test_cluster_server_without_tf_config_says_what_to_set():
+    """A new user's trial of `fm-keras cluster-server`: the error spoke of the experiment's
+    `training: distribute: strategy` and advised `strategy: none`, but the command takes no
+    experiment file."""
+    from fm_keras.distributed import run_server
+
+    with pytest.raises(ConfigError) as err:
+        run_server({})
+    message = str(err.value)
+    assert message.startswith("TF_CONFIG: fm-keras cluster-server runs a worker or ps task of "
+                              "a parameter_server cluster; set TF_CONFIG")
+    assert '"ps": ["ps0:2222"]' in message and "strategy: none" not in message

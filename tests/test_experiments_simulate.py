@@ -98,10 +98,14 @@ def test_ab_simulate_command_prints_the_report(ab_file, small_synth, tmp_path, c
     assert main(["ab", "simulate", "--experiment", ab_file, "--data", str(small_synth[0]),
                  "--out", str(out), "--users", "200", "--sessions", "1.5", "--slate", "4",
                  "--candidates", "10", "--cuped"]) == 0
-    result = json.loads(capsys.readouterr().out)
+    captured = capsys.readouterr()
+    result = json.loads(captured.out)
     assert result["simulation"]["users"] == 200 and result["cuped"] is not None
     assert sorted(os.listdir(out)) == ["events.parquet", "report.html"]
     assert result["html"] == str(out / "report.html")
+    # A new user's trial: the log line named the temp directory (gone once renamed), not --out.
+    assert f"events to {out / 'events.parquet'} in " in captured.err
+    assert ".tmp-" not in captured.err
 
 
 @pytest.mark.parametrize("field", ["sessions", "slate", "days"])

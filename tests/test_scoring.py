@@ -141,8 +141,12 @@ def test_recommend_long_format_and_exclusions(exports, small_synth, tmp_path,
     with pytest.raises(ExportError, match="--k must be between 1 and 20 \\(the k this recall "
                                           "model was indexed with; rebuild"):
         recommend(exports["scann"], [users_csv], out, k=21)
-    with pytest.raises(DataError, match="missing column 'seeen' \\(did you mean 'seen'\\?; "):
+    with pytest.raises(DataError, match="missing column 'seeen', the lists of item ids to "
+                                        "exclude \\(--exclude-column\\) \\(did you mean "
+                                        "'seen'\\?; ") as info:
         recommend(exports["scann"], [users_csv], out, k=5, exclude_column="seeen")
+    # A new user's trial: the message listed 'seeen' among the columns "the signature needs".
+    assert "signature needs" not in str(info.value)
 
 
 def test_score_refuses_the_exclusion_signatures_naming_recommend(exports, small_synth,

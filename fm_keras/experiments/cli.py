@@ -128,10 +128,10 @@ def _simulate(args, experiment) -> dict:
                           "give a new directory")
     with fsutil.atomic_dir(args.out) as tmp:
         events = os.path.join(tmp, "events.parquet")
-        simulation = simulate(experiment, args.data, events, spec)
+        simulation = simulate(experiment, args.data, events, spec,
+                              name=os.path.join(args.out, "events.parquet"))
         result = ab_report([events], experiment, metric=args.metric, cuped=args.cuped,
                            html_path=os.path.join(tmp, "report.html"))
-    simulation["events"] = os.path.join(args.out, "events.parquet")
     result.update(events=[simulation["events"]], html=os.path.join(args.out, "report.html"),
                   simulation=simulation)
     return result

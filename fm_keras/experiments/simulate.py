@@ -145,7 +145,7 @@ def recall_export_for(base: str, arm: Arm, ranking_dir: str) -> str:
 
 
 def simulate(experiment: ABExperiment, data_dir: str, out_events: str,
-             spec: SimulationSpec = SimulationSpec()) -> dict:
+             spec: SimulationSpec = SimulationSpec(), name: str | None = None) -> dict:
     """Runs the simulated experiment and writes the events file (see the module docstring).
 
     Args:
@@ -154,6 +154,9 @@ def simulate(experiment: ABExperiment, data_dir: str, out_events: str,
         data_dir: a ``fm-keras synth`` output directory (oracle.json: the planted FM).
         out_events: the events file to write (.parquet or .csv), atomically.
         spec: the simulation's settings.
+        name: the events file's path to name in the log line and the result when
+            ``out_events`` is a temp path renamed later (``ab simulate``'s ``--out``);
+            default ``out_events``.
 
     Returns:
         ``{"events", "users", "requests": {arm: n}, "true_lift": {arm: lift}, "seconds",
@@ -218,8 +221,8 @@ def simulate(experiment: ABExperiment, data_dir: str, out_events: str,
         raise DataError(f"{data_dir}: the simulation produced no events")
     write_table(events, out_events)
     seconds = round(time.time() - started, 1)
-    log(f"wrote {len(events):,} events to {out_events} in {seconds}s")
-    return {"events": out_events, "users": int(len(users)), "requests": counts,
+    log(f"wrote {len(events):,} events to {name or out_events} in {seconds}s")
+    return {"events": name or out_events, "users": int(len(users)), "requests": counts,
             "true_lift": true_lift, "seconds": seconds, "spec": asdict(spec)}
 
 

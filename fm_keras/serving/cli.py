@@ -184,7 +184,8 @@ def _query_grpc(args, columns):
         if args.metadata:
             return json_format.MessageToDict(signatures, preserving_proto_field_name=True)
         signatures = json_format.MessageToDict(signatures, preserving_proto_field_name=True)
-        inputs = typed_inputs(columns, signature_inputs(signatures, args.signature_name))
+        specs = signature_inputs(signatures, args.signature_name)
+        inputs = tensor_values(typed_inputs(columns, specs), specs)
         outputs = client.predict(args.model_name, inputs, signature=args.signature_name,
                                  version=args.version, label=args.label)
         return {k: [x.decode() if isinstance(x, bytes) else x for x in v.tolist()]
@@ -221,6 +222,19 @@ def signature_inputs(signatures: dict, name: str) -> dict:
     ``signature_def``, or the gRPC one through `json_format.MessageToDict`); ``{}`` when the
     signature is not there (the server then answers the request with its own error)."""
     return signatures.get("signature_def", {}).get(name or "serving_default", {}).get("inputs", {})
+
+
+def tensor_values(typed: dict[str, list], inputs: dict) -> dict:
+    """`typed_inputs`' values for a gRPC request: a ``DT_INT64`` input as an int64 array, since
+    `tf.make_tensor_proto` makes Python ints int32 and the server refuses those ("Expects
+    arg[1] (exclude_item_keys) to be int64 but int32 is provided"); other inputs as they are
+    (text and float32 are inferred right). REST needs no such step: JSON numbers take the
+    signature's dtype there."""
+    import numpy as np
+
+    return {name: np.asarray(values, dtype=np.int64)
+            if inputs.get(name, {}).get("dtype") == "DT_INT64" else values
+            for name, values in typed.items()}
 
 
 def typed_inputs(columns: dict[str, list[str]], inputs: dict) -> dict[str, list]:

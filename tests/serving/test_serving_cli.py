@@ -173,3 +173,46 @@ def test_query_over_rest_sends_numeric_looking_ids_as_text_like_grpc(server, cap
     assert main(["query", f"--rest=http://127.0.0.1:{server.rest_port}", *listed]) == 0
     assert json.loads(capsys.readouterr().out)["outputs"]["probability"] == \
         pytest.approx(grpc_out["probability"], abs=1e-6)
+
+
+def test_query_grpc_sends_exclude_item_keys_as_int64(monkeypatch, capsys):
+    """A new user's trial of serving/README's exclude_seen_keys query: the item keys went out
+    as Python ints, which `tf.make_tensor_proto` makes int32, and the server answered
+    "Expects arg[1] (exclude_item_keys) to be int64 but int32 is provided"."""
+    from google.protobuf import json_format
+    from tensorflow_serving.apis import get_model_metadata_pb2
+
+    from fm_keras._tf import tf
+    from fm_keras.serving import client as client_module
+
+    signatures = json_format.ParseDict({"signature_def": {"exclude_seen_keys": {"inputs": {
+        "user_id": {"dtype": "DT_STRING", "tensor_shape": {"dim": [{"size": "-1"}]}},
+        "exclude_item_keys": {"dtype": "DT_INT64",
+                              "tensor_shape": {"dim": [{"size": "-1"}, {"size": "-1"}]}}}}}},
+        get_model_metadata_pb2.SignatureDefMap())
+    sent = {}
+
+    class Recording:
+        def __init__(self, server, timeout=None):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def metadata(self, model, version=None, label=None):
+            return signatures
+
+        def predict(self, model, inputs, **kwargs):
+            sent.update({k: tf.make_tensor_proto(v).dtype for k, v in inputs.items()})
+            return {}
+
+    monkeypatch.setattr(client_module, "GrpcClient", Recording)
+    assert main(["query", "--server=localhost:1", "--model_name=ctr_recall",
+                 "--signature_name=exclude_seen_keys", "--input=user_id=u1,u2",
+                 "--input=exclude_item_keys=i9|i3,"]) == 0
+    assert sent == {"user_id": tf.string.as_datatype_enum,
+                    "exclude_item_keys": tf.int64.as_datatype_enum}
+    assert json.loads(capsys.readouterr().out) == {}
