@@ -178,8 +178,10 @@ def _query_grpc(args, columns):
     from fm_keras.serving.client import GrpcClient
 
     with GrpcClient(args.server, timeout=args.timeout) as client:
-        if args.status:
-            return client.status(args.model_name, args.version, args.label)
+        if args.status:  # the JSON of the reply, as the REST status prints it
+            return json_format.MessageToDict(
+                client.status_response(args.model_name, args.version, args.label),
+                preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
         signatures = client.metadata(args.model_name, args.version, args.label)
         if args.metadata:
             return json_format.MessageToDict(signatures, preserving_proto_field_name=True)

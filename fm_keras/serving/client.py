@@ -120,7 +120,21 @@ class GrpcClient:
 
     def status(self, model: str, version: int | None = None,
                label: str | None = None) -> list[dict]:
-        """[{"version", "state", "error_code", "error_message"}] like the REST status.
+        """[{"version", "state", "error_code", "error_message"}] of each version (version and
+        error_code ints, state the enum's name: "AVAILABLE", ...); `status_response` gives
+        the reply itself."""
+        from tensorflow_serving.apis import get_model_status_pb2
+
+        response = self.status_response(model, version, label)
+        State = get_model_status_pb2.ModelVersionStatus.State
+        return [{"version": s.version, "state": State.Name(s.state),
+                 "error_code": s.status.error_code, "error_message": s.status.error_message}
+                for s in response.model_version_status]
+
+    def status_response(self, model: str, version: int | None = None,
+                        label: str | None = None):
+        """GetModelStatus' reply (a ``GetModelStatusResponse``); its JSON form is what the
+        REST status (GET /v1/models/NAME) returns.
 
         GetModelStatus takes no label (TF Serving ignores it), so a ``label`` is resolved to
         its version by GetModelMetadata first, as the REST ``/labels/L`` status path does.
@@ -132,11 +146,7 @@ class GrpcClient:
             version = self._metadata_response(model, label=label).model_spec.version.value
         request = get_model_status_pb2.GetModelStatusRequest()
         self._spec(request.model_spec, model, version)
-        response = self._call(self._models.GetModelStatus, request)
-        State = get_model_status_pb2.ModelVersionStatus.State
-        return [{"version": s.version, "state": State.Name(s.state),
-                 "error_code": s.status.error_code, "error_message": s.status.error_message}
-                for s in response.model_version_status]
+        return self._call(self._models.GetModelStatus, request)
 
     def reload_config(self, config) -> None:
         """HandleReloadConfigRequest with a ModelServerConfig (message or text)."""
