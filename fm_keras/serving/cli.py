@@ -175,16 +175,16 @@ def query(args) -> int:
 def _query_grpc(args, columns):
     from google.protobuf import json_format
 
-    from fm_keras.serving.client import GrpcClient
+    from fm_keras.serving.client import GrpcClient, rest_json
 
     with GrpcClient(args.server, timeout=args.timeout) as client:
-        if args.status:  # the JSON of the reply, as the REST status prints it
-            return json_format.MessageToDict(
-                client.status_response(args.model_name, args.version, args.label),
-                preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
-        signatures = client.metadata(args.model_name, args.version, args.label)
+        # --status and --metadata print the replies as TF Serving's REST API returns them
+        if args.status:
+            return rest_json(client.status_response(args.model_name, args.version, args.label))
         if args.metadata:
-            return json_format.MessageToDict(signatures, preserving_proto_field_name=True)
+            return rest_json(client.metadata_response(args.model_name, args.version,
+                                                      args.label))
+        signatures = client.metadata(args.model_name, args.version, args.label)
         signatures = json_format.MessageToDict(signatures, preserving_proto_field_name=True)
         specs = signature_inputs(signatures, args.signature_name)
         inputs = tensor_values(typed_inputs(columns, specs), specs)

@@ -102,7 +102,11 @@ class GrpcClient:
         response = self.predict_response(model, inputs, **kwargs)
         return {name: tf.make_ndarray(proto) for name, proto in response.outputs.items()}
 
-    def _metadata_response(self, model, version=None, label=None):
+    def metadata_response(self, model: str, version: int | None = None,
+                          label: str | None = None):
+        """GetModelMetadata's reply (a ``GetModelMetadataResponse``, its signature defs packed
+        in an ``Any``); `rest_json` of it is what the REST metadata (GET
+        /v1/models/NAME/metadata) returns."""
         from tensorflow_serving.apis import get_model_metadata_pb2
 
         request = get_model_metadata_pb2.GetModelMetadataRequest(metadata_field=["signature_def"])
@@ -113,7 +117,7 @@ class GrpcClient:
         """The model's SignatureDefMap."""
         from tensorflow_serving.apis import get_model_metadata_pb2
 
-        response = self._metadata_response(model, version, label)
+        response = self.metadata_response(model, version, label)
         result = get_model_metadata_pb2.SignatureDefMap()
         response.metadata["signature_def"].Unpack(result)
         return result
@@ -133,8 +137,8 @@ class GrpcClient:
 
     def status_response(self, model: str, version: int | None = None,
                         label: str | None = None):
-        """GetModelStatus' reply (a ``GetModelStatusResponse``); its JSON form is what the
-        REST status (GET /v1/models/NAME) returns.
+        """GetModelStatus' reply (a ``GetModelStatusResponse``); `rest_json` of it is what
+        the REST status (GET /v1/models/NAME) returns.
 
         GetModelStatus takes no label (TF Serving ignores it), so a ``label`` is resolved to
         its version by GetModelMetadata first, as the REST ``/labels/L`` status path does.
@@ -143,7 +147,7 @@ class GrpcClient:
 
         if label:
             _one_version_choice(version, label)
-            version = self._metadata_response(model, label=label).model_spec.version.value
+            version = self.metadata_response(model, label=label).model_spec.version.value
         request = get_model_status_pb2.GetModelStatusRequest()
         self._spec(request.model_spec, model, version)
         return self._call(self._models.GetModelStatus, request)
@@ -283,6 +287,18 @@ class RestClient:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def rest_json(response) -> dict:
+    """A ``GetModelStatusResponse`` or ``GetModelMetadataResponse`` as TF Serving's REST API
+    returns it: the proto's JSON with its field names and the fields left at their defaults
+    (``"error_code": "OK"``), the signature defs without the ``Any``'s ``@type``."""
+    from google.protobuf import json_format
+
+    result = json_format.MessageToDict(response, preserving_proto_field_name=True,
+                                       always_print_fields_with_no_presence=True)
+    result.get("metadata", {}).get("signature_def", {}).pop("@type", None)
+    return result
 
 
 def arrays_from_rest(outputs, specs: dict) -> dict[str, np.ndarray]:

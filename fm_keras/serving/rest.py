@@ -25,6 +25,7 @@ from collections.abc import Callable
 import numpy as np
 
 from fm_keras.serving import grpc_server as core
+from fm_keras.serving.client import rest_json
 from fm_keras.serving.errors import ServingError, invalid_argument, request_version
 from fm_keras.serving.predict import check_input_names, check_shapes
 
@@ -452,7 +453,6 @@ class RestApi:
         return {"result": [r.value for r in result.regressions]}
 
     def _metadata(self, model, version, label):
-        from google.protobuf import json_format
         from tensorflow_serving.apis import get_model_metadata_pb2
 
         request = get_model_metadata_pb2.GetModelMetadataRequest(metadata_field=["signature_def"])
@@ -463,13 +463,9 @@ class RestApi:
             request.model_spec.version_label = label
         response = get_model_metadata_pb2.GetModelMetadataResponse()
         core.model_metadata(self.manager, request, response)
-        result = json_format.MessageToDict(response, preserving_proto_field_name=True,
-                                           always_print_fields_with_no_presence=True)
-        result["metadata"]["signature_def"].pop("@type", None)
-        return result
+        return rest_json(response)
 
     def _status(self, model, version, label):
-        from google.protobuf import json_format
         from tensorflow_serving.apis import get_model_status_pb2
 
         if label:
@@ -480,5 +476,4 @@ class RestApi:
             request.model_spec.version.value = version
         response = get_model_status_pb2.GetModelStatusResponse()
         core.model_status(self.manager, request, response)
-        return json_format.MessageToDict(response, preserving_proto_field_name=True,
-                                         always_print_fields_with_no_presence=True)
+        return rest_json(response)

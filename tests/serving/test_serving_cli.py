@@ -155,17 +155,24 @@ def test_query_status_takes_the_label(server, capsys, transport):
     assert "Unrecognized servable version label: nope" in capsys.readouterr().err
 
 
-def test_query_status_prints_the_same_json_over_grpc_and_rest(server, capsys):
-    """Trial: over gRPC `query --status` printed [{"version": 1, "state": ...}], over REST
-    TF Serving's status JSON; both now print the REST form (the reply's JSON)."""
+@pytest.mark.parametrize("flag", ["--status", "--metadata"])
+def test_query_status_and_metadata_print_the_same_json_over_grpc_and_rest(server, capsys,
+                                                                          flag):
+    """Trial: over gRPC `query --status` printed [{"version": 1, "state": ...}] and
+    `--metadata` the bare signature map, over REST TF Serving's JSON; both now print the REST
+    form."""
     printed = []
     for target in (f"--server=127.0.0.1:{server.grpc_port}",
                    f"--rest=http://127.0.0.1:{server.rest_port}"):
-        assert main(["query", target, "--model_name=ranking", "--status"]) == 0
+        assert main(["query", target, "--model_name=ranking", flag]) == 0
         printed.append(json.loads(capsys.readouterr().out))
     assert printed[0] == printed[1]
-    assert printed[0]["model_version_status"][0]["state"] == "AVAILABLE"
-    assert printed[0]["model_version_status"][0]["status"]["error_code"] == "OK"
+    if flag == "--status":
+        assert printed[0]["model_version_status"][0]["state"] == "AVAILABLE"
+        assert printed[0]["model_version_status"][0]["status"]["error_code"] == "OK"
+    else:
+        assert printed[0]["model_spec"]["name"] == "ranking"
+        assert "serving_default" in printed[0]["metadata"]["signature_def"]["signature_def"]
 
 
 def test_query_over_rest_sends_numeric_looking_ids_as_text_like_grpc(server, capsys):
