@@ -120,13 +120,11 @@ def read_batches(path: str, types: dict[str, tf.DType], keep: Sequence[str],
         DataError: the file is empty or unreadable, lacks a column, or a cell breaks a rule.
     """
     derived = derived or {}
-    needed = list(dict.fromkeys([*types, *(c for c, _ in derived.values())]))
-    wanted = list(dict.fromkeys([*needed, *keep]))
-    check_columns(path, list(types), keep,
-                  sources=[c for c, _ in derived.values() if c not in types])
+    sources = list(dict.fromkeys(c for c, _ in derived.values()))
+    wanted = list(dict.fromkeys([*types, *sources, *keep]))
+    check_columns(path, list(types), keep, sources=[c for c in sources if c not in types])
     # Two stages on two threads (with the caller's `_prefetched`): pyarrow parses the next
     # batch while this one becomes tensors.
-    sources = list(dict.fromkeys(c for c, _ in derived.values()))
     for start, whole in _prefetched(record_batches(path, wanted, batch_size, lists,
                                                    first_rows)):
         parts = [(0, whole.num_rows)] if padded_bytes is None or not sources else \
