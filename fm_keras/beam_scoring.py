@@ -129,8 +129,7 @@ def read_rows(readable_file, types: dict, keep: Sequence[str], chunk_rows: int =
 
     path = readable_file.metadata.path
     wanted = list(dict.fromkeys([*types, *keep]))
-    typed = {k: kind for k, kind in (keep_types or {}).items()
-             if k in keep and types.get(k) != "float32"} if "://" in path else {}
+    typed = (keep_types or {}) if "://" in path else {}  # local files: checked already
     with _local_copy(readable_file) as local:
         check_columns(path, list(types), keep, local)
         for first, batch in record_batches(local, wanted, chunk_rows, lists):
